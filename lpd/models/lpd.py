@@ -1,0 +1,381 @@
+"""The LPD transformer: a class-conditional decoder over VQ tokens with position-query tokens.
+
+Reads top to bottom: attention and MLP blocks, the group-visible attention mask, then the model
+(`LPD`) with its training pass (:meth:`LPD.logits`, :meth:`LPD.forward`) and the pieces the
+KV-cached decoder in :mod:`lpd.sampling` calls (:meth:`LPD.embed_condition`,
+:meth:`LPD.forward_cached`).  Parameter names are those of the released checkpoints
+(``../shared/LPD_SPEC.md`` section 1); do not rename them.
+
+Sequence layout of the training pass (spec section 2), for group sizes ``g_0..g_{K-1}``:
+
+* context stream, length ``1 + N - g_{K-1}``: the condition, then the tokens of groups
+  ``0..K-2`` in generation order, each plus the position embedding of its raster position;
+* query stream, length ``N``: ``mask_token`` plus the position embedding of every position, in
+  generation order.
+
+A context token of context group ``a`` (group 0 is the condition, group ``k+1`` holds decoding group
+``k``) sees context groups ``<= a``; a query of decoding group ``k`` sees context groups ``<= k``
+and every query of its own group.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from lpd.schedules import validate_group_sizes
+
+__all__ = ["LPDConfig", "LPD", "Attention", "Block", "Mlp", "group_visible_mask", "KVCache"]
+
+
+@dataclass(frozen=True)
+class LPDConfig:
+    """Architecture of an LPD model; the keyword arguments of :func:`lpd.models.build_lpd`."""
+
+    img_size: int = 256
+    vqgan_stride: int = 16
+    embed_dim: int = 1024
+    depth: int = 24
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    vocab_size: int = 16384
+    class_num: int = 1000
+    layernorm_eps: float = 1e-6
+    # Accepted for compatibility with the released constructor.  Like the released code's fused
+    # attention path (spec section 6), attention probabilities are not dropped.
+    attn_dropout: float = 0.1
+    proj_dropout: float = 0.1
+    label_drop_prob: float = 0.1
+    grad_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.img_size <= 0 or self.img_size % self.vqgan_stride != 0:
+            raise ValueError(
+                f"img_size {self.img_size} must be a positive multiple of vqgan_stride {self.vqgan_stride} "
+                f"(e.g. 256 or 512 with the 16x VQ)"
+            )
+        if self.embed_dim % self.num_heads != 0:
+            raise ValueError(f"embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}")
+        for name in ("depth", "num_heads", "vocab_size", "class_num"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.label_drop_prob <= 1.0:
+            raise ValueError(f"label_drop_prob must be in [0, 1], got {self.label_drop_prob}")
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.vqgan_stride
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size**2
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class KVCache:
+    """Static key/value cache of one attention layer: ``[B, heads, slots, head_dim]``, allocated once.
+
+    Allocation is lazy (at the first :meth:`update`) so that it takes the dtype the keys actually
+    have, e.g. bf16 under autocast.
+    """
+
+    def __init__(self, batch: int, num_heads: int, num_slots: int, head_dim: int, device: torch.device):
+        self.shape = (batch, num_heads, num_slots, head_dim)
+        self.device = device
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k, v`` into slots ``[start, start + T)``; return the cache's first ``kv_len`` slots."""
+        if self.k is None or self.k.dtype != k.dtype:
+            self.k = torch.zeros(self.shape, dtype=k.dtype, device=self.device)
+            self.v = torch.zeros(self.shape, dtype=v.dtype, device=self.device)
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
+
+
+class Attention(nn.Module):
+    """Plain multi-head softmax attention (scale ``head_dim**-0.5``, qkv bias, no qk-norm)."""
+
+    def __init__(self, dim: int, num_heads: int, proj_drop: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        start: int = 0,
+        kv_len: int | None = None,
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        if cache is not None:
+            k, v = cache.update(start, k, v, kv_len if kv_len is not None else start + T)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = out.transpose(1, 2).reshape(B, T, C)
+        return self.proj_drop(self.proj(out))
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> dropout -> fc2 -> dropout."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, eps: float, proj_drop: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, proj_drop=proj_drop)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        start: int = 0,
+        kv_len: int | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), attn_mask, cache, start, kv_len)
+        return x + self.mlp(self.norm2(x))
+
+
+def group_visible_mask(group_sizes: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Boolean training mask ``[L, L]`` (True = may attend), ``L = 1 + 2N - g_{K-1}``.
+
+    Rows/columns are the context stream (condition, then groups ``0..K-2``) followed by the query
+    stream (groups ``0..K-1``); see the module docstring for the rules.
+    """
+    sizes = torch.tensor(list(group_sizes), dtype=torch.long)
+    K = len(sizes)
+    ctx_group = torch.cat([torch.zeros(1, dtype=torch.long), torch.repeat_interleave(torch.arange(1, K), sizes[:-1])])
+    qry_group = torch.repeat_interleave(torch.arange(K), sizes)
+    n_ctx = ctx_group.numel()
+    L = n_ctx + qry_group.numel()
+    mask = torch.zeros(L, L, dtype=torch.bool)
+    mask[:n_ctx, :n_ctx] = ctx_group[None, :] <= ctx_group[:, None]
+    mask[n_ctx:, :n_ctx] = ctx_group[None, :] <= qry_group[:, None]
+    mask[n_ctx:, n_ctx:] = qry_group[None, :] == qry_group[:, None]
+    return mask.to(device)
+
+
+class LPD(nn.Module):
+    """Locality-aware parallel decoder (class-conditional transformer over VQ tokens)."""
+
+    def __init__(self, config: LPDConfig):
+        super().__init__()
+        self.config = config
+        D, N = config.embed_dim, config.num_tokens
+        self.num_tokens = N
+        self.grid_size = config.grid_size
+        self.vocab_size = config.vocab_size
+        self.class_num = config.class_num
+        self.label_drop_prob = config.label_drop_prob
+        self.grad_checkpointing = config.grad_checkpointing
+
+        self.class_emb = nn.Embedding(config.class_num, D)
+        self.fake_latent = nn.Parameter(torch.zeros(1, D))
+        self.token_emb = nn.Embedding(config.vocab_size, D)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = nn.Parameter(torch.zeros(1, N + 1, D))
+        self.z_proj_ln = nn.LayerNorm(D, eps=config.layernorm_eps)
+        self.blocks = nn.ModuleList(
+            Block(D, config.num_heads, config.mlp_ratio, config.layernorm_eps, config.proj_dropout)
+            for _ in range(config.depth)
+        )
+        self.norm = nn.LayerNorm(D, eps=config.layernorm_eps)
+        self.head = nn.Linear(D, config.vocab_size, bias=False)
+        self._mask_cache: dict[tuple, torch.Tensor] = {}
+        if not any(p.is_meta for p in self.parameters()):
+            self.initialize_weights()
+
+    # ------------------------------------------------------------------ set-up
+    @torch.no_grad()
+    def initialize_weights(self, generator: torch.Generator | None = None) -> None:
+        """Random initialisation (truncated-normal-like std 0.02 embeddings, Xavier linears).
+
+        With ``generator`` the weights depend only on it, so every process can build identical
+        random models from one seed (``--random_init``).
+        """
+
+        def normal_(t: torch.Tensor, std: float) -> None:
+            t.copy_(torch.randn(t.shape, generator=generator, dtype=torch.float32).mul_(std).clamp_(-2 * std, 2 * std))
+
+        for t in (self.class_emb.weight, self.fake_latent, self.token_emb.weight, self.mask_token, self.pos_embed):
+            normal_(t, 0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                bound = math.sqrt(6.0 / (m.in_features + m.out_features))
+                m.weight.copy_(torch.rand(m.weight.shape, generator=generator).mul_(2 * bound).sub_(bound))
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.LayerNorm):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def group_mask(self, group_sizes: Sequence[int], device: torch.device) -> torch.Tensor:
+        """The training mask for a schedule, built once per (schedule, device) and cached."""
+        key = (tuple(group_sizes), str(device))
+        mask = self._mask_cache.get(key)
+        if mask is None:
+            mask = group_visible_mask(group_sizes, device)
+            self._mask_cache[key] = mask
+        return mask
+
+    # ------------------------------------------------------------------ inputs
+    def _check_inputs(
+        self, tokens: torch.Tensor | None, labels: torch.Tensor | None, orders: torch.Tensor, group_sizes: Sequence[int]
+    ) -> list[int]:
+        N = self.num_tokens
+        sizes = validate_group_sizes(group_sizes, N)
+        if orders.dim() != 2 or orders.shape[1] != N:
+            raise ValueError(f"orders must have shape [B, {N}] for a {self.grid_size}x{self.grid_size} grid, got {list(orders.shape)}")
+        B = orders.shape[0]
+        if tokens is not None:
+            if tokens.dim() == 3:
+                tokens = tokens.reshape(tokens.shape[0], -1)
+            if tokens.shape != (B, N):
+                raise ValueError(f"tokens must have shape [{B}, {N}] (raster order), got {list(tokens.shape)}")
+        if labels is not None and labels.shape != (B,):
+            raise ValueError(f"labels must have shape [{B}], got {list(labels.shape)}")
+        return sizes
+
+    def embed_condition(self, labels: torch.Tensor | None, batch: int, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Condition embeddings ``[B, D]``: class embeddings, or ``fake_latent`` where ``labels`` is None / dropped."""
+        fake = self.fake_latent.expand(batch, -1)
+        if labels is None:
+            return fake
+        cond = self.class_emb(labels)
+        if drop is not None:
+            cond = torch.where(drop[:, None], fake.to(cond.dtype), cond)
+        return cond
+
+    def position_embeddings(self, orders: torch.Tensor) -> torch.Tensor:
+        """Position embeddings of the raster positions ``orders`` ``[B, N]`` -> ``[B, N, D]``."""
+        return self.pos_embed[0, 1:][orders]
+
+    def _train_sequence(
+        self, tokens: torch.Tensor, labels: torch.Tensor | None, orders: torch.Tensor, sizes: list[int], drop: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        B, N = orders.shape
+        tokens = tokens.reshape(B, N)
+        tok_gen = torch.gather(tokens, 1, orders)
+        pos = self.position_embeddings(orders)
+        n_ctx = N - sizes[-1]
+        first = (self.embed_condition(labels, B, drop) + self.pos_embed[0, 0]).unsqueeze(1)
+        ctx = self.token_emb(tok_gen[:, :n_ctx]) + pos[:, :n_ctx]
+        queries = self.mask_token + pos
+        x = self.z_proj_ln(torch.cat([first, ctx, queries], dim=1))
+        return x, tok_gen
+
+    def _run_blocks(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        for blk in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, mask, use_reentrant=False)
+            else:
+                x = blk(x, mask)
+        return x
+
+    # ------------------------------------------------------------------ training pass
+    def logits(
+        self, tokens: torch.Tensor, labels: torch.Tensor | None, orders: torch.Tensor, group_sizes: Sequence[int]
+    ) -> torch.Tensor:
+        """Logits ``[B, N, V]`` of ``tokens[b, orders[b, j]]`` at index ``j`` (generation order); no label dropout.
+
+        ``labels=None`` conditions every sample on ``fake_latent`` (the unconditional branch).
+        """
+        sizes = self._check_inputs(tokens, labels, orders, group_sizes)
+        x, _ = self._train_sequence(tokens, labels, orders, sizes, None)
+        x = self._run_blocks(x, self.group_mask(sizes, x.device))
+        return self.head(self.norm(x[:, -self.num_tokens :]))
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        labels: torch.Tensor | None,
+        orders: torch.Tensor,
+        group_sizes: Sequence[int],
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Mean cross-entropy of predicting every token; label dropout (``label_drop_prob``) in train mode."""
+        sizes = self._check_inputs(tokens, labels, orders, group_sizes)
+        drop = None
+        if self.training and labels is not None and self.label_drop_prob > 0:
+            u = torch.rand(labels.shape[0], generator=generator, device=generator.device if generator is not None else labels.device)
+            drop = u.to(labels.device) < self.label_drop_prob
+        x, targets = self._train_sequence(tokens, labels, orders, sizes, drop)
+        x = self._run_blocks(x, self.group_mask(sizes, x.device))
+        logits = self.head(self.norm(x[:, -self.num_tokens :]))
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+
+    # ------------------------------------------------------------------ cached decoding
+    def new_caches(self, batch: int, device: torch.device) -> list[KVCache]:
+        """One static cache per block with ``1 + N`` slots (slot 0: the condition)."""
+        cfg = self.config
+        return [
+            KVCache(batch, cfg.num_heads, self.num_tokens + 1, cfg.embed_dim // cfg.num_heads, device)
+            for _ in range(cfg.depth)
+        ]
+
+    def forward_cached(
+        self,
+        x: torch.Tensor,
+        caches: list[KVCache],
+        start: int,
+        kv_len: int,
+        attn_mask: torch.Tensor | None,
+        num_out: int,
+    ) -> torch.Tensor:
+        """Run already-embedded inputs ``x`` (after ``z_proj_ln``) that occupy cache slots
+        ``[start, start + T)``, attending over slots ``[0, kv_len)``; return the head outputs of the
+        last ``num_out`` inputs."""
+        for blk, cache in zip(self.blocks, caches):
+            x = blk(x, attn_mask, cache, start, kv_len)
+        return self.head(self.norm(x[:, -num_out:]))
+
+    # ------------------------------------------------------------------ optimisation helpers
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW parameter groups of the released recipe: weight decay on everything except biases,
+        norms and other 1-D parameters (spec section 6)."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]

@@ -1,0 +1,158 @@
+"""The LPD transformer: parity with the released implementation, state-dict contract, training pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lpd.models import LPD_MODELS, build_lpd, group_visible_mask, lpd_tiny
+from lpd.schedules import GroupSizeError
+
+
+def parity_model(fx) -> torch.nn.Module:
+    model = build_lpd(**fx["config"])
+    model.load_state_dict(fx["state_dict"], strict=True)
+    return model.eval()
+
+
+def test_training_logits_match_released(lpd_parity):
+    model = parity_model(lpd_parity)
+    with torch.no_grad():
+        logits = model.logits(lpd_parity["tokens"], lpd_parity["labels"], lpd_parity["orders"], lpd_parity["group_sizes"])
+    assert logits.shape == lpd_parity["train_logits_in_order"].shape
+    assert (logits - lpd_parity["train_logits_in_order"]).abs().max().item() < 1e-5
+
+
+def test_training_loss_matches_released(lpd_parity):
+    model = parity_model(lpd_parity)
+    with torch.no_grad():
+        loss = model(lpd_parity["tokens"], lpd_parity["labels"], lpd_parity["orders"], lpd_parity["group_sizes"])
+    assert abs(loss.item() - lpd_parity["train_loss"].item()) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["lpd_l", "lpd_xl", "lpd_xxl"])
+@pytest.mark.parametrize("img_size", [256, 512])
+def test_presets_match_released_state_dict(manifest, name, img_size):
+    with torch.device("meta"):
+        model = LPD_MODELS[name](img_size=img_size)
+    got = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert got == manifest[f"{name}_{img_size}"]
+
+
+def test_preset_any_multiple_of_16_and_bad_sizes():
+    with torch.device("meta"):
+        model = lpd_tiny(img_size=384)
+    assert model.pos_embed.shape == (1, 24 * 24 + 1, 64)
+    with pytest.raises(ValueError, match="multiple of vqgan_stride"):
+        build_lpd(img_size=250, embed_dim=64, depth=1, num_heads=4)
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        build_lpd(img_size=64, embed_dim=66, depth=1, num_heads=4)
+
+
+def test_group_visible_mask_rules():
+    sizes = [1, 2, 3]  # N = 6, context = 1 + 3 = 4 slots, queries 6
+    m = group_visible_mask(sizes)
+    assert m.shape == (10, 10)
+    ctx_group = [0, 1, 2, 2]
+    qry_group = [0, 1, 1, 2, 2, 2]
+    for i, a in enumerate(ctx_group):
+        for j, b in enumerate(ctx_group):
+            assert m[i, j] == (b <= a)
+        assert not m[i, 4:].any()
+    for i, k in enumerate(qry_group):
+        for j, b in enumerate(ctx_group):
+            assert m[4 + i, j] == (b <= k)
+        for j, k2 in enumerate(qry_group):
+            assert m[4 + i, 4 + j] == (k2 == k)
+
+
+def test_mask_is_built_once_per_schedule():
+    model = build_lpd(img_size=64, embed_dim=32, depth=1, num_heads=2, vocab_size=16, class_num=4)
+    a = model.group_mask([1, 3, 12], torch.device("cpu"))
+    b = model.group_mask([1, 3, 12], torch.device("cpu"))
+    assert a is b
+    assert model.group_mask([1, 15], torch.device("cpu")) is not a
+
+
+def small_batch(model, B=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    N = model.num_tokens
+    tokens = torch.randint(0, model.vocab_size, (B, N), generator=g)
+    labels = torch.randint(0, model.class_num, (B,), generator=g)
+    orders = torch.stack([torch.randperm(N, generator=g) for _ in range(B)])
+    return tokens, labels, orders
+
+
+def test_label_dropout_only_in_train_mode():
+    model = build_lpd(img_size=64, embed_dim=32, depth=2, num_heads=2, vocab_size=16, class_num=4,
+                      label_drop_prob=1.0, proj_dropout=0.0)
+    tokens, labels, orders = small_batch(model)
+    sizes = [1, 3, 12]
+    with torch.no_grad():
+        model.eval()
+        cond = model(tokens, labels, orders, sizes)
+        uncond_logits = model.logits(tokens, None, orders, sizes)
+        model.train()
+        dropped = model(tokens, labels, orders, sizes)  # every label dropped -> fake_latent
+    expected = torch.nn.functional.cross_entropy(uncond_logits.reshape(-1, 16), torch.gather(tokens, 1, orders).reshape(-1))
+    assert torch.allclose(dropped, expected, atol=1e-6)
+    assert not torch.allclose(cond, dropped)
+
+
+def test_gradient_checkpointing_same_loss_and_grads():
+    torch.manual_seed(0)
+    model = build_lpd(img_size=64, embed_dim=32, depth=2, num_heads=2, vocab_size=16, class_num=4,
+                      label_drop_prob=0.0, proj_dropout=0.0)
+    tokens, labels, orders = small_batch(model)
+    model.train()
+    loss_a = model(tokens, labels, orders, [1, 5, 10])
+    loss_a.backward()
+    grads_a = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    loss_b = model(tokens, labels, orders, [1, 5, 10])
+    loss_b.backward()
+    assert torch.allclose(loss_a, loss_b)
+    for ga, p in zip(grads_a, model.parameters()):
+        if ga is None:  # fake_latent: unused without label dropout
+            assert p.grad is None
+        else:
+            assert torch.allclose(ga, p.grad, atol=1e-6)
+
+
+def test_bad_training_inputs_have_clear_errors():
+    model = build_lpd(img_size=64, embed_dim=32, depth=1, num_heads=2, vocab_size=16, class_num=4)
+    tokens, labels, orders = small_batch(model)
+    with pytest.raises(GroupSizeError, match="sum to 15"):
+        model(tokens, labels, orders, [1, 2, 12])
+    with pytest.raises(GroupSizeError, match="at least one token"):
+        model(tokens, labels, orders, [1, 0, 15])
+    with pytest.raises(ValueError, match=r"orders must have shape \[B, 16\]"):
+        model(tokens, labels, orders[:, :8], [16])
+    with pytest.raises(ValueError, match="tokens must have shape"):
+        model(tokens[:2], labels, orders, [16])
+    with pytest.raises(ValueError, match="labels must have shape"):
+        model(tokens, labels[:1], orders, [16])
+
+
+def test_weight_decay_groups():
+    model = build_lpd(img_size=64, embed_dim=32, depth=1, num_heads=2, vocab_size=16, class_num=4)
+    decay, no_decay = model.param_groups(0.02)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert "blocks.0.attn.qkv.weight" in decay_names and "head.weight" in decay_names
+    assert "blocks.0.attn.qkv.bias" in no_decay_names and "norm.weight" in no_decay_names
+    assert "z_proj_ln.weight" in no_decay_names
+    assert decay["weight_decay"] == 0.02 and no_decay["weight_decay"] == 0.0
+    assert len(decay_names) + len(no_decay_names) == len(list(model.parameters()))
+
+
+def test_random_init_depends_only_on_generator():
+    a = build_lpd(img_size=64, embed_dim=32, depth=1, num_heads=2, vocab_size=16, class_num=4)
+    b = build_lpd(img_size=64, embed_dim=32, depth=1, num_heads=2, vocab_size=16, class_num=4)
+    a.initialize_weights(torch.Generator().manual_seed(3))
+    torch.manual_seed(123)
+    b.initialize_weights(torch.Generator().manual_seed(3))
+    for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), n
