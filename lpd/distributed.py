@@ -1,0 +1,109 @@
+"""torch.distributed set-up for torchrun and Slurm, and the few collectives the loops need.
+
+:func:`init_distributed` reads the launcher's environment (torchrun's ``RANK``/``WORLD_SIZE``/
+``LOCAL_RANK``/``MASTER_ADDR``; Slurm's ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID`` when
+``scripts/slurm.py`` or ``srun`` started the job), picks the backend from the device (nccl on
+CUDA, gloo on the CPU) and returns a :class:`DistInfo`.  A plain ``python main_*.py`` runs as a
+single process without initialising a process group.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistInfo", "init_distributed", "resolve_device", "barrier", "all_reduce_mean", "broadcast_object", "cleanup"]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
+    """``None``/``"auto"`` -> ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``; ``"cuda"`` gets the local rank."""
+    if device in (None, "", "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {device!r} was asked for but CUDA is not available; pass --device cpu")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def _env_int(*names: str, default: int | None = None) -> int | None:
+    for name in names:
+        if name in os.environ:
+            return int(os.environ[name])
+    return default
+
+
+def init_distributed(device: str | None = None, timeout_minutes: int = 60) -> DistInfo:
+    """Initialise the process group from the launcher's environment (no-op for one process)."""
+    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    dev = resolve_device(device, local)
+    if world > 1 and not (dist.is_available() and dist.is_initialized()):
+        if "MASTER_ADDR" not in os.environ:
+            raise RuntimeError(
+                "multi-process run without MASTER_ADDR/MASTER_PORT: start it with torchrun, or through "
+                "scripts/slurm.py (which sets them from Slurm's environment)"
+            )
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("WORLD_SIZE", str(world))
+        os.environ.setdefault("LOCAL_RANK", str(local))
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes),
+                                **({"device_id": dev} if dev.type == "cuda" else {}))
+    return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over ranks (returns a new tensor; unchanged for one process)."""
+    if not _active():
+        return value
+    out = value.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out / dist.get_world_size()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
