@@ -46,12 +46,10 @@ ORDER_KINDS = {
 }
 KIND_START, KIND_PROXIMITY, KIND_FARTHEST, KIND_RANDOM_FILL, KIND_REST = 0, 1, 2, 3, 4
 
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 _GOLDEN64 = 0x9E3779B97F4A7C15
 _SALT_START = 0x5851F42D4C957F2D  # step-0 position
 _SALT_FILL = 0x2545F4914F6CDD1D  # random fallback start
 _SALT_RANDOM = 0xD1342543DE82EF95  # random_orders
-_D2_SHIFT = 38  # squared distances sit above the 38-bit fallback priority
 _SEL = 100  # proximity code of an already selected position (codes < 25 are unselected)
 
 
@@ -93,24 +91,35 @@ def _step_keys(order_keys: np.ndarray, step: int, salt: int = 0) -> np.ndarray:
 
 @lru_cache(maxsize=None)
 def _pos_mult(n: int) -> np.ndarray:
+    """``position * 0x9E3779B9 mod 2**32`` for positions ``0..n-1`` (uint32)."""
     return (np.arange(n, dtype=np.uint64) * np.uint64(0x9E3779B9) & np.uint64(0xFFFFFFFF)).astype(
         np.uint32
     )
 
 
-def _position_random(step_keys: np.ndarray, n: int) -> np.ndarray:
-    """uint32 ``[B, n]`` random numbers, a hash of (step key, position)."""
-    lo = (step_keys & np.uint64(0xFFFFFFFF)).astype(np.uint32)[:, None]
-    hi = (step_keys >> np.uint64(32)).astype(np.uint32)[:, None]
+def _key32(step_keys: np.ndarray) -> np.ndarray:
+    """Fold uint64 step keys to the uint32 keys :func:`_hash32` takes."""
+    return ((step_keys ^ (step_keys >> np.uint64(32))) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+
+
+def _hash32(key32: np.ndarray, pos_mult: np.ndarray) -> np.ndarray:
+    """uint32 random numbers: a hash of (uint32 step key, position); the top bits are the best.
+
+    ``pos_mult`` is ``_pos_mult(n)`` indexed by the positions; both arguments broadcast
+    (e.g. ``keys[:, None]`` with ``_pos_mult(n)[None, :]`` for whole grids).  Two
+    multiply-xorshift rounds: enough for tie-breaking, and cheap on whole grids.
+    """
     with np.errstate(over="ignore"):
-        h = lo + _pos_mult(n)[None, :]
-        h ^= hi
-        h ^= h >> np.uint32(16)
+        h = key32 + pos_mult
         h *= np.uint32(0x7FEB352D)
         h ^= h >> np.uint32(15)
         h *= np.uint32(0x846CA68B)
-        h ^= h >> np.uint32(16)
     return h
+
+
+def _position_random(step_keys: np.ndarray, n: int) -> np.ndarray:
+    """uint32 ``[B, n]``: :func:`_hash32` of every position for each of the ``B`` uint64 keys."""
+    return _hash32(_key32(step_keys)[:, None], _pos_mult(n)[None, :])
 
 
 def _uniform_index(keys: np.ndarray, n: int) -> np.ndarray:
@@ -160,6 +169,11 @@ _CODE_VALUE = np.array([a + b * _INV_SQRT2 for a in range(5) for b in range(5)])
 # Walk rank of a code: 0 for the highest score (distinct codes have distinct scores).
 _CODE_RANK = np.empty(25, dtype=np.int64)
 _CODE_RANK[np.argsort(-_CODE_VALUE, kind="stable")] = np.arange(25)
+# Fallback ties: a 20-bit priority (larger preferred): 6 bits for the position's group in the
+# released candidate list (scores below τp first, higher scores first), then the top 14 bits of
+# the position's random number (larger first, as in the walk); then the smaller raster index.
+_TIE_BITS = 20
+_TIE_RND_SHIFT = 32 - (_TIE_BITS - 6)
 
 
 class _Grid:
@@ -184,27 +198,42 @@ class _Grid:
         self.nbr_delta = delta
         # Repulsion windows in a grid padded by `radius` on every side.
         p = g + 2 * radius
-        self.padded = p
+        self.padded_cells = p * p
         self.pidx = (rows + radius) * p + (cols + radius)
         dy, dx = np.meshgrid(np.arange(-radius, radius + 1), np.arange(-radius, radius + 1))
         self.window = (dy * p + dx).ravel()
         self.cbits = max(1, int(n - 1).bit_length())
-        self._d2 = None
+        # Fallback keys ``d2 << 20 | priority`` fit int32 up to 32 x 32 grids.
+        max_d2 = 2 * (g - 1) ** 2
+        self.key_dtype = np.int32 if (max_d2 + 1) << _TIE_BITS < 2**31 else np.int64
+        self.taken = -(2**31) if self.key_dtype == np.int32 else -(2**62)
+        self._d2 = None  # int16 [n, n] squared distances (grids up to 32 x 32)
+        self._d2_key = None  # the same, shifted into key position
 
-    def d2_shifted(self, q: np.ndarray) -> np.ndarray:
-        """``d2 << 38`` from positions ``q`` ([B]) to every position (int64 [B, n]).
+    def _tables(self) -> None:
+        dr = self.rows[:, None] - self.rows[None, :]
+        dc = self.cols[:, None] - self.cols[None, :]
+        d2 = dr * dr + dc * dc
+        self._d2 = d2.astype(np.int16)
+        self._d2_key = (d2 << _TIE_BITS).astype(self.key_dtype)
 
-        ``d2`` is the squared Euclidean distance; a table is kept for grids up to 32 x 32.
-        """
+    def d2(self, q: np.ndarray) -> np.ndarray:
+        """Squared Euclidean distances from positions ``q`` ([B]) to all positions ([B, n])."""
         if self.n <= 1024:
             if self._d2 is None:
-                dr = self.rows[:, None] - self.rows[None, :]
-                dc = self.cols[:, None] - self.cols[None, :]
-                self._d2 = (dr * dr + dc * dc) << _D2_SHIFT
+                self._tables()
             return self._d2[q]
-        dr = self.rows[None, :] - self.rows[q][:, None]
-        dc = self.cols[None, :] - self.cols[q][:, None]
-        return (dr * dr + dc * dc) << _D2_SHIFT
+        dr = self.rows - self.rows[q][:, None]
+        dc = self.cols - self.cols[q][:, None]
+        return dr * dr + dc * dc
+
+    def d2_key(self, q: np.ndarray) -> np.ndarray:
+        """``d2 << 20`` from positions ``q`` ([B]) to all positions, in :attr:`key_dtype`."""
+        if self.n <= 1024:
+            if self._d2_key is None:
+                self._tables()
+            return self._d2_key[q]
+        return (self.d2(q) << _TIE_BITS).astype(self.key_dtype)
 
 
 @lru_cache(maxsize=16)
@@ -212,20 +241,23 @@ def _grid(g: int, radius: int) -> _Grid:
     return _Grid(g, radius)
 
 
-def _code_tables(proximity_threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Lookup tables over proximity codes 0..127 (>= _SEL means already selected).
+@lru_cache(maxsize=16)
+def _code_tables(proximity_threshold: float, taken: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lookup tables over proximity codes 0..255 (>= ``_SEL``: already selected).
 
     Returns ``high`` (bool: an unselected candidate whose score reaches the threshold), ``walk``
-    (int64 walk rank, 0 = best) and ``prio`` (int64 fallback tie priority, shifted left by 32;
-    2**62 for selected positions).
+    (int64 walk rank, 0 = best score) and ``tie`` (int64: the fallback's 6-bit group priority,
+    larger preferred, shifted into place; ``taken`` for selected positions: negative enough to
+    keep them out of the fallback whatever their distance).
     """
-    high = np.zeros(128, dtype=bool)
+    high = np.zeros(256, dtype=bool)
     high[:25] = _CODE_VALUE >= proximity_threshold
-    walk = np.zeros(128, dtype=np.int64)
+    walk = np.zeros(256, dtype=np.int64)
     walk[:25] = _CODE_RANK
-    prio = np.full(128, 1 << 62, dtype=np.int64)
-    prio[:25] = ((high[:25].astype(np.int64) << 5) | _CODE_RANK) << 32
-    return high, walk, prio
+    tie = np.full(256, taken, dtype=np.int64)
+    group = (high[:25].astype(np.int64) << 5) | _CODE_RANK
+    tie[:25] = (63 - group) << (_TIE_BITS - 6)
+    return high, walk, tie
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,27 +281,44 @@ def _lpd_batch(
     """
     grid = _grid(grid_size, int(math.floor(repulsion_threshold)))
     n, b_num = grid.n, len(idx)
-    high_t, walk_t, prio_t = _code_tables(proximity_threshold)
+    high_t, walk_t, tie_t = _code_tables(proximity_threshold, grid.taken)
+    tie_t = tie_t.astype(grid.key_dtype)
     out = np.empty((b_num, n), dtype=np.int64)
     kinds = np.empty((b_num, n), dtype=np.int8) if return_kinds else None
     if b_num == 0:
         return (out, kinds) if return_kinds else out
     rows_b = np.arange(b_num)
+    row_base = rows_b * (n + 1)
     okeys = _order_keys(seed, idx)
-    code = np.zeros((b_num, n + 1), dtype=np.uint8)  # column n: "outside the grid"
-    code_flat = code.reshape(-1)
-    pp = grid.padded * grid.padded
-    blocked = np.full(b_num * pp, -1, dtype=np.int32)  # step that blocked a padded cell
+    # Per-order state over the grid plus one "outside the grid" column (index n):
+    code = np.zeros((b_num, n + 1), dtype=np.uint8)  # proximity code, _SEL once selected
+    cand = np.full((b_num, n + 1), high_t[0], dtype=bool)  # unselected, score >= τp
+    cand[:, n] = False
+    tie = np.full((b_num, n + 1), tie_t[0], dtype=grid.key_dtype)  # fallback group priority
+    code_f, cand_f, tie_f = code.reshape(-1), cand.reshape(-1), tie.reshape(-1)
+    pp = grid.padded_cells
+    blocked = np.zeros(b_num * pp, dtype=np.uint8)  # stamp of the step that blocked a cell
     cb = grid.cbits
     c_mask = (1 << cb) - 1
+    pos_mult = _pos_mult(n)
+    window = grid.window
 
     def commit(s0: int, s1: int) -> None:
-        # Positions out[:, s0:s1] are now selected: mark them and update their neighbours' codes.
-        new = out[:, s0:s1]
-        base = (rows_b * (n + 1))[:, None]
-        code_flat[(base + new).ravel()] = _SEL
-        for nb, dlt in zip(grid.nbr, grid.nbr_delta):
-            code_flat[(base + nb[new]).ravel()] += dlt
+        # Positions out[:, s0:s1] are now selected: mark them, update their neighbours.
+        new = row_base[:, None] + out[:, s0:s1]
+        code_f[new] = _SEL
+        touched = np.empty((len(grid.nbr),) + new.shape, dtype=np.int64)
+        for d, (nb, dlt) in enumerate(zip(grid.nbr, grid.nbr_delta)):
+            np.add(row_base[:, None], nb[out[:, s0:s1]], out=touched[d])
+            # Within one direction the neighbours are distinct (bar the ignored column n).
+            code_f[touched[d]] += dlt
+        touched = touched.reshape(-1)
+        c_t = code_f[touched]
+        cand_f[touched] = high_t[c_t]
+        tie_f[touched] = tie_t[c_t]
+        cand[:, n] = False
+        cand_f[new] = False
+        tie_f[new] = grid.taken
 
     # Step 0: one uniformly random position.
     out[:, 0] = _uniform_index(_splitmix64(okeys ^ np.uint64(_SALT_START)), n)
@@ -279,62 +328,70 @@ def _lpd_batch(
         # Not in any released schedule: the rest of step 0 comes from the farthest-point rule
         # around the random first position (no scores exist before step 0).
         g = group_sizes[0]
-        code_flat[rows_b * (n + 1) + out[:, 0]] = _SEL
-        rnd = _position_random(_step_keys(okeys, 0), n)
-        prio = prio_t[code[:, :n]] | rnd.astype(np.int64)
+        tie_f[row_base + out[:, 0]] = grid.taken
+        cand_f[row_base + out[:, 0]] = False
         acc_n = np.ones(b_num, dtype=np.int64)
-        acc_pos = out[:, :1].copy()
-        fill_keys = _step_keys(_step_keys(okeys, 0), 0, _SALT_FILL)
-        _fallback(grid, out, kinds, prio, rows_b, acc_n, acc_pos, g - acc_n, 0, fill_keys, g == n)
+        _fallback(grid, out, kinds, tie, _step_keys(okeys, 0), rows_b, acc_n, out[:, :1].copy(), g - acc_n, 0, g == n)
     s = group_sizes[0]
     commit(0, s)
 
     for k in range(1, len(group_sizes)):
-        g = group_sizes[k]
+        g, s0 = group_sizes[k], s
         skeys = _step_keys(okeys, k)
-        rnd = _position_random(skeys, n)
-        cur = code[:, :n]
-        # ---- proximity walk -----------------------------------------------------------------
-        flat = np.flatnonzero(high_t[cur])
-        b_of, c_of = np.divmod(flat, n)
+        k32 = _key32(skeys)
+        stamp = (k - 1) % 255 + 1
+        if stamp == 1 and k > 1:
+            blocked.fill(0)
+        # ---- candidates with score >= τp, sorted per order: score desc, then random ---------
+        flat = np.flatnonzero(cand_f)
+        starts = np.searchsorted(flat, row_base)
+        counts = np.diff(np.append(starts, flat.size))
+        b_of = np.repeat(rows_b, counts)
+        c_of = flat - row_base[b_of]
+        rnd = _hash32(k32[b_of], pos_mult[c_of])
         keys = (
             (b_of << (cb + 37))
-            | (walk_t[cur.reshape(-1)[flat]] << (cb + 32))
-            | (rnd.reshape(-1)[flat].astype(np.int64) << cb)
+            | (walk_t[code_f[flat]] << (cb + 32))
+            | ((~rnd).astype(np.int64) << cb)
             | c_of
         )
         keys.sort()
-        cand_sorted = keys & c_mask
-        counts = np.bincount(b_of, minlength=b_num)
-        starts = np.cumsum(counts) - counts
-        acc_n = np.zeros(b_num, dtype=np.int64)
-        acc_pos = np.zeros((b_num, g), dtype=np.int64)
-        act = np.flatnonzero(counts > 0)
-        r = 0
-        while act.size:
-            cand = cand_sorted[starts[act] + r]
-            cell = act * pp + grid.pidx[cand]
-            ok = blocked[cell] != k
-            a_b = act[ok]
-            acc_pos[a_b, acc_n[a_b]] = cand[ok]
-            acc_n[a_b] += 1
-            blocked[(cell[ok])[:, None] + grid.window] = k
-            r += 1
-            act = act[(acc_n[act] < g) & (counts[act] > r)]
-        s0 = s
-        took = np.arange(g)[None, :] < acc_n[:, None]
-        out[:, s0 : s0 + g][took] = acc_pos[took]
+        c_s = keys & c_mask
+        b_s = keys >> (cb + 37)
+        cell_s = b_s * pp + grid.pidx[c_s]
+        # ---- the walk: rank r of every order at once ----------------------------------------
+        # Orders are visited longest candidate list first, so the orders still walking at rank
+        # r are a prefix.  The walk does not stop at g: the first g acceptances are the same
+        # either way, and only they are kept.
+        by_len = np.argsort(-counts, kind="stable")
+        base = starts[by_len]
+        n_walk = np.searchsorted(-counts[by_len], -np.arange(int(counts.max(initial=0))), side="left")
+        flag = np.zeros(keys.size, dtype=bool)
+        for r, m in enumerate(n_walk.tolist()):
+            j = base[:m] + r
+            cells = cell_s[j]
+            ok = blocked[cells] != stamp
+            cells = cells[ok]
+            blocked[(cells[:, None] + window).ravel()] = stamp
+            flag[j[ok]] = True
+        # Keep each order's first g acceptances (in walk order).
+        csum = np.cumsum(flag)
+        before = np.concatenate([[0], csum])[starts]
+        slot = csum - 1 - before[b_s]
+        keep = np.flatnonzero(flag & (slot < g))
+        acc_b, acc_c, acc_slot = b_s[keep], c_s[keep], slot[keep]
+        out[acc_b, s0 + acc_slot] = acc_c
         if kinds is not None:
-            kinds[:, s0 : s0 + g][took] = KIND_PROXIMITY
-        # Accepted positions leave the candidate pool of the fallback.
-        code_flat[(rows_b * (n + 1))[:, None].repeat(g, 1)[took] + acc_pos[took]] = _SEL
+            kinds[acc_b, s0 + acc_slot] = KIND_PROXIMITY
+        acc_n = np.bincount(acc_b, minlength=b_num)
         # ---- farthest-point fallback --------------------------------------------------------
         need = g - acc_n
         fb = np.flatnonzero(need > 0)
         if fb.size:
-            prio = prio_t[code[fb, :n]] | rnd[fb].astype(np.int64)
-            fill_keys = _step_keys(skeys, 0, _SALT_FILL)  # only its rows `fb` are used
-            _fallback(grid, out, kinds, prio, fb, acc_n, acc_pos, need, s0, fill_keys, s0 + g == n)
+            tie_f[row_base[acc_b] + acc_c] = grid.taken  # accepted: out of the fallback's pool
+            acc_pos = np.zeros((b_num, g), dtype=np.int64)
+            acc_pos[acc_b, acc_slot] = acc_c
+            _fallback(grid, out, kinds, tie, skeys, fb, acc_n, acc_pos, need, s0, s0 + g == n)
         s += g
         commit(s0, s)
     return (out, kinds) if return_kinds else out
@@ -344,58 +401,65 @@ def _fallback(
     grid: _Grid,
     out: np.ndarray,
     kinds: np.ndarray | None,
-    prio: np.ndarray,
+    tie: np.ndarray,
+    skeys: np.ndarray,
     fb: np.ndarray,
     acc_n: np.ndarray,
     acc_pos: np.ndarray,
     need: np.ndarray,
     s0: int,
-    fill_keys: np.ndarray,
     last: bool,
 ) -> None:
-    """Farthest-point fallback of one step for the orders ``fb``.
+    """Farthest-point fallback of the step starting at output slot ``s0``, for orders ``fb``.
 
-    ``prio`` (``[len(fb), N]`` int64) is the tie priority of every position, smaller preferred,
-    ``>= 2**62`` for positions already taken (earlier steps or accepted in this step).  Writes
-    ``need[b]`` positions after the ``acc_n[b]`` proximity picks of step ``[s0, s0 + g)``.
+    ``tie`` holds each position's group priority (``grid.taken`` once selected, including this
+    step's proximity picks); ``skeys`` the step's uint64 random keys of all orders.  Writes ``need[b]`` positions after
+    the ``acc_n[b]`` proximity picks ``acc_pos[b, :acc_n[b]]``.
     """
-    n = grid.n
-    nd = need[fb]
-    na = acc_n[fb]
+    n, kd = grid.n, grid.key_dtype
+    nd, na = need[fb], acc_n[fb]
     width = int(nd.max())
+    rnd = _position_random(skeys[fb], n)
     picks = np.zeros((fb.size, width), dtype=np.int64)
     pick_kind = np.full((fb.size, width), KIND_FARTHEST, dtype=np.int8)
     if last:
         # Only the remaining positions are left: all of them, in candidate-list order.
-        picks[:] = np.argsort(prio, axis=1, kind="stable")[:, :width]
+        grp = tie[fb, :n].astype(np.int64)
+        grp = np.where(grp < 0, -1, grp >> (_TIE_BITS - 6))
+        picks[:] = np.argsort(-((grp << 32) | rnd), axis=1, kind="stable")[:, :width]
         pick_kind[:] = KIND_REST
     else:
-        # key = (squared distance to the nearest position taken in this step) << 38 - priority:
-        # its argmax is the farthest position, ties going to the preferred (smallest) priority.
-        shift = _D2_SHIFT
-        key = np.empty((fb.size, n), dtype=np.int64)
+        # key = (squared distance to the nearest position taken in this step) << 20 | priority:
+        # its argmax is the farthest remaining position, ties going to the preferred one.
+        rnd >>= np.uint32(_TIE_RND_SHIFT)
+        prio = tie[fb, :n] | rnd.astype(kd)
         made = np.zeros(fb.size, dtype=np.int64)
+        d2 = np.empty((fb.size, n), dtype=np.int16 if n <= 1024 else np.int64)
         has = na > 0
         if has.any():
             ih = np.flatnonzero(has)
+            nah = na[ih]
             pos = acc_pos[fb[ih]]
-            kh = grid.d2_shifted(pos[:, 0])
-            for j in range(1, int(na[ih].max())):
-                np.minimum(kh, grid.d2_shifted(pos[np.arange(ih.size), np.minimum(j, na[ih] - 1)]), out=kh)
-            key[ih] = kh
+            dh = grid.d2(pos[:, 0])
+            for j in range(1, int(nah.max())):
+                np.minimum(dh, grid.d2(pos[np.arange(ih.size), np.minimum(j, nah - 1)]), out=dh)
+            d2[ih] = dh
         if not has.all():
             # Nothing accepted in this step: start from a uniformly random remaining position.
             iz = np.flatnonzero(~has)
-            fill = _position_random(fill_keys[fb[iz]], n).astype(np.int64)
-            fill[prio[iz] >= (1 << 62)] = -1
+            fill = _position_random(_step_keys(skeys[fb[iz]], 0, _SALT_FILL), n).astype(np.int64)
+            fill[prio[iz] < 0] = -1
             p0 = fill.argmax(axis=1)
             picks[iz, 0] = p0
             pick_kind[iz, 0] = KIND_RANDOM_FILL
             made[iz] = 1
-            key[iz] = grid.d2_shifted(p0)
-        key -= prio
-        rows = np.flatnonzero(made < nd)  # rows of `key`/`prio` still being filled
-        key, pr = key[rows], prio[rows]
+            d2[iz] = grid.d2(p0)
+        key = d2.astype(kd)
+        key <<= _TIE_BITS
+        key += prio
+        rows = np.flatnonzero(made < nd)  # rows of fb still being filled
+        if rows.size < fb.size:
+            key, prio = key[rows], prio[rows]
         done = np.zeros(rows.size, dtype=bool)
         while rows.size:
             p = key.argmax(axis=1)
@@ -407,9 +471,11 @@ def _fallback(
             if done.all():
                 break
             if 4 * int(done.sum()) >= rows.size:  # compact once a quarter has finished
-                keep = ~done
-                rows, key, pr, p, done = rows[keep], key[keep], pr[keep], p[keep], done[keep]
-            np.minimum(key, grid.d2_shifted(p) - pr, out=key)
+                kp = ~done
+                rows, key, prio, p, done = rows[kp], key[kp], prio[kp], p[kp], done[kp]
+            upd = grid.d2_key(p)
+            upd += prio
+            np.minimum(key, upd, out=key)
     took = np.arange(width)[None, :] < nd[:, None]
     r_idx = np.broadcast_to(fb[:, None], took.shape)[took]
     c_idx = (s0 + na[:, None] + np.arange(width)[None, :])[took]
@@ -446,10 +512,16 @@ def _lpd_order_reference(
     def d2(a: int, b: int) -> int:
         return (pos[a][0] - pos[b][0]) ** 2 + (pos[a][1] - pos[b][1]) ** 2
 
-    def fill(step_key: np.ndarray, accepted: list[int], rest: list[int], need: int) -> list[tuple[int, int]]:
-        # Farthest-point sampling over the candidate list `rest` (its order breaks ties).
-        if len(rest) <= need:
+    def fill(
+        step_key: np.ndarray, rnd: np.ndarray, group: dict, accepted: list[int], rest: list[int], need: int
+    ) -> list[tuple[int, int]]:
+        # Farthest-point sampling over the candidate list `rest`.
+        if len(rest) <= need:  # no choice left: all of them, in candidate-list order
             return [(c, KIND_REST) for c in rest]
+        # Ties between equal distances: candidate-list group (score), then the top bits of the
+        # position's random number, then the smaller raster index.
+        tie_order = sorted(rest, key=lambda c: (group[c], -(int(rnd[c]) >> _TIE_RND_SHIFT), c))
+        tie_rank = {c: j for j, c in enumerate(tie_order)}
         taken: list[tuple[int, int]] = []
         pts = list(accepted)
         rest = list(rest)
@@ -460,8 +532,8 @@ def _lpd_order_reference(
             pts.append(c)
             rest.remove(c)
         while len(taken) < need:
-            best = max(range(len(rest)), key=lambda j: (min(d2(rest[j], p) for p in pts), -j))
-            c = rest.pop(best)
+            c = max(rest, key=lambda c: (min(d2(c, p) for p in pts), -tie_rank[c]))
+            rest.remove(c)
             taken.append((c, KIND_FARTHEST))
             pts.append(c)
         return taken
@@ -471,8 +543,9 @@ def _lpd_order_reference(
     if group_sizes[0] > 1:
         step_key = _step_keys(okey, 0)
         rnd = _position_random(step_key, n)[0]
-        rest = sorted((c for c in range(n) if c != order[0]), key=lambda c: (int(rnd[c]), c))
-        for c, kd in fill(step_key, order[:1], rest, group_sizes[0] - 1):
+        rest = sorted((c for c in range(n) if c != order[0]), key=lambda c: (-int(rnd[c]), c))
+        g0 = (int(_CODE_VALUE[0] >= proximity_threshold) << 5) | int(_CODE_RANK[0])
+        for c, kd in fill(step_key, rnd, dict.fromkeys(rest, g0), order[:1], rest, group_sizes[0] - 1):
             order.append(c)
             kinds.append(kd)
     for k in range(1, len(group_sizes)):
@@ -480,14 +553,16 @@ def _lpd_order_reference(
         step_key = _step_keys(okey, k)
         rnd = _position_random(step_key, n)[0]
         done = set(order)
-        score = {}
+        score, group = {}, {}
         for c in range(n):
             if c in done:
                 continue
-            edge = sum(1 for p in done if cheb(c, p) == 1 and d2(c, p) == 1)
-            diag = sum(1 for p in done if cheb(c, p) == 1 and d2(c, p) == 2)
+            edge = sum(1 for p in done if d2(c, p) == 1)
+            diag = sum(1 for p in done if d2(c, p) == 2)
             score[c] = edge + diag * _INV_SQRT2
-        ranked = sorted(score, key=lambda c: (-score[c], int(rnd[c]), c))
+            # Candidate-list group: score >= τp after the others, higher scores first.
+            group[c] = (int(score[c] >= proximity_threshold) << 5) | int(_CODE_RANK[5 * edge + diag])
+        ranked = sorted(score, key=lambda c: (-score[c], -int(rnd[c]), c))
         high = [c for c in ranked if score[c] >= proximity_threshold]
         low = [c for c in ranked if score[c] < proximity_threshold]
         accepted: list[int] = []
@@ -505,7 +580,7 @@ def _lpd_order_reference(
         kinds += [KIND_PROXIMITY] * len(accepted)
         if len(accepted) < g:
             rest = low + set_aside + high[walked:]
-            for c, kd in fill(step_key, accepted, rest, g - len(accepted)):
+            for c, kd in fill(step_key, rnd, group, accepted, rest, g - len(accepted)):
                 order.append(c)
                 kinds.append(kd)
     return order, kinds
