@@ -160,7 +160,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
             model, tokenizer, args.num_images, sizes, output_dir=run_dir, settings=settings,
             compute_fid=not args.no_fid, ref_stats=fid_stats, inception_weights=args.inception_weights,
             metrics_batch_size=args.metrics_bsz, rank=rank, world_size=world, progress=not args.no_progress,
-            info={"command": [os.path.basename(sys.argv[0])] + list(sys.argv[1:] if argv is None else argv),
+            info={"command": ["main_eval.py"] + list(sys.argv[1:] if argv is None else argv),
                   "args": {k: v for k, v in vars(args).items()}},
             order=args.order, orders=table, proximity_threshold=args.proximity_threshold,
             repulsion_threshold=args.repulsion_threshold, cfg=args.cfg, cfg_schedule=args.cfg_schedule,

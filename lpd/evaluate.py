@@ -36,7 +36,9 @@ run the single process with ``OMP_NUM_THREADS=1`` too to compare them).
 otherwise it is decoded again and its missing or unreadable PNGs are written.  Every file is
 written to a temporary name in the same folder and renamed (``os.replace``), so an interrupted run
 never leaves a partial file behind.  ``settings.json`` in the run folder records the settings that
-determine the pixels; a rerun with different settings is refused instead of mixing two runs.
+determine the pixels; a rerun with different settings is refused instead of mixing two runs.  (A
+rerun with another ``eval_bsz`` or process count is allowed: its images follow the same
+distribution, but are only guaranteed to be the same bytes with the same kernels, see above.)
 
 **Outputs** of :func:`evaluate` in a run folder: ``images/000000.png ...``, ``<run>.npz`` (ADM
 format: ``arr_0``, uint8 ``N x H x W x 3``, written by rank 0 after a barrier, streamed so the 50k
@@ -178,16 +180,16 @@ def _contiguous_runs(indices: np.ndarray) -> Iterator[tuple[int, int]]:
 def load_order_table(path: str | os.PathLike, num: int, grid_size: int) -> np.ndarray:
     """Rows ``0..num-1`` of an order file (JSON list of raster-index lists), validated by
     :func:`lpd.orders.load_orders` (every row a permutation of ``0..N-1``, at least ``num`` rows)."""
-    try:
-        from lpd.orders import load_orders
-    except ImportError as e:  # pragma: no cover - until lpd.orders.load_orders lands
-        raise EvaluationError(f"this lpd version cannot read order files (lpd.orders.load_orders is missing): {e}") from e
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise EvaluationError(
             f"order file {path!r} (--lpd_order_file) does not exist; generate one with "
             f"'python -m lpd.orders ...', or leave the flag out to generate orders from --seed"
         )
+    try:
+        from lpd.orders import load_orders
+    except ImportError as e:  # pragma: no cover - until lpd.orders.load_orders lands
+        raise EvaluationError(f"this lpd version cannot read order files (lpd.orders.load_orders is missing): {e}") from e
     try:
         table = np.asarray(load_orders(path, num, grid_size), dtype=np.int64)
     except (ValueError, OSError) as e:
@@ -806,7 +808,7 @@ def generate_images(
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(mine) * eval_bsz * world_size, desc="sampling", unit="img", dynamic_ncols=True)
+        bar = tqdm(total=num_images, desc="sampling", unit="img", dynamic_ncols=True)
     for batch in mine:
         todo = batch
         if image_dir is not None:
@@ -830,7 +832,7 @@ def generate_images(
                     write_png(image_path(image_dir, int(i)), pixels[r])
             generated += todo.size
         if bar is not None:
-            bar.update(batch.size * world_size)
+            bar.update(min(batch.size * world_size, bar.total - bar.n))  # rank 0 stands for all
     if bar is not None:
         bar.close()
 

@@ -167,6 +167,11 @@ def test_explicit_labels_and_order_tables(model, tokenizer):
         E.generate_images(model, tokenizer, 8, SIZES, orders=table, **SAMPLING)
 
 
+def test_bf16_autocast_runs_on_the_cpu(model, tokenizer):
+    out = E.generate_images(model, tokenizer, 4, SIZES, bf16=True, **SAMPLING)
+    assert out.images.shape == (4, GRID * PATCH, GRID * PATCH, 3)
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(top_p=0.0), "top_p"), (dict(cfg=-1.0), "cfg"), (dict(temperature=float("nan")), "temperature"),
     (dict(eval_bsz=0), "eval_bsz"),

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# LPD-XL 512 px, 48 steps (paper: FID / IS 2.10 / 326.0). Extra flags are passed on, e.g.
+#   NGPUS=4 bash scripts/eval/lpd_xl_512_48steps.sh --bf16 --output_dir /data/eval
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+exec torchrun --nproc_per_node="${NGPUS:-8}" main_eval.py --config configs/eval_lpd_xl_512_48steps.yaml "$@"

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# LPD-XXL 256 px, 20 steps (paper: FID / IS 2.00 / 337.6). Extra flags are passed on, e.g.
+#   NGPUS=4 bash scripts/eval/lpd_xxl_256_20steps.sh --bf16 --output_dir /data/eval
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+exec torchrun --nproc_per_node="${NGPUS:-8}" main_eval.py --config configs/eval_lpd_xxl_256_20steps.yaml "$@"
