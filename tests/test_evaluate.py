@@ -167,6 +167,11 @@ def test_explicit_labels_and_order_tables(model, tokenizer):
         E.generate_images(model, tokenizer, 8, SIZES, orders=table, **SAMPLING)
 
 
+def test_in_memory_shards_need_a_process_group(model, tokenizer):
+    with pytest.raises(E.EvaluationError, match="process group"):
+        E.generate_images(model, tokenizer, 4, SIZES, rank=0, world_size=2, **SAMPLING)
+
+
 def test_bf16_autocast_runs_on_the_cpu(model, tokenizer):
     out = E.generate_images(model, tokenizer, 4, SIZES, bf16=True, **SAMPLING)
     assert out.images.shape == (4, GRID * PATCH, GRID * PATCH, 3)

@@ -129,16 +129,35 @@ def tiny_released_checkpoint(path: str, seed: int = 0) -> None:
                 "args": argparse.Namespace(model="lpd_tiny", img_size=256, vqgan_stride=16)}, path)
 
 
-def test_released_format_checkpoint_gives_the_random_init_images(tmp_path):
+def fake_hub_cache(root, repo: str, filename: str, make) -> None:
+    """The layout huggingface_hub keeps: models--ORG--NAME/snapshots/<commit>/<file> and refs/main."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    folder = root / f"models--{repo.replace('/', '--')}"
+    (folder / "snapshots" / commit).mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+    make(str(folder / "snapshots" / commit / filename))
+
+
+def test_released_format_checkpoint_from_a_path_or_the_hub_cache(tmp_path, monkeypatch):
     ckpt = str(tmp_path / "lpd_tiny_256.pth")
     tiny_released_checkpoint(ckpt)
     common = ["--config", TINY_CONFIG, "--num_images", "2", "--eval_bsz", "2", "--generation_steps", "8",
               "--cfg", "1.5", "--seed", "0", "--no_fid", "--no_progress", "--output_dir", str(tmp_path)]
     a = run_main(common + ["--pretrained_ckpt", ckpt])
-    b = run_main(common + ["--random_init"])
     assert a["settings"]["weights"] == "lpd_tiny_256.pth"
-    da, db = a["files"]["images"], b["files"]["images"]
-    assert da != db and png_bytes(da) == png_bytes(db) and len(png_bytes(da)) == 2
+    # Offline, by name, from a filled Hugging Face cache (the file is the tiny model; model_config
+    # from tiny.yaml shrinks the lpd_l preset to it).
+    cache = tmp_path / "hub"
+    fake_hub_cache(cache, "mit-han-lab/lpd_l_256", "lpd_l_256.pth", tiny_released_checkpoint)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    b = run_main(common + ["--model", "lpd_l", "--img_size", "256"])
+    assert b["settings"]["weights"] == "lpd_l_256.pth" and b["settings"]["model"] == "lpd_l"
+    c = run_main(common + ["--random_init"])  # the same weights, drawn from the seed
+    da, db, dc = a["files"]["images"], b["files"]["images"], c["files"]["images"]
+    assert len({da, db, dc}) == 3 and len(png_bytes(da)) == 2
+    assert png_bytes(da) == png_bytes(db) == png_bytes(dc)
 
 
 def test_wrong_img_size_for_the_checkpoint(tmp_path):
@@ -189,15 +208,11 @@ def test_missing_order_file(tmp_path):
 
 
 def test_bad_order_file_names_the_row(tmp_path):
-    import lpd.orders
-
-    if not hasattr(lpd.orders, "load_orders"):
-        pytest.skip("lpd.orders.load_orders has not landed yet")
     rows = [list(range(256)) for _ in range(20)]
     rows[4][0] = 1  # not a permutation
     path = tmp_path / "orders.json"
     path.write_text(json.dumps(rows))
-    with pytest.raises(ValueError, match="4"):
+    with pytest.raises(ValueError, match="row 4"):
         run_main(TINY + ["--output_dir", str(tmp_path / "out"), "--lpd_order_file", str(path)])
     short = tmp_path / "short.json"
     short.write_text(json.dumps(rows[:3]))
