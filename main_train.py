@@ -105,6 +105,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_bsz", type=int, default=d.eval_bsz)
     g.add_argument("--eval_steps", type=int, default=d.eval_steps, help="decoding steps")
     g.add_argument("--cfg", type=float, default=d.cfg, help="classifier-free guidance scale")
+    g.add_argument("--eval_ref_stats", default=d.eval_ref_stats, help="FID reference statistics (.npz); none: sample only")
     return p
 
 

@@ -71,6 +71,23 @@ class CacheError(RuntimeError):
     """A token-cache file that cannot be read or does not fit the model."""
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _write_public(path: str, write_fn: Callable[[Any], None]) -> None:
+    """Atomic write whose file gets the usual ``0o666 & ~umask`` mode (temporary files are 0600)."""
+    mode = 0o666 & ~_umask()
+
+    def write(f: Any) -> None:
+        write_fn(f)
+        os.fchmod(f.fileno(), mode)
+
+    atomic_write_bytes(path, write)
+
+
 # ---------------------------------------------------------------------------------------------
 # Images
 # ---------------------------------------------------------------------------------------------
@@ -360,7 +377,7 @@ def _write_meta_or_check(root: str, meta: dict[str, Any]) -> dict[str, Any]:
                     f"use a fresh --cached_path"
                 )
         return old  # keeps the shard plan of the first run, whatever the world size now
-    atomic_write_bytes(path, lambda f: f.write(json.dumps(meta, indent=1).encode("utf-8")))
+    _write_public(path, lambda f: f.write(json.dumps(meta, indent=1).encode("utf-8")))
     return meta
 
 
@@ -390,7 +407,7 @@ class _ConsolidatedWriter:
                 toks = np.lib.format.open_memmap(tok_p, mode="w+", dtype=dtype, shape=shape)
                 done = np.lib.format.open_memmap(done_p, mode="w+", dtype=np.uint8, shape=(shape[0],))
             for key, arr in (("labels", labels[lo:hi].astype(np.int64)), ("index", np.arange(lo, hi, dtype=np.int64))):
-                atomic_write_bytes(names[key] + ".partial", lambda f, a=arr: np.save(f, a))
+                _write_public(names[key] + ".partial", lambda f, a=arr: np.save(f, a))
             self.open[s] = (toks, done)
             self.pending[s] = np.flatnonzero(done[:] == 0) + lo
 
@@ -514,7 +531,7 @@ def write_token_cache(
             for j, i in enumerate(idx):
                 if writer is None:
                     a, b = toks[j, 0], toks[j, 1]
-                    atomic_write_bytes(targets[i], lambda f, a=a, b=b: np.savez(f, indices=a, indices_flip=b))
+                    _write_public(targets[i], lambda f, a=a, b=b: np.savez(f, indices=a, indices_flip=b))
                 else:
                     writer.write(i, toks[j])
             if writer is not None:

@@ -141,6 +141,7 @@ class TrainConfig:
     eval_bsz: int = 64
     eval_steps: int = 20
     cfg: float = 4.0
+    eval_ref_stats: str | None = None
 
     def validate(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:
@@ -341,6 +342,29 @@ def _gather(obj: Any, info: DistInfo) -> list[Any]:
     return out
 
 
+def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any] | None, path: str,
+                    log: Callable[[str], None]) -> None:
+    """Load AdamW's state when it was written for the same parameter groups; else warn and start fresh.
+
+    (The released code orders its decay / no-decay groups differently: its moments cannot be mapped.)
+    """
+    if not state:
+        log(f"warning: {path} has no optimizer state; AdamW starts fresh")
+        return
+    ours = [len(g["params"]) for g in optimizer.param_groups]
+    theirs = [len(g.get("params", [])) for g in state.get("param_groups", [])]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    shapes_ok = ours == theirs and all(
+        int(i) < len(params) and all(not torch.is_tensor(v) or v.dim() == 0 or v.shape == params[int(i)].shape
+                                     for v in st.values())
+        for i, st in state.get("state", {}).items())
+    if not shapes_ok:
+        log(f"warning: the optimizer state in {path} does not match this model's parameter groups "
+            f"({theirs} vs {ours} parameters); AdamW starts fresh")
+        return
+    optimizer.load_state_dict(state)
+
+
 def resolve_resume_path(resume: str) -> str:
     """``--resume`` may name a checkpoint file or an output folder holding ``checkpoint-last.pth``."""
     path = os.path.join(resume, "checkpoint-last.pth") if os.path.isdir(resume) else resume
@@ -468,26 +492,42 @@ def _batch_tokens(x: torch.Tensor, flip_gen: torch.Generator, get_tokenizer: Cal
 
 def _evaluate(config: TrainConfig, model: torch.nn.Module, tokenizer_fn: Callable[[], Any], epoch: int,
               info: DistInfo, log: Callable[[str], None]) -> dict[str, Any] | None:
-    """Call ``lpd.evaluate.generate_and_score`` when it exists; skip with a warning otherwise."""
+    """Sample and score through :mod:`lpd.evaluate` (``generate_and_score`` or ``evaluate``) on every rank.
+
+    Skipped with a message when the evaluation code is missing or needs arguments training does not
+    have; an error inside it is reported and training continues.
+    """
     try:
-        from lpd import evaluate as ev  # written by the evaluation issue
-    except ImportError:
-        log("evaluation skipped: lpd.evaluate is not available")
+        from lpd import evaluate as ev
+    except ImportError as e:
+        log(f"evaluation skipped: lpd.evaluate cannot be imported ({e})")
         return None
-    fn = getattr(ev, "generate_and_score", None)
+    fn = getattr(ev, "generate_and_score", None) or getattr(ev, "evaluate", None)
     if fn is None:
-        log("evaluation skipped: lpd.evaluate has no generate_and_score()")
+        log("evaluation skipped: lpd.evaluate has neither generate_and_score() nor evaluate()")
         return None
+    from lpd.schedules import group_sizes
+
     params = inspect.signature(fn).parameters
-    offered = dict(model=model, tokenizer=tokenizer_fn, vq=tokenizer_fn, img_size=config.img_size,
-                   num_images=config.eval_num_images, batch_size=config.eval_bsz, steps=config.eval_steps,
-                   cfg=config.cfg, device=info.device, seed=config.seed, epoch=epoch, rank=info.rank,
-                   world_size=info.world_size, output_dir=os.path.join(config.output_dir, f"eval-{epoch}"))
-    kwargs = {k: (v() if k in ("tokenizer", "vq") else v) for k, v in offered.items() if k in params}
+    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    offered: dict[str, Callable[[], Any]] = {
+        "model": lambda: model,
+        "tokenizer": tokenizer_fn,
+        "num_images": lambda: config.eval_num_images,
+        "group_sizes": lambda: group_sizes(config.img_size, config.eval_steps),
+        "output_dir": lambda: os.path.join(config.output_dir, f"eval-epoch{epoch}"),
+        "compute_fid": lambda: config.eval_ref_stats is not None,
+        "ref_stats": lambda: config.eval_ref_stats,
+        "rank": lambda: info.rank,
+        "world_size": lambda: info.world_size,
+    }
+    sampling = {"cfg": config.cfg, "seed": config.seed, "eval_bsz": config.eval_bsz, "bf16": config.bf16}
+    kwargs = {k: v() for k, v in offered.items() if k in params}
+    kwargs.update({k: v for k, v in sampling.items() if k in params or takes_kwargs})
     required = [n for n, p in params.items() if p.default is p.empty
                 and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in kwargs]
     if required:
-        log(f"evaluation skipped: generate_and_score() needs {required}, which training does not provide")
+        log(f"evaluation skipped: {fn.__name__}() needs {required}, which training does not provide")
         return None
     was_training = model.training
     model.eval()
@@ -499,7 +539,9 @@ def _evaluate(config: TrainConfig, model: torch.nn.Module, tokenizer_fn: Callabl
         return None
     finally:
         model.train(was_training)
-    return out if isinstance(out, dict) else None
+    if not isinstance(out, dict):
+        return None
+    return {k: v for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -561,11 +603,10 @@ def train(
         path = resolve_resume_path(resume)
         ckpt = load_checkpoint(path)
         load_into(model, ckpt["model"], source=f"--resume {path!r}")
-        if "optimizer" in ckpt:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        else:
-            log(f"warning: {path} has no optimizer state; AdamW starts fresh")
+        _load_optimizer(optimizer, ckpt.get("optimizer"), path, log)
         start_epoch, start_step = int(ckpt.get("epoch", 0)), int(ckpt.get("step", 0))
+        if "step" not in ckpt and "epoch" in ckpt:  # released checkpoint: 'epoch' is the last finished one
+            start_epoch += 1
         global_step = int(ckpt.get("global_step", start_epoch * steps_per_epoch + start_step))
         ds = ckpt.get("data_state", {})
         if ds and (ds.get("world_size"), ds.get("batch_size"), ds.get("num_samples"), ds.get("seed")) != (
@@ -643,7 +684,9 @@ def train(
             epoch_losses: list[float] = []
             step = sampler.start_step
             for x, labels in loader:
-                gen = lambda purpose, r=info.rank: iteration_generator(config.seed, purpose, epoch, step, r)  # noqa: E731
+                def gen(purpose: int, rank: int = info.rank) -> torch.Generator:
+                    return iteration_generator(config.seed, purpose, epoch, step, rank)
+
                 tokens = _batch_tokens(x, gen(_FLIP), make_tokenizer_once, device)
                 labels = labels.to(device, non_blocking=True).long()
                 orders = random_orders(tokens.shape[0], N, gen(_ORDER)).to(device, non_blocking=True)

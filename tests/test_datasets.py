@@ -1,0 +1,210 @@
+"""lpd.datasets: ADM centre crop, the released and consolidated token caches (writing, sharding,
+resuming, reading, errors that name the file) and the deterministic epoch sampler of lpd.train."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lpd import datasets as D
+from lpd.train import EpochBatchSampler
+
+N, V = 16, 1000
+
+
+# ---------------------------------------------------------------------------------------------- crop
+
+
+def test_center_crop_shapes_and_halving():
+    rng = np.random.default_rng(0)
+    for h, w in [(300, 700), (64, 64), (30, 50), (1000, 600)]:
+        img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        out = D.center_crop_arr(img, 64)
+        assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    flat = Image.new("RGB", (513, 257), (10, 200, 30))
+    assert (D.center_crop_arr(flat, 128) == np.array([10, 200, 30], dtype=np.uint8)).all()
+    # A left/right split image keeps its split in the centre column after the crop.
+    arr = np.zeros((100, 300, 3), dtype=np.uint8)
+    arr[:, 150:] = 255
+    out = D.center_crop_arr(Image.fromarray(arr), 50)
+    assert out[:, :20].max() == 0 and out[:, -20:].min() == 255
+
+
+def test_resolve_image_root(tmp_path):
+    (tmp_path / "a").mkdir()
+    assert D.resolve_image_root(str(tmp_path)) == str(tmp_path)
+    (tmp_path / "train").mkdir()
+    assert D.resolve_image_root(str(tmp_path)) == os.path.join(str(tmp_path), "train")
+    with pytest.raises(FileNotFoundError):
+        D.resolve_image_root(str(tmp_path / "missing"))
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+class FakeImages(torch.utils.data.Dataset):
+    """An ImageFolder stand-in: ``samples``, ``classes`` and (image in [-1, 1], label) items."""
+
+    def __init__(self, n: int = 11, classes: int = 3) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.rand(n, 3, 16, 16, generator=g) * 2 - 1
+        self.classes = [f"c{i}" for i in range(classes)]
+        self.samples = [(f"/x/c{i % classes}/img{i:03d}.JPEG", i % classes) for i in range(n)]
+        self.samples.sort(key=lambda s: (s[1], s[0]))
+        self.order = [int(p[-8:-5]) for p, _ in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        return self.images[self.order[i]], self.samples[i][1]
+
+
+def fake_encode(x: torch.Tensor) -> torch.Tensor:
+    """Deterministic, flip-sensitive 'tokenizer': [B, 3, 16, 16] -> [B, 4, 4] ids < V."""
+    return ((x[:, 0, ::4, ::4] + 1) * 499.5).long().clamp(0, V - 1)
+
+
+def write(ds, path, fmt, rank=0, world=1, **kw):
+    return D.write_token_cache(ds, str(path), fake_encode, fmt, img_size=64, num_tokens=N, vocab_size=V, rank=rank,
+                               world_size=world, batch_size=3, num_workers=0, progress=False, **kw)
+
+
+def expected(ds, i):
+    img = ds[i][0][None]
+    return torch.cat([fake_encode(img), fake_encode(img.flip(-1))]).reshape(2, N)
+
+
+@pytest.mark.parametrize("fmt", ["released", "consolidated"])
+def test_write_sharded_and_read_back(tmp_path, fmt):
+    ds = FakeImages()
+    # Two ranks, one after the other (barriers are no-ops here); small shards for the consolidated layout.
+    s0 = write(ds, tmp_path / fmt, fmt, rank=0, world=2, shard_size=4)
+    s1 = write(ds, tmp_path / fmt, fmt, rank=1, world=2, shard_size=4)
+    assert s0.written + s1.written == len(ds)
+    cache = D.open_token_cache(str(tmp_path / fmt), N, V)
+    assert type(cache).__name__ == ("ReleasedTokenCache" if fmt == "released" else "ConsolidatedTokenCache")
+    assert len(cache) == len(ds)
+    for i in range(len(ds)):
+        tokens, label = cache[i]
+        assert tokens.dtype == torch.int64 and tokens.shape == (2, N)
+        assert torch.equal(tokens, expected(ds, i)) and label == ds[i][1]
+    # Running again does nothing: everything is already there.
+    again = write(ds, tmp_path / fmt, fmt, rank=0, world=1, shard_size=4)
+    assert again.written == 0 and again.skipped == len(ds)
+
+
+def test_released_file_layout(tmp_path):
+    ds = FakeImages(4, 2)
+    write(ds, tmp_path, "released")
+    path = tmp_path / "c1" / "img001.JPEG.npz"
+    with np.load(path) as z:
+        assert sorted(z.files) == ["indices", "indices_flip"]
+        assert z["indices"].dtype == np.int64 and z["indices"].shape == (N,)
+
+
+def test_consolidated_resumes_after_interruption(tmp_path):
+    ds = FakeImages(10, 2)
+    calls = {"n": 0}
+
+    def flaky(x):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("preempted")
+        return fake_encode(x)
+
+    with pytest.raises(KeyboardInterrupt):
+        D.write_token_cache(ds, str(tmp_path), flaky, "consolidated", img_size=64, num_tokens=N, vocab_size=V,
+                            batch_size=2, num_workers=0, shard_size=3, progress=False)
+    with pytest.raises(D.CacheError, match="unfinished|missing"):
+        D.open_token_cache(str(tmp_path), N, V)
+    stats = D.write_token_cache(ds, str(tmp_path), fake_encode, "consolidated", img_size=64, num_tokens=N,
+                                vocab_size=V, batch_size=2, num_workers=0, shard_size=3, progress=False)
+    assert stats.skipped == 4 and stats.written == 6  # two batches of two were committed before the stop
+    cache = D.open_token_cache(str(tmp_path), N, V)
+    assert all(torch.equal(cache[i][0], expected(ds, i)) for i in range(len(ds)))
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".partial")]
+
+
+def test_layouts_do_not_mix(tmp_path):
+    ds = FakeImages(4, 2)
+    write(ds, tmp_path, "released")
+    with pytest.raises(D.CacheError, match="already holds a released cache"):
+        write(ds, tmp_path, "consolidated")
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def _released(tmp_path, n=3):
+    rng = np.random.default_rng(0)
+    os.makedirs(tmp_path / "a", exist_ok=True)
+    for i in range(n):
+        np.savez(tmp_path / "a" / f"{i}.npz", indices=rng.integers(0, V, N), indices_flip=rng.integers(0, V, N))
+    return D.ReleasedTokenCache(str(tmp_path), N, V)
+
+
+def test_released_errors_name_the_file(tmp_path):
+    cache = _released(tmp_path)
+    assert cache[0][0].shape == (2, N)
+    bad = tmp_path / "a" / "1.npz"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(D.CacheError, match=r"1\.npz.*corrupt or truncated"):
+        cache[1]
+    np.savez(tmp_path / "a" / "1.npz", indices=np.zeros(N + 1, np.int64), indices_flip=np.zeros(N + 1, np.int64))
+    with pytest.raises(D.CacheError, match=r"1\.npz.*holds 17 tokens.*16"):
+        cache[1]
+    np.savez(tmp_path / "a" / "2.npz", indices=np.full(N, V, np.int64), indices_flip=np.zeros(N, np.int64))
+    with pytest.raises(D.CacheError, match=r"2\.npz.*outside the vocabulary"):
+        cache[2]
+    np.savez(tmp_path / "a" / "2.npz", moments=np.zeros(N))
+    with pytest.raises(D.CacheError, match=r"2\.npz.*'indices'"):
+        cache[2]
+    # Other shapes holding N values are accepted ([1, N] and [h, w] in other writers).
+    np.savez(tmp_path / "a" / "0.npz", indices=np.zeros((1, N), np.int64), indices_flip=np.ones((4, 4), np.int64))
+    assert cache[0][0].tolist() == [[0] * N, [1] * N]
+
+
+def test_consolidated_errors_name_the_file(tmp_path):
+    ds = FakeImages(6, 2)
+    write(ds, tmp_path, "consolidated", shard_size=3)
+    with pytest.raises(D.CacheError, match=r"meta\.json.*16 tokens.*64"):
+        D.open_token_cache(str(tmp_path), 64, V)
+    toks = tmp_path / "shard-00001.tokens.npy"
+    arr = np.load(toks)
+    arr[1, 0, 0] = V + 5
+    np.save(toks, arr)
+    cache = D.open_token_cache(str(tmp_path), N, V)
+    bad_index = [i for i in range(len(cache)) if cache.shard[i] == 1 and cache.row[i] == 1][0]
+    with pytest.raises(D.CacheError, match=r"shard-00001\.tokens\.npy.*row 1.*outside the vocabulary"):
+        cache[bad_index]
+    np.save(toks, arr[:, :, :8])
+    with pytest.raises(D.CacheError, match=r"shard-00001\.tokens\.npy.*shape"):
+        D.open_token_cache(str(tmp_path), N, V)
+
+
+def test_missing_cache_folder(tmp_path):
+    with pytest.raises(D.CacheError, match="main_cache.py"):
+        D.open_token_cache(str(tmp_path / "nope"), N, V)
+
+
+# ---------------------------------------------------------------------------------------------- sampler
+
+
+def test_epoch_sampler_is_deterministic_sharded_and_skips():
+    def batches(rank, world, epoch=0, start=0):
+        return list(EpochBatchSampler(23, 3, seed=5, epoch=epoch, rank=rank, world_size=world, start_step=start))
+
+    a, b = batches(0, 2), batches(1, 2)
+    assert a == batches(0, 2) and len(a) == len(b) == 12 // 3  # 23 -> 12 per rank (padded), 4 batches
+    flat = [i for bt in a + b for i in bt]
+    assert len(set(flat)) >= 22 and all(0 <= i < 23 for i in flat)
+    assert batches(0, 2, start=2) == a[2:]
+    assert batches(0, 2, epoch=1) != a
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        EpochBatchSampler(3, 4, seed=0, epoch=0)

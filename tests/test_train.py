@@ -1,0 +1,345 @@
+"""lpd.train / main_train.py: lr schedules, released flag names, the loss falls, DDP replicas stay
+identical, SIGTERM + --resume is bit-identical to an uninterrupted run, checkpoints survive an
+interrupted write and a non-finite loss, 512 px fine-tuning interpolates pos_embed, and the Slurm
+launcher builds its job without a cluster."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import main_train
+from lpd.checkpoint import interpolate_pos_embed, load_checkpoint, save_checkpoint
+from lpd.lr_sched import lr_at
+from lpd.models import load_lpd
+from lpd.schedules import training_schedules
+from lpd.train import (
+    NonFiniteLossError,
+    TrainConfig,
+    build_model,
+    parse_schedule_list,
+    train,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+PY = sys.executable
+TORCHRUN = os.path.join(os.path.dirname(PY), "torchrun")
+
+
+@pytest.fixture()
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Tokens(torch.utils.data.Dataset):
+    """A small fixed token set: (tokens [2, N] (image, flipped), label)."""
+
+    def __init__(self, n: int, num_tokens: int, vocab: int = 16384, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.tokens = torch.randint(0, vocab, (n, 2, num_tokens), generator=g)
+        self.labels = np.arange(n) % 2
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, i: int):
+        return self.tokens[i], int(self.labels[i])
+
+
+def tiny_config(tmp_path, **kw) -> TrainConfig:
+    base = dict(model="lpd_tiny", img_size=64, model_config=dict(embed_dim=64, depth=2, num_heads=4),
+                group_sizes_list="[1]*16; [1,3,5,7]", epochs=2, batch_size=4, num_workers=0, device="cpu",
+                output_dir=str(tmp_path / "out"), warmup_epochs=0, lr=3e-3, seed=0, save_every_steps=0,
+                save_every_epochs=0, log_freq=1000)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ---------------------------------------------------------------------------------------------- units
+
+
+def test_lr_schedule_key_epochs():
+    kw = dict(epochs=450, warmup_epochs=50, min_lr=1e-5, decay_start_epoch=400)
+    base = 8e-4  # blr 1e-4 x 2048 / 256
+    f = lambda e, s="constant+cosine": lr_at(e, base, schedule=s, **kw)  # noqa: E731
+    assert f(0) == 0.0 and math.isclose(f(25), base / 2) and math.isclose(f(50), base)
+    assert f(200) == base and f(399.99) == base and math.isclose(f(400), base)
+    assert math.isclose(f(425), (base + 1e-5) / 2) and math.isclose(f(450), 1e-5)
+    assert f(100, "constant") == base and f(449, "constant") == base
+    assert math.isclose(f(50, "cosine"), base) and math.isclose(f(250, "cosine"), (base + 1e-5) / 2)
+    assert math.isclose(f(450, "cosine"), 1e-5)
+    with pytest.raises(ValueError, match="unknown lr schedule"):
+        f(1, "linear")
+
+
+def test_released_flag_names_parse(tmp_path):
+    argv = ["--model", "lpd_xl", "--img_size", "512", "--vqgan_path", "vq.pt", "--use_cached", "--cached_path", "c",
+            "--data_path", "d", "--epochs", "50", "--batch_size", "16", "--blr", "2e-4", "--lr", "1e-3",
+            "--min_lr", "1e-6", "--lr_schedule", "cosine", "--warmup_epochs", "1", "--lr_decay_start_epoch", "40",
+            "--weight_decay", "0.05", "--grad_clip", "1.0", "--grad_checkpointing", "--bf16",
+            "--group_sizes_list", "[1]*1024", "--output_dir", "o", "--resume", "r", "--pretrained_ckpt", "p.pth",
+            "--seed", "3", "--num_workers", "2", "--save_every_steps", "5", "--save_every_epochs", "2",
+            "--eval_freq", "10", "--device", "cpu", "--log_dir", "tb", "--wandb"]
+    c = main_train.parse_config(argv)
+    assert (c.model, c.img_size, c.vqgan_path, c.use_cached, c.cached_path, c.data_path) == ("lpd_xl", 512, "vq.pt", True, "c", "d")
+    assert (c.epochs, c.batch_size, c.blr, c.lr, c.min_lr, c.lr_schedule) == (50, 16, 2e-4, 1e-3, 1e-6, "cosine")
+    assert (c.warmup_epochs, c.lr_decay_start_epoch, c.weight_decay, c.grad_clip) == (1, 40, 0.05, 1.0)
+    assert c.grad_checkpointing and c.bf16 and c.wandb and c.group_sizes_list == "[1]*1024"
+    assert (c.output_dir, c.resume, c.pretrained_ckpt, c.seed, c.num_workers) == ("o", "r", "p.pth", 3, 2)
+    assert (c.save_every_steps, c.save_every_epochs, c.eval_freq, c.device, c.log_dir) == (5, 2, 10, "cpu", "tb")
+    # Every flag is a TrainConfig field and the reverse; configs set defaults that flags override.
+    dests = {a.dest for a in main_train.get_args_parser()._actions} - {"help", "config"}
+    assert dests == {f for f in TrainConfig.__dataclass_fields__}
+    t = main_train.parse_config(["--config", TINY, "--batch_size", "4", "--no-bf16"])
+    assert t.model == "lpd_tiny" and t.model_config["embed_dim"] == 64 and t.batch_size == 4 and not t.bf16
+    for name in ("l_256", "xl_256", "xxl_256", "l_512", "xl_512"):
+        r = main_train.parse_config(["--config", os.path.join(ROOT, "configs", f"train_lpd_{name}.yaml")])
+        assert r.weight_decay == 0.02 and r.grad_clip == 3.0 and r.bf16 and r.blr == 1e-4 and r.min_lr == 1e-5
+        assert r.batch_size * {"l_256": 32, "xl_256": 32, "xxl_256": 64, "l_512": 64, "xl_512": 64}[name] == 2048
+        assert (r.epochs, r.warmup_epochs) == ((450, 50) if r.img_size == 256 else (50, 1))
+
+
+def test_schedule_lists(tmp_path):
+    assert parse_schedule_list(None, 256, 256) == training_schedules(256) and len(training_schedules(256)) == 9
+    assert parse_schedule_list("[1]*16; [1, 3, 5, 7]", 64, 16) == [[1] * 16, [1, 3, 5, 7]]
+    assert parse_schedule_list([[1] * 16, "[8, 8]"], 64, 16) == [[1] * 16, [8, 8]]
+    f = tmp_path / "s.yaml"
+    f.write_text("- [1, 15]\n- '[4]*4'\n")
+    assert parse_schedule_list(str(f), 64, 16) == [[1, 15], [4] * 4]
+    with pytest.raises(ValueError, match="sum to 15"):
+        parse_schedule_list("[1, 14]", 64, 16)
+    with pytest.raises(ValueError, match="--group_sizes_list"):
+        parse_schedule_list(None, 64, 16)
+
+
+def test_pretrained_256_to_512_interpolates_pos_embed(tmp_path):
+    src = build_model(tiny_config(tmp_path, img_size=64, seed=1))
+    save_checkpoint({"model": src.state_dict()}, tmp_path / "src.pth")
+    dst = build_model(tiny_config(tmp_path, img_size=128, pretrained_ckpt=str(tmp_path / "src.pth")))
+    assert dst.pos_embed.shape == (1, 65, 64)
+    assert torch.equal(dst.pos_embed, interpolate_pos_embed(src.pos_embed.detach(), 64))
+    assert torch.equal(dst.pos_embed[0, 0], src.pos_embed[0, 0])
+    assert torch.equal(dst.token_emb.weight, src.token_emb.weight)
+
+
+# ---------------------------------------------------------------------------------------------- in-process runs
+
+
+def test_loss_falls_and_checkpoint_loads(tmp_path, one_thread):
+    cfg = tiny_config(tmp_path, epochs=20, lr=3e-3, grad_clip=3.0, weight_decay=0.0, label_drop_prob=0.0)
+    result = train(cfg, dataset=Tokens(8, 16), log=lambda m: None)
+    first, last = np.mean(result.losses[:4]), np.mean(result.losses[-4:])
+    assert len(result.losses) == 40 and last < first - 1.0, (first, last)
+    ck = load_checkpoint(tmp_path / "out" / "checkpoint-last.pth")
+    assert {"model", "model_config", "optimizer", "scaler", "epoch", "step", "args", "rng"} <= set(ck)
+    assert isinstance(ck["args"], dict) and (ck["epoch"], ck["step"], ck["global_step"]) == (19, 2, 40)
+    model = load_lpd(tmp_path / "out" / "checkpoint-last.pth")  # the released-format loader rebuilds it
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in result.model.state_dict().items())
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, one_thread, monkeypatch):
+    from lpd.models import LPD
+
+    calls = {"n": 0}
+    real = LPD.forward
+
+    def forward(self, *a, **k):
+        calls["n"] += 1
+        loss = real(self, *a, **k)
+        return loss * float("nan") if calls["n"] == 4 else loss
+
+    monkeypatch.setattr(LPD, "forward", forward)
+    cfg = tiny_config(tmp_path, epochs=3, save_every_steps=2)
+    with pytest.raises(NonFiniteLossError, match="loss is nan at epoch 1, step 1.*last good checkpoint"):
+        train(cfg, dataset=Tokens(8, 16), log=lambda m: None)
+    ck = load_checkpoint(tmp_path / "out" / "checkpoint-last.pth")
+    assert (ck["epoch"], ck["step"], ck["global_step"]) == (0, 2, 2)
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_interrupted_write_never_corrupts_checkpoint_last(tmp_path, one_thread, monkeypatch):
+    cfg = tiny_config(tmp_path, epochs=2, save_every_steps=1)
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def flaky_save(obj, f, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint: write half of it, then die
+            real_save(obj, f, *a, **k)
+            f.seek(f.tell() // 2)
+            f.truncate()
+            raise OSError("disk full / preempted mid-write")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", flaky_save)
+    with pytest.raises(OSError, match="mid-write"):
+        train(cfg, dataset=Tokens(8, 16), log=lambda m: None)
+    ck = load_checkpoint(tmp_path / "out" / "checkpoint-last.pth")
+    assert (ck["epoch"], ck["step"]) == (0, 1)
+    assert not [f for f in os.listdir(tmp_path / "out") if f.startswith(".tmp")]
+
+
+# ---------------------------------------------------------------------------------------------- torchrun
+
+
+def _released_cache(root, n=16, num_tokens=256, vocab=16384):
+    rng = np.random.default_rng(0)
+    for c in ("n01", "n02"):
+        os.makedirs(root / c)
+        for i in range(n // 2):
+            np.savez(root / c / f"{c}_{i}.JPEG.npz", indices=rng.integers(0, vocab, num_tokens),
+                     indices_flip=rng.integers(0, vocab, num_tokens))
+    return root
+
+
+DDP_WRAPPER = textwrap.dedent("""
+    import os, sys, torch
+    sys.path.insert(0, {root!r})
+    import main_train
+    from lpd.distributed import cleanup, init_distributed
+    from lpd.train import train
+    config = main_train.parse_config(sys.argv[1:])
+    info = init_distributed(config.device)
+    result = train(config, info)
+    torch.save(result.model.state_dict(), os.path.join(config.output_dir, f"rank{{info.rank}}.pt"))
+    cleanup()
+""")
+
+
+def _torchrun(args, env_extra=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
+    return [TORCHRUN, "--standalone", "--nproc_per_node=2", *args], env
+
+
+def test_torchrun_ranks_identical_and_sigterm_resume_bit_identical(tmp_path):
+    cache = _released_cache(tmp_path / "cache")
+    common = ["--config", TINY, "--use_cached", "--cached_path", str(cache), "--epochs", "3", "--batch_size", "4",
+              "--save_every_steps", "2", "--seed", "0"]
+    # A: uninterrupted, through a wrapper that also dumps every rank's weights; no DataLoader workers
+    # here and the default 4 in B: the data order does not depend on them.
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(DDP_WRAPPER.format(root=ROOT))
+    out_a = tmp_path / "A"
+    cmd, env = _torchrun([str(wrapper), *common, "--output_dir", str(out_a), "--num_workers", "0"])
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = (torch.load(out_a / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0), "DDP replicas diverged"
+    final_a = load_checkpoint(out_a / "checkpoint-last.pth")
+    assert (final_a["epoch"], final_a["step"], final_a["global_step"]) == (2, 2, 6)
+    assert all(torch.equal(final_a["model"][k], r0[k]) for k in r0)
+    t_a = time.time() - t0
+
+    # B: the issue's command, SIGTERM to torchrun once the first checkpoint exists, then --resume.
+    out_b = tmp_path / "B"
+    cmd, env = _torchrun([os.path.join(ROOT, "main_train.py"), *common, "--output_dir", str(out_b)])
+    log_b = open(tmp_path / "B1.log", "w")
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log_b, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not (out_b / "checkpoint-last.pth").exists():
+        assert proc.poll() is None and time.time() < deadline, "run B ended before its first checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=300)
+    log_b.close()
+    text = (tmp_path / "B1.log").read_text()
+    stopped = load_checkpoint(out_b / "checkpoint-last.pth")
+    assert "preempted: saved" in text, text[-3000:]
+    assert 2 <= stopped["global_step"] < 6, "the run was not interrupted mid-way"
+    proc = subprocess.run(cmd + ["--resume", str(out_b)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"resumed from {out_b / 'checkpoint-last.pth'}" in proc.stdout
+    final_b = load_checkpoint(out_b / "checkpoint-last.pth")
+    assert (final_b["epoch"], final_b["step"], final_b["global_step"]) == (2, 2, 6)
+    for k, v in final_a["model"].items():
+        assert torch.equal(v, final_b["model"][k]), f"{k} differs after resume"
+    for ga, gb in zip(final_a["optimizer"]["state"].values(), final_b["optimizer"]["state"].values()):
+        assert all(torch.equal(ga[n], gb[n]) for n in ga)
+    # The weights did move (the comparison is not vacuous).
+    first = load_lpd(out_b / "checkpoint-last.pth").state_dict()
+    assert t_a > 0 and any(not torch.equal(first[k], stopped["model"][k]) for k in first)
+
+
+# ---------------------------------------------------------------------------------------------- slurm
+
+
+def _slurm():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lpd_slurm_script", os.path.join(ROOT, "scripts", "slurm.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_slurm_job_builds_without_a_cluster(tmp_path, capsys):
+    slurm = _slurm()
+    out = tmp_path / "run"
+    argv = ["--dry_run", "--nodes", "4", "--gpus_per_node", "8", "--partition", "learn", "--account", "acct",
+            "--time", "600", "--job_dir", str(tmp_path / "jobs" / "%j"), "--", "main_train.py", "--config",
+            "configs/train_lpd_l_256.yaml", "--output_dir", str(out)]
+    assert slurm.main(argv) == 0
+    text = capsys.readouterr().out
+    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=learn", "#SBATCH --account=acct", "#SBATCH --time=600", "#SBATCH --signal=USR2@"):
+        assert line in text
+    assert "main_train.py --config configs/train_lpd_l_256.yaml" in text and "--resume" not in text
+    # With a checkpoint in the output folder, a (re)started job resumes from it.
+    os.makedirs(out)
+    (out / "checkpoint-last.pth").write_bytes(b"x")
+    launcher = slurm.Launcher(os.path.join(ROOT, "main_train.py"), ["--output_dir", str(out)])
+    assert launcher.command()[-2:] == ["--resume", str(out)]
+
+
+def test_slurm_local_executor_exports_torch_distributed_env(tmp_path):
+    entry = tmp_path / "entry.py"
+    entry.write_text(textwrap.dedent("""
+        import json, os, sys
+        keys = ["MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"]
+        out = sys.argv[sys.argv.index("--output_dir") + 1]
+        with open(os.path.join(out, "rank" + os.environ["RANK"] + ".json"), "w") as f:
+            json.dump({k: os.environ.get(k) for k in keys}, f)
+    """))
+    out = tmp_path / "out"
+    os.makedirs(out)
+    cmd = [PY, os.path.join(ROOT, "scripts", "slurm.py"), "--cluster", "local", "--gpus_per_node", "0",
+           "--tasks_per_node", "2", "--job_dir", str(tmp_path / "jobs" / "%j"), "--", str(entry), "--output_dir", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    import json
+
+    envs = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [e["RANK"] for e in envs] == ["0", "1"] and all(e["WORLD_SIZE"] == "2" for e in envs)
+    assert envs[0]["MASTER_ADDR"] and envs[0]["MASTER_PORT"] == envs[1]["MASTER_PORT"]
+
+
+def test_slurm_checkpoint_asks_training_to_save_and_requeues(tmp_path):
+    slurm = _slurm()
+    child = tmp_path / "child.py"
+    child.write_text(textwrap.dedent("""
+        import signal, sys, time
+        signal.signal(signal.SIGUSR1, lambda *a: sys.exit(75))
+        print("ready", flush=True)
+        time.sleep(60)
+    """))
+    launcher = slurm.Launcher(str(child), ["--output_dir", str(tmp_path)], grace_s=30)
+    launcher._proc = subprocess.Popen([PY, str(child)], stdout=subprocess.PIPE, text=True)
+    assert launcher._proc.stdout.readline().strip() == "ready"
+    delayed = launcher.checkpoint()
+    assert launcher._proc.returncode == 75
+    assert isinstance(delayed.function, slurm.Launcher) and delayed.function._proc is None
+    assert delayed.function.args == launcher.args
