@@ -12,6 +12,7 @@ The public API:
 ``python -m lpd.orders --help`` writes order files and pictures of orders.
 """
 
+from lpd.orders.files import OrderFileError, load_orders, save_orders
 from lpd.orders.generate import ORDER_KINDS, lpd_orders, random_orders, raster_orders
 from lpd.orders.stats import RELEASED_STATISTICS, order_statistics
 from lpd.schedules import group_sizes, training_schedules
@@ -20,6 +21,9 @@ __all__ = [
     "lpd_orders",
     "random_orders",
     "raster_orders",
+    "load_orders",
+    "save_orders",
+    "OrderFileError",
     "order_statistics",
     "RELEASED_STATISTICS",
     "ORDER_KINDS",

@@ -50,6 +50,8 @@ _GOLDEN64 = 0x9E3779B97F4A7C15
 _SALT_START = 0x5851F42D4C957F2D  # step-0 position
 _SALT_FILL = 0x2545F4914F6CDD1D  # random fallback start
 _SALT_RANDOM = 0xD1342543DE82EF95  # random_orders
+_TABLE_MAX_N = 1024  # grids up to this many positions keep N x N distance tables
+_INT32_KEY_MAX_G = 32  # fallback keys fit int32 up to 32 x 32 grids
 _SEL = 100  # proximity code of an already selected position (codes < 25 are unselected)
 
 
@@ -204,9 +206,10 @@ class _Grid:
         self.window = (dy * p + dx).ravel()
         self.cbits = max(1, int(n - 1).bit_length())
         # Fallback keys ``d2 << 20 | priority`` fit int32 up to 32 x 32 grids.
-        max_d2 = 2 * (g - 1) ** 2
-        self.key_dtype = np.int32 if (max_d2 + 1) << _TIE_BITS < 2**31 else np.int64
+        self.key_dtype = np.int32 if g <= _INT32_KEY_MAX_G else np.int64
+        assert g > _INT32_KEY_MAX_G or (2 * (g - 1) ** 2 + 1) << _TIE_BITS < 2**31
         self.taken = -(2**31) if self.key_dtype == np.int32 else -(2**62)
+        self.tables = n <= _TABLE_MAX_N
         self._d2 = None  # int16 [n, n] squared distances (grids up to 32 x 32)
         self._d2_key = None  # the same, shifted into key position
 
@@ -219,7 +222,7 @@ class _Grid:
 
     def d2(self, q: np.ndarray) -> np.ndarray:
         """Squared Euclidean distances from positions ``q`` ([B]) to all positions ([B, n])."""
-        if self.n <= 1024:
+        if self.tables:
             if self._d2 is None:
                 self._tables()
             return self._d2[q]
@@ -229,7 +232,7 @@ class _Grid:
 
     def d2_key(self, q: np.ndarray) -> np.ndarray:
         """``d2 << 20`` from positions ``q`` ([B]) to all positions, in :attr:`key_dtype`."""
-        if self.n <= 1024:
+        if self.tables:
             if self._d2_key is None:
                 self._tables()
             return self._d2_key[q]
@@ -361,19 +364,24 @@ def _lpd_batch(
         cell_s = b_s * pp + grid.pidx[c_s]
         # ---- the walk: rank r of every order at once ----------------------------------------
         # Orders are visited longest candidate list first, so the orders still walking at rank
-        # r are a prefix.  The walk does not stop at g: the first g acceptances are the same
-        # either way, and only they are kept.
+        # r are a prefix of that list; entries are laid out rank by rank (`walk_idx`), so every
+        # rank is one contiguous slice.  The walk does not stop at g: the first g acceptances
+        # are the same either way, and only they are kept.
         by_len = np.argsort(-counts, kind="stable")
         base = starts[by_len]
         n_walk = np.searchsorted(-counts[by_len], -np.arange(int(counts.max(initial=0))), side="left")
-        flag = np.zeros(keys.size, dtype=bool)
-        for r, m in enumerate(n_walk.tolist()):
-            j = base[:m] + r
-            cells = cell_s[j]
+        off = np.cumsum(n_walk) - n_walk
+        rank_of = np.repeat(np.arange(n_walk.size), n_walk)
+        walk_idx = base[np.arange(keys.size) - off[rank_of]] + rank_of
+        walk_cells = cell_s[walk_idx]
+        walk_ok = np.empty(keys.size, dtype=bool)
+        for o, m in zip(off.tolist(), n_walk.tolist()):
+            cells = walk_cells[o : o + m]
             ok = blocked[cells] != stamp
-            cells = cells[ok]
-            blocked[(cells[:, None] + window).ravel()] = stamp
-            flag[j[ok]] = True
+            walk_ok[o : o + m] = ok
+            blocked[cells[ok][:, None] + window] = stamp
+        flag = np.empty(keys.size, dtype=bool)
+        flag[walk_idx] = walk_ok
         # Keep each order's first g acceptances (in walk order).
         csum = np.cumsum(flag)
         before = np.concatenate([[0], csum])[starts]
@@ -434,15 +442,17 @@ def _fallback(
         rnd >>= np.uint32(_TIE_RND_SHIFT)
         prio = tie[fb, :n] | rnd.astype(kd)
         made = np.zeros(fb.size, dtype=np.int64)
-        d2 = np.empty((fb.size, n), dtype=np.int16 if n <= 1024 else np.int64)
+        d2 = np.empty((fb.size, n), dtype=np.int16 if grid.tables else np.int64)
         has = na > 0
         if has.any():
             ih = np.flatnonzero(has)
             nah = na[ih]
-            pos = acc_pos[fb[ih]]
+            pos = acc_pos[fb[ih], : int(nah.max())]
+            # Pad each row with its first pick (a repeat does not change the minimum).
+            pos = np.where(np.arange(pos.shape[1])[None, :] < nah[:, None], pos, pos[:, :1])
             dh = grid.d2(pos[:, 0])
-            for j in range(1, int(nah.max())):
-                np.minimum(dh, grid.d2(pos[np.arange(ih.size), np.minimum(j, nah - 1)]), out=dh)
+            for j in range(1, pos.shape[1]):
+                np.minimum(dh, grid.d2(pos[:, j]), out=dh)
             d2[ih] = dh
         if not has.all():
             # Nothing accepted in this step: start from a uniformly random remaining position.
@@ -457,25 +467,22 @@ def _fallback(
         key = d2.astype(kd)
         key <<= _TIE_BITS
         key += prio
-        rows = np.flatnonzero(made < nd)  # rows of fb still being filled
-        if rows.size < fb.size:
-            key, prio = key[rows], prio[rows]
-        done = np.zeros(rows.size, dtype=bool)
-        while rows.size:
-            p = key.argmax(axis=1)
-            live = ~done
-            lr = rows[live]
-            picks[lr, made[lr]] = p[live]
-            made[lr] += 1
-            done[live] = made[lr] >= nd[lr]
-            if done.all():
-                break
-            if 4 * int(done.sum()) >= rows.size:  # compact once a quarter has finished
-                kp = ~done
-                rows, key, prio, p, done = rows[kp], key[kp], prio[kp], p[kp], done[kp]
-            upd = grid.d2_key(p)
-            upd += prio
-            np.minimum(key, upd, out=key)
+        # Rows by remaining need, most first: the rows still picking at round t are a prefix.
+        left = nd - made
+        by_need = np.argsort(-left, kind="stable")
+        if not np.array_equal(by_need, np.arange(fb.size)):
+            key, prio = key[by_need], prio[by_need]
+        left, made = left[by_need], made[by_need]
+        n_pick = np.searchsorted(-left, -np.arange(int(left.max(initial=0))), side="left")
+        for t, m in enumerate(n_pick.tolist()):
+            km = key[:m]
+            p = km.argmax(axis=1)
+            picks[by_need[:m], made[:m] + t] = p
+            if t + 1 < n_pick.size:
+                m2 = int(n_pick[t + 1])
+                upd = grid.d2_key(p[:m2])
+                upd += prio[:m2]
+                np.minimum(key[:m2], upd, out=key[:m2])
     took = np.arange(width)[None, :] < nd[:, None]
     r_idx = np.broadcast_to(fb[:, None], took.shape)[took]
     c_idx = (s0 + na[:, None] + np.arange(width)[None, :])[took]

@@ -1,0 +1,337 @@
+"""Locality-aware orders (spec section 5): structure, determinism, statistics, files, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lpd.orders import (
+    RELEASED_STATISTICS,
+    OrderFileError,
+    group_sizes,
+    load_orders,
+    lpd_orders,
+    order_statistics,
+    random_orders,
+    raster_orders,
+    save_orders,
+)
+from lpd.orders.cli import main as cli_main
+from lpd.orders.generate import (
+    KIND_FARTHEST,
+    KIND_PROXIMITY,
+    KIND_START,
+    _lpd_batch,
+    _lpd_order_reference,
+)
+from lpd.schedules import GroupSizeError, cosine_group_sizes
+
+G256 = group_sizes(256, 20)
+
+
+def _kinds(num, sizes, grid, tp, tr, seed=0):
+    return _lpd_batch(np.arange(num), seed, sizes, grid, tp, tr, return_kinds=True)
+
+
+def _groups(sizes):
+    s = 0
+    for k, g in enumerate(sizes):
+        yield k, s, s + g
+        s += g
+
+
+def _cheb(grid, a, b):
+    return max(abs(a // grid - b // grid), abs(a % grid - b % grid))
+
+
+def _d2(grid, a, b):
+    return (a // grid - b // grid) ** 2 + (a % grid - b % grid) ** 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Structure
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sizes, grid, tp, tr",
+    [(G256, 16, 1.0, 2.0), (group_sizes(256, 8), 16, 1.0, 3.0), ([1] * 25, 5, 1.0, 1.0), ([1, 3, 5, 7], 4, 0.0, 0.0)],
+)
+def test_rows_are_permutations(sizes, grid, tp, tr):
+    n = grid * grid
+    for o in (lpd_orders(40, sizes, grid, tp, tr, seed=1), random_orders(40, grid, seed=1), raster_orders(3, grid)):
+        assert o.dtype == np.int64 and o.shape[1] == n
+        assert (np.sort(o, axis=1) == np.arange(n)).all()
+
+
+def test_step_zero_takes_one_uniform_position():
+    o, kinds = _kinds(600, G256, 16, 1.0, 2.0)
+    assert (kinds[:, 0] == KIND_START).all()
+    assert (kinds[:, 1:] != KIND_START).all()
+    # The first position is spread over the grid (uniform: ~230 distinct out of 256 expected).
+    assert len(np.unique(o[:, 0])) > 180
+
+
+def test_proximity_picks_respect_repulsion_and_come_first():
+    for tr in (1.0, 2.0, 3.0):
+        o, kinds = _kinds(25, G256, 16, 1.0, tr, seed=7)
+        for b in range(len(o)):
+            for k, s0, s1 in _groups(G256):
+                kd = kinds[b, s0:s1]
+                # Proximity picks first, then fallback picks.
+                assert (np.diff((kd != KIND_PROXIMITY).astype(int)) >= 0).all()
+                prox = o[b, s0:s1][kd == KIND_PROXIMITY]
+                for i in range(len(prox)):
+                    for j in range(i):
+                        assert _cheb(16, prox[i], prox[j]) > tr
+
+
+def test_proximity_picks_have_enough_support():
+    # A proximity pick has a score >= τp from positions decoded in earlier steps.
+    for tp in (1.0, 1.5):
+        o, kinds = _kinds(6, G256, 16, tp, 2.0, seed=3)
+        for b in range(len(o)):
+            done = set()
+            for k, s0, s1 in _groups(G256):
+                for p, kd in zip(o[b, s0:s1], kinds[b, s0:s1]):
+                    if kd == KIND_PROXIMITY:
+                        score = sum(1 / math.sqrt(_d2(16, p, q)) for q in done if _cheb(16, p, q) == 1)
+                        assert score >= tp - 1e-9
+                done.update(o[b, s0:s1].tolist())
+
+
+@pytest.mark.parametrize("tr", [1.0, 2.0])
+def test_close_pairs_only_when_the_fallback_had_to(tr):
+    """A fallback pick is a farthest-point pick; it lands within τr of an earlier pick of its
+    step only when every remaining position was that close to one (for τr <= 2, where the
+    Euclidean farthest point is never closer in Chebyshev distance than a free position)."""
+    grid, sizes = 16, G256
+    o, kinds = _kinds(10, sizes, grid, 1.0, tr, seed=11)
+    n = grid * grid
+    for b in range(len(o)):
+        done: set[int] = set()
+        for k, s0, s1 in _groups(sizes):
+            step: list[int] = []
+            for p, kd in zip(o[b, s0:s1].tolist(), kinds[b, s0:s1].tolist()):
+                if kd == KIND_FARTHEST:
+                    rest = [c for c in range(n) if c not in done and c not in step]
+                    best = max(min(_d2(grid, c, q) for q in step) for c in rest)
+                    assert min(_d2(grid, p, q) for q in step) == best  # a farthest point
+                    if any(_cheb(grid, p, q) <= tr for q in step):
+                        assert all(any(_cheb(grid, c, q) <= tr for q in step) for c in rest)
+                step.append(p)
+            done.update(step)
+
+
+@pytest.mark.parametrize(
+    "sizes, grid, tp, tr",
+    [
+        (cosine_group_sizes(64, 8), 8, 1.0, 1.0),
+        (cosine_group_sizes(64, 5), 8, 0.5, 3.0),
+        (cosine_group_sizes(64, 5), 8, 3.0, 1.0),  # few proximity candidates
+        (cosine_group_sizes(64, 5), 8, 9.0, 1.0),  # none: random fallback starts
+        (cosine_group_sizes(64, 5), 8, 0.0, 1.5),  # every position is a candidate
+        ([3, 5, 8, 10, 10, 28], 8, 1.0, 2.0),  # first group larger than one
+        (G256, 16, 1.0, 2.0),
+    ],
+)
+def test_vectorised_generator_matches_the_plain_reference(sizes, grid, tp, tr):
+    o, kinds = _kinds(3, sizes, grid, tp, tr, seed=5)
+    for i in range(3):
+        ref, ref_kinds = _lpd_order_reference(i, 5, sizes, grid, tp, tr)
+        assert o[i].tolist() == ref
+        assert kinds[i].tolist() == ref_kinds
+
+
+def test_large_grid_path_matches_reference(monkeypatch):
+    # Grids above 32 x 32 use int64 fallback keys and computed distances: force that path on a
+    # small grid (and drop the cached grid tables around it).
+    from lpd.orders import generate
+
+    monkeypatch.setattr(generate, "_TABLE_MAX_N", 0)
+    monkeypatch.setattr(generate, "_INT32_KEY_MAX_G", 0)
+    generate._grid.cache_clear()
+    try:
+        for sizes, tp, tr in [(G256, 1.0, 2.0), (cosine_group_sizes(256, 6), 9.0, 1.0)]:
+            o = lpd_orders(2, sizes, 16, tp, tr, seed=2)
+            for i in range(2):
+                assert o[i].tolist() == _lpd_order_reference(i, 2, sizes, 16, tp, tr)[0]
+    finally:
+        generate._grid.cache_clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# Determinism
+# ---------------------------------------------------------------------------------------------
+
+
+def test_row_depends_only_on_seed_and_index():
+    full = lpd_orders(10, G256, 16, 1.0, 2.0, seed=42)
+    assert np.array_equal(full[5:], lpd_orders(5, G256, 16, 1.0, 2.0, seed=42, start=5))
+    assert np.array_equal(full[3:4], lpd_orders(1, G256, 16, 1.0, 2.0, seed=42, start=3))
+    assert np.array_equal(full, lpd_orders(10, G256, 16, 1.0, 2.0, seed=42, batch_size=3))
+    assert np.array_equal(full, lpd_orders(10, G256, 16, 1.0, 2.0, seed=42))
+    other = lpd_orders(10, G256, 16, 1.0, 2.0, seed=43)
+    assert (full != other).any(axis=1).all()
+    assert len({tuple(r) for r in full.tolist()}) == 10
+    r = random_orders(10, 16, seed=42)
+    assert np.array_equal(r[4:], random_orders(6, 16, seed=42, start=4))
+    assert not np.array_equal(r, random_orders(10, 16, seed=1))
+
+
+def test_empty_and_single():
+    assert lpd_orders(0, G256, 16).shape == (0, 256)
+    assert lpd_orders(1, [1], 1).tolist() == [[0]]
+    assert lpd_orders(2, [1, 1, 1, 1], 2).shape == (2, 4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(group_sizes=[1, 2, 3]), GroupSizeError, "sum"),
+        (dict(group_sizes=[1, 0, 255]), GroupSizeError, "at least one"),
+        (dict(repulsion_threshold=-1.0), ValueError, "repulsion_threshold"),
+        (dict(proximity_threshold=-0.5), ValueError, "proximity_threshold"),
+        (dict(proximity_threshold=float("nan")), ValueError, "proximity_threshold"),
+        (dict(num=-1), ValueError, "num"),
+        (dict(seed=-1), ValueError, "seed"),
+        (dict(start=-2), ValueError, "start"),
+        (dict(grid_size=0), ValueError, "grid_size"),
+    ],
+)
+def test_bad_arguments(kwargs, exc, match):
+    args = dict(num=2, group_sizes=G256, grid_size=16)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        lpd_orders(**args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics against the released generator's
+# ---------------------------------------------------------------------------------------------
+
+
+def _close(ours, ref):
+    assert abs(ours["context_support"] - ref["context_support"]) <= 0.02 * ref["context_support"], ours
+    assert abs(ours["group_spread"] - ref["group_spread"]) <= 0.04 * ref["group_spread"], ours
+    assert abs(ours["close_pairs"] - ref["close_pairs"]) <= 0.01, ours
+
+
+def test_statistics_match_released_256():
+    o = lpd_orders(300, G256, 16, 1.0, 2.0, seed=0)
+    _close(order_statistics(o, G256, 16, 2.0), RELEASED_STATISTICS["256/20 tau_r=2"])
+
+
+def test_statistics_match_released_512():
+    sizes = group_sizes(512, 48)
+    o = lpd_orders(60, sizes, 32, 1.0, 4.0, seed=0)
+    _close(order_statistics(o, sizes, 32, 4.0), RELEASED_STATISTICS["512/48 tau_r=4"])
+
+
+def test_statistics_of_random_orders():
+    o = random_orders(300, 16, seed=0)
+    _close(order_statistics(o, G256, 16, 2.0), RELEASED_STATISTICS["random 256/20 tau_r=2"])
+
+
+def test_statistics_by_hand():
+    # Raster order of a 3 x 3 grid, one token per step.
+    st = order_statistics(raster_orders(1, 3), [1] * 9, 3, 1.0)
+    # Earlier neighbours in raster order: 1, 1, 2, 4, 3, 2, 4, 3 for positions 1..8.
+    assert st["context_support"] == pytest.approx(20 / 8)
+    assert math.isnan(st["group_spread"]) and math.isnan(st["close_pairs"])
+    st = order_statistics(np.array([[0, 2, 6, 8, 1, 3, 4, 5, 7]]), [4, 5], 3, 1.0)
+    assert st["group_spread"] == pytest.approx((2 + 1) / 2)
+    assert st["close_pairs"] == pytest.approx((0 + 8) / (6 + 10))
+
+
+# ---------------------------------------------------------------------------------------------
+# Order files
+# ---------------------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip(tmp_path):
+    o = lpd_orders(7, G256, 16, 1.0, 2.0)
+    path = tmp_path / "sub" / "orders.json"
+    save_orders(path, o)
+    assert os.listdir(path.parent) == ["orders.json"]  # no temporary file left
+    rows = json.loads(path.read_text())
+    assert rows == o.tolist()  # the released format: a JSON list of lists
+    assert np.array_equal(load_orders(path, 7, 16), o)
+    assert np.array_equal(load_orders(path, 3, 16), o[:3])
+
+
+@pytest.mark.parametrize(
+    "content, num, match",
+    [
+        ('{"orders": []}', 1, "expected a JSON list"),
+        ("[[0, 1, 2, 3], [0, 1, 2]]", 2, r"row 1: has 3 entries, expected 4"),
+        ("[[0, 1, 2, 3], [3, 2, 1, 0], [0, 1, 1, 3]]", 3, r"row 2: position 1 appears twice"),
+        ("[[0, 1, 2, 4]]", 1, r"row 0: entry 3 is 4, outside"),
+        ("[[0, 1, 2, 3], [0, 1, 2, -1]]", 2, r"row 1: entry 3 is -1, outside"),
+        ("[[0, 1, 2, 3]]", 2, r"has 1 orders but 2 are needed \(row 1 is the first missing"),
+        ("[[0, 1, 2, 3], [0, 1, 2, 3.5]]", 2, r"row 1: entry 3 is 3.5, not an integer"),
+        ('[[0, 1, 2, 3], "0123"]', 2, r"row 1: expected a list"),
+        ("[[0, 1, 2, 3], [0, 1, 2, true]]", 2, r"row 1: entry 3 is True"),
+        ("[[0, 1, 2, 3]", 1, "not valid JSON"),
+        ("", 1, "not valid JSON"),
+    ],
+)
+def test_bad_order_files(tmp_path, content, num, match):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(OrderFileError, match=match):
+        load_orders(path, num, 2)
+
+
+def test_bad_rows_beyond_num_are_not_read(tmp_path):
+    path = tmp_path / "o.json"
+    path.write_text("[[0, 1, 2, 3], [0, 0, 0, 0]]")
+    assert load_orders(path, 1, 2).tolist() == [[0, 1, 2, 3]]
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_orders(tmp_path / "nope.json", 1, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line and pictures
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cli_writes_the_same_orders_as_the_api(tmp_path):
+    out = tmp_path / "o.json"
+    args = ["--img_size", "256", "--generation_steps", "20", "--repulsion_threshold", "2.0",
+            "--num", "12", "--seed", "3", "--output_file", str(out), "--no_progress"]
+    assert cli_main(args + ["--workers", "1", "--chunk_size", "5"]) == 0
+    expected = lpd_orders(12, G256, 16, 1.0, 2.0, seed=3)
+    assert np.array_equal(load_orders(out, 12, 16), expected)
+    out2 = tmp_path / "o2.json"
+    cli_main(["--num", "4", "--start", "8", "--seed", "3", "--repulsion_threshold", "2",
+              "--output_file", str(out2), "--no_progress", "--workers", "1"])
+    assert np.array_equal(load_orders(out2, 4, 16), expected[8:])
+    out3 = tmp_path / "r.json"
+    cli_main(["--order", "random", "--num", "3", "--group_sizes", "[1]*256", "--output_file", str(out3),
+              "--no_progress", "--workers", "1"])
+    assert np.array_equal(load_orders(out3, 3, 16), random_orders(3, 16, seed=0))
+
+
+def test_cli_rejects_bad_input(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["--group_sizes", "[1, 2]", "--output_file", str(tmp_path / "x.json")])
+    assert "sum to 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["--repulsion_threshold", "-1", "--output_file", str(tmp_path / "x.json")])
+
+
+def test_visualize_writes_a_png(tmp_path):
+    out = tmp_path / "order.png"
+    assert cli_main(["--visualize", "--generation_steps", "8", "--repulsion_threshold", "2",
+                     "--output_file", str(out)]) == 0
+    with Image.open(out) as img:
+        assert img.format == "PNG" and img.size[0] > 300 and img.size[1] > 300

@@ -1,0 +1,104 @@
+"""Group-size schedules: the released tables, the cosine fallback, the training lists."""
+
+from __future__ import annotations
+
+import pytest
+
+from lpd.schedules import (
+    RELEASED_GROUP_SIZES,
+    GroupSizeError,
+    cosine_group_sizes,
+    group_sizes,
+    num_tokens,
+    training_schedules,
+)
+
+
+def _valid(sizes, n, steps):
+    assert len(sizes) == steps
+    assert sum(sizes) == n
+    assert all(isinstance(g, int) and g >= 1 for g in sizes)
+    assert all(a <= b for a, b in zip(sizes, sizes[1:])), "non-decreasing"
+
+
+@pytest.mark.parametrize("n", sorted(RELEASED_GROUP_SIZES))
+def test_every_released_table_sums_to_n_and_has_its_step_count(n):
+    for steps, sizes in RELEASED_GROUP_SIZES[n].items():
+        assert sum(sizes) == n, (n, steps)
+        assert len(sizes) == steps, (n, steps)
+        assert sizes[0] == 1
+        assert all(g >= 1 for g in sizes)
+
+
+def test_released_table_counts():
+    assert sorted(RELEASED_GROUP_SIZES[256]) == [8, 12, 16, 20, 24, 32, 64, 128, 256]
+    assert sorted(RELEASED_GROUP_SIZES[1024]) == [32, 40, 48, 56, 64, 80, 96, 128, 160, 192, 224, 256, 512, 1024]
+
+
+def test_group_sizes_returns_the_released_tables():
+    assert group_sizes(256, 20) == [1, 2, 4, 5, 7, 8, 10, 11, 12, 14, 15, 16, 17, 18, 18, 19, 19, 20, 20, 20]
+    assert group_sizes(256, 8) == [1, 15, 24, 32, 40, 45, 49, 50]
+    assert group_sizes(256, 128) == [1] * 41 + [2] * 46 + [3] * 41
+    assert group_sizes(256, 32)[:8] == [1, 1, 2, 2, 3, 3, 4, 5]
+    t48 = group_sizes(512, 48)
+    assert t48[:22] == list(range(1, 23))  # "1, 2, 3, ..., 22": each once
+    assert t48[22:] == [23, 23, 24, 25, 26, 26, 27, 28, 28, 29, 29, 30, 30, 31, 31, 32, 32, 32] + [33] * 7 + [34]
+    assert group_sizes(512, 192)[-1] == 10
+    assert group_sizes(512, 1024) == [1] * 1024
+    # Keyed by the token grid: a 16 x 16 grid from another stride uses the same tables.
+    assert group_sizes(128, 20, vqgan_stride=8) == group_sizes(256, 20)
+
+
+@pytest.mark.parametrize("img, steps", [(256, 10), (256, 1), (256, 2), (256, 255), (256, 100), (512, 20), (512, 47), (384, 30), (64, 7)])
+def test_group_sizes_fallback_is_valid(img, steps):
+    n = num_tokens(img)
+    sizes = group_sizes(img, steps)
+    _valid(sizes, n, steps)
+    if steps > 1:
+        assert sizes[0] == 1
+    else:
+        assert sizes == [n]
+
+
+def test_cosine_schedule_valid_for_every_step_count_on_small_grids():
+    for n in (1, 4, 9, 16, 25, 64):
+        for steps in range(1, n + 1):
+            sizes = cosine_group_sizes(n, steps)
+            _valid(sizes, n, steps)
+            if steps > 1:
+                assert sizes[0] == 1
+
+
+def test_cosine_schedule_is_close_to_the_released_shape():
+    # Not a copy of the released tables, but the same cosine shape.
+    for n, tables in RELEASED_GROUP_SIZES.items():
+        for steps, released in tables.items():
+            ours = cosine_group_sizes(n, steps)
+            assert max(abs(a - b) for a, b in zip(ours, released)) <= max(3, n // 100), (n, steps)
+
+
+@pytest.mark.parametrize("steps", [0, -1, 257, 2.5, True])
+def test_bad_step_counts(steps):
+    with pytest.raises(GroupSizeError, match="step"):
+        group_sizes(256, steps)
+
+
+@pytest.mark.parametrize("img, stride", [(250, 16), (0, 16), (256, 0), (-256, 16)])
+def test_bad_grids(img, stride):
+    with pytest.raises(ValueError):
+        group_sizes(img, 20, stride)
+
+
+def test_training_schedules():
+    s256 = training_schedules(256)
+    assert len(s256) == 9
+    assert all(sum(s) == 256 for s in s256)
+    assert s256[0] == [1] * 256 and s256[-1] == [1, 15, 24, 32, 40, 45, 49, 50]
+    s512 = training_schedules(512)
+    assert len(s512) == 14
+    assert all(sum(s) == 1024 for s in s512)
+    # Lists are copies: changing one does not change the tables.
+    s256[0][0] = 99
+    assert training_schedules(256)[0][0] == 1
+    with pytest.raises(ValueError, match="no released training schedules"):
+        training_schedules(384)
