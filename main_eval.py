@@ -17,6 +17,14 @@ Writes, in ``OUTPUT_DIR/<run name>/`` (e.g. ``lpd_l-res256-steps20-cfg4.8-lpd-tr
 processes give identical files, and a rerun only samples what is missing), ``<run name>.npz``
 (ADM format), ``samples_grid.png``, ``settings.json`` and ``metrics.json`` (FID, IS, speed, every
 setting, device, versions).  ``--config FILE.yaml`` sets defaults that flags override.
+
+Image ``i`` has class ``floor(i * class_num / num_images)`` (``i // 50`` for 50,000 images), order
+``i`` of the run (from ``--seed``, or row ``i`` of ``--lpd_order_file``) and its own noise
+generator; see :mod:`lpd.evaluate`.  On a CPU, byte-identical files across process counts also
+need the same threads per process: torchrun sets ``OMP_NUM_THREADS=1``, so set it for a single
+process too when comparing.  Speed without downloads: ``--random_init --vq_config '{}'`` (the
+released architectures with weights drawn from ``--seed``).
+
 Smoke test on a CPU::
 
     python main_eval.py --config configs/tiny.yaml --random_init --num_images 20 --eval_bsz 5 \\

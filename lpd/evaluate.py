@@ -67,7 +67,6 @@ import json
 import math
 import os
 import platform
-import sys
 import tempfile
 import time
 import zipfile
@@ -1102,7 +1101,8 @@ def load_tokenizer(
     """The tokenizer an evaluation asks for, and a label of its weights.
 
     ``kind="palette"``: the CPU demo's palette tokenizer.  ``kind="vq"``: ``vqgan_path``, or with a
-    ``vq_config`` and no path a VQ with weights from ``seed`` (smoke tests), or else the released
+    ``vq_config`` and no path a VQ with weights from ``seed`` (smoke tests; ``{}`` gives the
+    released architecture, e.g. to time decoding offline), or else the released
     ``vq_ds16_c2i.pt`` through :mod:`lpd.hub`.
     """
     from lpd.tokenizer import make_tokenizer
@@ -1111,7 +1111,7 @@ def load_tokenizer(
         return make_tokenizer("palette", vq_config=dict(vq_config or {}), device=device), "palette"
     if kind != "vq":
         raise EvaluationError(f"unknown tokenizer {kind!r}; use 'vq' or 'palette'")
-    if vqgan_path is None and vq_config:
+    if vqgan_path is None and vq_config is not None:  # {} = the released architecture, random weights
         tok = make_tokenizer("vq", vq_config=dict(vq_config), seed=int(seed), device=device)
         return tok, f"random vq seed {int(seed)}"
     from lpd import hub

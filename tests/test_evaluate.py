@@ -283,7 +283,7 @@ def test_missing_statistics_fail_before_sampling(model, tokenizer, tmp_path):
 def test_missing_inception_weights_fail_before_sampling(model, tokenizer, tmp_path):
     from lpd import metrics as M
 
-    M.save_statistics(tmp_path / "ref.npz", np.zeros(2048), np.eye(2048))
+    M.save_statistics(tmp_path / "ref.npz", np.zeros(4), np.eye(4))  # found and valid: the weights are next
     with pytest.raises(FileNotFoundError, match="--inception_weights"):
         E.evaluate(model, tokenizer, 4, SIZES, output_dir=tmp_path / "run", ref_stats=str(tmp_path / "ref.npz"),
                    inception_weights=str(tmp_path / "missing.pth"), **SAMPLING)

@@ -101,9 +101,9 @@ def test_torchrun_two_processes_write_the_same_bytes(single, tmp_path):
 def test_rerun_brings_back_deleted_images_byte_for_byte(single):
     run_dir, _, pngs = single
     images = os.path.join(run_dir, "images")
-    for name in ("000003.png", "000012.png"):  # batches 0 and 2
+    for name in ("000011.png", "000013.png"):  # both in batch 2 (images 10..14)
         os.remove(os.path.join(images, name))
-    with open(os.path.join(images, "000013.png"), "r+b") as f:
+    with open(os.path.join(images, "000012.png"), "r+b") as f:
         f.truncate(100)  # an unreadable file is sampled again too
     record = run_main(TINY + ["--output_dir", os.path.dirname(run_dir)])
     assert record["generated_this_run"] == 3 and record["found_on_disk"] == 17
@@ -227,7 +227,7 @@ def test_missing_stats_or_inception_weights_fail_before_sampling(tmp_path):
         run_main(argv + ["--fid_stats", str(tmp_path / "adm_in256_stats.npz")])
     from lpd.metrics import save_statistics
 
-    save_statistics(tmp_path / "stats.npz", np.zeros(2048), np.eye(2048))
+    save_statistics(tmp_path / "stats.npz", np.zeros(4), np.eye(4))
     with pytest.raises(FileNotFoundError, match="--inception_weights"):
         run_main(argv + ["--fid_stats", str(tmp_path / "stats.npz"), "--inception_weights", str(tmp_path / "w.pth")])
     assert not (tmp_path / "out" / RUN / "images").exists() or not os.listdir(tmp_path / "out" / RUN / "images")
