@@ -711,6 +711,13 @@ def sample_batch(
     return pixels, t1 - t0, t2 - t0
 
 
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The LPD inside a ``DistributedDataParallel`` (or similar ``.module``) wrapper."""
+    while not hasattr(model, "pos_embed") and isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
 def _world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if rank is None or world_size is None:
         if dist.is_available() and dist.is_initialized():
@@ -750,7 +757,8 @@ def generate_images(
     Parameters
     ----------
     model, tokenizer
-        An LPD model (on its device) and a tokenizer with ``decode(tokens [B, h, w])``.
+        An LPD model (on its device; a ``DistributedDataParallel`` wrapper is looked through) and
+        a tokenizer with ``decode(tokens [B, h, w])``.
     num_images, group_sizes
         How many images, and the decoding schedule (``len(group_sizes)`` steps, summing to N).
     order, orders
@@ -771,6 +779,7 @@ def generate_images(
         Show a tqdm bar on rank 0.
     """
     rank, world_size = _world(rank, world_size)
+    model = _unwrap(model)
     num_images = _check_positive_int("num_images", num_images)
     eval_bsz = _check_positive_int("eval_bsz", eval_bsz)
     check_sampling_args(cfg, cfg_schedule, temperature, top_k, top_p)
@@ -933,6 +942,7 @@ def evaluate(
         ``dtype``, ``versions``, ``files``...
     """
     rank, world_size = _world(rank, world_size)
+    model = _unwrap(model)
     device = model.pos_embed.device
 
     def load_scorer() -> tuple[Any, Any]:

@@ -167,6 +167,16 @@ def test_explicit_labels_and_order_tables(model, tokenizer):
         E.generate_images(model, tokenizer, 8, SIZES, orders=table, **SAMPLING)
 
 
+def test_a_wrapped_model_is_looked_through(model, tokenizer):
+    class Wrapper(torch.nn.Module):  # stands for DistributedDataParallel
+        def __init__(self, inner):
+            super().__init__()
+            self.module = inner
+
+    a = E.generate_images(Wrapper(model), tokenizer, 4, SIZES, **SAMPLING)
+    assert np.array_equal(a.images, E.generate_images(model, tokenizer, 4, SIZES, **SAMPLING).images)
+
+
 def test_in_memory_shards_need_a_process_group(model, tokenizer):
     with pytest.raises(E.EvaluationError, match="process group"):
         E.generate_images(model, tokenizer, 4, SIZES, rank=0, world_size=2, **SAMPLING)
