@@ -52,6 +52,7 @@ _SALT_FILL = 0x2545F4914F6CDD1D  # random fallback start
 _SALT_RANDOM = 0xD1342543DE82EF95  # random_orders
 _TABLE_MAX_N = 1024  # grids up to this many positions keep N x N distance tables
 _INT32_KEY_MAX_G = 32  # fallback keys fit int32 up to 32 x 32 grids
+_FALLBACK_ROWS = 128  # fallback rows per chunk: their arrays stay in cache
 _SEL = 100  # proximity code of an already selected position (codes < 25 are unselected)
 
 
@@ -399,7 +400,8 @@ def _lpd_batch(
             tie_f[row_base[acc_b] + acc_c] = grid.taken  # accepted: out of the fallback's pool
             acc_pos = np.zeros((b_num, g), dtype=np.int64)
             acc_pos[acc_b, acc_slot] = acc_c
-            _fallback(grid, out, kinds, tie, skeys, fb, acc_n, acc_pos, need, s0, s0 + g == n)
+            for c0 in range(0, fb.size, _FALLBACK_ROWS):  # row chunks that stay in cache
+                _fallback(grid, out, kinds, tie, skeys, fb[c0 : c0 + _FALLBACK_ROWS], acc_n, acc_pos, need, s0, s0 + g == n)
         s += g
         commit(s0, s)
     return (out, kinds) if return_kinds else out
