@@ -181,7 +181,7 @@ def main() -> None:
     p.add_argument("--num_256", type=int, default=2000, help="orders timed at 256/20")
     p.add_argument("--num_512", type=int, default=400, help="orders timed at 512/48")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (the best counts)")
-    p.add_argument("--batch_size", type=int, default=512, help="orders generated together")
+    p.add_argument("--batch_size", type=int, default=None, help="orders generated together (default: automatic)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cpu", type=int, default=None, help="CPU to pin to (default: the first allowed)")
     p.add_argument("--output_json", type=str, default=None, help="write the numbers here (+ a .png chart)")

@@ -53,6 +53,7 @@ _SALT_RANDOM = 0xD1342543DE82EF95  # random_orders
 _TABLE_MAX_N = 1024  # grids up to this many positions keep N x N distance tables
 _INT32_KEY_MAX_G = 32  # fallback keys fit int32 up to 32 x 32 grids
 _FALLBACK_ROWS = 128  # fallback rows per chunk: their arrays stay in cache
+_KEY_PAD = np.iinfo(np.int64).max  # pads the per-order candidate rows; sorts last
 _SEL = 100  # proximity code of an already selected position (codes < 25 are unselected)
 
 
@@ -197,8 +198,8 @@ class _Grid:
                 inside = (r >= 0) & (r < g) & (c >= 0) & (c < g)
                 nbr.append(np.where(inside, r * g + c, n))
                 delta.append(5 if dy == 0 or dx == 0 else 1)
-        self.nbr = np.stack(nbr)
-        self.nbr_delta = delta
+        self.nbr8 = np.ascontiguousarray(np.stack(nbr).T)  # [n, 8]
+        self.nbr8_delta = np.array(delta, dtype=np.uint8)
         # Repulsion windows in a grid padded by `radius` on every side.
         p = g + 2 * radius
         self.padded_cells = p * p
@@ -296,32 +297,33 @@ def _lpd_batch(
     okeys = _order_keys(seed, idx)
     # Per-order state over the grid plus one "outside the grid" column (index n):
     code = np.zeros((b_num, n + 1), dtype=np.uint8)  # proximity code, _SEL once selected
-    cand = np.full((b_num, n + 1), high_t[0], dtype=bool)  # unselected, score >= τp
-    cand[:, n] = False
-    tie = np.full((b_num, n + 1), tie_t[0], dtype=grid.key_dtype)  # fallback group priority
-    code_f, cand_f, tie_f = code.reshape(-1), cand.reshape(-1), tie.reshape(-1)
+    # Fallback group priority of every position, ``grid.taken`` once selected; it also tells
+    # the proximity candidates apart: unselected with score >= τp <=> 0 <= tie < high_limit.
+    tie = np.full((b_num, n + 1), tie_t[0], dtype=grid.key_dtype)
+    tie[:, n] = grid.taken
+    tie_u = tie.view(np.uint32 if grid.key_dtype == np.int32 else np.uint64)
+    high_limit = 32 << (_TIE_BITS - 6)
+    code_f, tie_f = code.reshape(-1), tie.reshape(-1)
     pp = grid.padded_cells
     blocked = np.zeros(b_num * pp, dtype=np.uint8)  # stamp of the step that blocked a cell
     cb = grid.cbits
     c_mask = (1 << cb) - 1
     pos_mult = _pos_mult(n)
     window = grid.window
+    pidx_pad = np.zeros(1 << cb, dtype=np.int64)  # padded cells of positions (and of c_mask)
+    pidx_pad[:n] = grid.pidx
 
     def commit(s0: int, s1: int) -> None:
         # Positions out[:, s0:s1] are now selected: mark them, update their neighbours.
-        new = row_base[:, None] + out[:, s0:s1]
+        new_pos = out[:, s0:s1]
+        new = row_base[:, None] + new_pos
         code_f[new] = _SEL
-        touched = np.empty((len(grid.nbr),) + new.shape, dtype=np.int64)
-        for d, (nb, dlt) in enumerate(zip(grid.nbr, grid.nbr_delta)):
-            np.add(row_base[:, None], nb[out[:, s0:s1]], out=touched[d])
-            # Within one direction the neighbours are distinct (bar the ignored column n).
-            code_f[touched[d]] += dlt
+        touched = grid.nbr8[new_pos]  # [B, g, 8]
+        touched += row_base[:, None, None]
         touched = touched.reshape(-1)
-        c_t = code_f[touched]
-        cand_f[touched] = high_t[c_t]
-        tie_f[touched] = tie_t[c_t]
-        cand[:, n] = False
-        cand_f[new] = False
+        np.add.at(code_f, touched, np.broadcast_to(grid.nbr8_delta, (new.size, 8)).reshape(-1))
+        tie_f[touched] = tie_t[code_f[touched]]
+        tie[:, n] = grid.taken
         tie_f[new] = grid.taken
 
     # Step 0: one uniformly random position.
@@ -333,7 +335,6 @@ def _lpd_batch(
         # around the random first position (no scores exist before step 0).
         g = group_sizes[0]
         tie_f[row_base + out[:, 0]] = grid.taken
-        cand_f[row_base + out[:, 0]] = False
         acc_n = np.ones(b_num, dtype=np.int64)
         _fallback(grid, out, kinds, tie, _step_keys(okeys, 0), rows_b, acc_n, out[:, :1].copy(), g - acc_n, 0, g == n)
     s = group_sizes[0]
@@ -347,48 +348,38 @@ def _lpd_batch(
         if stamp == 1 and k > 1:
             blocked.fill(0)
         # ---- candidates with score >= τp, sorted per order: score desc, then random ---------
-        flat = np.flatnonzero(cand_f)
+        flat = np.flatnonzero(tie_u < high_limit)
         starts = np.searchsorted(flat, row_base)
         counts = np.diff(np.append(starts, flat.size))
         b_of = np.repeat(rows_b, counts)
         c_of = flat - row_base[b_of]
         rnd = _hash32(k32[b_of], pos_mult[c_of])
-        keys = (
-            (b_of << (cb + 37))
-            | (walk_t[code_f[flat]] << (cb + 32))
-            | ((~rnd).astype(np.int64) << cb)
-            | c_of
-        )
-        keys.sort()
-        c_s = keys & c_mask
-        b_s = keys >> (cb + 37)
-        cell_s = b_s * pp + grid.pidx[c_s]
-        # ---- the walk: rank r of every order at once ----------------------------------------
-        # Orders are visited longest candidate list first, so the orders still walking at rank
-        # r are a prefix of that list; entries are laid out rank by rank (`walk_idx`), so every
-        # rank is one contiguous slice.  The walk does not stop at g: the first g acceptances
-        # are the same either way, and only they are kept.
+        keys = (walk_t[code_f[flat]] << (cb + 32)) | ((~rnd).astype(np.int64) << cb) | c_of
+        # One row per order, longest candidate list first (so the orders still walking at rank
+        # r are the first rows), padded with a key that sorts last; each row sorted on its own.
+        width = int(counts.max(initial=0))
         by_len = np.argsort(-counts, kind="stable")
-        base = starts[by_len]
-        n_walk = np.searchsorted(-counts[by_len], -np.arange(int(counts.max(initial=0))), side="left")
-        off = np.cumsum(n_walk) - n_walk
-        rank_of = np.repeat(np.arange(n_walk.size), n_walk)
-        walk_idx = base[np.arange(keys.size) - off[rank_of]] + rank_of
-        walk_cells = cell_s[walk_idx]
-        walk_ok = np.empty(keys.size, dtype=bool)
-        for o, m in zip(off.tolist(), n_walk.tolist()):
-            cells = walk_cells[o : o + m]
-            ok = blocked[cells] != stamp
-            walk_ok[o : o + m] = ok
-            blocked[cells[ok][:, None] + window] = stamp
-        flag = np.empty(keys.size, dtype=bool)
-        flag[walk_idx] = walk_ok
+        row_of = np.empty(b_num, dtype=np.int64)
+        row_of[by_len] = rows_b
+        table = np.full((b_num, width), _KEY_PAD, dtype=np.int64)
+        table[row_of[b_of], np.arange(flat.size) - starts[b_of]] = keys
+        table.sort(axis=1)
+        cand_c = table & c_mask
+        cells = (by_len * pp)[:, None] + pidx_pad[cand_c]
+        # ---- the walk: rank r of every order at once ----------------------------------------
+        # The walk does not stop at g: the first g acceptances are the same either way, and
+        # only they are kept.
+        n_walk = np.searchsorted(-counts[by_len], -np.arange(width), side="left")
+        ok_t = np.zeros((b_num, width), dtype=bool)
+        for r, m in enumerate(n_walk.tolist()):
+            cl = cells[:m, r]
+            ok = blocked[cl] != stamp
+            ok_t[:m, r] = ok
+            blocked[cl[ok][:, None] + window] = stamp
         # Keep each order's first g acceptances (in walk order).
-        csum = np.cumsum(flag)
-        before = np.concatenate([[0], csum])[starts]
-        slot = csum - 1 - before[b_s]
-        keep = np.flatnonzero(flag & (slot < g))
-        acc_b, acc_c, acc_slot = b_s[keep], c_s[keep], slot[keep]
+        rank = np.cumsum(ok_t, axis=1)
+        rr, cc = np.nonzero(ok_t & (rank <= g))
+        acc_b, acc_c, acc_slot = by_len[rr], cand_c[rr, cc], rank[rr, cc] - 1
         out[acc_b, s0 + acc_slot] = acc_c
         if kinds is not None:
             kinds[acc_b, s0 + acc_slot] = KIND_PROXIMITY
@@ -608,7 +599,7 @@ def lpd_orders(
     repulsion_threshold: float = 1.0,
     seed: int = 0,
     start: int = 0,
-    batch_size: int = 512,
+    batch_size: int | None = None,
 ) -> np.ndarray:
     """Locality-aware generation orders (spec section 5).
 
@@ -633,7 +624,9 @@ def lpd_orders(
         Index of the first order: the rows are orders ``start .. start + num - 1`` of the run,
         and row ``i`` depends only on ``(seed, i)``.
     batch_size : int, optional
-        Orders generated together (memory/speed trade-off only; the result does not change).
+        Orders generated together (speed/memory trade-off only; the result does not change).
+        Default: about half a million grid positions per batch (2048 orders at 16 x 16, 512 at
+        32 x 32).
 
     Returns
     -------
@@ -648,8 +641,10 @@ def lpd_orders(
     num, sizes, grid_size, seed, start = _check_setup(num, group_sizes, grid_size, seed, start)
     tp = _check_threshold("proximity_threshold", proximity_threshold)
     tr = _check_threshold("repulsion_threshold", repulsion_threshold)
-    batch_size = _check_count("batch_size", batch_size, 1)
     n = grid_size * grid_size
+    if batch_size is None:
+        batch_size = max(16, min(4096, (1 << 19) // n))
+    batch_size = _check_count("batch_size", batch_size, 1)
     out = np.empty((num, n), dtype=np.int64)
     for b0 in range(0, num, batch_size):
         idx = np.arange(start + b0, start + min(num, b0 + batch_size), dtype=np.int64)
