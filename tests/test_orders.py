@@ -184,6 +184,20 @@ def test_row_depends_only_on_seed_and_index():
     assert not np.array_equal(r, random_orders(10, 16, seed=1))
 
 
+def test_extreme_thresholds():
+    # τr beyond the grid: at most one proximity pick per step; τp beyond any score: only the
+    # farthest-point fallback (starting from a random position each step).
+    for tp, tr in [(1.0, 100.0), (float("inf"), 2.0), (1.0, float("inf"))]:
+        o, kinds = _kinds(4, group_sizes(256, 8), 16, tp, tr)
+        assert (np.sort(o, axis=1) == np.arange(256)).all()
+        for k, s0, s1 in _groups(group_sizes(256, 8)):
+            assert (kinds[:, s0:s1] == KIND_PROXIMITY).sum(axis=1).max() <= (1 if tr > 15 else s1 - s0)
+        if tp == float("inf"):
+            assert not (kinds == KIND_PROXIMITY).any()
+    ref = _lpd_order_reference(0, 0, group_sizes(256, 8), 16, 1.0, 100.0)[0]
+    assert lpd_orders(1, group_sizes(256, 8), 16, 1.0, 100.0).tolist() == [ref]
+
+
 def test_empty_and_single():
     assert lpd_orders(0, G256, 16).shape == (0, 256)
     assert lpd_orders(1, [1], 1).tolist() == [[0]]

@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the run; order i depends only on (seed, i)")
     p.add_argument("--start", type=int, default=0, help="index of the first order (to regenerate a slice)")
     p.add_argument("--workers", type=int, default=_default_workers(), help="processes (default: all cores)")
-    p.add_argument("--chunk_size", type=int, default=500, help="orders per task given to a worker")
+    p.add_argument("--chunk_size", type=int, default=None,
+                   help="orders per task given to a worker (default: 2048 at 16x16, 512 at 32x32)")
     p.add_argument("--output_file", type=str, required=True, help="JSON order file, or PNG with --visualize")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     v = p.add_argument_group("--visualize")
@@ -123,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("num", "start", "seed"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0")
+    if args.chunk_size is None:
+        args.chunk_size = max(16, min(4096, (1 << 19) // n))
     if args.workers < 1 or args.chunk_size < 1:
         parser.error("--workers and --chunk_size must be >= 1")
     for name in ("proximity_threshold", "repulsion_threshold"):

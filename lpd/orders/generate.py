@@ -147,8 +147,8 @@ def _check_threshold(name: str, v: float) -> float:
         f = float(v)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{name} must be a number >= 0, got {v!r}") from e
-    if not math.isfinite(f) or f < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    if math.isnan(f) or f < 0:
+        raise ValueError(f"{name} must be a number >= 0, got {v!r}")
     return f
 
 
@@ -284,7 +284,8 @@ def _lpd_batch(
     With ``return_kinds`` also returns an int8 array of the same shape whose entries say how each
     position was chosen (keys of :data:`ORDER_KINDS`).
     """
-    grid = _grid(grid_size, int(math.floor(repulsion_threshold)))
+    # Chebyshev distances on the grid are integers below grid_size: clamp the window radius.
+    grid = _grid(grid_size, int(math.floor(min(repulsion_threshold, grid_size - 1))))
     n, b_num = grid.n, len(idx)
     high_t, walk_t, tie_t = _code_tables(proximity_threshold, grid.taken)
     tie_t = tie_t.astype(grid.key_dtype)
