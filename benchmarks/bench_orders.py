@@ -9,7 +9,9 @@ next to the released generator's and those of random orders.
 One core: BLAS/OpenMP thread counts are set to 1 before numpy is imported and, on Linux, the
 process is pinned to a single CPU (``--cpu``).  Times are CPU time of this process (best of
 ``--repeats``); wall time is reported too.  On a machine shared with other jobs both grow, so
-the load average is printed alongside.
+the load average is printed alongside, and ``--released_generator PATH`` (a local copy of the
+released generator's file, not shipped here) times the released generator in the same run for a
+same-machine speed-up (the goals are 100x at 256/20 and 300x at 512/48).
 
     python benchmarks/bench_orders.py --output_json benchmarks/bench_orders.json
 
@@ -49,6 +51,18 @@ def _pin(cpu: int | None) -> str:
     cpu = allowed[0] if cpu is None else cpu
     os.sched_setaffinity(0, {cpu})
     return f"pinned to CPU {cpu}"
+
+
+def _load_released(path: str):
+    """``lpd_order_schedule`` from a user-supplied copy of the released generator."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("released_lpd_order", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"cannot import {path}")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.lpd_order_schedule
 
 
 def _time(fn, repeats: int) -> tuple[list[float], list[float]]:
@@ -97,6 +111,12 @@ def run(args: argparse.Namespace) -> dict:
             "statistics": stats,
             "released_statistics": RELEASED_STATISTICS[key],
         }
+        if args.released_generator:
+            rel = _load_released(args.released_generator)
+            n_rel = args.released_orders if img == 256 else max(1, args.released_orders // 5)
+            rel_cpu, _ = _time(lambda: [rel(sizes, grid, 1.0, tr) for _ in range(n_rel)], 1)
+            entry["released_measured_ms_per_order"] = rel_cpu[0] / n_rel * 1e3
+            entry["speedup_vs_released_measured"] = entry["released_measured_ms_per_order"] / ms
         if img == 256:
             entry["random_statistics"] = order_statistics(random_orders(num, grid, seed=args.seed), sizes, grid, tr)
             entry["released_random_statistics"] = RELEASED_STATISTICS["random 256/20 tau_r=2"]
@@ -118,6 +138,15 @@ def report(result: dict) -> str:
             f"{e['setting']:<16}{e['num_orders']:>8}{e['orders_per_second']:>10.0f}"
             f"{e['ms_per_order']:>10.3f}{e['ms_per_order_wall']:>8.3f}{e['goal_ms_per_order']:>7.2f}"
             f"{met:>5}{e['released_ms_per_order']:>8.0f}ms{e['speedup_vs_released']:>9.0f}x"
+        )
+    measured = [e for e in result["settings"] if "released_measured_ms_per_order" in e]
+    for e in measured:
+        lines.append(
+            f"{e['setting']:<16} released generator measured here: "
+            f"{e['released_measured_ms_per_order']:.1f} ms/order -> speed-up "
+            f"{e['speedup_vs_released_measured']:.0f}x on this machine now (goal "
+            f"{e['released_ms_per_order'] / e['goal_ms_per_order']:.0f}x: "
+            f"{'met' if e['speedup_vs_released_measured'] >= e['released_ms_per_order'] / e['goal_ms_per_order'] else 'not met'})"
         )
     lines += ["", f"{'statistics':<40}{'context support':>16}{'group spread':>14}{'close pairs':>13}"]
     for e in result["settings"]:
@@ -185,6 +214,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cpu", type=int, default=None, help="CPU to pin to (default: the first allowed)")
     p.add_argument("--output_json", type=str, default=None, help="write the numbers here (+ a .png chart)")
+    p.add_argument("--released_generator", type=str, default=None,
+                   help="optional path to the released generator's Python file (defines "
+                        "lpd_order_schedule(group_sizes, grid_size, proximity_threshold, "
+                        "repulsion_threshold)); it is timed here too, for a same-machine speed-up")
+    p.add_argument("--released_orders", type=int, default=5, help="orders timed with --released_generator")
     args = p.parse_args()
     result = run(args)
     print(report(result))

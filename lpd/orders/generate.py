@@ -4,13 +4,15 @@ An order is a permutation of the raster positions ``0..N-1`` of a ``G x G`` toke
 sizes ``g_0..g_{K-1}`` split it into decoding steps.  :func:`lpd_orders` builds the
 locality-aware orders of the released generator, vectorised over many orders at once:
 
-* proximity scores are kept as small integer codes (edge and diagonal neighbour counts) and
-  updated incrementally after each step;
-* each step sorts only the candidates whose score reaches ``proximity_threshold`` (all orders in
-  one ``np.sort`` of packed integer keys), then walks them rank by rank for all orders at once,
-  with the repulsion windows of accepted positions painted into a padded "blocked" grid;
+* proximity scores are kept as small integer codes (5 x edge + diagonal selected neighbours)
+  and updated incrementally around each step's picks, together with each position's
+  fallback priority (which also marks the proximity candidates);
+* each step gathers the candidates whose score reaches ``proximity_threshold`` into one row per
+  order, sorts the rows (score, then random), and walks rank by rank for all orders at once,
+  painting the repulsion window of every accepted position into a padded "blocked" grid;
 * the farthest-point fallback keeps, per order, the squared distance to the nearest position
-  taken in this step, packed with the tie-breaking priority in one int64 per position.
+  taken in this step packed above a 20-bit tie priority in one int32 per position, and runs in
+  row chunks whose arrays stay in cache.
 
 Randomness is counter-based: every random number is a hash of ``(seed, i, step, position)``, so
 order ``i`` of a run depends only on ``(seed, i)`` and any slice of a run can be regenerated
@@ -20,7 +22,8 @@ Ties are broken as in the released generator: candidates are shuffled and then s
 (random order among equal scores); the farthest-point fallback takes the largest distance, and
 among equal distances the candidate that comes first in the released candidate list, i.e. first
 the positions whose score is below ``proximity_threshold`` (highest score first, random among
-equal scores), then those at or above it (same rule).  :func:`_lpd_order_reference` is a plain,
+equal scores), then those at or above it (same rule; the random part uses the top 14 bits of the
+position's random number, then the raster index).  :func:`_lpd_order_reference` is a plain,
 one-order-at-a-time transcription of the same rules, used by the tests to check the fast path.
 """
 
