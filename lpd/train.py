@@ -490,6 +490,26 @@ def _batch_tokens(x: torch.Tensor, flip_gen: torch.Generator, get_tokenizer: Cal
         return get_tokenizer().encode(x).reshape(B, -1).long()
 
 
+def _settle_ddp_buckets(ddp_model: torch.nn.Module, model: torch.nn.Module, batch: int, sizes: Sequence[int],
+                        device: torch.device, autocast: Any) -> None:
+    """One throw-away forward/backward so that DDP rebuilds its gradient buckets before the first real step.
+
+    DDP re-buckets gradients after its first backward pass (in the order they became ready).  With
+    more than two processes the summation order of the all-reduce depends on the bucket layout, so
+    a resumed process whose first step used the initial buckets would differ in the last bits from
+    the uninterrupted run.  Doing this in every (re)started process makes every real step use the
+    rebuilt layout.  The weights and the optimizer are untouched; randomness is reseeded per step.
+    """
+    N = model.num_tokens
+    tokens = torch.zeros(batch, N, dtype=torch.long, device=device)
+    labels = torch.zeros(batch, dtype=torch.long, device=device)
+    orders = torch.arange(N, device=device).expand(batch, N)
+    with autocast:
+        loss = ddp_model(tokens, labels, orders, sizes)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
 def _evaluate(config: TrainConfig, model: torch.nn.Module, tokenizer_fn: Callable[[], Any], epoch: int,
               info: DistInfo, log: Callable[[str], None]) -> dict[str, Any] | None:
     """Sample and score through :mod:`lpd.evaluate` (``generate_and_score`` or ``evaluate``) on every rank.
@@ -629,6 +649,10 @@ def train(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=model.label_drop_prob == 0)
 
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=config.bf16)
+    if info.distributed and not ddp_model.find_unused_parameters:
+        _settle_ddp_buckets(ddp_model, model, config.batch_size, schedules[0], device, autocast)
+
     params = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in params)
     log(f"model: {n_params / 1e6:.2f}M parameters, {N} tokens per image, {len(schedules)} group-size schedules")
@@ -664,7 +688,6 @@ def train(
         barrier()
 
     losses: list[float] = []
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=config.bf16)
     preempted = False
     last_saved = global_step if resume else -1
     epoch, step = start_epoch, start_step

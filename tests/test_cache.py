@@ -73,3 +73,20 @@ def test_main_cache_both_layouts_identical(image_folder, tmp_path, capsys, one_t
     out_again = run(image_folder, tmp_path / "released", "released", capsys)
     assert "encoded 1 images, 5 already cached" in out_again
     assert torch.equal(open_token_cache(str(tmp_path / "released"), n, 16384)[5][0], rel[5][0])
+
+
+def test_training_from_images_equals_training_from_the_cache(image_folder, tmp_path, capsys, one_thread):
+    """Same seed: encoding on the fly (flip chosen per sample) gives the updates of the cached tokens."""
+    from lpd.train import TrainConfig, train
+
+    run(image_folder, tmp_path / "cache", "consolidated", capsys)
+    cfg = load_config(TINY)
+    common = dict(model="lpd_tiny", img_size=IMG, model_config=cfg["model_config"], vq_config=cfg["vq_config"],
+                  group_sizes_list="[1]*16; [1, 3, 5, 7]", epochs=2, batch_size=2, num_workers=0, device="cpu",
+                  warmup_epochs=0, lr=1e-3, seed=0, save_every_steps=0, save_every_epochs=0)
+    a = train(TrainConfig(**common, data_path=str(image_folder), output_dir=str(tmp_path / "a")), log=lambda m: None)
+    b = train(TrainConfig(**common, use_cached=True, cached_path=str(tmp_path / "cache"), output_dir=str(tmp_path / "b")),
+              log=lambda m: None)
+    assert a.losses == b.losses and len(a.losses) == 6
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
