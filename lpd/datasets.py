@@ -71,15 +71,21 @@ class CacheError(RuntimeError):
     """A token-cache file that cannot be read or does not fit the model."""
 
 
-def _umask() -> int:
+def _file_mode() -> int:
+    """``0o666 & ~umask``: the mode ``open()`` would give a new file (read once, umask is process-wide)."""
     mask = os.umask(0o022)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
+
+
+_MODE: list[int] = []
 
 
 def _write_public(path: str, write_fn: Callable[[Any], None]) -> None:
     """Atomic write whose file gets the usual ``0o666 & ~umask`` mode (temporary files are 0600)."""
-    mode = 0o666 & ~_umask()
+    if not _MODE:
+        _MODE.append(_file_mode())
+    mode = _MODE[0]
 
     def write(f: Any) -> None:
         write_fn(f)
