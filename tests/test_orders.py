@@ -60,11 +60,17 @@ def _d2(grid, a, b):
 
 @pytest.mark.parametrize(
     "sizes, grid, tp, tr",
-    [(G256, 16, 1.0, 2.0), (group_sizes(256, 8), 16, 1.0, 3.0), ([1] * 25, 5, 1.0, 1.0), ([1, 3, 5, 7], 4, 0.0, 0.0)],
+    [
+        (G256, 16, 1.0, 2.0),
+        (group_sizes(256, 8), 16, 1.0, 3.0),
+        ([1] * 25, 5, 1.0, 1.0),
+        ([1, 3, 5, 7], 4, 0.0, 0.0),
+    ],
 )
 def test_rows_are_permutations(sizes, grid, tp, tr):
     n = grid * grid
-    for o in (lpd_orders(40, sizes, grid, tp, tr, seed=1), random_orders(40, grid, seed=1), raster_orders(3, grid)):
+    made = (lpd_orders(40, sizes, grid, tp, tr, seed=1), random_orders(40, grid, seed=1), raster_orders(3, grid))
+    for o in made:
         assert o.dtype == np.int64 and o.shape[1] == n
         assert (np.sort(o, axis=1) == np.arange(n)).all()
 

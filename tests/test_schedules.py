@@ -32,7 +32,9 @@ def test_every_released_table_sums_to_n_and_has_its_step_count(n):
 
 def test_released_table_counts():
     assert sorted(RELEASED_GROUP_SIZES[256]) == [8, 12, 16, 20, 24, 32, 64, 128, 256]
-    assert sorted(RELEASED_GROUP_SIZES[1024]) == [32, 40, 48, 56, 64, 80, 96, 128, 160, 192, 224, 256, 512, 1024]
+    assert sorted(RELEASED_GROUP_SIZES[1024]) == [
+        32, 40, 48, 56, 64, 80, 96, 128, 160, 192, 224, 256, 512, 1024
+    ]
 
 
 def test_group_sizes_returns_the_released_tables():
@@ -42,14 +44,18 @@ def test_group_sizes_returns_the_released_tables():
     assert group_sizes(256, 32)[:8] == [1, 1, 2, 2, 3, 3, 4, 5]
     t48 = group_sizes(512, 48)
     assert t48[:22] == list(range(1, 23))  # "1, 2, 3, ..., 22": each once
-    assert t48[22:] == [23, 23, 24, 25, 26, 26, 27, 28, 28, 29, 29, 30, 30, 31, 31, 32, 32, 32] + [33] * 7 + [34]
+    tail = [23, 23, 24, 25, 26, 26, 27, 28, 28, 29, 29, 30, 30, 31, 31, 32, 32, 32] + [33] * 7 + [34]
+    assert t48[22:] == tail
     assert group_sizes(512, 192)[-1] == 10
     assert group_sizes(512, 1024) == [1] * 1024
     # Keyed by the token grid: a 16 x 16 grid from another stride uses the same tables.
     assert group_sizes(128, 20, vqgan_stride=8) == group_sizes(256, 20)
 
 
-@pytest.mark.parametrize("img, steps", [(256, 10), (256, 1), (256, 2), (256, 255), (256, 100), (512, 20), (512, 47), (384, 30), (64, 7)])
+@pytest.mark.parametrize(
+    "img, steps",
+    [(256, 10), (256, 1), (256, 2), (256, 255), (256, 100), (512, 20), (512, 47), (384, 30), (64, 7)],
+)
 def test_group_sizes_fallback_is_valid(img, steps):
     n = num_tokens(img)
     sizes = group_sizes(img, steps)

@@ -46,9 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--img_size", type=int, default=256, help="image side in pixels (256 or 512 released)")
     p.add_argument("--vqgan_stride", type=int, default=16, help="tokenizer down-sampling factor")
-    p.add_argument("--generation_steps", type=int, default=20, help="decoding steps (released table or cosine schedule)")
+    p.add_argument("--generation_steps", type=int, default=20,
+                   help="decoding steps (released table or cosine schedule)")
     p.add_argument("--group_sizes", type=str, default=None,
-                   help="explicit schedule, e.g. '[1, 2, 4, ...]' or '[1*41, 2*46, 3*41]' (overrides --generation_steps)")
+                   help="explicit schedule, e.g. '[1, 2, 4, ...]' or '[1*41, 2*46, 3*41]' "
+                        "(overrides --generation_steps)")
     p.add_argument("--order", choices=("lpd", "random", "raster"), default="lpd", help="kind of order")
     p.add_argument("--proximity_threshold", type=float, default=1.0, help="τp of spec section 5")
     p.add_argument("--repulsion_threshold", type=float, default=1.0,
@@ -62,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_file", type=str, required=True, help="JSON order file, or PNG with --visualize")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     v = p.add_argument_group("--visualize")
-    v.add_argument("--visualize", action="store_true", help="write a PNG of one order instead of an order file")
+    v.add_argument("--visualize", action="store_true",
+                   help="write a PNG of one order instead of an order file")
     v.add_argument("--index", type=int, default=0, help="which order of the run to draw")
     v.add_argument("--orders_file", type=str, default=None, help="draw an order from this file instead")
     v.add_argument("--steps_shown", type=int, default=6, help="early steps drawn one by one")
@@ -148,7 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _visualize(args: argparse.Namespace, parser: argparse.ArgumentParser, sizes: Sequence[int], grid: int) -> int:
+def _visualize(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, sizes: Sequence[int], grid: int
+) -> int:
     from lpd.orders.visualize import render_order
 
     kinds = None

@@ -290,7 +290,7 @@ def _lpd_batch(
     # Chebyshev distances on the grid are integers below grid_size: clamp the window radius.
     grid = _grid(grid_size, int(math.floor(min(repulsion_threshold, grid_size - 1))))
     n, b_num = grid.n, len(idx)
-    high_t, walk_t, tie_t = _code_tables(proximity_threshold, grid.taken)
+    _, walk_t, tie_t = _code_tables(proximity_threshold, grid.taken)
     tie_t = tie_t.astype(grid.key_dtype)
     out = np.empty((b_num, n), dtype=np.int64)
     kinds = np.empty((b_num, n), dtype=np.int8) if return_kinds else None
@@ -340,7 +340,10 @@ def _lpd_batch(
         g = group_sizes[0]
         tie_f[row_base + out[:, 0]] = grid.taken
         acc_n = np.ones(b_num, dtype=np.int64)
-        _fallback(grid, out, kinds, tie, _step_keys(okeys, 0), rows_b, acc_n, out[:, :1].copy(), g - acc_n, 0, g == n)
+        _fallback(
+            grid, out, kinds, tie, _step_keys(okeys, 0), rows_b, acc_n, out[:, :1].copy(), g - acc_n, 0,
+            g == n,
+        )
     s = group_sizes[0]
     commit(0, s)
 
@@ -396,7 +399,8 @@ def _lpd_batch(
             acc_pos = np.zeros((b_num, g), dtype=np.int64)
             acc_pos[acc_b, acc_slot] = acc_c
             for c0 in range(0, fb.size, _FALLBACK_ROWS):  # row chunks that stay in cache
-                _fallback(grid, out, kinds, tie, skeys, fb[c0 : c0 + _FALLBACK_ROWS], acc_n, acc_pos, need, s0, s0 + g == n)
+                rows = fb[c0 : c0 + _FALLBACK_ROWS]
+                _fallback(grid, out, kinds, tie, skeys, rows, acc_n, acc_pos, need, s0, s0 + g == n)
         s += g
         commit(s0, s)
     return (out, kinds) if return_kinds else out
@@ -418,8 +422,8 @@ def _fallback(
     """Farthest-point fallback of the step starting at output slot ``s0``, for orders ``fb``.
 
     ``tie`` holds each position's group priority (``grid.taken`` once selected, including this
-    step's proximity picks); ``skeys`` the step's uint64 random keys of all orders.  Writes ``need[b]`` positions after
-    the ``acc_n[b]`` proximity picks ``acc_pos[b, :acc_n[b]]``.
+    step's proximity picks); ``skeys`` the step's uint64 random keys of all orders.  Writes
+    ``need[b]`` positions after the ``acc_n[b]`` proximity picks ``acc_pos[b, :acc_n[b]]``.
     """
     n, kd = grid.n, grid.key_dtype
     nd, na = need[fb], acc_n[fb]

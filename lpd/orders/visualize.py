@@ -124,8 +124,8 @@ def render_order(
     draw = ImageDraw.Draw(img)
     f_title, f_cell, f_small = _font(16), _font(max(8, int(cell * 0.45))), _font(12)
 
-    draw.text((pad, pad), title or f"{grid_size}x{grid_size} tokens, {k_steps} steps: decoding step per position",
-              font=f_title, fill=_TEXT)
+    caption = title or f"{grid_size}x{grid_size} tokens, {k_steps} steps: decoding step per position"
+    draw.text((pad, pad), caption, font=f_title, fill=_TEXT)
     x0, y0 = pad, pad + head
     for p in range(n):
         r, c = divmod(p, grid_size)
@@ -171,6 +171,6 @@ def render_order(
             r, c = divmod(p, grid_size)
             s = int(step_at[p])
             fill = _EARLIER if s < i else _CURRENT if s == i else _FUTURE
-            draw.rectangle((px + c * small, gy + r * small, px + (c + 1) * small - 1, gy + (r + 1) * small - 1),
-                           fill=fill, outline=_LINE if s > i else None)
+            box = (px + c * small, gy + r * small, px + (c + 1) * small - 1, gy + (r + 1) * small - 1)
+            draw.rectangle(box, fill=fill, outline=_LINE if s > i else None)
     return img
