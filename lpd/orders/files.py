@@ -159,10 +159,10 @@ def save_orders(path: str | os.PathLike, orders: np.ndarray) -> None:
     try:
         with os.fdopen(fd, "w", encoding="ascii") as f:
             f.write("[")
-            for i, row in enumerate(arr.tolist()):
+            for i in range(arr.shape[0]):  # row by row: no Python list of the whole array
                 if i:
                     f.write(", ")
-                f.write("[" + ", ".join(map(str, row)) + "]")
+                f.write("[" + ", ".join(map(str, arr[i].tolist())) + "]")
             f.write("]")
             f.flush()
             os.fsync(f.fileno())
