@@ -279,6 +279,9 @@ def test_save_load_round_trip(tmp_path):
     path = tmp_path / "sub" / "orders.json"
     save_orders(path, o)
     assert os.listdir(path.parent) == ["orders.json"]  # no temporary file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~umask  # like a plain open()
     rows = json.loads(path.read_text())
     assert rows == o.tolist()  # the released format: a JSON list of lists
     assert np.array_equal(load_orders(path, 7, 16), o)
