@@ -311,6 +311,38 @@ def test_bad_order_files(tmp_path, content, num, match):
         load_orders(path, num, 2)
 
 
+def test_usual_layout_is_read_without_json_and_others_with_it(tmp_path, monkeypatch):
+    from lpd.orders import files
+
+    o = lpd_orders(5, group_sizes(256, 8), 16, 1.0, 2.0)
+    plain, spaced = tmp_path / "plain.json", tmp_path / "spaced.json"
+    plain.write_text(json.dumps(o.tolist()))  # json.dump's layout: ", " between numbers
+    spaced.write_text(json.dumps(o.tolist(), indent=1))
+    calls = []
+    real = files.json.loads
+    monkeypatch.setattr(files.json, "loads", lambda data: calls.append(1) or real(data))
+    assert np.array_equal(load_orders(plain, 5, 16), o) and not calls
+    assert np.array_equal(load_orders(spaced, 5, 16), o) and calls
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("[[0, 1, 2, 3], [0, 1, , 3]]", "not valid JSON"),  # an empty field is not a 0
+        ("[[0, 1, 2, 3], [0, 1, 2 3]]", "not valid JSON"),
+        ("[[0, 1, 2, 3], [0, 1, 2, 3,]]", "not valid JSON"),
+        ("[[0, 1, 2, 3], [0, 1, 2, 3, 4, 5]]", "row 1: has 6 entries"),
+        ("[[0, 1, 2, 3], [[0, 1], 2, 3]]", "row 1: has 3 entries"),
+        ("[[0, 1, 2, 3], [[0], 1, 2, 3]]", r"row 1: entry 0 is \[0\], not an integer"),
+    ],
+)
+def test_near_miss_layouts_are_refused(tmp_path, content, match):
+    path = tmp_path / "near.json"
+    path.write_text(content)
+    with pytest.raises(OrderFileError, match=match):
+        load_orders(path, 2, 2)
+
+
 def test_bad_rows_beyond_num_are_not_read(tmp_path):
     path = tmp_path / "o.json"
     path.write_text("[[0, 1, 2, 3], [0, 0, 0, 0]]")
