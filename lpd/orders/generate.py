@@ -207,9 +207,10 @@ class _Grid:
         p = g + 2 * radius
         self.padded_cells = p * p
         self.pidx = (rows + radius) * p + (cols + radius)
+        self.unpad = np.zeros(p * p, dtype=np.int64)  # raster index of a padded cell
+        self.unpad[self.pidx] = np.arange(n)
         dy, dx = np.meshgrid(np.arange(-radius, radius + 1), np.arange(-radius, radius + 1))
         self.window = (dy * p + dx).ravel()
-        self.cbits = max(1, int(n - 1).bit_length())
         # Fallback keys ``d2 << 20 | priority`` fit int32 up to 32 x 32 grids.
         self.key_dtype = np.int32 if g <= _INT32_KEY_MAX_G else np.int64
         assert g > _INT32_KEY_MAX_G or (2 * (g - 1) ** 2 + 1) << _TIE_BITS < 2**31
@@ -310,12 +311,11 @@ def _lpd_batch(
     code_f, tie_f = code.reshape(-1), tie.reshape(-1)
     pp = grid.padded_cells
     blocked = np.zeros(b_num * pp, dtype=np.uint8)  # stamp of the step that blocked a cell
-    cb = grid.cbits
-    c_mask = (1 << cb) - 1
     pos_mult = _pos_mult(n)
     window = grid.window
-    pidx_pad = np.zeros(1 << cb, dtype=np.int64)  # padded cells of positions (and of c_mask)
-    pidx_pad[:n] = grid.pidx
+    pbits = max(1, int(pp - 1).bit_length())
+    p_mask = (1 << pbits) - 1
+    high_top = 31 << (_TIE_BITS - 6)  # tie priority of a candidate of walk rank 0
 
     def commit(s0: int, s1: int) -> None:
         # Positions out[:, s0:s1] are now selected: mark them, update their neighbours.
@@ -361,7 +361,12 @@ def _lpd_batch(
         b_of = np.repeat(rows_b, counts)
         c_of = flat - row_base[b_of]
         rnd = _hash32(k32[b_of], pos_mult[c_of])
-        keys = (walk_t[code_f[flat]] << (cb + 32)) | ((~rnd).astype(np.int64) << cb) | c_of
+        # Sort key: walk rank of the score (from the tie priority: rank << 14 for candidates),
+        # then the random number (larger first), then the padded cell of the position.
+        keys = (high_top - tie_f[flat]).astype(np.int64)
+        keys <<= pbits + 32 - (_TIE_BITS - 6)
+        keys |= (~rnd).astype(np.int64) << pbits
+        keys |= grid.pidx[c_of]
         # One row per order, longest candidate list first (so the orders still walking at rank
         # r are the first rows), padded with a key that sorts last; each row sorted on its own.
         width = int(counts.max(initial=0))
@@ -369,10 +374,10 @@ def _lpd_batch(
         row_of = np.empty(b_num, dtype=np.int64)
         row_of[by_len] = rows_b
         table = np.full((b_num, width), _KEY_PAD, dtype=np.int64)
-        table[row_of[b_of], np.arange(flat.size) - starts[b_of]] = keys
+        table.reshape(-1)[np.arange(flat.size) + (row_of * width - starts)[b_of]] = keys
         table.sort(axis=1)
-        cand_c = table & c_mask
-        cells = (by_len * pp)[:, None] + pidx_pad[cand_c]
+        cells = table & p_mask
+        cells += (by_len * pp)[:, None]
         # ---- the walk: rank r of every order at once ----------------------------------------
         # The walk does not stop at g: the first g acceptances are the same either way, and
         # only they are kept.
@@ -386,7 +391,7 @@ def _lpd_batch(
         # Keep each order's first g acceptances (in walk order).
         rank = np.cumsum(ok_t, axis=1)
         rr, cc = np.nonzero(ok_t & (rank <= g))
-        acc_b, acc_c, acc_slot = by_len[rr], cand_c[rr, cc], rank[rr, cc] - 1
+        acc_b, acc_c, acc_slot = by_len[rr], grid.unpad[table[rr, cc] & p_mask], rank[rr, cc] - 1
         out[acc_b, s0 + acc_slot] = acc_c
         if kinds is not None:
             kinds[acc_b, s0 + acc_slot] = KIND_PROXIMITY
