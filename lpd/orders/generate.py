@@ -251,22 +251,21 @@ def _grid(g: int, radius: int) -> _Grid:
 
 
 @lru_cache(maxsize=16)
-def _code_tables(proximity_threshold: float, taken: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Lookup tables over proximity codes 0..255 (>= ``_SEL``: already selected).
+def _code_tables(proximity_threshold: float, taken: int) -> np.ndarray:
+    """Fallback tie priority of every proximity code 0..255 (>= ``_SEL``: already selected).
 
-    Returns ``high`` (bool: an unselected candidate whose score reaches the threshold), ``walk``
-    (int64 walk rank, 0 = best score) and ``tie`` (int64: the fallback's 6-bit group priority,
-    larger preferred, shifted into place; ``taken`` for selected positions: negative enough to
-    keep them out of the fallback whatever their distance).
+    For an unselected position: its group in the released candidate list (scores below ``τp``
+    first, then higher scores first), inverted so that larger is preferred and shifted into
+    place: ``(63 - ((score >= τp) << 5 | walk rank)) << 14``.  A proximity candidate (score >=
+    ``τp``) thus has a value below ``32 << 14`` and its walk rank is ``31 - (value >> 14)``.
+    Selected positions get ``taken``: negative enough to keep them out of the fallback whatever
+    their distance.
     """
-    high = np.zeros(256, dtype=bool)
-    high[:25] = _CODE_VALUE >= proximity_threshold
-    walk = np.zeros(256, dtype=np.int64)
-    walk[:25] = _CODE_RANK
+    high = _CODE_VALUE >= proximity_threshold
     tie = np.full(256, taken, dtype=np.int64)
-    group = (high[:25].astype(np.int64) << 5) | _CODE_RANK
+    group = (high.astype(np.int64) << 5) | _CODE_RANK
     tie[:25] = (63 - group) << (_TIE_BITS - 6)
-    return high, walk, tie
+    return tie
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,8 +290,7 @@ def _lpd_batch(
     # Chebyshev distances on the grid are integers below grid_size: clamp the window radius.
     grid = _grid(grid_size, int(math.floor(min(repulsion_threshold, grid_size - 1))))
     n, b_num = grid.n, len(idx)
-    _, walk_t, tie_t = _code_tables(proximity_threshold, grid.taken)
-    tie_t = tie_t.astype(grid.key_dtype)
+    tie_t = _code_tables(proximity_threshold, grid.taken).astype(grid.key_dtype)
     out = np.empty((b_num, n), dtype=np.int64)
     kinds = np.empty((b_num, n), dtype=np.int8) if return_kinds else None
     if b_num == 0:
