@@ -401,6 +401,7 @@ def _lpd_batch(
             tie_f[row_base[acc_b] + acc_c] = grid.taken  # accepted: out of the fallback's pool
             acc_pos = np.zeros((b_num, g), dtype=np.int64)
             acc_pos[acc_b, acc_slot] = acc_c
+            fb = fb[np.argsort(-acc_n[fb], kind="stable")]  # most proximity picks first
             for c0 in range(0, fb.size, _FALLBACK_ROWS):  # row chunks that stay in cache
                 rows = fb[c0 : c0 + _FALLBACK_ROWS]
                 _fallback(grid, out, kinds, tie, skeys, rows, acc_n, acc_pos, need, s0, s0 + g == n)
@@ -449,14 +450,16 @@ def _fallback(
         d2 = np.empty((fb.size, n), dtype=np.int16 if grid.tables else np.int64)
         has = na > 0
         if has.any():
+            # Rows come with the most proximity picks first: round j updates a prefix of rows.
             ih = np.flatnonzero(has)
             nah = na[ih]
-            pos = acc_pos[fb[ih], : int(nah.max())]
-            # Pad each row with its first pick (a repeat does not change the minimum).
-            pos = np.where(np.arange(pos.shape[1])[None, :] < nah[:, None], pos, pos[:, :1])
+            order = np.argsort(-nah, kind="stable")
+            ih, nah = ih[order], nah[order]
+            pos = acc_pos[fb[ih], : int(nah[0])]
             dh = grid.d2(pos[:, 0])
-            for j in range(1, pos.shape[1]):
-                np.minimum(dh, grid.d2(pos[:, j]), out=dh)
+            n_rows = np.searchsorted(-nah, -np.arange(1, int(nah[0])), side="left")
+            for j, m in enumerate(n_rows.tolist(), start=1):
+                np.minimum(dh[:m], grid.d2(pos[:m, j]), out=dh[:m])
             d2[ih] = dh
         if not has.all():
             # Nothing accepted in this step: start from a uniformly random remaining position.
