@@ -401,7 +401,7 @@ def _lpd_batch(
             tie_f[row_base[acc_b] + acc_c] = grid.taken  # accepted: out of the fallback's pool
             acc_pos = np.zeros((b_num, g), dtype=np.int64)
             acc_pos[acc_b, acc_slot] = acc_c
-            fb = fb[np.argsort(-acc_n[fb], kind="stable")]  # most proximity picks first
+            fb = fb[np.argsort(-acc_n[fb], kind="stable")]  # similar rows share a chunk
             for c0 in range(0, fb.size, _FALLBACK_ROWS):  # row chunks that stay in cache
                 rows = fb[c0 : c0 + _FALLBACK_ROWS]
                 _fallback(grid, out, kinds, tie, skeys, rows, acc_n, acc_pos, need, s0, s0 + g == n)
@@ -430,7 +430,12 @@ def _fallback(
     ``need[b]`` positions after the ``acc_n[b]`` proximity picks ``acc_pos[b, :acc_n[b]]``.
     """
     n, kd = grid.n, grid.key_dtype
-    nd, na = need[fb], acc_n[fb]
+    # Rows in order of the picks still to make, most first (a row with no proximity pick
+    # starts from a random position, one pick made): the rows still picking at round t are a
+    # prefix, and those with more than j proximity picks a suffix.
+    made = (acc_n[fb] == 0).astype(np.int64)
+    fb = fb[np.argsort(made - need[fb], kind="stable")]
+    nd, na, made = need[fb], acc_n[fb], (acc_n[fb] == 0).astype(np.int64)
     width = int(nd.max())
     rnd = _position_random(skeys[fb], n)
     picks = np.zeros((fb.size, width), dtype=np.int64)
@@ -445,46 +450,33 @@ def _fallback(
         # key = (squared distance to the nearest position taken in this step) << 20 | priority:
         # its argmax is the farthest remaining position, ties going to the preferred one.
         rnd >>= np.uint32(_TIE_RND_SHIFT)
-        prio = tie[fb, :n] | rnd.astype(kd)
-        made = np.zeros(fb.size, dtype=np.int64)
-        d2 = np.empty((fb.size, n), dtype=np.int16 if grid.tables else np.int64)
-        has = na > 0
-        if has.any():
-            # Rows come with the most proximity picks first: round j updates a prefix of rows.
-            ih = np.flatnonzero(has)
-            nah = na[ih]
-            order = np.argsort(-nah, kind="stable")
-            ih, nah = ih[order], nah[order]
-            pos = acc_pos[fb[ih], : int(nah[0])]
-            dh = grid.d2(pos[:, 0])
-            n_rows = np.searchsorted(-nah, -np.arange(1, int(nah[0])), side="left")
-            for j, m in enumerate(n_rows.tolist(), start=1):
-                np.minimum(dh[:m], grid.d2(pos[:m, j]), out=dh[:m])
-            d2[ih] = dh
-        if not has.all():
+        prio = tie[fb, :n]
+        prio |= rnd.view(np.int32) if kd == np.int32 else rnd.astype(kd)
+        first = acc_pos[fb, 0]
+        iz = np.flatnonzero(made)
+        if iz.size:
             # Nothing accepted in this step: start from a uniformly random remaining position.
-            iz = np.flatnonzero(~has)
             fill = _position_random(_step_keys(skeys[fb[iz]], 0, _SALT_FILL), n).astype(np.int64)
             fill[prio[iz] < 0] = -1
-            p0 = fill.argmax(axis=1)
-            picks[iz, 0] = p0
+            first[iz] = fill.argmax(axis=1)
+            picks[iz, 0] = first[iz]
             pick_kind[iz, 0] = KIND_RANDOM_FILL
-            made[iz] = 1
-            d2[iz] = grid.d2(p0)
+        d2 = grid.d2(first)
+        n_max = int(na.max())
+        if n_max > 1:
+            pos = acc_pos[fb, :n_max]
+            # na ascends from 2 on (rows with 0 or 1 proximity picks come first, in any order).
+            starts = np.searchsorted(na, np.arange(2, n_max + 1), side="left")
+            for j, r0 in enumerate(starts.tolist(), start=1):
+                np.minimum(d2[r0:], grid.d2(pos[r0:, j]), out=d2[r0:])
         key = d2.astype(kd)
         key <<= _TIE_BITS
         key += prio
-        # Rows by remaining need, most first: the rows still picking at round t are a prefix.
         left = nd - made
-        by_need = np.argsort(-left, kind="stable")
-        if not np.array_equal(by_need, np.arange(fb.size)):
-            key, prio = key[by_need], prio[by_need]
-        left, made = left[by_need], made[by_need]
         n_pick = np.searchsorted(-left, -np.arange(int(left.max(initial=0))), side="left")
         for t, m in enumerate(n_pick.tolist()):
-            km = key[:m]
-            p = km.argmax(axis=1)
-            picks[by_need[:m], made[:m] + t] = p
+            p = key[:m].argmax(axis=1)
+            picks[np.arange(m), made[:m] + t] = p
             if t + 1 < n_pick.size:
                 m2 = int(n_pick[t + 1])
                 upd = grid.d2_key(p[:m2])
