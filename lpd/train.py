@@ -471,7 +471,7 @@ def build_dataset(config: TrainConfig, num_tokens: int, vocab_size: int):
 def _num_classes(dataset) -> int | None:
     labels = getattr(dataset, "labels", None)
     if labels is not None and len(labels):
-        return int(np.max(labels)) + 1
+        return int(np.max(np.asarray(labels))) + 1
     classes = getattr(dataset, "classes", None)
     return len(classes) if classes else None
 
