@@ -165,7 +165,7 @@ def _visualize(
                           args.proximity_threshold, args.repulsion_threshold, return_kinds=True)
         order, kinds = o[0], k[0]
         title = (f"LPD order {args.start + args.index} (seed {args.seed}), {len(sizes)} steps, "
-                 f"τr {args.repulsion_threshold:g}")
+                 f"tau_r {args.repulsion_threshold:g}")  # ASCII: the default font has no τ
     elif args.order == "random":
         order = random_orders(1, grid, seed=args.seed, start=args.start + args.index)[0]
         title = f"random order {args.start + args.index} (seed {args.seed}), {len(sizes)} steps"
