@@ -31,6 +31,7 @@ checkpoint untouched.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -266,6 +267,11 @@ def parse_schedule_list(spec: Any, img_size: int, num_tokens: int) -> list[list[
 # ---------------------------------------------------------------------------------------------
 
 
+def _ignore_signals(signals: tuple[int, ...], worker_id: int) -> None:
+    for sig in signals:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class _StopFlag:
     """Set by SIGTERM / SIGUSR1 (or :meth:`request`); the loop saves and stops at the next step boundary."""
 
@@ -295,6 +301,14 @@ class _StopFlag:
             except ValueError:  # not the main thread
                 warnings.warn("train() is not running in the main thread: preemption signals are not handled")
                 return
+
+    @property
+    def worker_init(self) -> Callable[[int], None]:
+        """``worker_init_fn`` for DataLoader workers: they ignore the preemption signals.  The launcher
+        (torchrun, Slurm) sends them to the whole process group, and a worker killed by one would make
+        the main process fail before it can save; the main process stops at the next step instead and
+        shuts the workers down.  (A picklable partial, so it also works with the spawn start method.)"""
+        return functools.partial(_ignore_signals, tuple(int(s) for s in self._signals))
 
     def restore(self) -> None:
         for sig, prev in self._previous.items():
@@ -696,7 +710,8 @@ def train(
             sampler = EpochBatchSampler(len(dataset), config.batch_size, config.seed, epoch, info.rank,
                                         info.world_size, start_step if epoch == start_epoch else 0)
             loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers,
-                                                 pin_memory=config.pin_mem and device.type == "cuda")
+                                                 pin_memory=config.pin_mem and device.type == "cuda",
+                                                 worker_init_fn=stop.worker_init if config.num_workers > 0 else None)
             bar = None
             if info.is_main:
                 from tqdm import tqdm
