@@ -3,8 +3,8 @@
 * models with random weights built directly (``tiny``: width 256, depth 4, 16,384 codes -- the
   issue's tiny config; ``L``, ``XL``, ``XXL``: the released presets);
 * timing with warm-up, synchronisation on CUDA, and both wall-clock and process CPU time (on a
-  CPU shared with other jobs the CPU time of this process is the steadier measure of the work
-  done, so CPU-side ratios are computed from it; throughput is reported from wall time);
+  CPU shared with other jobs, the CPU time of a one-thread process is the steadier measure of the
+  work done, so ratios use it there; throughput is always reported from wall time);
 * peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, the peak resident-set growth of this
   process (sampled from ``/proc/self/statm``) on the CPU;
 * the released implementation, imported from a local checkout (``--released_repo``) for
@@ -36,6 +36,8 @@ __all__ = [
     "time_call",
     "interleaved_times",
     "summarize",
+    "pair_ratio",
+    "ratio_timer",
     "PeakMemory",
     "host_info",
     "load_released",
@@ -120,6 +122,12 @@ def summarize(times: dict[str, list[float]]) -> dict[str, float]:
         "cpu_median_s": statistics.median(times["cpu"]),
         "cpu_min_s": min(times["cpu"]),
     }
+
+
+def ratio_timer(device: torch.device) -> str:
+    """Which time ratios use: the process CPU time on a CPU with one torch thread (steady under
+    other jobs' load), wall time otherwise (several threads spin or idle; GPUs run asynchronously)."""
+    return "cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall"
 
 
 def pair_ratio(a: dict[str, list[float]], b: dict[str, list[float]], key: str) -> float:

@@ -15,7 +15,8 @@ sizes are ``lpd.schedules.group_sizes(img_size, steps)``; orders are random perm
 ``--goals`` runs the comparisons of issue 7 instead (tiny batch 4 CFG 4 20 steps; LPD-L batch 1
 fp32 and bf16, 20 steps), against the released implementation in the same run when
 ``--released_repo PATH`` points to it (see ``benchmarks/reference/README.md``), else against the
-figures quoted in the issue.  Ratios on the CPU use the CPU time of interleaved runs.
+figures quoted in the issue.  Ratios are medians over interleaved pairs of runs: of CPU time
+on a one-thread CPU run (steady under other jobs' load), of wall time otherwise.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from bench_common import (  # noqa: E402
     interleaved_times,
     load_released,
     pair_ratio,
+    ratio_timer,
     parse_list,
     parse_switch,
     released_block_causal_mask,
@@ -151,7 +153,7 @@ def run_grid(args: argparse.Namespace, device: torch.device) -> list[dict[str, A
             if released is not None and not comp and not use_vq and dtype == "fp32":
                 rfn = released_fn(released, labels, orders, sizes, cfg)
                 t = interleaved_times({"ours": fn, "released": rfn}, device, reps=args.reps, warmup=1)
-                key = "cpu" if device.type == "cpu" else "wall"
+                key = ratio_timer(device)
                 rec["released"] = summarize(t["released"])
                 rec["speedup_vs_released"] = pair_ratio(t["released"], t["ours"], key)
                 rec["speedup_timer"] = key
@@ -184,7 +186,7 @@ def print_row(r: dict[str, Any]) -> None:
 def run_goals(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     """The issue's comparisons: ours vs the released sampler (same weights, same run) or the quoted figures."""
     released_mod = load_released(args.released_repo) if args.released_repo else None
-    key = "cpu" if device.type == "cpu" else "wall"
+    key = ratio_timer(device)
     out = []
     cases = [("tiny", 4, 20, args.reps_tiny), ("L", 1, 20, args.reps_large)]
     if args.goals_long:

@@ -41,6 +41,7 @@ from bench_common import (  # noqa: E402
     interleaved_times,
     load_released,
     pair_ratio,
+    ratio_timer,
     parse_list,
     parse_switch,
     summarize,
@@ -159,7 +160,7 @@ def print_row(r: dict[str, Any]) -> None:
 def run(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     released_mod = load_released(args.released_repo) if args.released_repo else None
     schedules = training_schedules(args.img_size) if args.schedule == "all" else [group_sizes(args.img_size, int(args.schedule))]
-    key = "cpu" if device.type == "cpu" else "wall"
+    key = ratio_timer(device)
     records = []
     for name in parse_list(args.models):
         for batch in parse_list(args.batch, int):

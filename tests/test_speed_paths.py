@@ -6,7 +6,7 @@
   here (inductor too with ``LPD_TEST_INDUCTOR=1``: it takes minutes on a small CPU), and a failing
   compiler falls back to eager decoding with a warning;
 * flex attention (torch's CPU reference, forward only) equals the dense SDPA training pass;
-* bf16 autocast decoding runs; the CPU linear, dropout and cross-entropy variants match torch's.
+* bf16 autocast decoding runs; the CPU linear, dropout and head + cross-entropy match torch's.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lpd.models import build_lpd
-from lpd.models.lpd import Dropout, Linear, cross_entropy, flex_attention_available
+from lpd.models.lpd import Dropout, Linear, flex_attention_available, linear_cross_entropy
 from lpd.sampling import (
     _decode,
     compiled_step,
@@ -271,17 +271,30 @@ def test_attn_impl_selection():
             model(tokens, labels, orders, [4, 12])
 
 
-def test_skinny_cpu_linear_equals_f_linear():
+def test_prepacked_cpu_linear_equals_f_linear_and_follows_weight_changes():
+    import copy
+
     torch.manual_seed(0)
     lin = Linear(512, 1024)
-    for shape in ((1, 512), (12, 512), (2, 20, 512), (64, 512), (65, 512), (3, 7, 512)):
+    for shape in ((1, 512), (12, 512), (2, 20, 512), (256, 512), (257, 512), (3, 7, 512)):
         x = torch.randn(*shape)
         with torch.no_grad():
             got = lin(x)
         ref = F.linear(x, lin.weight, lin.bias)
         assert got.shape == ref.shape
         assert torch.allclose(got, ref, atol=1e-4, rtol=1e-5)
-    x = torch.randn(20, 512, requires_grad=True)
+    x = torch.randn(4, 512)
+    with torch.no_grad():
+        lin.weight.mul_(2.0)  # in place, as an optimizer step or load_state_dict would
+        assert torch.allclose(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-4)
+        Linear.cpu_prepack = False
+        try:
+            assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+        finally:
+            Linear.cpu_prepack = True
+    copy.deepcopy(lin)  # the packed copy is not part of the module
+    assert set(lin.state_dict()) == {"weight", "bias"}
+    x.requires_grad_(True)
     lin(x).sum().backward()  # with autograd: the plain path
     assert x.grad is not None
 
@@ -303,16 +316,37 @@ def test_cpu_dropout_keeps_one_minus_p_and_scales():
     assert d.eval()(x) is x
 
 
-def test_cross_entropy_equals_torch():
+def test_linear_cross_entropy_equals_torch():
     torch.manual_seed(0)
-    logits = torch.randn(50, 30, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(50, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(30, 8, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 30, (50,))
-    assert torch.autograd.gradcheck(lambda z: cross_entropy(z, targets), (logits,))
-    ours = cross_entropy(logits, targets)
-    (g_ours,) = torch.autograd.grad(ours, logits)
-    ref = F.cross_entropy(logits, targets)
-    (g_ref,) = torch.autograd.grad(ref, logits)
-    assert abs(ours.item() - ref.item()) < 1e-12 and torch.allclose(g_ours, g_ref)
+    ours = linear_cross_entropy(x, w, targets)
+    g_ours = torch.autograd.grad(ours, (x, w))
+    ref = F.cross_entropy(F.linear(x, w), targets)
+    g_ref = torch.autograd.grad(ref, (x, w))
+    assert abs(ours.item() - ref.item()) < 1e-12
+    assert all(torch.allclose(a, b) for a, b in zip(g_ours, g_ref))
+    with torch.no_grad():
+        assert abs(linear_cross_entropy(x, w, targets).item() - ref.item()) < 1e-12
+    loss = linear_cross_entropy(x, w, targets)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward through it once"):
+        loss.backward()
+
+
+def test_linear_cross_entropy_under_bf16_autocast_matches_autocast_linear():
+    torch.manual_seed(0)
+    x = torch.randn(64, 32, requires_grad=True)
+    w = torch.randn(100, 32, requires_grad=True)
+    targets = torch.randint(0, 100, (64,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = linear_cross_entropy(x, w, targets)
+        ref = F.cross_entropy(F.linear(x, w).float(), targets)
+    g_ours = torch.autograd.grad(ours, (x, w))
+    g_ref = torch.autograd.grad(ref, (x, w))
+    assert abs(ours.item() - ref.item()) < 1e-5
+    assert all(a.dtype == torch.float32 and torch.allclose(a, b, atol=2e-2, rtol=2e-2) for a, b in zip(g_ours, g_ref))
 
 
 def test_training_step_grads_match_a_full_last_block():
