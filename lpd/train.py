@@ -272,6 +272,23 @@ def _ignore_signals(signals: tuple[int, ...], worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def _iterate_shielded(loader: torch.utils.data.DataLoader, signals: Sequence[int]):
+    """``iter(loader)`` with the preemption signals blocked while its workers are forked.
+
+    Forked workers inherit the blocked mask (and ``worker_init_fn`` then ignores the signals), so a
+    SIGTERM that the launcher sends to the whole process group can never kill a worker, not even one
+    that is still starting; the main process receives any signal held back here as soon as the
+    mask is restored.
+    """
+    if not signals or loader.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):
+        return iter(loader)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class _StopFlag:
     """Set by SIGTERM / SIGUSR1 (or :meth:`request`); the loop saves and stops at the next step boundary."""
 
@@ -301,6 +318,10 @@ class _StopFlag:
             except ValueError:  # not the main thread
                 warnings.warn("train() is not running in the main thread: preemption signals are not handled")
                 return
+
+    @property
+    def signals(self) -> list[int]:
+        return list(self._signals)
 
     @property
     def worker_init(self) -> Callable[[int], None]:
@@ -721,7 +742,7 @@ def train(
             t_last, steps_since = time.perf_counter(), 0
             epoch_losses: list[float] = []
             step = sampler.start_step
-            for x, labels in loader:
+            for x, labels in _iterate_shielded(loader, stop.signals):
                 def gen(purpose: int, rank: int = info.rank) -> torch.Generator:
                     return iteration_generator(config.seed, purpose, epoch, step, rank)
 
