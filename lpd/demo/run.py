@@ -37,7 +37,11 @@ import torch
 
 from lpd.config import parse_args_with_config
 
-__all__ = ["main", "build_parser", "run_demo"]
+__all__ = ["main", "build_parser", "run_demo", "DemoInterrupted"]
+
+
+class DemoInterrupted(RuntimeError):
+    """The training stage stopped on a signal after saving; rerunning the demo resumes it."""
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "demo.yaml")
 
@@ -136,12 +140,25 @@ def _train_or_reuse(args: argparse.Namespace, out: str, device: torch.device, lo
     last = os.path.join(train_dir, "checkpoint-last.pth")
     signature = {k: v for k, v in config.to_dict().items() if k in _TRAIN_FIELDS}
     signature["max_train_samples"] = args.max_train_samples
+    sig_path = os.path.join(train_dir, "demo_signature.json")
     if os.path.isfile(last):
         ckpt = load_checkpoint(last)
         done = int(ckpt.get("epoch", -1)) + 1 >= args.epochs and int(ckpt.get("step", 0)) >= int(ckpt.get("steps_per_epoch", 1))
         if done and ckpt.get("demo_signature") == signature:
             log(f"reusing the trained model in {train_dir} (delete it to train again)")
             return load_lpd(last).to(device), 0.0
+        same = False
+        if os.path.isfile(sig_path):
+            with open(sig_path, encoding="utf-8") as f:
+                same = json.load(f) == json.loads(json.dumps(signature))
+        if same and not done:
+            config.resume = train_dir  # an interrupted demo run: continue it exactly
+            log(f"resuming the interrupted training run in {train_dir}")
+        else:
+            os.remove(last)  # another configuration: start afresh
+    os.makedirs(train_dir, exist_ok=True)
+    with open(sig_path, "w", encoding="utf-8") as f:
+        json.dump(signature, f)
     dataset = DigitTokens("train", levels=int((args.vq_config or {}).get("levels", 4)))
     if args.max_train_samples:
         dataset = torch.utils.data.Subset(dataset, range(min(args.max_train_samples, len(dataset))))
@@ -149,6 +166,8 @@ def _train_or_reuse(args: argparse.Namespace, out: str, device: torch.device, lo
     t0 = time.perf_counter()
     result = train(config, info=DistInfo(0, 1, 0, device), dataset=dataset, log=log)
     seconds = time.perf_counter() - t0
+    if result.preempted:
+        raise DemoInterrupted(f"training was interrupted and saved in {train_dir}; run the same command again to continue")
     # Mark the run as finished with these settings so a rerun of the demo reuses it.
     from lpd.checkpoint import save_checkpoint
 
@@ -284,6 +303,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args_with_config(build_parser(), argv)
     try:
         run_demo(args)
+    except DemoInterrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 75
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
