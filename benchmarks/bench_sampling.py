@@ -249,17 +249,15 @@ def draw_charts(records: list[dict[str, Any]], stem: str) -> list[str]:
     """``stem_latency.png`` (latency vs steps) and ``stem_throughput.png`` (images/s vs batch)."""
     from lpd.plotting import line_chart
 
+    fields = ("batch", "steps", "cfg", "dtype", "compile", "vq")
+    varying = {f for f in fields if len({r[f] for r in records}) > 1}
+
     def label(r: dict[str, Any], *skip: str) -> str:
+        """Series name from the model and the settings that vary in this run."""
         parts = [r["model"]]
-        for k in ("batch", "steps"):
-            if k not in skip:
-                parts.append(f"{k[0]}{r[k]}")
-        parts.append("cfg" if r["cfg"] != 1.0 else "nocfg")
-        parts.append(r["dtype"])
-        if r["compile"]:
-            parts.append("compiled")
-        if r["vq"]:
-            parts.append("+vq")
+        short = {"batch": f"b{r['batch']}", "steps": f"s{r['steps']}", "cfg": "cfg" if r["cfg"] != 1.0 else "no-cfg",
+                 "dtype": r["dtype"], "compile": "compiled" if r["compile"] else "eager", "vq": "+vq" if r["vq"] else "tokens"}
+        parts += [short[f] for f in fields if f in varying and f not in skip]
         return " ".join(parts)
 
     lat: dict[str, list[tuple[float, float]]] = {}
@@ -267,11 +265,15 @@ def draw_charts(records: list[dict[str, Any]], stem: str) -> list[str]:
     for r in records:
         lat.setdefault(label(r, "steps"), []).append((r["steps"], r["wall_median_s"]))
         thr.setdefault(label(r, "batch"), []).append((r["batch"], r["images_per_s"]))
+        if "released" in r:
+            rel = r["released"]["wall_median_s"]
+            lat.setdefault(label(r, "steps") + " (released)", []).append((r["steps"], rel))
+            thr.setdefault(label(r, "batch") + " (released)", []).append((r["batch"], r["batch"] / rel))
     paths = [f"{stem}_latency.png", f"{stem}_throughput.png"]
     line_chart(paths[0], [{"series": {k: sorted(v) for k, v in lat.items()}, "title": "latency per batch vs steps",
-                           "xlabel": "steps", "ylabel": "seconds", "log_x": True}], panel_size=(640, 400))
+                           "xlabel": "steps", "ylabel": "seconds", "log_x": True}], panel_size=(900, 420))
     line_chart(paths[1], [{"series": {k: sorted(v) for k, v in thr.items()}, "title": "throughput vs batch",
-                           "xlabel": "batch", "ylabel": "images / s", "log_x": True}], panel_size=(640, 400))
+                           "xlabel": "batch", "ylabel": "images / s", "log_x": True}], panel_size=(900, 420))
     return paths
 
 

@@ -17,14 +17,18 @@ A context token of context group ``a`` (group 0 is the condition, group ``k+1`` 
 ``k``) sees context groups ``<= a``; a query of decoding group ``k`` sees context groups ``<= k``
 and every query of its own group.
 
-Speed (issue 7): the training mask is built once per schedule (:meth:`LPD.group_mask`); on CUDA the
-attention of the training pass can run as flex attention with a block-sparse ``BlockMask``
-(``attn_impl``); the last block computes attention outputs and the MLP only for the rows whose
-outputs are used (the queries), while still writing every row's keys and values; on the CPU,
-inference multiplies the few rows of a decoding step with prepacked weights (:class:`Linear`) and
-training uses a cheaper dropout mask and a head + cross-entropy that works in one logits
-buffer; and :meth:`LPD.forward_static` is a static-shape decoding step (fixed input length, attention over
-the whole cache with a mask) that ``torch.compile`` can turn into one graph per schedule.
+Speed (issue 7):
+
+* the training mask is built once per schedule (:meth:`LPD.group_mask`); on CUDA the training
+  attention can run as flex attention with a cached block-sparse ``BlockMask`` (``attn_impl``);
+* the last block computes attention outputs and the MLP only for the rows whose outputs are used
+  (the queries), while still writing every row's keys and values;
+* the head and the cross-entropy of the training pass share one logits buffer
+  (:func:`linear_cross_entropy`); dropout on the CPU draws a cheaper mask (:class:`Dropout`);
+* on the CPU, inference multiplies the few rows of a decoding step with prepacked weights
+  (:class:`Linear`);
+* :meth:`LPD.forward_static` is a static-shape decoding step (fixed input length, attention over
+  the whole cache through a mask) that ``torch.compile`` turns into one graph per schedule.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ __all__ = [
     "group_visible_mask",
     "group_ids",
     "group_block_mask",
+    "linear_cross_entropy",
     "KVCache",
     "ATTN_IMPLS",
     "flex_attention_available",
