@@ -39,7 +39,7 @@ class DistInfo:
 def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
     """``None``/``"auto"`` -> ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``; ``"cuda"`` gets the local rank."""
     if device in (None, "", "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cpu" if not torch.cuda.is_available() else "cuda"
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():

@@ -7,8 +7,8 @@ against reference statistics (``mu``, ``sigma``; the ADM files ``adm_in256_stats
 
 Pieces, each usable alone::
 
-    extractor = inception_extractor(weights_path=None, device="cuda")   # or any callable, below
-    stats = compute_statistics("samples/", extractor, batch_size=50, device="cuda")
+    extractor = inception_extractor(weights_path=None, device=device)   # or any callable, below
+    stats = compute_statistics("samples/", extractor, batch_size=50, device=device)
     save_statistics("my_stats.npz", stats.mu, stats.sigma)
     mu, sigma = load_statistics("adm_in256_stats.npz")
     fid = frechet_distance(stats.mu, stats.sigma, mu, sigma)
