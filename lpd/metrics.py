@@ -13,7 +13,7 @@ Pieces, each usable alone::
     mu, sigma = load_statistics("adm_in256_stats.npz")
     fid = frechet_distance(stats.mu, stats.sigma, mu, sigma)
     is_mean, is_std = inception_score(stats.logits, splits=10)
-    compute_metrics("samples.npz", "adm_in256_stats.npz", device="cuda")  # {'fid', 'inception_score', ...}
+    compute_metrics("samples.npz", "adm_in256_stats.npz", device=device)  # {'fid', 'inception_score', ...}
 
 **Images** (``images`` arguments): a folder of image files (PNG/JPEG, read as RGB, sorted by
 name), an ADM-format ``.npz`` (``arr_0``: uint8 N x H x W x 3, streamed batch by batch) or
@@ -153,7 +153,7 @@ def resolve_inception_weights(path: str | os.PathLike | None = None, *, download
 @contextlib.contextmanager
 def _weights_only_torch_load():
     """Make every ``torch.load`` inside the block weights-only (torch-fidelity's own call says
-    ``weights_only=False``); restores the environment afterwards."""
+    unrestricted unpickling); restores the environment afterwards."""
     saved = {k: os.environ.get(k) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
@@ -207,7 +207,7 @@ def create_extractor(
     if weights_path is not None:
         kwargs["feature_extractor_weights_path"] = os.fspath(weights_path)
     # a weights file we hand over is only ever unpickled weights-only (torch-fidelity itself
-    # calls torch.load(..., weights_only=False) on it)
+    # calls an unrestricted torch.load on it)
     guard = _weights_only_torch_load() if weights_path is not None else contextlib.nullcontext()
     try:
         with guard:

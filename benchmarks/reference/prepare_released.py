@@ -3,8 +3,8 @@
 The released implementation (github.com/mit-han-lab/lpd, MAR lineage) is not part of this
 project and is never copied into it.  Given a local checkout of it, this script copies the four
 files the benchmarks import (``models/lpd.py``, ``models/block.py``, ``models/mask.py``,
-``models/sampling.py``) into ``DEST/models/`` and replaces the hard-coded CUDA device (``.cuda()``
-and ``device = "cuda"`` in ``models/lpd.py``) by the model's own device, so that it also runs on a
+``models/sampling.py``) into ``DEST/models/`` and replaces the CUDA device that file fixes in code (the ``cuda`` method call
+and a device variable set to the cuda string in ``models/lpd.py``) by the model's own device, so that it also runs on a
 CPU.  Nothing else changes; on a GPU the checkout can be used as it is.
 
     git clone https://github.com/mit-han-lab/lpd /tmp/lpd_released_src
