@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from pathlib import Path
 
 import numpy as np
@@ -196,25 +195,14 @@ def save_orders(path: str | os.PathLike, orders: np.ndarray) -> None:
     arr = np.asarray(orders)
     if arr.ndim != 2 or arr.dtype.kind not in "iu":
         raise OrderFileError(f"orders must be a 2-D integer array [num, N], got {arr.dtype} {arr.shape}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A fresh temporary name next to the target; mode 0o666 less the umask, like a plain open().
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="ascii") as f:
-            f.write("[")
-            for i in range(arr.shape[0]):  # row by row: no Python list of the whole array
-                if i:
-                    f.write(", ")
-                f.write("[" + ", ".join(map(str, arr[i].tolist())) + "]")
-            f.write("]")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    from lpd.checkpoint import atomic_write_bytes
+
+    def write(f) -> None:
+        f.write(b"[")
+        for i in range(arr.shape[0]):  # row by row: no Python list of the whole array
+            if i:
+                f.write(b", ")
+            f.write(("[" + ", ".join(map(str, arr[i].tolist())) + "]").encode("ascii"))
+        f.write(b"]")
+
+    atomic_write_bytes(path, write)
