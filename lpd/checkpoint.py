@@ -143,8 +143,13 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, write_fn) -> None:
-    """Call ``write_fn(fileobj)`` on a temporary file next to ``path``, fsync it, then rename over ``path``."""
+def atomic_write_bytes(path: str | os.PathLike, write_fn, fsync: bool = True) -> None:
+    """Call ``write_fn(fileobj)`` on a temporary file next to ``path``, fsync it, then rename over ``path``.
+
+    Readers (and reruns) see the old file or the new one, never a partial one; the temporary file is
+    named ``.tmp-<name>-*`` and removed on failure.  ``fsync=False`` skips the flushes to disk (for
+    many small files whose readability a rerun checks anyway).
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -156,8 +161,9 @@ def atomic_write_bytes(path: str | os.PathLike, write_fn) -> None:
         os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -165,7 +171,8 @@ def atomic_write_bytes(path: str | os.PathLike, write_fn) -> None:
         except OSError:
             pass
         raise
-    _fsync_dir(folder)
+    if fsync:
+        _fsync_dir(folder)
 
 
 def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike) -> None:

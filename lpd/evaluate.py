@@ -67,7 +67,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -78,8 +77,9 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from lpd.checkpoint import atomic_write_bytes
 from lpd.distributed import barrier, broadcast_object
-from lpd.sampling import check_sampling_args, sample_tokens
+from lpd.sampling import check_sampling_args, sample_tokens, warn_if_emulated_bf16
 from lpd.schedules import validate_group_sizes
 
 __all__ = [
@@ -371,36 +371,11 @@ def image_path(image_dir: str | os.PathLike, index: int) -> str:
     return os.path.join(os.fspath(image_dir), f"{int(index):06d}.png")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _atomic_write(path: str | os.PathLike, write_fn: Callable[[Any], None], fsync: bool = True) -> None:
-    """Call ``write_fn(fileobj)`` on a temporary file next to ``path``, then rename it over ``path``.
-
-    Readers (and reruns) see the old file or the new one, never a partial one.  The file gets the
-    usual permissions (``0o666`` minus the umask; ``mkstemp`` alone would leave it private).
-    ``fsync=False`` for the many small PNGs: one damaged by a power loss fails the readability
-    check of the next run and is simply written again.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX + os.path.basename(path) + "-", dir=folder)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Atomic write through :func:`lpd.checkpoint.atomic_write_bytes` (temporary files are named
+    ``_TMP_PREFIX + name + '-*'``, which a resumed run sweeps up).  ``fsync=False`` for the many small
+    PNGs: one damaged by a power loss fails the readability check of the next run and is written again."""
+    atomic_write_bytes(path, write_fn, fsync=fsync)
 
 
 def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
@@ -667,6 +642,7 @@ class GenerationResult:
 def _autocast(device: torch.device, bf16: bool):
     if not bf16:
         return contextlib.nullcontext()
+    warn_if_emulated_bf16(device, torch.bfloat16)
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
@@ -813,7 +789,6 @@ def generate_images(
         image_dir = os.fspath(output_dir)
         os.makedirs(image_dir, exist_ok=True)
 
-    device = model.pos_embed.device
     meter = SpeedMeter(eval_bsz)
     plan = batch_plan(num_images, eval_bsz)
     mine = [b for j, b in enumerate(plan) if j % world_size == rank]

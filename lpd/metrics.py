@@ -47,7 +47,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -618,26 +617,9 @@ def save_statistics(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) 
     """Write ``mu`` (F,) and ``sigma`` (F, F) to the ``.npz`` ``path`` atomically (a temporary file
     in the same folder, fsync, ``os.replace``): readers never see a partial file."""
     mu, sigma = _check_stats(np.asarray(mu, np.float64), np.asarray(sigma, np.float64), "statistics to save")
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-stats-", suffix=".npz", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, mu=mu, sigma=sigma)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename durable where the OS allows
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    from lpd.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
 
 
 def _check_stats(mu: np.ndarray, sigma: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -789,11 +771,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"FID {result['fid']:.4f}  IS {result['inception_score']:.2f} ± {result['inception_score_std']:.2f}"
                   f"  ({result['num_images']} images)")
             if args.json:
-                folder = os.path.dirname(os.path.abspath(args.json))
-                fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-                with os.fdopen(fd, "w") as fh:
-                    json.dump(result, fh, indent=2)
-                os.replace(tmp, args.json)
+                from lpd.checkpoint import atomic_write_bytes
+
+                text = json.dumps(result, indent=2).encode()
+                atomic_write_bytes(args.json, lambda fh: fh.write(text))
     except (FileNotFoundError, ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -45,6 +45,8 @@ __all__ = [
     "filter_and_sample",
     "check_sampling_args",
     "compiled_step",
+    "cpu_has_native_bf16",
+    "warn_if_emulated_bf16",
 ]
 
 GeneratorArg = torch.Generator | Sequence[torch.Generator] | None
@@ -442,12 +444,39 @@ def sample_tokens(
         return flat.view(B, g)
 
     static_step = compiled_step(model, compile) if compile is not False else None
+    if autocast_dtype is not None:
+        warn_if_emulated_bf16(device, autocast_dtype)
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
     with _eval_mode(model), amp:
         tokens_gen = _decode(model, labels, orders, sizes, cfg, choose, static_step=static_step)
     tokens = torch.empty_like(tokens_gen)
     tokens.scatter_(1, orders, tokens_gen)
     return tokens
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX).  Without either, oneDNN
+    emulates bf16 matrix products and bf16 runs several times slower than fp32 (measured on an
+    AVX512 Xeon without them: about 23 vs 77 GFLOP/s, benchmarks/README.md)."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    try:
+        return any(bool(p()) for p in probes if p is not None)
+    except Exception:  # a torch without the probes: assume the hardware is fine rather than nag
+        return True
+
+
+_WARNED_BF16 = False
+
+
+def warn_if_emulated_bf16(device: torch.device | str, dtype: torch.dtype | None) -> None:
+    """Warn once per process when bf16 is asked for on a CPU that can only emulate it."""
+    global _WARNED_BF16
+    if _WARNED_BF16 or dtype != torch.bfloat16 or torch.device(device).type != "cpu" or cpu_has_native_bf16():
+        return
+    _WARNED_BF16 = True
+    warnings.warn("bf16 on this CPU is emulated (no AVX512-BF16 or AMX instructions) and is usually "
+                  "slower than fp32; leave bf16 off here (it pays on GPUs and on CPUs with AMX)",
+                  RuntimeWarning, stacklevel=3)
 
 
 @torch.no_grad()

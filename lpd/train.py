@@ -684,6 +684,10 @@ def train(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=model.label_drop_prob == 0)
 
+    if config.bf16:
+        from lpd.sampling import warn_if_emulated_bf16
+
+        warn_if_emulated_bf16(device, torch.bfloat16)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=config.bf16)
     if info.distributed and not ddp_model.find_unused_parameters:
         _settle_ddp_buckets(ddp_model, model, config.batch_size, schedules[0], device, autocast)

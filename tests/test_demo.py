@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 
 from lpd.demo.digits import DigitTokens, load_digits_dataset, load_digits_images, split_indices
 from lpd.tokenizer import make_tokenizer
-from lpd.tokenizer.palette import PaletteTokenizer, images_to_uint8
+from lpd.tokenizer.palette import PaletteTokenizer
 
 
 def test_digits_splits_are_disjoint_stratified_and_deterministic():

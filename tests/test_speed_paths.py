@@ -234,6 +234,27 @@ def test_bf16_autocast_decoding_runs(static):
     assert (greedy16 == greedy32).float().mean() > 0.5  # bf16 rounding may flip near-ties only
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_emulated_bf16_on_cpu_warns_once(monkeypatch, native):
+    import lpd.sampling as sampling
+
+    real = sampling.cpu_has_native_bf16()
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else None
+    if flags is not None:  # the probe agrees with the CPU's own flags
+        assert real == any(f in flags.split() for f in ("avx512_bf16", "amx_tile"))
+    monkeypatch.setattr(sampling, "_WARNED_BF16", False)
+    monkeypatch.setattr(sampling, "cpu_has_native_bf16", lambda: native)
+    model = tiny_model()
+    _, labels, orders = inputs(model, 1, seed=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            sample_tokens(model, labels, orders, [4, 12], greedy=True, autocast_dtype=torch.bfloat16)
+        sampling.warn_if_emulated_bf16("cpu", torch.float32)  # fp32: never a warning
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len([m for m in msgs if "bf16 on this CPU is emulated" in m]) == (0 if native else 1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Training pass: flex attention, the trimmed last block, the CPU kernels
 # ---------------------------------------------------------------------------------------------

@@ -15,8 +15,6 @@ import math
 import os
 from typing import Any, Callable
 
-import torch
-
 from lpd.checkpoint import CheckpointError, interpolate_pos_embed, load_checkpoint, load_into
 from lpd.models.lpd import LPD, KVCache, LPDConfig, group_visible_mask
 
