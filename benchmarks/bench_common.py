@@ -205,12 +205,11 @@ def host_info(device: torch.device) -> dict[str, Any]:
             for line in f:
                 if line.startswith("model name") and "cpu" not in info:
                     info["cpu"] = line.split(":", 1)[1].strip()
-                if line.startswith("flags") and "native_bf16" not in info:
-                    flags = set(line.split(":", 1)[1].split())
-                    # Without these, oneDNN emulates bf16 matmuls (slower than fp32).
-                    info["native_bf16"] = bool(flags & {"avx512_bf16", "amx_bf16"})
     except OSError:
         pass
+    from lpd.sampling import cpu_has_native_bf16
+
+    info["native_bf16"] = cpu_has_native_bf16()  # without it oneDNN emulates bf16 (slower than fp32)
     if hasattr(os, "getloadavg"):
         info["load_average"] = [round(v, 2) for v in os.getloadavg()]
     if device.type == "cuda":
