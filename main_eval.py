@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top_k", type=int, default=0)
     g.add_argument("--top_p", type=float, default=1.0)
-    g.add_argument("--bf16", action="store_true", help="bf16 autocast for the transformer")
+    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
+                   help="bf16 autocast for the transformer (the paper's configs turn it on, as the released "
+                        "evaluation scripts do; --no-bf16 turns it off)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("outputs and metrics")
     g.add_argument("--output_dir", default="outputs/eval", help="the run folder is created inside it")

@@ -270,6 +270,9 @@ def test_one_config_and_script_per_row_of_the_paper(model, res, steps, tr, cfg):
     assert (args.model, args.img_size, args.generation_steps) == (f"lpd_{model}", res, steps)
     assert (args.repulsion_threshold, args.cfg, args.cfg_schedule, args.order) == (tr, cfg, "linear", "lpd")
     assert args.num_images == 50000 and args.seed == 0 and not args.random_init
+    assert args.bf16 and args.eval_bsz == 256  # the released evaluation scripts' --bf16 --eval_bsz 256
+    off = main_eval.parse_args_with_config(main_eval.build_parser(), ["--config", config, "--no-bf16"])
+    assert not off.bf16
     script = open(os.path.join(ROOT, "scripts", "eval", f"{name}.sh")).read()
     assert "torchrun --nproc_per_node=\"${NGPUS:-8}\" main_eval.py" in script
     assert f"--config configs/eval_{name}.yaml \"$@\"" in script
