@@ -35,7 +35,7 @@ def _mapping(text: str) -> dict[str, Any]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Cache VQ tokens of an ImageFolder", description=__doc__,
+    p = argparse.ArgumentParser("Cache VQ tokens of an ImageFolder", allow_abbrev=False, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML file of defaults (e.g. configs/tiny.yaml); flags override it")
     p.add_argument("--data_path", required=False, help="ImageFolder (or a folder holding train/)")

@@ -71,7 +71,7 @@ def _json_mapping(text: str) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML file of defaults (keys are these flag names)")
     g = p.add_argument_group("model and tokenizer")
     g.add_argument("--model", default=None, help="preset: lpd_l, lpd_xl, lpd_xxl (released checkpoints), lpd_tiny")

@@ -27,6 +27,9 @@ from lpd.distributed import cleanup, init_distributed
 from lpd.lr_sched import LR_SCHEDULES
 from lpd.train import PREEMPTED_EXIT_CODE, NonFiniteLossError, TrainConfig, train
 
+#: the released main.py's --eval_freq default, used when --online_eval comes without --eval_freq
+ONLINE_EVAL_FREQ = 50
+
 
 def _mapping(text: str) -> dict[str, Any]:
     """A YAML / JSON mapping given on the command line, e.g. ``'{embed_dim: 64, depth: 2}'``."""
@@ -47,7 +50,7 @@ def _bool(text: str) -> bool:
 
 def get_args_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser("LPD training", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser("LPD training", allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML file of defaults (flag names as keys); flags override it")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=d.model, help="preset: lpd_l, lpd_xl, lpd_xxl, lpd_tiny")
@@ -67,7 +70,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache_format", default=d.cache_format, choices=["auto", "released", "consolidated"])
     g.add_argument("--data_path", default=d.data_path, help="ImageFolder (or a folder with train/) when not cached")
     g.add_argument("--num_workers", type=int, default=d.num_workers)
-    g.add_argument("--pin_mem", type=_bool, default=d.pin_mem, help="pin host memory for GPU copies (true/false)")
+    g.add_argument("--pin_mem", type=_bool, nargs="?", const=True, default=d.pin_mem,
+                   help="pin host memory for GPU copies (--pin_mem, --pin_mem false, or --no_pin_mem)")
+    g.add_argument("--no_pin_mem", dest="pin_mem", action="store_false", help=argparse.SUPPRESS)
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=d.epochs)
     g.add_argument("--batch_size", type=int, default=d.batch_size, help="per process; global = batch_size x world size")
@@ -93,25 +98,70 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--pretrained_ckpt", default=d.pretrained_ckpt,
                    help="initial weights (e.g. the 256 px model for 512 px fine-tuning; pos_embed is interpolated)")
     g.add_argument("--save_every_steps", type=int, default=d.save_every_steps, help="checkpoint-last.pth every N steps (0: off)")
-    g.add_argument("--save_every_epochs", type=int, default=d.save_every_epochs, help="checkpoint-{epoch}.pth every K epochs")
+    g.add_argument("--save_every_epochs", "--save_intermediate_freq", type=int, default=d.save_every_epochs,
+                   help="checkpoint-{epoch}.pth every K epochs (released name: --save_intermediate_freq)")
+    g.add_argument("--save_last_freq", type=int, default=d.save_last_freq,
+                   help="checkpoint-last.pth at the end of every K-th epoch (released flag; the step-wise "
+                        "--save_every_steps saves and preemption saves come on top)")
     g.add_argument("--log_freq", type=int, default=d.log_freq, help="log every N steps")
-    g.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=False, help="log to Weights & Biases (when installed)")
+    g.add_argument("--wandb", "--use_wandb", action=argparse.BooleanOptionalAction, default=False,
+                   help="log to Weights & Biases (when installed)")
     g.add_argument("--wandb_project", default=d.wandb_project)
-    g.add_argument("--run_name", default=d.run_name)
+    g.add_argument("--run_name", "--wandb_run_name", default=d.run_name)
     g.add_argument("--preempt_signals", default=d.preempt_signals, help="signals that save and stop (comma-separated)")
     g = p.add_argument_group("evaluation during training (lpd.evaluate)")
-    g.add_argument("--eval_freq", type=int, default=d.eval_freq, help="evaluate every N epochs (0: never)")
-    g.add_argument("--eval_num_images", type=int, default=d.eval_num_images)
+    g.add_argument("--eval_freq", type=int, default=d.eval_freq,
+                   help=f"evaluate every N epochs (0: never, unless --online_eval: then every {ONLINE_EVAL_FREQ})")
+    g.add_argument("--online_eval", action="store_true", help="evaluate during training (released flag)")
+    g.add_argument("--eval_num_images", "--num_images", type=int, default=d.eval_num_images)
     g.add_argument("--eval_bsz", type=int, default=d.eval_bsz)
-    g.add_argument("--eval_steps", type=int, default=d.eval_steps, help="decoding steps")
+    g.add_argument("--eval_steps", "--generation_steps", type=int, default=d.eval_steps,
+                   help="decoding steps (the released group-size table of --img_size)")
+    g.add_argument("--group_sizes", dest="eval_group_sizes", default=d.eval_group_sizes,
+                   help="explicit decoding schedule for the evaluation, e.g. '[1]*256' (overrides --eval_steps)")
+    g.add_argument("--order", dest="eval_order", choices=["lpd", "random", "raster"], default=d.eval_order)
     g.add_argument("--cfg", type=float, default=d.cfg, help="classifier-free guidance scale")
+    g.add_argument("--cfg_schedule", default=d.cfg_schedule, choices=["linear", "constant"])
+    g.add_argument("--temperature", type=float, default=d.temperature)
+    g.add_argument("--top_k", type=int, default=d.top_k)
+    g.add_argument("--top_p", type=float, default=d.top_p)
     g.add_argument("--eval_ref_stats", default=d.eval_ref_stats, help="FID reference statistics (.npz); none: sample only")
+    g = p.add_argument_group("released flags accepted for compatibility")
+    g.add_argument("--vqgan_stride", type=int, default=None, help="must be 16 (the LlamaGen VQ)")
+    g.add_argument("--vqgan_vocab_size", type=int, default=None, help="= --model_config '{vocab_size: N}'")
+    g.add_argument("--class_num", type=int, default=None, help="= --model_config '{class_num: N}'")
+    g.add_argument("--resume_epoch", type=int, default=None, help="ignored: the epoch comes from the checkpoint")
+    g.add_argument("--evaluate", action="store_true", help="refused: use main_eval.py")
+    for name in ("--world_size", "--local_rank", "--local-rank", "--dist_url"):  # torchrun's environment rules
+        g.add_argument(name, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--dist_on_itp", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
+_IGNORED = ("world_size", "local_rank", "dist_url", "dist_on_itp")
+
+
 def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
-    args = vars(parse_args_with_config(get_args_parser(), argv))
+    """Flags (and ``--config``) -> :class:`TrainConfig`, mapping the released script's extra flags."""
+    parser = get_args_parser()
+    args = vars(parse_args_with_config(parser, argv))
     args.pop("config", None)
+    for name in _IGNORED:
+        args.pop(name, None)
+    if args.pop("evaluate"):
+        parser.error("--evaluate: evaluation of a checkpoint is main_eval.py here, e.g. "
+                     "`python main_eval.py --model lpd_l --pretrained_ckpt CKPT --generation_steps 20 --cfg 4.8`")
+    stride = args.pop("vqgan_stride")
+    if stride not in (None, 16):
+        parser.error(f"--vqgan_stride {stride}: only the 16x-downsampling LlamaGen VQ is supported")
+    if args.pop("resume_epoch") not in (None, 0):
+        print("note: --resume_epoch is ignored; --resume restores the epoch and step from the checkpoint", file=sys.stderr)
+    overrides = {k: v for k, v in (("vocab_size", args.pop("vqgan_vocab_size")), ("class_num", args.pop("class_num")))
+                 if v is not None}
+    if overrides:
+        args["model_config"] = {**(args.get("model_config") or {}), **overrides}
+    if args["online_eval"] and args["eval_freq"] <= 0:
+        args["eval_freq"] = ONLINE_EVAL_FREQ
     return TrainConfig(**args)
 
 

@@ -726,7 +726,7 @@ def _default_device() -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lpd.metrics", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m lpd.metrics", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(s: argparse.ArgumentParser) -> None:
@@ -739,10 +739,10 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--num_workers", type=int, default=0, help="image-decoding worker processes")
         s.add_argument("--no_progress", action="store_true", help="no progress bar")
 
-    s = sub.add_parser("stats", help="write the feature statistics (mu, sigma) of reference images")
+    s = sub.add_parser("stats", allow_abbrev=False, help="write the feature statistics (mu, sigma) of reference images")
     common(s)
     s.add_argument("--output", required=True, help="statistics file to write (.npz with mu, sigma)")
-    f = sub.add_parser("fid", help="print FID (against a statistics file) and Inception Score of images")
+    f = sub.add_parser("fid", allow_abbrev=False, help="print FID (against a statistics file) and Inception Score of images")
     common(f)
     f.add_argument("--stats", "--fid_stats", dest="stats", required=True, help="reference statistics (.npz)")
     f.add_argument("--splits", type=int, default=10, help="Inception Score splits")

@@ -284,3 +284,56 @@ def training_schedules(img_size: int, vqgan_stride: int = 16) -> list[list[int]]
         )
     tables = RELEASED_GROUP_SIZES[n]
     return [list(tables[s]) for s in sorted(tables, reverse=True)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The released JSON files (orders/group_sizes_lookup.json, orders/group_sizes_training/*.json)
+# ---------------------------------------------------------------------------------------------
+
+def _json_rows(rows: Sequence[Sequence[int]], indent: str) -> str:
+    """One schedule per line, as the released files lay them out (plain JSON either way)."""
+    return (",\n").join(indent + "[" + ", ".join(str(int(v)) for v in row) + "]" for row in rows)
+
+
+def released_files() -> dict[str, str]:
+    """The released schedule files, written from this module's tables, by path under ``orders/``.
+
+    ``group_sizes_lookup.json``: ``{"256 resolution": {"256 steps": [...], ...}, "512 resolution": ...}``
+    (steps descending); ``group_sizes_training/group_sizes_{256,512}.json``: the list that
+    ``--group_sizes_list`` names in the released training scripts (:func:`training_schedules`).
+    The released scripts' paths then work unchanged from the repository root.
+    """
+    files: dict[str, str] = {}
+    parts = []
+    for n in sorted(RELEASED_GROUP_SIZES):
+        res = int(round(n ** 0.5)) * 16
+        tables = RELEASED_GROUP_SIZES[n]
+        entries = ",\n".join(f'        "{s} steps": [' + ", ".join(map(str, tables[s])) + "]"
+                             for s in sorted(tables, reverse=True))
+        parts.append(f'    "{res} resolution": {{\n{entries}\n    }}')
+        files[f"group_sizes_training/group_sizes_{res}.json"] = (
+            "[\n" + _json_rows(training_schedules(res), "    ") + "\n]\n")
+    files["group_sizes_lookup.json"] = "{\n" + ",\n".join(parts) + "\n}\n"
+    return files
+
+
+def write_released_files(folder: str) -> list[str]:
+    """Write :func:`released_files` under ``folder`` (atomically); returns the paths written."""
+    import os
+
+    from lpd.checkpoint import atomic_write_bytes
+
+    written = []
+    for rel, text in released_files().items():
+        path = os.path.join(folder, rel)
+        data = text.encode()
+        atomic_write_bytes(path, lambda f, data=data: f.write(data))
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":  # python -m lpd.schedules [FOLDER]: (re)write the released JSON tables
+    import sys
+
+    for p in write_released_files(sys.argv[1] if len(sys.argv) > 1 else "orders"):
+        print(p)

@@ -131,6 +131,7 @@ class TrainConfig:
     pretrained_ckpt: str | None = None
     save_every_steps: int = 1000
     save_every_epochs: int = 50
+    save_last_freq: int = 1
     log_freq: int = 20
     wandb: bool = False
     wandb_project: str = "lpd"
@@ -138,10 +139,17 @@ class TrainConfig:
     preempt_signals: str = "TERM,USR1"
     # evaluation during training (through lpd.evaluate, when available)
     eval_freq: int = 0
+    online_eval: bool = False  # the released flag; main_train.py turns it into an eval_freq
     eval_num_images: int = 1000
     eval_bsz: int = 64
     eval_steps: int = 20
+    eval_group_sizes: str | None = None  # an explicit schedule (released --group_sizes), overrides eval_steps
+    eval_order: str | None = None  # lpd.evaluate's default order when None
     cfg: float = 4.0
+    cfg_schedule: str = "linear"
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
     eval_ref_stats: str | None = None
 
     def validate(self) -> None:
@@ -156,6 +164,8 @@ class TrainConfig:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
         if self.seed < 0:
             raise ValueError(f"--seed must be >= 0, got {self.seed}")
+        if self.save_last_freq <= 0:
+            raise ValueError(f"--save_last_freq must be >= 1 (epochs), got {self.save_last_freq}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -569,14 +579,19 @@ def _evaluate(config: TrainConfig, model: torch.nn.Module, tokenizer_fn: Callabl
         "model": lambda: model,
         "tokenizer": tokenizer_fn,
         "num_images": lambda: config.eval_num_images,
-        "group_sizes": lambda: group_sizes(config.img_size, config.eval_steps),
+        "group_sizes": lambda: (parse_group_sizes(config.eval_group_sizes, model.num_tokens)
+                                if config.eval_group_sizes is not None else group_sizes(config.img_size, config.eval_steps)),
         "output_dir": lambda: os.path.join(config.output_dir, f"eval-epoch{epoch}"),
         "compute_fid": lambda: config.eval_ref_stats is not None,
         "ref_stats": lambda: config.eval_ref_stats,
         "rank": lambda: info.rank,
         "world_size": lambda: info.world_size,
     }
-    sampling = {"cfg": config.cfg, "seed": config.seed, "eval_bsz": config.eval_bsz, "bf16": config.bf16}
+    sampling = {"cfg": config.cfg, "cfg_schedule": config.cfg_schedule, "temperature": config.temperature,
+                "top_k": config.top_k, "top_p": config.top_p, "seed": config.seed, "eval_bsz": config.eval_bsz,
+                "bf16": config.bf16}
+    if config.eval_order is not None:
+        sampling["order"] = config.eval_order
     kwargs = {k: v() for k, v in offered.items() if k in params}
     kwargs.update({k: v for k, v in sampling.items() if k in params or takes_kwargs})
     required = [n for n, p in params.items() if p.default is p.empty
@@ -628,6 +643,11 @@ def train(
     model = build_model(config, log).to(device)
     N, V = model.num_tokens, model.vocab_size
     schedules = parse_schedule_list(config.group_sizes_list, config.img_size, N)
+    if config.eval_group_sizes is not None:  # checked now, not at the first evaluation hours later
+        try:
+            parse_group_sizes(config.eval_group_sizes, N)
+        except ValueError as e:
+            raise ValueError(f"--group_sizes (the evaluation schedule): {e}") from e
     if dataset is None:
         dataset = build_dataset(config, N, V)
     n_classes = _num_classes(dataset)
@@ -814,7 +834,8 @@ def train(
                     f"continue with --resume {config.output_dir}")
                 break
             start_step = 0
-            names = [] if last_saved == global_step else ["checkpoint-last.pth"]
+            last_due = (epoch + 1) % config.save_last_freq == 0 or epoch + 1 == config.epochs
+            names = [] if last_saved == global_step or not last_due else ["checkpoint-last.pth"]
             if config.save_every_epochs > 0 and ((epoch + 1) % config.save_every_epochs == 0 or epoch + 1 == config.epochs):
                 names.append(f"checkpoint-{epoch}.pth")
             if names:

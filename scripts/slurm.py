@@ -108,7 +108,7 @@ class Launcher:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Submit an lpd entry point to Slurm", description=__doc__,
+    p = argparse.ArgumentParser("Submit an lpd entry point to Slurm", allow_abbrev=False, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus_per_node", type=int, default=8)

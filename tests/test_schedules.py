@@ -108,3 +108,32 @@ def test_training_schedules():
     assert training_schedules(256)[0][0] == 1
     with pytest.raises(ValueError, match="no released training schedules"):
         training_schedules(384)
+
+
+def test_shipped_released_json_files_match_the_tables(tmp_path):
+    import json
+    import os
+
+    from lpd.schedules import released_files, write_released_files
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "orders")
+    files = released_files()
+    assert set(files) == {"group_sizes_lookup.json", "group_sizes_training/group_sizes_256.json",
+                          "group_sizes_training/group_sizes_512.json"}
+    for rel, text in files.items():  # the repository copies are current (`python -m lpd.schedules orders`)
+        with open(os.path.join(root, rel)) as f:
+            assert f.read() == text, f"orders/{rel} is stale: run `python -m lpd.schedules orders`"
+    lookup = json.loads(files["group_sizes_lookup.json"])
+    assert list(lookup) == ["256 resolution", "512 resolution"]
+    assert list(lookup["256 resolution"]) == [f"{s} steps" for s in (256, 128, 64, 32, 24, 20, 16, 12, 8)]
+    for res, n in ((256, 256), (512, 1024)):
+        for key, sizes in lookup[f"{res} resolution"].items():
+            assert sizes == group_sizes(res, int(key.split()[0]))
+            _valid(sizes, n, int(key.split()[0]))
+        assert json.loads(files[f"group_sizes_training/group_sizes_{res}.json"]) == training_schedules(res)
+    # a few values as the released files print them
+    assert lookup["256 resolution"]["8 steps"] == [1, 15, 24, 32, 40, 45, 49, 50]
+    assert lookup["512 resolution"]["192 steps"][-2:] == [8, 10]
+    written = write_released_files(str(tmp_path))
+    assert sorted(os.path.relpath(p, tmp_path) for p in written) == sorted(files)
+    assert all(open(p).read() == files[os.path.relpath(p, tmp_path)] for p in written)

@@ -101,8 +101,10 @@ def test_released_flag_names_parse(tmp_path):
     assert (c.output_dir, c.resume, c.pretrained_ckpt, c.seed, c.num_workers) == ("o", "r", "p.pth", 3, 2)
     assert (c.save_every_steps, c.save_every_epochs, c.eval_freq, c.device, c.log_dir) == (5, 2, 10, "cpu", "tb")
     # Every flag is a TrainConfig field and the reverse; configs set defaults that flags override.
+    compat = {"vqgan_stride", "vqgan_vocab_size", "class_num", "resume_epoch", "evaluate", "world_size",
+              "local_rank", "dist_url", "dist_on_itp"}  # released-only flags, mapped or refused by parse_config
     dests = {a.dest for a in main_train.get_args_parser()._actions} - {"help", "config"}
-    assert dests == {f for f in TrainConfig.__dataclass_fields__}
+    assert dests - compat == {f for f in TrainConfig.__dataclass_fields__}
     t = main_train.parse_config(["--config", TINY, "--batch_size", "4", "--no-bf16"])
     assert t.model == "lpd_tiny" and t.model_config["embed_dim"] == 64 and t.batch_size == 4 and not t.bf16
     for name in ("l_256", "xl_256", "xxl_256", "l_512", "xl_512"):
@@ -110,6 +112,56 @@ def test_released_flag_names_parse(tmp_path):
         assert r.weight_decay == 0.02 and r.grad_clip == 3.0 and r.bf16 and r.blr == 1e-4 and r.min_lr == 1e-5
         assert r.batch_size * {"l_256": 32, "xl_256": 32, "xxl_256": 64, "l_512": 64, "xl_512": 64}[name] == 2048
         assert (r.epochs, r.warmup_epochs) == ((450, 50) if r.img_size == 256 else (50, 1))
+
+
+def test_the_released_training_script_runs_unchanged_through_parse_config():
+    # scripts/train/lpd_l_256.sh of the released code, flag for flag
+    argv = ("--img_size 256 --vqgan_path tokenizers/vq_ds16_c2i.pt --use_cached --cached_path C --model lpd_l "
+            "--epochs 450 --warmup_epochs 50 --lr_decay_start_epoch 400 --batch_size 64 --bf16 "
+            "--lr_schedule constant+cosine --blr 1.0e-4 --min_lr 1.0e-5 --output_dir O --resume O "
+            "--group_sizes_list orders/group_sizes_training/group_sizes_256.json --online_eval --eval_freq 10 "
+            "--group_sizes [1]*256 --cfg 4.0 --cfg_schedule linear --save_intermediate_freq 25 "
+            "--save_last_freq 5 --use_wandb --wandb_run_name lpd-l-256").split()
+    c = main_train.parse_config(argv)
+    # --group_sizes is the evaluation schedule; it must not be taken for --group_sizes_list
+    assert c.group_sizes_list == "orders/group_sizes_training/group_sizes_256.json"
+    assert c.eval_group_sizes == "[1]*256" and c.online_eval and c.eval_freq == 10
+    assert (c.cfg, c.cfg_schedule, c.save_every_epochs, c.save_last_freq) == (4.0, "linear", 25, 5)
+    assert c.wandb and c.run_name == "lpd-l-256" and c.resume == "O" and c.bf16
+    # the file it names ships with the repository and holds the nine released 256 px schedules
+    assert parse_schedule_list(os.path.join(ROOT, c.group_sizes_list), 256, 256) == training_schedules(256)
+    assert parse_schedule_list(os.path.join(ROOT, "orders/group_sizes_training/group_sizes_512.json"), 512, 1024) \
+        == training_schedules(512)
+
+
+def test_released_only_flags_are_mapped_or_refused(capsys):
+    c = main_train.parse_config(["--class_num", "10", "--vqgan_vocab_size", "64", "--model_config", "{depth: 2}",
+                                 "--vqgan_stride", "16", "--local_rank", "0", "--dist_url", "env://",
+                                 "--world_size", "8", "--dist_on_itp", "--no_pin_mem", "--generation_steps", "32",
+                                 "--num_images", "100", "--order", "raster", "--temperature", "0.9", "--top_k", "5"])
+    assert c.model_config == {"depth": 2, "vocab_size": 64, "class_num": 10} and not c.pin_mem
+    assert (c.eval_steps, c.eval_num_images, c.eval_order, c.temperature, c.top_k) == (32, 100, "raster", 0.9, 5)
+    assert main_train.parse_config(["--pin_mem"]).pin_mem and not main_train.parse_config(["--pin_mem", "false"]).pin_mem
+    assert main_train.parse_config(["--online_eval"]).eval_freq == main_train.ONLINE_EVAL_FREQ == 50
+    assert main_train.parse_config([]).eval_freq == 0
+    main_train.parse_config(["--resume_epoch", "7"])
+    assert "--resume_epoch is ignored" in capsys.readouterr().err
+    for argv, msg in ((["--evaluate"], "main_eval.py"), (["--vqgan_stride", "8"], "only the 16x")):
+        with pytest.raises(SystemExit) as e:
+            main_train.parse_config(argv)
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # no abbreviations: --group_size is not --group_sizes_list
+        main_train.parse_config(["--group_size", "[1]*256"])
+
+
+def test_save_last_freq_writes_checkpoint_last_every_kth_epoch(tmp_path, one_thread, monkeypatch):
+    import lpd.train as lt
+
+    saved = []
+    real = lt.save_checkpoint
+    monkeypatch.setattr(lt, "save_checkpoint", lambda state, path: (saved.append((state["epoch"], os.path.basename(path))), real(state, path)))
+    train(tiny_config(tmp_path, epochs=5, save_last_freq=2), dataset=Tokens(8, 16), log=lambda m: None)
+    assert [e for e, name in saved if name == "checkpoint-last.pth"] == [1, 3, 4]  # epochs 2, 4 and the last
 
 
 def test_schedule_lists(tmp_path):

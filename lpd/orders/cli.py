@@ -41,6 +41,7 @@ def _default_workers() -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m lpd.orders``."""
     p = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="python -m lpd.orders",
         description="Generate LPD generation orders (JSON order files) or draw one order (PNG).",
     )
