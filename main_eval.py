@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--metrics_bsz", type=int, default=50, help="images per Inception batch")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--no_progress", action="store_true")
+    g = p.add_argument_group("released flags accepted for compatibility")
+    g.add_argument("--evaluate", action="store_true", help="accepted (this script only evaluates)")
+    g.add_argument("--vqgan_stride", type=int, default=None, help="must be 16 (the LlamaGen VQ)")
+    for name in ("--world_size", "--local_rank", "--local-rank", "--dist_url"):  # torchrun's environment rules
+        g.add_argument(name, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--dist_on_itp", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
@@ -123,6 +129,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise EvaluationError(f"--{name} must be a positive integer, got {v!r}")
     if args.lpd_order_file and args.order != "lpd":
         raise EvaluationError(f"--lpd_order_file gives LPD orders; it cannot be combined with --order {args.order}")
+    if getattr(args, "vqgan_stride", None) not in (None, 16):
+        raise EvaluationError(f"--vqgan_stride {args.vqgan_stride}: only the 16x-downsampling LlamaGen VQ is supported")
     if args.random_init and args.pretrained_ckpt:
         raise EvaluationError("--random_init and --pretrained_ckpt exclude each other")
 

@@ -276,3 +276,20 @@ def test_one_config_and_script_per_row_of_the_paper(model, res, steps, tr, cfg):
     script = open(os.path.join(ROOT, "scripts", "eval", f"{name}.sh")).read()
     assert "torchrun --nproc_per_node=\"${NGPUS:-8}\" main_eval.py" in script
     assert f"--config configs/eval_{name}.yaml \"$@\"" in script
+
+
+def test_the_released_evaluation_command_line_parses_unchanged():
+    # scripts/eval/lpd_l_res256_steps20.sh of the released code, flag for flag
+    argv = ("--img_size 256 --vqgan_path tokenizers/vq_ds16_c2i.pt --model lpd_l "
+            "--pretrained_ckpt path/lpd_l_256.pth --evaluate --eval_bsz 256 --bf16 --generation_steps 20 "
+            "--order lpd --lpd_order_file orders/lpd_orders_generated/res256_steps20_repulsion2.json "
+            "--cfg 4.8 --cfg_schedule linear --output_dir out --local_rank 0").split()
+    a = main_eval.parse_args_with_config(main_eval.build_parser(), argv)
+    assert (a.model, a.img_size, a.eval_bsz, a.bf16, a.generation_steps, a.order, a.cfg) == ("lpd_l", 256, 256, True, 20, "lpd", 4.8)
+    assert a.pretrained_ckpt == "path/lpd_l_256.pth" and a.lpd_order_file.endswith("repulsion2.json")
+    main_eval.check_args(a)
+    a.vqgan_stride = 8
+    with pytest.raises(EvaluationError, match="only the 16x"):
+        main_eval.check_args(a)
+    with pytest.raises(SystemExit):  # flags are never abbreviated
+        main_eval.parse_args_with_config(main_eval.build_parser(), ["--generation_step", "20"])
