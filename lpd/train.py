@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import json
 import math
 import os
@@ -137,7 +136,7 @@ class TrainConfig:
     wandb_project: str = "lpd"
     run_name: str | None = None
     preempt_signals: str = "TERM,USR1"
-    # evaluation during training (through lpd.evaluate, when available)
+    # evaluation during training (lpd.evaluate at cfg 1.0 and at cfg, as the released loop)
     eval_freq: int = 0
     online_eval: bool = False  # the released flag; main_train.py turns it into an eval_freq
     eval_num_images: int = 1000
@@ -555,63 +554,57 @@ def _settle_ddp_buckets(ddp_model: torch.nn.Module, model: torch.nn.Module, batc
     model.zero_grad(set_to_none=True)
 
 
-def _evaluate(config: TrainConfig, model: torch.nn.Module, tokenizer_fn: Callable[[], Any], epoch: int,
-              info: DistInfo, log: Callable[[str], None]) -> dict[str, Any] | None:
-    """Sample and score through :mod:`lpd.evaluate` (``generate_and_score`` or ``evaluate``) on every rank.
+_EVAL_METRICS = ("fid", "inception_score", "inception_score_std", "sampling_wall_s")
 
-    Skipped with a message when the evaluation code is missing or needs arguments training does not
-    have; an error inside it is reported and training continues.
+
+def eval_cfg_scales(cfg: float) -> list[float]:
+    """The guidance scales an evaluation during training runs: 1.0, then ``cfg`` unless it is 0 or 1
+    (as the released training loop does)."""
+    return [1.0] if cfg in (0.0, 1.0) else [1.0, float(cfg)]
+
+
+def _evaluate(config: TrainConfig, model: torch.nn.Module, tokenizer_fn: Callable[[], Any], epoch: int,
+              info: DistInfo, log: Callable[[str], None]) -> dict[str, float]:
+    """Sample ``eval_num_images`` images (FID / IS too with ``eval_ref_stats``) through
+    :func:`lpd.evaluate.evaluate` at each of :func:`eval_cfg_scales`, every rank taking its share.
+
+    The guided run uses half the batch (its forward passes are twice as wide), as the released loop
+    does; image ``i`` is the same at any batch size.  Runs go to ``OUTPUT_DIR/eval-epoch{E}-cfg{s}``
+    (a preempted evaluation resumes there).  Returns ``{"cfg{s}_{metric}": value}`` for FID, IS
+    and sampling seconds (the full record is the run folder's ``metrics.json``); an error is
+    logged and training goes on.
     """
-    try:
-        from lpd import evaluate as ev
-    except ImportError as e:
-        log(f"evaluation skipped: lpd.evaluate cannot be imported ({e})")
-        return None
-    fn = getattr(ev, "generate_and_score", None) or getattr(ev, "evaluate", None)
-    if fn is None:
-        log("evaluation skipped: lpd.evaluate has neither generate_and_score() nor evaluate()")
-        return None
+    from lpd.evaluate import evaluate
     from lpd.schedules import group_sizes
 
-    params = inspect.signature(fn).parameters
-    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    offered: dict[str, Callable[[], Any]] = {
-        "model": lambda: model,
-        "tokenizer": tokenizer_fn,
-        "num_images": lambda: config.eval_num_images,
-        "group_sizes": lambda: (parse_group_sizes(config.eval_group_sizes, model.num_tokens)
-                                if config.eval_group_sizes is not None else group_sizes(config.img_size, config.eval_steps)),
-        "output_dir": lambda: os.path.join(config.output_dir, f"eval-epoch{epoch}"),
-        "compute_fid": lambda: config.eval_ref_stats is not None,
-        "ref_stats": lambda: config.eval_ref_stats,
-        "rank": lambda: info.rank,
-        "world_size": lambda: info.world_size,
-    }
-    sampling = {"cfg": config.cfg, "cfg_schedule": config.cfg_schedule, "temperature": config.temperature,
-                "top_k": config.top_k, "top_p": config.top_p, "seed": config.seed, "eval_bsz": config.eval_bsz,
-                "bf16": config.bf16}
-    if config.eval_order is not None:
-        sampling["order"] = config.eval_order
-    kwargs = {k: v() for k, v in offered.items() if k in params}
-    kwargs.update({k: v for k, v in sampling.items() if k in params or takes_kwargs})
-    required = [n for n, p in params.items() if p.default is p.empty
-                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in kwargs]
-    if required:
-        log(f"evaluation skipped: {fn.__name__}() needs {required}, which training does not provide")
-        return None
+    if config.eval_group_sizes is not None:
+        sizes = parse_group_sizes(config.eval_group_sizes, model.num_tokens)
+    else:
+        sizes = group_sizes(config.img_size, config.eval_steps)
+    extra = {"order": config.eval_order} if config.eval_order is not None else {}
+    results: dict[str, float] = {}
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            out = fn(**kwargs)
-    except Exception as e:  # noqa: BLE001 - evaluation must not kill a long training run
-        log(f"evaluation at epoch {epoch} failed ({type(e).__name__}: {e}); training continues")
-        return None
+        for scale in eval_cfg_scales(config.cfg):
+            try:
+                with torch.no_grad():
+                    out = evaluate(
+                        model, tokenizer_fn(), config.eval_num_images, sizes,
+                        output_dir=os.path.join(config.output_dir, f"eval-epoch{epoch}-cfg{scale:g}"),
+                        compute_fid=config.eval_ref_stats is not None, ref_stats=config.eval_ref_stats,
+                        rank=info.rank, world_size=info.world_size, cfg=scale, cfg_schedule=config.cfg_schedule,
+                        temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, seed=config.seed,
+                        eval_bsz=config.eval_bsz if scale == 1.0 else max(1, config.eval_bsz // 2),
+                        bf16=config.bf16, **extra)
+            except Exception as e:  # noqa: BLE001 - evaluation must not kill a long training run
+                log(f"evaluation at epoch {epoch} (cfg {scale:g}) failed ({type(e).__name__}: {e}); training continues")
+                continue
+            results.update({f"cfg{scale:g}_{k}": float(out[k]) for k in _EVAL_METRICS
+                            if isinstance(out.get(k), (int, float)) and not isinstance(out.get(k), bool)})
     finally:
         model.train(was_training)
-    if not isinstance(out, dict):
-        return None
-    return {k: v for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return results
 
 
 # ---------------------------------------------------------------------------------------------

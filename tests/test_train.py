@@ -154,6 +154,35 @@ def test_released_only_flags_are_mapped_or_refused(capsys):
         main_train.parse_config(["--group_size", "[1]*256"])
 
 
+def test_evaluation_during_training_runs_cfg_1_then_cfg_like_the_released_loop(tmp_path, one_thread):
+    import json
+
+    from lpd.train import eval_cfg_scales
+
+    assert eval_cfg_scales(4.0) == [1.0, 4.0] and eval_cfg_scales(1.0) == [1.0] and eval_cfg_scales(0.0) == [1.0]
+    logs = []
+    vq = dict(ch=32, ch_mult=[1, 1, 1, 1, 1], z_channels=8, codebook_size=16384, codebook_embed_dim=8)
+    cfg = tiny_config(tmp_path, epochs=2, eval_freq=2, eval_num_images=4, eval_bsz=2, cfg=2.0,
+                      eval_group_sizes="[1, 3, 5, 7]", vq_config=vq)
+    train(cfg, dataset=Tokens(8, 16), log=logs.append)
+    out = tmp_path / "out"
+    for scale, bsz in (("1", 2), ("2", 1)):  # the guided run with half the batch, as released
+        run = out / f"eval-epoch1-cfg{scale}"
+        assert len(os.listdir(run / "images")) == 4
+        m = json.loads((run / "metrics.json").read_text())
+        assert m["sampling"]["cfg"] == float(scale) and m["sampling"]["eval_bsz"] == bsz
+    line = [m for m in logs if m.startswith("evaluation at epoch 1:")]
+    assert len(line) == 1 and "cfg1_sampling_wall_s" in line[0] and "cfg2_sampling_wall_s" in line[0]
+    # an evaluation that fails is reported and training goes on; a bad schedule fails before training
+    bad = tiny_config(tmp_path / "b", epochs=1, eval_freq=1, eval_num_images=2, eval_bsz=2, cfg=1.0,
+                      eval_group_sizes="[1, 15]", vq_config=dict(vq, ch=8))
+    logs.clear()
+    assert train(bad, dataset=Tokens(8, 16), log=logs.append).epoch == 0
+    assert any("evaluation at epoch 0 (cfg 1) failed" in m and "multiple of 32" in m for m in logs)
+    with pytest.raises(ValueError, match="evaluation schedule"):
+        train(tiny_config(tmp_path / "c", eval_group_sizes="[1, 14]"), dataset=Tokens(8, 16), log=lambda m: None)
+
+
 def test_save_last_freq_writes_checkpoint_last_every_kth_epoch(tmp_path, one_thread, monkeypatch):
     import lpd.train as lt
 
