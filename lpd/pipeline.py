@@ -2,7 +2,7 @@
 
     from lpd.pipeline import LPDPipeline
 
-    pipe = LPDPipeline.from_pretrained("lpd_l", 256, device="cuda")   # checkpoint + VQ from the Hub cache
+    pipe = LPDPipeline.from_pretrained("lpd_l", 256)   # checkpoint + VQ from the Hub cache; CUDA when available
     images = pipe([207, 360, 387, 974], steps=20)                     # uint8 [4, 256, 256, 3]
     pipe.save_grid(images, "samples.png")
 
