@@ -32,6 +32,7 @@ __all__ = [
     "interpolate_pos_embed",
     "save_checkpoint",
     "atomic_write_bytes",
+    "TMP_PREFIX",
 ]
 
 
@@ -143,6 +144,11 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+#: name prefix of the temporary files of :func:`atomic_write_bytes` (left behind only by a killed
+#: process; a resumed evaluation sweeps them up)
+TMP_PREFIX = ".tmp-"
+
+
 def atomic_write_bytes(path: str | os.PathLike, write_fn, fsync: bool = True) -> None:
     """Call ``write_fn(fileobj)`` on a temporary file next to ``path``, fsync it, then rename over ``path``.
 
@@ -153,7 +159,7 @@ def atomic_write_bytes(path: str | os.PathLike, write_fn, fsync: bool = True) ->
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + os.path.basename(path) + "-", dir=folder)
     try:
         # mkstemp creates 0600 files; give the result the permissions a plain open() would.
         umask = os.umask(0)

@@ -77,7 +77,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from lpd.checkpoint import atomic_write_bytes
+from lpd.checkpoint import TMP_PREFIX, atomic_write_bytes
 from lpd.distributed import barrier, broadcast_object
 from lpd.sampling import check_sampling_args, sample_tokens, warn_if_emulated_bf16
 from lpd.schedules import validate_group_sizes
@@ -123,7 +123,6 @@ SETTINGS_FILE = "settings.json"
 METRICS_FILE = "metrics.json"
 GRID_FILE = "samples_grid.png"
 IMAGES_DIR = "images"
-_TMP_PREFIX = ".tmp-"
 
 
 class EvaluationError(ValueError):
@@ -371,13 +370,6 @@ def image_path(image_dir: str | os.PathLike, index: int) -> str:
     return os.path.join(os.fspath(image_dir), f"{int(index):06d}.png")
 
 
-def _atomic_write(path: str | os.PathLike, write_fn: Callable[[Any], None], fsync: bool = True) -> None:
-    """Atomic write through :func:`lpd.checkpoint.atomic_write_bytes` (temporary files are named
-    ``_TMP_PREFIX + name + '-*'``, which a resumed run sweeps up).  ``fsync=False`` for the many small
-    PNGs: one damaged by a power loss fails the readability check of the next run and is written again."""
-    atomic_write_bytes(path, write_fn, fsync=fsync)
-
-
 def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
     """Write a uint8 ``[H, W, 3]`` image as PNG atomically."""
     arr = np.ascontiguousarray(image)
@@ -385,7 +377,8 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
         raise ValueError(f"expected a uint8 [H, W, 3] image, got {arr.dtype} {list(arr.shape)}")
     buf = io.BytesIO()
     Image.fromarray(arr, "RGB").save(buf, format="PNG")
-    _atomic_write(path, lambda f: f.write(buf.getvalue()), fsync=False)
+    # no fsync for the many small PNGs: one damaged by a power loss fails the next run's check and is redone
+    atomic_write_bytes(path, lambda f: f.write(buf.getvalue()), fsync=False)
 
 
 def read_png(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray | None:
@@ -423,7 +416,7 @@ def write_npz(path: str | os.PathLike, image_paths: Sequence[str], size: tuple[i
                         raise EvaluationError(f"cannot pack {p!r} into {os.fspath(path)!r}: missing or unreadable PNG")
                     out.write(np.ascontiguousarray(arr).tobytes())
 
-    _atomic_write(path, write)
+    atomic_write_bytes(path, write)
 
 
 def save_grid(path: str | os.PathLike, images: Sequence[np.ndarray], ncol: int = 8, max_tile: int = 256) -> None:
@@ -443,7 +436,7 @@ def save_grid(path: str | os.PathLike, images: Sequence[np.ndarray], ncol: int =
         canvas.paste(tile, ((k % ncol) * tw, (k // ncol) * th))
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
-    _atomic_write(path, lambda f: f.write(buf.getvalue()))
+    atomic_write_bytes(path, lambda f: f.write(buf.getvalue()))
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -575,10 +568,10 @@ def prepare_run_dir(run_dir: str | os.PathLike, settings: Mapping[str, Any], ran
                     )
             else:
                 data = json.dumps(settings, indent=2, sort_keys=True).encode()
-                _atomic_write(path, lambda f: f.write(data))
+                atomic_write_bytes(path, lambda f: f.write(data))
             image_dir = os.path.join(run_dir, IMAGES_DIR)
             for name in os.listdir(image_dir):
-                if name.startswith(_TMP_PREFIX):
+                if name.startswith(TMP_PREFIX):
                     with contextlib.suppress(OSError):
                         os.unlink(os.path.join(image_dir, name))
         except (EvaluationError, OSError, json.JSONDecodeError) as e:
@@ -1019,7 +1012,7 @@ def _finish(
     if run_dir is not None:
         files["metrics"] = os.path.join(run_dir, METRICS_FILE)
         data = json.dumps(record, indent=2, default=str).encode()
-        _atomic_write(files["metrics"], lambda f: f.write(data))
+        atomic_write_bytes(files["metrics"], lambda f: f.write(data))
     return record
 
 
