@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import os
 import tempfile
@@ -33,6 +34,7 @@ __all__ = [
     "save_checkpoint",
     "atomic_write_bytes",
     "TMP_PREFIX",
+    "state_dict_digest",
 ]
 
 
@@ -179,6 +181,20 @@ def atomic_write_bytes(path: str | os.PathLike, write_fn, fsync: bool = True) ->
         raise
     if fsync:
         _fsync_dir(folder)
+
+
+def state_dict_digest(state: Mapping[str, torch.Tensor] | torch.nn.Module) -> str:
+    """SHA-256 (hex) of a state dict's names, dtypes, shapes and bytes: equal digests, equal weights."""
+    if isinstance(state, torch.nn.Module):
+        state = state.state_dict()
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key]
+        if not isinstance(t, torch.Tensor):
+            continue
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)};".encode())
+        h.update(t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike) -> None:

@@ -265,7 +265,8 @@ def test_sources_folder_npz_npy_arrays_and_batches_agree(tmp_path):
         assert stats.num_images == 24
         np.testing.assert_allclose(stats.mu, ref.mu, atol=1e-12)
         np.testing.assert_allclose(stats.sigma, ref.sigma, atol=1e-12)
-        np.testing.assert_allclose(stats.logits, ref.logits, atol=1e-6)
+        # float32 GEMMs of other batch shapes round differently on some CPUs (8e-6 seen on AMD EPYC)
+        np.testing.assert_allclose(stats.logits, ref.logits, rtol=1e-5, atol=1e-5)
     assert M.count_images(folder) == 24 and M.count_images(str(tmp_path / "samples.npz")) == 24
     batches = list(M.iter_image_batches(str(tmp_path / "samples.npz"), batch_size=10))
     assert [b.shape[0] for b in batches] == [10, 10, 4]

@@ -117,7 +117,7 @@ def test_gradient_checkpointing_same_loss_and_grads():
         if ga is None:  # fake_latent: unused without label dropout
             assert p.grad is None
         else:
-            assert torch.allclose(ga, p.grad, atol=1e-6)
+            assert torch.allclose(ga, p.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_bad_training_inputs_have_clear_errors():

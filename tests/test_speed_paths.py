@@ -388,8 +388,8 @@ def test_training_step_grads_match_a_full_last_block():
     logits = model.head(model.norm(x[:, -model.num_tokens:]))
     ref_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
     ref_grads = torch.autograd.grad(ref_loss, list(model.parameters()), allow_unused=True)
-    assert abs(loss.item() - ref_loss.item()) < 1e-6
+    assert abs(loss.item() - ref_loss.item()) < 1e-5
     for g, r in zip(grads, ref_grads):
         assert (g is None) == (r is None)
         if g is not None:
-            assert torch.allclose(g, r, atol=1e-6)
+            assert torch.allclose(g, r, rtol=1e-4, atol=1e-6)
