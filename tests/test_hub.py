@@ -86,37 +86,6 @@ def _hub_stub(monkeypatch, remote: dict[str, BaseException | str]):
 
 
 # --------------------------------------------------------------------------------------------
-# names
-# --------------------------------------------------------------------------------------------
-
-
-def test_released_names():
-    assert hub.normalize_model_name("LPD-XL") == "lpd_xl" == hub.normalize_model_name("xl")
-    src = hub.checkpoint_source("lpd_l", 256)
-    assert (src.repo_id, src.filename) == ("mit-han-lab/lpd_l_256", "lpd_l_256.pth")
-    assert src.url == "https://huggingface.co/mit-han-lab/lpd_l_256/resolve/main/lpd_l_256.pth"
-    assert hub.checkpoint_source("lpd_xl", 512).repo_id == "mit-han-lab/lpd_xl_512"
-    assert hub.orders_filename(256, 20, 2.0) == "res256_steps20_repulsion2.json"
-    assert hub.orders_filename(512, 48, 4) == "res512_steps48_repulsion4.json"
-    assert hub.orders_filename(256, 20, 2.5) == "res256_steps20_repulsion2.5.json"
-    with pytest.raises(hub.ResolveError, match="lpd_xxl at 256px") as ei:
-        hub.checkpoint_source("lpd_xxl", 512)
-    assert "--pretrained_ckpt" in str(ei.value)
-
-
-def test_hf_cache_dir_follows_the_environment(monkeypatch, tmp_path):
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert hub.hf_cache_dir() == str(tmp_path / "xdg" / "huggingface" / "hub")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
-    assert hub.hf_cache_dir() == str(tmp_path / "home" / "hub")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-    assert hub.hf_cache_dir() == str(tmp_path / "cache")
-    assert hub.hf_cache_dir(tmp_path / "explicit") == str(tmp_path / "explicit")
-
-
-# --------------------------------------------------------------------------------------------
 # resolving from the cache
 # --------------------------------------------------------------------------------------------
 
@@ -126,18 +95,28 @@ def test_resolve_from_cache_dir_offline(offline, tmp_path):
     ckpt = fake_cache(cache, "mit-han-lab/lpd_xxl_256", "lpd_xxl_256.pth")
     vq = fake_cache(cache, "FoundationVision/LlamaGen", "vq_ds16_c2i.pt")
     orders = fake_cache(cache, "mit-han-lab/lpd_orders", "res256_steps20_repulsion3.json", b"[[0]]")
+    half = fake_cache(cache, "mit-han-lab/lpd_orders", "res256_steps20_repulsion2.5.json", b"[[0]]")
     assert os.path.samefile(hub.resolve_checkpoint("lpd_xxl", 256, cache_dir=cache), ckpt)
     assert os.path.samefile(hub.resolve_vq(cache_dir=cache), vq)
     assert os.path.samefile(hub.resolve_orders(256, 20, 3.0, cache_dir=cache), orders)
+    assert os.path.samefile(hub.resolve_orders(256, 20, 2.5, cache_dir=cache), half)
 
 
-def test_resolve_from_cache_given_by_environment(offline, monkeypatch, tmp_path):
+def test_default_cache_is_huggingface_hubs_own(offline, monkeypatch, tmp_path):
     ckpt = fake_cache(tmp_path / "hf-home" / "hub", "mit-han-lab/lpd_l_512", "lpd_l_512.pth")
     monkeypatch.delenv("HF_HUB_CACHE")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
     assert os.path.samefile(hub.resolve_checkpoint("lpd_l", 512), ckpt)
+    # HF_HUB_CACHE set after huggingface_hub was imported counts too
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "elsewhere"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
     assert os.path.samefile(hub.resolve_checkpoint("lpd_l", 512), ckpt)
+
+
+def test_unknown_released_checkpoint(offline):
+    with pytest.raises(hub.ResolveError, match="lpd_xxl at 256px") as ei:
+        hub.resolve_checkpoint("lpd_xxl", 512)
+    assert "--pretrained_ckpt" in str(ei.value) and ei.value.flag == "--pretrained_ckpt"
 
 
 def test_cached_checkpoint_under_another_name_is_found(offline, tmp_path):
@@ -146,9 +125,10 @@ def test_cached_checkpoint_under_another_name_is_found(offline, tmp_path):
     with pytest.warns(UserWarning, match="checkpoint-last.pth"):
         got = hub.resolve_checkpoint("lpd_l", 256, cache_dir=tmp_path / "hub")
     assert os.path.samefile(got, other)
-    # an explicit file name is never replaced
-    with pytest.raises(hub.ResolveError, match="other.pth"):
-        hub.resolve_checkpoint("lpd_l", 256, cache_dir=tmp_path / "hub", filename="other.pth")
+    # two candidates: ambiguous, so the error names the expected file
+    fake_cache(tmp_path / "hub", "mit-han-lab/lpd_l_256", "checkpoint-best.pth")
+    with pytest.raises(hub.ResolveError, match="lpd_l_256.pth"):
+        hub.resolve_checkpoint("lpd_l", 256, cache_dir=tmp_path / "hub")
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,12 +183,6 @@ def test_offline_and_not_cached_is_clear(offline, tmp_path):
     assert "generated locally" in msg
 
 
-def test_download_disabled_is_clear(online, monkeypatch):
-    _hub_stub(monkeypatch, {})
-    with pytest.raises(hub.ResolveError, match="downloads are disabled"):
-        hub.resolve_vq(download=False)
-
-
 def test_no_network_is_clear(online, monkeypatch):
     cause = ConnectionError("[Errno -2] Name or service not known")
     err = hf_errors.LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub")
@@ -251,15 +225,6 @@ def test_missing_file_falls_back_to_the_single_checkpoint(online, monkeypatch, t
     with pytest.raises(hub.ResolveError) as ei:
         hub.resolve_checkpoint("lpd_xl", 512)
     assert "has no file lpd_xl_512.pth" in str(ei.value) and url in str(ei.value)
-
-
-def test_hf_file_generic(offline, tmp_path):
-    f = fake_cache(tmp_path / "hub", "org/repo", "sub/file.json", b"{}")
-    assert os.path.samefile(hub.hf_file("org/repo", "sub/file.json", cache_dir=tmp_path / "hub"), f)
-    with pytest.raises(hub.ResolveError) as ei:
-        hub.hf_file("org/repo", "other.json", cache_dir=tmp_path / "hub", flag="--thing")
-    assert "org/repo" in str(ei.value) and "other.json" in str(ei.value) and "--thing" in str(ei.value)
-    assert ei.value.url == "https://huggingface.co/org/repo/resolve/main/other.json"
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,16 +287,22 @@ def test_fid_stats_download_is_validated_and_atomic(online, monkeypatch, tmp_pat
     assert not os.path.exists(tmp_path / "lpd-cache" / "fid_stats" / "adm_in512_stats.npz")
 
 
-def test_download_url_writes_atomically(tmp_path):
+def test_url_download_is_atomic(online, tmp_path):
     src = tmp_path / "src.bin"
     src.write_bytes(b"payload" * 100)
-    dst = tmp_path / "out" / "file.bin"
-    hub._download_url(src.as_uri(), str(dst))  # file:// URLs work without a network
-    assert dst.read_bytes() == src.read_bytes()
-    assert sorted(os.listdir(dst.parent)) == ["file.bin"]
-    with pytest.raises(Exception):
-        hub._download_url((tmp_path / "nope.bin").as_uri(), str(tmp_path / "out" / "nope.bin"))
-    assert sorted(os.listdir(dst.parent)) == ["file.bin"]  # no partial file left
+    cache = tmp_path / "cache"
+
+    def reject(path):
+        raise ValueError("bad payload")
+
+    with pytest.raises(hub.ResolveError, match="bad payload"):
+        hub.url_file(src.as_uri(), cache_dir=cache, validate=reject)
+    with pytest.raises(hub.ResolveError, match="download failed"):
+        hub.url_file((tmp_path / "nope.bin").as_uri(), cache_dir=cache)
+    assert os.listdir(cache) == []  # no partial or rejected file left
+    with pytest.raises(hub.ResolveError, match="downloads are disabled"):
+        hub.url_file(src.as_uri(), cache_dir=cache, download=False, flag="--weights")
+    assert os.listdir(cache) == []
 
 
 def test_url_file_end_to_end_with_file_url(online, tmp_path):
