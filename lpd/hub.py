@@ -14,6 +14,8 @@ import warnings
 from typing import Callable, Sequence
 
 import huggingface_hub
+import numpy as np
+import torch.hub
 from huggingface_hub import constants, errors
 
 RELEASED_CHECKPOINTS: dict[tuple[str, int], str] = {
@@ -50,14 +52,7 @@ FID_STATS_HINT = (
 
 
 class ResolveError(FileNotFoundError):
-    """A file could not be found or fetched; str() is the message, ``flag`` the option that supplies it."""
-
-    def __init__(self, message: str, flag: str | None = None):
-        super().__init__(message)
-        self.flag = flag
-
-    def __str__(self) -> str:
-        return self.args[0]
+    """A file could not be found or fetched; str() is the message, which says how to provide it."""
 
 
 def _offline() -> bool:
@@ -67,12 +62,9 @@ def _offline() -> bool:
 
 def _cause(exc: BaseException) -> str:
     """The innermost cause of ``exc``, on one line."""
-    for _ in range(32):
-        if (exc.__cause__ or exc.__context__) is None:
-            break
-        exc = exc.__cause__ or exc.__context__
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    for _ in range(32):  # bounded: a chain set by hand may loop
+        exc = exc.__cause__ or exc.__context__ or exc
+    return f"{type(exc).__name__}: {str(exc).strip().partition(chr(10))[0]}".rstrip(": ")
 
 
 def local_file(path: str | os.PathLike, *, what: str = "file", flag: str | None = None, hint: str = "") -> str:
@@ -82,7 +74,7 @@ def local_file(path: str | os.PathLike, *, what: str = "file", flag: str | None 
         return p
     reason = "is a directory, not a file" if os.path.isdir(p) else "does not exist"
     msg = f"The {what} given{f' with {flag}' if flag else ''} ({p}) {reason}." + (f"\n  {hint}" if hint else "")
-    raise ResolveError(msg, flag)
+    raise ResolveError(msg)
 
 
 _HUB_FAILURES = (  # first match wins: GatedRepoError is a RepositoryNotFoundError
@@ -116,14 +108,15 @@ def _hub_file(repo_id: str, filename: str, *, what: str, flag: str, cache_dir: s
     except (OSError, ValueError):
         pass
     if _offline():
-        if alt := single_other(_cached_files(repo_id, cache), "found in the cache"):
+        if alt := single_other(_repo_files(repo_id, cache, local=True), "found in the cache"):
             return get(alt, local=True)
         reason = f"offline mode (HF_HUB_OFFLINE=1) is on and the file is not in the cache {cache}."
     else:
         try:
             return get(filename, local=False)
         except (OSError, ValueError, RuntimeError) as exc:
-            if isinstance(exc, errors.RemoteEntryNotFoundError) and (alt := single_other(_listed_files(repo_id), "listed on the Hub")):
+            missing = isinstance(exc, errors.RemoteEntryNotFoundError)
+            if missing and (alt := single_other(_repo_files(repo_id, cache, local=False), "listed on the Hub")):
                 return _hub_file(repo_id, alt, what=what, flag=flag, cache_dir=cache, hint=hint)
             reason = next(r for t, r in _HUB_FAILURES if isinstance(exc, t)).format(filename=filename, cache=cache)
             reason += f" ({_cause(exc)})."
@@ -131,34 +124,29 @@ def _hub_file(repo_id: str, filename: str, *, what: str, flag: str, cache_dir: s
     raise ResolveError(
         f"Could not get the {what} ({filename}) from the Hugging Face Hub repository {repo_id}: {reason}\n"
         f"  URL: {url}\n  How to provide it:\n"
-        f"    - download {url} on a machine with network access and pass its path: {flag} /path/to/{os.path.basename(filename)}\n"
-        f"    - or fill the Hugging Face cache with `hf download {repo_id} {filename}` (this machine's cache: {cache}; "
-        f"HF_HUB_CACHE / HF_HOME choose another) and copy the cache folder here; it is used without network access"
-        + (f"\n    - {hint}" if hint else ""), flag)
+        f"    - download {url} on a machine with network access and pass its path: "
+        f"{flag} /path/to/{os.path.basename(filename)}\n"
+        f"    - or fill the Hugging Face cache with `hf download {repo_id} {filename}` (this machine's cache: "
+        f"{cache}; HF_HUB_CACHE / HF_HOME choose another) and copy the cache folder here; it is used without "
+        f"network access"
+        + (f"\n    - {hint}" if hint else ""))
 
 
-def _cached_files(repo_id: str, cache: str) -> list[str]:
-    """Files of ``repo_id`` in any snapshot in the Hub cache ``cache``."""
+def _repo_files(repo_id: str, cache: str, local: bool) -> list[str]:
+    """Files of the model repository ``repo_id`` in the Hub cache (``local``) or on the Hub; [] if unreadable."""
     try:
+        if not local:
+            return list(huggingface_hub.list_repo_files(repo_id))
         repos = huggingface_hub.scan_cache_dir(cache).repos
-    except (errors.CacheNotFound, OSError):
+    except Exception:  # best effort: the caller then reports the file it expected
         return []
     return sorted({str(f.file_path.relative_to(rev.snapshot_path)) for repo in repos
-                   if repo.repo_id == repo_id and repo.repo_type == "model" for rev in repo.revisions for f in rev.files})
-
-
-def _listed_files(repo_id: str) -> list[str]:
-    """Files of ``repo_id`` listed on the Hub; empty if the listing fails."""
-    try:
-        return list(huggingface_hub.list_repo_files(repo_id))
-    except Exception:
-        return []
+                   if repo.repo_id == repo_id and repo.repo_type == "model"
+                   for rev in repo.revisions for f in rev.files})
 
 
 def _download_url(url: str, path: str) -> None:
     """Download ``url`` to ``path`` (file:// URLs work too)."""
-    import torch.hub
-
     torch.hub.download_url_to_file(url, path, progress=True)
 
 
@@ -166,7 +154,7 @@ def url_file(urls: str | Sequence[str], *, cache_dir: str | os.PathLike, filenam
              path: str | os.PathLike | None = None, flag: str | None = None, what: str | None = None,
              download: bool = True, search_paths: Sequence[str | os.PathLike] = (), hint: str = "",
              validate: Callable[[str], None] | None = None) -> str:
-    """Local path of a file published at ``urls``: ``path``, ``search_paths``, ``cache_dir/filename``, else a download."""
+    """Local path of a file published at ``urls``: ``path``, ``search_paths``, ``cache_dir``, else a download."""
     urls = (urls,) if isinstance(urls, str) else tuple(urls)
     filename = filename or os.path.basename(urls[0].split("?")[0])
     what = what or filename
@@ -204,12 +192,12 @@ def url_file(urls: str | Sequence[str], *, cache_dir: str | os.PathLike, filenam
         f"Could not get the {what} ({filename}): {reason}\n  URL: {' or '.join(urls)}\n"
         f"  Looked for it at: {', '.join(looked)}\n  How to provide it: download it on a machine with "
         f"network access and put it at {dst}" + (f", or pass its path with {flag}." if flag else ".")
-        + (f"\n  {hint}" if hint else ""), flag)
+        + (f"\n  {hint}" if hint else ""))
 
 
 def resolve_checkpoint(model: str, img_size: int, path: str | os.PathLike | None = None,
                        cache_dir: str | os.PathLike | None = None) -> str:
-    """Local path of an LPD checkpoint: ``path`` (--pretrained_ckpt), else the released one of ``model`` at ``img_size``."""
+    """Local path of an LPD checkpoint: ``path`` (--pretrained_ckpt), else the released one of ``model``."""
     flag = "--pretrained_ckpt"
     if path is not None:
         return local_file(path, what="LPD checkpoint", flag=flag,
@@ -218,7 +206,7 @@ def resolve_checkpoint(model: str, img_size: int, path: str | os.PathLike | None
     if repo is None:
         released = ", ".join(f"{m} at {s}px" for m, s in RELEASED_CHECKPOINTS)
         raise ResolveError(f"No released checkpoint for model {model!r} at {img_size} px (released: {released}). "
-                           f"Pass your own checkpoint with {flag}, or --random_init for random weights.", flag)
+                           f"Pass your own checkpoint with {flag}, or --random_init for random weights.")
     return _hub_file(repo, CHECKPOINT_FILENAME.format(model=model, img_size=int(img_size)), flag=flag,
                      what=f"released {model} {img_size}px checkpoint", cache_dir=cache_dir, fallback=True)
 
@@ -244,8 +232,6 @@ def resolve_orders(img_size: int, steps: int, threshold: float, path: str | os.P
 
 def _validate_stats(path: str) -> None:
     """Raise unless ``path`` is an .npz holding ``mu`` and ``sigma``."""
-    import numpy as np
-
     with np.load(path, allow_pickle=False) as data:
         if not {"mu", "sigma"} <= set(data.files):
             raise ValueError(f"not FID statistics: holds {data.files}, not mu and sigma")
@@ -261,10 +247,8 @@ def resolve_fid_stats(img_size: int, path: str | os.PathLike | None = None, *,
     local = os.path.join("fid_stats", filename)  # the released code's layout
     urls = FID_STATS_SOURCES.get(int(img_size))
     if urls is None:
-        if os.path.isfile(local):
-            return local
-        raise ResolveError(f"No reference statistics are known for {img_size}px images (looked at {local}). "
-                           f"Pass a statistics file with {flag}. {FID_STATS_HINT}", flag)
+        raise ResolveError(f"No reference statistics are known for {img_size}px images; pass a statistics file "
+                           f"with {flag}. {FID_STATS_HINT}")
     cache = cache_dir or os.path.join(os.environ.get("LPD_CACHE") or "~/.cache/lpd", "fid_stats")
     return url_file(urls, cache_dir=cache, filename=filename, flag=flag, what=what, search_paths=[local],
                     hint=FID_STATS_HINT, validate=_validate_stats)
