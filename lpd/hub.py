@@ -95,8 +95,7 @@ def _hub_file(repo_id: str, filename: str, *, what: str, flag: str, cache_dir: s
     def get(name: str, local: bool) -> str:
         return huggingface_hub.hf_hub_download(repo_id, name, cache_dir=cache, local_files_only=local)
 
-    def single_other(names: Sequence[str], where: str) -> str | None:
-        """With ``fallback``, the repository's only checkpoint-like file when it is not ``filename``."""
+    def single_other(names: Sequence[str], where: str) -> str | None:  # the only checkpoint under another name
         picks = [n for n in names if n.endswith(_CHECKPOINT_EXTS) and n != filename] if fallback else []
         if len(picks) != 1:
             return None
@@ -114,7 +113,7 @@ def _hub_file(repo_id: str, filename: str, *, what: str, flag: str, cache_dir: s
     else:
         try:
             return get(filename, local=False)
-        except (OSError, ValueError, RuntimeError) as exc:
+        except Exception as exc:  # HTTP, connection (httpx errors are not OSErrors), disk: reported with the cause
             missing = isinstance(exc, errors.RemoteEntryNotFoundError)
             if missing and (alt := single_other(_repo_files(repo_id, cache, local=False), "listed on the Hub")):
                 return _hub_file(repo_id, alt, what=what, flag=flag, cache_dir=cache, hint=hint)
