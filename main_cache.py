@@ -5,24 +5,27 @@
     python main_cache.py --config configs/tiny.yaml --data_path imgs/ --cached_path cache/   # random test VQ
 
 Every image gets the ADM centre crop to ``--img_size`` and is encoded as is and flipped
-horizontally.  ``--cache_format released`` writes one ``.npz`` per image (``indices``,
-``indices_flip``) in class folders, the layout of the released code; ``consolidated`` writes a few
-large memory-mappable arrays per shard (see :mod:`lpd.datasets`).  Work is split over the ranks of
-torchrun / Slurm; an interrupted run is resumed by running the same command again (done images
-are skipped; any number of ranks).  ``--data_path`` is the ImageFolder, or a folder holding
-``train/``.
+horizontally, in the ``released`` layout (one ``.npz`` per image in class folders, as the released
+code reads them) or the ``consolidated`` one (memory-mapped shards); :mod:`lpd.datasets` describes
+both.  Work is split over the ranks of torchrun / Slurm.  Running the same command again resumes
+(with any number of ranks); a rerun with another tokenizer, ``--img_size``, layout or ImageFolder
+is refused before anything is encoded.  Before encoding, every image the run will encode is
+decoded once: if any cannot be, the run stops, naming them, with nothing written.  User errors
+print one ``error:`` line and exit with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, Sequence
 
 import yaml
 
-from lpd.config import parse_args_with_config
-from lpd.datasets import CACHE_FORMATS, image_folder, write_token_cache
+from lpd.checkpoint import CheckpointError
+from lpd.config import ConfigError, parse_args_with_config
+from lpd.datasets import CACHE_FORMATS, CacheError, image_folder, tokenizer_id, write_token_cache
 from lpd.distributed import barrier, cleanup, init_distributed
 from lpd.tokenizer import make_tokenizer
 
@@ -56,28 +59,65 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def validate_args(args: argparse.Namespace) -> None:
+    """Refuse bad values (flags or config file) with a ValueError naming the flag and the fix."""
+    for flag, low in (("img_size", 1), ("batch_size", 1), ("num_workers", 0), ("shard_size", 0)):
+        value = getattr(args, flag)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"--{flag} {value!r}: give an integer >= {low}")
+    if args.cache_format not in CACHE_FORMATS:
+        raise ValueError(f"--cache_format {args.cache_format!r}: use one of {', '.join(CACHE_FORMATS)}")
+    if not args.data_path or not os.path.isdir(args.data_path):
+        raise ValueError(f"--data_path {args.data_path or 'is missing'}: give an existing ImageFolder (class "
+                         f"sub-folders of images) or a folder holding train/")
+    if not args.cached_path or (os.path.exists(args.cached_path) and not os.path.isdir(args.cached_path)):
+        raise ValueError(f"--cached_path {args.cached_path or 'is missing'}: give the cache folder (new, or the one "
+                         f"of the run to resume)")
+
+
+def _user_message(e: Exception, setting_up: bool) -> str | None:
+    """The one-line message of an error the user can fix, ``None`` for a bug (which keeps its traceback)."""
+    if isinstance(e, (CacheError, CheckpointError, ConfigError, FileNotFoundError)):  # ResolveError included
+        return str(e)
+    if setting_up and isinstance(e, ValueError):  # bad flags, config values, tokenizer settings
+        return str(e)
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror or e}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args_with_config(get_args_parser(), argv)
-    if not args.data_path or not args.cached_path:
-        raise SystemExit("main_cache.py: --data_path and --cached_path are required")
-    info = init_distributed(args.device)
+    setting_up = True
     try:
+        args = parse_args_with_config(get_args_parser(), argv)
+        validate_args(args)
+        try:
+            info = init_distributed(args.device)
+        except RuntimeError as e:
+            raise ValueError(f"--device {args.device!r}: {e}") from e
         vq = make_tokenizer(args.tokenizer, args.vqgan_path, args.vq_config, args.seed, info.device)
         factor = int(getattr(vq, "downsample_factor", 16))
         if args.img_size % factor:
-            raise SystemExit(f"--img_size {args.img_size} is not a multiple of the tokenizer's stride {factor}")
+            raise ValueError(f"--img_size {args.img_size}: give a multiple of the tokenizer's stride {factor}")
         dataset = image_folder(args.data_path, args.img_size)
+        setting_up = False
         if info.is_main:
             print(f"caching {len(dataset)} images of {len(dataset.classes)} classes from {dataset.root} "
                   f"to {args.cached_path} ({args.cache_format} layout, {info.world_size} process(es))")
         stats = write_token_cache(
-            dataset, args.cached_path, vq.encode, args.cache_format,
+            dataset, args.cached_path, vq.encode, args.cache_format, tokenizer=tokenizer_id(vq),
             img_size=args.img_size, num_tokens=(args.img_size // factor) ** 2,
             vocab_size=int(vq.codebook_size), rank=info.rank, world_size=info.world_size,
             batch_size=args.batch_size, num_workers=args.num_workers, device=info.device, shard_size=args.shard_size,
             barrier=barrier,
         )
         print(f"[rank {info.rank}] encoded {stats.written} images, {stats.skipped} already cached")
+    except Exception as e:  # noqa: BLE001 - user errors become one line, the rest is re-raised
+        msg = _user_message(e, setting_up)
+        if msg is None:
+            raise
+        print("error: " + " ".join(line.strip() for line in msg.splitlines()), file=sys.stderr)
+        return 2
     finally:
         cleanup()
     return 0

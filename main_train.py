@@ -20,23 +20,15 @@ import argparse
 import sys
 from typing import Any, Sequence
 
-import yaml
-
-from lpd.config import parse_args_with_config
-from lpd.distributed import cleanup, init_distributed
+from lpd.checkpoint import CheckpointError
+from lpd.config import parse_args_with_config, yaml_mapping
+from lpd.distributed import RankError, cleanup, init_distributed
 from lpd.lr_sched import LR_SCHEDULES
+from lpd.sampling import SamplingConfig, add_sampling_args, sampling_from_args
 from lpd.train import PREEMPTED_EXIT_CODE, NonFiniteLossError, TrainConfig, train
 
 #: the released main.py's --eval_freq default, used when --online_eval comes without --eval_freq
 ONLINE_EVAL_FREQ = 50
-
-
-def _mapping(text: str) -> dict[str, Any]:
-    """A YAML / JSON mapping given on the command line, e.g. ``'{embed_dim: 64, depth: 2}'``."""
-    value = yaml.safe_load(text)
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a mapping such as '{{embed_dim: 64}}', got {text!r}")
-    return value
 
 
 def _bool(text: str) -> bool:
@@ -55,7 +47,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=d.model, help="preset: lpd_l, lpd_xl, lpd_xxl, lpd_tiny")
     g.add_argument("--img_size", type=int, default=d.img_size, help="image size in pixels (256 or 512)")
-    g.add_argument("--model_config", type=_mapping, default=None, help="build_lpd kwargs overriding the preset (YAML mapping)")
+    g.add_argument("--model_config", type=yaml_mapping, default=None, help="build_lpd kwargs overriding the preset (YAML mapping)")
     g.add_argument("--label_drop_prob", type=float, default=None, help="label dropout (default: the model's, 0.1)")
     g.add_argument("--attn_dropout", type=float, default=None, help="accepted for the released flags (inactive, spec section 6)")
     g.add_argument("--proj_dropout", type=float, default=None, help="dropout after attention projection and in the MLP (default 0.1)")
@@ -63,7 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer", default=d.tokenizer, choices=["vq", "palette"])
     g.add_argument("--vqgan_path", default=d.vqgan_path, help="VQ checkpoint (vq_ds16_c2i.pt); images are encoded on the fly")
-    g.add_argument("--vq_config", type=_mapping, default=None, help="VQ architecture (without --vqgan_path: random test VQ)")
+    g.add_argument("--vq_config", type=yaml_mapping, default=None, help="VQ architecture (without --vqgan_path: random test VQ)")
     g = p.add_argument_group("data")
     g.add_argument("--use_cached", action=argparse.BooleanOptionalAction, default=False, help="train from a token cache (main_cache.py)")
     g.add_argument("--cached_path", default=d.cached_path, help="token cache folder (released or consolidated layout)")
@@ -95,6 +87,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--log_dir", default=d.log_dir, help="TensorBoard folder (default: --output_dir)")
     g.add_argument("--resume", default=d.resume, help="checkpoint file, or an output folder with checkpoint-last.pth")
     g.add_argument("--auto_resume", action=argparse.BooleanOptionalAction, default=False, help="resume from OUTPUT_DIR/checkpoint-last.pth when it exists")
+    g.add_argument("--overwrite", action="store_true", help="train into an --output_dir that holds another run's checkpoints")
     g.add_argument("--pretrained_ckpt", default=d.pretrained_ckpt,
                    help="initial weights (e.g. the 256 px model for 512 px fine-tuning; pos_embed is interpolated)")
     g.add_argument("--save_every_steps", type=int, default=d.save_every_steps, help="checkpoint-last.pth every N steps (0: off)")
@@ -119,13 +112,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="decoding steps (the released group-size table of --img_size)")
     g.add_argument("--group_sizes", dest="eval_group_sizes", default=d.eval_group_sizes,
                    help="explicit decoding schedule for the evaluation, e.g. '[1]*256' (overrides --eval_steps)")
-    g.add_argument("--order", dest="eval_order", choices=["lpd", "random", "raster"], default=d.eval_order)
-    g.add_argument("--cfg", type=float, default=d.cfg, help="classifier-free guidance scale")
-    g.add_argument("--cfg_schedule", default=d.cfg_schedule, choices=["linear", "constant"])
-    g.add_argument("--temperature", type=float, default=d.temperature)
-    g.add_argument("--top_k", type=int, default=d.top_k)
-    g.add_argument("--top_p", type=float, default=d.top_p)
     g.add_argument("--eval_ref_stats", default=d.eval_ref_stats, help="FID reference statistics (.npz); none: sample only")
+    add_sampling_args(p, d.sampling, exclude=("bf16",))
     g = p.add_argument_group("released flags accepted for compatibility")
     g.add_argument("--vqgan_stride", type=int, default=None, help="must be 16 (the LlamaGen VQ)")
     g.add_argument("--vqgan_vocab_size", type=int, default=None, help="= --model_config '{vocab_size: N}'")
@@ -162,21 +150,31 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
         args["model_config"] = {**(args.get("model_config") or {}), **overrides}
     if args["online_eval"] and args["eval_freq"] <= 0:
         args["eval_freq"] = ONLINE_EVAL_FREQ
+    args["sampling"] = sampling_from_args(args, bf16=args["bf16"])
+    for name in SamplingConfig.__dataclass_fields__:
+        if name != "bf16":
+            args.pop(name)
     return TrainConfig(**args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = parse_config(argv)
-    config.validate()
-    info = init_distributed(config.device)
+    """Entry point: 0 done, 75 preempted after saving, 1 non-finite loss, 2 bad input (one ``error:`` line)."""
+    from lpd.datasets import CacheError
+
     try:
-        result = train(config, info)
+        config = parse_config(argv)
+        config.validate()
+        info = init_distributed(config.device)
+        try:
+            result = train(config, info)
+        finally:
+            cleanup()
     except NonFiniteLossError as e:
-        if info.is_main:
-            print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 1
-    finally:
-        cleanup()
+    except (ValueError, OSError, CheckpointError, CacheError, RankError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return PREEMPTED_EXIT_CODE if result.preempted else 0
 
 

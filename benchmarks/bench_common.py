@@ -207,7 +207,7 @@ def host_info(device: torch.device) -> dict[str, Any]:
                     info["cpu"] = line.split(":", 1)[1].strip()
     except OSError:
         pass
-    from lpd.sampling import cpu_has_native_bf16
+    from lpd.devices import cpu_has_native_bf16
 
     info["native_bf16"] = cpu_has_native_bf16()  # without it oneDNN emulates bf16 (slower than fp32)
     if hasattr(os, "getloadavg"):

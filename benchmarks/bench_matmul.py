@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import describe_host, host_info, parse_list, sync  # noqa: E402
 
 from lpd.checkpoint import atomic_write_bytes  # noqa: E402
-from lpd.models.lpd import Linear  # noqa: E402
+from lpd.models.kernels import Linear  # noqa: E402
 
 
 def gflops(fn, flops: float, device: torch.device, min_seconds: float) -> float:

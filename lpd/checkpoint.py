@@ -35,6 +35,8 @@ __all__ = [
     "atomic_write_bytes",
     "TMP_PREFIX",
     "state_dict_digest",
+    "check_finite",
+    "check_output_path",
 ]
 
 
@@ -116,6 +118,16 @@ def load_into(
     module.load_state_dict(state_dict, strict=True)
 
 
+def check_finite(state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN or inf, naming the tensors."""
+    bad = sorted(k for k, v in state_dict.items()
+                 if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        raise CheckpointError(f"{source} has non-finite weights (NaN or inf) in {', '.join(bad[:10])}"
+                              f"{f' and {len(bad) - 10} more' if len(bad) > 10 else ''}; the file is damaged or the "
+                              f"run diverged: use an earlier checkpoint")
+
+
 def interpolate_pos_embed(pos_embed: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Resize ``pos_embed [1, 1 + n, D]`` to ``[1, 1 + num_tokens, D]`` (square grids), bicubic; slot 0 kept."""
     if pos_embed.dim() != 3 or pos_embed.shape[0] != 1:
@@ -195,6 +207,20 @@ def state_dict_digest(state: Mapping[str, torch.Tensor] | torch.nn.Module) -> st
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)};".encode())
         h.update(t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
     return h.hexdigest()
+
+
+def check_output_path(path: str, flag: str) -> str | None:
+    """Why ``path`` cannot be written (a folder, or no writable folder to create it in), else None."""
+    if os.path.isdir(path):
+        return f"{flag} {path} is a folder; give the path of a file to write (it may lie inside that folder)"
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):  # missing folders are created on writing
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        return f"{flag} {path}: {folder} is a file, not a folder; choose another path"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{flag} {path}: the folder {folder} is not writable; choose another path"
+    return None
 
 
 def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike) -> None:

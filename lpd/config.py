@@ -1,13 +1,8 @@
 """YAML configs for the entry points: ``--config FILE.yaml`` sets defaults, flags override them.
 
-A config file is a flat mapping whose keys are the entry point's flag names (``eval_bsz``,
-``generation_steps``, ...), plus two optional nested mappings understood by every entry point:
-
-* ``model_config``: keyword arguments of :func:`lpd.models.build_lpd` (``embed_dim``, ``depth``,
-  ``num_heads``, ...); when present it replaces the ``--model`` preset.
-* ``vq_config``: keyword arguments of :func:`lpd.tokenizer.build_vq` (``ch``, ``z_channels``, ...).
-
-Unknown keys are an error (a typo in a config must not be silently ignored).
+A config is a flat mapping of the entry point's flag names to values, plus the nested mappings
+``model_config`` (:class:`lpd.models.LPDConfig` fields) and ``vq_config`` (:func:`lpd.tokenizer.build_vq`
+arguments). Unknown keys and values of the wrong type are errors: a typo must not be ignored.
 """
 
 from __future__ import annotations
@@ -18,45 +13,89 @@ from typing import Any, Sequence
 
 import yaml
 
-__all__ = ["load_config", "parse_args_with_config", "ConfigError"]
+__all__ = ["ConfigError", "load_config", "parse_args_with_config", "yaml_mapping", "check_seed", "check_run_name"]
 
 
 class ConfigError(ValueError):
-    """A config file that cannot be read or does not fit the entry point."""
+    """A config file or flag value that cannot be used."""
 
 
 def load_config(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML config file into a dict (empty file -> ``{}``)."""
+    """Read a YAML config file into a dict (an empty file is ``{}``)."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} does not exist; pass a YAML file such as configs/tiny.yaml")
-    with open(path, "r", encoding="utf-8") as f:
-        try:
+    try:
+        with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from e
+    except OSError as e:
+        raise ConfigError(f"--config {path!r} cannot be read ({e.strerror}); pass a YAML file such as configs/tiny.yaml") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path!r} is not valid YAML: {e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path!r} must hold a mapping of flag names to values, got {type(data).__name__}")
+        raise ConfigError(f"--config {path!r} must hold a mapping of flag names to values, got {type(data).__name__}")
     return data
 
 
-def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse ``argv`` with ``parser``; values from ``--config FILE`` become defaults that flags override.
+def yaml_mapping(text: str | dict) -> dict[str, Any]:
+    """Argument type of ``--model_config`` / ``--vq_config``: a YAML (or JSON) mapping such as ``'{depth: 2}'``."""
+    if isinstance(text, dict):
+        return text
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(f"not a YAML mapping: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a mapping such as '{{embed_dim: 64}}', got {text!r}")
+    return value
 
-    The parser must define ``--config``.  Keys of the file must be destinations of the parser.
-    """
+
+def _check_value(action: argparse.Action, value: Any, path: str) -> Any:
+    """A config value as the flag would give it; wrong types are a :class:`ConfigError`."""
+    where = f"--config {path!r}: {action.dest}"
+    if value is None:
+        return value
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false (unquoted), got {value!r}")
+        return value
+    if action.type is yaml_mapping:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return value
+    if action.type in (int, float) and not isinstance(value, str):
+        ok = isinstance(value, int) if action.type is int else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok:
+            raise ConfigError(f"{where} must be {'an integer' if action.type is int else 'a number'}, got {value!r}")
+        value = action.type(value)
+    if action.choices is not None and value not in action.choices:
+        raise ConfigError(f"{where} must be one of {list(action.choices)}, got {value!r}")
+    return value
+
+
+def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``; values of ``--config FILE`` become defaults that flags override."""
     pre, _ = parser.parse_known_args(argv)
     path = getattr(pre, "config", None)
     if path:
         cfg = load_config(path)
-        known = {a.dest for a in parser._actions}
-        unknown = sorted(k for k in cfg if k not in known)
+        actions = {a.dest: a for a in parser._actions}
+        unknown = sorted(k for k in cfg if k not in actions)
         if unknown:
-            raise ConfigError(
-                f"config file {path!r} has keys this entry point does not know: {unknown}; "
-                f"see --help for the accepted names"
-            )
-        parser.set_defaults(**cfg)
+            raise ConfigError(f"--config {path!r} has keys this entry point does not know: {unknown}; see --help for the names")
+        parser.set_defaults(**{k: _check_value(actions[k], v, path) for k, v in cfg.items()})
     return parser.parse_args(argv)
+
+
+def check_seed(seed: Any, flag: str = "--seed") -> int:
+    """A seed in ``[0, 2**64)``."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ConfigError(f"{flag} must be an integer in [0, 2**64), got {seed!r}")
+    return seed
+
+
+def check_run_name(name: str, flag: str = "--run_name") -> str:
+    """A folder name that stays inside the output folder (no separators, not ``.``/``..``)."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or os.sep in name:
+        raise ConfigError(f"{flag} {name!r} must be a plain folder name inside --output_dir (no '/', not '..')")
+    return name

@@ -1,43 +1,31 @@
-"""Training data: ImageFolder with the ADM centre crop, and the two token-cache layouts.
+"""Training data: ImageFolder with the ADM centre crop, and the token caches of ``main_cache.py``.
 
-Images
-    :func:`center_crop_arr` is ADM's centre crop (halve with ``BOX`` while the short side is at
-    least twice ``img_size``, resize with ``BICUBIC`` so the short side is ``img_size``, crop the
-    centre); :func:`image_folder` wraps a torchvision ``ImageFolder`` with it and returns images in
-    ``[-1, 1]``.  ``--data_path`` may be the ImageFolder itself or a folder holding ``train/``.
+Every image is cached as is and flipped horizontally: ``h*w`` VQ code ids each, in raster order.
+``CACHE/meta.json`` records what the tokens depend on (layout, tokenizer digest, ``img_size``, crop
+rule, vocabulary, token count, the images) and ``state``: ``incomplete`` from the start of a run,
+``complete`` once every rank finished and every file exists.  Two layouts:
 
-Token caches (written by ``main_cache.py``, read by ``main_train.py --use_cached``)
-    Every image is stored twice: its tokens and the tokens of its horizontally flipped copy, both
-    in raster order (``h*w`` ids of the VQ codebook).  Training takes the flipped variant with
-    probability 0.5.
+* ``released``: ``CACHE/<class folder>/<image file name>.npz`` with int64 ``indices`` and
+  ``indices_flip`` (written ``[h*w]``; any shape of ``h*w`` values is read), as the released code
+  reads them.  A folder of these without ``meta.json`` (the released code's) is read with a warning.
+* ``consolidated``: per shard ``s``, ``shard-SSSSS.tokens.npy`` (``[M, 2, h*w]``, int16 when the
+  vocabulary fits, else int32; row 0 the image, row 1 flipped), ``shard-SSSSS.labels.npy`` and
+  ``shard-SSSSS.index.npy`` (``[M]`` int64, the ImageFolder index), memory-mapped when read.
 
-    * **released** layout (``--cache_format released``): one ``.npz`` per image,
-      ``CACHED_PATH/<class folder>/<image file name>.npz`` with the int64 arrays ``indices`` and
-      ``indices_flip``.  This project writes them with shape ``[h*w]``; the reader accepts any shape
-      holding ``h*w`` values (e.g. ``[1, h*w]`` or ``[h, w]``).  Labels are the indices of the
-      sorted class folders, as in ``ImageFolder``.
-    * **consolidated** layout (``--cache_format consolidated``): ``CACHED_PATH/meta.json`` and, per
-      shard ``s``, ``shard-SSSSS.tokens.npy`` (``[M, 2, h*w]``, int16 when the vocabulary fits,
-      else int32; ``[:, 0]`` original, ``[:, 1]`` flipped), ``shard-SSSSS.labels.npy`` (``[M]``
-      int64) and ``shard-SSSSS.index.npy`` (``[M]`` int64, the image's index in the ImageFolder).
-      Shards are memory-mapped at training time; 1.28 M ImageNet images are a few dozen files.
-
-    Both readers return ``(tokens [2, h*w] int64, label)`` items in ImageFolder order, so the two
-    layouts of one ImageFolder give identical datasets.  A file that cannot be read, holds the
-    wrong number of tokens for the resolution, or ids outside the vocabulary raises
-    :class:`CacheError` naming the file.
-
-Writing (:func:`write_token_cache`) is sharded over ranks and resumable: released files are
-written atomically (temporary file, fsync, rename) and skipped when present; consolidated shards
-are filled in ``*.partial`` files with a per-row "done" mask and renamed into place only once
-complete.
+Both read as ``(tokens int64 [2, h*w], label)`` in ImageFolder order (labels: sorted class folders).
+A bad file raises :class:`CacheError` naming it.  Writing is sharded over ranks and resumable:
+released files are written atomically and skipped when present; consolidated shards are filled in
+``*.partial`` files with a per-row done mask and renamed into place once complete.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -45,62 +33,32 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lpd.checkpoint import atomic_write_bytes
+from lpd.checkpoint import TMP_PREFIX, atomic_write_bytes, state_dict_digest
 
-__all__ = [
-    "CacheError",
-    "center_crop_arr",
-    "image_folder",
-    "resolve_image_root",
-    "ReleasedTokenCache",
-    "ConsolidatedTokenCache",
-    "open_token_cache",
-    "detect_cache_format",
-    "write_token_cache",
-    "CacheStats",
-    "released_cache_file",
-    "token_dtype",
-]
+__all__ = ["CacheError", "center_crop_arr", "image_folder", "resolve_image_root", "ReleasedTokenCache",
+           "ConsolidatedTokenCache", "open_token_cache", "read_record", "tokenizer_id", "write_token_cache",
+           "CacheStats", "released_cache_file", "token_dtype"]
 
 CACHE_FORMATS = ("released", "consolidated")
 META_NAME = "meta.json"
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+CROP = "adm_center_crop"  # the crop rule of center_crop_arr, recorded in every cache
+_IDENTITY = ("format", "tokenizer", "img_size", "crop", "num_tokens", "vocab_size", "num_images", "classes", "images")
+_SHARD_KEYS = ("num_shards", "shard_size", "dtype")
 
 
 class CacheError(RuntimeError):
-    """A token-cache file that cannot be read or does not fit the model."""
+    """A token cache that cannot be read, is incomplete, or does not fit the model or the run."""
 
 
-def _file_mode() -> int:
-    """``0o666 & ~umask``: the mode ``open()`` would give a new file (read once, umask is process-wide)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
+def _start_over(root: str) -> str:
+    return f"use another --cached_path, or delete {root!r} to start over"
 
 
-_MODE: list[int] = []
-
-
-def _write_public(path: str, write_fn: Callable[[Any], None]) -> None:
-    """Atomic write whose file gets the usual ``0o666 & ~umask`` mode (temporary files are 0600)."""
-    if not _MODE:
-        _MODE.append(_file_mode())
-    mode = _MODE[0]
-
-    def write(f: Any) -> None:
-        write_fn(f)
-        os.fchmod(f.fileno(), mode)
-
-    atomic_write_bytes(path, write)
-
-
-# ---------------------------------------------------------------------------------------------
-# Images
-# ---------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------ images
 
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
-    """ADM's centre crop: ``uint8 [image_size, image_size, 3]`` from a PIL image of any size."""
+    """ADM's centre crop: halve (BOX) while the short side is >= 2 * size, resize (BICUBIC), crop; uint8 HWC."""
     pil_image = pil_image.convert("RGB")
     while min(*pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
@@ -124,7 +82,7 @@ class _CenterCropToTensor:
 
 
 def resolve_image_root(data_path: str) -> str:
-    """``data_path/train`` when it exists (the released ``--data_path IMAGENET`` convention), else ``data_path``."""
+    """``data_path/train`` when it exists (the released ``--data_path IMAGENET``), else ``data_path``."""
     if not os.path.isdir(data_path):
         raise FileNotFoundError(f"--data_path {data_path!r} is not a folder; give an ImageFolder (class sub-folders of images)")
     train = os.path.join(data_path, "train")
@@ -132,18 +90,79 @@ def resolve_image_root(data_path: str) -> str:
 
 
 def image_folder(data_path: str, img_size: int):
-    """A torchvision ``ImageFolder`` of ``data_path`` (or ``data_path/train``) with the ADM centre crop.
-
-    Items are ``(image float32 [3, img_size, img_size] in [-1, 1], label)``.
-    """
+    """torchvision ``ImageFolder`` of ``data_path`` with the ADM crop: ``(float32 [3, S, S] in [-1, 1], label)``."""
     from torchvision.datasets import ImageFolder
 
     return ImageFolder(resolve_image_root(data_path), transform=_CenterCropToTensor(img_size))
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading caches
-# ---------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------ the record
+
+
+def tokenizer_id(tokenizer: torch.nn.Module) -> str:
+    """What a tokenizer's ids depend on: ``Class sha256:<weights digest>``, or ``Class(settings)`` without weights."""
+    name = type(tokenizer).__name__
+    if not tokenizer.state_dict():
+        return f"{name}({tokenizer.extra_repr()})"
+    return f"{name} sha256:{state_dict_digest(tokenizer)}"
+
+
+def _images_digest(samples: Sequence[tuple[str, int]], classes: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for path, label in samples:
+        h.update(f"{classes[label]}/{os.path.basename(path)}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def read_record(root: str) -> dict[str, Any] | None:
+    """``root/meta.json`` (``None`` when absent); :class:`CacheError` when it cannot be read or trusted."""
+    path = os.path.join(root, META_NAME)
+    if not os.path.lexists(path):
+        return None
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            rec = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CacheError(f"cache record {path!r} cannot be read ({e}); the cache files cannot be trusted: "
+                         f"{_start_over(root)}") from e
+    need = _IDENTITY + ("state",) + (_SHARD_KEYS if isinstance(rec, dict) and rec.get("format") == "consolidated" else ())
+    missing = [k for k in need if k not in rec] if isinstance(rec, dict) else list(need)
+    if missing or rec["format"] not in CACHE_FORMATS or rec["state"] not in ("incomplete", "complete"):
+        raise CacheError(f"cache record {path!r} is damaged or not main_cache.py's (missing or bad: "
+                         f"{missing or ['format', 'state']}); the cache files cannot be trusted: {_start_over(root)}")
+    return rec
+
+
+def _write_record(root: str, rec: dict[str, Any]) -> None:
+    atomic_write_bytes(os.path.join(root, META_NAME), lambda f: f.write(json.dumps(rec, indent=1).encode("utf-8")))
+
+
+def _checked_record(root: str, fmt: str, num_tokens: int, vocab_size: int | None) -> dict[str, Any] | None:
+    """The record of the ``fmt`` cache in ``root``, checked against the model (``None``: a released cache without one)."""
+    path, rec = os.path.join(root, META_NAME), read_record(root)
+    if rec is None:
+        if fmt == "consolidated" or any(e.name.startswith("shard-") for e in os.scandir(root)):
+            raise CacheError(f"{root!r} has no {META_NAME}, so its cache files cannot be checked: write the cache "
+                             f"with main_cache.py ({_start_over(root)})")
+        warnings.warn(f"token cache {root!r} has no {META_NAME} (written by the released code?): its completeness "
+                      f"and tokenizer cannot be checked", stacklevel=3)
+        return None
+    if rec["format"] != fmt:
+        raise CacheError(f"{path!r} describes a {rec['format']} cache, not a {fmt} one; pass --cache_format auto")
+    if rec["state"] != "complete":
+        raise CacheError(f"cache {root!r} is incomplete ({path!r}: its writer stopped, or is still running, before "
+                         f"every image was encoded); rerun main_cache.py with the same command to finish it")
+    if int(rec["num_tokens"]) != num_tokens:
+        g = math.isqrt(num_tokens)
+        raise CacheError(f"cache {path!r} holds {rec['num_tokens']} tokens per image (img_size {rec['img_size']}), but "
+                         f"the model's token grid has {num_tokens} ({g}x{g}); check --img_size and --cached_path")
+    if vocab_size is not None and int(rec["vocab_size"]) > vocab_size:
+        raise CacheError(f"cache {path!r} was written with a {rec['vocab_size']}-code tokenizer, larger than the "
+                         f"model's vocabulary ({vocab_size}); check --cached_path and the model's vocab_size")
+    return rec
+
+
+# ------------------------------------------------------------------------------------ reading caches
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -156,40 +175,30 @@ def _check_tokens(arr: np.ndarray, num_tokens: int, vocab_size: int | None, wher
         raise CacheError(f"{where}: tokens have dtype {arr.dtype}, expected integers (VQ code ids)")
     if arr.size != num_tokens:
         g = math.isqrt(num_tokens)
-        raise CacheError(
-            f"{where}: holds {arr.size} tokens per image, but the model's token grid has {num_tokens} "
-            f"({g}x{g}); the cache was written at another resolution or with another tokenizer "
-            f"(check --img_size and --cached_path)"
-        )
+        raise CacheError(f"{where}: holds {arr.size} tokens per image, but the model's token grid has {num_tokens} "
+                         f"({g}x{g}); the cache was written at another resolution or with another tokenizer "
+                         f"(check --img_size and --cached_path)")
     flat = arr.reshape(-1).astype(np.int64, copy=False)
     if vocab_size is not None and flat.size and (flat.min() < 0 or flat.max() >= vocab_size):
-        raise CacheError(
-            f"{where}: token ids range over [{int(flat.min())}, {int(flat.max())}], outside the "
-            f"vocabulary [0, {vocab_size}); the cache was written with another tokenizer"
-        )
+        raise CacheError(f"{where}: token ids range over [{int(flat.min())}, {int(flat.max())}], outside the "
+                         f"vocabulary [0, {vocab_size}); the cache was written with another tokenizer")
     return flat
 
 
 def released_cache_file(cached_path: str, class_name: str, image_file: str) -> str:
-    """Path of one image's ``.npz`` in the released layout: ``<cached_path>/<class>/<file name>.npz``."""
+    """``<cached_path>/<class>/<image file name>.npz``: one image's file in the released layout."""
     return os.path.join(cached_path, class_name, os.path.basename(image_file) + ".npz")
 
 
 class ReleasedTokenCache(torch.utils.data.Dataset):
-    """The released layout: one ``.npz`` (``indices``, ``indices_flip``) per image in class folders.
-
-    Items: ``(tokens int64 [2, num_tokens], label)``; row 0 the image, row 1 its flipped copy.
-    """
+    """The released layout; items ``(tokens int64 [2, num_tokens], label)``, row 1 the flipped image."""
 
     def __init__(self, root: str, num_tokens: int, vocab_size: int | None = None) -> None:
         if not os.path.isdir(root):
             raise CacheError(f"cache folder {root!r} does not exist; write it with main_cache.py")
-        self.root = root
-        self.num_tokens = num_tokens
-        self.vocab_size = vocab_size
+        self.root, self.num_tokens, self.vocab_size = root, num_tokens, vocab_size
+        rec = _checked_record(root, "released", num_tokens, vocab_size)
         self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-        if not self.classes:
-            raise CacheError(f"cache folder {root!r} has no class folders; write it with main_cache.py")
         self.files: list[str] = []
         labels: list[int] = []
         for label, cls in enumerate(self.classes):
@@ -197,8 +206,13 @@ class ReleasedTokenCache(torch.utils.data.Dataset):
             self.files.extend(os.path.join(root, cls, n) for n in names)
             labels.extend([label] * len(names))
         if not self.files:
-            raise CacheError(f"cache folder {root!r} holds no .npz files; write it with main_cache.py")
+            raise CacheError(f"cache folder {root!r} holds no class folders of .npz files; write it with main_cache.py")
+        if rec is not None and len(self.files) != int(rec["num_images"]):
+            raise CacheError(f"cache {root!r} holds {len(self.files)} .npz files but its {META_NAME} lists "
+                             f"{rec['num_images']} images; rerun main_cache.py with the same command to rewrite "
+                             f"missing files, or {_start_over(root)}")
         self.labels = np.asarray(labels, dtype=np.int64)
+        self.load(0)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -206,25 +220,16 @@ class ReleasedTokenCache(torch.utils.data.Dataset):
     def load(self, index: int) -> np.ndarray:
         """Validated tokens ``int64 [2, num_tokens]`` of item ``index``."""
         path = self.files[index]
+        where = f"cache file {path!r}"
         try:
             with np.load(path, allow_pickle=False) as z:
-                missing = [k for k in ("indices", "indices_flip") if k not in z.files]
-                if missing:
-                    raise CacheError(
-                        f"cache file {path!r} has no {missing} array (it holds {z.files}); the released layout "
-                        f"stores 'indices' and 'indices_flip'"
-                    )
-                a, b = z["indices"], z["indices_flip"]
-        except CacheError:
-            raise
+                names, arrays = z.files, [z[k] for k in ("indices", "indices_flip") if k in z.files]
         except Exception as e:  # noqa: BLE001 - re-raised with the file name
-            raise CacheError(
-                f"cache file {path!r} cannot be read ({type(e).__name__}: {e}); it is corrupt or truncated: "
-                f"delete it and rerun main_cache.py, which rewrites missing files only"
-            ) from e
-        where = f"cache file {path!r}"
-        return np.stack([_check_tokens(a, self.num_tokens, self.vocab_size, where),
-                         _check_tokens(b, self.num_tokens, self.vocab_size, where)])
+            raise CacheError(f"{where} cannot be read ({type(e).__name__}: {e}); it is corrupt or truncated: delete it "
+                             f"and rerun main_cache.py with the same command, which rewrites missing files") from e
+        if len(arrays) != 2:
+            raise CacheError(f"{where} holds {names}, not the released layout's 'indices' and 'indices_flip'")
+        return np.stack([_check_tokens(a, self.num_tokens, self.vocab_size, where) for a in arrays])
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return torch.from_numpy(self.load(index)), int(self.labels[index])
@@ -235,88 +240,47 @@ def _shard_names(root: str, shard: int) -> dict[str, str]:
     return {k: f"{base}.{k}.npy" for k in ("tokens", "labels", "index")}
 
 
-def _read_meta(root: str) -> dict[str, Any]:
-    path = os.path.join(root, META_NAME)
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CacheError(f"cache metadata {path!r} cannot be read ({e}); rerun main_cache.py") from e
-    if meta.get("format") != "consolidated":
-        raise CacheError(f"cache metadata {path!r} does not describe a consolidated cache")
-    return meta
+def _done_path(root: str, shard: int) -> str:
+    return os.path.join(root, f"shard-{shard:05d}.done.npy.partial")
 
 
 class ConsolidatedTokenCache(torch.utils.data.Dataset):
-    """The consolidated layout: per shard one memory-mapped ``[M, 2, N]`` token array, labels and indices.
-
-    Items are in ImageFolder order (sorted by the stored image index), as :class:`ReleasedTokenCache`.
-    Memory maps are opened lazily in each process (DataLoader workers included).
-    """
+    """The consolidated layout, in ImageFolder order; shards are memory-mapped lazily in each process."""
 
     def __init__(self, root: str, num_tokens: int, vocab_size: int | None = None) -> None:
-        self.root = root
-        self.num_tokens = num_tokens
-        self.vocab_size = vocab_size
-        meta = _read_meta(root)
-        self.meta = meta
-        self.classes = list(meta.get("classes", []))
-        meta_path = os.path.join(root, META_NAME)
-        if int(meta["num_tokens"]) != num_tokens:
-            g = math.isqrt(num_tokens)
-            raise CacheError(
-                f"cache {meta_path!r} holds {meta['num_tokens']} tokens per image (img_size {meta.get('img_size')}), "
-                f"but the model's token grid has {num_tokens} ({g}x{g}); check --img_size and --cached_path"
-            )
-        if vocab_size is not None and int(meta.get("vocab_size", 0)) > vocab_size:
-            raise CacheError(
-                f"cache {meta_path!r} was written with a {meta['vocab_size']}-code tokenizer, larger than the "
-                f"model's vocabulary ({vocab_size})"
-            )
+        self.root, self.num_tokens, self.vocab_size = root, num_tokens, vocab_size
+        rec = self.meta = _checked_record(root, "consolidated", num_tokens, vocab_size)
+        self.classes = list(rec["classes"])
         self.paths: list[dict[str, str]] = []
-        shard_of, row_of, order = [], [], []
-        for s in range(int(meta["num_shards"])):
+        shard_of, row_of, order, labels = [], [], [], []
+        fix = "delete the shard's files and rerun main_cache.py with the same command"
+        for s in range(int(rec["num_shards"])):
             names = _shard_names(root, s)
-            for k, p in names.items():
-                if not os.path.isfile(p):
-                    state = "unfinished" if os.path.exists(p + ".partial") else "missing"
-                    raise CacheError(
-                        f"cache shard file {p!r} is {state}; rerun main_cache.py with the same --cached_path "
-                        f"to finish the cache"
-                    )
             try:
                 toks = np.load(names["tokens"], mmap_mode="r")
-                labels = np.load(names["labels"])
-                index = np.load(names["index"])
-            except Exception as e:  # noqa: BLE001
-                raise CacheError(f"cache shard {names['tokens']!r} cannot be read ({e}); delete the shard and rerun main_cache.py") from e
-            if toks.ndim != 3 or toks.shape[1] != 2 or toks.shape[2] != num_tokens:
-                raise CacheError(
-                    f"cache shard file {names['tokens']!r} has shape {list(toks.shape)}, expected "
-                    f"[M, 2, {num_tokens}] for this token grid"
-                )
-            if not (labels.shape == index.shape == (toks.shape[0],)):
-                raise CacheError(
-                    f"cache shard {names['tokens']!r}: {toks.shape[0]} token rows but labels {list(labels.shape)} "
-                    f"and index {list(index.shape)}; the shard is damaged, delete it and rerun main_cache.py"
-                )
+                lab, index = np.load(names["labels"]), np.load(names["index"])
+            except Exception as e:  # noqa: BLE001 - re-raised with the file name
+                raise CacheError(f"cache shard {names['tokens']!r} or its labels / index cannot be read ({e}); {fix}") from e
+            if toks.shape[1:] != (2, num_tokens) or not lab.shape == index.shape == toks.shape[:1]:
+                raise CacheError(f"cache shard {names['tokens']!r} has shape {list(toks.shape)} (labels {list(lab.shape)}, "
+                                 f"index {list(index.shape)}), expected [M, 2, {num_tokens}] ([M], [M]); {fix}")
             self.paths.append(names)
             shard_of.append(np.full(toks.shape[0], s, dtype=np.int64))
             row_of.append(np.arange(toks.shape[0], dtype=np.int64))
             order.append(index.astype(np.int64))
-        if not self.paths:
-            raise CacheError(f"cache {meta_path!r} lists no shards")
-        shard_all, row_all, index_all = map(np.concatenate, (shard_of, row_of, order))
+            labels.append(lab.astype(np.int64))
+        index_all = np.concatenate(order)
         perm = np.argsort(index_all, kind="stable")
-        self.shard = shard_all[perm]
-        self.row = row_all[perm]
-        self.labels = np.concatenate([np.load(p["labels"]) for p in self.paths]).astype(np.int64)[perm]
+        if not np.array_equal(index_all[perm], np.arange(int(rec["num_images"]))):
+            raise CacheError(f"the shards of {root!r} do not hold images 0..{int(rec['num_images']) - 1} once each; "
+                             f"the cache is damaged: {_start_over(root)}")
+        self.shard, self.row = np.concatenate(shard_of)[perm], np.concatenate(row_of)[perm]
+        self.labels = np.concatenate(labels)[perm]
         self._mm: list[np.ndarray] | None = None
+        self.load(0)
 
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_mm"] = None  # never pickle memory maps into workers
-        return state
+        return {**self.__dict__, "_mm": None}  # never pickle memory maps into workers
 
     def __len__(self) -> int:
         return len(self.shard)
@@ -326,24 +290,19 @@ class ConsolidatedTokenCache(torch.utils.data.Dataset):
         if self._mm is None:
             self._mm = [np.load(p["tokens"], mmap_mode="r") for p in self.paths]
         s, r = int(self.shard[index]), int(self.row[index])
-        arr = np.asarray(self._mm[s][r])
         where = f"cache shard file {self.paths[s]['tokens']!r} (row {r})"
-        return _check_tokens(arr, 2 * self.num_tokens, self.vocab_size, where).reshape(2, self.num_tokens)
+        return _check_tokens(np.asarray(self._mm[s][r]), 2 * self.num_tokens, self.vocab_size, where).reshape(2, -1)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return torch.from_numpy(self.load(index)), int(self.labels[index])
 
 
-def detect_cache_format(root: str) -> str:
-    """``'consolidated'`` when ``root/meta.json`` exists, else ``'released'``."""
-    return "consolidated" if os.path.isfile(os.path.join(root, META_NAME)) else "released"
-
-
 def open_token_cache(root: str, num_tokens: int, vocab_size: int | None = None, cache_format: str = "auto"):
-    """Open a token cache of either layout (``cache_format`` ``auto`` detects it)."""
+    """Open and check a token cache of either layout (``auto`` detects it): record, files and first item."""
     if not os.path.isdir(root):
         raise CacheError(f"--cached_path {root!r} does not exist; write the cache with main_cache.py")
-    fmt = detect_cache_format(root) if cache_format in (None, "", "auto") else cache_format
+    rec = read_record(root) if cache_format in (None, "", "auto") else {"format": cache_format}
+    fmt = rec["format"] if rec else "released"
     if fmt == "released":
         return ReleasedTokenCache(root, num_tokens, vocab_size)
     if fmt == "consolidated":
@@ -351,9 +310,7 @@ def open_token_cache(root: str, num_tokens: int, vocab_size: int | None = None, 
     raise ValueError(f"unknown cache format {cache_format!r}; use auto, released or consolidated")
 
 
-# ---------------------------------------------------------------------------------------------
-# Writing caches
-# ---------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------ writing caches
 
 
 @dataclass
@@ -365,68 +322,79 @@ class CacheStats:
 
 
 def _shard_plan(num_images: int, world_size: int, shard_size: int | None) -> tuple[int, int]:
-    """``(num_shards, shard_size)``: by default a multiple of the world size, at most 2**18 images each."""
-    if shard_size is None or shard_size <= 0:
+    """``(num_shards, shard_size)``; by default a multiple of the world size, at most 2**18 images each."""
+    if not shard_size or shard_size <= 0:
         per = world_size * max(1, math.ceil(num_images / (world_size * 262144)))
         shard_size = max(1, math.ceil(num_images / per))
     return max(1, math.ceil(num_images / shard_size)), shard_size
 
 
-def _write_meta_or_check(root: str, meta: dict[str, Any]) -> dict[str, Any]:
-    path = os.path.join(root, META_NAME)
-    if os.path.isfile(path):
-        old = _read_meta(root)
-        for k in ("img_size", "num_tokens", "num_images", "classes", "dtype"):
-            if old.get(k) != meta.get(k):
-                raise CacheError(
-                    f"{path!r} describes another cache ({k}: {old.get(k)!r} there, {meta.get(k)!r} now); "
-                    f"use a fresh --cached_path"
-                )
-        return old  # keeps the shard plan of the first run, whatever the world size now
-    _write_public(path, lambda f: f.write(json.dumps(meta, indent=1).encode("utf-8")))
-    return meta
+def _show(value: Any) -> str:
+    r = repr(value)
+    return r if len(r) <= 48 else r[:45] + "..."
+
+
+def _check_rerun(root: str, want: dict[str, Any]) -> dict[str, Any] | None:
+    """The record of an earlier run into ``root`` with the inputs of ``want``; anything else is refused."""
+    rec = read_record(root)
+    if rec is None:
+        if any(not e.name.startswith(TMP_PREFIX) for e in os.scandir(root)):
+            raise CacheError(f"{root!r} holds files but no {META_NAME}, so they cannot be checked (not main_cache.py's, "
+                             f"or its record was deleted): {_start_over(root)}")
+        return None
+    diffs = [f"{k} {_show(rec[k])} there, {_show(want[k])} now" for k in _IDENTITY if rec[k] != want[k]]
+    if diffs:
+        raise CacheError(f"{root!r} holds a cache of other inputs ({'; '.join(diffs)}); a rerun must use the same "
+                         f"ones: {_start_over(root)}")
+    return rec
 
 
 class _ConsolidatedWriter:
-    """Fills this rank's shards row by row; a shard is renamed into place once every row is done."""
+    """This rank's unfinished shards: filled row by row, renamed into place once every row is done."""
 
-    def __init__(self, root: str, meta: dict[str, Any], shards: Sequence[int], labels: np.ndarray) -> None:
-        self.root, self.meta = root, meta
-        self.size = int(meta["shard_size"])
-        self.n = int(meta["num_images"])
+    def __init__(self, root: str, rec: dict[str, Any], shards: Sequence[int]) -> None:
+        self.root, self.rec, self.size = root, rec, int(rec["shard_size"])
+        self.todo: dict[int, np.ndarray] = {}  # unfinished shard -> ImageFolder indices not encoded yet
         self.open: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self.pending: dict[int, np.ndarray] = {}
-        dtype = np.dtype(meta["dtype"])
         for s in shards:
-            names = _shard_names(root, s)
-            if all(os.path.isfile(p) for p in names.values()):
+            tok_p, done_p = _shard_names(root, s)["tokens"], _done_path(root, s)
+            if os.path.isfile(tok_p):
                 continue
-            lo, hi = s * self.size, min(self.n, (s + 1) * self.size)
-            shape = (hi - lo, 2, int(meta["num_tokens"]))
-            tok_p, done_p = names["tokens"] + ".partial", os.path.join(root, f"shard-{s:05d}.done.npy.partial")
+            lo, hi = self.bounds(s)
+            resume = os.path.isfile(tok_p + ".partial") and os.path.isfile(done_p)
+            done = np.load(done_p) if resume else np.zeros(hi - lo, np.uint8)
+            if done.shape != (hi - lo,):
+                raise CacheError(f"unfinished shard file {done_p!r} does not fit this cache: {_start_over(root)}")
+            self.todo[s] = np.flatnonzero(done == 0) + lo
+
+    def bounds(self, s: int) -> tuple[int, int]:
+        return s * self.size, min(int(self.rec["num_images"]), (s + 1) * self.size)
+
+    def start(self, labels: np.ndarray) -> None:
+        """Open (or create) the ``*.partial`` files of the unfinished shards."""
+        dtype = np.dtype(self.rec["dtype"])
+        for s in self.todo:
+            names, (lo, hi) = _shard_names(self.root, s), self.bounds(s)
+            shape = (hi - lo, 2, int(self.rec["num_tokens"]))
+            tok_p, done_p = names["tokens"] + ".partial", _done_path(self.root, s)
             if os.path.isfile(tok_p) and os.path.isfile(done_p):
                 toks = np.lib.format.open_memmap(tok_p, mode="r+")
+                if toks.shape != shape or toks.dtype != dtype:
+                    raise CacheError(f"unfinished shard file {tok_p!r} does not fit this cache: {_start_over(self.root)}")
                 done = np.lib.format.open_memmap(done_p, mode="r+")
-                if toks.shape != shape or toks.dtype != dtype or done.shape != (shape[0],):
-                    raise CacheError(f"unfinished shard {tok_p!r} does not fit this cache; delete it and rerun")
             else:
                 toks = np.lib.format.open_memmap(tok_p, mode="w+", dtype=dtype, shape=shape)
                 done = np.lib.format.open_memmap(done_p, mode="w+", dtype=np.uint8, shape=(shape[0],))
-            for key, arr in (("labels", labels[lo:hi].astype(np.int64)), ("index", np.arange(lo, hi, dtype=np.int64))):
-                _write_public(names[key] + ".partial", lambda f, a=arr: np.save(f, a))
+            for key, arr in (("labels", labels[lo:hi]), ("index", np.arange(lo, hi, dtype=np.int64))):
+                atomic_write_bytes(names[key] + ".partial", lambda f, a=arr: np.save(f, a))
             self.open[s] = (toks, done)
-            self.pending[s] = np.flatnonzero(done[:] == 0) + lo
-
-    def todo(self) -> list[int]:
-        return sorted(int(i) for p in self.pending.values() for i in p)
 
     def write(self, index: int, tokens: np.ndarray) -> None:
         s = index // self.size
-        toks, _ = self.open[s]
-        toks[index - s * self.size] = tokens
+        self.open[s][0][index - s * self.size] = tokens
 
     def commit(self, indices: Sequence[int]) -> None:
-        """Flush the rows of ``indices``, then mark them done; finish shards that are complete."""
+        """Flush the rows of ``indices``, then mark them done; finish the shards that are complete."""
         touched = sorted({i // self.size for i in indices})
         for s in touched:
             self.open[s][0].flush()
@@ -434,90 +402,104 @@ class _ConsolidatedWriter:
             s = i // self.size
             self.open[s][1][i - s * self.size] = 1
         for s in touched:
-            toks, done = self.open[s]
-            done.flush()
-            if bool(done.all()):
-                self._finish(s)
+            self.open[s][1].flush()
+        self.finish_complete()
 
     def finish_complete(self) -> None:
-        for s in list(self.open):
-            if bool(self.open[s][1].all()):
-                self._finish(s)
-
-    def _finish(self, s: int) -> None:
-        toks, done = self.open.pop(s)
-        toks.flush()
-        with open(toks.filename, "rb+") as f:
-            os.fsync(f.fileno())
-        del toks, done
-        names = _shard_names(self.root, s)
-        for key in ("labels", "index", "tokens"):  # tokens last: its presence marks the shard complete
-            os.replace(names[key] + ".partial", names[key])
-        os.unlink(os.path.join(self.root, f"shard-{s:05d}.done.npy.partial"))
+        for s in [s for s, (_, done) in self.open.items() if bool(done.all())]:
+            toks, done = self.open.pop(s)
+            toks.flush()
+            with open(toks.filename, "rb+") as f:
+                os.fsync(f.fileno())
+            del toks, done
+            names = _shard_names(self.root, s)
+            for key in ("labels", "index", "tokens"):  # tokens last: its presence marks the shard complete
+                os.replace(names[key] + ".partial", names[key])
+            os.unlink(_done_path(self.root, s))
 
 
-def write_token_cache(
-    dataset,
-    cached_path: str,
-    encode: Callable[[torch.Tensor], torch.Tensor],
-    cache_format: str,
-    *,
-    img_size: int,
-    num_tokens: int,
-    vocab_size: int,
-    rank: int = 0,
-    world_size: int = 1,
-    batch_size: int = 64,
-    num_workers: int = 4,
-    device: torch.device | str = "cpu",
-    shard_size: int | None = None,
-    barrier: Callable[[], None] = lambda: None,
-    progress: bool = True,
-) -> CacheStats:
-    """Encode ``dataset`` (an ``ImageFolder`` with the ADM crop) into ``cached_path``; this rank's share only.
+def _decode_errors(loader: Callable[[str], Any], paths: list[str]) -> list[str]:
+    """``'path (error)'`` for each of ``paths`` that ``loader`` cannot decode (run in DataLoader workers)."""
+    bad = []
+    for path in paths:
+        try:
+            loader(path)
+        except Exception as e:  # noqa: BLE001 - reported with the path
+            bad.append(f"{path} ({type(e).__name__}: {e})")
+    return bad
 
-    ``encode(images [B, 3, S, S] in [-1, 1]) -> [B, h, w]`` token ids, ``h * w == num_tokens``.  Each image is encoded as is
-    and flipped horizontally.  Images already cached are skipped, so an interrupted run is resumed
-    by running it again (with any number of ranks).  ``barrier`` synchronises ranks (rank 0 writes
-    the consolidated ``meta.json`` first).
+
+def _check_decodable(dataset, paths: list[str], num_workers: int, progress: bool) -> None:
+    """Decode every image of ``paths`` with ``dataset.loader``; one :class:`CacheError` lists those that fail."""
+    it: Iterator = iter(torch.utils.data.DataLoader(paths, batch_size=64, num_workers=num_workers,
+                                                    collate_fn=functools.partial(_decode_errors, dataset.loader)))
+    if progress and paths:
+        from tqdm import tqdm
+
+        it = tqdm(it, total=math.ceil(len(paths) / 64), desc="checking that the images decode")
+    bad = [e for batch in it for e in batch]
+    if bad:
+        raise CacheError(f"{len(bad)} image file(s) cannot be decoded, nothing was encoded: {'; '.join(bad[:5])}"
+                         f"{' ...' if len(bad) > 5 else ''}; remove or replace them (a new set of images needs another "
+                         f"--cached_path) and rerun")
+
+
+def _complete(root: str, rec: dict[str, Any], samples: Sequence[tuple[str, int]], classes: Sequence[str]) -> bool:
+    if rec["format"] == "consolidated":
+        return all(os.path.isfile(_shard_names(root, s)["tokens"]) for s in range(int(rec["num_shards"])))
+    have = {c: set(os.listdir(os.path.join(root, c))) if os.path.isdir(os.path.join(root, c)) else set() for c in classes}
+    return all(os.path.basename(p) + ".npz" in have[classes[t]] for p, t in samples)
+
+
+def write_token_cache(dataset, cached_path: str, encode: Callable[[torch.Tensor], torch.Tensor], cache_format: str, *,
+                      tokenizer: str, img_size: int, num_tokens: int, vocab_size: int, rank: int = 0,
+                      world_size: int = 1, batch_size: int = 64, num_workers: int = 4,
+                      device: torch.device | str = "cpu", shard_size: int | None = None,
+                      barrier: Callable[[], None] = lambda: None, progress: bool = True) -> CacheStats:
+    """Encode this rank's share of ``dataset`` (ImageFolder API: ``samples``, ``classes``, ``loader``) into ``cached_path``.
+
+    ``encode(images [B, 3, S, S] in [-1, 1]) -> [B, h, w]`` ids, ``h * w == num_tokens``; ``tokenizer`` is its
+    :func:`tokenizer_id`.  A rerun with other inputs is refused; one with the same inputs (any number
+    of ranks) encodes what is missing.  Images that fail to decode stop the run before anything is
+    written.  ``barrier`` synchronises the ranks.
     """
     if cache_format not in CACHE_FORMATS:
         raise ValueError(f"unknown cache format {cache_format!r}; use one of {CACHE_FORMATS}")
-    os.makedirs(cached_path, exist_ok=True)
-    existing = detect_cache_format(cached_path)
-    if existing != cache_format and (existing == "consolidated" or any(e.is_dir() for e in os.scandir(cached_path))):
-        raise CacheError(f"{cached_path!r} already holds a {existing} cache; use another --cached_path for the {cache_format} layout")
     samples: list[tuple[str, int]] = list(dataset.samples)
     classes: list[str] = list(dataset.classes)
     n = len(samples)
     if n == 0:
         raise CacheError("the ImageFolder holds no images")
-    stats = CacheStats()
-    writer: _ConsolidatedWriter | None = None
+    want: dict[str, Any] = dict(format=cache_format, tokenizer=tokenizer, img_size=img_size, crop=CROP,
+                                num_tokens=num_tokens, vocab_size=vocab_size, num_images=n, classes=classes,
+                                images=_images_digest(samples, classes))
+    os.makedirs(cached_path, exist_ok=True)
+    old = _check_rerun(cached_path, want)
+    writer = None
     if cache_format == "released":
         mine = list(range(rank, n, world_size))
         targets = {i: released_cache_file(cached_path, classes[samples[i][1]], samples[i][0]) for i in mine}
         todo = [i for i in mine if not os.path.isfile(targets[i])]
+    else:
+        num_shards, size = (old["num_shards"], old["shard_size"]) if old else _shard_plan(n, world_size, shard_size)
+        want.update(num_shards=num_shards, shard_size=size, dtype=token_dtype(vocab_size).name)  # the first run's plan
+        writer = _ConsolidatedWriter(cached_path, want, range(rank, num_shards, world_size))
+        mine = [i for s in range(rank, num_shards, world_size) for i in range(*writer.bounds(s))]
+        todo = sorted(int(i) for rows in writer.todo.values() for i in rows)
+    _check_decodable(dataset, [samples[i][0] for i in todo], num_workers, progress and rank == 0)
+    barrier()
+    if rank == 0:
+        _write_record(cached_path, {**want, "state": "incomplete"})
+    barrier()
+    if writer is None:
         for cls in classes:
             os.makedirs(os.path.join(cached_path, cls), exist_ok=True)
     else:
-        num_shards, size = _shard_plan(n, world_size, shard_size)
-        meta = dict(format="consolidated", img_size=img_size, num_tokens=num_tokens, vocab_size=vocab_size,
-                    num_images=n, num_shards=num_shards, shard_size=size, classes=classes,
-                    dtype=token_dtype(vocab_size).name, layout="tokens [M, 2, N]: [:, 0] image, [:, 1] flipped")
-        if rank == 0:
-            _write_meta_or_check(cached_path, meta)
-        barrier()
-        meta = _read_meta(cached_path)
-        labels = np.asarray([t for _, t in samples], dtype=np.int64)
-        shards = list(range(rank, int(meta["num_shards"]), world_size))
-        writer = _ConsolidatedWriter(cached_path, meta, shards, labels)
-        mine = [i for s in shards for i in range(s * int(meta["shard_size"]), min(n, (s + 1) * int(meta["shard_size"])))]
-        todo = writer.todo()
-    stats.skipped = len(mine) - len(todo)
+        writer.start(np.asarray([t for _, t in samples], dtype=np.int64))
+    stats = CacheStats(skipped=len(mine) - len(todo))
     if todo:
-        subset = torch.utils.data.Subset(dataset, todo)
-        loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, todo), batch_size=batch_size,
+                                             shuffle=False, num_workers=num_workers,
                                              pin_memory=torch.device(device).type == "cuda")
         it: Iterator = iter(loader)
         if progress and rank == 0:
@@ -536,8 +518,7 @@ def write_token_cache(
             pos += images.shape[0]
             for j, i in enumerate(idx):
                 if writer is None:
-                    a, b = toks[j, 0], toks[j, 1]
-                    _write_public(targets[i], lambda f, a=a, b=b: np.savez(f, indices=a, indices_flip=b))
+                    atomic_write_bytes(targets[i], lambda f, t=toks[j]: np.savez(f, indices=t[0], indices_flip=t[1]))
                 else:
                     writer.write(i, toks[j])
             if writer is not None:
@@ -546,5 +527,6 @@ def write_token_cache(
     if writer is not None:
         writer.finish_complete()
     barrier()
+    if read_record(cached_path)["state"] != "complete" and _complete(cached_path, want, samples, classes):
+        _write_record(cached_path, {**want, "state": "complete"})
     return stats
-

@@ -1,10 +1,7 @@
 """torch.distributed set-up for torchrun and Slurm, and the few collectives the loops need.
 
-:func:`init_distributed` reads the launcher's environment (torchrun's ``RANK``/``WORLD_SIZE``/
-``LOCAL_RANK``/``MASTER_ADDR``; Slurm's ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID`` when
-``scripts/slurm.py`` or ``srun`` started the job), picks the backend from the device (nccl on
-CUDA, gloo on the CPU) and returns a :class:`DistInfo`.  A plain ``python main_*.py`` runs as a
-single process without initialising a process group.
+:func:`init_distributed` reads torchrun's or Slurm's environment and picks nccl on CUDA, gloo on
+the CPU; a plain ``python main_*.py`` is one process without a process group.
 """
 
 from __future__ import annotations
@@ -12,12 +9,17 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "resolve_device", "barrier", "all_reduce_mean", "broadcast_object", "cleanup"]
+__all__ = ["DistInfo", "init_distributed", "resolve_device", "barrier", "all_reduce_mean", "broadcast_object",
+           "gather_object", "on_rank0", "rank0_first", "RankError", "cleanup"]
+
+
+class RankError(RuntimeError):
+    """Another rank failed; its error is in the message."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,42 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def gather_object(obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (``[obj]`` for one process)."""
+    if not _active():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def on_rank0(fn: Callable[[], Any], what: str = "", broadcast: bool = True) -> Any:
+    """``fn()`` on rank 0 only; its result goes to every rank (``broadcast``) or stays on rank 0; its
+    exception is raised on rank 0 unchanged and as a :class:`RankError` elsewhere, so no rank waits."""
+    rank = dist.get_rank() if _active() else 0
+    result, exc = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            exc = e
+    msg = broadcast_object(None if exc is None else f"{type(exc).__name__}: {exc}")
+    if exc is not None:
+        raise exc
+    if msg is not None:
+        raise RankError(f"rank 0 failed{' ' + what if what else ''}: {msg}")
+    return broadcast_object(result) if broadcast else result
+
+
+def rank0_first(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0, then on the others (e.g. a download into a shared cache)."""
+    result = on_rank0(fn, "during set-up") if _active() else fn()
+    if _active() and dist.get_rank() != 0:
+        result = fn()
+    barrier()
+    return result
 
 
 def cleanup() -> None:

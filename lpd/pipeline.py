@@ -10,14 +10,10 @@ or from the command line::
 
     python -m lpd.pipeline --model lpd_l --img_size 256 --labels 207,360,387,974 --steps 20 --output samples.png
 
-Defaults are the paper's released settings for the model, resolution and step count (repulsion
-threshold and linear CFG scale, :data:`PAPER_SETTINGS`), locality-aware orders and the released
-group-size table.  Image ``k`` of a call is image ``start_index + k`` of an evaluation run with the
-same seed and settings: its order and its random stream come from ``(seed, start_index + k)``
-exactly as in ``main_eval.py`` (:func:`lpd.evaluate.sample_batch`), so a picture seen here can be
-found again in a run folder, and its tokens do not depend on the other images of the call.  (Pixels
-decoded in batches of different sizes may differ by one level where the convolution library picks
-other kernels for another batch size, as oneDNN does on CPUs for a batch of one.)
+Defaults are the paper's settings for the model, resolution and step count (:data:`PAPER_SETTINGS`:
+repulsion threshold and linear CFG scale), locality-aware orders and the released group-size
+table. Image ``k`` of a call is image ``start_index + k`` of a ``main_eval.py`` run with the same
+seed and settings (same order, same random stream, same tokens).
 """
 
 from __future__ import annotations
@@ -31,14 +27,16 @@ import numpy as np
 import torch
 
 from lpd.checkpoint import CheckpointError
-from lpd.evaluate import OrderSource, load_model, load_tokenizer, sample_batch, save_grid
+from lpd.evaluate import sample_batch
+from lpd.images import save_grid
+from lpd.orders.source import OrderSource
+from lpd.sampling import SamplingConfig
 from lpd.schedules import group_sizes as default_group_sizes
 from lpd.schedules import parse_group_sizes
 
 __all__ = ["LPDPipeline", "PAPER_SETTINGS", "paper_settings", "main"]
 
-#: (model, img_size, steps) -> (repulsion threshold τr, cfg scale with the linear schedule), the
-#: released evaluation settings (spec section 6; the released scripts/eval/*.sh).
+#: (model, img_size, steps) -> (repulsion threshold τr, linear cfg scale) of the released evaluation scripts.
 PAPER_SETTINGS: dict[tuple[str, int, int], tuple[float, float]] = {
     ("lpd_l", 256, 20): (2.0, 4.8),
     ("lpd_xl", 256, 20): (2.0, 4.9),
@@ -81,10 +79,12 @@ class LPDPipeline:
         """The released ``model`` at ``img_size`` (``checkpoint`` overrides the Hugging Face Hub
         download; so does ``vqgan_path`` for the LlamaGen VQ).  ``device`` defaults to CUDA when
         available.  Offline and not cached: an error naming the file, its repository and the flag."""
+        from lpd.models import load_lpd
+        from lpd.tokenizer import make_tokenizer
+
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-        net, _ = load_model(model=model, img_size=img_size, pretrained_ckpt=checkpoint, device=device)
-        tok, _ = load_tokenizer(kind="vq", vqgan_path=vqgan_path, device=device)
-        return cls(net, tok, name=model)
+        net = load_lpd(checkpoint if checkpoint is not None else model, model=model, img_size=img_size)
+        return cls(net.to(device), make_tokenizer("vq", vqgan_path, device=device), name=model)
 
     @property
     def img_size(self) -> int:
@@ -125,9 +125,9 @@ class LPDPipeline:
         count (else ``cfg`` must be given, and ``τr`` is 2 on a 16x16 grid, 4 on 32x32); ``order``
         ``lpd`` / ``random`` / ``raster``, or ``orders`` an explicit ``[B, N]`` table.
         """
-        labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64).reshape(-1)
-        if labels.size == 0:
-            raise ValueError("labels is empty: give at least one class index")
+        labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).reshape(-1)
+        if labels.size == 0 or labels.dtype.kind not in "iu":
+            raise ValueError(f"labels must be one or more integer class indices, got {labels.dtype} {labels.tolist()[:8]}")
         n = self.grid_size ** 2
         if group_sizes is not None:
             sizes = parse_group_sizes(group_sizes, n)
@@ -155,9 +155,10 @@ class LPDPipeline:
             source = OrderSource(order, sizes, self.grid_size, seed=seed, proximity_threshold=proximity_threshold,
                                  repulsion_threshold=repulsion_threshold)
             rows = source.rows(indices)
-        images, _, _ = sample_batch(self.model, self.tokenizer, indices, labels, rows, sizes, seed=seed, cfg=cfg,
-                                    cfg_schedule=cfg_schedule, temperature=temperature, top_k=top_k, top_p=top_p,
-                                    bf16=bf16)
+        sampling = SamplingConfig(cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  order=order, proximity_threshold=proximity_threshold,
+                                  repulsion_threshold=repulsion_threshold, bf16=bf16)
+        images, _, _, _ = sample_batch(self.model, self.tokenizer, indices, labels, rows, sizes, sampling, seed)
         return images
 
     @staticmethod
@@ -209,9 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         images = pipe(args.labels, steps=args.steps, group_sizes=args.group_sizes, cfg=args.cfg,
                       cfg_schedule=args.cfg_schedule, order=args.order, repulsion_threshold=args.repulsion_threshold,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, bf16=args.bf16)
-    except (FileNotFoundError, ValueError, CheckpointError) as e:
+    except (OSError, ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     pipe.save_grid(images, args.output)
     print(f"wrote {len(images)} images ({args.model}, {pipe.img_size} px, {len(images)} classes) to {args.output}")
     return 0

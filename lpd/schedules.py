@@ -30,6 +30,13 @@ class GroupSizeError(ValueError):
 
 
 _ITEM = re.compile(r"^(\d+)(?:\s*\*\s*(\d+))?$")
+MAX_GROUPS = 65536  # a 256 x 256 token grid decoded one token per step
+
+
+def _check_length(n: int, original: str) -> None:
+    if n > MAX_GROUPS:
+        raise GroupSizeError(f"group sizes {original[:60]!r}: expands to {n} groups, more than the {MAX_GROUPS} of any "
+                             f"token grid; check the repeat counts")
 
 
 def _parse_items(text: str, original: str) -> list[int]:
@@ -47,6 +54,7 @@ def _parse_items(text: str, original: str) -> list[int]:
                 f"'a*n' for a repeated n times (e.g. '[1*41, 2*46, 3*41]')"
             )
         value, count = int(m.group(1)), int(m.group(2) or 1)
+        _check_length(len(out) + count, original)
         out.extend([value] * count)
     return out
 
@@ -68,9 +76,11 @@ def parse_group_sizes(spec: str | Sequence[int], num_tokens: int | None = None) 
             m = re.fullmatch(r"\[(.*)\]\s*(?:\*\s*(\d+))?", term, flags=re.S)
             if m is not None:
                 inner = _parse_items(m.group(1), spec)
+                _check_length(len(values) + len(inner) * int(m.group(2) or 1), spec)
                 values.extend(inner * int(m.group(2) or 1))
             else:
                 values.extend(_parse_items(term, spec))
+                _check_length(len(values), spec)
         return validate_group_sizes(values, num_tokens)
     return validate_group_sizes(spec, num_tokens)
 

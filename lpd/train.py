@@ -10,8 +10,8 @@ clipping, bf16 autocast and gradient checkpointing.  Data are token caches
 
 **Exact resume.**  Nothing random depends on state that evolves across iterations: the data
 permutation of an epoch is a function of ``(seed, epoch)``; the flips, orders, label dropout and
-dropout of an iteration of ``(seed, epoch, step, rank)``; its group-size schedule of
-``(seed, epoch, step)`` (the same on every rank).  A checkpoint records the epoch and the number
+dropout and group-size schedule of an iteration of ``(seed, epoch, step, rank)`` (each rank
+draws its own schedule, as the released loop).  A checkpoint records the epoch and the number
 of steps done in it; ``--resume`` skips those steps and continues with bit-identical updates
 (same world size and batch size).
 
@@ -49,14 +49,16 @@ import yaml
 
 from lpd.checkpoint import (
     CheckpointError,
+    check_finite,
     interpolate_pos_embed,
     load_checkpoint,
     load_into,
     load_state_dict,
     save_checkpoint,
 )
-from lpd.distributed import DistInfo, barrier, init_distributed
+from lpd.distributed import DistInfo, barrier, gather_object, init_distributed
 from lpd.lr_sched import LR_SCHEDULES, base_learning_rate, lr_at
+from lpd.sampling import SamplingConfig, derive_seed
 from lpd.schedules import parse_group_sizes
 
 __all__ = [
@@ -65,7 +67,6 @@ __all__ = [
     "NonFiniteLossError",
     "PREEMPTED_EXIT_CODE",
     "train",
-    "derive_seed",
     "iteration_generator",
     "EpochBatchSampler",
     "random_orders",
@@ -143,31 +144,35 @@ class TrainConfig:
     eval_bsz: int = 64
     eval_steps: int = 20
     eval_group_sizes: str | None = None  # an explicit schedule (released --group_sizes), overrides eval_steps
-    eval_order: str | None = None  # lpd.evaluate's default order when None
-    cfg: float = 4.0
-    cfg_schedule: str = "linear"
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(cfg=4.0))  # bf16 follows --bf16
     eval_ref_stats: str | None = None
+    overwrite: bool = False  # train into a folder holding another run's checkpoints
 
     def validate(self) -> None:
+        from lpd.config import check_seed
+
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"--lr_schedule {self.lr_schedule!r}: choose one of {LR_SCHEDULES}")
         if self.use_cached and not self.cached_path:
             raise ValueError("--use_cached needs --cached_path (a cache written by main_cache.py)")
         if not self.use_cached and not self.data_path:
             raise ValueError("give --data_path (an ImageFolder) or --use_cached --cached_path CACHE")
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
-        if self.seed < 0:
-            raise ValueError(f"--seed must be >= 0, got {self.seed}")
-        if self.save_last_freq <= 0:
-            raise ValueError(f"--save_last_freq must be >= 1 (epochs), got {self.save_last_freq}")
+        for name in ("epochs", "batch_size", "img_size", "save_last_freq", "eval_num_images", "eval_bsz", "eval_steps", "log_freq"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"--{name} must be a positive integer, got {v!r}")
+        for name in ("num_workers", "save_every_steps", "save_every_epochs", "eval_freq"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"--{name} must be an integer >= 0, got {v!r}")
+        check_seed(self.seed)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The flags of this run (sampling settings flat, as ``--config`` takes them)."""
+        d = dataclasses.asdict(self)
+        sampling = d.pop("sampling")
+        sampling.pop("bf16")  # evaluation follows training's --bf16
+        return {**d, **sampling}
 
 
 @dataclass
@@ -185,12 +190,6 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------------
 # Deterministic randomness
 # ---------------------------------------------------------------------------------------------
-
-
-def derive_seed(seed: int, *keys: int) -> int:
-    """A 63-bit seed that depends only on ``(seed, *keys)`` (non-negative integers)."""
-    words = np.random.SeedSequence([int(seed), *(int(k) for k in keys)]).generate_state(2, np.uint32)
-    return (int(words[0]) << 31) ^ int(words[1])
 
 
 def iteration_generator(seed: int, purpose: int, epoch: int, step: int, rank: int = 0) -> torch.Generator:
@@ -378,14 +377,6 @@ def _to_tuple(x: Any) -> Any:
     return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def _gather(obj: Any, info: DistInfo) -> list[Any]:
-    if not info.distributed:
-        return [obj]
-    out: list[Any] = [None] * info.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any] | None, path: str,
                     log: Callable[[str], None]) -> None:
     """Load AdamW's state when it was written for the same parameter groups; else warn and start fresh.
@@ -483,14 +474,13 @@ def _model_overrides(config: TrainConfig) -> dict[str, Any]:
 
 def build_model(config: TrainConfig, log: Callable[[str], None] = print) -> torch.nn.Module:
     """The model of ``config``: seeded initialisation, or ``--pretrained_ckpt`` (pos_embed interpolated)."""
-    from lpd.models import PRESETS, create_model
+    from lpd.models import LPD, LPDConfig
 
-    # With a model_config, --model only names a preset when it is one (the config may describe any size).
-    name = config.model if not config.model_config or config.model in PRESETS else None
-    model = create_model(name, config.img_size, _model_overrides(config))
+    model = LPD(LPDConfig.from_name(config.model, config.img_size, **_model_overrides(config)))
     model.initialize_weights(torch.Generator().manual_seed(derive_seed(config.seed, _INIT)))
     if config.pretrained_ckpt:
         sd = load_state_dict(config.pretrained_ckpt)
+        check_finite(sd, f"--pretrained_ckpt {config.pretrained_ckpt!r}")
         if "pos_embed" in sd and sd["pos_embed"].shape != model.pos_embed.shape:
             old = sd["pos_embed"].shape[1] - 1
             sd = dict(sd)
@@ -581,22 +571,19 @@ def _evaluate(config: TrainConfig, model: torch.nn.Module, tokenizer_fn: Callabl
         sizes = parse_group_sizes(config.eval_group_sizes, model.num_tokens)
     else:
         sizes = group_sizes(config.img_size, config.eval_steps)
-    extra = {"order": config.eval_order} if config.eval_order is not None else {}
+    sampling = config.sampling.replace(bf16=config.bf16)
     results: dict[str, float] = {}
     was_training = model.training
     model.eval()
     try:
-        for scale in eval_cfg_scales(config.cfg):
+        for scale in eval_cfg_scales(sampling.cfg):
             try:
                 with torch.no_grad():
                     out = evaluate(
-                        model, tokenizer_fn(), config.eval_num_images, sizes,
+                        model, tokenizer_fn(), config.eval_num_images, sizes, sampling.replace(cfg=scale),
                         output_dir=os.path.join(config.output_dir, f"eval-epoch{epoch}-cfg{scale:g}"),
-                        compute_fid=config.eval_ref_stats is not None, ref_stats=config.eval_ref_stats,
-                        rank=info.rank, world_size=info.world_size, cfg=scale, cfg_schedule=config.cfg_schedule,
-                        temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, seed=config.seed,
-                        eval_bsz=config.eval_bsz if scale == 1.0 else max(1, config.eval_bsz // 2),
-                        bf16=config.bf16, **extra)
+                        compute_fid=config.eval_ref_stats is not None, ref_stats=config.eval_ref_stats, seed=config.seed,
+                        eval_bsz=config.eval_bsz if scale == 1.0 else max(1, config.eval_bsz // 2))
             except Exception as e:  # noqa: BLE001 - evaluation must not kill a long training run
                 log(f"evaluation at epoch {epoch} (cfg {scale:g}) failed ({type(e).__name__}: {e}); training continues")
                 continue
@@ -631,6 +618,15 @@ def train(
     device = info.device
     log = log if info.is_main else (lambda msg: None)
     os.makedirs(config.output_dir, exist_ok=True)
+    resume = config.resume
+    last_path = os.path.join(config.output_dir, "checkpoint-last.pth")
+    if not resume and config.auto_resume and os.path.isfile(last_path):
+        resume = config.output_dir
+    found = sorted(n for n in os.listdir(config.output_dir) if n.startswith("checkpoint-") and n.endswith(".pth"))
+    if not resume and found and not config.overwrite:
+        raise CheckpointError(
+            f"--output_dir {config.output_dir!r} holds checkpoints of another run ({', '.join(found[:3])}); continue it "
+            f"with --resume {config.output_dir} (or --auto_resume), replace it with --overwrite, or use another --output_dir")
 
     # -------- model, data, schedules
     model = build_model(config, log).to(device)
@@ -663,13 +659,10 @@ def train(
 
     # -------- resume
     start_epoch, start_step, global_step = 0, 0, 0
-    resume = config.resume
-    last_path = os.path.join(config.output_dir, "checkpoint-last.pth")
-    if not resume and config.auto_resume and os.path.isfile(last_path):
-        resume = config.output_dir
     if resume:
         path = resolve_resume_path(resume)
         ckpt = load_checkpoint(path)
+        check_finite(ckpt["model"], f"--resume {path!r}")
         load_into(model, ckpt["model"], source=f"--resume {path!r}")
         _load_optimizer(optimizer, ckpt.get("optimizer"), path, log)
         start_epoch, start_step = int(ckpt.get("epoch", 0)), int(ckpt.get("step", 0))
@@ -719,7 +712,7 @@ def train(
             yaml.safe_dump(config.to_dict(), f, sort_keys=False)
 
     def save(epoch: int, step: int, names: Sequence[str]) -> None:
-        rng = _gather(_rng_state(), info)
+        rng = gather_object(_rng_state())
         if info.is_main:
             state = {
                 "model": model.state_dict(),
@@ -766,7 +759,7 @@ def train(
                 tokens = _batch_tokens(x, gen(_FLIP), make_tokenizer_once, device)
                 labels = labels.to(device, non_blocking=True).long()
                 orders = random_orders(tokens.shape[0], N, gen(_ORDER)).to(device, non_blocking=True)
-                sizes = schedules[int(torch.randint(len(schedules), (1,), generator=gen(_SCHEDULE, 0)))]
+                sizes = schedules[int(torch.randint(len(schedules), (1,), generator=gen(_SCHEDULE)))]  # per rank, as released
                 torch.manual_seed(derive_seed(config.seed, _DROPOUT, epoch, step, info.rank))  # dropout
                 lr = lr_at(epoch + step / steps_per_epoch, base_lr, epochs=config.epochs,
                            warmup_epochs=config.warmup_epochs, schedule=config.lr_schedule,

@@ -144,3 +144,12 @@ def test_atomic_save_never_corrupts_existing_file(tmp_path, monkeypatch):
     ckpt = load_checkpoint(path)
     assert ckpt["epoch"] == 1 and torch.equal(ckpt["model"]["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-last.pth"]  # no temp files left
+
+
+def test_non_finite_weights_are_refused_by_name(tmp_path):
+    model = lpd_tiny(img_size=64)
+    sd = model.state_dict()
+    sd["blocks.1.mlp.fc1.weight"][3, 4] = float("nan")
+    torch.save({"model": sd, "model_config": model.config.to_dict()}, tmp_path / "nan.pth")
+    with pytest.raises(CheckpointError, match="non-finite weights .* blocks.1.mlp.fc1.weight"):
+        load_lpd(tmp_path / "nan.pth")

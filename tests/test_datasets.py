@@ -47,7 +47,7 @@ def test_resolve_image_root(tmp_path):
 
 
 class FakeImages(torch.utils.data.Dataset):
-    """An ImageFolder stand-in: ``samples``, ``classes`` and (image in [-1, 1], label) items."""
+    """An ImageFolder stand-in: ``samples``, ``classes``, ``loader`` and (image in [-1, 1], label) items."""
 
     def __init__(self, n: int = 11, classes: int = 3) -> None:
         g = torch.Generator().manual_seed(0)
@@ -63,15 +63,19 @@ class FakeImages(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         return self.images[self.order[i]], self.samples[i][1]
 
+    @staticmethod
+    def loader(path: str) -> Image.Image:  # the images are in memory: every path decodes
+        return Image.new("RGB", (16, 16))
+
 
 def fake_encode(x: torch.Tensor) -> torch.Tensor:
     """Deterministic, flip-sensitive 'tokenizer': [B, 3, 16, 16] -> [B, 4, 4] ids < V."""
     return ((x[:, 0, ::4, ::4] + 1) * 499.5).long().clamp(0, V - 1)
 
 
-def write(ds, path, fmt, rank=0, world=1, **kw):
-    return D.write_token_cache(ds, str(path), fake_encode, fmt, img_size=64, num_tokens=N, vocab_size=V, rank=rank,
-                               world_size=world, batch_size=3, num_workers=0, progress=False, **kw)
+def write(ds, path, fmt, rank=0, world=1, encode=fake_encode, **kw):
+    return D.write_token_cache(ds, str(path), encode, fmt, tokenizer="fake", img_size=64, num_tokens=N, vocab_size=V,
+                               rank=rank, world_size=world, batch_size=3, num_workers=0, progress=False, **kw)
 
 
 def expected(ds, i):
@@ -84,8 +88,13 @@ def test_write_sharded_and_read_back(tmp_path, fmt):
     ds = FakeImages()
     # Two ranks, one after the other (barriers are no-ops here); small shards for the consolidated layout.
     s0 = write(ds, tmp_path / fmt, fmt, rank=0, world=2, shard_size=4)
+    # Rank 1 has not run yet (or was killed): the cache is incomplete and refused.
+    assert D.read_record(str(tmp_path / fmt))["state"] == "incomplete"
+    with pytest.raises(D.CacheError, match="incomplete.*rerun main_cache.py with the same command"):
+        D.open_token_cache(str(tmp_path / fmt), N, V)
     s1 = write(ds, tmp_path / fmt, fmt, rank=1, world=2, shard_size=4)
     assert s0.written + s1.written == len(ds)
+    assert D.read_record(str(tmp_path / fmt))["state"] == "complete"
     cache = D.open_token_cache(str(tmp_path / fmt), N, V)
     assert type(cache).__name__ == ("ReleasedTokenCache" if fmt == "released" else "ConsolidatedTokenCache")
     assert len(cache) == len(ds)
@@ -117,13 +126,13 @@ def test_consolidated_resumes_after_interruption(tmp_path):
             raise KeyboardInterrupt("preempted")
         return fake_encode(x)
 
+    kw = dict(tokenizer="fake", img_size=64, num_tokens=N, vocab_size=V, batch_size=2, num_workers=0, shard_size=3,
+              progress=False)
     with pytest.raises(KeyboardInterrupt):
-        D.write_token_cache(ds, str(tmp_path), flaky, "consolidated", img_size=64, num_tokens=N, vocab_size=V,
-                            batch_size=2, num_workers=0, shard_size=3, progress=False)
-    with pytest.raises(D.CacheError, match="unfinished|missing"):
+        D.write_token_cache(ds, str(tmp_path), flaky, "consolidated", **kw)
+    with pytest.raises(D.CacheError, match="incomplete"):
         D.open_token_cache(str(tmp_path), N, V)
-    stats = D.write_token_cache(ds, str(tmp_path), fake_encode, "consolidated", img_size=64, num_tokens=N,
-                                vocab_size=V, batch_size=2, num_workers=0, shard_size=3, progress=False)
+    stats = D.write_token_cache(ds, str(tmp_path), fake_encode, "consolidated", **kw)
     assert stats.skipped == 4 and stats.written == 6  # two batches of two were committed before the stop
     cache = D.open_token_cache(str(tmp_path), N, V)
     assert all(torch.equal(cache[i][0], expected(ds, i)) for i in range(len(ds)))
@@ -133,19 +142,68 @@ def test_consolidated_resumes_after_interruption(tmp_path):
 def test_layouts_do_not_mix(tmp_path):
     ds = FakeImages(4, 2)
     write(ds, tmp_path, "released")
-    with pytest.raises(D.CacheError, match="already holds a released cache"):
+    with pytest.raises(D.CacheError, match="other inputs.*format 'released' there, 'consolidated' now"):
         write(ds, tmp_path, "consolidated")
+
+
+def test_rerun_with_other_images_refused_before_encoding(tmp_path):
+    write(FakeImages(6, 2), tmp_path, "consolidated")
+    before = {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)}
+    calls = []
+    with pytest.raises(D.CacheError, match=r"num_images 6 there, 7 now; images .*delete"):
+        write(FakeImages(7, 2), tmp_path, "consolidated", encode=lambda x: calls.append(x))
+    assert not calls and {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == before
+
+
+@pytest.mark.parametrize("fmt", ["released", "consolidated"])
+def test_deleted_or_corrupt_record_refused(tmp_path, fmt):
+    ds = FakeImages(4, 2)
+    write(ds, tmp_path, fmt)
+    meta = tmp_path / "meta.json"
+    text = meta.read_text()
+    meta.write_text(text[: len(text) // 2])  # a torn record
+    with pytest.raises(D.CacheError, match=r"meta\.json.*cannot be read.*another --cached_path, or delete"):
+        write(ds, tmp_path, fmt)
+    with pytest.raises(D.CacheError, match=r"meta\.json.*cannot be read"):
+        D.open_token_cache(str(tmp_path), N, V)
+    meta.write_text('{"format": "released"}')
+    with pytest.raises(D.CacheError, match=r"meta\.json.*missing or bad.*tokenizer"):
+        D.open_token_cache(str(tmp_path), N, V)
+    meta.unlink()
+    with pytest.raises(D.CacheError, match=r"holds files but no meta\.json.*another --cached_path, or delete"):
+        write(ds, tmp_path, fmt)
+    if fmt == "consolidated":
+        with pytest.raises(D.CacheError, match=r"no meta\.json"):
+            D.open_token_cache(str(tmp_path), N, V)
+    else:  # indistinguishable from a cache of the released code: read, with a warning
+        with pytest.warns(UserWarning, match="completeness and tokenizer cannot be checked"):
+            assert len(D.open_token_cache(str(tmp_path), N, V)) == 4
+
+
+def test_undecodable_image_stops_before_anything_is_written(tmp_path):
+    class OneBroken(FakeImages):
+        @staticmethod
+        def loader(path):
+            if path.endswith("img003.JPEG"):
+                raise OSError("image file is truncated")
+            return Image.new("RGB", (16, 16))
+
+    with pytest.raises(D.CacheError, match=r"1 image file\(s\) cannot be decoded.*img003\.JPEG.*truncated"):
+        write(OneBroken(6, 2), tmp_path, "released")
+    assert os.listdir(tmp_path) == []
 
 
 # ---------------------------------------------------------------------------------------------- errors
 
 
 def _released(tmp_path, n=3):
+    """A cache as the released code writes it (no meta.json)."""
     rng = np.random.default_rng(0)
     os.makedirs(tmp_path / "a", exist_ok=True)
     for i in range(n):
         np.savez(tmp_path / "a" / f"{i}.npz", indices=rng.integers(0, V, N), indices_flip=rng.integers(0, V, N))
-    return D.ReleasedTokenCache(str(tmp_path), N, V)
+    with pytest.warns(UserWarning, match="no meta.json"):
+        return D.ReleasedTokenCache(str(tmp_path), N, V)
 
 
 def test_released_errors_name_the_file(tmp_path):
@@ -173,8 +231,6 @@ def test_released_errors_name_the_file(tmp_path):
 def test_consolidated_errors_name_the_file(tmp_path):
     ds = FakeImages(6, 2)
     write(ds, tmp_path, "consolidated", shard_size=3)
-    with pytest.raises(D.CacheError, match=r"meta\.json.*16 tokens.*64"):
-        D.open_token_cache(str(tmp_path), 64, V)
     toks = tmp_path / "shard-00001.tokens.npy"
     arr = np.load(toks)
     arr[1, 0, 0] = V + 5
@@ -185,6 +241,32 @@ def test_consolidated_errors_name_the_file(tmp_path):
         cache[bad_index]
     np.save(toks, arr[:, :, :8])
     with pytest.raises(D.CacheError, match=r"shard-00001\.tokens\.npy.*shape"):
+        D.open_token_cache(str(tmp_path), N, V)
+
+
+@pytest.mark.parametrize("fmt", ["released", "consolidated"])
+def test_record_must_fit_the_model(tmp_path, fmt):
+    write(FakeImages(4, 2), tmp_path, fmt)
+    with pytest.raises(D.CacheError, match=r"meta\.json.* 16 tokens per image \(img_size 64\).* 64 \(8x8\)"):
+        D.open_token_cache(str(tmp_path), 64, V)
+    with pytest.raises(D.CacheError, match=r"meta\.json.*1000-code tokenizer, larger than the model's vocabulary \(512\)"):
+        D.open_token_cache(str(tmp_path), N, 512)
+    other = "consolidated" if fmt == "released" else "released"
+    with pytest.raises(D.CacheError, match=f"describes a {fmt} cache, not a {other} one"):
+        D.open_token_cache(str(tmp_path), N, V, other)
+
+
+@pytest.mark.parametrize("fmt", ["released", "consolidated"])
+def test_open_checks_the_first_item(tmp_path, fmt):
+    write(FakeImages(4, 2), tmp_path, fmt)
+    first = tmp_path / ("c0" if fmt == "released" else "") / ("img000.JPEG.npz" if fmt == "released" else "shard-00000.tokens.npy")
+    if fmt == "released":
+        np.savez(first, indices=np.full(N, V, np.int64), indices_flip=np.zeros(N, np.int64))
+    else:
+        arr = np.load(first)
+        arr[0, 1, 3] = -1
+        np.save(first, arr)
+    with pytest.raises(D.CacheError, match=rf"{first.name}.*outside the vocabulary"):
         D.open_token_cache(str(tmp_path), N, V)
 
 

@@ -9,7 +9,7 @@ import torch
 
 from lpd.demo.digits import DigitTokens, load_digits_dataset, load_digits_images, split_indices
 from lpd.tokenizer import make_tokenizer
-from lpd.tokenizer.palette import PaletteTokenizer
+from lpd.demo.palette import PaletteTokenizer
 
 
 def test_digits_splits_are_disjoint_stratified_and_deterministic():

@@ -15,7 +15,7 @@ from lpd.demo.digits import (
     load_raw_digits,
     split_indices,
 )
-from lpd.tokenizer.palette import PaletteTokenizer, uint8_to_images
+from lpd.demo.palette import PaletteTokenizer, uint8_to_images
 
 
 def test_raw_data() -> None:

@@ -1,7 +1,7 @@
-"""lpd.evaluate: which image is which, sharding, resuming, the files it writes, and the metrics path.
+"""lpd.evaluate: which image is which, sharding, resuming, the run folder, and the metrics path.
 
-Everything runs on a very small LPD (4x4 token grid, 4 tokens) and a block tokenizer that paints
-each token as a flat grey patch, so that the whole file takes seconds on a CPU.
+A very small LPD (4x4 token grid) and a block tokenizer that paints each token as a flat grey
+patch keep the whole file to seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -14,19 +14,27 @@ import pytest
 import torch
 
 from lpd import evaluate as E
+from lpd.images import image_path, read_png, save_grid, write_npz, write_png
 from lpd.models import build_lpd
-from lpd.orders import lpd_orders, random_orders
+from lpd.orders import lpd_orders, random_orders, save_orders
+from lpd.orders.source import OrderSource
+from lpd.sampling import SamplingConfig
 
 GRID, PATCH, VOCAB, CLASSES = 4, 4, 4, 10
 SIZES = [1, 3, 4, 8]
 
 
 class BlockTokenizer(torch.nn.Module):
-    """Token t -> a PATCH x PATCH patch of grey level -1 + 2 t / (VOCAB - 1) (the decode interface)."""
+    """Token t -> a PATCH x PATCH patch of grey level -1 + 2 t / (VOCAB - 1); records autocast."""
 
     downsample_factor = PATCH
 
+    def __init__(self):
+        super().__init__()
+        self.autocast_seen: list[bool] = []
+
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.autocast_seen.append(torch.is_autocast_enabled("cpu"))
         grey = tokens.float() * (2.0 / (VOCAB - 1)) - 1.0
         img = grey.repeat_interleave(PATCH, 1).repeat_interleave(PATCH, 2)
         return img[:, None].expand(-1, 3, -1, -1) + 0.01 * torch.linspace(-1, 1, 3)[None, :, None, None]
@@ -41,11 +49,11 @@ def small_model(seed: int = 0) -> torch.nn.Module:
 def stand_in_extractor(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 [B, 3, H, W] -> (2x2 mean colours [B, 12], logits [B, 5]): a tiny 'Inception'."""
     x = torch.nn.functional.adaptive_avg_pool2d(images.float() / 255.0, 2).flatten(1)
-    w = torch.linspace(-1, 1, 12 * 5).reshape(12, 5)
-    return x, 4 * x @ w
+    return x, 4 * x @ torch.linspace(-1, 1, 12 * 5).reshape(12, 5)
 
 
-SAMPLING = dict(order="lpd", repulsion_threshold=1.0, cfg=2.0, seed=3, eval_bsz=4)
+SAMPLING = SamplingConfig(cfg=2.0, repulsion_threshold=1.0)
+RUN = dict(seed=3, eval_bsz=4)
 
 
 @pytest.fixture(scope="module")
@@ -53,118 +61,121 @@ def model():
     return small_model()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def tokenizer():
     return BlockTokenizer()
+
+
+def run_folder(path, model, tokenizer, n=10, sampling=SAMPLING, seed=3, **kw):
+    E.prepare_run_dir(path, E.run_settings(model, tokenizer, n, SIZES, sampling, seed, **kw), model.num_tokens)
+    return path
 
 
 # ------------------------------------------------------------------------------ image identity
 
 
-def test_classes_follow_the_paper_rule_and_documented_fallbacks():
-    labels = E.image_classes(np.arange(50000), 50000, 1000)
-    assert np.array_equal(labels, np.arange(50000) // 50)
+def test_classes_follow_the_paper_rule():
+    assert np.array_equal(E.image_classes(np.arange(50000), 50000, 1000), np.arange(50000) // 50)
     assert np.array_equal(E.image_classes(np.arange(20), 20, 1000), np.arange(20) * 50)
     counts = np.bincount(E.image_classes(np.arange(1234), 1234, 1000), minlength=1000)
     assert counts.min() == 1 and counts.max() == 2 and counts.sum() == 1234
-    labels = E.image_classes(np.arange(25), 25, 10)  # not a multiple: consecutive, balanced
-    assert np.all(np.diff(labels) >= 0) and set(np.bincount(labels)) == {2, 3}
     with pytest.raises(E.EvaluationError, match="positive integer"):
         E.image_classes([0], 0, 10)
-    with pytest.raises(E.EvaluationError, match="indices"):
-        E.image_classes([5], 5, 10)
 
 
 def test_image_seeds_are_stable_and_distinct():
     seeds = {E.image_seed(0, i) for i in range(1000)} | {E.image_seed(1, i) for i in range(1000)}
     assert len(seeds) == 2000
-    assert E.image_seed(0, 7) == E.image_seed(0, 7) and 0 <= E.image_seed(2**40, 2**30) < 2**63
-
-
-def test_batch_plan_is_fixed_and_covers_every_image():
-    plan = E.batch_plan(10, 4)
-    assert [b.tolist() for b in plan] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    assert np.resize(plan[-1], 4).tolist() == [8, 9, 8, 9]  # how the last batch is padded
-    with pytest.raises(E.EvaluationError, match="eval_bsz"):
-        E.batch_plan(10, 0)
+    assert E.image_seed(0, 7) == E.image_seed(0, 7) and 0 <= E.image_seed(2**63, 2**40) < 2**63
 
 
 @pytest.mark.parametrize("kind", ["lpd", "random", "raster"])
 def test_order_rows_depend_only_on_seed_and_index(kind):
-    src = E.OrderSource(kind, SIZES, GRID, seed=5, repulsion_threshold=1.0)
+    src = OrderSource(kind, SIZES, GRID, seed=5, repulsion_threshold=1.0)
     whole = src.rows(np.arange(12))
-    picked = src.rows(np.array([7, 8, 9, 2, 11, 3]))
-    assert np.array_equal(picked, whole[[7, 8, 9, 2, 11, 3]])
-    if kind == "lpd":
-        assert np.array_equal(whole, lpd_orders(12, SIZES, GRID, 1.0, 1.0, seed=5))
-    elif kind == "random":
-        assert np.array_equal(whole, random_orders(12, GRID, seed=5))
-    else:
-        assert np.array_equal(whole, np.tile(np.arange(GRID * GRID), (12, 1)))
+    assert np.array_equal(src.rows(np.array([7, 8, 9, 2, 11, 3])), whole[[7, 8, 9, 2, 11, 3]])
+    expected = {"lpd": lambda: lpd_orders(12, SIZES, GRID, 1.0, 1.0, seed=5), "random": lambda: random_orders(12, GRID, seed=5),
+                "raster": lambda: np.tile(np.arange(GRID * GRID), (12, 1))}[kind]()
+    assert np.array_equal(whole, expected)
 
 
 def test_order_table_is_validated():
     table = np.stack([np.random.RandomState(i).permutation(16) for i in range(3)])
-    src = E.OrderSource("lpd", SIZES, GRID, table=table)
-    assert np.array_equal(src.rows([2, 0]), table[[2, 0]])
+    assert np.array_equal(OrderSource("lpd", SIZES, GRID, table=table).rows([2, 0]), table[[2, 0]])
     bad = table.copy()
     bad[1, 0] = bad[1, 1]
-    with pytest.raises(E.EvaluationError, match="row 1 is not a permutation"):
-        E.OrderSource("lpd", SIZES, GRID, table=bad)
-    with pytest.raises(E.EvaluationError, match="order must be one of"):
-        E.OrderSource("spiral", SIZES, GRID)
+    with pytest.raises(ValueError, match="row 1: position .* appears twice"):
+        OrderSource("lpd", SIZES, GRID, table=bad)
+    with pytest.raises(ValueError, match="order must be"):
+        OrderSource("spiral", SIZES, GRID)
 
 
 # ------------------------------------------------------------------------------ sampling
 
 
-def test_in_memory_generation_is_deterministic_and_shape_correct(model, tokenizer):
-    a = E.generate_images(model, tokenizer, 10, SIZES, **SAMPLING)
-    b = E.generate_images(model, tokenizer, 10, SIZES, **SAMPLING)
+def test_in_memory_generation_is_deterministic(model, tokenizer):
+    a = E.generate_images(model, tokenizer, 10, SIZES, SAMPLING, **RUN)
+    b = E.generate_images(model, tokenizer, 10, SIZES, SAMPLING, **RUN)
     assert a.images.shape == (10, GRID * PATCH, GRID * PATCH, 3) and a.images.dtype == np.uint8
-    assert np.array_equal(a.images, b.images)
-    c = E.generate_images(model, tokenizer, 10, SIZES, **{**SAMPLING, "seed": 4})
-    assert not np.array_equal(a.images, c.images)
+    assert np.array_equal(a.images, b.images) and a.tokens.shape == (10, 16)
+    assert not np.array_equal(a.tokens, E.generate_images(model, tokenizer, 10, SIZES, SAMPLING, seed=4).tokens)
     assert a.generated == 10 and a.speed["timed_batches"] == 2  # 3 batches, the first is warm-up
 
 
-def test_shards_write_the_same_files_as_one_process(model, tokenizer, tmp_path):
-    one = E.generate_images(model, tokenizer, 10, SIZES, output_dir=tmp_path / "one", **SAMPLING)
-    for rank in (1, 0):  # two "processes" (no process group needed: each writes its own batches)
-        part = E.generate_images(model, tokenizer, 10, SIZES, output_dir=tmp_path / "two", rank=rank,
-                                 world_size=2, **SAMPLING)
-        assert part.generated == (6 if rank == 0 else 4)  # batches 0 and 2 / batch 1
-    for i in range(10):
-        a = (tmp_path / "one" / f"{i:06d}.png").read_bytes()
-        assert a == (tmp_path / "two" / f"{i:06d}.png").read_bytes()
-    assert one.image_paths[3] == E.image_path(tmp_path / "one", 3)
-    assert not [f for f in os.listdir(tmp_path / "one") if not f.endswith(".png")]  # no temporary files
+def test_tokens_do_not_depend_on_batch_size_threads_or_shards(model, tokenizer, tmp_path):
+    ref = E.generate_images(model, tokenizer, 9, SIZES, SAMPLING, seed=1, eval_bsz=9)
+    threads = torch.get_num_threads()
+    try:
+        for bsz, n_threads in ((1, 1), (2, 2), (4, 1), (100, 2)):
+            torch.set_num_threads(n_threads)
+            got = E.generate_images(model, tokenizer, 9, SIZES, SAMPLING, seed=1, eval_bsz=bsz)
+            assert np.array_equal(got.tokens, ref.tokens) and np.array_equal(got.images, ref.images)
+    finally:
+        torch.set_num_threads(threads)
+    run_folder(tmp_path, model, tokenizer, n=9, seed=1)
+    for rank in (2, 0, 1):  # three independent jobs into one folder
+        part = E.generate_images(model, tokenizer, 9, SIZES, SAMPLING, seed=1, eval_bsz=2, output_dir=tmp_path, shard=(rank, 3))
+        assert part.generated == 3
+    tokens = np.load(tmp_path / "tokens.npy")
+    assert tokens.dtype == np.int16 and np.array_equal(tokens, ref.tokens)
+    for i in range(9):
+        assert np.array_equal(read_png(image_path(tmp_path / "images", i)), ref.images[i])
+    assert not [f for f in os.listdir(tmp_path / "images") if not f.endswith(".png")]  # no temporary files
+
+
+def test_a_huge_eval_bsz_samples_only_the_images_needed(model, tokenizer, monkeypatch):
+    rows = []
+    real = E.sample_tokens
+    monkeypatch.setattr(E, "sample_tokens", lambda m, labels, orders, *a, **k: rows.append(len(labels)) or real(m, labels, orders, *a, **k))
+    E.generate_images(model, tokenizer, 2, SIZES, SAMPLING, eval_bsz=100000)
+    assert rows == [2]
 
 
 def test_rerun_fills_in_missing_and_damaged_images_with_the_same_bytes(model, tokenizer, tmp_path):
-    E.generate_images(model, tokenizer, 10, SIZES, output_dir=tmp_path, **SAMPLING)
-    original = {i: (tmp_path / f"{i:06d}.png").read_bytes() for i in range(10)}
-    os.remove(tmp_path / "000005.png")
-    (tmp_path / "000009.png").write_bytes(original[9][:40])  # truncated
-    again = E.generate_images(model, tokenizer, 10, SIZES, output_dir=tmp_path, **SAMPLING)
-    assert again.generated == 2 and again.skipped == 8  # batches 1 and 2 sampled again, batch 0 skipped
+    run_folder(tmp_path, model, tokenizer)
+    E.generate_images(model, tokenizer, 10, SIZES, SAMPLING, output_dir=tmp_path, **RUN)
+    original = {i: (tmp_path / "images" / f"{i:06d}.png").read_bytes() for i in range(10)}
+    os.remove(tmp_path / "images" / "000005.png")
+    (tmp_path / "images" / "000009.png").write_bytes(original[9][:40])  # truncated
+    again = E.generate_images(model, tokenizer, 10, SIZES, SAMPLING, output_dir=tmp_path, **RUN)
+    assert again.generated == 2 and again.skipped == 8
     for i in range(10):
-        assert (tmp_path / f"{i:06d}.png").read_bytes() == original[i]
-    third = E.generate_images(model, tokenizer, 10, SIZES, output_dir=tmp_path, **SAMPLING)
-    assert third.generated == 0 and third.skipped == 10
+        assert (tmp_path / "images" / f"{i:06d}.png").read_bytes() == original[i]
+    assert E.generate_images(model, tokenizer, 10, SIZES, SAMPLING, output_dir=tmp_path, **RUN).generated == 0
 
 
 def test_explicit_labels_and_order_tables(model, tokenizer):
     table = lpd_orders(6, SIZES, GRID, 1.0, 1.0, seed=3)
-    a = E.generate_images(model, tokenizer, 6, SIZES, orders=table, **SAMPLING)
-    b = E.generate_images(model, tokenizer, 6, SIZES, **SAMPLING)
+    a = E.generate_images(model, tokenizer, 6, SIZES, SAMPLING, orders=table, **RUN)
+    b = E.generate_images(model, tokenizer, 6, SIZES, SAMPLING, **RUN)
     assert np.array_equal(a.images, b.images)  # the same orders, once generated and once given
-    c = E.generate_images(model, tokenizer, 6, SIZES, labels=[9] * 6, **SAMPLING)
-    assert not np.array_equal(b.images, c.images)
-    with pytest.raises(E.EvaluationError, match="one class per image"):
-        E.generate_images(model, tokenizer, 6, SIZES, labels=[1, 2], **SAMPLING)
-    with pytest.raises(E.EvaluationError, match="rows for 8 images"):
-        E.generate_images(model, tokenizer, 8, SIZES, orders=table, **SAMPLING)
+    assert not np.array_equal(b.images, E.generate_images(model, tokenizer, 6, SIZES, SAMPLING, labels=[9] * 6, **RUN).images)
+    with pytest.raises(E.EvaluationError, match="6 integers"):
+        E.generate_images(model, tokenizer, 6, SIZES, SAMPLING, labels=[1, 2], **RUN)
+    with pytest.raises(E.EvaluationError, match="integers"):
+        E.generate_images(model, tokenizer, 6, SIZES, SAMPLING, labels=[1.5] * 6, **RUN)
+    with pytest.raises(ValueError, match="6 rows; image 7 needs more"):
+        E.generate_images(model, tokenizer, 8, SIZES, SAMPLING, orders=table, **RUN)
 
 
 def test_a_wrapped_model_is_looked_through(model, tokenizer):
@@ -173,79 +184,92 @@ def test_a_wrapped_model_is_looked_through(model, tokenizer):
             super().__init__()
             self.module = inner
 
-    a = E.generate_images(Wrapper(model), tokenizer, 4, SIZES, **SAMPLING)
-    assert np.array_equal(a.images, E.generate_images(model, tokenizer, 4, SIZES, **SAMPLING).images)
+    a = E.generate_images(Wrapper(model), tokenizer, 4, SIZES, SAMPLING, **RUN)
+    assert np.array_equal(a.images, E.generate_images(model, tokenizer, 4, SIZES, SAMPLING, **RUN).images)
 
 
 def test_in_memory_shards_need_a_process_group(model, tokenizer):
-    with pytest.raises(E.EvaluationError, match="process group"):
-        E.generate_images(model, tokenizer, 4, SIZES, rank=0, world_size=2, **SAMPLING)
+    with pytest.raises(E.EvaluationError, match="output folder"):
+        E.generate_images(model, tokenizer, 4, SIZES, SAMPLING, shard=(0, 2), **RUN)
 
 
-def test_bf16_autocast_runs_on_the_cpu(model, tokenizer):
-    out = E.generate_images(model, tokenizer, 4, SIZES, bf16=True, **SAMPLING)
-    assert out.images.shape == (4, GRID * PATCH, GRID * PATCH, 3)
+def test_bf16_decodes_the_vq_under_autocast_unless_asked_not_to(model, tokenizer):
+    out = E.generate_images(model, tokenizer, 4, SIZES, SAMPLING.replace(bf16=True), **RUN)
+    assert out.images.shape == (4, GRID * PATCH, GRID * PATCH, 3) and all(tokenizer.autocast_seen)
+    tokenizer.autocast_seen.clear()
+    E.generate_images(model, tokenizer, 4, SIZES, SAMPLING.replace(bf16=True, decode_fp32=True), **RUN)
+    assert tokenizer.autocast_seen and not any(tokenizer.autocast_seen)
 
 
 @pytest.mark.parametrize("bad, match", [
     (dict(top_p=0.0), "top_p"), (dict(cfg=-1.0), "cfg"), (dict(temperature=float("nan")), "temperature"),
-    (dict(eval_bsz=0), "eval_bsz"),
+    (dict(eval_bsz=0), "eval_bsz"), (dict(bf16="false"), "bf16"),
 ])
-def test_bad_sampling_settings_fail_before_sampling(model, tokenizer, bad, match):
+def test_bad_settings_fail_before_sampling(model, tokenizer, bad, match):
     with pytest.raises(ValueError, match=match):
-        E.generate_images(model, tokenizer, 4, SIZES, **{**SAMPLING, **bad})
+        E.generate_images(model, tokenizer, 4, SIZES, SAMPLING, **{**RUN, **bad})
 
 
 def test_speed_meter_drops_the_warm_up_batch():
-    m = E.SpeedMeter(batch_size=4)
-    m.add(10.0, 20.0)
-    for _ in range(3):
-        m.add(1.0, 2.0)
+    m = E.SpeedMeter()
+    m.add(4, 10.0, 20.0)
+    for n in (4, 4, 2):
+        m.add(n, 1.0, 2.0)
     s = m.summary()
-    assert s["timed_batches"] == 3
-    assert s["tokens"]["s_per_batch"] == pytest.approx(1.0) and s["tokens"]["images_per_s"] == pytest.approx(4.0)
-    assert s["tokens_and_decode"]["s_per_image"] == pytest.approx(0.5)
-    assert E.SpeedMeter(4).summary()["tokens"]["images_per_s"] is None
+    assert s["timed_batches"] == 3 and s["tokens"]["s_per_batch"] == pytest.approx(1.0)
+    assert s["tokens"]["images_per_s"] == pytest.approx(10 / 3) and s["tokens_and_decode"]["s_per_image"] == pytest.approx(0.6)
+    assert E.SpeedMeter().summary()["tokens"]["images_per_s"] is None
 
 
-# ------------------------------------------------------------------------------ files
+# ------------------------------------------------------------------------------ files and run folders
 
 
 def test_npz_holds_exactly_the_png_pixels(tmp_path):
-    rng = np.random.RandomState(0)
-    imgs = rng.randint(0, 256, size=(5, 8, 12, 3)).astype(np.uint8)
+    imgs = np.random.RandomState(0).randint(0, 256, size=(5, 8, 12, 3)).astype(np.uint8)
     paths = [str(tmp_path / f"{i}.png") for i in range(5)]
     for p, im in zip(paths, imgs):
-        E.write_png(p, im)
-    E.write_npz(tmp_path / "all.npz", paths, (8, 12))
+        write_png(p, im)
+    write_npz(tmp_path / "all.npz", paths, (8, 12))
     with np.load(tmp_path / "all.npz") as data:
-        assert data.files == ["arr_0"]
-        assert data["arr_0"].dtype == np.uint8 and np.array_equal(data["arr_0"], imgs)
-    assert E.read_png(paths[0], (8, 12)) is not None and E.read_png(paths[0], (8, 8)) is None
-    with pytest.raises(E.EvaluationError, match="missing or unreadable"):
-        E.write_npz(tmp_path / "bad.npz", paths + [str(tmp_path / "nope.png")], (8, 12))
+        assert data.files == ["arr_0"] and data["arr_0"].dtype == np.uint8 and np.array_equal(data["arr_0"], imgs)
+    assert read_png(paths[0], (8, 12)) is not None and read_png(paths[0], (8, 8)) is None
+    with pytest.raises(ValueError, match="missing or unreadable"):
+        write_npz(tmp_path / "bad.npz", paths + [str(tmp_path / "nope.png")], (8, 12))
     assert not (tmp_path / "bad.npz").exists()
-    E.save_grid(tmp_path / "grid.png", list(imgs), ncol=2)
-    assert E.read_png(tmp_path / "grid.png", (24, 24)) is not None
+    save_grid(tmp_path / "grid.png", list(imgs), ncol=2)
+    assert read_png(tmp_path / "grid.png", (24, 24)) is not None
 
 
-def test_run_names_and_settings():
-    s = E.pixel_settings(model="lpd_l", img_size=256, num_images=50000, group_sizes=[1] * 20, order="lpd",
-                         seed=0, cfg=4.8, repulsion_threshold=2.0)
-    assert E.run_name(s) == "lpd_l-res256-steps20-cfg4.8-lpd-tr2.0-seed0"
-    s2 = E.pixel_settings(model="lpd_xl", img_size=512, num_images=1000, group_sizes=[1] * 48, order="random",
-                          seed=1, cfg=6.0, cfg_schedule="constant", top_k=100, bf16=True)
-    assert E.run_name(s2) == "lpd_xl-res512-steps48-cfg6.0-cfgconst-random-topk100-bf16-n1000-seed1"
-
-
-def test_a_folder_of_another_run_is_refused(tmp_path):
-    s = E.pixel_settings(model="m", img_size=64, num_images=4, group_sizes=SIZES, order="lpd", seed=0)
-    E.prepare_run_dir(tmp_path, s)
+def test_settings_record_the_inputs_by_content(model, tokenizer, tmp_path):
+    s = E.run_settings(model, tokenizer, 10, SIZES, SAMPLING, 3, name="small")
+    assert s["weights_sha256"] == E.run_settings(small_model(), tokenizer, 10, SIZES, SAMPLING, 3)["weights_sha256"]
+    assert s["weights_sha256"] != E.run_settings(small_model(seed=1), tokenizer, 10, SIZES, SAMPLING, 3)["weights_sha256"]
+    assert s["cfg"] == 2.0 and s["labels"] == "rule" and s["repulsion_threshold"] == 1.0
+    run_folder(tmp_path, model, tokenizer)
     (tmp_path / "images" / ".tmp-000001.png-abc").write_bytes(b"partial")  # what a killed run could leave
-    E.prepare_run_dir(tmp_path, s)  # same settings: fine, and the leftover is gone
+    run_folder(tmp_path, model, tokenizer)  # the same inputs: fine, and the leftover is gone
     assert os.listdir(tmp_path / "images") == []
-    with pytest.raises(E.EvaluationError, match="cfg: 1.0 on disk vs 2.0 now"):
-        E.prepare_run_dir(tmp_path, {**s, "cfg": 2.0})
+
+
+def test_reruns_with_other_inputs_are_refused(model, tokenizer, tmp_path):
+    orders = tmp_path / "orders.json"
+    save_orders(orders, lpd_orders(10, SIZES, GRID, seed=0))
+    run_folder(tmp_path / "a", model, tokenizer, order_file=orders)
+    save_orders(orders, lpd_orders(10, SIZES, GRID, seed=1))  # another order file under the same name
+    with pytest.raises(E.EvaluationError, match="order_file_sha256"):
+        run_folder(tmp_path / "a", model, tokenizer, order_file=orders)
+    run_folder(tmp_path / "b", model, tokenizer)
+    with pytest.raises(E.EvaluationError, match="weights_sha256"):  # other weights, however the file is named
+        run_folder(tmp_path / "b", small_model(seed=1), tokenizer)
+    with pytest.raises(E.EvaluationError, match="cfg: 2.0 on disk vs 3.0 now"):
+        run_folder(tmp_path / "b", model, tokenizer, sampling=SAMPLING.replace(cfg=3.0))
+    E.generate_images(model, tokenizer, 10, SIZES, SAMPLING, output_dir=tmp_path / "b", **RUN)
+    (tmp_path / "b" / "settings.json").write_text("{not json")
+    with pytest.raises(E.EvaluationError, match="cannot be trusted"):
+        run_folder(tmp_path / "b", model, tokenizer)
+    os.remove(tmp_path / "b" / "settings.json")
+    with pytest.raises(E.EvaluationError, match="no settings.json"):
+        run_folder(tmp_path / "b", model, tokenizer)
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -254,47 +278,42 @@ def test_a_folder_of_another_run_is_refused(tmp_path):
 def test_metrics_path_end_to_end_with_a_stand_in_extractor(model, tokenizer, tmp_path):
     from lpd import metrics as M
 
-    ref = E.generate_images(model, tokenizer, 32, SIZES, **SAMPLING).images
+    ref = E.generate_images(model, tokenizer, 32, SIZES, SAMPLING, **RUN).images
     stats = M.compute_statistics(ref, stand_in_extractor, progress=False)
     M.save_statistics(tmp_path / "ref.npz", stats.mu, stats.sigma)
-    settings = E.pixel_settings(model="small", img_size=64, num_images=32, group_sizes=SIZES, order="lpd",
-                                seed=3, cfg=2.0)
     run = tmp_path / "run"
-    rec = E.evaluate(model, tokenizer, 32, SIZES, output_dir=run, settings=settings,
-                     ref_stats=str(tmp_path / "ref.npz"), feature_extractor=stand_in_extractor,
-                     info={"note": "test"}, **SAMPLING)
+    rec = E.evaluate(model, tokenizer, 32, SIZES, SAMPLING, output_dir=run, name="small", ref_stats=str(tmp_path / "ref.npz"),
+                     feature_extractor=stand_in_extractor, info={"note": "test"}, **RUN)
     assert rec["fid"] == pytest.approx(0.0, abs=1e-6)  # the same images as the reference
     assert rec["inception_score"] > 1.0 and rec["num_images"] == 32 and rec["note"] == "test"
     on_disk = json.loads((run / "metrics.json").read_text())
-    assert on_disk["fid"] == rec["fid"] and on_disk["settings"]["cfg"] == 2.0
+    assert on_disk["fid"] == rec["fid"] and on_disk["settings"]["cfg"] == 2.0 and on_disk["settings"]["model"] == "small"
     for key in ("speed", "device", "dtype", "versions", "world_size", "sampling"):
         assert key in on_disk
-    assert on_disk["versions"]["torch"] == torch.__version__
     with np.load(run / "run.npz") as data:
         assert np.array_equal(data["arr_0"], ref)
     assert (run / "samples_grid.png").is_file() and (run / "settings.json").is_file()
-    # In memory, other samples: a positive distance.
-    mem = E.evaluate(model, tokenizer, 32, SIZES, ref_stats=str(tmp_path / "ref.npz"),
-                     feature_extractor=stand_in_extractor, **{**SAMPLING, "seed": 11})
+    # A rerun without scoring keeps the scores and the speed of the images it did not sample again.
+    again = E.evaluate(model, tokenizer, 32, SIZES, SAMPLING, output_dir=run, name="small", compute_fid=False, **RUN)
+    assert again["generated_this_run"] == 0 and again["fid"] == rec["fid"] and again["speed"] == rec["speed"]
+    assert json.loads((run / "metrics.json").read_text())["inception_score"] == rec["inception_score"]
+    mem = E.evaluate(model, tokenizer, 32, SIZES, SAMPLING, ref_stats=str(tmp_path / "ref.npz"),
+                     feature_extractor=stand_in_extractor, seed=11, eval_bsz=4)
     assert mem["fid"] > 0 and mem["files"] == {}
 
 
-def test_missing_statistics_fail_before_sampling(model, tokenizer, tmp_path):
-    with pytest.raises(FileNotFoundError, match="--fid_stats"):
-        E.evaluate(model, tokenizer, 4, SIZES, output_dir=tmp_path / "run", ref_stats=str(tmp_path / "nope.npz"),
-                   feature_extractor=stand_in_extractor, **SAMPLING)
-    assert not (tmp_path / "run").exists()
-    bad = tmp_path / "bad.npz"
-    np.savez(bad, mean=np.zeros(3))
-    with pytest.raises(ValueError, match="'mu' and 'sigma'"):
-        E.evaluate(model, tokenizer, 4, SIZES, ref_stats=str(bad), feature_extractor=stand_in_extractor, **SAMPLING)
-
-
-def test_missing_inception_weights_fail_before_sampling(model, tokenizer, tmp_path):
+def test_missing_statistics_or_weights_fail_before_sampling(model, tokenizer, tmp_path):
     from lpd import metrics as M
 
+    with pytest.raises(FileNotFoundError, match="--fid_stats"):
+        E.evaluate(model, tokenizer, 4, SIZES, SAMPLING, output_dir=tmp_path / "run", ref_stats=str(tmp_path / "nope.npz"),
+                   feature_extractor=stand_in_extractor, **RUN)
+    assert not (tmp_path / "run").exists()
+    np.savez(tmp_path / "bad.npz", mean=np.zeros(3))
+    with pytest.raises(ValueError, match="'mu' and 'sigma'"):
+        E.evaluate(model, tokenizer, 4, SIZES, SAMPLING, ref_stats=str(tmp_path / "bad.npz"), feature_extractor=stand_in_extractor, **RUN)
     M.save_statistics(tmp_path / "ref.npz", np.zeros(4), np.eye(4))  # found and valid: the weights are next
     with pytest.raises(FileNotFoundError, match="--inception_weights"):
-        E.evaluate(model, tokenizer, 4, SIZES, output_dir=tmp_path / "run", ref_stats=str(tmp_path / "ref.npz"),
-                   inception_weights=str(tmp_path / "missing.pth"), **SAMPLING)
+        E.evaluate(model, tokenizer, 4, SIZES, SAMPLING, output_dir=tmp_path / "run", ref_stats=str(tmp_path / "ref.npz"),
+                   inception_weights=str(tmp_path / "missing.pth"), **RUN)
     assert not (tmp_path / "run").exists()

@@ -26,12 +26,12 @@ sys.path.insert(0, ROOT)
 import main_eval  # noqa: E402
 from lpd.checkpoint import CheckpointError  # noqa: E402
 from lpd.evaluate import EvaluationError, read_png  # noqa: E402
-from lpd.models import create_model  # noqa: E402
+from lpd.models import LPD, LPDConfig  # noqa: E402
 
 TINY_CONFIG = os.path.join(ROOT, "configs", "tiny.yaml")
 TINY = ["--config", TINY_CONFIG, "--random_init", "--num_images", "20", "--eval_bsz", "5",
         "--generation_steps", "20", "--order", "lpd", "--cfg", "2.0", "--seed", "0", "--no_fid", "--no_progress"]
-RUN = "lpd_tiny-res256-steps20-cfg2.0-lpd-tr1.0-randinit-n20-seed0"
+RUN = "lpd_tiny-randinit-res256-steps20-cfg2.0-lpd-tr1.0-n20-seed0"
 
 
 @contextlib.contextmanager
@@ -46,7 +46,7 @@ def threads(n: int):
 
 def run_main(argv: list[str]) -> dict:
     with threads(1):
-        return main_eval.main(argv)
+        return main_eval.run(main_eval.parse_args_with_config(main_eval.build_parser(), argv), argv)
 
 
 def png_bytes(folder: str) -> dict[str, bytes]:
@@ -65,7 +65,7 @@ def test_single_process_writes_the_run_folder(single):
     run_dir, record, pngs = single
     assert sorted(pngs) == [f"{i:06d}.png" for i in range(20)]
     assert sorted(os.listdir(run_dir)) == sorted(["images", f"{RUN}.npz", "metrics.json", "samples_grid.png",
-                                                  "settings.json"])
+                                                  "settings.json", "tokens.npy"])
     with np.load(os.path.join(run_dir, f"{RUN}.npz")) as data:
         arr = data["arr_0"]
     assert arr.shape == (20, 256, 256, 3) and arr.dtype == np.uint8
@@ -73,13 +73,14 @@ def test_single_process_writes_the_run_folder(single):
         assert np.array_equal(arr[i], read_png(os.path.join(run_dir, "images", f"{i:06d}.png")))
     m = json.load(open(os.path.join(run_dir, "metrics.json")))
     assert m["fid"] is None and m["num_images"] == 20 and m["generated_this_run"] == 20
-    assert m["settings"]["cfg"] == 2.0 and m["settings"]["weights"] == "random_init seed 0"
-    assert m["dtype"] == "float32" and m["device_type"] == "cpu" and m["versions"]["torch"] == torch.__version__
+    assert m["settings"]["cfg"] == 2.0 and m["settings"]["model"] == "lpd_tiny-randinit" and len(m["settings"]["weights_sha256"]) == 64
+    assert m["dtype"] == "float32" and m["device"].startswith("cpu") and m["versions"]["torch"] == torch.__version__
+    assert np.load(os.path.join(run_dir, "tokens.npy")).min() >= 0
     speed = m["speed"]
     assert speed["timed_batches"] == 3  # 4 batches, the first is the warm-up
     for key in ("tokens", "tokens_and_decode"):
         assert speed[key]["images_per_s"] > 0 and speed[key]["s_per_image"] > 0
-    assert speed["tokens"]["s_per_batch"] < speed["tokens_and_decode"]["s_per_batch"]
+    assert speed["tokens"]["s_per_image"] < speed["tokens_and_decode"]["s_per_image"]
     assert m == record or m["speed"] == record["speed"]
 
 
@@ -92,6 +93,7 @@ def test_torchrun_two_processes_write_the_same_bytes(single, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = tmp_path / RUN
     assert png_bytes(str(run_dir / "images")) == pngs
+    assert np.array_equal(np.load(run_dir / "tokens.npy"), np.load(os.path.join(single[0], "tokens.npy")))
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["speed"]["processes"] == 2 and m["generated_this_run"] == 20
     with np.load(run_dir / f"{RUN}.npz") as data:
@@ -101,7 +103,7 @@ def test_torchrun_two_processes_write_the_same_bytes(single, tmp_path):
 def test_rerun_brings_back_deleted_images_byte_for_byte(single):
     run_dir, _, pngs = single
     images = os.path.join(run_dir, "images")
-    for name in ("000011.png", "000013.png"):  # both in batch 2 (images 10..14)
+    for name in ("000011.png", "000013.png"):
         os.remove(os.path.join(images, name))
     with open(os.path.join(images, "000012.png"), "r+b") as f:
         f.truncate(100)  # an unreadable file is sampled again too
@@ -123,7 +125,7 @@ def test_a_rerun_with_other_settings_is_refused(single):
 def tiny_released_checkpoint(path: str, seed: int = 0) -> None:
     """A checkpoint as the released training code writes it (no model_config; args Namespace)."""
     cfg = yaml.safe_load(open(TINY_CONFIG))
-    model = create_model("lpd_tiny", 256, cfg["model_config"])
+    model = LPD(LPDConfig.from_name("lpd_tiny", 256, **cfg["model_config"]))
     model.initialize_weights(torch.Generator().manual_seed(seed))
     torch.save({"model": model.state_dict(), "optimizer": {"state": {}, "param_groups": []}, "epoch": 7,
                 "args": argparse.Namespace(model="lpd_tiny", img_size=256, vqgan_stride=16)}, path)
@@ -145,7 +147,7 @@ def test_released_format_checkpoint_from_a_path_or_the_hub_cache(tmp_path, monke
     common = ["--config", TINY_CONFIG, "--num_images", "2", "--eval_bsz", "2", "--generation_steps", "8",
               "--cfg", "1.5", "--seed", "0", "--no_fid", "--no_progress", "--output_dir", str(tmp_path)]
     a = run_main(common + ["--pretrained_ckpt", ckpt])
-    assert a["settings"]["weights"] == "lpd_tiny_256.pth"
+    assert a["settings"]["model"] == "lpd_tiny"  # the --model of tiny.yaml
     # Offline, by name, from a filled Hugging Face cache (the file is the tiny model; model_config
     # from tiny.yaml shrinks the lpd_l preset to it).
     cache = tmp_path / "hub"
@@ -153,7 +155,7 @@ def test_released_format_checkpoint_from_a_path_or_the_hub_cache(tmp_path, monke
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     b = run_main(common + ["--model", "lpd_l", "--img_size", "256"])
-    assert b["settings"]["weights"] == "lpd_l_256.pth" and b["settings"]["model"] == "lpd_l"
+    assert b["settings"]["model"] == "lpd_l" and b["settings"]["weights_sha256"] == a["settings"]["weights_sha256"]
     c = run_main(common + ["--random_init"])  # the same weights, drawn from the seed
     da, db, dc = a["files"]["images"], b["files"]["images"], c["files"]["images"]
     assert len({da, db, dc}) == 3 and len(png_bytes(da)) == 2
@@ -187,7 +189,7 @@ def test_missing_checkpoint_offline_names_file_repository_and_flag(tmp_path, mon
 
 @pytest.mark.parametrize("flags, match", [
     (["--top_p", "1.5"], "top_p"), (["--top_p", "0"], "top_p"), (["--cfg", "-1"], "cfg"),
-    (["--temperature", "-0.5"], "temperature"), (["--cfg_schedule", "cosine"], "cfg_schedule"),
+    (["--temperature", "-0.5"], "temperature"),
     (["--top_k", "-3"], "top_k"), (["--eval_bsz", "0"], "eval_bsz"), (["--num_images", "-5"], "num_images"),
     (["--order", "random", "--lpd_order_file", "x.json"], "--lpd_order_file"),
 ])
@@ -203,7 +205,7 @@ def test_bad_group_sizes(tmp_path):
 
 
 def test_missing_order_file(tmp_path):
-    with pytest.raises(EvaluationError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="none.json"):
         run_main(TINY + ["--output_dir", str(tmp_path), "--lpd_order_file", str(tmp_path / "none.json")])
 
 
@@ -270,7 +272,7 @@ def test_one_config_and_script_per_row_of_the_paper(model, res, steps, tr, cfg):
     assert (args.model, args.img_size, args.generation_steps) == (f"lpd_{model}", res, steps)
     assert (args.repulsion_threshold, args.cfg, args.cfg_schedule, args.order) == (tr, cfg, "linear", "lpd")
     assert args.num_images == 50000 and args.seed == 0 and not args.random_init
-    assert args.bf16 and args.eval_bsz == 256  # the released evaluation scripts' --bf16 --eval_bsz 256
+    assert args.bf16 and args.eval_bsz == (256 if res == 256 else 64)  # the released scripts' --bf16 and batch
     off = main_eval.parse_args_with_config(main_eval.build_parser(), ["--config", config, "--no-bf16"])
     assert not off.bf16
     script = open(os.path.join(ROOT, "scripts", "eval", f"{name}.sh")).read()
@@ -287,9 +289,28 @@ def test_the_released_evaluation_command_line_parses_unchanged():
     a = main_eval.parse_args_with_config(main_eval.build_parser(), argv)
     assert (a.model, a.img_size, a.eval_bsz, a.bf16, a.generation_steps, a.order, a.cfg) == ("lpd_l", 256, 256, True, 20, "lpd", 4.8)
     assert a.pretrained_ckpt == "path/lpd_l_256.pth" and a.lpd_order_file.endswith("repulsion2.json")
-    main_eval.check_args(a)
+    main_eval.check_args(a, argv)
     a.vqgan_stride = 8
-    with pytest.raises(EvaluationError, match="only the 16x"):
-        main_eval.check_args(a)
+    with pytest.raises(ValueError, match="only the 16x"):
+        main_eval.check_args(a, argv)
     with pytest.raises(SystemExit):  # flags are never abbreviated
         main_eval.parse_args_with_config(main_eval.build_parser(), ["--generation_step", "20"])
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--top_p", "1.5"], "--top_p"), (["--seed", str(2**64)], "--seed"), (["--run_name", "../elsewhere"], "--run_name"),
+    (["--model", "lpd_huge"], "unknown model 'lpd_huge'"), (["--model", "lpd_l"], "not the lpd_l preset"),
+    (["--group_sizes", "[1]*99999999999999"], "group sizes"), (["--img_size", "0"], "--img_size"),
+])
+def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, extra, match):
+    assert main_eval.main(TINY + ["--output_dir", str(tmp_path)] + extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and match in err and "Traceback" not in err
+    assert not os.listdir(tmp_path)
+
+
+def test_a_config_value_of_the_wrong_type_is_an_error(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(open(TINY_CONFIG).read() + "bf16: 'false'\n")
+    assert main_eval.main(["--config", str(bad), "--random_init", "--no_fid", "--output_dir", str(tmp_path / "out")]) == 2
+    assert "bf16 must be true or false" in capsys.readouterr().err

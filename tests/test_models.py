@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lpd.models import LPD_MODELS, build_lpd, group_visible_mask, lpd_tiny
+import lpd.models
+from lpd.models import build_lpd, group_visible_mask, lpd_tiny
 from lpd.schedules import GroupSizeError
 
 
@@ -34,7 +35,7 @@ def test_training_loss_matches_released(lpd_parity):
 @pytest.mark.parametrize("img_size", [256, 512])
 def test_presets_match_released_state_dict(manifest, name, img_size):
     with torch.device("meta"):
-        model = LPD_MODELS[name](img_size=img_size)
+        model = getattr(lpd.models, name)(img_size=img_size)
     got = {k: list(v.shape) for k, v in model.state_dict().items()}
     assert got == manifest[f"{name}_{img_size}"]
 

@@ -1,4 +1,4 @@
-"""Locality-aware orders (spec section 5): structure, determinism, statistics, files, CLI."""
+"""Locality-aware orders: structure, determinism, statistics, files, the command line and pictures."""
 
 from __future__ import annotations
 
@@ -377,11 +377,102 @@ def test_cli_writes_the_same_orders_as_the_api(tmp_path):
 
 
 def test_cli_rejects_bad_input(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        cli_main(["--group_sizes", "[1, 2]", "--output_file", str(tmp_path / "x.json")])
+    assert cli_main(["--group_sizes", "[1, 2]", "--output_file", str(tmp_path / "x.json")]) == 2
     assert "sum to 3" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cli_main(["--repulsion_threshold", "-1", "--output_file", str(tmp_path / "x.json")])
+    assert cli_main(["--repulsion_threshold", "-1", "--output_file", str(tmp_path / "x.json")]) == 2
+    assert "--repulsion_threshold" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
+
+
+@pytest.fixture
+def nothing_drawn(monkeypatch):
+    """Fail the test if the command line generates or draws any order."""
+    from lpd.orders import cli, visualize
+
+    def never(*a, **k):
+        raise AssertionError("an order was made before the arguments were checked")
+
+    for module, name in ((cli, "generate"), (cli, "_lpd_batch"), (cli, "random_orders"), (cli, "load_orders"),
+                         (visualize, "render_order")):
+        monkeypatch.setattr(module, name, never)
+
+
+def _refused(capsys, argv, *names):
+    assert cli_main(argv + ["--no_progress"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1 and "Traceback" not in captured.err
+    for name in names:
+        assert name in captured.err, captured.err
+
+
+def test_cli_refuses_unusable_output_files_before_generating(tmp_path, capsys, nothing_drawn):
+    (tmp_path / "plain.txt").write_text("x")
+    _refused(capsys, ["--num", "4", "--output_file", str(tmp_path)], "--output_file", str(tmp_path), "folder")
+    _refused(capsys, ["--num", "4", "--output_file", str(tmp_path / "plain.txt" / "o.json")],
+             "--output_file", "not a folder")
+    _refused(capsys, ["--num", "4", "--output_file", str(tmp_path / "o.png")], "--output_file", ".json")
+    _refused(capsys, ["--visualize", "--output_file", str(tmp_path / "o.json")], "--output_file", ".png")
+    (tmp_path / "dir.png").mkdir()
+    _refused(capsys, ["--visualize", "--output_file", str(tmp_path / "dir.png")], "--output_file", "folder")
+    assert sorted(os.listdir(tmp_path)) == ["dir.png", "plain.txt"] and not os.listdir(tmp_path / "dir.png")
+
+
+def test_cli_refuses_unwritable_output_folder(tmp_path, capsys, nothing_drawn, monkeypatch):
+    # os.access rather than chmod: a test running as root may write anywhere
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if os.fspath(p) == str(tmp_path) else real(p, mode))
+    _refused(capsys, ["--num", "4", "--output_file", str(tmp_path / "new" / "o.json")], "--output_file",
+             "not writable")
+    _refused(capsys, ["--visualize", "--output_file", str(tmp_path / "o.png")], "--output_file", "not writable")
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_refuses_bad_index_and_orders_files(tmp_path, capsys, monkeypatch):
+    from lpd.orders import cli, visualize
+
+    def never(*a, **k):
+        raise AssertionError("drawn despite a bad --index or --orders_file")
+
+    monkeypatch.setattr(visualize, "render_order", never)
+    out = str(tmp_path / "o.png")
+    _refused(capsys, ["--visualize", "--index", "5", "--num", "5", "--output_file", out], "--index 5", "--num 5")
+    _refused(capsys, ["--visualize", "--index", "-1", "--output_file", out], "--index")
+    missing = str(tmp_path / "missing.json")
+    _refused(capsys, ["--visualize", "--orders_file", missing, "--output_file", out], "--orders_file", missing)
+    (tmp_path / "bad.json").write_text("[[0, 1, 2")
+    _refused(capsys, ["--visualize", "--orders_file", str(tmp_path / "bad.json"), "--output_file", out],
+             "--orders_file", "bad.json", "not valid JSON")
+    save_orders(tmp_path / "three.json", lpd_orders(3, G256, 16, 1.0, 2.0))
+    _refused(capsys, ["--visualize", "--orders_file", str(tmp_path / "three.json"), "--index", "3",
+                      "--output_file", out], "--index 3", "three.json", "has 3 orders")
+    assert not os.path.exists(out)
+    monkeypatch.undo()
+    assert cli_main(["--visualize", "--orders_file", str(tmp_path / "three.json"), "--index", "2",
+                     "--output_file", str(tmp_path / "new" / "o.png")]) == 0  # missing folders are created
+    assert (tmp_path / "new" / "o.png").is_file()
+
+
+def test_cli_write_failure_is_exit_1(tmp_path, capsys, monkeypatch):
+    from lpd.orders import cli
+
+    def disk_full(path, orders):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli, "save_orders", disk_full)
+    assert cli_main(["--num", "2", "--workers", "1", "--no_progress", "--output_file", str(tmp_path / "o.json")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: could not write --output_file") and "No space left" in err
+
+
+def test_cli_as_a_process_exits_2_without_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "lpd.orders", "--output_file", str(tmp_path)], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --output_file") and "Traceback" not in proc.stderr
 
 
 def test_visualize_writes_a_png(tmp_path):

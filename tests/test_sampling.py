@@ -141,11 +141,22 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     assert set(t0.tolist()) == {0}
 
 
+def test_top_k_ties_and_top_p_boundary_follow_the_released_sampler():
+    """Top-k keeps every logit equal to the k-th; top-p keeps a token whose preceding mass is <= p."""
+    M = 4000
+    u = torch.rand(M, generator=torch.Generator().manual_seed(2))
+    ties = torch.tensor([[2.0, 1.0, 1.0, 0.0]])
+    assert set(filter_and_sample(ties.expand(M, -1), u, 1.0, 2, 1.0).tolist()) == {0, 1, 2}
+    flat = torch.zeros(1, 4)  # probabilities exactly 0.25: preceding masses 0, 0.25, 0.5, 0.75
+    assert len(set(filter_and_sample(flat.expand(M, -1), u, 1.0, 0, 0.5).tolist())) == 3
+    assert len(set(filter_and_sample(flat.expand(M, -1), u, 1.0, 0, 0.49).tolist())) == 2
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(top_p=0.0), "top_p must be in"),
-        (dict(top_p=1.5), "top_p must be in"),
+        (dict(top_p=0.0), "top_p must be a finite number > 0"),
+        (dict(top_p=1.5), "top_p must be a finite number > 0.0 and <= 1.0"),
         (dict(cfg=-1.0), "cfg must be"),
         (dict(cfg=float("nan")), "cfg must be"),
         (dict(temperature=-0.1), "temperature must be"),

@@ -19,16 +19,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import lpd.devices
 from lpd.models import build_lpd
-from lpd.models.lpd import Dropout, Linear, flex_attention_available, linear_cross_entropy
-from lpd.sampling import (
-    _decode,
-    compiled_step,
-    decode_schedule,
-    sample_tokens,
-    static_layout,
-    teacher_forced_logits,
-)
+from lpd.models.kernels import Dropout, Linear, linear_cross_entropy
+from lpd.sampling import _decode, compiled_step, sample_tokens, step_plan, teacher_forced_logits
 
 
 def tiny_model(img_size: int = 64, seed: int = 0, **kw) -> torch.nn.Module:
@@ -57,24 +51,24 @@ SCHEDULES = [[1, 2, 3, 10], [1] * 16, [4, 4, 8], [3, 1, 7, 5]]
 def reference_decode(model, labels, orders, sizes, cfg, pick):
     """Plain KV-cached decoding; ``pick(logits [B, g, V], first, last)`` chooses the tokens."""
     B, N = orders.shape
-    sched = decode_schedule(sizes, "cpu")
+    plan = step_plan(sizes, 1, "cpu")
     pos = model.pos_embed[0, 1:][orders]
     queries = model.z_proj_ln(model.mask_token + pos)
     cond = model.class_emb(labels)
     if cfg != 1.0:
         cond = torch.cat([cond, model.fake_latent.expand(B, -1)])
     prev = model.z_proj_ln(cond + model.pos_embed[0, 0]).unsqueeze(1)
-    caches = model.new_caches(prev.shape[0], torch.device("cpu"))
+    caches = model.new_cache(prev.shape[0], N + 1)
     out_tokens = torch.empty(B, N, dtype=torch.long)
     outs = []
     for k, g in enumerate(sizes):
-        start, kv_len, first, last = sched.step(k)
+        first, last = plan.spans[k]
         q = queries[:, first:last]
         if cfg != 1.0:
             q = torch.cat([q, q])
         x = torch.cat([prev, q], dim=1)
         for blk, cache in zip(model.blocks, caches):
-            x = blk(x, sched.masks[k], cache, start, kv_len)  # every row through every block
+            x = blk(x, plan.masks[k], cache, plan.pos[k])  # every row through every block
         out = model.head(model.norm(x[:, -g:]))
         outs.append(out)
         if cfg != 1.0:
@@ -125,19 +119,18 @@ def test_sampled_tokens_match_the_plain_loop_with_the_same_uniforms():
 
 
 @pytest.mark.parametrize("sizes", SCHEDULES)
-def test_static_layout_is_the_eager_layout_padded(sizes):
-    sched = decode_schedule(sizes, "cpu")
-    lay = static_layout(sizes, "cpu")
-    S = lay.num_slots
-    assert S == 16 + 2 and lay.num_out == max(sizes)
+def test_static_plan_is_the_eager_plan_padded(sizes):
+    eager, lay = step_plan(sizes, 1, "cpu"), step_plan(sizes, 1, "cpu", static=True)
+    S = lay.slots
+    rows = lay.masks[0].shape[0]
+    assert S == 16 + 2 and eager.slots == 17 and lay.num_out == max(sizes)
     for k in range(len(sizes)):
-        start, kv_len, _, _ = sched.step(k)
-        pad = lay.pads[k]
-        assert pad == lay.rows - (kv_len - start)
-        assert torch.equal(lay.write_pos[k][pad:], torch.arange(start, kv_len))
-        assert (lay.write_pos[k][:pad] == S - 1).all()  # padding rows write the scratch slot
+        pad, T, kv_len = lay.pads[k], eager.masks[k].shape[0], eager.masks[k].shape[1]
+        assert pad == rows - T and lay.masks[k].shape == (rows, S)
+        assert torch.equal(lay.pos[k][pad:], eager.pos[k])
+        assert (lay.pos[k][:pad] == S - 1).all()  # padding rows write the scratch slot
         assert not lay.masks[k][:, S - 1].any()  # ... that nobody reads
-        assert torch.equal(lay.masks[k][pad:, :kv_len], sched.masks[k])
+        assert torch.equal(lay.masks[k][pad:, :kv_len], eager.masks[k])
         assert not lay.masks[k][pad:, kv_len:].any()
         assert lay.masks[k][:pad].sum(1).eq(1).all() and lay.masks[k][:pad, 0].all()
 
@@ -147,7 +140,7 @@ def _static_outputs(model, tokens, labels, orders, sizes, cfg, step):
     tokens_gen = torch.gather(tokens, 1, orders)
     outs = []
     with torch.no_grad():
-        _decode(model, labels, orders, sizes, cfg, lambda out, a, b: tokens_gen[:, a:b], on_step=outs.append, static_step=step)
+        _decode(model, labels, orders, sizes, cfg, lambda out, a, b: tokens_gen[:, a:b], on_step=outs.append, step=step)
     return torch.cat(outs, dim=1)
 
 
@@ -156,7 +149,7 @@ def test_static_step_in_eager_equals_cached_decoding(cfg):
     model = tiny_model()
     tokens, labels, orders = inputs(model, 2, seed=5)
     for sizes in SCHEDULES:
-        got = _static_outputs(model, tokens, labels, orders, sizes, cfg, model.forward_static)
+        got = _static_outputs(model, tokens, labels, orders, sizes, cfg, model.decode_step)
         expected = teacher_forced_logits(model, tokens, labels, orders, sizes, cfg=cfg)
         assert (got - expected).abs().max().item() < 1e-5
 
@@ -238,13 +231,13 @@ def test_bf16_autocast_decoding_runs(static):
 
 @pytest.mark.parametrize("native", [False, True])
 def test_emulated_bf16_on_cpu_warns_once(monkeypatch, native):
-    import lpd.sampling as sampling
+    sampling = lpd.devices
 
     real = sampling.cpu_has_native_bf16()
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else None
     if flags is not None:  # the probe agrees with the CPU's own flags
         assert real == any(f in flags.split() for f in ("avx512_bf16", "amx_tile"))
-    monkeypatch.setattr(sampling, "_WARNED_BF16", False)
+    monkeypatch.setattr(sampling, "_WARNED", False)
     monkeypatch.setattr(sampling, "cpu_has_native_bf16", lambda: native)
     model = tiny_model()
     _, labels, orders = inputs(model, 1, seed=3)
@@ -262,7 +255,6 @@ def test_emulated_bf16_on_cpu_warns_once(monkeypatch, native):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not flex_attention_available(), reason="this torch has no torch.nn.attention.flex_attention")
 @pytest.mark.parametrize("sizes", [[1, 2, 3, 10], [1] * 16, [16], [3, 1, 7, 5]])
 def test_flex_attention_equals_dense_sdpa(sizes):
     model = tiny_model()
@@ -281,17 +273,16 @@ def test_flex_attention_equals_dense_sdpa(sizes):
 def test_attn_impl_selection():
     model = tiny_model()
     assert model.attn_impl == "auto" and not model.uses_flex("cpu")
-    assert model.uses_flex("cuda") == flex_attention_available()
+    assert model.uses_flex("cuda")
     model.set_attn_impl("sdpa")
     assert not model.uses_flex("cuda")
     with pytest.raises(ValueError, match="attn_impl must be"):
         model.set_attn_impl("triton")
-    if flex_attention_available():
-        model.set_attn_impl("flex")
-        tokens, labels, orders = inputs(model, 1, seed=0)
-        model.train()
-        with pytest.raises(RuntimeError, match="no backward pass on the CPU"):
-            model(tokens, labels, orders, [4, 12])
+    model.set_attn_impl("flex")
+    tokens, labels, orders = inputs(model, 1, seed=0)
+    model.train()
+    with pytest.raises(RuntimeError, match="no backward pass on the CPU"):
+        model(tokens, labels, orders, [4, 12])
 
 
 def test_prepacked_cpu_linear_equals_f_linear_and_follows_weight_changes():
@@ -381,7 +372,10 @@ def test_training_step_grads_match_a_full_last_block():
     loss = model(tokens, labels, orders, sizes)
     grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
     # Reference: every block on every row, F.cross_entropy.
-    x, targets = model._train_sequence(tokens, labels, orders, sizes, None)
+    targets = torch.gather(tokens, 1, orders)
+    n_ctx = model.num_tokens - sizes[-1]
+    x = torch.cat([model.embed_context(model.embed_condition(labels, 2), targets[:, :n_ctx], orders[:, :n_ctx]),
+                   model.embed_queries(orders)], dim=1)
     mask = model.group_mask(sizes, x.device)
     for blk in model.blocks:
         x = blk(x, mask)

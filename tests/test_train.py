@@ -18,10 +18,11 @@ import pytest
 import torch
 
 import main_train
-from lpd.checkpoint import interpolate_pos_embed, load_checkpoint, save_checkpoint
+from lpd.checkpoint import CheckpointError, interpolate_pos_embed, load_checkpoint, save_checkpoint
 from lpd.lr_sched import lr_at
 from lpd.models import load_lpd
 from lpd.schedules import training_schedules
+from lpd.sampling import SamplingConfig
 from lpd.train import (
     NonFiniteLossError,
     TrainConfig,
@@ -104,7 +105,8 @@ def test_released_flag_names_parse(tmp_path):
     compat = {"vqgan_stride", "vqgan_vocab_size", "class_num", "resume_epoch", "evaluate", "world_size",
               "local_rank", "dist_url", "dist_on_itp"}  # released-only flags, mapped or refused by parse_config
     dests = {a.dest for a in main_train.get_args_parser()._actions} - {"help", "config"}
-    assert dests - compat == {f for f in TrainConfig.__dataclass_fields__}
+    sampling = set(SamplingConfig.__dataclass_fields__) - {"bf16"}  # evaluation's SamplingConfig (bf16: training's)
+    assert dests - compat == set(TrainConfig.__dataclass_fields__) - {"sampling"} | sampling
     t = main_train.parse_config(["--config", TINY, "--batch_size", "4", "--no-bf16"])
     assert t.model == "lpd_tiny" and t.model_config["embed_dim"] == 64 and t.batch_size == 4 and not t.bf16
     for name in ("l_256", "xl_256", "xxl_256", "l_512", "xl_512"):
@@ -126,7 +128,8 @@ def test_the_released_training_script_runs_unchanged_through_parse_config():
     # --group_sizes is the evaluation schedule; it must not be taken for --group_sizes_list
     assert c.group_sizes_list == "orders/group_sizes_training/group_sizes_256.json"
     assert c.eval_group_sizes == "[1]*256" and c.online_eval and c.eval_freq == 10
-    assert (c.cfg, c.cfg_schedule, c.save_every_epochs, c.save_last_freq) == (4.0, "linear", 25, 5)
+    assert (c.sampling.cfg, c.sampling.cfg_schedule, c.save_every_epochs, c.save_last_freq) == (4.0, "linear", 25, 5)
+    assert c.sampling.bf16
     assert c.wandb and c.run_name == "lpd-l-256" and c.resume == "O" and c.bf16
     # the file it names ships with the repository and holds the nine released 256 px schedules
     assert parse_schedule_list(os.path.join(ROOT, c.group_sizes_list), 256, 256) == training_schedules(256)
@@ -140,7 +143,7 @@ def test_released_only_flags_are_mapped_or_refused(capsys):
                                  "--world_size", "8", "--dist_on_itp", "--no_pin_mem", "--generation_steps", "32",
                                  "--num_images", "100", "--order", "raster", "--temperature", "0.9", "--top_k", "5"])
     assert c.model_config == {"depth": 2, "vocab_size": 64, "class_num": 10} and not c.pin_mem
-    assert (c.eval_steps, c.eval_num_images, c.eval_order, c.temperature, c.top_k) == (32, 100, "raster", 0.9, 5)
+    assert (c.eval_steps, c.eval_num_images, c.sampling.order, c.sampling.temperature, c.sampling.top_k) == (32, 100, "raster", 0.9, 5)
     assert main_train.parse_config(["--pin_mem"]).pin_mem and not main_train.parse_config(["--pin_mem", "false"]).pin_mem
     assert main_train.parse_config(["--online_eval"]).eval_freq == main_train.ONLINE_EVAL_FREQ == 50
     assert main_train.parse_config([]).eval_freq == 0
@@ -162,7 +165,7 @@ def test_evaluation_during_training_runs_cfg_1_then_cfg_like_the_released_loop(t
     assert eval_cfg_scales(4.0) == [1.0, 4.0] and eval_cfg_scales(1.0) == [1.0] and eval_cfg_scales(0.0) == [1.0]
     logs = []
     vq = dict(ch=32, ch_mult=[1, 1, 1, 1, 1], z_channels=8, codebook_size=16384, codebook_embed_dim=8)
-    cfg = tiny_config(tmp_path, epochs=2, eval_freq=2, eval_num_images=4, eval_bsz=2, cfg=2.0,
+    cfg = tiny_config(tmp_path, epochs=2, eval_freq=2, eval_num_images=4, eval_bsz=2, sampling=SamplingConfig(cfg=2.0),
                       eval_group_sizes="[1, 3, 5, 7]", vq_config=vq)
     train(cfg, dataset=Tokens(8, 16), log=logs.append)
     out = tmp_path / "out"
@@ -170,11 +173,11 @@ def test_evaluation_during_training_runs_cfg_1_then_cfg_like_the_released_loop(t
         run = out / f"eval-epoch1-cfg{scale}"
         assert len(os.listdir(run / "images")) == 4
         m = json.loads((run / "metrics.json").read_text())
-        assert m["sampling"]["cfg"] == float(scale) and m["sampling"]["eval_bsz"] == bsz
+        assert m["sampling"]["cfg"] == float(scale) and m["eval_bsz"] == bsz
     line = [m for m in logs if m.startswith("evaluation at epoch 1:")]
     assert len(line) == 1 and "cfg1_sampling_wall_s" in line[0] and "cfg2_sampling_wall_s" in line[0]
     # an evaluation that fails is reported and training goes on; a bad schedule fails before training
-    bad = tiny_config(tmp_path / "b", epochs=1, eval_freq=1, eval_num_images=2, eval_bsz=2, cfg=1.0,
+    bad = tiny_config(tmp_path / "b", epochs=1, eval_freq=1, eval_num_images=2, eval_bsz=2, sampling=SamplingConfig(cfg=1.0),
                       eval_group_sizes="[1, 15]", vq_config=dict(vq, ch=8))
     logs.clear()
     assert train(bad, dataset=Tokens(8, 16), log=logs.append).epoch == 0
@@ -229,6 +232,29 @@ def test_loss_falls_and_checkpoint_loads(tmp_path, one_thread):
     assert isinstance(ck["args"], dict) and (ck["epoch"], ck["step"], ck["global_step"]) == (19, 2, 40)
     model = load_lpd(tmp_path / "out" / "checkpoint-last.pth")  # the released-format loader rebuilds it
     assert all(torch.equal(model.state_dict()[k], v) for k, v in result.model.state_dict().items())
+
+
+def test_a_folder_with_another_runs_checkpoints_is_not_trained_into(tmp_path, one_thread, capsys):
+    train(tiny_config(tmp_path, epochs=1), dataset=Tokens(8, 16), log=lambda m: None)
+    before = (tmp_path / "out" / "checkpoint-last.pth").read_bytes()
+    with pytest.raises(CheckpointError, match="holds checkpoints of another run.*--resume.*--overwrite"):
+        train(tiny_config(tmp_path, epochs=1, seed=5), dataset=Tokens(8, 16), log=lambda m: None)
+    assert (tmp_path / "out" / "checkpoint-last.pth").read_bytes() == before
+    assert train(tiny_config(tmp_path, epochs=2, auto_resume=True), dataset=Tokens(8, 16), log=lambda m: None).epoch == 1
+    train(tiny_config(tmp_path, epochs=1, seed=5, overwrite=True), dataset=Tokens(8, 16), log=lambda m: None)
+    assert load_checkpoint(tmp_path / "out" / "checkpoint-last.pth")["args"]["seed"] == 5
+
+
+def test_bad_flags_and_config_values_print_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: lpd_tiny\nbf16: 'false'\n")
+    for argv, says in ((["--config", str(bad)], "bf16 must be true or false"),
+                       (["--model", "lpd_huge", "--data_path", str(tmp_path)], "unknown model 'lpd_huge'"),
+                       (["--batch_size", "0", "--data_path", str(tmp_path)], "--batch_size must be a positive integer"),
+                       (["--seed", str(2**64), "--data_path", str(tmp_path)], "--seed must be an integer in [0, 2**64)")):
+        assert main_train.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and says in err and "Traceback" not in err
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, one_thread, monkeypatch):

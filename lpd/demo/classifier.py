@@ -27,7 +27,7 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 
 from lpd.demo.digits import DEFAULT_GRID_SIZE, NUM_CLASSES, load_digits_dataset
-from lpd.tokenizer.palette import DEFAULT_LEVELS, PaletteTokenizer, images_to_uint8
+from lpd.demo.palette import DEFAULT_LEVELS, PaletteTokenizer, images_to_uint8
 
 __all__ = ["DigitClassifier", "accuracy", "train_classifier"]
 
@@ -84,7 +84,7 @@ class DigitClassifier(nn.Module):
         if not isinstance(images, Tensor) or images.dtype != torch.uint8:
             raise TypeError(
                 "images must be a torch.uint8 tensor [B, 3, H, W] "
-                "(convert floats in [-1, 1] with lpd.tokenizer.palette.images_to_uint8)"
+                "(convert floats in [-1, 1] with lpd.demo.palette.images_to_uint8)"
             )
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must have shape [B, 3, H, W], got {tuple(images.shape)}")

@@ -11,7 +11,7 @@ bitmap.
 Pipeline: the 8x8 counts are scaled to ``[0, 1]``, upsampled bicubically to a
 ``grid_size x grid_size`` grid (16 by default: exactly the 256 px token grid, so the released
 256 px group-size tables and locality-aware orders apply unchanged), clipped, and quantised to the
-nearest of ``levels`` grey intensities by :class:`~lpd.tokenizer.palette.PaletteTokenizer` (token
+nearest of ``levels`` grey intensities by :class:`~lpd.demo.palette.PaletteTokenizer` (token
 0 = black background, ``levels - 1`` = white ink). Bicubic upsampling gives smoother strokes than
 nearest (which keeps the blocky 8x8 look) and crisper ones than bilinear; 4 levels keep some
 anti-aliasing with a four-token vocabulary (2 levels thicken strokes, 8 barely look better).
@@ -33,7 +33,7 @@ from torch import Tensor
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from lpd.tokenizer.palette import DEFAULT_LEVELS, PaletteTokenizer, images_to_uint8
+from lpd.demo.palette import DEFAULT_LEVELS, PaletteTokenizer, images_to_uint8
 
 __all__ = [
     "DEFAULT_GRID_SIZE",

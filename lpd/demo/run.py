@@ -35,7 +35,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from lpd.config import parse_args_with_config
+from lpd.config import parse_args_with_config, yaml_mapping
+from lpd.sampling import SamplingConfig, add_sampling_args, sampling_from_args
 
 __all__ = ["main", "build_parser", "run_demo", "DemoInterrupted"]
 
@@ -69,11 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     # model / tokenizer
-    p.add_argument("--model", default="lpd_demo")
+    p.add_argument("--model", default=None, help="a preset name, or none: model_config alone")
     p.add_argument("--img_size", type=int, default=256)
-    p.add_argument("--model_config", type=json.loads, default=None)
+    p.add_argument("--model_config", type=yaml_mapping, default=None)
     p.add_argument("--tokenizer", default="palette")
-    p.add_argument("--vq_config", type=json.loads, default=None)
+    p.add_argument("--vq_config", type=yaml_mapping, default=None)
     # training (lpd.train)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch_size", type=int, default=32)
@@ -97,13 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_int_list, default=[8, 12, 20, 32, 256])
     p.add_argument("--num_images", type=int, default=100, help="samples per setting (balanced over the 10 digits)")
     p.add_argument("--eval_bsz", type=int, default=50)
-    p.add_argument("--cfg", type=float, default=5.0)
-    p.add_argument("--cfg_schedule", default="linear")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top_k", type=int, default=0)
-    p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--repulsion_threshold", type=float, default=2.0)
-    p.add_argument("--proximity_threshold", type=float, default=1.0)
+    add_sampling_args(p, SamplingConfig(cfg=5.0, repulsion_threshold=2.0), exclude=("order", "bf16"))
     p.add_argument("--grid_images", type=int, default=40, help="samples shown in each setting's grid PNG")
     p.add_argument("--decode_threads", type=int, default=1,
                    help="torch CPU threads while sampling (0: leave as is); small-batch decoding of a tiny "
@@ -189,7 +184,8 @@ def run_demo(args: argparse.Namespace, log=print) -> dict[str, Any]:
     """Run the whole demo; returns the ``metrics.json`` record."""
     from lpd.demo.classifier import train_classifier
     from lpd.demo.digits import load_digits_dataset
-    from lpd.evaluate import generate_images, save_grid
+    from lpd.evaluate import generate_images
+    from lpd.images import save_grid
     from lpd.metrics import compute_statistics, frechet_distance
     from lpd.schedules import group_sizes
     from lpd.tokenizer import make_tokenizer
@@ -228,12 +224,8 @@ def run_demo(args: argparse.Namespace, log=print) -> dict[str, Any]:
         for steps in args.steps:
             sizes = group_sizes(args.img_size, steps)
             t0 = time.perf_counter()
-            res = generate_images(
-                model, tokenizer, args.num_images, sizes, order=order, labels=labels,
-                proximity_threshold=args.proximity_threshold, repulsion_threshold=args.repulsion_threshold,
-                cfg=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, seed=args.seed, eval_bsz=args.eval_bsz, bf16=args.bf16, rank=0, world_size=1,
-            )
+            res = generate_images(model, tokenizer, args.num_images, sizes, sampling_from_args(args, order=order),
+                                  labels=labels, seed=args.seed, eval_bsz=args.eval_bsz)
             seconds = time.perf_counter() - t0
             images = res.images  # uint8 [n, H, W, 3]
             stats = compute_statistics(images, extractor=clf.features, batch_size=128, device=device, progress=False)

@@ -1,14 +1,8 @@
-"""Command line of :mod:`lpd.orders` (``python -m lpd.orders``): order files and pictures.
-
-Write the 50,000 orders of an evaluation run (all cores, progress bar)::
+"""``python -m lpd.orders``: write the JSON order file of a run, or draw one order as a PNG.
 
     python -m lpd.orders --img_size 256 --generation_steps 20 --repulsion_threshold 2.0 \\
         --num 50000 --seed 0 --output_file orders/lpd_orders_generated/res256_steps20_repulsion2.json
-
-Draw one order::
-
-    python -m lpd.orders --visualize --img_size 256 --generation_steps 20 \\
-        --repulsion_threshold 2.0 --index 0 --output_file order.png
+    python -m lpd.orders --visualize --generation_steps 20 --repulsion_threshold 2.0 --index 0 --output_file order.png
 
 Order ``i`` depends only on ``(seed, i)``: the file is the same whatever ``--workers`` is.
 """
@@ -20,11 +14,12 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from lpd.orders.files import load_orders, save_orders
+from lpd.checkpoint import check_output_path
+from lpd.orders.files import OrderFileError, load_orders, save_orders
 from lpd.orders.generate import _lpd_batch, lpd_orders, random_orders, raster_orders
 from lpd.schedules import GroupSizeError, group_sizes, num_tokens, parse_group_sizes
 
@@ -53,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="explicit schedule, e.g. '[1, 2, 4, ...]' or '[1*41, 2*46, 3*41]' "
                         "(overrides --generation_steps)")
     p.add_argument("--order", choices=("lpd", "random", "raster"), default="lpd", help="kind of order")
-    p.add_argument("--proximity_threshold", type=float, default=1.0, help="τp of spec section 5")
+    p.add_argument("--proximity_threshold", type=float, default=1.0,
+                   help="τp: least support from decoded neighbours for a proximity pick")
     p.add_argument("--repulsion_threshold", type=float, default=1.0,
                    help="τr: 2.0 for the released 256 px settings, 3.0 for XXL-256, 4.0 at 512 px")
     p.add_argument("--num", type=int, default=50000, help="number of orders")
@@ -112,69 +108,95 @@ def generate(args: argparse.Namespace, sizes: Sequence[int], grid: int) -> np.nd
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m lpd.orders``; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+class UsageError(ValueError):
+    """A flag or file the command cannot use; main prints it and exits with status 2."""
+
+
+def _check_args(args: argparse.Namespace) -> tuple[list[int], int]:
+    """Validate every flag and the output path before any order is made; returns (group sizes, grid side)."""
     try:
         n = num_tokens(args.img_size, args.vqgan_stride)
-        grid = int(round(n**0.5))
-        if args.group_sizes is not None:
-            sizes = parse_group_sizes(args.group_sizes, n)
-        else:
-            sizes = group_sizes(args.img_size, args.generation_steps, args.vqgan_stride)
+        sizes = (parse_group_sizes(args.group_sizes, n) if args.group_sizes is not None
+                 else group_sizes(args.img_size, args.generation_steps, args.vqgan_stride))
     except (GroupSizeError, ValueError) as e:
-        parser.error(str(e))
+        raise UsageError(str(e)) from None
     for name in ("num", "start", "seed"):
         if getattr(args, name) < 0:
-            parser.error(f"--{name} must be >= 0")
+            raise UsageError(f"--{name} must be >= 0")
     if args.chunk_size is None:
         args.chunk_size = max(16, min(4096, (1 << 19) // n))
     if args.workers < 1 or args.chunk_size < 1:
-        parser.error("--workers and --chunk_size must be >= 1")
+        raise UsageError("--workers and --chunk_size must be >= 1")
     for name in ("proximity_threshold", "repulsion_threshold"):
         if not getattr(args, name) >= 0:
-            parser.error(f"--{name} must be >= 0")
+            raise UsageError(f"--{name} must be >= 0")
+    problem = check_output_path(args.output_file, "--output_file")
+    if problem:
+        raise UsageError(problem)
+    suffix = ".png" if args.visualize else ".json"
+    if not args.output_file.lower().endswith(suffix):
+        what = "a PNG picture with --visualize" if args.visualize else "a JSON order file (--visualize draws a PNG)"
+        raise UsageError(f"--output_file {args.output_file}: must end in {suffix}, it is {what}")
+    if args.visualize and args.index < 0:
+        raise UsageError(f"--index must be >= 0, got {args.index}")
+    if args.visualize and args.orders_file is None and args.index >= args.num:
+        raise UsageError(f"--index {args.index} is outside the run of --num {args.num} orders; use 0..{args.num - 1}")
+    return sizes, int(round(n**0.5))
 
-    if args.visualize:
-        return _visualize(args, parser, sizes, grid)
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m lpd.orders``; exit 0, 1 when writing the finished file failed, 2 for a usage error.
+
+    Usage errors (flags, ``--output_file``, ``--orders_file``, ``--index``) are found before any order is made.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        sizes, grid = _check_args(args)
+        order, kinds, title = _order_to_draw(args, sizes, grid) if args.visualize else (None, None, None)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
-    orders = generate(args, sizes, grid)
-    save_orders(args.output_file, orders)
-    dt = time.perf_counter() - t0
+    try:
+        if args.visualize:
+            from lpd.checkpoint import atomic_write_bytes
+            from lpd.orders.visualize import render_order
+
+            img = render_order(order, sizes, grid, steps_shown=args.steps_shown, kinds=kinds, title=title)
+            atomic_write_bytes(args.output_file, lambda f: img.save(f, format="PNG"))
+            print(f"wrote {args.output_file}", file=sys.stderr)
+            return 0
+        orders = generate(args, sizes, grid)
+        save_orders(args.output_file, orders)
+    except OSError as e:
+        print(f"error: could not write --output_file {args.output_file}: {e.strerror or e}", file=sys.stderr)
+        return 1
     print(
         f"wrote {args.num} {args.order} orders ({grid}x{grid} grid, {len(sizes)} steps, "
         f"τp {args.proximity_threshold}, τr {args.repulsion_threshold}, seed {args.seed}) to "
-        f"{args.output_file} in {dt:.1f} s",
+        f"{args.output_file} in {time.perf_counter() - t0:.1f} s",
         file=sys.stderr,
     )
     return 0
 
 
-def _visualize(
-    args: argparse.Namespace, parser: argparse.ArgumentParser, sizes: Sequence[int], grid: int
-) -> int:
-    from lpd.orders.visualize import render_order
-
-    kinds = None
+def _order_to_draw(args: argparse.Namespace, sizes: Sequence[int], grid: int) -> tuple[np.ndarray, Any, str]:
+    """The order ``--visualize`` draws, its pick kinds (LPD only) and a caption."""
+    i = args.start + args.index
     if args.orders_file is not None:
-        order = load_orders(args.orders_file, args.index + 1, grid)[args.index]
-        title = f"{os.path.basename(args.orders_file)} row {args.index}"
-    elif args.order == "lpd":
-        o, k = _lpd_batch(np.array([args.start + args.index]), args.seed, list(sizes), grid,
-                          args.proximity_threshold, args.repulsion_threshold, return_kinds=True)
-        order, kinds = o[0], k[0]
-        title = (f"LPD order {args.start + args.index} (seed {args.seed}), {len(sizes)} steps, "
-                 f"tau_r {args.repulsion_threshold:g}")  # ASCII: the default font has no τ
-    elif args.order == "random":
-        order = random_orders(1, grid, seed=args.seed, start=args.start + args.index)[0]
-        title = f"random order {args.start + args.index} (seed {args.seed}), {len(sizes)} steps"
-    else:
-        order = raster_orders(1, grid)[0]
-        title = f"raster order, {len(sizes)} steps"
-    img = render_order(order, sizes, grid, steps_shown=args.steps_shown, kinds=kinds, title=title)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output_file)), exist_ok=True)
-    img.save(args.output_file)
-    print(f"wrote {args.output_file}", file=sys.stderr)
-    return 0
+        try:
+            order = load_orders(args.orders_file, args.index + 1, grid)[args.index]
+        except OSError as e:
+            raise UsageError(f"--orders_file {args.orders_file}: {e.strerror or e}") from None
+        except OrderFileError as e:
+            raise UsageError(f"--orders_file, drawing row --index {args.index}: {e}") from None
+        return order, None, f"{os.path.basename(args.orders_file)} row {args.index}"
+    if args.order == "lpd":
+        o, k = _lpd_batch(np.array([i]), args.seed, list(sizes), grid, args.proximity_threshold,
+                          args.repulsion_threshold, return_kinds=True)
+        # ASCII caption: the default font has no τ
+        return o[0], k[0], f"LPD order {i} (seed {args.seed}), {len(sizes)} steps, tau_r {args.repulsion_threshold:g}"
+    if args.order == "random":
+        return random_orders(1, grid, seed=args.seed, start=i)[0], None, f"random order {i} (seed {args.seed}), " \
+            f"{len(sizes)} steps"
+    return raster_orders(1, grid)[0], None, f"raster order, {len(sizes)} steps"

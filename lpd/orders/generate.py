@@ -606,6 +606,7 @@ def lpd_orders(
     seed: int = 0,
     start: int = 0,
     batch_size: int | None = None,
+    indices: Sequence[int] | np.ndarray | None = None,
 ) -> np.ndarray:
     """Locality-aware generation orders (spec section 5).
 
@@ -629,6 +630,8 @@ def lpd_orders(
     start : int, optional
         Index of the first order: the rows are orders ``start .. start + num - 1`` of the run,
         and row ``i`` depends only on ``(seed, i)``.
+    indices : array of int, optional
+        The ``num`` order indices to generate instead of ``start .. start + num - 1``.
     batch_size : int, optional
         Orders generated together (speed/memory trade-off only; the result does not change).
         Default: about half a million grid positions per batch (2048 orders at 16 x 16, 512 at
@@ -647,18 +650,29 @@ def lpd_orders(
     num, sizes, grid_size, seed, start = _check_setup(num, group_sizes, grid_size, seed, start)
     tp = _check_threshold("proximity_threshold", proximity_threshold)
     tr = _check_threshold("repulsion_threshold", repulsion_threshold)
+    idx_all = _indices(num, start, indices)
     n = grid_size * grid_size
     if batch_size is None:
         batch_size = max(16, min(4096, (1 << 19) // n))
     batch_size = _check_count("batch_size", batch_size, 1)
     out = np.empty((num, n), dtype=np.int64)
     for b0 in range(0, num, batch_size):
-        idx = np.arange(start + b0, start + min(num, b0 + batch_size), dtype=np.int64)
-        out[b0 : b0 + idx.size] = _lpd_batch(idx, seed, sizes, grid_size, tp, tr)
+        out[b0 : b0 + batch_size] = _lpd_batch(idx_all[b0 : b0 + batch_size], seed, sizes, grid_size, tp, tr)
     return out
 
 
-def random_orders(num: int, grid_size: int, seed: int = 0, start: int = 0) -> np.ndarray:
+def _indices(num: int, start: int, indices: Sequence[int] | np.ndarray | None) -> np.ndarray:
+    """The order indices of a call: ``start .. start + num - 1``, or ``indices`` (``num`` of them)."""
+    if indices is None:
+        return np.arange(start, start + num, dtype=np.int64)
+    idx = np.asarray(indices)
+    if idx.shape != (num,) or idx.dtype.kind not in "iu" or (idx.size and idx.min() < 0):
+        raise ValueError(f"indices must be {num} non-negative integers, got {idx.dtype} {list(idx.shape)}")
+    return idx.astype(np.int64)
+
+
+def random_orders(num: int, grid_size: int, seed: int = 0, start: int = 0,
+                  indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
     """Uniformly random orders; row ``i`` (``start <= i < start + num``) depends only on ``(seed, i)``.
 
     Returns
@@ -670,7 +684,7 @@ def random_orders(num: int, grid_size: int, seed: int = 0, start: int = 0) -> np
     grid_size = _check_count("grid_size", grid_size, 1)
     seed, start = _check_seed(seed), _check_count("start", start)
     n = grid_size * grid_size
-    keys = _order_keys(seed, np.arange(start, start + num, dtype=np.int64), _SALT_RANDOM)
+    keys = _order_keys(seed, _indices(num, start, indices), _SALT_RANDOM)
     with np.errstate(over="ignore"):
         h = _splitmix64(keys[:, None] ^ (np.arange(n, dtype=np.uint64) * np.uint64(_GOLDEN64))[None, :])
     return np.argsort(h, axis=1, kind="stable").astype(np.int64)

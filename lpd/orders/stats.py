@@ -1,15 +1,8 @@
-"""Statistics that describe how local an order is, the ones issue 3 compares.
+"""How local a set of orders is: context support, group spread and close pairs.
 
-* **context support**: mean number of positions decoded in earlier steps inside the
-  8-neighbourhood of a decoded token, over all tokens of steps ``>= 1``;
-* **group spread**: mean, over the groups of two or more tokens, of the smallest Chebyshev
-  distance between two tokens of the same group;
-* **close pairs**: share of the same-group token pairs (pooled over all groups and orders) whose
-  Chebyshev distance is ``<= repulsion_threshold``.
-
-Released generator, for reference (300 orders at 256 px / 20 steps / τr 2, 40 at 512 px / 48 /
-τr 4): 3.570 / 3.667 / 0.041 and 3.793 / 6.274 / 0.034; uniformly random orders at 256/20:
-3.43 / 1.62 / 0.080.
+* context support: mean number of 8-neighbours decoded in earlier steps, over tokens of steps >= 1;
+* group spread: mean over groups of two or more of the smallest Chebyshev distance inside the group;
+* close pairs: share of same-group token pairs (pooled) at Chebyshev distance <= repulsion_threshold.
 """
 
 from __future__ import annotations
@@ -22,7 +15,7 @@ from lpd.schedules import validate_group_sizes
 
 __all__ = ["order_statistics", "RELEASED_STATISTICS"]
 
-#: Statistics of the released generator's orders and of random orders (issue 3).
+#: The released generator (300 orders at 256 px / 20 steps, 40 at 512 px / 48) and random orders.
 RELEASED_STATISTICS = {
     "256/20 tau_r=2": {"context_support": 3.570, "group_spread": 3.667, "close_pairs": 0.041},
     "512/48 tau_r=4": {"context_support": 3.793, "group_spread": 6.274, "close_pairs": 0.034},
@@ -36,25 +29,7 @@ def order_statistics(
     grid_size: int,
     repulsion_threshold: float,
 ) -> dict[str, float]:
-    """Context support, group spread and close-pair share of a set of orders.
-
-    Parameters
-    ----------
-    orders : np.ndarray
-        ``[num, grid_size**2]`` orders (raster indices).
-    group_sizes : sequence of int
-        The schedule the orders are split by (sums to ``grid_size**2``).
-    grid_size : int
-        Side of the token grid.
-    repulsion_threshold : float
-        Chebyshev distance up to which two tokens of a group count as a close pair.
-
-    Returns
-    -------
-    dict
-        ``context_support``, ``group_spread``, ``close_pairs`` (floats; ``nan`` when undefined,
-        e.g. no group of two or more).
-    """
+    """Statistics of ``orders`` ``[num, grid_size**2]`` split by ``group_sizes``; ``nan`` where undefined."""
     orders = np.asarray(orders)
     n = grid_size * grid_size
     if orders.ndim != 2 or orders.shape[1] != n:

@@ -1,10 +1,4 @@
-"""Pictures of generation orders (Pillow only).
-
-:func:`render_order` draws one order as a PNG-ready image: the token grid coloured by decoding
-step with the step number in every cell and a colour legend, then one small panel per early step
-showing what was decoded before it (grey) and the group it decodes (orange).  Positions taken by
-the farthest-point fallback can be marked with a dot when their kinds are known.
-"""
+"""Pictures of generation orders (Pillow only): the grid coloured by step, then the first steps one by one."""
 
 from __future__ import annotations
 
@@ -70,30 +64,10 @@ def render_order(
     kinds: Sequence[int] | None = None,
     title: str | None = None,
 ) -> Image.Image:
-    """Draw one order.
+    """An RGB image of ``order`` (raster indices in generation order) split by ``group_sizes``.
 
-    Parameters
-    ----------
-    order : sequence of int
-        Raster indices in generation order (a permutation of ``0..N-1``).
-    group_sizes : sequence of int
-        The schedule (sums to ``N``).
-    grid_size : int
-        Side of the token grid.
-    steps_shown : int, optional
-        Number of early steps drawn one by one (0 for none).
-    cell : int, optional
-        Cell size in pixels of the main grid (default: about 512 px for the whole grid).
-    kinds : sequence of int, optional
-        Per-position pick kinds in generation order (``lpd.orders.ORDER_KINDS``); fallback
-        picks (kinds 2-4) get a white dot.
-    title : str, optional
-        Caption above the main grid.
-
-    Returns
-    -------
-    PIL.Image.Image
-        An RGB image; save it with ``.save("x.png")``.
+    Cells show their decoding step; ``steps_shown`` early steps get a panel each (grey: decoded before,
+    orange: this step); ``cell`` is the cell size in pixels; fallback picks (``kinds`` >= 2) are marked.
     """
     n = grid_size * grid_size
     order = np.asarray(order, dtype=np.int64)

@@ -4,7 +4,7 @@ Each ``patch x patch`` block of an image becomes one token, the index of the nea
 ``levels`` evenly spaced grey intensities (``-1`` = black = token 0, ``+1`` = white = token
 ``levels - 1``) to the block's mean over pixels and RGB channels. Decoding paints every token
 back as a flat grey block. It has the same interface as the LlamaGen VQ tokenizer
-(:mod:`lpd.tokenizer`, spec section 4): images are RGB floats in ``[-1, 1]``,
+(:mod:`lpd.tokenizer`): images are RGB floats in ``[-1, 1]``,
 ``encode(images [B, 3, H, W]) -> LongTensor [B, H/16, W/16]``,
 ``decode(tokens [B, h, w]) -> FloatTensor [B, 3, 16h, 16w]``, with ``codebook_size`` and
 ``downsample_factor``, so the sampler, the evaluation path and the training loop can use it
@@ -12,8 +12,6 @@ unchanged, and its vocabulary is only ``levels`` tokens.
 
 Round trips are exact: ``decode(encode(x)) == x`` for every palette image (one made of flat
 blocks of palette intensities) and ``encode(decode(t)) == t`` for every token grid.
-
-Import it as ``from lpd.tokenizer.palette import PaletteTokenizer``.
 """
 
 from __future__ import annotations
@@ -92,7 +90,7 @@ class PaletteTokenizer(nn.Module):
         if not images.is_floating_point():
             raise TypeError(
                 f"images must be floating point in [-1, 1], got dtype {images.dtype} "
-                "(convert uint8 images with lpd.tokenizer.palette.uint8_to_images)"
+                "(convert uint8 images with lpd.demo.palette.uint8_to_images)"
             )
         height, width = images.shape[-2:]
         if height % self.patch or width % self.patch or height == 0 or width == 0:
