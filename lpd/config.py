@@ -73,13 +73,17 @@ def _check_value(action: argparse.Action, value: Any, path: str) -> Any:
     return value
 
 
-def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse ``argv``; values of ``--config FILE`` become defaults that flags override."""
+def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,
+                           also_known: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Parse ``argv``; values of ``--config FILE`` become defaults that flags override. Keys that only
+    ``also_known`` (another entry point's parser) knows are accepted and not used."""
     pre, _ = parser.parse_known_args(argv)
     path = getattr(pre, "config", None)
     if path:
         cfg = load_config(path)
         actions = {a.dest: a for a in parser._actions}
+        foreign = {a.dest for a in also_known._actions} if also_known is not None else set()
+        cfg = {k: v for k, v in cfg.items() if k in actions or k not in foreign}
         unknown = sorted(k for k in cfg if k not in actions)
         if unknown:
             raise ConfigError(f"--config {path!r} has keys this entry point does not know: {unknown}; see --help for the names")

@@ -94,21 +94,24 @@ _HELP = {
 }
 
 
-def add_sampling_args(parser: argparse.ArgumentParser, defaults: SamplingConfig = SamplingConfig(),
+def add_sampling_args(parser: argparse.ArgumentParser, defaults: SamplingConfig | dict = SamplingConfig(),
                       exclude: Sequence[str] = ()) -> None:
-    """The flags of :class:`SamplingConfig` (``--cfg ... --bf16``), defaults from ``defaults``."""
+    """The flags of :class:`SamplingConfig` (``--cfg ... --bf16``), defaults from ``defaults`` (a
+    config, or a dict of changes to the defaults that may hold None: "decided later")."""
+    base = SamplingConfig()
+    values = defaults.to_dict() if isinstance(defaults, SamplingConfig) else {**base.to_dict(), **defaults}
     g = parser.add_argument_group("sampling")
     for f in dataclasses.fields(SamplingConfig):
         if f.name in exclude:
             continue
-        value = getattr(defaults, f.name)
-        if isinstance(value, bool):
+        kind, value = type(getattr(base, f.name)), values[f.name]
+        if kind is bool:
             g.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=value, help=_HELP[f.name])
         elif f.name in ("cfg_schedule", "order"):
             g.add_argument(f"--{f.name}", default=value, choices=["linear", "constant"] if f.name == "cfg_schedule" else list(ORDERS),
                            help=_HELP[f.name])
         else:
-            g.add_argument(f"--{f.name}", type=type(value), default=value, help=_HELP[f.name])
+            g.add_argument(f"--{f.name}", type=kind, default=value, help=_HELP[f.name])
 
 
 def sampling_from_args(args: argparse.Namespace | dict, **changes: Any) -> SamplingConfig:
