@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lpd.checkpoint import CheckpointError
 from lpd.tokenizer import VQModel, build_vq, load_vq
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -108,7 +109,7 @@ def test_load_vq_missing_key_is_named(tmp_path: Path, parity: dict) -> None:
     del sd["quantize.codebook_used"]
     path = tmp_path / "missing.pt"
     torch.save({"model": sd}, path)
-    with pytest.raises(ValueError, match=r"missing keys.*quantize\.codebook_used"):
+    with pytest.raises(CheckpointError, match=r"missing keys.*quantize\.codebook_used"):
         load_vq(path, **parity["config"])
 
 
@@ -117,7 +118,7 @@ def test_load_vq_unexpected_key_is_named(tmp_path: Path, parity: dict) -> None:
     sd["quantize.extra"] = torch.zeros(3)
     path = tmp_path / "extra.pt"
     torch.save({"model": sd}, path)
-    with pytest.raises(ValueError, match=r"unexpected keys.*quantize\.extra"):
+    with pytest.raises(CheckpointError, match=r"unexpected keys.*quantize\.extra"):
         load_vq(path, **parity["config"])
 
 
@@ -125,7 +126,7 @@ def test_load_vq_shape_mismatch_is_named(tmp_path: Path, parity: dict) -> None:
     path = tmp_path / "shape.pt"
     torch.save({"model": parity["state_dict"]}, path)
     cfg = dict(parity["config"], codebook_size=512)  # wrong config for this checkpoint
-    with pytest.raises(ValueError, match=r"shape mismatches.*quantize\.embedding\.weight"):
+    with pytest.raises(CheckpointError, match=r"shape mismatches.*quantize\.embedding\.weight"):
         load_vq(path, **cfg)
 
 

@@ -1,8 +1,4 @@
-"""Image tokenizers: the LlamaGen VQ-16 (``vq_ds16_c2i.pt``) that maps images to LPD's tokens and back.
-
-``vq.encode(images [B, 3, H, W] in [-1, 1]) -> [B, H/16, W/16]``, ``vq.decode(tokens) -> images``.
-:func:`make_tokenizer` is what the entry points call.
-"""
+"""Image tokenizers: the LlamaGen VQ-16 and the demo's palette; :func:`make_tokenizer` picks one."""
 
 from __future__ import annotations
 
@@ -11,19 +7,18 @@ from typing import Any
 
 import torch
 
-from lpd.tokenizer.vq import VQModel, VectorQuantizer, build_vq, load_vq, load_vq_state_dict
+from lpd.tokenizer.vq import VQModel, VectorQuantizer, build_vq, load_vq
 
-__all__ = ["VQModel", "VectorQuantizer", "build_vq", "load_vq", "load_vq_state_dict", "make_tokenizer"]
+__all__ = ["VQModel", "VectorQuantizer", "build_vq", "load_vq", "make_tokenizer"]
 
 
 def make_tokenizer(kind: str = "vq", vqgan_path: str | os.PathLike | None = None, vq_config: dict[str, Any] | None = None,
                    seed: int = 0, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The tokenizer an entry point asks for, in eval mode on ``device``.
+    """The tokenizer ``kind`` in eval mode on ``device``.
 
-    ``vq``: the file ``vqgan_path`` (``vq_config`` overrides its architecture); without a path but
-    with a ``vq_config`` (``{}``: the released architecture), random weights from ``seed`` for smoke
-    tests; with neither, the released ``vq_ds16_c2i.pt`` from the Hugging Face cache (rank 0 first).
-    ``palette``: the CPU demo's exact palette tokenizer (``vq_config`` are its arguments).
+    ``vq``: ``vqgan_path`` built with ``vq_config``; without a path, random weights from ``seed`` when a
+    ``vq_config`` is given (``{}``: VQ-16), else the released ``vq_ds16_c2i.pt`` (downloaded, rank 0 first).
+    ``palette``: the demo's palette tokenizer, ``vq_config`` its arguments.
     """
     if kind == "palette":
         from lpd.demo.palette import PaletteTokenizer
