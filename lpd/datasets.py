@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 
 from lpd.checkpoint import TMP_PREFIX, atomic_write_bytes, state_dict_digest
+from lpd.images import center_crop_arr, image_to_tensor
 
 __all__ = ["CacheError", "center_crop_arr", "image_folder", "resolve_image_root", "ReleasedTokenCache",
            "ConsolidatedTokenCache", "open_token_cache", "read_record", "tokenizer_id", "write_token_cache",
@@ -57,19 +58,6 @@ def _start_over(root: str) -> str:
 # ------------------------------------------------------------------------------------ images
 
 
-def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
-    """ADM's centre crop: halve (BOX) while the short side is >= 2 * size, resize (BICUBIC), crop; uint8 HWC."""
-    pil_image = pil_image.convert("RGB")
-    while min(*pil_image.size) >= 2 * image_size:
-        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
-    scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
-    arr = np.array(pil_image)
-    top = (arr.shape[0] - image_size) // 2
-    left = (arr.shape[1] - image_size) // 2
-    return arr[top : top + image_size, left : left + image_size]
-
-
 class _CenterCropToTensor:
     """ADM centre crop, then ``float32 [3, S, S]`` in ``[-1, 1]`` (picklable for DataLoader workers)."""
 
@@ -77,8 +65,7 @@ class _CenterCropToTensor:
         self.image_size = image_size
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        arr = center_crop_arr(img, self.image_size)
-        return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+        return image_to_tensor(center_crop_arr(img, self.image_size))[0]
 
 
 def resolve_image_root(data_path: str) -> str:
