@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lpd.checkpoint import CheckpointError
-from lpd.tokenizer import VQModel, build_vq, load_vq
+from lpd.tokenizer import VQModel, build_vq, load_vq, make_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -166,3 +166,13 @@ def test_decode_rejects_bad_token_shapes_and_dtypes(tiny_vq: VQModel) -> None:
 def test_load_vq_missing_file_points_to_download(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="FoundationVision/LlamaGen"):
         load_vq(tmp_path / "vq_ds16_c2i.pt")
+
+
+def test_make_tokenizer_names_unknown_config_keys() -> None:
+    with pytest.raises(ValueError, match=r"--vq_config: unknown keys \['chh'\] for the vq tokenizer; use \['ch', "):
+        make_tokenizer("vq", None, {"chh": 32})
+    with pytest.raises(ValueError, match=r"unknown keys \['lev'\] for the palette tokenizer"):
+        make_tokenizer("palette", None, {"lev": 3})
+    with pytest.raises(ValueError, match="--tokenizer: unknown tokenizer 'vqgan'"):
+        make_tokenizer("vqgan")
+    assert make_tokenizer("palette", None, {"levels": 3}).codebook_size == 3

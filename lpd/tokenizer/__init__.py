@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
@@ -23,9 +24,10 @@ def make_tokenizer(kind: str = "vq", vqgan_path: str | os.PathLike | None = None
     if kind == "palette":
         from lpd.demo.palette import PaletteTokenizer
 
-        return PaletteTokenizer(**(vq_config or {})).to(device).eval()
+        return PaletteTokenizer(**_checked(PaletteTokenizer, vq_config, kind)).to(device).eval()
     if kind != "vq":
         raise ValueError(f"--tokenizer: unknown tokenizer {kind!r}; use 'vq' or 'palette'")
+    _checked(build_vq, vq_config, kind)
     if vqgan_path is None and vq_config is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -37,3 +39,10 @@ def make_tokenizer(kind: str = "vq", vqgan_path: str | os.PathLike | None = None
 
         vqgan_path = rank0_first(hub.resolve_vq)
     return load_vq(vqgan_path, **(vq_config or {})).to(device).eval()
+
+
+def _checked(builder: Any, config: dict[str, Any] | None, kind: str) -> dict[str, Any]:
+    known = set(inspect.signature(builder).parameters)
+    if unknown := sorted(set(config or {}) - known):
+        raise ValueError(f"--vq_config: unknown keys {unknown} for the {kind} tokenizer; use {sorted(known)}")
+    return dict(config or {})
