@@ -22,11 +22,12 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from lpd.checkpoint import TMP_PREFIX, atomic_write_bytes, state_dict_digest
 from lpd.images import center_crop_arr, image_to_tensor
@@ -366,14 +367,6 @@ class _ConsolidatedWriter:
             os.unlink(names["done"])
 
 
-def _progress(it: Iterable, show: bool, total: int, desc: str) -> Iterable:
-    if not show:
-        return it
-    from tqdm import tqdm
-
-    return tqdm(it, total=total, desc=desc)
-
-
 def _decode_errors(loader: Callable[[str], Any], paths: list[str]) -> list[str]:
     """``'path (error)'`` for each of ``paths`` that ``loader`` cannot decode (run in DataLoader workers)."""
     bad = []
@@ -389,8 +382,7 @@ def _check_decodable(dataset, paths: list[str], num_workers: int, progress: bool
     """Decode every image of ``paths`` with ``dataset.loader``; one :class:`CacheError` lists those that fail."""
     batches = torch.utils.data.DataLoader(paths, batch_size=64, num_workers=num_workers,
                                           collate_fn=functools.partial(_decode_errors, dataset.loader))
-    bad = [e for b in _progress(batches, progress and bool(paths), len(batches), "checking that the images decode")
-           for e in b]
+    bad = [e for b in tqdm(batches, desc="checking that the images decode", disable=not (progress and paths)) for e in b]
     if bad:
         raise CacheError(f"{len(bad)} image file(s) cannot be decoded, nothing was encoded: {'; '.join(bad[:5])}"
                          f"{' ...' if len(bad) > 5 else ''}; remove or replace them (a new set of images needs another "
@@ -453,8 +445,8 @@ def write_token_cache(dataset, cached_path: str, encode: Callable[[torch.Tensor]
                                              shuffle=False, num_workers=num_workers,
                                              pin_memory=torch.device(device).type == "cuda")
         pos = 0
-        for images, _ in _progress(loader, progress and rank == 0, len(loader),
-                                   f"caching ({cache_format}, rank 0 of {world_size})"):
+        for images, _ in tqdm(loader, desc=f"caching ({cache_format}, rank 0 of {world_size})",
+                              disable=not progress or rank != 0):
             images = images.to(device, non_blocking=True)
             with torch.no_grad():
                 toks = encode(torch.cat([images, images.flip(-1)]))

@@ -8,7 +8,7 @@ import io
 import math
 import os
 import zipfile
-from typing import Any, Sequence, Union
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from lpd.checkpoint import atomic_write_bytes
 __all__ = ["ImageFileError", "center_crop_arr", "load_image", "load_mask", "image_to_tensor", "to_uint8",
            "image_path", "write_png", "read_png", "write_npz", "save_grid"]
 
-ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageSource = str | os.PathLike | Image.Image | np.ndarray
 
 
 class ImageFileError(ValueError):
@@ -99,7 +99,7 @@ def load_mask(source: ImageSource, img_size: int, image: ImageSource | None = No
 
 
 def image_to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 ``[H, W, 3]`` or ``[B, H, W, 3]`` -> float32 ``[B, 3, H, W]`` in [-1, 1] (inverse of :func:`to_uint8`)."""
+    """uint8 ``[H, W, 3]`` or ``[B, H, W, 3]`` -> float32 ``[B, 3, H, W]`` in [-1, 1]; the inverse of :func:`to_uint8`."""
     x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images))
     if x.dtype != torch.uint8 or x.dim() not in (3, 4) or x.shape[-1] != 3:
         raise ValueError(f"images must be uint8 [H, W, 3] or [B, H, W, 3], got {x.dtype} {list(x.shape)}")

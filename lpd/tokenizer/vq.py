@@ -227,7 +227,8 @@ class VQModel(nn.Module):
         if c != 3:
             raise ValueError(f"images must have 3 (RGB) channels in dim 1, got shape {tuple(images.shape)}")
         if h % f or w % f or not h or not w:
-            raise ValueError(f"image height and width must be positive multiples of the downsampling factor {f}, got {h}x{w}")
+            raise ValueError(f"image height and width must be positive multiples of the downsampling factor {f}, "
+                             f"got {h}x{w}")
         if not images.is_floating_point():
             raise TypeError(f"images must be a floating-point tensor in [-1, 1], got dtype {images.dtype}")
         return images.to(self.quant_conv.weight)
@@ -258,7 +259,7 @@ class VQModel(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images ``[B, 3, H, W]`` in [-1, 1] (H, W multiples of ``downsample_factor``) -> long ids ``[B, H/f, W/f]``."""
+        """Images ``[B, 3, H, W]`` in [-1, 1], H and W multiples of ``f`` -> long ids ``[B, H/f, W/f]``."""
         return self.encode_to_quant(images)[1]
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
