@@ -4,14 +4,11 @@
         --data_path IMAGENET --cached_path cache/in256 --cache_format consolidated
     python main_cache.py --config configs/tiny.yaml --data_path imgs/ --cached_path cache/   # random test VQ
 
-Every image gets the ADM centre crop to ``--img_size`` and is encoded as is and flipped
-horizontally, in the ``released`` layout (one ``.npz`` per image in class folders, as the released
-code reads them) or the ``consolidated`` one (memory-mapped shards); :mod:`lpd.datasets` describes
-both.  Work is split over the ranks of torchrun / Slurm.  Running the same command again resumes
-(with any number of ranks); a rerun with another tokenizer, ``--img_size``, layout or ImageFolder
-is refused before anything is encoded.  Before encoding, every image the run will encode is
-decoded once: if any cannot be, the run stops, naming them, with nothing written.  User errors
-print one ``error:`` line and exit with status 2.
+Each image is ADM centre-cropped to ``--img_size`` and encoded as is and flipped, in the ``released``
+layout (one ``.npz`` per image) or the ``consolidated`` one (shards); see :mod:`lpd.datasets`. Ranks
+of torchrun / Slurm split the work. The same command resumes (any number of ranks); other inputs
+(tokenizer, ``--img_size``, layout, images) are refused, and so are images that do not decode, before
+anything is encoded. User errors print one ``error:`` line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -19,22 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Sequence
-
-import yaml
+from typing import Sequence
 
 from lpd.checkpoint import CheckpointError
-from lpd.config import ConfigError, parse_args_with_config
+from lpd.config import ConfigError, check_seed, parse_args_with_config, yaml_mapping
 from lpd.datasets import CACHE_FORMATS, CacheError, image_folder, tokenizer_id, write_token_cache
 from lpd.distributed import barrier, cleanup, init_distributed
 from lpd.tokenizer import make_tokenizer
-
-
-def _mapping(text: str) -> dict[str, Any]:
-    value = yaml.safe_load(text)
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a mapping such as '{{ch: 32}}', got {text!r}")
-    return value
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -47,7 +35,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--img_size", type=int, default=256)
     p.add_argument("--tokenizer", default="vq", choices=["vq", "palette"])
     p.add_argument("--vqgan_path", default=None, help="VQ checkpoint (vq_ds16_c2i.pt)")
-    p.add_argument("--vq_config", type=_mapping, default=None, help="VQ architecture (without --vqgan_path: random test VQ)")
+    p.add_argument("--vq_config", type=yaml_mapping, default=None, help="VQ architecture (without --vqgan_path: random test VQ)")
     p.add_argument("--batch_size", type=int, default=64, help="images per batch and process")
     p.add_argument("--num_workers", type=int, default=4)
     p.add_argument("--shard_size", type=int, default=0, help="consolidated: images per shard (0: automatic)")
@@ -55,24 +43,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="weights of the random test VQ (no --vqgan_path)")
     # Keys of shared configs such as configs/tiny.yaml that caching does not use.
     p.add_argument("--model", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--model_config", type=_mapping, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--model_config", type=yaml_mapping, default=None, help=argparse.SUPPRESS)
     return p
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    """Refuse bad values (flags or config file) with a ValueError naming the flag and the fix."""
+    """Refuse bad values with a ValueError naming the flag and the fix (types and choices: argparse, lpd.config)."""
     for flag, low in (("img_size", 1), ("batch_size", 1), ("num_workers", 0), ("shard_size", 0)):
-        value = getattr(args, flag)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"--{flag} {value!r}: give an integer >= {low}")
-    if args.cache_format not in CACHE_FORMATS:
-        raise ValueError(f"--cache_format {args.cache_format!r}: use one of {', '.join(CACHE_FORMATS)}")
+        if getattr(args, flag) < low:
+            raise ValueError(f"--{flag} {getattr(args, flag)!r}: give an integer >= {low}")
     if not args.data_path or not os.path.isdir(args.data_path):
         raise ValueError(f"--data_path {args.data_path or 'is missing'}: give an existing ImageFolder (class "
                          f"sub-folders of images) or a folder holding train/")
     if not args.cached_path or (os.path.exists(args.cached_path) and not os.path.isdir(args.cached_path)):
         raise ValueError(f"--cached_path {args.cached_path or 'is missing'}: give the cache folder (new, or the one "
                          f"of the run to resume)")
+    check_seed(args.seed)
 
 
 def _user_message(e: Exception, setting_up: bool) -> str | None:

@@ -1,21 +1,16 @@
 """Training data: ImageFolder with the ADM centre crop, and the token caches of ``main_cache.py``.
 
-Every image is cached as is and flipped horizontally: ``h*w`` VQ code ids each, in raster order.
-``CACHE/meta.json`` records what the tokens depend on (layout, tokenizer digest, ``img_size``, crop
-rule, vocabulary, token count, the images) and ``state``: ``incomplete`` from the start of a run,
-``complete`` once every rank finished and every file exists.  Two layouts:
+Each image is cached as is and flipped: ``h*w`` VQ ids each, raster order. ``CACHE/meta.json`` records
+what the tokens depend on (layout, tokenizer digest, ``img_size``, crop, vocabulary, token count, the
+images) and ``state`` (``incomplete`` until every rank finished and every file exists). Layouts:
 
-* ``released``: ``CACHE/<class folder>/<image file name>.npz`` with int64 ``indices`` and
-  ``indices_flip`` (written ``[h*w]``; any shape of ``h*w`` values is read), as the released code
-  reads them.  A folder of these without ``meta.json`` (the released code's) is read with a warning.
-* ``consolidated``: per shard ``s``, ``shard-SSSSS.tokens.npy`` (``[M, 2, h*w]``, int16 when the
-  vocabulary fits, else int32; row 0 the image, row 1 flipped), ``shard-SSSSS.labels.npy`` and
-  ``shard-SSSSS.index.npy`` (``[M]`` int64, the ImageFolder index), memory-mapped when read.
+* ``released`` (the released code's): ``CACHE/<class>/<image file>.npz``, int64 ``indices`` and
+  ``indices_flip`` (any shape of ``h*w`` values is read); without ``meta.json`` read with a warning.
+* ``consolidated``: shards ``shard-SSSSS.{tokens,labels,index}.npy``: ``[M, 2, h*w]`` int16 (int32 for
+  large vocabularies; row 1 flipped), ``[M]`` labels and ImageFolder indices; memory-mapped.
 
-Both read as ``(tokens int64 [2, h*w], label)`` in ImageFolder order (labels: sorted class folders).
-A bad file raises :class:`CacheError` naming it.  Writing is sharded over ranks and resumable:
-released files are written atomically and skipped when present; consolidated shards are filled in
-``*.partial`` files with a per-row done mask and renamed into place once complete.
+Both read as ``(tokens int64 [2, h*w], label)`` in ImageFolder order. Writing is sharded over ranks
+and resumable (released files atomic; shards filled as ``*.partial`` with a done mask, then renamed).
 """
 
 from __future__ import annotations
@@ -27,17 +22,19 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from lpd.checkpoint import TMP_PREFIX, atomic_write_bytes, state_dict_digest
+from lpd.images import center_crop_arr, image_to_tensor
 
 __all__ = ["CacheError", "center_crop_arr", "image_folder", "resolve_image_root", "ReleasedTokenCache",
            "ConsolidatedTokenCache", "open_token_cache", "read_record", "tokenizer_id", "write_token_cache",
-           "CacheStats", "released_cache_file", "token_dtype"]
+           "CacheStats", "released_cache_file", "token_dtype"]  # center_crop_arr: from lpd.images
 
 CACHE_FORMATS = ("released", "consolidated")
 META_NAME = "meta.json"
@@ -54,31 +51,8 @@ def _start_over(root: str) -> str:
     return f"use another --cached_path, or delete {root!r} to start over"
 
 
-# ------------------------------------------------------------------------------------ images
-
-
-def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
-    """ADM's centre crop: halve (BOX) while the short side is >= 2 * size, resize (BICUBIC), crop; uint8 HWC."""
-    pil_image = pil_image.convert("RGB")
-    while min(*pil_image.size) >= 2 * image_size:
-        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
-    scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
-    arr = np.array(pil_image)
-    top = (arr.shape[0] - image_size) // 2
-    left = (arr.shape[1] - image_size) // 2
-    return arr[top : top + image_size, left : left + image_size]
-
-
-class _CenterCropToTensor:
-    """ADM centre crop, then ``float32 [3, S, S]`` in ``[-1, 1]`` (picklable for DataLoader workers)."""
-
-    def __init__(self, image_size: int) -> None:
-        self.image_size = image_size
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        arr = center_crop_arr(img, self.image_size)
-        return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+def _crop_to_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
+    return image_to_tensor(center_crop_arr(img, image_size))[0]
 
 
 def resolve_image_root(data_path: str) -> str:
@@ -93,18 +67,13 @@ def image_folder(data_path: str, img_size: int):
     """torchvision ``ImageFolder`` of ``data_path`` with the ADM crop: ``(float32 [3, S, S] in [-1, 1], label)``."""
     from torchvision.datasets import ImageFolder
 
-    return ImageFolder(resolve_image_root(data_path), transform=_CenterCropToTensor(img_size))
-
-
-# ------------------------------------------------------------------------------------ the record
+    return ImageFolder(resolve_image_root(data_path), transform=functools.partial(_crop_to_tensor, image_size=img_size))
 
 
 def tokenizer_id(tokenizer: torch.nn.Module) -> str:
     """What a tokenizer's ids depend on: ``Class sha256:<weights digest>``, or ``Class(settings)`` without weights."""
     name = type(tokenizer).__name__
-    if not tokenizer.state_dict():
-        return f"{name}({tokenizer.extra_repr()})"
-    return f"{name} sha256:{state_dict_digest(tokenizer)}"
+    return f"{name} sha256:{state_dict_digest(tokenizer)}" if tokenizer.state_dict() else f"{name}({tokenizer.extra_repr()})"
 
 
 def _images_digest(samples: Sequence[tuple[str, int]], classes: Sequence[str]) -> str:
@@ -162,9 +131,6 @@ def _checked_record(root: str, fmt: str, num_tokens: int, vocab_size: int | None
     return rec
 
 
-# ------------------------------------------------------------------------------------ reading caches
-
-
 def token_dtype(vocab_size: int) -> np.dtype:
     """Smallest signed integer type of the consolidated layout that holds ids ``< vocab_size``."""
     return np.dtype(np.int16) if vocab_size <= np.iinfo(np.int16).max + 1 else np.dtype(np.int32)
@@ -190,8 +156,18 @@ def released_cache_file(cached_path: str, class_name: str, image_file: str) -> s
     return os.path.join(cached_path, class_name, os.path.basename(image_file) + ".npz")
 
 
-class ReleasedTokenCache(torch.utils.data.Dataset):
-    """The released layout; items ``(tokens int64 [2, num_tokens], label)``, row 1 the flipped image."""
+class _TokenCache(torch.utils.data.Dataset):
+    """Items ``(tokens int64 [2, num_tokens], label)`` from ``self.load(index)``, row 1 the flipped image."""
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return torch.from_numpy(self.load(index)), int(self.labels[index])
+
+
+class ReleasedTokenCache(_TokenCache):
+    """The released layout."""
 
     def __init__(self, root: str, num_tokens: int, vocab_size: int | None = None) -> None:
         if not os.path.isdir(root):
@@ -199,23 +175,17 @@ class ReleasedTokenCache(torch.utils.data.Dataset):
         self.root, self.num_tokens, self.vocab_size = root, num_tokens, vocab_size
         rec = _checked_record(root, "released", num_tokens, vocab_size)
         self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-        self.files: list[str] = []
-        labels: list[int] = []
-        for label, cls in enumerate(self.classes):
-            names = sorted(e.name for e in os.scandir(os.path.join(root, cls)) if e.name.endswith(".npz") and e.is_file())
-            self.files.extend(os.path.join(root, cls, n) for n in names)
-            labels.extend([label] * len(names))
+        per_class = [sorted(e.name for e in os.scandir(os.path.join(root, c)) if e.name.endswith(".npz") and e.is_file())
+                     for c in self.classes]
+        self.files = [os.path.join(root, c, n) for c, names in zip(self.classes, per_class) for n in names]
         if not self.files:
             raise CacheError(f"cache folder {root!r} holds no class folders of .npz files; write it with main_cache.py")
         if rec is not None and len(self.files) != int(rec["num_images"]):
             raise CacheError(f"cache {root!r} holds {len(self.files)} .npz files but its {META_NAME} lists "
                              f"{rec['num_images']} images; rerun main_cache.py with the same command to rewrite "
                              f"missing files, or {_start_over(root)}")
-        self.labels = np.asarray(labels, dtype=np.int64)
+        self.labels = np.repeat(np.arange(len(per_class), dtype=np.int64), [len(n) for n in per_class])
         self.load(0)
-
-    def __len__(self) -> int:
-        return len(self.files)
 
     def load(self, index: int) -> np.ndarray:
         """Validated tokens ``int64 [2, num_tokens]`` of item ``index``."""
@@ -231,31 +201,23 @@ class ReleasedTokenCache(torch.utils.data.Dataset):
             raise CacheError(f"{where} holds {names}, not the released layout's 'indices' and 'indices_flip'")
         return np.stack([_check_tokens(a, self.num_tokens, self.vocab_size, where) for a in arrays])
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return torch.from_numpy(self.load(index)), int(self.labels[index])
-
 
 def _shard_names(root: str, shard: int) -> dict[str, str]:
+    """The shard's files; ``done`` is the per-row done mask of an unfinished shard."""
     base = os.path.join(root, f"shard-{shard:05d}")
-    return {k: f"{base}.{k}.npy" for k in ("tokens", "labels", "index")}
+    return {k: f"{base}.{k}.npy" + (".partial" if k == "done" else "") for k in ("tokens", "labels", "index", "done")}
 
 
-def _done_path(root: str, shard: int) -> str:
-    return os.path.join(root, f"shard-{shard:05d}.done.npy.partial")
-
-
-class ConsolidatedTokenCache(torch.utils.data.Dataset):
+class ConsolidatedTokenCache(_TokenCache):
     """The consolidated layout, in ImageFolder order; shards are memory-mapped lazily in each process."""
 
     def __init__(self, root: str, num_tokens: int, vocab_size: int | None = None) -> None:
         self.root, self.num_tokens, self.vocab_size = root, num_tokens, vocab_size
-        rec = self.meta = _checked_record(root, "consolidated", num_tokens, vocab_size)
-        self.classes = list(rec["classes"])
-        self.paths: list[dict[str, str]] = []
-        shard_of, row_of, order, labels = [], [], [], []
+        rec = _checked_record(root, "consolidated", num_tokens, vocab_size)
+        self.classes, self.paths = list(rec["classes"]), [_shard_names(root, s) for s in range(int(rec["num_shards"]))]
+        counts, order, labels = [], [], []
         fix = "delete the shard's files and rerun main_cache.py with the same command"
-        for s in range(int(rec["num_shards"])):
-            names = _shard_names(root, s)
+        for names in self.paths:
             try:
                 toks = np.load(names["tokens"], mmap_mode="r")
                 lab, index = np.load(names["labels"]), np.load(names["index"])
@@ -264,9 +226,7 @@ class ConsolidatedTokenCache(torch.utils.data.Dataset):
             if toks.shape[1:] != (2, num_tokens) or not lab.shape == index.shape == toks.shape[:1]:
                 raise CacheError(f"cache shard {names['tokens']!r} has shape {list(toks.shape)} (labels {list(lab.shape)}, "
                                  f"index {list(index.shape)}), expected [M, 2, {num_tokens}] ([M], [M]); {fix}")
-            self.paths.append(names)
-            shard_of.append(np.full(toks.shape[0], s, dtype=np.int64))
-            row_of.append(np.arange(toks.shape[0], dtype=np.int64))
+            counts.append(toks.shape[0])
             order.append(index.astype(np.int64))
             labels.append(lab.astype(np.int64))
         index_all = np.concatenate(order)
@@ -274,16 +234,14 @@ class ConsolidatedTokenCache(torch.utils.data.Dataset):
         if not np.array_equal(index_all[perm], np.arange(int(rec["num_images"]))):
             raise CacheError(f"the shards of {root!r} do not hold images 0..{int(rec['num_images']) - 1} once each; "
                              f"the cache is damaged: {_start_over(root)}")
-        self.shard, self.row = np.concatenate(shard_of)[perm], np.concatenate(row_of)[perm]
+        self.shard = np.repeat(np.arange(len(counts), dtype=np.int64), counts)[perm]
+        self.row = np.concatenate([np.arange(c, dtype=np.int64) for c in counts])[perm]
         self.labels = np.concatenate(labels)[perm]
         self._mm: list[np.ndarray] | None = None
         self.load(0)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_mm": None}  # never pickle memory maps into workers
-
-    def __len__(self) -> int:
-        return len(self.shard)
 
     def load(self, index: int) -> np.ndarray:
         """Validated tokens ``int64 [2, num_tokens]`` of item ``index``."""
@@ -292,9 +250,6 @@ class ConsolidatedTokenCache(torch.utils.data.Dataset):
         s, r = int(self.shard[index]), int(self.row[index])
         where = f"cache shard file {self.paths[s]['tokens']!r} (row {r})"
         return _check_tokens(np.asarray(self._mm[s][r]), 2 * self.num_tokens, self.vocab_size, where).reshape(2, -1)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return torch.from_numpy(self.load(index)), int(self.labels[index])
 
 
 def open_token_cache(root: str, num_tokens: int, vocab_size: int | None = None, cache_format: str = "auto"):
@@ -308,9 +263,6 @@ def open_token_cache(root: str, num_tokens: int, vocab_size: int | None = None, 
     if fmt == "consolidated":
         return ConsolidatedTokenCache(root, num_tokens, vocab_size)
     raise ValueError(f"unknown cache format {cache_format!r}; use auto, released or consolidated")
-
-
-# ------------------------------------------------------------------------------------ writing caches
 
 
 @dataclass
@@ -355,52 +307,49 @@ class _ConsolidatedWriter:
     def __init__(self, root: str, rec: dict[str, Any], shards: Sequence[int]) -> None:
         self.root, self.rec, self.size = root, rec, int(rec["shard_size"])
         self.todo: dict[int, np.ndarray] = {}  # unfinished shard -> ImageFolder indices not encoded yet
-        self.open: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.open: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # shard -> (tokens, done mask), memory-mapped
         for s in shards:
-            tok_p, done_p = _shard_names(root, s)["tokens"], _done_path(root, s)
-            if os.path.isfile(tok_p):
+            names, (lo, hi) = _shard_names(root, s), self.bounds(s)
+            tok_p, done_p = names["tokens"] + ".partial", names["done"]
+            if os.path.isfile(names["tokens"]):
                 continue
-            lo, hi = self.bounds(s)
-            resume = os.path.isfile(tok_p + ".partial") and os.path.isfile(done_p)
-            done = np.load(done_p) if resume else np.zeros(hi - lo, np.uint8)
+            self.todo[s] = np.arange(lo, hi)
+            if not (os.path.isfile(tok_p) and os.path.isfile(done_p)):
+                continue
+            toks, done = np.lib.format.open_memmap(tok_p, mode="r+"), np.lib.format.open_memmap(done_p, mode="r+")
             if done.shape != (hi - lo,):
                 raise CacheError(f"unfinished shard file {done_p!r} does not fit this cache: {_start_over(root)}")
-            self.todo[s] = np.flatnonzero(done == 0) + lo
+            if toks.shape != self.shape(s) or toks.dtype != np.dtype(rec["dtype"]):
+                raise CacheError(f"unfinished shard file {tok_p!r} does not fit this cache: {_start_over(root)}")
+            self.open[s], self.todo[s] = (toks, done), np.flatnonzero(done == 0) + lo
 
     def bounds(self, s: int) -> tuple[int, int]:
         return s * self.size, min(int(self.rec["num_images"]), (s + 1) * self.size)
 
+    def shape(self, s: int) -> tuple[int, int, int]:
+        lo, hi = self.bounds(s)
+        return hi - lo, 2, int(self.rec["num_tokens"])
+
     def start(self, labels: np.ndarray) -> None:
-        """Open (or create) the ``*.partial`` files of the unfinished shards."""
-        dtype = np.dtype(self.rec["dtype"])
+        """Create the ``*.partial`` files of the shards not begun yet; write every unfinished shard's labels and index."""
         for s in self.todo:
             names, (lo, hi) = _shard_names(self.root, s), self.bounds(s)
-            shape = (hi - lo, 2, int(self.rec["num_tokens"]))
-            tok_p, done_p = names["tokens"] + ".partial", _done_path(self.root, s)
-            if os.path.isfile(tok_p) and os.path.isfile(done_p):
-                toks = np.lib.format.open_memmap(tok_p, mode="r+")
-                if toks.shape != shape or toks.dtype != dtype:
-                    raise CacheError(f"unfinished shard file {tok_p!r} does not fit this cache: {_start_over(self.root)}")
-                done = np.lib.format.open_memmap(done_p, mode="r+")
-            else:
-                toks = np.lib.format.open_memmap(tok_p, mode="w+", dtype=dtype, shape=shape)
-                done = np.lib.format.open_memmap(done_p, mode="w+", dtype=np.uint8, shape=(shape[0],))
+            if s not in self.open:
+                self.open[s] = (np.lib.format.open_memmap(names["tokens"] + ".partial", mode="w+",
+                                                          dtype=np.dtype(self.rec["dtype"]), shape=self.shape(s)),
+                                np.lib.format.open_memmap(names["done"], mode="w+", dtype=np.uint8, shape=(hi - lo,)))
             for key, arr in (("labels", labels[lo:hi]), ("index", np.arange(lo, hi, dtype=np.int64))):
                 atomic_write_bytes(names[key] + ".partial", lambda f, a=arr: np.save(f, a))
-            self.open[s] = (toks, done)
 
-    def write(self, index: int, tokens: np.ndarray) -> None:
-        s = index // self.size
-        self.open[s][0][index - s * self.size] = tokens
-
-    def commit(self, indices: Sequence[int]) -> None:
-        """Flush the rows of ``indices``, then mark them done; finish the shards that are complete."""
+    def commit(self, indices: Sequence[int], tokens: np.ndarray) -> None:
+        """Write and flush the rows of ``indices``, then mark them done; finish the shards that are complete."""
         touched = sorted({i // self.size for i in indices})
+        for i, t in zip(indices, tokens):
+            self.open[i // self.size][0][i % self.size] = t
         for s in touched:
             self.open[s][0].flush()
         for i in indices:
-            s = i // self.size
-            self.open[s][1][i - s * self.size] = 1
+            self.open[i // self.size][1][i % self.size] = 1
         for s in touched:
             self.open[s][1].flush()
         self.finish_complete()
@@ -415,7 +364,7 @@ class _ConsolidatedWriter:
             names = _shard_names(self.root, s)
             for key in ("labels", "index", "tokens"):  # tokens last: its presence marks the shard complete
                 os.replace(names[key] + ".partial", names[key])
-            os.unlink(_done_path(self.root, s))
+            os.unlink(names["done"])
 
 
 def _decode_errors(loader: Callable[[str], Any], paths: list[str]) -> list[str]:
@@ -431,13 +380,9 @@ def _decode_errors(loader: Callable[[str], Any], paths: list[str]) -> list[str]:
 
 def _check_decodable(dataset, paths: list[str], num_workers: int, progress: bool) -> None:
     """Decode every image of ``paths`` with ``dataset.loader``; one :class:`CacheError` lists those that fail."""
-    it: Iterator = iter(torch.utils.data.DataLoader(paths, batch_size=64, num_workers=num_workers,
-                                                    collate_fn=functools.partial(_decode_errors, dataset.loader)))
-    if progress and paths:
-        from tqdm import tqdm
-
-        it = tqdm(it, total=math.ceil(len(paths) / 64), desc="checking that the images decode")
-    bad = [e for batch in it for e in batch]
+    batches = torch.utils.data.DataLoader(paths, batch_size=64, num_workers=num_workers,
+                                          collate_fn=functools.partial(_decode_errors, dataset.loader))
+    bad = [e for b in tqdm(batches, desc="checking that the images decode", disable=not (progress and paths)) for e in b]
     if bad:
         raise CacheError(f"{len(bad)} image file(s) cannot be decoded, nothing was encoded: {'; '.join(bad[:5])}"
                          f"{' ...' if len(bad) > 5 else ''}; remove or replace them (a new set of images needs another "
@@ -465,10 +410,8 @@ def write_token_cache(dataset, cached_path: str, encode: Callable[[torch.Tensor]
     """
     if cache_format not in CACHE_FORMATS:
         raise ValueError(f"unknown cache format {cache_format!r}; use one of {CACHE_FORMATS}")
-    samples: list[tuple[str, int]] = list(dataset.samples)
-    classes: list[str] = list(dataset.classes)
-    n = len(samples)
-    if n == 0:
+    samples, classes = list(dataset.samples), list(dataset.classes)
+    if not (n := len(samples)):
         raise CacheError("the ImageFolder holds no images")
     want: dict[str, Any] = dict(format=cache_format, tokenizer=tokenizer, img_size=img_size, crop=CROP,
                                 num_tokens=num_tokens, vocab_size=vocab_size, num_images=n, classes=classes,
@@ -501,13 +444,9 @@ def write_token_cache(dataset, cached_path: str, encode: Callable[[torch.Tensor]
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, todo), batch_size=batch_size,
                                              shuffle=False, num_workers=num_workers,
                                              pin_memory=torch.device(device).type == "cuda")
-        it: Iterator = iter(loader)
-        if progress and rank == 0:
-            from tqdm import tqdm
-
-            it = tqdm(it, total=len(loader), desc=f"caching ({cache_format}, rank 0 of {world_size})")
         pos = 0
-        for images, _ in it:
+        for images, _ in tqdm(loader, desc=f"caching ({cache_format}, rank 0 of {world_size})",
+                              disable=not progress or rank != 0):
             images = images.to(device, non_blocking=True)
             with torch.no_grad():
                 toks = encode(torch.cat([images, images.flip(-1)]))
@@ -516,13 +455,11 @@ def write_token_cache(dataset, cached_path: str, encode: Callable[[torch.Tensor]
             toks = toks.reshape(2, images.shape[0], -1).transpose(0, 1).cpu().numpy().astype(np.int64)  # [B, 2, N]
             idx = todo[pos : pos + images.shape[0]]
             pos += images.shape[0]
-            for j, i in enumerate(idx):
-                if writer is None:
-                    atomic_write_bytes(targets[i], lambda f, t=toks[j]: np.savez(f, indices=t[0], indices_flip=t[1]))
-                else:
-                    writer.write(i, toks[j])
-            if writer is not None:
-                writer.commit(idx)
+            if writer is None:
+                for i, t in zip(idx, toks):
+                    atomic_write_bytes(targets[i], lambda f, t=t: np.savez(f, indices=t[0], indices_flip=t[1]))
+            else:
+                writer.commit(idx, toks)
             stats.written += len(idx)
     if writer is not None:
         writer.finish_complete()

@@ -1,6 +1,5 @@
-"""Image files: PNGs, the ADM ``.npz`` of a run, sample grids, decoder output to uint8.
-
-Every write is atomic (a temporary file in the same folder, then a rename).
+"""Images in and out: the ADM centre crop, input images and edit masks, PNGs, the ADM ``.npz`` of a
+run, sample grids, and the conversions between uint8 pixels and tensors in [-1, 1]. Writes are atomic.
 """
 
 from __future__ import annotations
@@ -17,11 +16,101 @@ from PIL import Image
 
 from lpd.checkpoint import atomic_write_bytes
 
-__all__ = ["image_path", "write_png", "read_png", "write_npz", "save_grid", "to_uint8", "ImageFileError"]
+__all__ = ["ImageFileError", "center_crop_arr", "load_image", "load_mask", "image_to_tensor", "to_uint8",
+           "image_path", "write_png", "read_png", "write_npz", "save_grid"]
+
+ImageSource = str | os.PathLike | Image.Image | np.ndarray
 
 
 class ImageFileError(ValueError):
     """An image file that is missing or cannot be decoded."""
+
+
+def _adm_crop(pil_image: Image.Image, image_size: int) -> np.ndarray:
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[top : top + image_size, left : left + image_size]
+
+
+def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
+    """ADM's centre crop: halve (BOX) while the short side is >= 2 * size, resize (BICUBIC), crop; uint8 HWC."""
+    return _adm_crop(pil_image.convert("RGB"), image_size)
+
+
+def _pil(source: ImageSource, what: str, mode: str) -> Image.Image:
+    """``source`` decoded as a PIL image of ``mode`` ('RGB' for images, 'L' for masks)."""
+    if isinstance(source, np.ndarray):
+        rgb = source.dtype == np.uint8 and source.ndim == 3 and source.shape[2] == 3
+        grey = mode == "L" and source.ndim == 2 and source.dtype in (np.uint8, np.bool_)
+        if not (rgb or grey) or source.size == 0:
+            want = "uint8 [H, W, 3]" + (" or bool / uint8 [H, W]" if mode == "L" else "")
+            raise ValueError(f"{what} array must be {want}, got {source.dtype} {list(source.shape)}")
+        if mode == "L" and source.dtype == np.uint8 and source.max() == 1:
+            raise ValueError(f"{what} array holds only 0 and 1, but white (255) marks what to regenerate: "
+                             f"pass a bool array or 0 / 255")
+        source = Image.fromarray(np.ascontiguousarray(source))
+    if isinstance(source, Image.Image):
+        return source.convert(mode)
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"{what} must be a file path, a PIL image or a numpy array, got {type(source).__name__}")
+    path = os.fspath(source)
+    try:
+        with Image.open(path) as im:
+            return im.convert(mode)  # decodes every pixel: a truncated file fails here
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageFileError(f"{what} file {path!r} cannot be read ({type(e).__name__}: {e}): give an existing, "
+                             f"undamaged PNG or JPEG") from None
+
+
+def _check_size(img_size: int) -> int:
+    if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1:
+        raise ValueError(f"img_size must be a positive integer, got {img_size!r}")
+    return img_size
+
+
+def load_image(source: ImageSource, img_size: int) -> np.ndarray:
+    """uint8 ``[img_size, img_size, 3]``: a path, PIL image or uint8 ``[H, W, 3]`` array, ADM centre-cropped."""
+    return _adm_crop(_pil(source, "image", "RGB"), _check_size(img_size))
+
+
+def load_mask(source: ImageSource, img_size: int, image: ImageSource | None = None) -> np.ndarray:
+    """bool ``[img_size, img_size]``, True where the edit regenerates (white: grey >= 128 after the crop).
+
+    ``source`` is a path, a PIL image or a bool / uint8 array. A mask of ``img_size x img_size`` is taken
+    as it is (it matches the cropped image); a mask of the size of ``image`` (the uncropped image, as
+    given to :func:`load_image`) gets the image's ADM crop; any other size is refused.
+    """
+    mask, img_size = _pil(source, "mask", "L"), _check_size(img_size)
+    if mask.size != (img_size, img_size):
+        got = f"the mask is {mask.height}x{mask.width} (HxW)"
+        if image is None:
+            raise ValueError(f"{got}, not {img_size}x{img_size}: give a mask of the cropped image's size, or pass "
+                             f"image= (the image it was drawn on) to crop it like the image")
+        w, h = _pil(image, "image", "RGB").size
+        if mask.size != (w, h):
+            raise ValueError(f"{got} but its image is {h}x{w}: a mask must have the image's size or "
+                             f"{img_size}x{img_size} (the cropped image's)")
+        return _adm_crop(mask, img_size) >= 128
+    return np.asarray(mask) >= 128
+
+
+def image_to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 ``[H, W, 3]`` or ``[B, H, W, 3]`` -> float32 ``[B, 3, H, W]`` in [-1, 1]; the inverse of :func:`to_uint8`."""
+    x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images))
+    if x.dtype != torch.uint8 or x.dim() not in (3, 4) or x.shape[-1] != 3:
+        raise ValueError(f"images must be uint8 [H, W, 3] or [B, H, W, 3], got {x.dtype} {list(x.shape)}")
+    x = x[None] if x.dim() == 3 else x
+    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Decoder output ``[B, 3, H, W]`` in ``[-1, 1]`` -> uint8 ``[B, H, W, 3]``, as the released sampling code."""
+    x = ((images.float() + 1.0) * 127.5).clamp_(0.0, 255.0).round_().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
 def image_path(image_dir: str | os.PathLike, index: int) -> str:
@@ -82,8 +171,3 @@ def save_grid(path: str | os.PathLike, images: Sequence[np.ndarray], ncol: int =
     canvas.save(buf, format="PNG")
     atomic_write_bytes(path, lambda f: f.write(buf.getvalue()))
 
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Decoder output ``[B, 3, H, W]`` in ``[-1, 1]`` -> uint8 ``[B, H, W, 3]``, as the released sampling code."""
-    x = ((images.float() + 1.0) * 127.5).clamp_(0.0, 255.0).round_().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()

@@ -159,6 +159,8 @@ def test_rerun_after_the_record_was_deleted_refused(image_folder, tmp_path, caps
     ("--data_path", "/nonexistent/images", "--data_path /nonexistent/images: give an existing ImageFolder"),
     ("--config", "/nonexistent/cfg.yaml", "--config '/nonexistent/cfg.yaml' cannot be read"),
     ("--vqgan_path", "/nonexistent/vq.pt", "VQ checkpoint '/nonexistent/vq.pt' not found"),
+    ("--vq_config", "{chh: 32}", "--vq_config: unknown keys ['chh'] for the vq tokenizer"),
+    ("--seed", "-1", "--seed must be an integer in [0, 2**64)"),
 ])
 def test_bad_values_refused_before_any_work(image_folder, tmp_path, capsys, flag, value, says):
     argv = args(image_folder, tmp_path / "out")

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lpd.tokenizer import VQModel, build_vq, load_vq
+from lpd.checkpoint import CheckpointError
+from lpd.tokenizer import VQModel, build_vq, load_vq, make_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -108,7 +109,7 @@ def test_load_vq_missing_key_is_named(tmp_path: Path, parity: dict) -> None:
     del sd["quantize.codebook_used"]
     path = tmp_path / "missing.pt"
     torch.save({"model": sd}, path)
-    with pytest.raises(ValueError, match=r"missing keys.*quantize\.codebook_used"):
+    with pytest.raises(CheckpointError, match=r"missing keys.*quantize\.codebook_used"):
         load_vq(path, **parity["config"])
 
 
@@ -117,7 +118,7 @@ def test_load_vq_unexpected_key_is_named(tmp_path: Path, parity: dict) -> None:
     sd["quantize.extra"] = torch.zeros(3)
     path = tmp_path / "extra.pt"
     torch.save({"model": sd}, path)
-    with pytest.raises(ValueError, match=r"unexpected keys.*quantize\.extra"):
+    with pytest.raises(CheckpointError, match=r"unexpected keys.*quantize\.extra"):
         load_vq(path, **parity["config"])
 
 
@@ -125,7 +126,7 @@ def test_load_vq_shape_mismatch_is_named(tmp_path: Path, parity: dict) -> None:
     path = tmp_path / "shape.pt"
     torch.save({"model": parity["state_dict"]}, path)
     cfg = dict(parity["config"], codebook_size=512)  # wrong config for this checkpoint
-    with pytest.raises(ValueError, match=r"shape mismatches.*quantize\.embedding\.weight"):
+    with pytest.raises(CheckpointError, match=r"shape mismatches.*quantize\.embedding\.weight"):
         load_vq(path, **cfg)
 
 
@@ -165,3 +166,13 @@ def test_decode_rejects_bad_token_shapes_and_dtypes(tiny_vq: VQModel) -> None:
 def test_load_vq_missing_file_points_to_download(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="FoundationVision/LlamaGen"):
         load_vq(tmp_path / "vq_ds16_c2i.pt")
+
+
+def test_make_tokenizer_names_unknown_config_keys() -> None:
+    with pytest.raises(ValueError, match=r"--vq_config: unknown keys \['chh'\] for the vq tokenizer; use \['ch', "):
+        make_tokenizer("vq", None, {"chh": 32})
+    with pytest.raises(ValueError, match=r"unknown keys \['lev'\] for the palette tokenizer"):
+        make_tokenizer("palette", None, {"lev": 3})
+    with pytest.raises(ValueError, match="--tokenizer: unknown tokenizer 'vqgan'"):
+        make_tokenizer("vqgan")
+    assert make_tokenizer("palette", None, {"levels": 3}).codebook_size == 3
