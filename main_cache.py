@@ -41,9 +41,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard_size", type=int, default=0, help="consolidated: images per shard (0: automatic)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0, help="weights of the random test VQ (no --vqgan_path)")
-    # Keys of shared configs such as configs/tiny.yaml that caching does not use.
-    p.add_argument("--model", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--model_config", type=yaml_mapping, default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -75,7 +72,9 @@ def _user_message(e: Exception, setting_up: bool) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     setting_up = True
     try:
-        args = parse_args_with_config(get_args_parser(), argv)
+        from main_train import get_args_parser as train_parser
+
+        args = parse_args_with_config(get_args_parser(), argv, also_known=train_parser())  # training configs work too
         validate_args(args)
         try:
             info = init_distributed(args.device)
