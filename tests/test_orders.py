@@ -22,20 +22,15 @@ from lpd.orders import (
     save_orders,
 )
 from lpd.orders.cli import main as cli_main
-from lpd.orders.generate import (
-    KIND_FARTHEST,
-    KIND_PROXIMITY,
-    KIND_START,
-    _lpd_batch,
-    _lpd_order_reference,
-)
-from lpd.schedules import GroupSizeError, cosine_group_sizes
+from lpd.orders.generate import KIND_FARTHEST, KIND_PROXIMITY, KIND_START, _lpd_batch
+from lpd.schedules import GroupSizeError, cosine_group_sizes, scaled_group_sizes
+from orders_reference import lpd_order_reference
 
 G256 = group_sizes(256, 20)
 
 
-def _kinds(num, sizes, grid, tp, tr, seed=0):
-    return _lpd_batch(np.arange(num), seed, sizes, grid, tp, tr, return_kinds=True)
+def _kinds(num, sizes, grid, tp, tr, seed=0, known=None):
+    return _lpd_batch(np.arange(num), seed, sizes, grid, tp, tr, return_kinds=True, known=known)
 
 
 def _groups(sizes):
@@ -149,7 +144,7 @@ def test_close_pairs_only_when_the_fallback_had_to(tr):
 def test_vectorised_generator_matches_the_plain_reference(sizes, grid, tp, tr):
     o, kinds = _kinds(3, sizes, grid, tp, tr, seed=5)
     for i in range(3):
-        ref, ref_kinds = _lpd_order_reference(i, 5, sizes, grid, tp, tr)
+        ref, ref_kinds = lpd_order_reference(i, 5, sizes, grid, tp, tr)
         assert o[i].tolist() == ref
         assert kinds[i].tolist() == ref_kinds
 
@@ -166,7 +161,7 @@ def test_large_grid_path_matches_reference(monkeypatch):
         for sizes, tp, tr in [(G256, 1.0, 2.0), (cosine_group_sizes(256, 6), 9.0, 1.0)]:
             o = lpd_orders(2, sizes, 16, tp, tr, seed=2)
             for i in range(2):
-                assert o[i].tolist() == _lpd_order_reference(i, 2, sizes, 16, tp, tr)[0]
+                assert o[i].tolist() == lpd_order_reference(i, 2, sizes, 16, tp, tr)[0]
     finally:
         generate._grid.cache_clear()
 
@@ -200,7 +195,7 @@ def test_extreme_thresholds():
             assert (kinds[:, s0:s1] == KIND_PROXIMITY).sum(axis=1).max() <= (1 if tr > 15 else s1 - s0)
         if tp == float("inf"):
             assert not (kinds == KIND_PROXIMITY).any()
-    ref = _lpd_order_reference(0, 0, group_sizes(256, 8), 16, 1.0, 100.0)[0]
+    ref = lpd_order_reference(0, 0, group_sizes(256, 8), 16, 1.0, 100.0)[0]
     assert lpd_orders(1, group_sizes(256, 8), 16, 1.0, 100.0).tolist() == [ref]
 
 
