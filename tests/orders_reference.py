@@ -30,8 +30,9 @@ from lpd.orders.generate import (
 )
 
 
-def lpd_order_reference(i: int, seed: int, group_sizes: Sequence[int], grid_size: int, proximity_threshold: float = 1.0,
-                        repulsion_threshold: float = 1.0, known: Sequence[bool] | None = None) -> tuple[list[int], list[int]]:
+def lpd_order_reference(i: int, seed: int, group_sizes: Sequence[int], grid_size: int,
+                        proximity_threshold: float = 1.0, repulsion_threshold: float = 1.0,
+                        known: Sequence[bool] | None = None) -> tuple[list[int], list[int]]:
     """Order ``i`` of a run (the unknown positions only, with a ``known`` mask [N]) and how each was picked."""
     g_, n = grid_size, grid_size * grid_size
     okey = _order_keys(seed, np.array([i]))
@@ -71,7 +72,8 @@ def lpd_order_reference(i: int, seed: int, group_sizes: Sequence[int], grid_size
     kinds: list[int] = []
     first_step = 0
     if not known_set:  # step 0: one uniformly random position, the rest of step 0 by the fallback
-        order, kinds, first_step = [int(_uniform_index(_splitmix64(okey ^ np.uint64(_SALT_START)), n)[0])], [KIND_START], 1
+        order = [int(_uniform_index(_splitmix64(okey ^ np.uint64(_SALT_START)), n)[0])]
+        kinds, first_step = [KIND_START], 1
         if group_sizes[0] > 1:
             step_key = _step_keys(okey, 0)
             rnd = _position_random(step_key, n)[0]

@@ -27,13 +27,9 @@ from lpd.schedules import GroupSizeError, validate_group_sizes
 __all__ = ["lpd_orders", "random_orders", "raster_orders", "ORDER_KINDS"]
 
 #: How each position was chosen (``_lpd_batch(..., return_kinds=True)``).
-ORDER_KINDS = {
-    0: "step 0 (uniformly random position)",
-    1: "proximity pick",
-    2: "farthest-point fallback",
-    3: "fallback start (random: nothing accepted in this step yet)",
-    4: "last remaining positions (fallback with no choice left)",
-}
+ORDER_KINDS = {0: "step 0 (uniformly random position)", 1: "proximity pick", 2: "farthest-point fallback",
+               3: "fallback start (random: nothing accepted in this step yet)",
+               4: "last remaining positions (fallback with no choice left)"}
 KIND_START, KIND_PROXIMITY, KIND_FARTHEST, KIND_RANDOM_FILL, KIND_REST = 0, 1, 2, 3, 4
 
 _GOLDEN64 = 0x9E3779B97F4A7C15
@@ -141,6 +137,10 @@ def _known(known: np.ndarray | None, num: int, n: int) -> tuple[np.ndarray | Non
     return (None if counts[0] == n else np.broadcast_to(k, (num, n))), int(counts[0])
 
 
+def _batch_size(n: int) -> int:  # orders generated together by default: about half a million grid positions
+    return max(16, min(4096, (1 << 19) // n))
+
+
 def _indices(num: int, start: int, indices: Sequence[int] | np.ndarray | None) -> np.ndarray:
     """The order indices of a call: ``start .. start + num - 1``, or ``indices`` (``num`` of them)."""
     if indices is None:
@@ -172,18 +172,11 @@ class _Grid:
         self.g, self.n, self.radius = g, n, radius
         rows, cols = np.divmod(np.arange(n), g)
         self.rows, self.cols = rows, cols
-        # 8-neighbourhood: neighbour index (n = outside the grid) and code increment.
-        nbr, delta = [], []
-        for dy in (-1, 0, 1):
-            for dx in (-1, 0, 1):
-                if dy == dx == 0:
-                    continue
-                r, c = rows + dy, cols + dx
-                inside = (r >= 0) & (r < g) & (c >= 0) & (c < g)
-                nbr.append(np.where(inside, r * g + c, n))
-                delta.append(5 if dy == 0 or dx == 0 else 1)
-        self.nbr8 = np.ascontiguousarray(np.stack(nbr).T)  # [n, 8]
-        self.nbr8_delta = np.array(delta, dtype=np.uint8)
+        # 8-neighbourhood: neighbour index [n, 8] (n = outside the grid) and code increment.
+        dy, dx = np.array([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]).T
+        r, c = rows[:, None] + dy, cols[:, None] + dx
+        self.nbr8 = np.where((r >= 0) & (r < g) & (c >= 0) & (c < g), r * g + c, n)
+        self.nbr8_delta = np.where((dy == 0) | (dx == 0), 5, 1).astype(np.uint8)
         # Repulsion windows in a grid padded by `radius` on every side.
         p = g + 2 * radius
         self.padded_cells = p * p
@@ -449,7 +442,7 @@ def lpd_orders(num: int, group_sizes: Sequence[int], grid_size: int, proximity_t
         raise GroupSizeError(f"group sizes sum to {sum(sizes)} but {m} positions are not known; the groups must cover "
                              f"each unknown position once (lpd.schedules.scaled_group_sizes makes such a schedule)")
     idx_all = _indices(num, start, indices)
-    bs = _check_count("batch_size", max(16, min(4096, (1 << 19) // n)) if batch_size is None else batch_size, 1)
+    bs = _check_count("batch_size", _batch_size(n) if batch_size is None else batch_size, 1)
     out = np.empty((num, m), dtype=np.int64)
     for b0 in range(0, num, bs):
         part = None if known is None else known[b0 : b0 + bs]
