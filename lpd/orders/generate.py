@@ -423,13 +423,13 @@ def lpd_orders(num: int, group_sizes: Sequence[int], grid_size: int, proximity_t
                indices: Sequence[int] | np.ndarray | None = None, known: np.ndarray | None = None) -> np.ndarray:
     """Locality-aware orders ``start .. start + num - 1`` (or ``indices``) of a run, int64 ``[num, N]``.
 
-    ``group_sizes`` sum to ``N = grid_size ** 2``; step 0 takes one uniformly random position. A
-    proximity pick needs a score ``>= proximity_threshold`` (τp); two proximity picks of a step are
-    never within Chebyshev distance ``repulsion_threshold`` (τr: 2.0 at 256 px, 3.0 for XXL-256, 4.0
-    at 512 px). Row ``i`` depends only on ``(seed, i)``; ``batch_size`` trades speed for memory only.
-    ``known`` (bool ``[N]`` or ``[num, N]``, True = already decoded, the same count in every row):
-    the rows list only the unknown positions, every step taking the known ones as selected, and
-    ``group_sizes`` sum to their number.
+    ``group_sizes`` sum to ``N = grid_size ** 2``; step 0 takes one uniformly random position (the rest of a larger
+    first group by the farthest-point rule). A proximity pick needs a score ``>= proximity_threshold`` (τp); two of
+    one step are never within Chebyshev distance ``repulsion_threshold`` (τr: 2.0 at 256 px, 3.0 for XXL-256, 4.0 at
+    512 px). Row ``i`` depends only on ``(seed, i)``, seed in ``[0, 2**64)``; ``batch_size`` changes speed only.
+    ``known`` (bool ``[N]`` or ``[num, N]``, True = already decoded, the same count in every row): the rows hold the
+    unknown positions only, every step (step 0 too) counting the known ones as selected; ``group_sizes`` sum to
+    their number.
     """
     num, grid_size, seed, start = _check_run(num, grid_size, seed, start)
     tp = _check_threshold("proximity_threshold", proximity_threshold)
