@@ -1,10 +1,12 @@
 """Benchmark of the locality-aware order generator on ONE core, with the orders' statistics.
 
-Times :func:`lpd.orders.lpd_orders` at the two settings issue 3 sets goals for (256 px / 20 steps
-/ τr 2 and 512 px / 48 steps / τr 4) and prints orders/second and ms/order next to the released
-pure-Python generator's figures (28 ms and 640 ms per order on one core) and the goals (<= 0.28
-ms and <= 2.1 ms), then the three order statistics (context support, group spread, close pairs)
-next to the released generator's and those of random orders.
+Times :func:`lpd.orders.lpd_orders` at 256 px / 20 steps / τr 2 and 512 px / 48 steps / τr 4 and
+prints orders/second and ms/order next to the released pure-Python generator's figures (28 ms and
+640 ms per order on one core) and the goals (<= 0.28 ms and <= 2.1 ms), the 256 px setting with the
+lower half of the grid known (zero-shot editing), then the three order statistics (context
+support, group spread, close pairs) next to the released generator's and those of random orders.
+``--check N`` first compares N orders of each setting with the plain reference of the tests
+(``tests/orders_reference.py``; pure Python: a fraction of a second per order at 256 px, seconds at 512 px).
 
 One core: BLAS/OpenMP thread counts are set to 1 before numpy is imported and, on Linux, the
 process is pinned to a single CPU (``--cpu``).  Times are CPU time of this process (best of
@@ -32,6 +34,8 @@ import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
+import sys  # noqa: E402
+
 import numpy as np  # noqa: E402
 
 from lpd.orders import (  # noqa: E402
@@ -41,6 +45,7 @@ from lpd.orders import (  # noqa: E402
     order_statistics,
     random_orders,
 )
+from lpd.schedules import scaled_group_sizes  # noqa: E402
 
 SETTINGS = [
     # name, img_size, steps, τr, released ms/order, goal ms/order, statistics key
@@ -81,6 +86,27 @@ def _time(fn, repeats: int) -> tuple[list[float], list[float]]:
     return cpu, wall
 
 
+def _half_known(img: int, steps: int) -> tuple[np.ndarray, list[int]]:
+    """The lower half of the grid known, and group sizes for the upper half."""
+    n = (img // 16) ** 2
+    return np.arange(n) >= n // 2, scaled_group_sizes(n // 2, steps, img)
+
+
+def check(num: int) -> None:
+    """Compare ``num`` orders of each setting with the plain reference (exit 1 on a difference)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from orders_reference import lpd_order_reference
+
+    for name, img, steps, tr, *_ in SETTINGS:
+        grid = img // 16
+        for known, sizes in ((None, group_sizes(img, steps)), _half_known(img, steps)):
+            fast = lpd_orders(num, sizes, grid, 1.0, tr, seed=0, known=known)
+            for i in range(num):
+                if fast[i].tolist() != lpd_order_reference(i, 0, sizes, grid, 1.0, tr, known=known)[0]:
+                    raise SystemExit(f"{name}: order {i} differs from the reference (known: {known is not None})")
+    print(f"checked: {num} orders of each setting, without and with the lower half known, equal the reference")
+
+
 def run(args: argparse.Namespace) -> dict:
     pin = _pin(args.cpu)
     result: dict = {
@@ -103,6 +129,9 @@ def run(args: argparse.Namespace) -> dict:
 
         cpu, wall = _time(gen, args.repeats)
         ms = min(cpu) / num * 1e3
+        known, half_sizes = _half_known(img, steps)
+        cpu_known, _ = _time(lambda: lpd_orders(num, half_sizes, grid, 1.0, tr, seed=args.seed,
+                                                batch_size=args.batch_size, known=known), args.repeats)
         stats = order_statistics(box["orders"], sizes, grid, tr)
         entry = {
             "setting": name,
@@ -114,6 +143,7 @@ def run(args: argparse.Namespace) -> dict:
             "released_ms_per_order": released_ms,
             "goal_ms_per_order": goal_ms,
             "speedup_vs_released": released_ms / ms,
+            "ms_per_order_half_known": min(cpu_known) / num * 1e3,
             "statistics": stats,
             "released_statistics": RELEASED_STATISTICS[key],
         }
@@ -146,6 +176,10 @@ def report(result: dict) -> str:
             f"{e['ms_per_order']:>10.3f}{e['ms_per_order_wall']:>8.3f}{e['goal_ms_per_order']:>7.2f}"
             f"{met:>5}{e['released_ms_per_order']:>8.0f}ms{e['speedup_vs_released']:>9.0f}x"
         )
+    for e in result["settings"]:
+        lines.append(f"{e['setting']:<16} lower half known (zero-shot editing): "
+                     f"{e['ms_per_order_half_known']:.3f} ms/order")
+
     def goal_x(e: dict) -> float:
         return e["released_ms_per_order"] / e["goal_ms_per_order"]
 
@@ -162,7 +196,7 @@ def report(result: dict) -> str:
         rows = [("this generator", e["statistics"]), ("released generator", e["released_statistics"])]
         if "random_statistics" in e:
             rows += [("random orders (this)", e["random_statistics"]),
-                     ("random orders (issue)", e["released_random_statistics"])]
+                     ("random orders (released)", e["released_random_statistics"])]
         for label, st in rows:
             lines.append(
                 f"{e['setting'] + ' ' + label:<40}{st['context_support']:>16.3f}"
@@ -229,7 +263,11 @@ def main() -> None:
                         "lpd_order_schedule(group_sizes, grid_size, proximity_threshold, "
                         "repulsion_threshold)); it is timed here too, for a same-machine speed-up")
     p.add_argument("--released_orders", type=int, default=5, help="orders timed with --released_generator")
+    p.add_argument("--check", type=int, default=0,
+                   help="first compare this many orders of each setting with tests/orders_reference.py")
     args = p.parse_args()
+    if args.check > 0:
+        check(args.check)
     result = run(args)
     print(report(result))
     if args.output_json:

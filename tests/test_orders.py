@@ -22,20 +22,15 @@ from lpd.orders import (
     save_orders,
 )
 from lpd.orders.cli import main as cli_main
-from lpd.orders.generate import (
-    KIND_FARTHEST,
-    KIND_PROXIMITY,
-    KIND_START,
-    _lpd_batch,
-    _lpd_order_reference,
-)
-from lpd.schedules import GroupSizeError, cosine_group_sizes
+from lpd.orders.generate import KIND_FARTHEST, KIND_PROXIMITY, KIND_START, _lpd_batch
+from lpd.schedules import GroupSizeError, cosine_group_sizes, scaled_group_sizes
+from orders_reference import lpd_order_reference
 
 G256 = group_sizes(256, 20)
 
 
-def _kinds(num, sizes, grid, tp, tr, seed=0):
-    return _lpd_batch(np.arange(num), seed, sizes, grid, tp, tr, return_kinds=True)
+def _kinds(num, sizes, grid, tp, tr, seed=0, known=None):
+    return _lpd_batch(np.arange(num), seed, sizes, grid, tp, tr, return_kinds=True, known=known)
 
 
 def _groups(sizes):
@@ -149,7 +144,7 @@ def test_close_pairs_only_when_the_fallback_had_to(tr):
 def test_vectorised_generator_matches_the_plain_reference(sizes, grid, tp, tr):
     o, kinds = _kinds(3, sizes, grid, tp, tr, seed=5)
     for i in range(3):
-        ref, ref_kinds = _lpd_order_reference(i, 5, sizes, grid, tp, tr)
+        ref, ref_kinds = lpd_order_reference(i, 5, sizes, grid, tp, tr)
         assert o[i].tolist() == ref
         assert kinds[i].tolist() == ref_kinds
 
@@ -166,9 +161,139 @@ def test_large_grid_path_matches_reference(monkeypatch):
         for sizes, tp, tr in [(G256, 1.0, 2.0), (cosine_group_sizes(256, 6), 9.0, 1.0)]:
             o = lpd_orders(2, sizes, 16, tp, tr, seed=2)
             for i in range(2):
-                assert o[i].tolist() == _lpd_order_reference(i, 2, sizes, 16, tp, tr)[0]
+                assert o[i].tolist() == lpd_order_reference(i, 2, sizes, 16, tp, tr)[0]
+        known = _masks("hole", 16, 2)
+        sizes = scaled_group_sizes(int((~known[0]).sum()), 12, 256)
+        o = lpd_orders(2, sizes, 16, 1.0, 2.0, seed=2, known=known)
+        for i in range(2):
+            assert o[i].tolist() == lpd_order_reference(i, 2, sizes, 16, 1.0, 2.0, known=known[i])[0]
     finally:
         generate._grid.cache_clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# Known positions (zero-shot editing: prefilled tokens, only the others are ordered)
+# ---------------------------------------------------------------------------------------------
+
+
+def _masks(kind, grid, num, seed=0):
+    """bool [num, grid**2], True = known; every row leaves the same number of positions unknown."""
+    rng = np.random.default_rng(seed)
+    n = grid * grid
+    r, c = np.divmod(np.arange(n), grid)
+    known = np.ones((num, n), dtype=bool)
+    for b in range(num):
+        if kind == "hole":  # a square hole of side grid / 2 at a random place (inpainting)
+            y, x = rng.integers(0, grid - grid // 2 + 1, size=2)
+            known[b] = ~((r >= y) & (r < y + grid // 2) & (c >= x) & (c < x + grid // 2))
+        elif kind == "single":  # one unknown token
+            known[b, rng.integers(n)] = False
+        elif kind == "half":  # the lower half known
+            known[b] = r >= grid // 2
+        elif kind == "border":  # the border ring unknown (outpainting)
+            known[b] = (r > 0) & (r < grid - 1) & (c > 0) & (c < grid - 1)
+        else:  # scattered: a random third of the positions unknown
+            known[b, rng.choice(n, n // 3, replace=False)] = False
+    return known
+
+
+@pytest.mark.parametrize("kind", ["hole", "single", "half", "border", "scatter"])
+@pytest.mark.parametrize("steps, tp, tr", [(5, 1.0, 1.0), (3, 1.0, 2.0), (4, 0.0, 1.5), (3, 9.0, 1.0), (7, 0.5, 3.0)])
+def test_known_positions_match_the_plain_reference(kind, steps, tp, tr):
+    known = _masks(kind, 8, 3, seed=steps)
+    m = int((~known[0]).sum())
+    sizes = cosine_group_sizes(m, min(steps, m))
+    o, kinds = _kinds(3, sizes, 8, tp, tr, seed=9, known=known)
+    assert o.shape == (3, m)
+    for i in range(3):
+        ref, ref_kinds = lpd_order_reference(i, 9, sizes, 8, tp, tr, known=known[i])
+        assert o[i].tolist() == ref
+        assert kinds[i].tolist() == ref_kinds
+
+
+@pytest.mark.parametrize("kind", ["hole", "border"])
+def test_known_positions_match_the_reference_at_256px(kind):
+    known = _masks(kind, 16, 2, seed=1)
+    sizes = scaled_group_sizes(int((~known[0]).sum()), 20, 256)
+    o = lpd_orders(2, sizes, 16, 1.0, 2.0, seed=3, known=known)
+    for i in range(2):
+        assert o[i].tolist() == lpd_order_reference(i, 3, sizes, 16, 1.0, 2.0, known=known[i])[0]
+
+
+def test_known_rows_depend_only_on_seed_index_and_mask():
+    known = _masks("scatter", 16, 10, seed=2)
+    m = int((~known[0]).sum())
+    sizes = scaled_group_sizes(m, 16, 256)
+    full = lpd_orders(10, sizes, 16, 1.0, 2.0, seed=4, known=known)
+    assert full.shape == (10, m) and full.dtype == np.int64
+    for row, k in zip(full, known):  # the unknown positions, each once; never a known one
+        assert sorted(row.tolist()) == np.flatnonzero(~k).tolist()
+    assert np.array_equal(full[6:], lpd_orders(4, sizes, 16, 1.0, 2.0, seed=4, start=6, known=known[6:]))
+    assert np.array_equal(full, lpd_orders(10, sizes, 16, 1.0, 2.0, seed=4, batch_size=3, known=known))
+    assert np.array_equal(full[[7, 2]], lpd_orders(2, sizes, 16, 1.0, 2.0, seed=4, indices=[7, 2], known=known[[7, 2]]))
+    one = lpd_orders(3, sizes, 16, 1.0, 2.0, seed=4, known=known[0])  # a [N] mask holds for every row
+    assert np.array_equal(one[0], full[0]) and not np.array_equal(one[1], one[0])
+    # Random orders of the unknown positions: the run's random orders with the known positions left out.
+    r = random_orders(10, 16, seed=4, known=known)
+    plain = random_orders(10, 16, seed=4)
+    for row, p, k in zip(r, plain, known):
+        assert row.tolist() == [int(v) for v in p if not k[v]]
+    assert np.array_equal(r[6:], random_orders(4, 16, seed=4, start=6, known=known[6:]))
+
+
+def test_without_known_the_orders_are_those_made_before_it_existed():
+    """Digests of orders generated before ``known`` was added: order files regenerate bit for bit."""
+    import hashlib
+
+    def digest(a):
+        return hashlib.sha256(np.ascontiguousarray(a, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+    assert digest(lpd_orders(64, G256, 16, 1.0, 2.0, seed=0)) == "cf921dad1e7e4757"
+    assert digest(lpd_orders(8, group_sizes(512, 48), 32, 1.0, 4.0, seed=1)) == "a0877f08eb0d53a4"
+    assert digest(lpd_orders(16, [3, 5, 8, 10, 10, 28], 8, 1.0, 2.0, seed=5)) == "ce1327b1cbca2449"
+    assert digest(lpd_orders(16, group_sizes(256, 8), 16, 9.0, 1.0, seed=2**64 - 1, start=1000)) == "64c9415e1e06784b"
+    assert digest(random_orders(16, 16, seed=3)) == "f43d62a9fe4ae171"
+    nothing = np.zeros((64, 256), dtype=bool)  # nothing known: the same orders
+    assert digest(lpd_orders(64, G256, 16, 1.0, 2.0, seed=0, known=nothing)) == "cf921dad1e7e4757"
+    assert digest(random_orders(16, 16, seed=3, known=nothing[:16])) == "f43d62a9fe4ae171"
+
+
+@pytest.mark.parametrize("sizes, tr, least", [(scaled_group_sizes(128, 20, 256), 2.0, 0.99),
+                                              ([8] + [10] * 12, 2.0, 0.5), ([8] + [10] * 12, 1.0, 0.8)])
+def test_first_step_starts_next_to_the_known_region(sizes, tr, least):
+    """16 x 16, lower half known: 16 of the 128 unknown positions (row 7) touch it, so random picks land there
+    12.5% of the time. LPD's first step: every pick when it takes one position (measured 100%); 58% of 8 picks
+    with τr = 2 (row 7 holds 4-6 picks three columns apart, the rest go far by the fallback), 89% with τr = 1."""
+    known = np.arange(256) >= 128
+    touching = np.zeros(256, dtype=bool)
+    touching[112:128] = True
+    o = lpd_orders(400, sizes, 16, 1.0, tr, seed=0, known=known)
+    r = random_orders(400, 16, seed=0, known=known)
+    assert o.shape == r.shape == (400, 128) and o.max() < 128 and r.max() < 128  # no known position returned
+    assert touching[o[:, : sizes[0]]].mean() >= least
+    assert 0.09 <= touching[r[:, : sizes[0]]].mean() <= 0.16
+
+
+@pytest.mark.parametrize(
+    "known, sizes, exc, match",
+    [
+        (np.zeros(256, dtype=np.int64), G256, ValueError, "known must be a bool array"),
+        (np.zeros((3, 256), dtype=bool), G256, ValueError, r"known must be a bool array \[256\] or \[2, 256\]"),
+        (np.arange(256) >= 128, G256, GroupSizeError, "sum to 256 but 128 positions are not known"),
+        (np.ones(256, dtype=bool), [1], ValueError, "nothing is left"),
+    ],
+)
+def test_bad_known_masks(known, sizes, exc, match):
+    with pytest.raises(exc, match=match):
+        lpd_orders(2, sizes, 16, known=known)
+
+
+def test_known_rows_with_different_counts_are_refused():
+    known = np.zeros((3, 256), dtype=bool)
+    known[0, :10], known[1, :10], known[2, :12] = True, True, True
+    for make in (lambda: lpd_orders(3, [1] * 246, 16, known=known), lambda: random_orders(3, 16, known=known)):
+        with pytest.raises(ValueError, match="row 2 leaves 244 positions unknown but row 0 leaves 246"):
+            make()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +325,7 @@ def test_extreme_thresholds():
             assert (kinds[:, s0:s1] == KIND_PROXIMITY).sum(axis=1).max() <= (1 if tr > 15 else s1 - s0)
         if tp == float("inf"):
             assert not (kinds == KIND_PROXIMITY).any()
-    ref = _lpd_order_reference(0, 0, group_sizes(256, 8), 16, 1.0, 100.0)[0]
+    ref = lpd_order_reference(0, 0, group_sizes(256, 8), 16, 1.0, 100.0)[0]
     assert lpd_orders(1, group_sizes(256, 8), 16, 1.0, 100.0).tolist() == [ref]
 
 
@@ -481,3 +606,12 @@ def test_visualize_writes_a_png(tmp_path):
                      "--output_file", str(out)]) == 0
     with Image.open(out) as img:
         assert img.format == "PNG" and img.size[0] > 300 and img.size[1] > 300
+
+
+def test_pictures_and_statistics_refuse_rows_that_are_not_permutations():
+    from lpd.orders.visualize import render_order
+
+    with pytest.raises(OrderFileError, match="order: row 0: position 2 appears twice"):
+        render_order([0, 1, 2, 2], [4], 2)
+    with pytest.raises(OrderFileError, match="orders: row 1: entry 3 is 4, outside"):
+        order_statistics(np.array([[0, 1, 2, 3], [0, 1, 2, 4]]), [4], 2, 1.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from lpd.schedules import (
@@ -10,6 +11,7 @@ from lpd.schedules import (
     cosine_group_sizes,
     group_sizes,
     num_tokens,
+    scaled_group_sizes,
     training_schedules,
 )
 
@@ -93,6 +95,42 @@ def test_bad_step_counts(steps):
 def test_bad_grids(img, stride):
     with pytest.raises(ValueError):
         group_sizes(img, 20, stride)
+
+
+def test_scaled_group_sizes_of_the_whole_grid_are_the_released_tables():
+    for n, tables in RELEASED_GROUP_SIZES.items():
+        for steps, released in tables.items():
+            assert scaled_group_sizes(n, steps, int(n**0.5) * 16) == list(released)
+
+
+def test_scaled_group_sizes_by_hand():
+    # 256 px / 8 steps, half the grid unknown: cumulative 1, 16, 40, 72, 112, 157, 206, 256 halved and rounded
+    # (0.5 -> 0 raised to 1, 78.5 -> 78 rounding half to even).
+    assert scaled_group_sizes(128, 8, 256) == [1, 7, 12, 16, 20, 22, 25, 25]
+    assert scaled_group_sizes(20, 20, 256) == [1] * 20  # as many steps as positions
+    assert scaled_group_sizes(100, 10, 256) == cosine_group_sizes(100, 10)  # no released 10-step table
+    assert scaled_group_sizes(5, 1, 512) == [5]
+
+
+@pytest.mark.parametrize("img, n", [(256, 256), (512, 1024)])
+def test_scaled_group_sizes_are_valid_and_proportional(img, n):
+    for steps, released in RELEASED_GROUP_SIZES[n].items():
+        share = np.cumsum(released) / n
+        for m in sorted({steps, steps + 1, n // 3, n // 2, n - 1} | set(range(steps, n, 97))):
+            if not steps <= m <= n:
+                continue
+            sizes = scaled_group_sizes(m, steps, img)
+            assert len(sizes) == steps and sum(sizes) == m and min(sizes) >= 1, (steps, m)
+            if steps <= 16 and m >= 64:  # large groups: the cumulative shares up to rounding and a raised group
+                assert np.abs(np.cumsum(sizes) - share * m).max() <= 1.0, (steps, m)
+
+
+@pytest.mark.parametrize("n_unknown, steps, match", [(128, 0, "--steps"), (128, 129, "--steps must be an integer "
+                         "between 1 and 128"), (128, 2.5, "--steps"), (0, 1, "unknown positions"),
+                         (257, 20, "1 to 256"), (True, 1, "unknown positions")])
+def test_scaled_group_sizes_refuse_bad_counts(n_unknown, steps, match):
+    with pytest.raises(GroupSizeError, match=match):
+        scaled_group_sizes(n_unknown, steps, 256)
 
 
 def test_training_schedules():

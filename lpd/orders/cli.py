@@ -20,33 +20,22 @@ import numpy as np
 
 from lpd.checkpoint import check_output_path
 from lpd.orders.files import OrderFileError, load_orders, save_orders
-from lpd.orders.generate import _lpd_batch, lpd_orders, random_orders, raster_orders
+from lpd.config import check_seed
+from lpd.orders.generate import _batch_size, _lpd_batch, lpd_orders, random_orders, raster_orders
 from lpd.schedules import GroupSizeError, group_sizes, num_tokens, parse_group_sizes
 
 __all__ = ["main", "build_parser"]
 
 
-def _default_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m lpd.orders``."""
-    p = argparse.ArgumentParser(
-        allow_abbrev=False,
-        prog="python -m lpd.orders",
-        description="Generate LPD generation orders (JSON order files) or draw one order (PNG).",
-    )
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m lpd.orders",
+                                description="Write LPD generation orders (a JSON order file) or draw one (PNG).")
     p.add_argument("--img_size", type=int, default=256, help="image side in pixels (256 or 512 released)")
     p.add_argument("--vqgan_stride", type=int, default=16, help="tokenizer down-sampling factor")
-    p.add_argument("--generation_steps", type=int, default=20,
-                   help="decoding steps (released table or cosine schedule)")
+    p.add_argument("--generation_steps", type=int, default=20, help="decoding steps (released table, else cosine)")
     p.add_argument("--group_sizes", type=str, default=None,
-                   help="explicit schedule, e.g. '[1, 2, 4, ...]' or '[1*41, 2*46, 3*41]' "
-                        "(overrides --generation_steps)")
+                   help="explicit schedule, e.g. '[1, 2, 4, ...]' or '[1*41, 2*46, 3*41]' (over --generation_steps)")
     p.add_argument("--order", choices=("lpd", "random", "raster"), default="lpd", help="kind of order")
     p.add_argument("--proximity_threshold", type=float, default=1.0,
                    help="τp: least support from decoded neighbours for a proximity pick")
@@ -55,14 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=50000, help="number of orders")
     p.add_argument("--seed", type=int, default=0, help="seed of the run; order i depends only on (seed, i)")
     p.add_argument("--start", type=int, default=0, help="index of the first order (to regenerate a slice)")
-    p.add_argument("--workers", type=int, default=_default_workers(), help="processes (default: all cores)")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    p.add_argument("--workers", type=int, default=cores, help="processes (default: all cores)")
     p.add_argument("--chunk_size", type=int, default=None,
                    help="orders per task given to a worker (default: 2048 at 16x16, 512 at 32x32)")
     p.add_argument("--output_file", type=str, required=True, help="JSON order file, or PNG with --visualize")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     v = p.add_argument_group("--visualize")
-    v.add_argument("--visualize", action="store_true",
-                   help="write a PNG of one order instead of an order file")
+    v.add_argument("--visualize", action="store_true", help="write a PNG of one order instead of an order file")
     v.add_argument("--index", type=int, default=0, help="which order of the run to draw")
     v.add_argument("--orders_file", type=str, default=None, help="draw an order from this file instead")
     v.add_argument("--steps_shown", type=int, default=6, help="early steps drawn one by one")
@@ -82,21 +71,16 @@ def generate(args: argparse.Namespace, sizes: Sequence[int], grid: int) -> np.nd
     """All ``args.num`` orders, in chunks over a process pool, with a progress bar."""
     from tqdm import tqdm
 
-    tasks = [
-        (args.order, args.start + s, min(args.chunk_size, args.num - s), list(sizes), grid,
-         args.proximity_threshold, args.repulsion_threshold, args.seed)
-        for s in range(0, args.num, args.chunk_size)
-    ]
+    tp, tr, step = args.proximity_threshold, args.repulsion_threshold, args.chunk_size
+    tasks = [(args.order, args.start + s, min(step, args.num - s), list(sizes), grid, tp, tr, args.seed)
+             for s in range(0, args.num, step)]
     out = np.empty((args.num, grid * grid), dtype=np.int64)
     bar = tqdm(total=args.num, unit="order", disable=args.no_progress, file=sys.stderr)
-    if args.workers <= 1 or len(tasks) <= 1:
-        results = map(_chunk, tasks)
-        pool = None
-    else:
-        pool = ProcessPoolExecutor(max_workers=min(args.workers, len(tasks)))
-        results = pool.map(_chunk, tasks)
+    workers = min(args.workers, len(tasks))
+    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
+    results = map(_chunk, tasks) if pool is None else pool.map(_chunk, tasks)
+    pos = 0
     try:
-        pos = 0
         for part in results:
             out[pos : pos + len(part)] = part
             pos += len(part)
@@ -118,13 +102,13 @@ def _check_args(args: argparse.Namespace) -> tuple[list[int], int]:
         n = num_tokens(args.img_size, args.vqgan_stride)
         sizes = (parse_group_sizes(args.group_sizes, n) if args.group_sizes is not None
                  else group_sizes(args.img_size, args.generation_steps, args.vqgan_stride))
+        check_seed(args.seed)
     except (GroupSizeError, ValueError) as e:
         raise UsageError(str(e)) from None
-    for name in ("num", "start", "seed"):
+    for name in ("num", "start"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name} must be >= 0")
-    if args.chunk_size is None:
-        args.chunk_size = max(16, min(4096, (1 << 19) // n))
+    args.chunk_size = _batch_size(n) if args.chunk_size is None else args.chunk_size
     if args.workers < 1 or args.chunk_size < 1:
         raise UsageError("--workers and --chunk_size must be >= 1")
     for name in ("proximity_threshold", "repulsion_threshold"):
@@ -171,12 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         print(f"error: could not write --output_file {args.output_file}: {e.strerror or e}", file=sys.stderr)
         return 1
-    print(
-        f"wrote {args.num} {args.order} orders ({grid}x{grid} grid, {len(sizes)} steps, "
-        f"τp {args.proximity_threshold}, τr {args.repulsion_threshold}, seed {args.seed}) to "
-        f"{args.output_file} in {time.perf_counter() - t0:.1f} s",
-        file=sys.stderr,
-    )
+    print(f"wrote {args.num} {args.order} orders ({grid}x{grid} grid, {len(sizes)} steps, τp "
+          f"{args.proximity_threshold}, τr {args.repulsion_threshold}, seed {args.seed}) to {args.output_file} in "
+          f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0
 
 
@@ -197,6 +178,5 @@ def _order_to_draw(args: argparse.Namespace, sizes: Sequence[int], grid: int) ->
         # ASCII caption: the default font has no τ
         return o[0], k[0], f"LPD order {i} (seed {args.seed}), {len(sizes)} steps, tau_r {args.repulsion_threshold:g}"
     if args.order == "random":
-        return random_orders(1, grid, seed=args.seed, start=i)[0], None, f"random order {i} (seed {args.seed}), " \
-            f"{len(sizes)} steps"
+        return random_orders(1, grid, seed=args.seed, start=i)[0], None, f"random order {i} (seed {args.seed})"
     return raster_orders(1, grid)[0], None, f"raster order, {len(sizes)} steps"

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
+from lpd.orders.files import check_order_rows
 from lpd.schedules import validate_group_sizes
 
 __all__ = ["order_statistics", "RELEASED_STATISTICS"]
@@ -23,56 +24,37 @@ RELEASED_STATISTICS = {
 }
 
 
-def order_statistics(
-    orders: np.ndarray,
-    group_sizes: Sequence[int],
-    grid_size: int,
-    repulsion_threshold: float,
-) -> dict[str, float]:
+def order_statistics(orders: np.ndarray, group_sizes: Sequence[int], grid_size: int,
+                     repulsion_threshold: float) -> dict[str, float]:
     """Statistics of ``orders`` ``[num, grid_size**2]`` split by ``group_sizes``; ``nan`` where undefined."""
-    orders = np.asarray(orders)
-    n = grid_size * grid_size
-    if orders.ndim != 2 or orders.shape[1] != n:
-        raise ValueError(f"orders must have shape [num, {n}], got {orders.shape}")
+    orders = check_order_rows(np.asarray(orders), len(orders), grid_size, "orders")
+    n, g = grid_size * grid_size, grid_size
     sizes = validate_group_sizes(group_sizes, n)
     num = orders.shape[0]
     steps = np.repeat(np.arange(len(sizes)), sizes)
     # Step at which each raster position is decoded, on a grid padded with "never".
-    step_grid = np.full((num, grid_size + 2, grid_size + 2), len(sizes), dtype=np.int64)
-    inner = step_grid[:, 1:-1, 1:-1].reshape(num, n)
-    inner_vals = np.empty((num, n), dtype=np.int64)
-    inner_vals[np.arange(num)[:, None], orders] = steps[None, :]
-    step_grid[:, 1:-1, 1:-1] = inner_vals.reshape(num, grid_size, grid_size)
-    del inner
+    step_grid = np.full((num, g + 2, g + 2), len(sizes), dtype=np.int64)
+    at = np.empty((num, n), dtype=np.int64)
+    at[np.arange(num)[:, None], orders] = steps[None, :]
     centre = step_grid[:, 1:-1, 1:-1]
-    support = np.zeros_like(centre)
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            if dy or dx:
-                nb = step_grid[:, 1 + dy : 1 + dy + grid_size, 1 + dx : 1 + dx + grid_size]
-                support += nb < centre
+    centre[...] = at.reshape(num, g, g)
+    support = sum(step_grid[:, 1 + dy : 1 + dy + g, 1 + dx : 1 + dx + g] < centre
+                  for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx)
     later = centre >= 1
     context = float(support[later].mean()) if later.any() else float("nan")
 
-    rows, cols = np.divmod(orders, grid_size)
+    rows, cols = np.divmod(orders, g)
     spreads: list[np.ndarray] = []
-    close = pairs = 0
-    s0 = 0
-    for g in sizes:
-        if g >= 2:
-            r, c = rows[:, s0 : s0 + g], cols[:, s0 : s0 + g]
-            d = np.maximum(
-                np.abs(r[:, :, None] - r[:, None, :]), np.abs(c[:, :, None] - c[:, None, :])
-            )
-            iu = np.triu_indices(g, 1)
-            du = d[:, iu[0], iu[1]]
+    close = pairs = s0 = 0
+    for k in sizes:
+        if k >= 2:
+            r, c = rows[:, s0 : s0 + k], cols[:, s0 : s0 + k]
+            d = np.maximum(np.abs(r[:, :, None] - r[:, None, :]), np.abs(c[:, :, None] - c[:, None, :]))
+            iu, ju = np.triu_indices(k, 1)
+            du = d[:, iu, ju]
             spreads.append(du.min(axis=1))
             close += int((du <= repulsion_threshold).sum())
             pairs += du.size
-        s0 += g
+        s0 += k
     spread = float(np.concatenate(spreads).mean()) if spreads else float("nan")
-    return {
-        "context_support": context,
-        "group_spread": spread,
-        "close_pairs": close / pairs if pairs else float("nan"),
-    }
+    return {"context_support": context, "group_spread": spread, "close_pairs": close / pairs if pairs else float("nan")}

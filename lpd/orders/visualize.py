@@ -7,30 +7,16 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from lpd.orders.files import check_order_rows
 from lpd.schedules import validate_group_sizes
 
 __all__ = ["render_order", "step_colours"]
 
 # Anchor colours of a dark-blue -> teal -> green -> yellow ramp (perceptually ordered).
-_RAMP = np.array(
-    [
-        (48, 18, 59),
-        (65, 69, 171),
-        (57, 120, 220),
-        (29, 170, 190),
-        (40, 204, 130),
-        (140, 220, 60),
-        (220, 210, 45),
-        (250, 170, 40),
-    ],
-    dtype=np.float64,
-)
-_BACKGROUND = (255, 255, 255)
-_EARLIER = (170, 170, 170)
-_CURRENT = (235, 100, 20)
-_FUTURE = (246, 246, 246)
-_LINE = (215, 215, 215)
-_TEXT = (30, 30, 30)
+_RAMP = np.array([(48, 18, 59), (65, 69, 171), (57, 120, 220), (29, 170, 190), (40, 204, 130), (140, 220, 60),
+                  (220, 210, 45), (250, 170, 40)], dtype=np.float64)
+_BACKGROUND, _EARLIER, _CURRENT, _FUTURE, _LINE, _TEXT = (
+    (255, 255, 255), (170, 170, 170), (235, 100, 20), (246, 246, 246), (215, 215, 215), (30, 30, 30))
 
 
 def step_colours(num_steps: int) -> list[tuple[int, int, int]]:
@@ -55,24 +41,15 @@ def _text_centre(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, 
     draw.text((xy[0] - (r - l) / 2 - l, xy[1] - (b - t) / 2 - t), text, font=font, fill=fill)
 
 
-def render_order(
-    order: Sequence[int],
-    group_sizes: Sequence[int],
-    grid_size: int,
-    steps_shown: int = 6,
-    cell: int | None = None,
-    kinds: Sequence[int] | None = None,
-    title: str | None = None,
-) -> Image.Image:
+def render_order(order: Sequence[int], group_sizes: Sequence[int], grid_size: int, steps_shown: int = 6,
+                 cell: int | None = None, kinds: Sequence[int] | None = None, title: str | None = None) -> Image.Image:
     """An RGB image of ``order`` (raster indices in generation order) split by ``group_sizes``.
 
     Cells show their decoding step; ``steps_shown`` early steps get a panel each (grey: decoded before,
     orange: this step); ``cell`` is the cell size in pixels; fallback picks (``kinds`` >= 2) are marked.
     """
     n = grid_size * grid_size
-    order = np.asarray(order, dtype=np.int64)
-    if order.shape != (n,) or not np.array_equal(np.sort(order), np.arange(n)):
-        raise ValueError(f"order must be a permutation of 0..{n - 1}")
+    order = check_order_rows(np.asarray(order)[None], 1, grid_size, "order")[0]
     sizes = validate_group_sizes(group_sizes, n)
     k_steps = len(sizes)
     step_of_slot = np.repeat(np.arange(k_steps), sizes)
@@ -80,8 +57,7 @@ def render_order(
     step_at[order] = step_of_slot
     fallback = np.zeros(n, dtype=bool)
     if kinds is not None:
-        kinds_arr = np.asarray(kinds)
-        fallback[order] = kinds_arr >= 2
+        fallback[order] = np.asarray(kinds) >= 2
     cell = cell or max(8, min(40, 512 // grid_size))
     small = max(4, min(16, 160 // grid_size))
     steps_shown = max(0, min(steps_shown, k_steps))
