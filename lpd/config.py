@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import yaml
 
@@ -74,16 +74,19 @@ def _check_value(action: argparse.Action, value: Any, path: str) -> Any:
 
 
 def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,
-                           also_known: argparse.ArgumentParser | None = None) -> argparse.Namespace:
-    """Parse ``argv``; values of ``--config FILE`` become defaults that flags override. Keys that only
-    ``also_known`` (another entry point's parser) knows are accepted and not used."""
+                           also_known: argparse.ArgumentParser | None = None,
+                           take: Collection[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``; values of ``--config FILE`` become defaults that flags override. A config of
+    another entry point (``also_known``, its parser) works too: only the keys in ``take`` (default:
+    every flag of ``parser``) are used, the other keys it knows are left alone."""
     pre, _ = parser.parse_known_args(argv)
     path = getattr(pre, "config", None)
     if path:
         cfg = load_config(path)
         actions = {a.dest: a for a in parser._actions}
         foreign = {a.dest for a in also_known._actions} if also_known is not None else set()
-        cfg = {k: v for k, v in cfg.items() if k in actions or k not in foreign}
+        take = set(actions) if take is None else set(take)
+        cfg = {k: v for k, v in cfg.items() if (k in actions and k in take) or k not in foreign}
         unknown = sorted(k for k in cfg if k not in actions)
         if unknown:
             raise ConfigError(f"--config {path!r} has keys this entry point does not know: {unknown}; see --help for the names")

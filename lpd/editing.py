@@ -1,0 +1,197 @@
+"""Zero-shot editing with any LPD checkpoint: inpainting, outpainting and class-conditional editing.
+
+The known tokens of an image are prefilled into the KV cache in one forward pass, then only the
+unknown ones are decoded, in a locality-aware order that counts the known positions as already
+decoded. No training: the released checkpoints as they are.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from lpd.images import image_to_tensor, load_image, load_mask, to_uint8
+from lpd.orders import lpd_orders, random_orders
+from lpd.sampling import SamplingConfig, _chooser, _decode, _inference, _uniforms, teacher_forced_logits
+from lpd.schedules import group_sizes as schedule_for, scaled_group_sizes, validate_group_sizes
+
+__all__ = ["edit_tokens", "edit_images", "region_mask", "token_keep", "prefill_layout", "PREFILL_LAYOUTS"]
+
+PREFILL_LAYOUTS = ("one", "schedule")
+
+
+def region_mask(region: str, img_size: int) -> np.ndarray:
+    """Pixel mask (True = regenerate) of a region: ``box:x0,y0,x1,y1``, ``left``, ``right``, ``top``,
+    ``bottom`` (that half), ``center`` (the middle half of each side) or ``border:PX``."""
+    s, m = img_size, np.zeros((img_size, img_size), dtype=bool)
+    half, q = s // 2, s // 4
+    fixed = {"left": (slice(None), slice(0, half)), "right": (slice(None), slice(half, s)),
+             "top": (slice(0, half), slice(None)), "bottom": (slice(half, s), slice(None)),
+             "center": (slice(q, s - q), slice(q, s - q))}
+    if region in fixed:
+        m[fixed[region]] = True
+        return m
+    box = re.fullmatch(r"box:(\d+),(\d+),(\d+),(\d+)", region)
+    border = re.fullmatch(r"border:(\d+)", region)
+    if box:
+        x0, y0, x1, y1 = map(int, box.groups())
+        if not (0 <= x0 < x1 <= s and 0 <= y0 < y1 <= s):
+            raise ValueError(f"--region {region}: the box must satisfy 0 <= x0 < x1 <= {s} and 0 <= y0 < y1 <= {s}")
+        m[y0:y1, x0:x1] = True
+    elif border:
+        px = int(border.group(1))
+        if not 0 < px < s // 2:
+            raise ValueError(f"--region {region}: the border must be between 1 and {s // 2 - 1} pixels")
+        m[:] = True
+        m[px : s - px, px : s - px] = False
+    else:
+        raise ValueError(f"--region {region!r}: use box:x0,y0,x1,y1, left, right, top, bottom, center or border:PX")
+    return m
+
+
+def token_keep(mask: np.ndarray, patch: int = 16) -> np.ndarray:
+    """Known tokens ``[N]`` (raster) of a pixel mask: a token is regenerated when its patch touches the mask."""
+    h, w = mask.shape
+    if h % patch or w % patch:
+        raise ValueError(f"mask of {h}x{w} pixels is not a whole number of {patch}x{patch} patches")
+    return ~mask.reshape(h // patch, patch, w // patch, patch).any(axis=(1, 3)).reshape(-1)
+
+
+def prefill_layout(layout: str, m: int, img_size: int, generator: torch.Generator | None) -> tuple[torch.Tensor, list[int]]:
+    """Order (a permutation of ``0..m-1``) and group sizes in which ``m`` known tokens are prefilled:
+    ``one`` group that sees itself, or ``schedule``: in a random order, grouped as the first ``m``
+    tokens of the released 20-step schedule (the context a model sees in training)."""
+    if layout == "one":
+        return torch.arange(m), [m]
+    if layout != "schedule":
+        raise ValueError(f"prefill layout must be one of {PREFILL_LAYOUTS}, got {layout!r}")
+    sizes, left = [], m
+    for g in schedule_for(img_size, min(20, (img_size // 16) ** 2)):
+        sizes.append(min(g, left))
+        left -= sizes[-1]
+        if not left:
+            break
+    return torch.randperm(m, generator=generator), sizes
+
+
+def _orders(kind: str, keep: np.ndarray, sizes: list[int], grid: int, sampling: SamplingConfig, seed: int) -> np.ndarray:
+    """Unknown positions of each row of ``keep [B, N]`` in decoding order."""
+    idx = np.arange(len(keep))
+    if kind == "lpd":
+        return lpd_orders(len(keep), sizes, grid, sampling.proximity_threshold, sampling.repulsion_threshold, seed=seed,
+                          indices=idx, known=keep)
+    if kind == "random":
+        return random_orders(len(keep), grid, seed=seed, indices=idx, known=keep)
+    if kind == "raster":
+        return np.stack([np.flatnonzero(~k) for k in keep])
+    raise ValueError(f"order must be lpd, random or raster, got {kind!r}")
+
+
+def _prepare(model: torch.nn.Module, tokens: Any, keep: Any, labels: Any) -> tuple[torch.Tensor, np.ndarray, torch.Tensor | None]:
+    device, N = model.pos_embed.device, model.num_tokens
+    tokens = torch.as_tensor(np.asarray(tokens) if not isinstance(tokens, torch.Tensor) else tokens).to(device)
+    keep = np.asarray(keep.cpu() if isinstance(keep, torch.Tensor) else keep)
+    if tokens.dim() != 2 or tokens.shape[1] != N or tokens.is_floating_point():
+        raise ValueError(f"tokens must be integers [B, {N}] (raster order), got {tokens.dtype} {list(tokens.shape)}")
+    if keep.dtype != bool or keep.shape != tuple(tokens.shape):
+        raise ValueError(f"keep must be a bool mask of the tokens' shape {list(tokens.shape)}, got {keep.dtype} {list(keep.shape)}")
+    if labels is not None:
+        labels = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels).to(device)
+        if labels.is_floating_point() or labels.shape != (len(tokens),):
+            raise ValueError(f"labels must be {len(tokens)} integers, got {labels.dtype} {list(labels.shape)}")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= model.class_num):
+            raise ValueError(f"labels must be in 0..{model.class_num - 1} (--label), got {labels.tolist()}")
+    return tokens.long(), keep, labels
+
+
+def _context(model: torch.nn.Module, tokens: torch.Tensor, keep: np.ndarray, layout: str, generator: torch.Generator | None):
+    """Prefill context ``(tokens [B, M], positions [B, M], mask [1 + M, 1 + M])`` of the known tokens."""
+    known = torch.as_tensor(np.stack([np.flatnonzero(k) for k in keep]), device=tokens.device)
+    perm, sizes = prefill_layout(layout, known.shape[1], model.config.img_size, generator)
+    known = known[:, perm.to(known.device)]
+    gid = torch.repeat_interleave(torch.arange(len(sizes) + 1), torch.tensor([1, *sizes]))
+    return torch.gather(tokens, 1, known), known, gid[None, :] <= gid[:, None]
+
+
+def edit_tokens(model: torch.nn.Module, tokens: Any, keep: Any, labels: Any = None, *, steps: int | None = None,
+                group_sizes: Sequence[int] | None = None, order: str | None = None, generator: torch.Generator | None = None,
+                sampling: SamplingConfig | None = None, prefill: str = "one", greedy: bool = False,
+                **settings: Any) -> torch.Tensor:
+    """Regenerate the tokens not in ``keep``; the known ones come back exactly. Returns ``[B, N]`` raster tokens.
+
+    ``tokens [B, N]`` raster tokens of the source images, ``keep [B, N]`` bool (True = known; each
+    image its own mask), ``labels [B]`` the classes to generate (they may differ from the source's:
+    class-conditional editing; None: unconditional). The unknown tokens are decoded in ``steps``
+    steps (group sizes scaled from the released table) or in ``group_sizes``; ``order`` lpd
+    (locality-aware, the known positions counted as decoded), random or raster (default
+    ``sampling.order``); ``prefill``: the layout of the known tokens (:func:`prefill_layout`).
+    CFG is linear over the unknown tokens; ``sampling`` (or its fields as keywords) as in
+    :func:`lpd.sampling.sample_tokens`.
+    """
+    sampling = (sampling or SamplingConfig()).replace(**settings)
+    tokens, keep, labels = _prepare(model, tokens, keep, labels)
+    if labels is None and sampling.cfg != 1.0:
+        raise ValueError("classifier-free guidance needs labels; use cfg=1.0 for unconditional editing")
+    if prefill not in PREFILL_LAYOUTS:
+        raise ValueError(f"prefill layout must be one of {PREFILL_LAYOUTS}, got {prefill!r}")
+    out = tokens.clone()
+    n_unknown = (~keep).sum(1)
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    for n in sorted(set(n_unknown.tolist()) - {0}):  # images with as many unknown tokens decode together
+        rows = np.flatnonzero(n_unknown == n)
+        if group_sizes is not None:
+            sizes = validate_group_sizes(group_sizes, n)
+        else:
+            if steps is None or isinstance(steps, bool) or not 1 <= steps <= n:
+                raise ValueError(f"--steps must be an integer between 1 and the {n} tokens to regenerate, got {steps!r}")
+            sizes = scaled_group_sizes(n, steps, model.config.img_size)
+        orders = torch.as_tensor(_orders(order or sampling.order, keep[rows], sizes, model.grid_size, sampling, seed + int(rows[0])),
+                                 device=tokens.device)
+        sub = tokens[rows]
+        lab = None if labels is None else labels[rows]
+        uniforms = None if greedy else _uniforms(generator, len(rows), n, tokens.device)
+        with _inference(model, torch.bfloat16 if sampling.bf16 else None):
+            context = None if n == model.num_tokens else _context(model, sub, keep[rows], prefill, generator)
+            gen = _decode(model, lab, orders, sizes, sampling.cfg, _chooser(len(rows), n, sampling, greedy, uniforms, tokens.device),
+                          context=context)
+        out[rows] = sub.scatter(1, orders, gen)
+    return out
+
+
+def edit_images(model: torch.nn.Module, tokenizer: torch.nn.Module, image: Any, mask: Any, label: int | None, *,
+                num: int = 1, steps: int = 12, seed: int = 0, paste: bool = False, **options: Any) -> dict[str, np.ndarray]:
+    """Pixels in, pixels out: ``num`` edits of one RGB image (path, PIL or uint8 array; ADM centre
+    crop to the model's size) where ``mask`` (white = regenerate: a path, PIL, array, or a region
+    of :func:`region_mask`) covers it. ``paste``: the original pixels outside the mask.
+    Returns ``source``, ``masked`` (the regenerated area greyed) and ``edits [num, H, W, 3]`` (uint8)."""
+    size = model.config.img_size
+    source = load_image(image, size)
+    is_region = isinstance(mask, str) and re.fullmatch(r"(left|right|top|bottom|center|box:.*|border:.*)", mask)
+    pixels = region_mask(mask, size) if is_region else load_mask(mask, size, image=image)
+    keep = token_keep(pixels, int(getattr(tokenizer, "downsample_factor", 16)))
+    device = model.pos_embed.device
+    with torch.no_grad():
+        tokens = tokenizer.encode(image_to_tensor(source).to(device)).reshape(1, -1)
+    g = torch.Generator().manual_seed(seed)
+    edited = edit_tokens(model, tokens.expand(num, -1), np.broadcast_to(keep, (num, keep.size)).copy(),
+                         None if label is None else [label] * num, steps=steps, generator=g, **options)
+    grid = model.grid_size
+    with torch.no_grad():
+        edits = to_uint8(tokenizer.decode(edited.view(num, grid, grid)))
+    if paste:
+        edits = np.where(pixels[None, :, :, None], edits, source[None])
+    masked = np.where(pixels[:, :, None], (source * 0.3 + 90).astype(np.uint8), source)
+    return {"source": source, "masked": masked, "edits": edits}
+
+
+def editing_logits(model: torch.nn.Module, tokens: torch.Tensor, keep: np.ndarray, labels: torch.Tensor | None,
+                   orders: torch.Tensor, group_sizes: Sequence[int], prefill: str = "one",
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Head outputs of editing fed the true unknown tokens (teacher forcing), ``[B, n, V]`` in decoding order."""
+    tokens, keep, labels = _prepare(model, tokens, keep, labels)
+    with _inference(model, None):
+        context = _context(model, tokens, keep, prefill, generator)
+    return teacher_forced_logits(model, tokens, labels, orders, group_sizes, context=context)

@@ -1,0 +1,154 @@
+"""Zero-shot editing: known tokens come back exactly, the prefill equals the training pass, the
+locality-aware order starts at the known region, pixels in / pixels out, and clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lpd.editing import edit_images, edit_tokens, editing_logits, prefill_layout, region_mask, token_keep
+from lpd.models import build_lpd
+from lpd.orders import lpd_orders
+from lpd.sampling import sample_tokens
+from lpd.tokenizer import make_tokenizer
+
+N = 16  # a 4x4 token grid (64 px)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_lpd(img_size=64, embed_dim=32, depth=2, num_heads=4, vocab_size=24, class_num=5).eval()
+
+
+def masks() -> np.ndarray:
+    rng = np.random.RandomState(0)
+    holes = rng.rand(N) < 0.5
+    one_unknown = np.ones(N, bool)
+    one_unknown[9] = False
+    border = np.ones((4, 4), bool)
+    border[[0, -1]] = border[:, [0, -1]] = False
+    return np.stack([holes, one_unknown, border.reshape(-1), ~holes])
+
+
+@pytest.mark.parametrize("order", ["lpd", "random", "raster"])
+@pytest.mark.parametrize("prefill", ["one", "schedule"])
+def test_known_tokens_come_back_exactly_for_any_mask(model, order, prefill):
+    tokens = torch.randint(0, 24, (4, N), generator=torch.Generator().manual_seed(1))
+    keep = masks()
+    out = edit_tokens(model, tokens, keep, [0, 1, 2, 3], steps=1, order=order, prefill=prefill, cfg=2.0,
+                      generator=torch.Generator().manual_seed(2))
+    assert out.shape == (4, N) and torch.equal(out[torch.from_numpy(keep)], tokens[torch.from_numpy(keep)])
+    assert out.min() >= 0 and out.max() < 24
+    again = edit_tokens(model, tokens, keep, [0, 1, 2, 3], steps=1, order=order, prefill=prefill, cfg=2.0,
+                        generator=torch.Generator().manual_seed(2))
+    assert torch.equal(out, again)  # seeded
+    assert torch.equal(edit_tokens(model, tokens, np.ones((4, N), bool), [0, 1, 2, 3], steps=1), tokens)  # all known
+
+
+def test_an_empty_mask_is_plain_generation(model):
+    labels = torch.tensor([1, 4])
+    raster = torch.arange(N).expand(2, N)
+    plain = sample_tokens(model, labels, raster, [1, 3, 12], cfg=2.0, greedy=True)
+    got = edit_tokens(model, torch.zeros(2, N, dtype=torch.long), np.zeros((2, N), bool), labels, group_sizes=[1, 3, 12],
+                      order="raster", cfg=2.0, greedy=True)
+    assert torch.equal(got, plain)
+
+
+@pytest.mark.parametrize("prefill", ["one", "schedule"])
+def test_editing_logits_equal_the_training_pass_known_then_unknown(model, prefill):
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 24, (3, N), generator=g)
+    keep = np.zeros((3, N), bool)
+    for b, m in enumerate((5, 5, 5)):  # the same count per image, different positions
+        keep[b, np.random.RandomState(b).permutation(N)[:m]] = True
+    unknown = torch.stack([torch.from_numpy(np.flatnonzero(~k)) for k in keep])
+    labels = torch.tensor([0, 3, 4])
+    sizes = [2, 4, 5]
+    got = editing_logits(model, tokens, keep, labels, unknown, sizes, prefill=prefill, generator=torch.Generator().manual_seed(9))
+    perm, known_sizes = prefill_layout(prefill, 5, 64, torch.Generator().manual_seed(9))
+    known = torch.stack([torch.from_numpy(np.flatnonzero(k)) for k in keep])[:, perm]
+    with torch.no_grad():
+        full = model.logits(tokens, labels, torch.cat([known, unknown], 1), known_sizes + sizes)
+    assert (got - full[:, 5:]).abs().max().item() < 1e-5
+
+
+def test_lpd_order_of_the_unknown_part_starts_next_to_the_known_region():
+    keep = np.zeros((16, 16), bool)
+    keep[8:] = True  # the lower half known
+    orders = lpd_orders(200, [4] * 32, 16, 1.0, 2.0, seed=0, known=np.broadcast_to(keep.reshape(-1), (200, 256)))
+    assert orders.shape == (200, 128) and not np.isin(orders, np.flatnonzero(keep)).any()
+    first_rows = orders[:, :4] // 16
+    assert (first_rows == 7).mean() > 0.9  # the first group sits on the row next to the known half
+
+
+def test_regions_masks_and_token_keep():
+    assert region_mask("bottom", 64)[32:].all() and not region_mask("bottom", 64)[:32].any()
+    c = region_mask("center", 64)
+    assert c[16:48, 16:48].all() and c.sum() == 32 * 32
+    b = region_mask("border:16", 64)
+    assert not b[16:48, 16:48].any() and b.sum() == 64 * 64 - 32 * 32
+    assert region_mask("box:0,0,17,16", 64).sum() == 17 * 16
+    keep = token_keep(region_mask("box:0,0,17,16", 64))
+    assert keep.shape == (N,) and not keep[0] and not keep[1] and keep[2:].all()  # touching a patch regenerates it
+    for bad in ("box:0,0,65,10", "box:5,5,5,9", "border:32", "diagonal"):
+        with pytest.raises(ValueError, match="--region"):
+            region_mask(bad, 64)
+
+
+def test_pixels_in_pixels_out_with_a_vq(model, tmp_path):
+    vq = make_tokenizer("vq", None, dict(ch=32, ch_mult=[1, 1, 2, 2, 4], z_channels=64, codebook_size=24, codebook_embed_dim=8), seed=0)
+    img = (np.random.RandomState(0).rand(80, 96, 3) * 255).astype(np.uint8)
+    Image.fromarray(img).save(tmp_path / "in.png")
+    out = edit_images(model, vq, str(tmp_path / "in.png"), "left", 2, num=2, steps=2, seed=0, cfg=2.0)
+    assert out["source"].shape == (64, 64, 3) and out["edits"].shape == (2, 64, 64, 3) and out["edits"].dtype == np.uint8
+    pasted = edit_images(model, vq, out["source"], "left", 2, num=2, steps=2, seed=0, cfg=2.0, paste=True)
+    assert np.array_equal(pasted["edits"][:, :, 32:], np.broadcast_to(out["source"][:, 32:], (2, 64, 32, 3)))
+    mask = np.zeros((64, 64, 3), np.uint8)
+    mask[:, :32] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    by_file = edit_images(model, vq, out["source"], str(tmp_path / "mask.png"), 2, num=2, steps=2, seed=0, cfg=2.0)
+    assert np.array_equal(by_file["edits"], out["edits"])
+
+
+def test_clear_errors_before_any_work(model, tmp_path):
+    tokens = torch.zeros(2, N, dtype=torch.long)
+    keep = np.zeros((2, N), bool)
+    keep[:, :8] = True
+    with pytest.raises(ValueError, match="keep must be a bool mask"):
+        edit_tokens(model, tokens, keep[:, :8], [0, 1], steps=2)
+    with pytest.raises(ValueError, match="--label"):
+        edit_tokens(model, tokens, keep, [0, 7], steps=2)
+    with pytest.raises(ValueError, match="--steps must be an integer between 1 and the 8"):
+        edit_tokens(model, tokens, keep, [0, 1], steps=9)
+    vq = make_tokenizer("palette", None, {"levels": 4})
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="bad.png"):
+        edit_images(model, vq, str(tmp_path / "bad.png"), "left", 0, steps=2)
+    with pytest.raises(ValueError, match="mask"):
+        edit_images(model, vq, np.zeros((64, 64, 3), np.uint8), np.zeros((30, 30), bool), 0, steps=2)
+
+
+def test_the_command_line_edits_a_demo_model(tmp_path, capsys):
+    from lpd.edit import main
+    from lpd.models import LPD, LPDConfig
+
+    model = LPD(LPDConfig(img_size=256, embed_dim=32, depth=2, num_heads=4, vocab_size=4, class_num=10))
+    torch.save({"model": model.state_dict(), "model_config": model.config.to_dict()}, tmp_path / "demo.pth")
+    digit = np.zeros((256, 256, 3), np.uint8)
+    digit[64:192, 96:160] = 255
+    Image.fromarray(digit).save(tmp_path / "digit.png")
+    argv = ["--config", "configs/demo.yaml", "--pretrained_ckpt", str(tmp_path / "demo.pth"), "--image", str(tmp_path / "digit.png"),
+            "--region", "bottom", "--label", "3", "--steps", "4", "--num", "2", "--output", str(tmp_path / "out" / "e.png")]
+    assert main(argv) == 0
+    with Image.open(tmp_path / "out" / "e.png") as grid:
+        assert grid.size == (4 * 256, 256)  # source, masked source, two edits
+    for k in (0, 1):
+        with Image.open(tmp_path / "out" / f"e_{k}.png") as im:
+            edit = np.asarray(im)
+        assert edit.shape == (256, 256, 3) and np.array_equal(edit[:128], digit[:128])  # the known half, exactly
+    assert main(argv[:-4] + ["--steps", "999", "--output", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "--steps must be an integer between 1 and the 128" in err and "Traceback" not in err
