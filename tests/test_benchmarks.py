@@ -89,8 +89,9 @@ def test_gpu_check_dry_run_writes_table_json_and_plot(tmp_path):
     assert data["goals"][0]["measured"] > 0 and isinstance(data["goals"][0]["met"], bool)
     # the table: printed, and as markdown with a line per row
     assert "section  case" in proc.stdout and "goals (dry run" in proc.stdout
-    table = (out / "table.md").read_text().splitlines()
-    assert len(table) == 2 + len(rows) and "flex" in table[-1] and "ERROR" in table[-1]
+    table = [line for line in (out / "table.md").read_text().splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + len(rows) and "flex" in table[-1] and "ERROR" in table[-1]
+    assert (out / "table.md").read_text().startswith("cpu: ") and "- LPD-L-256 20 steps b1 bf16, tokens: " in (out / "table.md").read_text()
     assert (out / "gpu_check.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
