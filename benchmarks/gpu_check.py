@@ -38,7 +38,7 @@ import sys
 import time
 import traceback
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
 import torch
@@ -732,13 +732,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dry_run", action="store_true", help="tiny shapes on the CPU (or --device), in seconds")
     p.add_argument("--device", default=None, help="torch device (default: cuda; cpu with --dry_run)")
     p.add_argument("--budget_s", type=float, default=None, help=f"seconds for all sections (default {FULL.budget_s:g}; dry run {DRY.budget_s:g})")
-    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
+    p.add_argument("--sections", default=None, help=f"comma list of {', '.join(SECTIONS)} (default: all; released with --released_repo)")
     p.add_argument("--released_repo", default=None, help="released LPD checkout to time in the same run (section 'released')")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    sections = SECTIONS if args.sections is None else [s.strip() for s in args.sections.split(",") if s.strip()]
     if not sections or set(sections) - set(SECTIONS):
         p.error(f"--sections must be a comma list of {', '.join(SECTIONS)}, got {args.sections!r}")
+    if args.sections is not None and "released" in sections and not args.released_repo:
+        p.error("--sections released needs --released_repo DIR (a checkout of the released LPD code)")
     args.sections = [s for s in SECTIONS if s in sections and (s != "released" or args.released_repo)]
     if args.budget_s is not None and not (args.budget_s > 0 and math.isfinite(args.budget_s)):
         p.error(f"--budget_s must be a positive number of seconds, got {args.budget_s}")
@@ -762,6 +764,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     start = time.monotonic()
     scale = DRY if args.dry_run else FULL
+    if args.dry_run and args.device.startswith("cuda"):  # a quick first check on a GPU: tiny shapes, the real compiler
+        scale = replace(DRY, compile=FULL.compile, compile_s=20.0)
     budget = args.budget_s or scale.budget_s
     device = torch.device(args.device)
     if device.type == "cpu":

@@ -147,6 +147,7 @@ def test_gpu_check_terminated_writes_what_it_has(tmp_path):
     (["--released_repo", "/nonexistent/lpd"], "--released_repo /nonexistent/lpd has no models/lpd.py"),
     (["--sections", "parity,speed"], "--sections must be a comma list"),
     (["--budget_s", "0"], "--budget_s must be a positive number"),
+    (["--sections", "released"], "--sections released needs --released_repo"),
 ])
 def test_gpu_check_usage_errors(tmp_path, flags, message):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--out", str(tmp_path / "o"),
