@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import platform
 import statistics
@@ -34,6 +35,7 @@ __all__ = [
     "parse_list",
     "sync",
     "time_call",
+    "event_times",
     "interleaved_times",
     "summarize",
     "pair_ratio",
@@ -70,14 +72,17 @@ def parse_switch(text: str) -> list[bool]:
     return out
 
 
-def build_model(name: str, img_size: int, device: torch.device, seed: int = 0) -> LPD:
-    """A benchmark model with random weights that depend only on ``seed``, in eval mode."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
-    with torch.random.fork_rng(devices=[]):
+def build_model(name: str, img_size: int, device: torch.device, seed: int = 0,
+                models: dict[str, dict[str, Any]] = MODELS) -> LPD:
+    """A benchmark model ``models[name]`` with random weights that depend only on ``seed`` (and
+    the device's generator: it is initialised where it runs), in eval mode."""
+    if name not in models:
+        raise ValueError(f"unknown model {name!r}; choose from {sorted(models)}")
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
         torch.manual_seed(seed)
-        model = build_lpd(img_size=img_size, **MODELS[name])
-    return model.to(device).eval()
+        model = build_lpd(img_size=img_size, **models[name])
+    return model.eval()
 
 
 def sync(device: torch.device) -> None:
@@ -93,6 +98,30 @@ def time_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, float
     fn()
     sync(device)
     return time.perf_counter() - w0, time.process_time() - c0
+
+
+def event_times(fn: Callable[[], Any], device: torch.device, warmup: int, reps: int,
+                max_seconds: float = math.inf) -> list[float]:
+    """Seconds of each call of ``fn`` after ``warmup`` calls, each call on its own: CUDA events
+    on CUDA, ``perf_counter`` elsewhere. Stops after ``reps`` calls or, past the first, ``max_seconds``."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times: list[float] = []
+    stop = time.perf_counter() + max_seconds
+    while len(times) < reps and (not times or time.perf_counter() < stop):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times
 
 
 def interleaved_times(
