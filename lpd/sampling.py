@@ -267,15 +267,19 @@ def _decode(model: LPD, labels: torch.Tensor | None, orders: torch.Tensor, group
         n_context = ctx_rows.shape[1]
     plan = step_plan(group_sizes, n_context, device, fused=context is None, static=step is not None)
     kv_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-    cache = model.new_cache(copies * B, plan.slots, kv_dtype)
     if step is None:
-        step = model.decode_step
-        rows = max(m.shape[0] for m in plan.masks)
-    else:
-        rows = plan.masks[0].shape[0]
-        if device.type == "cuda":  # CUDA graphs need the cache at a fixed address
-            for t in cache.buffers():
+        cache = model.new_cache(copies * B, plan.slots, kv_dtype)
+        step, rows = model.decode_step, max(m.shape[0] for m in plan.masks)
+    else:  # the same cache tensors as the last call of this shape: CUDA graphs replay on fixed addresses
+        key = (copies * B, plan.slots, kv_dtype, device, model.config.depth, model.config.num_heads, model.config.embed_dim)
+        if _STATIC_CACHE.get("key") != key:
+            _STATIC_CACHE.clear()
+            _STATIC_CACHE.update(key=key, cache=model.new_cache(*key[:3]))
+            for t in _STATIC_CACHE["cache"].buffers():
                 torch._dynamo.mark_static_address(t)
+        cache, rows = _STATIC_CACHE["cache"], plan.masks[0].shape[0]
+        for t in cache.buffers():
+            t.zero_()
     if context is not None:
         model.prefill(ctx_rows, cache, torch.arange(n_context, device=device), ctx_mask.to(device))
     buffer = torch.zeros(copies * B * rows * queries.shape[-1], dtype=queries.dtype, device=device)
@@ -302,6 +306,7 @@ def _decode(model: LPD, labels: torch.Tensor | None, orders: torch.Tensor, group
 
 
 _COMPILED: dict[str, tuple[Callable[..., torch.Tensor], dict[str, bool]]] = {}
+_STATIC_CACHE: dict[str, Any] = {}  # the compiled path's KV cache, kept for the next call of the same shape
 
 
 def _static_step(model: LPD, x: torch.Tensor, cache: torch.nn.ModuleList, pos: torch.Tensor, mask: torch.Tensor, num_out: int) -> torch.Tensor:
@@ -323,16 +328,19 @@ def compiled_step(model: LPD, compile: bool | str | dict = True) -> Step:
     key = repr(sorted(options.items()))
     if key not in _COMPILED:  # one compiled function per option set; it holds no model
         _COMPILED[key] = (torch.compile(_static_step, **options), {"failed": False})
+        # one graph per architecture, batch and schedule: more than dynamo's default of 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     fn, state = _COMPILED[key]
+    shape = (tuple(model.pos_embed.shape), model.config.depth)
 
     def step(x: torch.Tensor, cache: torch.nn.ModuleList, pos: torch.Tensor, mask: torch.Tensor, num_out: int) -> torch.Tensor:
-        if not state["failed"]:
+        if not state.get((shape, tuple(x.shape), x.dtype)):
             try:
                 return fn(model, x, cache, pos, mask, num_out)
             except Exception as e:  # noqa: BLE001 - any compiler failure falls back to eager
-                state["failed"] = True
-                warnings.warn(f"torch.compile of the decoding step failed ({type(e).__name__}: {str(e)[:200]}); "
-                              f"decoding eagerly with static shapes instead (same tokens, no speed-up)",
+                state[(shape, tuple(x.shape), x.dtype)] = state["failed"] = True
+                warnings.warn(f"torch.compile of the decoding step {list(x.shape)} failed ({type(e).__name__}: "
+                              f"{str(e)[:200]}); decoding eagerly with static shapes instead (same tokens, no speed-up)",
                               RuntimeWarning, stacklevel=3)
         return model.decode_step(x, cache, pos, mask, num_out)
 
@@ -343,21 +351,22 @@ def compiled_step(model: LPD, compile: bool | str | dict = True) -> Step:
 def _inputs(model: LPD, labels: Any, orders: Any, group_sizes: Sequence[int], n: int | None = None) -> tuple:
     """Labels and orders as tensors on the model's device, checked; the group sizes as a list."""
     device, N = model.pos_embed.device, model.num_tokens
-    orders = torch.as_tensor(np.asarray(orders) if not isinstance(orders, torch.Tensor) else orders, device=device).long()
+    # checked where the inputs are (on the host, usually), so that nothing waits on the device
+    orders = torch.as_tensor(np.asarray(orders) if not isinstance(orders, torch.Tensor) else orders).long()
     n = N if n is None else n
     if orders.dim() != 2 or orders.shape[1] != n:
         raise ValueError(f"orders must have shape [B, {n}] for this model's {model.grid_size}x{model.grid_size} grid, got {list(orders.shape)}")
-    if n == N and not torch.equal(orders.sort(dim=1).values, torch.arange(N, device=device).expand_as(orders)):
-        bad = int((orders.sort(dim=1).values != torch.arange(N, device=device)).any(1).nonzero()[0])
+    if n == N and not torch.equal(orders.sort(dim=1).values, torch.arange(N, device=orders.device).expand_as(orders)):
+        bad = int((orders.sort(dim=1).values != torch.arange(N, device=orders.device)).any(1).nonzero()[0])
         raise ValueError(f"orders row {bad} is not a permutation of 0..{N - 1}")
     if labels is not None:
-        labels = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels, device=device)
+        labels = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels)
         if labels.is_floating_point() or labels.shape != (orders.shape[0],):
             raise ValueError(f"labels must be {orders.shape[0]} integers (one per order), got {labels.dtype} {list(labels.shape)}")
-        labels = labels.long()
         if labels.numel() and (labels.min() < 0 or labels.max() >= model.class_num):
             raise ValueError(f"labels must be in 0..{model.class_num - 1}")
-    return labels, orders, validate_group_sizes(group_sizes, n)
+        labels = labels.to(device).long()
+    return labels, orders.to(device), validate_group_sizes(group_sizes, n)
 
 
 @contextlib.contextmanager
