@@ -22,27 +22,9 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = [
-    "CheckpointError",
-    "load_checkpoint",
-    "load_state_dict",
-    "check_state_dict",
-    "load_into",
-    "interpolate_pos_embed",
-    "save_checkpoint",
-    "atomic_write_bytes",
-    "TMP_PREFIX",
-    "state_dict_digest",
-    "check_finite",
-    "check_output_path",
-    "temp_dir_for",
-    "replace_dir",
-    "export_folder",
-    "export_config",
-    "read_export",
-    "export",
-    "push_to_hub",
-]
+__all__ = ["CheckpointError", "load_checkpoint", "load_state_dict", "check_state_dict", "load_into", "interpolate_pos_embed",
+           "save_checkpoint", "atomic_write_bytes", "TMP_PREFIX", "state_dict_digest", "check_finite", "check_output_path",
+           "temp_dir_for", "replace_dir", "export_folder", "export_config", "read_export", "export", "push_to_hub"]
 
 
 class CheckpointError(RuntimeError):
@@ -320,33 +302,31 @@ def _tokenizer_ref(args: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _model_card(config: dict[str, Any], measured: dict[str, Any] | None, ref: str) -> str:
-    c, train = config["model_config"], config["training"]
-    args, grid = train.get("args") or {}, c["img_size"] // c["vqgan_stride"]
+    """README.md: what the model is, its scores (a ``main_eval.py`` metrics.json), its sampling settings, how to load it."""
+    from lpd.sampling import SamplingConfig
+
+    c, train, args = config["model_config"], config["training"], config["training"]["args"]
     if measured:
         sampling, steps = measured.get("sampling", {}), len(measured.get("settings", {}).get("group_sizes", [])) or None
     else:
-        from lpd.sampling import SamplingConfig
-
         sampling, steps = {k: args[k] for k in SamplingConfig.__dataclass_fields__ if k in args}, args.get("eval_steps")
-    lines = ["---", "library_name: lpd", "tags: [lpd, image-generation, class-conditional, autoregressive]", "---", "",
-             f"# {config.get('model') or 'LPD'} at {c['img_size']} px",
-             "", f"A class-conditional Locality-aware Parallel Decoding (LPD) image generator: {config['parameters'] / 1e6:.1f}M "
-             f"parameters (width {c['embed_dim']}, depth {c['depth']}, {c['num_heads']} heads), {c['class_num']} classes, "
-             f"{c['img_size']} px images as {grid}x{grid} tokens of a {c['vocab_size']}-entry VQ codebook. Weights: "
-             f"{'the EMA' if config['weights'] == 'ema' else 'the trained weights (no EMA)'}, after epoch {train.get('epoch')} "
-             f"(global step {train.get('global_step')}); sha256 of the state dict {config['weights_sha256'][:16]}...",
-             "", f"Tokenizer: {json.dumps(config['tokenizer'])}."]
-    if measured:
-        lines += ["", "## Metrics", "", "| FID | IS | images | steps |", "| ---: | ---: | ---: | ---: |",
-                  f"| {measured.get('fid')} | {measured.get('inception_score')} | {measured.get('num_images')} | {steps} |"]
-    lines += ["", "## Sampling settings" + ("" if measured else " (the training run's evaluation settings)"), ""]
-    lines += [f"* {k}: {v}" for k, v in [("steps", steps), *sampling.items()]]
-    lines += ["", "## Use", "", "```python", "from lpd.models import load_lpd", "from lpd.pipeline import LPDPipeline", "",
-              f'model = load_lpd("{ref}")   # an LPD module in eval mode', f'pipe = LPDPipeline.from_pretrained("{ref}")',
-              f"images = pipe([207, 360, 387, 974], steps={steps or 20}, cfg={sampling.get('cfg', 4.0)})   # uint8 [4, H, W, 3]",
-              "```", "", "```bash", f"python main_eval.py --pretrained_ckpt {ref} --generation_steps {steps or 20} "
-              f"--cfg {sampling.get('cfg', 4.0)} --output_dir out/", "```", ""]
-    return "\n".join(lines)
+    run = f"--pretrained_ckpt {ref} --generation_steps {steps or 20} --cfg {sampling.get('cfg', 4.0)}"
+    return "\n".join([
+        "---", "library_name: lpd", "tags: [lpd, image-generation, class-conditional, autoregressive]", "---", "",
+        f"# {config.get('model') or 'LPD'} at {c['img_size']} px", "",
+        f"A class-conditional Locality-aware Parallel Decoding (LPD) image generator: {config['parameters'] / 1e6:.1f}M parameters "
+        f"(width {c['embed_dim']}, depth {c['depth']}, {c['num_heads']} heads), {c['class_num']} classes, tokens of a "
+        f"{c['vocab_size']}-entry VQ codebook ({json.dumps(config['tokenizer'])}). Weights: {config['weights']} after epoch "
+        f"{train.get('epoch')} (global step {train.get('global_step')}), sha256 {config['weights_sha256'][:16]}...", "",
+        *(["## Metrics", "", "| FID | IS | images | steps |", "| ---: | ---: | ---: | ---: |",
+           f"| {measured.get('fid')} | {measured.get('inception_score')} | {measured.get('num_images')} | {steps} |", ""]
+          if measured else []),
+        f"## Sampling settings{'' if measured else ' (of the evaluation during training)'}", "",
+        *(f"* {k}: {v}" for k, v in [("steps", steps), *sampling.items()]), "",
+        "## Use", "", "```python", "from lpd.pipeline import LPDPipeline", "",
+        f'pipe = LPDPipeline.from_pretrained("{ref}")   # or lpd.models.load_lpd("{ref}"): the LPD module',
+        f"images = pipe([207, 360, 387, 974], steps={steps or 20}, cfg={sampling.get('cfg', 4.0)})   # uint8 [4, H, W, 3]",
+        "```", "", f"Evaluation: `python main_eval.py {run} --output_dir out/`.", ""])
 
 
 def export(ckpt: str, out_dir: str, *, model: str | None = None, use_ema: bool = False, metrics: str | None = None,
@@ -435,17 +415,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.command == "consolidate":
-            from lpd.parallel import STATE_FILE, last_checkpoint
+            from lpd.parallel import last_checkpoint
 
-            src = args.run_dir if os.path.isfile(os.path.join(args.run_dir, STATE_FILE)) else last_checkpoint(args.run_dir, True)
-            if src is None:
-                raise CheckpointError(f"{args.run_dir!r} holds no sharded checkpoint (checkpoint-last/ with {STATE_FILE}); "
-                                      f"give an --fsdp run's --output_dir or one of its checkpoint folders")
             problem = check_output_path(args.out, "OUT") or (f"OUT {args.out} exists; --overwrite replaces it"
                                                              if os.path.exists(args.out) and not args.overwrite else None)
             if problem:
                 raise CheckpointError(problem)
-            state = load_checkpoint(src)
+            state = load_checkpoint(last_checkpoint(args.run_dir, sharded=True) or args.run_dir)
             state.pop("sharded", None)
             save_checkpoint(state, args.out)
             print(f"wrote {args.out} (epoch {state.get('epoch')}, step {state.get('step')}, "

@@ -24,10 +24,10 @@ from lpd.checkpoint import CheckpointError, check_finite, check_state_dict, load
     save_checkpoint, temp_dir_for
 from lpd.distributed import DistInfo, barrier, broadcast_object, gather_object, on_rank0
 
-__all__ = ["distribute", "settle_ddp_buckets", "EMA", "TrainState", "full_tensors", "read_sharded", "last_checkpoint", "PreemptionFlag", "STATE_FILE"]
+__all__ = ["distribute", "settle_ddp_buckets", "EMA", "TrainState", "PreemptionFlag", "full_tensors", "read_sharded",
+           "last_checkpoint", "STATE_FILE"]
 
 STATE_FILE = "state.pth"  # the non-tensor part of a sharded checkpoint
-_SHARDED_GROUPS = ("model", "model_ema")  # what reading a sharded checkpoint without its run returns
 
 
 def distribute(model: torch.nn.Module, info: DistInfo, fsdp: bool = False, bf16: bool = False,
@@ -95,12 +95,6 @@ def full_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach() for k, v in state.items()}
 
 
-def _local(state: Mapping[str, Any]) -> dict[str, Any]:
-    from torch.distributed.tensor import DTensor
-
-    return {k: v.to_local() if isinstance(v, DTensor) else v for k, v in state.items()}
-
-
 def last_checkpoint(folder: str, sharded: bool) -> str | None:
     """The run's ``checkpoint-last.pth`` (DDP), or its ``checkpoint-last`` folder (FSDP; the previous
     one while a save is swapping them), if any."""
@@ -117,7 +111,7 @@ def read_sharded(path: str) -> dict[str, Any]:
         raise CheckpointError(f"{path!r} is a folder but not a sharded checkpoint (no {STATE_FILE}); give a checkpoint "
                               f"file, a checkpoint folder written by main_train.py --fsdp, or an exported model folder")
     meta = load_checkpoint(os.path.join(path, STATE_FILE))
-    groups = [g for g in meta.get("sharded", ()) if g in _SHARDED_GROUPS]
+    groups = [g for g in meta.get("sharded", ()) if g in ("model", "model_ema")]
     try:
         index = HuggingFaceStorageReader(path).read_metadata().state_dict_metadata
         flat = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in index.items() if k.split(".", 1)[0] in groups}
@@ -247,7 +241,7 @@ class TrainState:
             has_ema = "model_ema" in ckpt.get("sharded", ()) and self.ema is not None
             tensors, model_sd, optim_sd = self._sharded_tensors(has_ema)
             load(tensors, storage_reader=HuggingFaceStorageReader(path))
-            check_finite(_local(model_sd), source)
+            check_finite({k: v.to_local() for k, v in model_sd.items()}, source)
             set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
         else:
             ckpt = load_checkpoint(path)
@@ -256,9 +250,8 @@ class TrainState:
             self._load_optimizer(ckpt.get("optimizer"), path, log)
             has_ema = "model_ema" in ckpt and self.ema is not None
             if has_ema:
-                missing, unexpected, mismatched = check_state_dict(self.ema.state, ckpt["model_ema"])
-                if missing or unexpected or mismatched:
-                    raise CheckpointError(f"{source}: its model_ema does not match the model ({(missing + unexpected + mismatched)[:5]})")
+                if check_state_dict(self.ema.state, ckpt["model_ema"]) != ([], [], []):
+                    raise CheckpointError(f"{source}: its model_ema does not match the model; the file is damaged")
                 for k, v in ckpt["model_ema"].items():
                     self.ema.state[k].copy_(v)
         if self.ema is not None and not has_ema:

@@ -122,14 +122,13 @@ class TrainConfig:
             raise ValueError("--use_cached needs --cached_path (a cache written by main_cache.py)")
         if not self.use_cached and not self.data_path:
             raise ValueError("give --data_path (an ImageFolder) or --use_cached --cached_path CACHE")
-        for name in ("epochs", "batch_size", "img_size", "save_last_freq", "eval_num_images", "eval_bsz", "eval_steps", "log_freq"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"--{name} must be a positive integer, got {v!r}")
-        for name in ("num_workers", "save_every_steps", "save_every_epochs", "eval_freq"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"--{name} must be an integer >= 0, got {v!r}")
+        for names, low, what in ((("epochs", "batch_size", "img_size", "save_last_freq", "eval_num_images", "eval_bsz", "eval_steps",
+                                   "log_freq"), 1, "a positive integer"),
+                                 (("num_workers", "save_every_steps", "save_every_epochs", "eval_freq"), 0, "an integer >= 0")):
+            for name in names:
+                v = getattr(self, name)
+                if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                    raise ValueError(f"--{name} must be {what}, got {v!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"--ema_decay must be in [0, 1) (0: no EMA; 0.9999 is usual), got {self.ema_decay}")
         if self.eval_use_ema and not self.ema_decay:
@@ -402,7 +401,8 @@ def _resume_path(config: TrainConfig) -> str | None:
     if os.path.isdir(resume) and not os.path.isfile(os.path.join(resume, STATE_FILE)):  # a run folder
         path = last_checkpoint(resume, config.fsdp) or last_checkpoint(resume, not config.fsdp)
     if path is None or not os.path.exists(path):
-        raise CheckpointError(f"--resume {resume!r}: no checkpoint at {path or os.path.join(resume, 'checkpoint-last.pth')!r}")
+        raise CheckpointError(f"--resume {resume!r}: no checkpoint at {path or os.path.join(resume, 'checkpoint-last.pth')!r}"
+                              f"{' (nor a checkpoint-last folder)' if path is None else ''}")
     return path
 
 

@@ -4,6 +4,7 @@ average and survives resume, and sharded checkpoints consolidate to the released
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,11 +18,12 @@ from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
 import lpd.checkpoint as C
 import main_train
-from lpd.checkpoint import CheckpointError, load_checkpoint
+from lpd.checkpoint import CheckpointError, load_checkpoint, state_dict_digest
 from lpd.models import load_lpd
 from lpd.parallel import full_tensors
+from lpd.sampling import SamplingConfig
 from lpd.train import build_model, train
-from test_train import ROOT, TINY, Tokens, _released_cache, _torchrun, tiny_config
+from test_train import ROOT, TINY, Tokens, _released_cache, _torchrun, one_thread, tiny_config  # noqa: F401 (a fixture)
 
 
 def quiet(msg: str) -> None:
@@ -29,12 +31,9 @@ def quiet(msg: str) -> None:
 
 
 @pytest.fixture()
-def fsdp_group():
+def fsdp_group(one_thread):
     """One thread, and no process group left behind by a one-process FSDP run."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(n)
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -79,7 +78,7 @@ def test_sharded_checkpoint_is_pickle_free_and_consolidates_to_the_released_form
     assert "exists; --overwrite" in capsys.readouterr().err
     train(tiny_config(tmp_path / "ddp", epochs=1), dataset=Tokens(8, 16), log=quiet)
     assert C.main(["consolidate", str(tmp_path / "ddp" / "out"), str(tmp_path / "d.pth")]) == 2
-    assert "holds no sharded checkpoint" in capsys.readouterr().err
+    assert "is a folder but not a sharded checkpoint (no state.pth)" in capsys.readouterr().err
 
 
 def test_a_save_killed_half_way_keeps_the_last_good_checkpoint(tmp_path, fsdp_group, monkeypatch):
@@ -157,6 +156,18 @@ def test_ema_is_the_hand_computed_average_and_resumes_exactly(tmp_path, fsdp_gro
     train(tiny_config(tmp_path / "c", epochs=1), dataset=Tokens(8, 16), log=quiet)
     train(tiny_config(tmp_path / "c", ema_decay=decay, epochs=2, auto_resume=True), dataset=Tokens(8, 16), log=logs.append)
     assert any("holds no EMA weights" in m for m in logs)
+
+
+def test_evaluation_during_training_samples_the_ema_or_the_whole_fsdp_model(tmp_path, fsdp_group):
+    vq = dict(ch=32, ch_mult=[1, 1, 1, 1, 1], z_channels=8, codebook_size=16384, codebook_embed_dim=8)
+    kw = dict(epochs=1, eval_freq=1, eval_num_images=2, eval_bsz=2, sampling=SamplingConfig(cfg=1.0), ema_decay=0.9,
+              eval_group_sizes="[1, 3, 5, 7]", vq_config=vq)
+    for name, extra, folder in (("ema", {"eval_use_ema": True}, "eval-epoch0-ema-cfg1"), ("fsdp", {"fsdp": True}, "eval-epoch0-cfg1")):
+        result = train(tiny_config(tmp_path / name, **kw, **extra), dataset=Tokens(8, 16), log=quiet)
+        evaluated = full_tensors(result.ema if name == "ema" else result.model.state_dict())
+        run = tmp_path / name / "out" / folder
+        assert json.loads((run / "metrics.json").read_text())["settings"]["weights_sha256"] == state_dict_digest(evaluated)
+        assert len(os.listdir(run / "images")) == 2
 
 
 def test_bad_fsdp_and_ema_settings_are_refused_before_training(tmp_path, fsdp_group, capsys):
