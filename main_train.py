@@ -90,7 +90,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_dir", default=d.output_dir)
     g.add_argument("--log_dir", default=d.log_dir, help="TensorBoard folder (default: --output_dir)")
     g.add_argument("--resume", default=d.resume, help="checkpoint, or an output folder with checkpoint-last.pth (--fsdp: checkpoint-last/)")
-    g.add_argument("--auto_resume", action=argparse.BooleanOptionalAction, default=False, help="resume from OUTPUT_DIR/checkpoint-last.pth when it exists")
+    g.add_argument("--auto_resume", action=argparse.BooleanOptionalAction, default=False, help="resume from OUTPUT_DIR/checkpoint-last.pth (--fsdp: checkpoint-last/) when it exists")
     g.add_argument("--overwrite", action="store_true", help="train into an --output_dir that holds another run's checkpoints")
     g.add_argument("--pretrained_ckpt", default=d.pretrained_ckpt,
                    help="initial weights (e.g. the 256 px model for 512 px fine-tuning; pos_embed is interpolated)")

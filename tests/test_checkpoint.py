@@ -285,6 +285,7 @@ def test_export_from_a_hub_repository_through_load_lpd_pipeline_and_main_eval(tm
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in load_lpd("me/tiny").state_dict().items())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in load_state_dict("me/tiny").items())  # --pretrained_ckpt
     pipe = LPDPipeline.from_pretrained("me/tiny", device="cpu")  # the tokenizer its config.json names
     ref = LPDPipeline(model, make_tokenizer("vq", None, TINY_VQ, seed=0))
     kw = dict(group_sizes=[1, 3, 5, 7], cfg=2.0, seed=3)

@@ -77,9 +77,10 @@ def load_lpd(path_or_name: str | os.PathLike, model: str | None = None, img_size
     if "pos_embed" not in sd:
         raise CheckpointError(f"checkpoint {path!r} has no 'pos_embed': it is not an LPD checkpoint")
     try:
-        cfg = replace(checkpoint_config(ckpt, sd, path, model), **(overrides or {}))
+        cfg = checkpoint_config(ckpt, sd, path, model)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path!r}: its model config cannot be built ({e})") from e
+    cfg = replace(cfg, **(overrides or {}))
     if img_size is not None and img_size != cfg.img_size:
         if not interpolate:
             raise CheckpointError(f"checkpoint {path!r} was trained at {cfg.img_size} px ({cfg.grid_size}x{cfg.grid_size} tokens), "
