@@ -49,7 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--img_size", type=int, default=d.img_size, help="image size in pixels (256 or 512)")
     g.add_argument("--model_config", type=yaml_mapping, default=None, help="build_lpd kwargs overriding the preset (YAML mapping)")
     g.add_argument("--label_drop_prob", type=float, default=None, help="label dropout (default: the model's, 0.1)")
-    g.add_argument("--attn_dropout", type=float, default=None, help="accepted for the released flags (inactive, spec section 6)")
+    g.add_argument("--attn_dropout", type=float, default=None, help="accepted for the released flags (attention probabilities are not dropped)")
     g.add_argument("--proj_dropout", type=float, default=None, help="dropout after attention projection and in the MLP (default 0.1)")
     g.add_argument("--grad_checkpointing", action=argparse.BooleanOptionalAction, default=False, help="recompute block activations in backward")
     g = p.add_argument_group("tokenizer")
