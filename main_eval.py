@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model and tokenizer")
     g.add_argument("--model", default=None, help="preset: lpd_l, lpd_xl, lpd_xxl (released checkpoints), lpd_tiny")
     g.add_argument("--img_size", type=int, default=None, help="256 or 512 (default: the checkpoint's, else 256)")
-    g.add_argument("--pretrained_ckpt", default=None, help="checkpoint file (default: the released one, from the Hub)")
+    g.add_argument("--pretrained_ckpt", default=None, help="checkpoint file or folder, exported model folder or Hub "
+                   "repository (default: the released checkpoint of --model, from the Hub)")
+    g.add_argument("--use_ema", action="store_true", help="the EMA weights of a checkpoint trained with --ema_decay")
     g.add_argument("--random_init", action="store_true", help="weights drawn from --seed instead of a checkpoint")
     g.add_argument("--model_config", type=yaml_mapping, default=None, help="LPDConfig fields (YAML mapping)")
     g.add_argument("--tokenizer", choices=["vq", "palette"], default="vq")
@@ -88,6 +90,8 @@ def check_args(args: argparse.Namespace, argv: Sequence[str] | None) -> tuple[Sa
         raise ConfigError(f"--vqgan_stride {args.vqgan_stride}: only the 16x-downsampling LlamaGen VQ is supported")
     if args.random_init and args.pretrained_ckpt:
         raise ConfigError("--random_init and --pretrained_ckpt exclude each other")
+    if args.use_ema and not args.pretrained_ckpt:
+        raise ConfigError("--use_ema takes the EMA weights of a checkpoint: give --pretrained_ckpt")
     if not (args.random_init or args.pretrained_ckpt or args.model):
         raise ConfigError("no model: pass --model (lpd_l, lpd_xl, lpd_xxl) for a released checkpoint, --pretrained_ckpt FILE, or --random_init")
     sizes = None
@@ -109,13 +113,17 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn
         net.initialize_weights(torch.Generator().manual_seed(args.seed))
         return net.to(device).eval(), f"{args.model or 'lpd'}-randinit"
     from lpd import hub
+    from lpd.checkpoint import export_folder
 
     if args.pretrained_ckpt:
-        path = hub.local_file(args.pretrained_ckpt, what="LPD checkpoint", flag="--pretrained_ckpt")
+        path = rank0_first(lambda: export_folder(args.pretrained_ckpt)) or args.pretrained_ckpt  # an export (or Hub repo)
+        if not os.path.isdir(path):
+            path = hub.local_file(path, what="LPD checkpoint", flag="--pretrained_ckpt")
     else:
         path = rank0_first(lambda: hub.resolve_checkpoint(args.model, args.img_size or 256))
-    net = load_lpd(path, model=args.model, img_size=args.img_size, overrides=overrides or None)
-    return net.to(device), args.model or os.path.splitext(os.path.basename(path))[0]
+    net = load_lpd(path, model=args.model, img_size=args.img_size, overrides=overrides or None, ema=args.use_ema)
+    name = args.model or os.path.splitext(os.path.basename(os.path.normpath(args.pretrained_ckpt)))[0]
+    return net.to(device), name + ("-ema" if args.use_ema else "")
 
 
 def _fmt(v: float) -> str:

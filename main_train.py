@@ -8,24 +8,24 @@
         --cached_path CACHE --output_dir outputs/lpd_l_256 --auto_resume
 
 Writes to ``--output_dir``: ``checkpoint-last.pth`` (every ``--save_every_steps`` steps, every epoch
-end, and on SIGTERM / SIGUSR1), ``checkpoint-{epoch}.pth`` every ``--save_every_epochs`` epochs,
-``log.txt`` (JSON lines), ``config.yaml`` and TensorBoard events when tensorboard is installed.
-``--resume DIR`` continues exactly where the run stopped.  Exit status 75 means "stopped by a
-preemption signal after saving; resume me".  The loop lives in :mod:`lpd.train`.
+end, and on SIGTERM / SIGUSR1), ``checkpoint-{epoch}.pth`` every ``--save_every_epochs`` epochs (with
+``--fsdp``: folders ``checkpoint-last/``, ``checkpoint-{epoch}/`` of shards), ``log.txt`` (JSON
+lines), ``config.yaml`` and TensorBoard events when tensorboard is installed. ``--resume DIR``
+continues exactly where the run stopped. Exit status 75 means "stopped by a preemption signal after
+saving; resume me". The loop lives in :mod:`lpd.train`.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
 from lpd.checkpoint import CheckpointError
 from lpd.config import parse_args_with_config, yaml_mapping
 from lpd.distributed import RankError, cleanup, init_distributed
-from lpd.lr_sched import LR_SCHEDULES
 from lpd.sampling import SamplingConfig, add_sampling_args, sampling_from_args
-from lpd.train import PREEMPTED_EXIT_CODE, NonFiniteLossError, TrainConfig, train
+from lpd.train import LR_SCHEDULES, PREEMPTED_EXIT_CODE, NonFiniteLossError, TrainConfig, train
 
 #: the released main.py's --eval_freq default, used when --online_eval comes without --eval_freq
 ONLINE_EVAL_FREQ = 50
@@ -49,7 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--img_size", type=int, default=d.img_size, help="image size in pixels (256 or 512)")
     g.add_argument("--model_config", type=yaml_mapping, default=None, help="build_lpd kwargs overriding the preset (YAML mapping)")
     g.add_argument("--label_drop_prob", type=float, default=None, help="label dropout (default: the model's, 0.1)")
-    g.add_argument("--attn_dropout", type=float, default=None, help="accepted for the released flags (inactive, spec section 6)")
+    g.add_argument("--attn_dropout", type=float, default=None, help="accepted for the released flags (attention probabilities are not dropped)")
     g.add_argument("--proj_dropout", type=float, default=None, help="dropout after attention projection and in the MLP (default 0.1)")
     g.add_argument("--grad_checkpointing", action=argparse.BooleanOptionalAction, default=False, help="recompute block activations in backward")
     g = p.add_argument_group("tokenizer")
@@ -82,11 +82,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "default: the released tables of --img_size")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda (cuda gets the local rank)")
+    g.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP: weights, gradients and AdamW state sharded "
+                   "over the processes; checkpoints become folders of shards (python -m lpd.checkpoint consolidate)")
+    g.add_argument("--cpu_offload", action="store_true", help="with --fsdp on GPUs: keep the shards and AdamW state in CPU memory")
+    g.add_argument("--ema_decay", type=float, default=d.ema_decay, help="keep an fp32 EMA of the weights (e.g. 0.9999; 0: none)")
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--output_dir", default=d.output_dir)
     g.add_argument("--log_dir", default=d.log_dir, help="TensorBoard folder (default: --output_dir)")
-    g.add_argument("--resume", default=d.resume, help="checkpoint file, or an output folder with checkpoint-last.pth")
-    g.add_argument("--auto_resume", action=argparse.BooleanOptionalAction, default=False, help="resume from OUTPUT_DIR/checkpoint-last.pth when it exists")
+    g.add_argument("--resume", default=d.resume, help="checkpoint, or an output folder with checkpoint-last.pth (--fsdp: checkpoint-last/)")
+    g.add_argument("--auto_resume", action=argparse.BooleanOptionalAction, default=False, help="resume from OUTPUT_DIR/checkpoint-last.pth (--fsdp: checkpoint-last/) when it exists")
     g.add_argument("--overwrite", action="store_true", help="train into an --output_dir that holds another run's checkpoints")
     g.add_argument("--pretrained_ckpt", default=d.pretrained_ckpt,
                    help="initial weights (e.g. the 256 px model for 512 px fine-tuning; pos_embed is interpolated)")
@@ -112,6 +116,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="decoding steps (the released group-size table of --img_size)")
     g.add_argument("--group_sizes", dest="eval_group_sizes", default=d.eval_group_sizes,
                    help="explicit decoding schedule for the evaluation, e.g. '[1]*256' (overrides --eval_steps)")
+    g.add_argument("--eval_use_ema", action="store_true", help="evaluate the EMA weights (needs --ema_decay)")
     g.add_argument("--eval_ref_stats", default=d.eval_ref_stats, help="FID reference statistics (.npz); none: sample only")
     add_sampling_args(p, d.sampling, exclude=("bf16",))
     g = p.add_argument_group("released flags accepted for compatibility")

@@ -1,43 +1,30 @@
-"""Safe checkpoint I/O: restricted unpickling, strict key checks, atomic writes.
+"""Checkpoint I/O: safe loading (``weights_only=True``), strict key checks, atomic writes, sharing.
 
-* :func:`load_checkpoint` / :func:`load_state_dict` read a file with
-  ``torch.load(..., weights_only=True)``; the only class allowed beyond tensors and containers is
-  ``argparse.Namespace``, which the released training code stores under ``'args'``
-  (spec section 1).  Nothing else is ever unpickled from a downloaded file.
-* :func:`load_into` loads a state dict into a module strictly, with one error that lists every
-  missing key, unexpected key and shape mismatch.
-* :func:`interpolate_pos_embed` resizes ``pos_embed`` to another token grid (bicubic, slot 0 kept),
-  only when a caller asks for it.
-* :func:`save_checkpoint` writes atomically (temporary file in the same folder, fsync, rename), so a
-  write interrupted mid-way never corrupts an existing checkpoint.
+``python -m lpd.checkpoint consolidate RUN_DIR OUT.pth`` turns a sharded (FSDP) checkpoint into the
+released single-file format; ``python -m lpd.checkpoint export CKPT OUT_DIR`` writes a shareable
+folder (``model.safetensors``, ``config.json``, a ``README.md`` model card), optionally uploaded
+to the Hugging Face Hub (``--push_to_hub REPO``).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import math
 import os
+import re
+import shutil
+import sys
 import tempfile
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = [
-    "CheckpointError",
-    "load_checkpoint",
-    "load_state_dict",
-    "check_state_dict",
-    "load_into",
-    "interpolate_pos_embed",
-    "save_checkpoint",
-    "atomic_write_bytes",
-    "TMP_PREFIX",
-    "state_dict_digest",
-    "check_finite",
-    "check_output_path",
-]
+__all__ = ["CheckpointError", "load_checkpoint", "load_state_dict", "check_state_dict", "load_into", "interpolate_pos_embed",
+           "save_checkpoint", "atomic_write_bytes", "TMP_PREFIX", "state_dict_digest", "check_finite", "check_output_path",
+           "temp_dir_for", "replace_dir", "export_folder", "export_config", "read_export", "export", "push_to_hub"]
 
 
 class CheckpointError(RuntimeError):
@@ -45,8 +32,13 @@ class CheckpointError(RuntimeError):
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a whole checkpoint dict safely (``weights_only=True``, ``argparse.Namespace`` allowed)."""
+    """A whole checkpoint dict, read safely (``weights_only=True``, ``argparse.Namespace`` allowed); a
+    sharded checkpoint folder gives its whole model (and EMA) weights."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        from lpd.parallel import read_sharded
+
+        return read_sharded(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     try:
@@ -68,7 +60,11 @@ def _is_state_dict(obj: Mapping[str, Any]) -> bool:
 
 
 def load_state_dict(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, torch.Tensor]:
-    """The model state dict of a checkpoint: its ``'model'`` entry, or the file itself if it is a bare state dict."""
+    """The model state dict of a checkpoint (its ``'model'`` entry, or the file if it is a bare state
+    dict) or of an exported model folder or Hub repository."""
+    folder = export_folder(os.fspath(path))
+    if folder is not None:
+        return read_export(folder)[1]
     obj = load_checkpoint(path, map_location)
     if "model" in obj and isinstance(obj["model"], Mapping):
         sd = dict(obj["model"])
@@ -101,10 +97,10 @@ def _format_keys(title: str, keys: list[str], limit: int = 20) -> str:
     return f"\n  {title} ({len(keys)}): {shown}"
 
 
-def load_into(
-    module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint", hint: str = ""
-) -> None:
-    """Strict load of ``state_dict`` into ``module``; one error lists every discrepancy."""
+def load_into(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint", hint: str = "",
+              assign: bool = False) -> None:
+    """Strict load of ``state_dict`` into ``module`` (``assign``: its tensors become the parameters); one
+    error lists every discrepancy."""
     expected = module.state_dict()
     missing, unexpected, mismatched = check_state_dict(expected, state_dict)
     if missing or unexpected or mismatched:
@@ -115,7 +111,7 @@ def load_into(
             + _format_keys("shape mismatches", mismatched)
             + (f"\n  {hint}" if hint else "")
         )
-    module.load_state_dict(state_dict, strict=True)
+    module.load_state_dict(state_dict, strict=True, assign=assign)
 
 
 def check_finite(state_dict: Mapping[str, torch.Tensor], source: str) -> None:
@@ -163,6 +159,21 @@ def _fsync_dir(path: str) -> None:
 TMP_PREFIX = ".tmp-"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def temp_dir_for(path: str) -> str:
+    """A new temporary folder next to ``path`` (to be renamed to it), with a plain folder's permissions."""
+    parent, name = os.path.split(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{name}-", dir=parent)
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
 def atomic_write_bytes(path: str | os.PathLike, write_fn, fsync: bool = True) -> None:
     """Call ``write_fn(fileobj)`` on a temporary file next to ``path``, fsync it, then rename over ``path``.
 
@@ -175,10 +186,7 @@ def atomic_write_bytes(path: str | os.PathLike, write_fn, fsync: bool = True) ->
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + os.path.basename(path) + "-", dir=folder)
     try:
-        # mkstemp creates 0600 files; give the result the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give what a plain open() would
         with os.fdopen(fd, "wb") as f:
             write_fn(f)
             if fsync:
@@ -226,3 +234,215 @@ def check_output_path(path: str, flag: str) -> str | None:
 def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike) -> None:
     """``torch.save`` written atomically: readers see the old file or the new one, never a partial one."""
     atomic_write_bytes(path, lambda f: torch.save(dict(obj), f))
+
+
+def replace_dir(tmp: str, path: str) -> None:
+    """Move the finished folder ``tmp`` to ``path``, replacing a folder there (kept as ``path.old``
+    until the new one is in place; a reader falls back on it)."""
+    old = path + ".old"
+    if os.path.isdir(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------ sharing
+EXPORT_CONFIG, EXPORT_WEIGHTS, EXPORT_CARD = "config.json", "model.safetensors", "README.md"
+
+
+def export_folder(path: str) -> str | None:
+    """The local folder of an exported model: ``path`` itself, or the files of the Hub repository
+    ``path`` (``owner/name``, not a path here) in the Hugging Face cache; None for anything else."""
+    if os.path.isfile(os.path.join(path, EXPORT_CONFIG)):
+        return path
+    if os.path.exists(path) or not re.fullmatch(r"[\w.-]+/[\w.-]+", path) or path.endswith((".pth", ".pt", ".bin", ".ckpt")):
+        return None
+    from lpd import hub
+
+    for name in (EXPORT_CONFIG, EXPORT_WEIGHTS):
+        local = hub._hub_file(path, name, what="exported LPD model", flag="--pretrained_ckpt",
+                              hint=f"or, if {path} was meant as a folder on this machine: it does not exist")
+    return os.path.dirname(local)
+
+
+def export_config(folder: str) -> dict[str, Any]:
+    """The ``config.json`` of an exported model folder."""
+    path = os.path.join(folder, EXPORT_CONFIG)
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"could not read {path}: {e}") from e
+    if not isinstance(config, dict) or not isinstance(config.get("model_config"), dict):
+        raise CheckpointError(f"{path} has no model_config mapping: it is not an lpd export")
+    return config
+
+
+def read_export(folder: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``config.json`` and the ``model.safetensors`` weights of an exported model (reading runs no code)."""
+    from safetensors.torch import load_file
+
+    config = export_config(folder)
+    try:
+        return config, load_file(os.path.join(folder, EXPORT_WEIGHTS))
+    except Exception as e:  # noqa: BLE001 - re-raised with the file and the reason
+        raise CheckpointError(f"could not read {os.path.join(folder, EXPORT_WEIGHTS)}: {e}") from e
+
+
+def _tokenizer_ref(args: Mapping[str, Any]) -> dict[str, Any]:
+    """How to get the tokenizer the model was trained with: the released LlamaGen VQ, a file, or a seeded build."""
+    kind = args.get("tokenizer", "vq")
+    if args.get("vqgan_path"):
+        return {"kind": kind, "file": os.path.basename(str(args["vqgan_path"]))}
+    if args.get("vq_config") is not None or kind != "vq":
+        return {"kind": kind, "vq_config": args.get("vq_config"), "seed": args.get("seed", 0)}
+    return {"kind": "vq", "repo": "FoundationVision/LlamaGen", "file": "vq_ds16_c2i.pt"}
+
+
+def _model_card(config: dict[str, Any], measured: dict[str, Any] | None, ref: str) -> str:
+    """README.md: what the model is, its scores (a ``main_eval.py`` metrics.json), its sampling settings, how to load it."""
+    from lpd.sampling import SamplingConfig
+
+    c, train, args = config["model_config"], config["training"], config["training"]["args"]
+    if measured:
+        sampling, steps = measured.get("sampling", {}), len(measured.get("settings", {}).get("group_sizes", [])) or None
+    else:
+        sampling, steps = {k: args[k] for k in SamplingConfig.__dataclass_fields__ if k in args}, args.get("eval_steps")
+    run = f"--pretrained_ckpt {ref} --generation_steps {steps or 20} --cfg {sampling.get('cfg', 4.0)}"
+    return "\n".join([
+        "---", "library_name: lpd", "tags: [lpd, image-generation, class-conditional, autoregressive]", "---", "",
+        f"# {config.get('model') or 'LPD'} at {c['img_size']} px", "",
+        f"A class-conditional Locality-aware Parallel Decoding (LPD) image generator: {config['parameters'] / 1e6:.1f}M parameters "
+        f"(width {c['embed_dim']}, depth {c['depth']}, {c['num_heads']} heads), {c['class_num']} classes, tokens of a "
+        f"{c['vocab_size']}-entry VQ codebook ({json.dumps(config['tokenizer'])}). Weights: {config['weights']} after epoch "
+        f"{train.get('epoch')} (global step {train.get('global_step')}), sha256 {config['weights_sha256'][:16]}...", "",
+        *(["## Metrics", "", "| FID | IS | images | steps |", "| ---: | ---: | ---: | ---: |",
+           f"| {measured.get('fid')} | {measured.get('inception_score')} | {measured.get('num_images')} | {steps} |", ""]
+          if measured else []),
+        f"## Sampling settings{'' if measured else ' (of the evaluation during training)'}", "",
+        *(f"* {k}: {v}" for k, v in [("steps", steps), *sampling.items()]), "",
+        "## Use", "", "```python", "from lpd.pipeline import LPDPipeline", "",
+        f'pipe = LPDPipeline.from_pretrained("{ref}")   # or lpd.models.load_lpd("{ref}"): the LPD module',
+        f"images = pipe([207, 360, 387, 974], steps={steps or 20}, cfg={sampling.get('cfg', 4.0)})   # uint8 [4, H, W, 3]",
+        "```", "", f"Evaluation: `python main_eval.py {run} --output_dir out/`.", ""])
+
+
+def export(ckpt: str, out_dir: str, *, model: str | None = None, use_ema: bool = False, metrics: str | None = None,
+           repo: str | None = None, overwrite: bool = False) -> str:
+    """Write the weights of ``ckpt`` (a checkpoint file or sharded folder) as the folder ``out_dir``:
+    ``model.safetensors``, ``config.json`` and a ``README.md`` model card (with the scores of a
+    ``main_eval.py`` ``metrics.json``); the folder appears whole. Returns its path."""
+    from safetensors.torch import save
+
+    from lpd.models import LPD, checkpoint_config
+
+    if os.path.exists(out_dir) and not (os.path.isdir(out_dir) and not os.listdir(out_dir)) and not overwrite:
+        raise CheckpointError(f"OUT_DIR {out_dir!r} exists; choose another folder, or --overwrite to replace it")
+    state = load_checkpoint(ckpt)
+    key = "model_ema" if use_ema else "model"
+    if not isinstance(state.get(key), Mapping):
+        raise CheckpointError(f"{ckpt!r} holds no EMA weights (it was trained without --ema_decay); drop --use_ema"
+                              if use_ema else f"{ckpt!r} has no 'model' entry: give a training checkpoint")
+    sd = {k: v.contiguous() for k, v in state[key].items()}
+    check_finite(sd, f"{ckpt!r}")
+    with torch.device("meta"):
+        net = LPD(checkpoint_config(state, sd, ckpt, model))
+    load_into(net, sd, source=f"{ckpt!r}", hint="pass --model with the architecture it was trained as", assign=True)
+    digest = state_dict_digest(sd)
+    measured = None
+    if metrics:
+        with open(metrics, encoding="utf-8") as f:
+            measured = json.load(f)
+        scored = (measured.get("settings") or {}).get("weights_sha256")
+        if scored not in (None, digest):
+            raise CheckpointError(f"--metrics {metrics}: these scores were measured on other weights (sha256 {scored[:12]}... "
+                                  f"vs {digest[:12]}...); give the metrics.json of a main_eval.py run of this checkpoint"
+                                  + ("" if use_ema else " (or add --use_ema)"))
+    args = state.get("args")
+    args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    config = {"library": "lpd", "model": model or args.get("model"), "model_config": net.config.to_dict(),
+              "img_size": net.config.img_size, "weights": "ema" if use_ema else "model", "weights_sha256": digest,
+              "parameters": sum(v.numel() for v in sd.values()), "tokenizer": _tokenizer_ref(args),
+              "training": {k: state.get(k) for k in ("epoch", "step", "global_step")} | {"args": args}}
+    config = json.loads(json.dumps(config, default=str))
+    files = {EXPORT_WEIGHTS: save(sd, metadata={"format": "pt"}), EXPORT_CONFIG: json.dumps(config, indent=2).encode(),
+             EXPORT_CARD: _model_card(config, measured, repo or out_dir).encode()}
+    tmp = temp_dir_for(out_dir)
+    try:
+        for name, data in files.items():
+            atomic_write_bytes(os.path.join(tmp, name), lambda f: f.write(data))
+        replace_dir(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def push_to_hub(folder: str, repo: str, private: bool = False) -> str:
+    """Upload an exported folder to the Hub model repository ``repo`` in one commit; returns its URL."""
+    import huggingface_hub
+
+    from lpd import hub
+
+    try:
+        huggingface_hub.create_repo(repo, exist_ok=True, private=private)
+        huggingface_hub.upload_folder(repo_id=repo, folder_path=folder, commit_message="lpd export")
+    except Exception as e:  # noqa: BLE001 - network, authentication, permissions: reported with the cause
+        raise CheckpointError(f"--push_to_hub {repo}: the upload failed ({hub._cause(e)}); nothing was committed. The export "
+                              f"{folder} is complete: upload it later with `hf upload {repo} {folder}`") from e
+    return f"https://huggingface.co/{repo}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``consolidate`` and ``export``; errors print one ``error:`` line and return 2."""
+    p = argparse.ArgumentParser(prog="python -m lpd.checkpoint", allow_abbrev=False, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("consolidate", help="a sharded (--fsdp) checkpoint as one .pth file of the released format")
+    c.add_argument("run_dir", help="an --fsdp run's output folder (its checkpoint-last) or a checkpoint folder")
+    c.add_argument("out", help="the .pth file to write")
+    e = sub.add_parser("export", help="model.safetensors + config.json + README.md, optionally uploaded to the Hub")
+    e.add_argument("ckpt", help="a checkpoint file (.pth) or sharded checkpoint folder")
+    e.add_argument("out_dir", help="the folder to write")
+    e.add_argument("--model", default=None, help="preset of a released checkpoint that does not record its architecture")
+    e.add_argument("--use_ema", action="store_true", help="export the EMA weights (runs trained with --ema_decay)")
+    e.add_argument("--metrics", default=None, help="a main_eval.py metrics.json of these weights, shown in the model card")
+    e.add_argument("--push_to_hub", default=None, metavar="REPO", help="upload the folder to this Hub model repository")
+    e.add_argument("--private", action="store_true", help="with --push_to_hub: create the repository private")
+    for q in (c, e):
+        q.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    args = p.parse_args(argv)
+    try:
+        if args.command == "consolidate":
+            from lpd.parallel import last_checkpoint
+
+            problem = check_output_path(args.out, "OUT") or (f"OUT {args.out} exists; --overwrite replaces it"
+                                                             if os.path.exists(args.out) and not args.overwrite else None)
+            if problem:
+                raise CheckpointError(problem)
+            state = load_checkpoint(last_checkpoint(args.run_dir, sharded=True) or args.run_dir)
+            state.pop("sharded", None)
+            save_checkpoint(state, args.out)
+            print(f"wrote {args.out} (epoch {state.get('epoch')}, step {state.get('step')}, "
+                  f"{'model and model_ema' if 'model_ema' in state else 'model'})")
+            return 0
+        if args.push_to_hub:
+            from lpd import hub
+
+            if hub._offline():
+                raise CheckpointError("--push_to_hub needs the network, but HF_HUB_OFFLINE is set; export without it "
+                                      "and upload the folder later with `hf upload REPO OUT_DIR`")
+        out = export(args.ckpt, args.out_dir, model=args.model, use_ema=args.use_ema, metrics=args.metrics,
+                     repo=args.push_to_hub, overwrite=args.overwrite)
+        print(f"wrote {out}: {EXPORT_WEIGHTS}, {EXPORT_CONFIG}, {EXPORT_CARD}")
+        if args.push_to_hub:
+            print(f"uploaded to {push_to_hub(out, args.push_to_hub, args.private)}")
+    except (CheckpointError, OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

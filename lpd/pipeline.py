@@ -3,6 +3,7 @@
     from lpd.pipeline import LPDPipeline
 
     pipe = LPDPipeline.from_pretrained("lpd_l", 256)           # checkpoint + VQ from the Hub cache
+    pipe = LPDPipeline.from_pretrained("user/lpd-model")       # a model exported by `python -m lpd.checkpoint export`
     images = pipe([207, 360, 387, 974], steps=20)              # uint8 [4, 256, 256, 3]
     edits = pipe.inpaint("dog.png", "center", label=207)       # {"source", "masked", "edits"}
     pipe.save_grid(images, "samples.png")
@@ -54,16 +55,28 @@ class LPDPipeline:
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
 
     @classmethod
-    def from_pretrained(cls, model: str = "lpd_l", img_size: int = 256, *, checkpoint: str | os.PathLike | None = None,
+    def from_pretrained(cls, model: str = "lpd_l", img_size: int | None = None, *, checkpoint: str | os.PathLike | None = None,
                         vqgan_path: str | os.PathLike | None = None, device: torch.device | str | None = None) -> "LPDPipeline":
-        """The released ``model`` at ``img_size`` (``checkpoint`` / ``vqgan_path`` replace the Hub
-        downloads); ``device`` defaults to CUDA when available."""
-        from lpd.models import load_lpd
+        """The released ``model`` at ``img_size`` (default 256; ``checkpoint`` / ``vqgan_path`` replace the
+        Hub downloads), or an exported model: ``model`` a folder or Hub repository written by ``python -m
+        lpd.checkpoint export``, with the tokenizer its ``config.json`` names; ``device`` defaults to CUDA
+        when available."""
+        from lpd.checkpoint import export_config, export_folder
+        from lpd.models import PRESETS, load_lpd
         from lpd.tokenizer import make_tokenizer
 
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-        net = load_lpd(checkpoint if checkpoint is not None else model, model=model, img_size=img_size)
-        return cls(net.to(device), make_tokenizer("vq", vqgan_path, device=device), name=model)
+        folder = export_folder(model) if model not in PRESETS and checkpoint is None else None
+        if folder is None:
+            net = load_lpd(checkpoint if checkpoint is not None else model, model=model, img_size=img_size or 256)
+            return cls(net.to(device), make_tokenizer("vq", vqgan_path, device=device), name=model)
+        config = export_config(folder)
+        tok = config.get("tokenizer") or {}
+        if vqgan_path is None and "file" in tok and "repo" not in tok:
+            raise ValueError(f"{model} was trained with the tokenizer file {tok['file']}; pass its path as vqgan_path")
+        tokenizer = make_tokenizer(tok.get("kind", "vq"), vqgan_path, tok.get("vq_config") if vqgan_path is None else None,
+                                   tok.get("seed", 0), device)
+        return cls(load_lpd(folder, img_size=img_size).to(device), tokenizer, name=config.get("model"))
 
     @property
     def img_size(self) -> int:

@@ -1,4 +1,5 @@
-"""Safe checkpoint loading (released format), strict key checks, interpolation, atomic writes."""
+"""Safe checkpoint loading (released format), strict key checks, interpolation, atomic writes, and
+exports (safetensors + config + model card) read back by load_lpd, the pipeline and main_eval.py."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -153,3 +155,147 @@ def test_non_finite_weights_are_refused_by_name(tmp_path):
     torch.save({"model": sd, "model_config": model.config.to_dict()}, tmp_path / "nan.pth")
     with pytest.raises(CheckpointError, match="non-finite weights .* blocks.1.mlp.fc1.weight"):
         load_lpd(tmp_path / "nan.pth")
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+TINY_VQ = dict(ch=32, ch_mult=[1, 1, 1, 1, 1], z_channels=8, codebook_size=64, codebook_embed_dim=8)
+
+
+def _trained_checkpoint(path, seed=0):
+    """A checkpoint as lpd.train writes it (weights, EMA, config, arguments) for a 16-token model."""
+    from lpd.train import TrainConfig
+
+    model = build_lpd(img_size=64, embed_dim=32, depth=2, num_heads=2, vocab_size=64, class_num=10)
+    model.initialize_weights(torch.Generator().manual_seed(seed))
+    ema = {k: v + 0.01 for k, v in model.state_dict().items()}
+    args = TrainConfig(model=None, img_size=64, model_config=model.config.to_dict(), vq_config=TINY_VQ, seed=seed).to_dict()
+    save_checkpoint({"model": model.state_dict(), "model_ema": ema, "model_config": model.config.to_dict(), "args": args,
+                     "epoch": 4, "step": 0, "global_step": 50}, path)
+    return model, ema
+
+
+def _logits(model):
+    g = torch.Generator().manual_seed(0)
+    tokens, orders = torch.randint(0, 64, (3, 16), generator=g), torch.rand(3, 16, generator=g).argsort(1)
+    return model.logits(tokens, torch.tensor([1, 2, 3]), orders, [1, 3, 5, 7])
+
+
+def test_export_loads_back_with_identical_logits_without_pickle(tmp_path, monkeypatch, capsys):
+    import json
+    import shutil
+
+    from lpd.checkpoint import main
+
+    model, ema = _trained_checkpoint(tmp_path / "ck.pth")
+    assert main(["export", str(tmp_path / "ck.pth"), str(tmp_path / "raw")]) == 0
+    assert main(["export", str(tmp_path / "ck.pth"), str(tmp_path / "ema"), "--use_ema"]) == 0
+    assert sorted(os.listdir(tmp_path / "raw")) == ["README.md", "config.json", "model.safetensors"]
+    config = json.loads((tmp_path / "raw" / "config.json").read_text())
+    assert config["model_config"] == model.config.to_dict() and config["img_size"] == 64 and config["weights"] == "model"
+    assert config["tokenizer"]["vq_config"]["codebook_size"] == 64 and config["training"]["global_step"] == 50
+    assert config["training"]["args"]["vq_config"]["ch"] == 32
+    # reading an export unpickles nothing: torch.load and pickle are off limits
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, lambda *a, **k: pytest.fail("pickle was used"))
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was used"))
+    with torch.no_grad():
+        assert torch.equal(_logits(load_lpd(tmp_path / "raw")), _logits(model.eval()))
+        assert all(torch.equal(v, ema[k]) for k, v in load_lpd(tmp_path / "ema", ema=True).state_dict().items())
+    with pytest.raises(CheckpointError, match="not an EMA; drop --use_ema"):
+        load_lpd(tmp_path / "raw", ema=True)
+    monkeypatch.undo()
+    # a config that does not describe the weights is refused with the differences
+    for change, says in (({"depth": 3}, "missing keys \\(12\\): blocks.2"), ({"embed_dim": 64}, "shape mismatches")):
+        bad = tmp_path / f"bad{len(says)}"
+        shutil.copytree(tmp_path / "raw", bad)
+        (bad / "config.json").write_text(json.dumps({**config, "model_config": {**config["model_config"], **change}}))
+        with pytest.raises(CheckpointError, match=f"does not match the model LPD:(.|\\n)*{says}(.|\\n)*config.json does not describe"):
+            load_lpd(bad)
+    # an existing OUT_DIR is kept unless --overwrite
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "ck.pth"), str(tmp_path / "raw"), "--use_ema"]) == 2
+    assert "exists; choose another folder, or --overwrite" in capsys.readouterr().err
+    assert json.loads((tmp_path / "raw" / "config.json").read_text())["weights"] == "model"
+    assert main(["export", str(tmp_path / "ck.pth"), str(tmp_path / "raw"), "--use_ema", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "raw" / "config.json").read_text())["weights"] == "ema"
+    assert main(["export", str(tmp_path / "nope.pth"), str(tmp_path / "x")]) == 2 and not (tmp_path / "x").exists()
+
+
+def test_model_card_metrics_and_push_to_hub(tmp_path, monkeypatch, capsys):
+    import json
+
+    import huggingface_hub
+
+    from lpd.checkpoint import main, state_dict_digest
+
+    model, _ = _trained_checkpoint(tmp_path / "ck.pth")
+    metrics = {"fid": 3.21, "inception_score": 250.5, "num_images": 50000, "sampling": {"cfg": 4.8, "order": "lpd"},
+               "settings": {"weights_sha256": state_dict_digest(model), "group_sizes": [1, 3, 5, 7]}}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    assert main(["export", str(tmp_path / "ck.pth"), str(tmp_path / "out"), "--metrics", str(tmp_path / "metrics.json")]) == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| 3.21 | 250.5 | 50000 | 4 |" in card and "* cfg: 4.8" in card and "library_name: lpd" in card
+    assert 'LPDPipeline.from_pretrained("' + str(tmp_path / "out") + '")' in card
+    # scores of other weights are refused; nothing is written
+    (tmp_path / "other.json").write_text(json.dumps({**metrics, "settings": {"weights_sha256": "ab" * 32}}))
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "ck.pth"), str(tmp_path / "o2"), "--metrics", str(tmp_path / "other.json")]) == 2
+    assert "measured on other weights" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+    # --push_to_hub offline: a clear error before anything is written
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["export", str(tmp_path / "ck.pth"), str(tmp_path / "o3"), "--push_to_hub", "me/tiny"]) == 2
+    assert "HF_HUB_OFFLINE" in capsys.readouterr().err and not (tmp_path / "o3").exists()
+    # online: the whole folder goes up in one commit; a failed upload leaves the folder complete
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    sent = []
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo, **k: sent.append(("create", repo, k.get("private"))))
+    monkeypatch.setattr(huggingface_hub, "upload_folder",
+                        lambda repo_id, folder_path, **k: sent.append(("upload", repo_id, sorted(os.listdir(folder_path)))))
+    assert main(["export", str(tmp_path / "ck.pth"), str(tmp_path / "o4"), "--push_to_hub", "me/tiny", "--private"]) == 0
+    assert sent == [("create", "me/tiny", True), ("upload", "me/tiny", ["README.md", "config.json", "model.safetensors"])]
+    assert 'from_pretrained("me/tiny")' in (tmp_path / "o4" / "README.md").read_text()
+
+    def refused(**k):
+        raise PermissionError("403 Forbidden: no write access to me/tiny")
+
+    monkeypatch.setattr(huggingface_hub, "upload_folder", refused)
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "ck.pth"), str(tmp_path / "o5"), "--push_to_hub", "me/tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "403 Forbidden" in err and "nothing was committed" in err and len(os.listdir(tmp_path / "o5")) == 3
+
+
+def test_export_from_a_hub_repository_through_load_lpd_pipeline_and_main_eval(tmp_path, monkeypatch):
+    import shutil
+
+    import main_eval
+    from lpd.checkpoint import main
+    from lpd.pipeline import LPDPipeline
+    from lpd.tokenizer import make_tokenizer
+    from test_hub import fake_cache
+
+    model, ema = _trained_checkpoint(tmp_path / "ck.pth")
+    assert main(["export", str(tmp_path / "ck.pth"), str(tmp_path / "out")]) == 0
+    cache = tmp_path / "hub"
+    for name in ("config.json", "model.safetensors", "README.md"):
+        shutil.copy(tmp_path / "out" / name, fake_cache(cache, "me/tiny", name))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in load_lpd("me/tiny").state_dict().items())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in load_state_dict("me/tiny").items())  # --pretrained_ckpt
+    pipe = LPDPipeline.from_pretrained("me/tiny", device="cpu")  # the tokenizer its config.json names
+    ref = LPDPipeline(model, make_tokenizer("vq", None, TINY_VQ, seed=0))
+    kw = dict(group_sizes=[1, 3, 5, 7], cfg=2.0, seed=3)
+    assert np.array_equal(pipe([1, 2], **kw), ref([1, 2], **kw))
+    with pytest.raises(FileNotFoundError, match="me/nothing(.|\\n)*it does not exist"):
+        load_lpd("me/nothing")
+    # main_eval.py --pretrained_ckpt: the folder, the Hub repository, and --use_ema of a checkpoint
+    for ckpt, ema_flag, want, name in ((str(tmp_path / "out"), [], model.state_dict(), "out"),
+                                       ("me/tiny", [], model.state_dict(), "tiny"),
+                                       (str(tmp_path / "ck.pth"), ["--use_ema"], ema, "ck-ema")):
+        args = main_eval.build_parser().parse_args(["--pretrained_ckpt", ckpt, *ema_flag])
+        net, run = main_eval.load_model(args, torch.device("cpu"))
+        assert run == name and all(torch.equal(v, want[k]) for k, v in net.state_dict().items())

@@ -19,17 +19,10 @@ import torch
 
 import main_train
 from lpd.checkpoint import CheckpointError, interpolate_pos_embed, load_checkpoint, save_checkpoint
-from lpd.lr_sched import lr_at
 from lpd.models import load_lpd
 from lpd.schedules import training_schedules
 from lpd.sampling import SamplingConfig
-from lpd.train import (
-    NonFiniteLossError,
-    TrainConfig,
-    build_model,
-    parse_schedule_list,
-    train,
-)
+from lpd.train import NonFiniteLossError, TrainConfig, build_model, lr_at, parse_schedule_list, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -187,11 +180,11 @@ def test_evaluation_during_training_runs_cfg_1_then_cfg_like_the_released_loop(t
 
 
 def test_save_last_freq_writes_checkpoint_last_every_kth_epoch(tmp_path, one_thread, monkeypatch):
-    import lpd.train as lt
+    import lpd.parallel as lp
 
     saved = []
-    real = lt.save_checkpoint
-    monkeypatch.setattr(lt, "save_checkpoint", lambda state, path: (saved.append((state["epoch"], os.path.basename(path))), real(state, path)))
+    real = lp.save_checkpoint
+    monkeypatch.setattr(lp, "save_checkpoint", lambda state, path: (saved.append((state["epoch"], os.path.basename(path))), real(state, path)))
     train(tiny_config(tmp_path, epochs=5, save_last_freq=2), dataset=Tokens(8, 16), log=lambda m: None)
     assert [e for e, name in saved if name == "checkpoint-last.pth"] == [1, 3, 4]  # epochs 2, 4 and the last
 

@@ -1,0 +1,324 @@
+"""A training run across processes and preemptions: DDP or FSDP2, an fp32 EMA, checkpoints, stop signals.
+
+Under DDP a checkpoint is one ``.pth`` file (the released layout). Under FSDP2 it is a folder: one
+safetensors file of shards per rank (``torch.distributed.checkpoint``: model, AdamW moments, EMA)
+and ``state.pth`` (epoch, step, random states, arguments), written into a temporary folder and
+renamed into place whole; nothing in it is unpickled when read.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+import shutil
+import signal
+import warnings
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from lpd.checkpoint import CheckpointError, check_finite, check_state_dict, load_checkpoint, load_into, replace_dir, \
+    save_checkpoint, temp_dir_for
+from lpd.distributed import DistInfo, barrier, broadcast_object, gather_object, on_rank0
+
+__all__ = ["distribute", "settle_ddp_buckets", "EMA", "TrainState", "PreemptionFlag", "full_tensors", "read_sharded",
+           "last_checkpoint", "STATE_FILE"]
+
+STATE_FILE = "state.pth"  # the non-tensor part of a sharded checkpoint
+
+
+def distribute(model: torch.nn.Module, info: DistInfo, fsdp: bool = False, bf16: bool = False,
+               cpu_offload: bool = False) -> torch.nn.Module:
+    """The module a training step calls: ``model`` on its device, FSDP2-sharded in place (each block,
+    then the root; with ``bf16`` on GPUs, bf16 compute and fp32 gradient reduction), under DDP, or itself."""
+    device = info.device
+    if not fsdp:
+        model.to(device)
+        if not info.distributed:
+            return model
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                         find_unused_parameters=model.label_drop_prob == 0)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    if not dist.is_initialized():  # one process: a group of one
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    kw: dict[str, Any] = {"mesh": init_device_mesh(device.type, (dist.get_world_size(),))}
+    if bf16 and device.type == "cuda":
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if cpu_offload:
+        kw["offload_policy"] = CPUOffloadPolicy()
+    for block in model.blocks:
+        fully_shard(block, **kw)
+    return fully_shard(model, **kw)
+
+
+def settle_ddp_buckets(ddp_model: torch.nn.Module, batch: int, sizes: Sequence[int], autocast: Any) -> None:
+    """One throw-away forward/backward, so that every (re)started process takes its first real step with
+    the gradient buckets DDP rebuilds after its first backward (their layout sets the all-reduce's
+    summation order on more than two processes). Weights and optimizer are untouched."""
+    model = ddp_model.module
+    N, device = model.num_tokens, model.pos_embed.device
+    with autocast:
+        loss = ddp_model(torch.zeros(batch, N, dtype=torch.long, device=device), torch.zeros(batch, dtype=torch.long, device=device),
+                         torch.arange(N, device=device).expand(batch, N), sizes)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+class EMA:
+    """fp32 exponential moving average of a model's parameters, sharded as they are:
+    ``ema = decay * ema + (1 - decay) * weights`` after every step."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay, self.params = decay, dict(model.named_parameters())
+        self.state = {k: p.detach().float().clone() for k, p in self.params.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(list(self.state.values()), [p.detach() for p in self.params.values()], 1.0 - self.decay)
+
+    @torch.no_grad()
+    def restart(self) -> None:
+        """Start again from the current weights."""
+        for k, p in self.params.items():
+            self.state[k].copy_(p.detach())
+
+
+def full_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Whole tensors of a state dict that may be sharded (then a collective: every rank calls it)."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach() for k, v in state.items()}
+
+
+def last_checkpoint(folder: str, sharded: bool) -> str | None:
+    """The run's ``checkpoint-last.pth`` (DDP), or its ``checkpoint-last`` folder (FSDP; the previous
+    one while a save is swapping them), if any."""
+    names = ("checkpoint-last", "checkpoint-last.old") if sharded else ("checkpoint-last.pth",)
+    return next((p for p in (os.path.join(folder, n) for n in names) if os.path.exists(p)), None)
+
+
+def read_sharded(path: str) -> dict[str, Any]:
+    """A sharded checkpoint folder as one checkpoint: whole ``model`` (and ``model_ema``) tensors plus
+    its ``state.pth``; AdamW's moments are left out. Needs no process group."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader, load
+
+    if not os.path.isfile(os.path.join(path, STATE_FILE)):
+        raise CheckpointError(f"{path!r} is a folder but not a sharded checkpoint (no {STATE_FILE}); give a checkpoint "
+                              f"file, a checkpoint folder written by main_train.py --fsdp, or an exported model folder")
+    meta = load_checkpoint(os.path.join(path, STATE_FILE))
+    groups = [g for g in meta.get("sharded", ()) if g in ("model", "model_ema")]
+    try:
+        index = HuggingFaceStorageReader(path).read_metadata().state_dict_metadata
+        flat = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in index.items() if k.split(".", 1)[0] in groups}
+        with warnings.catch_warnings():  # "no process group: loading in one process" is what is meant
+            warnings.simplefilter("ignore")
+            load(flat, storage_reader=HuggingFaceStorageReader(path), no_dist=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the folder and the reason
+        raise CheckpointError(f"could not read the sharded checkpoint {path!r}: {e}") from e
+    out: dict[str, Any] = {**meta, **{g: {} for g in groups}}
+    for key, t in flat.items():
+        group, name = key.split(".", 1)
+        out[group][name] = t
+    return out
+
+
+def _save_sharded(paths: Sequence[str], tensors: dict[str, Any], meta: dict[str, Any], info: DistInfo) -> None:
+    """Every rank writes its shards, rank 0 ``state.pth``; each of ``paths`` then appears whole."""
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    tmp = broadcast_object(temp_dir_for(paths[0]) if info.is_main else None)
+
+    def publish() -> None:
+        save_checkpoint({**meta, "sharded": sorted(tensors)}, os.path.join(tmp, STATE_FILE))
+        for path in paths[1:]:  # more names for the same state: hard links, no second write
+            copy = f"{tmp}-{os.path.basename(path)}"
+            shutil.copytree(tmp, copy, copy_function=os.link)
+            replace_dir(copy, path)
+        replace_dir(tmp, paths[0])
+
+    try:
+        try:
+            save(tensors, storage_writer=HuggingFaceStorageWriter(tmp, save_distributed=True))
+        except CheckpointException as e:  # a BaseException: made an ordinary error naming the cause
+            raise CheckpointError(f"writing {paths[0]} failed ({str(e).strip().splitlines()[-1]}); the last good "
+                                  f"checkpoint is kept") from e
+        on_rank0(publish, "while publishing the checkpoint", broadcast=False)
+    finally:
+        if info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _rng_state() -> dict[str, Any]:
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _to_tuple(x: Any) -> Any:
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_to_tuple(state["python"]))
+    name, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+class TrainState:
+    """The model being trained (plain, under DDP, or FSDP-sharded), its AdamW and EMA; saves and resumes them.
+
+    ``meta`` is what every checkpoint records besides its position (``model_config``, ``args``,
+    ``steps_per_epoch``, ``data_state``: world size, batch size, number of samples, seed)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None, info: DistInfo,
+                 sharded: bool, meta: dict[str, Any]) -> None:
+        self.model, self.optimizer, self.ema, self.info, self.sharded, self.meta = model, optimizer, ema, info, sharded, meta
+
+    def _sharded_tensors(self, with_ema: bool) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        tensors = {"model": model_sd, "optim": optim_sd["state"], **({"model_ema": self.ema.state} if with_ema else {})}
+        return tensors, model_sd, optim_sd
+
+    def save(self, paths: Sequence[str], epoch: int, step: int, global_step: int) -> None:
+        """Write the state as each of ``paths`` (``.pth`` appended under DDP); every rank calls it."""
+        meta = {**self.meta, "scaler": {}, "epoch": epoch, "step": step, "global_step": global_step,
+                "rng": gather_object(_rng_state())}
+        if self.sharded:
+            _save_sharded(paths, self._sharded_tensors(self.ema is not None)[0], meta, self.info)
+            return
+        if self.info.is_main:
+            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), **meta}
+            if self.ema is not None:
+                state["model_ema"] = self.ema.state
+            for path in paths:
+                save_checkpoint(state, path + ".pth")
+        barrier()
+
+    def resume(self, path: str, log: Callable[[str], None]) -> tuple[int, int, int]:
+        """Restore the state saved at ``path``; returns where to continue: ``(epoch, step, global_step)``."""
+        ckpt = self._load(path, log)
+        steps_per_epoch = self.meta["steps_per_epoch"]
+        epoch, step = int(ckpt.get("epoch", 0)), int(ckpt.get("step", 0))
+        if "step" not in ckpt and "epoch" in ckpt:  # released checkpoint: 'epoch' is the last finished one
+            epoch += 1
+        global_step = int(ckpt.get("global_step", epoch * steps_per_epoch + step))
+        old, new = ckpt.get("data_state", {}), self.meta["data_state"]
+        if old and old != new:
+            step = min(steps_per_epoch, step * int(old.get("batch_size", new["batch_size"])) * int(old.get("world_size", new["world_size"]))
+                       // (new["batch_size"] * new["world_size"]))
+            log(f"warning: resuming with another world size / batch size / data / seed than {path} was written with "
+                f"({old}); continuing at step {step} of epoch {epoch}, but not bit-exactly")
+        if step >= steps_per_epoch:
+            epoch, step = epoch + 1, 0
+        log(f"resumed from {path}: epoch {epoch}, step {step} of {steps_per_epoch}, global step {global_step}")
+        return epoch, step, global_step
+
+    def _load(self, path: str, log: Callable[[str], None]) -> dict[str, Any]:
+        if os.path.isdir(path) != self.sharded:
+            kind, fix = ("a sharded (--fsdp) checkpoint folder", "add --fsdp") if os.path.isdir(path) else \
+                ("a single-file (DDP) checkpoint", "drop --fsdp")
+            raise CheckpointError(f"--resume {path!r} is {kind}; {fix} to continue it")
+        source = f"--resume {path!r}"
+        if self.sharded:
+            from torch.distributed.checkpoint import HuggingFaceStorageReader, load
+            from torch.distributed.checkpoint.state_dict import set_state_dict
+
+            ckpt = load_checkpoint(os.path.join(path, STATE_FILE))
+            has_ema = "model_ema" in ckpt.get("sharded", ()) and self.ema is not None
+            tensors, model_sd, optim_sd = self._sharded_tensors(has_ema)
+            load(tensors, storage_reader=HuggingFaceStorageReader(path))
+            check_finite({k: v.to_local() for k, v in model_sd.items()}, source)
+            set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        else:
+            ckpt = load_checkpoint(path)
+            check_finite(ckpt["model"], source)
+            load_into(self.model, ckpt["model"], source=source)
+            self._load_optimizer(ckpt.get("optimizer"), path, log)
+            has_ema = "model_ema" in ckpt and self.ema is not None
+            if has_ema:
+                if check_state_dict(self.ema.state, ckpt["model_ema"]) != ([], [], []):
+                    raise CheckpointError(f"{source}: its model_ema does not match the model; the file is damaged")
+                for k, v in ckpt["model_ema"].items():
+                    self.ema.state[k].copy_(v)
+        if self.ema is not None and not has_ema:
+            log(f"warning: {path} holds no EMA weights; the EMA starts from the resumed weights")
+            self.ema.restart()
+        rngs = ckpt.get("rng") or []
+        if len(rngs) == self.info.world_size:
+            _set_rng_state(rngs[self.info.rank])
+        return ckpt
+
+    def _load_optimizer(self, state: dict[str, Any] | None, path: str, log: Callable[[str], None]) -> None:
+        """AdamW's state when it was written for the same parameter groups (not the released code's
+        order of groups); else a warning and a fresh start."""
+        groups = self.optimizer.param_groups
+        ours, theirs = [len(g["params"]) for g in groups], [len(g.get("params", [])) for g in (state or {}).get("param_groups", [])]
+        params = [p for g in groups for p in g["params"]]
+        if state and ours == theirs and all(
+                int(i) < len(params) and all(not torch.is_tensor(v) or v.dim() == 0 or v.shape == params[int(i)].shape
+                                             for v in st.values()) for i, st in state.get("state", {}).items()):
+            self.optimizer.load_state_dict(state)
+            return
+        log(f"warning: the optimizer state in {path} is missing or does not match this model's parameter groups "
+            f"({theirs} vs {ours} parameters); AdamW starts fresh")
+
+
+def _ignore_signals(signals: tuple[int, ...], worker_id: int) -> None:
+    for sig in signals:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class PreemptionFlag:
+    """Set by the preemption signals (the loop then saves and stops at the next step boundary). DataLoader
+    workers ignore them: the launcher signals the whole process group, and a killed worker would fail
+    the run before it saves; they are blocked while workers are forked."""
+
+    def __init__(self, names: str) -> None:
+        self.requested, self._previous, self.signals = False, {}, []
+        for name in filter(None, (n.strip().upper() for n in names.split(","))):
+            sig = getattr(signal, name if name.startswith("SIG") else "SIG" + name, None)
+            if sig is None:
+                raise ValueError(f"--preempt_signals: unknown signal {name!r}")
+            self.signals.append(sig)
+        self.worker_init = functools.partial(_ignore_signals, tuple(int(s) for s in self.signals))
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if not self.requested:
+            os.write(2, f"[lpd.train] received {signal.Signals(signum).name}: saving the checkpoint at the next step boundary, then exiting\n".encode())
+        self.requested = True
+
+    def install(self) -> None:
+        for sig in self.signals:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread
+                warnings.warn("train() is not running in the main thread: preemption signals are not handled")
+                return
+
+    def iterate(self, loader: torch.utils.data.DataLoader):
+        if not self.signals or loader.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):
+            return iter(loader)
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
+        try:
+            return iter(loader)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    def restore(self) -> None:
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
+        self._previous.clear()
