@@ -262,7 +262,7 @@ def export_folder(path: str) -> str | None:
     from lpd import hub
 
     for name in (EXPORT_CONFIG, EXPORT_WEIGHTS):
-        local = hub._hub_file(path, name, what="exported LPD model", flag="--pretrained_ckpt",
+        local = hub.hub_file(path, name, what="exported LPD model", flag="--pretrained_ckpt",
                               hint=f"or, if {path} was meant as a folder on this machine: it does not exist")
     return os.path.dirname(local)
 
@@ -389,7 +389,7 @@ def push_to_hub(folder: str, repo: str, private: bool = False) -> str:
         huggingface_hub.create_repo(repo, exist_ok=True, private=private)
         huggingface_hub.upload_folder(repo_id=repo, folder_path=folder, commit_message="lpd export")
     except Exception as e:  # noqa: BLE001 - network, authentication, permissions: reported with the cause
-        raise CheckpointError(f"--push_to_hub {repo}: the upload failed ({hub._cause(e)}); nothing was committed. The export "
+        raise CheckpointError(f"--push_to_hub {repo}: the upload failed ({hub.cause(e)}); nothing was committed. The export "
                               f"{folder} is complete: upload it later with `hf upload {repo} {folder}`") from e
     return f"https://huggingface.co/{repo}"
 
@@ -430,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.push_to_hub:
             from lpd import hub
 
-            if hub._offline():
+            if hub.offline():
                 raise CheckpointError("--push_to_hub needs the network, but HF_HUB_OFFLINE is set; export without it "
                                       "and upload the folder later with `hf upload REPO OUT_DIR`")
         out = export(args.ckpt, args.out_dir, model=args.model, use_ema=args.use_ema, metrics=args.metrics,

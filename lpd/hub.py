@@ -55,12 +55,12 @@ class ResolveError(FileNotFoundError):
     """A file could not be found or fetched; str() is the message, which says how to provide it."""
 
 
-def _offline() -> bool:
+def offline() -> bool:
     """HF_HUB_OFFLINE as huggingface_hub read it at import, or as set now."""
     return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
-def _cause(exc: BaseException) -> str:
+def cause(exc: BaseException) -> str:
     """The innermost cause of ``exc``, on one line."""
     for _ in range(32):  # bounded: a chain set by hand may loop
         exc = exc.__cause__ or exc.__context__ or exc
@@ -86,7 +86,7 @@ _HUB_FAILURES = (  # first match wins: GatedRepoError is a RepositoryNotFoundErr
 )
 
 
-def _hub_file(repo_id: str, filename: str, *, what: str, flag: str, cache_dir: str | os.PathLike | None = None,
+def hub_file(repo_id: str, filename: str, *, what: str, flag: str, cache_dir: str | os.PathLike | None = None,
               hint: str = "", fallback: bool = False) -> str:
     """Local path of ``filename`` in the Hub model repository ``repo_id``: the cache, else a download."""
     # HF_HUB_CACHE is read now so that a changed environment counts; the default is huggingface_hub's.
@@ -106,7 +106,7 @@ def _hub_file(repo_id: str, filename: str, *, what: str, flag: str, cache_dir: s
         return get(filename, local=True)
     except (OSError, ValueError):
         pass
-    if _offline():
+    if offline():
         if alt := single_other(_repo_files(repo_id, cache, local=True), "found in the cache"):
             return get(alt, local=True)
         reason = f"offline mode (HF_HUB_OFFLINE=1) is on and the file is not in the cache {cache}."
@@ -116,9 +116,9 @@ def _hub_file(repo_id: str, filename: str, *, what: str, flag: str, cache_dir: s
         except Exception as exc:  # HTTP, connection (httpx errors are not OSErrors), disk: reported with the cause
             missing = isinstance(exc, errors.RemoteEntryNotFoundError)
             if missing and (alt := single_other(_repo_files(repo_id, cache, local=False), "listed on the Hub")):
-                return _hub_file(repo_id, alt, what=what, flag=flag, cache_dir=cache, hint=hint)
+                return hub_file(repo_id, alt, what=what, flag=flag, cache_dir=cache, hint=hint)
             reason = next(r for t, r in _HUB_FAILURES if isinstance(exc, t)).format(filename=filename, cache=cache)
-            reason += f" ({_cause(exc)})."
+            reason += f" ({cause(exc)})."
     url = f"https://huggingface.co/{repo_id}/resolve/main/{filename}"
     raise ResolveError(
         f"Could not get the {what} ({filename}) from the Hugging Face Hub repository {repo_id}: {reason}\n"
@@ -164,8 +164,8 @@ def url_file(urls: str | Sequence[str], *, cache_dir: str | os.PathLike, filenam
     for p in looked:
         if os.path.isfile(p):
             return p
-    if _offline() or not download:
-        reason = "offline mode (HF_HUB_OFFLINE=1) is on" if _offline() else "downloads are disabled"
+    if offline() or not download:
+        reason = "offline mode (HF_HUB_OFFLINE=1) is on" if offline() else "downloads are disabled"
         reason += " and it is not on disk."
     else:
         os.makedirs(os.path.dirname(dst), exist_ok=True)
@@ -182,7 +182,7 @@ def url_file(urls: str | Sequence[str], *, cache_dir: str | os.PathLike, filenam
                 os.replace(tmp, dst)
                 return dst
             except Exception as exc:  # network, HTTP status, validation: try the next source
-                failures.append(f"{url}: {_cause(exc)}")
+                failures.append(f"{url}: {cause(exc)}")
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
@@ -206,7 +206,7 @@ def resolve_checkpoint(model: str, img_size: int, path: str | os.PathLike | None
         released = ", ".join(f"{m} at {s}px" for m, s in RELEASED_CHECKPOINTS)
         raise ResolveError(f"No released checkpoint for model {model!r} at {img_size} px (released: {released}). "
                            f"Pass your own checkpoint with {flag}, or --random_init for random weights.")
-    return _hub_file(repo, CHECKPOINT_FILENAME.format(model=model, img_size=int(img_size)), flag=flag,
+    return hub_file(repo, CHECKPOINT_FILENAME.format(model=model, img_size=int(img_size)), flag=flag,
                      what=f"released {model} {img_size}px checkpoint", cache_dir=cache_dir, fallback=True)
 
 
@@ -214,7 +214,7 @@ def resolve_vq(path: str | os.PathLike | None = None, cache_dir: str | os.PathLi
     """Local path of the LlamaGen VQ tokenizer: ``path`` (--vqgan_path), else the released one."""
     if path is not None:
         return local_file(path, what="LlamaGen VQ tokenizer", flag="--vqgan_path")
-    return _hub_file(VQ_REPO, VQ_FILENAME, what="LlamaGen VQ tokenizer", flag="--vqgan_path", cache_dir=cache_dir)
+    return hub_file(VQ_REPO, VQ_FILENAME, what="LlamaGen VQ tokenizer", flag="--vqgan_path", cache_dir=cache_dir)
 
 
 def resolve_orders(img_size: int, steps: int, threshold: float, path: str | os.PathLike | None = None,
@@ -225,7 +225,7 @@ def resolve_orders(img_size: int, steps: int, threshold: float, path: str | os.P
         return local_file(path, what=what, flag=flag)
     t = float(threshold)
     name = ORDERS_FILENAME.format(img_size=int(img_size), steps=int(steps), threshold=int(t) if t.is_integer() else t)
-    return _hub_file(ORDERS_REPO, name, what=what, flag=flag, cache_dir=cache_dir,
+    return hub_file(ORDERS_REPO, name, what=what, flag=flag, cache_dir=cache_dir,
                      hint="or leave out --lpd_order_file: orders are then generated locally from --seed")
 
 

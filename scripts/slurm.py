@@ -11,7 +11,7 @@ torch.distributed environment from Slurm's (``MASTER_ADDR``, ``MASTER_PORT``, ``
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, via
 ``submitit.helpers.TorchDistributedEnvironment``) and runs the entry point in a child process
 (``python ENTRY ARGS``).  When the entry point is ``main_train.py`` and
-``OUTPUT_DIR/checkpoint-last.pth`` exists, ``--resume OUTPUT_DIR`` is added, so every
+``OUTPUT_DIR/checkpoint-last.pth`` (or the FSDP folder ``checkpoint-last/``) exists, ``--resume OUTPUT_DIR`` is added, so every
 (re)started job continues where the last one stopped.
 
 Preemption and time limits: submitit asks Slurm for ``USR2`` shortly before the end
@@ -76,7 +76,8 @@ class Launcher:
         args = list(self.args)
         if os.path.basename(self.entry) == "main_train.py" and _flag_value(args, "--resume") is None:
             out = _flag_value(args, "--output_dir")
-            if out and os.path.isfile(os.path.join(self.cwd, out, "checkpoint-last.pth")):
+            last = os.path.join(self.cwd, out or "", "checkpoint-last")
+            if out and (os.path.isfile(last + ".pth") or os.path.isdir(last)):
                 args += ["--resume", out]
         return [self.python, self.entry, *args]
 
