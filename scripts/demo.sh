@@ -9,9 +9,9 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="${1:-outputs/demo}"
 [ $# -ge 1 ] && shift
-if [ -n "${VIRTUAL_ENV:-}" ] && "$VIRTUAL_ENV/bin/python" -c "import lpd, torch" >/dev/null 2>&1; then
+if [ -n "${VIRTUAL_ENV:-}" ] && "$VIRTUAL_ENV/bin/python" -c "import lpd, torch, matplotlib" >/dev/null 2>&1; then
   py="$VIRTUAL_ENV/bin/python"
-elif [ -x "$root/.venv/bin/python" ] && "$root/.venv/bin/python" -c "import lpd, torch" >/dev/null 2>&1; then
+elif [ -x "$root/.venv/bin/python" ] && "$root/.venv/bin/python" -c "import lpd, torch, matplotlib" >/dev/null 2>&1; then
   py="$root/.venv/bin/python"
 else
   echo "[demo] setting up the environment first (environment_setup.sh)"

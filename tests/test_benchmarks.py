@@ -34,3 +34,18 @@ def test_bench_matmul_rejects_bad_rows(tmp_path):
         [sys.executable, os.path.join(ROOT, "benchmarks", "bench_matmul.py"), "--rows", "0,4"],
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--rows must be positive" in proc.stderr
+
+
+def test_bench_sampling_draws_its_charts(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_sampling", os.path.join(ROOT, "benchmarks", "bench_sampling.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    records = [{"model": "tiny", "batch": b, "steps": s, "cfg": 5.0, "dtype": "fp32", "compile": False, "vq": False,
+                "wall_median_s": 0.01 * s * b, "images_per_s": 100.0 / s} for b in (1, 8) for s in (8, 32)]
+    records[0]["released"] = {"wall_median_s": 0.2}
+    paths = bench.draw_charts(records, str(tmp_path / "bs"))
+    assert paths == [str(tmp_path / "bs_latency.png"), str(tmp_path / "bs_throughput.png")]
+    for p in paths:
+        assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
