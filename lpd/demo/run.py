@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from lpd.config import parse_args_with_config, yaml_mapping
+from lpd.demo.classifier import Judge, accuracy, train_classifier
 from lpd.sampling import SamplingConfig, add_sampling_args, sampling_from_args
 
 __all__ = ["main", "build_parser", "run_demo", "format_table", "DemoInterrupted"]
@@ -31,6 +32,10 @@ ORDERS = ("lpd", "random", "raster")
 _TRAIN_FIELDS = ("model", "img_size", "model_config", "tokenizer", "vq_config", "epochs", "batch_size", "blr", "lr",
                  "min_lr", "lr_schedule", "warmup_epochs", "lr_decay_start_epoch", "weight_decay", "grad_clip", "seed",
                  "bf16", "grad_checkpointing", "group_sizes_list", "log_freq")
+
+
+def _levels(args: argparse.Namespace) -> int:
+    return int((args.vq_config or {}).get("levels", 4))
 
 
 class DemoInterrupted(RuntimeError):
@@ -124,7 +129,7 @@ def _train(args: argparse.Namespace, device: torch.device, log) -> torch.nn.Modu
         log(f"resuming the interrupted training run in {train_dir}")
         config.resume = train_dir
     atomic_write_bytes(sig_path, lambda f: f.write(json.dumps(signature).encode()))
-    tokens, labels = load_digits_dataset("train", levels=int((args.vq_config or {}).get("levels", 4)))
+    tokens, labels = load_digits_dataset("train", levels=_levels(args))
     n = args.max_train_samples or len(labels)
     dataset = torch.utils.data.TensorDataset(tokens.flatten(1)[:n], labels[:n])
     result = train(config, info=DistInfo(0, 1, 0, device), dataset=dataset, log=log)
@@ -133,19 +138,44 @@ def _train(args: argparse.Namespace, device: torch.device, log) -> torch.nn.Modu
     return result.model.eval()
 
 
-def run_demo(args: argparse.Namespace, log=print) -> dict[str, Any]:
-    """Run the whole demo; returns the ``metrics.json`` record."""
-    from lpd.checkpoint import atomic_write_bytes
-    from lpd.demo.classifier import Judge, accuracy, train_classifier
-    from lpd.demo.digits import load_digits_dataset
+def _ablation(args: argparse.Namespace, model: torch.nn.Module, judge: Judge, schedules: list[list[int]],
+              device: torch.device, log) -> list[dict[str, Any]]:
+    """Sample ``num_images`` digits (0-9 in turn) per order x steps setting and score them; one row each."""
     from lpd.evaluate import generate_images
     from lpd.images import save_grid
     from lpd.tokenizer import make_tokenizer
 
+    tokenizer = make_tokenizer(args.tokenizer, None, args.vq_config, args.seed, device)
+    labels = np.arange(args.num_images) % 10
+    rows: list[dict[str, Any]] = []
+    threads = torch.get_num_threads()
+    if args.decode_threads and device.type == "cpu":
+        torch.set_num_threads(args.decode_threads)
+    try:
+        for order in args.orders:
+            for steps, sizes in zip(args.steps, schedules):
+                t0 = time.perf_counter()
+                images = generate_images(model, tokenizer, args.num_images, sizes, sampling_from_args(args, order=order),
+                                         labels=labels, seed=args.seed, eval_bsz=args.eval_bsz).images
+                seconds = time.perf_counter() - t0
+                rows.append({"order": order, "steps": steps, **judge.score(images, labels), "seconds": seconds})
+                save_grid(os.path.join(args.output_dir, "samples", f"{order}_steps{steps}.png"),
+                          list(images[:args.grid_images]), ncol=10, max_tile=64)  # a row shows the digits 0-9
+                log(_row(rows[-1]))
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def run_demo(args: argparse.Namespace, log=print) -> dict[str, Any]:
+    """Run the whole demo; returns the ``metrics.json`` record."""
+    from lpd.checkpoint import atomic_write_bytes
+    from lpd.demo.digits import load_digits_dataset
+
     schedules = _check(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, out, levels = torch.device(args.device), args.output_dir, int((args.vq_config or {}).get("levels", 4))
+    device, out, levels = torch.device(args.device), args.output_dir, _levels(args)
     timings, clock = {}, time.perf_counter()
 
     def lap(stage: str) -> None:
@@ -161,25 +191,8 @@ def run_demo(args: argparse.Namespace, log=print) -> dict[str, Any]:
     judge = Judge.held_out(clf, levels, resamples=args.resamples, seed=args.seed)
     log(f"classifier held-out accuracy: {clf_acc:.3f}")
     lap("judge")
-
     log(f"== 3/3 ablation: orders x steps, {args.num_images} samples each (lpd.evaluate)")
-    tokenizer = make_tokenizer(args.tokenizer, None, args.vq_config, args.seed, device)
-    labels = np.arange(args.num_images) % 10
-    rows: list[dict[str, Any]] = []
-    threads = torch.get_num_threads()
-    if args.decode_threads and device.type == "cpu":
-        torch.set_num_threads(args.decode_threads)
-    for order in args.orders:
-        for steps, sizes in zip(args.steps, schedules):
-            t0 = time.perf_counter()
-            images = generate_images(model, tokenizer, args.num_images, sizes, sampling_from_args(args, order=order),
-                                     labels=labels, seed=args.seed, eval_bsz=args.eval_bsz).images
-            seconds = time.perf_counter() - t0
-            rows.append({"order": order, "steps": steps, **judge.score(images, labels), "seconds": seconds})
-            save_grid(os.path.join(out, "samples", f"{order}_steps{steps}.png"), list(images[:args.grid_images]),
-                      ncol=10, max_tile=64)  # each row of 10 shows the digits 0-9
-            log(_row(rows[-1]))
-    torch.set_num_threads(threads)
+    rows = _ablation(args, model, judge, schedules, device, log)
     lap("ablation")
     _plot(rows, os.path.join(out, "ablation.png"), args)
     lap("plot")
