@@ -45,9 +45,9 @@ def line_chart(path: str | os.PathLike, panels: Sequence[Mapping[str, Any]], tit
                 ax.errorbar(bx, mid, yerr=half, fmt="none", ecolor=color, capsize=3, lw=1)
         if p.get("log_x"):
             ax.set_xscale("log")
-            xs = sorted({pt[0] for s in series.values() for pt in s})
+            xs = sorted({pt[0] for s in series.values() for pt in s if pt[0] > 0})
             if 0 < len(xs) <= 12:
-                ax.set_xticks(xs, [f"{v:g}" for v in xs])
+                ax.set_xticks(xs, [f"{v:g}" if float(v).is_integer() else f"{v:.3g}" for v in xs])
                 ax.minorticks_off()
         ax.set(title=p.get("title", ""), xlabel=p.get("xlabel", ""), ylabel=p.get("ylabel", ""))
         ax.title.set_fontsize(9)
