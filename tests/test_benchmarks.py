@@ -162,3 +162,18 @@ def test_gpu_check_never_writes_into_earlier_results(tmp_path):
                           capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
     assert proc.returncode == 2 and "is not an empty folder" in proc.stderr
     assert sorted(os.listdir(tmp_path)) == ["old.json"]
+
+
+def test_bench_sampling_draws_its_charts(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_sampling", os.path.join(ROOT, "benchmarks", "bench_sampling.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    records = [{"model": "tiny", "batch": b, "steps": s, "cfg": 5.0, "dtype": "fp32", "compile": False, "vq": False,
+                "wall_median_s": 0.01 * s * b, "images_per_s": 100.0 / s} for b in (1, 8) for s in (8, 32)]
+    records[0]["released"] = {"wall_median_s": 0.2}
+    paths = bench.draw_charts(records, str(tmp_path / "bs"))
+    assert paths == [str(tmp_path / "bs_latency.png"), str(tmp_path / "bs_throughput.png")]
+    for p in paths:
+        assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

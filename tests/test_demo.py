@@ -1,111 +1,86 @@
-"""The CPU demo: embedded digits, the palette tokenizer, the judge, and a shortened end-to-end run."""
+"""The CPU demo end to end (shortened), its flag checks, the palette tokenizer behind it, and its charts."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-import torch
 
-from lpd.demo.digits import DigitTokens, load_digits_dataset, load_digits_images, split_indices
-from lpd.tokenizer import make_tokenizer
 from lpd.demo.palette import PaletteTokenizer
+from lpd.tokenizer import make_tokenizer
+
+PNG = b"\x89PNG\r\n\x1a\n"
+TINY = ["--epochs", "1", "--max_train_samples", "32", "--classifier_epochs", "2", "--eval_bsz", "10",
+        "--resamples", "50", "--model_config", json.dumps({"embed_dim": 32, "depth": 1, "num_heads": 2,
+                                                           "vocab_size": 4, "class_num": 10, "proj_dropout": 0.0})]
 
 
-def test_digits_splits_are_disjoint_stratified_and_deterministic():
-    train, test = split_indices("train"), split_indices("test")
-    assert len(train) == 1442 and len(test) == 355
-    assert not set(train.tolist()) & set(test.tolist())
-    assert sorted(set(train.tolist()) | set(test.tolist())) == list(range(1797))
-    tokens, labels = load_digits_dataset("test")
-    again, labels2 = load_digits_dataset("test")
-    assert torch.equal(tokens, again) and torch.equal(labels, labels2)
-    assert tokens.shape == (355, 16, 16) and tokens.dtype == torch.long
-    assert 0 <= int(tokens.min()) and int(tokens.max()) < 4
-    assert torch.bincount(labels, minlength=10).min() >= 34  # every digit held out
-    ds = DigitTokens("train")
-    x, y = ds[0]
-    assert x.shape == (256,) and 0 <= int(y) < 10 and len(ds) == 1442
-
-
-def test_digit_grids_have_ink_and_background():
-    tokens, _ = load_digits_dataset("train")
-    frac_ink = (tokens > 0).float().mean().item()
-    assert 0.2 < frac_ink < 0.7
-    assert (tokens[:, :, 0] == 0).float().mean() > 0.9  # the left column is background
-    assert (tokens == 3).any(-1).any(-1).float().mean() > 0.9  # nearly every digit has full-ink cells
-
-
-def test_palette_round_trips_are_exact():
-    tok = PaletteTokenizer(levels=4)
-    grids = torch.randint(0, 4, (3, 16, 16), generator=torch.Generator().manual_seed(0))
-    images = tok.decode(grids)
-    assert images.shape == (3, 3, 256, 256) and images.min() >= -1 and images.max() <= 1
-    assert torch.equal(tok.encode(images), grids)
-    assert torch.equal(tok.decode(tok.encode(images)), images)
-    assert torch.equal(tok.decode(grids.flatten(1)), images)  # raster [B, N] works too
-    assert tok.codebook_size == 4 and tok.downsample_factor == 16
-
-
-def test_palette_bad_inputs():
-    tok = PaletteTokenizer(levels=4)
-    with pytest.raises(ValueError, match=r"tokens must lie in \[0, 4\)"):
-        tok.decode(torch.full((1, 4, 4), 4))
-    with pytest.raises(ValueError, match="multiples of patch"):
-        tok.encode(torch.zeros(1, 3, 20, 20))
-    with pytest.raises(ValueError, match="levels must be"):
-        PaletteTokenizer(levels=1)
-
-
-def test_make_tokenizer_palette():
+def test_make_tokenizer_palette() -> None:
     tok = make_tokenizer("palette", vq_config={"levels": 4})
     assert isinstance(tok, PaletteTokenizer) and tok.levels == 4
     with pytest.raises(ValueError, match="unknown tokenizer"):
         make_tokenizer("pixels")
 
 
-def test_images_match_tokens_through_the_classifier_inputs():
-    from lpd.demo.classifier import DigitClassifier
-
-    images, labels = load_digits_images("test", uint8=True)
-    tokens, labels2 = load_digits_dataset("test")
-    assert torch.equal(labels, labels2)
-    clf = DigitClassifier()
-    assert torch.equal(clf.images_to_input(images[:8]), clf.tokens_to_input(tokens[:8]))
-    feats, logits = clf.features(images[:8])
-    assert feats.shape == (8, 64) and logits.shape == (8, 10)
-
-
-def test_classifier_learns_the_digits():
-    from lpd.demo.classifier import accuracy, train_classifier
-
-    clf = train_classifier(seed=0, epochs=4)
-    tokens, labels = load_digits_dataset("test")
-    assert accuracy(clf, tokens, labels) >= 0.9
-
-
-def test_shortened_demo_run_writes_its_outputs(tmp_path):
+def test_shortened_demo_run_writes_its_outputs(tmp_path, capsys) -> None:
     from lpd.demo.run import main
 
     out = tmp_path / "demo"
-    argv = ["--output_dir", str(out), "--epochs", "1", "--max_train_samples", "32", "--steps", "8,20",
-            "--orders", "lpd,raster", "--num_images", "20", "--eval_bsz", "10", "--classifier_epochs", "2",
-            "--model_config", json.dumps({"embed_dim": 32, "depth": 1, "num_heads": 2, "vocab_size": 4,
-                                          "class_num": 10, "proj_dropout": 0.0})]
+    argv = ["--output_dir", str(out), "--steps", "8,20", "--orders", "lpd,raster", "--num_images", "20", *TINY]
     assert main(argv) == 0
     record = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= record["classifier_accuracy"] <= 1.0
+    assert set(record["timings"]) == {"train", "judge", "ablation", "plot", "total"}
     rows = record["ablation"]
     assert [(r["order"], r["steps"]) for r in rows] == [("lpd", 8), ("lpd", 20), ("raster", 8), ("raster", 20)]
     for r in rows:
-        assert set(r) == {"order", "steps", "accuracy", "frechet", "seconds"}
-        assert 0.0 <= r["accuracy"] <= 1.0 and r["frechet"] >= 0 and r["seconds"] > 0
-    assert (out / "ablation.png").stat().st_size > 0
+        assert set(r) == {"order", "steps", "num_images", "accuracy", "accuracy_ci95", "frechet", "frechet_ci95", "seconds"}
+        assert r["num_images"] == 20 and r["seconds"] > 0
+        assert 0.0 <= r["accuracy_ci95"][0] <= r["accuracy"] <= r["accuracy_ci95"][1] <= 1.0
+        assert r["frechet"] > 0 and r["frechet_ci95"][0] < r["frechet_ci95"][1]
+    printed = capsys.readouterr().out
+    assert "| lpd | 8 | " in printed and "accuracy [95% CI]" in printed
+    assert (out / "ablation.png").read_bytes()[:8] == PNG
     for order, steps in [("lpd", 8), ("raster", 20)]:
-        assert (out / "samples" / f"{order}_steps{steps}.png").stat().st_size > 0
-    assert (out / "train" / "checkpoint-last.pth").exists()
-    # A second run reuses the finished training run and gives the same samples.
+        assert (out / "samples" / f"{order}_steps{steps}.png").read_bytes()[:8] == PNG
+    checkpoint = out / "train" / "checkpoint-last.pth"
+    stamp = checkpoint.stat().st_mtime_ns
+    # A second run reuses the finished training run and gives the same samples and scores.
     assert main(argv) == 0
+    assert "reusing the trained model" in capsys.readouterr().out
     again = json.loads((out / "metrics.json").read_text())
-    assert [r["accuracy"] for r in again["ablation"]] == [r["accuracy"] for r in rows]
-    assert again["train_seconds"] == 0.0
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in again["ablation"]] == \
+           [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert checkpoint.stat().st_mtime_ns == stamp
+    # Other training settings into the same folder: refused, the finished run kept.
+    assert main([*argv, "--seed", "1"]) == 2
+    assert "holds a training run of other settings" in capsys.readouterr().err
+    assert checkpoint.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--orders", "lpd,zigzag"], "--orders"),
+    (["--steps", "8,0"], "--steps"),
+    (["--num_images", "1"], "--num_images must be at least 2"),
+    (["--resamples", "0"], "--resamples must be at least 1"),
+])
+def test_bad_flags_exit_2_before_any_work(tmp_path, capsys, flags, message) -> None:
+    from lpd.demo.run import main
+
+    assert main(["--output_dir", str(tmp_path / "demo"), *TINY, *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
+
+
+def test_line_chart_draws_error_bars_and_log_axes(tmp_path) -> None:
+    from lpd.plotting import line_chart
+
+    path = tmp_path / "chart.png"
+    line_chart(path, [{"series": {"a": [(8, 0.5, 0.4, 0.6), (256, 0.7, 0.65, 0.72)], "b": [(8, 0.3), (256, None)]},
+                       "title": "t", "xlabel": "steps", "ylabel": "y", "log_x": True},
+                      {"series": {"b": [(1, 2.0), (2, 3.0)]}}], title="two panels", panel_size=(300, 200))
+    assert path.read_bytes()[:8] == PNG
+    from PIL import Image
+
+    assert Image.open(path).size == (600, 260)
+    assert not list(tmp_path.glob(".tmp-*"))  # written atomically

@@ -1,5 +1,5 @@
-"""Tests for the demo's data side: the embedded digits (lpd.demo.digits) and the digit classifier
-(lpd.demo.classifier)."""
+"""The demo's data and judge: embedded digits (lpd.demo.digits), the classifier, bootstrap intervals and
+the Judge's scores (lpd.demo.classifier)."""
 
 from __future__ import annotations
 
@@ -7,67 +7,49 @@ import numpy as np
 import pytest
 import torch
 
-from lpd.demo.classifier import DigitClassifier, accuracy, train_classifier
-from lpd.demo.digits import (
-    DigitTokens,
-    load_digits_dataset,
-    load_digits_images,
-    load_raw_digits,
-    split_indices,
-)
-from lpd.demo.palette import PaletteTokenizer, uint8_to_images
+from lpd.demo.classifier import DigitClassifier, Judge, _frechet_to, accuracy, bootstrap_ci, train_classifier
+from lpd.demo.digits import load_digits_dataset, load_raw_digits, split_indices
+from lpd.demo.palette import PaletteTokenizer, images_to_uint8, uint8_to_images
+from lpd.metrics import frechet_distance
+
+
+def _images(tokens: torch.Tensor) -> np.ndarray:
+    """Token grids -> decoded uint8 images [n, 256, 256, 3], the layout generate_images returns."""
+    return images_to_uint8(PaletteTokenizer().decode(tokens)).permute(0, 2, 3, 1).numpy()
 
 
 def test_raw_data() -> None:
     images, labels = load_raw_digits()
     assert images.shape == (1797, 8, 8) and images.dtype == np.uint8 and images.max() == 16
-    assert labels.shape == (1797,) and labels.dtype == np.int64
-    assert np.bincount(labels).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+    assert labels.dtype == np.int64 and np.bincount(labels).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+    assert not images.flags.writeable
 
 
 def test_splits_disjoint_stratified_deterministic() -> None:
     train, test, everything = split_indices("train"), split_indices("test"), split_indices("all")
     assert len(train) == 1442 and len(test) == 355 and len(everything) == 1797
-    assert np.intersect1d(train, test).size == 0
-    assert np.array_equal(np.union1d(train, test), everything)
-    assert np.array_equal(split_indices("test"), test)
-    _, labels = load_raw_digits()
-    per_class = np.bincount(labels[test], minlength=10)
-    assert per_class.min() >= 34 and per_class.max() <= 37  # ~20% of each class
-    with pytest.raises(ValueError):
+    assert np.intersect1d(train, test).size == 0 and np.array_equal(np.union1d(train, test), everything)
+    per_class = np.bincount(load_raw_digits()[1][test], minlength=10)
+    assert per_class.min() >= 34 and per_class.max() <= 37  # ~20% of each digit
+    with pytest.raises(ValueError, match="split must be"):
         split_indices("val")
 
 
-def test_token_dataset() -> None:
+def test_token_grids() -> None:
     tokens, labels = load_digits_dataset("test")
-    assert tokens.shape == (355, 16, 16) and tokens.dtype == torch.long
-    assert labels.shape == (355,) and labels.dtype == torch.long
-    assert tokens.min() == 0 and tokens.max() == 3 and 0 <= labels.min() and labels.max() == 9
-    assert (tokens == 0).float().mean() > 0.4  # mostly background
-    again, again_labels = load_digits_dataset("test")
-    assert torch.equal(tokens, again) and torch.equal(labels, again_labels)
-    binary, _ = load_digits_dataset("test", levels=2)
-    assert binary.max() == 1
-    small, _ = load_digits_dataset("train", grid_size=8, levels=8)
-    assert small.shape == (1442, 8, 8)
-    with pytest.raises(ValueError):
+    assert tokens.shape == (355, 16, 16) and tokens.dtype == labels.dtype == torch.long
+    assert tokens.min() == 0 and tokens.max() == 3 and labels.max() == 9
+    assert 0.2 < (tokens > 0).float().mean() < 0.7  # ink and background
+    assert (tokens[:, :, 0] == 0).float().mean() > 0.9  # the left column is background
+    assert (tokens == 3).flatten(1).any(1).float().mean() > 0.9  # nearly every digit has full-ink cells
+    again, labels2 = load_digits_dataset("test")
+    assert torch.equal(tokens, again) and torch.equal(labels, labels2)
+    assert load_digits_dataset("test", levels=2)[0].max() == 1
+    assert load_digits_dataset("train", grid_size=8, levels=8)[0].shape == (1442, 8, 8)
+    images = _images(tokens[:16])  # decoded digits are palette images: exact round trip
+    assert torch.equal(PaletteTokenizer().encode(uint8_to_images(torch.from_numpy(images).permute(0, 3, 1, 2))), tokens[:16])
+    with pytest.raises(ValueError, match="grid_size"):
         load_digits_dataset("test", grid_size=1)
-
-    ds = DigitTokens("train")
-    assert len(ds) == 1442 and ds.seq_len == 256
-    seq, label = ds[5]
-    assert seq.shape == (256,) and label.shape == () and 0 <= int(label) <= 9
-
-
-def test_images_match_tokens() -> None:
-    tokens, labels = load_digits_dataset("test")
-    images, image_labels = load_digits_images("test")
-    assert images.shape == (355, 3, 256, 256) and images.dtype == torch.uint8
-    assert torch.equal(labels, image_labels)
-    tok = PaletteTokenizer()
-    assert torch.equal(tok.encode(uint8_to_images(images[:16])), tokens[:16])
-    floats, _ = load_digits_images("test", grid_size=4, uint8=False, patch=2)
-    assert floats.shape == (355, 3, 8, 8) and floats.dtype == torch.float32
 
 
 @pytest.fixture(scope="module")
@@ -77,34 +59,65 @@ def classifier() -> DigitClassifier:
 
 def test_classifier_accuracy_and_features(classifier: DigitClassifier) -> None:
     tokens, labels = load_digits_dataset("test")
-    acc = accuracy(classifier, tokens, labels)
-    assert acc >= 0.9
-    images, _ = load_digits_images("test")
-    features, logits = classifier.features(images[:32])
-    assert features.shape == (32, classifier.feature_dim) and logits.shape == (32, 10)
-    assert features.dtype == torch.float32 and (features.std(0) > 0).all()  # no dead units
-    # images and token grids reach the network as identical inputs
+    assert accuracy(classifier, tokens, labels) >= 0.9
+    images = torch.from_numpy(_images(tokens[:32])).permute(0, 3, 1, 2)
+    features, logits = classifier.features(images)
+    assert features.shape == (32, 64) and logits.shape == (32, 10) and (features.std(0) > 0).all()  # no dead units
+    # images and their token grids reach the network as identical inputs
+    assert torch.equal(classifier.images_to_input(images), classifier.tokens_to_input(tokens[:32]))
     assert torch.equal(logits, classifier.predict_tokens(tokens[:32].flatten(1)))
     with pytest.raises(TypeError):
         classifier.features(uint8_to_images(images[:2]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="multiples of 16"):
         classifier.features(images[:2, :, :250, :250])
 
 
-def test_classifier_deterministic_and_leaves_global_rng() -> None:
+def test_classifier_deterministic_and_leaves_global_state() -> None:
     state, threads = torch.random.get_rng_state(), torch.get_num_threads()
     tokens, labels = load_digits_dataset("train")
-    a = train_classifier(seed=3, epochs=1, tokens=tokens[:256], labels=labels[:256])
-    b = train_classifier(seed=3, epochs=1, tokens=tokens[:256], labels=labels[:256])
-    c = train_classifier(seed=4, epochs=1, tokens=tokens[:256], labels=labels[:256])
-    assert torch.equal(torch.random.get_rng_state(), state)
-    assert torch.get_num_threads() == threads
+    a, b, c = (train_classifier(seed=s, epochs=1, tokens=tokens[:256], labels=labels[:256]) for s in (3, 3, 4))
+    assert torch.equal(torch.random.get_rng_state(), state) and torch.get_num_threads() == threads
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(pa, pb), name
     assert not torch.equal(a.head.weight, c.head.weight)
-    with pytest.raises(ValueError):
-        train_classifier(epochs=0)
-    with pytest.raises(ValueError):
-        train_classifier(tokens=tokens)
-    with pytest.raises(ValueError):
-        train_classifier(num_threads=0)
+
+
+def test_bootstrap_ci_percentile_and_basic() -> None:
+    values = np.random.default_rng(0).normal(size=2000)
+    lo, hi = bootstrap_ci(lambda i: values[i].mean(), len(values), resamples=500, seed=1)
+    se = values.std() / np.sqrt(len(values))
+    assert lo < values.mean() < hi and abs((hi - lo) / (2 * 1.96 * se) - 1) < 0.15  # the normal-theory width
+    assert bootstrap_ci(lambda i: values[i].mean(), len(values), resamples=500, seed=1) == [lo, hi]  # seeded
+    assert bootstrap_ci(lambda i: values[i].mean(), len(values), resamples=500, seed=2) != [lo, hi]
+    # basic = 2 * estimate - percentiles of the same resamples
+    blo, bhi = bootstrap_ci(lambda i: values[i].mean(), len(values), resamples=500, seed=1, basic=True)
+    assert blo == pytest.approx(2 * values.mean() - hi) and bhi == pytest.approx(2 * values.mean() - lo)
+    # a statistic biased by resampling (the variance of a sample with repeats is smaller):
+    # the basic interval moves the other way
+    plo, _ = bootstrap_ci(lambda i: len(np.unique(i)), 100, resamples=200)
+    _, bhi = bootstrap_ci(lambda i: len(np.unique(i)), 100, resamples=200, basic=True)
+    assert plo < 100 and bhi > 100
+
+
+def test_fast_frechet_equals_the_metrics_code() -> None:
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(300, 16)) @ rng.normal(size=(16, 16))
+    mu, sigma = ref.mean(0), np.cov(ref, rowvar=False)
+    for x in (rng.normal(size=(200, 16)), ref[:150] + 0.5):
+        assert _frechet_to(mu, sigma)(x) == pytest.approx(frechet_distance(x.mean(0), np.cov(x, rowvar=False), mu, sigma), rel=1e-8)
+
+
+def test_judge_scores_with_intervals(classifier: DigitClassifier) -> None:
+    judge = Judge.held_out(classifier, resamples=200, seed=0)
+    tokens, labels = load_digits_dataset("train")
+    images, labels = _images(tokens[:200]), labels[:200].numpy()
+    row = judge.score(images, labels)
+    assert set(row) == {"num_images", "accuracy", "accuracy_ci95", "frechet", "frechet_ci95"} and row["num_images"] == 200
+    assert row["accuracy"] >= 0.9 and row["accuracy_ci95"][0] <= row["accuracy"] <= row["accuracy_ci95"][1] <= 1
+    assert row["frechet_ci95"][0] < row["frechet_ci95"][1]
+    assert judge.score(torch.from_numpy(images), labels) == row  # tensors too; deterministic
+    wrong = judge.score(images, (labels + 1) % 10)
+    assert wrong["accuracy"] < 0.1 and wrong["frechet"] == row["frechet"]
+    # one digit drawn over and over is far from the held-out digits
+    ones = judge.score(images[labels == 1][:1].repeat(100, 0), np.ones(100, int))
+    assert ones["frechet"] > 5 * row["frechet"]
