@@ -26,11 +26,20 @@ def test_shortened_demo_run_writes_its_outputs(tmp_path, capsys) -> None:
     from lpd.demo.run import main
 
     out = tmp_path / "demo"
-    argv = ["--output_dir", str(out), "--steps", "8,20", "--orders", "lpd,raster", "--num_images", "20", *TINY]
+    argv = ["--output_dir", str(out), "--steps", "8,20", "--orders", "lpd,raster", "--num_images", "20",
+            "--edit_images", "12", "--edit_steps", "4", *TINY]
     assert main(argv) == 0
     record = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= record["classifier_accuracy"] <= 1.0
-    assert set(record["timings"]) == {"train", "judge", "ablation", "plot", "total"}
+    assert set(record["timings"]) == {"train", "judge", "ablation", "editing", "plot", "total"}
+    edits = record["editing"]
+    assert [(r["task"], r["order"], r["prefill"]) for r in edits[:3]] == [("inpaint_bottom", "lpd", "one"),
+                                                                         ("inpaint_bottom", "lpd", "schedule"),
+                                                                         ("inpaint_bottom", "random", "one")]
+    assert {r["task"] for r in edits} == {"inpaint_bottom", "inpaint_center", "outpaint", "class_edit"} and len(edits) == 12
+    for r in edits:
+        assert r["num_images"] == 12 and r["steps"] == 4 and r["accuracy_ci95"][0] <= r["accuracy"] <= r["accuracy_ci95"][1]
+        assert (out / "samples" / f"edit_{r['task']}.png").read_bytes()[:8] == PNG
     rows = record["ablation"]
     assert [(r["order"], r["steps"]) for r in rows] == [("lpd", 8), ("lpd", 20), ("raster", 8), ("raster", 20)]
     for r in rows:
@@ -39,7 +48,7 @@ def test_shortened_demo_run_writes_its_outputs(tmp_path, capsys) -> None:
         assert 0.0 <= r["accuracy_ci95"][0] <= r["accuracy"] <= r["accuracy_ci95"][1] <= 1.0
         assert r["frechet"] > 0 and r["frechet_ci95"][0] < r["frechet_ci95"][1]
     printed = capsys.readouterr().out
-    assert "| lpd | 8 | " in printed and "accuracy [95% CI]" in printed
+    assert "| lpd | 8 | " in printed and "accuracy [95% CI]" in printed and "| outpaint | lpd | schedule | 4 |" in printed
     assert (out / "ablation.png").read_bytes()[:8] == PNG
     for order, steps in [("lpd", 8), ("raster", 20)]:
         assert (out / "samples" / f"{order}_steps{steps}.png").read_bytes()[:8] == PNG

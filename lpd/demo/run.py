@@ -1,10 +1,12 @@
 """The CPU demo: train a small LPD on the embedded digits (``lpd.train``), train a digit classifier as
-judge, then sample ``num_images`` digits for every order x steps setting (``lpd.evaluate``) and score
-them: accuracy and Fréchet distance, each with a 95% bootstrap interval.
+judge, sample ``num_images`` digits for every order x steps setting (``lpd.evaluate``), then edit the
+held-out digits zero-shot (``lpd.editing``: inpainting, outpainting, class change), and score it all:
+accuracy for the intended class and Fréchet distance, each with a 95% bootstrap interval.
 
 Writes ``OUTPUT_DIR/metrics.json`` (``classifier_accuracy``, ``ablation`` rows of order, steps,
-accuracy[_ci95], frechet[_ci95], seconds; ``timings`` per stage), ``ablation.png``,
-``samples/{order}_steps{S}.png`` and the training run in ``train/`` (reused by a rerun).
+accuracy[_ci95], frechet[_ci95], seconds; ``editing`` rows of task, order, prefill, steps and the
+same scores; ``timings`` per stage), ``ablation.png``, ``samples/{order}_steps{S}.png``,
+``samples/edit_{task}.png`` and the training run in ``train/`` (reused by a rerun).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ __all__ = ["main", "build_parser", "run_demo", "format_table", "DemoInterrupted"
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo.yaml")
 ORDERS = ("lpd", "random", "raster")
+EDIT_TASKS = ("inpaint_bottom", "inpaint_center", "outpaint", "class_edit")
+EDIT_SETTINGS = (("lpd", "one"), ("lpd", "schedule"), ("random", "one"))  # (order of the unknown part, prefill)
 # lpd.train.TrainConfig fields that the demo's flags set directly
 _TRAIN_FIELDS = ("model", "img_size", "model_config", "tokenizer", "vq_config", "epochs", "batch_size", "blr", "lr",
                  "min_lr", "lr_schedule", "warmup_epochs", "lr_decay_start_epoch", "weight_decay", "grad_clip", "seed",
@@ -76,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_bsz", type=int, default=100)
     add_sampling_args(p, SamplingConfig(cfg=5.0, repulsion_threshold=2.0), exclude=("order", "bf16"))
     p.add_argument("--grid_images", type=int, default=40, help="samples shown in each setting's grid PNG")
+    p.add_argument("--editing", action=argparse.BooleanOptionalAction, default=True, help="the zero-shot editing stage")
+    p.add_argument("--edit_steps", type=int, default=8, help="decoding steps for the regenerated tokens of an edit")
+    p.add_argument("--edit_images", type=int, default=0, help="held-out digits edited per task (0: all 355)")
     p.add_argument("--decode_threads", type=int, default=1,
                    help="torch CPU threads while sampling (0: leave as is); one is fastest on a busy machine")
     return p
@@ -88,7 +95,7 @@ def _check(args: argparse.Namespace) -> list[list[int]]:
     bad = [o for o in args.orders if o not in ORDERS]
     if bad or not args.orders:
         raise ValueError(f"--orders: unknown or no orders {bad}; choose from {', '.join(ORDERS)}")
-    for flag in ("epochs", "classifier_epochs", "num_images", "resamples", "eval_bsz", "grid_images"):
+    for flag in ("epochs", "classifier_epochs", "num_images", "resamples", "eval_bsz", "grid_images", "edit_steps"):
         if getattr(args, flag) < (2 if flag == "num_images" else 1):
             raise ValueError(f"--{flag} must be at least {2 if flag == 'num_images' else 1}, got {getattr(args, flag)}")
     if importlib.util.find_spec("matplotlib") is None:
@@ -167,6 +174,49 @@ def _ablation(args: argparse.Namespace, model: torch.nn.Module, judge: Judge, sc
     return rows
 
 
+def edit_keep_masks(grid: int) -> dict[str, np.ndarray]:
+    """Known tokens ``[grid * grid]`` of each editing task: the top half (inpaint the bottom), all but the
+    centre box, the centre box alone (outpaint), the left third (regenerate the rest as another digit)."""
+    box = np.zeros((grid, grid), bool)
+    box[grid // 4 : grid - grid // 4, grid // 4 : grid - grid // 4] = True
+    top, left = np.zeros((grid, grid), bool), np.zeros((grid, grid), bool)
+    top[: grid // 2], left[:, : grid // 3] = True, True
+    return {"inpaint_bottom": top.ravel(), "inpaint_center": ~box.ravel(), "outpaint": box.ravel(), "class_edit": left.ravel()}
+
+
+def _editing(args: argparse.Namespace, model: torch.nn.Module, judge: Judge, device: torch.device, log) -> list[dict[str, Any]]:
+    """Edit every held-out digit for each task and setting; the intended class is the digit's own, or
+    ``(digit + 5) % 10`` for ``class_edit``. One row per (task, order, prefill), a grid per task."""
+    from lpd.demo.digits import load_digits_dataset
+    from lpd.editing import edit_tokens
+    from lpd.images import save_grid, to_uint8
+    from lpd.tokenizer import make_tokenizer
+
+    tokenizer = make_tokenizer(args.tokenizer, None, args.vq_config, args.seed, device)
+    tokens, digits = load_digits_dataset("test", levels=_levels(args))
+    n = args.edit_images or len(digits)
+    tokens, digits = tokens.flatten(1)[:n].to(device), digits[:n].numpy()
+    decode = lambda t: to_uint8(tokenizer.decode(t.view(-1, model.grid_size, model.grid_size)))  # noqa: E731
+    rows: list[dict[str, Any]] = []
+    for task, keep in edit_keep_masks(model.grid_size).items():
+        target = (digits + 5) % 10 if task == "class_edit" else digits
+        shown = [decode(tokens[:10]), decode(torch.where(torch.from_numpy(keep).to(device), tokens[:10], 1))]  # source, masked
+        for order, prefill in EDIT_SETTINGS:
+            t0, g = time.perf_counter(), torch.Generator().manual_seed(args.seed)
+            edited = torch.cat([edit_tokens(model, tokens[i : i + args.eval_bsz], np.tile(keep, (len(tokens[i : i + args.eval_bsz]), 1)),
+                                            target[i : i + args.eval_bsz], steps=args.edit_steps, generator=g, prefill=prefill,
+                                            sampling=sampling_from_args(args, order=order))
+                                for i in range(0, n, args.eval_bsz)])
+            images = decode(edited)
+            rows.append({"task": task, "order": order, "prefill": prefill, "steps": args.edit_steps,
+                         **judge.score(images, target), "seconds": time.perf_counter() - t0})
+            shown.append(images[:10])
+            log(_row(rows[-1]))
+        save_grid(os.path.join(args.output_dir, "samples", f"edit_{task}.png"), [im for row in shown for im in row],
+                  ncol=len(shown[0]), max_tile=64)  # rows: source, masked source, one row per setting
+    return rows
+
+
 def run_demo(args: argparse.Namespace, log=print) -> dict[str, Any]:
     """Run the whole demo; returns the ``metrics.json`` record."""
     from lpd.checkpoint import atomic_write_bytes
@@ -182,23 +232,28 @@ def run_demo(args: argparse.Namespace, log=print) -> dict[str, Any]:
         nonlocal clock
         timings[stage], clock = time.perf_counter() - clock, time.perf_counter()
 
-    log("== 1/3 training LPD on the embedded digits (lpd.train)")
+    log("== 1/4 training LPD on the embedded digits (lpd.train)")
     model = _train(args, device, log)
     lap("train")
-    log("== 2/3 training the digit classifier (the judge)")
+    log("== 2/4 training the digit classifier (the judge)")
     clf = train_classifier(seed=args.seed, epochs=args.classifier_epochs, device=device, levels=levels)
     clf_acc = accuracy(clf, *load_digits_dataset("test", levels=levels))
     judge = Judge.held_out(clf, levels, resamples=args.resamples, seed=args.seed)
     log(f"classifier held-out accuracy: {clf_acc:.3f}")
     lap("judge")
-    log(f"== 3/3 ablation: orders x steps, {args.num_images} samples each (lpd.evaluate)")
+    log(f"== 3/4 ablation: orders x steps, {args.num_images} samples each (lpd.evaluate)")
     rows = _ablation(args, model, judge, schedules, device, log)
     lap("ablation")
+    edits = []
+    if args.editing:
+        log(f"== 4/4 zero-shot editing of the held-out digits (lpd.editing), {args.edit_steps} steps")
+        edits = _editing(args, model, judge, device, log)
+        lap("editing")
     _plot(rows, os.path.join(out, "ablation.png"), args)
     lap("plot")
     timings["total"] = sum(timings.values())
     settings = {k: v if isinstance(v, (int, float, str, bool, list, dict, type(None))) else str(v) for k, v in vars(args).items()}
-    record = {"classifier_accuracy": clf_acc, "ablation": rows, "timings": timings, "settings": settings,
+    record = {"classifier_accuracy": clf_acc, "ablation": rows, "editing": edits, "timings": timings, "settings": settings,
               "model_parameters": sum(p.numel() for p in model.parameters()), "torch": torch.__version__,
               "threads": torch.get_num_threads()}
     atomic_write_bytes(os.path.join(out, "metrics.json"), lambda f: f.write(json.dumps(record, indent=2).encode()))
@@ -225,15 +280,20 @@ def _plot(rows: list[dict[str, Any]], path: str, args: argparse.Namespace) -> No
 
 def _row(r: dict[str, Any]) -> str:
     (a0, a1), (f0, f1) = r["accuracy_ci95"], r["frechet_ci95"]
-    return (f"| {r['order']} | {r['steps']} | {r['accuracy']:.3f} [{a0:.3f}, {a1:.3f}] | "
+    first = f"| {r['task']} | {r['order']} | {r['prefill']} " if "task" in r else f"| {r['order']} "
+    return (f"{first}| {r['steps']} | {r['accuracy']:.3f} [{a0:.3f}, {a1:.3f}] | "
             f"{r['frechet']:.1f} [{f0:.1f}, {f1:.1f}] | {r['seconds']:.1f} |")
 
 
 def format_table(record: dict[str, Any]) -> str:
-    """The ablation as a Markdown table, intervals in brackets."""
-    head = ["| order | steps | accuracy [95% CI] | Fréchet [95% CI] | seconds |", "| --- | ---: | ---: | ---: | ---: |"]
-    return "\n".join([f"classifier held-out accuracy: {record['classifier_accuracy']:.3f}", "", *head,
-                      *map(_row, record["ablation"])])
+    """The ablation (and the editing rows) as Markdown tables, intervals in brackets."""
+    scores = "| accuracy [95% CI] | Fréchet [95% CI] | seconds |"
+    lines = [f"classifier held-out accuracy: {record['classifier_accuracy']:.3f}", "", f"| order | steps {scores}",
+             "| --- | ---: | ---: | ---: | ---: |", *map(_row, record["ablation"])]
+    if record.get("editing"):
+        lines += ["", f"| task | order | prefill | steps {scores}", "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+                  *map(_row, record["editing"])]
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
