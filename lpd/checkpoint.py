@@ -253,12 +253,13 @@ def read_export(folder: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 
 def _tokenizer_ref(args: Mapping[str, Any]) -> dict[str, Any]:
     """The tokenizer of training: the released LlamaGen VQ, a file, or a seeded build."""
+    from lpd.hub import VQ_FILENAME, VQ_REPO
     kind = args.get("tokenizer", "vq")
     if args.get("vqgan_path"):
         return {"kind": kind, "file": os.path.basename(str(args["vqgan_path"]))}
     if args.get("vq_config") is not None or kind != "vq":
         return {"kind": kind, "vq_config": args.get("vq_config"), "seed": args.get("seed", 0)}
-    return {"kind": "vq", "repo": "FoundationVision/LlamaGen", "file": "vq_ds16_c2i.pt"}
+    return {"kind": "vq", "repo": VQ_REPO, "file": VQ_FILENAME}
 
 
 def _model_card(config: dict[str, Any], measured: dict[str, Any] | None, ref: str) -> str:

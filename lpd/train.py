@@ -354,9 +354,7 @@ def _evaluate(config: TrainConfig, model: torch.nn.Module, ema: EMA | None, toke
 def _resume_path(config: TrainConfig) -> str | None:
     """The checkpoint to resume from, or None; refuses a folder holding another run's checkpoints."""
     os.makedirs(config.output_dir, exist_ok=True)
-    resume = config.resume
-    if not resume and config.auto_resume and last_checkpoint(config.output_dir, config.fsdp):
-        resume = config.output_dir
+    resume = config.resume or (config.output_dir if config.auto_resume and last_checkpoint(config.output_dir, config.fsdp) else None)
     if not resume:
         found = sorted(n for n in os.listdir(config.output_dir) if n.startswith("checkpoint-"))
         if found and not config.overwrite:
@@ -398,8 +396,8 @@ def train(config: TrainConfig, info: DistInfo | None = None, dataset: torch.util
         from lpd import datasets
         dataset = (datasets.open_token_cache(config.cached_path, N, model.vocab_size, config.cache_format) if config.use_cached
                    else datasets.image_folder(config.data_path, config.img_size))
-    labels, classes = getattr(dataset, "labels", None), getattr(dataset, "classes", None)
-    n_classes = int(np.max(np.asarray(labels))) + 1 if labels is not None and len(labels) else len(classes) if classes else None
+    known, classes = getattr(dataset, "labels", None), getattr(dataset, "classes", None)
+    n_classes = int(np.max(np.asarray(known))) + 1 if known is not None and len(known) else len(classes) if classes else None
     if n_classes is not None and n_classes > model.class_num:
         raise ValueError(f"the training set has {n_classes} classes but the model only {model.class_num} (model_config class_num)")
 
