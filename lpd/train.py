@@ -330,7 +330,6 @@ def _evaluate(config: TrainConfig, model: torch.nn.Module, ema: EMA | None, toke
             net = LPD(model.config)
         net.load_state_dict(weights, assign=True)
     results: dict[str, float] = {}
-    was_training = net.training
     net.eval()
     try:
         for scale in eval_cfg_scales(sampling.cfg):
@@ -347,7 +346,7 @@ def _evaluate(config: TrainConfig, model: torch.nn.Module, ema: EMA | None, toke
             results.update({f"cfg{scale:g}_{k}": float(out[k]) for k in _EVAL_METRICS
                             if isinstance(out.get(k), (int, float)) and not isinstance(out.get(k), bool)})
     finally:
-        net.train(was_training)
+        net.train()
     return results
 
 
@@ -460,7 +459,6 @@ def train(config: TrainConfig, info: DistInfo | None = None, dataset: torch.util
             for x, labels in stop.iterate(loader):
                 def gen(purpose: int) -> torch.Generator:
                     return iteration_generator(config.seed, purpose, epoch, step, info.rank)
-
                 tokens = _batch_tokens(x, gen(_FLIP), make_tokenizer_once, device)
                 labels = labels.to(device, non_blocking=True).long()
                 orders = random_orders(tokens.shape[0], N, gen(_ORDER)).to(device, non_blocking=True)
@@ -480,9 +478,9 @@ def train(config: TrainConfig, info: DistInfo | None = None, dataset: torch.util
                 loss_value, stop_now = float(stats[0]), bool(stats[1] > 0)
                 where = f"at epoch {epoch}, step {step} (global step {global_step}); stopped before the update"
                 if not math.isfinite(loss_value):
-                    raise NonFiniteLossError(
-                        f"loss is {loss_value} {where}. The last good checkpoint is {last_checkpoint(config.output_dir, config.fsdp) or 'none'}; "
-                        f"lower --blr / --lr, keep --grad_clip, or check the data")
+                    raise NonFiniteLossError(f"loss is {loss_value} {where}. The last good checkpoint is "
+                                             f"{last_checkpoint(config.output_dir, config.fsdp) or 'none'}; lower --blr / --lr, "
+                                             f"keep --grad_clip, or check the data")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
