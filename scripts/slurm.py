@@ -11,9 +11,9 @@ environment (``MASTER_ADDR``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ...) and
 ``main_train.py`` with an ``OUTPUT_DIR/checkpoint-last.pth`` (or ``checkpoint-last/``), ``--resume OUTPUT_DIR`` is
 added, so every (re)started job continues where the last one stopped.
 
-Before a time limit Slurm sends ``USR2`` (``--signal_delay_s``, ignored by the training processes); rank 0's
-launcher then sends ``SIGUSR1`` to training, which saves ``checkpoint-last.pth`` at the next step boundary and
-exits with status 75, waits at most ``--grace_s`` seconds, and submitit requeues the job. Slurm's ``SIGTERM``
+Before a time limit Slurm sends ``USR2`` (``--signal_delay_s``; the training processes ignore it); rank 0's
+launcher then sends ``SIGUSR1`` to training (which saves ``checkpoint-last.pth`` at the next step boundary and exits
+with status 75), waits for it at most ``--grace_s`` seconds, and submitit requeues the job. Slurm's ``SIGTERM``
 (preemption) makes training save and exit the same way.
 """
 
