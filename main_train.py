@@ -7,12 +7,10 @@
     torchrun --nnodes 4 --nproc_per_node 8 ... main_train.py --config configs/train_lpd_l_256.yaml \\
         --cached_path CACHE --output_dir outputs/lpd_l_256 --auto_resume
 
-Writes to ``--output_dir``: ``checkpoint-last.pth`` (every ``--save_every_steps`` steps, every epoch
-end, and on SIGTERM / SIGUSR1), ``checkpoint-{epoch}.pth`` every ``--save_every_epochs`` epochs (with
-``--fsdp``: folders ``checkpoint-last/``, ``checkpoint-{epoch}/`` of shards), ``log.txt`` (JSON
-lines), ``config.yaml`` and TensorBoard events when tensorboard is installed. ``--resume DIR``
-continues exactly where the run stopped. Exit status 75 means "stopped by a preemption signal after
-saving; resume me". The loop lives in :mod:`lpd.train`.
+Writes to ``--output_dir``: ``checkpoint-last.pth`` (every ``--save_every_steps`` steps, at epoch ends, on
+SIGTERM / SIGUSR1), ``checkpoint-{epoch}.pth`` every ``--save_every_epochs`` epochs (``--fsdp``: folders of
+shards), ``log.txt`` (JSON lines), ``config.yaml``, TensorBoard events. ``--resume DIR`` continues exactly
+where the run stopped; exit status 75: "stopped by a preemption signal after saving; resume me".
 """
 
 from __future__ import annotations
@@ -27,8 +25,7 @@ from lpd.distributed import RankError, cleanup, init_distributed
 from lpd.sampling import SamplingConfig, add_sampling_args, sampling_from_args
 from lpd.train import LR_SCHEDULES, PREEMPTED_EXIT_CODE, NonFiniteLossError, TrainConfig, train
 
-#: the released main.py's --eval_freq default, used when --online_eval comes without --eval_freq
-ONLINE_EVAL_FREQ = 50
+ONLINE_EVAL_FREQ = 50  # the released --eval_freq default, for --online_eval without --eval_freq
 
 
 def _bool(text: str) -> bool:
@@ -131,15 +128,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-_IGNORED = ("world_size", "local_rank", "dist_url", "dist_on_itp")
-
-
 def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     """Flags (and ``--config``) -> :class:`TrainConfig`, mapping the released script's extra flags."""
     parser = get_args_parser()
     args = vars(parse_args_with_config(parser, argv))
-    args.pop("config", None)
-    for name in _IGNORED:
+    for name in ("config", "world_size", "local_rank", "dist_url", "dist_on_itp"):
         args.pop(name, None)
     if args.pop("evaluate"):
         parser.error("--evaluate: evaluation of a checkpoint is main_eval.py here, e.g. "
@@ -165,7 +158,6 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: 0 done, 75 preempted after saving, 1 non-finite loss, 2 bad input (one ``error:`` line)."""
     from lpd.datasets import CacheError
-
     try:
         config = parse_config(argv)
         config.validate()

@@ -1,14 +1,13 @@
 """Checkpoint I/O: safe loading (``weights_only=True``), strict key checks, atomic writes, sharing.
 
-``python -m lpd.checkpoint consolidate RUN_DIR OUT.pth`` turns a sharded (FSDP) checkpoint into the
-released single-file format; ``python -m lpd.checkpoint export CKPT OUT_DIR`` writes a shareable
-folder (``model.safetensors``, ``config.json``, a ``README.md`` model card), optionally uploaded
-to the Hugging Face Hub (``--push_to_hub REPO``).
+``python -m lpd.checkpoint consolidate RUN_DIR OUT.pth`` writes a sharded (FSDP) checkpoint as one
+file; ``python -m lpd.checkpoint export CKPT OUT_DIR [--push_to_hub REPO]`` a shareable folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -26,18 +25,18 @@ __all__ = ["CheckpointError", "load_checkpoint", "load_state_dict", "check_state
            "save_checkpoint", "atomic_write_bytes", "TMP_PREFIX", "state_dict_digest", "check_finite", "check_output_path",
            "temp_dir_for", "replace_dir", "export_folder", "export_config", "read_export", "export", "push_to_hub"]
 
+TMP_PREFIX = ".tmp-"  # temporary files of atomic_write_bytes (left only by a killed process)
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be read or does not fit the model."""
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """A whole checkpoint dict, read safely (``weights_only=True``, ``argparse.Namespace`` allowed); a
-    sharded checkpoint folder gives its whole model (and EMA) weights."""
+    """A checkpoint dict read with ``weights_only=True``; a sharded folder gives its whole weights."""
     path = os.fspath(path)
     if os.path.isdir(path):
         from lpd.parallel import read_sharded
-
         return read_sharded(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
@@ -45,48 +44,34 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file name and the reason
-        raise CheckpointError(
-            f"could not load checkpoint {path!r} with weights_only=True: {e}. The file is truncated, "
-            f"not a PyTorch checkpoint, or contains objects other than tensors, containers and "
-            f"argparse.Namespace (which lpd refuses to unpickle)."
-        ) from e
+        raise CheckpointError(f"could not load checkpoint {path!r} with weights_only=True: {e}. The file is truncated, not a "
+                              f"PyTorch checkpoint, or contains objects other than tensors, containers and argparse.Namespace "
+                              f"(which lpd refuses to unpickle).") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path!r} holds a {type(obj).__name__}, expected a dict")
     return obj
 
 
-def _is_state_dict(obj: Mapping[str, Any]) -> bool:
-    return len(obj) > 0 and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
-
-
 def load_state_dict(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, torch.Tensor]:
-    """The model state dict of a checkpoint (its ``'model'`` entry, or the file if it is a bare state
-    dict) or of an exported model folder or Hub repository."""
+    """The model state dict of a checkpoint (its ``'model'``, or a bare state dict) or of an export."""
     folder = export_folder(os.fspath(path))
     if folder is not None:
         return read_export(folder)[1]
     obj = load_checkpoint(path, map_location)
-    if "model" in obj and isinstance(obj["model"], Mapping):
-        sd = dict(obj["model"])
-    elif _is_state_dict(obj):
-        sd = obj
-    else:
-        raise CheckpointError(
-            f"checkpoint {os.fspath(path)!r} has no 'model' entry and is not a bare state dict "
-            f"(top-level keys: {sorted(map(str, obj))[:10]})"
-        )
-    return sd
+    if isinstance(obj.get("model"), Mapping):
+        return dict(obj["model"])
+    if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        return obj
+    raise CheckpointError(f"checkpoint {os.fspath(path)!r} has no 'model' entry and is not a bare state dict "
+                          f"(top-level keys: {sorted(map(str, obj))[:10]})")
 
 
 def check_state_dict(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str], list[str]]:
     """Missing keys, unexpected keys and shape mismatches (``"key: checkpoint [..] vs model [..]"``)."""
     missing = sorted(k for k in expected if k not in given)
     unexpected = sorted(k for k in given if k not in expected)
-    mismatched = sorted(
-        f"{k}: checkpoint {list(given[k].shape)} vs model {list(expected[k].shape)}"
-        for k in expected
-        if k in given and tuple(given[k].shape) != tuple(expected[k].shape)
-    )
+    mismatched = sorted(f"{k}: checkpoint {list(given[k].shape)} vs model {list(expected[k].shape)}"
+                        for k in expected if k in given and tuple(given[k].shape) != tuple(expected[k].shape))
     return missing, unexpected, mismatched
 
 
@@ -99,18 +84,12 @@ def _format_keys(title: str, keys: list[str], limit: int = 20) -> str:
 
 def load_into(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint", hint: str = "",
               assign: bool = False) -> None:
-    """Strict load of ``state_dict`` into ``module`` (``assign``: its tensors become the parameters); one
-    error lists every discrepancy."""
-    expected = module.state_dict()
-    missing, unexpected, mismatched = check_state_dict(expected, state_dict)
+    """Strict load (``assign``: the tensors become the parameters); one error lists every discrepancy."""
+    missing, unexpected, mismatched = check_state_dict(module.state_dict(), state_dict)
     if missing or unexpected or mismatched:
-        raise CheckpointError(
-            f"{source} does not match the model {type(module).__name__}:"
-            + _format_keys("missing keys", missing)
-            + _format_keys("unexpected keys", unexpected)
-            + _format_keys("shape mismatches", mismatched)
-            + (f"\n  {hint}" if hint else "")
-        )
+        raise CheckpointError(f"{source} does not match the model {type(module).__name__}:"
+                              + _format_keys("missing keys", missing) + _format_keys("unexpected keys", unexpected)
+                              + _format_keys("shape mismatches", mismatched) + (f"\n  {hint}" if hint else ""))
     module.load_state_dict(state_dict, strict=True, assign=assign)
 
 
@@ -142,21 +121,12 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, num_tokens: int) -> torch.Ten
 
 
 def _fsync_dir(path: str) -> None:
-    try:
+    with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-#: name prefix of the temporary files of :func:`atomic_write_bytes` (left behind only by a killed
-#: process; a resumed evaluation sweeps them up)
-TMP_PREFIX = ".tmp-"
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _umask() -> int:
@@ -175,12 +145,8 @@ def temp_dir_for(path: str) -> str:
 
 
 def atomic_write_bytes(path: str | os.PathLike, write_fn, fsync: bool = True) -> None:
-    """Call ``write_fn(fileobj)`` on a temporary file next to ``path``, fsync it, then rename over ``path``.
-
-    Readers (and reruns) see the old file or the new one, never a partial one; the temporary file is
-    named ``.tmp-<name>-*`` and removed on failure.  ``fsync=False`` skips the flushes to disk (for
-    many small files whose readability a rerun checks anyway).
-    """
+    """Call ``write_fn(fileobj)`` on a temporary file next to ``path``, fsync it, rename it over ``path``.
+    ``fsync=False`` skips the flushes to disk (for many small files a rerun checks anyway)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -194,10 +160,8 @@ def atomic_write_bytes(path: str | os.PathLike, write_fn, fsync: bool = True) ->
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
     if fsync:
         _fsync_dir(folder)
@@ -210,10 +174,9 @@ def state_dict_digest(state: Mapping[str, torch.Tensor] | torch.nn.Module) -> st
     h = hashlib.sha256()
     for key in sorted(state):
         t = state[key]
-        if not isinstance(t, torch.Tensor):
-            continue
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)};".encode())
-        h.update(t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
+        if isinstance(t, torch.Tensor):
+            h.update(f"{key}|{t.dtype}|{tuple(t.shape)};".encode())
+            h.update(t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
     return h.hexdigest()
 
 
@@ -232,13 +195,12 @@ def check_output_path(path: str, flag: str) -> str | None:
 
 
 def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """``torch.save`` written atomically: readers see the old file or the new one, never a partial one."""
+    """``torch.save`` written atomically."""
     atomic_write_bytes(path, lambda f: torch.save(dict(obj), f))
 
 
 def replace_dir(tmp: str, path: str) -> None:
-    """Move the finished folder ``tmp`` to ``path``, replacing a folder there (kept as ``path.old``
-    until the new one is in place; a reader falls back on it)."""
+    """Move the finished folder ``tmp`` to ``path``; a folder there is kept as ``path.old`` until then."""
     old = path + ".old"
     if os.path.isdir(path):
         shutil.rmtree(old, ignore_errors=True)
@@ -253,14 +215,13 @@ EXPORT_CONFIG, EXPORT_WEIGHTS, EXPORT_CARD = "config.json", "model.safetensors",
 
 
 def export_folder(path: str) -> str | None:
-    """The local folder of an exported model: ``path`` itself, or the files of the Hub repository
-    ``path`` (``owner/name``, not a path here) in the Hugging Face cache; None for anything else."""
+    """The local folder of an exported model: ``path``, or the cached files of the Hub repository
+    ``path`` (``owner/name`` that is no local path); None for anything else."""
     if os.path.isfile(os.path.join(path, EXPORT_CONFIG)):
         return path
     if os.path.exists(path) or not re.fullmatch(r"[\w.-]+/[\w.-]+", path) or path.endswith((".pth", ".pt", ".bin", ".ckpt")):
         return None
     from lpd import hub
-
     for name in (EXPORT_CONFIG, EXPORT_WEIGHTS):
         local = hub.hub_file(path, name, what="exported LPD model", flag="--pretrained_ckpt",
                               hint=f"or, if {path} was meant as a folder on this machine: it does not exist")
@@ -283,7 +244,6 @@ def export_config(folder: str) -> dict[str, Any]:
 def read_export(folder: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``config.json`` and the ``model.safetensors`` weights of an exported model (reading runs no code)."""
     from safetensors.torch import load_file
-
     config = export_config(folder)
     try:
         return config, load_file(os.path.join(folder, EXPORT_WEIGHTS))
@@ -292,19 +252,19 @@ def read_export(folder: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 
 
 def _tokenizer_ref(args: Mapping[str, Any]) -> dict[str, Any]:
-    """How to get the tokenizer the model was trained with: the released LlamaGen VQ, a file, or a seeded build."""
+    """The tokenizer of training: the released LlamaGen VQ, a file, or a seeded build."""
+    from lpd.hub import VQ_FILENAME, VQ_REPO
     kind = args.get("tokenizer", "vq")
     if args.get("vqgan_path"):
         return {"kind": kind, "file": os.path.basename(str(args["vqgan_path"]))}
     if args.get("vq_config") is not None or kind != "vq":
         return {"kind": kind, "vq_config": args.get("vq_config"), "seed": args.get("seed", 0)}
-    return {"kind": "vq", "repo": "FoundationVision/LlamaGen", "file": "vq_ds16_c2i.pt"}
+    return {"kind": "vq", "repo": VQ_REPO, "file": VQ_FILENAME}
 
 
 def _model_card(config: dict[str, Any], measured: dict[str, Any] | None, ref: str) -> str:
-    """README.md: what the model is, its scores (a ``main_eval.py`` metrics.json), its sampling settings, how to load it."""
+    """README.md: the model, its scores (a ``main_eval.py`` metrics.json), its sampling settings, its use."""
     from lpd.sampling import SamplingConfig
-
     c, train, args = config["model_config"], config["training"], config["training"]["args"]
     if measured:
         sampling, steps = measured.get("sampling", {}), len(measured.get("settings", {}).get("group_sizes", [])) or None
@@ -331,13 +291,10 @@ def _model_card(config: dict[str, Any], measured: dict[str, Any] | None, ref: st
 
 def export(ckpt: str, out_dir: str, *, model: str | None = None, use_ema: bool = False, metrics: str | None = None,
            repo: str | None = None, overwrite: bool = False) -> str:
-    """Write the weights of ``ckpt`` (a checkpoint file or sharded folder) as the folder ``out_dir``:
-    ``model.safetensors``, ``config.json`` and a ``README.md`` model card (with the scores of a
-    ``main_eval.py`` ``metrics.json``); the folder appears whole. Returns its path."""
+    """Write the weights of ``ckpt`` (file or sharded folder) as the folder ``out_dir`` (weights, config, a model
+    card with the scores of a ``main_eval.py`` ``metrics.json``); the folder appears whole. Returns its path."""
     from safetensors.torch import save
-
     from lpd.models import LPD, checkpoint_config
-
     if os.path.exists(out_dir) and not (os.path.isdir(out_dir) and not os.listdir(out_dir)) and not overwrite:
         raise CheckpointError(f"OUT_DIR {out_dir!r} exists; choose another folder, or --overwrite to replace it")
     state = load_checkpoint(ckpt)
@@ -382,9 +339,7 @@ def export(ckpt: str, out_dir: str, *, model: str | None = None, use_ema: bool =
 def push_to_hub(folder: str, repo: str, private: bool = False) -> str:
     """Upload an exported folder to the Hub model repository ``repo`` in one commit; returns its URL."""
     import huggingface_hub
-
     from lpd import hub
-
     try:
         huggingface_hub.create_repo(repo, exist_ok=True, private=private)
         huggingface_hub.upload_folder(repo_id=repo, folder_path=folder, commit_message="lpd export")
@@ -416,7 +371,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "consolidate":
             from lpd.parallel import last_checkpoint
-
             problem = check_output_path(args.out, "OUT") or (f"OUT {args.out} exists; --overwrite replaces it"
                                                              if os.path.exists(args.out) and not args.overwrite else None)
             if problem:
@@ -429,7 +383,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.push_to_hub:
             from lpd import hub
-
             if hub.offline():
                 raise CheckpointError("--push_to_hub needs the network, but HF_HUB_OFFLINE is set; export without it "
                                       "and upload the folder later with `hf upload REPO OUT_DIR`")

@@ -1,10 +1,4 @@
-"""A training run across processes and preemptions: DDP or FSDP2, an fp32 EMA, checkpoints, stop signals.
-
-Under DDP a checkpoint is one ``.pth`` file (the released layout). Under FSDP2 it is a folder: one
-safetensors file of shards per rank (``torch.distributed.checkpoint``: model, AdamW moments, EMA)
-and ``state.pth`` (epoch, step, random states, arguments), written into a temporary folder and
-renamed into place whole; nothing in it is unpickled when read.
-"""
+"""A training run across processes and preemptions: DDP or FSDP2, an fp32 EMA, checkpoints, stop signals."""
 
 from __future__ import annotations
 
@@ -32,18 +26,16 @@ STATE_FILE = "state.pth"  # the non-tensor part of a sharded checkpoint
 
 def distribute(model: torch.nn.Module, info: DistInfo, fsdp: bool = False, bf16: bool = False,
                cpu_offload: bool = False) -> torch.nn.Module:
-    """The module a training step calls: ``model`` on its device, FSDP2-sharded in place (each block,
-    then the root; with ``bf16`` on GPUs, bf16 compute and fp32 gradient reduction), under DDP, or itself."""
+    """The module a training step calls: ``model`` on its device, FSDP2-sharded in place (each block, then
+    the root; ``bf16`` on GPUs: bf16 compute, fp32 gradient reduction), under DDP, or itself."""
     device = info.device
     if not fsdp:
         model.to(device)
-        if not info.distributed:
-            return model
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                         find_unused_parameters=model.label_drop_prob == 0)
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=model.label_drop_prob == 0) if info.distributed else model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-
     if not dist.is_initialized():  # one process: a group of one
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     kw: dict[str, Any] = {"mesh": init_device_mesh(device.type, (dist.get_world_size(),))}
@@ -57,9 +49,8 @@ def distribute(model: torch.nn.Module, info: DistInfo, fsdp: bool = False, bf16:
 
 
 def settle_ddp_buckets(ddp_model: torch.nn.Module, batch: int, sizes: Sequence[int], autocast: Any) -> None:
-    """One throw-away forward/backward, so that every (re)started process takes its first real step with
-    the gradient buckets DDP rebuilds after its first backward (their layout sets the all-reduce's
-    summation order on more than two processes). Weights and optimizer are untouched."""
+    """One throw-away forward/backward, so that every (re)started process steps with the gradient buckets DDP
+    rebuilds after its first backward (they set the all-reduce's summation order); weights are untouched."""
     model = ddp_model.module
     N, device = model.num_tokens, model.pos_embed.device
     with autocast:
@@ -70,8 +61,7 @@ def settle_ddp_buckets(ddp_model: torch.nn.Module, batch: int, sizes: Sequence[i
 
 
 class EMA:
-    """fp32 exponential moving average of a model's parameters, sharded as they are:
-    ``ema = decay * ema + (1 - decay) * weights`` after every step."""
+    """fp32 ``ema = decay * ema + (1 - decay) * weights`` of a model's parameters (sharded as they are)."""
 
     def __init__(self, model: torch.nn.Module, decay: float) -> None:
         self.decay, self.params = decay, dict(model.named_parameters())
@@ -91,22 +81,19 @@ class EMA:
 def full_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Whole tensors of a state dict that may be sharded (then a collective: every rank calls it)."""
     from torch.distributed.tensor import DTensor
-
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach() for k, v in state.items()}
 
 
 def last_checkpoint(folder: str, sharded: bool) -> str | None:
-    """The run's ``checkpoint-last.pth`` (DDP), or its ``checkpoint-last`` folder (FSDP; the previous
-    one while a save is swapping them), if any."""
+    """The run's ``checkpoint-last.pth`` or (FSDP) ``checkpoint-last`` folder (``.old`` during a swap), if any."""
     names = ("checkpoint-last", "checkpoint-last.old") if sharded else ("checkpoint-last.pth",)
     return next((p for p in (os.path.join(folder, n) for n in names) if os.path.exists(p)), None)
 
 
 def read_sharded(path: str) -> dict[str, Any]:
-    """A sharded checkpoint folder as one checkpoint: whole ``model`` (and ``model_ema``) tensors plus
-    its ``state.pth``; AdamW's moments are left out. Needs no process group."""
+    """A sharded checkpoint folder as one checkpoint: whole ``model`` (and ``model_ema``) tensors and its
+    ``state.pth``, without AdamW's moments. Needs no process group."""
     from torch.distributed.checkpoint import HuggingFaceStorageReader, load
-
     if not os.path.isfile(os.path.join(path, STATE_FILE)):
         raise CheckpointError(f"{path!r} is a folder but not a sharded checkpoint (no {STATE_FILE}); give a checkpoint "
                               f"file, a checkpoint folder written by main_train.py --fsdp, or an exported model folder")
@@ -131,7 +118,6 @@ def _save_sharded(paths: Sequence[str], tensors: dict[str, Any], meta: dict[str,
     """Every rank writes its shards, rank 0 ``state.pth``; each of ``paths`` then appears whole."""
     from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
     from torch.distributed.checkpoint.api import CheckpointException
-
     tmp = broadcast_object(temp_dir_for(paths[0]) if info.is_main else None)
 
     def publish() -> None:
@@ -178,9 +164,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 class TrainState:
     """The model being trained (plain, under DDP, or FSDP-sharded), its AdamW and EMA; saves and resumes them.
-
-    ``meta`` is what every checkpoint records besides its position (``model_config``, ``args``,
-    ``steps_per_epoch``, ``data_state``: world size, batch size, number of samples, seed)."""
+    ``meta`` is what every checkpoint records besides its position (``model_config``, ``args``, ``data_state``...)."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None, info: DistInfo,
                  sharded: bool, meta: dict[str, Any]) -> None:
@@ -188,7 +172,6 @@ class TrainState:
 
     def _sharded_tensors(self, with_ema: bool) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         from torch.distributed.checkpoint.state_dict import get_state_dict
-
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         tensors = {"model": model_sd, "optim": optim_sd["state"], **({"model_ema": self.ema.state} if with_ema else {})}
         return tensors, model_sd, optim_sd
@@ -201,9 +184,8 @@ class TrainState:
             _save_sharded(paths, self._sharded_tensors(self.ema is not None)[0], meta, self.info)
             return
         if self.info.is_main:
-            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), **meta}
-            if self.ema is not None:
-                state["model_ema"] = self.ema.state
+            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), **meta,
+                     **({"model_ema": self.ema.state} if self.ema is not None else {})}
             for path in paths:
                 save_checkpoint(state, path + ".pth")
         barrier()
@@ -236,7 +218,6 @@ class TrainState:
         if self.sharded:
             from torch.distributed.checkpoint import HuggingFaceStorageReader, load
             from torch.distributed.checkpoint.state_dict import set_state_dict
-
             ckpt = load_checkpoint(os.path.join(path, STATE_FILE))
             has_ema = "model_ema" in ckpt.get("sharded", ()) and self.ema is not None
             tensors, model_sd, optim_sd = self._sharded_tensors(has_ema)
@@ -263,8 +244,7 @@ class TrainState:
         return ckpt
 
     def _load_optimizer(self, state: dict[str, Any] | None, path: str, log: Callable[[str], None]) -> None:
-        """AdamW's state when it was written for the same parameter groups (not the released code's
-        order of groups); else a warning and a fresh start."""
+        """AdamW's state if written for the same parameter groups (not the released order); else a fresh start."""
         groups = self.optimizer.param_groups
         ours, theirs = [len(g["params"]) for g in groups], [len(g.get("params", [])) for g in (state or {}).get("param_groups", [])]
         params = [p for g in groups for p in g["params"]]
@@ -283,9 +263,8 @@ def _ignore_signals(signals: tuple[int, ...], worker_id: int) -> None:
 
 
 class PreemptionFlag:
-    """Set by the preemption signals (the loop then saves and stops at the next step boundary). DataLoader
-    workers ignore them: the launcher signals the whole process group, and a killed worker would fail
-    the run before it saves; they are blocked while workers are forked."""
+    """Set by the preemption signals; the loop then saves and stops at the next step boundary. DataLoader workers
+    ignore them (the launcher signals the whole process group) and they are blocked while workers fork."""
 
     def __init__(self, names: str) -> None:
         self.requested, self._previous, self.signals = False, {}, []

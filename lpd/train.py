@@ -1,13 +1,5 @@
-"""The LPD training loop: the released recipe on one process, under DDP or FSDP2, resumable exactly.
-
-Nothing random depends on state carried across steps: an epoch's data permutation is a function of
-``(seed, epoch)``, and a step's flips, orders, group-size schedule (each rank its own), label
-dropout and dropout of ``(seed, epoch, step, rank)``. A checkpoint (:class:`lpd.parallel.TrainState`)
-holds the model, AdamW, the EMA, every rank's random state, the epoch and the steps done in it; it
-is written atomically every ``save_every_steps`` steps, at epoch ends and on SIGTERM / SIGUSR1 (all
-ranks stop at the next step boundary), so ``--resume`` continues bit-identically with the same
-world size and batch size. A non-finite loss or gradient stops the run before its update.
-"""
+"""The LPD training loop: the released recipe on one process, under DDP or FSDP2, resumable bit-exactly
+(every random draw is a function of seed, epoch, step and rank; see docs/design.md)."""
 
 from __future__ import annotations
 
@@ -24,8 +16,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from tqdm import tqdm
 
-from lpd.checkpoint import CheckpointError, check_finite, interpolate_pos_embed, load_into, load_state_dict
+from lpd.checkpoint import CheckpointError, atomic_write_bytes, check_finite, interpolate_pos_embed, load_into, load_state_dict
 from lpd.distributed import DistInfo, init_distributed
 from lpd.parallel import EMA, STATE_FILE, PreemptionFlag, TrainState, distribute, full_tensors, last_checkpoint, settle_ddp_buckets
 from lpd.sampling import SamplingConfig, derive_seed
@@ -115,7 +108,6 @@ class TrainConfig:
 
     def validate(self) -> None:
         from lpd.config import check_seed
-
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"--lr_schedule {self.lr_schedule!r}: choose one of {LR_SCHEDULES}")
         if self.use_cached and not self.cached_path:
@@ -185,20 +177,18 @@ def random_orders(batch: int, num_tokens: int, generator: torch.Generator) -> to
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):
-    """This rank's batches of one epoch, a pure function of ``(seed, epoch, rank, world_size)``: the
-    epoch's permutation padded by wrapping and dealt round-robin (as ``DistributedSampler``), the last
-    incomplete batch dropped, the first ``start_step`` batches skipped."""
+    """This rank's batches of one epoch, a function of ``(seed, epoch, rank, world_size)``: the permutation padded
+    by wrapping, dealt round-robin (as ``DistributedSampler``), the last incomplete batch dropped, ``start_step`` skipped."""
 
     def __init__(self, num_samples: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
                  world_size: int = 1, start_step: int = 0) -> None:
         self.num_samples, self.batch_size = num_samples, batch_size
-        self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
+        self.seed, self.epoch, self.rank, self.world_size, self.start_step = seed, epoch, rank, world_size, start_step
         self.per_rank = math.ceil(num_samples / world_size)
         self.steps = self.per_rank // batch_size
         if self.steps == 0:
             raise ValueError(f"{num_samples} samples over {world_size} process(es) give {self.per_rank} per process, fewer "
                              f"than one batch of {batch_size}; lower --batch_size or add data")
-        self.start_step = start_step
 
     def indices(self) -> list[int]:
         perm = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(derive_seed(self.seed, _PERM, self.epoch)))
@@ -217,12 +207,10 @@ class EpochBatchSampler(torch.utils.data.Sampler):
 
 
 def parse_schedule_list(spec: Any, img_size: int, num_tokens: int) -> list[list[int]]:
-    """The group-size schedules one iteration draws from: ``None`` (the released tables of the
-    resolution), schedules separated by ``;`` (e.g. ``"[1]*256; [1*41, 2*46, 3*41]"``), a YAML file
-    holding a list of them, or such a list."""
+    """The group-size schedules one iteration draws from: ``None`` (the released tables of the resolution),
+    schedules separated by ``;`` (e.g. ``"[1]*256; [1*41, 2*46, 3*41]"``), a YAML file of a list of them, or such a list."""
     if spec is None or (isinstance(spec, str) and not spec.strip()):
         from lpd import schedules
-
         try:
             return [list(s) for s in schedules.training_schedules(img_size)]
         except ValueError as e:
@@ -252,14 +240,12 @@ class _Logger:
             return
         try:
             from torch.utils.tensorboard import SummaryWriter
-
             self.tb = SummaryWriter(log_dir=config.log_dir or config.output_dir)
         except ImportError:
             log("TensorBoard logging skipped: `pip install tensorboard` to enable it")
         if config.wandb:
             try:
                 import wandb
-
                 self.wandb = wandb.init(project=config.wandb_project, name=config.run_name, config=config.to_dict(),
                                         dir=config.output_dir, resume="allow")
             except ImportError:
@@ -287,7 +273,6 @@ class _Logger:
 def build_model(config: TrainConfig, log: Callable[[str], None] = print) -> torch.nn.Module:
     """The model of ``config``: seeded initialisation, or ``--pretrained_ckpt`` (pos_embed interpolated)."""
     from lpd.models import LPD, LPDConfig
-
     overrides = {**(config.model_config or {}), **{k: getattr(config, k) for k in ("label_drop_prob", "attn_dropout", "proj_dropout")
                                                    if getattr(config, k) is not None}}
     overrides.pop("img_size", None)
@@ -304,22 +289,6 @@ def build_model(config: TrainConfig, log: Callable[[str], None] = print) -> torc
         log(f"initialised from {config.pretrained_ckpt}")
     model.set_grad_checkpointing(config.grad_checkpointing)
     return model
-
-
-def _dataset(config: TrainConfig, num_tokens: int, vocab_size: int):
-    from lpd import datasets
-
-    if config.use_cached:
-        return datasets.open_token_cache(config.cached_path, num_tokens, vocab_size, config.cache_format)
-    return datasets.image_folder(config.data_path, config.img_size)
-
-
-def _num_classes(dataset) -> int | None:
-    labels = getattr(dataset, "labels", None)
-    if labels is not None and len(labels):
-        return int(np.max(np.asarray(labels))) + 1
-    classes = getattr(dataset, "classes", None)
-    return len(classes) if classes else None
 
 
 def _batch_tokens(x: torch.Tensor, flip_gen: torch.Generator, get_tokenizer: Callable[[], torch.nn.Module],
@@ -346,13 +315,11 @@ def eval_cfg_scales(cfg: float) -> list[float]:
 
 def _evaluate(config: TrainConfig, model: torch.nn.Module, ema: EMA | None, tokenizer_fn: Callable[[], Any], epoch: int,
               log: Callable[[str], None]) -> dict[str, float]:
-    """Sample ``eval_num_images`` images (and FID / IS with ``eval_ref_stats``) at each of
-    :func:`eval_cfg_scales` into ``OUTPUT_DIR/eval-epoch{E}[-ema]-cfg{s}``, the guided run with half the
-    batch (as released); returns ``{"cfg{s}_{metric}": value}``. A failure is logged; training goes on."""
+    """Sample (and score, with ``eval_ref_stats``) at each :func:`eval_cfg_scales` into ``eval-epoch{E}[-ema]-cfg{s}``,
+    guided at half the batch (as released); returns ``{"cfg{s}_{metric}": value}``. A failure is only logged."""
     from lpd.evaluate import evaluate
     from lpd.models import LPD
     from lpd.schedules import group_sizes
-
     sizes = (parse_group_sizes(config.eval_group_sizes, model.num_tokens) if config.eval_group_sizes is not None
              else group_sizes(config.img_size, config.eval_steps))
     sampling = config.sampling.replace(bf16=config.bf16)
@@ -363,7 +330,6 @@ def _evaluate(config: TrainConfig, model: torch.nn.Module, ema: EMA | None, toke
             net = LPD(model.config)
         net.load_state_dict(weights, assign=True)
     results: dict[str, float] = {}
-    was_training = net.training
     net.eval()
     try:
         for scale in eval_cfg_scales(sampling.cfg):
@@ -380,16 +346,14 @@ def _evaluate(config: TrainConfig, model: torch.nn.Module, ema: EMA | None, toke
             results.update({f"cfg{scale:g}_{k}": float(out[k]) for k in _EVAL_METRICS
                             if isinstance(out.get(k), (int, float)) and not isinstance(out.get(k), bool)})
     finally:
-        net.train(was_training)
+        net.train()
     return results
 
 
 def _resume_path(config: TrainConfig) -> str | None:
     """The checkpoint to resume from, or None; refuses a folder holding another run's checkpoints."""
     os.makedirs(config.output_dir, exist_ok=True)
-    resume = config.resume
-    if not resume and config.auto_resume and last_checkpoint(config.output_dir, config.fsdp):
-        resume = config.output_dir
+    resume = config.resume or (config.output_dir if config.auto_resume and last_checkpoint(config.output_dir, config.fsdp) else None)
     if not resume:
         found = sorted(n for n in os.listdir(config.output_dir) if n.startswith("checkpoint-"))
         if found and not config.overwrite:
@@ -409,10 +373,8 @@ def _resume_path(config: TrainConfig) -> str | None:
 def train(config: TrainConfig, info: DistInfo | None = None, dataset: torch.utils.data.Dataset | None = None,
           tokenizer: torch.nn.Module | None = None, log: Callable[[str], None] = print) -> TrainResult:
     """Train (or resume) as ``config`` says; returns when done or after saving on a preemption signal.
-
-    ``dataset`` replaces the one ``config`` names: items ``(tokens int [2, N] or [N], label)`` or
-    ``(image float [3, S, S] in [-1, 1], label)``; ``tokenizer`` encodes such images.
-    """
+    ``dataset`` replaces ``config``'s: items ``(tokens int [2, N] or [N], label)`` or ``(image [3, S, S] in [-1, 1],
+    label)``; ``tokenizer`` encodes such images."""
     if dataset is None:
         config.validate()
     info = info or init_distributed(config.device)
@@ -421,7 +383,6 @@ def train(config: TrainConfig, info: DistInfo | None = None, dataset: torch.util
     if config.cpu_offload and device.type != "cuda":
         raise ValueError(f"--cpu_offload keeps FSDP shards in CPU memory while a GPU computes; this run is on {device}: drop it")
     resume = _resume_path(config)
-
     model = build_model(config, log)
     N = model.num_tokens
     schedules = parse_schedule_list(config.group_sizes_list, config.img_size, N)
@@ -430,15 +391,18 @@ def train(config: TrainConfig, info: DistInfo | None = None, dataset: torch.util
             parse_group_sizes(config.eval_group_sizes, N)
         except ValueError as e:
             raise ValueError(f"--group_sizes (the evaluation schedule): {e}") from e
-    dataset = dataset if dataset is not None else _dataset(config, N, model.vocab_size)
-    n_classes = _num_classes(dataset)
+    if dataset is None:
+        from lpd import datasets
+        dataset = (datasets.open_token_cache(config.cached_path, N, model.vocab_size, config.cache_format) if config.use_cached
+                   else datasets.image_folder(config.data_path, config.img_size))
+    known, classes = getattr(dataset, "labels", None), getattr(dataset, "classes", None)
+    n_classes = int(np.max(np.asarray(known))) + 1 if known is not None and len(known) else len(classes) if classes else None
     if n_classes is not None and n_classes > model.class_num:
         raise ValueError(f"the training set has {n_classes} classes but the model only {model.class_num} (model_config class_num)")
 
     @functools.cache
     def make_tokenizer_once() -> torch.nn.Module:
         from lpd.tokenizer import make_tokenizer
-
         return tokenizer if tokenizer is not None else make_tokenizer(config.tokenizer, config.vqgan_path, config.vq_config, config.seed, device)
 
     train_model = distribute(model, info, config.fsdp, config.bf16, config.cpu_offload)
@@ -452,15 +416,12 @@ def train(config: TrainConfig, info: DistInfo | None = None, dataset: torch.util
             "world_size": info.world_size, "batch_size": config.batch_size, "num_samples": len(dataset), "seed": config.seed}})
     start_epoch, start_step, global_step = state.resume(resume, log) if resume else (0, 0, 0)
     model.train()
-
     if config.bf16:
         from lpd.sampling import warn_if_emulated_bf16
-
         warn_if_emulated_bf16(device, torch.bfloat16)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=config.bf16)
     if isinstance(train_model, torch.nn.parallel.DistributedDataParallel) and not train_model.find_unused_parameters:
         settle_ddp_buckets(train_model, config.batch_size, schedules[0], autocast)
-
     params = [p for p in model.parameters() if p.requires_grad]
     log(f"model: {sum(p.numel() for p in params) / 1e6:.2f}M parameters, {N} tokens per image, {len(schedules)} group-size "
         f"schedules, {'FSDP' if config.fsdp else 'DDP' if info.distributed else 'one process'}{', EMA' if ema else ''}")
@@ -470,15 +431,19 @@ def train(config: TrainConfig, info: DistInfo | None = None, dataset: torch.util
     stop = PreemptionFlag(config.preempt_signals)
     stop.install()
     if info.is_main:
-        with open(os.path.join(config.output_dir, "config.yaml"), "w", encoding="utf-8") as f:
-            yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+        atomic_write_bytes(os.path.join(config.output_dir, "config.yaml"),
+                           lambda f: f.write(yaml.safe_dump(config.to_dict(), sort_keys=False).encode()))
 
     def save(names: Sequence[str]) -> None:
+        nonlocal last_saved
         state.save([os.path.join(config.output_dir, n) for n in names], epoch, step, global_step)
+        last_saved = global_step
+
+    def due(every: int) -> bool:
+        return every > 0 and ((epoch + 1) % every == 0 or epoch + 1 == config.epochs)
 
     losses: list[float] = []
-    preempted = False
-    last_saved = global_step if resume else -1
+    preempted, last_saved = False, global_step if resume else -1
     epoch, step = start_epoch, start_step
     try:
         for epoch in range(start_epoch, config.epochs):
@@ -487,19 +452,13 @@ def train(config: TrainConfig, info: DistInfo | None = None, dataset: torch.util
             loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers,
                                                  pin_memory=config.pin_mem and device.type == "cuda",
                                                  worker_init_fn=stop.worker_init if config.num_workers > 0 else None)
-            bar = None
-            if info.is_main:
-                from tqdm import tqdm
-
-                bar = tqdm(total=steps_per_epoch, initial=sampler.start_step, desc=f"epoch {epoch}",
-                           dynamic_ncols=True, mininterval=1.0 if os.isatty(2) else 30.0)
-            t_last, steps_since = time.perf_counter(), 0
-            epoch_losses: list[float] = []
+            bar = tqdm(total=steps_per_epoch, initial=sampler.start_step, desc=f"epoch {epoch}", disable=not info.is_main,
+                       dynamic_ncols=True, mininterval=1.0 if os.isatty(2) else 30.0)
+            t_last, steps_since, first = time.perf_counter(), 0, len(losses)
             step = sampler.start_step
             for x, labels in stop.iterate(loader):
                 def gen(purpose: int) -> torch.Generator:
                     return iteration_generator(config.seed, purpose, epoch, step, info.rank)
-
                 tokens = _batch_tokens(x, gen(_FLIP), make_tokenizer_once, device)
                 labels = labels.to(device, non_blocking=True).long()
                 orders = random_orders(tokens.shape[0], N, gen(_ORDER)).to(device, non_blocking=True)
@@ -509,7 +468,6 @@ def train(config: TrainConfig, info: DistInfo | None = None, dataset: torch.util
                            schedule=config.lr_schedule, min_lr=config.min_lr, decay_start_epoch=config.lr_decay_start_epoch)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-
                 with autocast:
                     loss = train_model(tokens, labels, orders, sizes, generator=gen(_LABEL_DROP))
                 # One collective per step: the mean loss and whether any rank was asked to stop.
@@ -520,9 +478,9 @@ def train(config: TrainConfig, info: DistInfo | None = None, dataset: torch.util
                 loss_value, stop_now = float(stats[0]), bool(stats[1] > 0)
                 where = f"at epoch {epoch}, step {step} (global step {global_step}); stopped before the update"
                 if not math.isfinite(loss_value):
-                    raise NonFiniteLossError(
-                        f"loss is {loss_value} {where}. The last good checkpoint is {last_checkpoint(config.output_dir, config.fsdp) or 'none'}; "
-                        f"lower --blr / --lr, keep --grad_clip, or check the data")
+                    raise NonFiniteLossError(f"loss is {loss_value} {where}. The last good checkpoint is "
+                                             f"{last_checkpoint(config.output_dir, config.fsdp) or 'none'}; lower --blr / --lr, "
+                                             f"keep --grad_clip, or check the data")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
@@ -534,16 +492,12 @@ def train(config: TrainConfig, info: DistInfo | None = None, dataset: torch.util
                     ema.update()
                 step, global_step, steps_since = step + 1, global_step + 1, steps_since + 1
                 losses.append(loss_value)
-                epoch_losses.append(loss_value)
-
-                if bar is not None:
-                    bar.update(1)
+                bar.update(1)
                 if info.is_main and (global_step % config.log_freq == 0 or step == steps_per_epoch):
                     now = time.perf_counter()
                     tok_s = steps_since * global_batch * N / max(now - t_last, 1e-9)
                     t_last, steps_since = now, 0
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.3g}", gnorm=f"{grad_norm:.3g}", tok_s=f"{tok_s:.3g}")
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.3g}", gnorm=f"{grad_norm:.3g}", tok_s=f"{tok_s:.3g}")
                     logger.scalars({"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s,
                                     "epoch": epoch + step / steps_per_epoch}, global_step)
                 if stop_now:
@@ -551,28 +505,25 @@ def train(config: TrainConfig, info: DistInfo | None = None, dataset: torch.util
                     break
                 if config.save_every_steps > 0 and global_step % config.save_every_steps == 0 and step < steps_per_epoch:
                     save(["checkpoint-last"])
-                    last_saved = global_step
-            if bar is not None:
-                bar.close()
+            bar.close()
             hint = f"continue with --resume {config.output_dir}"
             if preempted and step < steps_per_epoch:
                 save(["checkpoint-last"])
                 log(f"preempted: saved {last_checkpoint(config.output_dir, config.fsdp)} at epoch {epoch}, step {step} "
                     f"(global step {global_step}); {hint}")
                 break
-            last_due = (epoch + 1) % config.save_last_freq == 0 or epoch + 1 == config.epochs
-            names = [] if last_saved == global_step or not last_due else ["checkpoint-last"]
-            if config.save_every_epochs > 0 and ((epoch + 1) % config.save_every_epochs == 0 or epoch + 1 == config.epochs):
+            names = ["checkpoint-last"] if due(config.save_last_freq) and last_saved != global_step else []
+            if due(config.save_every_epochs):
                 names.append(f"checkpoint-{epoch}")
             if names:
                 save(names)
-                last_saved = global_step
-            log(f"epoch {epoch} done: mean loss {np.mean(epoch_losses) if epoch_losses else float('nan'):.4f} over "
-                f"{len(epoch_losses)} steps, global step {global_step}")
+            done = losses[first:]
+            log(f"epoch {epoch} done: mean loss {np.mean(done) if done else float('nan'):.4f} over "
+                f"{len(done)} steps, global step {global_step}")
             if preempted:
                 log(f"preempted: saved {last_checkpoint(config.output_dir, config.fsdp)} at the end of epoch {epoch}; {hint}")
                 break
-            if config.eval_freq > 0 and ((epoch + 1) % config.eval_freq == 0 or epoch + 1 == config.epochs):
+            if due(config.eval_freq):
                 metrics = _evaluate(config, model, ema, make_tokenizer_once, epoch, log)
                 if metrics:
                     log(f"evaluation at epoch {epoch}: {metrics}")

@@ -6,20 +6,15 @@
     python scripts/slurm.py --dry_run ... -- main_train.py ...      # print the sbatch script, submit nothing
     python scripts/slurm.py --cluster local --gpus_per_node 0 --tasks_per_node 2 -- main_train.py ...  # no Slurm
 
-One Slurm task per GPU (``--tasks_per_node``, default ``--gpus_per_node``).  Each task exports the
-torch.distributed environment from Slurm's (``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``,
-``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, via
-``submitit.helpers.TorchDistributedEnvironment``) and runs the entry point in a child process
-(``python ENTRY ARGS``).  When the entry point is ``main_train.py`` and
-``OUTPUT_DIR/checkpoint-last.pth`` (or the FSDP folder ``checkpoint-last/``) exists, ``--resume OUTPUT_DIR`` is added, so every
-(re)started job continues where the last one stopped.
+One Slurm task per GPU (``--tasks_per_node``, default ``--gpus_per_node``); each exports the torch.distributed
+environment (``MASTER_ADDR``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ...) and runs ``python ENTRY ARGS``. For
+``main_train.py`` with an ``OUTPUT_DIR/checkpoint-last.pth`` (or ``checkpoint-last/``), ``--resume OUTPUT_DIR`` is
+added, so every (re)started job continues where the last one stopped.
 
-Preemption and time limits: submitit asks Slurm for ``USR2`` shortly before the end
-(``--signal_delay_s``).  On rank 0 the launcher then sends ``SIGUSR1`` to its training process,
-which all ranks answer by saving ``checkpoint-last.pth`` at the next step boundary and exiting
-(status 75); the launcher waits for that (at most ``--grace_s`` seconds) and submitit requeues the
-job, which resumes from the checkpoint.  ``SIGTERM`` from Slurm (preemption) makes the training
-processes save and exit the same way.  The training processes ignore ``USR2`` itself.
+Before a time limit Slurm sends ``USR2`` (``--signal_delay_s``; the training processes ignore it); rank 0's
+launcher then sends ``SIGUSR1`` to training (which saves ``checkpoint-last.pth`` at the next step boundary and exits
+with status 75), waits for it at most ``--grace_s`` seconds, and submitit requeues the job. Slurm's ``SIGTERM``
+(preemption) makes training save and exit the same way.
 """
 
 from __future__ import annotations
@@ -59,17 +54,12 @@ class Launcher:
 
     def __init__(self, entry: str, args: Sequence[str], grace_s: float = 300.0, python: str | None = None,
                  cwd: str | None = None) -> None:
-        self.entry = os.path.abspath(entry)
-        self.args = list(args)
-        self.grace_s = grace_s
-        self.python = python or sys.executable
+        self.entry, self.args, self.grace_s, self.python = os.path.abspath(entry), list(args), grace_s, python or sys.executable
         self.cwd = cwd or os.getcwd()  # relative paths in args mean what they meant at submission
         self._proc: subprocess.Popen | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_proc"] = None
-        return state
+        return {**self.__dict__, "_proc": None}
 
     def command(self) -> list[str]:
         """``python ENTRY ARGS``, plus ``--resume OUTPUT_DIR`` for training when a checkpoint exists."""
@@ -91,8 +81,7 @@ class Launcher:
         rc = self._proc.wait()
         if rc == PREEMPTED_EXIT_CODE:
             print(f"[slurm.py] rank {env_info.rank}: {self.entry} saved and stopped on a preemption signal", flush=True)
-            return rc
-        if rc != 0:
+        elif rc != 0:
             raise RuntimeError(f"{self.entry} exited with status {rc} on rank {env_info.rank}")
         return rc
 
@@ -194,8 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     job = make_executor(args).submit(launcher)
     print(f"submitted job {job.job_id}; logs in {args.job_dir.replace('%j', str(job.job_id))}")
     if args.cluster != "slurm":
-        results = job.results()
-        print(f"finished: exit status per task {results}")
+        print(f"finished: exit status per task {job.results()}")
     return 0
 
 
