@@ -43,7 +43,9 @@ def test_shortened_demo_run_writes_its_outputs(tmp_path, capsys) -> None:
     rows = record["ablation"]
     assert [(r["order"], r["steps"]) for r in rows] == [("lpd", 8), ("lpd", 20), ("raster", 8), ("raster", 20)]
     for r in rows:
-        assert set(r) == {"order", "steps", "num_images", "accuracy", "accuracy_ci95", "frechet", "frechet_ci95", "seconds"}
+        assert set(r) == {"order", "steps", "num_images", "accuracy", "accuracy_ci95", "frechet", "frechet_debiased",
+                          "frechet_ci95", "seconds"}
+        assert r["frechet_ci95"][0] <= r["frechet_debiased"] <= r["frechet_ci95"][1]
         assert r["num_images"] == 20 and r["seconds"] > 0
         assert 0.0 <= r["accuracy_ci95"][0] <= r["accuracy"] <= r["accuracy_ci95"][1] <= 1.0
         assert r["frechet"] > 0 and r["frechet_ci95"][0] < r["frechet_ci95"][1]

@@ -112,7 +112,8 @@ def test_judge_scores_with_intervals(classifier: DigitClassifier) -> None:
     tokens, labels = load_digits_dataset("train")
     images, labels = _images(tokens[:200]), labels[:200].numpy()
     row = judge.score(images, labels)
-    assert set(row) == {"num_images", "accuracy", "accuracy_ci95", "frechet", "frechet_ci95"} and row["num_images"] == 200
+    assert set(row) == {"num_images", "accuracy", "accuracy_ci95", "frechet", "frechet_debiased", "frechet_ci95"}
+    assert row["num_images"] == 200 and row["frechet_ci95"][0] <= row["frechet_debiased"] <= row["frechet_ci95"][1]
     assert row["accuracy"] >= 0.9 and row["accuracy_ci95"][0] <= row["accuracy"] <= row["accuracy_ci95"][1] <= 1
     assert row["frechet_ci95"][0] < row["frechet_ci95"][1]
     assert judge.score(torch.from_numpy(images), labels) == row  # tensors too; deterministic

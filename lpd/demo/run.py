@@ -265,14 +265,14 @@ def run_demo(args: argparse.Namespace, log=print) -> dict[str, Any]:
 def _plot(rows: list[dict[str, Any]], path: str, args: argparse.Namespace) -> None:
     from lpd.plotting import line_chart
 
-    def panel(key: str, title: str) -> dict[str, Any]:
+    def panel(key: str, title: str, value: str | None = None) -> dict[str, Any]:
         series: dict[str, list[tuple]] = {}
         for r in rows:
-            series.setdefault(r["order"], []).append((r["steps"], r[key], *r.get(f"{key}_ci95", ())))
+            series.setdefault(r["order"], []).append((r["steps"], r[value or key], *r.get(f"{key}_ci95", ())))
         return {"series": series, "title": title, "xlabel": "decoding steps", "ylabel": key, "log_x": True}
 
     line_chart(path, [panel("accuracy", "class accuracy (higher is better)"),
-                      panel("frechet", "Fréchet distance to held-out digits (lower is better)"),
+                      panel("frechet", "Fréchet distance to held-out digits, debiased (lower is better)", "frechet_debiased"),
                       panel("seconds", f"seconds for {args.num_images} samples")],
                title=f"LPD digits demo: {args.num_images} samples per point, 95% bootstrap intervals; "
                      f"cfg {args.cfg}, temperature {args.temperature}, seed {args.seed}")
@@ -282,12 +282,12 @@ def _row(r: dict[str, Any]) -> str:
     (a0, a1), (f0, f1) = r["accuracy_ci95"], r["frechet_ci95"]
     first = f"| {r['task']} | {r['order']} | {r['prefill']} " if "task" in r else f"| {r['order']} "
     return (f"{first}| {r['steps']} | {r['accuracy']:.3f} [{a0:.3f}, {a1:.3f}] | "
-            f"{r['frechet']:.1f} [{f0:.1f}, {f1:.1f}] | {r['seconds']:.1f} |")
+            f"{r['frechet_debiased']:.1f} [{f0:.1f}, {f1:.1f}] | {r['seconds']:.1f} |")
 
 
 def format_table(record: dict[str, Any]) -> str:
     """The ablation (and the editing rows) as Markdown tables, intervals in brackets."""
-    scores = "| accuracy [95% CI] | Fréchet [95% CI] | seconds |"
+    scores = "| accuracy [95% CI] | Fréchet, debiased [95% CI] | seconds |"
     lines = [f"classifier held-out accuracy: {record['classifier_accuracy']:.3f}", "", f"| order | steps {scores}",
              "| --- | ---: | ---: | ---: | ---: |", *map(_row, record["ablation"])]
     if record.get("editing"):
