@@ -67,10 +67,8 @@ def tokenizer_id(tokenizer: torch.nn.Module) -> str:
 
 
 def _images_digest(samples: Sequence[tuple[str, int]], classes: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    for path, label in samples:
-        h.update(f"{classes[label]}/{os.path.basename(path)}\n".encode())
-    return "sha256:" + h.hexdigest()
+    names = "".join(f"{classes[label]}/{os.path.basename(path)}\n" for path, label in samples)
+    return "sha256:" + hashlib.sha256(names.encode()).hexdigest()
 
 
 def read_record(root: str) -> dict[str, Any] | None:
@@ -304,25 +302,21 @@ class _ConsolidatedWriter:
             toks, done = np.lib.format.open_memmap(tok_p, mode="r+"), np.lib.format.open_memmap(done_p, mode="r+")
             if done.shape != (hi - lo,):
                 raise CacheError(f"unfinished shard file {done_p!r} does not fit this cache: {_start_over(root)}")
-            if toks.shape != self.shape(s) or toks.dtype != np.dtype(rec["dtype"]):
+            if toks.shape != (hi - lo, 2, int(rec["num_tokens"])) or toks.dtype != np.dtype(rec["dtype"]):
                 raise CacheError(f"unfinished shard file {tok_p!r} does not fit this cache: {_start_over(root)}")
             self.open[s], self.todo[s] = (toks, done), np.flatnonzero(done == 0) + lo
 
     def bounds(self, s: int) -> tuple[int, int]:
         return s * self.size, min(int(self.rec["num_images"]), (s + 1) * self.size)
 
-    def shape(self, s: int) -> tuple[int, int, int]:
-        lo, hi = self.bounds(s)
-        return hi - lo, 2, int(self.rec["num_tokens"])
-
     def start(self, labels: np.ndarray) -> None:
         """Create the ``*.partial`` files of the shards not begun yet; write every unfinished shard's labels and index."""
         for s in self.todo:
             names, (lo, hi) = _shard_names(self.root, s), self.bounds(s)
             if s not in self.open:
-                self.open[s] = (np.lib.format.open_memmap(names["tokens"] + ".partial", mode="w+",
-                                                          dtype=np.dtype(self.rec["dtype"]), shape=self.shape(s)),
-                                np.lib.format.open_memmap(names["done"], mode="w+", dtype=np.uint8, shape=(hi - lo,)))
+                shape, dtype = (hi - lo, 2, int(self.rec["num_tokens"])), np.dtype(self.rec["dtype"])
+                self.open[s] = (np.lib.format.open_memmap(names["tokens"] + ".partial", "w+", dtype, shape),
+                                np.lib.format.open_memmap(names["done"], "w+", np.uint8, (hi - lo,)))
             for key, arr in (("labels", labels[lo:hi]), ("index", np.arange(lo, hi, dtype=np.int64))):
                 atomic_write_bytes(names[key] + ".partial", lambda f, a=arr: np.save(f, a))
 
