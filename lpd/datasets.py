@@ -66,11 +66,6 @@ def tokenizer_id(tokenizer: torch.nn.Module) -> str:
     return f"{name} sha256:{state_dict_digest(tokenizer)}" if tokenizer.state_dict() else f"{name}({tokenizer.extra_repr()})"
 
 
-def _images_digest(samples: Sequence[tuple[str, int]], classes: Sequence[str]) -> str:
-    names = "".join(f"{classes[label]}/{os.path.basename(path)}\n" for path, label in samples)
-    return "sha256:" + hashlib.sha256(names.encode()).hexdigest()
-
-
 def read_record(root: str) -> dict[str, Any] | None:
     """``root/meta.json`` (``None`` when absent); :class:`CacheError` when it cannot be read or trusted."""
     path = os.path.join(root, META_NAME)
@@ -367,7 +362,7 @@ def _check_decodable(dataset, paths: list[str], num_workers: int, progress: bool
 def _complete(root: str, rec: dict[str, Any], samples: Sequence[tuple[str, int]], classes: Sequence[str]) -> bool:
     if rec["format"] == "consolidated":
         return all(os.path.isfile(_shard_names(root, s)["tokens"]) for s in range(int(rec["num_shards"])))
-    have = {c: set(os.listdir(os.path.join(root, c))) if os.path.isdir(os.path.join(root, c)) else set() for c in classes}
+    have = {c: set(os.listdir(os.path.join(root, c))) for c in classes}  # every rank made every class folder
     return all(os.path.basename(p) + ".npz" in have[classes[t]] for p, t in samples)
 
 
@@ -385,9 +380,10 @@ def write_token_cache(dataset, cached_path: str, encode: Callable[[torch.Tensor]
     samples, classes = list(dataset.samples), list(dataset.classes)
     if not (n := len(samples)):
         raise CacheError("the ImageFolder holds no images")
+    names = "".join(f"{classes[label]}/{os.path.basename(path)}\n" for path, label in samples)
     want: dict[str, Any] = dict(format=cache_format, tokenizer=tokenizer, img_size=img_size, crop=CROP,
                                 num_tokens=num_tokens, vocab_size=vocab_size, num_images=n, classes=classes,
-                                images=_images_digest(samples, classes))
+                                images="sha256:" + hashlib.sha256(names.encode()).hexdigest())
     os.makedirs(cached_path, exist_ok=True)
     old = _check_rerun(cached_path, want)
     writer = None

@@ -35,14 +35,12 @@ ADM_REFERENCE_BATCHES: dict[int, str] = {  # OpenAI's ADM reference images (arr_
     512: "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/512/VIRTUAL_imagenet512.npz",
 }
 FID_STATS_HINT = (
-    "The ADM ImageNet reference statistics (mu (2048,), sigma (2048, 2048) of Inception pool "
-    "features) are kept as fid_stats/adm_in256_stats.npz in https://github.com/LTH14/mar and read "
-    "from fid_stats/ by the released LPD code (https://github.com/mit-han-lab/lpd); a third-party "
-    "mirror of both resolutions is https://huggingface.co/sinaalemohammad/Neon. They can also be "
-    "computed from OpenAI's ADM reference batches (" + " and ".join(ADM_REFERENCE_BATCHES.values()) + ") with "
-    "`python -m lpd.metrics stats --input VIRTUAL_imagenet512.npz --output adm_in512_stats.npz` (any "
-    "reference images work the same way)."
-)
+    "The ADM ImageNet reference statistics (mu (2048,), sigma (2048, 2048) of Inception pool features) are kept "
+    "as fid_stats/adm_in256_stats.npz in https://github.com/LTH14/mar and read from fid_stats/ by the released LPD "
+    "code (https://github.com/mit-han-lab/lpd); a third-party mirror of both resolutions is "
+    "https://huggingface.co/sinaalemohammad/Neon. They can also be computed from OpenAI's ADM reference batches ("
+    + " and ".join(ADM_REFERENCE_BATCHES.values()) + ") with `python -m lpd.metrics stats --input "
+    "VIRTUAL_imagenet512.npz --output adm_in512_stats.npz` (any reference images work the same way).")
 
 
 class ResolveError(FileNotFoundError):
@@ -114,13 +112,10 @@ def hub_file(repo_id: str, filename: str, *, what: str, flag: str, cache_dir: st
     url = f"https://huggingface.co/{repo_id}/resolve/main/{filename}"
     raise ResolveError(
         f"Could not get the {what} ({filename}) from the Hugging Face Hub repository {repo_id}: {reason}\n"
-        f"  URL: {url}\n  How to provide it:\n"
-        f"    - download {url} on a machine with network access and pass its path: "
-        f"{flag} /path/to/{os.path.basename(filename)}\n"
-        f"    - or fill the Hugging Face cache with `hf download {repo_id} {filename}` (this machine's cache: "
-        f"{cache}; HF_HUB_CACHE / HF_HOME choose another) and copy the cache folder here; it is used without "
-        f"network access"
-        + (f"\n    - {hint}" if hint else ""))
+        f"  URL: {url}\n  How to provide it:\n    - download {url} on a machine with network access and pass its "
+        f"path: {flag} /path/to/{os.path.basename(filename)}\n    - or fill the Hugging Face cache with `hf download "
+        f"{repo_id} {filename}` (this machine's cache: {cache}; HF_HUB_CACHE / HF_HOME choose another) and copy the "
+        f"cache folder here; it is used without network access" + (f"\n    - {hint}" if hint else ""))
 
 
 def _repo_files(repo_id: str, cache: str, local: bool) -> list[str]:

@@ -135,8 +135,7 @@ def image_batches(images: Images, batch_size: int) -> tuple[int, Iterator[torch.
         raise MetricsError(f"batch_size must be a positive integer, got {batch_size!r}")
     if isinstance(images, (np.ndarray, torch.Tensor)):
         _nchw(images[:0], "images")
-        n = len(images)
-        return n, (_nchw(images[i:i + batch_size], "images") for i in range(0, n, batch_size))
+        return len(images), (_nchw(images[i:i + batch_size], "images") for i in range(0, len(images), batch_size))
     if not isinstance(images, (str, os.PathLike)):
         raise TypeError(f"images must be a path, a numpy array or a tensor, got {type(images).__name__}")
     p = os.fspath(images)
