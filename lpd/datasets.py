@@ -140,7 +140,7 @@ def released_cache_file(cached_path: str, class_name: str, image_file: str) -> s
 
 
 class _TokenCache(torch.utils.data.Dataset):
-    """Items ``(tokens int64 [2, num_tokens], label)`` from ``self.load(index)``, row 1 the flipped image."""
+    """Items ``(tokens int64 [2, num_tokens], label)``, the tokens checked by ``self.load(index)``; row 1: flipped."""
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -171,7 +171,6 @@ class ReleasedTokenCache(_TokenCache):
         self.load(0)
 
     def load(self, index: int) -> np.ndarray:
-        """Validated tokens ``int64 [2, num_tokens]`` of item ``index``."""
         where = f"cache file {self.files[index]!r}"
         try:
             with np.load(self.files[index], allow_pickle=False) as z:
@@ -225,7 +224,6 @@ class ConsolidatedTokenCache(_TokenCache):
         return {**self.__dict__, "_mm": None}  # never pickle memory maps into workers
 
     def load(self, index: int) -> np.ndarray:
-        """Validated tokens ``int64 [2, num_tokens]`` of item ``index``."""
         if self._mm is None:
             self._mm = [np.load(p["tokens"], mmap_mode="r") for p in self.paths]
         s, r = int(self.shard[index]), int(self.row[index])

@@ -132,7 +132,6 @@ def _repo_files(repo_id: str, cache: str, local: bool) -> list[str]:
 
 
 def _download_url(url: str, path: str) -> None:
-    """Download ``url`` to ``path`` (file:// URLs work too)."""
     torch.hub.download_url_to_file(url, path, progress=True)
 
 
@@ -216,7 +215,6 @@ def resolve_orders(img_size: int, steps: int, threshold: float, path: str | os.P
 
 
 def _validate_stats(path: str) -> None:
-    """Raise unless ``path`` is an .npz holding ``mu`` and ``sigma``."""
     with np.load(path, allow_pickle=False) as data:
         if not {"mu", "sigma"} <= set(data.files):
             raise ValueError(f"not FID statistics: holds {data.files}, not mu and sigma")
