@@ -4,11 +4,9 @@
         --data_path IMAGENET --cached_path cache/in256 --cache_format consolidated
     python main_cache.py --config configs/tiny.yaml --data_path imgs/ --cached_path cache/   # random test VQ
 
-Each image is ADM centre-cropped to ``--img_size`` and encoded as is and flipped, in the ``released``
-layout (one ``.npz`` per image) or the ``consolidated`` one (shards); see :mod:`lpd.datasets`. Ranks
-of torchrun / Slurm split the work. The same command resumes (any number of ranks); other inputs
-(tokenizer, ``--img_size``, layout, images) are refused, and so are images that do not decode, before
-anything is encoded. User errors print one ``error:`` line and exit with status 2.
+Each image is ADM centre-cropped to ``--img_size`` and encoded as is and flipped, into the ``released``
+layout (one ``.npz`` per image) or the ``consolidated`` one (shards; docs/design.md). Ranks of torchrun /
+Slurm split the work; the same command resumes, with any number of ranks. User errors exit with status 2.
 """
 
 from __future__ import annotations
@@ -60,9 +58,8 @@ def validate_args(args: argparse.Namespace) -> None:
 
 def _user_message(e: Exception, setting_up: bool) -> str | None:
     """The one-line message of an error the user can fix, ``None`` for a bug (which keeps its traceback)."""
-    if isinstance(e, (CacheError, CheckpointError, ConfigError, FileNotFoundError)):  # ResolveError included
-        return str(e)
-    if setting_up and isinstance(e, ValueError):  # bad flags, config values, tokenizer settings
+    known = (CacheError, CheckpointError, ConfigError, FileNotFoundError) + ((ValueError,) if setting_up else ())
+    if isinstance(e, known):  # FileNotFoundError: ResolveError too; ValueError: flags, configs, tokenizer settings
         return str(e)
     if isinstance(e, OSError) and e.filename is not None:
         return f"{e.filename}: {e.strerror or e}"
@@ -73,7 +70,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     setting_up = True
     try:
         from main_train import get_args_parser as train_parser
-
         args = parse_args_with_config(get_args_parser(), argv, also_known=train_parser())  # training configs work too
         validate_args(args)
         try:

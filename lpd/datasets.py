@@ -1,16 +1,7 @@
 """Training data: ImageFolder with the ADM centre crop, and the token caches of ``main_cache.py``.
 
-Each image is cached as is and flipped: ``h*w`` VQ ids each, raster order. ``CACHE/meta.json`` records
-what the tokens depend on (layout, tokenizer digest, ``img_size``, crop, vocabulary, token count, the
-images) and ``state`` (``incomplete`` until every rank finished and every file exists). Layouts:
-
-* ``released`` (the released code's): ``CACHE/<class>/<image file>.npz``, int64 ``indices`` and
-  ``indices_flip`` (any shape of ``h*w`` values is read); without ``meta.json`` read with a warning.
-* ``consolidated``: shards ``shard-SSSSS.{tokens,labels,index}.npy``: ``[M, 2, h*w]`` int16 (int32 for
-  large vocabularies; row 1 flipped), ``[M]`` labels and ImageFolder indices; memory-mapped.
-
-Both read as ``(tokens int64 [2, h*w], label)`` in ImageFolder order. Writing is sharded over ranks
-and resumable (released files atomic; shards filled as ``*.partial`` with a done mask, then renamed).
+Layouts and records: docs/design.md. Both layouts read as ``(tokens int64 [2, h*w], label)`` in ImageFolder
+order; consolidated shards hold int16 tokens (int32 for vocabularies over 32768).
 """
 
 from __future__ import annotations
@@ -66,7 +57,6 @@ def resolve_image_root(data_path: str) -> str:
 def image_folder(data_path: str, img_size: int):
     """torchvision ``ImageFolder`` of ``data_path`` with the ADM crop: ``(float32 [3, S, S] in [-1, 1], label)``."""
     from torchvision.datasets import ImageFolder
-
     return ImageFolder(resolve_image_root(data_path), transform=functools.partial(_crop_to_tensor, image_size=img_size))
 
 
@@ -74,13 +64,6 @@ def tokenizer_id(tokenizer: torch.nn.Module) -> str:
     """What a tokenizer's ids depend on: ``Class sha256:<weights digest>``, or ``Class(settings)`` without weights."""
     name = type(tokenizer).__name__
     return f"{name} sha256:{state_dict_digest(tokenizer)}" if tokenizer.state_dict() else f"{name}({tokenizer.extra_repr()})"
-
-
-def _images_digest(samples: Sequence[tuple[str, int]], classes: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    for path, label in samples:
-        h.update(f"{classes[label]}/{os.path.basename(path)}\n".encode())
-    return "sha256:" + h.hexdigest()
 
 
 def read_record(root: str) -> dict[str, Any] | None:
@@ -157,7 +140,7 @@ def released_cache_file(cached_path: str, class_name: str, image_file: str) -> s
 
 
 class _TokenCache(torch.utils.data.Dataset):
-    """Items ``(tokens int64 [2, num_tokens], label)`` from ``self.load(index)``, row 1 the flipped image."""
+    """Items ``(tokens int64 [2, num_tokens], label)``, the tokens checked by ``self.load(index)``; row 1: flipped."""
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -188,11 +171,9 @@ class ReleasedTokenCache(_TokenCache):
         self.load(0)
 
     def load(self, index: int) -> np.ndarray:
-        """Validated tokens ``int64 [2, num_tokens]`` of item ``index``."""
-        path = self.files[index]
-        where = f"cache file {path!r}"
+        where = f"cache file {self.files[index]!r}"
         try:
-            with np.load(path, allow_pickle=False) as z:
+            with np.load(self.files[index], allow_pickle=False) as z:
                 names, arrays = z.files, [z[k] for k in ("indices", "indices_flip") if k in z.files]
         except Exception as e:  # noqa: BLE001 - re-raised with the file name
             raise CacheError(f"{where} cannot be read ({type(e).__name__}: {e}); it is corrupt or truncated: delete it "
@@ -215,7 +196,7 @@ class ConsolidatedTokenCache(_TokenCache):
         self.root, self.num_tokens, self.vocab_size = root, num_tokens, vocab_size
         rec = _checked_record(root, "consolidated", num_tokens, vocab_size)
         self.classes, self.paths = list(rec["classes"]), [_shard_names(root, s) for s in range(int(rec["num_shards"]))]
-        counts, order, labels = [], [], []
+        parts = []
         fix = "delete the shard's files and rerun main_cache.py with the same command"
         for names in self.paths:
             try:
@@ -226,16 +207,15 @@ class ConsolidatedTokenCache(_TokenCache):
             if toks.shape[1:] != (2, num_tokens) or not lab.shape == index.shape == toks.shape[:1]:
                 raise CacheError(f"cache shard {names['tokens']!r} has shape {list(toks.shape)} (labels {list(lab.shape)}, "
                                  f"index {list(index.shape)}), expected [M, 2, {num_tokens}] ([M], [M]); {fix}")
-            counts.append(toks.shape[0])
-            order.append(index.astype(np.int64))
-            labels.append(lab.astype(np.int64))
+            parts.append((index.astype(np.int64), lab.astype(np.int64)))
+        order, labels = zip(*parts)
         index_all = np.concatenate(order)
         perm = np.argsort(index_all, kind="stable")
         if not np.array_equal(index_all[perm], np.arange(int(rec["num_images"]))):
             raise CacheError(f"the shards of {root!r} do not hold images 0..{int(rec['num_images']) - 1} once each; "
                              f"the cache is damaged: {_start_over(root)}")
-        self.shard = np.repeat(np.arange(len(counts), dtype=np.int64), counts)[perm]
-        self.row = np.concatenate([np.arange(c, dtype=np.int64) for c in counts])[perm]
+        self.shard = np.repeat(np.arange(len(order), dtype=np.int64), [len(o) for o in order])[perm]
+        self.row = np.concatenate([np.arange(len(o), dtype=np.int64) for o in order])[perm]
         self.labels = np.concatenate(labels)[perm]
         self._mm: list[np.ndarray] | None = None
         self.load(0)
@@ -244,7 +224,6 @@ class ConsolidatedTokenCache(_TokenCache):
         return {**self.__dict__, "_mm": None}  # never pickle memory maps into workers
 
     def load(self, index: int) -> np.ndarray:
-        """Validated tokens ``int64 [2, num_tokens]`` of item ``index``."""
         if self._mm is None:
             self._mm = [np.load(p["tokens"], mmap_mode="r") for p in self.paths]
         s, r = int(self.shard[index]), int(self.row[index])
@@ -256,19 +235,16 @@ def open_token_cache(root: str, num_tokens: int, vocab_size: int | None = None, 
     """Open and check a token cache of either layout (``auto`` detects it): record, files and first item."""
     if not os.path.isdir(root):
         raise CacheError(f"--cached_path {root!r} does not exist; write the cache with main_cache.py")
-    rec = read_record(root) if cache_format in (None, "", "auto") else {"format": cache_format}
-    fmt = rec["format"] if rec else "released"
-    if fmt == "released":
-        return ReleasedTokenCache(root, num_tokens, vocab_size)
-    if fmt == "consolidated":
-        return ConsolidatedTokenCache(root, num_tokens, vocab_size)
-    raise ValueError(f"unknown cache format {cache_format!r}; use auto, released or consolidated")
+    auto = cache_format in (None, "", "auto")
+    fmt = (read_record(root) or {"format": "released"})["format"] if auto else cache_format
+    if fmt not in CACHE_FORMATS:
+        raise ValueError(f"unknown cache format {cache_format!r}; use auto, released or consolidated")
+    return (ReleasedTokenCache if fmt == "released" else ConsolidatedTokenCache)(root, num_tokens, vocab_size)
 
 
 @dataclass
 class CacheStats:
     """What one rank did: images encoded now, and images found already done."""
-
     written: int = 0
     skipped: int = 0
 
@@ -319,39 +295,31 @@ class _ConsolidatedWriter:
             toks, done = np.lib.format.open_memmap(tok_p, mode="r+"), np.lib.format.open_memmap(done_p, mode="r+")
             if done.shape != (hi - lo,):
                 raise CacheError(f"unfinished shard file {done_p!r} does not fit this cache: {_start_over(root)}")
-            if toks.shape != self.shape(s) or toks.dtype != np.dtype(rec["dtype"]):
+            if toks.shape != (hi - lo, 2, int(rec["num_tokens"])) or toks.dtype != np.dtype(rec["dtype"]):
                 raise CacheError(f"unfinished shard file {tok_p!r} does not fit this cache: {_start_over(root)}")
             self.open[s], self.todo[s] = (toks, done), np.flatnonzero(done == 0) + lo
 
     def bounds(self, s: int) -> tuple[int, int]:
         return s * self.size, min(int(self.rec["num_images"]), (s + 1) * self.size)
 
-    def shape(self, s: int) -> tuple[int, int, int]:
-        lo, hi = self.bounds(s)
-        return hi - lo, 2, int(self.rec["num_tokens"])
-
     def start(self, labels: np.ndarray) -> None:
         """Create the ``*.partial`` files of the shards not begun yet; write every unfinished shard's labels and index."""
         for s in self.todo:
             names, (lo, hi) = _shard_names(self.root, s), self.bounds(s)
             if s not in self.open:
-                self.open[s] = (np.lib.format.open_memmap(names["tokens"] + ".partial", mode="w+",
-                                                          dtype=np.dtype(self.rec["dtype"]), shape=self.shape(s)),
-                                np.lib.format.open_memmap(names["done"], mode="w+", dtype=np.uint8, shape=(hi - lo,)))
+                shape, dtype = (hi - lo, 2, int(self.rec["num_tokens"])), np.dtype(self.rec["dtype"])
+                self.open[s] = (np.lib.format.open_memmap(names["tokens"] + ".partial", "w+", dtype, shape),
+                                np.lib.format.open_memmap(names["done"], "w+", np.uint8, (hi - lo,)))
             for key, arr in (("labels", labels[lo:hi]), ("index", np.arange(lo, hi, dtype=np.int64))):
                 atomic_write_bytes(names[key] + ".partial", lambda f, a=arr: np.save(f, a))
 
     def commit(self, indices: Sequence[int], tokens: np.ndarray) -> None:
         """Write and flush the rows of ``indices``, then mark them done; finish the shards that are complete."""
-        touched = sorted({i // self.size for i in indices})
-        for i, t in zip(indices, tokens):
-            self.open[i // self.size][0][i % self.size] = t
-        for s in touched:
-            self.open[s][0].flush()
-        for i in indices:
-            self.open[i // self.size][1][i % self.size] = 1
-        for s in touched:
-            self.open[s][1].flush()
+        for k, values in ((0, tokens), (1, [1] * len(indices))):  # tokens flushed before their done marks
+            for i, v in zip(indices, values):
+                self.open[i // self.size][k][i % self.size] = v
+            for s in sorted({i // self.size for i in indices}):
+                self.open[s][k].flush()
         self.finish_complete()
 
     def finish_complete(self) -> None:
@@ -392,7 +360,7 @@ def _check_decodable(dataset, paths: list[str], num_workers: int, progress: bool
 def _complete(root: str, rec: dict[str, Any], samples: Sequence[tuple[str, int]], classes: Sequence[str]) -> bool:
     if rec["format"] == "consolidated":
         return all(os.path.isfile(_shard_names(root, s)["tokens"]) for s in range(int(rec["num_shards"])))
-    have = {c: set(os.listdir(os.path.join(root, c))) if os.path.isdir(os.path.join(root, c)) else set() for c in classes}
+    have = {c: set(os.listdir(os.path.join(root, c))) for c in classes}  # every rank made every class folder
     return all(os.path.basename(p) + ".npz" in have[classes[t]] for p, t in samples)
 
 
@@ -403,19 +371,17 @@ def write_token_cache(dataset, cached_path: str, encode: Callable[[torch.Tensor]
                       barrier: Callable[[], None] = lambda: None, progress: bool = True) -> CacheStats:
     """Encode this rank's share of ``dataset`` (ImageFolder API: ``samples``, ``classes``, ``loader``) into ``cached_path``.
 
-    ``encode(images [B, 3, S, S] in [-1, 1]) -> [B, h, w]`` ids, ``h * w == num_tokens``; ``tokenizer`` is its
-    :func:`tokenizer_id`.  A rerun with other inputs is refused; one with the same inputs (any number
-    of ranks) encodes what is missing.  Images that fail to decode stop the run before anything is
-    written.  ``barrier`` synchronises the ranks.
+    ``encode``: images ``[B, 3, S, S]`` in [-1, 1] -> ids ``[B, h, w]``; ``tokenizer`` is its :func:`tokenizer_id`.
     """
     if cache_format not in CACHE_FORMATS:
         raise ValueError(f"unknown cache format {cache_format!r}; use one of {CACHE_FORMATS}")
     samples, classes = list(dataset.samples), list(dataset.classes)
     if not (n := len(samples)):
         raise CacheError("the ImageFolder holds no images")
+    names = "".join(f"{classes[label]}/{os.path.basename(path)}\n" for path, label in samples)
     want: dict[str, Any] = dict(format=cache_format, tokenizer=tokenizer, img_size=img_size, crop=CROP,
                                 num_tokens=num_tokens, vocab_size=vocab_size, num_images=n, classes=classes,
-                                images=_images_digest(samples, classes))
+                                images="sha256:" + hashlib.sha256(names.encode()).hexdigest())
     os.makedirs(cached_path, exist_ok=True)
     old = _check_rerun(cached_path, want)
     writer = None
@@ -439,31 +405,27 @@ def write_token_cache(dataset, cached_path: str, encode: Callable[[torch.Tensor]
             os.makedirs(os.path.join(cached_path, cls), exist_ok=True)
     else:
         writer.start(np.asarray([t for _, t in samples], dtype=np.int64))
-    stats = CacheStats(skipped=len(mine) - len(todo))
     if todo:
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, todo), batch_size=batch_size,
                                              shuffle=False, num_workers=num_workers,
                                              pin_memory=torch.device(device).type == "cuda")
-        pos = 0
-        for images, _ in tqdm(loader, desc=f"caching ({cache_format}, rank 0 of {world_size})",
-                              disable=not progress or rank != 0):
+        for k, (images, _) in enumerate(tqdm(loader, desc=f"caching ({cache_format}, rank 0 of {world_size})",
+                                             disable=not progress or rank != 0)):
             images = images.to(device, non_blocking=True)
             with torch.no_grad():
                 toks = encode(torch.cat([images, images.flip(-1)]))
             if toks[0].numel() != num_tokens:
                 raise CacheError(f"the tokenizer gives {toks[0].numel()} tokens per image, expected {num_tokens}")
             toks = toks.reshape(2, images.shape[0], -1).transpose(0, 1).cpu().numpy().astype(np.int64)  # [B, 2, N]
-            idx = todo[pos : pos + images.shape[0]]
-            pos += images.shape[0]
+            idx = todo[k * batch_size : (k + 1) * batch_size]
             if writer is None:
                 for i, t in zip(idx, toks):
                     atomic_write_bytes(targets[i], lambda f, t=t: np.savez(f, indices=t[0], indices_flip=t[1]))
             else:
                 writer.commit(idx, toks)
-            stats.written += len(idx)
     if writer is not None:
         writer.finish_complete()
     barrier()
     if read_record(cached_path)["state"] != "complete" and _complete(cached_path, want, samples, classes):
         _write_record(cached_path, {**want, "state": "complete"})
-    return stats
+    return CacheStats(written=len(todo), skipped=len(mine) - len(todo))

@@ -1,13 +1,12 @@
 """Resolve released files (LPD checkpoints, the VQ tokenizer, orders, FID statistics) to local paths.
 
-A path given by the user wins and must exist. Hub files go through huggingface_hub's cache, tried
-first without network; plain-URL files are kept in a cache folder ($LPD_CACHE, default ~/.cache/lpd).
-HF_HUB_OFFLINE=1 forbids any download. Every failure is one ResolveError that names the file, its
-source, where it is expected on disk and the flag that supplies it.
+A path given by the user wins. Hub files come from huggingface_hub's cache (tried without network first),
+URL files from $LPD_CACHE (default ~/.cache/lpd); HF_HUB_OFFLINE=1 forbids downloads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import warnings
@@ -18,13 +17,8 @@ import numpy as np
 import torch.hub
 from huggingface_hub import constants, errors
 
-RELEASED_CHECKPOINTS: dict[tuple[str, int], str] = {
-    ("lpd_l", 256): "mit-han-lab/lpd_l_256",
-    ("lpd_xl", 256): "mit-han-lab/lpd_xl_256",
-    ("lpd_xxl", 256): "mit-han-lab/lpd_xxl_256",
-    ("lpd_l", 512): "mit-han-lab/lpd_l_512",
-    ("lpd_xl", 512): "mit-han-lab/lpd_xl_512",
-}
+RELEASED_CHECKPOINTS: dict[tuple[str, int], str] = {(m, s): f"mit-han-lab/{m}_{s}" for m, s in (  # Hub repositories
+    ("lpd_l", 256), ("lpd_xl", 256), ("lpd_xxl", 256), ("lpd_l", 512), ("lpd_xl", 512))}
 CHECKPOINT_FILENAME = "{model}_{img_size}.pth"  # as loaded by the released evaluation scripts
 _CHECKPOINT_EXTS = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 VQ_REPO, VQ_FILENAME = "FoundationVision/LlamaGen", "vq_ds16_c2i.pt"
@@ -41,14 +35,12 @@ ADM_REFERENCE_BATCHES: dict[int, str] = {  # OpenAI's ADM reference images (arr_
     512: "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/512/VIRTUAL_imagenet512.npz",
 }
 FID_STATS_HINT = (
-    "The ADM ImageNet reference statistics (mu (2048,), sigma (2048, 2048) of Inception pool "
-    "features) are kept as fid_stats/adm_in256_stats.npz in https://github.com/LTH14/mar and read "
-    "from fid_stats/ by the released LPD code (https://github.com/mit-han-lab/lpd); a third-party "
-    "mirror of both resolutions is https://huggingface.co/sinaalemohammad/Neon. They can also be "
-    "computed from OpenAI's ADM reference batches (" + " and ".join(ADM_REFERENCE_BATCHES.values()) + ") with "
-    "`python -m lpd.metrics stats --input VIRTUAL_imagenet512.npz --output adm_in512_stats.npz` (any "
-    "reference images work the same way)."
-)
+    "The ADM ImageNet reference statistics (mu (2048,), sigma (2048, 2048) of Inception pool features) are kept "
+    "as fid_stats/adm_in256_stats.npz in https://github.com/LTH14/mar and read from fid_stats/ by the released LPD "
+    "code (https://github.com/mit-han-lab/lpd); a third-party mirror of both resolutions is "
+    "https://huggingface.co/sinaalemohammad/Neon. They can also be computed from OpenAI's ADM reference batches ("
+    + " and ".join(ADM_REFERENCE_BATCHES.values()) + ") with `python -m lpd.metrics stats --input "
+    "VIRTUAL_imagenet512.npz --output adm_in512_stats.npz` (any reference images work the same way).")
 
 
 class ResolveError(FileNotFoundError):
@@ -102,10 +94,8 @@ def hub_file(repo_id: str, filename: str, *, what: str, flag: str, cache_dir: st
         warnings.warn(f"{repo_id} has no {filename}; using its only checkpoint file {picks[0]} ({where})", stacklevel=3)
         return picks[0]
 
-    try:
+    with contextlib.suppress(OSError, ValueError):
         return get(filename, local=True)
-    except (OSError, ValueError):
-        pass
     if offline():
         if alt := single_other(_repo_files(repo_id, cache, local=True), "found in the cache"):
             return get(alt, local=True)
@@ -122,13 +112,10 @@ def hub_file(repo_id: str, filename: str, *, what: str, flag: str, cache_dir: st
     url = f"https://huggingface.co/{repo_id}/resolve/main/{filename}"
     raise ResolveError(
         f"Could not get the {what} ({filename}) from the Hugging Face Hub repository {repo_id}: {reason}\n"
-        f"  URL: {url}\n  How to provide it:\n"
-        f"    - download {url} on a machine with network access and pass its path: "
-        f"{flag} /path/to/{os.path.basename(filename)}\n"
-        f"    - or fill the Hugging Face cache with `hf download {repo_id} {filename}` (this machine's cache: "
-        f"{cache}; HF_HUB_CACHE / HF_HOME choose another) and copy the cache folder here; it is used without "
-        f"network access"
-        + (f"\n    - {hint}" if hint else ""))
+        f"  URL: {url}\n  How to provide it:\n    - download {url} on a machine with network access and pass its "
+        f"path: {flag} /path/to/{os.path.basename(filename)}\n    - or fill the Hugging Face cache with `hf download "
+        f"{repo_id} {filename}` (this machine's cache: {cache}; HF_HUB_CACHE / HF_HOME choose another) and copy the "
+        f"cache folder here; it is used without network access" + (f"\n    - {hint}" if hint else ""))
 
 
 def _repo_files(repo_id: str, cache: str, local: bool) -> list[str]:
@@ -145,7 +132,6 @@ def _repo_files(repo_id: str, cache: str, local: bool) -> list[str]:
 
 
 def _download_url(url: str, path: str) -> None:
-    """Download ``url`` to ``path`` (file:// URLs work too)."""
     torch.hub.download_url_to_file(url, path, progress=True)
 
 
@@ -161,9 +147,8 @@ def url_file(urls: str | Sequence[str], *, cache_dir: str | os.PathLike, filenam
         return local_file(path, what=what, flag=flag, hint=f"It is published at {' or '.join(urls)}. {hint}".strip())
     dst = os.path.join(os.path.expanduser(os.fspath(cache_dir)), filename)
     looked = [os.path.expanduser(os.fspath(p)) for p in search_paths] + [dst]
-    for p in looked:
-        if os.path.isfile(p):
-            return p
+    if found := next((p for p in looked if os.path.isfile(p)), None):
+        return found
     if offline() or not download:
         reason = "offline mode (HF_HUB_OFFLINE=1) is on" if offline() else "downloads are disabled"
         reason += " and it is not on disk."
@@ -230,7 +215,6 @@ def resolve_orders(img_size: int, steps: int, threshold: float, path: str | os.P
 
 
 def _validate_stats(path: str) -> None:
-    """Raise unless ``path`` is an .npz holding ``mu`` and ``sigma``."""
     with np.load(path, allow_pickle=False) as data:
         if not {"mu", "sigma"} <= set(data.files):
             raise ValueError(f"not FID statistics: holds {data.files}, not mu and sigma")
@@ -243,11 +227,10 @@ def resolve_fid_stats(img_size: int, path: str | os.PathLike | None = None, *,
     what, flag = f"ADM reference statistics for {img_size}px (FID)", "--fid_stats"
     if path is not None:
         return local_file(path, what=what, flag=flag, hint=FID_STATS_HINT)
-    local = os.path.join("fid_stats", filename)  # the released code's layout
     urls = FID_STATS_SOURCES.get(int(img_size))
     if urls is None:
         raise ResolveError(f"No reference statistics are known for {img_size}px images; pass a statistics file "
                            f"with {flag}. {FID_STATS_HINT}")
     cache = cache_dir or os.path.join(os.environ.get("LPD_CACHE") or "~/.cache/lpd", "fid_stats")
-    return url_file(urls, cache_dir=cache, filename=filename, flag=flag, what=what, search_paths=[local],
-                    hint=FID_STATS_HINT, validate=_validate_stats)
+    return url_file(urls, cache_dir=cache, filename=filename, flag=flag, what=what, hint=FID_STATS_HINT,
+                    search_paths=[os.path.join("fid_stats", filename)], validate=_validate_stats)  # released layout

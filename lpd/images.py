@@ -1,10 +1,8 @@
-"""Images in and out: the ADM centre crop, input images and edit masks, PNGs, the ADM ``.npz`` of a
-run, sample grids, and the conversions between uint8 pixels and tensors in [-1, 1]. Writes are atomic.
-"""
+"""Images in and out: the ADM centre crop, input images and edit masks, PNGs, the ADM ``.npz`` of a run,
+sample grids, and uint8 pixels <-> tensors in [-1, 1]. Writes are atomic."""
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import zipfile
@@ -80,9 +78,7 @@ def load_image(source: ImageSource, img_size: int) -> np.ndarray:
 def load_mask(source: ImageSource, img_size: int, image: ImageSource | None = None) -> np.ndarray:
     """bool ``[img_size, img_size]``, True where the edit regenerates (white: grey >= 128 after the crop).
 
-    ``source`` is a path, a PIL image or a bool / uint8 array. A mask of ``img_size x img_size`` is taken
-    as it is (it matches the cropped image); a mask of the size of ``image`` (the uncropped image, as
-    given to :func:`load_image`) gets the image's ADM crop; any other size is refused.
+    A mask of ``img_size x img_size`` is taken as is; one of the size of ``image`` (uncropped) gets its crop.
     """
     mask, img_size = _pil(source, "mask", "L"), _check_size(img_size)
     if mask.size != (img_size, img_size):
@@ -103,8 +99,7 @@ def image_to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images))
     if x.dtype != torch.uint8 or x.dim() not in (3, 4) or x.shape[-1] != 3:
         raise ValueError(f"images must be uint8 [H, W, 3] or [B, H, W, 3], got {x.dtype} {list(x.shape)}")
-    x = x[None] if x.dim() == 3 else x
-    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
+    return (x[None] if x.dim() == 3 else x).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -120,14 +115,12 @@ def image_path(image_dir: str | os.PathLike, index: int) -> str:
 
 def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
     """Write a uint8 ``[H, W, 3]`` image as PNG (no fsync: a damaged file fails the next run's check)."""
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image), "RGB").save(buf, format="PNG")
-    atomic_write_bytes(path, lambda f: f.write(buf.getvalue()), fsync=False)
+    img = Image.fromarray(np.ascontiguousarray(image), "RGB")
+    atomic_write_bytes(path, lambda f: img.save(f, format="PNG"), fsync=False)
 
 
 def read_png(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray | None:
-    """The uint8 ``[H, W, 3]`` pixels of an RGB PNG of ``size`` (height, width), or None if it is
-    missing, unreadable or of another kind."""
+    """uint8 ``[H, W, 3]`` pixels of an RGB PNG of ``size`` (H, W); None if missing, unreadable or of another kind."""
     try:
         with Image.open(os.fspath(path)) as im:
             if im.format != "PNG" or im.mode != "RGB":
@@ -167,7 +160,5 @@ def save_grid(path: str | os.PathLike, images: Sequence[np.ndarray], ncol: int =
     for k, arr in enumerate(images):
         tile = Image.fromarray(np.ascontiguousarray(arr), "RGB")
         canvas.paste(tile if (th, tw) == (h, w) else tile.resize((tw, th), Image.BICUBIC), ((k % ncol) * tw, (k // ncol) * th))
-    buf = io.BytesIO()
-    canvas.save(buf, format="PNG")
-    atomic_write_bytes(path, lambda f: f.write(buf.getvalue()))
+    atomic_write_bytes(path, lambda f: canvas.save(f, format="PNG"))
 

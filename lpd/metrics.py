@@ -1,8 +1,5 @@
 """FID and Inception Score on upstream torch-fidelity's ``inception-v3-compat`` Inception-v3.
 
-One pass gives the 2048-d pool features (FID against ``mu``/``sigma`` statistics, scipy ``sqrtm``
-in float64) and the 1008 unbiased logits (IS over 10 splits, exactly as torch-fidelity).
-
     python -m lpd.metrics stats --input REF_IMAGES --output STATS.npz [--inception_weights PATH]
     python -m lpd.metrics fid --input SAMPLES --stats STATS.npz [--json OUT.json]
 """
@@ -21,9 +18,11 @@ from unittest import mock
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm import tqdm
 
-from lpd import hub
-from lpd.checkpoint import check_output_path
+from lpd import checkpoint, hub
+from lpd.distributed import resolve_device
 
 INCEPTION_WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -45,7 +44,6 @@ class MetricsError(ValueError):
 
 class FeatureStatistics(NamedTuple):
     """Float64 feature mean (F,) and covariance (F, F), float32 logits (N, C) in image order or None."""
-
     mu: np.ndarray
     sigma: np.ndarray
     logits: np.ndarray | None
@@ -90,8 +88,6 @@ def _nchw(x: np.ndarray | torch.Tensor, where: str) -> torch.Tensor:
 
 
 def _file_batches(files: list[str], batch_size: int) -> Iterator[torch.Tensor]:
-    from PIL import Image
-
     for i in range(0, len(files), batch_size):
         arrays = []
         for path in files[i:i + batch_size]:
@@ -139,8 +135,7 @@ def image_batches(images: Images, batch_size: int) -> tuple[int, Iterator[torch.
         raise MetricsError(f"batch_size must be a positive integer, got {batch_size!r}")
     if isinstance(images, (np.ndarray, torch.Tensor)):
         _nchw(images[:0], "images")
-        n = len(images)
-        return n, (_nchw(images[i:i + batch_size], "images") for i in range(0, n, batch_size))
+        return len(images), (_nchw(images[i:i + batch_size], "images") for i in range(0, len(images), batch_size))
     if not isinstance(images, (str, os.PathLike)):
         raise TypeError(f"images must be a path, a numpy array or a tensor, got {type(images).__name__}")
     p = os.fspath(images)
@@ -171,9 +166,6 @@ def compute_statistics(images: Images, extractor: Extractor, batch_size: int = 5
     num, batches = image_batches(images, batch_size)
     if num < 2:
         raise MetricsError(f"statistics need at least 2 images, got {num}")
-    from tqdm import tqdm
-
-    device = torch.device(device)
     n, shift, s1, s2, logits = 0, None, None, None, []
     with torch.inference_mode(), tqdm(total=num, unit="img", desc="features", disable=not progress) as bar:
         for batch in batches:
@@ -197,7 +189,6 @@ def compute_statistics(images: Images, extractor: Extractor, batch_size: int = 5
 
 def _sqrtm(a: np.ndarray) -> np.ndarray:
     import scipy.linalg
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # singular products are handled by the caller
         return scipy.linalg.sqrtm(a)
@@ -242,10 +233,9 @@ def inception_score(logits: np.ndarray | torch.Tensor, splits: int = 10) -> tupl
         raise ValueError(f"splits must be between 1 and the number of images ({n}), got {splits}")
     x = x[np.random.RandomState(2020).permutation(n)].double()
     p, log_p = x.softmax(dim=1), x.log_softmax(dim=1)
-    scores = []
-    for i in range(splits):
-        pc, lpc = p[i * n // splits:(i + 1) * n // splits], log_p[i * n // splits:(i + 1) * n // splits]
-        scores.append((pc * (lpc - pc.mean(dim=0, keepdim=True).log())).sum(dim=1).mean().exp().item())
+    cuts = [i * n // splits for i in range(1, splits)]
+    scores = [(pc * (lpc - pc.mean(dim=0, keepdim=True).log())).sum(dim=1).mean().exp().item()
+              for pc, lpc in zip(p.tensor_split(cuts), log_p.tensor_split(cuts))]
     return float(np.mean(scores)), float(np.std(scores))
 
 
@@ -259,10 +249,8 @@ def _check_stats(mu: np.ndarray, sigma: np.ndarray, where: str) -> tuple[np.ndar
 
 def save_statistics(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) -> None:
     """Write ``mu`` (F,) and ``sigma`` (F, F) to the ``.npz`` ``path`` atomically."""
-    from lpd.checkpoint import atomic_write_bytes
-
     mu, sigma = _check_stats(np.asarray(mu, np.float64), np.asarray(sigma, np.float64), "statistics to save")
-    atomic_write_bytes(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
+    checkpoint.atomic_write_bytes(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
 
 
 def load_statistics(path: str | os.PathLike, *, flag: str = "--fid_stats") -> tuple[np.ndarray, np.ndarray]:
@@ -294,24 +282,22 @@ def compute_metrics(images: Images, reference: tuple[np.ndarray, np.ndarray] | N
         reference = _check_stats(np.asarray(reference[0], np.float64), np.asarray(reference[1], np.float64),
                                  "reference statistics")
     stats = compute_statistics(images, extractor, batch_size, device, progress=progress)
-    fid = None
+    fid = is_mean = is_std = None
     if reference is not None:
         if reference[0].shape != stats.mu.shape:
             raise MetricsError(f"the reference statistics are of {reference[0].shape[0]}-d features but the extractor "
                                f"gives {stats.mu.shape[0]}-d ones; they were made with another feature extractor")
         fid = frechet_distance(stats.mu, stats.sigma, *reference)
-    is_mean = is_std = None
     if stats.logits is not None:
-        splits = min(10, stats.num_images)
-        if splits < 10:
-            warnings.warn(f"only {stats.num_images} images: Inception Score over {splits} splits instead of 10")
+        if (splits := min(10, stats.num_images)) < 10:
+            warnings.warn(f"only {splits} images: Inception Score over {splits} splits instead of 10")
         is_mean, is_std = inception_score(stats.logits, splits)
     return {"fid": fid, "inception_score": is_mean, "inception_score_std": is_std, "num_images": stats.num_images}
 
 
 def _check_output(path: str, flag: str, kind: str) -> None:
     """Refuse an output that cannot be written or would replace a file that is not a ``kind`` (.npz/.json) of ours."""
-    problem = check_output_path(path, flag)
+    problem = checkpoint.check_output_path(path, flag)
     if problem is None and os.path.exists(path):
         try:
             with open(path, "rb") as f:
@@ -355,8 +341,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> FeatureStatistics | dict[str, Any]:
     """Check the outputs, then every other flag and file, then compute."""
-    from lpd.distributed import resolve_device
-
     if args.command == "stats":
         _check_output(args.output, "--output", ".npz")
     elif args.json:
@@ -381,15 +365,8 @@ def _run(args: argparse.Namespace) -> FeatureStatistics | dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m lpd.metrics``; exit 0, 2 for a usage error, 1 when writing the finished result failed.
-
-    Usage errors, found before any image is decoded where a file check can tell: bad flags, an
-    ``--output``/``--json`` that is a folder, lies in no writable folder or would replace a file of
-    another kind; missing, unreadable or corrupt inputs, statistics or weights; statistics of
-    another feature size.
-    """
-    from lpd.checkpoint import atomic_write_bytes
-
+    """``python -m lpd.metrics``; exit 0, 2 for a usage error (found before any image is decoded where a file check
+    can tell), 1 when writing the finished result failed."""
     args = _parser().parse_args(argv)
     try:
         result = _run(args)
@@ -399,7 +376,6 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"error: cannot read {exc.filename or args.input}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    target = args.output if args.command == "stats" else args.json
     try:
         if args.command == "stats":
             save_statistics(args.output, result.mu, result.sigma)
@@ -409,8 +385,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"FID {result['fid']:.4f}  IS {result['inception_score']:.2f} ± "
                   f"{result['inception_score_std']:.2f}  ({result['num_images']} images)")
             if args.json:
-                atomic_write_bytes(args.json, lambda f: f.write(json.dumps(result, indent=2).encode()))
+                checkpoint.atomic_write_bytes(args.json, lambda f: f.write(json.dumps(result, indent=2).encode()))
     except OSError as exc:
+        target = args.output if args.command == "stats" else args.json
         print(f"error: could not write {target}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     return 0

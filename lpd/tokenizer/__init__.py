@@ -15,15 +15,13 @@ __all__ = ["VQModel", "VectorQuantizer", "build_vq", "load_vq", "make_tokenizer"
 
 def make_tokenizer(kind: str = "vq", vqgan_path: str | os.PathLike | None = None, vq_config: dict[str, Any] | None = None,
                    seed: int = 0, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The tokenizer ``kind`` in eval mode on ``device``.
+    """The tokenizer ``kind`` (``vq`` or the demo's ``palette``) built with ``vq_config``, in eval mode on ``device``.
 
-    ``vq``: ``vqgan_path`` built with ``vq_config``; without a path, random weights from ``seed`` when a
-    ``vq_config`` is given (``{}``: VQ-16), else the released ``vq_ds16_c2i.pt`` (downloaded, rank 0 first).
-    ``palette``: the demo's palette tokenizer, ``vq_config`` its arguments.
+    ``vq`` without ``vqgan_path``: random weights from ``seed`` if ``vq_config`` is given (``{}``: VQ-16), else
+    the released ``vq_ds16_c2i.pt`` (rank 0 downloads it first).
     """
     if kind == "palette":
         from lpd.demo.palette import PaletteTokenizer
-
         return PaletteTokenizer(**_checked(PaletteTokenizer, vq_config, kind)).to(device).eval()
     if kind != "vq":
         raise ValueError(f"--tokenizer: unknown tokenizer {kind!r}; use 'vq' or 'palette'")
@@ -31,12 +29,10 @@ def make_tokenizer(kind: str = "vq", vqgan_path: str | os.PathLike | None = None
     if vqgan_path is None and vq_config is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            vq = build_vq(**vq_config)
-        return vq.to(device).eval()
+            return build_vq(**vq_config).to(device).eval()
     if vqgan_path is None:
         from lpd import hub
         from lpd.distributed import rank0_first
-
         vqgan_path = rank0_first(hub.resolve_vq)
     return load_vq(vqgan_path, **(vq_config or {})).to(device).eval()
 

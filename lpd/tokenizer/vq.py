@@ -1,10 +1,7 @@
 """The LlamaGen VQ-16 tokenizer (``vq_ds16_c2i.pt``): images <-> LPD's discrete tokens.
 
-A VQGAN-style conv encoder / decoder with an l2-normalised nearest-code quantizer between. Module and
-buffer names are the released file's, so it loads unchanged. Formulas that the weights fix: GroupNorm
-(32 groups, eps 1e-6), SiLU, down-sampling by zero-padding bottom/right by one then a 3x3 stride-2
-conv, single-head spatial attention with 1x1-conv projections; the decoder's ``conv_blocks.0`` is
-its lowest resolution.
+A VQGAN-style conv encoder / decoder (GroupNorm of 32 groups, eps 1e-6; SiLU) with an l2-normalised
+nearest-code quantizer between; module and buffer names are the released file's, so it loads unchanged.
 """
 
 from __future__ import annotations
@@ -60,45 +57,40 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
-class Downsample(nn.Module):
-    def __init__(self, channels: int) -> None:
+class _Resample(nn.Module):
+    """x2 down (zero-pad bottom/right by one, 3x3 stride-2 conv) or x2 up (nearest, 3x3 conv)."""
+
+    def __init__(self, channels: int, up: bool) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
+        self.up = up
+        self.conv = _conv3(channels, channels) if up else nn.Conv2d(channels, channels, kernel_size=3, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = _conv3(channels, channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest") if self.up else F.pad(x, (0, 1, 0, 1)))
 
 
 class _Level(nn.Module):
-    """One resolution: ``res`` blocks, each followed by an ``attn`` block when ``with_attn``."""
+    """One resolution: ``res`` blocks, each followed by an ``attn`` block when ``with_attn``, then ``resample``."""
 
-    def __init__(self, c_in: int, c_out: int, num_blocks: int, with_attn: bool) -> None:
+    def __init__(self, c_in: int, c_out: int, num_blocks: int, with_attn: bool, resample: str | None) -> None:
         super().__init__()
         self.res, self.attn = nn.ModuleList(), nn.ModuleList()
         for i in range(num_blocks):
             self.res.append(ResnetBlock(c_in if i == 0 else c_out, c_out))
             if with_attn:
                 self.attn.append(AttnBlock(c_out))
+        self.resample = resample  # the released names: 'downsample' (encoder), 'upsample' (decoder)
+        if resample:
+            self.add_module(resample, _Resample(c_out, up=resample == "upsample"))
 
-    def blocks(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
         for i, res in enumerate(self.res):
-            h = res(h)
-            if self.attn:
-                h = self.attn[i](h)
-        return h
+            h = self.attn[i](res(h)) if self.attn else res(h)
+        return getattr(self, self.resample)(h) if self.resample else h
 
 
-def _mid(channels: int) -> nn.ModuleList:
-    return nn.ModuleList([ResnetBlock(channels, channels), AttnBlock(channels), ResnetBlock(channels, channels)])
+def _mid(channels: int) -> nn.Sequential:
+    return nn.Sequential(ResnetBlock(channels, channels), AttnBlock(channels), ResnetBlock(channels, channels))
 
 
 class Encoder(nn.Module):
@@ -107,26 +99,16 @@ class Encoder(nn.Module):
     def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int) -> None:
         super().__init__()
         self.conv_in = _conv3(3, ch)
-        self.conv_blocks = nn.ModuleList()
-        c_in = ch
-        for level, mult in enumerate(ch_mult):  # highest resolution first
-            blk = _Level(c_in, ch * mult, num_res_blocks, with_attn=level == len(ch_mult) - 1)
-            if level != len(ch_mult) - 1:
-                blk.downsample = Downsample(ch * mult)
-            self.conv_blocks.append(blk)
-            c_in = ch * mult
-        self.mid = _mid(c_in)
-        self.norm_out, self.conv_out = _norm(c_in), _conv3(c_in, z_channels)
+        self.conv_blocks = nn.Sequential()
+        widths, last = [ch] + [ch * m for m in ch_mult], len(ch_mult) - 1
+        for level in range(len(ch_mult)):  # highest resolution first
+            self.conv_blocks.append(_Level(widths[level], widths[level + 1], num_res_blocks, level == last,
+                                           None if level == last else "downsample"))
+        self.mid = _mid(widths[-1])
+        self.norm_out, self.conv_out = _norm(widths[-1]), _conv3(widths[-1], z_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
-        for blk in self.conv_blocks:
-            h = blk.blocks(h)
-            if hasattr(blk, "downsample"):
-                h = blk.downsample(h)
-        for m in self.mid:
-            h = m(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(self.mid(self.conv_blocks(self.conv_in(x))))))
 
 
 class Decoder(nn.Module):
@@ -134,34 +116,21 @@ class Decoder(nn.Module):
 
     def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int) -> None:
         super().__init__()
-        c_in = ch * ch_mult[-1]
-        self.conv_in = _conv3(z_channels, c_in)
-        self.mid = _mid(c_in)
-        self.conv_blocks = nn.ModuleList()
-        for level in reversed(range(len(ch_mult))):  # lowest resolution first
-            blk = _Level(c_in, ch * ch_mult[level], num_res_blocks + 1, with_attn=level == len(ch_mult) - 1)
-            if level != 0:
-                blk.upsample = Upsample(ch * ch_mult[level])
-            self.conv_blocks.append(blk)
-            c_in = ch * ch_mult[level]
-        self.norm_out, self.conv_out = _norm(c_in), _conv3(c_in, 3)
+        widths, last = [ch * ch_mult[-1]] + [ch * m for m in reversed(ch_mult)], len(ch_mult) - 1
+        self.conv_in = _conv3(z_channels, widths[0])
+        self.mid = _mid(widths[0])
+        self.conv_blocks = nn.Sequential()
+        for i, level in enumerate(reversed(range(len(ch_mult)))):  # lowest resolution first
+            self.conv_blocks.append(_Level(widths[i], widths[i + 1], num_res_blocks + 1, level == last,
+                                           "upsample" if level else None))
+        self.norm_out, self.conv_out = _norm(widths[-1]), _conv3(widths[-1], 3)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(z)
-        for m in self.mid:
-            h = m(h)
-        for blk in self.conv_blocks:
-            h = blk.blocks(h)
-            if hasattr(blk, "upsample"):
-                h = blk.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(self.conv_blocks(self.mid(self.conv_in(z))))))
 
 
 class VectorQuantizer(nn.Module):
-    """Nearest code of ``embedding.weight`` ``[codebook_size, dim]`` (both sides l2-normalised when ``l2_norm``).
-
-    ``codebook_used`` (65536 floats) is the original's training-time usage log, kept for strict loading.
-    """
+    """Nearest code of ``embedding.weight`` ``[codebook_size, dim]`` (both sides l2-normalised when ``l2_norm``)."""
 
     def __init__(self, codebook_size: int, dim: int, l2_norm: bool = True) -> None:
         super().__init__()
@@ -171,11 +140,10 @@ class VectorQuantizer(nn.Module):
             self.embedding.weight.uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
             if l2_norm:
                 self.embedding.weight.copy_(F.normalize(self.embedding.weight, dim=-1))
-        self.register_buffer("codebook_used", torch.zeros(65536))
+        self.register_buffer("codebook_used", torch.zeros(65536))  # the original's usage log, for strict loading
 
     def codebook(self) -> torch.Tensor:
-        w = self.embedding.weight
-        return F.normalize(w, dim=-1) if self.l2_norm else w
+        return F.normalize(self.embedding.weight, dim=-1) if self.l2_norm else self.embedding.weight
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
         """Indices ``[B, h, w]`` of the codes nearest to latents ``[B, dim, h, w]``."""
@@ -193,10 +161,7 @@ class VectorQuantizer(nn.Module):
 
 
 class VQModel(nn.Module):
-    """``encode`` images ``[B, 3, H, W]`` in [-1, 1] -> ids ``[B, H/f, W/f]``; ``decode`` ids -> images.
-
-    Inputs move to the module's device (images to its dtype). Build with :func:`build_vq`.
-    """
+    """Images ``[B, 3, H, W]`` in [-1, 1] <-> ids ``[B, H/f, W/f]``; inputs move to the module's device."""
 
     def __init__(self, ch: int, ch_mult: Sequence[int], z_channels: int, codebook_size: int,
                  codebook_embed_dim: int, codebook_l2_norm: bool, num_res_blocks: int) -> None:
@@ -222,8 +187,7 @@ class VQModel(nn.Module):
     def _check_images(self, images: torch.Tensor) -> torch.Tensor:
         if images.dim() != 4:
             raise ValueError(f"images must have shape [B, 3, H, W], got {tuple(images.shape)}")
-        _, c, h, w = images.shape
-        f = self.downsample_factor
+        (_, c, h, w), f = images.shape, self.downsample_factor
         if c != 3:
             raise ValueError(f"images must have 3 (RGB) channels in dim 1, got shape {tuple(images.shape)}")
         if h % f or w % f or not h or not w:
