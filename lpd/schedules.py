@@ -1,12 +1,11 @@
-"""Group-size schedules: how many tokens each decoding step emits.
-
-A schedule ``g_0 .. g_{K-1}`` (every ``g_k >= 1``) splits an order of ``N`` positions into ``K`` steps.
-Here: the released tables, the cosine fallback, and a parser (no ``eval``) of the forms users type:
-``"1,2,4"``, ``"[1, 2, 4]"``, ``"[1]*256"``, ``"[1]*2 + [2]*3"``, ``"[1*41, 2*46, 3*41]"``.
+"""Group-size schedules ``g_0 .. g_{K-1}`` (tokens per decoding step, each >= 1): the released tables, the cosine
+fallback, and a parser (no ``eval``) of the forms users type: ``"1,2,4"``, ``"[1, 2, 4]"``, ``"[1]*256"``,
+``"[1]*2 + [2]*3"``, ``"[1*41, 2*46, 3*41]"``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Iterable, Sequence
@@ -56,11 +55,9 @@ def parse_group_sizes(spec: str | Sequence[int], num_tokens: int | None = None) 
         raise GroupSizeError("group sizes: empty string; write e.g. '1,2,4' or '[1]*256'")
     values: list[int] = []
     for term in spec.split("+"):
-        m = _TERM.fullmatch(term.strip())
-        if m is None:
-            values += _parse_items(term, spec, len(values))
-            continue
-        inner, times = _parse_items(m.group(1), spec, len(values)), int(m.group(2) or 1)
+        m = _TERM.fullmatch(term.strip())  # "[items] * times", or plain items
+        inner = _parse_items(term if m is None else m.group(1), spec, len(values))
+        times = 1 if m is None else int(m.group(2) or 1)
         _check_length(len(values) + len(inner) * times, spec)
         values += inner * times
     return validate_group_sizes(values, num_tokens)
@@ -194,15 +191,12 @@ def training_schedules(img_size: int, vqgan_stride: int = 16) -> list[list[int]]
 def released_files() -> dict[str, str]:
     """The text of the released schedule files under ``orders/``, by path: ``group_sizes_lookup.json`` (steps
     descending) and ``group_sizes_training/*.json`` (the lists ``--group_sizes_list`` names in the released scripts)."""
-    def row(sizes: Sequence[int]) -> str:
-        return "[" + ", ".join(map(str, sizes)) + "]"
-
     files, parts = {}, []
     for n, tables in sorted(RELEASED_GROUP_SIZES.items()):
         res = int(round(n**0.5)) * 16
-        entries = ",\n".join(f'        "{s} steps": {row(tables[s])}' for s in sorted(tables, reverse=True))
+        entries = ",\n".join(f'        "{s} steps": {json.dumps(tables[s])}' for s in sorted(tables, reverse=True))
         parts.append(f'    "{res} resolution": {{\n{entries}\n    }}')
-        rows = ",\n".join("    " + row(t) for t in training_schedules(res))
+        rows = ",\n".join("    " + json.dumps(t) for t in training_schedules(res))
         files[f"group_sizes_training/group_sizes_{res}.json"] = f"[\n{rows}\n]\n"
     files["group_sizes_lookup.json"] = "{\n" + ",\n".join(parts) + "\n}\n"
     return files

@@ -3,8 +3,6 @@
     python -m lpd.orders --img_size 256 --generation_steps 20 --repulsion_threshold 2.0 \\
         --num 50000 --seed 0 --output_file orders/lpd_orders_generated/res256_steps20_repulsion2.json
     python -m lpd.orders --visualize --generation_steps 20 --repulsion_threshold 2.0 --index 0 --output_file order.png
-
-Order ``i`` depends only on ``(seed, i)``: the file is the same whatever ``--workers`` is.
 """
 
 from __future__ import annotations
@@ -18,10 +16,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lpd.checkpoint import check_output_path
-from lpd.orders.files import OrderFileError, load_orders, save_orders
+from lpd.checkpoint import atomic_write_bytes, check_output_path
 from lpd.config import check_seed
-from lpd.orders.generate import _batch_size, _lpd_batch, lpd_orders, random_orders, raster_orders
+from lpd.orders.files import OrderFileError, load_orders, save_orders
+from lpd.orders.generate import _batch_size, _lpd_batch, random_orders, raster_orders
+from lpd.orders.source import OrderSource
 from lpd.schedules import GroupSizeError, group_sizes, num_tokens, parse_group_sizes
 
 __all__ = ["main", "build_parser"]
@@ -45,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the run; order i depends only on (seed, i)")
     p.add_argument("--start", type=int, default=0, help="index of the first order (to regenerate a slice)")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    p.add_argument("--workers", type=int, default=cores, help="processes (default: all cores)")
+    p.add_argument("--workers", type=int, default=cores, help="processes (default: all cores); the file is the same")
     p.add_argument("--chunk_size", type=int, default=None,
                    help="orders per task given to a worker (default: 2048 at 16x16, 512 at 32x32)")
     p.add_argument("--output_file", type=str, required=True, help="JSON order file, or PNG with --visualize")
@@ -58,30 +57,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _chunk(task: tuple) -> np.ndarray:
-    kind, start, count, sizes, grid, tp, tr, seed = task
-    if kind == "lpd":
-        return lpd_orders(count, sizes, grid, tp, tr, seed=seed, start=start)
-    if kind == "random":
-        return random_orders(count, grid, seed=seed, start=start)
-    return raster_orders(count, grid)
-
-
 def generate(args: argparse.Namespace, sizes: Sequence[int], grid: int) -> np.ndarray:
     """All ``args.num`` orders, in chunks over a process pool, with a progress bar."""
     from tqdm import tqdm
 
-    tp, tr, step = args.proximity_threshold, args.repulsion_threshold, args.chunk_size
-    tasks = [(args.order, args.start + s, min(step, args.num - s), list(sizes), grid, tp, tr, args.seed)
-             for s in range(0, args.num, step)]
+    source = OrderSource(args.order, sizes, grid, seed=args.seed, proximity_threshold=args.proximity_threshold,
+                         repulsion_threshold=args.repulsion_threshold)
+    end, step = args.start + args.num, args.chunk_size
+    tasks = [range(s, min(s + step, end)) for s in range(args.start, end, step)]
     out = np.empty((args.num, grid * grid), dtype=np.int64)
     bar = tqdm(total=args.num, unit="order", disable=args.no_progress, file=sys.stderr)
     workers = min(args.workers, len(tasks))
     pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
-    results = map(_chunk, tasks) if pool is None else pool.map(_chunk, tasks)
     pos = 0
     try:
-        for part in results:
+        for part in (map if pool is None else pool.map)(source.rows, tasks):
             out[pos : pos + len(part)] = part
             pos += len(part)
             bar.update(len(part))
@@ -105,15 +95,12 @@ def _check_args(args: argparse.Namespace) -> tuple[list[int], int]:
         check_seed(args.seed)
     except (GroupSizeError, ValueError) as e:
         raise UsageError(str(e)) from None
-    for name in ("num", "start"):
-        if getattr(args, name) < 0:
+    for name in ("num", "start", "proximity_threshold", "repulsion_threshold"):
+        if not getattr(args, name) >= 0:
             raise UsageError(f"--{name} must be >= 0")
     args.chunk_size = _batch_size(n) if args.chunk_size is None else args.chunk_size
     if args.workers < 1 or args.chunk_size < 1:
         raise UsageError("--workers and --chunk_size must be >= 1")
-    for name in ("proximity_threshold", "repulsion_threshold"):
-        if not getattr(args, name) >= 0:
-            raise UsageError(f"--{name} must be >= 0")
     problem = check_output_path(args.output_file, "--output_file")
     if problem:
         raise UsageError(problem)
@@ -129,10 +116,7 @@ def _check_args(args: argparse.Namespace) -> tuple[list[int], int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m lpd.orders``; exit 0, 1 when writing the finished file failed, 2 for a usage error.
-
-    Usage errors (flags, ``--output_file``, ``--orders_file``, ``--index``) are found before any order is made.
-    """
+    """``python -m lpd.orders``; exit 0, 1 when writing the finished file failed, 2 for a usage error (found first)."""
     args = build_parser().parse_args(argv)
     try:
         sizes, grid = _check_args(args)
@@ -143,7 +127,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         if args.visualize:
-            from lpd.checkpoint import atomic_write_bytes
             from lpd.orders.visualize import render_order
 
             img = render_order(order, sizes, grid, steps_shown=args.steps_shown, kinds=kinds, title=title)
@@ -174,8 +157,7 @@ def _order_to_draw(args: argparse.Namespace, sizes: Sequence[int], grid: int) ->
         return order, None, f"{os.path.basename(args.orders_file)} row {args.index}"
     if args.order == "lpd":
         o, k = _lpd_batch(np.array([i]), args.seed, list(sizes), grid, args.proximity_threshold,
-                          args.repulsion_threshold, return_kinds=True)
-        # ASCII caption: the default font has no τ
+                          args.repulsion_threshold, return_kinds=True)  # ASCII caption: the default font has no τ
         return o[0], k[0], f"LPD order {i} (seed {args.seed}), {len(sizes)} steps, tau_r {args.repulsion_threshold:g}"
     if args.order == "random":
         return random_orders(1, grid, seed=args.seed, start=i)[0], None, f"random order {i} (seed {args.seed})"

@@ -1,16 +1,7 @@
-"""Generation orders: locality-aware (LPD), uniformly random and raster.
+"""Generation orders: locality-aware (LPD, many at once in numpy; orders/README.md describes how), random, raster.
 
-An order lists the raster positions of a ``G x G`` token grid in decoding order (with ``known``, only
-the positions not yet decoded); group sizes split it into steps. :func:`lpd_orders` runs many orders
-at once: proximity scores are integer codes (5 x edge + diagonal selected neighbours) updated around
-each step's picks; each step sorts every order's candidates (score, then random) and walks them rank
-by rank for all orders together, painting repulsion windows into a padded grid; the farthest-point
-fallback packs the squared distance above a 20-bit tie priority into one integer per position.
-
-Randomness is counter-based (a hash of seed, order index, step, position), so order ``i`` depends
-only on ``(seed, i)`` and its known mask. Ties follow the released generator: random among equal
-scores; the fallback takes the largest distance, then the candidate first in the released candidate
-list (scores below ``τp`` first, higher scores first, random within), then the smaller raster index.
+Randomness is a counter-based hash of (seed, order index, step, position): order ``i`` depends only on ``(seed, i)``
+and its known mask. Fallback ties left after the released candidate list go to the smaller raster index.
 """
 
 from __future__ import annotations
@@ -44,7 +35,7 @@ _SEL = 100  # proximity code of an already selected position (codes < 25 are uns
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64 finaliser on a uint64 array (a bijection with good avalanche)."""
+    """SplitMix64 finaliser on a uint64 array."""
     with np.errstate(over="ignore"):
         z = x.astype(np.uint64) + np.uint64(_GOLDEN64)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -71,7 +62,6 @@ def _pos_mult(n: int) -> np.ndarray:
 
 
 def _key32(step_keys: np.ndarray) -> np.ndarray:
-    """Fold uint64 step keys to the uint32 keys :func:`_hash32` takes."""
     return ((step_keys ^ (step_keys >> np.uint64(32))) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
 
 
@@ -86,12 +76,12 @@ def _hash32(key32: np.ndarray, pos_mult: np.ndarray) -> np.ndarray:
 
 
 def _position_random(step_keys: np.ndarray, n: int) -> np.ndarray:
-    """uint32 ``[B, n]``: :func:`_hash32` of every position for each of the ``B`` uint64 keys."""
+    """uint32 ``[B, n]``: the hash of every position for each of the ``B`` uint64 step keys."""
     return _hash32(_key32(step_keys)[:, None], _pos_mult(n)[None, :])
 
 
 def _uniform_index(keys: np.ndarray, n: int) -> np.ndarray:
-    """An index in ``[0, n)`` per uint64 key (multiply-high; bias below ``n / 2**32``)."""
+    """An index in ``[0, n)`` per uint64 key (multiply-high)."""
     return ((keys >> np.uint64(32)) * np.uint64(n) >> np.uint64(32)).astype(np.int64)
 
 
@@ -142,7 +132,6 @@ def _batch_size(n: int) -> int:  # orders generated together by default: about h
 
 
 def _indices(num: int, start: int, indices: Sequence[int] | np.ndarray | None) -> np.ndarray:
-    """The order indices of a call: ``start .. start + num - 1``, or ``indices`` (``num`` of them)."""
     if indices is None:
         return np.arange(start, start + num, dtype=np.int64)
     idx = np.asarray(indices)
@@ -154,12 +143,10 @@ def _indices(num: int, start: int, indices: Sequence[int] | np.ndarray | None) -
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 # Proximity codes: 5 * (edge neighbours selected) + (diagonal neighbours selected), 0..24.
 _CODE_VALUE = np.array([a + b * _INV_SQRT2 for a in range(5) for b in range(5)])
-# Walk rank of a code: 0 for the highest score (distinct codes have distinct scores).
-_CODE_RANK = np.empty(25, dtype=np.int64)
+_CODE_RANK = np.empty(25, dtype=np.int64)  # walk rank of a code: 0 for the highest score
 _CODE_RANK[np.argsort(-_CODE_VALUE, kind="stable")] = np.arange(25)
-# Fallback ties: a 20-bit priority (larger preferred): 6 bits for the position's group in the
-# released candidate list (scores below τp first, higher scores first), then the top 14 bits of
-# the position's random number (larger first, as in the walk); then the smaller raster index.
+# Fallback tie priority (larger preferred), 20 bits: 6 for the group in the released candidate list
+# (scores below τp first, then higher scores), 14 of the position's random number.
 _TIE_BITS = 20
 _TIE_RND_SHIFT = 32 - (_TIE_BITS - 6)
 
@@ -177,16 +164,14 @@ class _Grid:
         r, c = rows[:, None] + dy, cols[:, None] + dx
         self.nbr8 = np.where((r >= 0) & (r < g) & (c >= 0) & (c < g), r * g + c, n)
         self.nbr8_delta = np.where((dy == 0) | (dx == 0), 5, 1).astype(np.uint8)
-        # Repulsion windows in a grid padded by `radius` on every side.
-        p = g + 2 * radius
+        p = g + 2 * radius  # repulsion windows live in a grid padded by `radius` on every side
         self.padded_cells = p * p
         self.pidx = (rows + radius) * p + (cols + radius)
         self.unpad = np.zeros(p * p, dtype=np.int64)  # raster index of a padded cell
         self.unpad[self.pidx] = np.arange(n)
         dy, dx = np.meshgrid(np.arange(-radius, radius + 1), np.arange(-radius, radius + 1))
         self.window = (dy * p + dx).ravel()
-        # Fallback keys ``d2 << 20 | priority`` fit int32 up to 32 x 32 grids.
-        self.key_dtype = np.int32 if g <= _INT32_KEY_MAX_G else np.int64
+        self.key_dtype = np.int32 if g <= _INT32_KEY_MAX_G else np.int64  # fallback keys ``d2 << 20 | priority``
         assert g > _INT32_KEY_MAX_G or (2 * (g - 1) ** 2 + 1) << _TIE_BITS < 2**31
         self.taken = -(2**31) if self.key_dtype == np.int32 else -(2**62)
         self.tables = n <= _TABLE_MAX_N  # int16 [n, n] squared distances, and shifted into key position
@@ -202,7 +187,6 @@ class _Grid:
         return dr * dr + dc * dc
 
     def d2_key(self, q: np.ndarray) -> np.ndarray:
-        """``d2 << 20`` from positions ``q`` ([B]) to all positions, in :attr:`key_dtype`."""
         return self._d2_key[q] if self.tables else (self.d2(q) << _TIE_BITS).astype(self.key_dtype)
 
 
@@ -213,11 +197,7 @@ def _grid(g: int, radius: int) -> _Grid:
 
 @lru_cache(maxsize=16)
 def _code_tables(proximity_threshold: float, taken: int) -> np.ndarray:
-    """Fallback tie priority of every proximity code 0..255 (>= ``_SEL``: selected, ``taken``).
-
-    Unselected: ``(63 - ((score >= τp) << 5 | walk rank)) << 14``, so a proximity candidate has a
-    value below ``32 << 14`` and its walk rank is ``31 - (value >> 14)``.
-    """
+    """Fallback tie priority of proximity codes 0..255: ``(63 - ((score >= τp) << 5 | walk rank)) << 14``, or taken."""
     high = _CODE_VALUE >= proximity_threshold
     tie = np.full(256, taken, dtype=np.int64)
     tie[:25] = (63 - ((high.astype(np.int64) << 5) | _CODE_RANK)) << (_TIE_BITS - 6)
@@ -227,11 +207,8 @@ def _code_tables(proximity_threshold: float, taken: int) -> np.ndarray:
 def _lpd_batch(idx: np.ndarray, seed: int, group_sizes: Sequence[int], grid_size: int, proximity_threshold: float,
                repulsion_threshold: float, return_kinds: bool = False,
                known: np.ndarray | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """LPD orders of the indices ``idx`` (checked inputs), int64 ``[len(idx), unknown positions]``.
-
-    ``known`` (bool ``[len(idx), N]``, the same count in every row) marks positions decoded before
-    step 0. With ``return_kinds`` also returns int8 codes of how each position was chosen (:data:`ORDER_KINDS`).
-    """
+    """LPD orders of the indices ``idx`` (checked inputs), int64 ``[len(idx), unknown positions]``, and with
+    ``return_kinds`` int8 codes of how each position was chosen (:data:`ORDER_KINDS`)."""
     # Chebyshev distances on the grid are integers below grid_size: clamp the window radius.
     grid = _grid(grid_size, int(math.floor(min(repulsion_threshold, grid_size - 1))))
     n, b_num = grid.n, len(idx)
@@ -239,30 +216,25 @@ def _lpd_batch(idx: np.ndarray, seed: int, group_sizes: Sequence[int], grid_size
     tie_t = _code_tables(proximity_threshold, grid.taken).astype(grid.key_dtype)
     out = np.empty((b_num, m), dtype=np.int64)
     kinds = np.empty((b_num, m), dtype=np.int8) if return_kinds else None
-    if b_num == 0:
-        return (out, kinds) if return_kinds else out
     rows_b = np.arange(b_num)
     row_base = rows_b * (n + 1)
     okeys = _order_keys(seed, idx)
-    # Per-order state over the grid plus one "outside the grid" column (index n):
-    code = np.zeros((b_num, n + 1), dtype=np.uint8)  # proximity code, _SEL once selected
-    # Fallback group priority of every position, ``grid.taken`` once selected; it also tells
+    # Per-order state over the grid plus one "outside the grid" column (index n): the proximity code
+    # (_SEL once selected) and the fallback tie priority (grid.taken once selected), which also tells
     # the proximity candidates apart: unselected with score >= τp <=> 0 <= tie < high_limit.
+    code = np.zeros((b_num, n + 1), dtype=np.uint8)
     tie = np.full((b_num, n + 1), tie_t[0], dtype=grid.key_dtype)
     tie[:, n] = grid.taken
     tie_u = tie.view(np.uint32 if grid.key_dtype == np.int32 else np.uint64)
     high_limit = 32 << (_TIE_BITS - 6)
     code_f, tie_f = code.reshape(-1), tie.reshape(-1)
-    pp = grid.padded_cells
+    pp, window, pos_mult = grid.padded_cells, grid.window, _pos_mult(n)
     blocked = np.zeros(b_num * pp, dtype=np.uint8)  # stamp of the step that blocked a cell
-    pos_mult = _pos_mult(n)
-    window = grid.window
     pbits = max(1, int(pp - 1).bit_length())
     p_mask = (1 << pbits) - 1
     high_top = 31 << (_TIE_BITS - 6)  # tie priority of a candidate of walk rank 0
 
-    def commit(new_pos: np.ndarray) -> None:
-        # Positions new_pos [B, g] are now selected: mark them, update their neighbours.
+    def commit(new_pos: np.ndarray) -> None:  # new_pos [B, g] are now selected
         new = row_base[:, None] + new_pos
         code_f[new] = _SEL
         touched = grid.nbr8[new_pos]  # [B, g, 8]
@@ -295,21 +267,20 @@ def _lpd_batch(idx: np.ndarray, seed: int, group_sizes: Sequence[int], grid_size
         stamp = k % 255 + 1
         if stamp == 1 and k:
             blocked.fill(0)
-        # ---- candidates with score >= τp, sorted per order: score desc, then random ---------
+        # Candidates with score >= τp, sorted per order by the key: walk rank (from the tie priority),
+        # then the random number (larger first), then the padded cell.
         flat = np.flatnonzero(tie_u < high_limit)
         starts = np.searchsorted(flat, row_base)
         counts = np.diff(np.append(starts, flat.size))
         b_of = np.repeat(rows_b, counts)
         c_of = flat - row_base[b_of]
         rnd = _hash32(k32[b_of], pos_mult[c_of])
-        # Sort key: walk rank of the score (from the tie priority: rank << 14 for candidates),
-        # then the random number (larger first), then the padded cell of the position.
         keys = (high_top - tie_f[flat]).astype(np.int64)
         keys <<= pbits + 32 - (_TIE_BITS - 6)
         keys |= (~rnd).astype(np.int64) << pbits
         keys |= grid.pidx[c_of]
-        # One row per order, longest candidate list first (so the orders still walking at rank
-        # r are the first rows), padded with a key that sorts last; each row sorted on its own.
+        # One row per order, longest candidate list first (the orders still walking at rank r are
+        # the first rows), padded with a key that sorts last.
         width = int(counts.max(initial=0))
         by_len = np.argsort(-counts, kind="stable")
         row_of = np.empty(b_num, dtype=np.int64)
@@ -319,7 +290,7 @@ def _lpd_batch(idx: np.ndarray, seed: int, group_sizes: Sequence[int], grid_size
         table.sort(axis=1)
         cells = table & p_mask
         cells += (by_len * pp)[:, None]
-        # ---- the walk: rank r of every order at once; only the first g acceptances are kept --
+        # The walk: rank r of every order at once; only the first g acceptances are kept.
         n_walk = np.searchsorted(-counts[by_len], -np.arange(width), side="left")
         ok_t = np.zeros((b_num, width), dtype=bool)
         for r, mr in enumerate(n_walk.tolist()):
@@ -334,16 +305,14 @@ def _lpd_batch(idx: np.ndarray, seed: int, group_sizes: Sequence[int], grid_size
         if kinds is not None:
             kinds[acc_b, s0 + acc_slot] = KIND_PROXIMITY
         acc_n = np.bincount(acc_b, minlength=b_num)
-        # ---- farthest-point fallback --------------------------------------------------------
         need = g - acc_n
         fb = np.flatnonzero(need > 0)
-        if fb.size:
+        if fb.size:  # the farthest-point fallback
             tie_f[row_base[acc_b] + acc_c] = grid.taken  # accepted: out of the fallback's pool
             acc_pos = np.zeros((b_num, g), dtype=np.int64)
             acc_pos[acc_b, acc_slot] = acc_c
             fb = fb[np.argsort(-acc_n[fb], kind="stable")]  # similar rows share a chunk
-            for c0 in range(0, fb.size, _FALLBACK_ROWS):  # row chunks that stay in cache
-                rows = fb[c0 : c0 + _FALLBACK_ROWS]
+            for rows in np.split(fb, range(_FALLBACK_ROWS, fb.size, _FALLBACK_ROWS)):
                 _fallback(grid, out, kinds, tie, skeys, rows, acc_n, acc_pos, need, s0, s0 + g == m)
         s += g
         commit(out[:, s0:s])
@@ -352,38 +321,31 @@ def _lpd_batch(idx: np.ndarray, seed: int, group_sizes: Sequence[int], grid_size
 
 def _fallback(grid: _Grid, out: np.ndarray, kinds: np.ndarray | None, tie: np.ndarray, skeys: np.ndarray,
               fb: np.ndarray, acc_n: np.ndarray, acc_pos: np.ndarray, need: np.ndarray, s0: int, last: bool) -> None:
-    """Farthest-point fallback of the step starting at output slot ``s0``, for the orders ``fb``.
-
-    Writes ``need[b]`` positions after the ``acc_n[b]`` proximity picks ``acc_pos[b, :acc_n[b]]``;
-    ``tie`` is ``grid.taken`` at every selected position, this step's picks included.
-    """
+    """Farthest-point fallback of the step at output slot ``s0``: ``need[b]`` picks of the orders ``fb`` after
+    their ``acc_n[b]`` proximity picks ``acc_pos[b, :acc_n[b]]``."""
     n, kd = grid.n, grid.key_dtype
-    # Rows in order of the picks still to make, most first (a row with no proximity pick
-    # starts from a random position, one pick made): the rows still picking at round t are a
-    # prefix, and those with more than j proximity picks a suffix.
-    made = (acc_n[fb] == 0).astype(np.int64)
-    fb = fb[np.argsort(made - need[fb], kind="stable")]
+    # Rows by picks still to make, most first (a row with no proximity pick starts from a random
+    # position): the rows still picking at round t are a prefix, those with more than j picks a suffix.
+    fb = fb[np.argsort((acc_n[fb] == 0) - need[fb], kind="stable")]
     nd, na, made = need[fb], acc_n[fb], (acc_n[fb] == 0).astype(np.int64)
     width = int(nd.max())
     rnd = _position_random(skeys[fb], n)
     picks = np.zeros((fb.size, width), dtype=np.int64)
     pick_kind = np.full((fb.size, width), KIND_FARTHEST, dtype=np.int8)
-    if last:
-        # Only the remaining positions are left: all of them, in candidate-list order.
+    if last:  # only the remaining positions are left: all of them, in candidate-list order
         grp = tie[fb, :n].astype(np.int64)
         grp = np.where(grp < 0, -1, grp >> (_TIE_BITS - 6))
         picks[:] = np.argsort(-((grp << 32) | rnd), axis=1, kind="stable")[:, :width]
         pick_kind[:] = KIND_REST
     else:
-        # key = (squared distance to the nearest position taken in this step) << 20 | priority:
-        # its argmax is the farthest remaining position, ties going to the preferred one.
+        # key = (squared distance to the nearest pick of this step) << 20 | priority: its argmax is
+        # the farthest remaining position, ties going to the preferred one.
         rnd >>= np.uint32(_TIE_RND_SHIFT)
         prio = tie[fb, :n]
         prio |= rnd.view(np.int32) if kd == np.int32 else rnd.astype(kd)
         first = acc_pos[fb, 0]
         iz = np.flatnonzero(made)
-        if iz.size:
-            # Nothing accepted in this step: start from a uniformly random remaining position.
+        if iz.size:  # nothing accepted in this step: start from a uniformly random remaining position
             fill = _position_random(_step_keys(skeys[fb[iz]], 0, _SALT_FILL), n).astype(np.int64)
             fill[prio[iz] < 0] = -1
             first[iz] = fill.argmax(axis=1)
@@ -423,13 +385,12 @@ def lpd_orders(num: int, group_sizes: Sequence[int], grid_size: int, proximity_t
                indices: Sequence[int] | np.ndarray | None = None, known: np.ndarray | None = None) -> np.ndarray:
     """Locality-aware orders ``start .. start + num - 1`` (or ``indices``) of a run, int64 ``[num, N]``.
 
-    ``group_sizes`` sum to ``N = grid_size ** 2``; step 0 takes one uniformly random position (the rest of a larger
-    first group by the farthest-point rule). A proximity pick needs a score ``>= proximity_threshold`` (τp); two of
-    one step are never within Chebyshev distance ``repulsion_threshold`` (τr: 2.0 at 256 px, 3.0 for XXL-256, 4.0 at
-    512 px). Row ``i`` depends only on ``(seed, i)``, seed in ``[0, 2**64)``; ``batch_size`` changes speed only.
-    ``known`` (bool ``[N]`` or ``[num, N]``, True = already decoded, the same count in every row): the rows hold the
-    unknown positions only, every step (step 0 too) counting the known ones as selected; ``group_sizes`` sum to
-    their number.
+    ``group_sizes`` sum to ``N = grid_size ** 2``; step 0 takes one random position (the rest of a larger first
+    group by the farthest-point rule). A proximity pick needs a score ``>= proximity_threshold`` (τp); two picks of
+    one step are never within Chebyshev distance ``repulsion_threshold`` (τr: 2.0 at 256 px, 3.0 for XXL-256, 4.0
+    at 512 px). Row ``i`` depends only on ``(seed, i)``, seed in ``[0, 2**64)``; ``batch_size`` changes speed only.
+    ``known`` (bool ``[N]`` or ``[num, N]``, True = decoded, the same count per row): the rows hold the unknown
+    positions only and ``group_sizes`` sum to their number; every step (step 0 too) follows the proximity rule.
     """
     num, grid_size, seed, start = _check_run(num, grid_size, seed, start)
     tp = _check_threshold("proximity_threshold", proximity_threshold)
@@ -452,10 +413,7 @@ def lpd_orders(num: int, group_sizes: Sequence[int], grid_size: int, proximity_t
 
 def random_orders(num: int, grid_size: int, seed: int = 0, start: int = 0,
                   indices: Sequence[int] | np.ndarray | None = None, known: np.ndarray | None = None) -> np.ndarray:
-    """Uniformly random orders, int64 ``[num, N]``; row ``i`` depends only on ``(seed, i)``.
-
-    With ``known`` (as in :func:`lpd_orders`), random orders of the unknown positions only.
-    """
+    """Uniformly random orders, int64 ``[num, N]`` (of the unknown positions with ``known``, as in lpd_orders)."""
     num, grid_size, seed, start = _check_run(num, grid_size, seed, start)
     n = grid_size * grid_size
     known, m = _known(known, num, n)

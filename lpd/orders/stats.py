@@ -28,21 +28,18 @@ def order_statistics(orders: np.ndarray, group_sizes: Sequence[int], grid_size: 
                      repulsion_threshold: float) -> dict[str, float]:
     """Statistics of ``orders`` ``[num, grid_size**2]`` split by ``group_sizes``; ``nan`` where undefined."""
     orders = check_order_rows(np.asarray(orders), len(orders), grid_size, "orders")
-    n, g = grid_size * grid_size, grid_size
+    n, g, num = grid_size * grid_size, grid_size, len(orders)
     sizes = validate_group_sizes(group_sizes, n)
-    num = orders.shape[0]
-    steps = np.repeat(np.arange(len(sizes)), sizes)
     # Step at which each raster position is decoded, on a grid padded with "never".
     step_grid = np.full((num, g + 2, g + 2), len(sizes), dtype=np.int64)
     at = np.empty((num, n), dtype=np.int64)
-    at[np.arange(num)[:, None], orders] = steps[None, :]
+    at[np.arange(num)[:, None], orders] = np.repeat(np.arange(len(sizes)), sizes)[None, :]
     centre = step_grid[:, 1:-1, 1:-1]
     centre[...] = at.reshape(num, g, g)
     support = sum(step_grid[:, 1 + dy : 1 + dy + g, 1 + dx : 1 + dx + g] < centre
                   for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx)
     later = centre >= 1
     context = float(support[later].mean()) if later.any() else float("nan")
-
     rows, cols = np.divmod(orders, g)
     spreads: list[np.ndarray] = []
     close = pairs = s0 = 0
