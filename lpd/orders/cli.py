@@ -17,11 +17,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from lpd.checkpoint import atomic_write_bytes, check_output_path
-from lpd.config import check_seed
+from lpd.config import ConfigError, check_seed
 from lpd.orders.files import OrderFileError, load_orders, save_orders
 from lpd.orders.generate import _batch_size, _lpd_batch, random_orders, raster_orders
 from lpd.orders.source import OrderSource
-from lpd.schedules import GroupSizeError, group_sizes, num_tokens, parse_group_sizes
+from lpd.schedules import group_sizes, num_tokens, parse_group_sizes
 
 __all__ = ["main", "build_parser"]
 
@@ -82,10 +82,6 @@ def generate(args: argparse.Namespace, sizes: Sequence[int], grid: int) -> np.nd
     return out
 
 
-class UsageError(ValueError):
-    """A flag or file the command cannot use; main prints it and exits with status 2."""
-
-
 def _check_args(args: argparse.Namespace) -> tuple[list[int], int]:
     """Validate every flag and the output path before any order is made; returns (group sizes, grid side)."""
     try:
@@ -93,25 +89,24 @@ def _check_args(args: argparse.Namespace) -> tuple[list[int], int]:
         sizes = (parse_group_sizes(args.group_sizes, n) if args.group_sizes is not None
                  else group_sizes(args.img_size, args.generation_steps, args.vqgan_stride))
         check_seed(args.seed)
-    except (GroupSizeError, ValueError) as e:
-        raise UsageError(str(e)) from None
+    except ValueError as e:  # GroupSizeError included
+        raise ConfigError(str(e)) from None
     for name in ("num", "start", "proximity_threshold", "repulsion_threshold"):
         if not getattr(args, name) >= 0:
-            raise UsageError(f"--{name} must be >= 0")
+            raise ConfigError(f"--{name} must be >= 0")
     args.chunk_size = _batch_size(n) if args.chunk_size is None else args.chunk_size
     if args.workers < 1 or args.chunk_size < 1:
-        raise UsageError("--workers and --chunk_size must be >= 1")
-    problem = check_output_path(args.output_file, "--output_file")
-    if problem:
-        raise UsageError(problem)
+        raise ConfigError("--workers and --chunk_size must be >= 1")
+    if problem := check_output_path(args.output_file, "--output_file"):
+        raise ConfigError(problem)
     suffix = ".png" if args.visualize else ".json"
     if not args.output_file.lower().endswith(suffix):
         what = "a PNG picture with --visualize" if args.visualize else "a JSON order file (--visualize draws a PNG)"
-        raise UsageError(f"--output_file {args.output_file}: must end in {suffix}, it is {what}")
+        raise ConfigError(f"--output_file {args.output_file}: must end in {suffix}, it is {what}")
     if args.visualize and args.index < 0:
-        raise UsageError(f"--index must be >= 0, got {args.index}")
+        raise ConfigError(f"--index must be >= 0, got {args.index}")
     if args.visualize and args.orders_file is None and args.index >= args.num:
-        raise UsageError(f"--index {args.index} is outside the run of --num {args.num} orders; use 0..{args.num - 1}")
+        raise ConfigError(f"--index {args.index} is outside the run of --num {args.num} orders; use 0..{args.num - 1}")
     return sizes, int(round(n**0.5))
 
 
@@ -121,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         sizes, grid = _check_args(args)
         order, kinds, title = _order_to_draw(args, sizes, grid) if args.visualize else (None, None, None)
-    except UsageError as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
@@ -133,8 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             atomic_write_bytes(args.output_file, lambda f: img.save(f, format="PNG"))
             print(f"wrote {args.output_file}", file=sys.stderr)
             return 0
-        orders = generate(args, sizes, grid)
-        save_orders(args.output_file, orders)
+        save_orders(args.output_file, generate(args, sizes, grid))
     except OSError as e:
         print(f"error: could not write --output_file {args.output_file}: {e.strerror or e}", file=sys.stderr)
         return 1
@@ -151,9 +145,9 @@ def _order_to_draw(args: argparse.Namespace, sizes: Sequence[int], grid: int) ->
         try:
             order = load_orders(args.orders_file, args.index + 1, grid)[args.index]
         except OSError as e:
-            raise UsageError(f"--orders_file {args.orders_file}: {e.strerror or e}") from None
+            raise ConfigError(f"--orders_file {args.orders_file}: {e.strerror or e}") from None
         except OrderFileError as e:
-            raise UsageError(f"--orders_file, drawing row --index {args.index}: {e}") from None
+            raise ConfigError(f"--orders_file, drawing row --index {args.index}: {e}") from None
         return order, None, f"{os.path.basename(args.orders_file)} row {args.index}"
     if args.order == "lpd":
         o, k = _lpd_batch(np.array([i]), args.seed, list(sizes), grid, args.proximity_threshold,

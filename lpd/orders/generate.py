@@ -1,8 +1,6 @@
 """Generation orders: locality-aware (LPD, many at once in numpy; orders/README.md describes how), random, raster.
-
 Randomness is a counter-based hash of (seed, order index, step, position): order ``i`` depends only on ``(seed, i)``
-and its known mask. Fallback ties left after the released candidate list go to the smaller raster index.
-"""
+and its known mask. Fallback ties left after the released candidate list go to the smaller raster index."""
 
 from __future__ import annotations
 
@@ -100,11 +98,19 @@ def _check_threshold(name: str, v: float) -> float:
     raise ValueError(f"{name} must be a number >= 0, got {v!r}")
 
 
-def _check_run(num: int, grid_size: int, seed: int = 0, start: int = 0) -> tuple[int, int, int, int]:
+def _check_run(num: int, grid_size: int, seed: int = 0, start: int = 0,
+               indices: Sequence[int] | np.ndarray | None = None) -> tuple[int, int, int, np.ndarray]:
+    """Checked ``num``, ``grid_size``, seed and the order indices: ``start .. start + num - 1``, or ``indices``."""
     grid_size = _check_count("grid_size", grid_size, 1)
     if grid_size > 256:
         raise ValueError(f"grid_size {grid_size} is too large (at most 256 x 256 tokens)")
-    return _check_count("num", num), grid_size, check_seed(seed, "seed"), _check_count("start", start)
+    num, seed, start = _check_count("num", num), check_seed(seed, "seed"), _check_count("start", start)
+    if indices is None:
+        return num, grid_size, seed, np.arange(start, start + num, dtype=np.int64)
+    idx = np.asarray(indices)
+    if idx.shape != (num,) or idx.dtype.kind not in "iu" or (idx.size and idx.min() < 0):
+        raise ValueError(f"indices must be {num} non-negative integers, got {idx.dtype} {list(idx.shape)}")
+    return num, grid_size, seed, idx.astype(np.int64)
 
 
 def _known(known: np.ndarray | None, num: int, n: int) -> tuple[np.ndarray | None, int]:
@@ -131,15 +137,6 @@ def _batch_size(n: int) -> int:  # orders generated together by default: about h
     return max(16, min(4096, (1 << 19) // n))
 
 
-def _indices(num: int, start: int, indices: Sequence[int] | np.ndarray | None) -> np.ndarray:
-    if indices is None:
-        return np.arange(start, start + num, dtype=np.int64)
-    idx = np.asarray(indices)
-    if idx.shape != (num,) or idx.dtype.kind not in "iu" or (idx.size and idx.min() < 0):
-        raise ValueError(f"indices must be {num} non-negative integers, got {idx.dtype} {list(idx.shape)}")
-    return idx.astype(np.int64)
-
-
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 # Proximity codes: 5 * (edge neighbours selected) + (diagonal neighbours selected), 0..24.
 _CODE_VALUE = np.array([a + b * _INV_SQRT2 for a in range(5) for b in range(5)])
@@ -149,16 +146,15 @@ _CODE_RANK[np.argsort(-_CODE_VALUE, kind="stable")] = np.arange(25)
 # (scores below τp first, then higher scores), 14 of the position's random number.
 _TIE_BITS = 20
 _TIE_RND_SHIFT = 32 - (_TIE_BITS - 6)
+_HIGH_TOP = 31 << (_TIE_BITS - 6)  # tie priority of a proximity candidate of walk rank 0
 
 
 class _Grid:
     """Per-(grid, repulsion radius) lookup tables, built once and cached."""
 
     def __init__(self, g: int, radius: int) -> None:
-        n = g * g
-        self.g, self.n, self.radius = g, n, radius
-        rows, cols = np.divmod(np.arange(n), g)
-        self.rows, self.cols = rows, cols
+        self.n = n = g * g
+        self.rows, self.cols = rows, cols = np.divmod(np.arange(n), g)
         # 8-neighbourhood: neighbour index [n, 8] (n = outside the grid) and code increment.
         dy, dx = np.array([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]).T
         r, c = rows[:, None] + dy, cols[:, None] + dx
@@ -190,9 +186,7 @@ class _Grid:
         return self._d2_key[q] if self.tables else (self.d2(q) << _TIE_BITS).astype(self.key_dtype)
 
 
-@lru_cache(maxsize=16)
-def _grid(g: int, radius: int) -> _Grid:
-    return _Grid(g, radius)
+_grid = lru_cache(maxsize=16)(_Grid)
 
 
 @lru_cache(maxsize=16)
@@ -221,18 +215,15 @@ def _lpd_batch(idx: np.ndarray, seed: int, group_sizes: Sequence[int], grid_size
     okeys = _order_keys(seed, idx)
     # Per-order state over the grid plus one "outside the grid" column (index n): the proximity code
     # (_SEL once selected) and the fallback tie priority (grid.taken once selected), which also tells
-    # the proximity candidates apart: unselected with score >= τp <=> 0 <= tie < high_limit.
-    code = np.zeros((b_num, n + 1), dtype=np.uint8)
+    # the proximity candidates apart: unselected with score >= τp <=> 0 <= tie <= _HIGH_TOP.
+    code_f = np.zeros(b_num * (n + 1), dtype=np.uint8)
     tie = np.full((b_num, n + 1), tie_t[0], dtype=grid.key_dtype)
     tie[:, n] = grid.taken
-    tie_u = tie.view(np.uint32 if grid.key_dtype == np.int32 else np.uint64)
-    high_limit = 32 << (_TIE_BITS - 6)
-    code_f, tie_f = code.reshape(-1), tie.reshape(-1)
+    tie_f, tie_u = tie.reshape(-1), tie.view(np.uint32 if grid.key_dtype == np.int32 else np.uint64)
     pp, window, pos_mult = grid.padded_cells, grid.window, _pos_mult(n)
     blocked = np.zeros(b_num * pp, dtype=np.uint8)  # stamp of the step that blocked a cell
     pbits = max(1, int(pp - 1).bit_length())
     p_mask = (1 << pbits) - 1
-    high_top = 31 << (_TIE_BITS - 6)  # tie priority of a candidate of walk rank 0
 
     def commit(new_pos: np.ndarray) -> None:  # new_pos [B, g] are now selected
         new = row_base[:, None] + new_pos
@@ -263,19 +254,18 @@ def _lpd_batch(idx: np.ndarray, seed: int, group_sizes: Sequence[int], grid_size
     for k in range(0 if known is not None else 1, len(group_sizes)):
         g, s0 = group_sizes[k], s
         skeys = _step_keys(okeys, k)
-        k32 = _key32(skeys)
         stamp = k % 255 + 1
         if stamp == 1 and k:
             blocked.fill(0)
         # Candidates with score >= τp, sorted per order by the key: walk rank (from the tie priority),
         # then the random number (larger first), then the padded cell.
-        flat = np.flatnonzero(tie_u < high_limit)
+        flat = np.flatnonzero(tie_u <= _HIGH_TOP)
         starts = np.searchsorted(flat, row_base)
         counts = np.diff(np.append(starts, flat.size))
         b_of = np.repeat(rows_b, counts)
         c_of = flat - row_base[b_of]
-        rnd = _hash32(k32[b_of], pos_mult[c_of])
-        keys = (high_top - tie_f[flat]).astype(np.int64)
+        rnd = _hash32(_key32(skeys)[b_of], pos_mult[c_of])
+        keys = (_HIGH_TOP - tie_f[flat]).astype(np.int64)
         keys <<= pbits + 32 - (_TIE_BITS - 6)
         keys |= (~rnd).astype(np.int64) << pbits
         keys |= grid.pidx[c_of]
@@ -353,12 +343,10 @@ def _fallback(grid: _Grid, out: np.ndarray, kinds: np.ndarray | None, tie: np.nd
             pick_kind[iz, 0] = KIND_RANDOM_FILL
         d2 = grid.d2(first)
         n_max = int(na.max())
-        if n_max > 1:
-            pos = acc_pos[fb, :n_max]
-            # na ascends from 2 on (rows with 0 or 1 proximity picks come first, in any order).
-            starts = np.searchsorted(na, np.arange(2, n_max + 1), side="left")
-            for j, r0 in enumerate(starts.tolist(), start=1):
-                np.minimum(d2[r0:], grid.d2(pos[r0:, j]), out=d2[r0:])
+        pos = acc_pos[fb, :n_max]
+        # na ascends from 2 on (rows with 0 or 1 proximity picks come first, in any order).
+        for j, r0 in enumerate(np.searchsorted(na, np.arange(2, n_max + 1), side="left").tolist(), start=1):
+            np.minimum(d2[r0:], grid.d2(pos[r0:, j]), out=d2[r0:])
         key = d2.astype(kd)
         key <<= _TIE_BITS
         key += prio
@@ -392,7 +380,7 @@ def lpd_orders(num: int, group_sizes: Sequence[int], grid_size: int, proximity_t
     ``known`` (bool ``[N]`` or ``[num, N]``, True = decoded, the same count per row): the rows hold the unknown
     positions only and ``group_sizes`` sum to their number; every step (step 0 too) follows the proximity rule.
     """
-    num, grid_size, seed, start = _check_run(num, grid_size, seed, start)
+    num, grid_size, seed, idx_all = _check_run(num, grid_size, seed, start, indices)
     tp = _check_threshold("proximity_threshold", proximity_threshold)
     tr = _check_threshold("repulsion_threshold", repulsion_threshold)
     n = grid_size * grid_size
@@ -402,7 +390,6 @@ def lpd_orders(num: int, group_sizes: Sequence[int], grid_size: int, proximity_t
     if sum(sizes) != m:
         raise GroupSizeError(f"group sizes sum to {sum(sizes)} but {m} positions are not known; the groups must cover "
                              f"each unknown position once (lpd.schedules.scaled_group_sizes makes such a schedule)")
-    idx_all = _indices(num, start, indices)
     bs = _check_count("batch_size", _batch_size(n) if batch_size is None else batch_size, 1)
     out = np.empty((num, m), dtype=np.int64)
     for b0 in range(0, num, bs):
@@ -414,10 +401,10 @@ def lpd_orders(num: int, group_sizes: Sequence[int], grid_size: int, proximity_t
 def random_orders(num: int, grid_size: int, seed: int = 0, start: int = 0,
                   indices: Sequence[int] | np.ndarray | None = None, known: np.ndarray | None = None) -> np.ndarray:
     """Uniformly random orders, int64 ``[num, N]`` (of the unknown positions with ``known``, as in lpd_orders)."""
-    num, grid_size, seed, start = _check_run(num, grid_size, seed, start)
+    num, grid_size, seed, idx = _check_run(num, grid_size, seed, start, indices)
     n = grid_size * grid_size
     known, m = _known(known, num, n)
-    keys = _order_keys(seed, _indices(num, start, indices), _SALT_RANDOM)
+    keys = _order_keys(seed, idx, _SALT_RANDOM)
     with np.errstate(over="ignore"):
         h = _splitmix64(keys[:, None] ^ (np.arange(n, dtype=np.uint64) * np.uint64(_GOLDEN64))[None, :])
     out = np.argsort(h, axis=1, kind="stable").astype(np.int64)

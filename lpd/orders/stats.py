@@ -1,8 +1,6 @@
-"""How local a set of orders is: context support, group spread and close pairs.
-
-* context support: mean number of 8-neighbours decoded in earlier steps, over tokens of steps >= 1;
-* group spread: mean over groups of two or more of the smallest Chebyshev distance inside the group;
-* close pairs: share of same-group token pairs (pooled) at Chebyshev distance <= repulsion_threshold.
+"""How local a set of orders is: context support (mean number of 8-neighbours decoded in earlier steps, over
+tokens of steps >= 1), group spread (mean over groups of two or more of the smallest Chebyshev distance inside the
+group) and close pairs (share of same-group token pairs, pooled, at Chebyshev distance <= repulsion_threshold).
 """
 
 from __future__ import annotations
@@ -32,10 +30,8 @@ def order_statistics(orders: np.ndarray, group_sizes: Sequence[int], grid_size: 
     sizes = validate_group_sizes(group_sizes, n)
     # Step at which each raster position is decoded, on a grid padded with "never".
     step_grid = np.full((num, g + 2, g + 2), len(sizes), dtype=np.int64)
-    at = np.empty((num, n), dtype=np.int64)
-    at[np.arange(num)[:, None], orders] = np.repeat(np.arange(len(sizes)), sizes)[None, :]
     centre = step_grid[:, 1:-1, 1:-1]
-    centre[...] = at.reshape(num, g, g)
+    centre[...] = np.repeat(np.arange(len(sizes)), sizes)[np.argsort(orders, axis=1)].reshape(num, g, g)
     support = sum(step_grid[:, 1 + dy : 1 + dy + g, 1 + dx : 1 + dx + g] < centre
                   for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx)
     later = centre >= 1

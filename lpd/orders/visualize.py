@@ -52,11 +52,9 @@ def render_order(order: Sequence[int], group_sizes: Sequence[int], grid_size: in
     order = check_order_rows(np.asarray(order)[None], 1, grid_size, "order")[0]
     sizes = validate_group_sizes(group_sizes, n)
     k_steps = len(sizes)
-    step_at = np.empty(n, dtype=np.int64)
-    step_at[order] = np.repeat(np.arange(k_steps), sizes)
-    fallback = np.zeros(n, dtype=bool)
-    if kinds is not None:
-        fallback[order] = np.asarray(kinds) >= 2
+    slot = np.argsort(order)  # position -> index in the order
+    step_at = np.repeat(np.arange(k_steps), sizes)[slot]
+    fallback = np.zeros(n, dtype=bool) if kinds is None else (np.asarray(kinds) >= 2)[slot]
     cell = cell or max(8, min(40, 512 // grid_size))
     small = max(4, min(16, 160 // grid_size))
     steps_shown = max(0, min(steps_shown, k_steps))
@@ -76,9 +74,8 @@ def render_order(order: Sequence[int], group_sizes: Sequence[int], grid_size: in
         draw.rectangle(box, fill=colours[s])
         if cell >= 14:
             lum = 0.299 * colours[s][0] + 0.587 * colours[s][1] + 0.114 * colours[s][2]
-            l, t, r, b = draw.textbbox((0, 0), str(s), font=f_cell)
-            xy = ((box[0] + box[2] + 1) / 2, (box[1] + box[3] + 1) / 2)
-            draw.text((xy[0] - (r - l) / 2 - l, xy[1] - (b - t) / 2 - t), str(s), font=f_cell,
+            l, t, r, b = draw.textbbox((0, 0), str(s), font=f_cell)  # centred in the cell
+            draw.text(((box[0] + box[2] + 1 - r - l) / 2, (box[1] + box[3] + 1 - b - t) / 2), str(s), font=f_cell,
                       fill=(0, 0, 0) if lum > 140 else (255, 255, 255))
         if fallback[p] and cell < 14:
             q = max(1, cell // 6)
