@@ -66,17 +66,14 @@ def generate(args: argparse.Namespace, sizes: Sequence[int], grid: int) -> np.nd
     end, step = args.start + args.num, args.chunk_size
     tasks = [range(s, min(s + step, end)) for s in range(args.start, end, step)]
     out = np.empty((args.num, grid * grid), dtype=np.int64)
-    bar = tqdm(total=args.num, unit="order", disable=args.no_progress, file=sys.stderr)
     workers = min(args.workers, len(tasks))
     pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
-    pos = 0
     try:
-        for part in (map if pool is None else pool.map)(source.rows, tasks):
-            out[pos : pos + len(part)] = part
-            pos += len(part)
-            bar.update(len(part))
+        with tqdm(total=args.num, unit="order", disable=args.no_progress, file=sys.stderr) as bar:
+            for r, part in zip(tasks, (map if pool is None else pool.map)(source.rows, tasks)):
+                out[r.start - args.start : r.stop - args.start] = part
+                bar.update(len(part))
     finally:
-        bar.close()
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     return out

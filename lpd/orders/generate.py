@@ -27,7 +27,7 @@ _SALT_FILL = 0x2545F4914F6CDD1D  # random fallback start
 _SALT_RANDOM = 0xD1342543DE82EF95  # random_orders
 _TABLE_MAX_N = 1024  # grids up to this many positions keep N x N distance tables
 _INT32_KEY_MAX_G = 32  # fallback keys fit int32 up to 32 x 32 grids
-_FALLBACK_ROWS = 128  # fallback rows per chunk: their arrays stay in cache
+_CHUNK = 128  # fallback rows per chunk: their arrays stay in cache
 _KEY_PAD = np.iinfo(np.int64).max  # pads the per-order candidate rows; sorts last
 _SEL = 100  # proximity code of an already selected position (codes < 25 are unselected)
 
@@ -43,14 +43,12 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 def _order_keys(seed: int, idx: np.ndarray, salt: int = 0) -> np.ndarray:
     """One uint64 key per order index, a function of ``(seed, i, salt)`` only."""
-    with np.errstate(over="ignore"):
-        s = _splitmix64(np.array([seed ^ salt], dtype=np.uint64))
-        return _splitmix64(s ^ _splitmix64(idx.astype(np.uint64)))
+    s = _splitmix64(np.array([seed ^ salt], dtype=np.uint64))
+    return _splitmix64(s ^ _splitmix64(idx.astype(np.uint64)))
 
 
 def _step_keys(order_keys: np.ndarray, step: int, salt: int = 0) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        return _splitmix64(order_keys ^ np.uint64((step * _GOLDEN64 + salt) & 0xFFFFFFFFFFFFFFFF))
+    return _splitmix64(order_keys ^ np.uint64((step * _GOLDEN64 + salt) & 0xFFFFFFFFFFFFFFFF))
 
 
 @lru_cache(maxsize=None)
@@ -65,11 +63,10 @@ def _key32(step_keys: np.ndarray) -> np.ndarray:
 
 def _hash32(key32: np.ndarray, pos_mult: np.ndarray) -> np.ndarray:
     """uint32 hash of (step key, ``_pos_mult`` of a position), broadcasting; the top bits are the best."""
-    with np.errstate(over="ignore"):
-        h = key32 + pos_mult
-        h *= np.uint32(0x7FEB352D)
-        h ^= h >> np.uint32(15)
-        h *= np.uint32(0x846CA68B)
+    h = key32 + pos_mult  # array arithmetic wraps around silently
+    h *= np.uint32(0x7FEB352D)
+    h ^= h >> np.uint32(15)
+    h *= np.uint32(0x846CA68B)
     return h
 
 
@@ -142,8 +139,7 @@ _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _CODE_VALUE = np.array([a + b * _INV_SQRT2 for a in range(5) for b in range(5)])
 _CODE_RANK = np.empty(25, dtype=np.int64)  # walk rank of a code: 0 for the highest score
 _CODE_RANK[np.argsort(-_CODE_VALUE, kind="stable")] = np.arange(25)
-# Fallback tie priority (larger preferred), 20 bits: 6 for the group in the released candidate list
-# (scores below τp first, then higher scores), 14 of the position's random number.
+# Fallback tie priority (larger first), 20 bits: 6 of the released candidate-list group, 14 of the random number.
 _TIE_BITS = 20
 _TIE_RND_SHIFT = 32 - (_TIE_BITS - 6)
 _HIGH_TOP = 31 << (_TIE_BITS - 6)  # tie priority of a proximity candidate of walk rank 0
@@ -192,9 +188,8 @@ _grid = lru_cache(maxsize=16)(_Grid)
 @lru_cache(maxsize=16)
 def _code_tables(proximity_threshold: float, taken: int) -> np.ndarray:
     """Fallback tie priority of proximity codes 0..255: ``(63 - ((score >= τp) << 5 | walk rank)) << 14``, or taken."""
-    high = _CODE_VALUE >= proximity_threshold
     tie = np.full(256, taken, dtype=np.int64)
-    tie[:25] = (63 - ((high.astype(np.int64) << 5) | _CODE_RANK)) << (_TIE_BITS - 6)
+    tie[:25] = (63 - (((_CODE_VALUE >= proximity_threshold).astype(np.int64) << 5) | _CODE_RANK)) << (_TIE_BITS - 6)
     return tie
 
 
@@ -213,9 +208,8 @@ def _lpd_batch(idx: np.ndarray, seed: int, group_sizes: Sequence[int], grid_size
     rows_b = np.arange(b_num)
     row_base = rows_b * (n + 1)
     okeys = _order_keys(seed, idx)
-    # Per-order state over the grid plus one "outside the grid" column (index n): the proximity code
-    # (_SEL once selected) and the fallback tie priority (grid.taken once selected), which also tells
-    # the proximity candidates apart: unselected with score >= τp <=> 0 <= tie <= _HIGH_TOP.
+    # Per order and position (+ column n, outside the grid): proximity code (_SEL once selected) and fallback tie
+    # priority (grid.taken once selected); the proximity candidates (score >= τp) have 0 <= tie <= _HIGH_TOP.
     code_f = np.zeros(b_num * (n + 1), dtype=np.uint8)
     tie = np.full((b_num, n + 1), tie_t[0], dtype=grid.key_dtype)
     tie[:, n] = grid.taken
@@ -257,8 +251,7 @@ def _lpd_batch(idx: np.ndarray, seed: int, group_sizes: Sequence[int], grid_size
         stamp = k % 255 + 1
         if stamp == 1 and k:
             blocked.fill(0)
-        # Candidates with score >= τp, sorted per order by the key: walk rank (from the tie priority),
-        # then the random number (larger first), then the padded cell.
+        # Proximity candidates; sort key: walk rank (from the tie priority), random number (larger first), cell.
         flat = np.flatnonzero(tie_u <= _HIGH_TOP)
         starts = np.searchsorted(flat, row_base)
         counts = np.diff(np.append(starts, flat.size))
@@ -269,8 +262,7 @@ def _lpd_batch(idx: np.ndarray, seed: int, group_sizes: Sequence[int], grid_size
         keys <<= pbits + 32 - (_TIE_BITS - 6)
         keys |= (~rnd).astype(np.int64) << pbits
         keys |= grid.pidx[c_of]
-        # One row per order, longest candidate list first (the orders still walking at rank r are
-        # the first rows), padded with a key that sorts last.
+        # One sorted row per order, longest first (the orders still walking at rank r are a prefix), padded.
         width = int(counts.max(initial=0))
         by_len = np.argsort(-counts, kind="stable")
         row_of = np.empty(b_num, dtype=np.int64)
@@ -302,8 +294,8 @@ def _lpd_batch(idx: np.ndarray, seed: int, group_sizes: Sequence[int], grid_size
             acc_pos = np.zeros((b_num, g), dtype=np.int64)
             acc_pos[acc_b, acc_slot] = acc_c
             fb = fb[np.argsort(-acc_n[fb], kind="stable")]  # similar rows share a chunk
-            for rows in np.split(fb, range(_FALLBACK_ROWS, fb.size, _FALLBACK_ROWS)):
-                _fallback(grid, out, kinds, tie, skeys, rows, acc_n, acc_pos, need, s0, s0 + g == m)
+            for c in range(0, fb.size, _CHUNK):
+                _fallback(grid, out, kinds, tie, skeys, fb[c : c + _CHUNK], acc_n, acc_pos, need, s0, s0 + g == m)
         s += g
         commit(out[:, s0:s])
     return (out, kinds) if return_kinds else out
@@ -328,8 +320,7 @@ def _fallback(grid: _Grid, out: np.ndarray, kinds: np.ndarray | None, tie: np.nd
         picks[:] = np.argsort(-((grp << 32) | rnd), axis=1, kind="stable")[:, :width]
         pick_kind[:] = KIND_REST
     else:
-        # key = (squared distance to the nearest pick of this step) << 20 | priority: its argmax is
-        # the farthest remaining position, ties going to the preferred one.
+        # key = squared distance to this step's nearest pick << 20 | priority: argmax = farthest, then preferred.
         rnd >>= np.uint32(_TIE_RND_SHIFT)
         prio = tie[fb, :n]
         prio |= rnd.view(np.int32) if kd == np.int32 else rnd.astype(kd)
@@ -405,8 +396,7 @@ def random_orders(num: int, grid_size: int, seed: int = 0, start: int = 0,
     n = grid_size * grid_size
     known, m = _known(known, num, n)
     keys = _order_keys(seed, idx, _SALT_RANDOM)
-    with np.errstate(over="ignore"):
-        h = _splitmix64(keys[:, None] ^ (np.arange(n, dtype=np.uint64) * np.uint64(_GOLDEN64))[None, :])
+    h = _splitmix64(keys[:, None] ^ (np.arange(n, dtype=np.uint64) * np.uint64(_GOLDEN64))[None, :])
     out = np.argsort(h, axis=1, kind="stable").astype(np.int64)
     return out if known is None else out[~np.take_along_axis(known, out, axis=1)].reshape(num, m)
 

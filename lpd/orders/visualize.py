@@ -83,13 +83,11 @@ def render_order(order: Sequence[int], group_sizes: Sequence[int], grid_size: in
             draw.ellipse((cx - q, cy - q, cx + q, cy + q), fill=(255, 255, 255))
         elif fallback[p]:
             draw.rectangle(box, outline=(255, 255, 255))
-    # Legend: a colour bar with step numbers.
-    lx, bar_w = x0 + grid_px + pad, 16
+    lx, bar_w = x0 + grid_px + pad, 16  # legend: a colour bar with step numbers
     draw.text((lx, y0 - 18), "step", font=f_small, fill=_TEXT)
+    edges = [y0 + int(round(s * grid_px / k_steps)) for s in range(k_steps + 1)]
     for s in range(k_steps):
-        top = y0 + int(round(s * grid_px / k_steps))
-        bot = y0 + int(round((s + 1) * grid_px / k_steps)) - 1
-        draw.rectangle((lx, top, lx + bar_w, max(top, bot)), fill=colours[s])
+        draw.rectangle((lx, edges[s], lx + bar_w, max(edges[s], edges[s + 1] - 1)), fill=colours[s])
     for s in sorted({0, k_steps - 1} | set(range(0, k_steps, max(1, -(-k_steps // 10))))):
         ty = y0 + (s + 0.5) * grid_px / k_steps
         draw.line((lx + bar_w, ty, lx + bar_w + 4, ty), fill=_TEXT)
@@ -99,8 +97,7 @@ def render_order(order: Sequence[int], group_sizes: Sequence[int], grid_size: in
         draw.text((lx, y0 + grid_px + 2), f"{marker}:\nfallback\npick", font=_font(10), fill=_TEXT)
     for i in range(steps_shown):  # the first steps one by one
         pr, pc = divmod(i, per_row)
-        px = pad + pc * (panel_px + pad)
-        py = y0 + grid_px + pad + pr * (head + panel_px + pad)
+        px, py = pad + pc * (panel_px + pad), y0 + grid_px + pad + pr * (head + panel_px + pad)
         draw.text((px, py + 4), f"step {i}: +{sizes[i]}", font=f_small, fill=_TEXT)
         for p, box in _cells(px, py + head, small, grid_size):
             s = int(step_at[p])
