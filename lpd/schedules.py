@@ -1,13 +1,13 @@
 """Group-size schedules ``g_0 .. g_{K-1}`` (tokens per decoding step, each >= 1): the released tables, the cosine
 fallback, and a parser (no ``eval``) of the forms users type: ``"1,2,4"``, ``"[1, 2, 4]"``, ``"[1]*256"``,
-``"[1]*2 + [2]*3"``, ``"[1*41, 2*46, 3*41]"``.
-"""
+``"[1]*2 + [2]*3"``, ``"[1*41, 2*46, 3*41]"``."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import sys
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -212,7 +212,5 @@ def write_released_files(folder: str) -> list[str]:
 
 
 if __name__ == "__main__":  # python -m lpd.schedules [FOLDER]: (re)write the released JSON tables
-    import sys
-
     for p in write_released_files(sys.argv[1] if len(sys.argv) > 1 else "orders"):
         print(p)

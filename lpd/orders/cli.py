@@ -15,6 +15,7 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from lpd.checkpoint import atomic_write_bytes, check_output_path
 from lpd.config import ConfigError, check_seed
@@ -33,8 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img_size", type=int, default=256, help="image side in pixels (256 or 512 released)")
     p.add_argument("--vqgan_stride", type=int, default=16, help="tokenizer down-sampling factor")
     p.add_argument("--generation_steps", type=int, default=20, help="decoding steps (released table, else cosine)")
-    p.add_argument("--group_sizes", type=str, default=None,
-                   help="explicit schedule, e.g. '[1, 2, 4, ...]' or '[1*41, 2*46, 3*41]' (over --generation_steps)")
+    p.add_argument("--group_sizes", help="schedule such as '1,2,4' or '[1*41, 2*46, 3*41]' (over --generation_steps)")
     p.add_argument("--order", choices=("lpd", "random", "raster"), default="lpd", help="kind of order")
     p.add_argument("--proximity_threshold", type=float, default=1.0,
                    help="τp: least support from decoded neighbours for a proximity pick")
@@ -45,22 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", type=int, default=0, help="index of the first order (to regenerate a slice)")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     p.add_argument("--workers", type=int, default=cores, help="processes (default: all cores); the file is the same")
-    p.add_argument("--chunk_size", type=int, default=None,
-                   help="orders per task given to a worker (default: 2048 at 16x16, 512 at 32x32)")
-    p.add_argument("--output_file", type=str, required=True, help="JSON order file, or PNG with --visualize")
+    p.add_argument("--chunk_size", type=int, help="orders per worker task (default: 2048 at 16x16, 512 at 32x32)")
+    p.add_argument("--output_file", required=True, help="JSON order file, or PNG with --visualize")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     v = p.add_argument_group("--visualize")
     v.add_argument("--visualize", action="store_true", help="write a PNG of one order instead of an order file")
     v.add_argument("--index", type=int, default=0, help="which order of the run to draw")
-    v.add_argument("--orders_file", type=str, default=None, help="draw an order from this file instead")
+    v.add_argument("--orders_file", help="draw an order from this file instead")
     v.add_argument("--steps_shown", type=int, default=6, help="early steps drawn one by one")
     return p
 
 
 def generate(args: argparse.Namespace, sizes: Sequence[int], grid: int) -> np.ndarray:
     """All ``args.num`` orders, in chunks over a process pool, with a progress bar."""
-    from tqdm import tqdm
-
     source = OrderSource(args.order, sizes, grid, seed=args.seed, proximity_threshold=args.proximity_threshold,
                          repulsion_threshold=args.repulsion_threshold)
     end, step = args.start + args.num, args.chunk_size

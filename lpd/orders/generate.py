@@ -4,6 +4,7 @@ and its known mask. Fallback ties left after the released candidate list go to t
 
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import lru_cache
 from typing import Sequence
@@ -33,12 +34,11 @@ _SEL = 100  # proximity code of an already selected position (codes < 25 are uns
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64 finaliser on a uint64 array."""
-    with np.errstate(over="ignore"):
-        z = x.astype(np.uint64) + np.uint64(_GOLDEN64)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
+    """SplitMix64 finaliser on a uint64 array (array arithmetic wraps around silently)."""
+    z = x.astype(np.uint64) + np.uint64(_GOLDEN64)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
 
 def _order_keys(seed: int, idx: np.ndarray, salt: int = 0) -> np.ndarray:
@@ -53,7 +53,6 @@ def _step_keys(order_keys: np.ndarray, step: int, salt: int = 0) -> np.ndarray:
 
 @lru_cache(maxsize=None)
 def _pos_mult(n: int) -> np.ndarray:
-    """``position * 0x9E3779B9 mod 2**32`` for positions ``0..n-1`` (uint32)."""
     return (np.arange(n, dtype=np.uint64) * np.uint64(0x9E3779B9) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
 
 
@@ -63,7 +62,7 @@ def _key32(step_keys: np.ndarray) -> np.ndarray:
 
 def _hash32(key32: np.ndarray, pos_mult: np.ndarray) -> np.ndarray:
     """uint32 hash of (step key, ``_pos_mult`` of a position), broadcasting; the top bits are the best."""
-    h = key32 + pos_mult  # array arithmetic wraps around silently
+    h = key32 + pos_mult
     h *= np.uint32(0x7FEB352D)
     h ^= h >> np.uint32(15)
     h *= np.uint32(0x846CA68B)
@@ -87,11 +86,9 @@ def _check_count(name: str, v: int, minimum: int = 0) -> int:
 
 
 def _check_threshold(name: str, v: float) -> float:
-    try:
+    with contextlib.suppress(TypeError, ValueError):
         if float(v) >= 0:
             return float(v)
-    except (TypeError, ValueError):
-        pass
     raise ValueError(f"{name} must be a number >= 0, got {v!r}")
 
 
@@ -240,9 +237,8 @@ def _lpd_batch(idx: np.ndarray, seed: int, group_sizes: Sequence[int], grid_size
         s = g = group_sizes[0]
         if g > 1:  # no released schedule: the farthest-point rule around the first position
             tie_f[row_base + out[:, 0]] = grid.taken
-            acc_n = np.ones(b_num, dtype=np.int64)
-            _fallback(grid, out, kinds, tie, _step_keys(okeys, 0), rows_b, acc_n, out[:, :1].copy(), g - acc_n, 0,
-                      g == n)
+            one = np.ones(b_num, dtype=np.int64)  # picks made so far
+            _fallback(grid, out, kinds, tie, _step_keys(okeys, 0), rows_b, one, out[:, :1].copy(), g - one, 0, g == n)
         commit(out[:, :s])
 
     for k in range(0 if known is not None else 1, len(group_sizes)):
@@ -315,8 +311,7 @@ def _fallback(grid: _Grid, out: np.ndarray, kinds: np.ndarray | None, tie: np.nd
     picks = np.zeros((fb.size, width), dtype=np.int64)
     pick_kind = np.full((fb.size, width), KIND_FARTHEST, dtype=np.int8)
     if last:  # only the remaining positions are left: all of them, in candidate-list order
-        grp = tie[fb, :n].astype(np.int64)
-        grp = np.where(grp < 0, -1, grp >> (_TIE_BITS - 6))
+        grp = np.where(tie[fb, :n] < 0, -1, tie[fb, :n].astype(np.int64) >> (_TIE_BITS - 6))
         picks[:] = np.argsort(-((grp << 32) | rnd), axis=1, kind="stable")[:, :width]
         pick_kind[:] = KIND_REST
     else:
@@ -333,11 +328,9 @@ def _fallback(grid: _Grid, out: np.ndarray, kinds: np.ndarray | None, tie: np.nd
             picks[iz, 0] = first[iz]
             pick_kind[iz, 0] = KIND_RANDOM_FILL
         d2 = grid.d2(first)
-        n_max = int(na.max())
-        pos = acc_pos[fb, :n_max]
         # na ascends from 2 on (rows with 0 or 1 proximity picks come first, in any order).
-        for j, r0 in enumerate(np.searchsorted(na, np.arange(2, n_max + 1), side="left").tolist(), start=1):
-            np.minimum(d2[r0:], grid.d2(pos[r0:, j]), out=d2[r0:])
+        for j, r0 in enumerate(np.searchsorted(na, np.arange(2, int(na.max()) + 1), side="left").tolist(), start=1):
+            np.minimum(d2[r0:], grid.d2(acc_pos[fb[r0:], j]), out=d2[r0:])
         key = d2.astype(kd)
         key <<= _TIE_BITS
         key += prio
@@ -364,12 +357,11 @@ def lpd_orders(num: int, group_sizes: Sequence[int], grid_size: int, proximity_t
                indices: Sequence[int] | np.ndarray | None = None, known: np.ndarray | None = None) -> np.ndarray:
     """Locality-aware orders ``start .. start + num - 1`` (or ``indices``) of a run, int64 ``[num, N]``.
 
-    ``group_sizes`` sum to ``N = grid_size ** 2``; step 0 takes one random position (the rest of a larger first
-    group by the farthest-point rule). A proximity pick needs a score ``>= proximity_threshold`` (τp); two picks of
-    one step are never within Chebyshev distance ``repulsion_threshold`` (τr: 2.0 at 256 px, 3.0 for XXL-256, 4.0
-    at 512 px). Row ``i`` depends only on ``(seed, i)``, seed in ``[0, 2**64)``; ``batch_size`` changes speed only.
-    ``known`` (bool ``[N]`` or ``[num, N]``, True = decoded, the same count per row): the rows hold the unknown
-    positions only and ``group_sizes`` sum to their number; every step (step 0 too) follows the proximity rule.
+    Step 0 takes one random position (a larger first group: the rest by the farthest-point rule); a proximity pick
+    needs a score >= τp (``proximity_threshold``); no two picks of a step lie within Chebyshev distance τr
+    (``repulsion_threshold``: 2.0 at 256 px, 3.0 for XXL-256, 4.0 at 512 px). Row ``i`` depends only on ``(seed, i)``;
+    ``batch_size`` changes speed only. ``known`` (bool ``[N]`` or ``[num, N]``, True = decoded, the same count per
+    row): the rows hold the unknown positions, ``group_sizes`` sum to their number, step 0 follows proximity too.
     """
     num, grid_size, seed, idx_all = _check_run(num, grid_size, seed, start, indices)
     tp = _check_threshold("proximity_threshold", proximity_threshold)

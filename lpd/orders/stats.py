@@ -1,7 +1,6 @@
 """How local a set of orders is: context support (mean number of 8-neighbours decoded in earlier steps, over
 tokens of steps >= 1), group spread (mean over groups of two or more of the smallest Chebyshev distance inside the
-group) and close pairs (share of same-group token pairs, pooled, at Chebyshev distance <= repulsion_threshold).
-"""
+group) and close pairs (share of same-group token pairs, pooled, at Chebyshev distance <= repulsion_threshold)."""
 
 from __future__ import annotations
 
@@ -38,8 +37,8 @@ def order_statistics(orders: np.ndarray, group_sizes: Sequence[int], grid_size: 
     context = float(support[later].mean()) if later.any() else float("nan")
     rows, cols = np.divmod(orders, g)
     spreads: list[np.ndarray] = []
-    close = pairs = s0 = 0
-    for k in sizes:
+    close = pairs = 0
+    for s0, k in zip(np.cumsum([0] + sizes).tolist(), sizes):
         if k >= 2:
             r, c = rows[:, s0 : s0 + k], cols[:, s0 : s0 + k]
             d = np.maximum(np.abs(r[:, :, None] - r[:, None, :]), np.abs(c[:, :, None] - c[:, None, :]))
@@ -48,6 +47,5 @@ def order_statistics(orders: np.ndarray, group_sizes: Sequence[int], grid_size: 
             spreads.append(du.min(axis=1))
             close += int((du <= repulsion_threshold).sum())
             pairs += du.size
-        s0 += k
     spread = float(np.concatenate(spreads).mean()) if spreads else float("nan")
     return {"context_support": context, "group_spread": spread, "close_pairs": close / pairs if pairs else float("nan")}

@@ -34,8 +34,7 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def _cells(x: int, y: int, size: int, grid_size: int):
-    """(position, box) of every cell of a grid drawn from (x, y) with ``size`` pixel cells."""
+def _cells(x: int, y: int, size: int, grid_size: int):  # (position, box) of every cell
     for p in range(grid_size * grid_size):
         r, c = divmod(p, grid_size)
         yield p, (x + c * size, y + r * size, x + (c + 1) * size - 1, y + (r + 1) * size - 1)
