@@ -309,11 +309,10 @@ def _fallback(grid: _Grid, out: np.ndarray, kinds: np.ndarray | None, tie: np.nd
     width = int(nd.max())
     rnd = _position_random(skeys[fb], n)
     picks = np.zeros((fb.size, width), dtype=np.int64)
-    pick_kind = np.full((fb.size, width), KIND_FARTHEST, dtype=np.int8)
+    pick_kind = np.full((fb.size, width), KIND_REST if last else KIND_FARTHEST, dtype=np.int8)
     if last:  # only the remaining positions are left: all of them, in candidate-list order
         grp = np.where(tie[fb, :n] < 0, -1, tie[fb, :n].astype(np.int64) >> (_TIE_BITS - 6))
         picks[:] = np.argsort(-((grp << 32) | rnd), axis=1, kind="stable")[:, :width]
-        pick_kind[:] = KIND_REST
     else:
         # key = squared distance to this step's nearest pick << 20 | priority: argmax = farthest, then preferred.
         rnd >>= np.uint32(_TIE_RND_SHIFT)

@@ -36,8 +36,7 @@ def order_statistics(orders: np.ndarray, group_sizes: Sequence[int], grid_size: 
     later = centre >= 1
     context = float(support[later].mean()) if later.any() else float("nan")
     rows, cols = np.divmod(orders, g)
-    spreads: list[np.ndarray] = []
-    close = pairs = 0
+    spreads, close, pairs = [], 0, 0
     for s0, k in zip(np.cumsum([0] + sizes).tolist(), sizes):
         if k >= 2:
             r, c = rows[:, s0 : s0 + k], cols[:, s0 : s0 + k]
