@@ -1,14 +1,13 @@
-"""Group-size schedules: how many tokens each decoding step emits.
-
-A schedule ``g_0 .. g_{K-1}`` (every ``g_k >= 1``) splits an order of ``N`` positions into ``K`` steps.
-Here: the released tables, the cosine fallback, and a parser (no ``eval``) of the forms users type:
-``"1,2,4"``, ``"[1, 2, 4]"``, ``"[1]*256"``, ``"[1]*2 + [2]*3"``, ``"[1*41, 2*46, 3*41]"``.
-"""
+"""Group-size schedules ``g_0 .. g_{K-1}`` (tokens per decoding step, each >= 1): the released tables, the cosine
+fallback, and a parser (no ``eval``) of the forms users type: ``"1,2,4"``, ``"[1, 2, 4]"``, ``"[1]*256"``,
+``"[1]*2 + [2]*3"``, ``"[1*41, 2*46, 3*41]"``."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import sys
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -56,11 +55,9 @@ def parse_group_sizes(spec: str | Sequence[int], num_tokens: int | None = None) 
         raise GroupSizeError("group sizes: empty string; write e.g. '1,2,4' or '[1]*256'")
     values: list[int] = []
     for term in spec.split("+"):
-        m = _TERM.fullmatch(term.strip())
-        if m is None:
-            values += _parse_items(term, spec, len(values))
-            continue
-        inner, times = _parse_items(m.group(1), spec, len(values)), int(m.group(2) or 1)
+        m = _TERM.fullmatch(term.strip())  # "[items] * times", or plain items
+        inner = _parse_items(term if m is None else m.group(1), spec, len(values))
+        times = 1 if m is None else int(m.group(2) or 1)
         _check_length(len(values) + len(inner) * times, spec)
         values += inner * times
     return validate_group_sizes(values, num_tokens)
@@ -98,8 +95,7 @@ _RELEASED_SPECS: dict[int, dict[int, str]] = {
     },
     1024: {  # 512 px: 32 x 32 tokens
         1024: "1*1024", 512: "1*162, 2*188, 3*162", 256: "1*39, 2*28, 3*31, 4*34, 5*44, 6*80",
-        224: "1*32, 2*21, 3*21, 4*24, 5*27, 6*37, 7*62",
-        192: "1*22, 2*15, 3*16, 4*16, 5*19, 6*21, 7*27, 8*55, 10",
+        224: "1*32, 2*21, 3*21, 4*24, 5*27, 6*37, 7*62", 192: "1*22, 2*15, 3*16, 4*16, 5*19, 6*21, 7*27, 8*55, 10",
         160: "1*15, 2*11, 3*10, 4*12, 5*12, 6*13, 7*14, 8*17, 9*23, 10*33",
         128: "1*10, 2*6, 3*7, 4*7, 5*7, 6*7, 7*8, 8*9, 9*9, 10*11, 11*14, 12*26, 13*7",
         96: "1*5, 2*4, 3*4, 4*4, 5*3, 6*4, 7*4, 8*5, 9*4, 10*4, 11*6, 12*5, 13*6, 14*7, 15*8, 16*13, 17*10",
@@ -194,15 +190,12 @@ def training_schedules(img_size: int, vqgan_stride: int = 16) -> list[list[int]]
 def released_files() -> dict[str, str]:
     """The text of the released schedule files under ``orders/``, by path: ``group_sizes_lookup.json`` (steps
     descending) and ``group_sizes_training/*.json`` (the lists ``--group_sizes_list`` names in the released scripts)."""
-    def row(sizes: Sequence[int]) -> str:
-        return "[" + ", ".join(map(str, sizes)) + "]"
-
     files, parts = {}, []
     for n, tables in sorted(RELEASED_GROUP_SIZES.items()):
         res = int(round(n**0.5)) * 16
-        entries = ",\n".join(f'        "{s} steps": {row(tables[s])}' for s in sorted(tables, reverse=True))
+        entries = ",\n".join(f'        "{s} steps": {json.dumps(tables[s])}' for s in sorted(tables, reverse=True))
         parts.append(f'    "{res} resolution": {{\n{entries}\n    }}')
-        rows = ",\n".join("    " + row(t) for t in training_schedules(res))
+        rows = ",\n".join("    " + json.dumps(t) for t in training_schedules(res))
         files[f"group_sizes_training/group_sizes_{res}.json"] = f"[\n{rows}\n]\n"
     files["group_sizes_lookup.json"] = "{\n" + ",\n".join(parts) + "\n}\n"
     return files
@@ -219,7 +212,5 @@ def write_released_files(folder: str) -> list[str]:
 
 
 if __name__ == "__main__":  # python -m lpd.schedules [FOLDER]: (re)write the released JSON tables
-    import sys
-
     for p in write_released_files(sys.argv[1] if len(sys.argv) > 1 else "orders"):
         print(p)

@@ -3,8 +3,6 @@
     python -m lpd.orders --img_size 256 --generation_steps 20 --repulsion_threshold 2.0 \\
         --num 50000 --seed 0 --output_file orders/lpd_orders_generated/res256_steps20_repulsion2.json
     python -m lpd.orders --visualize --generation_steps 20 --repulsion_threshold 2.0 --index 0 --output_file order.png
-
-Order ``i`` depends only on ``(seed, i)``: the file is the same whatever ``--workers`` is.
 """
 
 from __future__ import annotations
@@ -17,12 +15,14 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
-from lpd.checkpoint import check_output_path
+from lpd.checkpoint import atomic_write_bytes, check_output_path
+from lpd.config import ConfigError, check_seed
 from lpd.orders.files import OrderFileError, load_orders, save_orders
-from lpd.config import check_seed
-from lpd.orders.generate import _batch_size, _lpd_batch, lpd_orders, random_orders, raster_orders
-from lpd.schedules import GroupSizeError, group_sizes, num_tokens, parse_group_sizes
+from lpd.orders.generate import _batch_size, _lpd_batch, random_orders, raster_orders
+from lpd.orders.source import OrderSource
+from lpd.schedules import group_sizes, num_tokens, parse_group_sizes
 
 __all__ = ["main", "build_parser"]
 
@@ -34,8 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img_size", type=int, default=256, help="image side in pixels (256 or 512 released)")
     p.add_argument("--vqgan_stride", type=int, default=16, help="tokenizer down-sampling factor")
     p.add_argument("--generation_steps", type=int, default=20, help="decoding steps (released table, else cosine)")
-    p.add_argument("--group_sizes", type=str, default=None,
-                   help="explicit schedule, e.g. '[1, 2, 4, ...]' or '[1*41, 2*46, 3*41]' (over --generation_steps)")
+    p.add_argument("--group_sizes", help="schedule such as '1,2,4' or '[1*41, 2*46, 3*41]' (over --generation_steps)")
     p.add_argument("--order", choices=("lpd", "random", "raster"), default="lpd", help="kind of order")
     p.add_argument("--proximity_threshold", type=float, default=1.0,
                    help="τp: least support from decoded neighbours for a proximity pick")
@@ -45,55 +44,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the run; order i depends only on (seed, i)")
     p.add_argument("--start", type=int, default=0, help="index of the first order (to regenerate a slice)")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    p.add_argument("--workers", type=int, default=cores, help="processes (default: all cores)")
-    p.add_argument("--chunk_size", type=int, default=None,
-                   help="orders per task given to a worker (default: 2048 at 16x16, 512 at 32x32)")
-    p.add_argument("--output_file", type=str, required=True, help="JSON order file, or PNG with --visualize")
+    p.add_argument("--workers", type=int, default=cores, help="processes (default: all cores); the file is the same")
+    p.add_argument("--chunk_size", type=int, help="orders per worker task (default: 2048 at 16x16, 512 at 32x32)")
+    p.add_argument("--output_file", required=True, help="JSON order file, or PNG with --visualize")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     v = p.add_argument_group("--visualize")
     v.add_argument("--visualize", action="store_true", help="write a PNG of one order instead of an order file")
     v.add_argument("--index", type=int, default=0, help="which order of the run to draw")
-    v.add_argument("--orders_file", type=str, default=None, help="draw an order from this file instead")
+    v.add_argument("--orders_file", help="draw an order from this file instead")
     v.add_argument("--steps_shown", type=int, default=6, help="early steps drawn one by one")
     return p
 
 
-def _chunk(task: tuple) -> np.ndarray:
-    kind, start, count, sizes, grid, tp, tr, seed = task
-    if kind == "lpd":
-        return lpd_orders(count, sizes, grid, tp, tr, seed=seed, start=start)
-    if kind == "random":
-        return random_orders(count, grid, seed=seed, start=start)
-    return raster_orders(count, grid)
-
-
 def generate(args: argparse.Namespace, sizes: Sequence[int], grid: int) -> np.ndarray:
     """All ``args.num`` orders, in chunks over a process pool, with a progress bar."""
-    from tqdm import tqdm
-
-    tp, tr, step = args.proximity_threshold, args.repulsion_threshold, args.chunk_size
-    tasks = [(args.order, args.start + s, min(step, args.num - s), list(sizes), grid, tp, tr, args.seed)
-             for s in range(0, args.num, step)]
+    source = OrderSource(args.order, sizes, grid, seed=args.seed, proximity_threshold=args.proximity_threshold,
+                         repulsion_threshold=args.repulsion_threshold)
+    end, step = args.start + args.num, args.chunk_size
+    tasks = [range(s, min(s + step, end)) for s in range(args.start, end, step)]
     out = np.empty((args.num, grid * grid), dtype=np.int64)
-    bar = tqdm(total=args.num, unit="order", disable=args.no_progress, file=sys.stderr)
     workers = min(args.workers, len(tasks))
     pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
-    results = map(_chunk, tasks) if pool is None else pool.map(_chunk, tasks)
-    pos = 0
     try:
-        for part in results:
-            out[pos : pos + len(part)] = part
-            pos += len(part)
-            bar.update(len(part))
+        with tqdm(total=args.num, unit="order", disable=args.no_progress, file=sys.stderr) as bar:
+            for r, part in zip(tasks, (map if pool is None else pool.map)(source.rows, tasks)):
+                out[r.start - args.start : r.stop - args.start] = part
+                bar.update(len(part))
     finally:
-        bar.close()
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     return out
-
-
-class UsageError(ValueError):
-    """A flag or file the command cannot use; main prints it and exits with status 2."""
 
 
 def _check_args(args: argparse.Namespace) -> tuple[list[int], int]:
@@ -103,55 +83,46 @@ def _check_args(args: argparse.Namespace) -> tuple[list[int], int]:
         sizes = (parse_group_sizes(args.group_sizes, n) if args.group_sizes is not None
                  else group_sizes(args.img_size, args.generation_steps, args.vqgan_stride))
         check_seed(args.seed)
-    except (GroupSizeError, ValueError) as e:
-        raise UsageError(str(e)) from None
-    for name in ("num", "start"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name} must be >= 0")
+    except ValueError as e:  # GroupSizeError included
+        raise ConfigError(str(e)) from None
+    for name in ("num", "start", "proximity_threshold", "repulsion_threshold"):
+        if not getattr(args, name) >= 0:
+            raise ConfigError(f"--{name} must be >= 0")
     args.chunk_size = _batch_size(n) if args.chunk_size is None else args.chunk_size
     if args.workers < 1 or args.chunk_size < 1:
-        raise UsageError("--workers and --chunk_size must be >= 1")
-    for name in ("proximity_threshold", "repulsion_threshold"):
-        if not getattr(args, name) >= 0:
-            raise UsageError(f"--{name} must be >= 0")
-    problem = check_output_path(args.output_file, "--output_file")
-    if problem:
-        raise UsageError(problem)
+        raise ConfigError("--workers and --chunk_size must be >= 1")
+    if problem := check_output_path(args.output_file, "--output_file"):
+        raise ConfigError(problem)
     suffix = ".png" if args.visualize else ".json"
     if not args.output_file.lower().endswith(suffix):
         what = "a PNG picture with --visualize" if args.visualize else "a JSON order file (--visualize draws a PNG)"
-        raise UsageError(f"--output_file {args.output_file}: must end in {suffix}, it is {what}")
+        raise ConfigError(f"--output_file {args.output_file}: must end in {suffix}, it is {what}")
     if args.visualize and args.index < 0:
-        raise UsageError(f"--index must be >= 0, got {args.index}")
+        raise ConfigError(f"--index must be >= 0, got {args.index}")
     if args.visualize and args.orders_file is None and args.index >= args.num:
-        raise UsageError(f"--index {args.index} is outside the run of --num {args.num} orders; use 0..{args.num - 1}")
+        raise ConfigError(f"--index {args.index} is outside the run of --num {args.num} orders; use 0..{args.num - 1}")
     return sizes, int(round(n**0.5))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m lpd.orders``; exit 0, 1 when writing the finished file failed, 2 for a usage error.
-
-    Usage errors (flags, ``--output_file``, ``--orders_file``, ``--index``) are found before any order is made.
-    """
+    """``python -m lpd.orders``; exit 0, 1 when writing the finished file failed, 2 for a usage error (found first)."""
     args = build_parser().parse_args(argv)
     try:
         sizes, grid = _check_args(args)
         order, kinds, title = _order_to_draw(args, sizes, grid) if args.visualize else (None, None, None)
-    except UsageError as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     try:
         if args.visualize:
-            from lpd.checkpoint import atomic_write_bytes
             from lpd.orders.visualize import render_order
 
             img = render_order(order, sizes, grid, steps_shown=args.steps_shown, kinds=kinds, title=title)
             atomic_write_bytes(args.output_file, lambda f: img.save(f, format="PNG"))
             print(f"wrote {args.output_file}", file=sys.stderr)
             return 0
-        orders = generate(args, sizes, grid)
-        save_orders(args.output_file, orders)
+        save_orders(args.output_file, generate(args, sizes, grid))
     except OSError as e:
         print(f"error: could not write --output_file {args.output_file}: {e.strerror or e}", file=sys.stderr)
         return 1
@@ -168,14 +139,13 @@ def _order_to_draw(args: argparse.Namespace, sizes: Sequence[int], grid: int) ->
         try:
             order = load_orders(args.orders_file, args.index + 1, grid)[args.index]
         except OSError as e:
-            raise UsageError(f"--orders_file {args.orders_file}: {e.strerror or e}") from None
+            raise ConfigError(f"--orders_file {args.orders_file}: {e.strerror or e}") from None
         except OrderFileError as e:
-            raise UsageError(f"--orders_file, drawing row --index {args.index}: {e}") from None
+            raise ConfigError(f"--orders_file, drawing row --index {args.index}: {e}") from None
         return order, None, f"{os.path.basename(args.orders_file)} row {args.index}"
     if args.order == "lpd":
         o, k = _lpd_batch(np.array([i]), args.seed, list(sizes), grid, args.proximity_threshold,
-                          args.repulsion_threshold, return_kinds=True)
-        # ASCII caption: the default font has no τ
+                          args.repulsion_threshold, return_kinds=True)  # ASCII caption: the default font has no τ
         return o[0], k[0], f"LPD order {i} (seed {args.seed}), {len(sizes)} steps, tau_r {args.repulsion_threshold:g}"
     if args.order == "random":
         return random_orders(1, grid, seed=args.seed, start=i)[0], None, f"random order {i} (seed {args.seed})"

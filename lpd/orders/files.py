@@ -1,6 +1,5 @@
-"""Order files: the released JSON format (a list with one order per image, each a list of the raster
-indices ``0..N-1`` in generation order), read with validation and written atomically.
-"""
+"""Order files: the released JSON format (one list of the raster indices ``0..N-1`` in generation order per
+image), read with validation and written atomically."""
 
 from __future__ import annotations
 
@@ -19,8 +18,7 @@ class OrderFileError(ValueError):
 
 def _row_problem(row: object, n: int, grid_size: int) -> str | None:
     """What is wrong with one row, or None when it is a permutation of ``0..n-1``."""
-    if isinstance(row, np.ndarray):
-        row = row.tolist()
+    row = row.tolist() if isinstance(row, np.ndarray) else row
     if not isinstance(row, (list, tuple)):
         return f"expected a list of {n} raster indices, got {type(row).__name__}"
     if len(row) != n:
@@ -38,8 +36,8 @@ def _row_problem(row: object, n: int, grid_size: int) -> str | None:
 
 
 def check_order_rows(rows: object, num: int, grid_size: int, source: str = "orders") -> np.ndarray:
-    """The first ``num`` of ``rows`` (lists or a 2-D array) as int64, each checked to be a permutation of ``0..N-1``;
-    OrderFileError names ``source``, the first bad row and what is wrong with it, or the rows missing."""
+    """The first ``num`` of ``rows`` (lists or a 2-D array) as int64, each checked to be a permutation of ``0..N-1``
+    (OrderFileError names ``source`` and the first bad or missing row)."""
     n = grid_size * grid_size
     if isinstance(rows, np.ndarray) and rows.ndim != 2:
         raise OrderFileError(f"{source}: expected a 2-D array [num, {n}], got shape {rows.shape}")
@@ -55,14 +53,12 @@ def check_order_rows(rows: object, num: int, grid_size: int, source: str = "orde
     except (ValueError, TypeError):  # ragged or mixed: the row by row check finds the bad row
         arr = np.zeros(0)
     if arr.dtype.kind in "iu" and arr.shape == (num, n):
-        # A row is a permutation of 0..n-1 exactly when its sorted copy is 0..n-1.
         bad = np.flatnonzero((np.sort(arr, axis=1) != np.arange(n)).any(axis=1))
         if bad.size == 0:
             return arr.astype(np.int64, copy=False)
         raise OrderFileError(f"{source}: row {bad[0]}: {_row_problem(head[int(bad[0])], n, grid_size)}")
     for i, row in enumerate(head):
-        problem = _row_problem(row, n, grid_size)
-        if problem is not None:
+        if (problem := _row_problem(row, n, grid_size)) is not None:
             raise OrderFileError(f"{source}: row {i}: {problem}")
     return np.array([list(r) for r in head], dtype=np.int64).reshape(num, n)  # integer scalars of odd types
 
@@ -72,8 +68,7 @@ _ROW = re.compile(rb"\s*\d+(?:\s*,\s*\d+)*\s*")
 
 
 def _fast_rows(data: bytes, num: int, n: int) -> np.ndarray | None:
-    """The first ``num`` rows of a file in json.dump's layout (``[[a, b, ...], [c, ...]]``) without Python lists;
-    None when the file looks any different (then :mod:`json` parses it and the checks say what is wrong)."""
+    """The first ``num`` rows of a file in json.dump's layout without Python lists; None for any other layout."""
     s = data.strip()
     if num == 0 or data.translate(None, _ALLOWED) or not (s.startswith(b"[[") and s.endswith(b"]]")):
         return None
@@ -89,19 +84,16 @@ def _fast_rows(data: bytes, num: int, n: int) -> np.ndarray | None:
 
 
 def load_orders(path: str | os.PathLike, num: int, grid_size: int) -> np.ndarray:
-    """The first ``num`` orders of an order file, validated, int64 ``[num, grid_size ** 2]`` (OrderFileError for a
-    file that is not JSON, too short, or has a bad row)."""
+    """The first ``num`` orders of an order file, validated, int64 ``[num, grid_size ** 2]`` (else OrderFileError)."""
     if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= lo
                for v, lo in ((num, 0), (grid_size, 1))):
         raise ValueError(f"num and grid_size must be integers >= 0 and >= 1, got {num!r} and {grid_size!r}")
     num, grid_size = int(num), int(grid_size)
     with open(path, "rb") as f:
         data = f.read()
-    fast = _fast_rows(data, num, grid_size * grid_size)
-    if fast is not None:
-        return check_order_rows(fast, num, grid_size, source=str(path))
+    rows = _fast_rows(data, num, grid_size * grid_size)
     try:
-        rows = json.loads(data)
+        rows = json.loads(data) if rows is None else rows
     except json.JSONDecodeError as e:
         raise OrderFileError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); an order "
                              f"file is a JSON list of lists of raster indices") from None

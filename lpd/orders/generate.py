@@ -1,20 +1,10 @@
-"""Generation orders: locality-aware (LPD), uniformly random and raster.
-
-An order lists the raster positions of a ``G x G`` token grid in decoding order (with ``known``, only
-the positions not yet decoded); group sizes split it into steps. :func:`lpd_orders` runs many orders
-at once: proximity scores are integer codes (5 x edge + diagonal selected neighbours) updated around
-each step's picks; each step sorts every order's candidates (score, then random) and walks them rank
-by rank for all orders together, painting repulsion windows into a padded grid; the farthest-point
-fallback packs the squared distance above a 20-bit tie priority into one integer per position.
-
-Randomness is counter-based (a hash of seed, order index, step, position), so order ``i`` depends
-only on ``(seed, i)`` and its known mask. Ties follow the released generator: random among equal
-scores; the fallback takes the largest distance, then the candidate first in the released candidate
-list (scores below ``τp`` first, higher scores first, random within), then the smaller raster index.
-"""
+"""Generation orders: locality-aware (LPD, many at once in numpy; orders/README.md describes how), random, raster.
+Randomness is a counter-based hash of (seed, order index, step, position): order ``i`` depends only on ``(seed, i)``
+and its known mask. Fallback ties left after the released candidate list go to the smaller raster index."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import lru_cache
 from typing import Sequence
@@ -38,60 +28,54 @@ _SALT_FILL = 0x2545F4914F6CDD1D  # random fallback start
 _SALT_RANDOM = 0xD1342543DE82EF95  # random_orders
 _TABLE_MAX_N = 1024  # grids up to this many positions keep N x N distance tables
 _INT32_KEY_MAX_G = 32  # fallback keys fit int32 up to 32 x 32 grids
-_FALLBACK_ROWS = 128  # fallback rows per chunk: their arrays stay in cache
+_CHUNK = 128  # fallback rows per chunk: their arrays stay in cache
 _KEY_PAD = np.iinfo(np.int64).max  # pads the per-order candidate rows; sorts last
 _SEL = 100  # proximity code of an already selected position (codes < 25 are unselected)
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64 finaliser on a uint64 array (a bijection with good avalanche)."""
-    with np.errstate(over="ignore"):
-        z = x.astype(np.uint64) + np.uint64(_GOLDEN64)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
+    """SplitMix64 finaliser on a uint64 array (array arithmetic wraps around silently)."""
+    z = x.astype(np.uint64) + np.uint64(_GOLDEN64)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
 
 def _order_keys(seed: int, idx: np.ndarray, salt: int = 0) -> np.ndarray:
     """One uint64 key per order index, a function of ``(seed, i, salt)`` only."""
-    with np.errstate(over="ignore"):
-        s = _splitmix64(np.array([seed ^ salt], dtype=np.uint64))
-        return _splitmix64(s ^ _splitmix64(idx.astype(np.uint64)))
+    s = _splitmix64(np.array([seed ^ salt], dtype=np.uint64))
+    return _splitmix64(s ^ _splitmix64(idx.astype(np.uint64)))
 
 
 def _step_keys(order_keys: np.ndarray, step: int, salt: int = 0) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        return _splitmix64(order_keys ^ np.uint64((step * _GOLDEN64 + salt) & 0xFFFFFFFFFFFFFFFF))
+    return _splitmix64(order_keys ^ np.uint64((step * _GOLDEN64 + salt) & 0xFFFFFFFFFFFFFFFF))
 
 
 @lru_cache(maxsize=None)
 def _pos_mult(n: int) -> np.ndarray:
-    """``position * 0x9E3779B9 mod 2**32`` for positions ``0..n-1`` (uint32)."""
     return (np.arange(n, dtype=np.uint64) * np.uint64(0x9E3779B9) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
 
 
 def _key32(step_keys: np.ndarray) -> np.ndarray:
-    """Fold uint64 step keys to the uint32 keys :func:`_hash32` takes."""
     return ((step_keys ^ (step_keys >> np.uint64(32))) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
 
 
 def _hash32(key32: np.ndarray, pos_mult: np.ndarray) -> np.ndarray:
     """uint32 hash of (step key, ``_pos_mult`` of a position), broadcasting; the top bits are the best."""
-    with np.errstate(over="ignore"):
-        h = key32 + pos_mult
-        h *= np.uint32(0x7FEB352D)
-        h ^= h >> np.uint32(15)
-        h *= np.uint32(0x846CA68B)
+    h = key32 + pos_mult
+    h *= np.uint32(0x7FEB352D)
+    h ^= h >> np.uint32(15)
+    h *= np.uint32(0x846CA68B)
     return h
 
 
 def _position_random(step_keys: np.ndarray, n: int) -> np.ndarray:
-    """uint32 ``[B, n]``: :func:`_hash32` of every position for each of the ``B`` uint64 keys."""
+    """uint32 ``[B, n]``: the hash of every position for each of the ``B`` uint64 step keys."""
     return _hash32(_key32(step_keys)[:, None], _pos_mult(n)[None, :])
 
 
 def _uniform_index(keys: np.ndarray, n: int) -> np.ndarray:
-    """An index in ``[0, n)`` per uint64 key (multiply-high; bias below ``n / 2**32``)."""
+    """An index in ``[0, n)`` per uint64 key (multiply-high)."""
     return ((keys >> np.uint64(32)) * np.uint64(n) >> np.uint64(32)).astype(np.int64)
 
 
@@ -102,19 +86,25 @@ def _check_count(name: str, v: int, minimum: int = 0) -> int:
 
 
 def _check_threshold(name: str, v: float) -> float:
-    try:
+    with contextlib.suppress(TypeError, ValueError):
         if float(v) >= 0:
             return float(v)
-    except (TypeError, ValueError):
-        pass
     raise ValueError(f"{name} must be a number >= 0, got {v!r}")
 
 
-def _check_run(num: int, grid_size: int, seed: int = 0, start: int = 0) -> tuple[int, int, int, int]:
+def _check_run(num: int, grid_size: int, seed: int = 0, start: int = 0,
+               indices: Sequence[int] | np.ndarray | None = None) -> tuple[int, int, int, np.ndarray]:
+    """Checked ``num``, ``grid_size``, seed and the order indices: ``start .. start + num - 1``, or ``indices``."""
     grid_size = _check_count("grid_size", grid_size, 1)
     if grid_size > 256:
         raise ValueError(f"grid_size {grid_size} is too large (at most 256 x 256 tokens)")
-    return _check_count("num", num), grid_size, check_seed(seed, "seed"), _check_count("start", start)
+    num, seed, start = _check_count("num", num), check_seed(seed, "seed"), _check_count("start", start)
+    if indices is None:
+        return num, grid_size, seed, np.arange(start, start + num, dtype=np.int64)
+    idx = np.asarray(indices)
+    if idx.shape != (num,) or idx.dtype.kind not in "iu" or (idx.size and idx.min() < 0):
+        raise ValueError(f"indices must be {num} non-negative integers, got {idx.dtype} {list(idx.shape)}")
+    return num, grid_size, seed, idx.astype(np.int64)
 
 
 def _known(known: np.ndarray | None, num: int, n: int) -> tuple[np.ndarray | None, int]:
@@ -141,52 +131,36 @@ def _batch_size(n: int) -> int:  # orders generated together by default: about h
     return max(16, min(4096, (1 << 19) // n))
 
 
-def _indices(num: int, start: int, indices: Sequence[int] | np.ndarray | None) -> np.ndarray:
-    """The order indices of a call: ``start .. start + num - 1``, or ``indices`` (``num`` of them)."""
-    if indices is None:
-        return np.arange(start, start + num, dtype=np.int64)
-    idx = np.asarray(indices)
-    if idx.shape != (num,) or idx.dtype.kind not in "iu" or (idx.size and idx.min() < 0):
-        raise ValueError(f"indices must be {num} non-negative integers, got {idx.dtype} {list(idx.shape)}")
-    return idx.astype(np.int64)
-
-
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 # Proximity codes: 5 * (edge neighbours selected) + (diagonal neighbours selected), 0..24.
 _CODE_VALUE = np.array([a + b * _INV_SQRT2 for a in range(5) for b in range(5)])
-# Walk rank of a code: 0 for the highest score (distinct codes have distinct scores).
-_CODE_RANK = np.empty(25, dtype=np.int64)
+_CODE_RANK = np.empty(25, dtype=np.int64)  # walk rank of a code: 0 for the highest score
 _CODE_RANK[np.argsort(-_CODE_VALUE, kind="stable")] = np.arange(25)
-# Fallback ties: a 20-bit priority (larger preferred): 6 bits for the position's group in the
-# released candidate list (scores below τp first, higher scores first), then the top 14 bits of
-# the position's random number (larger first, as in the walk); then the smaller raster index.
+# Fallback tie priority (larger first), 20 bits: 6 of the released candidate-list group, 14 of the random number.
 _TIE_BITS = 20
 _TIE_RND_SHIFT = 32 - (_TIE_BITS - 6)
+_HIGH_TOP = 31 << (_TIE_BITS - 6)  # tie priority of a proximity candidate of walk rank 0
 
 
 class _Grid:
     """Per-(grid, repulsion radius) lookup tables, built once and cached."""
 
     def __init__(self, g: int, radius: int) -> None:
-        n = g * g
-        self.g, self.n, self.radius = g, n, radius
-        rows, cols = np.divmod(np.arange(n), g)
-        self.rows, self.cols = rows, cols
+        self.n = n = g * g
+        self.rows, self.cols = rows, cols = np.divmod(np.arange(n), g)
         # 8-neighbourhood: neighbour index [n, 8] (n = outside the grid) and code increment.
         dy, dx = np.array([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]).T
         r, c = rows[:, None] + dy, cols[:, None] + dx
         self.nbr8 = np.where((r >= 0) & (r < g) & (c >= 0) & (c < g), r * g + c, n)
         self.nbr8_delta = np.where((dy == 0) | (dx == 0), 5, 1).astype(np.uint8)
-        # Repulsion windows in a grid padded by `radius` on every side.
-        p = g + 2 * radius
+        p = g + 2 * radius  # repulsion windows live in a grid padded by `radius` on every side
         self.padded_cells = p * p
         self.pidx = (rows + radius) * p + (cols + radius)
         self.unpad = np.zeros(p * p, dtype=np.int64)  # raster index of a padded cell
         self.unpad[self.pidx] = np.arange(n)
         dy, dx = np.meshgrid(np.arange(-radius, radius + 1), np.arange(-radius, radius + 1))
         self.window = (dy * p + dx).ravel()
-        # Fallback keys ``d2 << 20 | priority`` fit int32 up to 32 x 32 grids.
-        self.key_dtype = np.int32 if g <= _INT32_KEY_MAX_G else np.int64
+        self.key_dtype = np.int32 if g <= _INT32_KEY_MAX_G else np.int64  # fallback keys ``d2 << 20 | priority``
         assert g > _INT32_KEY_MAX_G or (2 * (g - 1) ** 2 + 1) << _TIE_BITS < 2**31
         self.taken = -(2**31) if self.key_dtype == np.int32 else -(2**62)
         self.tables = n <= _TABLE_MAX_N  # int16 [n, n] squared distances, and shifted into key position
@@ -202,36 +176,25 @@ class _Grid:
         return dr * dr + dc * dc
 
     def d2_key(self, q: np.ndarray) -> np.ndarray:
-        """``d2 << 20`` from positions ``q`` ([B]) to all positions, in :attr:`key_dtype`."""
         return self._d2_key[q] if self.tables else (self.d2(q) << _TIE_BITS).astype(self.key_dtype)
 
 
-@lru_cache(maxsize=16)
-def _grid(g: int, radius: int) -> _Grid:
-    return _Grid(g, radius)
+_grid = lru_cache(maxsize=16)(_Grid)
 
 
 @lru_cache(maxsize=16)
 def _code_tables(proximity_threshold: float, taken: int) -> np.ndarray:
-    """Fallback tie priority of every proximity code 0..255 (>= ``_SEL``: selected, ``taken``).
-
-    Unselected: ``(63 - ((score >= τp) << 5 | walk rank)) << 14``, so a proximity candidate has a
-    value below ``32 << 14`` and its walk rank is ``31 - (value >> 14)``.
-    """
-    high = _CODE_VALUE >= proximity_threshold
+    """Fallback tie priority of proximity codes 0..255: ``(63 - ((score >= τp) << 5 | walk rank)) << 14``, or taken."""
     tie = np.full(256, taken, dtype=np.int64)
-    tie[:25] = (63 - ((high.astype(np.int64) << 5) | _CODE_RANK)) << (_TIE_BITS - 6)
+    tie[:25] = (63 - (((_CODE_VALUE >= proximity_threshold).astype(np.int64) << 5) | _CODE_RANK)) << (_TIE_BITS - 6)
     return tie
 
 
 def _lpd_batch(idx: np.ndarray, seed: int, group_sizes: Sequence[int], grid_size: int, proximity_threshold: float,
                repulsion_threshold: float, return_kinds: bool = False,
                known: np.ndarray | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """LPD orders of the indices ``idx`` (checked inputs), int64 ``[len(idx), unknown positions]``.
-
-    ``known`` (bool ``[len(idx), N]``, the same count in every row) marks positions decoded before
-    step 0. With ``return_kinds`` also returns int8 codes of how each position was chosen (:data:`ORDER_KINDS`).
-    """
+    """LPD orders of the indices ``idx`` (checked inputs), int64 ``[len(idx), unknown positions]``, and with
+    ``return_kinds`` int8 codes of how each position was chosen (:data:`ORDER_KINDS`)."""
     # Chebyshev distances on the grid are integers below grid_size: clamp the window radius.
     grid = _grid(grid_size, int(math.floor(min(repulsion_threshold, grid_size - 1))))
     n, b_num = grid.n, len(idx)
@@ -239,30 +202,21 @@ def _lpd_batch(idx: np.ndarray, seed: int, group_sizes: Sequence[int], grid_size
     tie_t = _code_tables(proximity_threshold, grid.taken).astype(grid.key_dtype)
     out = np.empty((b_num, m), dtype=np.int64)
     kinds = np.empty((b_num, m), dtype=np.int8) if return_kinds else None
-    if b_num == 0:
-        return (out, kinds) if return_kinds else out
     rows_b = np.arange(b_num)
     row_base = rows_b * (n + 1)
     okeys = _order_keys(seed, idx)
-    # Per-order state over the grid plus one "outside the grid" column (index n):
-    code = np.zeros((b_num, n + 1), dtype=np.uint8)  # proximity code, _SEL once selected
-    # Fallback group priority of every position, ``grid.taken`` once selected; it also tells
-    # the proximity candidates apart: unselected with score >= τp <=> 0 <= tie < high_limit.
+    # Per order and position (+ column n, outside the grid): proximity code (_SEL once selected) and fallback tie
+    # priority (grid.taken once selected); the proximity candidates (score >= τp) have 0 <= tie <= _HIGH_TOP.
+    code_f = np.zeros(b_num * (n + 1), dtype=np.uint8)
     tie = np.full((b_num, n + 1), tie_t[0], dtype=grid.key_dtype)
     tie[:, n] = grid.taken
-    tie_u = tie.view(np.uint32 if grid.key_dtype == np.int32 else np.uint64)
-    high_limit = 32 << (_TIE_BITS - 6)
-    code_f, tie_f = code.reshape(-1), tie.reshape(-1)
-    pp = grid.padded_cells
+    tie_f, tie_u = tie.reshape(-1), tie.view(np.uint32 if grid.key_dtype == np.int32 else np.uint64)
+    pp, window, pos_mult = grid.padded_cells, grid.window, _pos_mult(n)
     blocked = np.zeros(b_num * pp, dtype=np.uint8)  # stamp of the step that blocked a cell
-    pos_mult = _pos_mult(n)
-    window = grid.window
     pbits = max(1, int(pp - 1).bit_length())
     p_mask = (1 << pbits) - 1
-    high_top = 31 << (_TIE_BITS - 6)  # tie priority of a candidate of walk rank 0
 
-    def commit(new_pos: np.ndarray) -> None:
-        # Positions new_pos [B, g] are now selected: mark them, update their neighbours.
+    def commit(new_pos: np.ndarray) -> None:  # new_pos [B, g] are now selected
         new = row_base[:, None] + new_pos
         code_f[new] = _SEL
         touched = grid.nbr8[new_pos]  # [B, g, 8]
@@ -283,33 +237,28 @@ def _lpd_batch(idx: np.ndarray, seed: int, group_sizes: Sequence[int], grid_size
         s = g = group_sizes[0]
         if g > 1:  # no released schedule: the farthest-point rule around the first position
             tie_f[row_base + out[:, 0]] = grid.taken
-            acc_n = np.ones(b_num, dtype=np.int64)
-            _fallback(grid, out, kinds, tie, _step_keys(okeys, 0), rows_b, acc_n, out[:, :1].copy(), g - acc_n, 0,
-                      g == n)
+            one = np.ones(b_num, dtype=np.int64)  # picks made so far
+            _fallback(grid, out, kinds, tie, _step_keys(okeys, 0), rows_b, one, out[:, :1].copy(), g - one, 0, g == n)
         commit(out[:, :s])
 
     for k in range(0 if known is not None else 1, len(group_sizes)):
         g, s0 = group_sizes[k], s
         skeys = _step_keys(okeys, k)
-        k32 = _key32(skeys)
         stamp = k % 255 + 1
         if stamp == 1 and k:
             blocked.fill(0)
-        # ---- candidates with score >= τp, sorted per order: score desc, then random ---------
-        flat = np.flatnonzero(tie_u < high_limit)
+        # Proximity candidates; sort key: walk rank (from the tie priority), random number (larger first), cell.
+        flat = np.flatnonzero(tie_u <= _HIGH_TOP)
         starts = np.searchsorted(flat, row_base)
         counts = np.diff(np.append(starts, flat.size))
         b_of = np.repeat(rows_b, counts)
         c_of = flat - row_base[b_of]
-        rnd = _hash32(k32[b_of], pos_mult[c_of])
-        # Sort key: walk rank of the score (from the tie priority: rank << 14 for candidates),
-        # then the random number (larger first), then the padded cell of the position.
-        keys = (high_top - tie_f[flat]).astype(np.int64)
+        rnd = _hash32(_key32(skeys)[b_of], pos_mult[c_of])
+        keys = (_HIGH_TOP - tie_f[flat]).astype(np.int64)
         keys <<= pbits + 32 - (_TIE_BITS - 6)
         keys |= (~rnd).astype(np.int64) << pbits
         keys |= grid.pidx[c_of]
-        # One row per order, longest candidate list first (so the orders still walking at rank
-        # r are the first rows), padded with a key that sorts last; each row sorted on its own.
+        # One sorted row per order, longest first (the orders still walking at rank r are a prefix), padded.
         width = int(counts.max(initial=0))
         by_len = np.argsort(-counts, kind="stable")
         row_of = np.empty(b_num, dtype=np.int64)
@@ -319,7 +268,7 @@ def _lpd_batch(idx: np.ndarray, seed: int, group_sizes: Sequence[int], grid_size
         table.sort(axis=1)
         cells = table & p_mask
         cells += (by_len * pp)[:, None]
-        # ---- the walk: rank r of every order at once; only the first g acceptances are kept --
+        # The walk: rank r of every order at once; only the first g acceptances are kept.
         n_walk = np.searchsorted(-counts[by_len], -np.arange(width), side="left")
         ok_t = np.zeros((b_num, width), dtype=bool)
         for r, mr in enumerate(n_walk.tolist()):
@@ -334,17 +283,15 @@ def _lpd_batch(idx: np.ndarray, seed: int, group_sizes: Sequence[int], grid_size
         if kinds is not None:
             kinds[acc_b, s0 + acc_slot] = KIND_PROXIMITY
         acc_n = np.bincount(acc_b, minlength=b_num)
-        # ---- farthest-point fallback --------------------------------------------------------
         need = g - acc_n
         fb = np.flatnonzero(need > 0)
-        if fb.size:
+        if fb.size:  # the farthest-point fallback
             tie_f[row_base[acc_b] + acc_c] = grid.taken  # accepted: out of the fallback's pool
             acc_pos = np.zeros((b_num, g), dtype=np.int64)
             acc_pos[acc_b, acc_slot] = acc_c
             fb = fb[np.argsort(-acc_n[fb], kind="stable")]  # similar rows share a chunk
-            for c0 in range(0, fb.size, _FALLBACK_ROWS):  # row chunks that stay in cache
-                rows = fb[c0 : c0 + _FALLBACK_ROWS]
-                _fallback(grid, out, kinds, tie, skeys, rows, acc_n, acc_pos, need, s0, s0 + g == m)
+            for c in range(0, fb.size, _CHUNK):
+                _fallback(grid, out, kinds, tie, skeys, fb[c : c + _CHUNK], acc_n, acc_pos, need, s0, s0 + g == m)
         s += g
         commit(out[:, s0:s])
     return (out, kinds) if return_kinds else out
@@ -352,51 +299,37 @@ def _lpd_batch(idx: np.ndarray, seed: int, group_sizes: Sequence[int], grid_size
 
 def _fallback(grid: _Grid, out: np.ndarray, kinds: np.ndarray | None, tie: np.ndarray, skeys: np.ndarray,
               fb: np.ndarray, acc_n: np.ndarray, acc_pos: np.ndarray, need: np.ndarray, s0: int, last: bool) -> None:
-    """Farthest-point fallback of the step starting at output slot ``s0``, for the orders ``fb``.
-
-    Writes ``need[b]`` positions after the ``acc_n[b]`` proximity picks ``acc_pos[b, :acc_n[b]]``;
-    ``tie`` is ``grid.taken`` at every selected position, this step's picks included.
-    """
+    """Farthest-point fallback of the step at output slot ``s0``: ``need[b]`` picks of the orders ``fb`` after
+    their ``acc_n[b]`` proximity picks ``acc_pos[b, :acc_n[b]]``."""
     n, kd = grid.n, grid.key_dtype
-    # Rows in order of the picks still to make, most first (a row with no proximity pick
-    # starts from a random position, one pick made): the rows still picking at round t are a
-    # prefix, and those with more than j proximity picks a suffix.
-    made = (acc_n[fb] == 0).astype(np.int64)
-    fb = fb[np.argsort(made - need[fb], kind="stable")]
+    # Rows by picks still to make, most first (a row with no proximity pick starts from a random
+    # position): the rows still picking at round t are a prefix, those with more than j picks a suffix.
+    fb = fb[np.argsort((acc_n[fb] == 0) - need[fb], kind="stable")]
     nd, na, made = need[fb], acc_n[fb], (acc_n[fb] == 0).astype(np.int64)
     width = int(nd.max())
     rnd = _position_random(skeys[fb], n)
     picks = np.zeros((fb.size, width), dtype=np.int64)
-    pick_kind = np.full((fb.size, width), KIND_FARTHEST, dtype=np.int8)
-    if last:
-        # Only the remaining positions are left: all of them, in candidate-list order.
-        grp = tie[fb, :n].astype(np.int64)
-        grp = np.where(grp < 0, -1, grp >> (_TIE_BITS - 6))
+    pick_kind = np.full((fb.size, width), KIND_REST if last else KIND_FARTHEST, dtype=np.int8)
+    if last:  # only the remaining positions are left: all of them, in candidate-list order
+        grp = np.where(tie[fb, :n] < 0, -1, tie[fb, :n].astype(np.int64) >> (_TIE_BITS - 6))
         picks[:] = np.argsort(-((grp << 32) | rnd), axis=1, kind="stable")[:, :width]
-        pick_kind[:] = KIND_REST
     else:
-        # key = (squared distance to the nearest position taken in this step) << 20 | priority:
-        # its argmax is the farthest remaining position, ties going to the preferred one.
+        # key = squared distance to this step's nearest pick << 20 | priority: argmax = farthest, then preferred.
         rnd >>= np.uint32(_TIE_RND_SHIFT)
         prio = tie[fb, :n]
         prio |= rnd.view(np.int32) if kd == np.int32 else rnd.astype(kd)
         first = acc_pos[fb, 0]
         iz = np.flatnonzero(made)
-        if iz.size:
-            # Nothing accepted in this step: start from a uniformly random remaining position.
+        if iz.size:  # nothing accepted in this step: start from a uniformly random remaining position
             fill = _position_random(_step_keys(skeys[fb[iz]], 0, _SALT_FILL), n).astype(np.int64)
             fill[prio[iz] < 0] = -1
             first[iz] = fill.argmax(axis=1)
             picks[iz, 0] = first[iz]
             pick_kind[iz, 0] = KIND_RANDOM_FILL
         d2 = grid.d2(first)
-        n_max = int(na.max())
-        if n_max > 1:
-            pos = acc_pos[fb, :n_max]
-            # na ascends from 2 on (rows with 0 or 1 proximity picks come first, in any order).
-            starts = np.searchsorted(na, np.arange(2, n_max + 1), side="left")
-            for j, r0 in enumerate(starts.tolist(), start=1):
-                np.minimum(d2[r0:], grid.d2(pos[r0:, j]), out=d2[r0:])
+        # na ascends from 2 on (rows with 0 or 1 proximity picks come first, in any order).
+        for j, r0 in enumerate(np.searchsorted(na, np.arange(2, int(na.max()) + 1), side="left").tolist(), start=1):
+            np.minimum(d2[r0:], grid.d2(acc_pos[fb[r0:], j]), out=d2[r0:])
         key = d2.astype(kd)
         key <<= _TIE_BITS
         key += prio
@@ -423,15 +356,13 @@ def lpd_orders(num: int, group_sizes: Sequence[int], grid_size: int, proximity_t
                indices: Sequence[int] | np.ndarray | None = None, known: np.ndarray | None = None) -> np.ndarray:
     """Locality-aware orders ``start .. start + num - 1`` (or ``indices``) of a run, int64 ``[num, N]``.
 
-    ``group_sizes`` sum to ``N = grid_size ** 2``; step 0 takes one uniformly random position (the rest of a larger
-    first group by the farthest-point rule). A proximity pick needs a score ``>= proximity_threshold`` (τp); two of
-    one step are never within Chebyshev distance ``repulsion_threshold`` (τr: 2.0 at 256 px, 3.0 for XXL-256, 4.0 at
-    512 px). Row ``i`` depends only on ``(seed, i)``, seed in ``[0, 2**64)``; ``batch_size`` changes speed only.
-    ``known`` (bool ``[N]`` or ``[num, N]``, True = already decoded, the same count in every row): the rows hold the
-    unknown positions only, every step (step 0 too) counting the known ones as selected; ``group_sizes`` sum to
-    their number.
+    Step 0 takes one random position (a larger first group: the rest by the farthest-point rule); a proximity pick
+    needs a score >= τp (``proximity_threshold``); no two picks of a step lie within Chebyshev distance τr
+    (``repulsion_threshold``: 2.0 at 256 px, 3.0 for XXL-256, 4.0 at 512 px). Row ``i`` depends only on ``(seed, i)``;
+    ``batch_size`` changes speed only. ``known`` (bool ``[N]`` or ``[num, N]``, True = decoded, the same count per
+    row): the rows hold the unknown positions, ``group_sizes`` sum to their number, step 0 follows proximity too.
     """
-    num, grid_size, seed, start = _check_run(num, grid_size, seed, start)
+    num, grid_size, seed, idx_all = _check_run(num, grid_size, seed, start, indices)
     tp = _check_threshold("proximity_threshold", proximity_threshold)
     tr = _check_threshold("repulsion_threshold", repulsion_threshold)
     n = grid_size * grid_size
@@ -441,7 +372,6 @@ def lpd_orders(num: int, group_sizes: Sequence[int], grid_size: int, proximity_t
     if sum(sizes) != m:
         raise GroupSizeError(f"group sizes sum to {sum(sizes)} but {m} positions are not known; the groups must cover "
                              f"each unknown position once (lpd.schedules.scaled_group_sizes makes such a schedule)")
-    idx_all = _indices(num, start, indices)
     bs = _check_count("batch_size", _batch_size(n) if batch_size is None else batch_size, 1)
     out = np.empty((num, m), dtype=np.int64)
     for b0 in range(0, num, bs):
@@ -452,16 +382,12 @@ def lpd_orders(num: int, group_sizes: Sequence[int], grid_size: int, proximity_t
 
 def random_orders(num: int, grid_size: int, seed: int = 0, start: int = 0,
                   indices: Sequence[int] | np.ndarray | None = None, known: np.ndarray | None = None) -> np.ndarray:
-    """Uniformly random orders, int64 ``[num, N]``; row ``i`` depends only on ``(seed, i)``.
-
-    With ``known`` (as in :func:`lpd_orders`), random orders of the unknown positions only.
-    """
-    num, grid_size, seed, start = _check_run(num, grid_size, seed, start)
+    """Uniformly random orders, int64 ``[num, N]`` (of the unknown positions with ``known``, as in lpd_orders)."""
+    num, grid_size, seed, idx = _check_run(num, grid_size, seed, start, indices)
     n = grid_size * grid_size
     known, m = _known(known, num, n)
-    keys = _order_keys(seed, _indices(num, start, indices), _SALT_RANDOM)
-    with np.errstate(over="ignore"):
-        h = _splitmix64(keys[:, None] ^ (np.arange(n, dtype=np.uint64) * np.uint64(_GOLDEN64))[None, :])
+    keys = _order_keys(seed, idx, _SALT_RANDOM)
+    h = _splitmix64(keys[:, None] ^ (np.arange(n, dtype=np.uint64) * np.uint64(_GOLDEN64))[None, :])
     out = np.argsort(h, axis=1, kind="stable").astype(np.int64)
     return out if known is None else out[~np.take_along_axis(known, out, axis=1)].reshape(num, m)
 

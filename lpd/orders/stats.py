@@ -1,9 +1,6 @@
-"""How local a set of orders is: context support, group spread and close pairs.
-
-* context support: mean number of 8-neighbours decoded in earlier steps, over tokens of steps >= 1;
-* group spread: mean over groups of two or more of the smallest Chebyshev distance inside the group;
-* close pairs: share of same-group token pairs (pooled) at Chebyshev distance <= repulsion_threshold.
-"""
+"""How local a set of orders is: context support (mean number of 8-neighbours decoded in earlier steps, over
+tokens of steps >= 1), group spread (mean over groups of two or more of the smallest Chebyshev distance inside the
+group) and close pairs (share of same-group token pairs, pooled, at Chebyshev distance <= repulsion_threshold)."""
 
 from __future__ import annotations
 
@@ -28,25 +25,19 @@ def order_statistics(orders: np.ndarray, group_sizes: Sequence[int], grid_size: 
                      repulsion_threshold: float) -> dict[str, float]:
     """Statistics of ``orders`` ``[num, grid_size**2]`` split by ``group_sizes``; ``nan`` where undefined."""
     orders = check_order_rows(np.asarray(orders), len(orders), grid_size, "orders")
-    n, g = grid_size * grid_size, grid_size
+    n, g, num = grid_size * grid_size, grid_size, len(orders)
     sizes = validate_group_sizes(group_sizes, n)
-    num = orders.shape[0]
-    steps = np.repeat(np.arange(len(sizes)), sizes)
     # Step at which each raster position is decoded, on a grid padded with "never".
     step_grid = np.full((num, g + 2, g + 2), len(sizes), dtype=np.int64)
-    at = np.empty((num, n), dtype=np.int64)
-    at[np.arange(num)[:, None], orders] = steps[None, :]
     centre = step_grid[:, 1:-1, 1:-1]
-    centre[...] = at.reshape(num, g, g)
+    centre[...] = np.repeat(np.arange(len(sizes)), sizes)[np.argsort(orders, axis=1)].reshape(num, g, g)
     support = sum(step_grid[:, 1 + dy : 1 + dy + g, 1 + dx : 1 + dx + g] < centre
                   for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx)
     later = centre >= 1
     context = float(support[later].mean()) if later.any() else float("nan")
-
     rows, cols = np.divmod(orders, g)
-    spreads: list[np.ndarray] = []
-    close = pairs = s0 = 0
-    for k in sizes:
+    spreads, close, pairs = [], 0, 0
+    for s0, k in zip(np.cumsum([0] + sizes).tolist(), sizes):
         if k >= 2:
             r, c = rows[:, s0 : s0 + k], cols[:, s0 : s0 + k]
             d = np.maximum(np.abs(r[:, :, None] - r[:, None, :]), np.abs(c[:, :, None] - c[:, None, :]))
@@ -55,6 +46,5 @@ def order_statistics(orders: np.ndarray, group_sizes: Sequence[int], grid_size: 
             spreads.append(du.min(axis=1))
             close += int((du <= repulsion_threshold).sum())
             pairs += du.size
-        s0 += k
     spread = float(np.concatenate(spreads).mean()) if spreads else float("nan")
     return {"context_support": context, "group_spread": spread, "close_pairs": close / pairs if pairs else float("nan")}
