@@ -1,10 +1,6 @@
 """Sample an evaluation set (deterministic, sharded, resumable) and score it: FID, IS, speed.
 
-Image ``i`` has class ``floor(i * class_num / num_images)``, order ``i`` of the run and its own
-random stream from ``(seed, i)``, so its tokens do not depend on the process count, the thread
-count or ``eval_bsz``. A run folder holds ``images/000000.png ...``, ``tokens.npy`` (int16
-``[num_images, N]``, raster order), ``settings.json`` (what the pixels depend on, by content),
-``<run>.npz`` (ADM format), ``samples_grid.png`` and ``metrics.json``. The README says more.
+Image identity, determinism and the run folder are described in docs/design.md.
 """
 
 from __future__ import annotations
@@ -117,8 +113,7 @@ def sample_batch(model: torch.nn.Module, tokenizer: torch.nn.Module, indices: np
     gens = [torch.Generator().manual_seed(image_seed(seed, int(i))) for i in indices]
     synchronize(device)
     t0 = time.perf_counter()
-    tokens = sample_tokens(model, torch.as_tensor(labels, device=device), torch.as_tensor(orders, device=device),
-                           group_sizes, sampling, generator=gens)
+    tokens = sample_tokens(model, labels, orders, group_sizes, sampling, generator=gens)  # checked on the host, then moved
     synchronize(device)
     t1 = time.perf_counter()
     pixels = decode_tokens(tokenizer, tokens, sampling)  # copies to the host: synchronises
@@ -127,8 +122,7 @@ def sample_batch(model: torch.nn.Module, tokenizer: torch.nn.Module, indices: np
 
 @dataclass
 class GenerationResult:
-    """What :func:`generate_images` did: images/tokens in memory (no output folder) or the PNG paths,
-    images sampled now and found on disk (over all processes), speed."""
+    """Images/tokens in memory (no output folder) or the PNG paths; images sampled now and found on disk (all ranks)."""
 
     num_images: int
     image_size: tuple[int, int]
@@ -251,11 +245,11 @@ def run_settings(model: torch.nn.Module, tokenizer: torch.nn.Module, num_images:
                  orders: Any = None, order_file: str | os.PathLike | None = None) -> dict[str, Any]:
     """What the pixels of a run depend on, by content: weight and tokenizer digests, order-file
     digest, every sampling setting. Batch size, device and process count are not part of it."""
+    from lpd.datasets import tokenizer_id
+
     model = _unwrap(model)
-    extra = tokenizer.extra_repr() if hasattr(tokenizer, "extra_repr") else ""
     out: dict[str, Any] = {
-        "model": name, "weights_sha256": state_dict_digest(model),
-        "tokenizer": f"{type(tokenizer).__name__}({extra})", "tokenizer_sha256": state_dict_digest(tokenizer),
+        "model": name, "weights_sha256": state_dict_digest(model), "tokenizer": tokenizer_id(tokenizer),
         "img_size": int(model.config.img_size), "num_images": int(num_images),
         "group_sizes": [int(g) for g in group_sizes], "seed": int(seed), **sampling.to_dict(),
         "labels": "rule" if labels is None else _sha256(np.asarray(labels, dtype=np.int64).tobytes()),
