@@ -171,6 +171,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
         img_size, grid = model.config.img_size, model.config.grid_size
         sizes = parse_group_sizes(sizes, grid * grid) if sizes else default_group_sizes(img_size, args.generation_steps)
         fid_stats = None if args.no_fid else rank0_first(lambda: hub.resolve_fid_stats(img_size, path=args.fid_stats))
+        if args.lpd_order_file:
+            hub.local_file(args.lpd_order_file, what="order file", flag="--lpd_order_file")
         table = load_orders(args.lpd_order_file, args.num_images, grid) if args.lpd_order_file else None
         tokenizer = make_tokenizer(args.tokenizer, args.vqgan_path, args.vq_config, args.seed, device)
         run_dir = os.path.join(args.output_dir, args.run_name or run_name(

@@ -43,10 +43,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the file name and the reason
-        raise CheckpointError(f"could not load checkpoint {path!r} with weights_only=True: {e}. The file is truncated, not a "
-                              f"PyTorch checkpoint, or contains objects other than tensors, containers and argparse.Namespace "
-                              f"(which lpd refuses to unpickle).") from e
+    except Exception as e:  # noqa: BLE001 - re-raised with the file name and the reason (not torch's advice to unpickle)
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", str(e), re.S)
+        reason = (found.group(1) if found else (str(e).splitlines() or [type(e).__name__])[0]).strip()
+        raise CheckpointError(f"could not load checkpoint {path!r} with weights_only=True ({reason}). The file is truncated, "
+                              f"not a PyTorch checkpoint, or contains objects other than tensors, containers and "
+                              f"argparse.Namespace (which lpd refuses to unpickle).") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path!r} holds a {type(obj).__name__}, expected a dict")
     return obj
