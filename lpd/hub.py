@@ -1,4 +1,4 @@
-"""Resolve released files (LPD checkpoints, the VQ tokenizer, orders, FID statistics) to local paths.
+"""Resolve released files (LPD checkpoints, the VQ tokenizer, FID statistics) to local paths.
 
 A path given by the user wins. Hub files come from huggingface_hub's cache (tried without network first),
 URL files from $LPD_CACHE (default ~/.cache/lpd); HF_HUB_OFFLINE=1 forbids downloads.
@@ -22,8 +22,6 @@ RELEASED_CHECKPOINTS: dict[tuple[str, int], str] = {(m, s): f"mit-han-lab/{m}_{s
 CHECKPOINT_FILENAME = "{model}_{img_size}.pth"  # as loaded by the released evaluation scripts
 _CHECKPOINT_EXTS = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 VQ_REPO, VQ_FILENAME = "FoundationVision/LlamaGen", "vq_ds16_c2i.pt"
-ORDERS_REPO = "mit-han-lab/lpd_orders"
-ORDERS_FILENAME = "res{img_size}_steps{steps}_repulsion{threshold}.json"  # as written by orders/run_lpd_order.sh
 FID_STATS_FILENAME = "adm_in{img_size}_stats.npz"
 FID_STATS_SOURCES: dict[int, tuple[str, ...]] = {
     256: ("https://github.com/LTH14/mar/raw/main/fid_stats/adm_in256_stats.npz",
@@ -200,18 +198,6 @@ def resolve_vq(path: str | os.PathLike | None = None, cache_dir: str | os.PathLi
     if path is not None:
         return local_file(path, what="LlamaGen VQ tokenizer", flag="--vqgan_path")
     return hub_file(VQ_REPO, VQ_FILENAME, what="LlamaGen VQ tokenizer", flag="--vqgan_path", cache_dir=cache_dir)
-
-
-def resolve_orders(img_size: int, steps: int, threshold: float, path: str | os.PathLike | None = None,
-                   cache_dir: str | os.PathLike | None = None) -> str:
-    """Local path of a pre-generated order file: ``path`` (--lpd_order_file), else the released one."""
-    what, flag = "pre-generated LPD order file", "--lpd_order_file"
-    if path is not None:
-        return local_file(path, what=what, flag=flag)
-    t = float(threshold)
-    name = ORDERS_FILENAME.format(img_size=int(img_size), steps=int(steps), threshold=int(t) if t.is_integer() else t)
-    return hub_file(ORDERS_REPO, name, what=what, flag=flag, cache_dir=cache_dir,
-                     hint="or leave out --lpd_order_file: orders are then generated locally from --seed")
 
 
 def _validate_stats(path: str) -> None:

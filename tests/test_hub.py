@@ -94,12 +94,8 @@ def test_resolve_from_cache_dir_offline(offline, tmp_path):
     cache = tmp_path / "hub"
     ckpt = fake_cache(cache, "mit-han-lab/lpd_xxl_256", "lpd_xxl_256.pth")
     vq = fake_cache(cache, "FoundationVision/LlamaGen", "vq_ds16_c2i.pt")
-    orders = fake_cache(cache, "mit-han-lab/lpd_orders", "res256_steps20_repulsion3.json", b"[[0]]")
-    half = fake_cache(cache, "mit-han-lab/lpd_orders", "res256_steps20_repulsion2.5.json", b"[[0]]")
     assert os.path.samefile(hub.resolve_checkpoint("lpd_xxl", 256, cache_dir=cache), ckpt)
     assert os.path.samefile(hub.resolve_vq(cache_dir=cache), vq)
-    assert os.path.samefile(hub.resolve_orders(256, 20, 3.0, cache_dir=cache), orders)
-    assert os.path.samefile(hub.resolve_orders(256, 20, 2.5, cache_dir=cache), half)
 
 
 def test_default_cache_is_huggingface_hubs_own(offline, monkeypatch, tmp_path):
@@ -144,7 +140,6 @@ def test_explicit_paths_win_and_must_exist(offline, tmp_path):
     cases = [
         (lambda p: hub.resolve_checkpoint("lpd_l", 256, path=p), "--pretrained_ckpt"),
         (lambda p: hub.resolve_vq(path=p), "--vqgan_path"),
-        (lambda p: hub.resolve_orders(256, 20, 2.0, path=p), "--lpd_order_file"),
         (lambda p: hub.resolve_fid_stats(256, path=p), "--fid_stats"),
     ]
     for resolve, flag in cases:
@@ -176,11 +171,6 @@ def test_offline_and_not_cached_is_clear(offline, tmp_path):
     with pytest.raises(hub.ResolveError) as ei:
         hub.resolve_vq()
     assert "FoundationVision/LlamaGen" in str(ei.value) and "--vqgan_path" in str(ei.value)
-    with pytest.raises(hub.ResolveError) as ei:
-        hub.resolve_orders(512, 48, 4.0)
-    msg = str(ei.value)
-    assert "mit-han-lab/lpd_orders" in msg and "res512_steps48_repulsion4.json" in msg
-    assert "generated locally" in msg
 
 
 def test_offline_read_by_huggingface_hub_at_import_counts(offline, monkeypatch, tmp_path):
