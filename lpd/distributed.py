@@ -1,8 +1,5 @@
-"""torch.distributed set-up for torchrun and Slurm, and the few collectives the loops need.
-
-:func:`init_distributed` reads torchrun's or Slurm's environment and picks nccl on CUDA, gloo on
-the CPU; a plain ``python main_*.py`` is one process without a process group.
-"""
+"""torch.distributed set-up for torchrun and Slurm (nccl on CUDA, gloo on the CPU; one process: no group),
+and the few collectives the loops need."""
 
 from __future__ import annotations
 
@@ -14,8 +11,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "resolve_device", "barrier", "all_reduce_mean", "broadcast_object",
-           "gather_object", "on_rank0", "rank0_first", "RankError", "cleanup"]
+__all__ = ["DistInfo", "init_distributed", "resolve_device", "barrier", "broadcast_object", "gather_object", "on_rank0",
+           "rank0_first", "RankError", "cleanup"]
 
 
 class RankError(RuntimeError):
@@ -26,7 +23,6 @@ class RankError(RuntimeError):
 class DistInfo:
     rank: int
     world_size: int
-    local_rank: int
     device: torch.device
 
     @property
@@ -67,17 +63,14 @@ def init_distributed(device: str | None = None, timeout_minutes: int = 60) -> Di
     dev = resolve_device(device, local)
     if world > 1 and not (dist.is_available() and dist.is_initialized()):
         if "MASTER_ADDR" not in os.environ:
-            raise RuntimeError(
-                "multi-process run without MASTER_ADDR/MASTER_PORT: start it with torchrun, or through "
-                "scripts/slurm.py (which sets them from Slurm's environment)"
-            )
-        os.environ.setdefault("RANK", str(rank))
-        os.environ.setdefault("WORLD_SIZE", str(world))
-        os.environ.setdefault("LOCAL_RANK", str(local))
+            raise RuntimeError("multi-process run without MASTER_ADDR/MASTER_PORT: start it with torchrun, or through "
+                               "scripts/slurm.py (which sets them from Slurm's environment)")
+        for name, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local)):
+            os.environ.setdefault(name, str(value))
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes),
                                 **({"device_id": dev} if dev.type == "cuda" else {}))
-    return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
+    return DistInfo(rank=rank, world_size=world, device=dev)
 
 
 def _active() -> bool:
@@ -87,15 +80,6 @@ def _active() -> bool:
 def barrier() -> None:
     if _active():
         dist.barrier()
-
-
-def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
-    """Mean of a tensor over ranks (returns a new tensor; unchanged for one process)."""
-    if not _active():
-        return value
-    out = value.clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out / dist.get_world_size()
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -3,10 +3,7 @@ judge, sample ``num_images`` digits for every order x steps setting (``lpd.evalu
 held-out digits zero-shot (``lpd.editing``: inpainting, outpainting, class change), and score it all:
 accuracy for the intended class and Fréchet distance, each with a 95% bootstrap interval.
 
-Writes ``OUTPUT_DIR/metrics.json`` (``classifier_accuracy``, ``ablation`` rows of order, steps,
-accuracy[_ci95], frechet[_ci95], seconds; ``editing`` rows of task, order, prefill, steps and the
-same scores; ``timings`` per stage), ``ablation.png``, ``samples/{order}_steps{S}.png``,
-``samples/edit_{task}.png`` and the training run in ``train/`` (reused by a rerun).
+Writes ``OUTPUT_DIR/metrics.json``, ``ablation.png``, ``samples/`` and the training run ``train/`` (reused by a rerun).
 """
 
 from __future__ import annotations
@@ -24,13 +21,11 @@ import torch
 
 from lpd.config import parse_args_with_config, yaml_mapping
 from lpd.demo.classifier import Judge, accuracy, train_classifier
-from lpd.sampling import SamplingConfig, add_sampling_args, sampling_from_args
+from lpd.sampling import ORDERS, SamplingConfig, add_sampling_args, sampling_from_args
 
 __all__ = ["main", "build_parser", "run_demo", "format_table", "DemoInterrupted"]
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo.yaml")
-ORDERS = ("lpd", "random", "raster")
-EDIT_TASKS = ("inpaint_bottom", "inpaint_center", "outpaint", "class_edit")
 EDIT_SETTINGS = (("lpd", "one"), ("lpd", "schedule"), ("random", "one"))  # (order of the unknown part, prefill)
 # lpd.train.TrainConfig fields that the demo's flags set directly
 _TRAIN_FIELDS = ("model", "img_size", "model_config", "tokenizer", "vq_config", "epochs", "batch_size", "blr", "lr",
@@ -91,7 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _check(args: argparse.Namespace) -> list[list[int]]:
     """Validate the flags before any work; returns the group sizes of each ``--steps`` value."""
     from lpd.schedules import group_sizes
-
     bad = [o for o in args.orders if o not in ORDERS]
     if bad or not args.orders:
         raise ValueError(f"--orders: unknown or no orders {bad}; choose from {', '.join(ORDERS)}")
@@ -107,14 +101,12 @@ def _check(args: argparse.Namespace) -> list[list[int]]:
 
 
 def _train(args: argparse.Namespace, device: torch.device, log) -> torch.nn.Module:
-    """Train through lpd.train into ``OUTPUT_DIR/train``; a finished run of the same settings there is
-    reused and an interrupted one resumed; a run of other settings is an error (never overwritten)."""
+    """Train into ``OUTPUT_DIR/train``, reusing a finished run of the same settings or resuming an interrupted one."""
     from lpd.checkpoint import atomic_write_bytes, load_checkpoint
     from lpd.demo.digits import load_digits_dataset
     from lpd.distributed import DistInfo
     from lpd.models import load_lpd
     from lpd.train import TrainConfig, train
-
     train_dir = os.path.join(args.output_dir, "train")
     last, sig_path = os.path.join(train_dir, "checkpoint-last.pth"), os.path.join(train_dir, "demo_signature.json")
     fields = {k: getattr(args, k) for k in _TRAIN_FIELDS}
@@ -139,7 +131,7 @@ def _train(args: argparse.Namespace, device: torch.device, log) -> torch.nn.Modu
     tokens, labels = load_digits_dataset("train", levels=_levels(args))
     n = args.max_train_samples or len(labels)
     dataset = torch.utils.data.TensorDataset(tokens.flatten(1)[:n], labels[:n])
-    result = train(config, info=DistInfo(0, 1, 0, device), dataset=dataset, log=log)
+    result = train(config, info=DistInfo(0, 1, device), dataset=dataset, log=log)
     if result.preempted:
         raise DemoInterrupted(f"training was interrupted and saved in {train_dir}; run the same command again to continue")
     return result.model.eval()
@@ -151,7 +143,6 @@ def _ablation(args: argparse.Namespace, model: torch.nn.Module, judge: Judge, sc
     from lpd.evaluate import generate_images
     from lpd.images import save_grid
     from lpd.tokenizer import make_tokenizer
-
     tokenizer = make_tokenizer(args.tokenizer, None, args.vq_config, args.seed, device)
     labels = np.arange(args.num_images) % 10
     rows: list[dict[str, Any]] = []
@@ -175,8 +166,7 @@ def _ablation(args: argparse.Namespace, model: torch.nn.Module, judge: Judge, sc
 
 
 def edit_keep_masks(grid: int) -> dict[str, np.ndarray]:
-    """Known tokens ``[grid * grid]`` of each editing task: the top half (inpaint the bottom), all but the
-    centre box, the centre box alone (outpaint), the left third (regenerate the rest as another digit)."""
+    """Known tokens ``[grid * grid]`` of each editing task: the top half, all but the centre box, the box, the left third."""
     box = np.zeros((grid, grid), bool)
     box[grid // 4 : grid - grid // 4, grid // 4 : grid - grid // 4] = True
     top, left = np.zeros((grid, grid), bool), np.zeros((grid, grid), bool)
@@ -185,13 +175,11 @@ def edit_keep_masks(grid: int) -> dict[str, np.ndarray]:
 
 
 def _editing(args: argparse.Namespace, model: torch.nn.Module, judge: Judge, device: torch.device, log) -> list[dict[str, Any]]:
-    """Edit every held-out digit for each task and setting; the intended class is the digit's own, or
-    ``(digit + 5) % 10`` for ``class_edit``. One row per (task, order, prefill), a grid per task."""
+    """Edit every held-out digit (as itself, or ``(digit + 5) % 10`` for ``class_edit``): a row per setting, a grid per task."""
     from lpd.demo.digits import load_digits_dataset
     from lpd.editing import edit_tokens
     from lpd.images import save_grid, to_uint8
     from lpd.tokenizer import make_tokenizer
-
     tokenizer = make_tokenizer(args.tokenizer, None, args.vq_config, args.seed, device)
     tokens, digits = load_digits_dataset("test", levels=_levels(args))
     n = args.edit_images or len(digits)
@@ -221,7 +209,6 @@ def run_demo(args: argparse.Namespace, log=print) -> dict[str, Any]:
     """Run the whole demo; returns the ``metrics.json`` record."""
     from lpd.checkpoint import atomic_write_bytes
     from lpd.demo.digits import load_digits_dataset
-
     schedules = _check(args)
     if args.threads:
         torch.set_num_threads(args.threads)
