@@ -1,9 +1,5 @@
-"""YAML configs for the entry points: ``--config FILE.yaml`` sets defaults, flags override them.
-
-A config is a flat mapping of the entry point's flag names to values, plus the nested mappings
-``model_config`` (:class:`lpd.models.LPDConfig` fields) and ``vq_config`` (:func:`lpd.tokenizer.build_vq`
-arguments). Unknown keys and values of the wrong type are errors: a typo must not be ignored.
-"""
+"""YAML configs for the entry points: ``--config FILE.yaml`` (flag names to values, ``model_config`` and ``vq_config``
+mappings) sets defaults, flags override them. Unknown keys and values of the wrong type are errors."""
 
 from __future__ import annotations
 
@@ -30,11 +26,9 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"--config {path!r} cannot be read ({e.strerror}); pass a YAML file such as configs/tiny.yaml") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"--config {path!r} is not valid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
+    if not isinstance(data, dict | None):
         raise ConfigError(f"--config {path!r} must hold a mapping of flag names to values, got {type(data).__name__}")
-    return data
+    return data or {}
 
 
 def yaml_mapping(text: str | dict) -> dict[str, Any]:
@@ -52,9 +46,9 @@ def yaml_mapping(text: str | dict) -> dict[str, Any]:
 
 def _check_value(action: argparse.Action, value: Any, path: str) -> Any:
     """A config value as the flag would give it; wrong types are a :class:`ConfigError`."""
-    where = f"--config {path!r}: {action.dest}"
     if value is None:
         return value
+    where = f"--config {path!r}: {action.dest}"
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false (unquoted), got {value!r}")
@@ -76,9 +70,8 @@ def _check_value(action: argparse.Action, value: Any, path: str) -> Any:
 def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,
                            also_known: argparse.ArgumentParser | None = None,
                            take: Collection[str] | None = None) -> argparse.Namespace:
-    """Parse ``argv``; values of ``--config FILE`` become defaults that flags override. A config of
-    another entry point (``also_known``, its parser) works too: only the keys in ``take`` (default:
-    every flag of ``parser``) are used, the other keys it knows are left alone."""
+    """Parse ``argv``; values of ``--config FILE`` become defaults that flags override. Of a config of another entry
+    point (``also_known``, its parser) only the keys in ``take`` (default: every flag of ``parser``) are used."""
     pre, _ = parser.parse_known_args(argv)
     path = getattr(pre, "config", None)
     if path:
@@ -87,8 +80,7 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] 
         foreign = {a.dest for a in also_known._actions} if also_known is not None else set()
         take = set(actions) if take is None else set(take)
         cfg = {k: v for k, v in cfg.items() if (k in actions and k in take) or k not in foreign}
-        unknown = sorted(k for k in cfg if k not in actions)
-        if unknown:
+        if unknown := sorted(k for k in cfg if k not in actions):
             raise ConfigError(f"--config {path!r} has keys this entry point does not know: {unknown}; see --help for the names")
         parser.set_defaults(**{k: _check_value(actions[k], v, path) for k, v in cfg.items()})
     return parser.parse_args(argv)

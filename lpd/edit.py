@@ -56,24 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; user errors print one ``error:`` line and return 2."""
     from lpd.demo.run import build_parser as demo_parser
-
     try:
         take = ("model", "img_size", "model_config", "tokenizer", "vqgan_path", "vq_config", *SamplingConfig.__dataclass_fields__)
         args = parse_args_with_config(build_parser(), argv, also_known=demo_parser(), take=take)
         for flag, value in (("--steps", args.steps), ("--num", args.num)):
             if value < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
-        for flag, path in (("--output", args.output),):
-            problem = check_output_path(path, flag)
-            if problem:
-                raise ConfigError(problem)
+        if problem := check_output_path(args.output, "--output"):
+            raise ConfigError(problem)
         import torch
-
         from lpd.images import save_grid, write_png
         from lpd.models import load_lpd
         from lpd.pipeline import LPDPipeline
         from lpd.tokenizer import make_tokenizer
-
         device = torch.device(args.device)
         if not (args.pretrained_ckpt or args.model):
             raise ConfigError("no model: pass --model (lpd_l, lpd_xl, lpd_xxl) or --pretrained_ckpt FILE")
@@ -81,8 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          img_size=args.img_size).to(device)
         tokenizer = make_tokenizer(args.tokenizer, args.vqgan_path, args.vq_config, args.seed, device)
         pipe = LPDPipeline(model, tokenizer, name=args.model)
-        settings = {k: getattr(args, k) for k in ("cfg", "cfg_schedule", "temperature", "top_k", "top_p", "order",
-                                                   "proximity_threshold", "repulsion_threshold", "bf16", "decode_fp32")}
+        settings = {k: getattr(args, k) for k in SamplingConfig.__dataclass_fields__}
         if args.label is None:
             settings["cfg"] = 1.0  # unconditional
         out = pipe.inpaint(args.image, args.region if args.mask is None else args.mask, args.label, steps=args.steps,

@@ -1,8 +1,6 @@
 """Zero-shot editing with any LPD checkpoint: inpainting, outpainting and class-conditional editing.
 
-The known tokens of an image are prefilled into the KV cache in one forward pass, then only the
-unknown ones are decoded, in a locality-aware order that counts the known positions as already
-decoded. No training: the released checkpoints as they are.
+The known tokens are prefilled into the KV cache, then only the unknown ones are decoded (docs/design.md).
 """
 
 from __future__ import annotations
@@ -61,9 +59,8 @@ def token_keep(mask: np.ndarray, patch: int = 16) -> np.ndarray:
 
 
 def prefill_layout(layout: str, m: int, img_size: int, generator: torch.Generator | None) -> tuple[torch.Tensor, list[int]]:
-    """Order (a permutation of ``0..m-1``) and group sizes in which ``m`` known tokens are prefilled:
-    ``one`` group that sees itself, or ``schedule``: in a random order, grouped as the first ``m``
-    tokens of the released 20-step schedule (the context a model sees in training)."""
+    """Order and group sizes of ``m`` prefilled known tokens: ``one`` group, or ``schedule``: a random order grouped as
+    the first ``m`` tokens of the released 20-step schedule (the context a model sees in training)."""
     if layout == "one":
         return torch.arange(m), [m]
     if layout != "schedule":
@@ -120,17 +117,8 @@ def edit_tokens(model: torch.nn.Module, tokens: Any, keep: Any, labels: Any = No
                 group_sizes: Sequence[int] | None = None, order: str | None = None, generator: torch.Generator | None = None,
                 sampling: SamplingConfig | None = None, prefill: str = "one", greedy: bool = False,
                 **settings: Any) -> torch.Tensor:
-    """Regenerate the tokens not in ``keep``; the known ones come back exactly. Returns ``[B, N]`` raster tokens.
-
-    ``tokens [B, N]`` raster tokens of the source images, ``keep [B, N]`` bool (True = known; each
-    image its own mask), ``labels [B]`` the classes to generate (they may differ from the source's:
-    class-conditional editing; None: unconditional). The unknown tokens are decoded in ``steps``
-    steps (group sizes scaled from the released table) or in ``group_sizes``; ``order`` lpd
-    (locality-aware, the known positions counted as decoded), random or raster (default
-    ``sampling.order``); ``prefill``: the layout of the known tokens (:func:`prefill_layout`).
-    CFG is linear over the unknown tokens; ``sampling`` (or its fields as keywords) as in
-    :func:`lpd.sampling.sample_tokens`.
-    """
+    """``[B, N]`` raster ``tokens`` with those not in ``keep [B, N]`` (True = known, kept exactly) regenerated as ``labels``
+    (None: unconditional) in ``steps`` (scaled released table) or ``group_sizes``; ``prefill``: :func:`prefill_layout`."""
     sampling = (sampling or SamplingConfig()).replace(**settings)
     tokens, keep, labels = _prepare(model, tokens, keep, labels)
     if labels is None and sampling.cfg != 1.0:
@@ -150,8 +138,7 @@ def edit_tokens(model: torch.nn.Module, tokens: Any, keep: Any, labels: Any = No
             sizes = scaled_group_sizes(n, steps, model.config.img_size)
         orders = torch.as_tensor(_orders(order or sampling.order, keep[rows], sizes, model.grid_size, sampling, seed + int(rows[0])),
                                  device=tokens.device)
-        sub = tokens[rows]
-        lab = None if labels is None else labels[rows]
+        sub, lab = tokens[rows], None if labels is None else labels[rows]
         uniforms = None if greedy else _uniforms(generator, len(rows), n, tokens.device)
         with _inference(model, torch.bfloat16 if sampling.bf16 else None):
             context = None if n == model.num_tokens else _context(model, sub, keep[rows], prefill, generator)
@@ -163,24 +150,20 @@ def edit_tokens(model: torch.nn.Module, tokens: Any, keep: Any, labels: Any = No
 
 def edit_images(model: torch.nn.Module, tokenizer: torch.nn.Module, image: Any, mask: Any, label: int | None, *,
                 num: int = 1, steps: int = 12, seed: int = 0, paste: bool = False, **options: Any) -> dict[str, np.ndarray]:
-    """Pixels in, pixels out: ``num`` edits of one RGB image (path, PIL or uint8 array; ADM centre
-    crop to the model's size) where ``mask`` (white = regenerate: a path, PIL, array, or a region
-    of :func:`region_mask`) covers it. ``paste``: the original pixels outside the mask.
-    Returns ``source``, ``masked`` (the regenerated area greyed) and ``edits [num, H, W, 3]`` (uint8)."""
+    """``num`` edits of one RGB image (ADM-cropped) under ``mask`` (white = regenerate, or a :func:`region_mask`
+    region): uint8 ``source``, ``masked`` (greyed) and ``edits [num, H, W, 3]``; ``paste``: source pixels outside."""
     size = model.config.img_size
     source = load_image(image, size)
     is_region = isinstance(mask, str) and re.fullmatch(r"(left|right|top|bottom|center|box:.*|border:.*)", mask)
     pixels = region_mask(mask, size) if is_region else load_mask(mask, size, image=image)
     keep = token_keep(pixels, int(getattr(tokenizer, "downsample_factor", 16)))
-    device = model.pos_embed.device
     with torch.no_grad():
-        tokens = tokenizer.encode(image_to_tensor(source).to(device)).reshape(1, -1)
+        tokens = tokenizer.encode(image_to_tensor(source).to(model.pos_embed.device)).reshape(1, -1)
     g = torch.Generator().manual_seed(seed)
     edited = edit_tokens(model, tokens.expand(num, -1), np.broadcast_to(keep, (num, keep.size)).copy(),
                          None if label is None else [label] * num, steps=steps, generator=g, **options)
-    grid = model.grid_size
     with torch.no_grad():
-        edits = to_uint8(tokenizer.decode(edited.view(num, grid, grid)))
+        edits = to_uint8(tokenizer.decode(edited.view(num, model.grid_size, model.grid_size)))
     if paste:
         edits = np.where(pixels[None, :, :, None], edits, source[None])
     masked = np.where(pixels[:, :, None], (source * 0.3 + 90).astype(np.uint8), source)

@@ -1,6 +1,6 @@
 """Sample an evaluation set (deterministic, sharded, resumable) and score it: FID, IS, speed.
 
-Image identity, determinism and the run folder are described in docs/design.md.
+Image ``i`` depends only on ``(seed, i)`` and the settings; the run folder is described in docs/design.md.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from lpd.checkpoint import TMP_PREFIX, atomic_write_bytes, state_dict_digest
 from lpd.devices import device_description, library_versions, synchronize
@@ -87,18 +88,15 @@ class SpeedMeter:
 
 
 def decode_tokens(tokenizer: torch.nn.Module, tokens: torch.Tensor, sampling: SamplingConfig) -> np.ndarray:
-    """Raster tokens ``[B, N]`` -> uint8 ``[B, H, W, 3]``, in padded chunks of :data:`DECODE_CHUNK`,
-    under bf16 autocast when ``sampling.bf16`` (unless ``decode_fp32``), as the released code."""
+    """Raster tokens ``[B, N]`` -> uint8 ``[B, H, W, 3]`` in padded chunks of :data:`DECODE_CHUNK`, bf16 as ``sampling`` says."""
     B, g = tokens.shape[0], int(round(tokens.shape[1] ** 0.5))
     bf16 = sampling.bf16 and not sampling.decode_fp32
     amp = torch.autocast(tokens.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     out = []
     with torch.no_grad(), amp:
         for c in range(0, B, DECODE_CHUNK):
-            chunk = tokens[c : c + DECODE_CHUNK]
-            n = chunk.shape[0]
-            if n < DECODE_CHUNK:
-                chunk = torch.cat([chunk, chunk[-1:].expand(DECODE_CHUNK - n, -1)])
+            chunk, n = tokens[c : c + DECODE_CHUNK], min(DECODE_CHUNK, B - c)
+            chunk = torch.cat([chunk, chunk[-1:].expand(DECODE_CHUNK - n, -1)]) if n < DECODE_CHUNK else chunk
             out.append(to_uint8(tokenizer.decode(chunk.view(DECODE_CHUNK, g, g)))[:n])
     return np.concatenate(out)
 
@@ -107,8 +105,7 @@ def decode_tokens(tokenizer: torch.nn.Module, tokens: torch.Tensor, sampling: Sa
 def sample_batch(model: torch.nn.Module, tokenizer: torch.nn.Module, indices: np.ndarray, labels: np.ndarray,
                  orders: np.ndarray, group_sizes: Sequence[int], sampling: SamplingConfig, seed: int
                  ) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """One batch: (uint8 images, raster tokens, token seconds, token + decode seconds); row ``r`` uses
-    the generator of image ``indices[r]``."""
+    """(uint8 images, raster tokens, token seconds, token + decode seconds); row ``r`` draws from image ``indices[r]``'s seed."""
     device = model.pos_embed.device
     gens = [torch.Generator().manual_seed(image_seed(seed, int(i))) for i in indices]
     synchronize(device)
@@ -122,7 +119,7 @@ def sample_batch(model: torch.nn.Module, tokenizer: torch.nn.Module, indices: np
 
 @dataclass
 class GenerationResult:
-    """Images/tokens in memory (no output folder) or the PNG paths; images sampled now and found on disk (all ranks)."""
+    """What :func:`generate_images` did: images/tokens (no output folder) or PNG paths, counts over all ranks, speed."""
 
     num_images: int
     image_size: tuple[int, int]
@@ -158,16 +155,8 @@ def generate_images(model: torch.nn.Module, tokenizer: torch.nn.Module, num_imag
                     labels: Sequence[int] | np.ndarray | None = None, seed: int = 0, eval_bsz: int = 64,
                     output_dir: str | os.PathLike | None = None, progress: bool = False,
                     shard: tuple[int, int] | None = None, **settings: Any) -> GenerationResult:
-    """Sample ``num_images`` images; image ``i`` depends only on ``(seed, i)`` and the settings.
-
-    ``sampling`` (or its fields as keywords) says how; ``orders`` an order table ``[>= num_images, N]``
-    or :class:`OrderSource` instead of ``sampling.order``; ``labels`` the classes instead of
-    :func:`image_classes`. Image ``i`` belongs to rank ``i % world_size``; a batch holds at most
-    ``eval_bsz`` of the images this rank still needs. ``output_dir``: a run folder made by
-    :func:`prepare_run_dir` (PNGs in ``images/``, tokens in ``tokens.npy``; images already there
-    are kept); ``None``: images and tokens are returned (gathered on every rank). ``shard``:
-    ``(rank, world_size)`` of independent jobs without a process group (default: torch.distributed's).
-    """
+    """Sample ``num_images`` images (image ``i`` on rank ``i % world_size``) into the :func:`prepare_run_dir` folder
+    ``output_dir`` (keeping those there) or, with None, return them; ``shard``: ``(rank, world_size)`` without a group."""
     sampling = (sampling or SamplingConfig()).replace(**settings)
     model, (rank, world) = _unwrap(model), shard or _world()
     if shard is not None and (not 0 <= rank < world or (output_dir is None and world > 1)):
@@ -181,10 +170,9 @@ def generate_images(model: torch.nn.Module, tokenizer: torch.nn.Module, num_imag
         repulsion_threshold=sampling.repulsion_threshold, table=orders)
     all_labels = (image_classes(np.arange(num_images), num_images, model.class_num) if labels is None
                   else _check_labels(labels, num_images, int(model.class_num)))
-    factor = int(getattr(tokenizer, "downsample_factor", 16))
-    size = (grid * factor, grid * factor)
+    size = (grid * int(getattr(tokenizer, "downsample_factor", 16)),) * 2
     mine = np.arange(rank, num_images, world)
-    store = None
+    store, todo = None, mine
     if output_dir is not None:
         image_dir, tokens_path = os.path.join(output_dir, IMAGES), os.path.join(output_dir, TOKENS)
         if not os.path.isfile(tokens_path):
@@ -193,15 +181,10 @@ def generate_images(model: torch.nn.Module, tokenizer: torch.nn.Module, num_imag
         if store.shape != (num_images, N):
             raise EvaluationError(f"{tokens_path!r} holds {list(store.shape)} tokens, not [{num_images}, {N}]")
         done = np.array([store[i, 0] >= 0 and read_png(image_path(image_dir, i), size) is not None for i in mine], dtype=bool)
-        todo = mine[~done] if mine.size else mine
-    else:
-        todo = mine
-    meter, kept, kept_tokens = SpeedMeter(), {}, {}
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="sampling (rank 0)", unit="img", dynamic_ncols=True)
+        todo = mine[~done]
+    meter, kept = SpeedMeter(), {}
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="sampling (rank 0)", unit="img", dynamic_ncols=True,
+               disable=not (progress and rank == 0))
     for b0 in range(0, len(todo), eval_bsz):
         batch = todo[b0 : b0 + eval_bsz]
         pixels, tokens, t_tok, t_all = sample_batch(model, tokenizer, batch, all_labels[batch], source.rows(batch), sizes, sampling, seed)
@@ -209,26 +192,21 @@ def generate_images(model: torch.nn.Module, tokenizer: torch.nn.Module, num_imag
         if tuple(pixels.shape[1:3]) != size:
             raise EvaluationError(f"the tokenizer decoded {list(pixels.shape[1:3])} images, expected {list(size)}")
         if store is None:
-            kept.update(zip(batch.tolist(), pixels))
-            kept_tokens.update(zip(batch.tolist(), tokens))
+            kept.update(zip(batch.tolist(), zip(pixels, tokens)))
         else:
             store[batch] = tokens  # tokens first: an image counts as done once its PNG exists
             store.flush()
             for i, im in zip(batch.tolist(), pixels):
                 write_png(image_path(image_dir, i), im)
-        if bar is not None:
-            bar.update(len(batch))
-    if bar is not None:
-        bar.close()
+        bar.update(len(batch))
+    bar.close()
     speed = meter.summary()
     counts = gather_object((len(todo), len(mine) - len(todo)))
     images = tokens_out = paths = None
     if store is None:
-        for part in gather_object((kept, kept_tokens)):
-            kept.update(part[0])
-            kept_tokens.update(part[1])
-        images = np.stack([kept[i] for i in range(num_images)])
-        tokens_out = np.stack([kept_tokens[i] for i in range(num_images)])
+        for part in gather_object(kept):
+            kept.update(part)
+        images, tokens_out = (np.stack([kept[i][j] for i in range(num_images)]) for j in (0, 1))
     else:
         barrier()
         paths = [image_path(image_dir, i) for i in range(num_images)]
@@ -243,10 +221,8 @@ def _sha256(data: bytes) -> str:
 def run_settings(model: torch.nn.Module, tokenizer: torch.nn.Module, num_images: int, group_sizes: Sequence[int],
                  sampling: SamplingConfig, seed: int, *, name: str | None = None, labels: Any = None,
                  orders: Any = None, order_file: str | os.PathLike | None = None) -> dict[str, Any]:
-    """What the pixels of a run depend on, by content: weight and tokenizer digests, order-file
-    digest, every sampling setting. Batch size, device and process count are not part of it."""
+    """What the pixels of a run depend on, by content (digests of weights, tokenizer, orders; every setting)."""
     from lpd.datasets import tokenizer_id
-
     model = _unwrap(model)
     out: dict[str, Any] = {
         "model": name, "weights_sha256": state_dict_digest(model), "tokenizer": tokenizer_id(tokenizer),
@@ -264,14 +240,9 @@ def run_settings(model: torch.nn.Module, tokenizer: torch.nn.Module, num_images:
     return out
 
 
-def _diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    return [f"{k}: {old.get(k)!r} on disk vs {new.get(k)!r} now" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-
-
 def prepare_run_dir(run_dir: str | os.PathLike, settings: Mapping[str, Any], num_tokens: int) -> str:
-    """Create the run folder, record ``settings.json`` and ``tokens.npy``, refuse a folder of another
-    run (or one whose settings are lost), and remove temporary files a killed run left. Call it on
-    every rank."""
+    """Create the run folder with ``settings.json`` and ``tokens.npy``, or check one of the same run and remove
+    a killed run's temporary files; a folder of another run, or of lost settings, is refused. Call it on every rank."""
     run_dir = os.fspath(run_dir)
 
     def prepare() -> None:
@@ -285,7 +256,8 @@ def prepare_run_dir(run_dir: str | os.PathLike, settings: Mapping[str, Any], num
                     old = json.load(f)
             except (OSError, ValueError) as e:
                 raise EvaluationError(f"{path!r} cannot be read ({e}): the images in {run_dir!r} cannot be trusted. {start_over}") from None
-            diff = _diff(old, new)
+            diff = [f"{k}: {old.get(k)!r} on disk vs {new.get(k)!r} now" for k in sorted(set(old) | set(new))
+                    if old.get(k) != new.get(k)]
             if diff:
                 raise EvaluationError(f"run folder {run_dir!r} holds images sampled with other inputs:\n  "
                                       + "\n  ".join(diff) + f"\n{start_over}")
@@ -327,16 +299,9 @@ def evaluate(model: torch.nn.Module, tokenizer: torch.nn.Module, num_images: int
              metrics_batch_size: int = 50, info: Mapping[str, Any] | None = None, progress: bool = False,
              grid_images: int = 64, orders: Any = None, labels: Any = None, seed: int = 0, eval_bsz: int = 64,
              **settings: Any) -> dict[str, Any]:
-    """Sample (:func:`generate_images`), pack, score and record one run; returns the record (every rank).
-
-    ``output_dir``: the run folder (``None``: nothing is written). FID against ``ref_stats`` (a
-    statistics file or ``(mu, sigma)``; ``None``: no FID) and IS through :mod:`lpd.metrics`, on
-    torch-fidelity's Inception or ``feature_extractor`` (``images uint8 [B, 3, H, W] -> (features,
-    logits)``); both are loaded before sampling so missing files fail fast. A rerun keeps the
-    speed and scores of ``metrics.json`` that it does not measure again.
-    """
+    """Sample (:func:`generate_images`), pack, score (FID against ``ref_stats``, IS; on Inception or
+    ``feature_extractor``, both loaded before sampling) and record one run; returns the record (every rank)."""
     from lpd import metrics as M
-
     sampling = (sampling or SamplingConfig()).replace(**settings)
     model = _unwrap(model)
     device = model.pos_embed.device

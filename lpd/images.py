@@ -76,10 +76,7 @@ def load_image(source: ImageSource, img_size: int) -> np.ndarray:
 
 
 def load_mask(source: ImageSource, img_size: int, image: ImageSource | None = None) -> np.ndarray:
-    """bool ``[img_size, img_size]``, True where the edit regenerates (white: grey >= 128 after the crop).
-
-    A mask of ``img_size x img_size`` is taken as is; one of the size of ``image`` (uncropped) gets its crop.
-    """
+    """bool ``[img_size, img_size]``, True where white (grey >= 128): as is at that size, else cropped as ``image``."""
     mask, img_size = _pil(source, "mask", "L"), _check_size(img_size)
     if mask.size != (img_size, img_size):
         got = f"the mask is {mask.height}x{mask.width} (HxW)"
@@ -152,10 +149,9 @@ def save_grid(path: str | os.PathLike, images: Sequence[np.ndarray], ncol: int =
     """Write uint8 ``[H, W, 3]`` images as one PNG grid (tiles shrunk to at most ``max_tile`` pixels)."""
     if len(images) == 0:
         raise ValueError("save_grid needs at least one image")
-    h, w = images[0].shape[:2]
+    (h, w), ncol = images[0].shape[:2], min(ncol, len(images))
     scale = min(1.0, max_tile / max(h, w))
     th, tw = max(1, round(h * scale)), max(1, round(w * scale))
-    ncol = min(ncol, len(images))
     canvas = Image.new("RGB", (ncol * tw, math.ceil(len(images) / ncol) * th), (255, 255, 255))
     for k, arr in enumerate(images):
         tile = Image.fromarray(np.ascontiguousarray(arr), "RGB")

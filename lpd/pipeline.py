@@ -1,18 +1,7 @@
 """Images from class labels, and edits of images, in one call: a released model with its tokenizer.
 
-    from lpd.pipeline import LPDPipeline
-
-    pipe = LPDPipeline.from_pretrained("lpd_l", 256)           # checkpoint + VQ from the Hub cache
-    pipe = LPDPipeline.from_pretrained("user/lpd-model")       # a model exported by `python -m lpd.checkpoint export`
-    images = pipe([207, 360, 387, 974], steps=20)              # uint8 [4, 256, 256, 3]
-    edits = pipe.inpaint("dog.png", "center", label=207)       # {"source", "masked", "edits"}
-    pipe.save_grid(images, "samples.png")
-
-    python -m lpd.pipeline --model lpd_l --img_size 256 --labels 207,360,387,974 --steps 20 --output samples.png
-
-Defaults are the paper's settings for the model, resolution and step count (:data:`PAPER_SETTINGS`:
-repulsion threshold and linear CFG scale). Image ``k`` of a call is image ``start_index + k`` of a
-``main_eval.py`` run with the same seed and settings (same order, same random stream, same tokens).
+``LPDPipeline.from_pretrained("lpd_l", 256)([207, 360], steps=20)`` samples at :data:`PAPER_SETTINGS`; image ``k`` is image
+``start_index + k`` of a ``main_eval.py`` run of the same seed. ``pipe.inpaint(image, "center", label=207)`` edits.
 """
 
 from __future__ import annotations
@@ -48,8 +37,7 @@ def paper_settings(model: str | None, img_size: int, steps: int) -> tuple[float,
 
 
 class LPDPipeline:
-    """An LPD model (any device) and its tokenizer (``encode``/``decode``); ``name`` is the preset
-    (``lpd_l`` ...) whose :data:`PAPER_SETTINGS` give the defaults."""
+    """An LPD model and its tokenizer; ``name``: the preset (``lpd_l`` ...) whose :data:`PAPER_SETTINGS` are the defaults."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: torch.nn.Module, name: str | None = None) -> None:
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
@@ -57,14 +45,11 @@ class LPDPipeline:
     @classmethod
     def from_pretrained(cls, model: str = "lpd_l", img_size: int | None = None, *, checkpoint: str | os.PathLike | None = None,
                         vqgan_path: str | os.PathLike | None = None, device: torch.device | str | None = None) -> "LPDPipeline":
-        """The released ``model`` at ``img_size`` (default 256; ``checkpoint`` / ``vqgan_path`` replace the
-        Hub downloads), or an exported model: ``model`` a folder or Hub repository written by ``python -m
-        lpd.checkpoint export``, with the tokenizer its ``config.json`` names; ``device`` defaults to CUDA
-        when available."""
+        """The released ``model`` at ``img_size`` (default 256; ``checkpoint`` / ``vqgan_path`` instead of the Hub), or a
+        folder / Hub repository of ``python -m lpd.checkpoint export`` with its tokenizer; ``device``: CUDA if available."""
         from lpd.checkpoint import export_config, export_folder
         from lpd.models import PRESETS, load_lpd
         from lpd.tokenizer import make_tokenizer
-
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         folder = export_folder(model) if model not in PRESETS and checkpoint is None else None
         if folder is None:
@@ -93,15 +78,13 @@ class LPDPipeline:
             raise ValueError(f"no released cfg for {self.name or 'this model'} at {self.img_size} px and {steps} steps; "
                              f"pass cfg= (e.g. 4.0, or 1.0 for no guidance)")
         tr, cfg = paper or ((2.0 if self.grid_size <= 16 else 4.0), None)
-        defaults = {"cfg": cfg, "repulsion_threshold": tr}
-        return SamplingConfig(**{**defaults, **{k: v for k, v in settings.items() if v is not None}})
+        return SamplingConfig(**{"cfg": cfg, "repulsion_threshold": tr, **{k: v for k, v in settings.items() if v is not None}})
 
     @torch.no_grad()
     def __call__(self, labels: Sequence[int] | np.ndarray | torch.Tensor, *, steps: int = 20,
                  group_sizes: Sequence[int] | str | None = None, orders: np.ndarray | None = None, seed: int = 0,
                  start_index: int = 0, **settings: Any) -> np.ndarray:
-        """uint8 images ``[len(labels), H, W, 3]`` of the given classes, in ``steps`` steps of the released
-        table (or ``group_sizes``); ``orders`` an explicit ``[B, N]`` table; ``settings``: :class:`SamplingConfig` fields."""
+        """uint8 images ``[len(labels), H, W, 3]`` in ``steps`` steps (or ``group_sizes``); ``orders``: a ``[B, N]`` table."""
         labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).reshape(-1)
         if labels.size == 0 or labels.dtype.kind not in "iu":
             raise ValueError(f"labels must be one or more integer class indices, got {labels.dtype} {labels.tolist()[:8]}")
@@ -123,11 +106,9 @@ class LPDPipeline:
 
     def inpaint(self, image: Any, mask: Any, label: int | None, *, steps: int = 12, num: int = 1, seed: int = 0,
                 paste: bool = False, prefill: str = "one", **settings: Any) -> dict[str, np.ndarray]:
-        """Regenerate the part of ``image`` under ``mask`` (white = regenerate; a region string such as
-        ``center`` or ``box:x0,y0,x1,y1``) as class ``label``: ``{"source", "masked", "edits [num, H, W, 3]"}``.
-        cfg and τr default to the paper's 20-step values."""
+        """Regenerate ``image`` under ``mask`` (white, or a region such as ``center``) as class ``label``:
+        ``{"source", "masked", "edits [num, H, W, 3]"}``; cfg and τr default to the paper's 20-step values."""
         from lpd.editing import edit_images
-
         return edit_images(self.model, self.tokenizer, image, mask, label, num=num, steps=steps, seed=seed, paste=paste,
                            prefill=prefill, sampling=self.sampling(20, **settings))
 
@@ -139,7 +120,6 @@ class LPDPipeline:
     def to_pil(images: np.ndarray) -> list:
         """uint8 ``[B, H, W, 3]`` -> a list of ``PIL.Image``."""
         from PIL import Image
-
         return [Image.fromarray(np.ascontiguousarray(im), "RGB") for im in images]
 
     @staticmethod

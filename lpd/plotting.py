@@ -13,17 +13,11 @@ __all__ = ["line_chart"]
 
 def line_chart(path: str | os.PathLike, panels: Sequence[Mapping[str, Any]], title: str = "",
                panel_size: tuple[int, int] = (420, 300)) -> None:
-    """Write side-by-side panels (``panel_size`` pixels each) into one PNG, atomically.
-
-    A panel maps ``series`` to ``{name: [(x, y) or (x, y, low, high), ...]}`` (``low``-``high``: an
-    error bar) and may set ``title``, ``xlabel``, ``ylabel`` and ``log_x``. A name keeps its colour
-    in every panel.
-    """
+    """Write side-by-side panels (``panel_size`` pixels each) into one PNG, atomically. A panel maps ``series`` to
+    ``{name: [(x, y) or (x, y, low, high: an error bar), ...]}`` and may set ``title``, ``xlabel``, ``ylabel``, ``log_x``."""
     import matplotlib
     from matplotlib.figure import Figure
-
     from lpd.checkpoint import atomic_write_bytes
-
     names = list(dict.fromkeys(name for p in panels for name in p["series"]))
     colors = [f"C{i}" for i in range(10)] if len(names) <= 10 else [matplotlib.colormaps["tab20"](i) for i in range(20)]
     width = panel_size[0] * len(panels)

@@ -1,14 +1,6 @@
-"""KV-cached parallel decoding: one forward pass per group of tokens.
+"""KV-cached parallel decoding (one forward pass per group of tokens) and the sampling settings.
 
-Cache slots mirror the training sequence: the context first (slot 0 the condition, then any
-known tokens), then decoding group ``k`` in slots ``[S_k, S_{k+1})``. Step ``k`` feeds the real
-tokens of group ``k-1`` (at step 0: the condition) together with the position queries of group
-``k``; real tokens see the slots up to the end of their own group, queries also see each other.
-Known context is prefilled in one forward (:meth:`LPD.prefill`); every step is one call of
-:meth:`LPD.decode_step`, eagerly with exactly its rows, or compiled with every step padded to one
-static shape. Tokens are drawn by inverse-CDF sampling with one uniform per token; the uniforms
-of image ``i`` come from its own generator when a list is given, so an image does not depend on
-the batch it is decoded in. Nothing in the loop waits on the device.
+The cache layout and the draw are in docs/design.md; nothing in the loop waits on the device.
 """
 
 from __future__ import annotations
@@ -51,17 +43,11 @@ class SamplingConfig:
     decode_fp32: bool = False  # with bf16: decode the VQ in float32
 
     def __post_init__(self) -> None:
-        def number(name: str, low: float, high: float = math.inf, low_open: bool = False) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v > high \
-                    or (v <= low if low_open else v < low):
-                raise ValueError(f"--{name} must be a finite number {'>' if low_open else '>='} {low}"
-                                 f"{'' if high == math.inf else f' and <= {high}'}, got {v!r}")
-        number("cfg", 0.0)
-        number("temperature", 0.0)
-        number("top_p", 0.0, 1.0, low_open=True)
-        number("proximity_threshold", 0.0)
-        number("repulsion_threshold", 0.0)
+        for name in ("cfg", "temperature", "top_p", "proximity_threshold", "repulsion_threshold"):
+            v, nucleus = getattr(self, name), name == "top_p"  # top_p in (0, 1], the others >= 0
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or nucleus and not 0 < v <= 1:
+                raise ValueError(f"--{name} must be a finite number {'>' if nucleus else '>='} 0.0"
+                                 f"{' and <= 1.0' if nucleus else ''}, got {v!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"--top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if self.cfg_schedule not in ("linear", "constant"):
@@ -74,8 +60,7 @@ class SamplingConfig:
 
     def replace(self, **changes: Any) -> "SamplingConfig":
         """A copy with ``changes`` (unknown names are an error)."""
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
+        if unknown := sorted(set(changes) - {f.name for f in dataclasses.fields(self)}):
             raise TypeError(f"unknown sampling settings {unknown}; known: {[f.name for f in dataclasses.fields(self)]}")
         return dataclasses.replace(self, **changes)
 
@@ -96,22 +81,20 @@ _HELP = {
 
 def add_sampling_args(parser: argparse.ArgumentParser, defaults: SamplingConfig | dict = SamplingConfig(),
                       exclude: Sequence[str] = ()) -> None:
-    """The flags of :class:`SamplingConfig` (``--cfg ... --bf16``), defaults from ``defaults`` (a
-    config, or a dict of changes to the defaults that may hold None: "decided later")."""
+    """The flags of :class:`SamplingConfig`; ``defaults``: a config, or changes to the defaults (None: decided later)."""
     base = SamplingConfig()
     values = defaults.to_dict() if isinstance(defaults, SamplingConfig) else {**base.to_dict(), **defaults}
     g = parser.add_argument_group("sampling")
     for f in dataclasses.fields(SamplingConfig):
+        kind, value, name = type(getattr(base, f.name)), values[f.name], f"--{f.name}"
         if f.name in exclude:
             continue
-        kind, value = type(getattr(base, f.name)), values[f.name]
         if kind is bool:
-            g.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=value, help=_HELP[f.name])
+            g.add_argument(name, action=argparse.BooleanOptionalAction, default=value, help=_HELP[f.name])
         elif f.name in ("cfg_schedule", "order"):
-            g.add_argument(f"--{f.name}", default=value, choices=["linear", "constant"] if f.name == "cfg_schedule" else list(ORDERS),
-                           help=_HELP[f.name])
+            g.add_argument(name, default=value, choices=list(ORDERS) if f.name == "order" else ["linear", "constant"], help=_HELP[f.name])
         else:
-            g.add_argument(f"--{f.name}", type=kind, default=value, help=_HELP[f.name])
+            g.add_argument(name, type=kind, default=value, help=_HELP[f.name])
 
 
 def sampling_from_args(args: argparse.Namespace | dict, **changes: Any) -> SamplingConfig:
@@ -127,16 +110,10 @@ def derive_seed(seed: int, *keys: int) -> int:
     return (int(words[0]) << 31) ^ int(words[1])
 
 
-# ---------------------------------------------------------------------------------------------
-# The step layout
-# ---------------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class StepPlan:
-    """Per step: the slots its rows write, its mask ``[rows, visible slots]``, how many of its rows are
-    real tokens, and the generation indices ``[first, last)`` of its queries. ``pads`` is non-zero
-    for static plans, whose steps all have the same rows (padding rows first, writing a scratch slot)."""
+    """Per step: the slots its rows write, its mask ``[rows, visible slots]``, its real-token rows and the
+    generation indices ``[first, last)`` of its queries; static plans pad every step (a scratch slot)."""
 
     pos: tuple[torch.Tensor, ...]
     masks: tuple[torch.Tensor, ...]
@@ -152,11 +129,8 @@ _PLANS: dict[tuple, StepPlan] = {}
 
 def step_plan(group_sizes: Sequence[int], n_context: int, device: torch.device | str, *,
               fused: bool = True, static: bool = False) -> StepPlan:
-    """The plan of decoding ``group_sizes`` after ``n_context`` context slots (condition + known tokens).
-
-    ``fused``: step 0 also feeds the context rows (only for the condition alone); otherwise they
-    were prefilled. Built once per (schedule, context, device) and cached.
-    """
+    """The (cached) plan of decoding ``group_sizes`` after ``n_context`` context slots (condition + known tokens);
+    ``fused``: step 0 also feeds the condition row, otherwise the context was prefilled."""
     key = (tuple(group_sizes), n_context, str(device), fused, static)
     if key in _PLANS:
         return _PLANS[key]
@@ -167,7 +141,7 @@ def step_plan(group_sizes: Sequence[int], n_context: int, device: torch.device |
     starts = [0 if fused else n_context] + bounds[:-2]
     rows = max(bounds[k + 1] - starts[k] for k in range(len(group_sizes)))
     scratch = bounds[-1]
-    pos, masks, n_prev, pads = [], [], [], []
+    steps = []
     for k in range(len(group_sizes)):
         start, end = starts[k], bounds[k + 1]
         prev = bounds[k] - start
@@ -178,19 +152,10 @@ def step_plan(group_sizes: Sequence[int], n_context: int, device: torch.device |
         m[:pad, 0] = True  # padding rows see the condition only, so they stay finite
         m[pad : pad + prev, : bounds[k]] = True  # real tokens: up to the end of their own group
         m[pad + prev :, :end] = True  # queries: everything before and their own group
-        pos.append(p.to(device))
-        masks.append(m.to(device))
-        n_prev.append(prev)
-        pads.append(pad)
-    plan = StepPlan(tuple(pos), tuple(masks), tuple(n_prev), tuple(spans), tuple(pads),
-                    scratch + int(static), max(group_sizes) if static else 0)
-    _PLANS[key] = plan
-    return plan
-
-
-# ---------------------------------------------------------------------------------------------
-# Drawing tokens
-# ---------------------------------------------------------------------------------------------
+        steps.append((p.to(device), m.to(device), prev, pad))
+    pos, masks, n_prev, pads = zip(*steps)
+    _PLANS[key] = StepPlan(pos, masks, n_prev, tuple(spans), pads, scratch + int(static), max(group_sizes) if static else 0)
+    return _PLANS[key]
 
 
 def cfg_scales(cfg: float, schedule: str, first: int, last: int, num_tokens: int, device: torch.device) -> torch.Tensor | float:
@@ -202,12 +167,8 @@ def cfg_scales(cfg: float, schedule: str, first: int, last: int, num_tokens: int
 
 
 def filter_and_sample(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """One token per row of ``logits [M, V]`` from the tempered, top-k, top-p distribution.
-
-    As the released sampler: top-k keeps every logit equal to the k-th, top-p keeps a token whose
-    preceding mass is ``<= top_p``. Inverse-CDF draw: the first token whose cumulative probability
-    exceeds ``uniforms [M]`` times the kept mass.
-    """
+    """One token per row of ``logits [M, V]`` from the tempered, top-k, top-p distribution (as released):
+    the first token whose cumulative probability exceeds ``uniforms [M]`` times the kept mass."""
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / max(temperature, 1e-5)
@@ -216,10 +177,9 @@ def filter_and_sample(logits: torch.Tensor, uniforms: torch.Tensor, temperature:
         logits = logits.masked_fill(logits < logits.topk(top_k).values[:, -1:], -math.inf)
     if top_p < 1.0:
         logits, idx = logits.sort(dim=-1, descending=True)
-        probs = torch.softmax(logits, dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
         probs = probs * ((probs.cumsum(-1) - probs) <= top_p)
-    else:
-        probs = torch.softmax(logits, dim=-1)
     cdf = probs.cumsum(-1)
     pick = torch.searchsorted(cdf, uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:], right=True)
     # Rounding can put the target at the total: take the last token with positive probability.
@@ -237,34 +197,23 @@ def _uniforms(generator: Generators, batch: int, n: int, device: torch.device) -
     return torch.stack([torch.rand(n, generator=g, device=g.device).to(device) for g in gens])
 
 
-# ---------------------------------------------------------------------------------------------
-# The decoding loop
-# ---------------------------------------------------------------------------------------------
-
 Step = Callable[[torch.Tensor, torch.nn.ModuleList, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 def _decode(model: LPD, labels: torch.Tensor | None, orders: torch.Tensor, group_sizes: Sequence[int], cfg: float,
             choose: Callable[[torch.Tensor, int, int], torch.Tensor], *, context: tuple | None = None,
             on_step: Callable[[torch.Tensor], None] | None = None, step: Step | None = None) -> torch.Tensor:
-    """Decode the positions ``orders [B, n]`` (generation order) in ``group_sizes`` steps.
-
-    ``choose(head_out, first, last)`` returns the ``[B, g]`` tokens of a step. ``context``:
-    known tokens ``(tokens [B, M], positions [B, M], mask [1 + M, 1 + M])`` prefilled after the
-    condition. ``step``: a static-shape step (e.g. compiled :meth:`LPD.decode_step`).
-    """
+    """Decode ``orders [B, n]`` in ``group_sizes`` steps, ``choose(head_out, first, last)`` giving a step's ``[B, g]``
+    tokens; ``context``: known ``(tokens [B, M], positions [B, M], mask [1 + M, 1 + M])`` to prefill."""
     device, (B, n) = model.pos_embed.device, orders.shape
     copies = 1 if cfg == 1.0 else 2  # CFG: [conditional; unconditional] halves of one batch
     cond = model.embed_condition(labels, B)
     if copies == 2:
         cond = torch.cat([cond, model.embed_condition(None, B).to(cond.dtype)])
     queries = model.embed_queries(orders)
-    if context is None:
-        ctx_rows, n_context = model.embed_context(cond, orders[:, :0].repeat(copies, 1), orders[:, :0].repeat(copies, 1)), 1
-    else:
-        tokens, positions, ctx_mask = context
-        ctx_rows = model.embed_context(cond, tokens.repeat(copies, 1), positions.repeat(copies, 1))
-        n_context = ctx_rows.shape[1]
+    tokens, positions, ctx_mask = context if context is not None else (orders[:, :0], orders[:, :0], None)
+    ctx_rows = model.embed_context(cond, tokens.repeat(copies, 1), positions.repeat(copies, 1))
+    n_context = ctx_rows.shape[1]
     plan = step_plan(group_sizes, n_context, device, fused=context is None, static=step is not None)
     kv_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
     if step is None:
@@ -316,14 +265,9 @@ def _static_step(model: LPD, x: torch.Tensor, cache: torch.nn.ModuleList, pos: t
 def compiled_step(model: LPD, compile: bool | str | dict = True) -> Step:
     """:meth:`LPD.decode_step` under ``torch.compile`` (``True``, a mode such as ``"reduce-overhead"``
     for CUDA graphs, or a dict of options); falls back to eager with one warning if compiling fails."""
-    if compile is True:
-        options: dict[str, Any] = {}
-    elif isinstance(compile, str):
-        options = {"mode": compile}
-    elif isinstance(compile, dict):
-        options = dict(compile)
-    else:
+    if not (compile is True or isinstance(compile, (str, dict))):
         raise ValueError(f"compile must be False, True, a torch.compile mode or a dict of torch.compile options, got {compile!r}")
+    options: dict[str, Any] = {"mode": compile} if isinstance(compile, str) else dict(compile) if isinstance(compile, dict) else {}
     options.setdefault("dynamic", False)
     key = repr(sorted(options.items()))
     if key not in _COMPILED:  # one compiled function per option set; it holds no model
@@ -371,11 +315,9 @@ def _inputs(model: LPD, labels: Any, orders: Any, group_sizes: Sequence[int], n:
 
 @contextlib.contextmanager
 def _inference(model: LPD, autocast_dtype: torch.dtype | None):
-    was_training = model.training
+    was_training, device = model.training, model.pos_embed.device
     model.eval()
-    device = model.pos_embed.device
-    if autocast_dtype is not None:
-        warn_if_emulated_bf16(device, autocast_dtype)
+    warn_if_emulated_bf16(device, autocast_dtype)
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
     try:
         with torch.no_grad(), amp:
@@ -402,13 +344,8 @@ def _chooser(B: int, N: int, sampling: SamplingConfig, greedy: bool, uniforms: t
 def sample_tokens(model: LPD, labels: torch.Tensor | None, orders: torch.Tensor | np.ndarray, group_sizes: Sequence[int],
                   sampling: SamplingConfig | None = None, *, greedy: bool = False, generator: Generators = None,
                   compile: bool | str | dict = False, autocast_dtype: torch.dtype | None = None, **settings: Any) -> torch.Tensor:
-    """Generate ``[B, N]`` tokens in raster order with ``len(group_sizes)`` forward passes.
-
-    ``labels [B]`` (None: unconditional, needs cfg 1); ``orders [B, N]`` raster positions in
-    generation order; ``sampling`` (or its fields as keywords: ``cfg=4.8``) how tokens are drawn;
-    ``generator`` one for the batch or one per image. ``compile``: run every step as one compiled
-    static-shape graph; ``autocast_dtype`` (or ``sampling.bf16``): decode under autocast.
-    """
+    """``[B, N]`` raster tokens of ``labels [B]`` (None: unconditional) in ``len(group_sizes)`` passes over ``orders [B, N]``
+    (raster positions in generation order); one ``generator`` or one per image; ``compile``: static-shape steps."""
     sampling = (sampling or SamplingConfig()).replace(**settings)
     labels, orders, sizes = _inputs(model, labels, orders, group_sizes)
     if labels is None and sampling.cfg != 1.0:
@@ -423,9 +360,8 @@ def sample_tokens(model: LPD, labels: torch.Tensor | None, orders: torch.Tensor 
 
 def teacher_forced_logits(model: LPD, tokens: torch.Tensor, labels: torch.Tensor | None, orders: torch.Tensor | np.ndarray,
                           group_sizes: Sequence[int], cfg: float = 1.0, context: tuple | None = None) -> torch.Tensor:
-    """Raw head outputs of cached decoding fed the raster ``tokens`` instead of samples:
-    ``[B, n, V]`` in generation order (``[2B, n, V]``, conditional rows first, when ``cfg != 1``).
-    They equal :meth:`LPD.logits` up to float error. ``context``: as :func:`_decode`."""
+    """Head outputs of cached decoding fed the raster ``tokens``: ``[B, n, V]`` in generation order (``[2B, n,
+    V]``, conditional rows first, when ``cfg != 1``); :meth:`LPD.logits` up to float error."""
     labels, orders, sizes = _inputs(model, labels, orders, group_sizes, None if context is None else orders.shape[1])
     tokens = torch.as_tensor(tokens, device=orders.device).long().reshape(orders.shape[0], -1)
     tokens_gen = torch.gather(tokens, 1, orders)

@@ -1,10 +1,6 @@
-"""The demo's judge: a small CNN digit classifier, and :class:`Judge`, which scores generated digits
-(accuracy against the intended labels, Fréchet distance of the classifier's features to the held-out
-digits') with 95% bootstrap intervals.
-
-Images are pooled to the token grid (the mean of each cell and channel), so decoded palette images
-and their token grids reach the network as identical inputs.
-"""
+"""The demo's judge: a small CNN digit classifier and :class:`Judge` (accuracy and Fréchet distance to the held-out
+digits, with 95% bootstrap intervals). Images are pooled to the token grid, so a decoded palette image and its
+tokens are the same input."""
 
 from __future__ import annotations
 
@@ -55,8 +51,7 @@ class DigitClassifier(nn.Module):
         return torch.cat(chunks).div_(255.0) if chunks else images.new_empty((0, 1, self.grid_size, self.grid_size), dtype=torch.float32)
 
     def embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Network input -> ``(features [B, feature_dim], logits [B, 10])``; features before the ReLU
-        (full-rank covariance: after it, dead units would make the Fréchet square root singular)."""
+        """Network input -> ``(features [B, feature_dim], logits [B, 10])``; features before the ReLU (full-rank)."""
         x = x * 2.0 - 1.0
         x = F.relu(self.conv3(F.relu(self.conv2(F.relu(self.conv1(x))))))
         features = self.fc(x.flatten(1))
@@ -88,12 +83,8 @@ def _shift(x: Tensor, generator: torch.Generator) -> Tensor:
 def train_classifier(seed: int = 0, epochs: int = 10, device: torch.device | str = "cpu", *,
                      levels: int = DEFAULT_LEVELS, tokens: Tensor | None = None, labels: Tensor | None = None,
                      batch_size: int = 64, lr: float = 3e-3, num_threads: int | None = 1) -> DigitClassifier:
-    """Fit a :class:`DigitClassifier` (AdamW, cosine decay, random one-cell shifts) on ``tokens``/``labels``
-    (default: the training digits); returns it in eval mode.
-
-    Deterministic for a seed, and the caller's random state is untouched. ``num_threads`` CPU threads
-    while training (one is fastest for this network, ~2 s for 10 epochs; ``None``: as set).
-    """
+    """A :class:`DigitClassifier` fitted (AdamW, cosine decay, random one-cell shifts; deterministic for a seed, global
+    random state untouched) on ``tokens``/``labels`` (default: the training digits) with ``num_threads`` (None: as set)."""
     if tokens is None or labels is None:
         tokens, labels = load_digits_dataset("train", levels=levels)
     device, threads = torch.device(device), torch.get_num_threads()
@@ -134,10 +125,8 @@ def bootstrap(statistic: Callable[[np.ndarray], float], n: int, resamples: int =
 
 def bootstrap_ci(statistic: Callable[[np.ndarray], float], n: int, resamples: int = 1000, seed: int = 0, *,
                  basic: bool = False) -> list[float]:
-    """95% interval: the percentiles 2.5 and 97.5 of :func:`bootstrap`, or with ``basic`` the basic
-    bootstrap's ``2 * statistic(all) - percentiles``, for a statistic that resampling biases (the
-    Fréchet distance: in simulations at 300-500 samples the percentile interval covered the true
-    distance 41-65% of the time, the basic one 95%)."""
+    """95% interval: the percentiles 2.5 and 97.5 of :func:`bootstrap`, or with ``basic`` ``2 * statistic(all) -
+    percentiles``, for a statistic that resampling biases (the Fréchet distance)."""
     lo, hi = np.percentile(bootstrap(statistic, n, resamples, seed), [2.5, 97.5])
     if basic:
         full = statistic(np.arange(n))
@@ -146,9 +135,8 @@ def bootstrap_ci(statistic: Callable[[np.ndarray], float], n: int, resamples: in
 
 
 def _frechet_to(mu: np.ndarray, sigma: np.ndarray) -> Callable[[np.ndarray], float]:
-    """Features ``[n, F]`` -> Fréchet distance of their Gaussian to ``(mu, sigma)``. Equal to
-    :func:`lpd.metrics.frechet_distance`, but ten times faster (a symmetric eigenproblem, with the
-    square root of the fixed ``sigma`` computed once), which a thousand resamples need."""
+    """Features ``[n, F]`` -> Fréchet distance to ``(mu, sigma)``: :func:`lpd.metrics.frechet_distance`, ten times faster
+    (a symmetric eigenproblem; the root of the fixed ``sigma`` computed once)."""
     w, v = np.linalg.eigh(sigma)
     root, trace = (v * np.sqrt(w.clip(0))) @ v.T, np.trace(sigma)
 
@@ -162,8 +150,7 @@ def _frechet_to(mu: np.ndarray, sigma: np.ndarray) -> Callable[[np.ndarray], flo
 
 @dataclass
 class Judge:
-    """Scores sets of generated digits with ``classifier``, against the feature mean and covariance of
-    the held-out digits (``reference``), with ``resamples`` bootstrap resamples drawn from ``seed``."""
+    """Scores generated digits with ``classifier`` against ``reference`` (the held-out digits' feature mean, covariance)."""
 
     classifier: DigitClassifier
     reference: tuple[np.ndarray, np.ndarray]

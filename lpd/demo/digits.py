@@ -1,10 +1,6 @@
-"""Embedded handwritten digits as palette token grids (no download, no scikit-learn).
-
-``lpd/data/digits.npz`` is the UCI "Optical Recognition of Handwritten Digits" test set (E. Alpaydin
-and C. Kaynak, 1998; CC BY 4.0) as scikit-learn bundles it: ``images`` uint8 ``[1797, 8, 8]`` (0..16)
-and ``labels`` ``[1797]``. The 8x8 counts are upsampled bicubically to the token grid (16x16, the
-256 px grid) and quantised to the palette's greys. The held-out split is every fifth example of each
-digit in file order (355, stratified, no random numbers); the other 1,442 train.
+"""Embedded handwritten digits as palette token grids: ``lpd/data/digits.npz`` is the UCI "Optical Recognition of
+Handwritten Digits" test set (E. Alpaydin and C. Kaynak, 1998; CC BY 4.0) as scikit-learn bundles it, upsampled
+bicubically to the token grid; every fifth example of each digit is held out (355), the other 1,442 train.
 """
 
 from __future__ import annotations

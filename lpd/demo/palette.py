@@ -1,9 +1,5 @@
-"""The demo's exact, training-free tokenizer: each ``patch x patch`` block becomes the index of the
-nearest of ``levels`` evenly spaced greys (token 0 = black, ``levels - 1`` = white) to its mean.
-
-Same interface as the VQ tokenizer (``encode [B, 3, H, W] in [-1, 1] -> [B, H/p, W/p]``, ``decode``,
-``codebook_size``, ``downsample_factor``); ``decode(encode(x)) == x`` for palette images and
-``encode(decode(t)) == t`` for every token grid.
+"""The demo's exact, training-free tokenizer with the VQ tokenizer's interface: each ``patch x patch`` block becomes
+the index of the nearest of ``levels`` evenly spaced greys (0 = black) to its mean; ``encode(decode(t)) == t``.
 """
 
 from __future__ import annotations
@@ -30,16 +26,9 @@ class PaletteTokenizer(nn.Module):
             raise ValueError(f"levels must be an integer in [2, 65536], got {levels!r}")
         if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
             raise ValueError(f"patch must be a positive integer, got {patch!r}")
-        self.levels, self.patch = levels, patch
+        self.levels = self.codebook_size = levels
+        self.patch = self.downsample_factor = patch
         self.register_buffer("palette", torch.linspace(-1.0, 1.0, levels), persistent=False)
-
-    @property
-    def codebook_size(self) -> int:
-        return self.levels
-
-    @property
-    def downsample_factor(self) -> int:
-        return self.patch
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:

@@ -1,9 +1,6 @@
 """LPD models: the presets, :func:`build_lpd` and :func:`load_lpd` (released or project checkpoints).
 
->>> model = load_lpd("lpd_l", img_size=256)                     # the released checkpoint, from the Hub cache
->>> model = load_lpd("lpd_l_256.pth", model="lpd_l")             # a released file
->>> model = load_lpd("outputs/run/checkpoint-last.pth")          # ours carry their config
->>> model = load_lpd("user/lpd-model")                          # an exported folder or Hub repository
+``load_lpd("lpd_l", img_size=256)``, ``load_lpd("lpd_l_256.pth", model="lpd_l")``, ``load_lpd("run/checkpoint-last.pth")``.
 """
 
 from __future__ import annotations
@@ -24,8 +21,8 @@ __all__ = ["LPD", "LPDConfig", "KVCache", "PRESETS", "build_lpd", "lpd_tiny", "l
 
 
 def checkpoint_config(ckpt: dict[str, Any], sd: dict[str, torch.Tensor], path: str, model: str | None = None) -> LPDConfig:
-    """The architecture of a checkpoint: its ``model_config`` (ours), else the preset ``model`` (released
-    files), else the released training ``args``; grid, vocabulary and classes from the weights ``sd``."""
+    """A checkpoint's architecture: its ``model_config``, else the preset ``model`` or that of its released ``args``
+    (grid, vocabulary and classes from the weights ``sd``)."""
     saved = ckpt.get("model_config") if isinstance(ckpt.get("model_config"), dict) else None
     if saved is not None:
         cfg = LPDConfig(**saved)
@@ -47,20 +44,11 @@ def checkpoint_config(ckpt: dict[str, Any], sd: dict[str, torch.Tensor], path: s
 def load_lpd(path_or_name: str | os.PathLike, model: str | None = None, img_size: int | None = None,
              map_location: Any = "cpu", interpolate: bool = False, overrides: dict[str, Any] | None = None,
              ema: bool = False) -> LPD:
-    """Load an LPD checkpoint strictly, in eval mode.
-
-    ``path_or_name``: a checkpoint file or sharded (``--fsdp``) checkpoint folder; an exported model
-    (a folder with ``config.json`` and ``model.safetensors``, or its Hub repository ``owner/name``);
-    or a preset name (``lpd_l`` ...) whose released checkpoint at ``img_size`` (default 256) is
-    resolved through the Hugging Face cache. The architecture: see :func:`checkpoint_config`.
-    ``ema``: the EMA weights of a run trained with ``--ema_decay``. ``img_size`` must match the
-    checkpoint unless ``interpolate`` (``pos_embed`` resized bicubically, slot 0 kept). Non-finite
-    weights are refused.
-    """
+    """Load a checkpoint file or folder, an export, or a preset's released checkpoint at ``img_size`` (default 256) strictly,
+    in eval mode; a file's ``img_size`` must match unless ``interpolate``; non-finite weights are refused."""
     path = os.fspath(path_or_name)
     if path in PRESETS and not os.path.exists(path):
         from lpd import hub
-
         model, path = path, hub.resolve_checkpoint(path, img_size or 256)
     folder = export_folder(path)
     if folder is not None:

@@ -1,11 +1,5 @@
-"""Faster drop-in kernels for the LPD transformer; the figures are in benchmarks/README.md.
-
-* :class:`Linear`: on the CPU, inference multiplies the few rows of a decoding step with a
-  oneDNN-prepacked weight (1.3-2.9x per product for 1024-wide layers at 4-80 rows).
-* :class:`Dropout`: a cheaper random mask on the CPU (2.5x faster than ``bernoulli_``).
-* :func:`linear_cross_entropy`: head and loss of the training pass share one ``[M, V]`` buffer.
-* :func:`flex_attention`: the block-sparse training attention, compiled on CUDA.
-"""
+"""Faster drop-in kernels for the LPD transformer (figures in benchmarks/README.md): a CPU-prepacked
+:class:`Linear`, a cheaper CPU :class:`Dropout`, a one-buffer :func:`linear_cross_entropy` and :func:`flex_attention`."""
 
 from __future__ import annotations
 
@@ -23,26 +17,16 @@ _PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, int], torch.Tens
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` whose CPU inference on at most 256 rows uses a prepacked oneDNN weight.
-
-    Applies to float32 layers at least 512 wide, without autograd, autocast or ``torch.compile``;
-    results equal ``F.linear`` up to rounding. ``Linear.cpu_prepack = False`` turns it off.
-    """
+    """``nn.Linear`` whose float32 CPU inference (<= 256 rows, >= 512 wide, no autograd, autocast or compile) uses a
+    prepacked oneDNN weight: ``F.linear`` up to rounding. ``Linear.cpu_prepack = False`` turns it off."""
 
     cpu_prepack: bool = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (
-            Linear.cpu_prepack
-            and x.device.type == "cpu"
-            and x.dtype == w.dtype == torch.float32
-            and min(w.shape) >= 512
-            and x.numel() <= 256 * x.shape[-1]
-            and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling()
-        ):
+        if (Linear.cpu_prepack and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and min(w.shape) >= 512
+                and x.numel() <= 256 * x.shape[-1] and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+                and not torch.compiler.is_compiling()):
             key = (w.data_ptr(), w._version)  # re-pack when the weight changes
             hit = _PACKED.get(self)
             if hit is None or hit[0] != key:
@@ -121,7 +105,6 @@ _COMPILED_FLEX: Any = None
 def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any) -> torch.Tensor:
     """Flex attention: the compiled block-sparse kernel on CUDA, torch's eager reference elsewhere."""
     from torch.nn.attention.flex_attention import flex_attention as flex
-
     if q.device.type != "cuda":
         return flex(q, k, v, block_mask=block_mask)
     global _COMPILED_FLEX

@@ -1,13 +1,6 @@
 """The LPD transformer: a class-conditional decoder over VQ tokens with position-query tokens.
 
-Training sequence for group sizes ``g_0..g_{K-1}`` over an order of the ``N`` positions: the
-context stream (the condition, then the tokens of groups ``0..K-2`` in generation order) followed
-by the query stream (``mask_token`` at every position, in generation order), each row plus the
-position embedding of its raster position. Number the context groups 0 (the condition) and
-``k+1`` (tokens of decoding group ``k``): a context row of group ``a`` sees context groups
-``<= a``; a query of decoding group ``k`` sees context groups ``<= k`` and the queries of its own
-group. Decoding with a KV cache (:mod:`lpd.sampling`) computes exactly these rows, a group per
-step. Parameter names are those of the released checkpoints.
+The training sequence and its mask are in docs/design.md; parameter names are the released checkpoints'.
 """
 
 from __future__ import annotations
@@ -70,11 +63,8 @@ class LPDConfig:
 
     @classmethod
     def from_name(cls, name: str | None, img_size: int = 256, **overrides: Any) -> "LPDConfig":
-        """A preset (``lpd_l`` ...) at ``img_size`` with ``overrides``; ``name=None``: the overrides alone.
-
-        An override that changes the preset's width, depth or heads is refused: the run would
-        carry the preset's name for another architecture.
-        """
+        """A preset (``lpd_l`` ...) at ``img_size`` with ``overrides`` (not of its width, depth or heads);
+        ``name=None``: the overrides alone."""
         if name is None:
             return cls(img_size=img_size, **overrides)
         if name not in PRESETS:
@@ -109,9 +99,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: Any = None, cache: "KVCache | None" = None,
                 pos: torch.Tensor | None = None, last: int | None = None) -> torch.Tensor:
-        """Attention of ``x [B, T, C]`` under ``mask`` (bool ``[T', S]``, True = may attend, or a flex
-        ``BlockMask``); with ``cache`` the keys/values go to slots ``pos`` and the rows attend to the
-        cache's first ``S`` slots. ``last``: only the last ``last`` rows are returned."""
+        """Attention of ``x [B, T, C]`` under ``mask`` (bool ``[T', S]``, True = may attend, or a ``BlockMask``);
+        ``cache``: write slots ``pos``, attend to its first ``S``; ``last``: only the last rows out."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if cache is not None:
@@ -120,9 +109,7 @@ class Attention(nn.Module):
         if last is not None and last < T:
             q, T = q[:, :, T - last :], last
         if isinstance(mask, torch.Tensor) or mask is None:
-            if mask is not None and mask.shape[0] != T:
-                mask = mask[-T:]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[-T:])
         else:
             out = flex_attention(q, k, v, mask)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, T, C)))
@@ -180,7 +167,6 @@ def group_visible_mask(group_sizes: Sequence[int], device: torch.device | str = 
 def group_block_mask(group_sizes: Sequence[int], device: torch.device | str, queries_only: bool = False) -> Any:
     """The training mask as a block-sparse flex-attention ``BlockMask`` (rows: all, or the queries only)."""
     from torch.nn.attention.flex_attention import create_block_mask
-
     ctx, qry = group_ids(group_sizes)
     n = ctx.numel()
     gid = torch.cat([ctx, qry]).to(device)
@@ -255,8 +241,7 @@ class LPD(nn.Module):
         self.grad_checkpointing = enable
 
     def set_attn_impl(self, attn_impl: str) -> None:
-        """Training attention: ``sdpa`` (cached dense mask), ``flex`` (cached ``BlockMask``; on a CPU
-        forward only), ``auto`` (flex on CUDA, else SDPA). Decoding always uses SDPA."""
+        """Training attention: ``sdpa``, ``flex`` (on a CPU forward only) or ``auto`` (flex on CUDA); decoding uses SDPA."""
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
         self.attn_impl = attn_impl
@@ -272,7 +257,6 @@ class LPD(nn.Module):
                                 else group_visible_mask(group_sizes, device))
         return self._masks[key]
 
-    # ------------------------------------------------------------------ embeddings
     def embed_condition(self, labels: torch.Tensor | None, batch: int, drop: torch.Tensor | None = None) -> torch.Tensor:
         """Condition embeddings ``[B, D]``: class embeddings, ``fake_latent`` where labels are None or dropped."""
         fake = self.fake_latent.expand(batch, -1)
@@ -292,7 +276,6 @@ class LPD(nn.Module):
         """Position queries ``[B, M, D]`` at raster ``positions [B, M]``."""
         return self.z_proj_ln(self.mask_token + self.pos_embed[0, 1:][positions])
 
-    # ------------------------------------------------------------------ training pass
     def _check(self, tokens: torch.Tensor, labels: torch.Tensor | None, orders: torch.Tensor, group_sizes: Sequence[int]) -> None:
         B, N = orders.shape[0], self.num_tokens
         if orders.dim() != 2 or orders.shape[1] != N:
@@ -338,11 +321,9 @@ class LPD(nn.Module):
         h, targets = self._train_pass(tokens, labels, orders, list(group_sizes), drop)
         return linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.head.weight, targets.reshape(-1))
 
-    # ------------------------------------------------------------------ cached decoding
     def new_cache(self, batch: int, slots: int, dtype: torch.dtype | None = None) -> nn.ModuleList:
         """One static :class:`KVCache` per block (``dtype`` default: the parameters')."""
-        c = self.config
-        dtype = dtype or self.pos_embed.dtype
+        c, dtype = self.config, dtype or self.pos_embed.dtype
         return nn.ModuleList(KVCache(batch, c.num_heads, slots, c.embed_dim // c.num_heads, dtype, self.pos_embed.device)
                              for _ in range(c.depth))
 
@@ -351,12 +332,11 @@ class LPD(nn.Module):
         for blk, c in zip(self.blocks[:-1], cache):
             x = blk(x, mask, c, pos)
         blk = self.blocks[-1]
-        q, k, v = blk.attn.qkv(blk.norm1(x)).reshape(*x.shape[:2], 3, blk.attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        _, k, v = blk.attn.qkv(blk.norm1(x)).reshape(*x.shape[:2], 3, blk.attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         cache[-1].update(pos, k, v)  # the last block's outputs feed nothing
 
     def decode_step(self, x: torch.Tensor, cache: nn.ModuleList, pos: torch.Tensor, mask: torch.Tensor, num_out: int) -> torch.Tensor:
-        """One decoding step: embedded rows ``x [B, T, D]`` write slots ``pos [T]`` and attend through
-        ``mask [T, S]`` to the cache's first ``S`` slots; returns the logits of the last ``num_out`` rows."""
+        """Rows ``x [B, T, D]`` write slots ``pos [T]``, attend through ``mask [T, S]``; logits of the last ``num_out``."""
         for i, (blk, c) in enumerate(zip(self.blocks, cache)):
             x = blk(x, mask, c, pos, num_out if i == len(self.blocks) - 1 else None)
         return self.head(self.norm(x))
