@@ -72,9 +72,7 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] 
                            take: Collection[str] | None = None) -> argparse.Namespace:
     """Parse ``argv``; values of ``--config FILE`` become defaults that flags override. Of a config of another entry
     point (``also_known``, its parser) only the keys in ``take`` (default: every flag of ``parser``) are used."""
-    pre, _ = parser.parse_known_args(argv)
-    path = getattr(pre, "config", None)
-    if path:
+    if path := getattr(parser.parse_known_args(argv)[0], "config", None):
         cfg = load_config(path)
         actions = {a.dest: a for a in parser._actions}
         foreign = {a.dest for a in also_known._actions} if also_known is not None else set()

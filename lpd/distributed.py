@@ -49,10 +49,7 @@ def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
 
 
 def _env_int(*names: str, default: int | None = None) -> int | None:
-    for name in names:
-        if name in os.environ:
-            return int(os.environ[name])
-    return default
+    return next((int(os.environ[name]) for name in names if name in os.environ), default)
 
 
 def init_distributed(device: str | None = None, timeout_minutes: int = 60) -> DistInfo:
@@ -102,9 +99,8 @@ def gather_object(obj: Any) -> list[Any]:
 def on_rank0(fn: Callable[[], Any], what: str = "", broadcast: bool = True) -> Any:
     """``fn()`` on rank 0 only; its result goes to every rank (``broadcast``) or stays on rank 0; its
     exception is raised on rank 0 unchanged and as a :class:`RankError` elsewhere, so no rank waits."""
-    rank = dist.get_rank() if _active() else 0
     result, exc = None, None
-    if rank == 0:
+    if not _active() or dist.get_rank() == 0:
         try:
             result = fn()
         except Exception as e:  # noqa: BLE001 - re-raised below, on every rank

@@ -5,9 +5,7 @@
     python -m lpd.edit --config configs/demo.yaml --pretrained_ckpt outputs/demo/train/checkpoint-last.pth \\
         --image digit.png --region bottom --label 3 --output digit_edit.png
 
-Writes ``--output`` (a grid: the source, the masked source, the edits) and each edit as
-``<output stem>_<k>.png``. ``--mask`` is an image (white = regenerate); ``--region`` one of
-``box:x0,y0,x1,y1``, ``left``, ``right``, ``top``, ``bottom``, ``center``, ``border:PX``.
+Writes ``--output`` (a grid: the source, the masked source, the edits) and each edit as ``<output stem>_<k>.png``.
 """
 
 from __future__ import annotations
@@ -74,8 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("no model: pass --model (lpd_l, lpd_xl, lpd_xxl) or --pretrained_ckpt FILE")
         model = load_lpd(args.pretrained_ckpt or args.model, model=args.model if not args.pretrained_ckpt else None,
                          img_size=args.img_size).to(device)
-        tokenizer = make_tokenizer(args.tokenizer, args.vqgan_path, args.vq_config, args.seed, device)
-        pipe = LPDPipeline(model, tokenizer, name=args.model)
+        pipe = LPDPipeline(model, make_tokenizer(args.tokenizer, args.vqgan_path, args.vq_config, args.seed, device), name=args.model)
         settings = {k: getattr(args, k) for k in SamplingConfig.__dataclass_fields__}
         if args.label is None:
             settings["cfg"] = 1.0  # unconditional

@@ -65,13 +65,8 @@ def prefill_layout(layout: str, m: int, img_size: int, generator: torch.Generato
         return torch.arange(m), [m]
     if layout != "schedule":
         raise ValueError(f"prefill layout must be one of {PREFILL_LAYOUTS}, got {layout!r}")
-    sizes, left = [], m
-    for g in schedule_for(img_size, min(20, (img_size // 16) ** 2)):
-        sizes.append(min(g, left))
-        left -= sizes[-1]
-        if not left:
-            break
-    return torch.randperm(m, generator=generator), sizes
+    sizes = np.diff(np.minimum(np.cumsum(schedule_for(img_size, min(20, (img_size // 16) ** 2))), m), prepend=0)
+    return torch.randperm(m, generator=generator), sizes[sizes > 0].tolist()
 
 
 def _orders(kind: str, keep: np.ndarray, sizes: list[int], grid: int, sampling: SamplingConfig, seed: int) -> np.ndarray:

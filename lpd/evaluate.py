@@ -69,17 +69,14 @@ class SpeedMeter:
         """Speed of every process and in all (gathers over the process group: call it on every rank)."""
         per_rank = gather_object(self.batches)
         timed = [b for r in per_rank for b in r]
-
         def rate(col: int) -> dict[str, float | None]:
             images, seconds = sum(b[0] for b in timed), sum(b[col] for b in timed)
             if not timed or seconds <= 0:
                 return {"images_per_s": None, "s_per_image": None, "s_per_batch": None}
             return {"images_per_s": images / seconds, "s_per_image": seconds / images, "s_per_batch": seconds / len(timed)}
-
         def total(col: int) -> float | None:
             rates = [sum(b[0] for b in r) / sum(b[col] for b in r) for r in per_rank if r]
             return float(sum(rates)) if rates and len(rates) == len(per_rank) else None
-
         return {"processes": len(per_rank), "timed_batches": len(timed),
                 "images_per_batch": max((b[0] for b in timed), default=None),
                 "note": "wall time per batch after each process's first (warm-up) batch, with device synchronisation",
@@ -137,10 +134,6 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-
-
 def _check_labels(labels: Any, num_images: int, class_num: int) -> np.ndarray:
     arr = np.asarray(labels)
     if arr.dtype.kind not in "iu" or arr.shape != (num_images,):
@@ -158,7 +151,8 @@ def generate_images(model: torch.nn.Module, tokenizer: torch.nn.Module, num_imag
     """Sample ``num_images`` images (image ``i`` on rank ``i % world_size``) into the :func:`prepare_run_dir` folder
     ``output_dir`` (keeping those there) or, with None, return them; ``shard``: ``(rank, world_size)`` without a group."""
     sampling = (sampling or SamplingConfig()).replace(**settings)
-    model, (rank, world) = _unwrap(model), shard or _world()
+    group = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    model, (rank, world) = _unwrap(model), shard or group
     if shard is not None and (not 0 <= rank < world or (output_dir is None and world > 1)):
         raise EvaluationError(f"shard {shard}: rank must lie in 0..world_size-1, and shards without a process "
                               f"group write to an output folder")
@@ -305,12 +299,11 @@ def evaluate(model: torch.nn.Module, tokenizer: torch.nn.Module, num_images: int
     sampling = (sampling or SamplingConfig()).replace(**settings)
     model = _unwrap(model)
     device = model.pos_embed.device
-    scorer = None
-    if compute_fid:
-        def load_scorer() -> tuple[Any, Any]:
-            ref = M.load_statistics(ref_stats) if isinstance(ref_stats, (str, os.PathLike)) else ref_stats
-            return ref, feature_extractor or M.inception_extractor(inception_weights, device)
-        scorer = on_rank0(load_scorer, "loading the reference statistics / feature extractor", broadcast=False)
+
+    def load_scorer() -> tuple[Any, Any]:
+        ref = M.load_statistics(ref_stats) if isinstance(ref_stats, (str, os.PathLike)) else ref_stats
+        return ref, feature_extractor or M.inception_extractor(inception_weights, device)
+    scorer = on_rank0(load_scorer, "loading the reference statistics / feature extractor", broadcast=False) if compute_fid else None
     run_dir = os.fspath(output_dir) if output_dir is not None else None
     record_settings: dict[str, Any] = {}
     if run_dir is not None:
@@ -323,9 +316,7 @@ def evaluate(model: torch.nn.Module, tokenizer: torch.nn.Module, num_images: int
     sample_seconds = time.perf_counter() - t0
 
     def finish() -> dict[str, Any]:
-        files: dict[str, str] = {}
-        source: Any = gen.images
-        old: dict[str, Any] = {}
+        files, source, old = {}, gen.images, {}
         if run_dir is not None:
             npz = os.path.join(run_dir, os.path.basename(os.path.normpath(run_dir)) + ".npz")
             write_npz(npz, gen.image_paths, gen.image_size)

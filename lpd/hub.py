@@ -63,8 +63,7 @@ def local_file(path: str | os.PathLike, *, what: str = "file", flag: str | None 
     if os.path.isfile(p):
         return p
     reason = "is a directory, not a file" if os.path.isdir(p) else "does not exist"
-    msg = f"The {what} given{f' with {flag}' if flag else ''} ({p}) {reason}." + (f"\n  {hint}" if hint else "")
-    raise ResolveError(msg)
+    raise ResolveError(f"The {what} given{f' with {flag}' if flag else ''} ({p}) {reason}." + (f"\n  {hint}" if hint else ""))
 
 
 _HUB_FAILURES = (  # first match wins: GatedRepoError is a RepositoryNotFoundError
@@ -91,7 +90,6 @@ def hub_file(repo_id: str, filename: str, *, what: str, flag: str, cache_dir: st
             return None
         warnings.warn(f"{repo_id} has no {filename}; using its only checkpoint file {picks[0]} ({where})", stacklevel=3)
         return picks[0]
-
     with contextlib.suppress(OSError, ValueError):
         return get(filename, local=True)
     if offline():
@@ -148,8 +146,7 @@ def url_file(urls: str | Sequence[str], *, cache_dir: str | os.PathLike, filenam
     if found := next((p for p in looked if os.path.isfile(p)), None):
         return found
     if offline() or not download:
-        reason = "offline mode (HF_HUB_OFFLINE=1) is on" if offline() else "downloads are disabled"
-        reason += " and it is not on disk."
+        reason = ("offline mode (HF_HUB_OFFLINE=1) is on" if offline() else "downloads are disabled") + " and it is not on disk."
     else:
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         failures = []

@@ -131,7 +131,6 @@ def read_png(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np
 def write_npz(path: str | os.PathLike, image_paths: Sequence[str], size: tuple[int, int]) -> None:
     """Pack PNGs into an ADM ``.npz`` (``arr_0``: uint8 ``[N, H, W, 3]``), streamed one image at a time."""
     header = {"descr": "|u1", "fortran_order": False, "shape": (len(image_paths), int(size[0]), int(size[1]), 3)}
-
     def write(f: Any) -> None:
         with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             with zf.open("arr_0.npy", "w", force_zip64=True) as out:
@@ -141,7 +140,6 @@ def write_npz(path: str | os.PathLike, image_paths: Sequence[str], size: tuple[i
                     if arr is None:
                         raise ImageFileError(f"cannot pack {p!r} into {os.fspath(path)!r}: missing or unreadable PNG")
                     out.write(arr.tobytes())
-
     atomic_write_bytes(path, write)
 
 

@@ -68,15 +68,13 @@ class SamplingConfig:
         return dataclasses.asdict(self)
 
 
-_HELP = {
-    "cfg": "classifier-free guidance scale (1.0: none)", "cfg_schedule": "linear or constant",
-    "temperature": "sampling temperature", "top_k": "keep the k most likely tokens (0: off)",
-    "top_p": "nucleus sampling mass (1.0: off)", "order": "generation order",
-    "proximity_threshold": "tau_p of the locality-aware order",
-    "repulsion_threshold": "tau_r: 2 for the released 256 px settings, 3 for XXL-256, 4 at 512 px",
-    "bf16": "bf16 autocast for the transformer and the VQ decoder (--no-bf16: float32)",
-    "decode_fp32": "with --bf16, decode the VQ in float32 (the released code decodes in bf16)",
-}
+_HELP = {"cfg": "classifier-free guidance scale (1.0: none)", "cfg_schedule": "linear or constant",
+         "temperature": "sampling temperature", "top_k": "keep the k most likely tokens (0: off)",
+         "top_p": "nucleus sampling mass (1.0: off)", "order": "generation order",
+         "proximity_threshold": "tau_p of the locality-aware order",
+         "repulsion_threshold": "tau_r: 2 for the released 256 px settings, 3 for XXL-256, 4 at 512 px",
+         "bf16": "bf16 autocast for the transformer and the VQ decoder (--no-bf16: float32)",
+         "decode_fp32": "with --bf16, decode the VQ in float32 (the released code decodes in bf16)"}
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, defaults: SamplingConfig | dict = SamplingConfig(),
@@ -86,13 +84,14 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: SamplingConfig 
     values = defaults.to_dict() if isinstance(defaults, SamplingConfig) else {**base.to_dict(), **defaults}
     g = parser.add_argument_group("sampling")
     for f in dataclasses.fields(SamplingConfig):
-        kind, value, name = type(getattr(base, f.name)), values[f.name], f"--{f.name}"
         if f.name in exclude:
             continue
+        kind, value, name = type(getattr(base, f.name)), values[f.name], f"--{f.name}"
         if kind is bool:
             g.add_argument(name, action=argparse.BooleanOptionalAction, default=value, help=_HELP[f.name])
         elif f.name in ("cfg_schedule", "order"):
-            g.add_argument(name, default=value, choices=list(ORDERS) if f.name == "order" else ["linear", "constant"], help=_HELP[f.name])
+            g.add_argument(name, default=value, choices=list(ORDERS) if f.name == "order" else ["linear", "constant"],
+                           help=_HELP[f.name])
         else:
             g.add_argument(name, type=kind, default=value, help=_HELP[f.name])
 
@@ -100,8 +99,7 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: SamplingConfig 
 def sampling_from_args(args: argparse.Namespace | dict, **changes: Any) -> SamplingConfig:
     """The :class:`SamplingConfig` of parsed flags (names that are not flags keep their defaults)."""
     values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    names = {f.name for f in dataclasses.fields(SamplingConfig)}
-    return SamplingConfig(**{**{k: v for k, v in values.items() if k in names}, **changes})
+    return SamplingConfig(**{**{k: v for k, v in values.items() if k in SamplingConfig.__dataclass_fields__}, **changes})
 
 
 def derive_seed(seed: int, *keys: int) -> int:
@@ -143,8 +141,7 @@ def step_plan(group_sizes: Sequence[int], n_context: int, device: torch.device |
     scratch = bounds[-1]
     steps = []
     for k in range(len(group_sizes)):
-        start, end = starts[k], bounds[k + 1]
-        prev = bounds[k] - start
+        start, end, prev = starts[k], bounds[k + 1], bounds[k] - starts[k]
         width, pad = (scratch + 1, rows - (end - start)) if static else (end, 0)
         p = torch.full((pad + end - start,), scratch, dtype=torch.long)
         p[pad:] = torch.arange(start, end)
@@ -247,8 +244,7 @@ def _decode(model: LPD, labels: torch.Tensor | None, orders: torch.Tensor, group
         out = out[:, out.shape[1] - (last - first) :]
         if on_step is not None:
             on_step(out)
-        chosen = choose(out, first, last)
-        tokens_gen[:, first:last] = chosen
+        tokens_gen[:, first:last] = chosen = choose(out, first, last)
         if k + 1 < len(plan.spans):
             prev = model.embed_context(None, chosen, orders[:, first:last])
     return tokens_gen
@@ -287,7 +283,6 @@ def compiled_step(model: LPD, compile: bool | str | dict = True) -> Step:
                               f"{str(e)[:200]}); decoding eagerly with static shapes instead (same tokens, no speed-up)",
                               RuntimeWarning, stacklevel=3)
         return model.decode_step(x, cache, pos, mask, num_out)
-
     step.fallback = state  # type: ignore[attr-defined]
     return step
 
@@ -335,9 +330,8 @@ def _chooser(B: int, N: int, sampling: SamplingConfig, greedy: bool, uniforms: t
             logits = (c - u).mul_(cfg_scales(sampling.cfg, sampling.cfg_schedule, first, last, N, device)).add_(u)
         if greedy:
             return logits.argmax(-1)
-        g = last - first
-        return filter_and_sample(logits.reshape(B * g, -1), uniforms[:, first:last].reshape(-1),
-                                 sampling.temperature, sampling.top_k, sampling.top_p).view(B, g)
+        return filter_and_sample(logits.flatten(0, 1), uniforms[:, first:last].reshape(-1),
+                                 sampling.temperature, sampling.top_k, sampling.top_p).view(B, -1)
     return choose
 
 
@@ -363,8 +357,7 @@ def teacher_forced_logits(model: LPD, tokens: torch.Tensor, labels: torch.Tensor
     """Head outputs of cached decoding fed the raster ``tokens``: ``[B, n, V]`` in generation order (``[2B, n,
     V]``, conditional rows first, when ``cfg != 1``); :meth:`LPD.logits` up to float error."""
     labels, orders, sizes = _inputs(model, labels, orders, group_sizes, None if context is None else orders.shape[1])
-    tokens = torch.as_tensor(tokens, device=orders.device).long().reshape(orders.shape[0], -1)
-    tokens_gen = torch.gather(tokens, 1, orders)
+    tokens_gen = torch.gather(torch.as_tensor(tokens, device=orders.device).long().reshape(orders.shape[0], -1), 1, orders)
     outs: list[torch.Tensor] = []
     with _inference(model, None):
         _decode(model, labels, orders, sizes, cfg, lambda out, a, b: tokens_gen[:, a:b], context=context, on_step=outs.append)

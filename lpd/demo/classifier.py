@@ -22,8 +22,7 @@ __all__ = ["DigitClassifier", "train_classifier", "accuracy", "bootstrap_ci", "J
 class DigitClassifier(nn.Module):
     """Three 3x3 convolutions (two of stride 2) and two linear layers over a ``grid_size``-square grid."""
 
-    def __init__(self, levels: int = DEFAULT_LEVELS, grid_size: int = GRID_SIZE, feature_dim: int = 64,
-                 width: int = 16) -> None:
+    def __init__(self, levels: int = DEFAULT_LEVELS, grid_size: int = GRID_SIZE, feature_dim: int = 64, width: int = 16) -> None:
         super().__init__()
         self.grid_size, self.feature_dim = grid_size, feature_dim
         # the grey of each token as the decoded uint8 image has it, in [0, 1]
@@ -52,8 +51,7 @@ class DigitClassifier(nn.Module):
 
     def embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Network input -> ``(features [B, feature_dim], logits [B, 10])``; features before the ReLU (full-rank)."""
-        x = x * 2.0 - 1.0
-        x = F.relu(self.conv3(F.relu(self.conv2(F.relu(self.conv1(x))))))
+        x = F.relu(self.conv3(F.relu(self.conv2(F.relu(self.conv1(x * 2.0 - 1.0))))))
         features = self.fc(x.flatten(1))
         return features, self.head(F.relu(features))
 
@@ -139,12 +137,10 @@ def _frechet_to(mu: np.ndarray, sigma: np.ndarray) -> Callable[[np.ndarray], flo
     (a symmetric eigenproblem; the root of the fixed ``sigma`` computed once)."""
     w, v = np.linalg.eigh(sigma)
     root, trace = (v * np.sqrt(w.clip(0))) @ v.T, np.trace(sigma)
-
     def distance(features: np.ndarray) -> float:
         m, s = features.mean(0), np.cov(features, rowvar=False)
         cross = np.sqrt(np.linalg.eigvalsh(root @ s @ root).clip(0)).sum()
         return float(((m - mu) ** 2).sum() + np.trace(s) + trace - 2.0 * cross)
-
     return distance
 
 

@@ -218,7 +218,6 @@ def run_demo(args: argparse.Namespace, log=print) -> dict[str, Any]:
     def lap(stage: str) -> None:
         nonlocal clock
         timings[stage], clock = time.perf_counter() - clock, time.perf_counter()
-
     log("== 1/4 training LPD on the embedded digits (lpd.train)")
     model = _train(args, device, log)
     lap("train")
@@ -251,13 +250,11 @@ def run_demo(args: argparse.Namespace, log=print) -> dict[str, Any]:
 
 def _plot(rows: list[dict[str, Any]], path: str, args: argparse.Namespace) -> None:
     from lpd.plotting import line_chart
-
     def panel(key: str, title: str, value: str | None = None) -> dict[str, Any]:
         series: dict[str, list[tuple]] = {}
         for r in rows:
             series.setdefault(r["order"], []).append((r["steps"], r[value or key], *r.get(f"{key}_ci95", ())))
         return {"series": series, "title": title, "xlabel": "decoding steps", "ylabel": key, "log_x": True}
-
     line_chart(path, [panel("accuracy", "class accuracy (higher is better)"),
                       panel("frechet", "Fréchet distance to held-out digits, debiased (lower is better)", "frechet_debiased"),
                       panel("seconds", f"seconds for {args.num_images} samples")],

@@ -81,8 +81,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.logp is None:
             raise RuntimeError("the LPD loss reuses its logits buffer: backward through it once")
         g, ctx.logp = ctx.logp, None
-        M = g.shape[0]
-        scale = grad / M
+        M, scale = g.shape[0], grad / g.shape[0]
         g = g.exp_().mul_(scale)  # (softmax - onehot) / M
         g.index_put_((torch.arange(M, device=g.device), targets), -scale.expand(M), accumulate=True)
         g = g.to(ctx.mm_dtype)

@@ -148,9 +148,8 @@ class Block(nn.Module):
 def group_ids(group_sizes: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Group number of every row of the training sequence: ``(context [1 + N - g_{K-1}], queries [N])``."""
     sizes = torch.tensor(list(group_sizes), dtype=torch.long)
-    K = len(sizes)
-    ctx = torch.cat([torch.zeros(1, dtype=torch.long), torch.repeat_interleave(torch.arange(1, K), sizes[:-1])])
-    return ctx, torch.repeat_interleave(torch.arange(K), sizes)
+    ctx = torch.cat([torch.zeros(1, dtype=torch.long), torch.repeat_interleave(torch.arange(1, len(sizes)), sizes[:-1])])
+    return ctx, torch.repeat_interleave(torch.arange(len(sizes)), sizes)
 
 
 def group_visible_mask(group_sizes: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -172,12 +171,10 @@ def group_block_mask(group_sizes: Sequence[int], device: torch.device | str, que
     gid = torch.cat([ctx, qry]).to(device)
     is_query = (torch.arange(gid.numel()) >= n).to(device)
     offset = n if queries_only else 0
-
     def mask_mod(b: Any, h: Any, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         q_idx = q_idx + offset
         same_query_group = is_query[q_idx] & (gid[kv_idx] == gid[q_idx])
         return torch.where(is_query[kv_idx], same_query_group, gid[kv_idx] <= gid[q_idx])
-
     return create_block_mask(mask_mod, None, None, gid.numel() - offset, gid.numel(), device=device)
 
 
@@ -358,7 +355,6 @@ def build_lpd(**config: Any) -> LPD:
 def _preset(name: str):
     def make(img_size: int = 256, **overrides: Any) -> LPD:
         return LPD(replace(LPDConfig.from_name(name, img_size), **overrides))
-
     make.__name__ = name
     make.__doc__ = f"The {name} preset {PRESETS[name]} at ``img_size``; keyword arguments override the config."
     return make
