@@ -1,4 +1,4 @@
-"""``python -m lpd.demo``: the CPU demo (see :mod:`lpd.demo.run`)."""
+"""``python -m lpd.demo``: the CPU demo."""
 
 import sys
 

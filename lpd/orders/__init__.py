@@ -1,7 +1,4 @@
-"""Generation orders for LPD: locality-aware (:func:`lpd_orders`, vectorised, deterministic per ``(seed, i)``,
-optionally around known positions), random and raster; the released JSON order files (:func:`load_orders`,
-:func:`save_orders`); :func:`order_statistics`. ``python -m lpd.orders --help`` writes order files and pictures.
-"""
+"""Generation orders: locality-aware, random and raster; the released JSON order files; statistics."""
 
 from lpd.orders.files import OrderFileError, load_orders, save_orders
 from lpd.orders.generate import ORDER_KINDS, lpd_orders, random_orders, raster_orders
