@@ -179,8 +179,10 @@ def filter_and_sample(logits: torch.Tensor, uniforms: torch.Tensor, temperature:
         probs = probs * ((probs.cumsum(-1) - probs) <= top_p)
     cdf = probs.cumsum(-1)
     pick = torch.searchsorted(cdf, uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:], right=True)
-    # Rounding can put the target at the total: take the last token with positive probability.
-    pick = torch.minimum(pick, (probs > 0).cumsum(-1).argmax(-1, keepdim=True))
+    # Rounding can put the target at the total (pick == V): take the last token with positive probability.
+    # On the CPU only the rare rows that need it pay for the guard; elsewhere every row does, so nothing waits.
+    if pick.device.type != "cpu" or bool((pick >= probs.shape[-1]).any()):
+        pick = torch.minimum(pick, (probs > 0).cumsum(-1).argmax(-1, keepdim=True))
     return pick.squeeze(-1) if idx is None else idx.gather(-1, pick).squeeze(-1)
 
 
