@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CPU demo: train a small LPD on handwritten digits, decode it with locality-aware, random and
-# raster orders in 8..256 steps, and score 500 samples per setting with 95% bootstrap intervals. About
-# 7-10 minutes on 2 free CPU cores (training 4-6, sampling and scoring 3); longer on shared cores.
+# raster orders in 8..256 steps, edit the held-out digits zero-shot, and score everything with 95%
+# bootstrap intervals. About 6.5 minutes on 2 free CPU cores (training 3, sampling and scoring 2.5,
+# editing 1) after the set-up; longer on shared cores.
 #
 #   bash scripts/demo.sh [OUTPUT_DIR] [extra flags of python -m lpd.demo]     (default outputs/demo)
 #
