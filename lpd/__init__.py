@@ -1,6 +1,3 @@
-"""LPD: Locality-aware Parallel Decoding for class-conditional image generation.
-
-The library behind the ``main_*.py`` entry points; README.md lists its modules.
-"""
+"""LPD: Locality-aware Parallel Decoding for class-conditional image generation (README.md lists the modules)."""
 
 __version__ = "0.1.0"

@@ -11,7 +11,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from lpd.images import image_to_tensor, load_image, load_mask, to_uint8
+from lpd.evaluate import decode_tokens
+from lpd.images import image_to_tensor, load_image, load_mask
 from lpd.orders import lpd_orders, random_orders
 from lpd.sampling import SamplingConfig, _chooser, _decode, _inference, _uniforms, teacher_forced_logits
 from lpd.schedules import group_sizes as schedule_for, scaled_group_sizes, validate_group_sizes
@@ -154,11 +155,12 @@ def edit_images(model: torch.nn.Module, tokenizer: torch.nn.Module, image: Any, 
     keep = token_keep(pixels, int(getattr(tokenizer, "downsample_factor", 16)))
     with torch.no_grad():
         tokens = tokenizer.encode(image_to_tensor(source).to(model.pos_embed.device)).reshape(1, -1)
-    g = torch.Generator().manual_seed(seed)
+    fields = {k: options.pop(k) for k in list(options) if k in SamplingConfig.__dataclass_fields__}
+    sampling = (options.pop("sampling", None) or SamplingConfig()).replace(**fields)
     edited = edit_tokens(model, tokens.expand(num, -1), np.broadcast_to(keep, (num, keep.size)).copy(),
-                         None if label is None else [label] * num, steps=steps, generator=g, **options)
-    with torch.no_grad():
-        edits = to_uint8(tokenizer.decode(edited.view(num, model.grid_size, model.grid_size)))
+                         None if label is None else [label] * num, steps=steps, generator=torch.Generator().manual_seed(seed),
+                         sampling=sampling, **options)
+    edits = decode_tokens(tokenizer, edited, sampling)  # as an evaluation decodes: fixed chunks, bf16 if asked
     if paste:
         edits = np.where(pixels[None, :, :, None], edits, source[None])
     masked = np.where(pixels[:, :, None], (source * 0.3 + 90).astype(np.uint8), source)

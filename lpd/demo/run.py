@@ -178,13 +178,14 @@ def _editing(args: argparse.Namespace, model: torch.nn.Module, judge: Judge, dev
     """Edit every held-out digit (as itself, or ``(digit + 5) % 10`` for ``class_edit``): a row per setting, a grid per task."""
     from lpd.demo.digits import load_digits_dataset
     from lpd.editing import edit_tokens
-    from lpd.images import save_grid, to_uint8
+    from lpd.evaluate import decode_tokens
+    from lpd.images import save_grid
     from lpd.tokenizer import make_tokenizer
     tokenizer = make_tokenizer(args.tokenizer, None, args.vq_config, args.seed, device)
     tokens, digits = load_digits_dataset("test", levels=_levels(args))
     n = args.edit_images or len(digits)
     tokens, digits = tokens.flatten(1)[:n].to(device), digits[:n].numpy()
-    decode = lambda t: to_uint8(tokenizer.decode(t.view(-1, model.grid_size, model.grid_size)))  # noqa: E731
+    decode = lambda t: decode_tokens(tokenizer, t, sampling_from_args(args))  # noqa: E731
     rows: list[dict[str, Any]] = []
     for task, keep in edit_keep_masks(model.grid_size).items():
         target = (digits + 5) % 10 if task == "class_edit" else digits
