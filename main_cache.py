@@ -17,15 +17,16 @@ import sys
 from typing import Sequence
 
 from lpd.checkpoint import CheckpointError
-from lpd.config import ConfigError, check_seed, parse_args_with_config, yaml_mapping
+from lpd.config import ConfigError, HelpFormatter, check_seed, parse_args_with_config, yaml_mapping
 from lpd.datasets import CACHE_FORMATS, CacheError, image_folder, tokenizer_id, write_token_cache
+from lpd.devices import available_cpus
 from lpd.distributed import barrier, cleanup, init_distributed
 from lpd.tokenizer import make_tokenizer
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("Cache VQ tokens of an ImageFolder", allow_abbrev=False, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--config", default=None, help="YAML file of defaults (e.g. configs/tiny.yaml); flags override it")
     p.add_argument("--data_path", required=False, help="ImageFolder (or a folder holding train/)")
     p.add_argument("--cached_path", required=False, help="output folder of the cache")
@@ -35,7 +36,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--vqgan_path", default=None, help="VQ checkpoint (vq_ds16_c2i.pt)")
     p.add_argument("--vq_config", type=yaml_mapping, default=None, help="VQ architecture (without --vqgan_path: random test VQ)")
     p.add_argument("--batch_size", type=int, default=64, help="images per batch and process")
-    p.add_argument("--num_workers", type=int, default=4)
+    p.add_argument("--num_workers", type=int, default=min(4, available_cpus()), help="DataLoader processes")
     p.add_argument("--shard_size", type=int, default=0, help="consolidated: images per shard (0: automatic)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0, help="weights of the random test VQ (no --vqgan_path)")

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import torch
 
 from lpd.checkpoint import CheckpointError
-from lpd.config import ConfigError, check_run_name, check_seed, parse_args_with_config, yaml_mapping
+from lpd.config import ConfigError, HelpFormatter, check_run_name, check_seed, parse_args_with_config, yaml_mapping
 from lpd.distributed import RankError, cleanup, init_distributed, rank0_first
 from lpd.evaluate import EvaluationError, evaluate
 from lpd.sampling import SamplingConfig, add_sampling_args, sampling_from_args
@@ -35,7 +35,7 @@ USER_ERRORS = (ValueError, OSError, CheckpointError, RankError)  # every error l
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config", default=None, help="YAML file of defaults (keys are these flag names)")
     g = p.add_argument_group("model and tokenizer")
     g.add_argument("--model", default=None, help="preset: lpd_l, lpd_xl, lpd_xxl (released checkpoints), lpd_tiny")

@@ -20,7 +20,7 @@ import sys
 from typing import Sequence
 
 from lpd.checkpoint import CheckpointError
-from lpd.config import parse_args_with_config, yaml_mapping
+from lpd.config import HelpFormatter, parse_args_with_config, yaml_mapping
 from lpd.distributed import RankError, cleanup, init_distributed
 from lpd.sampling import SamplingConfig, add_sampling_args, sampling_from_args
 from lpd.train import LR_SCHEDULES, PREEMPTED_EXIT_CODE, NonFiniteLossError, TrainConfig, train
@@ -39,7 +39,7 @@ def _bool(text: str) -> bool:
 
 def get_args_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser("LPD training", allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser("LPD training", allow_abbrev=False, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config", default=None, help="YAML file of defaults (flag names as keys); flags override it")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=d.model, help="preset: lpd_l, lpd_xl, lpd_xxl, lpd_tiny")

@@ -4,16 +4,29 @@ mappings) sets defaults, flags override them. Unknown keys and values of the wro
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 from typing import Any, Collection, Sequence
 
 import yaml
 
-__all__ = ["ConfigError", "load_config", "parse_args_with_config", "yaml_mapping", "check_seed", "check_run_name"]
+__all__ = ["ConfigError", "HelpFormatter", "load_config", "parse_args_with_config", "yaml_mapping", "check_seed",
+           "check_run_name"]
 
 
 class ConfigError(ValueError):
     """A config file or flag value that cannot be used."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` keeps the description's lines and shows each option's default (unless None, off or said)."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        d, text = action.default, action.help or ""
+        if action.option_strings and not (d is None or d is False or d == argparse.SUPPRESS or "default" in text):
+            action = copy.copy(action)
+            action.help = f"{text} (default: %(default)s)".lstrip()
+        return super()._format_action(action)
 
 
 def load_config(path: str | os.PathLike) -> dict[str, Any]:

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import warnings
 
 import torch
 
-__all__ = ["synchronize", "device_description", "library_versions", "cpu_has_native_bf16", "warn_if_emulated_bf16"]
+__all__ = ["synchronize", "device_description", "library_versions", "cpu_has_native_bf16", "warn_if_emulated_bf16",
+           "available_cpus"]
+
+
+def available_cpus() -> int:
+    """The CPU cores this process may run on (its affinity mask, e.g. a Slurm or container limit)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def synchronize(device: torch.device | str) -> None:

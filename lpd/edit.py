@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from lpd.checkpoint import CheckpointError, check_output_path
-from lpd.config import ConfigError, parse_args_with_config, yaml_mapping
+from lpd.config import ConfigError, HelpFormatter, parse_args_with_config, yaml_mapping
 from lpd.sampling import SamplingConfig, add_sampling_args
 
 __all__ = ["main"]
@@ -26,7 +26,7 @@ __all__ = ["main"]
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lpd.edit", allow_abbrev=False, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--config", default=None, help="YAML config (e.g. configs/demo.yaml): its model and tokenizer keys are used")
     p.add_argument("--model", default=None, help="preset of a released checkpoint: lpd_l, lpd_xl, lpd_xxl")
     p.add_argument("--img_size", type=int, default=None, help="256 or 512 (default: the checkpoint's)")

@@ -19,6 +19,7 @@ import yaml
 from tqdm import tqdm
 
 from lpd.checkpoint import CheckpointError, atomic_write_bytes, check_finite, interpolate_pos_embed, load_into, load_state_dict
+from lpd.devices import available_cpus
 from lpd.distributed import DistInfo, init_distributed
 from lpd.parallel import EMA, STATE_FILE, PreemptionFlag, TrainState, distribute, full_tensors, last_checkpoint, settle_ddp_buckets
 from lpd.sampling import SamplingConfig, derive_seed
@@ -60,7 +61,7 @@ class TrainConfig:
     cached_path: str | None = None
     cache_format: str = "auto"
     data_path: str | None = None
-    num_workers: int = 4
+    num_workers: int = field(default_factory=lambda: min(4, available_cpus()))  # DataLoader processes
     pin_mem: bool = True
     # optimisation
     epochs: int = 450

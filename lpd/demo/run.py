@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from lpd.config import parse_args_with_config, yaml_mapping
+from lpd.config import HelpFormatter, parse_args_with_config, yaml_mapping
 from lpd.demo.classifier import Judge, accuracy, train_classifier
 from lpd.sampling import ORDERS, SamplingConfig, add_sampling_args, sampling_from_args
 
@@ -47,7 +47,7 @@ def _list(kind: type):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m lpd.demo", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--config", default=os.path.normpath(DEFAULT_CONFIG), help="YAML file of defaults (flags override it)")
     p.add_argument("--output_dir", default="outputs/demo")
     p.add_argument("--device", default="cpu")
