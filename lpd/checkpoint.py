@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 __all__ = ["CheckpointError", "load_checkpoint", "load_state_dict", "check_state_dict", "load_into", "interpolate_pos_embed",
            "save_checkpoint", "atomic_write_bytes", "TMP_PREFIX", "state_dict_digest", "check_finite", "check_output_path",
-           "temp_dir_for", "replace_dir", "export_folder", "export_config", "read_export", "export", "push_to_hub"]
+           "temp_dir_for", "replace_dir", "export_folder", "export_config", "read_export", "tokenizer_ref", "export",
+           "push_to_hub"]
 
 TMP_PREFIX = ".tmp-"  # temporary files of atomic_write_bytes (left only by a killed process)
 
@@ -252,7 +253,7 @@ def read_export(folder: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         raise CheckpointError(f"could not read {os.path.join(folder, EXPORT_WEIGHTS)}: {e}") from e
 
 
-def _tokenizer_ref(args: Mapping[str, Any]) -> dict[str, Any]:
+def tokenizer_ref(args: Mapping[str, Any]) -> dict[str, Any]:
     """The tokenizer of training: the released LlamaGen VQ, a file, or a seeded build."""
     from lpd.hub import VQ_FILENAME, VQ_REPO
     kind = args.get("tokenizer", "vq")
@@ -322,7 +323,7 @@ def export(ckpt: str, out_dir: str, *, model: str | None = None, use_ema: bool =
     args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
     config = {"library": "lpd", "model": model or args.get("model"), "model_config": net.config.to_dict(),
               "img_size": net.config.img_size, "weights": "ema" if use_ema else "model", "weights_sha256": digest,
-              "parameters": sum(v.numel() for v in sd.values()), "tokenizer": _tokenizer_ref(args),
+              "parameters": sum(v.numel() for v in sd.values()), "tokenizer": tokenizer_ref(args),
               "training": {k: state.get(k) for k in ("epoch", "step", "global_step")} | {"args": args}}
     config = json.loads(json.dumps(config, default=str))
     files = {EXPORT_WEIGHTS: save(sd, metadata={"format": "pt"}), EXPORT_CONFIG: json.dumps(config, indent=2).encode(),

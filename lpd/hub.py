@@ -10,7 +10,7 @@ import contextlib
 import os
 import tempfile
 import warnings
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import huggingface_hub
 import numpy as np
@@ -43,6 +43,47 @@ FID_STATS_HINT = (
 
 class ResolveError(FileNotFoundError):
     """A file could not be found or fetched; str() is the message, which says how to provide it."""
+
+
+def resolve_all(resolvers: Mapping[str, Callable[[], str]], hint: str = "") -> dict[str, str]:
+    """Each resolver's path; the failures of all of them in one ResolveError (offline: every missing file at once)."""
+    paths, failed = {}, []
+    for name, resolve in resolvers.items():
+        try:
+            paths[name] = resolve()
+        except ResolveError as e:
+            failed.append(str(e))
+    if len(failed) > 1:
+        raise ResolveError(f"{len(failed)} files are missing:\n" + "\n".join(f"({k}) {m}" for k, m in enumerate(failed, 1))
+                           + (f"\n{hint}" if hint else ""))
+    if failed:
+        raise ResolveError(failed[0] + (f"\n  {hint}" if hint else ""))
+    return paths
+
+
+def download_hint(model: str | None, img_size: int) -> str:
+    """How to fetch every file of a released model at once ("" for others)."""
+    if (model, img_size) not in RELEASED_CHECKPOINTS:
+        return ""
+    return (f"On a machine with network access, `python -m lpd.download {model} {img_size}` fetches all of them "
+            f"(`--list` prints the commands); HF_HUB_OFFLINE=1 then skips every network call.")
+
+
+def resolve_model_files(model: str | None, img_size: int, *, vqgan_path: str | os.PathLike | None = None,
+                        checkpoint: bool = True, vq: bool = True,
+                        more: Mapping[str, Callable[[], str]] | None = None) -> dict[str, str]:
+    """``checkpoint`` (the released one of ``model``), ``vq`` and ``more``, with :func:`resolve_all`."""
+    need: dict[str, Callable[[], str]] = {}
+    if checkpoint:
+        need["checkpoint"] = lambda: resolve_checkpoint(model, img_size)
+    if vq:
+        need["vq"] = lambda: resolve_vq(vqgan_path)
+    return resolve_all({**need, **(more or {})}, hint=download_hint(model, img_size))
+
+
+def fid_stats_dir() -> str:
+    """Where downloaded ADM statistics are kept: ``$LPD_CACHE/fid_stats`` (default ``~/.cache/lpd``)."""
+    return os.path.join(os.path.expanduser(os.environ.get("LPD_CACHE") or "~/.cache/lpd"), "fid_stats")
 
 
 def offline() -> bool:
@@ -214,6 +255,6 @@ def resolve_fid_stats(img_size: int, path: str | os.PathLike | None = None, *,
     if urls is None:
         raise ResolveError(f"No reference statistics are known for {img_size}px images; pass a statistics file "
                            f"with {flag}. {FID_STATS_HINT}")
-    cache = cache_dir or os.path.join(os.environ.get("LPD_CACHE") or "~/.cache/lpd", "fid_stats")
+    cache = cache_dir or fid_stats_dir()
     return url_file(urls, cache_dir=cache, filename=filename, flag=flag, what=what, hint=FID_STATS_HINT,
                     search_paths=[os.path.join("fid_stats", filename)], validate=_validate_stats)  # released layout

@@ -50,9 +50,14 @@ class FeatureStatistics(NamedTuple):
     num_images: int
 
 
+def inception_cache() -> str:
+    """Where downloaded Inception weights are kept: torch hub's ``checkpoints`` folder (``$TORCH_HOME/hub``)."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints")
+
+
 def resolve_inception_weights(path: str | os.PathLike | None = None, *, download: bool = True) -> str:
     """Local Inception weights: ``path``, else the torch hub cache (downloaded there if missing)."""
-    return hub.url_file(INCEPTION_WEIGHTS_URL, cache_dir=os.path.join(torch.hub.get_dir(), "checkpoints"), path=path,
+    return hub.url_file(INCEPTION_WEIGHTS_URL, cache_dir=inception_cache(), path=path,
                         flag="--inception_weights", what="torch-fidelity Inception-v3 weights", download=download)
 
 

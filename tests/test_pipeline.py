@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -84,13 +85,65 @@ def test_grid_and_pil(pipe, tmp_path):
         assert g.size == (128, 128)
 
 
-def test_offline_without_a_checkpoint_names_the_file_and_the_flag(tmp_path, monkeypatch, capsys):
+def test_offline_names_every_missing_file_in_python_words_and_in_flags(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     with pytest.raises(FileNotFoundError) as info:
         LPDPipeline.from_pretrained("lpd_l", 256, device="cpu")
-    assert "mit-han-lab/lpd_l_256" in str(info.value) and "--pretrained_ckpt" in str(info.value)
+    msg = str(info.value)
+    assert msg.startswith("2 files are missing") and "mit-han-lab/lpd_l_256" in msg and "FoundationVision/LlamaGen" in msg
+    assert 'checkpoint="/path/to/lpd_l_256.pth"' in msg and 'vqgan_path="/path/to/vq_ds16_c2i.pt"' in msg
+    assert "--pretrained_ckpt" not in msg and "--vqgan_path" not in msg and "python -m lpd.download lpd_l 256" in msg
+    assert str(tmp_path / "hf" / "hub") in msg  # paths are not rewritten
+    with pytest.raises(ValueError, match="pass cfg= "):
+        LPDPipeline(TINY_MODEL(), make_tokenizer("palette"), name=None)([1], steps=8)
     assert main(["--model", "lpd_xl", "--img_size", "512", "--device", "cpu", "--output", str(tmp_path / "s.png")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error:") and "mit-han-lab/lpd_xl_512" in err and not (tmp_path / "s.png").exists()
+    assert err.startswith("error: 2 files are missing") and "mit-han-lab/lpd_xl_512" in err and not (tmp_path / "s.png").exists()
+    assert "--pretrained_ckpt /path/to/lpd_xl_512.pth" in err and "--vqgan_path /path/to/vq_ds16_c2i.pt" in err
+
+
+def TINY_MODEL() -> LPD:  # noqa: N802
+    return LPD(LPDConfig(img_size=64, embed_dim=32, depth=1, num_heads=2, vocab_size=4, class_num=10))
+
+
+def _demo_checkpoint(tmp_path) -> str:
+    """A checkpoint as ``python -m lpd.demo`` trains it (palette tokenizer, 10 classes), shortened to one epoch."""
+    from lpd.config import parse_args_with_config
+    from lpd.demo.run import _train, build_parser
+
+    small = {"embed_dim": 32, "depth": 1, "num_heads": 2, "vocab_size": 4, "class_num": 10, "proj_dropout": 0.0}
+    args = parse_args_with_config(build_parser(), ["--output_dir", str(tmp_path / "demo"), "--epochs", "1",
+                                                   "--max_train_samples", "32", "--model_config", json.dumps(small)])
+    _train(args, torch.device("cpu"), log=lambda *_: None)
+    return str(tmp_path / "demo" / "train" / "checkpoint-last.pth")
+
+
+def test_the_demo_model_samples_digits_with_its_own_size_classes_and_tokenizer(tmp_path, capsys):
+    from PIL import Image
+
+    from lpd.checkpoint import export
+    from lpd.demo.palette import PaletteTokenizer
+
+    ckpt = _demo_checkpoint(tmp_path)
+    out = tmp_path / "digits.png"
+    assert main(["--pretrained_ckpt", ckpt, "--steps", "8", "--device", "cpu", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "256 px, classes [0, 1, 2, 3, 4, 5, 6, 7, 8, 9], cfg 4, τr 2" in printed  # cfg: what training evaluated at
+    pipe = LPDPipeline.from_pretrained(checkpoint=ckpt, device="cpu")
+    assert isinstance(pipe.tokenizer, PaletteTokenizer) and pipe.tokenizer.levels == 4
+    assert (pipe.img_size, pipe.model.config.class_num, pipe.cfg) == (256, 10, 4.0)
+    images = pipe(list(range(10)), steps=8)
+    assert set(np.unique(images)) <= {0, 85, 170, 255}  # the 4 greys of the palette
+    with Image.open(out) as grid:
+        grid = np.asarray(grid)
+    assert np.array_equal(grid[:256, :256], images[0]) and np.array_equal(grid[:256, -256:], images[9])  # one row
+    assert main(["--pretrained_ckpt", ckpt, "--labels", "207", "--steps", "8", "--output", str(tmp_path / "x.png")]) == 2
+    assert "labels must be in 0..9" in capsys.readouterr().err
+    # an export of it: the same model, size, classes and tokenizer, from the folder alone
+    export(ckpt, str(tmp_path / "export"))
+    again = LPDPipeline.from_pretrained(str(tmp_path / "export"), device="cpu")
+    assert isinstance(again.tokenizer, PaletteTokenizer) and again.cfg == 4.0
+    assert np.array_equal(again(list(range(10)), steps=8), images)
+    assert main(["--model", str(tmp_path / "export"), "--steps", "8", "--output", str(tmp_path / "e.png")]) == 0
