@@ -28,7 +28,8 @@ from lpd.checkpoint import CheckpointError
 from lpd.config import ConfigError, HelpFormatter, check_run_name, check_seed, parse_args_with_config, yaml_mapping
 from lpd.distributed import RankError, cleanup, init_distributed, rank0_first
 from lpd.evaluate import EvaluationError, evaluate
-from lpd.sampling import SamplingConfig, add_sampling_args, sampling_from_args
+from lpd.pipeline import add_paper_sampling_args, paper_settings
+from lpd.sampling import SamplingConfig, sampling_from_args
 from lpd.schedules import group_sizes as default_group_sizes, parse_group_sizes
 
 USER_ERRORS = (ValueError, OSError, CheckpointError, RankError)  # every error lpd raises for bad input
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--group_sizes", default=None, help="explicit schedule, e.g. '[1, 2, 4]' or '[1]*256'")
     g.add_argument("--lpd_order_file", default=None, help="JSON order file (default: orders generated from --seed)")
     g.add_argument("--seed", type=int, default=0)
-    add_sampling_args(p)
+    add_paper_sampling_args(p, {k: f"else {getattr(SamplingConfig(), k)}" for k in ("cfg", "repulsion_threshold")})
     g = p.add_argument_group("outputs and metrics")
     g.add_argument("--output_dir", default="outputs/eval", help="the run folder is created inside it")
     g.add_argument("--run_name", default=None, help="run folder name (default: built from the settings)")
@@ -74,9 +75,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Flags over ``--config`` (whose training keys, as in configs/tiny.yaml, are left to main_train.py)."""
+    from main_train import get_args_parser as train_parser
+    return parse_args_with_config(build_parser(), argv, also_known=train_parser())
+
+
+def sampling_for(args: argparse.Namespace, img_size: int, steps: int) -> SamplingConfig:
+    """The sampling flags; cfg and τr not given: the paper's for --model, the size and steps, else the defaults."""
+    tr, cfg = paper_settings(args.model, img_size, steps) or (SamplingConfig.repulsion_threshold, SamplingConfig.cfg)
+    return sampling_from_args(args, **{k: v for k, v in (("cfg", cfg), ("repulsion_threshold", tr))
+                                       if getattr(args, k) is None})
+
+
 def check_args(args: argparse.Namespace, argv: Sequence[str] | None) -> tuple[SamplingConfig, list[int] | None]:
     """Everything that needs no file and no device, before anything is loaded."""
-    sampling = sampling_from_args(args)
+    sampling = sampling_for(args, args.img_size or 256, args.generation_steps)
     for name in ("num_images", "eval_bsz", "generation_steps", "metrics_bsz") + (("img_size",) if args.img_size is not None else ()):
         v = getattr(args, name)
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -103,8 +117,36 @@ def check_args(args: argparse.Namespace, argv: Sequence[str] | None) -> tuple[Sa
     return sampling, sizes
 
 
-def load_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, str]:
-    """The model the flags ask for, on ``device``, and the name its run is given."""
+def checkpoint_path(args: argparse.Namespace) -> str:
+    """What --pretrained_ckpt names: a file, a sharded or exported folder, or an export's Hub repository."""
+    from lpd import hub
+    from lpd.checkpoint import export_folder
+    path = export_folder(args.pretrained_ckpt) or args.pretrained_ckpt
+    return path if os.path.isdir(path) else hub.local_file(path, what="LPD checkpoint", flag="--pretrained_ckpt")
+
+
+def needed_files(args: argparse.Namespace) -> dict[str, str]:
+    """Every file the run reads, found or fetched together: one error names all that are missing, before any work
+    (the ADM statistics of a checkpoint of unknown size: once it is loaded)."""
+    from lpd import hub
+    from lpd.metrics import resolve_inception_weights
+    size = args.img_size or (None if args.pretrained_ckpt else 256)
+    more = {"checkpoint": lambda: checkpoint_path(args)} if args.pretrained_ckpt else {}
+    if args.lpd_order_file:
+        more["orders"] = lambda: hub.local_file(args.lpd_order_file, what="order file", flag="--lpd_order_file")
+    if not args.no_fid:
+        if size:
+            more["fid_stats"] = lambda: hub.resolve_fid_stats(size, path=args.fid_stats)
+        elif args.fid_stats:
+            more["fid_stats"] = lambda: hub.local_file(args.fid_stats, what="FID reference statistics", flag="--fid_stats")
+        more["inception"] = lambda: resolve_inception_weights(args.inception_weights)
+    return hub.resolve_model_files(args.model, size or 256, vqgan_path=args.vqgan_path, more=more,
+                                   checkpoint=not (args.random_init or args.pretrained_ckpt),
+                                   vq=args.tokenizer == "vq" and (args.vqgan_path or args.vq_config is None))
+
+
+def load_model(args: argparse.Namespace, device: torch.device, path: str | None = None) -> tuple[torch.nn.Module, str]:
+    """The model the flags ask for (``path``: its checkpoint, found already), on ``device``, and its run's name."""
     from lpd.models import LPD, LPDConfig, load_lpd
 
     overrides = dict(args.model_config or {})
@@ -113,14 +155,10 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn
         net.initialize_weights(torch.Generator().manual_seed(args.seed))
         return net.to(device).eval(), f"{args.model or 'lpd'}-randinit"
     from lpd import hub
-    from lpd.checkpoint import export_folder
 
-    if args.pretrained_ckpt:
-        path = rank0_first(lambda: export_folder(args.pretrained_ckpt)) or args.pretrained_ckpt  # an export (or Hub repo)
-        if not os.path.isdir(path):
-            path = hub.local_file(path, what="LPD checkpoint", flag="--pretrained_ckpt")
-    else:
-        path = rank0_first(lambda: hub.resolve_checkpoint(args.model, args.img_size or 256))
+    if path is None:
+        path = rank0_first(lambda: checkpoint_path(args) if args.pretrained_ckpt
+                           else hub.resolve_checkpoint(args.model, args.img_size or 256))
     net = load_lpd(path, model=args.model, img_size=args.img_size, overrides=overrides or None, ema=args.use_ema)
     name = args.model or os.path.splitext(os.path.basename(os.path.normpath(args.pretrained_ckpt)))[0]
     return net.to(device), name + ("-ema" if args.use_ema else "")
@@ -167,14 +205,18 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
     try:
-        model, name = load_model(args, device)
+        files = rank0_first(lambda: needed_files(args))
+        model, name = load_model(args, device, files.get("checkpoint"))
         img_size, grid = model.config.img_size, model.config.grid_size
         sizes = parse_group_sizes(sizes, grid * grid) if sizes else default_group_sizes(img_size, args.generation_steps)
-        fid_stats = None if args.no_fid else rank0_first(lambda: hub.resolve_fid_stats(img_size, path=args.fid_stats))
-        if args.lpd_order_file:
-            hub.local_file(args.lpd_order_file, what="order file", flag="--lpd_order_file")
+        sampling = sampling_for(args, img_size, len(sizes))
+        if dist_info.is_main and paper_settings(args.model, img_size, len(sizes)) and None in (args.cfg, args.repulsion_threshold):
+            print(f"cfg {sampling.cfg:g}, τr {sampling.repulsion_threshold:g}: the paper's settings for {args.model} at "
+                  f"{img_size} px and {len(sizes)} steps (--cfg / --repulsion_threshold change them)", flush=True)
+        fid_stats = None if args.no_fid else files.get("fid_stats") or rank0_first(
+            lambda: hub.resolve_fid_stats(img_size, path=args.fid_stats))
         table = load_orders(args.lpd_order_file, args.num_images, grid) if args.lpd_order_file else None
-        tokenizer = make_tokenizer(args.tokenizer, args.vqgan_path, args.vq_config, args.seed, device)
+        tokenizer = make_tokenizer(args.tokenizer, files.get("vq", args.vqgan_path), args.vq_config, args.seed, device)
         run_dir = os.path.join(args.output_dir, args.run_name or run_name(
             name, img_size, sizes, sampling, args.seed, args.num_images, args.lpd_order_file, bool(args.group_sizes)))
         if dist_info.is_main:
@@ -182,7 +224,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
         record = evaluate(
             model, tokenizer, args.num_images, sizes, sampling, output_dir=run_dir, name=name, order_file=args.lpd_order_file,
             orders=table, seed=args.seed, eval_bsz=args.eval_bsz, compute_fid=not args.no_fid, ref_stats=fid_stats,
-            inception_weights=args.inception_weights, metrics_batch_size=args.metrics_bsz, progress=not args.no_progress,
+            inception_weights=files.get("inception", args.inception_weights), metrics_batch_size=args.metrics_bsz, progress=not args.no_progress,
             info={"command": ["main_eval.py", *(sys.argv[1:] if argv is None else argv)], "args": vars(args)})
         if dist_info.is_main:
             print(summary(record), flush=True)
@@ -213,7 +255,7 @@ def summary(record: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; user errors print one ``error:`` line and return 2."""
     try:
-        run(parse_args_with_config(build_parser(), argv), argv)
+        run(parse_args(argv), argv)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

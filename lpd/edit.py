@@ -19,7 +19,8 @@ import numpy as np
 
 from lpd.checkpoint import CheckpointError, check_output_path
 from lpd.config import ConfigError, HelpFormatter, parse_args_with_config, yaml_mapping
-from lpd.sampling import SamplingConfig, add_sampling_args
+from lpd.pipeline import add_paper_sampling_args
+from lpd.sampling import SamplingConfig
 
 __all__ = ["main"]
 
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paste", action="store_true", help="paste the original pixels back outside the mask")
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", default="edited.png", help="grid PNG; the edits go next to it")
-    add_sampling_args(p, {"cfg": None, "repulsion_threshold": None})
+    add_paper_sampling_args(p, {"cfg": "else --config's", "repulsion_threshold": "else 2 at 16x16 tokens, 4 at 32x32"})
     return p
 
 
@@ -63,26 +64,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problem := check_output_path(args.output, "--output"):
             raise ConfigError(problem)
         import torch
+        from lpd import hub
         from lpd.images import save_grid, write_png
         from lpd.models import load_lpd
-        from lpd.pipeline import LPDPipeline
+        from lpd.pipeline import LPDPipeline, command_line
         from lpd.tokenizer import make_tokenizer
         device = torch.device(args.device)
         if not (args.pretrained_ckpt or args.model):
             raise ConfigError("no model: pass --model (lpd_l, lpd_xl, lpd_xxl) or --pretrained_ckpt FILE")
-        model = load_lpd(args.pretrained_ckpt or args.model, model=args.model if not args.pretrained_ckpt else None,
-                         img_size=args.img_size).to(device)
-        pipe = LPDPipeline(model, make_tokenizer(args.tokenizer, args.vqgan_path, args.vq_config, args.seed, device), name=args.model)
+        files = hub.resolve_model_files(args.model, args.img_size or 256, vqgan_path=args.vqgan_path,
+                                        checkpoint=not args.pretrained_ckpt,
+                                        vq=args.tokenizer == "vq" and (args.vqgan_path or args.vq_config is None))
+        model = load_lpd(files.get("checkpoint", args.pretrained_ckpt), model=args.model, img_size=args.img_size)
+        tokenizer = make_tokenizer(args.tokenizer, files.get("vq", args.vqgan_path), args.vq_config, args.seed, device)
+        pipe = LPDPipeline(model.to(device), tokenizer, name=args.model)
         settings = {k: getattr(args, k) for k in SamplingConfig.__dataclass_fields__}
         if args.label is None:
             settings["cfg"] = 1.0  # unconditional
-        out = pipe.inpaint(args.image, args.region if args.mask is None else args.mask, args.label, steps=args.steps,
-                           num=args.num, seed=args.seed, paste=args.paste, prefill=args.prefill, **settings)
+        with command_line():
+            out = pipe.inpaint(args.image, args.region if args.mask is None else args.mask, args.label,
+                               steps=args.steps, num=args.num, seed=args.seed, paste=args.paste,
+                               prefill=args.prefill, **settings)
     except (OSError, ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     stem, _ = os.path.splitext(args.output)
-    save_grid(args.output, [out["source"], out["masked"], *out["edits"]], ncol=2 + len(out["edits"]), max_tile=out["source"].shape[0])
+    edits = [f"edit {k}" for k in range(len(out["edits"]))]
+    save_grid(args.output, [out["source"], out["masked"], *out["edits"]], ncol=2 + len(edits),
+              max_tile=out["source"].shape[0], col_labels=["source", "masked", *edits])
     for k, im in enumerate(out["edits"]):
         write_png(f"{stem}_{k}.png", np.ascontiguousarray(im))
     print(f"wrote {args.output} (source, masked source, {len(out['edits'])} edits) and {stem}_0..{len(out['edits']) - 1}.png")

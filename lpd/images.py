@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from lpd.checkpoint import atomic_write_bytes
 
@@ -143,16 +143,37 @@ def write_npz(path: str | os.PathLike, image_paths: Sequence[str], size: tuple[i
     atomic_write_bytes(path, write)
 
 
-def save_grid(path: str | os.PathLike, images: Sequence[np.ndarray], ncol: int = 8, max_tile: int = 256) -> None:
-    """Write uint8 ``[H, W, 3]`` images as one PNG grid (tiles shrunk to at most ``max_tile`` pixels)."""
+def save_grid(path: str | os.PathLike, images: Sequence[np.ndarray], ncol: int = 8, max_tile: int = 256,
+              gutter: int = 2, row_labels: Sequence[str] | None = None, col_labels: Sequence[str] | None = None) -> None:
+    """Write uint8 ``[H, W, 3]`` images as one PNG grid: tiles shrunk to at most ``max_tile`` pixels, ``gutter``
+    white pixels between them, ``row_labels`` in a strip left of the rows, ``col_labels`` above the columns."""
     if len(images) == 0:
         raise ValueError("save_grid needs at least one image")
     (h, w), ncol = images[0].shape[:2], min(ncol, len(images))
+    nrow = math.ceil(len(images) / ncol)
+    for labels, want, what in ((row_labels, nrow, "rows"), (col_labels, ncol, "columns")):
+        if labels is not None and len(labels) != want:
+            raise ValueError(f"save_grid: {len(labels)} labels for {want} {what}")
     scale = min(1.0, max_tile / max(h, w))
     th, tw = max(1, round(h * scale)), max(1, round(w * scale))
-    canvas = Image.new("RGB", (ncol * tw, math.ceil(len(images) / ncol) * th), (255, 255, 255))
+    try:
+        font = ImageFont.load_default(size=max(10, min(th, tw) // 16))
+    except (TypeError, ImportError, OSError):  # no FreeType: the fixed bitmap font
+        font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox
+    pad = max(2, gutter)
+    left = max((measure((0, 0), t, font=font)[2] for t in row_labels), default=0) + 2 * pad if row_labels else 0
+    top = max(measure((0, 0), t, font=font)[3] for t in col_labels) + 2 * pad if col_labels else 0
+    canvas = Image.new("RGB", (left + ncol * (tw + gutter) - gutter, top + nrow * (th + gutter) - gutter), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
     for k, arr in enumerate(images):
         tile = Image.fromarray(np.ascontiguousarray(arr), "RGB")
-        canvas.paste(tile if (th, tw) == (h, w) else tile.resize((tw, th), Image.BICUBIC), ((k % ncol) * tw, (k // ncol) * th))
+        x, y = left + (k % ncol) * (tw + gutter), top + (k // ncol) * (th + gutter)
+        canvas.paste(tile if (th, tw) == (h, w) else tile.resize((tw, th), Image.BICUBIC), (x, y))
+    for r, text in enumerate(row_labels or ()):
+        box = measure((0, 0), text, font=font)
+        draw.text((pad, top + r * (th + gutter) + (th - box[3] - box[1]) // 2), text, fill=(0, 0, 0), font=font)
+    for c, text in enumerate(col_labels or ()):
+        box = measure((0, 0), text, font=font)
+        draw.text((left + c * (tw + gutter) + (tw - box[2]) // 2, pad), text, fill=(0, 0, 0), font=font)
     atomic_write_bytes(path, lambda f: canvas.save(f, format="PNG"))
-

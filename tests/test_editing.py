@@ -144,11 +144,45 @@ def test_the_command_line_edits_a_demo_model(tmp_path, capsys):
             "--region", "bottom", "--label", "3", "--steps", "4", "--num", "2", "--output", str(tmp_path / "out" / "e.png")]
     assert main(argv) == 0
     with Image.open(tmp_path / "out" / "e.png") as grid:
-        assert grid.size == (4 * 256, 256)  # source, masked source, two edits
+        grid = np.asarray(grid)
+    top = grid.shape[0] - 256  # the strip naming the columns: source, masked, edit 0, edit 1
+    assert grid.shape[1] == 4 * 256 + 3 * 2 and top > 8 and (grid[:top] < 128).any()
     for k in (0, 1):
         with Image.open(tmp_path / "out" / f"e_{k}.png") as im:
             edit = np.asarray(im)
         assert edit.shape == (256, 256, 3) and np.array_equal(edit[:128], digit[:128])  # the known half, exactly
+    assert np.array_equal(grid[top:, :256], digit)  # the source, under its label
     assert main(argv[:-4] + ["--steps", "999", "--output", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert "--steps must be an integer between 1 and the 128" in err and "Traceback" not in err
+
+
+def test_the_command_line_honours_model_with_a_checkpoint_file(tmp_path, capsys):
+    from lpd.edit import main
+    from lpd.models import LPD, LPDConfig
+
+    # a released-format file (no model_config): --model names its architecture
+    model = LPD(LPDConfig.from_name("lpd_tiny", 256, vocab_size=4, class_num=10))
+    torch.save({"model": model.state_dict()}, tmp_path / "released.pth")
+    Image.fromarray(np.zeros((256, 256, 3), np.uint8)).save(tmp_path / "x.png")
+    common = ["--image", str(tmp_path / "x.png"), "--region", "center", "--label", "1", "--steps", "2", "--num", "1",
+              "--tokenizer", "palette", "--cfg", "2", "--device", "cpu"]
+    argv = ["--model", "lpd_tiny", "--pretrained_ckpt", str(tmp_path / "released.pth"), *common]
+    assert main(argv + ["--output", str(tmp_path / "a.png")]) == 0 and (tmp_path / "a_0.png").is_file()
+    # a file of another architecture than --model is refused (before: --model was ignored)
+    assert main(["--model", "lpd_l", "--pretrained_ckpt", str(tmp_path / "released.pth"), *common,
+                 "--output", str(tmp_path / "b.png")]) == 2
+    assert "is --model the architecture" in capsys.readouterr().err and not (tmp_path / "b.png").exists()
+
+
+def test_the_command_line_names_every_missing_file_offline(tmp_path, monkeypatch, capsys):
+    from lpd.edit import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    Image.fromarray(np.zeros((256, 256, 3), np.uint8)).save(tmp_path / "x.png")
+    assert main(["--model", "lpd_xl", "--image", str(tmp_path / "x.png"), "--region", "center",
+                 "--output", str(tmp_path / "e.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 2 files are missing") and "mit-han-lab/lpd_xl_256" in err
+    assert "FoundationVision/LlamaGen" in err and "python -m lpd.download lpd_xl 256" in err

@@ -237,7 +237,7 @@ def test_npz_holds_exactly_the_png_pixels(tmp_path):
         write_npz(tmp_path / "bad.npz", paths + [str(tmp_path / "nope.png")], (8, 12))
     assert not (tmp_path / "bad.npz").exists()
     save_grid(tmp_path / "grid.png", list(imgs), ncol=2)
-    assert read_png(tmp_path / "grid.png", (24, 24)) is not None
+    assert read_png(tmp_path / "grid.png", (28, 26)) is not None  # 3 x 2 tiles of 8 x 12, 2-pixel gutters
 
 
 def test_settings_record_the_inputs_by_content(model, tokenizer, tmp_path):

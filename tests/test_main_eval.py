@@ -46,7 +46,7 @@ def threads(n: int):
 
 def run_main(argv: list[str]) -> dict:
     with threads(1):
-        return main_eval.run(main_eval.parse_args_with_config(main_eval.build_parser(), argv), argv)
+        return main_eval.run(main_eval.parse_args(argv), argv)
 
 
 def png_bytes(folder: str) -> dict[str, bytes]:
@@ -246,6 +246,7 @@ def test_metrics_through_the_command_line_with_a_stand_in_extractor(tmp_path, mo
         return extract
 
     monkeypatch.setattr(M, "inception_extractor", stand_in)
+    monkeypatch.setattr(M, "resolve_inception_weights", lambda path=None, **_: str(tmp_path / "unused.pth"))
     rng = np.random.RandomState(0)
     M.save_statistics(tmp_path / "ref.npz", rng.rand(12), np.eye(12) * 0.01)
     argv = [a for a in TINY if a != "--no_fid"]

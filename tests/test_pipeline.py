@@ -82,7 +82,9 @@ def test_grid_and_pil(pipe, tmp_path):
     from PIL import Image
 
     with Image.open(tmp_path / "g.png") as g:
-        assert g.size == (128, 128)
+        assert g.size == (130, 130)  # 2 x 2 tiles and a 2-pixel gutter
+        grid = np.asarray(g)
+    assert np.array_equal(grid[66:, :64], images[2]) and (grid[64:66] == 255).all() and (grid[:, 64:66] == 255).all()
 
 
 def test_offline_names_every_missing_file_in_python_words_and_in_flags(tmp_path, monkeypatch, capsys):

@@ -202,7 +202,8 @@ def _editing(args: argparse.Namespace, model: torch.nn.Module, judge: Judge, dev
             shown.append(images[:10])
             log(_row(rows[-1]))
         save_grid(os.path.join(args.output_dir, "samples", f"edit_{task}.png"), [im for row in shown for im in row],
-                  ncol=len(shown[0]), max_tile=64)  # rows: source, masked source, one row per setting
+                  ncol=len(shown[0]), max_tile=64,
+                  row_labels=["source", "masked", *(f"{o} order, prefill {p}" for o, p in EDIT_SETTINGS)])
     return rows
 
 
