@@ -464,6 +464,32 @@ def test_cli_stats_and_fid(tmp_path, capsys, tiny_inception):
                    ]) == 0
 
 
+def test_cli_stats_of_an_image_folder_as_main_cache_reads_it(tmp_path, capsys, tiny_inception):
+    from lpd.images import center_crop_arr
+
+    rng = np.random.default_rng(1)
+    sizes = {"cat": [(40, 30), (33, 33)], "dog": [(20, 50), (64, 48), (17, 17)]}  # (H, W): any size, cropped to 16
+    crops = []
+    for cls, shapes in sizes.items():  # ImageFolder order: classes, then files, sorted
+        os.makedirs(tmp_path / "data" / "train" / cls)
+        for i, shape in enumerate(shapes):
+            im = Image.fromarray(rng.integers(0, 256, size=(*shape, 3), dtype=np.uint8))
+            im.save(tmp_path / "data" / "train" / cls / f"{i}.png")
+            crops.append(center_crop_arr(im, 16))
+    out = tmp_path / "ref.npz"
+    argv = ["stats", "--input", str(tmp_path / "data"), "--img_size", "16", "--output", str(out), "--no_progress"]
+    assert M.main(argv + ["--batch_size", "2"]) == 0 and "from 5 images" in capsys.readouterr().out
+    want = M.compute_statistics(np.stack(crops), TinyExtractor(), batch_size=5, progress=False)
+    mu, sigma = M.load_statistics(out)
+    np.testing.assert_allclose(mu, want.mu, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(sigma, want.sigma, rtol=1e-6, atol=1e-9)
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    _refused(capsys, ["stats", "--input", str(tmp_path / "empty"), "--output", str(tmp_path / "o.npz")],
+             "--input", "holds no images", "ImageFolder")
+    (tmp_path / "data" / "train" / "dog" / "9.png").write_bytes(b"\x89PNG broken")
+    _refused(capsys, argv, "9.png", "not a readable image")
+
+
 def test_cli_refuses_output_folders_before_reading_images(tmp_path, capsys, no_inception):
     folder = _write_folder(tmp_path / "ref", _images(3))
     _refused(capsys, ["stats", "--input", folder, "--output", folder], "--output", folder, "folder")
