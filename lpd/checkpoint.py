@@ -265,7 +265,8 @@ def tokenizer_ref(args: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _model_card(config: dict[str, Any], measured: dict[str, Any] | None, ref: str) -> str:
-    """README.md: the model, its scores (a ``main_eval.py`` metrics.json), its sampling settings, its use."""
+    """README.md: the model, its scores (a ``main_eval.py`` metrics.json), its sampling settings, its use
+    (``ref``: its Hub repository or folder name; ImageNet classes and evaluation only for 1000-class models)."""
     from lpd.sampling import SamplingConfig
     c, train, args = config["model_config"], config["training"], config["training"]["args"]
     if measured:
@@ -273,6 +274,8 @@ def _model_card(config: dict[str, Any], measured: dict[str, Any] | None, ref: st
     else:
         sampling, steps = {k: args[k] for k in SamplingConfig.__dataclass_fields__ if k in args}, args.get("eval_steps")
     run = f"--pretrained_ckpt {ref} --generation_steps {steps or 20} --cfg {sampling.get('cfg', 4.0)}"
+    imagenet = c["class_num"] == 1000
+    labels = [207, 360, 387, 974] if imagenet else list(range(min(4, c["class_num"])))
     return "\n".join([
         "---", "library_name: lpd", "tags: [lpd, image-generation, class-conditional, autoregressive]", "---", "",
         f"# {config.get('model') or 'LPD'} at {c['img_size']} px", "",
@@ -287,8 +290,8 @@ def _model_card(config: dict[str, Any], measured: dict[str, Any] | None, ref: st
         *(f"* {k}: {v}" for k, v in [("steps", steps), *sampling.items()]), "",
         "## Use", "", "```python", "from lpd.pipeline import LPDPipeline", "",
         f'pipe = LPDPipeline.from_pretrained("{ref}")   # or lpd.models.load_lpd("{ref}"): the LPD module',
-        f"images = pipe([207, 360, 387, 974], steps={steps or 20}, cfg={sampling.get('cfg', 4.0)})   # uint8 [4, H, W, 3]",
-        "```", "", f"Evaluation: `python main_eval.py {run} --output_dir out/`.", ""])
+        f"images = pipe({labels}, steps={steps or 20}, cfg={sampling.get('cfg', 4.0)})   # uint8 [{len(labels)}, H, W, 3]",
+        "```", "", *([f"Evaluation on ImageNet: `python main_eval.py {run} --output_dir out/`.", ""] if imagenet else [])])
 
 
 def export(ckpt: str, out_dir: str, *, model: str | None = None, use_ema: bool = False, metrics: str | None = None,
@@ -327,7 +330,7 @@ def export(ckpt: str, out_dir: str, *, model: str | None = None, use_ema: bool =
               "training": {k: state.get(k) for k in ("epoch", "step", "global_step")} | {"args": args}}
     config = json.loads(json.dumps(config, default=str))
     files = {EXPORT_WEIGHTS: save(sd, metadata={"format": "pt"}), EXPORT_CONFIG: json.dumps(config, indent=2).encode(),
-             EXPORT_CARD: _model_card(config, measured, repo or out_dir).encode()}
+             EXPORT_CARD: _model_card(config, measured, repo or f"path/to/{os.path.basename(os.path.normpath(out_dir))}").encode()}
     tmp = temp_dir_for(out_dir)
     try:
         for name, data in files.items():

@@ -237,7 +237,7 @@ def test_model_card_metrics_and_push_to_hub(tmp_path, monkeypatch, capsys):
     assert main(["export", str(tmp_path / "ck.pth"), str(tmp_path / "out"), "--metrics", str(tmp_path / "metrics.json")]) == 0
     card = (tmp_path / "out" / "README.md").read_text()
     assert "| 3.21 | 250.5 | 50000 | 4 |" in card and "* cfg: 4.8" in card and "library_name: lpd" in card
-    assert 'LPDPipeline.from_pretrained("' + str(tmp_path / "out") + '")' in card
+    assert 'LPDPipeline.from_pretrained("path/to/out")' in card and str(tmp_path) not in card  # no local path
     # scores of other weights are refused; nothing is written
     (tmp_path / "other.json").write_text(json.dumps({**metrics, "settings": {"weights_sha256": "ab" * 32}}))
     capsys.readouterr()

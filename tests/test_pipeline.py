@@ -145,6 +145,9 @@ def test_the_demo_model_samples_digits_with_its_own_size_classes_and_tokenizer(t
     assert "labels must be in 0..9" in capsys.readouterr().err
     # an export of it: the same model, size, classes and tokenizer, from the folder alone
     export(ckpt, str(tmp_path / "export"))
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "pipe([0, 1, 2, 3], steps=20, cfg=4.0)" in card and "207" not in card and "main_eval.py" not in card
+    assert str(tmp_path) not in card and 'from_pretrained("path/to/export")' in card
     again = LPDPipeline.from_pretrained(str(tmp_path / "export"), device="cpu")
     assert isinstance(again.tokenizer, PaletteTokenizer) and again.cfg == 4.0
     assert np.array_equal(again(list(range(10)), steps=8), images)
