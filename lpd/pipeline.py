@@ -25,7 +25,8 @@ from lpd.orders.source import OrderSource
 from lpd.sampling import SamplingConfig, add_sampling_args
 from lpd.schedules import group_sizes as default_group_sizes, parse_group_sizes
 
-__all__ = ["LPDPipeline", "PAPER_SETTINGS", "paper_settings", "add_paper_sampling_args", "command_line", "main"]
+__all__ = ["LPDPipeline", "PAPER_SETTINGS", "paper_settings", "add_paper_sampling_args", "command_line", "build_parser",
+           "main"]
 
 #: (model, img_size, steps) -> (repulsion threshold τr, linear cfg scale) of the released evaluation scripts.
 PAPER_SETTINGS: dict[tuple[str, int, int], tuple[float, float]] = {
@@ -218,8 +219,8 @@ def _labels(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated class indices such as 207,360, got {text!r}") from None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; user errors print one ``error:`` line and return 2."""
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of ``python -m lpd.pipeline``."""
     p = argparse.ArgumentParser(prog="python -m lpd.pipeline", allow_abbrev=False, formatter_class=HelpFormatter,
                                 description="Sample images of given classes with an LPD model into a PNG grid.")
     p.add_argument("--model", default=None, help="released preset lpd_l, lpd_xl, lpd_xxl (default: lpd_l without "
@@ -237,7 +238,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--output", default="samples.png", help="PNG grid to write")
     add_paper_sampling_args(p, {"cfg": "else the cfg the checkpoint's training evaluated at",
                                 "repulsion_threshold": "else 2 at 16x16 tokens, 4 at 32x32"})
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; user errors print one ``error:`` line and return 2."""
+    args = build_parser().parse_args(argv)
     try:
         with command_line():
             pipe = LPDPipeline.from_pretrained(args.model, args.img_size, checkpoint=args.pretrained_ckpt,
