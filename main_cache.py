@@ -36,7 +36,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--vqgan_path", default=None, help="VQ checkpoint (vq_ds16_c2i.pt)")
     p.add_argument("--vq_config", type=yaml_mapping, default=None, help="VQ architecture (without --vqgan_path: random test VQ)")
     p.add_argument("--batch_size", type=int, default=64, help="images per batch and process")
-    p.add_argument("--num_workers", type=int, default=min(4, available_cpus()), help="DataLoader processes")
+    p.add_argument("--num_workers", type=int, default=min(4, available_cpus()),
+                   help="DataLoader processes")
     p.add_argument("--shard_size", type=int, default=0, help="consolidated: images per shard (0: automatic)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0, help="weights of the random test VQ (no --vqgan_path)")

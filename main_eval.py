@@ -25,7 +25,8 @@ from typing import Any, Sequence
 import torch
 
 from lpd.checkpoint import CheckpointError
-from lpd.config import ConfigError, HelpFormatter, check_run_name, check_seed, parse_args_with_config, yaml_mapping
+from lpd.config import (ConfigError, HelpFormatter, check_run_name, check_seed,
+                        parse_args_with_config, yaml_mapping)
 from lpd.distributed import RankError, cleanup, init_distributed, rank0_first
 from lpd.evaluate import EvaluationError, evaluate
 from lpd.pipeline import add_paper_sampling_args, paper_settings
@@ -36,7 +37,8 @@ USER_ERRORS = (ValueError, OSError, CheckpointError, RankError)  # every error l
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                formatter_class=HelpFormatter)
     p.add_argument("--config", default=None, help="YAML file of defaults (keys are these flag names)")
     g = p.add_argument_group("model and tokenizer")
     g.add_argument("--model", default=None, help="preset: lpd_l, lpd_xl, lpd_xxl (released checkpoints), lpd_tiny")
@@ -56,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--group_sizes", default=None, help="explicit schedule, e.g. '[1, 2, 4]' or '[1]*256'")
     g.add_argument("--lpd_order_file", default=None, help="JSON order file (default: orders generated from --seed)")
     g.add_argument("--seed", type=int, default=0)
-    add_paper_sampling_args(p, {k: f"else {getattr(SamplingConfig(), k)}" for k in ("cfg", "repulsion_threshold")})
+    add_paper_sampling_args(p, {k: f"else {getattr(SamplingConfig(), k)}"
+                                for k in ("cfg", "repulsion_threshold")})
     g = p.add_argument_group("outputs and metrics")
     g.add_argument("--output_dir", default="outputs/eval", help="the run folder is created inside it")
     g.add_argument("--run_name", default=None, help="run folder name (default: built from the settings)")
@@ -76,16 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Flags over ``--config`` (whose training keys, as in configs/tiny.yaml, are left to main_train.py)."""
+    """Flags over ``--config``; its main_train.py keys (configs/tiny.yaml's lr ...) are ignored."""
     from main_train import get_args_parser as train_parser
     return parse_args_with_config(build_parser(), argv, also_known=train_parser())
 
 
 def sampling_for(args: argparse.Namespace, img_size: int, steps: int) -> SamplingConfig:
-    """The sampling flags; cfg and τr not given: the paper's for --model, the size and steps, else the defaults."""
-    tr, cfg = paper_settings(args.model, img_size, steps) or (SamplingConfig.repulsion_threshold, SamplingConfig.cfg)
-    return sampling_from_args(args, **{k: v for k, v in (("cfg", cfg), ("repulsion_threshold", tr))
-                                       if getattr(args, k) is None})
+    """The sampling flags; cfg and τr not given: the paper's for --model, size and steps, else the
+    defaults of :class:`SamplingConfig`."""
+    default = (SamplingConfig.repulsion_threshold, SamplingConfig.cfg)
+    tr, cfg = paper_settings(args.model, img_size, steps) or default
+    unset = {k: v for k, v in (("cfg", cfg), ("repulsion_threshold", tr))
+             if getattr(args, k) is None}
+    return sampling_from_args(args, **unset)
 
 
 def check_args(args: argparse.Namespace, argv: Sequence[str] | None) -> tuple[SamplingConfig, list[int] | None]:
@@ -117,36 +123,33 @@ def check_args(args: argparse.Namespace, argv: Sequence[str] | None) -> tuple[Sa
     return sampling, sizes
 
 
-def checkpoint_path(args: argparse.Namespace) -> str:
-    """What --pretrained_ckpt names: a file, a sharded or exported folder, or an export's Hub repository."""
-    from lpd import hub
-    from lpd.checkpoint import export_folder
-    path = export_folder(args.pretrained_ckpt) or args.pretrained_ckpt
-    return path if os.path.isdir(path) else hub.local_file(path, what="LPD checkpoint", flag="--pretrained_ckpt")
-
-
 def needed_files(args: argparse.Namespace) -> dict[str, str]:
-    """Every file the run reads, found or fetched together: one error names all that are missing, before any work
-    (the ADM statistics of a checkpoint of unknown size: once it is loaded)."""
+    """Every file the run reads, found or fetched together: one error names all that are missing,
+    before any work (the ADM statistics of a checkpoint of unknown size: once it is loaded)."""
     from lpd import hub
     from lpd.metrics import resolve_inception_weights
     size = args.img_size or (None if args.pretrained_ckpt else 256)
-    more = {"checkpoint": lambda: checkpoint_path(args)} if args.pretrained_ckpt else {}
+    more = {}
     if args.lpd_order_file:
-        more["orders"] = lambda: hub.local_file(args.lpd_order_file, what="order file", flag="--lpd_order_file")
+        more["order file"] = lambda: hub.local_file(args.lpd_order_file, what="order file",
+                                                    flag="--lpd_order_file")
+    if not args.no_fid and size:
+        more["ADM statistics"] = lambda: hub.resolve_fid_stats(size, path=args.fid_stats)
+    elif not args.no_fid and args.fid_stats:
+        more["ADM statistics"] = lambda: hub.local_file(args.fid_stats, what="FID statistics",
+                                                        flag="--fid_stats")
     if not args.no_fid:
-        if size:
-            more["fid_stats"] = lambda: hub.resolve_fid_stats(size, path=args.fid_stats)
-        elif args.fid_stats:
-            more["fid_stats"] = lambda: hub.local_file(args.fid_stats, what="FID reference statistics", flag="--fid_stats")
-        more["inception"] = lambda: resolve_inception_weights(args.inception_weights)
-    return hub.resolve_model_files(args.model, size or 256, vqgan_path=args.vqgan_path, more=more,
-                                   checkpoint=not (args.random_init or args.pretrained_ckpt),
-                                   vq=args.tokenizer == "vq" and (args.vqgan_path or args.vq_config is None))
+        more["Inception weights"] = lambda: resolve_inception_weights(args.inception_weights)
+    vq = args.tokenizer == "vq" and (args.vqgan_path or args.vq_config is None)
+    return hub.resolve_model_files(args.model, size or 256, checkpoint=args.pretrained_ckpt,
+                                   released=not args.random_init, vq=vq, vqgan_path=args.vqgan_path,
+                                   more=more)
 
 
-def load_model(args: argparse.Namespace, device: torch.device, path: str | None = None) -> tuple[torch.nn.Module, str]:
-    """The model the flags ask for (``path``: its checkpoint, found already), on ``device``, and its run's name."""
+def load_model(args: argparse.Namespace, device: torch.device,
+               path: str | None = None) -> tuple[torch.nn.Module, str]:
+    """The model the flags ask for (``path``: its checkpoint, found already), on ``device``, and its
+    run's name."""
     from lpd.models import LPD, LPDConfig, load_lpd
 
     overrides = dict(args.model_config or {})
@@ -157,8 +160,9 @@ def load_model(args: argparse.Namespace, device: torch.device, path: str | None 
     from lpd import hub
 
     if path is None:
-        path = rank0_first(lambda: checkpoint_path(args) if args.pretrained_ckpt
-                           else hub.resolve_checkpoint(args.model, args.img_size or 256))
+        path = rank0_first(lambda: hub.resolve_model_files(
+            args.model, args.img_size or 256, checkpoint=args.pretrained_ckpt, vq=False))
+        path = path["checkpoint"]
     net = load_lpd(path, model=args.model, img_size=args.img_size, overrides=overrides or None, ema=args.use_ema)
     name = args.model or os.path.splitext(os.path.basename(os.path.normpath(args.pretrained_ckpt)))[0]
     return net.to(device), name + ("-ema" if args.use_ema else "")
@@ -210,13 +214,16 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
         img_size, grid = model.config.img_size, model.config.grid_size
         sizes = parse_group_sizes(sizes, grid * grid) if sizes else default_group_sizes(img_size, args.generation_steps)
         sampling = sampling_for(args, img_size, len(sizes))
-        if dist_info.is_main and paper_settings(args.model, img_size, len(sizes)) and None in (args.cfg, args.repulsion_threshold):
-            print(f"cfg {sampling.cfg:g}, τr {sampling.repulsion_threshold:g}: the paper's settings for {args.model} at "
-                  f"{img_size} px and {len(sizes)} steps (--cfg / --repulsion_threshold change them)", flush=True)
-        fid_stats = None if args.no_fid else files.get("fid_stats") or rank0_first(
+        paper = paper_settings(args.model, img_size, len(sizes))
+        if dist_info.is_main and paper and None in (args.cfg, args.repulsion_threshold):
+            print(f"cfg {sampling.cfg:g}, τr {sampling.repulsion_threshold:g}: the paper's for "
+                  f"{args.model} at {img_size} px, {len(sizes)} steps (--cfg and "
+                  f"--repulsion_threshold change them)", flush=True)
+        fid_stats = None if args.no_fid else files.get("ADM statistics") or rank0_first(
             lambda: hub.resolve_fid_stats(img_size, path=args.fid_stats))
         table = load_orders(args.lpd_order_file, args.num_images, grid) if args.lpd_order_file else None
-        tokenizer = make_tokenizer(args.tokenizer, files.get("vq", args.vqgan_path), args.vq_config, args.seed, device)
+        vq_path = files.get("VQ tokenizer", args.vqgan_path)
+        tokenizer = make_tokenizer(args.tokenizer, vq_path, args.vq_config, args.seed, device)
         run_dir = os.path.join(args.output_dir, args.run_name or run_name(
             name, img_size, sizes, sampling, args.seed, args.num_images, args.lpd_order_file, bool(args.group_sizes)))
         if dist_info.is_main:
@@ -224,7 +231,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
         record = evaluate(
             model, tokenizer, args.num_images, sizes, sampling, output_dir=run_dir, name=name, order_file=args.lpd_order_file,
             orders=table, seed=args.seed, eval_bsz=args.eval_bsz, compute_fid=not args.no_fid, ref_stats=fid_stats,
-            inception_weights=files.get("inception", args.inception_weights), metrics_batch_size=args.metrics_bsz, progress=not args.no_progress,
+            inception_weights=files.get("Inception weights", args.inception_weights),
+            metrics_batch_size=args.metrics_bsz, progress=not args.no_progress,
             info={"command": ["main_eval.py", *(sys.argv[1:] if argv is None else argv)], "args": vars(args)})
         if dist_info.is_main:
             print(summary(record), flush=True)

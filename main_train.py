@@ -39,7 +39,8 @@ def _bool(text: str) -> bool:
 
 def get_args_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser("LPD training", allow_abbrev=False, description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser("LPD training", allow_abbrev=False, description=__doc__,
+                                formatter_class=HelpFormatter)
     p.add_argument("--config", default=None, help="YAML file of defaults (flag names as keys); flags override it")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=d.model, help="preset: lpd_l, lpd_xl, lpd_xxl, lpd_tiny")

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 __all__ = ["CheckpointError", "load_checkpoint", "load_state_dict", "check_state_dict", "load_into", "interpolate_pos_embed",
            "save_checkpoint", "atomic_write_bytes", "TMP_PREFIX", "state_dict_digest", "check_finite", "check_output_path",
-           "temp_dir_for", "replace_dir", "export_folder", "export_config", "read_export", "tokenizer_ref", "export",
-           "push_to_hub"]
+           "temp_dir_for", "replace_dir", "export_folder", "export_config", "read_export",
+           "tokenizer_ref", "export", "push_to_hub"]
 
 TMP_PREFIX = ".tmp-"  # temporary files of atomic_write_bytes (left only by a killed process)
 
@@ -265,8 +265,8 @@ def tokenizer_ref(args: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _model_card(config: dict[str, Any], measured: dict[str, Any] | None, ref: str) -> str:
-    """README.md: the model, its scores (a ``main_eval.py`` metrics.json), its sampling settings, its use
-    (``ref``: its Hub repository or folder name; ImageNet classes and evaluation only for 1000-class models)."""
+    """README.md: the model, its scores (a ``main_eval.py`` metrics.json), its sampling settings,
+    its use (``ref``: its Hub repository or folder; ImageNet only for 1000-class models)."""
     from lpd.sampling import SamplingConfig
     c, train, args = config["model_config"], config["training"], config["training"]["args"]
     if measured:
@@ -290,8 +290,10 @@ def _model_card(config: dict[str, Any], measured: dict[str, Any] | None, ref: st
         *(f"* {k}: {v}" for k, v in [("steps", steps), *sampling.items()]), "",
         "## Use", "", "```python", "from lpd.pipeline import LPDPipeline", "",
         f'pipe = LPDPipeline.from_pretrained("{ref}")   # or lpd.models.load_lpd("{ref}"): the LPD module',
-        f"images = pipe({labels}, steps={steps or 20}, cfg={sampling.get('cfg', 4.0)})   # uint8 [{len(labels)}, H, W, 3]",
-        "```", "", *([f"Evaluation on ImageNet: `python main_eval.py {run} --output_dir out/`.", ""] if imagenet else [])])
+        f"images = pipe({labels}, steps={steps or 20}, cfg={sampling.get('cfg', 4.0)})"
+        f"   # uint8 [{len(labels)}, H, W, 3]", "```", "",
+        *([f"Evaluation on ImageNet: `python main_eval.py {run} --output_dir out/`.", ""]
+          if imagenet else [])])
 
 
 def export(ckpt: str, out_dir: str, *, model: str | None = None, use_ema: bool = False, metrics: str | None = None,
@@ -329,8 +331,9 @@ def export(ckpt: str, out_dir: str, *, model: str | None = None, use_ema: bool =
               "parameters": sum(v.numel() for v in sd.values()), "tokenizer": tokenizer_ref(args),
               "training": {k: state.get(k) for k in ("epoch", "step", "global_step")} | {"args": args}}
     config = json.loads(json.dumps(config, default=str))
+    name = os.path.basename(os.path.normpath(out_dir))  # the card names no local path
     files = {EXPORT_WEIGHTS: save(sd, metadata={"format": "pt"}), EXPORT_CONFIG: json.dumps(config, indent=2).encode(),
-             EXPORT_CARD: _model_card(config, measured, repo or f"path/to/{os.path.basename(os.path.normpath(out_dir))}").encode()}
+             EXPORT_CARD: _model_card(config, measured, repo or f"path/to/{name}").encode()}
     tmp = temp_dir_for(out_dir)
     try:
         for name, data in files.items():

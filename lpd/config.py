@@ -10,8 +10,8 @@ from typing import Any, Collection, Sequence
 
 import yaml
 
-__all__ = ["ConfigError", "HelpFormatter", "load_config", "parse_args_with_config", "yaml_mapping", "check_seed",
-           "check_run_name"]
+__all__ = ["ConfigError", "HelpFormatter", "load_config", "parse_args_with_config", "yaml_mapping",
+           "check_seed", "check_run_name"]
 
 
 class ConfigError(ValueError):
@@ -19,11 +19,13 @@ class ConfigError(ValueError):
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """``--help`` keeps the description's lines and shows each option's default (unless None, off or said)."""
+    """``--help`` keeps the description's lines and shows each option's default (unless None, off
+    or already said)."""
 
     def _format_action(self, action: argparse.Action) -> str:
         d, text = action.default, action.help or ""
-        if action.option_strings and not (d is None or d is False or d == argparse.SUPPRESS or "default" in text):
+        hidden = d is None or d is False or d == argparse.SUPPRESS or "default" in text
+        if action.option_strings and not hidden:
             action = copy.copy(action)
             action.help = f"{text} (default: %(default)s)".lstrip()
         return super()._format_action(action)

@@ -9,12 +9,12 @@ import warnings
 
 import torch
 
-__all__ = ["synchronize", "device_description", "library_versions", "cpu_has_native_bf16", "warn_if_emulated_bf16",
-           "available_cpus"]
+__all__ = ["synchronize", "device_description", "library_versions", "cpu_has_native_bf16",
+           "warn_if_emulated_bf16", "available_cpus"]
 
 
 def available_cpus() -> int:
-    """The CPU cores this process may run on (its affinity mask, e.g. a Slurm or container limit)."""
+    """The CPU cores this process may run on (its affinity: a Slurm task's or container's share)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

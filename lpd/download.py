@@ -1,69 +1,70 @@
 """Fetch every file a row of the paper's table needs, into the caches that main_eval.py reads.
 
-    python -m lpd.download lpd_l 256          # checkpoint, LlamaGen VQ, ADM statistics, Inception weights
-    python -m lpd.download lpd_l 256 --list   # only print the equivalent commands (for another machine)
+    python -m lpd.download lpd_l 256         # checkpoint, LlamaGen VQ, ADM statistics, Inception
+    python -m lpd.download lpd_l 256 --list  # only print the same as commands (for another machine)
 
-Afterwards `HF_HUB_OFFLINE=1 python main_eval.py --model lpd_l --img_size 256 ...` needs no network.
+Then `HF_HUB_OFFLINE=1 python main_eval.py --model lpd_l --img_size 256 ...` needs no network.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
 
 from lpd import hub
 from lpd.config import HelpFormatter
 
-__all__ = ["released_files", "commands", "main"]
+__all__ = ["fetch", "commands", "main"]
 
 
-def released_files(model: str, img_size: int) -> dict[str, Callable[[], str]]:
-    """The files of a ``main_eval.py`` run of the released ``model`` at ``img_size``, as resolvers."""
+def fetch(model: str, img_size: int) -> dict[str, str]:
+    """Every file of a ``main_eval.py`` run of the released ``model`` at ``img_size``, by name."""
     from lpd.metrics import resolve_inception_weights
-    return {"checkpoint": functools.partial(hub.resolve_checkpoint, model, img_size), "VQ tokenizer": hub.resolve_vq,
-            "ADM statistics": functools.partial(hub.resolve_fid_stats, img_size),
+    more = {"ADM statistics": lambda: hub.resolve_fid_stats(img_size),
             "Inception weights": resolve_inception_weights}
+    return hub.resolve_model_files(model, img_size, more=more)
 
 
 def commands(model: str, img_size: int) -> list[str]:
     """Shell commands that put the same files where lpd looks for them."""
     from lpd.metrics import INCEPTION_WEIGHTS_URL, inception_cache
-    stats = hub.FID_STATS_FILENAME.format(img_size=img_size)
-    return [f"hf download {hub.RELEASED_CHECKPOINTS[model, img_size]} {hub.CHECKPOINT_FILENAME.format(model=model, img_size=img_size)}",
+    checkpoint = hub.CHECKPOINT_FILENAME.format(model=model, img_size=img_size)
+    stats = os.path.join(hub.fid_stats_dir(), hub.FID_STATS_FILENAME.format(img_size=img_size))
+    inception = os.path.join(inception_cache(), os.path.basename(INCEPTION_WEIGHTS_URL))
+    return [f"hf download {hub.RELEASED_CHECKPOINTS[model, img_size]} {checkpoint}",
             f"hf download {hub.VQ_REPO} {hub.VQ_FILENAME}",
-            f"curl -fL --create-dirs -o {os.path.join(hub.fid_stats_dir(), stats)} {hub.FID_STATS_SOURCES[img_size][0]}",
-            f"curl -fL --create-dirs -o {os.path.join(inception_cache(), os.path.basename(INCEPTION_WEIGHTS_URL))} "
-            f"{INCEPTION_WEIGHTS_URL}"]
+            f"curl -fL --create-dirs -o {stats} {hub.FID_STATS_SOURCES[img_size][0]}",
+            f"curl -fL --create-dirs -o {inception} {INCEPTION_WEIGHTS_URL}"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; a missing file prints one ``error:`` message naming every missing file, and returns 2."""
-    models = sorted({m for m, _ in hub.RELEASED_CHECKPOINTS})
-    p = argparse.ArgumentParser(prog="python -m lpd.download", allow_abbrev=False, description=__doc__,
-                                formatter_class=HelpFormatter)
-    p.add_argument("model", choices=models, help="released model")
-    p.add_argument("img_size", type=int, choices=sorted({s for _, s in hub.RELEASED_CHECKPOINTS}), help="resolution")
+    """Entry point; missing files print one ``error:`` message naming each of them, and return 2."""
+    released = hub.RELEASED_CHECKPOINTS
+    p = argparse.ArgumentParser(prog="python -m lpd.download", allow_abbrev=False,
+                                description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("model", choices=sorted({m for m, _ in released}), help="released model")
+    p.add_argument("img_size", type=int, choices=sorted({s for _, s in released}), help="pixels")
     p.add_argument("--list", action="store_true", help="print the commands only; fetch nothing")
     args = p.parse_args(argv)
-    if (args.model, args.img_size) not in hub.RELEASED_CHECKPOINTS:
-        released = ", ".join(f"{m} {s}" for m, s in hub.RELEASED_CHECKPOINTS)
-        print(f"error: {args.model} was not released at {args.img_size} px; released: {released}", file=sys.stderr)
+    if (args.model, args.img_size) not in released:
+        pairs = ", ".join(f"{m} {s}" for m, s in released)
+        print(f"error: {args.model} was not released at {args.img_size} px; released: {pairs}",
+              file=sys.stderr)
         return 2
     print("The same with the command-line tools (HF_HUB_CACHE / HF_HOME choose the Hub cache):")
     print("\n".join(f"  {c}" for c in commands(args.model, args.img_size)), flush=True)
     if args.list:
         return 0
     try:
-        paths = hub.resolve_all(released_files(args.model, args.img_size))
+        paths = fetch(args.model, args.img_size)
     except hub.ResolveError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("\n".join(f"{name}: {path}" for name, path in paths.items()))
-    print(f"ready: `HF_HUB_OFFLINE=1 python main_eval.py --model {args.model} --img_size {args.img_size}` "
-          f"finds every file without network access")
+    print(f"ready: `HF_HUB_OFFLINE=1 python main_eval.py --model {args.model} --img_size "
+          f"{args.img_size}` finds every file without network access")
     return 0
 
 

@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paste", action="store_true", help="paste the original pixels back outside the mask")
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", default="edited.png", help="grid PNG; the edits go next to it")
-    add_paper_sampling_args(p, {"cfg": "else --config's", "repulsion_threshold": "else 2 at 16x16 tokens, 4 at 32x32"})
+    add_paper_sampling_args(p, {"cfg": "else --config's",
+                                "repulsion_threshold": "else 2 at 16x16 tokens, 4 at 32x32"})
     return p
 
 
@@ -72,19 +73,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = torch.device(args.device)
         if not (args.pretrained_ckpt or args.model):
             raise ConfigError("no model: pass --model (lpd_l, lpd_xl, lpd_xxl) or --pretrained_ckpt FILE")
-        files = hub.resolve_model_files(args.model, args.img_size or 256, vqgan_path=args.vqgan_path,
-                                        checkpoint=not args.pretrained_ckpt,
-                                        vq=args.tokenizer == "vq" and (args.vqgan_path or args.vq_config is None))
-        model = load_lpd(files.get("checkpoint", args.pretrained_ckpt), model=args.model, img_size=args.img_size)
-        tokenizer = make_tokenizer(args.tokenizer, files.get("vq", args.vqgan_path), args.vq_config, args.seed, device)
-        pipe = LPDPipeline(model.to(device), tokenizer, name=args.model)
+        vq = args.tokenizer == "vq" and (args.vqgan_path or args.vq_config is None)
+        files = hub.resolve_model_files(args.model, args.img_size or 256, vq=vq,
+                                        vqgan_path=args.vqgan_path, checkpoint=args.pretrained_ckpt)
+        model = load_lpd(files["checkpoint"], model=args.model, img_size=args.img_size).to(device)
+        vq_path = files.get("VQ tokenizer", args.vqgan_path)
+        tokenizer = make_tokenizer(args.tokenizer, vq_path, args.vq_config, args.seed, device)
+        pipe = LPDPipeline(model, tokenizer, name=args.model)
         settings = {k: getattr(args, k) for k in SamplingConfig.__dataclass_fields__}
         if args.label is None:
             settings["cfg"] = 1.0  # unconditional
         with command_line():
-            out = pipe.inpaint(args.image, args.region if args.mask is None else args.mask, args.label,
-                               steps=args.steps, num=args.num, seed=args.seed, paste=args.paste,
-                               prefill=args.prefill, **settings)
+            mask = args.region if args.mask is None else args.mask
+            out = pipe.inpaint(args.image, mask, args.label, steps=args.steps, num=args.num,
+                               seed=args.seed, paste=args.paste, prefill=args.prefill, **settings)
     except (OSError, ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -46,18 +46,19 @@ class ResolveError(FileNotFoundError):
 
 
 def resolve_all(resolvers: Mapping[str, Callable[[], str]], hint: str = "") -> dict[str, str]:
-    """Each resolver's path; the failures of all of them in one ResolveError (offline: every missing file at once)."""
-    paths, failed = {}, []
+    """Each resolver's path, by name; the failures of all of them in one ResolveError."""
+    paths, failed = {}, {}
     for name, resolve in resolvers.items():
         try:
             paths[name] = resolve()
         except ResolveError as e:
-            failed.append(str(e))
+            failed[name] = str(e)
     if len(failed) > 1:
-        raise ResolveError(f"{len(failed)} files are missing:\n" + "\n".join(f"({k}) {m}" for k, m in enumerate(failed, 1))
+        each = "\n".join(f"({k}) {m}" for k, m in enumerate(failed.values(), 1))
+        raise ResolveError(f"{len(failed)} files are missing ({', '.join(failed)}):\n{each}"
                            + (f"\n{hint}" if hint else ""))
     if failed:
-        raise ResolveError(failed[0] + (f"\n  {hint}" if hint else ""))
+        raise ResolveError(next(iter(failed.values())) + (f"\n  {hint}" if hint else ""))
     return paths
 
 
@@ -65,25 +66,42 @@ def download_hint(model: str | None, img_size: int) -> str:
     """How to fetch every file of a released model at once ("" for others)."""
     if (model, img_size) not in RELEASED_CHECKPOINTS:
         return ""
-    return (f"On a machine with network access, `python -m lpd.download {model} {img_size}` fetches all of them "
-            f"(`--list` prints the commands); HF_HUB_OFFLINE=1 then skips every network call.")
+    return (f"On a machine with network access, `python -m lpd.download {model} {img_size}` "
+            f"fetches all of them (`--list` prints the commands); HF_HUB_OFFLINE=1 then skips "
+            f"every network call.")
 
 
-def resolve_model_files(model: str | None, img_size: int, *, vqgan_path: str | os.PathLike | None = None,
-                        checkpoint: bool = True, vq: bool = True,
-                        more: Mapping[str, Callable[[], str]] | None = None) -> dict[str, str]:
-    """``checkpoint`` (the released one of ``model``), ``vq`` and ``more``, with :func:`resolve_all`."""
+def resolve_user_checkpoint(path: str | os.PathLike) -> str:
+    """What --pretrained_ckpt names: a file, a sharded or exported folder, an export repository."""
+    from lpd.checkpoint import export_folder
+    path = os.fspath(path)
+    path = export_folder(path) or path
+    if os.path.isdir(path):
+        return path
+    return local_file(path, what="LPD checkpoint", flag="--pretrained_ckpt")
+
+
+def resolve_model_files(
+    model: str | None, img_size: int, *, checkpoint: str | os.PathLike | None = None,
+    released: bool = True, vqgan_path: str | os.PathLike | None = None, vq: bool = True,
+    more: Mapping[str, Callable[[], str]] | None = None,
+) -> dict[str, str]:
+    """With :func:`resolve_all`: "checkpoint" (``checkpoint``, else the released one of ``model`` if
+    ``released``), "VQ tokenizer" (``vqgan_path`` or the released one, if ``vq``) and ``more``."""
     need: dict[str, Callable[[], str]] = {}
-    if checkpoint:
+    if checkpoint is not None:
+        need["checkpoint"] = lambda: resolve_user_checkpoint(checkpoint)
+    elif released:
         need["checkpoint"] = lambda: resolve_checkpoint(model, img_size)
     if vq:
-        need["vq"] = lambda: resolve_vq(vqgan_path)
+        need["VQ tokenizer"] = lambda: resolve_vq(vqgan_path)
     return resolve_all({**need, **(more or {})}, hint=download_hint(model, img_size))
 
 
 def fid_stats_dir() -> str:
-    """Where downloaded ADM statistics are kept: ``$LPD_CACHE/fid_stats`` (default ``~/.cache/lpd``)."""
-    return os.path.join(os.path.expanduser(os.environ.get("LPD_CACHE") or "~/.cache/lpd"), "fid_stats")
+    """Where downloaded ADM statistics are kept: ``$LPD_CACHE/fid_stats`` (``~/.cache/lpd``)."""
+    return os.path.join(os.path.expanduser(os.environ.get("LPD_CACHE") or "~/.cache/lpd"),
+                        "fid_stats")
 
 
 def offline() -> bool:

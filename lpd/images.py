@@ -143,10 +143,12 @@ def write_npz(path: str | os.PathLike, image_paths: Sequence[str], size: tuple[i
     atomic_write_bytes(path, write)
 
 
-def save_grid(path: str | os.PathLike, images: Sequence[np.ndarray], ncol: int = 8, max_tile: int = 256,
-              gutter: int = 2, row_labels: Sequence[str] | None = None, col_labels: Sequence[str] | None = None) -> None:
-    """Write uint8 ``[H, W, 3]`` images as one PNG grid: tiles shrunk to at most ``max_tile`` pixels, ``gutter``
-    white pixels between them, ``row_labels`` in a strip left of the rows, ``col_labels`` above the columns."""
+def save_grid(path: str | os.PathLike, images: Sequence[np.ndarray], ncol: int = 8,
+              max_tile: int = 256, gutter: int = 2, row_labels: Sequence[str] | None = None,
+              col_labels: Sequence[str] | None = None) -> None:
+    """Write uint8 ``[H, W, 3]`` images as one PNG grid: tiles shrunk to at most ``max_tile``
+    pixels, ``gutter`` white pixels between them, ``row_labels`` left of the rows, ``col_labels``
+    above the columns."""
     if len(images) == 0:
         raise ValueError("save_grid needs at least one image")
     (h, w), ncol = images[0].shape[:2], min(ncol, len(images))
@@ -162,9 +164,10 @@ def save_grid(path: str | os.PathLike, images: Sequence[np.ndarray], ncol: int =
         font = ImageFont.load_default()
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox
     pad = max(2, gutter)
-    left = max((measure((0, 0), t, font=font)[2] for t in row_labels), default=0) + 2 * pad if row_labels else 0
+    left = max(measure((0, 0), t, font=font)[2] for t in row_labels) + 2 * pad if row_labels else 0
     top = max(measure((0, 0), t, font=font)[3] for t in col_labels) + 2 * pad if col_labels else 0
-    canvas = Image.new("RGB", (left + ncol * (tw + gutter) - gutter, top + nrow * (th + gutter) - gutter), (255, 255, 255))
+    size = (left + ncol * (tw + gutter) - gutter, top + nrow * (th + gutter) - gutter)
+    canvas = Image.new("RGB", size, (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for k, arr in enumerate(images):
         tile = Image.fromarray(np.ascontiguousarray(arr), "RGB")
@@ -172,8 +175,9 @@ def save_grid(path: str | os.PathLike, images: Sequence[np.ndarray], ncol: int =
         canvas.paste(tile if (th, tw) == (h, w) else tile.resize((tw, th), Image.BICUBIC), (x, y))
     for r, text in enumerate(row_labels or ()):
         box = measure((0, 0), text, font=font)
-        draw.text((pad, top + r * (th + gutter) + (th - box[3] - box[1]) // 2), text, fill=(0, 0, 0), font=font)
+        y = top + r * (th + gutter) + (th - box[3] - box[1]) // 2
+        draw.text((pad, y), text, fill=(0, 0, 0), font=font)
     for c, text in enumerate(col_labels or ()):
-        box = measure((0, 0), text, font=font)
-        draw.text((left + c * (tw + gutter) + (tw - box[2]) // 2, pad), text, fill=(0, 0, 0), font=font)
+        x = left + c * (tw + gutter) + (tw - measure((0, 0), text, font=font)[2]) // 2
+        draw.text((x, pad), text, fill=(0, 0, 0), font=font)
     atomic_write_bytes(path, lambda f: canvas.save(f, format="PNG"))

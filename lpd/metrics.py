@@ -1,7 +1,7 @@
 """FID and Inception Score on upstream torch-fidelity's ``inception-v3-compat`` Inception-v3.
 
     python -m lpd.metrics stats --input REF_IMAGES --output STATS.npz [--inception_weights PATH]
-    python -m lpd.metrics stats --input IMAGENET/val --img_size 256 --output STATS.npz   # ImageFolder, ADM crop
+    python -m lpd.metrics stats --input IMAGENET/val --img_size 256 --output STATS.npz
     python -m lpd.metrics fid --input SAMPLES --stats STATS.npz [--json OUT.json]
 """
 
@@ -53,7 +53,7 @@ class FeatureStatistics(NamedTuple):
 
 
 def inception_cache() -> str:
-    """Where downloaded Inception weights are kept: torch hub's ``checkpoints`` folder (``$TORCH_HOME/hub``)."""
+    """Where downloaded Inception weights are kept: torch hub's ``checkpoints`` folder."""
     return os.path.join(torch.hub.get_dir(), "checkpoints")
 
 
@@ -136,14 +136,14 @@ def _npz_batches(path: str, batch_size: int) -> Iterator[Any]:
         raise MetricsError(f"cannot read {path} ({exc}); expected {ADM_FORMAT}") from None
 
 
-def _image_folder_batches(root: str, batch_size: int, img_size: int) -> tuple[int, Iterator[torch.Tensor]]:
-    """An ImageFolder (class folders, or a folder holding train/) read as main_cache.py reads it: ADM centre crops."""
+def _image_folder_batches(root: str, batch_size: int, img_size: int) -> tuple[int, Iterator]:
+    """An ImageFolder (class folders, or a folder with train/) read as by main_cache.py."""
     from lpd.datasets import image_folder
     try:
         data = image_folder(root, img_size)
     except (OSError, ValueError):  # no class folder, or no image in them
-        raise MetricsError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)}), nor class folders "
-                           f"of them (an ImageFolder)") from None
+        raise MetricsError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)}), "
+                           f"nor class folders of them (an ImageFolder)") from None
 
     def batches() -> Iterator[torch.Tensor]:
         for i in range(0, len(data), batch_size):
@@ -152,14 +152,16 @@ def _image_folder_batches(root: str, batch_size: int, img_size: int) -> tuple[in
                 try:
                     crops.append(data[j][0])
                 except (OSError, SyntaxError, ValueError) as exc:
-                    raise MetricsError(f"{data.samples[j][0]} is not a readable image ({exc}); re-save or remove it") from None
-            yield (torch.stack(crops) + 1.0).mul_(127.5).round_().to(torch.uint8)  # the crops' uint8 pixels, exactly
+                    raise MetricsError(f"{data.samples[j][0]} is not a readable image ({exc}); "
+                                       f"re-save or remove it") from None
+            yield (torch.stack(crops) + 1.0).mul_(127.5).round_().to(torch.uint8)  # the crops
     return len(data), batches()
 
 
-def image_batches(images: Images, batch_size: int, img_size: int = 256) -> tuple[int, Iterator[torch.Tensor]]:
-    """Check ``images`` and count them without decoding; return (count, uint8 [b, 3, H, W] CPU batches).
-    An ImageFolder (class folders) is ADM centre-cropped to ``img_size``; other inputs are taken as they are."""
+def image_batches(images: Images, batch_size: int,
+                  img_size: int = 256) -> tuple[int, Iterator[torch.Tensor]]:
+    """Check ``images`` and count them without decoding; return (count, uint8 [b, 3, H, W] CPU
+    batches). An ImageFolder (class folders) is ADM-cropped to ``img_size``, the rest kept as is."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise MetricsError(f"batch_size must be a positive integer, got {batch_size!r}")
     if isinstance(images, (np.ndarray, torch.Tensor)):
@@ -171,7 +173,9 @@ def image_batches(images: Images, batch_size: int, img_size: int = 256) -> tuple
     if os.path.isdir(p):
         files = [os.path.join(p, f) for f in sorted(os.listdir(p)) if f.lower().endswith(IMAGE_EXTENSIONS)
                  and not f.startswith(".")]
-        return (len(files), _file_batches(files, batch_size)) if files else _image_folder_batches(p, batch_size, img_size)
+        if not files:
+            return _image_folder_batches(p, batch_size, img_size)
+        return len(files), _file_batches(files, batch_size)
     if not os.path.isfile(p):
         raise MetricsError(f"{p} does not exist (expected a folder of images, {ADM_FORMAT} or an .npy)")
     if p.endswith(".npz"):
@@ -188,9 +192,10 @@ def image_batches(images: Images, batch_size: int, img_size: int = 256) -> tuple
 
 
 def compute_statistics(images: Images, extractor: Extractor, batch_size: int = 50,
-                       device: str | torch.device = "cpu", *, progress: bool = True, img_size: int = 256) -> FeatureStatistics:
-    """One pass of ``extractor`` over ``images``: float64 mean and covariance of the features, and the logits
-    (an ImageFolder is cropped to ``img_size``, see :func:`image_batches`)."""
+                       device: str | torch.device = "cpu", *, progress: bool = True,
+                       img_size: int = 256) -> FeatureStatistics:
+    """One pass of ``extractor`` over ``images``: float64 mean and covariance of the features, and
+    the logits (an ImageFolder is cropped to ``img_size``, see :func:`image_batches`)."""
     num, batches = image_batches(images, batch_size, img_size)
     if num < 2:
         raise MetricsError(f"statistics need at least 2 images, got {num}")
@@ -310,7 +315,8 @@ def compute_metrics(images: Images, reference: tuple[np.ndarray, np.ndarray] | N
     if reference is not None:
         reference = _check_stats(np.asarray(reference[0], np.float64), np.asarray(reference[1], np.float64),
                                  "reference statistics")
-    stats = compute_statistics(images, extractor, batch_size, device, progress=progress, img_size=img_size)
+    stats = compute_statistics(images, extractor, batch_size, device, progress=progress,
+                               img_size=img_size)
     fid = is_mean = is_std = None
     if reference is not None:
         if reference[0].shape != stats.mu.shape:
@@ -349,15 +355,16 @@ def _flagged(name: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lpd.metrics", allow_abbrev=False, description=__doc__,
-                                formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m lpd.metrics", allow_abbrev=False,
+                                description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for name, text in (("stats", "write the Inception statistics (mu, sigma) of reference images"),
                        ("fid", "print FID against a statistics file and the Inception Score of images")):
-        s = sub.add_parser(name, allow_abbrev=False, help=text, description=text, formatter_class=HelpFormatter)
-        s.add_argument("--input", required=True, help=f"folder of PNG/JPEG images, an ImageFolder (class folders, "
-                       f"as main_cache.py reads), {ADM_FORMAT} or an .npy")
-        s.add_argument("--img_size", type=int, default=256, help="ADM centre crop of an ImageFolder's images")
+        s = sub.add_parser(name, allow_abbrev=False, help=text, description=text,
+                           formatter_class=HelpFormatter)
+        s.add_argument("--input", required=True, help=f"folder of PNG/JPEG images, an ImageFolder "
+                       f"(class folders, read as main_cache.py does), {ADM_FORMAT} or an .npy")
+        s.add_argument("--img_size", type=int, default=256, help="ADM crop of an ImageFolder")
         s.add_argument("--inception_weights", default=None,
                        help=f"torch-fidelity's Inception weights (default: torch hub cache, else {INCEPTION_WEIGHTS_URL})")
         s.add_argument("--batch_size", type=int, default=50)
@@ -384,11 +391,11 @@ def _run(args: argparse.Namespace) -> FeatureStatistics | dict[str, Any]:
     for flag in ("batch_size", "img_size"):
         if getattr(args, flag) < 1:
             raise MetricsError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    _flagged("--input", image_batches, args.input, args.batch_size, args.img_size)  # opened and counted, not decoded
+    _flagged("--input", image_batches, args.input, args.batch_size, args.img_size)  # not decoded
     if args.command == "stats":
         extractor = inception_extractor(args.inception_weights, device)
-        return compute_statistics(args.input, extractor, args.batch_size, device, progress=not args.no_progress,
-                                  img_size=args.img_size)
+        return compute_statistics(args.input, extractor, args.batch_size, device,
+                                  progress=not args.no_progress, img_size=args.img_size)
     ref = _flagged("--stats", load_statistics, args.stats, flag="--stats")
     if ref[0].shape != (INCEPTION_FEATURES,):
         raise MetricsError(f"--stats {args.stats} holds statistics of {ref[0].shape[0]}-d features; Inception gives "

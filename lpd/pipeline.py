@@ -25,8 +25,8 @@ from lpd.orders.source import OrderSource
 from lpd.sampling import SamplingConfig, add_sampling_args
 from lpd.schedules import group_sizes as default_group_sizes, parse_group_sizes
 
-__all__ = ["LPDPipeline", "PAPER_SETTINGS", "paper_settings", "add_paper_sampling_args", "command_line", "build_parser",
-           "main"]
+__all__ = ["LPDPipeline", "PAPER_SETTINGS", "paper_settings", "add_paper_sampling_args",
+           "command_line", "build_parser", "main"]
 
 #: (model, img_size, steps) -> (repulsion threshold τr, linear cfg scale) of the released evaluation scripts.
 PAPER_SETTINGS: dict[tuple[str, int, int], tuple[float, float]] = {
@@ -41,24 +41,26 @@ def paper_settings(model: str | None, img_size: int, steps: int) -> tuple[float,
     return PAPER_SETTINGS.get((str(model), int(img_size), int(steps)))
 
 
-_PYTHON_NAMES = {"pretrained_ckpt": "checkpoint", "random_init": None}  # flag -> argument (None: no such argument)
-_ARGUMENTS = frozenset({"model", "img_size", "vqgan_path", "device", "labels", "steps", "group_sizes", "seed", "start_index",
-                        "image", "mask", "label", "num", "prefill", "paste", *SamplingConfig.__dataclass_fields__})
+_PYTHON_NAMES = {"pretrained_ckpt": "checkpoint"}  # flag -> Python argument, where they differ
+_ARGUMENTS = frozenset({
+    "checkpoint", "model", "img_size", "vqgan_path", "device", "labels", "steps", "group_sizes",
+    "seed", "start_index", "image", "mask", "label", "num", "prefill", "paste",
+    *SamplingConfig.__dataclass_fields__})
 _CLI: contextvars.ContextVar[bool] = contextvars.ContextVar("lpd_cli", default=False)
 
 
 def _python_words(text: str) -> str:
-    """``--pretrained_ckpt /x.pth`` -> ``checkpoint="/x.pth"``, ``--cfg`` -> ``cfg=``; other text unchanged."""
-    text = text.replace(", or --random_init for random weights", "")
+    """``--pretrained_ckpt /x.pth`` -> ``checkpoint="/x.pth"``, ``--cfg`` -> ``cfg=``."""
     def word(m: re.Match) -> str:
         name = _PYTHON_NAMES.get(m[1], m[1])
-        return m[0] if name not in _ARGUMENTS | {"checkpoint"} else f"{name}=" + (f'"{m[2].strip()}"' if m[2] else "")
-    return re.sub(r"(?<![\w-])--(\w+)( /\S+)?", word, text)
+        return f"{name}=" + (f'"{m[2].strip()}"' if m[2] else "") if name in _ARGUMENTS else m[0]
+    text = text.replace(", or --random_init for random weights", "")  # a main_eval.py flag
+    return re.sub(r"(?<![\w-])--(\w+)( /[^\s,;]*[^\s,;.])?", word, text)
 
 
 @contextlib.contextmanager
 def _speaks_python() -> Iterator[None]:
-    """User errors raised inside name the Python arguments, unless a command line (:func:`command_line`) runs."""
+    """User errors raised inside name Python arguments, unless in :func:`command_line`."""
     try:
         yield
     except (ValueError, OSError, CheckpointError) as e:
@@ -69,7 +71,7 @@ def _speaks_python() -> Iterator[None]:
 
 @contextlib.contextmanager
 def command_line() -> Iterator[None]:
-    """Inside, pipeline errors name the command-line flags (``--pretrained_ckpt``), as the library writes them."""
+    """Inside, pipeline errors keep naming the command-line flags (``--pretrained_ckpt``)."""
     token = _CLI.set(True)
     try:
         yield
@@ -77,59 +79,64 @@ def command_line() -> Iterator[None]:
         _CLI.reset(token)
 
 
-def _tokenizer(ref: dict[str, Any], vqgan_path: str | os.PathLike | None, device: torch.device, where: str) -> torch.nn.Module:
-    """The tokenizer a checkpoint or export records (``lpd.checkpoint.tokenizer_ref``); ``vqgan_path`` replaces its file."""
+def _tokenizer(ref: dict[str, Any], vqgan_path: str | os.PathLike | None, device: torch.device,
+               where: str) -> torch.nn.Module:
+    """The tokenizer a checkpoint or export records; ``vqgan_path``: the VQ file."""
     from lpd.hub import VQ_FILENAME
     from lpd.tokenizer import make_tokenizer
-    kind, file = ref.get("kind", "vq"), ref.get("file")
-    if vqgan_path is None and kind == "vq" and ref.get("vq_config") is None and file not in (None, VQ_FILENAME):
-        raise ValueError(f"{where} was trained with the tokenizer file {file}; pass its path with --vqgan_path")
-    return make_tokenizer(kind, vqgan_path, ref.get("vq_config") if vqgan_path is None else None, ref.get("seed", 0), device)
+    kind, file, config = ref.get("kind", "vq"), ref.get("file"), ref.get("vq_config")
+    if vqgan_path is None and kind == "vq" and config is None and file not in (None, VQ_FILENAME):
+        raise ValueError(f"{where} was trained with the tokenizer file {file}; "
+                         f"pass its path with --vqgan_path")
+    config = config if vqgan_path is None else None
+    return make_tokenizer(kind, vqgan_path, config, ref.get("seed", 0), device)
 
 
 class LPDPipeline:
-    """An LPD model and its tokenizer; ``name``: the preset (``lpd_l`` ...) whose :data:`PAPER_SETTINGS` are the defaults,
-    ``cfg``: the guidance scale used where the paper has none (e.g. the one a training run evaluated at)."""
+    """An LPD model and its tokenizer; ``name``: the preset (``lpd_l`` ...) whose
+    :data:`PAPER_SETTINGS` are the defaults, ``cfg``: the guidance scale where the paper has none
+    (e.g. the one its training evaluated at)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: torch.nn.Module, name: str | None = None,
                  cfg: float | None = None) -> None:
         self.model, self.tokenizer, self.name, self.cfg = model.eval(), tokenizer, name, cfg
 
     @classmethod
-    def from_pretrained(cls, model: str | None = None, img_size: int | None = None, *, checkpoint: str | os.PathLike | None = None,
-                        vqgan_path: str | os.PathLike | None = None, device: torch.device | str | None = None) -> "LPDPipeline":
-        """A released preset ``model`` (default ``lpd_l``) at ``img_size`` (default 256) from the Hub, a folder / Hub repository
-        of ``python -m lpd.checkpoint export``, or a ``checkpoint`` file or folder (``model``: the preset of a released file).
-        Size, classes and tokenizer come from the checkpoint; ``vqgan_path``: the VQ file; ``device``: CUDA if available."""
-        with _speaks_python():
-            return cls._load(model, img_size, checkpoint, vqgan_path, device)
-
-    @classmethod
-    def _load(cls, model: str | None, img_size: int | None, checkpoint: str | os.PathLike | None,
-              vqgan_path: str | os.PathLike | None, device: torch.device | str | None) -> "LPDPipeline":
+    @_speaks_python()
+    def from_pretrained(
+        cls, model: str | None = None, img_size: int | None = None, *,
+        checkpoint: str | os.PathLike | None = None, vqgan_path: str | os.PathLike | None = None,
+        device: torch.device | str | None = None,
+    ) -> "LPDPipeline":
+        """A released preset ``model`` (default ``lpd_l``) at ``img_size`` (default 256) from the
+        Hub; a folder or Hub repository of ``python -m lpd.checkpoint export``; or a ``checkpoint``
+        file or folder (``model``: the preset of a released file). Size, classes, tokenizer and cfg
+        come from the checkpoint; ``vqgan_path``: the VQ file; ``device``: CUDA if available."""
         from lpd import hub
         from lpd.checkpoint import export_config, export_folder, load_checkpoint, tokenizer_ref
         from lpd.models import PRESETS, load_lpd
         from lpd.tokenizer import make_tokenizer
-        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(device)
         if checkpoint is None and (model is None or model in PRESETS):  # a released model, by name
             model, size = model or "lpd_l", img_size or 256
             files = hub.resolve_model_files(model, size, vqgan_path=vqgan_path)
-            return cls(load_lpd(files["checkpoint"], model=model, img_size=size).to(device),
-                       make_tokenizer("vq", files["vq"], device=device), name=model)
+            net = load_lpd(files["checkpoint"], model=model, img_size=size).to(device)
+            return cls(net, make_tokenizer("vq", files["VQ tokenizer"], device=device), name=model)
         source = os.fspath(checkpoint if checkpoint is not None else model)
         folder = export_folder(source)
         if folder is not None:
             config = export_config(folder)
-            args = config.get("training", {}).get("args") or {}
+            cfg = (config.get("training", {}).get("args") or {}).get("cfg")
             tokenizer = _tokenizer(config.get("tokenizer") or {}, vqgan_path, device, source)
-            return cls(load_lpd(folder, img_size=img_size).to(device), tokenizer, config.get("model"), args.get("cfg"))
-        net = load_lpd(hub.local_file(source, what="LPD checkpoint", flag="--pretrained_ckpt") if not os.path.isdir(source)
-                       else source, model=model, img_size=img_size)
+            net = load_lpd(folder, img_size=img_size).to(device)
+            return cls(net, tokenizer, config.get("model"), cfg)
+        net = load_lpd(hub.resolve_user_checkpoint(source), model=model, img_size=img_size)
         args = load_checkpoint(source).get("args") or {}
         args = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-        return cls(net.to(device), _tokenizer(tokenizer_ref(args), vqgan_path, device, source), model or args.get("model"),
-                   args.get("cfg"))
+        tokenizer = _tokenizer(tokenizer_ref(args), vqgan_path, device, source)
+        return cls(net.to(device), tokenizer, model or args.get("model"), args.get("cfg"))
 
     @property
     def img_size(self) -> int:
@@ -139,51 +146,52 @@ class LPDPipeline:
     def grid_size(self) -> int:
         return int(self.model.grid_size)
 
+    @_speaks_python()
     def sampling(self, steps: int, **settings: Any) -> SamplingConfig:
-        """The paper's cfg and τr for ``steps``, else ``self.cfg`` (or a given cfg) and τr 2 at 16x16, 4 at 32x32;
+        """The paper's cfg and τr for ``steps``, else ``self.cfg`` and τr 2 at 16x16, 4 at 32x32;
         then ``settings``."""
-        tr, cfg = paper_settings(self.name, self.img_size, steps) or (2.0 if self.grid_size <= 16 else 4.0, self.cfg)
+        fallback = (2.0 if self.grid_size <= 16 else 4.0, self.cfg)
+        tr, cfg = paper_settings(self.name, self.img_size, steps) or fallback
         if settings.get("cfg") is None and cfg is None:
-            raise ValueError(f"no released cfg for {self.name or 'this model'} at {self.img_size} px and {steps} "
-                             f"steps; pass --cfg (e.g. 4.0, or 1.0 for no guidance)")
+            raise ValueError(f"no released cfg for {self.name or 'this model'} at {self.img_size} "
+                             f"px and {steps} steps; pass --cfg (e.g. 4.0, or 1.0 for no guidance)")
         given = {k: v for k, v in settings.items() if v is not None}
-        with _speaks_python():
-            return SamplingConfig(**{"cfg": cfg, "repulsion_threshold": tr, **given})
+        return SamplingConfig(**{"cfg": cfg, "repulsion_threshold": tr, **given})
 
     @torch.no_grad()
+    @_speaks_python()
     def __call__(self, labels: Sequence[int] | np.ndarray | torch.Tensor, *, steps: int = 20,
                  group_sizes: Sequence[int] | str | None = None, orders: np.ndarray | None = None, seed: int = 0,
                  start_index: int = 0, **settings: Any) -> np.ndarray:
         """uint8 images ``[len(labels), H, W, 3]`` in ``steps`` steps (or ``group_sizes``); ``orders``: a ``[B, N]`` table."""
-        with _speaks_python():
-            labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).reshape(-1)
-            if labels.size == 0 or labels.dtype.kind not in "iu":
-                raise ValueError(f"--labels must be one or more integer class indices, got {labels.dtype} "
-                                 f"{labels.tolist()[:8]}")
-            if start_index < 0:
-                raise ValueError(f"--start_index must be >= 0, got {start_index}")
-            n = self.grid_size**2
-            sizes = parse_group_sizes(group_sizes, n) if group_sizes is not None else default_group_sizes(self.img_size, steps)
-            sampling = self.sampling(len(sizes), **settings)
-            indices = np.arange(start_index, start_index + labels.size, dtype=np.int64)
-            if orders is not None:
-                table = np.asarray(orders, dtype=np.int64)
-                if table.ndim != 2 or table.shape[0] != labels.size:
-                    raise ValueError(f"orders must have one row per label: shape [{labels.size}, {n}], got {list(table.shape)}")
-                rows = OrderSource("lpd", sizes, self.grid_size, table=table).rows(np.arange(labels.size))
-            else:
-                rows = OrderSource(sampling.order, sizes, self.grid_size, seed=seed, proximity_threshold=sampling.proximity_threshold,
-                                   repulsion_threshold=sampling.repulsion_threshold).rows(indices)
-            return sample_batch(self.model, self.tokenizer, indices, labels, rows, sizes, sampling, seed)[0]
+        labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).reshape(-1)
+        if labels.size == 0 or labels.dtype.kind not in "iu":
+            raise ValueError(f"--labels must be one or more integer class indices, "
+                             f"got {labels.dtype} {labels.tolist()[:8]}")
+        if start_index < 0:
+            raise ValueError(f"--start_index must be >= 0, got {start_index}")
+        n = self.grid_size**2
+        sizes = parse_group_sizes(group_sizes, n) if group_sizes is not None else default_group_sizes(self.img_size, steps)
+        sampling = self.sampling(len(sizes), **settings)
+        indices = np.arange(start_index, start_index + labels.size, dtype=np.int64)
+        if orders is not None:
+            table = np.asarray(orders, dtype=np.int64)
+            if table.ndim != 2 or table.shape[0] != labels.size:
+                raise ValueError(f"orders must have one row per label: shape [{labels.size}, {n}], got {list(table.shape)}")
+            rows = OrderSource("lpd", sizes, self.grid_size, table=table).rows(np.arange(labels.size))
+        else:
+            rows = OrderSource(sampling.order, sizes, self.grid_size, seed=seed, proximity_threshold=sampling.proximity_threshold,
+                               repulsion_threshold=sampling.repulsion_threshold).rows(indices)
+        return sample_batch(self.model, self.tokenizer, indices, labels, rows, sizes, sampling, seed)[0]
 
+    @_speaks_python()
     def inpaint(self, image: Any, mask: Any, label: int | None, *, steps: int = 12, num: int = 1, seed: int = 0,
                 paste: bool = False, prefill: str = "one", **settings: Any) -> dict[str, np.ndarray]:
         """Regenerate ``image`` under ``mask`` (white, or a region such as ``center``) as class ``label``:
         ``{"source", "masked", "edits [num, H, W, 3]"}``; cfg and τr default to the paper's 20-step values."""
         from lpd.editing import edit_images
-        with _speaks_python():
-            return edit_images(self.model, self.tokenizer, image, mask, label, num=num, steps=steps, seed=seed,
-                               paste=paste, prefill=prefill, sampling=self.sampling(20, **settings))
+        return edit_images(self.model, self.tokenizer, image, mask, label, num=num, steps=steps, seed=seed, paste=paste,
+                           prefill=prefill, sampling=self.sampling(20, **settings))
 
     def outpaint(self, image: Any, label: int | None, *, region: str | None = None, **options: Any) -> dict[str, np.ndarray]:
         """Keep the centre of ``image`` and regenerate around it (``region`` default: a border of a quarter of the size)."""
@@ -202,14 +210,15 @@ class LPDPipeline:
 
 
 def add_paper_sampling_args(parser: argparse.ArgumentParser, otherwise: dict[str, str]) -> None:
-    """The sampling flags, with cfg and τr defaulting to :data:`PAPER_SETTINGS` (``otherwise``: what else, per flag)."""
-    add_sampling_args(parser, {"cfg": None, "repulsion_threshold": None})  # None: decided once the model is known
-    for action in parser._actions:
-        if action.dest in otherwise:
-            action.help += f" (default: the paper's for the model, size and steps; {otherwise[action.dest]})"
+    """The sampling flags; cfg and τr default to :data:`PAPER_SETTINGS` (``otherwise``: what
+    else, per flag)."""
+    add_sampling_args(parser, {"cfg": None, "repulsion_threshold": None})  # None: set later
+    for a in parser._actions:
+        if a.dest in otherwise:
+            a.help += f" (default: the paper's for the model, size and steps; {otherwise[a.dest]})"
 
 
-IMAGENET_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # golden retriever, otter, panda, coral reef, ...
+IMAGENET_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # golden retriever, otter, panda, ...
 
 
 def _labels(text: str) -> list[int]:
@@ -221,18 +230,22 @@ def _labels(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The flags of ``python -m lpd.pipeline``."""
-    p = argparse.ArgumentParser(prog="python -m lpd.pipeline", allow_abbrev=False, formatter_class=HelpFormatter,
-                                description="Sample images of given classes with an LPD model into a PNG grid.")
-    p.add_argument("--model", default=None, help="released preset lpd_l, lpd_xl, lpd_xxl (default: lpd_l without "
-                   "--pretrained_ckpt), or an exported folder / Hub repository")
-    p.add_argument("--img_size", type=int, default=None, help="default: the checkpoint's; 256 for a released preset")
-    p.add_argument("--labels", type=_labels, default=None, help="comma-separated class indices (default: eight ImageNet "
-                   f"classes {','.join(map(str, IMAGENET_LABELS))} for 1000 classes, else the first ten classes)")
+    p = argparse.ArgumentParser(
+        prog="python -m lpd.pipeline", allow_abbrev=False, formatter_class=HelpFormatter,
+        description="Sample images of given classes with an LPD model into a PNG grid.")
+    p.add_argument("--model", default=None, help="released preset lpd_l, lpd_xl, lpd_xxl (default: "
+                   "lpd_l without --pretrained_ckpt), or an exported folder / Hub repository")
+    p.add_argument("--img_size", type=int, default=None,
+                   help="default: the checkpoint's; 256 for a preset")
+    labels = ",".join(map(str, IMAGENET_LABELS))
+    p.add_argument("--labels", type=_labels, default=None, help="comma-separated class indices "
+                   f"(default: {labels} of 1000 classes, else the first ten classes)")
     p.add_argument("--steps", type=int, default=20, help="decoding steps (the released group-size table)")
     p.add_argument("--group_sizes", default=None, help="an explicit schedule instead of --steps, e.g. '[1, 2, 4]*...'")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pretrained_ckpt", default=None, help="checkpoint file or folder (a training run's, or a released "
-                   "file with --model) instead of the Hub download; its size, classes and tokenizer are used")
+    p.add_argument("--pretrained_ckpt", default=None, help="checkpoint file or folder (a training "
+                   "run's, or a released file with --model) instead of the Hub download; its size, "
+                   "classes and tokenizer count")
     p.add_argument("--vqgan_path", default=None, help="vq_ds16_c2i.pt instead of the Hub download")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--output", default="samples.png", help="PNG grid to write")
@@ -246,20 +259,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with command_line():
-            pipe = LPDPipeline.from_pretrained(args.model, args.img_size, checkpoint=args.pretrained_ckpt,
-                                               vqgan_path=args.vqgan_path, device=args.device)
+            pipe = LPDPipeline.from_pretrained(
+                args.model, args.img_size, checkpoint=args.pretrained_ckpt,
+                vqgan_path=args.vqgan_path, device=args.device)
             classes = pipe.model.config.class_num
-            labels = args.labels or (IMAGENET_LABELS if classes == 1000 else list(range(min(10, classes))))
-            settings = {k: v for k, v in vars(args).items() if k in SamplingConfig.__dataclass_fields__}
-            sampling = pipe.sampling(len(parse_group_sizes(args.group_sizes, pipe.grid_size**2)) if args.group_sizes
-                                     else args.steps, **settings)
-            images = pipe(labels, steps=args.steps, group_sizes=args.group_sizes, seed=args.seed, **sampling.to_dict())
+            first = list(range(min(10, classes)))
+            labels = args.labels or (IMAGENET_LABELS if classes == 1000 else first)
+            sizes = args.group_sizes and parse_group_sizes(args.group_sizes, pipe.grid_size**2)
+            given = {k: getattr(args, k) for k in SamplingConfig.__dataclass_fields__}
+            steps = len(sizes) if sizes else args.steps
+            sampling = pipe.sampling(steps, **given)
+            images = pipe(labels, steps=args.steps, group_sizes=args.group_sizes, seed=args.seed,
+                          **sampling.to_dict())
             pipe.save_grid(images, args.output, ncol=min(len(images), 10))
     except (OSError, ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {len(images)} images ({pipe.name or 'model'}, {pipe.img_size} px, classes {labels}, cfg {sampling.cfg:g}, "
-          f"τr {sampling.repulsion_threshold:g}) to {args.output}")
+    print(f"wrote {len(images)} images ({pipe.name or 'model'}, {pipe.img_size} px, "
+          f"classes {labels}, cfg {sampling.cfg:g}, τr {sampling.repulsion_threshold:g}) "
+          f"to {args.output}")
     return 0
 
 

@@ -61,7 +61,7 @@ class TrainConfig:
     cached_path: str | None = None
     cache_format: str = "auto"
     data_path: str | None = None
-    num_workers: int = field(default_factory=lambda: min(4, available_cpus()))  # DataLoader processes
+    num_workers: int = field(default_factory=lambda: min(4, available_cpus()))  # loader processes
     pin_mem: bool = True
     # optimisation
     epochs: int = 450

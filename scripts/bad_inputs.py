@@ -16,6 +16,7 @@ open(f"{T}/notyaml.yaml", "w").write("a: [1, 2\n")
 open(f"{T}/bad.png", "wb").write(b"not a png")
 open(f"{T}/orders.json", "w").write("[[0, 0]]")
 os.makedirs(f"{T}/imgs/a", exist_ok=True)
+os.makedirs(f"{T}/noimgs/a", exist_ok=True)
 open(f"{T}/imgs/a/x.png", "wb").write(b"\x89PNG broken")
 TINY = ["--config", "configs/tiny.yaml", "--random_init", "--num_images", "2", "--eval_bsz", "2", "--no_fid",
         "--no_progress", "--output_dir", f"{T}/eval"]
@@ -41,6 +42,9 @@ CASES = {
         (["--pretrained_ckpt", f"{T}/bad.png", "--no_fid", "--model", "lpd_l"], "checkpoint that is not one"),
         ([a for a in TINY[:-2] if a != "--no_fid"] + ["--fid_stats", f"{T}/nope.npz", "--output_dir", f"{T}/e2"], "missing FID stats (with FID)"),
         (["--model", "lpd_l", "--no_fid", "--output_dir", f"{T}/e3"], "released checkpoint offline"),
+        (["--model", "lpd_l", "--output_dir", f"{T}/e4"], "every file of a paper row offline (named at once)"),
+        (["--config", "configs/tiny.yaml", "--random_init", "--fid_stats", f"{T}/nope.npz", "--inception_weights",
+          f"{T}/nope.pth", "--output_dir", f"{T}/e5"], "missing FID stats and Inception weights (named at once)"),
     ],
     "main_train.py": [
         (["--config", f"{T}/bad.yaml", "--data_path", T], "YAML bf16: 'false'"),
@@ -61,6 +65,8 @@ CASES = {
     ],
     "-m lpd.metrics": [
         (["stats", "--input", f"{T}/imgs/a", "--output", T], "--output is a folder"),
+        (["stats", "--input", f"{T}/noimgs", "--output", f"{T}/s.npz"], "ImageFolder without images"),
+        (["stats", "--input", f"{T}/imgs", "--img_size", "0", "--output", f"{T}/s.npz"], "img_size 0"),
         (["fid", "--input", f"{T}/nope.npz", "--stats", f"{T}/nope.npz"], "missing input"),
         (["fid", "--input", f"{T}/imgs/a", "--stats", f"{T}/bad.png", "--json", T], "--json is a folder"),
     ],
@@ -74,10 +80,19 @@ CASES = {
         (["--config", "configs/tiny.yaml", "--pretrained_ckpt", f"{T}/nope.pth", "--image", f"{T}/bad.png", "--region", "x"], "missing checkpoint"),
         (["--model", "lpd_l", "--image", "x.png", "--region", "center", "--steps", "0"], "steps 0"),
         (["--model", "lpd_l", "--image", "x.png", "--region", "center", "--output", T], "--output is a folder"),
+        (["--model", "lpd_l", "--pretrained_ckpt", f"{T}/bad.png", "--image", "x.png", "--region", "center",
+          "--output", f"{T}/e.png"], "--model with a checkpoint that is not one"),
     ],
     "-m lpd.pipeline": [
         (["--model", "lpd_l", "--labels", "1.5"], "non-integer labels"),
         (["--model", "lpd_xl", "--img_size", "512", "--output", f"{T}/s.png"], "released model offline"),
+        (["--pretrained_ckpt", f"{T}/nope.pth", "--output", f"{T}/s.png"], "missing checkpoint"),
+        (["--pretrained_ckpt", f"{T}/bad.png", "--output", f"{T}/s.png"], "checkpoint that is not one"),
+    ],
+    "-m lpd.download": [
+        (["lpd_l", "256"], "offline, empty caches (every file named at once)"),
+        (["lpd_xxl", "512"], "a model not released at that size"),
+        (["lpd_huge", "256"], "unknown model"),
     ],
 }
 env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=f"{T}/hf", LPD_CACHE=f"{T}/lpdcache", PYTHONPATH=ROOT)

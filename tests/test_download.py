@@ -93,7 +93,7 @@ def test_download_fills_the_caches_that_an_offline_run_reads(fake_hub, caches, m
     assert len([r for r in fake_hub.requests if r.startswith("/files/")]) == 2
     # offline now: every resolver main_eval.py uses finds its file, with the served bytes
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    got = {name: open(path, "rb").read() for name, path in hub.resolve_all(download.released_files("lpd_l", 256)).items()}
+    got = {name: open(path, "rb").read() for name, path in download.fetch("lpd_l", 256).items()}
     assert got == {"checkpoint": b"checkpoint bytes", "VQ tokenizer": b"vq bytes", "ADM statistics": _stats_bytes(),
                    "Inception weights": b"inception bytes"}
     assert metrics.resolve_inception_weights().startswith(str(caches / "torch" / "hub" / "checkpoints"))
@@ -106,7 +106,8 @@ def test_offline_names_every_missing_file_at_once(caches, monkeypatch, capsys):
     assert download.main(["lpd_xl", "512"]) == 2
     captured = capsys.readouterr()
     err = captured.err
-    assert err.startswith("error: 4 files are missing:") and "Traceback" not in err
+    assert err.startswith("error: 4 files are missing (checkpoint, VQ tokenizer, ADM statistics, Inception weights):")
+    assert "Traceback" not in err
     for part in ("mit-han-lab/lpd_xl_512", "FoundationVision/LlamaGen", "adm_in512_stats.npz", "Inception-v3"):
         assert part in err, part
     assert "hf download mit-han-lab/lpd_xl_512 lpd_xl_512.pth" in captured.out  # the list to run elsewhere

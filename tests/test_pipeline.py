@@ -106,6 +106,15 @@ def test_offline_names_every_missing_file_in_python_words_and_in_flags(tmp_path,
     assert "--pretrained_ckpt /path/to/lpd_xl_512.pth" in err and "--vqgan_path /path/to/vq_ds16_c2i.pt" in err
 
 
+def test_python_words_rename_the_pipelines_flags_and_nothing_else():
+    from lpd.pipeline import _python_words
+
+    text = ("pass --pretrained_ckpt /p/x.pth, or --random_init for random weights, and --cfg; cache "
+            "/h/models--mit-han-lab--lpd_l_256; run `python -m lpd.download lpd_l 256 --list`; --fid_stats")
+    assert _python_words(text) == ('pass checkpoint="/p/x.pth", and cfg=; cache /h/models--mit-han-lab--lpd_l_256; '
+                                   'run `python -m lpd.download lpd_l 256 --list`; --fid_stats')
+
+
 def TINY_MODEL() -> LPD:  # noqa: N802
     return LPD(LPDConfig(img_size=64, embed_dim=32, depth=1, num_heads=2, vocab_size=4, class_num=10))
 

@@ -201,9 +201,9 @@ def _editing(args: argparse.Namespace, model: torch.nn.Module, judge: Judge, dev
                          **judge.score(images, target), "seconds": time.perf_counter() - t0})
             shown.append(images[:10])
             log(_row(rows[-1]))
+        names = ["source", "masked", *(f"{o} order, prefill {p}" for o, p in EDIT_SETTINGS)]
         save_grid(os.path.join(args.output_dir, "samples", f"edit_{task}.png"), [im for row in shown for im in row],
-                  ncol=len(shown[0]), max_tile=64,
-                  row_labels=["source", "masked", *(f"{o} order, prefill {p}" for o, p in EDIT_SETTINGS)])
+                  ncol=len(shown[0]), max_tile=64, row_labels=names)
     return rows
 
 

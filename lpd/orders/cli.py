@@ -30,8 +30,9 @@ __all__ = ["main", "build_parser"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m lpd.orders``."""
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m lpd.orders", formatter_class=HelpFormatter,
-                                description="Write LPD generation orders (a JSON order file) or draw one (PNG).")
+    p = argparse.ArgumentParser(
+        allow_abbrev=False, prog="python -m lpd.orders", formatter_class=HelpFormatter,
+        description="Write LPD generation orders (a JSON order file) or draw one (PNG).")
     p.add_argument("--img_size", type=int, default=256, help="image side in pixels (256 or 512 released)")
     p.add_argument("--vqgan_stride", type=int, default=16, help="tokenizer down-sampling factor")
     p.add_argument("--generation_steps", type=int, default=20, help="decoding steps (released table, else cosine)")
@@ -44,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=50000, help="number of orders")
     p.add_argument("--seed", type=int, default=0, help="seed of the run; order i depends only on (seed, i)")
     p.add_argument("--start", type=int, default=0, help="index of the first order (to regenerate a slice)")
-    p.add_argument("--workers", type=int, default=available_cpus(), help="processes (default: all cores); the file is the same")
+    p.add_argument("--workers", type=int, default=available_cpus(),
+                   help="processes (default: all cores); the file is the same")
     p.add_argument("--chunk_size", type=int, help="orders per worker task (default: 2048 at 16x16, 512 at 32x32)")
     p.add_argument("--output_file", required=True, help="JSON order file, or PNG with --visualize")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
