@@ -80,8 +80,8 @@ CASES = {
         (["--config", "configs/tiny.yaml", "--pretrained_ckpt", f"{T}/nope.pth", "--image", f"{T}/bad.png", "--region", "x"], "missing checkpoint"),
         (["--model", "lpd_l", "--image", "x.png", "--region", "center", "--steps", "0"], "steps 0"),
         (["--model", "lpd_l", "--image", "x.png", "--region", "center", "--output", T], "--output is a folder"),
-        (["--model", "lpd_l", "--pretrained_ckpt", f"{T}/bad.png", "--image", "x.png", "--region", "center",
-          "--output", f"{T}/e.png"], "--model with a checkpoint that is not one"),
+        (["--model", "lpd_l", "--pretrained_ckpt", f"{T}/bad.png", "--tokenizer", "palette", "--image", "x.png",
+          "--region", "center", "--output", f"{T}/e.png"], "--model with a checkpoint that is not one"),
     ],
     "-m lpd.pipeline": [
         (["--model", "lpd_l", "--labels", "1.5"], "non-integer labels"),
