@@ -203,7 +203,7 @@ def check_output_path(path: str, flag: str, inputs: Sequence[tuple[str, Any]] = 
         return f"{flag} {path} is a folder; give the path of a file to write (it may lie inside that folder)"
     for in_flag, source in inputs:
         if source is not None and same_file(path, source):
-            return f"{flag} {path} is also {in_flag} {source}: an output is never an input; choose another {flag}"
+            return f"{flag} {path} is also {in_flag} {source}: an output is never an input; choose another path"
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(folder):  # missing folders are created on writing
         folder = os.path.dirname(folder)
@@ -212,7 +212,8 @@ def check_output_path(path: str, flag: str, inputs: Sequence[tuple[str, Any]] = 
     if not os.access(folder, os.W_OK | os.X_OK):
         return f"{flag} {path}: the folder {folder} is not writable; choose another path"
     if os.path.lexists(path) and not overwrite and not (ours and ours(path)):
-        return f"{flag} {path} exists and was not written by this command; choose another name, or --overwrite"
+        return (f"{flag} {path} exists{' and was not written by lpd' if ours else ''}; choose another name, or "
+                f"--overwrite to replace it")
     return None
 
 

@@ -310,7 +310,7 @@ def _check_output(path: str, flag: str, kind: str, inputs: list[tuple[str, Any]]
     (.npz / .json) of ours."""
     if problem := checkpoint.check_output_path(path, flag, inputs, overwrite, lambda p: _ours(p, kind)):
         what = "a statistics file (.npz with mu and sigma)" if kind == ".npz" else "a metrics file of lpd.metrics fid"
-        raise MetricsError(problem.replace("was not written by this command", f"is not {what}"))
+        raise MetricsError(problem.replace("was not written by lpd", f"is not {what}"))
 
 
 def _flagged(name: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
