@@ -243,6 +243,14 @@ def test_image_folder_skips_hidden_entries_and_follows_each_link_once(tmp_path):
         D.image_folder(str(root), 16)
 
 
+def test_image_folder_reads_16_bit_pngs_as_their_grey_values(tmp_path):
+    grey = (np.arange(256).reshape(16, 16)).astype(np.uint16)
+    (tmp_path / "a").mkdir()
+    Image.fromarray(grey * 257).save(tmp_path / "a" / "g16.png")  # I;16: torchvision's loader makes it white
+    image, label = D.image_folder(str(tmp_path), 16)[0]
+    assert label == 0 and torch.equal(image, ((torch.from_numpy(grey).float() / 127.5) - 1).expand(3, -1, -1))
+
+
 def test_images_that_would_share_a_cache_file_are_refused(tmp_path):
     ds = FakeImages(4, 2)
     ds.samples[1] = (ds.samples[0][0].replace("/x/", "/y/"), ds.samples[0][1])  # no root: named by file name
