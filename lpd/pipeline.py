@@ -14,9 +14,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from lpd.checkpoint import CheckpointError
+from lpd.checkpoint import CheckpointError, check_output_path
 from lpd.evaluate import sample_batch
-from lpd.images import save_grid
+from lpd.images import save_grid, written_by_lpd
 from lpd.orders.source import OrderSource
 from lpd.sampling import SamplingConfig, add_sampling_args
 from lpd.schedules import group_sizes as default_group_sizes, parse_group_sizes
@@ -148,9 +148,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--vqgan_path", default=None, help="vq_ds16_c2i.pt instead of the Hub download")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--output", default="samples.png", help="PNG grid to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an --output file that lpd did not write")
     add_sampling_args(p, {"cfg": None, "repulsion_threshold": None})  # None: the paper's value
     args = p.parse_args(argv)
     try:
+        inputs = [("--pretrained_ckpt", args.pretrained_ckpt), ("--vqgan_path", args.vqgan_path)]
+        if problem := check_output_path(args.output, "--output", inputs, args.overwrite, written_by_lpd):
+            raise ValueError(problem)
         pipe = LPDPipeline.from_pretrained(args.model, args.img_size, checkpoint=args.pretrained_ckpt,
                                            vqgan_path=args.vqgan_path, device=args.device)
         settings = {k: v for k, v in vars(args).items() if k in SamplingConfig.__dataclass_fields__}

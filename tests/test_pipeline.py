@@ -94,3 +94,17 @@ def test_offline_without_a_checkpoint_names_the_file_and_the_flag(tmp_path, monk
     assert main(["--model", "lpd_xl", "--img_size", "512", "--device", "cpu", "--output", str(tmp_path / "s.png")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "mit-han-lab/lpd_xl_512" in err and not (tmp_path / "s.png").exists()
+
+
+def test_the_command_line_never_writes_over_a_file_lpd_did_not_write(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    monkeypatch.setattr(LPDPipeline, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.png")
+    before = (tmp_path / "photo.png").read_bytes()
+    assert main(["--output", str(tmp_path / "photo.png")]) == 2
+    assert "--output" in (err := capsys.readouterr().err) and "not written by lpd" in err and "--overwrite" in err
+    assert main(["--output", str(tmp_path / "photo.png"), "--pretrained_ckpt", str(tmp_path / "photo.png"),
+                 "--overwrite"]) == 2
+    assert "is also --pretrained_ckpt" in capsys.readouterr().err
+    assert (tmp_path / "photo.png").read_bytes() == before
