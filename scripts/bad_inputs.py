@@ -1,6 +1,7 @@
 """Run every entry point with bad inputs, as a new user would, and print a Markdown table of what each prints.
 
     python scripts/bad_inputs.py > bad_inputs.md     (offline: HF_HUB_OFFLINE=1 is set for every run)
+    python scripts/bad_inputs.py lpd.edit stride      (only the rows whose entry point or input names a word)
 
 A case is ``(argv, what)`` or ``(argv, what, files)``: the files (the user's data) must come out unchanged;
 the last column says whether they did.
@@ -30,7 +31,7 @@ from lpd.checkpoint import lock_folder  # noqa: E402
 from lpd.models import LPD, LPDConfig  # noqa: E402
 
 rng = np.random.default_rng(0)
-for rel in ("photo.png", "e_0.png", "imgs2/a/x.png", "imgs2/b/y.png", "imgs3/a/2019/img.png", "imgs3/a/2020/img.png"):
+for rel in ("photo.png", "u_0.png", "imgs2/a/x.png", "imgs2/b/y.png", "imgs3/a/2019/img.png", "imgs3/a/2020/img.png"):
     os.makedirs(os.path.dirname(f"{T}/{rel}"), exist_ok=True)
     Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(f"{T}/{rel}")
 os.symlink(f"{T}/imgs3/a", f"{T}/imgs3/a/2020/loop")  # a link loop
@@ -95,7 +96,7 @@ CASES = {
         (["--evaluate"], "--evaluate (released flag)"),
         (["--group_size", "[1]*256"], "abbreviated flag"),
         (["--use_cached", "--cached_path", f"{T}/cache2", "--config", "configs/tiny.yaml", "--img_size", "32",
-          "--output_dir", f"{T}/t2"], "cache with a class folder meta.json does not list"),
+          "--group_sizes_list", "[1]*4", "--output_dir", f"{T}/t2"], "cache with a class folder meta.json does not list"),
     ],
     "main_cache.py": [
         (["--config", "configs/tiny.yaml", "--data_path", f"{T}/imgs", "--cached_path", f"{T}/c", "--img_size", "0"], "img_size 0"),
@@ -127,7 +128,7 @@ CASES = {
         (["fid", "--input", f"{T}/imgs/a", "--stats", f"{T}/bad.png", "--json", T], "--json is a folder"),
         (["fid", "--input", f"{T}/imgs/a", "--stats", f"{T}/bad.png", "--json", f"{T}/config.json"],
          "--json over a JSON file of the user's", [f"{T}/config.json"]),
-        (["stats", "--input", f"{T}/imgs2/a", "--output", f"{T}/imgs2/a/x.png"], "--output is an input image",
+        (["stats", "--input", f"{T}/imgs2/a", "--output", f"{T}/imgs2/a/x.png"], "--output over an image of the --input folder",
          [f"{T}/imgs2/a/x.png"]),
     ],
     "-m lpd.orders": [
@@ -138,14 +139,15 @@ CASES = {
         (["--generation_steps", "999", "--output_file", f"{T}/o.json"], "more steps than tokens"),
     ],
     "-m lpd.edit": [
-        (["--model", "lpd_l", "--image", f"{T}/bad.png", "--region", "center", "--output", f"{T}/e.png"], "released model offline"),
-        (["--config", "configs/tiny.yaml", "--pretrained_ckpt", f"{T}/nope.pth", "--image", f"{T}/bad.png", "--region", "x"], "missing checkpoint"),
+        (["--model", "lpd_l", "--image", f"{T}/photo.png", "--region", "center", "--output", f"{T}/e.png"], "released model offline"),
+        (["--config", "configs/tiny.yaml", "--pretrained_ckpt", f"{T}/nope.pth", "--image", f"{T}/photo.png", "--region", "x"], "missing checkpoint"),
+        (["--config", "configs/tiny.yaml", "--pretrained_ckpt", f"{T}/nope.pth", "--image", f"{T}/bad.png", "--region", "x"], "undecodable image"),
         (["--model", "lpd_l", "--image", "x.png", "--region", "center", "--steps", "0"], "steps 0"),
         (["--model", "lpd_l", "--image", "x.png", "--region", "center", "--output", T], "--output is a folder"),
         (["--model", "lpd_l", "--image", f"{T}/photo.png", "--region", "center", "--output", f"{T}/photo.png"],
          "--output equal to --image", [f"{T}/photo.png"]),
-        (["--model", "lpd_l", "--image", f"{T}/photo.png", "--region", "center", "--output", f"{T}/e.png"],
-         "a per-edit file <output>_0.png over the user's photo", [f"{T}/e_0.png"]),
+        (["--model", "lpd_l", "--image", f"{T}/photo.png", "--region", "center", "--output", f"{T}/u.png"],
+         "a per-edit file <output>_0.png over the user's photo", [f"{T}/u_0.png"]),
         (["--model", "lpd_l", "--image", f"{T}/photo.png", "--mask", f"{T}/black.png", "--output", f"{T}/m.png"],
          "an all-black mask"),
     ],
@@ -161,8 +163,11 @@ def digests(paths):
 
 print("| entry point | bad input | exit | what it prints (first line of stderr; stdout when it succeeds) | data |")
 print("| --- | --- | ---: | --- | --- |")
+only = sys.argv[1:]
 for entry, cases in CASES.items():
     for argv, what, *keep in cases:
+        if only and not any(w in entry or w in what for w in only):
+            continue
         keep = keep[0] if keep else []
         before = digests(keep)
         cmd = [PY, *entry.split()] + argv if entry.startswith("-m") else [PY, entry] + argv

@@ -145,6 +145,13 @@ def test_a_long_thin_image_crops_with_work_bounded_by_the_output(tmp_path, monke
     assert np.abs(load_image(ramp, S).astype(int) - bounded).max() <= 1
 
 
+def test_a_decompression_bomb_is_refused_with_the_file_name(tmp_path, monkeypatch):
+    Image.new("RGB", (100, 100)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL's cap: 2x this many pixels is refused
+    with pytest.raises(ImageFileError, match=r"image file .*bomb\.png' cannot be read \(DecompressionBombError"):
+        load_image(tmp_path / "bomb.png", S)
+
+
 def test_image_to_tensor_inverts_to_uint8():
     every = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=2)
     x = image_to_tensor(every)
