@@ -186,12 +186,10 @@ def state_dict_digest(state: Mapping[str, torch.Tensor] | torch.nn.Module) -> st
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """Whether two paths name one file (after links; existing files are compared by inode)."""
-    a, b = os.fspath(a), os.fspath(b)
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    with contextlib.suppress(OSError):
-        return os.path.samefile(a, b)
-    return False
+    try:
+        return os.path.realpath(a) == os.path.realpath(b) or os.path.samefile(a, b)
+    except OSError:  # either is missing
+        return False
 
 
 def check_output_path(path: str, flag: str, inputs: Sequence[tuple[str, Any]] = (), overwrite: bool = False,
@@ -397,11 +395,9 @@ def _check_export_dir(ckpt: str, out_dir: str, overwrite: bool) -> bool:
     if names and not overwrite:
         raise CheckpointError(f"OUT_DIR {out_dir!r} exists; choose another folder, or --overwrite to replace it")
     try:
-        if names:
-            export_config(out_dir)
+        return not names or bool(export_config(out_dir))
     except CheckpointError as e:
         raise CheckpointError(f"OUT_DIR {out_dir} is not an earlier export ({e}); export into a new folder") from None
-    return True
 
 
 def push_to_hub(folder: str, repo: str, private: bool = False) -> str:

@@ -24,8 +24,8 @@ from tqdm import tqdm
 from lpd.checkpoint import TMP_PREFIX, atomic_write_bytes, state_dict_digest
 from lpd.images import IMAGE_EXTENSIONS, center_crop_arr, image_to_tensor, read_image
 
-__all__ = ["CacheError", "center_crop_arr", "ImageFolder", "image_folder", "class_folders", "resolve_image_root", "ReleasedTokenCache",
-           "ConsolidatedTokenCache", "open_token_cache", "read_record", "tokenizer_id", "write_token_cache",
+__all__ = ["CacheError", "center_crop_arr", "ImageFolder", "image_folder", "class_folders", "resolve_image_root",
+           "ReleasedTokenCache", "ConsolidatedTokenCache", "open_token_cache", "read_record", "tokenizer_id", "write_token_cache",
            "CacheStats", "token_dtype"]  # center_crop_arr: from lpd.images
 
 CACHE_FORMATS = ("released", "consolidated")
@@ -186,7 +186,7 @@ def _check_tokens(arr: np.ndarray, num_tokens: int, vocab_size: int | None, wher
 def _cached_files(root: str, class_name: str) -> list[str]:
     """The ``.npz`` files of a class folder of the released layout, by path in the class folder."""
     top = os.path.join(root, class_name)
-    return [os.path.relpath(os.path.join(folder, name), top) for folder, files in _walk_once(top, set())
+    return [os.path.join(folder[len(top) + 1 :], name) for folder, files in _walk_once(top, set())
             for name in files if name.endswith(".npz")]
 
 
@@ -424,9 +424,9 @@ def _complete(root: str, rec: dict[str, Any], names: Sequence[str], classes: Seq
 def _image_names(dataset, samples: Sequence[tuple[str, int]], classes: Sequence[str]) -> list[str]:
     """``class/path in the class folder`` of each image (distinct: the released layout's file names)."""
     root = getattr(dataset, "root", None)
-    rel = [os.path.relpath(p, os.path.join(root, classes[t])) if root else os.path.basename(p) for p, t in samples]
-    names = [os.path.join(classes[t], r if not r.startswith("..") else os.path.basename(p))
-             for (p, t), r in zip(samples, rel)]
+    tops = [os.path.join(root, c, "") if root else None for c in classes]
+    names = [os.path.join(classes[t], p[len(tops[t]) :] if tops[t] and p.startswith(tops[t]) else os.path.basename(p))
+             for p, t in samples]
     if len(set(names)) != len(names):
         dup = next(n for n, k in collections.Counter(names).items() if k > 1)
         raise CacheError(f"two images would share the cache file {dup}.npz (the same file name in one class); "

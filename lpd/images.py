@@ -10,12 +10,12 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from lpd.checkpoint import atomic_write_bytes
 
-__all__ = ["ImageFileError", "IMAGE_EXTENSIONS", "center_crop_arr", "convert", "read_image", "load_image", "load_mask", "written_by_lpd",
-           "image_to_tensor", "to_uint8", "image_path", "write_png", "read_png", "write_npz", "save_grid"]
+__all__ = ["ImageFileError", "IMAGE_EXTENSIONS", "center_crop_arr", "convert", "read_image", "load_image",
+           "load_mask", "written_by_lpd", "image_to_tensor", "to_uint8", "image_path", "write_png", "read_png", "write_npz", "save_grid"]
 
 ImageSource = str | os.PathLike | Image.Image | np.ndarray
 
@@ -27,6 +27,8 @@ class ImageFileError(ValueError):
 _WIDE_GREYS = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # PIL's convert() clips these to 0..255 (white)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 SOFTWARE = "lpd"  # the Software text of the PNGs lpd writes
+_PNG_INFO = PngImagePlugin.PngInfo()
+_PNG_INFO.add_text("Software", SOFTWARE)
 MAX_ASPECT_WORK = 16  # ADM's full resize while it holds at most this many output images of pixels
 
 
@@ -148,13 +150,6 @@ def image_path(image_dir: str | os.PathLike, index: int) -> str:
     return os.path.join(os.fspath(image_dir), f"{int(index):06d}.png")
 
 
-def _png_info() -> Any:
-    from PIL.PngImagePlugin import PngInfo
-    info = PngInfo()
-    info.add_text("Software", SOFTWARE)
-    return info
-
-
 def written_by_lpd(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a PNG that lpd wrote (its ``Software`` text), so an lpd command may replace it."""
     try:
@@ -167,7 +162,7 @@ def written_by_lpd(path: str | os.PathLike) -> bool:
 def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
     """Write a uint8 ``[H, W, 3]`` image as PNG (no fsync: a damaged file fails the next run's check)."""
     img = Image.fromarray(np.ascontiguousarray(image), "RGB")
-    atomic_write_bytes(path, lambda f: img.save(f, format="PNG", pnginfo=_png_info()), fsync=False)
+    atomic_write_bytes(path, lambda f: img.save(f, format="PNG", pnginfo=_PNG_INFO), fsync=False)
 
 
 def read_png(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray | None:
@@ -208,5 +203,5 @@ def save_grid(path: str | os.PathLike, images: Sequence[np.ndarray], ncol: int =
     for k, arr in enumerate(images):
         tile = Image.fromarray(np.ascontiguousarray(arr), "RGB")
         canvas.paste(tile if (th, tw) == (h, w) else tile.resize((tw, th), Image.BICUBIC), ((k % ncol) * tw, (k // ncol) * th))
-    atomic_write_bytes(path, lambda f: canvas.save(f, format="PNG", pnginfo=_png_info()))
+    atomic_write_bytes(path, lambda f: canvas.save(f, format="PNG", pnginfo=_PNG_INFO))
 

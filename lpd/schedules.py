@@ -4,6 +4,7 @@ fallback, and a parser (no ``eval``) of the forms users type: ``"1,2,4"``, ``"[1
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -206,20 +207,14 @@ def write_released_files(folder: str, overwrite: bool = False) -> list[str]:
     the same text are left alone; other existing files are replaced only with ``overwrite`` (else ValueError)."""
     from lpd.checkpoint import atomic_write_bytes
 
-    todo, refused = {}, []
+    todo = {}
     for rel, text in released_files().items():
         path = os.path.join(folder, rel)
-        try:
-            with open(path, encoding="utf-8") as f:
-                if f.read() == text:
-                    continue
-            refused.append(path)
-        except FileNotFoundError:
-            pass
-        except (OSError, UnicodeDecodeError):
-            refused.append(path)
+        with contextlib.suppress(OSError, UnicodeDecodeError), open(path, encoding="utf-8") as f:
+            if f.read() == text:
+                continue
         todo[path] = text.encode()
-    if refused and not overwrite:
+    if (refused := [p for p in todo if os.path.lexists(p)]) and not overwrite:
         raise ValueError(f"{', '.join(refused)} exist(s) and differ(s) from the released tables; nothing was written: "
                          f"choose another folder, or --overwrite to replace them")
     for path, data in todo.items():
