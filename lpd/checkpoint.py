@@ -23,10 +23,11 @@ import torch.nn.functional as F
 
 __all__ = ["CheckpointError", "load_checkpoint", "load_state_dict", "check_state_dict", "load_into", "interpolate_pos_embed",
            "save_checkpoint", "atomic_write_bytes", "TMP_PREFIX", "state_dict_digest", "check_finite", "check_output_path",
-           "temp_dir_for", "replace_dir", "export_folder", "export_config", "read_export",
-           "tokenizer_ref", "export", "push_to_hub"]
+           "same_file", "lock_folder", "LOCK_NAME", "temp_dir_for", "replace_dir", "export_folder", "export_config",
+           "read_export", "tokenizer_ref", "export", "push_to_hub"]
 
 TMP_PREFIX = ".tmp-"  # temporary files of atomic_write_bytes (left only by a killed process)
+LOCK_NAME = ".lock"  # the lock file of lock_folder
 
 
 class CheckpointError(RuntimeError):
@@ -183,10 +184,24 @@ def state_dict_digest(state: Mapping[str, torch.Tensor] | torch.nn.Module) -> st
     return h.hexdigest()
 
 
-def check_output_path(path: str, flag: str) -> str | None:
-    """Why ``path`` cannot be written (a folder, or no writable folder to create it in), else None."""
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file (after links; existing files are compared by inode)."""
+    try:
+        return os.path.realpath(a) == os.path.realpath(b) or os.path.samefile(a, b)
+    except OSError:  # either is missing
+        return False
+
+
+def check_output_path(path: str, flag: str, inputs: Sequence[tuple[str, Any]] = (), overwrite: bool = False,
+                      ours: Any = None) -> str | None:
+    """Why ``path`` cannot be written: a folder, no writable folder to create it in, one of ``inputs``
+    (``(flag, path)`` pairs: an output is never an input) or an existing file that ``ours(path)`` does
+    not recognise as written by lpd (without ``overwrite``); else None."""
     if os.path.isdir(path):
         return f"{flag} {path} is a folder; give the path of a file to write (it may lie inside that folder)"
+    for in_flag, source in inputs:
+        if source is not None and same_file(path, source):
+            return f"{flag} {path} is also {in_flag} {source}: an output is never an input; choose another path"
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(folder):  # missing folders are created on writing
         folder = os.path.dirname(folder)
@@ -194,7 +209,30 @@ def check_output_path(path: str, flag: str) -> str | None:
         return f"{flag} {path}: {folder} is a file, not a folder; choose another path"
     if not os.access(folder, os.W_OK | os.X_OK):
         return f"{flag} {path}: the folder {folder} is not writable; choose another path"
+    if os.path.lexists(path) and not overwrite and not (ours and ours(path)):
+        return (f"{flag} {path} exists{' and was not written by lpd' if ours else ''}; choose another name, or "
+                f"--overwrite to replace it")
     return None
+
+
+def lock_folder(folder: str) -> int | None:
+    """Hold ``folder`` for this process (``flock`` of ``folder/.lock``, released when the process ends, even
+    killed): the descriptor to close, None where the file system has no locks; BlockingIOError when held."""
+    import fcntl
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(os.path.join(folder, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip()
+        os.close(fd)
+        raise BlockingIOError(f"{folder} is in use by process {holder or '(unknown)'}") from None
+    except OSError:  # no locks on this file system
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} on {os.uname().nodename}".encode(), 0)
+    return fd
 
 
 def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike) -> None:
@@ -302,8 +340,7 @@ def export(ckpt: str, out_dir: str, *, model: str | None = None, use_ema: bool =
     card with the scores of a ``main_eval.py`` ``metrics.json``); the folder appears whole. Returns its path."""
     from safetensors.torch import save
     from lpd.models import LPD, checkpoint_config
-    if os.path.exists(out_dir) and not (os.path.isdir(out_dir) and not os.listdir(out_dir)) and not overwrite:
-        raise CheckpointError(f"OUT_DIR {out_dir!r} exists; choose another folder, or --overwrite to replace it")
+    existing = _check_export_dir(ckpt, out_dir, overwrite)
     state = load_checkpoint(ckpt)
     key = "model_ema" if use_ema else "model"
     if not isinstance(state.get(key), Mapping):
@@ -334,14 +371,39 @@ def export(ckpt: str, out_dir: str, *, model: str | None = None, use_ema: bool =
     name = os.path.basename(os.path.normpath(out_dir))  # the card names no local path
     files = {EXPORT_WEIGHTS: save(sd, metadata={"format": "pt"}), EXPORT_CONFIG: json.dumps(config, indent=2).encode(),
              EXPORT_CARD: _model_card(config, measured, repo or f"path/to/{name}").encode()}
-    tmp = temp_dir_for(out_dir)
+    tmp = out_dir if existing else temp_dir_for(out_dir)  # a new folder appears whole
     try:
         for name, data in files.items():
             atomic_write_bytes(os.path.join(tmp, name), lambda f: f.write(data))
-        replace_dir(tmp, out_dir)
+        if not existing:
+            os.rename(tmp, out_dir)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not existing:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _check_export_dir(ckpt: str, out_dir: str, overwrite: bool) -> bool:
+    """Whether ``out_dir`` exists (empty, or an earlier export replaced with ``overwrite``); anything else is
+    refused: a folder holding the source or other files is never written into."""
+    src, out = os.path.realpath(ckpt), os.path.realpath(out_dir)
+    if os.path.commonpath([src, out]) in (src, out):
+        raise CheckpointError(f"OUT_DIR {out_dir} holds the checkpoint {ckpt} (or lies inside it); export into a "
+                              f"new folder")
+    if not os.path.lexists(out_dir):
+        return False
+    if not os.path.isdir(out_dir):
+        raise CheckpointError(f"OUT_DIR {out_dir} is a file; give a new folder")
+    names = {n for n in os.listdir(out_dir) if not n.startswith(TMP_PREFIX)}  # temporary files of a killed export
+    if other := sorted(names - {EXPORT_CONFIG, EXPORT_WEIGHTS, EXPORT_CARD}):
+        raise CheckpointError(f"OUT_DIR {out_dir} holds files that are not an export's ({', '.join(other[:5])}"
+                              f"{', ...' if len(other) > 5 else ''}); export into a new or empty folder")
+    if names and not overwrite:
+        raise CheckpointError(f"OUT_DIR {out_dir!r} exists; choose another folder, or --overwrite to replace it")
+    try:
+        return not names or bool(export_config(out_dir))
+    except CheckpointError as e:
+        raise CheckpointError(f"OUT_DIR {out_dir} is not an earlier export ({e}); export into a new folder") from None
 
 
 def push_to_hub(folder: str, repo: str, private: bool = False) -> str:
@@ -379,8 +441,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "consolidate":
             from lpd.parallel import last_checkpoint
-            problem = check_output_path(args.out, "OUT") or (f"OUT {args.out} exists; --overwrite replaces it"
-                                                             if os.path.exists(args.out) and not args.overwrite else None)
+            problem = check_output_path(args.out, "OUT", overwrite=True) or (
+                f"OUT {args.out} exists; --overwrite replaces it" if os.path.exists(args.out) and not args.overwrite
+                else None)
             if problem:
                 raise CheckpointError(problem)
             state = load_checkpoint(last_checkpoint(args.run_dir, sharded=True) or args.run_dir)

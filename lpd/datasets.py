@@ -6,6 +6,7 @@ order; consolidated shards hold int16 tokens (int32 for vocabularies over 32768)
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import json
@@ -21,11 +22,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from lpd.checkpoint import TMP_PREFIX, atomic_write_bytes, state_dict_digest
-from lpd.images import center_crop_arr, image_to_tensor
+from lpd.images import IMAGE_EXTENSIONS, center_crop_arr, image_to_tensor, read_image
 
-__all__ = ["CacheError", "center_crop_arr", "image_folder", "resolve_image_root", "ReleasedTokenCache",
-           "ConsolidatedTokenCache", "open_token_cache", "read_record", "tokenizer_id", "write_token_cache",
-           "CacheStats", "released_cache_file", "token_dtype"]  # center_crop_arr: from lpd.images
+__all__ = ["CacheError", "center_crop_arr", "ImageFolder", "image_folder", "class_folders", "resolve_image_root",
+           "ReleasedTokenCache", "ConsolidatedTokenCache", "open_token_cache", "read_record", "tokenizer_id", "write_token_cache",
+           "CacheStats", "token_dtype"]  # center_crop_arr: from lpd.images
 
 CACHE_FORMATS = ("released", "consolidated")
 META_NAME = "meta.json"
@@ -54,10 +55,58 @@ def resolve_image_root(data_path: str) -> str:
     return train if os.path.isdir(train) else data_path
 
 
-def image_folder(data_path: str, img_size: int):
-    """torchvision ``ImageFolder`` of ``data_path`` with the ADM crop: ``(float32 [3, S, S] in [-1, 1], label)``."""
-    from torchvision.datasets import ImageFolder
-    return ImageFolder(resolve_image_root(data_path), transform=functools.partial(_crop_to_tensor, image_size=img_size))
+def _visible(name: str) -> bool:
+    return not name.startswith(".")  # .ipynb_checkpoints, .DS_Store, ._x.jpg: never classes or images
+
+
+def _walk_once(top: str, seen: set[str]) -> list[tuple[str, list[str]]]:
+    """``(folder, sorted visible files)`` under ``top`` in sorted order, each real folder once (links followed
+    once: no loops, no images counted twice)."""
+    found = []
+    for root, dirs, files in os.walk(top, followlinks=True):
+        real = os.path.realpath(root)
+        dirs[:] = [] if real in seen else sorted(filter(_visible, dirs))
+        if real not in seen:
+            seen.add(real)
+            found.append((root, sorted(filter(_visible, files))))
+    return sorted(found)
+
+
+def class_folders(root: str) -> list[str]:
+    """The class folders of ``root``, sorted; hidden folders are not classes."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and _visible(e.name))
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """torchvision's ImageFolder (``root``, ``classes``, ``samples``, ``loader``; sorted classes and files) with
+    the ADM crop: ``(float32 [3, S, S] in [-1, 1], label)``. Hidden folders and files are skipped, a linked
+    folder is read once (no loops), images are read by their mode (16-bit greys too)."""
+
+    def __init__(self, root: str, img_size: int) -> None:
+        self.root, self.img_size, self.loader = root, img_size, read_image
+        if not (classes := class_folders(root)):
+            raise FileNotFoundError(f"--data_path {root!r} holds no class folders (class sub-folders of images)")
+        seen: set[str] = set()
+        self.classes, self.samples = classes, [
+            (os.path.join(folder, name), label) for label, c in enumerate(classes)
+            for folder, files in _walk_once(os.path.join(root, c), seen) for name in files
+            if name.lower().endswith(IMAGE_EXTENSIONS)]
+        labels = {t for _, t in self.samples}
+        if empty := [c for label, c in enumerate(classes) if label not in labels]:
+            raise FileNotFoundError(f"class folder(s) {', '.join(empty[:5])} of {root!r} hold no images "
+                                    f"({', '.join(IMAGE_EXTENSIONS)}), or only folders already read through a link")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        return _crop_to_tensor(self.loader(path), self.img_size), label
+
+
+def image_folder(data_path: str, img_size: int) -> ImageFolder:
+    """The :class:`ImageFolder` of ``data_path`` (or of its ``train/``)."""
+    return ImageFolder(resolve_image_root(data_path), img_size)
 
 
 def tokenizer_id(tokenizer: torch.nn.Module) -> str:
@@ -134,9 +183,11 @@ def _check_tokens(arr: np.ndarray, num_tokens: int, vocab_size: int | None, wher
     return flat
 
 
-def released_cache_file(cached_path: str, class_name: str, image_file: str) -> str:
-    """``<cached_path>/<class>/<image file name>.npz``: one image's file in the released layout."""
-    return os.path.join(cached_path, class_name, os.path.basename(image_file) + ".npz")
+def _cached_files(root: str, class_name: str) -> list[str]:
+    """The ``.npz`` files of a class folder of the released layout, by path in the class folder."""
+    top = os.path.join(root, class_name)
+    return [os.path.join(folder[len(top) + 1 :], name) for folder, files in _walk_once(top, set())
+            for name in files if name.endswith(".npz")]
 
 
 class _TokenCache(torch.utils.data.Dataset):
@@ -157,9 +208,15 @@ class ReleasedTokenCache(_TokenCache):
             raise CacheError(f"cache folder {root!r} does not exist; write it with main_cache.py")
         self.root, self.num_tokens, self.vocab_size = root, num_tokens, vocab_size
         rec = _checked_record(root, "released", num_tokens, vocab_size)
-        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-        per_class = [sorted(e.name for e in os.scandir(os.path.join(root, c)) if e.name.endswith(".npz") and e.is_file())
-                     for c in self.classes]
+        recorded = list(rec["classes"]) if rec is not None else []
+        disk = sorted(e.name for e in os.scandir(root) if e.is_dir() and (_visible(e.name) or e.name in recorded))
+        if rec is not None and set(disk) != set(recorded):  # labels are the record's: a stray folder shifts none
+            extra, missing = sorted(set(disk) - set(recorded)), sorted(set(recorded) - set(disk))
+            raise CacheError(f"the class folders of cache {root!r} differ from its {META_NAME} (on disk only: "
+                             f"{extra[:5]}, recorded only: {missing[:5]}); move the extra folders away, or "
+                             f"{_start_over(root)}")
+        self.classes = recorded or disk
+        per_class = [_cached_files(root, c) for c in self.classes]
         self.files = [os.path.join(root, c, n) for c, names in zip(self.classes, per_class) for n in names]
         if not self.files:
             raise CacheError(f"cache folder {root!r} holds no class folders of .npz files; write it with main_cache.py")
@@ -357,11 +414,24 @@ def _check_decodable(dataset, paths: list[str], num_workers: int, progress: bool
                          f"--cached_path) and rerun")
 
 
-def _complete(root: str, rec: dict[str, Any], samples: Sequence[tuple[str, int]], classes: Sequence[str]) -> bool:
+def _complete(root: str, rec: dict[str, Any], names: Sequence[str], classes: Sequence[str]) -> bool:
     if rec["format"] == "consolidated":
         return all(os.path.isfile(_shard_names(root, s)["tokens"]) for s in range(int(rec["num_shards"])))
-    have = {c: set(os.listdir(os.path.join(root, c))) for c in classes}  # every rank made every class folder
-    return all(os.path.basename(p) + ".npz" in have[classes[t]] for p, t in samples)
+    have = {os.path.join(c, n) for c in classes for n in _cached_files(root, c)}  # every rank made every class folder
+    return all(n + ".npz" in have for n in names)
+
+
+def _image_names(dataset, samples: Sequence[tuple[str, int]], classes: Sequence[str]) -> list[str]:
+    """``class/path in the class folder`` of each image (distinct: the released layout's file names)."""
+    root = getattr(dataset, "root", None)
+    tops = [os.path.join(root, c, "") if root else None for c in classes]
+    names = [os.path.join(classes[t], p[len(tops[t]) :] if tops[t] and p.startswith(tops[t]) else os.path.basename(p))
+             for p, t in samples]
+    if len(set(names)) != len(names):
+        dup = next(n for n, k in collections.Counter(names).items() if k > 1)
+        raise CacheError(f"two images would share the cache file {dup}.npz (the same file name in one class); "
+                         f"rename one of them")
+    return names
 
 
 def write_token_cache(dataset, cached_path: str, encode: Callable[[torch.Tensor], torch.Tensor], cache_format: str, *,
@@ -378,16 +448,17 @@ def write_token_cache(dataset, cached_path: str, encode: Callable[[torch.Tensor]
     samples, classes = list(dataset.samples), list(dataset.classes)
     if not (n := len(samples)):
         raise CacheError("the ImageFolder holds no images")
-    names = "".join(f"{classes[label]}/{os.path.basename(path)}\n" for path, label in samples)
+    names = _image_names(dataset, samples, classes)
+    listing = "".join(n.replace(os.sep, "/") + "\n" for n in names)
     want: dict[str, Any] = dict(format=cache_format, tokenizer=tokenizer, img_size=img_size, crop=CROP,
                                 num_tokens=num_tokens, vocab_size=vocab_size, num_images=n, classes=classes,
-                                images="sha256:" + hashlib.sha256(names.encode()).hexdigest())
+                                images="sha256:" + hashlib.sha256(listing.encode()).hexdigest())
     os.makedirs(cached_path, exist_ok=True)
     old = _check_rerun(cached_path, want)
     writer = None
     if cache_format == "released":
         mine = list(range(rank, n, world_size))
-        targets = {i: released_cache_file(cached_path, classes[samples[i][1]], samples[i][0]) for i in mine}
+        targets = {i: os.path.join(cached_path, names[i] + ".npz") for i in mine}
         todo = [i for i in mine if not os.path.isfile(targets[i])]
     else:
         num_shards, size = (old["num_shards"], old["shard_size"]) if old else _shard_plan(n, world_size, shard_size)
@@ -426,6 +497,6 @@ def write_token_cache(dataset, cached_path: str, encode: Callable[[torch.Tensor]
     if writer is not None:
         writer.finish_complete()
     barrier()
-    if read_record(cached_path)["state"] != "complete" and _complete(cached_path, want, samples, classes):
+    if read_record(cached_path)["state"] != "complete" and _complete(cached_path, want, names, classes):
         _write_record(cached_path, {**want, "state": "complete"})
     return CacheStats(written=len(todo), skipped=len(mine) - len(todo))

@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paste", action="store_true", help="paste the original pixels back outside the mask")
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", default="edited.png", help="grid PNG; the edits go next to it")
+    p.add_argument("--overwrite", action="store_true", help="replace output files that lpd did not write")
     add_paper_sampling_args(p, {"cfg": "else --config's",
                                 "repulsion_threshold": "else 2 at 16x16 tokens, 4 at 32x32"})
     return p
@@ -62,11 +63,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         for flag, value in (("--steps", args.steps), ("--num", args.num)):
             if value < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
-        if problem := check_output_path(args.output, "--output"):
-            raise ConfigError(problem)
         import torch
         from lpd import hub
-        from lpd.images import save_grid, write_png
+        from lpd.images import load_mask, read_image, save_grid, write_png, written_by_lpd
+        inputs = [(f"--{k}", getattr(args, k)) for k in ("image", "mask", "pretrained_ckpt", "vqgan_path", "config")]
+        stem, _ = os.path.splitext(args.output)
+        for path in [args.output, *(f"{stem}_{k}.png" for k in range(args.num))]:
+            if problem := check_output_path(path, "--output" if path == args.output else "the edit", inputs,
+                                            args.overwrite, written_by_lpd):
+                raise ConfigError(problem)
+        read_image(args.image)  # unreadable inputs are refused before the model is loaded
+        if args.mask is not None:
+            try:
+                load_mask(args.mask, None)
+            except ValueError as e:
+                raise ConfigError(f"--mask {args.mask}: {e}") from None
         from lpd.models import load_lpd
         from lpd.pipeline import LPDPipeline, command_line
         from lpd.tokenizer import make_tokenizer
@@ -90,7 +101,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    stem, _ = os.path.splitext(args.output)
     edits = [f"edit {k}" for k in range(len(out["edits"]))]
     save_grid(args.output, [out["source"], out["masked"], *out["edits"]], ncol=2 + len(edits),
               max_tile=out["source"].shape[0], col_labels=["source", "masked", *edits])

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from lpd.checkpoint import TMP_PREFIX, atomic_write_bytes, state_dict_digest
+from lpd.checkpoint import TMP_PREFIX, atomic_write_bytes, lock_folder, state_dict_digest
 from lpd.devices import device_description, library_versions, synchronize
 from lpd.distributed import barrier, gather_object, on_rank0
 from lpd.images import image_path, read_png, save_grid, to_uint8, write_npz, write_png
@@ -143,6 +143,16 @@ def _check_labels(labels: Any, num_images: int, class_num: int) -> np.ndarray:
     return arr.astype(np.int64)
 
 
+def _image_size(model: torch.nn.Module, tokenizer: torch.nn.Module) -> tuple[int, int]:
+    """(H, W) of the decoded images: the model's ``img_size``, else EvaluationError (a tokenizer of another stride)."""
+    grid, size = int(model.grid_size), int(model.grid_size) * int(getattr(tokenizer, "downsample_factor", 16))
+    if size != int(model.config.img_size):
+        raise EvaluationError(f"the tokenizer turns the model's {grid}x{grid} tokens into {size} px images, not the "
+                              f"model's {model.config.img_size} px: give the tokenizer it was trained with "
+                              f"(--vqgan_path / --vq_config)")
+    return size, size
+
+
 def generate_images(model: torch.nn.Module, tokenizer: torch.nn.Module, num_images: int, group_sizes: Sequence[int],
                     sampling: SamplingConfig | None = None, *, orders: np.ndarray | OrderSource | None = None,
                     labels: Sequence[int] | np.ndarray | None = None, seed: int = 0, eval_bsz: int = 64,
@@ -164,7 +174,7 @@ def generate_images(model: torch.nn.Module, tokenizer: torch.nn.Module, num_imag
         repulsion_threshold=sampling.repulsion_threshold, table=orders)
     all_labels = (image_classes(np.arange(num_images), num_images, model.class_num) if labels is None
                   else _check_labels(labels, num_images, int(model.class_num)))
-    size = (grid * int(getattr(tokenizer, "downsample_factor", 16)),) * 2
+    size = _image_size(model, tokenizer)
     mine = np.arange(rank, num_images, world)
     store, todo = None, mine
     if output_dir is not None:
@@ -234,14 +244,41 @@ def run_settings(model: torch.nn.Module, tokenizer: torch.nn.Module, num_images:
     return out
 
 
+_HELD: dict[str, int] = {}  # run folders this process holds: real path -> descriptor of the lock
+
+
+def _hold(run_dir: str) -> bool:
+    """Hold ``run_dir`` until :func:`evaluate` ends (False where the file system has no locks); a folder
+    another process holds is refused at once."""
+    key = os.path.realpath(run_dir)
+    if key not in _HELD:
+        try:
+            fd = lock_folder(run_dir)
+        except BlockingIOError as e:
+            raise EvaluationError(f"run folder {e}: another evaluation is writing into it. Wait until it ends (a rerun "
+                                  f"then samples only what is missing), or use another --output_dir / --run_name.") from None
+        if fd is None:
+            return False
+        _HELD[key] = fd
+    return True
+
+
+def _release(run_dir: str) -> None:
+    fd = _HELD.pop(os.path.realpath(run_dir), None)
+    if fd is not None:
+        os.close(fd)
+
+
 def prepare_run_dir(run_dir: str | os.PathLike, settings: Mapping[str, Any], num_tokens: int) -> str:
-    """Create the run folder with ``settings.json`` and ``tokens.npy``, or check one of the same run and remove
-    a killed run's temporary files; a folder of another run, or of lost settings, is refused. Call it on every rank."""
+    """Create the run folder with ``settings.json`` and ``tokens.npy``, or check one of the same run; a folder of
+    another run, of lost settings, or that another process holds, is refused. This process holds the folder
+    (rank 0, until :func:`evaluate` ends) and removes a killed run's temporary files. Call it on every rank."""
     run_dir = os.fspath(run_dir)
 
     def prepare() -> None:
         image_dir, path, tokens = (os.path.join(run_dir, n) for n in (IMAGES, SETTINGS, TOKENS))
         os.makedirs(image_dir, exist_ok=True)
+        held = _hold(run_dir)  # no other process writes here: its temporary files are a killed run's
         new = json.loads(json.dumps(dict(settings)))
         start_over = f"Use another --output_dir / --run_name, or delete {run_dir!r} to start over."
         if os.path.isfile(path):
@@ -276,7 +313,7 @@ def prepare_run_dir(run_dir: str | os.PathLike, settings: Mapping[str, Any], num
             arr.flush()
             del arr
             os.replace(tmp, tokens)
-        for name in os.listdir(image_dir):
+        for name in os.listdir(image_dir) if held else ():
             if name.startswith(TMP_PREFIX):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(image_dir, name))
@@ -299,55 +336,70 @@ def evaluate(model: torch.nn.Module, tokenizer: torch.nn.Module, num_images: int
     sampling = (sampling or SamplingConfig()).replace(**settings)
     model = _unwrap(model)
     device = model.pos_embed.device
+    _image_size(model, tokenizer)  # before anything is loaded or written
 
     def load_scorer() -> tuple[Any, Any]:
         ref = M.load_statistics(ref_stats) if isinstance(ref_stats, (str, os.PathLike)) else ref_stats
-        return ref, feature_extractor or M.inception_extractor(inception_weights, device)
+        extractor = feature_extractor or M.inception_extractor(inception_weights, device)
+        if ref is not None:  # the features' width, of one black image
+            size = int(model.config.img_size)
+            with torch.inference_mode():
+                dim = int(np.prod(extractor(torch.zeros(1, 3, size, size, dtype=torch.uint8, device=device))[0].shape[1:]))
+            if np.shape(ref[0]) != (dim,):
+                where = f" {ref_stats}" if isinstance(ref_stats, (str, os.PathLike)) else ""
+                raise EvaluationError(f"the reference statistics{where} are of {np.shape(ref[0])[0]}-d features, the "
+                                      f"feature extractor gives {dim}-d ones: give statistics of this extractor "
+                                      f"(python -m lpd.metrics stats)")
+        return ref, extractor
     scorer = on_rank0(load_scorer, "loading the reference statistics / feature extractor", broadcast=False) if compute_fid else None
     run_dir = os.fspath(output_dir) if output_dir is not None else None
-    record_settings: dict[str, Any] = {}
-    if run_dir is not None:
-        record_settings = on_rank0(lambda: run_settings(model, tokenizer, num_images, group_sizes, sampling, seed, name=name,
-                                                        labels=labels, orders=orders, order_file=order_file))
-        prepare_run_dir(run_dir, record_settings, int(model.num_tokens))
-    t0 = time.perf_counter()
-    gen = generate_images(model, tokenizer, num_images, group_sizes, sampling, orders=orders, labels=labels, seed=seed,
-                          eval_bsz=eval_bsz, output_dir=run_dir, progress=progress)
-    sample_seconds = time.perf_counter() - t0
-
-    def finish() -> dict[str, Any]:
-        files, source, old = {}, gen.images, {}
+    try:
+        record_settings: dict[str, Any] = {}
         if run_dir is not None:
-            npz = os.path.join(run_dir, os.path.basename(os.path.normpath(run_dir)) + ".npz")
-            write_npz(npz, gen.image_paths, gen.image_size)
-            save_grid(os.path.join(run_dir, GRID), [read_png(p, gen.image_size) for p in gen.image_paths[:grid_images]])
-            files = {"images": os.path.join(run_dir, IMAGES), "tokens": os.path.join(run_dir, TOKENS), "npz": npz,
-                     "grid": os.path.join(run_dir, GRID), "metrics": os.path.join(run_dir, METRICS)}
-            source = npz  # score exactly the pixels handed to the ADM evaluator
-            with contextlib.suppress(OSError, ValueError):
-                with open(files["metrics"], encoding="utf-8") as f:
-                    old = json.load(f)
-        scores = {"fid": None, "inception_score": None, "inception_score_std": None}
-        t1 = time.perf_counter()
-        if compute_fid:
-            scores.update({k: v for k, v in M.compute_metrics(source, scorer[0], scorer[1], batch_size=metrics_batch_size,
-                                                              device=device, progress=progress).items() if k in scores})
-        elif old:  # not scored now: keep the earlier scores of the same images
-            scores = {k: old.get(k) for k in scores}
-        timed = gen.speed["timed_batches"] > 0
-        record = {**scores, "num_images": gen.num_images, "image_size": list(gen.image_size), "settings": record_settings,
-                  "sampling": sampling.to_dict(), "seed": seed, "eval_bsz": eval_bsz,
-                  "speed": gen.speed if timed or "speed" not in old else old["speed"],
-                  "generated_this_run": gen.generated, "found_on_disk": gen.skipped, "sampling_wall_s": sample_seconds,
-                  "metrics_wall_s": time.perf_counter() - t1 if compute_fid else old.get("metrics_wall_s"),
-                  "device": device_description(device) if timed or "device" not in old else old["device"],
-                  "dtype": "bfloat16 autocast" if sampling.bf16 else "float32",
-                  "world_size": gen.speed["processes"], "model_params": sum(p.numel() for p in model.parameters()),
-                  "ref_stats": os.fspath(ref_stats) if isinstance(ref_stats, (str, os.PathLike)) else None,
-                  "versions": library_versions(), "files": files, **dict(info or {})}
-        if run_dir is not None:
-            data = json.dumps(record, indent=2, default=str).encode()
-            atomic_write_bytes(files["metrics"], lambda f: f.write(data))
-        return record
+            record_settings = on_rank0(lambda: run_settings(model, tokenizer, num_images, group_sizes, sampling, seed, name=name,
+                                                            labels=labels, orders=orders, order_file=order_file))
+            prepare_run_dir(run_dir, record_settings, int(model.num_tokens))
+        t0 = time.perf_counter()
+        gen = generate_images(model, tokenizer, num_images, group_sizes, sampling, orders=orders, labels=labels, seed=seed,
+                              eval_bsz=eval_bsz, output_dir=run_dir, progress=progress)
+        sample_seconds = time.perf_counter() - t0
 
-    return on_rank0(finish, "after sampling (packing or scoring the images)")
+        def finish() -> dict[str, Any]:
+            files, source, old = {}, gen.images, {}
+            if run_dir is not None:
+                npz = os.path.join(run_dir, os.path.basename(os.path.normpath(run_dir)) + ".npz")
+                write_npz(npz, gen.image_paths, gen.image_size)
+                save_grid(os.path.join(run_dir, GRID), [read_png(p, gen.image_size) for p in gen.image_paths[:grid_images]])
+                files = {"images": os.path.join(run_dir, IMAGES), "tokens": os.path.join(run_dir, TOKENS), "npz": npz,
+                         "grid": os.path.join(run_dir, GRID), "metrics": os.path.join(run_dir, METRICS)}
+                source = npz  # score exactly the pixels handed to the ADM evaluator
+                with contextlib.suppress(OSError, ValueError):
+                    with open(files["metrics"], encoding="utf-8") as f:
+                        old = json.load(f)
+            scores = {"fid": None, "inception_score": None, "inception_score_std": None}
+            t1 = time.perf_counter()
+            if compute_fid:
+                scores.update({k: v for k, v in M.compute_metrics(source, scorer[0], scorer[1], batch_size=metrics_batch_size,
+                                                                  device=device, progress=progress).items() if k in scores})
+            elif old:  # not scored now: keep the earlier scores of the same images
+                scores = {k: old.get(k) for k in scores}
+            timed = gen.speed["timed_batches"] > 0
+            record = {**scores, "num_images": gen.num_images, "image_size": list(gen.image_size), "settings": record_settings,
+                      "sampling": sampling.to_dict(), "seed": seed, "eval_bsz": eval_bsz,
+                      "speed": gen.speed if timed or "speed" not in old else old["speed"],
+                      "generated_this_run": gen.generated, "found_on_disk": gen.skipped, "sampling_wall_s": sample_seconds,
+                      "metrics_wall_s": time.perf_counter() - t1 if compute_fid else old.get("metrics_wall_s"),
+                      "device": device_description(device) if timed or "device" not in old else old["device"],
+                      "dtype": "bfloat16 autocast" if sampling.bf16 else "float32",
+                      "world_size": gen.speed["processes"], "model_params": sum(p.numel() for p in model.parameters()),
+                      "ref_stats": os.fspath(ref_stats) if isinstance(ref_stats, (str, os.PathLike)) else None,
+                      "versions": library_versions(), "files": files, **dict(info or {})}
+            if run_dir is not None:
+                data = json.dumps(record, indent=2, default=str).encode()
+                atomic_write_bytes(files["metrics"], lambda f: f.write(data))
+            return record
+
+        return on_rank0(finish, "after sampling (packing or scoring the images)")
+    finally:
+        if run_dir is not None:
+            _release(run_dir)

@@ -10,12 +10,12 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from lpd.checkpoint import atomic_write_bytes
 
-__all__ = ["ImageFileError", "center_crop_arr", "load_image", "load_mask", "image_to_tensor", "to_uint8",
-           "image_path", "write_png", "read_png", "write_npz", "save_grid"]
+__all__ = ["ImageFileError", "IMAGE_EXTENSIONS", "center_crop_arr", "convert", "read_image", "load_image",
+           "load_mask", "written_by_lpd", "image_to_tensor", "to_uint8", "image_path", "write_png", "read_png", "write_npz", "save_grid"]
 
 ImageSource = str | os.PathLike | Image.Image | np.ndarray
 
@@ -24,44 +24,78 @@ class ImageFileError(ValueError):
     """An image file that is missing or cannot be decoded."""
 
 
+_WIDE_GREYS = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # PIL's convert() clips these to 0..255 (white)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
+SOFTWARE = "lpd"  # the Software text of the PNGs lpd writes
+_PNG_INFO = PngImagePlugin.PngInfo()
+_PNG_INFO.add_text("Software", SOFTWARE)
+MAX_ASPECT_WORK = 16  # ADM's full resize while it holds at most this many output images of pixels
+
+
 def _adm_crop(pil_image: Image.Image, image_size: int) -> np.ndarray:
     while min(*pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
     scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
-    arr = np.array(pil_image)
-    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    w, h = (round(x * scale) for x in pil_image.size)
+    left, top = (w - image_size) // 2, (h - image_size) // 2
+    if w * h > MAX_ASPECT_WORK * image_size**2:  # a long thin image: resample the crop only (within 1-2 levels)
+        sx, sy = pil_image.width / w, pil_image.height / h
+        box = (left * sx, top * sy, (left + image_size) * sx, (top + image_size) * sy)
+        return np.array(pil_image.resize((image_size, image_size), resample=Image.BICUBIC, box=box))
+    arr = np.array(pil_image.resize((w, h), resample=Image.BICUBIC))
     return arr[top : top + image_size, left : left + image_size]
 
 
+def convert(im: Image.Image, mode: str) -> Image.Image:
+    """``im`` as ``mode`` ('RGB', 'L'), 16-bit, 32-bit and float greys scaled to 8 bits (float: 0..1 if at most 1)."""
+    if im.mode in _WIDE_GREYS:
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode != "F" else 1.0 if a.size and a.max() <= 1 else 255.0
+        im = Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+    return im.convert(mode)
+
+
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
-    """ADM's centre crop: halve (BOX) while the short side is >= 2 * size, resize (BICUBIC), crop; uint8 HWC."""
-    return _adm_crop(pil_image.convert("RGB"), image_size)
+    """ADM's centre crop: halve (BOX) while the short side is >= 2 * size, resize (BICUBIC), crop; uint8 HWC.
+    The work is bounded by the output: an image longer than 16 crops resamples the crop alone."""
+    return _adm_crop(convert(pil_image, "RGB"), image_size)
 
 
-def _pil(source: ImageSource, what: str, mode: str) -> Image.Image:
-    """``source`` decoded as a PIL image of ``mode`` ('RGB' for images, 'L' for masks)."""
+def read_image(path: str | os.PathLike, mode: str = "RGB", what: str = "image") -> Image.Image:
+    """The image file ``path`` decoded as ``mode`` (:func:`convert`); ImageFileError names the file."""
+    return convert(_pil(path, what), mode)
+
+
+def _pil(source: ImageSource, what: str, mask: bool = False) -> Image.Image:
+    """``source`` decoded (every pixel) as a PIL image; arrays checked (a ``mask`` may be grey or bool)."""
     if isinstance(source, np.ndarray):
         rgb = source.dtype == np.uint8 and source.ndim == 3 and source.shape[2] == 3
-        grey = mode == "L" and source.ndim == 2 and source.dtype in (np.uint8, np.bool_)
+        grey = mask and source.ndim == 2 and source.dtype in (np.uint8, np.bool_)
         if not (rgb or grey) or source.size == 0:
-            want = "uint8 [H, W, 3]" + (" or bool / uint8 [H, W]" if mode == "L" else "")
+            want = "uint8 [H, W, 3]" + (" or bool / uint8 [H, W]" if mask else "")
             raise ValueError(f"{what} array must be {want}, got {source.dtype} {list(source.shape)}")
-        if mode == "L" and source.dtype == np.uint8 and source.max() == 1:
-            raise ValueError(f"{what} array holds only 0 and 1, but white (255) marks what to regenerate: "
-                             f"pass a bool array or 0 / 255")
-        source = Image.fromarray(np.ascontiguousarray(source))
+        return Image.fromarray(np.ascontiguousarray(source))
     if isinstance(source, Image.Image):
-        return source.convert(mode)
+        return source
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"{what} must be a file path, a PIL image or a numpy array, got {type(source).__name__}")
     path = os.fspath(source)
     try:
         with Image.open(path) as im:
-            return im.convert(mode)  # decodes every pixel: a truncated file fails here
+            im.load()  # decodes every pixel: a truncated file fails here
+            return im
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageFileError(f"{what} file {path!r} cannot be read ({type(e).__name__}: {e}): give an existing, "
                              f"undamaged PNG or JPEG") from None
+
+
+def _mask_image(source: ImageSource) -> Image.Image:
+    """A mask as 'L' 0..255; a 0/1 mask (largest value 1, of any depth) as 0/255."""
+    im = _pil(source, "mask", mask=True)
+    raw = np.asarray(im if im.mode in _WIDE_GREYS else im.convert("L"))
+    if raw.size and raw.max() == 1:
+        return Image.fromarray((raw >= 1).astype(np.uint8) * 255, "L")
+    return convert(im, "L")
 
 
 def _check_size(img_size: int) -> int:
@@ -72,23 +106,29 @@ def _check_size(img_size: int) -> int:
 
 def load_image(source: ImageSource, img_size: int) -> np.ndarray:
     """uint8 ``[img_size, img_size, 3]``: a path, PIL image or uint8 ``[H, W, 3]`` array, ADM centre-cropped."""
-    return _adm_crop(_pil(source, "image", "RGB"), _check_size(img_size))
+    return _adm_crop(convert(_pil(source, "image"), "RGB"), _check_size(img_size))
 
 
-def load_mask(source: ImageSource, img_size: int, image: ImageSource | None = None) -> np.ndarray:
-    """bool ``[img_size, img_size]``, True where white (grey >= 128): as is at that size, else cropped as ``image``."""
-    mask, img_size = _pil(source, "mask", "L"), _check_size(img_size)
-    if mask.size != (img_size, img_size):
+def load_mask(source: ImageSource, img_size: int | None, image: ImageSource | None = None) -> np.ndarray:
+    """bool ``[img_size, img_size]``, True where white (grey >= 128, or 1 in a 0/1 mask): as is at that size
+    (or any size with ``img_size=None``), else cropped as ``image``. A mask that selects nothing is refused."""
+    mask = _mask_image(source)
+    if img_size is not None and mask.size != (_check_size(img_size),) * 2:
         got = f"the mask is {mask.height}x{mask.width} (HxW)"
         if image is None:
             raise ValueError(f"{got}, not {img_size}x{img_size}: give a mask of the cropped image's size, or pass "
                              f"image= (the image it was drawn on) to crop it like the image")
-        w, h = _pil(image, "image", "RGB").size
+        w, h = _pil(image, "image").size
         if mask.size != (w, h):
             raise ValueError(f"{got} but its image is {h}x{w}: a mask must have the image's size or "
                              f"{img_size}x{img_size} (the cropped image's)")
-        return _adm_crop(mask, img_size) >= 128
-    return np.asarray(mask) >= 128
+        out = _adm_crop(mask, img_size) >= 128
+    else:
+        out = np.asarray(mask) >= 128
+    if not out.any():
+        raise ValueError("the mask selects no pixel" + (" of the cropped image" if out.shape != mask.size[::-1] else "")
+                         + ": white (or 1 in a 0/1 mask) marks what to regenerate")
+    return out
 
 
 def image_to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -110,10 +150,19 @@ def image_path(image_dir: str | os.PathLike, index: int) -> str:
     return os.path.join(os.fspath(image_dir), f"{int(index):06d}.png")
 
 
+def written_by_lpd(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a PNG that lpd wrote (its ``Software`` text), so an lpd command may replace it."""
+    try:
+        with Image.open(os.fspath(path)) as im:
+            return im.format == "PNG" and im.info.get("Software") == SOFTWARE
+    except (OSError, ValueError, SyntaxError):
+        return False
+
+
 def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
     """Write a uint8 ``[H, W, 3]`` image as PNG (no fsync: a damaged file fails the next run's check)."""
     img = Image.fromarray(np.ascontiguousarray(image), "RGB")
-    atomic_write_bytes(path, lambda f: img.save(f, format="PNG"), fsync=False)
+    atomic_write_bytes(path, lambda f: img.save(f, format="PNG", pnginfo=_PNG_INFO), fsync=False)
 
 
 def read_png(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray | None:
@@ -180,4 +229,4 @@ def save_grid(path: str | os.PathLike, images: Sequence[np.ndarray], ncol: int =
     for c, text in enumerate(col_labels or ()):
         x = left + c * (tw + gutter) + (tw - measure((0, 0), text, font=font)[2]) // 2
         draw.text((x, pad), text, fill=(0, 0, 0), font=font)
-    atomic_write_bytes(path, lambda f: canvas.save(f, format="PNG"))
+    atomic_write_bytes(path, lambda f: canvas.save(f, format="PNG", pnginfo=_PNG_INFO))

@@ -19,18 +19,17 @@ from unittest import mock
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from lpd import checkpoint, hub
 from lpd.config import HelpFormatter
 from lpd.distributed import resolve_device
+from lpd.images import IMAGE_EXTENSIONS, ImageFileError, read_image
 
 INCEPTION_WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 )
 INCEPTION_FEATURES = 2048
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 ADM_FORMAT = "an ADM .npz (arr_0: uint8 N x H x W x 3)"
 
 #: A folder of images, an ADM ``.npz`` or ``.npy`` path, uint8 numpy N x H x W x 3, uint8 tensor N x 3 x H x W.
@@ -99,9 +98,8 @@ def _file_batches(files: list[str], batch_size: int) -> Iterator[torch.Tensor]:
         arrays = []
         for path in files[i:i + batch_size]:
             try:
-                with Image.open(path) as im:
-                    arrays.append(np.asarray(im.convert("RGB")))
-            except (OSError, SyntaxError, ValueError) as exc:
+                arrays.append(np.asarray(read_image(path)))  # by its mode: 16-bit greys are not white
+            except ImageFileError as exc:
                 raise MetricsError(f"{path} is not a readable image ({exc}); re-save or remove it") from None
         if len({a.shape for a in arrays}) > 1:
             sizes = ", ".join(f"{os.path.basename(f)}: {a.shape[:2]}" for f, a in zip(files[i:], arrays[:4]))
@@ -330,20 +328,24 @@ def compute_metrics(images: Images, reference: tuple[np.ndarray, np.ndarray] | N
     return {"fid": fid, "inception_score": is_mean, "inception_score_std": is_std, "num_images": stats.num_images}
 
 
-def _check_output(path: str, flag: str, kind: str) -> None:
-    """Refuse an output that cannot be written or would replace a file that is not a ``kind`` (.npz/.json) of ours."""
-    problem = checkpoint.check_output_path(path, flag)
-    if problem is None and os.path.exists(path):
-        try:
-            with open(path, "rb") as f:
-                ours = ({"mu.npy", "sigma.npy"} <= set(zipfile.ZipFile(f).namelist()) if kind == ".npz"
-                        else json.load(f) is not None)
-        except (OSError, ValueError, zipfile.BadZipFile):
-            ours = False
-        what = "a statistics file (.npz with mu and sigma)" if kind == ".npz" else "a JSON file"
-        problem = None if ours else f"{flag} {path} exists and is not {what}; remove it or choose another name"
-    if problem:
-        raise MetricsError(problem)
+def _ours(path: str, kind: str) -> bool:
+    """Whether ``path`` is a statistics file (``.npz``) or a metrics record (``.json``) this command wrote."""
+    try:
+        with open(path, "rb") as f:
+            if kind == ".npz":
+                return {"mu.npy", "sigma.npy"} <= set(zipfile.ZipFile(f).namelist())
+            record = json.load(f)
+            return isinstance(record, dict) and {"fid", "num_images"} <= set(record)
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return False
+
+
+def _check_output(path: str, flag: str, kind: str, inputs: list[tuple[str, Any]], overwrite: bool) -> None:
+    """Refuse an output that cannot be written, is an input, or would replace a file that is not a ``kind``
+    (.npz / .json) of ours."""
+    if problem := checkpoint.check_output_path(path, flag, inputs, overwrite, lambda p: _ours(p, kind)):
+        what = "a statistics file (.npz with mu and sigma)" if kind == ".npz" else "a metrics file of lpd.metrics fid"
+        raise MetricsError(problem.replace("was not written by lpd", f"is not {what}"))
 
 
 def _flagged(name: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -370,6 +372,7 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--batch_size", type=int, default=50)
         s.add_argument("--device", default=None, help="torch device (default: the accelerator if any, else cpu)")
         s.add_argument("--no_progress", action="store_true", help="no progress bar")
+        s.add_argument("--overwrite", action="store_true", help="replace an output file that is not one of ours")
         if name == "stats":
             s.add_argument("--output", required=True, help="statistics file to write (.npz with mu, sigma)")
         else:
@@ -380,10 +383,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> FeatureStatistics | dict[str, Any]:
     """Check the outputs, then every other flag and file, then compute."""
+    inputs = [("--input", args.input), ("--stats", getattr(args, "stats", None))]
     if args.command == "stats":
-        _check_output(args.output, "--output", ".npz")
+        _check_output(args.output, "--output", ".npz", inputs, args.overwrite)
     elif args.json:
-        _check_output(args.json, "--json", ".json")
+        _check_output(args.json, "--json", ".json", inputs, args.overwrite)
     try:
         device = resolve_device(args.device)
     except RuntimeError as exc:

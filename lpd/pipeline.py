@@ -17,10 +17,10 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from lpd.checkpoint import CheckpointError
+from lpd.checkpoint import CheckpointError, check_output_path
 from lpd.config import HelpFormatter
 from lpd.evaluate import sample_batch
-from lpd.images import save_grid
+from lpd.images import save_grid, written_by_lpd
 from lpd.orders.source import OrderSource
 from lpd.sampling import SamplingConfig, add_sampling_args
 from lpd.schedules import group_sizes as default_group_sizes, parse_group_sizes
@@ -249,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vqgan_path", default=None, help="vq_ds16_c2i.pt instead of the Hub download")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--output", default="samples.png", help="PNG grid to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an --output file that lpd did not write")
     add_paper_sampling_args(p, {"cfg": "else the cfg the checkpoint's training evaluated at",
                                 "repulsion_threshold": "else 2 at 16x16 tokens, 4 at 32x32"})
     return p
@@ -258,6 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; user errors print one ``error:`` line and return 2."""
     args = build_parser().parse_args(argv)
     try:
+        inputs = [("--pretrained_ckpt", args.pretrained_ckpt), ("--vqgan_path", args.vqgan_path)]
+        if problem := check_output_path(args.output, "--output", inputs, args.overwrite, written_by_lpd):
+            raise ValueError(problem)
         with command_line():
             pipe = LPDPipeline.from_pretrained(
                 args.model, args.img_size, checkpoint=args.pretrained_ckpt,

@@ -4,6 +4,7 @@ fallback, and a parser (no ``eval``) of the forms users type: ``"1,2,4"``, ``"[1
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -201,16 +202,56 @@ def released_files() -> dict[str, str]:
     return files
 
 
-def write_released_files(folder: str) -> list[str]:
-    """Write :func:`released_files` under ``folder`` (atomically); returns the paths written."""
+def write_released_files(folder: str, overwrite: bool = False) -> list[str]:
+    """Write :func:`released_files` under ``folder`` (atomically); returns the paths written. Files that hold
+    the same text are left alone; other existing files are replaced only with ``overwrite`` (else ValueError)."""
     from lpd.checkpoint import atomic_write_bytes
 
-    files = released_files()
-    for rel, text in files.items():
-        atomic_write_bytes(os.path.join(folder, rel), lambda f, data=text.encode(): f.write(data))
-    return [os.path.join(folder, rel) for rel in files]
+    todo = {}
+    for rel, text in released_files().items():
+        path = os.path.join(folder, rel)
+        with contextlib.suppress(OSError, UnicodeDecodeError), open(path, encoding="utf-8") as f:
+            if f.read() == text:
+                continue
+        todo[path] = text.encode()
+    if (refused := [p for p in todo if os.path.lexists(p)]) and not overwrite:
+        raise ValueError(f"{', '.join(refused)} exist(s) and differ(s) from the released tables; nothing was written: "
+                         f"choose another folder, or --overwrite to replace them")
+    for path, data in todo.items():
+        atomic_write_bytes(path, lambda f, data=data: f.write(data))
+    return list(todo)
 
 
-if __name__ == "__main__":  # python -m lpd.schedules [FOLDER]: (re)write the released JSON tables
-    for p in write_released_files(sys.argv[1] if len(sys.argv) > 1 else "orders"):
-        print(p)
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m lpd.schedules``: ``show`` a schedule, or ``write`` the released JSON tables; user errors
+    print one ``error:`` line and return 2."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m lpd.schedules", allow_abbrev=False,
+                                description="Group-size schedules: print one, or write the released JSON tables.")
+    sub = p.add_subparsers(dest="command", required=True)
+    show = sub.add_parser("show", help="print the group sizes of a resolution and step count (released, else cosine)")
+    show.add_argument("--img_size", type=int, default=256)
+    show.add_argument("--steps", type=int, default=20, help="decoding steps")
+    show.add_argument("--vqgan_stride", type=int, default=16, help="tokenizer down-sampling factor")
+    write = sub.add_parser("write", help="write group_sizes_lookup.json and group_sizes_training/*.json into FOLDER "
+                                         "(the repository keeps them in orders/)")
+    write.add_argument("folder", help="the folder to write into")
+    write.add_argument("--overwrite", action="store_true", help="replace files that differ from the released tables")
+    args = p.parse_args(argv)
+    try:
+        if args.command == "show":
+            print(json.dumps(group_sizes(args.img_size, args.steps, args.vqgan_stride)))
+            return 0
+        if os.path.exists(args.folder) and not os.path.isdir(args.folder):
+            raise ValueError(f"FOLDER {args.folder} is a file; give a folder")
+        written = write_released_files(args.folder, args.overwrite)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(f"wrote {w}" for w in written) or f"{args.folder}: the released tables are up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

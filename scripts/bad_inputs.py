@@ -1,13 +1,19 @@
 """Run every entry point with bad inputs, as a new user would, and print a Markdown table of what each prints.
 
     python scripts/bad_inputs.py > bad_inputs.md     (offline: HF_HUB_OFFLINE=1 is set for every run)
+    python scripts/bad_inputs.py lpd.edit stride      (only the rows whose entry point or input names a word)
+
+A case is ``(argv, what)`` or ``(argv, what, files)``: the files (the user's data) must come out unchanged;
+the last column says whether they did.
 """
+import hashlib
 import os
 import subprocess
 import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 PY = sys.executable
 T = tempfile.mkdtemp()
 open(f"{T}/bad.yaml", "w").write("model: lpd_tiny\nbf16: 'false'\n")
@@ -18,6 +24,40 @@ open(f"{T}/orders.json", "w").write("[[0, 0]]")
 os.makedirs(f"{T}/imgs/a", exist_ok=True)
 os.makedirs(f"{T}/noimgs/a", exist_ok=True)
 open(f"{T}/imgs/a/x.png", "wb").write(b"\x89PNG broken")
+import numpy as np  # noqa: E402 - after the path set-up
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from lpd.checkpoint import lock_folder  # noqa: E402
+from lpd.models import LPD, LPDConfig  # noqa: E402
+
+rng = np.random.default_rng(0)
+for rel in ("photo.png", "u_0.png", "imgs2/a/x.png", "imgs2/b/y.png", "imgs3/a/2019/img.png", "imgs3/a/2020/img.png"):
+    os.makedirs(os.path.dirname(f"{T}/{rel}"), exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(f"{T}/{rel}")
+os.symlink(f"{T}/imgs3/a", f"{T}/imgs3/a/2020/loop")  # a link loop
+os.makedirs(f"{T}/imgs3/.ipynb_checkpoints")  # a stray hidden folder
+Image.fromarray(np.zeros((32, 32), np.uint8)).save(f"{T}/black.png")
+os.makedirs(f"{T}/imgs4/a")
+Image.fromarray((np.arange(48 * 40).reshape(40, 48) % 256 * 257).astype(np.uint16)).save(f"{T}/imgs4/a/g16.png")
+Image.new("RGB", (1, 30000)).save(f"{T}/imgs4/a/thin.png")  # a few hundred bytes; ADM's resize: 5.9 GB
+os.makedirs(f"{T}/run")
+net = LPD(LPDConfig(img_size=64, embed_dim=32, depth=1, num_heads=2, vocab_size=64, class_num=10))
+torch.save({"model": net.state_dict(), "model_config": net.config.to_dict()}, f"{T}/run/checkpoint-last.pth")
+open(f"{T}/run/log.txt", "w").write("epoch 4\n")
+os.makedirs(f"{T}/sched/group_sizes_training")
+open(f"{T}/sched/group_sizes_lookup.json", "w").write("{}")
+open(f"{T}/config.json", "w").write('{"lr": 1}')
+live = f"{T}/live/live"  # a run folder that another evaluation is writing into
+os.makedirs(f"{live}/images")
+open(f"{live}/images/.tmp-000007.png-x", "wb").write(b"half a png")
+held = lock_folder(live)
+cache_env = dict(os.environ, PYTHONPATH=ROOT)
+subprocess.run([PY, "main_cache.py", "--config", "configs/tiny.yaml", "--img_size", "32", "--data_path", f"{T}/imgs2",
+                "--cached_path", f"{T}/cache2", "--num_workers", "0"], cwd=ROOT, env=cache_env, capture_output=True,
+               check=True, timeout=600)
+os.makedirs(f"{T}/cache2/.ipynb_checkpoints")  # ignored
+os.makedirs(f"{T}/cache2/backup")  # not in meta.json: refused
 TINY = ["--config", "configs/tiny.yaml", "--random_init", "--num_images", "2", "--eval_bsz", "2", "--no_fid",
         "--no_progress", "--output_dir", f"{T}/eval"]
 CASES = {
@@ -45,6 +85,10 @@ CASES = {
         (["--model", "lpd_l", "--output_dir", f"{T}/e4"], "every file of a paper row offline (named at once)"),
         (["--config", "configs/tiny.yaml", "--random_init", "--fid_stats", f"{T}/nope.npz", "--inception_weights",
           f"{T}/nope.pth", "--output_dir", f"{T}/e5"], "missing FID stats and Inception weights (named at once)"),
+        (TINY[:-2] + ["--output_dir", f"{T}/live", "--run_name", "live"], "run folder another evaluation writes into",
+         [f"{live}/images/.tmp-000007.png-x"]),
+        (TINY + ["--vq_config", "{ch: 32, ch_mult: [1, 2, 2, 4], z_channels: 64, codebook_size: 16384, "
+                 "codebook_embed_dim: 8}"], "VQ of another stride (8: 128 px images in a 256 px run)"),
     ],
     "main_train.py": [
         (["--config", f"{T}/bad.yaml", "--data_path", T], "YAML bf16: 'false'"),
@@ -55,6 +99,8 @@ CASES = {
         (["--data_path", f"{T}/nope"], "missing ImageFolder"),
         (["--evaluate"], "--evaluate (released flag)"),
         (["--group_size", "[1]*256"], "abbreviated flag"),
+        (["--use_cached", "--cached_path", f"{T}/cache2", "--config", "configs/tiny.yaml", "--img_size", "32",
+          "--group_sizes_list", "[1]*4", "--output_dir", f"{T}/t2"], "cache with a class folder meta.json does not list"),
     ],
     "main_cache.py": [
         (["--config", "configs/tiny.yaml", "--data_path", f"{T}/imgs", "--cached_path", f"{T}/c", "--img_size", "0"], "img_size 0"),
@@ -62,6 +108,23 @@ CASES = {
         (["--config", "configs/tiny.yaml", "--data_path", f"{T}/imgs", "--cached_path", f"{T}/c", "--batch_size", "0"], "batch_size 0"),
         (["--config", "configs/tiny.yaml", "--data_path", f"{T}/imgs", "--cached_path", f"{T}/c"], "undecodable image"),
         (["--config", "configs/tiny.yaml", "--data_path", f"{T}/none", "--cached_path", f"{T}/c"], "missing ImageFolder"),
+        (["--config", "configs/tiny.yaml", "--img_size", "32", "--data_path", f"{T}/imgs3", "--cached_path", f"{T}/c3",
+          "--num_workers", "0"], "one file name in two sub-folders, a link loop, a hidden folder (2 images)"),
+        (["--config", "configs/tiny.yaml", "--img_size", "32", "--data_path", f"{T}/imgs4", "--cached_path", f"{T}/c4",
+          "--num_workers", "0"], "a 16-bit PNG and a 1x30000 PNG"),
+    ],
+    "-m lpd.checkpoint": [
+        (["export", f"{T}/run/checkpoint-last.pth", f"{T}/run", "--overwrite"], "export into the run folder",
+         [f"{T}/run/checkpoint-last.pth", f"{T}/run/log.txt"]),
+        (["export", f"{T}/run/checkpoint-last.pth", f"{T}/sched", "--overwrite"], "export into a folder of other files",
+         [f"{T}/sched/group_sizes_lookup.json"]),
+        (["consolidate", f"{T}/nope", f"{T}/x.pth"], "not a run folder"),
+    ],
+    "-m lpd.schedules": [
+        (["--help"], "--help (made a folder '--help/')"),
+        ([], "no command (rewrote the tracked orders/*.json)"),
+        (["write", f"{T}/sched"], "a file that differs from the tables", [f"{T}/sched/group_sizes_lookup.json"]),
+        (["show", "--steps", "0"], "0 steps"),
     ],
     "-m lpd.metrics": [
         (["stats", "--input", f"{T}/imgs/a", "--output", T], "--output is a folder"),
@@ -69,19 +132,32 @@ CASES = {
         (["stats", "--input", f"{T}/imgs", "--img_size", "0", "--output", f"{T}/s.npz"], "img_size 0"),
         (["fid", "--input", f"{T}/nope.npz", "--stats", f"{T}/nope.npz"], "missing input"),
         (["fid", "--input", f"{T}/imgs/a", "--stats", f"{T}/bad.png", "--json", T], "--json is a folder"),
+        (["fid", "--input", f"{T}/imgs/a", "--stats", f"{T}/bad.png", "--json", f"{T}/config.json"],
+         "--json over a JSON file of the user's", [f"{T}/config.json"]),
+        (["stats", "--input", f"{T}/imgs2/a", "--output", f"{T}/imgs2/a/x.png"], "--output over an image of the --input folder",
+         [f"{T}/imgs2/a/x.png"]),
     ],
     "-m lpd.orders": [
         (["--num", "5", "--output_file", T], "--output_file is a folder"),
         (["--visualize", "--output_file", f"{T}/o.json"], "--visualize into .json"),
+        (["--num", "5", "--output_file", f"{T}/config.json"], "--output_file over an existing file", [f"{T}/config.json"]),
+        (["--visualize", "--output_file", f"{T}/photo.png"], "--visualize over the user's photo", [f"{T}/photo.png"]),
         (["--generation_steps", "999", "--output_file", f"{T}/o.json"], "more steps than tokens"),
     ],
     "-m lpd.edit": [
-        (["--model", "lpd_l", "--image", f"{T}/bad.png", "--region", "center", "--output", f"{T}/e.png"], "released model offline"),
-        (["--config", "configs/tiny.yaml", "--pretrained_ckpt", f"{T}/nope.pth", "--image", f"{T}/bad.png", "--region", "x"], "missing checkpoint"),
+        (["--model", "lpd_l", "--image", f"{T}/photo.png", "--region", "center", "--output", f"{T}/e.png"], "released model offline"),
+        (["--config", "configs/tiny.yaml", "--pretrained_ckpt", f"{T}/nope.pth", "--image", f"{T}/photo.png", "--region", "x"], "missing checkpoint"),
+        (["--config", "configs/tiny.yaml", "--pretrained_ckpt", f"{T}/nope.pth", "--image", f"{T}/bad.png", "--region", "x"], "undecodable image"),
         (["--model", "lpd_l", "--image", "x.png", "--region", "center", "--steps", "0"], "steps 0"),
         (["--model", "lpd_l", "--image", "x.png", "--region", "center", "--output", T], "--output is a folder"),
         (["--model", "lpd_l", "--pretrained_ckpt", f"{T}/bad.png", "--tokenizer", "palette", "--image", "x.png",
           "--region", "center", "--output", f"{T}/e.png"], "--model with a checkpoint that is not one"),
+        (["--model", "lpd_l", "--image", f"{T}/photo.png", "--region", "center", "--output", f"{T}/photo.png"],
+         "--output equal to --image", [f"{T}/photo.png"]),
+        (["--model", "lpd_l", "--image", f"{T}/photo.png", "--region", "center", "--output", f"{T}/u.png"],
+         "a per-edit file <output>_0.png over the user's photo", [f"{T}/u_0.png"]),
+        (["--model", "lpd_l", "--image", f"{T}/photo.png", "--mask", f"{T}/black.png", "--output", f"{T}/m.png"],
+         "an all-black mask"),
     ],
     "-m lpd.pipeline": [
         (["--model", "lpd_l", "--labels", "1.5"], "non-integer labels"),
@@ -96,14 +172,29 @@ CASES = {
     ],
 }
 env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=f"{T}/hf", LPD_CACHE=f"{T}/lpdcache", PYTHONPATH=ROOT)
-print("| entry point | bad input | exit | what it prints (first line of stderr) |")
-print("| --- | --- | ---: | --- |")
+def digests(paths):
+    return {p: hashlib.sha256(open(p, "rb").read()).hexdigest() if os.path.exists(p) else None for p in paths}
+
+
+print("| entry point | bad input | exit | what it prints (first line of stderr; stdout when it succeeds) | data |")
+print("| --- | --- | ---: | --- | --- |")
+only = sys.argv[1:]
 for entry, cases in CASES.items():
-    for argv, what in cases:
+    for argv, what, *keep in cases:
+        if only and not any(w in entry or w in what for w in only):
+            continue
+        keep = keep[0] if keep else []
+        before = digests(keep)
         cmd = [PY, *entry.split()] + argv if entry.startswith("-m") else [PY, entry] + argv
         p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         lines = [l for l in p.stderr.strip().splitlines() if l.strip()]
         tb = any("Traceback" in l for l in lines)
+        out = [l for l in p.stdout.strip().splitlines() if l.strip()]
         msg = next((l for l in lines if l.startswith("error") or ": error:" in l), lines[-1] if lines else "(nothing)")
-        msg = msg.replace("|", "\\|")[:230]
-        print(f"| `{entry}` | {what} | {p.returncode} | {'TRACEBACK: ' if tb else ''}{msg} |")
+        msg = (out[-1] if p.returncode == 0 and out else msg).replace("|", "\\|")[:230]
+        lost = [os.path.relpath(k, T) for k, v in digests(keep).items() if v != before[k]]
+        data = "" if not keep else f"LOST: {', '.join(lost)}" if lost else "kept"
+        print(f"| `{entry}` | {what} | {p.returncode} | {'TRACEBACK: ' if tb else ''}{msg} | {data} |", flush=True)
+os.close(held)
+stray = [d for d in os.listdir(ROOT) if d.startswith("-")]
+print(f"\nFolders made in the repository root: {stray or 'none'}")

@@ -223,6 +223,50 @@ def test_export_loads_back_with_identical_logits_without_pickle(tmp_path, monkey
     assert main(["export", str(tmp_path / "nope.pth"), str(tmp_path / "x")]) == 2 and not (tmp_path / "x").exists()
 
 
+def test_export_deletes_nothing_it_did_not_write(tmp_path, capsys):
+    import json
+
+    from lpd.checkpoint import main
+
+    run = tmp_path / "run"  # a training run: its checkpoint, a log, an earlier run's folder beside it
+    run.mkdir()
+    _trained_checkpoint(run / "checkpoint-last.pth")
+    (run / "log.txt").write_text("epoch 4")
+    (tmp_path / "exp.old").mkdir()
+    (tmp_path / "exp.old" / "keep.txt").write_text("the user's")
+
+    def snapshot():
+        return {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    before = snapshot()
+    for out, says in ((run, "holds the checkpoint"), (tmp_path / "exp.old", "not an export's (keep.txt)"),
+                      (run / "checkpoint-last.pth", "holds the checkpoint")):
+        assert main(["export", str(run / "checkpoint-last.pth"), str(out), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: OUT_DIR") and says in err and "Traceback" not in err, err
+    other = tmp_path / "other"  # another folder that holds a run
+    other.mkdir()
+    (other / "checkpoint-0.pth").write_bytes(b"weights")
+    (other / "config.json").write_text('{"lr": 1}')
+    assert main(["export", str(run / "checkpoint-last.pth"), str(other), "--overwrite"]) == 2
+    assert "not an export's (checkpoint-0.pth)" in capsys.readouterr().err
+    (other / "checkpoint-0.pth").unlink()
+    assert main(["export", str(run / "checkpoint-last.pth"), str(other), "--overwrite"]) == 2  # config.json, not ours
+    assert "is not an earlier export" in capsys.readouterr().err and (other / "config.json").read_text() == '{"lr": 1}'
+    assert snapshot() == {**before, other / "config.json": b'{"lr": 1}'}
+    # an earlier export is replaced file by file with --overwrite; what else is there stays
+    exp = tmp_path / "exp"
+    assert main(["export", str(run / "checkpoint-last.pth"), str(exp)]) == 0
+    (exp / ".tmp-model.safetensors-x").write_bytes(b"left by a killed export")
+    assert main(["export", str(run / "checkpoint-last.pth"), str(exp), "--use_ema", "--overwrite"]) == 0
+    assert json.loads((exp / "config.json").read_text())["weights"] == "ema"
+    assert (exp / ".tmp-model.safetensors-x").exists() and (tmp_path / "exp.old" / "keep.txt").exists()
+    assert {p: b for p, b in snapshot().items() if exp not in p.parents} == {**before, other / "config.json": b'{"lr": 1}'}
+    (tmp_path / "empty").mkdir()  # an empty folder is written into
+    assert main(["export", str(run / "checkpoint-last.pth"), str(tmp_path / "empty")]) == 0
+    assert sorted(os.listdir(tmp_path / "empty")) == ["README.md", "config.json", "model.safetensors"]
+
+
 def test_model_card_metrics_and_push_to_hub(tmp_path, monkeypatch, capsys):
     import json
 

@@ -193,6 +193,72 @@ def test_undecodable_image_stops_before_anything_is_written(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_stray_folder_shifts_no_label_and_a_mismatch_is_refused(tmp_path):
+    ds = FakeImages(6, 3)
+    write(ds, tmp_path, "released")
+    stray = tmp_path / ".ipynb_checkpoints"  # sorts before every class
+    stray.mkdir()
+    np.savez(stray / "x.npz", indices=np.zeros(N, np.int64), indices_flip=np.zeros(N, np.int64))
+    cache = D.open_token_cache(str(tmp_path), N, V)
+    assert cache.classes == ds.classes and [cache[i][1] for i in range(6)] == [ds[i][1] for i in range(6)]
+    (tmp_path / "backup").mkdir()  # a visible folder that meta.json does not list
+    (tmp_path / "c2").rename(tmp_path / "c2_old")
+    with pytest.raises(D.CacheError, match=r"differ from its meta\.json \(on disk only: \['backup', 'c2_old'\], "
+                                           r"recorded only: \['c2'\]\)"):
+        D.open_token_cache(str(tmp_path), N, V)
+
+
+def _image_tree(tmp_path):
+    """Classes a and b: the same file name in two sub-folders, a link loop, a link into another class, hidden
+    files and folders; returns the root and the images it holds."""
+    root = tmp_path / "imgs"
+    for i, rel in enumerate(["a/img.png", "a/2019/img.png", "a/2020/img.png", "b/x.png", "outside/y.png",
+                             ".ipynb_checkpoints/z.png", "a/.ipynb_checkpoints/z.png", "b/._x.png"]):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(root / rel)
+    (root / "outside").rename(tmp_path / "outside")
+    os.symlink(root / "a", root / "a" / "2020" / "loop")  # a loop: a/2020/loop/2020/loop/...
+    os.symlink(root / "a" / "2019", root / "b" / "seen")  # a folder read already (through class a)
+    os.symlink(tmp_path / "outside", root / "b" / "ext")  # out of the data root: read once
+    return root, ["a/img.png", "a/2019/img.png", "a/2020/img.png", "b/x.png", "b/ext/y.png"]
+
+
+def test_image_folder_skips_hidden_entries_and_follows_each_link_once(tmp_path):
+    root, want = _image_tree(tmp_path)
+    ds = D.image_folder(str(root), 16)
+    assert ds.classes == ["a", "b"]
+    assert [(os.path.relpath(p, root), t) for p, t in ds.samples] == [(w, int(w[0] == "b")) for w in want]
+    # the released layout names files by their path in the class folder: nothing collides
+    write(ds, tmp_path / "cache", "released")
+    cache = D.open_token_cache(str(tmp_path / "cache"), N, V)
+    assert sorted(os.path.relpath(f, tmp_path / "cache") for f in cache.files) == sorted(w + ".npz" for w in want)
+    got = {os.path.relpath(f, tmp_path / "cache")[:-4]: cache[i] for i, f in enumerate(cache.files)}
+    for i, w in enumerate(want):
+        assert torch.equal(got[w][0], expected(ds, i)) and got[w][1] == ds.samples[i][1]
+    assert write(ds, tmp_path / "cache", "released").skipped == len(want)  # complete: a rerun does nothing
+    (root / "a" / "2019" / "img.png").unlink()
+    (root / "b" / "x.png").unlink()
+    (root / "b" / "ext").unlink()
+    with pytest.raises(FileNotFoundError, match="class folder.*b .*hold no images.*already read through a link"):
+        D.image_folder(str(root), 16)
+
+
+def test_image_folder_reads_16_bit_pngs_as_their_grey_values(tmp_path):
+    grey = (np.arange(256).reshape(16, 16)).astype(np.uint16)
+    (tmp_path / "a").mkdir()
+    Image.fromarray(grey * 257).save(tmp_path / "a" / "g16.png")  # I;16: torchvision's loader makes it white
+    image, label = D.image_folder(str(tmp_path), 16)[0]
+    assert label == 0 and torch.equal(image, ((torch.from_numpy(grey).float() / 127.5) - 1).expand(3, -1, -1))
+
+
+def test_images_that_would_share_a_cache_file_are_refused(tmp_path):
+    ds = FakeImages(4, 2)
+    ds.samples[1] = (ds.samples[0][0].replace("/x/", "/y/"), ds.samples[0][1])  # no root: named by file name
+    with pytest.raises(D.CacheError, match=r"two images would share the cache file c0/img000\.JPEG\.npz"):
+        write(ds, tmp_path, "released")
+    assert os.listdir(tmp_path) == []
+
+
 # ---------------------------------------------------------------------------------------------- errors
 
 

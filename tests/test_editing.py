@@ -186,3 +186,50 @@ def test_the_command_line_names_every_missing_file_offline(tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert err.startswith("error: 2 files are missing") and "mit-han-lab/lpd_xl_256" in err
     assert "FoundationVision/LlamaGen" in err and "python -m lpd.download lpd_xl 256" in err
+
+
+def test_the_command_line_never_writes_over_an_input_or_a_file_it_did_not_write(tmp_path, capsys, monkeypatch):
+    from lpd import edit
+    from lpd.models import LPD, LPDConfig
+
+    model = LPD(LPDConfig(img_size=256, embed_dim=32, depth=2, num_heads=4, vocab_size=4, class_num=10))
+    torch.save({"model": model.state_dict(), "model_config": model.config.to_dict()}, tmp_path / "demo.pth")
+    photo = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(tmp_path / "x.png")
+    Image.fromarray(photo).save(tmp_path / "e_1.png")
+    original = (tmp_path / "x.png").read_bytes()
+    base = ["--config", "configs/demo.yaml", "--pretrained_ckpt", str(tmp_path / "demo.pth"), "--image",
+            str(tmp_path / "x.png"), "--label", "3", "--steps", "2", "--num", "2"]
+
+    def refused(argv, *says):
+        assert edit.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "Traceback" not in err and all(s in err for s in says), err
+
+    with monkeypatch.context() as m:  # refused before the model is loaded
+        m.setattr("lpd.models.load_lpd", lambda *a, **k: pytest.fail("the model was loaded"))
+        refused(base + ["--region", "top", "--output", str(tmp_path / "x.png")], "--output", "is also --image",
+                "never an input")
+        refused(base + ["--region", "top", "--output", str(tmp_path / "x.png"), "--overwrite"], "is also --image")
+        refused(base + ["--region", "top", "--output", str(tmp_path / "e.png")], "the edit", "e_1.png", "exists",
+                "not written by lpd", "--overwrite")  # a per-edit file <output>_<k>.png over the user's photo
+        Image.fromarray(np.zeros((256, 256), np.uint8)).save(tmp_path / "black.png")
+        refused(base + ["--mask", str(tmp_path / "black.png"), "--output", str(tmp_path / "o.png")], "--mask",
+                "black.png", "selects no pixel")
+        (tmp_path / "m_1.png").write_bytes((tmp_path / "black.png").read_bytes())
+        refused(base + ["--mask", str(tmp_path / "m_1.png"), "--output", str(tmp_path / "m.png")], "the edit",
+                "is also --mask")
+    assert (tmp_path / "x.png").read_bytes() == original and not (tmp_path / "o.png").exists()
+    # a 0/1 mask (it looks black) regenerates its ones; the known half comes back exactly
+    ones = np.zeros((256, 256), np.uint8)
+    ones[128:] = 1
+    Image.fromarray(ones).save(tmp_path / "mask01.png")
+    argv = base + ["--mask", str(tmp_path / "mask01.png"), "--output", str(tmp_path / "o.png")]
+    assert edit.main(argv) == 0
+    for k in (0, 1):
+        with Image.open(tmp_path / f"o_{k}.png") as im:
+            out = np.asarray(im)
+        assert not np.array_equal(out[128:], photo[128:])  # the bottom half was regenerated
+    assert edit.main(argv) == 0  # its own outputs it replaces
+    assert edit.main(base + ["--region", "top", "--output", str(tmp_path / "e.png"), "--overwrite"]) == 0
+    assert (tmp_path / "x.png").read_bytes() == original

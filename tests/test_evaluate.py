@@ -41,7 +41,8 @@ class BlockTokenizer(torch.nn.Module):
 
 
 def small_model(seed: int = 0) -> torch.nn.Module:
-    model = build_lpd(img_size=GRID * 16, embed_dim=32, depth=1, num_heads=2, vocab_size=VOCAB, class_num=CLASSES)
+    model = build_lpd(img_size=GRID * PATCH, vqgan_stride=PATCH, embed_dim=32, depth=1, num_heads=2, vocab_size=VOCAB,
+                      class_num=CLASSES)
     model.initialize_weights(torch.Generator().manual_seed(seed))
     return model.eval()
 
@@ -317,3 +318,44 @@ def test_missing_statistics_or_weights_fail_before_sampling(model, tokenizer, tm
         E.evaluate(model, tokenizer, 4, SIZES, SAMPLING, output_dir=tmp_path / "run", ref_stats=str(tmp_path / "ref.npz"),
                    inception_weights=str(tmp_path / "missing.pth"), **RUN)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_tokenizer_of_another_stride_or_statistics_of_another_width_fail_before_sampling(model, tokenizer, tmp_path,
+                                                                                           monkeypatch):
+    from lpd import metrics as M
+
+    monkeypatch.setattr(E, "sample_batch", lambda *a, **k: pytest.fail("an image was sampled"))
+
+    class HalfStride(BlockTokenizer):
+        downsample_factor = PATCH // 2  # decodes the 4x4 grid into 8 px images, not the model's 16
+
+    with pytest.raises(E.EvaluationError, match=r"4x4 tokens into 8 px images, not the model's 16 px.*--vqgan_path"):
+        E.evaluate(model, HalfStride(), 4, SIZES, SAMPLING, output_dir=tmp_path / "run", compute_fid=False, **RUN)
+    assert not (tmp_path / "run").exists()
+    M.save_statistics(tmp_path / "ref.npz", np.zeros(2048), np.eye(2048))  # Inception's width; the extractor gives 12
+    with pytest.raises(E.EvaluationError, match=r"ref\.npz are of 2048-d features, the feature extractor gives 12-d"):
+        E.evaluate(model, tokenizer, 4, SIZES, SAMPLING, output_dir=tmp_path / "run2",
+                   ref_stats=str(tmp_path / "ref.npz"), feature_extractor=stand_in_extractor, **RUN)
+    assert not (tmp_path / "run2").exists()
+
+
+def test_a_second_evaluation_of_a_live_run_folder_is_refused_and_deletes_nothing(model, tokenizer, tmp_path):
+    from lpd.checkpoint import lock_folder
+
+    run = tmp_path / "run"
+    E.evaluate(model, tokenizer, 4, SIZES, SAMPLING, output_dir=run, compute_fid=False, **RUN)
+    in_flight = run / "images" / ".tmp-000004.png-abc"  # a PNG the live evaluation is writing
+    in_flight.write_bytes(b"half a png")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    fd = lock_folder(str(run))  # the live evaluation (a lock is per open file: this process counts as another)
+    try:
+        with pytest.raises(E.EvaluationError, match=r"run folder .*run is in use by process \d+ on .*another "
+                                                    r"evaluation is writing into it.*--run_name"):
+            E.evaluate(model, tokenizer, 4, SIZES, SAMPLING, output_dir=run, compute_fid=False, **RUN)
+        assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    finally:
+        os.close(fd)
+    # once it has ended (or was killed: the lock goes with the process) its temporary files are a killed run's
+    rec = E.evaluate(model, tokenizer, 4, SIZES, SAMPLING, output_dir=run, compute_fid=False, **RUN)
+    assert rec["found_on_disk"] == 4 and not in_flight.exists()
+    E.evaluate(model, tokenizer, 4, SIZES, SAMPLING, output_dir=run, compute_fid=False, **RUN)  # released at the end

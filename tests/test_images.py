@@ -84,15 +84,72 @@ def test_load_mask_of_the_image_size_gets_the_image_crop(photo):
     assert got[:, 0].all() and not got[:, -1].any()
 
 
-def test_load_mask_refuses_other_sizes_and_0_1_arrays(photo):
+def test_load_mask_refuses_other_sizes_and_masks_that_select_nothing(photo):
     with pytest.raises(ValueError, match=r"mask is 75x50 \(HxW\), not 32x32.*pass image="):
         load_mask(np.zeros((75, 50), bool), S)
     with pytest.raises(ValueError, match=r"mask is 40x50 \(HxW\) but its image is 75x50"):
         load_mask(np.zeros((40, 50), bool), S, image=photo)
-    with pytest.raises(ValueError, match="only 0 and 1"):
-        load_mask(np.eye(S, dtype=np.uint8), S)
+    for empty in (np.zeros((S, S), bool), np.zeros((S, S), np.uint8), np.full((S, S), 100, np.uint8)):
+        with pytest.raises(ValueError, match="selects no pixel: white .* marks what to regenerate"):
+            load_mask(empty, S)
+    outside = np.zeros((75, 50), bool)
+    outside[:5] = True  # white only where the crop cuts the image
+    with pytest.raises(ValueError, match="selects no pixel of the cropped image"):
+        load_mask(outside, S, image=photo)
     with pytest.raises(ValueError, match=r"mask array must be uint8 \[H, W, 3\] or bool / uint8 \[H, W\]"):
         load_mask(np.zeros((S, S), np.float32), S)
+
+
+def test_0_1_masks_of_any_depth_select_their_ones(tmp_path):
+    want = np.zeros((S, S), bool)
+    want[4:20, 8:30] = True
+    Image.fromarray(want.astype(np.uint8)).save(tmp_path / "01.png")  # 8-bit 0/1: looks black
+    Image.fromarray(want.astype(np.uint16)).save(tmp_path / "01_16.png")  # 16-bit 0/1
+    Image.fromarray(want.astype(np.uint16) * 65535).save(tmp_path / "white16.png")  # 16-bit 0/65535
+    Image.fromarray(np.stack([want.astype(np.uint8)] * 3, -1)).save(tmp_path / "01_rgb.png")
+    for name in ("01.png", "01_16.png", "white16.png", "01_rgb.png"):
+        assert np.array_equal(load_mask(tmp_path / name, S), want), name
+    assert np.array_equal(load_mask(want.astype(np.uint8), S), want)  # a 0/1 array too
+    assert np.array_equal(load_mask(want, None), want)  # img_size None: as drawn
+
+
+def test_16_bit_pngs_read_as_their_grey_values(tmp_path):
+    from lpd.images import convert, read_image
+
+    grey = np.arange(S * S, dtype=np.int64).reshape(S, S) % 256
+    Image.fromarray((grey * 257).astype(np.uint16)).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode == "I;16"  # PIL's own convert("RGB") makes this white
+        assert np.array_equal(center_crop_arr(im, S)[..., 1], grey)
+        assert np.array_equal(np.asarray(convert(im.convert("I"), "L")), grey)  # 32-bit ints hold 16-bit values
+    assert np.array_equal(load_image(tmp_path / "g16.png", S), np.stack([grey] * 3, -1))
+    assert np.array_equal(np.asarray(read_image(tmp_path / "g16.png"))[..., 0], grey)
+    floats = Image.fromarray((grey / 255).astype(np.float32), "F")  # float greys in 0..1
+    assert np.array_equal(np.asarray(convert(floats, "L")), grey)
+
+
+def test_a_long_thin_image_crops_with_work_bounded_by_the_output(tmp_path, monkeypatch):
+    from lpd import images
+
+    Image.new("RGB", (1, 30000), (10, 200, 30)).save(tmp_path / "thin.png")  # a few hundred bytes
+    sizes, resize = [], Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda im, size, *a, **k: sizes.append(size) or resize(im, size, *a, **k))
+    out = load_image(tmp_path / "thin.png", 256)  # ADM's resize would allocate 256 x 7,680,000 pixels
+    assert out.shape == (256, 256, 3) and (out == (10, 200, 30)).all()
+    assert max(w * h for w, h in sizes) <= images.MAX_ASPECT_WORK * 256**2
+    # beyond 16 crops of work the crop alone is resampled: within a level of ADM's pixels on a smooth image
+    y, x = np.mgrid[0:40, 0:900]
+    ramp = np.stack([x * 255 // 899, y * 255 // 39, (x + y) % 256], -1).astype(np.uint8)
+    bounded = load_image(ramp, S)
+    monkeypatch.setattr(images, "MAX_ASPECT_WORK", 10**9)
+    assert np.abs(load_image(ramp, S).astype(int) - bounded).max() <= 1
+
+
+def test_a_decompression_bomb_is_refused_with_the_file_name(tmp_path, monkeypatch):
+    Image.new("RGB", (100, 100)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL's cap: 2x this many pixels is refused
+    with pytest.raises(ImageFileError, match=r"image file .*bomb\.png' cannot be read \(DecompressionBombError"):
+        load_image(tmp_path / "bomb.png", S)
 
 
 def test_image_to_tensor_inverts_to_uint8():

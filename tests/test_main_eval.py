@@ -64,8 +64,8 @@ def single(tmp_path_factory):
 def test_single_process_writes_the_run_folder(single):
     run_dir, record, pngs = single
     assert sorted(pngs) == [f"{i:06d}.png" for i in range(20)]
-    assert sorted(os.listdir(run_dir)) == sorted(["images", f"{RUN}.npz", "metrics.json", "samples_grid.png",
-                                                  "settings.json", "tokens.npy"])
+    assert sorted(os.listdir(run_dir)) == sorted([".lock", "images", f"{RUN}.npz", "metrics.json", "samples_grid.png",
+                                                  "settings.json", "tokens.npy"])  # .lock: held while one writes
     with np.load(os.path.join(run_dir, f"{RUN}.npz")) as data:
         arr = data["arr_0"]
     assert arr.shape == (20, 256, 256, 3) and arr.dtype == np.uint8

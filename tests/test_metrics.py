@@ -273,6 +273,17 @@ def test_bad_image_sources_are_clear(tmp_path):
         M.compute_statistics(_images(1), ex, progress=False)
 
 
+def test_16_bit_pngs_read_as_their_grey_values(tmp_path):
+    grey = np.arange(64, dtype=np.uint16).reshape(8, 8) * 4
+    (tmp_path / "g").mkdir()
+    for i in range(2):
+        Image.fromarray((grey + i) * 257).save(tmp_path / "g" / f"{i}.png")  # I;16: PIL's convert makes it white
+    num, batches = M.image_batches(str(tmp_path / "g"), 2)
+    got = next(batches)
+    assert num == 2 and got.shape == (2, 3, 8, 8)
+    assert all(torch.equal(got[i, c], torch.from_numpy((grey + i).astype(np.uint8))) for i in range(2) for c in range(3))
+
+
 def test_corrupt_files_are_named(tmp_path):
     ex = TinyExtractor()
     folder = _write_folder(tmp_path / "png", _images(4))
@@ -522,10 +533,17 @@ def test_cli_refuses_to_replace_other_files(tmp_path, capsys, no_inception):
     np.savez(tmp_path / "samples.npz", arr_0=images)
     samples = str(tmp_path / "samples.npz")
     before = (tmp_path / "samples.npz").read_bytes()
-    _refused(capsys, ["stats", "--input", samples, "--output", samples], "--output", "not a statistics file")
+    _refused(capsys, ["stats", "--input", samples, "--output", samples], "--output", "is also --input",
+             "an output is never an input")
+    np.savez(tmp_path / "other.npz", arr_0=images)
+    _refused(capsys, ["stats", "--input", samples, "--output", str(tmp_path / "other.npz")], "--output",
+             "not a statistics file")
     stats = _stats_file(tmp_path)
-    _refused(capsys, ["fid", "--input", samples, "--stats", stats, "--json", stats], "--json", "not a JSON file")
-    assert (tmp_path / "samples.npz").read_bytes() == before
+    _refused(capsys, ["fid", "--input", samples, "--stats", stats, "--json", stats], "--json", "is also --stats")
+    (tmp_path / "config.json").write_text('{"model": "lpd_l"}')  # JSON, but not a record of ours
+    _refused(capsys, ["fid", "--input", samples, "--stats", stats, "--json", str(tmp_path / "config.json")], "--json",
+             "not a metrics file of lpd.metrics fid", "--overwrite")
+    assert (tmp_path / "samples.npz").read_bytes() == before and "lpd_l" in (tmp_path / "config.json").read_text()
     assert M.load_statistics(stats)[0].shape == (48,)
 
 

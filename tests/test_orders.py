@@ -542,6 +542,28 @@ def test_cli_refuses_unusable_output_files_before_generating(tmp_path, capsys, n
     assert sorted(os.listdir(tmp_path)) == ["dir.png", "plain.txt"] and not os.listdir(tmp_path / "dir.png")
 
 
+def test_cli_never_replaces_a_file_it_did_not_write(tmp_path, capsys, nothing_drawn):
+    orders, photo = tmp_path / "released.json", tmp_path / "photo.png"
+    orders.write_text("[[0]]")
+    Image.new("RGB", (4, 4)).save(photo)
+    before = orders.read_bytes(), photo.read_bytes()
+    _refused(capsys, ["--num", "4", "--output_file", str(orders)], "--output_file", "exists", "--overwrite")
+    _refused(capsys, ["--visualize", "--output_file", str(photo)], "--output_file", "not written by lpd",
+             "--overwrite")
+    _refused(capsys, ["--visualize", "--orders_file", str(photo), "--output_file", str(photo), "--overwrite"],
+             "is also --orders_file", "never an input")
+    assert (orders.read_bytes(), photo.read_bytes()) == before
+
+
+def test_cli_replaces_its_own_picture_and_with_overwrite_any_file(tmp_path, capsys):
+    out, orders = tmp_path / "order.png", tmp_path / "o.json"
+    drawn = ["--visualize", "--generation_steps", "8", "--output_file", str(out), "--no_progress"]
+    assert cli_main(drawn) == 0 and cli_main(drawn + ["--index", "1"]) == 0  # a picture lpd drew is replaced
+    orders.write_text("[[0]]")
+    assert cli_main(["--num", "2", "--workers", "1", "--output_file", str(orders), "--no_progress", "--overwrite"]) == 0
+    assert load_orders(orders, 2, 16).shape == (2, 256)
+
+
 def test_cli_refuses_unwritable_output_folder(tmp_path, capsys, nothing_drawn, monkeypatch):
     # os.access rather than chmod: a test running as root may write anywhere
     real = os.access

@@ -161,3 +161,17 @@ def test_the_demo_model_samples_digits_with_its_own_size_classes_and_tokenizer(t
     assert isinstance(again.tokenizer, PaletteTokenizer) and again.cfg == 4.0
     assert np.array_equal(again(list(range(10)), steps=8), images)
     assert main(["--model", str(tmp_path / "export"), "--steps", "8", "--output", str(tmp_path / "e.png")]) == 0
+
+
+def test_the_command_line_never_writes_over_a_file_lpd_did_not_write(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    monkeypatch.setattr(LPDPipeline, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.png")
+    before = (tmp_path / "photo.png").read_bytes()
+    assert main(["--output", str(tmp_path / "photo.png")]) == 2
+    assert "--output" in (err := capsys.readouterr().err) and "not written by lpd" in err and "--overwrite" in err
+    assert main(["--output", str(tmp_path / "photo.png"), "--pretrained_ckpt", str(tmp_path / "photo.png"),
+                 "--overwrite"]) == 2
+    assert "is also --pretrained_ckpt" in capsys.readouterr().err
+    assert (tmp_path / "photo.png").read_bytes() == before

@@ -158,9 +158,9 @@ def test_shipped_released_json_files_match_the_tables(tmp_path):
     files = released_files()
     assert set(files) == {"group_sizes_lookup.json", "group_sizes_training/group_sizes_256.json",
                           "group_sizes_training/group_sizes_512.json"}
-    for rel, text in files.items():  # the repository copies are current (`python -m lpd.schedules orders`)
+    for rel, text in files.items():  # the repository copies are current
         with open(os.path.join(root, rel)) as f:
-            assert f.read() == text, f"orders/{rel} is stale: run `python -m lpd.schedules orders`"
+            assert f.read() == text, f"orders/{rel} is stale: `python -m lpd.schedules write orders --overwrite`"
     lookup = json.loads(files["group_sizes_lookup.json"])
     assert list(lookup) == ["256 resolution", "512 resolution"]
     assert list(lookup["256 resolution"]) == [f"{s} steps" for s in (256, 128, 64, 32, 24, 20, 16, 12, 8)]
@@ -175,3 +175,33 @@ def test_shipped_released_json_files_match_the_tables(tmp_path):
     written = write_released_files(str(tmp_path))
     assert sorted(os.path.relpath(p, tmp_path) for p in written) == sorted(files)
     assert all(open(p).read() == files[os.path.relpath(p, tmp_path)] for p in written)
+
+
+def test_command_line_writes_only_where_asked_and_only_what_it_would_write(tmp_path, capsys, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    from lpd.schedules import main, released_files
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    for argv in (["--help"], ["write", "--help"]):  # help is printed, nothing is created
+        proc = subprocess.run([sys.executable, "-m", "lpd.schedules", *argv], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0 and "usage: python -m lpd.schedules" in proc.stdout and not os.listdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:  # no command: a usage error, nothing written
+        main([])
+    assert e.value.code == 2 and not os.listdir(tmp_path) and "required: command" in capsys.readouterr().err
+    assert main(["show", "--steps", "8"]) == 0 and capsys.readouterr().out == "[1, 15, 24, 32, 40, 45, 49, 50]\n"
+    assert main(["show", "--steps", "0"]) == 2 and capsys.readouterr().err.startswith("error: cannot split 256")
+    assert main(["write", "out"]) == 0 and capsys.readouterr().out.count("wrote") == 3
+    assert main(["write", "out"]) == 0 and "up to date" in capsys.readouterr().out
+    edited = tmp_path / "out" / "group_sizes_lookup.json"
+    edited.write_text("{}")
+    assert main(["write", "out"]) == 2 and "differ(s) from the released tables" in capsys.readouterr().err
+    assert edited.read_text() == "{}"
+    assert main(["write", "out", "--overwrite"]) == 0 and edited.read_text() == released_files()["group_sizes_lookup.json"]
+    (tmp_path / "file").write_text("x")
+    assert main(["write", "file"]) == 2 and "is a file" in capsys.readouterr().err

@@ -17,9 +17,10 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from lpd.checkpoint import atomic_write_bytes, check_output_path
+from lpd.checkpoint import check_output_path
 from lpd.config import ConfigError, HelpFormatter, check_seed
 from lpd.devices import available_cpus
+from lpd.images import write_png, written_by_lpd
 from lpd.orders.files import OrderFileError, load_orders, save_orders
 from lpd.orders.generate import _batch_size, _lpd_batch, random_orders, raster_orders
 from lpd.orders.source import OrderSource
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk_size", type=int, help="orders per worker task (default: 2048 at 16x16, 512 at 32x32)")
     p.add_argument("--output_file", required=True, help="JSON order file, or PNG with --visualize")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output_file")
     v = p.add_argument_group("--visualize")
     v.add_argument("--visualize", action="store_true", help="write a PNG of one order instead of an order file")
     v.add_argument("--index", type=int, default=0, help="which order of the run to draw")
@@ -93,7 +95,9 @@ def _check_args(args: argparse.Namespace) -> tuple[list[int], int]:
     args.chunk_size = _batch_size(n) if args.chunk_size is None else args.chunk_size
     if args.workers < 1 or args.chunk_size < 1:
         raise ConfigError("--workers and --chunk_size must be >= 1")
-    if problem := check_output_path(args.output_file, "--output_file"):
+    ours = written_by_lpd if args.visualize else None  # a picture lpd drew is replaced; an order file never
+    if problem := check_output_path(args.output_file, "--output_file", [("--orders_file", args.orders_file)],
+                                    args.overwrite, ours):
         raise ConfigError(problem)
     suffix = ".png" if args.visualize else ".json"
     if not args.output_file.lower().endswith(suffix):
@@ -121,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from lpd.orders.visualize import render_order
 
             img = render_order(order, sizes, grid, steps_shown=args.steps_shown, kinds=kinds, title=title)
-            atomic_write_bytes(args.output_file, lambda f: img.save(f, format="PNG"))
+            write_png(args.output_file, np.asarray(img.convert("RGB")))
             print(f"wrote {args.output_file}", file=sys.stderr)
             return 0
         save_orders(args.output_file, generate(args, sizes, grid))
