@@ -1,0 +1,1 @@
+"""Text-to-image parts: frozen text encoders (``lpd.text.encoders``) and caption data (``lpd.text.data``)."""
