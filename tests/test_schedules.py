@@ -144,8 +144,33 @@ def test_training_schedules():
     # Lists are copies: changing one does not change the tables.
     s256[0][0] = 99
     assert training_schedules(256)[0][0] == 1
-    with pytest.raises(ValueError, match="no released training schedules"):
-        training_schedules(384)
+
+
+S512 = [1024, 512, 256, 224, 192, 160, 128, 96, 80, 64, 56, 48, 40, 32]
+
+
+@pytest.mark.parametrize("img, n, steps", [(1024, 4096, S512), (384, 576, [256, 128, 64, 32, 24, 20, 16, 12, 8]),
+                                           (64, 16, [16, 12, 8]), (32, 4, [4])])
+def test_training_schedules_of_other_grids_are_cosine_at_the_released_step_counts(img, n, steps):
+    got = training_schedules(img)
+    assert [len(s) for s in got] == steps
+    for s in got:
+        _valid(s, n, len(s))
+        assert s == cosine_group_sizes(n, len(s))
+
+
+@pytest.mark.parametrize("steps", [32, 48, 64, 96])
+def test_4096_tokens_in_any_step_count(steps):
+    sizes = group_sizes(1024, steps)
+    _valid(sizes, 4096, steps)
+    assert sizes[0] == 1 and sizes == cosine_group_sizes(4096, steps)
+    # the cumulative share follows the cosine curve within a token or two
+    j = np.arange(1, steps)
+    c0 = np.cos(0.5 * np.pi / steps)
+    want = 1 + (c0 - np.cos(0.5 * np.pi * (j + 1) / steps)) / c0 * (4096 - steps) + j
+    assert np.abs(np.cumsum(sizes)[1:] - want).max() <= 2
+    half = scaled_group_sizes(2048, steps, 1024)  # editing: half of the grid unknown
+    assert len(half) == steps and sum(half) == 2048 and min(half) >= 1
 
 
 def test_shipped_released_json_files_match_the_tables(tmp_path):

@@ -29,6 +29,8 @@ _SALT_RANDOM = 0xD1342543DE82EF95  # random_orders
 _TABLE_MAX_N = 1024  # grids up to this many positions keep N x N distance tables
 _INT32_KEY_MAX_G = 32  # fallback keys fit int32 up to 32 x 32 grids
 _CHUNK = 128  # fallback rows per chunk: their arrays stay in cache
+_WINDOW_SHARE = 4  # large grids update a pick's box alone when it covers under 1/4 of the grid
+_BOX_TABLE_MAX = 23  # boxes up to this side take their distances from a [w, w, w, w] table (2.2 MB at 23)
 _KEY_PAD = np.iinfo(np.int64).max  # pads the per-order candidate rows; sorts last
 _SEL = 100  # proximity code of an already selected position (codes < 25 are unselected)
 
@@ -146,7 +148,8 @@ class _Grid:
     """Per-(grid, repulsion radius) lookup tables, built once and cached."""
 
     def __init__(self, g: int, radius: int) -> None:
-        self.n = n = g * g
+        self.g, self.n = g, g * g
+        n = self.n
         self.rows, self.cols = rows, cols = np.divmod(np.arange(n), g)
         # 8-neighbourhood: neighbour index [n, 8] (n = outside the grid) and code increment.
         dy, dx = np.array([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]).T
@@ -167,16 +170,79 @@ class _Grid:
         if self.tables:
             d2 = (rows[:, None] - rows[None, :]) ** 2 + (cols[:, None] - cols[None, :]) ** 2
             self._d2, self._d2_key = d2.astype(np.int16), (d2 << _TIE_BITS).astype(self.key_dtype)
+        else:  # [g, g] squared coordinate differences: d2 = row part + column part
+            sq = (np.arange(g)[:, None] - np.arange(g)[None, :]) ** 2
+            self._sq, self._sq_key = sq.astype(np.int16), (sq << _TIE_BITS).astype(self.key_dtype)
+
+    def _separable(self, table: np.ndarray, q: np.ndarray) -> np.ndarray:
+        return (table[self.rows[q]][:, :, None] + table[self.cols[q]][:, None, :]).reshape(len(q), self.n)
 
     def d2(self, q: np.ndarray) -> np.ndarray:
         """Squared Euclidean distances from positions ``q`` ([B]) to all positions ([B, n])."""
-        if self.tables:
-            return self._d2[q]
-        dr, dc = self.rows - self.rows[q][:, None], self.cols - self.cols[q][:, None]
-        return dr * dr + dc * dc
+        return self._d2[q] if self.tables else self._separable(self._sq, q)
 
     def d2_key(self, q: np.ndarray) -> np.ndarray:
-        return self._d2_key[q] if self.tables else (self.d2(q) << _TIE_BITS).astype(self.key_dtype)
+        return self._d2_key[q] if self.tables else self._separable(self._sq_key, q)
+
+    @lru_cache(maxsize=None)
+    def _box_keys(self, w: int) -> np.ndarray:
+        """``[w, w, w, w]``: the d2 key of cell ``(i, j)`` of a ``w x w`` box from cell ``(a, b)`` of it."""
+        d = (np.arange(w)[None, :] - np.arange(w)[:, None]) ** 2
+        return (d[:, None, :, None] + d[None, :, None, :]).astype(self.key_dtype) << _TIE_BITS
+
+    def row_maxima(self, key: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Large grids: every grid row's maximum and its first column, for each row of ``key`` ([m, g] each)."""
+        if self.tables:
+            return None
+        k3 = key.reshape(len(key), self.g, self.g)
+        arg = k3.argmax(axis=2)
+        return np.take_along_axis(k3, arg[..., None], axis=2)[..., 0], arg
+
+    def farthest(self, key: np.ndarray, rows: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+        """``key.argmax(axis=1)`` (the first maximum in raster order), through the grid-row maxima if given."""
+        if rows is None:
+            return key.argmax(axis=1)
+        r = rows[0].argmax(axis=1)
+        return r * self.g + rows[1][np.arange(len(r)), r]
+
+    def add_pick(self, key: np.ndarray, prio: np.ndarray, p: np.ndarray,
+                 rows: tuple[np.ndarray, np.ndarray] | None) -> None:
+        """``key = min(key, d2_key(p) + prio)`` for fallback keys ``[m, n]`` and picks ``p`` ([m]), and their
+        grid-row maxima. Only the box of radius ``sqrt(d2(p))`` around ``p`` can change (no position is
+        farther from the step's picks than ``p``, the farthest): large grids update that box alone, and
+        the maxima of the rows whose maximum lay in it."""
+        m, g = len(p), self.g
+        r = math.isqrt(max(int(key[np.arange(m), p].max() >> _TIE_BITS) - 1, 0))
+        w = 2 * r + 1
+        if self.tables or w * w * _WINDOW_SHARE > self.n:
+            upd = self.d2_key(p)
+            upd += prio
+            np.minimum(key, upd, out=key)
+            if rows is not None:
+                rows[0][:], rows[1][:] = self.row_maxima(key)
+            return
+        pr, pc, b, last = self.rows[p], self.cols[p], np.arange(m), g - w
+        r0, c0 = np.minimum(np.maximum(pr - r, 0), last), np.minimum(np.maximum(pc - r, 0), last)
+        if w <= _BOX_TABLE_MAX:
+            upd = self._box_keys(w)[pr - r0, pc - c0]
+        else:
+            sq = _strided(self._sq_key, (g, last + 1, w), 1, 1)
+            upd = sq[pr, r0][:, :, None] + sq[pc, c0][:, None, :]
+        upd += _strided(prio, (m, last + 1, last + 1, w, w), g, 1, g, 1)[b, r0, c0]
+        kv = _strided(key, (m, last + 1, last + 1, w, w), g, 1, g, 1)
+        np.minimum(upd, kv[b, r0, c0], out=upd)
+        kv[b, r0, c0] = upd
+        arg = _strided(rows[1], (m, last + 1, w), 1, 1)[b, r0]
+        bi, ri = np.nonzero((arg >= c0[:, None]) & (arg < (c0 + w)[:, None]))
+        ri += r0[bi]
+        line = key.reshape(m, g, g)[bi, ri]
+        rows[1][bi, ri] = a = line.argmax(axis=1)
+        rows[0][bi, ri] = line[np.arange(len(a)), a]
+
+
+def _strided(a: np.ndarray, shape: tuple[int, ...], *steps: int) -> np.ndarray:
+    """A writable view of the C-contiguous ``a``: axis 0 steps as in ``a``, the others by ``steps`` elements."""
+    return np.ndarray(shape, a.dtype, a, 0, (a.strides[0], *(k * a.itemsize for k in steps)))
 
 
 _grid = lru_cache(maxsize=16)(_Grid)
@@ -335,14 +401,13 @@ def _fallback(grid: _Grid, out: np.ndarray, kinds: np.ndarray | None, tie: np.nd
         key += prio
         left = nd - made
         n_pick = np.searchsorted(-left, -np.arange(int(left.max(initial=0))), side="left")
+        rows = grid.row_maxima(key)
         for t, m in enumerate(n_pick.tolist()):
-            p = key[:m].argmax(axis=1)
+            p = grid.farthest(key[:m], None if rows is None else (rows[0][:m], rows[1][:m]))
             picks[np.arange(m), made[:m] + t] = p
             if t + 1 < n_pick.size:
                 m2 = int(n_pick[t + 1])
-                upd = grid.d2_key(p[:m2])
-                upd += prio[:m2]
-                np.minimum(key[:m2], upd, out=key[:m2])
+                grid.add_pick(key[:m2], prio[:m2], p[:m2], None if rows is None else (rows[0][:m2], rows[1][:m2]))
     took = np.arange(width)[None, :] < nd[:, None]
     r_idx = np.broadcast_to(fb[:, None], took.shape)[took]
     c_idx = (s0 + na[:, None] + np.arange(width)[None, :])[took]
