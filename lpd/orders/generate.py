@@ -30,6 +30,7 @@ _TABLE_MAX_N = 1024  # grids up to this many positions keep N x N distance table
 _INT32_KEY_MAX_G = 32  # fallback keys fit int32 up to 32 x 32 grids
 _CHUNK = 128  # fallback rows per chunk: their arrays stay in cache
 _WINDOW_SHARE = 4  # large grids update a pick's box alone when it covers under 1/4 of the grid
+_D2_ROWS = 32  # fallback rows whose distances are computed together
 _BOX_TABLE_MAX = 23  # boxes up to this side take their distances from a [w, w, w, w] table (2.2 MB at 23)
 _KEY_PAD = np.iinfo(np.int64).max  # pads the per-order candidate rows; sorts last
 _SEL = 100  # proximity code of an already selected position (codes < 25 are unselected)
@@ -232,10 +233,12 @@ class _Grid:
         kv = _strided(key, (m, last + 1, last + 1, w, w), g, 1, g, 1)
         np.minimum(upd, kv[b, r0, c0], out=upd)
         kv[b, r0, c0] = upd
-        arg = _strided(rows[1], (m, last + 1, w), 1, 1)[b, r0]
-        bi, ri = np.nonzero((arg >= c0[:, None]) & (arg < (c0 + w)[:, None]))
-        ri += r0[bi]
-        line = key.reshape(m, g, g)[bi, ri]
+        # the box's rows whose maximum fell (the key at the stored column is below the stored maximum)
+        k3, ri = key.reshape(m, g, g), r0[:, None] + np.arange(w)
+        bi = np.broadcast_to(b[:, None], ri.shape)
+        fell = k3[bi, ri, rows[1][bi, ri]] < rows[0][bi, ri]
+        bi, ri = bi[fell], ri[fell]
+        line = k3[bi, ri]
         rows[1][bi, ri] = a = line.argmax(axis=1)
         rows[0][bi, ri] = line[np.arange(len(a)), a]
 
@@ -392,10 +395,13 @@ def _fallback(grid: _Grid, out: np.ndarray, kinds: np.ndarray | None, tie: np.nd
             first[iz] = fill.argmax(axis=1)
             picks[iz, 0] = first[iz]
             pick_kind[iz, 0] = KIND_RANDOM_FILL
-        d2 = grid.d2(first)
-        # na ascends from 2 on (rows with 0 or 1 proximity picks come first, in any order).
-        for j, r0 in enumerate(np.searchsorted(na, np.arange(2, int(na.max()) + 1), side="left").tolist(), start=1):
-            np.minimum(d2[r0:], grid.d2(acc_pos[fb[r0:], j]), out=d2[r0:])
+        d2 = np.empty((fb.size, n), dtype=np.int16)
+        for a in range(0, fb.size, _D2_ROWS):  # row blocks that stay in cache
+            z = min(a + _D2_ROWS, fb.size)
+            d2[a:z] = grid.d2(first[a:z])
+            # na ascends from 2 on (rows with 0 or 1 proximity picks come first, in any order).
+            for j, r0 in enumerate(np.searchsorted(na[a:z], np.arange(2, int(na[a:z].max()) + 1)).tolist(), 1):
+                np.minimum(d2[a + r0 : z], grid.d2(acc_pos[fb[a + r0 : z], j]), out=d2[a + r0 : z])
         key = d2.astype(kd)
         key <<= _TIE_BITS
         key += prio
