@@ -20,7 +20,7 @@ from lpd.checkpoint import CheckpointError
 from lpd.config import ConfigError, check_seed, parse_args_with_config, yaml_mapping
 from lpd.datasets import CACHE_FORMATS, CacheError, image_folder, tokenizer_id, write_token_cache
 from lpd.distributed import barrier, cleanup, init_distributed
-from lpd.text.data import add_caption_args, cache_captions
+from lpd.text.cache import add_caption_args, cache_captions
 from lpd.tokenizer import make_tokenizer
 
 

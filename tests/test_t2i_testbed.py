@@ -1,5 +1,5 @@
-"""The compositional text-to-image testbed: scenes, captions, the held-out split, and the judge (real
-scenes score near 1, scenes judged against other scenes' captions near chance)."""
+"""The compositional text-to-image testbed: scenes, captions, the held-out split, and the judge
+(real scenes score near 1, scenes judged against other scenes' captions near chance)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,11 @@ def judge():
 def _combo(s):
     if s.kind == "pair":
         return s.layout, s.digits
-    return ("small", (s.digits[0], s.place)) if s.kind == "small" else ("full_stroke", (s.digits[0], s.stroke))
+    return (
+        ("small", (s.digits[0], s.place))
+        if s.kind == "small"
+        else ("full_stroke", (s.digits[0], s.stroke))
+    )
 
 
 def test_examples_are_deterministic_and_respect_the_split():
@@ -53,7 +57,9 @@ def test_examples_are_deterministic_and_respect_the_split():
             if e.scene.kind == "full" and not e.scene.stroke:
                 assert group != "heldout_combination"
                 continue
-            assert (_combo(e.scene)[1] in held[_combo(e.scene)[0]]) == (group == "heldout_combination"), e
+            assert (_combo(e.scene)[1] in held[_combo(e.scene)[0]]) == (
+                group == "heldout_combination"
+            ), e
         kinds = {e.scene.kind for e in ex}
         assert kinds == ({"small", "pair", "full"}), kinds
 
@@ -76,15 +82,21 @@ def test_captions_state_the_attributes():
 def test_rendering():
     tokens, _ = load_digits_dataset("all")
     src = [5, 77, 1000]
-    assert torch.equal(render([Scene((0,), (i,)) for i in src]), tokens[src])  # the demo's digits exactly
+    assert torch.equal(
+        render([Scene((0,), (i,)) for i in src]), tokens[src]
+    )  # the demo's digits exactly
     small = render([Scene((0,), (5,), place=q) for q in QUADRANTS])
     for k, q in enumerate(QUADRANTS):
         r, c = (0 if q.startswith("top") else 8), (0 if q.endswith("left") else 8)
         inside = torch.zeros(16, 16, dtype=torch.bool)
         inside[r : r + 8, c : c + 8] = True
         assert small[k][inside].sum() > 0 and small[k][~inside].sum() == 0
-    pair = render([Scene((1, 2), (5, 6), layout="side by side"), Scene((1, 2), (5, 6), layout="stacked")])
-    assert torch.equal(pair[0][4:12, :8], small[0][:8, :8]) and torch.equal(pair[1][:8, 4:12], small[0][:8, :8])
+    pair = render(
+        [Scene((1, 2), (5, 6), layout="side by side"), Scene((1, 2), (5, 6), layout="stacked")]
+    )
+    assert torch.equal(pair[0][4:12, :8], small[0][:8, :8]) and torch.equal(
+        pair[1][:8, 4:12], small[0][:8, :8]
+    )
     mass = [render([Scene((0,), (5,), s)]).sum().item() for s in ("thin", None, "bold")]
     assert mass[0] < mass[1] < mass[2]
 
@@ -108,10 +120,14 @@ def test_judge_scores_mismatched_captions_near_chance(judge):
     assert result["digit"]["accuracy"] < 0.2  # chance 0.1
     assert result["position"]["accuracy"] < 0.45  # chance 0.25
     assert result["stroke"]["accuracy"] < 0.55  # chance about 1/3
-    assert result["relation"]["accuracy"] < 0.1 and result["digits"]["accuracy"] < 0.1  # chance 1/45
+    assert (
+        result["relation"]["accuracy"] < 0.1 and result["digits"]["accuracy"] < 0.1
+    )  # chance 1/45
     # an empty grid: no digit, nothing right except what a blank grid satisfies by chance
-    blank = judge.judge(torch.zeros(2, 16, 16, dtype=torch.long), [Scene((3,), (0,), "bold"),
-                                                                     Scene((3,), (0,), place="top left")])
+    blank = judge.judge(
+        torch.zeros(2, 16, 16, dtype=torch.long),
+        [Scene((3,), (0,), "bold"), Scene((3,), (0,), place="top left")],
+    )
     assert blank[0]["stroke"] is False and blank[0]["size"] is False and blank[1]["size"] is True
 
 
@@ -128,6 +144,14 @@ def test_judge_per_attribute_verdicts(judge):
     v = judge.judge(img, [Scene((4,), (0,))])[0]  # asked for a full-size 4: wrong size
     assert v["size"] is False
     pair = render([Scene((3, 5), (_source(3), _source(5)), layout="stacked")])
-    assert judge.judge(pair, [Scene((3, 5), (0, 0), layout="stacked")])[0] == {"digits": True, "relation": True}
-    assert judge.judge(pair, [Scene((5, 3), (0, 0), layout="stacked")])[0] == {"digits": True, "relation": False}
-    assert np.isclose(judge.score(pair, [Scene((5, 3), (0, 0), layout="stacked")])["relation"]["accuracy"], 0.0)
+    assert judge.judge(pair, [Scene((3, 5), (0, 0), layout="stacked")])[0] == {
+        "digits": True,
+        "relation": True,
+    }
+    assert judge.judge(pair, [Scene((5, 3), (0, 0), layout="stacked")])[0] == {
+        "digits": True,
+        "relation": False,
+    }
+    assert np.isclose(
+        judge.score(pair, [Scene((5, 3), (0, 0), layout="stacked")])["relation"]["accuracy"], 0.0
+    )

@@ -1,5 +1,5 @@
-"""Caption data: the three formats read alike and give the same caption cache; bad inputs are counted
-or refused with one line; captions per epoch; the cache read back; streaming tar shards."""
+"""Caption data: the three formats read alike and give the same caption cache; bad inputs are
+counted or refused with one line; captions per epoch; the cache read back; streaming tar shards."""
 
 from __future__ import annotations
 
@@ -16,19 +16,18 @@ from PIL import Image
 import main_cache
 from lpd.datasets import CacheError, read_record
 from lpd.images import center_crop_arr, image_to_tensor
-from lpd.text.data import (
-    CaptionStream,
-    CaptionTokenCache,
-    caption_choice,
-    detect_format,
-    iter_captions,
-    scan_captions,
-)
+from lpd.text.cache import CaptionTokenCache
+from lpd.text.data import CaptionStream, caption_choice, detect_format, iter_captions, scan_captions
 from lpd.text.encoders import make_text_encoder
 
 IMG = 64  # palette tokenizer: 4 x 4 tokens
-CAPTIONS = {"a0": "a small seven in the top left", "a1": "a bold 3", "b/b2": "two digits: a 3 to the left of a 5",
-            "b/b3": "eight", "c4": "a thin one in the bottom right"}
+CAPTIONS = {
+    "a0": "a small seven in the top left",
+    "a1": "a bold 3",
+    "b/b2": "two digits: a 3 to the left of a 5",
+    "b/b3": "eight",
+    "c4": "a thin one in the bottom right",
+}
 
 
 def _png(seed, size=(48, 40)):
@@ -45,7 +44,8 @@ def _add(tf, name, data):
 
 
 def write_formats(root, captions):
-    """The same data (keys in order) as a folder, a JSONL manifest beside its images and two tar shards."""
+    """The same data (keys in order) as a folder, a JSONL manifest beside its images and two tar
+    shards."""
     root.mkdir(exist_ok=True)
     (root / "folder").mkdir()
     (root / "jsonl").mkdir()
@@ -56,14 +56,19 @@ def write_formats(root, captions):
             (base / f"{key}.png").write_bytes(_png(i))
         (root / "folder" / f"{key}.txt").write_text(captions[key] + "\n", encoding="utf-8")
         rows.append({"image": f"{key}.png", "caption": captions[key]})
-    (root / "jsonl" / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (root / "jsonl" / "data.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8"
+    )
     (root / "wds").mkdir()
     for s, part in enumerate((keys[:3], keys[3:])):
         with tarfile.open(root / "wds" / f"shard-{s:03d}.tar", "w") as tf:
             for key in part:
                 _add(tf, f"{key}.png", _png(keys.index(key)))
                 _add(tf, f"{key}.txt", captions[key].encode())
-    return {f: str(root / f / ("data.jsonl" if f == "jsonl" else "")).rstrip("/") for f in ("folder", "jsonl", "wds")}
+    return {
+        f: str(root / f / ("data.jsonl" if f == "jsonl" else "")).rstrip("/")
+        for f in ("folder", "jsonl", "wds")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +82,36 @@ def encoder():
 
 
 def cache(path, out, *extra):
-    argv = ["--tokenizer", "palette", "--img_size", str(IMG), "--data_path", path, "--cached_path", str(out),
-            "--captions", "auto", "--max_text_tokens", "8", "--batch_size", "2", "--num_workers", "0",
-            "--device", "cpu", *extra]
+    argv = [
+        "--tokenizer",
+        "palette",
+        "--img_size",
+        str(IMG),
+        "--data_path",
+        path,
+        "--cached_path",
+        str(out),
+        "--captions",
+        "auto",
+        "--max_text_tokens",
+        "8",
+        "--batch_size",
+        "2",
+        "--num_workers",
+        "0",
+        "--device",
+        "cpu",
+        *extra,
+    ]
     return main_cache.main(argv)
 
 
 def test_formats_are_detected(data):
-    assert [detect_format(data[f]) for f in ("folder", "jsonl", "wds")] == ["folder", "jsonl", "wds"]
+    assert [detect_format(data[f]) for f in ("folder", "jsonl", "wds")] == [
+        "folder",
+        "jsonl",
+        "wds",
+    ]
     assert detect_format(os.path.join(data["wds"], "shard-{000..001}.tar")) == "wds"
 
 
@@ -92,7 +119,9 @@ def test_the_three_formats_read_alike(data):
     got = {}
     for fmt, path in data.items():
         items, report, _ = scan_captions(path)
-        assert [(it.key, it.captions) for it in items] == [(k, [c]) for k, c in CAPTIONS.items()], fmt
+        assert [(it.key, it.captions) for it in items] == [(k, [c]) for k, c in CAPTIONS.items()], (
+            fmt
+        )
         assert report.images == 5 and report.summary() == "5 images with captions"
         got[fmt] = [(k, np.asarray(im).tobytes(), caps) for k, im, caps in iter_captions(path)]
     assert got["folder"] == got["jsonl"] == got["wds"] and len(got["wds"]) == 5
@@ -107,10 +136,19 @@ def test_the_three_formats_give_the_same_cache(data, tmp_path, capsys):
     for fmt in ("jsonl", "wds"):
         assert sorted(os.listdir(tmp_path / fmt)) == names
         for name in names:
-            assert (tmp_path / fmt / name).read_bytes() == (tmp_path / "folder" / name).read_bytes(), (fmt, name)
+            assert (tmp_path / fmt / name).read_bytes() == (
+                tmp_path / "folder" / name
+            ).read_bytes(), (fmt, name)
     rec = read_record(str(tmp_path / "wds"))
-    assert rec["state"] == "complete" and rec["num_images"] == 5 and rec["captions"]["num_captions"] == 5
-    assert rec["captions"]["text_encoder"]["kind"] == "wordllama" and rec["captions"]["max_text_tokens"] == 8
+    assert (
+        rec["state"] == "complete"
+        and rec["num_images"] == 5
+        and rec["captions"]["num_captions"] == 5
+    )
+    assert (
+        rec["captions"]["text_encoder"]["kind"] == "wordllama"
+        and rec["captions"]["max_text_tokens"] == 8
+    )
     # the cache read back: image tokens (and flips) of the cropped images, the captions' token ids
     ds = CaptionTokenCache(str(tmp_path / "wds"), (IMG // 16) ** 2, 4)
     enc = make_text_encoder("wordllama", max_text_tokens=8)
@@ -145,8 +183,14 @@ def test_bad_inputs_are_counted_and_nothing_else_is_lost(tmp_path, encoder):
     assert "1 bad text" in report.summary() and "2 no caption (empty, nocap)" in report.summary()
     # JSONL: a broken line, a missing image, a caption list with an empty entry
     man = tmp_path / "jsonl" / "data.jsonl"
-    man.write_text(man.read_text() + "{not json\n" + json.dumps({"image": "gone.png", "caption": "x"})
-                   + "\n" + json.dumps({"image": "ok0.png", "caption": ["", "again"]}) + "\n")
+    man.write_text(
+        man.read_text()
+        + "{not json\n"
+        + json.dumps({"image": "gone.png", "caption": "x"})
+        + "\n"
+        + json.dumps({"image": "ok0.png", "caption": ["", "again"]})
+        + "\n"
+    )
     items, report, _ = scan_captions(str(man))
     assert [it.key for it in items] == ["ok0", "long", "ok1", "ok0"]
     assert items[-1].captions == ["again"] and report.empty_captions == 2
@@ -173,14 +217,21 @@ def test_undecodable_image_refused_before_encoding(tmp_path, capsys):
     (tmp_path / "folder" / "b.png").write_bytes(b"not a png")
     assert cache(paths["folder"], tmp_path / "out") == 2
     err = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
-    assert err.startswith("error: 1 image file(s) cannot be decoded, nothing was encoded") and "b.png" in err
+    assert (
+        err.startswith("error: 1 image file(s) cannot be decoded, nothing was encoded")
+        and "b.png" in err
+    )
     assert "not a readable image" in err
     rep = type(scan_captions(paths["folder"])[1])()
-    assert [k for k, _, _ in iter_captions(paths["folder"], report=rep)] == ["a"] and len(rep.bad_images) == 1
+    assert [k for k, _, _ in iter_captions(paths["folder"], report=rep)] == ["a"] and len(
+        rep.bad_images
+    ) == 1
 
 
-@pytest.mark.parametrize("path, match", [("nowhere.bin", "give a folder of images"),
-                                         ("x-{000..001}.tar", "tar shards missing")])
+@pytest.mark.parametrize(
+    "path, match",
+    [("nowhere.bin", "give a folder of images"), ("x-{000..001}.tar", "tar shards missing")],
+)
 def test_bad_data_paths_are_one_line(tmp_path, capsys, path, match):
     assert cache(str(tmp_path / path), tmp_path / "out") == 2
     err = capsys.readouterr().err
@@ -193,11 +244,15 @@ def test_several_captions_one_per_epoch(tmp_path, capsys):
     rows = []
     for i in range(6):
         (tmp_path / "images" / f"{i}.png").write_bytes(_png(i))
-        rows.append({"image": f"images/{i}.png", "caption": [f"caption {i} {j}" for j in range(i % 3 + 1)]})
+        rows.append(
+            {"image": f"images/{i}.png", "caption": [f"caption {i} {j}" for j in range(i % 3 + 1)]}
+        )
     man.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert cache(str(man), tmp_path / "out", "--caption_features") == 0
     enc = make_text_encoder("wordllama", max_text_tokens=8)
-    ds = CaptionTokenCache(str(tmp_path / "out"), (IMG // 16) ** 2, 4, seed=3, text_encoder=enc.record)
+    ds = CaptionTokenCache(
+        str(tmp_path / "out"), (IMG // 16) ** 2, 4, seed=3, text_encoder=enc.record
+    )
     feats = CaptionTokenCache(str(tmp_path / "out"), (IMG // 16) ** 2, 4, seed=3, features=True)
     seen = {i: set() for i in range(6)}
     for epoch in range(12):
@@ -214,7 +269,9 @@ def test_several_captions_one_per_epoch(tmp_path, capsys):
     assert all(seen[i] == set(range(i % 3 + 1)) for i in range(6))  # every caption gets its epochs
     assert caption_choice(3, 5, 4, 3) == caption_choice(3, 5, 4, 3)
     with pytest.raises(CacheError, match="text encoder"):
-        CaptionTokenCache(str(tmp_path / "out"), 16, 4, text_encoder={"name": "t5", "digest": "other"})
+        CaptionTokenCache(
+            str(tmp_path / "out"), 16, 4, text_encoder={"name": "t5", "digest": "other"}
+        )
 
 
 def test_image_cache_without_captions_is_refused(tmp_path, capsys):
@@ -222,8 +279,20 @@ def test_image_cache_without_captions_is_refused(tmp_path, capsys):
     root.mkdir(parents=True)
     for i in range(2):
         (root / f"{i}.png").write_bytes(_png(i))
-    argv = ["--tokenizer", "palette", "--img_size", str(IMG), "--data_path", str(tmp_path / "imgs"),
-            "--cached_path", str(tmp_path / "out"), "--cache_format", "consolidated", "--num_workers", "0"]
+    argv = [
+        "--tokenizer",
+        "palette",
+        "--img_size",
+        str(IMG),
+        "--data_path",
+        str(tmp_path / "imgs"),
+        "--cached_path",
+        str(tmp_path / "out"),
+        "--cache_format",
+        "consolidated",
+        "--num_workers",
+        "0",
+    ]
     assert main_cache.main(argv) == 0
     with pytest.raises(CacheError, match="without captions"):
         CaptionTokenCache(str(tmp_path / "out"), 16, 4)
@@ -243,5 +312,7 @@ def test_stream_over_tar_shards(data, encoder):
         assert torch.equal(img, ref)
         tok, m, _ = encoder.tokenize(want[key][1], length=8)
         assert ids.tolist() == tok[0].tolist() and mask.tolist() == m[0].tolist()
-    loader = torch.utils.data.DataLoader(CaptionStream(data["wds"], IMG, encoder), batch_size=2, num_workers=2)
+    loader = torch.utils.data.DataLoader(
+        CaptionStream(data["wds"], IMG, encoder), batch_size=2, num_workers=2
+    )
     assert sum(len(b[0]) for b in loader) == 5  # the workers split the shards

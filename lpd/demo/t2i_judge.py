@@ -1,14 +1,16 @@
-"""The testbed's judge: scores each attribute a scene's caption states, on generated 16 x 16 token grids.
+"""The testbed's judge: scores each attribute a scene's caption states, on generated 16 x 16 token
+grids.
 
 * ``digit``: the digit classifier (``lpd.demo.classifier``, trained here on full-size digits and on
   upsampled 8 x 8 regions, regular / thin / bold) on the whole grid for a full-size digit, on the
   8 x 8 window of most ink for a small one;
-* ``size``: the ink's bounding box: at least 12 cells high for a full-size digit, at most 10 for a small;
+* ``size``: the ink's bounding box: at least 12 cells high for a full-size digit, at most 10 for a
+  small one;
 * ``position``: the quadrant of the ink's centre of mass (small digits);
 * ``stroke``: the ink mass of the digit against the thin / regular / bold ranges of real scenes (the
   midpoints between their means, by size);
-* two digits: ``digits`` (the two halves along the layout's axis hold the two digits, in any order) and
-  ``relation`` (in the stated order).
+* two digits: ``digits`` (the two halves along the layout's axis hold the two digits, in any
+  order) and ``relation`` (in the stated order).
 
 Accuracies come with 95% bootstrap intervals (``lpd.demo.classifier.bootstrap_ci``).
 """
@@ -40,12 +42,19 @@ def ink_mass(tokens: Tensor) -> Tensor:
 
 
 def _ink_window(tokens: Tensor, anchors: tuple[Sequence[int], Sequence[int]]) -> Tensor:
-    """The 8 x 8 window of most ink of each grid ``[B, H, W]`` (``[B, 8, 8]``); ties go to the window nearest
-    to an anchor (row corners, column corners) where the testbed places digits."""
+    """The 8 x 8 window of most ink of each grid ``[B, H, W]`` (``[B, 8, 8]``); ties go to the
+    window nearest to an anchor (row corners, column corners) where the testbed places digits."""
     sums = F.avg_pool2d(tokens.float().unsqueeze(1), HALF, stride=1)[:, 0]  # [B, H - 7, W - 7]
-    near = [torch.stack([(torch.arange(n) - a).abs() for a in anchor]).amin(0) for n, anchor in zip(sums.shape[1:], anchors)]
+    near = [
+        torch.stack([(torch.arange(n) - a).abs() for a in anchor]).amin(0)
+        for n, anchor in zip(sums.shape[1:], anchors)
+    ]
     penalty = (near[0][:, None] + near[1][None, :]).float()
-    best = torch.where(sums >= sums.amax((1, 2), keepdim=True) - 1e-6, -penalty, -np.inf).flatten(1).argmax(1)
+    best = (
+        torch.where(sums >= sums.amax((1, 2), keepdim=True) - 1e-6, -penalty, -np.inf)
+        .flatten(1)
+        .argmax(1)
+    )
     r, c = best // sums.shape[-1], best % sums.shape[-1]
     rows = (r[:, None] + torch.arange(HALF))[:, :, None]
     cols = (c[:, None] + torch.arange(HALF))[:, None, :]
@@ -53,11 +62,14 @@ def _ink_window(tokens: Tensor, anchors: tuple[Sequence[int], Sequence[int]]) ->
 
 
 def _halves(tokens: Tensor, layout: str) -> tuple[Tensor, Tensor]:
-    """The two 8-cell halves along the layout's axis, each reduced to its 8 x 8 window of most ink."""
+    """The two 8-cell halves along the layout's axis, each reduced to its 8 x 8 window of most
+    ink."""
     q = HALF // 2
     if layout == "stacked":
         return _ink_window(tokens[:, :HALF], ([0], [q])), _ink_window(tokens[:, HALF:], ([0], [q]))
-    return _ink_window(tokens[:, :, :HALF], ([q], [0])), _ink_window(tokens[:, :, HALF:], ([q], [0]))
+    return _ink_window(tokens[:, :, :HALF], ([q], [0])), _ink_window(
+        tokens[:, :, HALF:], ([q], [0])
+    )
 
 
 def _height(tokens: Tensor) -> Tensor:
@@ -80,7 +92,8 @@ def _quadrant(tokens: Tensor) -> list[str]:
 
 @dataclass
 class T2IJudge:
-    """``classifier`` and the stroke thresholds ``{"full" | "small": (thin | regular, regular | bold)}``."""
+    """``classifier`` and the stroke thresholds ``{"full" | "small": (thin | regular, regular |
+    bold)}``."""
 
     classifier: DigitClassifier
     stroke_bounds: dict[str, tuple[float, float]]
@@ -89,8 +102,8 @@ class T2IJudge:
 
     @classmethod
     def fit(cls, seed: int = 0, epochs: int = 10, **kwargs: Any) -> T2IJudge:
-        """Train the classifier on the training digits (full size and 8 x 8 regions; every stroke) and set
-        the stroke ranges from their scenes."""
+        """Train the classifier on the training digits (full size and 8 x 8 regions; every stroke)
+        and set the stroke ranges from their scenes."""
         idx = split_indices("train")
         labels = torch.from_numpy(load_raw_digits()[1][idx].copy())
         tokens, bounds = [], {}
@@ -100,27 +113,41 @@ class T2IJudge:
                 t = grey_to_tokens(digit_grey(idx, stroke, small))
                 means.append(float(ink_mass(t).mean()))
                 tokens.append(region_tokens(t) if small else t)
-            bounds["small" if small else "full"] = ((means[0] + means[1]) / 2, (means[1] + means[2]) / 2)
-        clf = train_classifier(seed, epochs, tokens=torch.cat(tokens), labels=labels.repeat(len(tokens)))
+            bounds["small" if small else "full"] = (
+                (means[0] + means[1]) / 2,
+                (means[1] + means[2]) / 2,
+            )
+        clf = train_classifier(
+            seed, epochs, tokens=torch.cat(tokens), labels=labels.repeat(len(tokens))
+        )
         return cls(clf, bounds, **kwargs)
 
     def _predict(self, tokens: Tensor) -> list[int]:
-        return self.classifier.predict_tokens(tokens).argmax(-1).cpu().tolist() if len(tokens) else []
+        return (
+            self.classifier.predict_tokens(tokens).argmax(-1).cpu().tolist() if len(tokens) else []
+        )
 
     def judge(self, tokens: Tensor, scenes: Sequence[Scene]) -> list[dict[str, bool]]:
-        """Per grid ``[B, 16, 16]``, ``{attribute: correct}`` for the attributes its scene's caption states."""
+        """Per grid ``[B, 16, 16]``, ``{attribute: correct}`` for the attributes its scene's
+        caption states."""
         tokens = torch.as_tensor(tokens).long().reshape(len(scenes), GRID_SIZE, GRID_SIZE).cpu()
         out: list[dict[str, bool]] = [{} for _ in scenes]
         window = _ink_window(tokens, ([0, HALF], [0, HALF]))
         full_pred = self._predict(tokens)
         small_pred = self._predict(region_tokens(window))
-        height, mass, quadrant = _height(tokens).tolist(), ink_mass(tokens).tolist(), _quadrant(tokens)
+        height, mass, quadrant = (
+            _height(tokens).tolist(),
+            ink_mass(tokens).tolist(),
+            _quadrant(tokens),
+        )
         for i, s in enumerate(scenes):
             if s.kind == "pair":
                 continue
             small = s.kind == "small"
             out[i]["digit"] = (small_pred if small else full_pred)[i] == s.digits[0]
-            out[i]["size"] = height[i] <= SMALL_MAX_HEIGHT if small else height[i] >= FULL_MIN_HEIGHT
+            out[i]["size"] = (
+                height[i] <= SMALL_MAX_HEIGHT if small else height[i] >= FULL_MIN_HEIGHT
+            )
             if small:
                 out[i]["position"] = quadrant[i] == s.place
             if s.stroke:
@@ -138,13 +165,18 @@ class T2IJudge:
         return out
 
     def score(self, tokens: Tensor, scenes: Sequence[Scene]) -> dict[str, Any]:
-        """``{"num_images", attribute: {"n", "accuracy", "ci95"}}`` for every attribute some scene states."""
+        """``{"num_images", attribute: {"n", "accuracy", "ci95"}}`` for every attribute some scene
+        states."""
         verdicts = self.judge(tokens, scenes)
         result: dict[str, Any] = {"num_images": len(scenes)}
         for attr in ATTRIBUTES:
             hits = np.array([v[attr] for v in verdicts if attr in v], dtype=np.float64)
             if hits.size:
-                result[attr] = {"n": int(hits.size), "accuracy": float(hits.mean()),
-                                "ci95": bootstrap_ci(lambda i: hits[i].mean(), hits.size, self.resamples, self.seed)}
+                result[attr] = {
+                    "n": int(hits.size),
+                    "accuracy": float(hits.mean()),
+                    "ci95": bootstrap_ci(
+                        lambda i: hits[i].mean(), hits.size, self.resamples, self.seed
+                    ),
+                }
         return result
-

@@ -1,1 +1,2 @@
-"""Text-to-image parts: frozen text encoders (``lpd.text.encoders``) and caption data (``lpd.text.data``)."""
+"""Text-to-image parts: frozen text encoders (``lpd.text.encoders``) and caption data
+(``lpd.text.data``)."""

@@ -1,25 +1,18 @@
 """Caption data in the formats people have, as ``(key, image, captions)``:
 
 * ``folder``: images (jpg, jpeg, png, webp; sub-folders too) with same-stem ``.txt`` captions;
-* ``jsonl``: a manifest of ``{"image": path relative to the manifest, "caption": text or [texts]}``;
-* ``wds``: webdataset tar shards (a ``.tar``, a folder of them, or a brace pattern ``a-{000..009}.tar``)
-  of ``jpg|jpeg|png|webp`` with ``txt`` or ``json`` (``{"caption": text or [texts]}``) by key.
+* ``jsonl``: a manifest of ``{"image": path relative to it, "caption": text or [texts]}``;
+* ``wds``: webdataset tar shards (a ``.tar``, a folder of them, or a brace pattern such as
+  ``a-{000..009}.tar``): ``jpg|jpeg|png|webp`` with ``txt`` or ``json`` (``{"caption": ...}``).
 
 Bad inputs are skipped and counted in a :class:`CaptionReport`, never dropped silently: an image
 without a caption, empty captions, undecodable text or manifest lines, missing images, a tar shard
-cut in the middle (its complete samples are kept); captions over ``max_text_tokens`` are truncated and
-counted; an undecodable image stops the cache before anything is encoded (``lpd.datasets``).
-
-The caption cache is a consolidated token cache (``lpd.datasets``: image tokens and their flips, the
-same records) whose ``meta.json`` also records ``captions`` (text encoder, max_text_tokens, digest of
-the texts), with ``captions.npz`` (token ids ``[C, max_text_tokens]``, lengths, per-image offsets, keys)
-and on request ``captions.features.npy`` (float16 encoder features ``[C, max_text_tokens, width]``).
-Flipped tokens keep their captions (words such as "left" are not mirrored).
+cut in the middle (its complete samples are kept); captions over ``max_text_tokens`` are truncated
+and counted. :class:`CaptionStream` streams tar shards for training without a cache.
 """
 
 from __future__ import annotations
 
-import argparse
 import glob
 import hashlib
 import io
@@ -27,25 +20,31 @@ import json
 import os
 import tarfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 
-from lpd.checkpoint import atomic_write_bytes
-from lpd.datasets import CacheError, ConsolidatedTokenCache, read_record, write_token_cache, tokenizer_id
+from lpd.datasets import CacheError
 from lpd.images import ImageFileError, center_crop_arr, image_to_tensor
 from lpd.sampling import derive_seed
-from lpd.text.encoders import MAX_TEXT_TOKENS, TextEncoder, make_text_encoder
+from lpd.text.encoders import TextEncoder
 
-__all__ = ["CAPTION_FORMATS", "CaptionDataError", "CaptionReport", "Item", "detect_format", "scan_captions",
-           "iter_captions", "CaptionImages", "write_caption_cache", "CaptionTokenCache", "CaptionStream",
-           "caption_choice", "add_caption_args", "cache_captions"]
+__all__ = [
+    "CAPTION_FORMATS",
+    "CaptionDataError",
+    "CaptionReport",
+    "Item",
+    "detect_format",
+    "scan_captions",
+    "iter_captions",
+    "open_image",
+    "CaptionStream",
+    "caption_choice",
+]
 
 CAPTION_FORMATS = ("folder", "jsonl", "wds")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-CAPTIONS_FILE, FEATURES_FILE = "captions.npz", "captions.features.npy"
 
 
 class CaptionDataError(CacheError):
@@ -54,7 +53,8 @@ class CaptionDataError(CacheError):
 
 @dataclass
 class CaptionReport:
-    """What reading the data skipped or changed (keys or ``file: why``); ``images``: the images kept."""
+    """What reading the data skipped or changed (keys or ``file: why``); ``images``: the images
+    kept."""
 
     images: int = 0
     no_caption: list[str] = field(default_factory=list)
@@ -66,15 +66,23 @@ class CaptionReport:
     truncated: int = 0
 
     def summary(self) -> str:
-        parts = [f"{len(v) if isinstance(v, list) else v} {k.replace('_', ' ')}"
-                 + (f" ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})" if isinstance(v, list) and v else "")
-                 for k, v in vars(self).items() if k != "images" and v]
+        parts = [
+            f"{len(v) if isinstance(v, list) else v} {k.replace('_', ' ')}"
+            + (
+                f" ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
+                if isinstance(v, list) and v
+                else ""
+            )
+            for k, v in vars(self).items()
+            if k != "images" and v
+        ]
         return f"{self.images} images with captions" + (f"; {'; '.join(parts)}" if parts else "")
 
 
 @dataclass
 class Item:
-    """One image: its key, where its bytes are (a file, or ``shard.tar/member``) and its captions."""
+    """One image: its key, where its bytes are (a file, or ``shard.tar/member``) and its
+    captions."""
 
     key: str
     ref: str
@@ -91,7 +99,8 @@ def _captions(value: Any) -> list[str] | None:
 
 
 def _parse_caption(data: bytes, ext: str) -> list[str] | None:
-    """Captions of a ``txt`` (the whole text) or ``json`` (``{"caption": ...}``) member; None if unreadable."""
+    """Captions of a ``txt`` (the whole text) or ``json`` (``{"caption": ...}``) member; None if
+    unreadable."""
     try:
         text = data.decode("utf-8")
         return [text.strip()] if ext == "txt" else _captions(json.loads(text).get("caption"))
@@ -99,7 +108,9 @@ def _parse_caption(data: bytes, ext: str) -> list[str] | None:
         return None
 
 
-def _keep(key: str, ref: str, caps: list[str] | None, report: CaptionReport, items: list[Item]) -> None:
+def _keep(
+    key: str, ref: str, caps: list[str] | None, report: CaptionReport, items: list[Item]
+) -> None:
     if caps is None:
         report.no_caption.append(key)
         return
@@ -112,16 +123,24 @@ def _keep(key: str, ref: str, caps: list[str] | None, report: CaptionReport, ite
 
 
 def detect_format(path: str) -> str:
-    """``jsonl`` for a ``.jsonl`` file, ``wds`` for a ``.tar``, a brace pattern or a folder of ``.tar`` files,
-    ``folder`` for another folder."""
+    """``jsonl`` for a ``.jsonl`` file, ``wds`` for a ``.tar``, a brace pattern or a folder of
+    ``.tar`` files, ``folder`` for another folder."""
+    if not path:
+        raise CaptionDataError("--data_path is missing: give the caption data")
     if path.endswith(".jsonl") and os.path.isfile(path):
         return "jsonl"
-    if path.endswith(".tar") or "{" in path or (os.path.isdir(path) and glob.glob(os.path.join(path, "*.tar"))):
+    if (
+        path.endswith(".tar")
+        or "{" in path
+        or (os.path.isdir(path) and glob.glob(os.path.join(path, "*.tar")))
+    ):
         return "wds"
     if os.path.isdir(path):
         return "folder"
-    raise CaptionDataError(f"--data_path {path!r}: give a folder of images with .txt captions, a .jsonl manifest, "
-                           f"or webdataset .tar shards (a file, a folder of them or a pattern like a-{{000..009}}.tar)")
+    raise CaptionDataError(
+        f"--data_path {path!r}: give a folder of images with .txt captions, a .jsonl manifest, "
+        f"or webdataset .tar shards (a file, a folder of them or a pattern like a-{{000..009}}.tar)"
+    )
 
 
 def shard_list(path: str) -> list[str]:
@@ -134,8 +153,10 @@ def shard_list(path: str) -> list[str]:
         shards = list(braceexpand(path))
     missing = [s for s in shards if not os.path.isfile(s)]
     if not shards or missing:
-        raise CaptionDataError(f"--data_path {path!r}: tar shards missing ({missing[:3] or 'none found'}); check "
-                               f"the path or pattern")
+        raise CaptionDataError(
+            f"--data_path {path!r}: tar shards missing ({missing[:3] or 'none found'}); check "
+            f"the path or pattern"
+        )
     return shards
 
 
@@ -147,9 +168,14 @@ def _split(name: str) -> tuple[str, str]:
 
 
 def _scan_folder(root: str, report: CaptionReport, items: list[Item]) -> None:
-    """Images under ``root`` in the order of their relative paths, each with its same-stem ``.txt``."""
-    images = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files
-                    if _split(f)[1] in IMAGE_EXTS)
+    """Images under ``root`` in the order of their relative paths, each with its same-stem
+    ``.txt``."""
+    images = sorted(
+        os.path.relpath(os.path.join(d, f), root)
+        for d, _, files in os.walk(root)
+        for f in files
+        if _split(f)[1] in IMAGE_EXTS
+    )
     for rel in images:
         key = _split(rel)[0]
         txt, caps = os.path.join(root, key + ".txt"), None
@@ -173,7 +199,9 @@ def _scan_jsonl(path: str, report: CaptionReport, items: list[Item]) -> None:
             if row is None:
                 continue
             if not isinstance(row, dict) or not isinstance(row.get("image"), str):
-                report.bad_text.append(f"{path} line {line_no}: not a JSON object with an 'image' path")
+                report.bad_text.append(
+                    f"{path} line {line_no}: not a JSON object with an 'image' path"
+                )
                 continue
             image = os.path.join(root, row["image"])
             if not os.path.isfile(image):
@@ -181,12 +209,16 @@ def _scan_jsonl(path: str, report: CaptionReport, items: list[Item]) -> None:
                 continue
             caps = _captions(row.get("caption"))
             if caps is None and "caption" in row:
-                report.bad_text.append(f"{path} line {line_no}: 'caption' is not text or a list of texts")
+                report.bad_text.append(
+                    f"{path} line {line_no}: 'caption' is not text or a list of texts"
+                )
                 continue
             _keep(os.path.splitext(row["image"])[0], image, caps, report, items)
 
 
-def _scan_tar(shard: str, report: CaptionReport, members: dict[str, tuple[str, int, int]]) -> list[Item]:
+def _scan_tar(
+    shard: str, report: CaptionReport, members: dict[str, tuple[str, int, int]]
+) -> list[Item]:
     """Items of one shard; ``members`` gets ``ref -> (shard, offset, size)`` of their images."""
     size, found, order = os.path.getsize(shard), {}, []
     try:
@@ -213,21 +245,28 @@ def _scan_tar(shard: str, report: CaptionReport, members: dict[str, tuple[str, i
         text = next((e for e in ("txt", "json") if e in parts), None)
         caps = None if text is None else _parse_caption(parts[text], text)
         if text is not None and caps is None:
-            report.bad_text.append(f"{shard}: {key}.{text} is not UTF-8 text / a JSON object with 'caption'")
+            report.bad_text.append(
+                f"{shard}: {key}.{text} is not UTF-8 text / a JSON object with 'caption'"
+            )
             continue
         _keep(key, ref, caps, report, items)
     return items
 
 
-def scan_captions(path: str, fmt: str = "auto") -> tuple[list[Item], CaptionReport, dict[str, tuple[str, int, int]]]:
-    """Items of the data at ``path`` (in its order), the report, and the tar members of ``wds`` images."""
+def scan_captions(
+    path: str, fmt: str = "auto"
+) -> tuple[list[Item], CaptionReport, dict[str, tuple[str, int, int]]]:
+    """Items of the data at ``path`` (in its order), the report, and the tar members of ``wds``
+    images."""
     fmt = detect_format(path) if fmt in (None, "", "auto") else fmt
     if fmt not in CAPTION_FORMATS:
         raise CaptionDataError(f"--captions {fmt!r}: use auto, {', '.join(CAPTION_FORMATS)}")
     report, items, members = CaptionReport(), [], {}
     if fmt == "folder":
         if not os.path.isdir(path):
-            raise CaptionDataError(f"--data_path {path!r} is not a folder of images with .txt captions")
+            raise CaptionDataError(
+                f"--data_path {path!r} is not a folder of images with .txt captions"
+            )
         _scan_folder(path, report, items)
     elif fmt == "jsonl":
         if not os.path.isfile(path):
@@ -258,8 +297,14 @@ def _decode(data: bytes) -> Image.Image:
         raise ImageFileError(f"not a readable image ({type(e).__name__})") from e
 
 
+def open_image(ref: str, members: dict[str, tuple[str, int, int]]) -> Image.Image:
+    """The RGB image of an item's ``ref`` (a file, or a tar member of ``members``)."""
+    return _decode(_read(ref, members))
+
+
 def _wds_samples(shards: Sequence[str], report: CaptionReport) -> Iterator[dict]:
-    """webdataset's samples of the shards (cut shards reported once each, their complete samples kept)."""
+    """webdataset's samples of the shards (cut shards reported once each, their complete samples
+    kept)."""
     import webdataset as wds
 
     def handler(e: Exception) -> bool:
@@ -268,13 +313,16 @@ def _wds_samples(shards: Sequence[str], report: CaptionReport) -> Iterator[dict]
             report.cut_shards.append(f"{where}: {type(e).__name__}")
         return True
 
-    yield from wds.DataPipeline(wds.SimpleShardList(list(shards)), wds.tarfile_to_samples(handler=handler))
+    yield from wds.DataPipeline(
+        wds.SimpleShardList(list(shards)), wds.tarfile_to_samples(handler=handler)
+    )
 
 
-def iter_captions(path: str, fmt: str = "auto", report: CaptionReport | None = None
-                  ) -> Iterator[tuple[str, Image.Image, list[str]]]:
-    """``(key, RGB image, captions)`` of every usable image at ``path``; tar shards are read with webdataset.
-    What is skipped is counted in ``report``."""
+def iter_captions(
+    path: str, fmt: str = "auto", report: CaptionReport | None = None
+) -> Iterator[tuple[str, Image.Image, list[str]]]:
+    """``(key, RGB image, captions)`` of every usable image at ``path``; tar shards are read with
+    webdataset. What is skipped is counted in ``report``."""
     report = CaptionReport() if report is None else report
     fmt = detect_format(path) if fmt in (None, "", "auto") else fmt
     if fmt != "wds":
@@ -285,7 +333,7 @@ def iter_captions(path: str, fmt: str = "auto", report: CaptionReport | None = N
         pairs = _wds_items(_wds_samples(shard_list(path), report), report)
     for key, ref, caps in pairs:
         try:
-            image = _decode(ref) if isinstance(ref, bytes) else _decode(_read(ref, {}))
+            image = _decode(ref) if isinstance(ref, bytes) else open_image(ref, {})
         except Exception as e:  # noqa: BLE001 - counted with the key
             report.bad_images.append(f"{key}: {type(e).__name__}")
             continue
@@ -293,9 +341,13 @@ def iter_captions(path: str, fmt: str = "auto", report: CaptionReport | None = N
         yield key, image, caps
 
 
-def _wds_items(samples: Iterator[dict], report: CaptionReport) -> Iterator[tuple[str, bytes, list[str]]]:
+def _wds_items(
+    samples: Iterator[dict], report: CaptionReport
+) -> Iterator[tuple[str, bytes, list[str]]]:
     for s in samples:
-        img, text = (next((e for e in exts if e in s), None) for exts in (IMAGE_EXTS, ("txt", "json")))
+        img, text = (
+            next((e for e in exts if e in s), None) for exts in (IMAGE_EXTS, ("txt", "json"))
+        )
         if img is None:
             continue
         caps = None if text is None else _parse_caption(s[text], text)
@@ -308,136 +360,36 @@ def _wds_items(samples: Iterator[dict], report: CaptionReport) -> Iterator[tuple
             yield s["__key__"], s[img], kept[0].captions
 
 
-class CaptionImages(torch.utils.data.Dataset):
-    """The images of scanned items with the ImageFolder API that ``lpd.datasets.write_token_cache`` reads."""
-
-    def __init__(self, items: Sequence[Item], img_size: int, members: dict[str, tuple[str, int, int]]) -> None:
-        self.samples, self.classes = [(it.ref, 0) for it in items], ["images"]
-        self.img_size, self.members = img_size, members
-
-    def loader(self, ref: str) -> Image.Image:
-        return _decode(_read(ref, self.members))
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return image_to_tensor(center_crop_arr(self.loader(self.samples[index][0]), self.img_size))[0], 0
-
-
-def _texts_digest(items: Sequence[Item]) -> str:
-    h = hashlib.sha256()
-    for it in items:
-        h.update(json.dumps([it.key, it.captions]).encode("utf-8") + b"\n")
-    return "sha256:" + h.hexdigest()
-
-
-def _write_caption_files(root: str, items: Sequence[Item], encoder: TextEncoder, features: bool,
-                         batch_size: int) -> int:
-    """``captions.npz`` (and the features) of ``items``; returns how many captions were truncated."""
-    texts = [c for it in items for c in it.captions]
-    ids, truncated = encoder.token_ids(texts)
-    padded, mask = encoder.pad(ids, encoder.max_text_tokens)
-    offsets = np.cumsum([0] + [len(it.captions) for it in items]).astype(np.int64)
-    arrays = dict(ids=padded.numpy().astype(np.int32), lengths=mask.sum(1).numpy().astype(np.int32),
-                  offsets=offsets, keys=np.array([it.key for it in items]), truncated=np.int64(truncated))
-    if features:
-        tmp = os.path.join(root, FEATURES_FILE + ".partial")
-        out = np.lib.format.open_memmap(tmp, "w+", np.float16, (len(texts), encoder.max_text_tokens, encoder.width))
-        for a in range(0, len(texts), batch_size):
-            out[a : a + batch_size] = encoder.encode(padded[a : a + batch_size], mask[a : a + batch_size]).cpu().numpy()
-        out.flush()
-        del out
-        os.replace(tmp, os.path.join(root, FEATURES_FILE))
-    atomic_write_bytes(os.path.join(root, CAPTIONS_FILE), lambda f: np.savez(f, **arrays))
-    return truncated
-
-
-def write_caption_cache(path: str, cached_path: str, encode: Callable[[torch.Tensor], torch.Tensor],
-                        encoder: TextEncoder, *, fmt: str = "auto", features: bool = False, img_size: int,
-                        tokenizer: str, num_tokens: int, vocab_size: int, rank: int = 0, **cache_kwargs: Any):
-    """Scan the caption data at ``path``, encode its images into the consolidated cache ``cached_path``
-    (``lpd.datasets.write_token_cache``, ``cache_kwargs`` passed on) and write its captions (rank 0).
-    Returns ``(CacheStats, CaptionReport)``; a rerun of the same command resumes."""
-    items, report, members = scan_captions(path, fmt)
-    if not items:
-        raise CaptionDataError(f"--data_path {path!r} holds no image with a caption ({report.summary()})")
-    rec = {"text_encoder": encoder.record, "max_text_tokens": encoder.max_text_tokens, "num_captions":
-           sum(len(it.captions) for it in items), "texts": _texts_digest(items), "features": bool(features)}
-    stats = write_token_cache(CaptionImages(items, img_size, members), cached_path, encode, "consolidated",
-                              tokenizer=tokenizer, img_size=img_size, num_tokens=num_tokens,
-                              vocab_size=vocab_size, rank=rank, extra={"captions": rec}, **cache_kwargs)
-    done = os.path.isfile(os.path.join(cached_path, CAPTIONS_FILE)) and not (
-        features and not os.path.isfile(os.path.join(cached_path, FEATURES_FILE)))  # a rerun: the same texts
-    if rank == 0 and not done:
-        report.truncated = _write_caption_files(cached_path, items, encoder, features,
-                                                cache_kwargs.get("batch_size", 64))
-    elif done:
-        with np.load(os.path.join(cached_path, CAPTIONS_FILE), allow_pickle=False) as z:
-            report.truncated = int(z["truncated"])
-    cache_kwargs.get("barrier", lambda: None)()
-    return stats, report
-
-
 def caption_choice(seed: int, epoch: int, index: int, count: int) -> int:
-    """Which of an image's ``count`` captions epoch ``epoch`` uses: a function of (seed, epoch, index)."""
+    """Which of an image's ``count`` captions epoch ``epoch`` uses: a function of (seed, epoch,
+    index)."""
     return derive_seed(seed, epoch, index) % count if count > 1 else 0
 
 
-class CaptionTokenCache(torch.utils.data.Dataset):
-    """A caption cache: items ``(tokens int64 [2, N], text [L] int64 ids or [L, C] float32 features, mask
-    bool [L])`` with one of the image's captions per epoch (:meth:`set_epoch`)."""
-
-    def __init__(self, root: str, num_tokens: int, vocab_size: int | None = None, *, seed: int = 0,
-                 features: bool = False, text_encoder: dict[str, Any] | None = None) -> None:
-        self.images = ConsolidatedTokenCache(root, num_tokens, vocab_size)
-        rec = read_record(root).get("captions")
-        fix = "rerun main_cache.py with the same command to write them"
-        if not isinstance(rec, dict):
-            raise CaptionDataError(f"{root!r} is an image token cache without captions; write a caption cache "
-                                   f"with main_cache.py --captions")
-        if text_encoder is not None and text_encoder.get("digest") != rec["text_encoder"].get("digest"):
-            raise CaptionDataError(f"{root!r} holds captions of the text encoder {rec['text_encoder'].get('name')!r}, "
-                                   f"not {text_encoder.get('name')!r}; cache them with the model's encoder")
-        if features and not rec["features"]:
-            raise CaptionDataError(f"{root!r} holds caption token ids, not encoder features; rerun main_cache.py "
-                                   f"with --caption_features into another --cached_path")
-        try:
-            with np.load(os.path.join(root, CAPTIONS_FILE), allow_pickle=False) as z:
-                self.ids, self.lengths, self.offsets = z["ids"], z["lengths"], z["offsets"]
-            self.features = np.load(os.path.join(root, FEATURES_FILE), mmap_mode="r") if features else None
-        except (OSError, ValueError, KeyError) as e:
-            raise CaptionDataError(f"the caption files of {root!r} are missing or cannot be read ({e}); {fix}") from e
-        n, c = len(self.images), int(rec["num_captions"])
-        if self.offsets.shape != (n + 1,) or self.offsets[-1] != c or self.ids.shape != (c, rec["max_text_tokens"]):
-            raise CaptionDataError(f"the caption files of {root!r} do not fit its record; {fix}")
-        self.record, self.seed, self.epoch = rec, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        lo, hi = int(self.offsets[index]), int(self.offsets[index + 1])
-        row = lo + caption_choice(self.seed, self.epoch, index, hi - lo)
-        mask = torch.arange(self.ids.shape[1]) < int(self.lengths[row])
-        text = (torch.from_numpy(self.ids[row].astype(np.int64)) if self.features is None
-                else torch.from_numpy(np.asarray(self.features[row], dtype=np.float32)))
-        return self.images[index][0], text, mask
-
-
 class CaptionStream(torch.utils.data.IterableDataset):
-    """Training without a cache: ``(image float32 [3, S, S] in [-1, 1], ids int64 [max_text_tokens], mask)`` from
-    tar shards read with webdataset, split over ``world_size`` ranks and the DataLoader workers by shard;
-    the caption of a key is chosen from (seed, epoch, key). Skipped inputs are counted in ``report``
-    (per process)."""
+    """Training without a cache: ``(image float32 [3, S, S] in [-1, 1], ids int64
+    [max_text_tokens], mask)`` from tar shards read with webdataset, split by shard over
+    ``world_size`` ranks and the DataLoader workers; the caption of a key is chosen from (seed,
+    epoch, key). Skipped inputs are counted in ``report`` (per process)."""
 
-    def __init__(self, path: str, img_size: int, encoder: TextEncoder, *, seed: int = 0, rank: int = 0,
-                 world_size: int = 1) -> None:
+    def __init__(
+        self,
+        path: str,
+        img_size: int,
+        encoder: TextEncoder,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         self.shards, self.img_size, self.encoder = shard_list(path), img_size, encoder
-        self.seed, self.rank, self.world_size, self.epoch, self.report = seed, rank, world_size, 0, CaptionReport()
+        self.seed, self.rank, self.world_size, self.epoch, self.report = (
+            seed,
+            rank,
+            world_size,
+            0,
+            CaptionReport(),
+        )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -453,33 +405,10 @@ class CaptionStream(torch.utils.data.IterableDataset):
                 self.report.bad_images.append(f"{key}: {type(e).__name__}")
                 continue
             index = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:7], "little")
-            ids, truncated = self.encoder.token_ids([caps[caption_choice(self.seed, self.epoch, index, len(caps))]])
+            ids, truncated = self.encoder.token_ids(
+                [caps[caption_choice(self.seed, self.epoch, index, len(caps))]]
+            )
             self.report.truncated += truncated
             self.report.images += 1
             padded, mask = self.encoder.pad(ids, self.encoder.max_text_tokens)
             yield image, padded[0], mask[0]
-
-
-def add_caption_args(p: argparse.ArgumentParser) -> None:
-    """main_cache.py's caption flags."""
-    p.add_argument("--captions", default=None, choices=["auto", *CAPTION_FORMATS],
-                   help="cache image-caption data (--data_path: a folder with .txt captions, a .jsonl manifest "
-                        "or webdataset .tar shards) instead of an ImageFolder")
-    p.add_argument("--text_encoder", default="wordllama",
-                   help="captions: 'wordllama' or a Hugging Face encoder name or folder (e.g. google/flan-t5-xl)")
-    p.add_argument("--max_text_tokens", type=int, default=MAX_TEXT_TOKENS, help="captions: longer ones are truncated")
-    p.add_argument("--caption_features", action="store_true", help="captions: also store encoder features (float16)")
-
-
-def cache_captions(args: argparse.Namespace, vq: torch.nn.Module, info: Any, barrier: Callable[[], None]) -> None:
-    """main_cache.py --captions: the caption cache of ``args.data_path`` into ``args.cached_path``."""
-    factor = int(getattr(vq, "downsample_factor", 16))
-    encoder = make_text_encoder(args.text_encoder, info.device, max_text_tokens=args.max_text_tokens)
-    stats, report = write_caption_cache(
-        args.data_path, args.cached_path, vq.encode, encoder, fmt=args.captions, features=args.caption_features,
-        img_size=args.img_size, tokenizer=tokenizer_id(vq), num_tokens=(args.img_size // factor) ** 2,
-        vocab_size=int(vq.codebook_size), rank=info.rank, world_size=info.world_size, batch_size=args.batch_size,
-        num_workers=args.num_workers, device=info.device, shard_size=args.shard_size, barrier=barrier)
-    if info.is_main:
-        print(f"captions of {args.data_path}: {report.summary()}")
-    print(f"[rank {info.rank}] encoded {stats.written} images, {stats.skipped} already cached")

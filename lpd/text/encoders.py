@@ -19,8 +19,14 @@ from torch import Tensor
 
 from lpd.checkpoint import state_dict_digest
 
-__all__ = ["MAX_TEXT_TOKENS", "TextEncoder", "HFTextEncoder", "WordLlamaEncoder", "make_text_encoder",
-           "check_encoder_record"]
+__all__ = [
+    "MAX_TEXT_TOKENS",
+    "TextEncoder",
+    "HFTextEncoder",
+    "WordLlamaEncoder",
+    "make_text_encoder",
+    "check_encoder_record",
+]
 
 MAX_TEXT_TOKENS = 120
 _T5_TYPES = ("t5", "mt5", "umt5")
@@ -28,7 +34,8 @@ _T5_TYPES = ("t5", "mt5", "umt5")
 
 class TextEncoder:
     """The interface; a subclass sets ``kind``, ``name``, ``width``, ``pad_id``, ``device`` and
-    ``digest`` and implements ``_ids`` (token id lists) and ``_features`` (ids, mask -> features)."""
+    ``digest`` and implements ``_ids`` (token id lists) and ``_features`` (ids, mask ->
+    features)."""
 
     kind: str
     name: str
@@ -38,7 +45,11 @@ class TextEncoder:
     device: torch.device
 
     def __init__(self, max_text_tokens: int = MAX_TEXT_TOKENS) -> None:
-        if isinstance(max_text_tokens, bool) or not isinstance(max_text_tokens, int) or max_text_tokens < 2:
+        if (
+            isinstance(max_text_tokens, bool)
+            or not isinstance(max_text_tokens, int)
+            or max_text_tokens < 2
+        ):
             raise ValueError(f"max_text_tokens must be an integer >= 2, got {max_text_tokens!r}")
         self.max_text_tokens = max_text_tokens
 
@@ -53,7 +64,8 @@ class TextEncoder:
         raise NotImplementedError
 
     def token_ids(self, captions: Sequence[str]) -> tuple[list[list[int]], int]:
-        """Id lists of ``captions``, each at most ``max_text_tokens`` long, and how many were truncated."""
+        """Id lists of ``captions``, each at most ``max_text_tokens`` long, and how many were
+        truncated."""
         captions = [c if isinstance(c, str) else _not_text(c) for c in captions]
         ids = self._ids(captions, None)
         long = [i for i, x in enumerate(ids) if len(x) > self.max_text_tokens]
@@ -63,7 +75,8 @@ class TextEncoder:
         return ids, len(long)
 
     def pad(self, ids: Sequence[Sequence[int]], length: int | None = None) -> tuple[Tensor, Tensor]:
-        """``(ids int64 [B, L], mask bool [B, L])`` on the CPU, padded to the longest (or ``length``)."""
+        """``(ids int64 [B, L], mask bool [B, L])`` on the CPU, padded to the longest (or
+        ``length``)."""
         length = max((len(x) for x in ids), default=0) if length is None else length
         out = torch.full((len(ids), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(ids), length), dtype=torch.bool)
@@ -72,8 +85,11 @@ class TextEncoder:
             mask[i, : len(x)] = True
         return out, mask
 
-    def tokenize(self, captions: Sequence[str], length: int | None = None) -> tuple[Tensor, Tensor, int]:
-        """``(ids int64 [B, L], mask bool [B, L], n_truncated)``: captions truncated to ``max_text_tokens``."""
+    def tokenize(
+        self, captions: Sequence[str], length: int | None = None
+    ) -> tuple[Tensor, Tensor, int]:
+        """``(ids int64 [B, L], mask bool [B, L], n_truncated)``: captions truncated to
+        ``max_text_tokens``."""
         ids, n_truncated = self.token_ids(captions)
         return *self.pad(ids, length), n_truncated
 
@@ -81,8 +97,11 @@ class TextEncoder:
     def encode(self, ids: Tensor, mask: Tensor) -> Tensor:
         """Features float32 ``[B, L, C]`` on ``self.device``; the padding rows are zero."""
         if ids.dim() != 2 or mask.shape != ids.shape or mask.dtype != torch.bool:
-            raise ValueError(f"ids [B, L] and a bool mask of the same shape expected, got {tuple(ids.shape)} and "
-                             f"{mask.dtype} {tuple(mask.shape)}")
+            raise ValueError(
+                f"ids [B, L] and a bool mask of the same shape expected, got "
+                f"{tuple(ids.shape)} and "
+                f"{mask.dtype} {tuple(mask.shape)}"
+            )
         ids, mask = ids.to(self.device), mask.to(self.device)
         if ids.shape[1] == 0:
             return torch.zeros((*ids.shape, self.width), device=self.device)
@@ -101,13 +120,19 @@ def _text_digest(*parts: str) -> str:
 
 
 class HFTextEncoder(TextEncoder):
-    """A ``transformers`` encoder by Hub name or folder, frozen, in ``dtype`` (default: bf16 on CUDA, else
-    float32). The weight digest is taken in float32 before the cast, so it does not depend on ``dtype``."""
+    """A ``transformers`` encoder by Hub name or folder, frozen, in ``dtype`` (default: bf16 on
+    CUDA, else float32). The weight digest is taken in float32 before the cast, so it does not
+    depend on ``dtype``."""
 
     kind = "transformers"
 
-    def __init__(self, name: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                 max_text_tokens: int = MAX_TEXT_TOKENS) -> None:
+    def __init__(
+        self,
+        name: str,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        max_text_tokens: int = MAX_TEXT_TOKENS,
+    ) -> None:
         super().__init__(max_text_tokens)
         from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
 
@@ -116,15 +141,23 @@ class HFTextEncoder(TextEncoder):
             config = AutoConfig.from_pretrained(name)
             self.tokenizer = AutoTokenizer.from_pretrained(name)
         except (OSError, ValueError) as e:
-            raise FileNotFoundError(f"text encoder {name!r} cannot be loaded ({e}); give a Hugging Face model name "
-                                    f"(in the Hub cache when offline) or a folder saved with save_pretrained") from e
+            raise FileNotFoundError(
+                f"text encoder {name!r} cannot be loaded ({e}); give a Hugging Face model name "
+                f"(in the Hub cache when offline) or a folder saved with save_pretrained"
+            ) from e
         cls = T5EncoderModel if config.model_type in _T5_TYPES else AutoModel
         model = cls.from_pretrained(name, dtype=torch.float32)
         model.requires_grad_(False).eval()
         self.width = int(getattr(config, "d_model", None) or config.hidden_size)
-        self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
+        self.pad_id = int(
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        )
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        vocab = backend.to_str() if backend is not None else repr(sorted(self.tokenizer.get_vocab().items()))
+        vocab = (
+            backend.to_str()
+            if backend is not None
+            else repr(sorted(self.tokenizer.get_vocab().items()))
+        )
         self.digest = _text_digest(state_dict_digest(model), vocab)
         dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.model = model.to(self.device, dtype)
@@ -140,27 +173,37 @@ class HFTextEncoder(TextEncoder):
 
 
 def wordllama_files() -> tuple[str, str]:
-    """The tokenizer JSON and the 256-d embedding safetensors inside the installed ``wordllama`` wheel."""
+    """The tokenizer JSON and the 256-d embedding safetensors inside the installed ``wordllama``
+    wheel."""
     try:
         import wordllama
     except ImportError as e:
-        raise FileNotFoundError("the wordllama text encoder needs the wordllama package: pip install "
-                                "wordllama (or pip install 'lpd[t2i]')") from e
+        raise FileNotFoundError(
+            "the wordllama text encoder needs the wordllama package: pip install "
+            "wordllama (or pip install 'lpd[t2i]')"
+        ) from e
     root = os.path.dirname(wordllama.__file__)
-    files = (os.path.join(root, "tokenizers", "l2_supercat_tokenizer_config.json"),
-             os.path.join(root, "weights", "l2_supercat_256.safetensors"))
+    files = (
+        os.path.join(root, "tokenizers", "l2_supercat_tokenizer_config.json"),
+        os.path.join(root, "weights", "l2_supercat_256.safetensors"),
+    )
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
-        raise FileNotFoundError(f"the wordllama package lacks {missing}; reinstall wordllama==0.4.0.post1")
+        raise FileNotFoundError(
+            f"the wordllama package lacks {missing}; reinstall wordllama==0.4.0.post1"
+        )
     return files
 
 
 class WordLlamaEncoder(TextEncoder):
-    """LLaMA-2 static token embeddings (no context): feature ``i`` is the embedding of token ``i``."""
+    """LLaMA-2 static token embeddings (no context): feature ``i`` is the embedding of token
+    ``i``."""
 
     kind, name = "wordllama", "l2_supercat_256"
 
-    def __init__(self, device: torch.device | str = "cpu", max_text_tokens: int = MAX_TEXT_TOKENS) -> None:
+    def __init__(
+        self, device: torch.device | str = "cpu", max_text_tokens: int = MAX_TEXT_TOKENS
+    ) -> None:
         super().__init__(max_text_tokens)
         from safetensors.torch import load_file
         from tokenizers import Tokenizer
@@ -172,8 +215,10 @@ class WordLlamaEncoder(TextEncoder):
         weight = load_file(weights_file)["embedding.weight"]
         self.width, self.pad_id, self.device = int(weight.shape[1]), 0, torch.device(device)
         with open(tok_file, "rb") as f:
-            self.digest = _text_digest(state_dict_digest({"embedding.weight": weight}),
-                                       hashlib.sha256(f.read()).hexdigest())
+            self.digest = _text_digest(
+                state_dict_digest({"embedding.weight": weight}),
+                hashlib.sha256(f.read()).hexdigest(),
+            )
         self.weight = weight.to(self.device, torch.float32)
 
     def _ids(self, captions: list[str], max_length: int | None) -> list[list[int]]:
@@ -188,22 +233,33 @@ class WordLlamaEncoder(TextEncoder):
         return self.weight[ids]
 
 
-def make_text_encoder(name: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                      max_text_tokens: int = MAX_TEXT_TOKENS) -> TextEncoder:
+def make_text_encoder(
+    name: str,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    max_text_tokens: int = MAX_TEXT_TOKENS,
+) -> TextEncoder:
     """``"wordllama"`` or a ``transformers`` model name / folder (e.g. ``google/flan-t5-xl``)."""
     if not isinstance(name, str) or not name:
-        raise ValueError(f"text encoder: give 'wordllama' or a Hugging Face model name or folder, got {name!r}")
+        raise ValueError(
+            f"text encoder: give 'wordllama' or a Hugging Face model name or folder, got {name!r}"
+        )
     if name == "wordllama":
         return WordLlamaEncoder(device, max_text_tokens)
     return HFTextEncoder(name, device, dtype, max_text_tokens)
 
 
-def check_encoder_record(expected: dict[str, Any], encoder: TextEncoder, where: str = "the checkpoint") -> None:
-    """ValueError unless ``encoder`` is the one ``expected`` records (same kind, width and digest)."""
+def check_encoder_record(
+    expected: dict[str, Any], encoder: TextEncoder, where: str = "the checkpoint"
+) -> None:
+    """ValueError unless ``encoder`` is the one ``expected`` records (same kind, width and
+    digest)."""
     got = encoder.record
     diff = [k for k in ("kind", "width", "digest") if expected.get(k) != got[k]]
     if diff:
-        raise ValueError(f"{where} was made with the text encoder {expected.get('name')!r} "
-                         f"({expected.get('kind')}, width {expected.get('width')}), not {got['name']!r} "
-                         f"({got['kind']}, width {got['width']}; differs in {', '.join(diff)}); "
-                         f"give the same text encoder")
+        raise ValueError(
+            f"{where} was made with the text encoder {expected.get('name')!r} "
+            f"({expected.get('kind')}, width {expected.get('width')}), not {got['name']!r} "
+            f"({got['kind']}, width {got['width']}; differs in {', '.join(diff)}); "
+            f"give the same text encoder"
+        )
