@@ -58,6 +58,10 @@ CASES = {
         (["--config", "configs/tiny.yaml", "--data_path", f"{T}/imgs", "--cached_path", f"{T}/c", "--batch_size", "0"], "batch_size 0"),
         (["--config", "configs/tiny.yaml", "--data_path", f"{T}/imgs", "--cached_path", f"{T}/c"], "undecodable image"),
         (["--config", "configs/tiny.yaml", "--data_path", f"{T}/none", "--cached_path", f"{T}/c"], "missing ImageFolder"),
+        (["--tokenizer", "palette", "--captions", "auto", "--data_path", f"{T}/none.jsonl", "--cached_path", f"{T}/c"], "missing caption data"),
+        (["--tokenizer", "palette", "--captions", "wds", "--data_path", f"{T}/imgs", "--cached_path", f"{T}/c"], "no tar shards"),
+        (["--tokenizer", "palette", "--captions", "auto", "--data_path", f"{T}/imgs", "--cached_path", f"{T}/c", "--text_encoder", f"{T}/nope"], "missing text encoder"),
+        (["--tokenizer", "palette", "--captions", "auto", "--data_path", f"{T}/imgs", "--cached_path", f"{T}/c", "--max_text_tokens", "1"], "max_text_tokens 1"),
     ],
     "-m lpd.metrics": [
         (["stats", "--input", f"{T}/imgs/a", "--output", T], "--output is a folder"),
