@@ -177,15 +177,14 @@ def scaled_group_sizes(n_unknown: int, steps: int, img_size: int, vqgan_stride: 
 
 
 def training_schedules(img_size: int, vqgan_stride: int = 16) -> list[list[int]]:
-    """The schedules a training iteration draws one of (uniformly), longest first: the released tables of this
-    resolution; on other token grids, cosine schedules at the released step counts of the largest released grid
-    not above it (the 256 px counts below 256 tokens) that fit the grid."""
+    """The released tables of this resolution, longest first: a training iteration draws one uniformly."""
     n = num_tokens(img_size, vqgan_stride)
-    if n in RELEASED_GROUP_SIZES:
-        return [list(t) for _, t in sorted(RELEASED_GROUP_SIZES[n].items(), reverse=True)]
-    base = max((k for k in RELEASED_GROUP_SIZES if k <= n), default=min(RELEASED_GROUP_SIZES))
-    steps = [s for s in sorted(RELEASED_GROUP_SIZES[base], reverse=True) if s <= n] or [n]
-    return [cosine_group_sizes(n, s) for s in steps]
+    if n not in RELEASED_GROUP_SIZES:
+        g = int(round(n**0.5))
+        known = ", ".join(f"{int(round(k ** 0.5)) * 16} px" for k in RELEASED_GROUP_SIZES)
+        raise ValueError(f"no released training schedules for a {g}x{g} token grid (img_size {img_size}, stride "
+                         f"{vqgan_stride}); they exist for {known} with stride 16")
+    return [list(t) for _, t in sorted(RELEASED_GROUP_SIZES[n].items(), reverse=True)]
 
 
 def released_files() -> dict[str, str]:
