@@ -100,7 +100,7 @@ def check(num: int) -> None:
     from orders_reference import lpd_order_reference
 
     for name, img, steps, tr, *_ in SETTINGS:
-        if img > 512:  # the pure-Python reference takes minutes per 64 x 64 order (the tests pin them)
+        if img > 512:  # the plain reference takes minutes per 64 x 64 order (the tests pin them)
             continue
         grid = img // 16
         for known, sizes in ((None, group_sizes(img, steps)), _half_known(img, steps)):
@@ -199,7 +199,8 @@ def report(result: dict) -> str:
     lines += ["", f"{'statistics':<40}{'context support':>16}{'group spread':>14}{'close pairs':>13}"]
     for e in result["settings"]:
         rows = [("this generator", e["statistics"])]
-        rows += [("released generator", e["released_statistics"])] if e["released_statistics"] else []
+        if e["released_statistics"]:
+            rows.append(("released generator", e["released_statistics"]))
         if "random_statistics" in e:
             rows += [("random orders (this)", e["random_statistics"]),
                      ("random orders (released)", e["released_random_statistics"])]
@@ -241,7 +242,8 @@ def bar_chart(result: dict, path: str) -> None:
     slot = (w - left - 20) / len(groups)
     for gi, e in enumerate(groups):
         x0 = left + gi * slot + 20
-        bars = [("released", e["released_ms_per_order"], (160, 160, 160))] if e["released_ms_per_order"] else []
+        released = e["released_ms_per_order"]
+        bars = [("released", released, (160, 160, 160))] if released else []
         bars += [("goal", e["goal_ms_per_order"], (120, 170, 230)),
                 ("this", e["ms_per_order"], (235, 100, 20))]
         bw = (slot - 60) / len(bars)
