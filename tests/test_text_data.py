@@ -81,29 +81,12 @@ def encoder():
     return make_text_encoder("wordllama", max_text_tokens=8)
 
 
+BASE = f"--tokenizer palette --img_size {IMG} --num_workers 0 --device cpu".split()
+
+
 def cache(path, out, *extra):
-    argv = [
-        "--tokenizer",
-        "palette",
-        "--img_size",
-        str(IMG),
-        "--data_path",
-        path,
-        "--cached_path",
-        str(out),
-        "--captions",
-        "auto",
-        "--max_text_tokens",
-        "8",
-        "--batch_size",
-        "2",
-        "--num_workers",
-        "0",
-        "--device",
-        "cpu",
-        *extra,
-    ]
-    return main_cache.main(argv)
+    argv = ["--data_path", path, "--cached_path", str(out), "--captions", "auto"]
+    return main_cache.main(BASE + argv + ["--max_text_tokens", "8", "--batch_size", "2", *extra])
 
 
 def test_formats_are_detected(data):
@@ -279,21 +262,9 @@ def test_image_cache_without_captions_is_refused(tmp_path, capsys):
     root.mkdir(parents=True)
     for i in range(2):
         (root / f"{i}.png").write_bytes(_png(i))
-    argv = [
-        "--tokenizer",
-        "palette",
-        "--img_size",
-        str(IMG),
-        "--data_path",
-        str(tmp_path / "imgs"),
-        "--cached_path",
-        str(tmp_path / "out"),
-        "--cache_format",
-        "consolidated",
-        "--num_workers",
-        "0",
-    ]
-    assert main_cache.main(argv) == 0
+    argv = ["--data_path", str(tmp_path / "imgs"), "--cached_path", str(tmp_path / "out")]
+    argv += ["--cache_format", "consolidated"]
+    assert main_cache.main(BASE + argv) == 0
     with pytest.raises(CacheError, match="without captions"):
         CaptionTokenCache(str(tmp_path / "out"), 16, 4)
 
