@@ -21,6 +21,7 @@ from lpd.config import ConfigError, HelpFormatter, check_seed, parse_args_with_c
 from lpd.datasets import CACHE_FORMATS, CacheError, image_folder, tokenizer_id, write_token_cache
 from lpd.devices import available_cpus
 from lpd.distributed import barrier, cleanup, init_distributed
+from lpd.text.cache import add_caption_args, cache_captions
 from lpd.tokenizer import make_tokenizer
 
 
@@ -41,6 +42,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard_size", type=int, default=0, help="consolidated: images per shard (0: automatic)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0, help="weights of the random test VQ (no --vqgan_path)")
+    add_caption_args(p)
     return p
 
 
@@ -49,7 +51,7 @@ def validate_args(args: argparse.Namespace) -> None:
     for flag, low in (("img_size", 1), ("batch_size", 1), ("num_workers", 0), ("shard_size", 0)):
         if getattr(args, flag) < low:
             raise ValueError(f"--{flag} {getattr(args, flag)!r}: give an integer >= {low}")
-    if not args.data_path or not os.path.isdir(args.data_path):
+    if not args.captions and (not args.data_path or not os.path.isdir(args.data_path)):
         raise ValueError(f"--data_path {args.data_path or 'is missing'}: give an existing ImageFolder (class "
                          f"sub-folders of images) or a folder holding train/")
     if not args.cached_path or (os.path.exists(args.cached_path) and not os.path.isdir(args.cached_path)):
@@ -82,6 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         factor = int(getattr(vq, "downsample_factor", 16))
         if args.img_size % factor:
             raise ValueError(f"--img_size {args.img_size}: give a multiple of the tokenizer's stride {factor}")
+        if args.captions:  # image-caption data into a consolidated cache with captions
+            return cache_captions(args, vq, info, barrier) or 0
         dataset = image_folder(args.data_path, args.img_size)
         setting_up = False
         if info.is_main:

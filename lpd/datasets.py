@@ -327,7 +327,9 @@ def _check_rerun(root: str, want: dict[str, Any]) -> dict[str, Any] | None:
             raise CacheError(f"{root!r} holds files but no {META_NAME}, so they cannot be checked (not main_cache.py's, "
                              f"or its record was deleted): {_start_over(root)}")
         return None
-    diffs = [f"{k} {_show(rec[k])} there, {_show(want[k])} now" for k in _IDENTITY if rec[k] != want[k]]
+    keys = _IDENTITY + tuple(k for k in want if k not in _IDENTITY)  # and the caller's extras
+    diffs = [f"{k} {_show(rec.get(k))} there, {_show(want[k])} now"
+             for k in keys if rec.get(k) != want[k]]
     if diffs:
         raise CacheError(f"{root!r} holds a cache of other inputs ({'; '.join(diffs)}); a rerun must use the same "
                          f"ones: {_start_over(root)}")
@@ -438,10 +440,13 @@ def write_token_cache(dataset, cached_path: str, encode: Callable[[torch.Tensor]
                       tokenizer: str, img_size: int, num_tokens: int, vocab_size: int, rank: int = 0,
                       world_size: int = 1, batch_size: int = 64, num_workers: int = 4,
                       device: torch.device | str = "cpu", shard_size: int | None = None,
-                      barrier: Callable[[], None] = lambda: None, progress: bool = True) -> CacheStats:
+                      barrier: Callable[[], None] = lambda: None, progress: bool = True,
+                      extra: dict[str, Any] | None = None) -> CacheStats:
     """Encode this rank's share of ``dataset`` (ImageFolder API: ``samples``, ``classes``, ``loader``) into ``cached_path``.
 
-    ``encode``: images ``[B, 3, S, S]`` in [-1, 1] -> ids ``[B, h, w]``; ``tokenizer`` is its :func:`tokenizer_id`.
+    ``encode``: images ``[B, 3, S, S]`` in [-1, 1] -> ids ``[B, h, w]``; ``tokenizer`` is its
+    :func:`tokenizer_id`; ``extra``: more records for ``meta.json`` (JSON values; a rerun must give
+    the same).
     """
     if cache_format not in CACHE_FORMATS:
         raise ValueError(f"unknown cache format {cache_format!r}; use one of {CACHE_FORMATS}")
@@ -452,7 +457,8 @@ def write_token_cache(dataset, cached_path: str, encode: Callable[[torch.Tensor]
     listing = "".join(n.replace(os.sep, "/") + "\n" for n in names)
     want: dict[str, Any] = dict(format=cache_format, tokenizer=tokenizer, img_size=img_size, crop=CROP,
                                 num_tokens=num_tokens, vocab_size=vocab_size, num_images=n, classes=classes,
-                                images="sha256:" + hashlib.sha256(listing.encode()).hexdigest())
+                                images="sha256:" + hashlib.sha256(listing.encode()).hexdigest(),
+                                **(extra or {}))
     os.makedirs(cached_path, exist_ok=True)
     old = _check_rerun(cached_path, want)
     writer = None

@@ -149,13 +149,17 @@ def test_vectorised_generator_matches_the_plain_reference(sizes, grid, tp, tr):
         assert kinds[i].tolist() == ref_kinds
 
 
-def test_large_grid_path_matches_reference(monkeypatch):
-    # Grids above 32 x 32 use int64 fallback keys and computed distances: force that path on a
-    # small grid (and drop the cached grid tables around it).
+@pytest.mark.parametrize("box_table, share", [(23, 4), (0, 4), (23, 1), (0, 1000)])
+def test_large_grid_path_matches_reference(monkeypatch, box_table, share):
+    # Grids above 32 x 32 use int64 fallback keys, computed distances, box updates (distances from
+    # a table or computed; share 1: boxes up to the whole grid, 1000: the whole grid always) and
+    # grid-row maxima: force that path on a small grid (and drop the cached grid tables around it).
     from lpd.orders import generate
 
     monkeypatch.setattr(generate, "_TABLE_MAX_N", 0)
     monkeypatch.setattr(generate, "_INT32_KEY_MAX_G", 0)
+    monkeypatch.setattr(generate, "_BOX_TABLE_MAX", box_table)
+    monkeypatch.setattr(generate, "_WINDOW_SHARE", share)
     generate._grid.cache_clear()
     try:
         for sizes, tp, tr in [(G256, 1.0, 2.0), (cosine_group_sizes(256, 6), 9.0, 1.0)]:
@@ -256,6 +260,23 @@ def test_without_known_the_orders_are_those_made_before_it_existed():
     nothing = np.zeros((64, 256), dtype=bool)  # nothing known: the same orders
     assert digest(lpd_orders(64, G256, 16, 1.0, 2.0, seed=0, known=nothing)) == "cf921dad1e7e4757"
     assert digest(random_orders(16, 16, seed=3, known=nothing[:16])) == "f43d62a9fe4ae171"
+
+
+def test_64x64_orders_are_those_of_the_plain_large_grid_path():
+    """Digests of 64 x 64 orders made before the box updates: the fast fallback is exact."""
+    import hashlib
+
+    def digest(a):
+        return hashlib.sha256(np.ascontiguousarray(a, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+    c64, c32 = cosine_group_sizes(4096, 64), cosine_group_sizes(4096, 32)
+    assert digest(lpd_orders(6, c64, 64, 1.0, 8.0, seed=3)) == "fbb2130f9b074e6e"
+    assert digest(lpd_orders(6, c32, 64, 1.0, 4.0, seed=3)) == "e8a687ab913c802d"
+    known = np.arange(4096) >= 2048
+    half = lpd_orders(4, scaled_group_sizes(2048, 48, 1024), 64, 1.0, 8.0, seed=1, known=known)
+    assert digest(half) == "674d5c69c30d7f6e"
+    c40 = cosine_group_sizes(48 * 48, 40)
+    assert digest(lpd_orders(8, c40, 48, 1.0, 6.0, seed=1)) == "192edf1f458aa007"
 
 
 @pytest.mark.parametrize("sizes, tr, least", [(scaled_group_sizes(128, 20, 256), 2.0, 0.99),

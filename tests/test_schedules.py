@@ -148,6 +148,20 @@ def test_training_schedules():
         training_schedules(384)
 
 
+@pytest.mark.parametrize("steps", [32, 48, 64, 96])
+def test_4096_tokens_in_any_step_count(steps):
+    sizes = group_sizes(1024, steps)
+    _valid(sizes, 4096, steps)
+    assert sizes[0] == 1 and sizes == cosine_group_sizes(4096, steps)
+    # the cumulative share follows the cosine curve within a token or two
+    j = np.arange(1, steps)
+    c0 = np.cos(0.5 * np.pi / steps)
+    want = 1 + (c0 - np.cos(0.5 * np.pi * (j + 1) / steps)) / c0 * (4096 - steps) + j
+    assert np.abs(np.cumsum(sizes)[1:] - want).max() <= 2
+    half = scaled_group_sizes(2048, steps, 1024)  # editing: half of the grid unknown
+    assert len(half) == steps and sum(half) == 2048 and min(half) >= 1
+
+
 def test_shipped_released_json_files_match_the_tables(tmp_path):
     import json
     import os

@@ -29,6 +29,9 @@ _SALT_RANDOM = 0xD1342543DE82EF95  # random_orders
 _TABLE_MAX_N = 1024  # grids up to this many positions keep N x N distance tables
 _INT32_KEY_MAX_G = 32  # fallback keys fit int32 up to 32 x 32 grids
 _CHUNK = 128  # fallback rows per chunk: their arrays stay in cache
+_WINDOW_SHARE = 4  # large grids update a pick's box alone when it covers under 1/4 of the grid
+_D2_ROWS = 32  # fallback rows whose distances are computed together
+_BOX_TABLE_MAX = 23  # boxes up to this side take distances from a [w, w, w, w] table (2.2 MB at 23)
 _KEY_PAD = np.iinfo(np.int64).max  # pads the per-order candidate rows; sorts last
 _SEL = 100  # proximity code of an already selected position (codes < 25 are unselected)
 
@@ -146,7 +149,8 @@ class _Grid:
     """Per-(grid, repulsion radius) lookup tables, built once and cached."""
 
     def __init__(self, g: int, radius: int) -> None:
-        self.n = n = g * g
+        self.g, self.n = g, g * g
+        n, self._boxes = self.n, {}
         self.rows, self.cols = rows, cols = np.divmod(np.arange(n), g)
         # 8-neighbourhood: neighbour index [n, 8] (n = outside the grid) and code increment.
         dy, dx = np.array([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]).T
@@ -167,16 +171,85 @@ class _Grid:
         if self.tables:
             d2 = (rows[:, None] - rows[None, :]) ** 2 + (cols[:, None] - cols[None, :]) ** 2
             self._d2, self._d2_key = d2.astype(np.int16), (d2 << _TIE_BITS).astype(self.key_dtype)
+        else:  # [g, g] squared coordinate differences: d2 = row part + column part
+            sq = (np.arange(g)[:, None] - np.arange(g)[None, :]) ** 2
+            self._sq, self._sq_key = sq.astype(np.int16), (sq << _TIE_BITS).astype(self.key_dtype)
+
+    def _separable(self, table: np.ndarray, q: np.ndarray) -> np.ndarray:
+        rows, cols = table[self.rows[q]][:, :, None], table[self.cols[q]][:, None, :]
+        return (rows + cols).reshape(len(q), self.n)
 
     def d2(self, q: np.ndarray) -> np.ndarray:
         """Squared Euclidean distances from positions ``q`` ([B]) to all positions ([B, n])."""
-        if self.tables:
-            return self._d2[q]
-        dr, dc = self.rows - self.rows[q][:, None], self.cols - self.cols[q][:, None]
-        return dr * dr + dc * dc
+        return self._d2[q] if self.tables else self._separable(self._sq, q)
 
     def d2_key(self, q: np.ndarray) -> np.ndarray:
-        return self._d2_key[q] if self.tables else (self.d2(q) << _TIE_BITS).astype(self.key_dtype)
+        return self._d2_key[q] if self.tables else self._separable(self._sq_key, q)
+
+    def _box_keys(self, w: int) -> np.ndarray:
+        """``[w, w, w, w]``: the d2 key of cell ``(i, j)`` of a box from its cell ``(a, b)``."""
+        if w not in self._boxes:
+            d = (np.arange(w)[None, :] - np.arange(w)[:, None]) ** 2
+            box = (d[:, None, :, None] + d[None, :, None, :]).astype(self.key_dtype)
+            self._boxes[w] = box << _TIE_BITS
+        return self._boxes[w]
+
+    def row_maxima(self, key: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Large grids: each grid row's maximum and its first column, per row of ``key``."""
+        if self.tables:
+            return None
+        k3 = key.reshape(len(key), self.g, self.g)
+        arg = k3.argmax(axis=2)
+        return np.take_along_axis(k3, arg[..., None], axis=2)[..., 0], arg
+
+    def farthest(self, key: np.ndarray, maxima: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+        """``key.argmax(axis=1)`` (the first maximum in raster order), by way of ``maxima``."""
+        if maxima is None:
+            return key.argmax(axis=1)
+        r = maxima[0].argmax(axis=1)
+        return r * self.g + maxima[1][np.arange(len(r)), r]
+
+    def add_pick(self, key: np.ndarray, prio: np.ndarray, p: np.ndarray,
+                 maxima: tuple[np.ndarray, np.ndarray] | None) -> None:
+        """``key = min(key, d2_key(p) + prio)`` for fallback keys ``[m, n]`` and picks ``p``, and
+        their grid-row ``maxima``. Only the box of radius ``sqrt(d2(p))`` around ``p`` can change
+        (no position is farther from the step's picks than ``p``, the farthest): large grids
+        update that box alone, and the maxima of the rows whose maximum fell."""
+        m, g = len(p), self.g
+        r = math.isqrt(max(int(key[np.arange(m), p].max() >> _TIE_BITS) - 1, 0))
+        w = 2 * r + 1
+        if self.tables or w * w * _WINDOW_SHARE > self.n:
+            upd = self.d2_key(p)
+            upd += prio
+            np.minimum(key, upd, out=key)
+            if maxima is not None:
+                maxima[0][:], maxima[1][:] = self.row_maxima(key)
+            return
+        pr, pc, b, last = self.rows[p], self.cols[p], np.arange(m), g - w
+        r0, c0 = np.minimum(np.maximum(pr - r, 0), last), np.minimum(np.maximum(pc - r, 0), last)
+        if w <= _BOX_TABLE_MAX:
+            upd = self._box_keys(w)[pr - r0, pc - c0]
+        else:
+            sq = _strided(self._sq_key, (g, last + 1, w), 1, 1)
+            upd = sq[pr, r0][:, :, None] + sq[pc, c0][:, None, :]
+        upd += _strided(prio, (m, last + 1, last + 1, w, w), g, 1, g, 1)[b, r0, c0]
+        kv = _strided(key, (m, last + 1, last + 1, w, w), g, 1, g, 1)
+        np.minimum(upd, kv[b, r0, c0], out=upd)
+        kv[b, r0, c0] = upd
+        # the box's rows whose maximum fell (the key at its column is below the stored maximum)
+        k3, ri = key.reshape(m, g, g), r0[:, None] + np.arange(w)
+        bi = np.broadcast_to(b[:, None], ri.shape)
+        fell = k3[bi, ri, maxima[1][bi, ri]] < maxima[0][bi, ri]
+        bi, ri = bi[fell], ri[fell]
+        line = k3[bi, ri]
+        maxima[1][bi, ri] = a = line.argmax(axis=1)
+        maxima[0][bi, ri] = line[np.arange(len(a)), a]
+
+
+def _strided(a: np.ndarray, shape: tuple[int, ...], *steps: int) -> np.ndarray:
+    """A writable view of the C-contiguous ``a``: axis 0 steps as in ``a``, the others by ``steps``
+    elements."""
+    return np.ndarray(shape, a.dtype, a, 0, (a.strides[0], *(k * a.itemsize for k in steps)))
 
 
 _grid = lru_cache(maxsize=16)(_Grid)
@@ -326,23 +399,27 @@ def _fallback(grid: _Grid, out: np.ndarray, kinds: np.ndarray | None, tie: np.nd
             first[iz] = fill.argmax(axis=1)
             picks[iz, 0] = first[iz]
             pick_kind[iz, 0] = KIND_RANDOM_FILL
-        d2 = grid.d2(first)
-        # na ascends from 2 on (rows with 0 or 1 proximity picks come first, in any order).
-        for j, r0 in enumerate(np.searchsorted(na, np.arange(2, int(na.max()) + 1), side="left").tolist(), start=1):
-            np.minimum(d2[r0:], grid.d2(acc_pos[fb[r0:], j]), out=d2[r0:])
+        d2 = np.empty((fb.size, n), dtype=np.int16)
+        for a in range(0, fb.size, _D2_ROWS):  # row blocks that stay in cache
+            z = min(a + _D2_ROWS, fb.size)
+            d2[a:z] = grid.d2(first[a:z])
+            # na ascends from 2 on (rows with 0 or 1 proximity picks come first, in any order).
+            starts = np.searchsorted(na[a:z], np.arange(2, int(na[a:z].max()) + 1)) + a
+            for j, r0 in enumerate(starts.tolist(), 1):
+                np.minimum(d2[r0:z], grid.d2(acc_pos[fb[r0:z], j]), out=d2[r0:z])
         key = d2.astype(kd)
         key <<= _TIE_BITS
         key += prio
         left = nd - made
         n_pick = np.searchsorted(-left, -np.arange(int(left.max(initial=0))), side="left")
+        maxima = grid.row_maxima(key)
         for t, m in enumerate(n_pick.tolist()):
-            p = key[:m].argmax(axis=1)
+            p = grid.farthest(key[:m], None if maxima is None else (maxima[0][:m], maxima[1][:m]))
             picks[np.arange(m), made[:m] + t] = p
             if t + 1 < n_pick.size:
                 m2 = int(n_pick[t + 1])
-                upd = grid.d2_key(p[:m2])
-                upd += prio[:m2]
-                np.minimum(key[:m2], upd, out=key[:m2])
+                top = None if maxima is None else (maxima[0][:m2], maxima[1][:m2])
+                grid.add_pick(key[:m2], prio[:m2], p[:m2], top)
     took = np.arange(width)[None, :] < nd[:, None]
     r_idx = np.broadcast_to(fb[:, None], took.shape)[took]
     c_idx = (s0 + na[:, None] + np.arange(width)[None, :])[took]

@@ -1,0 +1,292 @@
+"""The caption cache: a consolidated token cache (``lpd.datasets``: image tokens and their flips,
+the same records, resumable) whose ``meta.json`` also records ``captions`` (text encoder,
+max_text_tokens, digest of the texts), with ``captions.npz`` (token ids ``[C, max_text_tokens]``,
+lengths, per-image offsets, keys) and on request ``captions.features.npy`` (float16 encoder
+features ``[C, max_text_tokens, width]``). An undecodable image stops it before anything is
+encoded. Flipped tokens keep their captions (words such as "left" are not mirrored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lpd.checkpoint import atomic_write_bytes
+from lpd.datasets import ConsolidatedTokenCache, read_record, tokenizer_id, write_token_cache
+from lpd.images import center_crop_arr, image_to_tensor
+from lpd.text.data import (
+    CAPTION_FORMATS,
+    CaptionDataError,
+    Item,
+    caption_choice,
+    open_image,
+    scan_captions,
+)
+from lpd.text.encoders import MAX_TEXT_TOKENS, TextEncoder, make_text_encoder
+
+__all__ = [
+    "CaptionImages",
+    "write_caption_cache",
+    "CaptionTokenCache",
+    "add_caption_args",
+    "cache_captions",
+]
+
+CAPTIONS_FILE, FEATURES_FILE = "captions.npz", "captions.features.npy"
+
+
+class CaptionImages(torch.utils.data.Dataset):
+    """The images of scanned items with the ImageFolder API that ``lpd.datasets.write_token_cache``
+    reads."""
+
+    def __init__(
+        self, items: Sequence[Item], img_size: int, members: dict[str, tuple[str, int, int]]
+    ) -> None:
+        self.samples, self.classes = [(it.ref, 0) for it in items], ["images"]
+        self.img_size, self.members = img_size, members
+
+    def loader(self, ref: str) -> Image.Image:
+        return open_image(ref, self.members)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return image_to_tensor(center_crop_arr(self.loader(self.samples[index][0]), self.img_size))[
+            0
+        ], 0
+
+
+def _texts_digest(items: Sequence[Item]) -> str:
+    h = hashlib.sha256()
+    for it in items:
+        h.update(json.dumps([it.key, it.captions]).encode("utf-8") + b"\n")
+    return "sha256:" + h.hexdigest()
+
+
+def _write_caption_files(
+    root: str, items: Sequence[Item], encoder: TextEncoder, features: bool, batch_size: int
+) -> int:
+    """``captions.npz`` (and the features) of ``items``; returns how many captions were
+    truncated."""
+    texts = [c for it in items for c in it.captions]
+    ids, truncated = encoder.token_ids(texts)
+    padded, mask = encoder.pad(ids, encoder.max_text_tokens)
+    offsets = np.cumsum([0] + [len(it.captions) for it in items]).astype(np.int64)
+    arrays = dict(
+        ids=padded.numpy().astype(np.int32),
+        lengths=mask.sum(1).numpy().astype(np.int32),
+        offsets=offsets,
+        keys=np.array([it.key for it in items]),
+        truncated=np.int64(truncated),
+    )
+    if features:
+        tmp = os.path.join(root, FEATURES_FILE + ".partial")
+        out = np.lib.format.open_memmap(
+            tmp, "w+", np.float16, (len(texts), encoder.max_text_tokens, encoder.width)
+        )
+        for a in range(0, len(texts), batch_size):
+            out[a : a + batch_size] = (
+                encoder.encode(padded[a : a + batch_size], mask[a : a + batch_size]).cpu().numpy()
+            )
+        out.flush()
+        del out
+        os.replace(tmp, os.path.join(root, FEATURES_FILE))
+    atomic_write_bytes(os.path.join(root, CAPTIONS_FILE), lambda f: np.savez(f, **arrays))
+    return truncated
+
+
+def write_caption_cache(
+    path: str,
+    cached_path: str,
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    encoder: TextEncoder,
+    *,
+    fmt: str = "auto",
+    features: bool = False,
+    img_size: int,
+    tokenizer: str,
+    num_tokens: int,
+    vocab_size: int,
+    rank: int = 0,
+    **cache_kwargs: Any,
+):
+    """Scan the caption data at ``path``, encode its images into the consolidated cache
+    ``cached_path`` (``lpd.datasets.write_token_cache``, ``cache_kwargs`` passed on) and write its
+    captions (rank 0). Returns ``(CacheStats, CaptionReport)``; the same command resumes."""
+    items, report, members = scan_captions(path, fmt)
+    if not items:
+        raise CaptionDataError(
+            f"--data_path {path!r} holds no image with a caption ({report.summary()})"
+        )
+    rec = {
+        "text_encoder": encoder.record,
+        "max_text_tokens": encoder.max_text_tokens,
+        "num_captions": sum(len(it.captions) for it in items),
+        "texts": _texts_digest(items),
+        "features": bool(features),
+    }
+    stats = write_token_cache(
+        CaptionImages(items, img_size, members),
+        cached_path,
+        encode,
+        "consolidated",
+        tokenizer=tokenizer,
+        img_size=img_size,
+        num_tokens=num_tokens,
+        vocab_size=vocab_size,
+        rank=rank,
+        extra={"captions": rec},
+        **cache_kwargs,
+    )
+    done = os.path.isfile(os.path.join(cached_path, CAPTIONS_FILE)) and not (
+        features and not os.path.isfile(os.path.join(cached_path, FEATURES_FILE))
+    )  # a rerun: the same texts
+    if rank == 0 and not done:
+        report.truncated = _write_caption_files(
+            cached_path, items, encoder, features, cache_kwargs.get("batch_size", 64)
+        )
+    elif done:
+        with np.load(os.path.join(cached_path, CAPTIONS_FILE), allow_pickle=False) as z:
+            report.truncated = int(z["truncated"])
+    cache_kwargs.get("barrier", lambda: None)()
+    return stats, report
+
+
+class CaptionTokenCache(torch.utils.data.Dataset):
+    """A caption cache: items ``(tokens int64 [2, N], text [L] int64 ids or [L, C] float32
+    features, mask bool [L])`` with one of the image's captions per epoch (:meth:`set_epoch`)."""
+
+    def __init__(
+        self,
+        root: str,
+        num_tokens: int,
+        vocab_size: int | None = None,
+        *,
+        seed: int = 0,
+        features: bool = False,
+        text_encoder: dict[str, Any] | None = None,
+    ) -> None:
+        self.images = ConsolidatedTokenCache(root, num_tokens, vocab_size)
+        rec = read_record(root).get("captions")
+        fix = "rerun main_cache.py with the same command to write them"
+        if not isinstance(rec, dict):
+            raise CaptionDataError(
+                f"{root!r} is an image token cache without captions; write a caption cache "
+                f"with main_cache.py --captions"
+            )
+        if text_encoder is not None and text_encoder.get("digest") != rec["text_encoder"].get(
+            "digest"
+        ):
+            raise CaptionDataError(
+                f"{root!r} holds captions of the text encoder {rec['text_encoder'].get('name')!r}, "
+                f"not {text_encoder.get('name')!r}; cache them with the model's encoder"
+            )
+        if features and not rec["features"]:
+            raise CaptionDataError(
+                f"{root!r} holds caption token ids, not encoder features; rerun main_cache.py "
+                f"with --caption_features into another --cached_path"
+            )
+        try:
+            with np.load(os.path.join(root, CAPTIONS_FILE), allow_pickle=False) as z:
+                self.ids, self.lengths, self.offsets = z["ids"], z["lengths"], z["offsets"]
+            self.features = (
+                np.load(os.path.join(root, FEATURES_FILE), mmap_mode="r") if features else None
+            )
+        except (OSError, ValueError, KeyError) as e:
+            raise CaptionDataError(
+                f"the caption files of {root!r} are missing or cannot be read ({e}); {fix}"
+            ) from e
+        n, c = len(self.images), int(rec["num_captions"])
+        if (
+            self.offsets.shape != (n + 1,)
+            or self.offsets[-1] != c
+            or self.ids.shape != (c, rec["max_text_tokens"])
+        ):
+            raise CaptionDataError(f"the caption files of {root!r} do not fit its record; {fix}")
+        self.record, self.seed, self.epoch = rec, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        lo, hi = int(self.offsets[index]), int(self.offsets[index + 1])
+        row = lo + caption_choice(self.seed, self.epoch, index, hi - lo)
+        mask = torch.arange(self.ids.shape[1]) < int(self.lengths[row])
+        text = (
+            torch.from_numpy(self.ids[row].astype(np.int64))
+            if self.features is None
+            else torch.from_numpy(np.asarray(self.features[row], dtype=np.float32))
+        )
+        return self.images[index][0], text, mask
+
+
+def add_caption_args(p: argparse.ArgumentParser) -> None:
+    """main_cache.py's caption flags."""
+    p.add_argument(
+        "--captions",
+        default=None,
+        choices=["auto", *CAPTION_FORMATS],
+        help="cache image-caption data (--data_path: a folder with .txt captions, a .jsonl "
+        "manifest or webdataset .tar shards) instead of an ImageFolder",
+    )
+    p.add_argument(
+        "--text_encoder",
+        default="wordllama",
+        help="captions: 'wordllama' or a Hugging Face encoder name or folder "
+        "(e.g. google/flan-t5-xl)",
+    )
+    p.add_argument(
+        "--max_text_tokens",
+        type=int,
+        default=MAX_TEXT_TOKENS,
+        help="captions: longer ones are truncated",
+    )
+    p.add_argument(
+        "--caption_features",
+        action="store_true",
+        help="captions: also store encoder features (float16)",
+    )
+
+
+def cache_captions(
+    args: argparse.Namespace, vq: torch.nn.Module, info: Any, barrier: Callable[[], None]
+) -> None:
+    """main_cache.py --captions: the caption cache of ``args.data_path`` into
+    ``args.cached_path``."""
+    factor = int(getattr(vq, "downsample_factor", 16))
+    encoder = make_text_encoder(
+        args.text_encoder, info.device, max_text_tokens=args.max_text_tokens
+    )
+    stats, report = write_caption_cache(
+        args.data_path,
+        args.cached_path,
+        vq.encode,
+        encoder,
+        fmt=args.captions,
+        features=args.caption_features,
+        img_size=args.img_size,
+        tokenizer=tokenizer_id(vq),
+        num_tokens=(args.img_size // factor) ** 2,
+        vocab_size=int(vq.codebook_size),
+        rank=info.rank,
+        world_size=info.world_size,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=info.device,
+        shard_size=args.shard_size,
+        barrier=barrier,
+    )
+    if info.is_main:
+        print(f"captions of {args.data_path}: {report.summary()}")
+    print(f"[rank {info.rank}] encoded {stats.written} images, {stats.skipped} already cached")
