@@ -6,6 +6,7 @@ The cache layout and the draw are in docs/design.md; nothing in the loop waits o
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import math
@@ -16,6 +17,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from lpd.devices import warn_if_emulated_bf16
 from lpd.models.lpd import LPD, Rows, attends
@@ -111,51 +113,48 @@ def derive_seed(seed: int, *keys: int) -> int:
 
 @dataclass(frozen=True)
 class StepPlan:
-    """The forward passes of a decode: the prefill (first, when ``prefill``), then one per step. Each
-    writes slots ``pos`` and attends through ``masks`` (``[rows, visible slots]``; ``rows`` and ``keys``:
-    their :func:`attends` descriptors), its first ``pads`` rows padding (static plans: they write a scratch
-    slot), then ``n_ctx`` context rows, then queries; ``spans``: the decoded indices ``[first, last)``."""
+    """The forward passes of a decode: a prefill if ``prefill`` (first), then one per step. Each
+    writes slots ``pos`` and attends through ``masks`` ``[rows, slots]`` (``rows``, ``keys``: their
+    :func:`attends` descriptors); its rows: ``pads`` padding rows (static plans: they write a
+    scratch slot), the context rows, then the queries of the decoded tokens ``spans``."""
 
-    pos: tuple[torch.Tensor, ...]
-    masks: tuple[torch.Tensor, ...]
+    pos: tuple[Tensor, ...]
+    masks: tuple[Tensor, ...]
     rows: tuple[Rows, ...]
     keys: tuple[Rows, ...]
     pads: tuple[int, ...]
-    n_ctx: tuple[int, ...]
     spans: tuple[tuple[int, int], ...]
     prefill: int
     slots: int
     num_out: int  # head rows per step (static: the largest group)
 
 
-def step_plan(group_sizes: Sequence[int], n_prefix: int, device: torch.device | str, *, n_known: int = 0,
-              static: bool = False) -> StepPlan:
-    """The plan of decoding ``group_sizes`` after ``n_prefix`` prefix rows, the first ``n_known`` groups
-    known; slots: the prefix, then group after group (+ a scratch slot when ``static``). The context
-    (prefix and known groups) is fed with the first step, or prefilled alone when a static plan would
-    pad every step to its length."""
-    K, bounds = len(group_sizes), np.cumsum([n_prefix, *group_sizes]).tolist()  # group g: [S_g, S_g+1)
-    scratch, ctx = bounds[-1], bounds[n_known]
-    slot = torch.arange(scratch + 1)
-    ctx_group = torch.repeat_interleave(torch.arange(K + 2), torch.tensor([n_prefix, *group_sizes, 1]))
+def step_plan(
+    sizes: Sequence[int], n_prefix: int, device: Any, *, n_known: int = 0, static: bool = False
+) -> StepPlan:
+    """The plan of decoding groups of ``sizes`` after ``n_prefix`` prefix rows, the first
+    ``n_known`` groups known. Slots: the prefix, then group after group (+ a scratch slot if
+    ``static``). The context (prefix and known groups) is fed with the first step, or alone before
+    it where a static plan would pad every step to its length."""
+    # group g: slots [bounds[g], bounds[g + 1]); context groups: the prefix 0, group g g + 1
+    K, bounds = len(sizes), np.cumsum([n_prefix, *sizes]).tolist()
+    end, ctx, slot = bounds[-1], bounds[n_known], torch.arange(bounds[-1] + 1)
+    ctx_group = torch.repeat_interleave(torch.arange(K + 2), torch.tensor([n_prefix, *sizes, 1]))
     prefill = static and ctx > 1
-    starts = [ctx if prefill else 0] + bounds[n_known : K - 1]  # step k's rows: [start, S_k+1)
-    steps = [(s, bounds[k + 1], k) for k, s in zip(range(n_known, K), starts)]
-    rows = max(end - start for start, end, _ in steps)
-    plan: list[tuple] = []
-    for i, (start, end, k) in enumerate([(0, ctx, n_known)] * prefill + steps):
-        pad, width = (rows - end + start, scratch + 1) if static and i >= prefill else (0, end)
+    starts = [ctx if prefill else 0] + bounds[n_known : K - 1]
+    fwd = [(a, bounds[k + 1], k) for k, a in enumerate(starts, n_known)]  # step k: rows [a, b)
+    height, plan, fwd = max(b - a for a, b, _ in fwd), [], [(0, ctx, n_known)] * prefill + fwd
+    for i, (a, b, k) in enumerate(fwd):
+        pad, width = (height - b + a, end + 1) if static and i >= prefill else (0, b)
         query = (slot[:width] >= bounds[k]) & (slot[:width] < bounds[k + 1])
-        keys = (slot[:width], torch.where(query, k, ctx_group[:width]), query)
-        pos = torch.cat([torch.full((pad,), scratch), torch.arange(start, end)])
-        row = (pos, torch.where(torch.arange(len(pos)) < pad, -1, keys[1][pos]), query[pos])
-        row = tuple(t[:, None].to(device) for t in row)
-        keys = tuple(t.to(device) for t in keys)
-        plan.append((row[0][:, 0], attends(row, keys), row, keys, pad, bounds[k] - start))
-    pos, masks, row_ids, key_ids, pads, n_ctx = zip(*plan)
+        key = (slot[:width], torch.where(query, k, ctx_group[:width]), query)
+        pos = torch.cat([torch.full((pad,), end), torch.arange(a, b)])
+        row = (pos, torch.where(torch.arange(len(pos)) < pad, -1, key[1][pos]), query[pos])
+        row, key = tuple(t[:, None].to(device) for t in row), tuple(t.to(device) for t in key)
+        plan.append((row[0][:, 0], attends(row, key), row, key, pad))
     spans = tuple((bounds[k] - ctx, bounds[k + 1] - ctx) for k in range(n_known, K))
-    return StepPlan(pos, masks, row_ids, key_ids, pads, n_ctx, spans, int(prefill), scratch + int(static),
-                    max(group_sizes[n_known:]) if static else 0)
+    num_out = max(sizes[n_known:]) if static else 0
+    return StepPlan(*zip(*plan), spans, int(prefill), end + int(static), num_out)
 
 
 def cfg_scales(cfg: float, schedule: str, first: int, last: int, num_tokens: int, device: torch.device) -> torch.Tensor | float:
@@ -190,207 +189,270 @@ def filter_and_sample(logits: torch.Tensor, uniforms: torch.Tensor, temperature:
 
 
 class DecodeStep(NamedTuple):
-    """After a step: the head outputs ``logits [cB, g, V]`` of the decoded tokens ``first..last-1`` and
-    the tokens ``[B, n]`` decoded so far (generation order, filled up to ``last``)."""
+    """After a step: the head outputs ``logits [cB, g, V]`` of the decoded tokens ``first..last-1``
+    and the tokens ``[B, n]`` decoded so far (generation order, filled up to ``last``)."""
 
     first: int
     last: int
-    logits: torch.Tensor
-    tokens: torch.Tensor
+    logits: Tensor
+    tokens: Tensor
 
 
 class Decoder:
-    """KV-cached parallel decoding of one model under one :class:`SamplingConfig`: it owns the step
-    plans, the KV cache, the (compiled) step and the draw; reuse it for repeated calls. Guidance
-    (``cfg != 1``) doubles the batch: a prefix is ``[cB, L, D]`` condition rows, the conditional ones
-    first (:meth:`class_prefix`). ``compile``: static-shape steps under ``torch.compile`` (``True``, a
-    mode such as ``"reduce-overhead"`` for CUDA graphs, or a dict of options); a failing compiler falls
-    back to eager steps with one warning."""
+    """KV-cached parallel decoding with one model and one :class:`SamplingConfig` (``greedy``:
+    argmax). It owns the step plans, the KV cache, the (compiled) step and the draw; reuse it for
+    repeated calls, one at a time. Guidance (``cfg != 1``) doubles the batch: a prefix is
+    ``[cB, L, D]`` condition rows, the conditional ones first (:meth:`class_prefix`). ``compile``:
+    static-shape steps under ``torch.compile`` (``True``, a mode such as ``"reduce-overhead"`` for
+    CUDA graphs, or a dict of options); a failing compiler falls back to eager with one warning."""
 
-    def __init__(self, model: LPD, sampling: SamplingConfig | None = None, *, greedy: bool = False,
-                 compile: bool | str | dict = False, autocast_dtype: torch.dtype | None = None):
-        if not (compile is False or compile is True or isinstance(compile, (str, dict))):
-            raise ValueError(f"compile must be False, True, a torch.compile mode or a dict of torch.compile "
-                             f"options, got {compile!r}")
+    def __init__(
+        self,
+        model: LPD,
+        sampling: SamplingConfig | None = None,
+        *,
+        greedy: bool = False,
+        compile: bool | str | dict = False,
+        autocast_dtype: torch.dtype | None = None,
+    ):
+        if not isinstance(compile, (bool, str, dict)):
+            msg = "compile must be a bool, a torch.compile mode or a dict of its options"
+            raise ValueError(f"{msg}, got {compile!r}")
         self.model, self.sampling, self.greedy = model, sampling or SamplingConfig(), greedy
-        self.guided = self.sampling.cfg != 1.0
-        self.autocast_dtype = autocast_dtype or (torch.bfloat16 if self.sampling.bf16 else None)
-        self.compiled, self.compile_failed = None, False
+        self.guided = self.sampling.cfg != 1.0  # the one reading of cfg: doubles the batch
+        self.amp = autocast_dtype or (torch.bfloat16 if self.sampling.bf16 else None)
+        self.compiled, self.compile_failed, self._plans, self._cache = None, False, {}, None
         if compile is not False:
-            opts = {"mode": compile} if isinstance(compile, str) else compile if isinstance(compile, dict) else {}
+            opts = compile if isinstance(compile, dict) else {}
+            opts = {"mode": compile} if isinstance(compile, str) else opts
             self.compiled = torch.compile(type(model).decode_step, **{"dynamic": False, **opts})
             # one graph per architecture, batch and schedule: more than dynamo's default of 8
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self._plans: dict[tuple, StepPlan] = {}
-        self._cache: tuple[tuple, torch.nn.ModuleList] | None = None  # static: fixed addresses for CUDA graphs
 
-    def class_prefix(self, labels: torch.Tensor | None, batch: int) -> torch.Tensor:
+    @torch.no_grad()
+    def class_prefix(self, labels: Tensor | None, batch: int) -> Tensor:
         """Condition rows ``[cB, 1, D]`` of class ``labels [B]`` (None: unconditional)."""
-        with torch.no_grad():
-            rows = self.model.embed_condition(labels, batch)
-            return torch.cat([rows, self.model.embed_condition(None, batch).to(rows.dtype)]) if self.guided else rows
+        rows = self.model.embed_condition(labels, batch)
+        null = self.model.embed_condition(None, batch).to(rows.dtype)
+        return torch.cat([rows, null]) if self.guided else rows
 
-    def sample(self, labels: Any, orders: Any, group_sizes: Sequence[int], generator: Generators = None) -> torch.Tensor:
-        """``[B, N]`` raster tokens of ``labels [B]`` (None: unconditional) in ``len(group_sizes)`` steps over
-        ``orders [B, N]`` (raster positions in generation order); one ``generator`` or one per image."""
-        labels, orders, sizes = _inputs(self.model, labels, orders, group_sizes)
+    def sample(
+        self, labels: Any, orders: Any, sizes: Sequence[int], generator: Generators = None
+    ) -> Tensor:
+        """``[B, N]`` raster tokens of ``labels [B]`` (None: unconditional) decoded in
+        ``len(sizes)`` steps over ``orders [B, N]`` (raster positions in generation order); one
+        ``generator`` or one per image."""
+        labels, orders, sizes = _inputs(self.model, labels, orders, sizes)
         if labels is None and self.guided:
-            raise ValueError("classifier-free guidance needs labels; use cfg=1.0 for unconditional sampling")
-        tokens = self.decode(self.class_prefix(labels, orders.shape[0]), orders, sizes, generator=generator)
+            raise ValueError("guidance needs labels; use cfg=1.0 for unconditional sampling")
+        prefix = self.class_prefix(labels, len(orders))
+        tokens = self.decode(prefix, orders, sizes, generator=generator)
         return torch.empty_like(tokens).scatter_(1, orders, tokens)
 
-    def logits(self, prefix: torch.Tensor, orders: torch.Tensor, group_sizes: Sequence[int], tokens: torch.Tensor,
-               *, n_known: int = 0, prefix_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Head outputs ``[cB, N - n_known, V]`` of decoding fed ``tokens [B, N]`` (generation order; the first
-        ``n_known`` known): :meth:`LPD.logits` up to float error."""
-        known = tokens[:, :n_known] if n_known else None
-        steps = self.steps(prefix, orders, group_sizes, prefix_mask=prefix_mask, known=known, forced=tokens[:, n_known:])
+    def logits(
+        self,
+        prefix: Tensor,
+        orders: Tensor,
+        sizes: Sequence[int],
+        tokens: Tensor,
+        n_known: int = 0,
+        **options: Any,
+    ) -> Tensor:
+        """Head outputs ``[cB, N - n_known, V]`` of decoding fed ``tokens [B, N]`` (generation
+        order, the first ``n_known`` known; ``options``: of :meth:`steps`): :meth:`LPD.logits` up
+        to float error."""
+        known, forced = (tokens[:, :n_known] if n_known else None), tokens[:, n_known:]
+        steps = self.steps(prefix, orders, sizes, known=known, forced=forced, **options)
         return torch.cat([s.logits for s in steps], dim=1)
 
-    def decode(self, prefix: torch.Tensor, orders: torch.Tensor, group_sizes: Sequence[int], **options: Any) -> torch.Tensor:
+    def decode(
+        self, prefix: Tensor, orders: Tensor, sizes: Sequence[int], **options: Any
+    ) -> Tensor:
         """:meth:`steps` to the end: the decoded tokens ``[B, n]`` in generation order."""
-        for step in self.steps(prefix, orders, group_sizes, **options):
-            pass
-        return step.tokens
+        return collections.deque(self.steps(prefix, orders, sizes, **options), maxlen=1)[0].tokens
 
-    def steps(self, prefix: torch.Tensor, orders: torch.Tensor, group_sizes: Sequence[int], *,
-              prefix_mask: torch.Tensor | None = None, known: torch.Tensor | None = None,
-              generator: Generators = None, forced: torch.Tensor | None = None) -> Iterator[DecodeStep]:
-        """Decode ``orders [B, N]`` in ``group_sizes`` after the ``prefix`` rows (``prefix_mask [cB, L]``: False =
-        padding) and the ``known [B, M]`` tokens of the first whole groups, in one forward with the first step;
-        a :class:`DecodeStep` after every step. ``forced [B, N - M]``: fed instead of drawn (teacher forcing).
-        Inputs are trusted (on the model's device); nothing waits on the device."""
+    def steps(
+        self,
+        prefix: Tensor,
+        orders: Tensor,
+        sizes: Sequence[int],
+        *,
+        prefix_mask: Tensor | None = None,
+        known: Tensor | None = None,
+        generator: Generators = None,
+        forced: Tensor | None = None,
+    ) -> Iterator[DecodeStep]:
+        """Decode ``orders [B, N]`` in groups of ``sizes`` after the ``prefix`` rows (``prefix_mask
+        [cB, L]``: False = padding) and the ``known [B, M]`` tokens of the first whole groups, fed
+        with the first step; a :class:`DecodeStep` after every step. ``forced [B, N - M]``: fed
+        instead of drawn (teacher forcing). Inputs are trusted (on the model's device); nothing
+        waits on the device."""
         m, (B, N), device = self.model, orders.shape, orders.device
-        M, c, D = 0 if known is None else known.shape[1], 2 if self.guided else 1, m.config.embed_dim
-        plan = self._plan(tuple(group_sizes), prefix.shape[1], np.cumsum(group_sizes).tolist().index(M) + 1 if M else 0, device)
-        draws = None if forced is not None or self.greedy else _uniforms(generator, B, N - M, device)
-        masks = plan.masks if prefix_mask is None else [
-            attends(r, k, F.pad(prefix_mask, (0, plan.slots - prefix.shape[1]), value=True)[:, None, None, : k[0].numel()])
-            for r, k in zip(plan.rows, plan.keys)]
+        M = 0 if known is None else known.shape[1]
+        c, n, D = 1 + self.guided, N - M, m.config.embed_dim
+        n_known = np.cumsum(sizes).tolist().index(M) + 1 if M else 0  # M: whole groups
+        key = (tuple(sizes), prefix.shape[1], n_known, str(device))
+        if key not in self._plans:
+            self._plans[key] = step_plan(
+                *key[:2], device, n_known=n_known, static=bool(self.compiled)
+            )
+        plan, masks = self._plans[key], self._plans[key].masks
+        if prefix_mask is not None:  # per batch: padded prefix rows are keys for nobody
+            valid = F.pad(prefix_mask, (0, plan.slots - prefix.shape[1]), value=True)[:, None, None]
+            masks = [attends(r, k, valid[..., : len(k[0])]) for r, k in zip(plan.rows, plan.keys)]
+        draws = None if forced is not None or self.greedy else _uniforms(generator, B, n, device)
         was_training = m.training
         m.eval()
-        warn_if_emulated_bf16(device, self.autocast_dtype)
+        warn_if_emulated_bf16(device, self.amp)
         try:
             with torch.no_grad(), self._amp():
                 ctx = m.embed_prefix(prefix)
                 if M:
-                    ctx = torch.cat([ctx, m.embed_tokens(known, orders[:, :M]).repeat(c, 1, 1)], dim=1)
+                    ctx = torch.cat([ctx, m.embed_tokens(known, orders[:, :M]).repeat(c, 1, 1)], 1)
                 queries, cache = m.embed_queries(orders[:, M:]), self._kv_cache(c * B, plan.slots)
                 if plan.prefill:
                     m.decode_step(ctx, cache, plan.pos[0], masks[0], 1)
-                buffer = torch.zeros(c * B * max(p.numel() for p in plan.pos) * D, dtype=queries.dtype, device=device)
-                tokens = torch.empty(B, N - M, dtype=torch.long, device=device)
+                buffer = queries.new_zeros(c * B * max(len(p) for p in plan.pos) * D)
+                tokens = torch.empty(B, n, dtype=torch.long, device=device)
             for k, (first, last) in enumerate(plan.spans):
-                i = k + plan.prefill
+                i, g = k + plan.prefill, last - first
                 with torch.no_grad(), self._amp():
-                    x = buffer[: c * B * plan.pos[i].numel() * D].view(c * B, -1, D)
-                    halves, off, n_ctx = x.view(c, B, -1, D), plan.pads[i], plan.n_ctx[i]  # CFG: the same rows
-                    if n_ctx:
-                        (x if k == 0 else halves)[..., off : off + n_ctx, :] = ctx if k == 0 else prev
-                    halves[:, :, off + n_ctx :] = queries[:, first:last]
-                    out = self._step(x, cache, plan.pos[i], masks[i], plan.num_out or last - first)
-                    out = out[:, out.shape[1] - (last - first) :]
-                    chosen = forced[:, first:last] if forced is not None else self._draw(out, first, last, N - M, draws)
-                    tokens[:, first:last] = chosen
-                    if last < N - M:
+                    x = buffer[: c * B * len(plan.pos[i]) * D].view(c * B, -1, D)
+                    a, b, halves = plan.pads[i], x.shape[1] - g, x.view(c, B, -1, D)
+                    if b > a:  # context rows; the guidance halves share the token rows
+                        halves[:, :, a:b] = prev if k else ctx.view(c, B, -1, D)
+                    halves[:, :, b:] = queries[:, first:last]
+                    out = self._step(x, cache, plan.pos[i], masks[i], plan.num_out or g)[:, -g:]
+                    if forced is None:
+                        tokens[:, first:last] = chosen = self._draw(out, first, n, draws)
+                    else:
+                        tokens[:, first:last] = chosen = forced[:, first:last]
+                    if last < n:
                         prev = m.embed_tokens(chosen, orders[:, M + first : M + last])
                 yield DecodeStep(first, last, out, tokens)
         finally:
             m.train(was_training)
 
-    def _draw(self, out: torch.Tensor, first: int, last: int, n: int, draws: torch.Tensor | None) -> torch.Tensor:
-        """Tokens ``[B, g]`` of head outputs ``[cB, g, V]``: guided logits, then argmax or a filtered draw."""
-        logits, s = out.float(), self.sampling
+    def _draw(self, out: Tensor, first: int, n: int, draws: Tensor | None) -> Tensor:
+        """Tokens ``[B, g]`` of head outputs ``[cB, g, V]``: guided logits, argmax or a draw."""
+        logits, s, last = out.float(), self.sampling, first + out.shape[1]
         if self.guided:
             c, u = logits.chunk(2)
-            logits = (c - u).mul_(cfg_scales(s.cfg, s.cfg_schedule, first, last, n, out.device)).add_(u)
+            scale = cfg_scales(s.cfg, s.cfg_schedule, first, last, n, out.device)
+            logits = (c - u).mul_(scale).add_(u)
         if draws is None:
             return logits.argmax(-1)
-        picks = filter_and_sample(logits.flatten(0, 1), draws[:, first:last].reshape(-1), s.temperature, s.top_k, s.top_p)
-        return picks.view(logits.shape[0], -1)
-
-    def _plan(self, sizes: tuple[int, ...], n_prefix: int, n_known: int, device: torch.device) -> StepPlan:
-        key = (sizes, n_prefix, n_known, str(device))
-        if key not in self._plans:
-            self._plans[key] = step_plan(sizes, n_prefix, device, n_known=n_known, static=self.compiled is not None)
-        return self._plans[key]
+        u = draws[:, first:last].reshape(-1)
+        picks = filter_and_sample(logits.flatten(0, 1), u, s.temperature, s.top_k, s.top_p)
+        return picks.view(len(logits), -1)
 
     def _amp(self) -> contextlib.AbstractContextManager:
-        dtype, device = self.autocast_dtype, self.model.pos_embed.device
-        return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        device, amp = self.model.pos_embed.device.type, self.amp
+        return contextlib.nullcontext() if amp is None else torch.autocast(device, dtype=amp)
 
     def _kv_cache(self, batch: int, slots: int) -> torch.nn.ModuleList:
-        """A new KV cache; static steps reuse theirs while the shape holds (CUDA graphs replay on its addresses)."""
+        """The KV cache, zeroed; kept while its shape holds (CUDA graphs replay its addresses)."""
         m, device = self.model, self.model.pos_embed.device
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-        if self.compiled is None:
-            return m.new_cache(batch, slots, dtype)
-        key = (batch, slots, dtype, m.pos_embed.dtype, device)
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, m.new_cache(batch, slots, dtype))
-            for t in self._cache[1].buffers():
+        dtype = (
+            torch.get_autocast_dtype(device.type)
+            if torch.is_autocast_enabled(device.type)
+            else None
+        )
+        if self._cache is None or self._cache[0] != (batch, slots, dtype, m.pos_embed.dtype):
+            self._cache = (
+                (batch, slots, dtype, m.pos_embed.dtype),
+                m.new_cache(batch, slots, dtype),
+            )
+            for t in self._cache[1].buffers() if self.compiled is not None else ():
                 torch._dynamo.mark_static_address(t)
         for t in self._cache[1].buffers():
             t.zero_()
         return self._cache[1]
 
-    def _step(self, x: torch.Tensor, cache: torch.nn.ModuleList, pos: torch.Tensor, mask: torch.Tensor,
-              num_out: int) -> torch.Tensor:
+    def _step(
+        self, x: Tensor, cache: torch.nn.ModuleList, pos: Tensor, mask: Tensor, num_out: int
+    ) -> Tensor:
         if self.compiled is not None and not self.compile_failed:
             try:
                 return self.compiled(self.model, x, cache, pos, mask, num_out)
             except Exception as e:  # noqa: BLE001 - any compiler failure falls back to eager
                 self.compile_failed = True
-                warnings.warn(f"torch.compile of the decoding step {list(x.shape)} failed ({type(e).__name__}: "
-                              f"{str(e)[:200]}); decoding eagerly with static shapes instead (same tokens, no "
-                              f"speed-up)", RuntimeWarning, stacklevel=4)
+                warnings.warn(
+                    f"torch.compile of the decoding step {list(x.shape)} failed "
+                    f"({type(e).__name__}: {str(e)[:200]}); decoding eagerly with static shapes "
+                    f"instead (same tokens, no speed-up)",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
         return self.model.decode_step(x, cache, pos, mask, num_out)
 
 
-def _uniforms(generator: Generators, batch: int, n: int, device: torch.device) -> torch.Tensor:
+def _uniforms(generator: Generators, batch: int, n: int, device: torch.device) -> Tensor:
     if generator is None or isinstance(generator, torch.Generator):
         dev = generator.device if generator is not None else device
         return torch.rand(batch, n, generator=generator, device=dev).to(device)
-    gens = list(generator)
-    if len(gens) != batch:
-        raise ValueError(f"got {len(gens)} generators for a batch of {batch}; pass one per image or a single one")
+    if len(gens := list(generator)) != batch:
+        raise ValueError(
+            f"got {len(gens)} generators for a batch of {batch}; pass one per image or a single one"
+        )
     return torch.stack([torch.rand(n, generator=g, device=g.device).to(device) for g in gens])
 
 
-def _inputs(model: LPD, labels: Any, orders: Any, group_sizes: Sequence[int]) -> tuple:
-    """Labels and orders as tensors on the model's device, checked; the group sizes as a list."""
-    device, N = model.pos_embed.device, model.num_tokens
-    # checked where the inputs are (on the host, usually), so that nothing waits on the device
-    orders = torch.as_tensor(np.asarray(orders) if not isinstance(orders, torch.Tensor) else orders).long()
+def _inputs(model: LPD, labels: Any, orders: Any, sizes: Sequence[int]) -> tuple:
+    """Labels and orders as tensors on the model's device, checked on the host (nothing waits on the
+    device); the group sizes as a list."""
+    device, N, grid = model.pos_embed.device, model.num_tokens, model.grid_size
+    orders = (orders if isinstance(orders, Tensor) else torch.as_tensor(np.asarray(orders))).long()
     if orders.dim() != 2 or orders.shape[1] != N:
-        raise ValueError(f"orders must have shape [B, {N}] for this model's {model.grid_size}x{model.grid_size} grid, got {list(orders.shape)}")
-    if not torch.equal(orders.sort(dim=1).values, torch.arange(N, device=orders.device).expand_as(orders)):
-        bad = int((orders.sort(dim=1).values != torch.arange(N, device=orders.device)).any(1).nonzero()[0])
-        raise ValueError(f"orders row {bad} is not a permutation of 0..{N - 1}")
+        raise ValueError(
+            f"orders must have shape [B, {N}] ({grid}x{grid} grid), got {list(orders.shape)}"
+        )
+    if (bad := (orders.sort(dim=1).values != torch.arange(N, device=orders.device)).any(1)).any():
+        raise ValueError(f"orders row {int(bad.nonzero()[0])} is not a permutation of 0..{N - 1}")
     if labels is not None:
-        labels = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels)
-        if labels.is_floating_point() or labels.shape != (orders.shape[0],):
-            raise ValueError(f"labels must be {orders.shape[0]} integers (one per order), got {labels.dtype} {list(labels.shape)}")
+        labels = labels if isinstance(labels, Tensor) else torch.as_tensor(np.asarray(labels))
+        if labels.is_floating_point() or labels.shape != (len(orders),):
+            raise ValueError(
+                f"labels must be {len(orders)} integers, got {labels.dtype} {list(labels.shape)}"
+            )
         if labels.numel() and (labels.min() < 0 or labels.max() >= model.class_num):
             raise ValueError(f"labels must be in 0..{model.class_num - 1}")
         labels = labels.to(device).long()
-    return labels, orders.to(device), validate_group_sizes(group_sizes, N)
+    return labels, orders.to(device), validate_group_sizes(sizes, N)
 
 
-def sample_tokens(model: LPD, labels: torch.Tensor | None, orders: torch.Tensor | np.ndarray, group_sizes: Sequence[int],
-                  sampling: SamplingConfig | None = None, *, greedy: bool = False, generator: Generators = None,
-                  compile: bool | str | dict = False, autocast_dtype: torch.dtype | None = None, **settings: Any) -> torch.Tensor:
-    """:meth:`Decoder.sample` with a new :class:`Decoder` (``**settings``: changes to ``sampling``)."""
+def sample_tokens(
+    model: LPD,
+    labels: torch.Tensor | None,
+    orders: torch.Tensor | np.ndarray,
+    group_sizes: Sequence[int],
+    sampling: SamplingConfig | None = None,
+    *,
+    greedy: bool = False,
+    generator: Generators = None,
+    compile: bool | str | dict = False,
+    autocast_dtype: torch.dtype | None = None,
+    **settings: Any,
+) -> torch.Tensor:
+    """:meth:`Decoder.sample` by a new :class:`Decoder` (``settings``: changes to ``sampling``)."""
     sampling = (sampling or SamplingConfig()).replace(**settings)
-    decoder = Decoder(model, sampling, greedy=greedy, compile=compile, autocast_dtype=autocast_dtype)
-    return decoder.sample(labels, orders, group_sizes, generator)
+    options = dict(greedy=greedy, compile=compile, autocast_dtype=autocast_dtype)
+    return Decoder(model, sampling, **options).sample(labels, orders, group_sizes, generator)
 
 
-def teacher_forced_logits(model: LPD, tokens: torch.Tensor, labels: torch.Tensor | None, orders: torch.Tensor | np.ndarray,
-                          group_sizes: Sequence[int], cfg: float = 1.0) -> torch.Tensor:
-    """Head outputs of cached decoding fed the raster ``tokens``: ``[B, N, V]`` in generation order (``[2B, N,
-    V]``, conditional rows first, when ``cfg != 1``); :meth:`LPD.logits` up to float error."""
+def teacher_forced_logits(
+    model: LPD,
+    tokens: torch.Tensor,
+    labels: torch.Tensor | None,
+    orders: torch.Tensor | np.ndarray,
+    group_sizes: Sequence[int],
+    cfg: float = 1.0,
+) -> torch.Tensor:
+    """Head outputs of cached decoding fed the raster ``tokens``: ``[B, N, V]`` in generation order
+    (``[2B, N, V]``, conditional rows first, when ``cfg != 1``); :meth:`LPD.logits` up to float
+    error."""
     labels, orders, sizes = _inputs(model, labels, orders, group_sizes)
+    tokens = torch.as_tensor(tokens, device=orders.device).long().reshape(len(orders), -1)
     decoder = Decoder(model, SamplingConfig(cfg=cfg))
-    forced = torch.gather(torch.as_tensor(tokens, device=orders.device).long().reshape(orders.shape[0], -1), 1, orders)
-    return decoder.logits(decoder.class_prefix(labels, orders.shape[0]), orders, sizes, forced)
+    prefix = decoder.class_prefix(labels, len(orders))
+    return decoder.logits(prefix, orders, sizes, torch.gather(tokens, 1, orders))
