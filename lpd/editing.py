@@ -100,11 +100,11 @@ def _prepare(model: torch.nn.Module, tokens: Any, keep: Any, labels: Any) -> tup
     return tokens.long(), keep, labels
 
 
-def _known(keep: np.ndarray, layout: str, img_size: int, generator: torch.Generator | None,
-           device: torch.device) -> tuple[torch.Tensor, list[int]]:
-    """Known positions ``[B, M]`` of ``keep`` in prefill order and their group sizes (:func:`prefill_layout`)."""
+def _known(model: Any, keep: np.ndarray, layout: str, generator: Any) -> tuple[torch.Tensor, list]:
+    """Known positions ``[B, M]`` of ``keep`` in prefill order and their group sizes."""
+    device = model.pos_embed.device
     known = torch.as_tensor(np.stack([np.flatnonzero(k) for k in keep]), device=device)
-    perm, sizes = prefill_layout(layout, known.shape[1], img_size, generator)
+    perm, sizes = prefill_layout(layout, known.shape[1], model.config.img_size, generator)
     return known[:, perm.to(device)], [s for s in sizes if s]
 
 
@@ -134,9 +134,10 @@ def edit_tokens(model: torch.nn.Module, tokens: Any, keep: Any, labels: Any = No
         orders = torch.as_tensor(_orders(order or sampling.order, keep[rows], sizes, model.grid_size, sampling, seed + int(rows[0])),
                                  device=tokens.device)
         sub, lab = tokens[rows], None if labels is None else labels[rows]
-        known, known_sizes = _known(keep[rows], prefill, model.config.img_size, generator, tokens.device)
-        gen = decoder.decode(decoder.class_prefix(lab, len(rows)), torch.cat([known, orders], 1), known_sizes + sizes,
-                             known=torch.gather(sub, 1, known) if known_sizes else None, generator=generator)
+        known, known_sizes = _known(model, keep[rows], prefill, generator)  # they come first
+        given = torch.gather(sub, 1, known) if known_sizes else None
+        prefix, full = decoder.class_prefix(lab, len(rows)), torch.cat([known, orders], 1)
+        gen = decoder.decode(prefix, full, known_sizes + sizes, known=given, generator=generator)
         out[rows] = sub.scatter(1, orders, gen)
     return out
 
@@ -169,8 +170,8 @@ def editing_logits(model: torch.nn.Module, tokens: torch.Tensor, keep: np.ndarra
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """Head outputs of editing fed the true unknown tokens (teacher forcing), ``[B, n, V]`` in decoding order."""
     tokens, keep, labels = _prepare(model, tokens, keep, labels)
-    known, known_sizes = _known(keep, prefill, model.config.img_size, generator, tokens.device)
+    known, known_sizes = _known(model, keep, prefill, generator)
     orders = torch.cat([known, torch.as_tensor(orders, device=tokens.device)], 1)
-    decoder = Decoder(model)
-    return decoder.logits(decoder.class_prefix(labels, len(tokens)), orders, known_sizes + list(group_sizes),
-                          torch.gather(tokens, 1, orders), n_known=known.shape[1])
+    decoder, sizes = Decoder(model), known_sizes + list(group_sizes)
+    prefix, given = decoder.class_prefix(labels, len(tokens)), torch.gather(tokens, 1, orders)
+    return decoder.logits(prefix, orders, sizes, given, n_known=known.shape[1])

@@ -16,11 +16,10 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lpd.devices import warn_if_emulated_bf16
-from lpd.models.lpd import LPD, Rows, attends
+from lpd.models.lpd import LPD, Rows, attends, valid_keys
 from lpd.schedules import validate_group_sizes
 
 __all__ = ["SamplingConfig", "ORDERS", "derive_seed", "add_sampling_args", "sampling_from_args", "Decoder", "DecodeStep",
@@ -298,7 +297,7 @@ class Decoder:
             )
         plan, masks = self._plans[key], self._plans[key].masks
         if prefix_mask is not None:  # per batch: padded prefix rows are keys for nobody
-            valid = F.pad(prefix_mask, (0, plan.slots - prefix.shape[1]), value=True)[:, None, None]
+            valid = valid_keys(prefix_mask, plan.slots)[:, None, None]
             masks = [attends(r, k, valid[..., : len(k[0])]) for r, k in zip(plan.rows, plan.keys)]
         draws = None if forced is not None or self.greedy else _uniforms(generator, B, n, device)
         was_training = m.training

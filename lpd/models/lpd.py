@@ -12,13 +12,14 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from lpd.models.kernels import Dropout, Linear, flex_attention, linear_cross_entropy
 from lpd.schedules import validate_group_sizes
 
 __all__ = ["LPDConfig", "PRESETS", "Attention", "Mlp", "Block", "KVCache", "LPD", "attends", "sequence_rows",
-           "group_visible_mask", "group_block_mask", "ATTN_IMPLS"]
+           "valid_keys", "group_visible_mask", "group_block_mask", "ATTN_IMPLS"]
 
 #: The released architectures (and a tiny one for CPU tests): width, depth, heads.
 PRESETS: dict[str, dict[str, int]] = {
@@ -28,7 +29,7 @@ PRESETS: dict[str, dict[str, int]] = {
     "lpd_xxl": dict(embed_dim=1536, depth=48, num_heads=24),
 }
 ATTN_IMPLS = ("auto", "sdpa", "flex")
-Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (slot, group, is_query) of rows or keys
+Rows = tuple[Tensor, Tensor, Tensor]  # (slot, group, is_query) of rows or keys
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: Any = None, cache: "KVCache | None" = None,
                 pos: torch.Tensor | None = None, last: int | None = None) -> torch.Tensor:
-        """Attention of ``x [B, T, C]`` under ``mask`` (bool ``[(B, 1,) T', S]``, True = may attend, or a ``BlockMask``);
-        ``cache``: write slots ``pos``, attend to its first ``S``; ``last``: only the last rows out."""
+        """Attention of ``x [B, T, C]`` under ``mask`` (bool ``[(B, 1,) T', S]``, True = may attend,
+        or a ``BlockMask``); ``cache``: write slots ``pos``, attend to its first ``S``; ``last``: only
+        the last rows out."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if cache is not None:
@@ -146,7 +148,7 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def attends(row: Rows, key: Rows, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+def attends(row: Rows, key: Rows, key_valid: Tensor | None = None) -> Tensor:
     """The attention rule of training, decoding and prefill, elementwise over rows and keys given as
     ``(slot, group, is_query)``. The prefix (condition) rows are context group 0, the tokens of
     decoding group ``k`` context group ``k + 1``. A context row of group ``a`` sees the context of
@@ -161,41 +163,57 @@ def attends(row: Rows, key: Rows, key_valid: torch.Tensor | None = None) -> torc
 def sequence_rows(group_sizes: Sequence[int], n_prefix: int = 1) -> Rows:
     """``(slot, group, is_query)`` of the training sequence: ``n_prefix`` prefix rows, the tokens of
     every group but the last, then the queries of every group."""
-    sizes = torch.tensor(list(group_sizes), dtype=torch.long)
-    ids = torch.arange(len(sizes))
-    group = torch.cat([torch.zeros(n_prefix, dtype=torch.long), torch.repeat_interleave(ids[1:], sizes[:-1]),
-                       torch.repeat_interleave(ids, sizes)])
-    slot = torch.arange(group.numel())
-    return slot, group, slot >= group.numel() - int(sizes.sum())
+    ids = torch.arange(len(group_sizes))
+    context = torch.repeat_interleave(ids, torch.tensor([n_prefix, *group_sizes[:-1]]))
+    group = torch.cat([context, torch.repeat_interleave(ids, torch.tensor(list(group_sizes)))])
+    slot = torch.arange(len(group))
+    return slot, group, slot >= len(context)
 
 
-def _key_valid(prefix_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
-    """``prefix_mask [B, L]`` (False = padding) extended to ``[B, length]`` keys."""
-    return None if prefix_mask is None else F.pad(prefix_mask.bool(), (0, length - prefix_mask.shape[1]), value=True)
+def valid_keys(prefix_mask: Tensor | None, n: int) -> Tensor | None:
+    """Which of ``n`` keys may be seen, ``[B, n]``: ``prefix_mask [B, L]`` (False: padding), then
+    all."""
+    if prefix_mask is not None:
+        return F.pad(prefix_mask.bool(), (0, n - prefix_mask.shape[1]), value=True)
+    return None
 
 
-def group_visible_mask(group_sizes: Sequence[int], device: torch.device | str = "cpu", n_prefix: int = 1,
-                       prefix_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Boolean training mask ``[T, T]`` (True = may attend; ``[B, 1, T, T]`` with ``prefix_mask [B, L]``),
-    ``T = L + 2N - g_{K-1}``."""
+def group_visible_mask(
+    group_sizes: Sequence[int],
+    device: Any = "cpu",
+    n_prefix: int = 1,
+    prefix_mask: Tensor | None = None,
+) -> Tensor:
+    """Boolean training mask ``[T, T]`` (True = may attend; ``[B, 1, T, T]`` with ``prefix_mask
+    [B, L]``), ``T = L + 2N - g_{K-1}``."""
     rows = tuple(t.to(device) for t in sequence_rows(group_sizes, n_prefix))
-    valid = _key_valid(prefix_mask, rows[0].numel())
-    return attends(tuple(t[:, None] for t in rows), rows, None if valid is None else valid[:, None, None])
+    valid = valid_keys(prefix_mask, len(rows[0]))
+    valid = None if valid is None else valid[:, None, None]
+    return attends(tuple(t[:, None] for t in rows), rows, valid)
 
 
-def group_block_mask(group_sizes: Sequence[int], device: torch.device | str, queries_only: bool = False,
-                     n_prefix: int = 1, prefix_mask: torch.Tensor | None = None) -> Any:
-    """The training mask as a block-sparse flex-attention ``BlockMask`` (rows: all, or the queries only)."""
+def group_block_mask(
+    group_sizes: Sequence[int],
+    device: Any,
+    queries_only: bool = False,
+    n_prefix: int = 1,
+    prefix_mask: Tensor | None = None,
+) -> Any:
+    """The training mask as a block-sparse flex-attention ``BlockMask`` (rows: all, or the
+    queries)."""
     from torch.nn.attention.flex_attention import create_block_mask
+
     _, group, query = (t.to(device) for t in sequence_rows(group_sizes, n_prefix))
-    T, valid = group.numel(), _key_valid(prefix_mask, group.numel())
+    T, valid = len(group), valid_keys(prefix_mask, len(group))
     offset = T - sum(group_sizes) if queries_only else 0
 
-    def mask_mod(b: Any, h: Any, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        q_idx = q_idx + offset
-        return attends((q_idx, group[q_idx], query[q_idx]), (kv_idx, group[kv_idx], query[kv_idx]),
-                       None if valid is None else valid[b, kv_idx])
-    B = None if valid is None else valid.shape[0]
+    def mask_mod(b: Any, h: Any, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        q_idx, ok = q_idx + offset, None if valid is None else valid[b, kv_idx]
+        return attends(
+            (q_idx, group[q_idx], query[q_idx]), (kv_idx, group[kv_idx], query[kv_idx]), ok
+        )
+
+    B = None if valid is None else len(valid)
     return create_block_mask(mask_mod, B, None, T - offset, T, device=device)
 
 
@@ -267,34 +285,43 @@ class LPD(nn.Module):
     def uses_flex(self, device: torch.device | str) -> bool:
         return self.attn_impl == "flex" or (self.attn_impl == "auto" and torch.device(device).type == "cuda")
 
-    def group_mask(self, group_sizes: Sequence[int], device: torch.device, flex: bool = False, queries_only: bool = False,
-                   n_prefix: int = 1, prefix_mask: torch.Tensor | None = None) -> Any:
-        """The training mask of a schedule (dense, or flex ``BlockMask``), built once per device and cached
-        (per batch with a ``prefix_mask``)."""
-        def build() -> Any:
-            if flex:
-                return group_block_mask(group_sizes, device, queries_only, n_prefix, prefix_mask)
-            return group_visible_mask(group_sizes, device, n_prefix, prefix_mask)
-        if prefix_mask is not None:
-            return build()
+    def group_mask(
+        self,
+        group_sizes: Sequence[int],
+        device: Any,
+        flex: bool = False,
+        queries_only: bool = False,
+        n_prefix: int = 1,
+        prefix_mask: Tensor | None = None,
+    ) -> Any:
+        """The training mask of a schedule (dense, or flex ``BlockMask``), cached per device (built
+        per batch with a ``prefix_mask``)."""
         key = (tuple(group_sizes), str(device), flex, queries_only, n_prefix)
-        if key not in self._masks:
-            self._masks[key] = build()
-        return self._masks[key]
+        if prefix_mask is None and key in self._masks:
+            return self._masks[key]
+        if flex:
+            mask = group_block_mask(group_sizes, device, queries_only, n_prefix, prefix_mask)
+        else:
+            mask = group_visible_mask(group_sizes, device, n_prefix, prefix_mask)
+        if prefix_mask is None:
+            self._masks[key] = mask
+        return mask
 
-    def embed_condition(self, labels: torch.Tensor | None, batch: int, drop: torch.Tensor | None = None) -> torch.Tensor:
-        """Condition rows ``[B, 1, D]`` of class ``labels``: ``fake_latent`` where they are None or dropped."""
+    def embed_condition(
+        self, labels: Tensor | None, batch: int, drop: Tensor | None = None
+    ) -> Tensor:
+        """Condition rows ``[B, 1, D]`` of class ``labels`` (``fake_latent``: None or dropped)."""
         cond = self.fake_latent.expand(batch, -1)
         if labels is not None:
             emb = self.class_emb(labels)
             cond = emb if drop is None else torch.where(drop[:, None], cond.to(emb.dtype), emb)
         return cond[:, None]
 
-    def embed_prefix(self, cond: torch.Tensor) -> torch.Tensor:
-        """Prefix rows ``[B, L, D]`` of condition rows ``cond [B, L, D]`` (at the condition's position)."""
+    def embed_prefix(self, cond: Tensor) -> Tensor:
+        """Prefix rows ``[B, L, D]`` of condition rows ``cond [B, L, D]`` (at position 0)."""
         return self.z_proj_ln(cond + self.pos_embed[0, 0])
 
-    def embed_tokens(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def embed_tokens(self, tokens: Tensor, positions: Tensor) -> Tensor:
         """Context rows ``[B, M, D]`` of ``tokens`` at raster ``positions``."""
         return self.z_proj_ln(self.token_emb(tokens) + self.pos_embed[0, 1:][positions])
 
@@ -302,38 +329,55 @@ class LPD(nn.Module):
         """Position queries ``[B, M, D]`` at raster ``positions [B, M]``."""
         return self.z_proj_ln(self.mask_token + self.pos_embed[0, 1:][positions])
 
-    def _check(self, tokens: torch.Tensor, labels: torch.Tensor | None, orders: torch.Tensor, group_sizes: Sequence[int],
-               cond: torch.Tensor | None, cond_mask: torch.Tensor | None) -> None:
-        B, N, D = orders.shape[0], self.num_tokens, self.config.embed_dim
+    def _check(
+        self,
+        tokens: Tensor,
+        labels: Tensor | None,
+        orders: Tensor,
+        group_sizes: Sequence[int],
+        cond: Tensor | None,
+        cond_mask: Tensor | None,
+    ) -> None:
+        B, N, D, g = orders.shape[0], self.num_tokens, self.config.embed_dim, self.grid_size
         if orders.dim() != 2 or orders.shape[1] != N:
-            raise ValueError(f"orders must have shape [B, {N}] for a {self.grid_size}x{self.grid_size} grid, got {list(orders.shape)}")
+            raise ValueError(f"orders must have shape [B, {N}] ({g}x{g} grid), got {list(orders.shape)}")
         if tokens.reshape(tokens.shape[0], -1).shape != (B, N):
-            raise ValueError(f"tokens must have shape [{B}, {N}] (raster order), got {list(tokens.shape)}")
+            raise ValueError(f"tokens must have shape [{B}, {N}] (raster), got {list(tokens.shape)}")
         if labels is not None and labels.shape != (B,):
             raise ValueError(f"labels must have shape [{B}], got {list(labels.shape)}")
-        if cond is not None and (labels is not None or cond.dim() != 3 or cond.shape[::2] != (B, D)):
-            raise ValueError(f"cond must be [{B}, L, {D}] rows instead of labels, got {list(cond.shape)}")
+        if cond is not None and (labels is not None or cond.shape[:1] + cond.shape[2:] != (B, D)):
+            raise ValueError(f"cond must be [{B}, L, {D}] (and no labels), got {list(cond.shape)}")
         L = 1 if cond is None else cond.shape[1]
         if cond_mask is not None and (cond_mask.dtype != torch.bool or cond_mask.shape != (B, L)):
-            raise ValueError(f"cond_mask must be bool [{B}, {L}], got {cond_mask.dtype} {list(cond_mask.shape)}")
+            got = f"{cond_mask.dtype} {list(cond_mask.shape)}"
+            raise ValueError(f"cond_mask must be bool [{B}, {L}] (False: padding), got {got}")
         validate_group_sizes(group_sizes, N)
 
-    def _train_pass(self, tokens: torch.Tensor, labels: torch.Tensor | None, orders: torch.Tensor, group_sizes: Sequence[int],
-                    drop: torch.Tensor | None, cond: torch.Tensor | None, cond_mask: torch.Tensor | None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final-norm outputs of the ``N`` queries ``[B, N, D]`` and their targets (tokens in generation order)."""
+    def _train_pass(
+        self,
+        tokens: Tensor,
+        labels: Tensor | None,
+        orders: Tensor,
+        group_sizes: Sequence[int],
+        drop: Tensor | None,
+        cond: Tensor | None,
+        cond_mask: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        """Final-norm outputs of the ``N`` queries ``[B, N, D]`` and their targets (tokens in
+        generation order)."""
         self._check(tokens, labels, orders, group_sizes, cond, cond_mask)
         B, N = orders.shape
         targets = torch.gather(tokens.reshape(B, N), 1, orders)
         n_ctx = N - group_sizes[-1]
         cond = self.embed_condition(labels, B, drop) if cond is None else cond
-        x = torch.cat([self.embed_prefix(cond), self.embed_tokens(targets[:, :n_ctx], orders[:, :n_ctx]),
-                       self.embed_queries(orders)], dim=1)
+        x = [self.embed_prefix(cond), self.embed_tokens(targets[:, :n_ctx], orders[:, :n_ctx])]
+        x = torch.cat([*x, self.embed_queries(orders)], dim=1)
         flex = self.uses_flex(x.device)
         if flex and x.device.type == "cpu" and torch.is_grad_enabled():
             raise RuntimeError("attn_impl='flex' has no backward pass on the CPU; train there with 'sdpa' or 'auto'")
-        mask = self.group_mask(group_sizes, x.device, flex, False, cond.shape[1], cond_mask)
-        last_mask = self.group_mask(group_sizes, x.device, flex, True, cond.shape[1], cond_mask) if flex else mask
+        L = cond.shape[1]
+        mask = self.group_mask(group_sizes, x.device, flex, False, L, cond_mask)
+        last_mask = self.group_mask(group_sizes, x.device, True, True, L, cond_mask) if flex else mask
         for i, blk in enumerate(self.blocks):
             m, last = (last_mask, N) if i == len(self.blocks) - 1 else (mask, None)  # last block: query rows only
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -342,16 +386,35 @@ class LPD(nn.Module):
                 x = blk(x, m, last=last)
         return self.norm(x), targets
 
-    def logits(self, tokens: torch.Tensor, labels: torch.Tensor | None, orders: torch.Tensor, group_sizes: Sequence[int],
-               *, cond: torch.Tensor | None = None, cond_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits ``[B, N, V]`` of ``tokens[b, orders[b, j]]`` at index ``j``; no label dropout (None: unconditional);
-        ``cond [B, L, D]``: condition rows instead of labels (``cond_mask [B, L]``: False = padding)."""
-        return self.head(self._train_pass(tokens, labels, orders, list(group_sizes), None, cond, cond_mask)[0])
+    def logits(
+        self,
+        tokens: Tensor,
+        labels: Tensor | None,
+        orders: Tensor,
+        group_sizes: Sequence[int],
+        *,
+        cond: Tensor | None = None,
+        cond_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Logits ``[B, N, V]`` of ``tokens[b, orders[b, j]]`` at index ``j``; no label dropout
+        (None: unconditional); ``cond [B, L, D]``: condition rows instead of labels (``cond_mask
+        [B, L]``: False = padding)."""
+        sizes = list(group_sizes)
+        return self.head(self._train_pass(tokens, labels, orders, sizes, None, cond, cond_mask)[0])
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None, orders: torch.Tensor, group_sizes: Sequence[int],
-                generator: torch.Generator | None = None, *, cond: torch.Tensor | None = None,
-                cond_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean cross-entropy of predicting every token; label dropout in train mode; ``cond``: as :meth:`logits`."""
+    def forward(
+        self,
+        tokens: Tensor,
+        labels: Tensor | None,
+        orders: Tensor,
+        group_sizes: Sequence[int],
+        generator: torch.Generator | None = None,
+        *,
+        cond: Tensor | None = None,
+        cond_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Mean cross-entropy of predicting every token; label dropout in train mode; ``cond``,
+        ``cond_mask``: as :meth:`logits`."""
         drop = None
         if self.training and labels is not None and self.label_drop_prob > 0:
             dev = generator.device if generator is not None else labels.device
@@ -366,7 +429,8 @@ class LPD(nn.Module):
                              for _ in range(c.depth))
 
     def decode_step(self, x: torch.Tensor, cache: nn.ModuleList, pos: torch.Tensor, mask: torch.Tensor, num_out: int) -> torch.Tensor:
-        """Rows ``x [B, T, D]`` write slots ``pos [T]``, attend through ``mask [(B, 1,) T, S]``; logits of the last ``num_out``."""
+        """Rows ``x [B, T, D]`` write slots ``pos [T]``, attend through ``mask [(B, 1,) T, S]``;
+        logits of the last ``num_out``."""
         for i, (blk, c) in enumerate(zip(self.blocks, cache)):
             x = blk(x, mask, c, pos, num_out if i == len(self.blocks) - 1 else None)
         return self.head(self.norm(x))
