@@ -9,6 +9,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -199,8 +200,8 @@ class DecodeStep(NamedTuple):
 
 class Decoder:
     """KV-cached parallel decoding with one model and one :class:`SamplingConfig` (``greedy``:
-    argmax). It owns the step plans, the KV cache, the (compiled) step and the draw; reuse it for
-    repeated calls, one at a time. Guidance (``cfg != 1``) doubles the batch: a prefix is
+    argmax). It owns the step plans (cached on the model), the KV cache, the (compiled) step and
+    the draw; reuse it for repeated calls, one at a time. Guidance (``cfg != 1``) doubles the batch: a prefix is
     ``[cB, L, D]`` condition rows, the conditional ones first (:meth:`class_prefix`). ``compile``:
     static-shape steps under ``torch.compile`` (``True``, a mode such as ``"reduce-overhead"`` for
     CUDA graphs, or a dict of options); a failing compiler falls back to eager with one warning."""
@@ -220,7 +221,7 @@ class Decoder:
         self.model, self.sampling, self.greedy = model, sampling or SamplingConfig(), greedy
         self.guided = self.sampling.cfg != 1.0  # the one reading of cfg: doubles the batch
         self.amp = autocast_dtype or (torch.bfloat16 if self.sampling.bf16 else None)
-        self.compiled, self.compile_failed, self._plans, self._cache = None, False, {}, None
+        self.compiled, self.compile_failed, self._cache = None, False, None
         if compile is not False:
             opts = compile if isinstance(compile, dict) else {}
             opts = {"mode": compile} if isinstance(compile, str) else opts
@@ -290,12 +291,10 @@ class Decoder:
         M = 0 if known is None else known.shape[1]
         c, n, D = 1 + self.guided, N - M, m.config.embed_dim
         n_known = np.cumsum(sizes).tolist().index(M) + 1 if M else 0  # M: whole groups
-        key = (tuple(sizes), prefix.shape[1], n_known, str(device))
-        if key not in self._plans:
-            self._plans[key] = step_plan(
-                *key[:2], device, n_known=n_known, static=bool(self.compiled)
-            )
-        plan, masks = self._plans[key], self._plans[key].masks
+        key = ("plan", tuple(sizes), prefix.shape[1], n_known, str(device), bool(self.compiled))
+        build = functools.partial(step_plan, *key[1:3], device, n_known=n_known, static=key[-1])
+        plan = m.cached(key, build)  # on the model, as its training masks
+        masks = plan.masks
         if prefix_mask is not None:  # per batch: padded prefix rows are keys for nobody
             valid = valid_keys(prefix_mask, plan.slots)[:, None, None]
             masks = [attends(r, k, valid[..., : len(k[0])]) for r, k in zip(plan.rows, plan.keys)]
@@ -350,22 +349,17 @@ class Decoder:
         return contextlib.nullcontext() if amp is None else torch.autocast(device, dtype=amp)
 
     def _kv_cache(self, batch: int, slots: int) -> torch.nn.ModuleList:
-        """The KV cache, zeroed; kept while its shape holds (CUDA graphs replay its addresses)."""
-        m, device = self.model, self.model.pos_embed.device
-        dtype = (
-            torch.get_autocast_dtype(device.type)
-            if torch.is_autocast_enabled(device.type)
-            else None
-        )
-        if self._cache is None or self._cache[0] != (batch, slots, dtype, m.pos_embed.dtype):
-            self._cache = (
-                (batch, slots, dtype, m.pos_embed.dtype),
-                m.new_cache(batch, slots, dtype),
-            )
-            for t in self._cache[1].buffers() if self.compiled is not None else ():
-                torch._dynamo.mark_static_address(t)
-        for t in self._cache[1].buffers():
-            t.zero_()
+        """A zeroed KV cache, kept while its shape holds (CUDA graphs replay on its addresses)."""
+        m, device = self.model, self.model.pos_embed.device.type
+        amp = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        key = (batch, slots, amp, m.pos_embed.dtype)
+        if self._cache is not None and self._cache[0] == key:
+            for t in self._cache[1].buffers():
+                t.zero_()
+            return self._cache[1]
+        self._cache = (key, m.new_cache(batch, slots, amp))
+        for t in self._cache[1].buffers() if self.compiled is not None else ():
+            torch._dynamo.mark_static_address(t)
         return self._cache[1]
 
     def _step(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -285,6 +285,12 @@ class LPD(nn.Module):
     def uses_flex(self, device: torch.device | str) -> bool:
         return self.attn_impl == "flex" or (self.attn_impl == "auto" and torch.device(device).type == "cuda")
 
+    def cached(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """``build()``, once per ``key`` (the training masks, the decoding plans)."""
+        if key not in self._masks:
+            self._masks[key] = build()
+        return self._masks[key]
+
     def group_mask(
         self,
         group_sizes: Sequence[int],
@@ -296,16 +302,15 @@ class LPD(nn.Module):
     ) -> Any:
         """The training mask of a schedule (dense, or flex ``BlockMask``), cached per device (built
         per batch with a ``prefix_mask``)."""
-        key = (tuple(group_sizes), str(device), flex, queries_only, n_prefix)
-        if prefix_mask is None and key in self._masks:
-            return self._masks[key]
-        if flex:
-            mask = group_block_mask(group_sizes, device, queries_only, n_prefix, prefix_mask)
-        else:
-            mask = group_visible_mask(group_sizes, device, n_prefix, prefix_mask)
-        if prefix_mask is None:
-            self._masks[key] = mask
-        return mask
+
+        def build() -> Any:
+            if flex:
+                return group_block_mask(group_sizes, device, queries_only, n_prefix, prefix_mask)
+            return group_visible_mask(group_sizes, device, n_prefix, prefix_mask)
+
+        if prefix_mask is not None:
+            return build()
+        return self.cached((tuple(group_sizes), str(device), flex, queries_only, n_prefix), build)
 
     def embed_condition(
         self, labels: Tensor | None, batch: int, drop: Tensor | None = None
