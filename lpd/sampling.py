@@ -201,10 +201,11 @@ class DecodeStep(NamedTuple):
 class Decoder:
     """KV-cached parallel decoding with one model and one :class:`SamplingConfig` (``greedy``:
     argmax). It owns the step plans (cached on the model), the KV cache, the (compiled) step and
-    the draw; reuse it for repeated calls, one at a time. Guidance (``cfg != 1``) doubles the batch: a prefix is
-    ``[cB, L, D]`` condition rows, the conditional ones first (:meth:`class_prefix`). ``compile``:
-    static-shape steps under ``torch.compile`` (``True``, a mode such as ``"reduce-overhead"`` for
-    CUDA graphs, or a dict of options); a failing compiler falls back to eager with one warning."""
+    the draw; reuse it for repeated calls, one at a time. Guidance (``cfg != 1``) doubles the
+    batch: a prefix is ``[cB, L, D]`` condition rows, the conditional ones first
+    (:meth:`class_prefix`). ``compile``: static-shape steps under ``torch.compile`` (``True``, a
+    mode such as ``"reduce-overhead"`` for CUDA graphs, or a dict of options); a failing compiler
+    falls back to eager with one warning."""
 
     def __init__(
         self,
