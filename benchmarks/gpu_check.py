@@ -223,7 +223,7 @@ def sampler(model: torch.nn.Module, labels: torch.Tensor, orders: torch.Tensor, 
     B = orders.shape[0]
     labels_in, orders_in = labels.clone(), orders.clone()
 
-    def body() -> torch.Tensor:  # the decoder without the input checks of Decoder.sample (they wait on the device)
+    def body() -> torch.Tensor:  # no input checks (as in Decoder.sample): they wait on the device
         gen = decoder.decode(decoder.class_prefix(labels_in, B), orders_in, sizes)
         tokens = torch.empty_like(gen).scatter_(1, orders_in, gen)
         if images is None:

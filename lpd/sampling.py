@@ -23,8 +23,9 @@ from lpd.devices import warn_if_emulated_bf16
 from lpd.models.lpd import LPD, Rows, attends, valid_keys
 from lpd.schedules import validate_group_sizes
 
-__all__ = ["SamplingConfig", "ORDERS", "derive_seed", "add_sampling_args", "sampling_from_args", "Decoder", "DecodeStep",
-           "sample_tokens", "teacher_forced_logits", "step_plan", "StepPlan", "cfg_scales", "filter_and_sample"]
+__all__ = ["SamplingConfig", "ORDERS", "derive_seed", "add_sampling_args", "sampling_from_args",
+           "Decoder", "DecodeStep", "sample_tokens", "teacher_forced_logits", "step_plan",
+           "StepPlan", "cfg_scales", "filter_and_sample"]
 
 ORDERS = ("lpd", "random", "raster")
 Generators = torch.Generator | Sequence[torch.Generator] | None

@@ -1,5 +1,6 @@
-"""The condition as a prefix of L rows with a key-padding mask: padded rows change no logit (training
-pass and cached decoding), teacher-forced decoding equals the training pass, the Decoder's steps."""
+"""The condition as a prefix of L rows with a key-padding mask: padded rows change no logit
+(training pass and cached decoding), teacher-forced decoding equals the training pass, the
+Decoder's steps."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ L, D = 5, 32
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return build_lpd(img_size=64, embed_dim=D, depth=2, num_heads=4, vocab_size=24, class_num=5).eval()
+    return build_lpd(
+        img_size=64, embed_dim=D, depth=2, num_heads=4, vocab_size=24, class_num=5
+    ).eval()
 
 
 def prefix_inputs(model, B: int, seed: int):
@@ -48,13 +51,21 @@ def test_padded_prefix_rows_change_no_training_logit(model, attn):
     model.set_attn_impl(attn)
     try:
         with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # flex_attention called without torch.compile
-            for sizes in SIZES[:2] if attn == "flex" else SIZES:  # flex on a CPU: torch's slow reference
+            warnings.simplefilter(
+                "ignore", UserWarning
+            )  # flex_attention called without torch.compile
+            for sizes in (
+                SIZES[:2] if attn == "flex" else SIZES
+            ):  # flex on a CPU: torch's slow reference
                 a = model.logits(tokens, None, orders, sizes, cond=cond, cond_mask=mask)
-                b = model.logits(tokens, None, orders, sizes, cond=repad(cond, mask, 2), cond_mask=mask)
+                b = model.logits(
+                    tokens, None, orders, sizes, cond=repad(cond, mask, 2), cond_mask=mask
+                )
                 assert (a - b).abs().max().item() == 0.0
                 unmasked = model.logits(tokens, None, orders, sizes, cond=repad(cond, mask, 2))
-                assert (a - unmasked).abs().max().item() > 1e-3  # without the mask the rows are seen
+                assert (
+                    a - unmasked
+                ).abs().max().item() > 1e-3  # without the mask the rows are seen
     finally:
         model.set_attn_impl("auto")
 
@@ -75,25 +86,37 @@ def test_dense_and_flex_prefix_masks_agree(model):
 @pytest.mark.parametrize("cfg", [1.0, 3.0])
 @pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("n_known", [0, 2])
-def test_teacher_forced_decoding_with_a_padded_prefix_equals_the_training_pass(model, cfg, static, n_known):
-    """Guidance doubles the batch (the null rows: other content and padding); known groups are fed with
-    the prefix; static plans prefill a prefix of several rows before the compiled steps."""
+def test_teacher_forced_decoding_with_a_padded_prefix_equals_the_training_pass(
+    model, cfg, static, n_known
+):
+    """Guidance doubles the batch (the null rows: other content and padding); known groups are fed
+    with the prefix; static plans prefill a prefix of several rows before the compiled steps."""
     tokens, orders, cond, mask = prefix_inputs(model, 3, seed=5)
     null = torch.randn(3, L, D, generator=torch.Generator().manual_seed(6))
     null_mask = torch.ones(3, L, dtype=torch.bool)
     null_mask[:, 3:] = False
-    prefix, prefix_mask = (torch.cat([cond, null]), torch.cat([mask, null_mask])) if cfg != 1.0 else (cond, mask)
-    decoder = Decoder(model, SamplingConfig(cfg=cfg), compile={"backend": "eager"} if static else False)
+    prefix, prefix_mask = (
+        (torch.cat([cond, null]), torch.cat([mask, null_mask])) if cfg != 1.0 else (cond, mask)
+    )
+    decoder = Decoder(
+        model, SamplingConfig(cfg=cfg), compile={"backend": "eager"} if static else False
+    )
     forced = torch.gather(tokens, 1, orders)
     for sizes in [s for s in SIZES if len(s) > n_known]:
         n = sum(sizes[:n_known])  # the tokens of the first n_known groups are known
         got = decoder.logits(prefix, orders, sizes, forced, n_known=n, prefix_mask=prefix_mask)
-        repadded = decoder.logits(repad(prefix, prefix_mask, 7), orders, sizes, forced, n_known=n,
-                                  prefix_mask=prefix_mask)
+        repadded = decoder.logits(
+            repad(prefix, prefix_mask, 7), orders, sizes, forced, n_known=n, prefix_mask=prefix_mask
+        )
         with torch.no_grad():
             want = model.logits(tokens, None, orders, sizes, cond=cond, cond_mask=mask)
             if cfg != 1.0:
-                want = torch.cat([want, model.logits(tokens, None, orders, sizes, cond=null, cond_mask=null_mask)])
+                want = torch.cat(
+                    [
+                        want,
+                        model.logits(tokens, None, orders, sizes, cond=null, cond_mask=null_mask),
+                    ]
+                )
         assert got.shape == (3 * (1 + (cfg != 1.0)), 16 - n, model.vocab_size)
         assert (got - want[:, n:]).abs().max().item() < 1e-5
         assert (got - repadded).abs().max().item() == 0.0
@@ -103,8 +126,13 @@ def test_teacher_forced_decoding_with_a_padded_prefix_equals_the_training_pass(m
 def test_sampling_with_a_padded_prefix_ignores_the_padded_rows(model):
     _, orders, cond, mask = prefix_inputs(model, 4, seed=8)
     decoder = Decoder(model, SamplingConfig(temperature=1.5, top_k=10))
-    draw = lambda c: decoder.decode(c, orders, [1, 3, 5, 7], prefix_mask=mask,  # noqa: E731
-                                    generator=torch.Generator().manual_seed(3))
+    draw = lambda c: decoder.decode(
+        c,
+        orders,
+        [1, 3, 5, 7],
+        prefix_mask=mask,  # noqa: E731
+        generator=torch.Generator().manual_seed(3),
+    )
     assert torch.equal(draw(cond), draw(repad(cond, mask, 9)))
 
 
@@ -114,11 +142,16 @@ def test_a_class_label_is_one_prefix_row(model):
     rows = model.embed_condition(labels, 3)
     assert rows.shape == (3, 1, D)
     with torch.no_grad():
-        assert torch.equal(model.logits(tokens, labels, orders, [4, 12]), model.logits(tokens, None, orders, [4, 12], cond=rows))
+        assert torch.equal(
+            model.logits(tokens, labels, orders, [4, 12]),
+            model.logits(tokens, None, orders, [4, 12], cond=rows),
+        )
     with pytest.raises(ValueError, match="cond must be"):
         model.logits(tokens, labels, orders, [4, 12], cond=rows)
     with pytest.raises(ValueError, match="cond_mask must be bool"):
-        model.logits(tokens, None, orders, [4, 12], cond=rows, cond_mask=torch.ones(3, 2, dtype=torch.bool))
+        model.logits(
+            tokens, None, orders, [4, 12], cond=rows, cond_mask=torch.ones(3, 2, dtype=torch.bool)
+        )
 
 
 def test_steps_stream_the_tokens_decoded_so_far(model):
@@ -126,11 +159,22 @@ def test_steps_stream_the_tokens_decoded_so_far(model):
     labels, sizes = torch.tensor([1, 3]), [1, 3, 5, 7]
     decoder = Decoder(model, SamplingConfig(cfg=2.0))
     seen = []
-    for step in decoder.steps(decoder.class_prefix(labels, 2), orders, sizes, generator=torch.Generator().manual_seed(0)):
-        assert step.logits.shape == (4, step.last - step.first, model.vocab_size)  # both guidance halves
+    for step in decoder.steps(
+        decoder.class_prefix(labels, 2), orders, sizes, generator=torch.Generator().manual_seed(0)
+    ):
+        assert step.logits.shape == (
+            4,
+            step.last - step.first,
+            model.vocab_size,
+        )  # both guidance halves
         seen.append((step.first, step.last, step.tokens[:, : step.last].clone()))
     assert [(a, b) for a, b, _ in seen] == [(0, 1), (1, 4), (4, 9), (9, 16)]
     final = torch.empty_like(seen[-1][2]).scatter_(1, orders, seen[-1][2])
-    assert torch.equal(final, sample_tokens(model, labels, orders, sizes, cfg=2.0, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(
+        final,
+        sample_tokens(
+            model, labels, orders, sizes, cfg=2.0, generator=torch.Generator().manual_seed(0)
+        ),
+    )
     for _, last, so_far in seen:  # every frame is a prefix of the final tokens
         assert torch.equal(so_far, seen[-1][2][:, :last])

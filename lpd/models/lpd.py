@@ -18,8 +18,8 @@ from torch.utils.checkpoint import checkpoint
 from lpd.models.kernels import Dropout, Linear, flex_attention, linear_cross_entropy
 from lpd.schedules import validate_group_sizes
 
-__all__ = ["LPDConfig", "PRESETS", "Attention", "Mlp", "Block", "KVCache", "LPD", "attends", "sequence_rows",
-           "valid_keys", "group_visible_mask", "group_block_mask", "ATTN_IMPLS"]
+__all__ = ["LPDConfig", "PRESETS", "Attention", "Mlp", "Block", "KVCache", "LPD", "attends",
+           "sequence_rows", "valid_keys", "group_visible_mask", "group_block_mask", "ATTN_IMPLS"]
 
 #: The released architectures (and a tiny one for CPU tests): width, depth, heads.
 PRESETS: dict[str, dict[str, int]] = {
@@ -101,9 +101,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: Any = None, cache: "KVCache | None" = None,
                 pos: torch.Tensor | None = None, last: int | None = None) -> torch.Tensor:
-        """Attention of ``x [B, T, C]`` under ``mask`` (bool ``[(B, 1,) T', S]``, True = may attend,
-        or a ``BlockMask``); ``cache``: write slots ``pos``, attend to its first ``S``; ``last``: only
-        the last rows out."""
+        """Attention of ``x [B, T, C]`` under ``mask`` (bool ``[(B, 1,) T', S]``, True = may
+        attend, or a ``BlockMask``); ``cache``: write slots ``pos``, attend to its first ``S``;
+        ``last``: only the last rows out."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if cache is not None:
@@ -112,7 +112,8 @@ class Attention(nn.Module):
         if last is not None and last < T:
             q, T = q[:, :, T - last :], last
         if isinstance(mask, torch.Tensor) or mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[..., -T:, :])
+            attn_mask = None if mask is None else mask[..., -T:, :]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         else:
             out = flex_attention(q, k, v, mask)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, T, C)))
@@ -345,9 +346,9 @@ class LPD(nn.Module):
     ) -> None:
         B, N, D, g = orders.shape[0], self.num_tokens, self.config.embed_dim, self.grid_size
         if orders.dim() != 2 or orders.shape[1] != N:
-            raise ValueError(f"orders must have shape [B, {N}] ({g}x{g} grid), got {list(orders.shape)}")
+            raise ValueError(f"orders must have shape [B, {N}] ({g}x{g}), got {list(orders.shape)}")
         if tokens.reshape(tokens.shape[0], -1).shape != (B, N):
-            raise ValueError(f"tokens must have shape [{B}, {N}] (raster), got {list(tokens.shape)}")
+            raise ValueError(f"tokens must have shape [{B}, {N}], got {list(tokens.shape)}")
         if labels is not None and labels.shape != (B,):
             raise ValueError(f"labels must have shape [{B}], got {list(labels.shape)}")
         if cond is not None and (labels is not None or cond.shape[:1] + cond.shape[2:] != (B, D)):
@@ -380,9 +381,9 @@ class LPD(nn.Module):
         flex = self.uses_flex(x.device)
         if flex and x.device.type == "cpu" and torch.is_grad_enabled():
             raise RuntimeError("attn_impl='flex' has no backward pass on the CPU; train there with 'sdpa' or 'auto'")
-        L = cond.shape[1]
-        mask = self.group_mask(group_sizes, x.device, flex, False, L, cond_mask)
-        last_mask = self.group_mask(group_sizes, x.device, True, True, L, cond_mask) if flex else mask
+        L, dev = cond.shape[1], x.device
+        mask = self.group_mask(group_sizes, dev, flex, False, L, cond_mask)
+        last_mask = self.group_mask(group_sizes, dev, True, True, L, cond_mask) if flex else mask
         for i, blk in enumerate(self.blocks):
             m, last = (last_mask, N) if i == len(self.blocks) - 1 else (mask, None)  # last block: query rows only
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -424,7 +425,8 @@ class LPD(nn.Module):
         if self.training and labels is not None and self.label_drop_prob > 0:
             dev = generator.device if generator is not None else labels.device
             drop = torch.rand(labels.shape[0], generator=generator, device=dev).to(labels.device) < self.label_drop_prob
-        h, targets = self._train_pass(tokens, labels, orders, list(group_sizes), drop, cond, cond_mask)
+        sizes = list(group_sizes)
+        h, targets = self._train_pass(tokens, labels, orders, sizes, drop, cond, cond_mask)
         return linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.head.weight, targets.reshape(-1))
 
     def new_cache(self, batch: int, slots: int, dtype: torch.dtype | None = None) -> nn.ModuleList:
