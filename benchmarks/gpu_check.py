@@ -49,10 +49,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import MODELS, PeakMemory, build_model, build_released, describe_host, event_times, host_info, load_released, sync  # noqa: E402
 from bench_sampling import make_inputs, released_fn  # noqa: E402
 from bench_train import ours_step  # noqa: E402
-import lpd.sampling  # noqa: E402
 from lpd.checkpoint import atomic_write_bytes  # noqa: E402
 from lpd.models import build_lpd  # noqa: E402
-from lpd.sampling import SamplingConfig, sample_tokens, teacher_forced_logits  # noqa: E402
+from lpd.sampling import Decoder, SamplingConfig, sample_tokens, teacher_forced_logits  # noqa: E402
 from lpd.schedules import group_sizes  # noqa: E402
 from lpd.tokenizer import build_vq  # noqa: E402
 
@@ -143,9 +142,8 @@ def exact_fp32() -> Iterator[None]:
 
 
 def fresh_compile() -> None:
-    """Forget compiled code, and lpd's record of a failed compile, so a row compiles on its own."""
+    """Forget compiled code, so a row compiles on its own (each row has its own decoder)."""
     torch._dynamo.reset()
-    lpd.sampling._COMPILED.clear()
 
 
 def counters() -> dict[str, int]:
@@ -208,30 +206,30 @@ def vq_decoder(vq: torch.nn.Module | None, grid: int, channels_last: bool) -> Ca
 def sampler(model: torch.nn.Module, labels: torch.Tensor, orders: torch.Tensor, sizes: list[int], mode: str, scale: Scale, *,
             greedy: bool = False, amp: torch.dtype | None = None, sampling: SamplingConfig = SAMPLING,
             images: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[Callable[[], torch.Tensor], str]:
-    """One call decoding the batch in ``mode`` (and its images with ``images``), and a note."""
+    """One call decoding the batch in ``mode`` (and its images with ``images``), and a note; one
+    :class:`Decoder` serves every call (its plans and static KV cache are reused)."""
     device = orders.device
+    comp = scale.compile[mode] if mode.startswith("compiled") else False
+    decoder = Decoder(model, sampling, greedy=greedy, compile=comp, autocast_dtype=amp)
     if mode in ("eager", "compiled"):
-        comp = scale.compile[mode] if mode == "compiled" else False
 
         def run() -> torch.Tensor:
-            tokens = sample_tokens(model, labels, orders, sizes, sampling, greedy=greedy, compile=comp, autocast_dtype=amp)
+            tokens = decoder.sample(labels, orders, sizes)
             if images is None:
                 return tokens
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 return images(tokens)
         return run, ""
-    from lpd.sampling import _chooser, _decode, _inference, compiled_step  # the loop without its input checks (they wait on the device)
-
-    step = compiled_step(model, scale.compile[mode]) if mode == "compiled_graph" else None
-    B, N = orders.shape
+    B = orders.shape[0]
     labels_in, orders_in = labels.clone(), orders.clone()
 
-    def body() -> torch.Tensor:
-        u = None if greedy else torch.rand(B, N, device=device)
-        with _inference(model, amp):
-            gen = _decode(model, labels_in, orders_in, sizes, sampling.cfg, _chooser(B, N, sampling, greedy, u, device), step=step)
-            tokens = torch.empty_like(gen).scatter_(1, orders_in, gen)
-            return tokens if images is None else images(tokens)
+    def body() -> torch.Tensor:  # no input checks (as in Decoder.sample): they wait on the device
+        gen = decoder.decode(decoder.class_prefix(labels_in, B), orders_in, sizes)
+        tokens = torch.empty_like(gen).scatter_(1, orders_in, gen)
+        if images is None:
+            return tokens
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            return images(tokens)
 
     if device.type != "cuda":
         return body, "not captured (no CUDA)"

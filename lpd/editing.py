@@ -14,7 +14,7 @@ import torch
 from lpd.evaluate import decode_tokens
 from lpd.images import image_to_tensor, load_image, load_mask
 from lpd.orders import lpd_orders, random_orders
-from lpd.sampling import SamplingConfig, _chooser, _decode, _inference, _uniforms, teacher_forced_logits
+from lpd.sampling import Decoder, SamplingConfig
 from lpd.schedules import group_sizes as schedule_for, scaled_group_sizes, validate_group_sizes
 
 __all__ = ["edit_tokens", "edit_images", "region_mask", "token_keep", "prefill_layout", "PREFILL_LAYOUTS"]
@@ -100,13 +100,12 @@ def _prepare(model: torch.nn.Module, tokens: Any, keep: Any, labels: Any) -> tup
     return tokens.long(), keep, labels
 
 
-def _context(model: torch.nn.Module, tokens: torch.Tensor, keep: np.ndarray, layout: str, generator: torch.Generator | None):
-    """Prefill context ``(tokens [B, M], positions [B, M], mask [1 + M, 1 + M])`` of the known tokens."""
-    known = torch.as_tensor(np.stack([np.flatnonzero(k) for k in keep]), device=tokens.device)
+def _known(model: Any, keep: np.ndarray, layout: str, generator: Any) -> tuple[torch.Tensor, list]:
+    """Known positions ``[B, M]`` of ``keep`` in prefill order and their group sizes."""
+    device = model.pos_embed.device
+    known = torch.as_tensor(np.stack([np.flatnonzero(k) for k in keep]), device=device)
     perm, sizes = prefill_layout(layout, known.shape[1], model.config.img_size, generator)
-    known = known[:, perm.to(known.device)]
-    gid = torch.repeat_interleave(torch.arange(len(sizes) + 1), torch.tensor([1, *sizes]))
-    return torch.gather(tokens, 1, known), known, gid[None, :] <= gid[:, None]
+    return known[:, perm.to(device)], [s for s in sizes if s]
 
 
 def edit_tokens(model: torch.nn.Module, tokens: Any, keep: Any, labels: Any = None, *, steps: int | None = None,
@@ -121,7 +120,7 @@ def edit_tokens(model: torch.nn.Module, tokens: Any, keep: Any, labels: Any = No
         raise ValueError("classifier-free guidance needs labels; use cfg=1.0 for unconditional editing")
     if prefill not in PREFILL_LAYOUTS:
         raise ValueError(f"prefill layout must be one of {PREFILL_LAYOUTS}, got {prefill!r}")
-    out = tokens.clone()
+    out, decoder = tokens.clone(), Decoder(model, sampling, greedy=greedy)
     n_unknown = (~keep).sum(1)
     seed = int(torch.randint(2**62, (1,), generator=generator))
     for n in sorted(set(n_unknown.tolist()) - {0}):  # images with as many unknown tokens decode together
@@ -135,11 +134,10 @@ def edit_tokens(model: torch.nn.Module, tokens: Any, keep: Any, labels: Any = No
         orders = torch.as_tensor(_orders(order or sampling.order, keep[rows], sizes, model.grid_size, sampling, seed + int(rows[0])),
                                  device=tokens.device)
         sub, lab = tokens[rows], None if labels is None else labels[rows]
-        uniforms = None if greedy else _uniforms(generator, len(rows), n, tokens.device)
-        with _inference(model, torch.bfloat16 if sampling.bf16 else None):
-            context = None if n == model.num_tokens else _context(model, sub, keep[rows], prefill, generator)
-            gen = _decode(model, lab, orders, sizes, sampling.cfg, _chooser(len(rows), n, sampling, greedy, uniforms, tokens.device),
-                          context=context)
+        known, known_sizes = _known(model, keep[rows], prefill, generator)  # they come first
+        given = torch.gather(sub, 1, known) if known_sizes else None
+        prefix, full = decoder.class_prefix(lab, len(rows)), torch.cat([known, orders], 1)
+        gen = decoder.decode(prefix, full, known_sizes + sizes, known=given, generator=generator)
         out[rows] = sub.scatter(1, orders, gen)
     return out
 
@@ -172,6 +170,8 @@ def editing_logits(model: torch.nn.Module, tokens: torch.Tensor, keep: np.ndarra
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """Head outputs of editing fed the true unknown tokens (teacher forcing), ``[B, n, V]`` in decoding order."""
     tokens, keep, labels = _prepare(model, tokens, keep, labels)
-    with _inference(model, None):
-        context = _context(model, tokens, keep, prefill, generator)
-    return teacher_forced_logits(model, tokens, labels, orders, group_sizes, context=context)
+    known, known_sizes = _known(model, keep, prefill, generator)
+    orders = torch.cat([known, torch.as_tensor(orders, device=tokens.device)], 1)
+    decoder, sizes = Decoder(model), known_sizes + list(group_sizes)
+    prefix, given = decoder.class_prefix(labels, len(tokens)), torch.gather(tokens, 1, orders)
+    return decoder.logits(prefix, orders, sizes, given, n_known=known.shape[1])

@@ -6,22 +6,26 @@ The cache layout and the draw are in docs/design.md; nothing in the loop waits o
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
+import functools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from lpd.devices import warn_if_emulated_bf16
-from lpd.models.lpd import LPD
+from lpd.models.lpd import LPD, Rows, attends, valid_keys
 from lpd.schedules import validate_group_sizes
 
-__all__ = ["SamplingConfig", "ORDERS", "derive_seed", "add_sampling_args", "sampling_from_args", "sample_tokens",
-           "teacher_forced_logits", "step_plan", "StepPlan", "cfg_scales", "filter_and_sample", "compiled_step"]
+__all__ = ["SamplingConfig", "ORDERS", "derive_seed", "add_sampling_args", "sampling_from_args",
+           "Decoder", "DecodeStep", "sample_tokens", "teacher_forced_logits", "step_plan",
+           "StepPlan", "cfg_scales", "filter_and_sample"]
 
 ORDERS = ("lpd", "random", "raster")
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -110,49 +114,48 @@ def derive_seed(seed: int, *keys: int) -> int:
 
 @dataclass(frozen=True)
 class StepPlan:
-    """Per step: the slots its rows write, its mask ``[rows, visible slots]``, its real-token rows and the
-    generation indices ``[first, last)`` of its queries; static plans pad every step (a scratch slot)."""
+    """The forward passes of a decode: a prefill if ``prefill`` (first), then one per step. Each
+    writes slots ``pos`` and attends through ``masks`` ``[rows, slots]`` (``rows``, ``keys``: their
+    :func:`attends` descriptors); its rows: ``pads`` padding rows (static plans: they write a
+    scratch slot), the context rows, then the queries of the decoded tokens ``spans``."""
 
-    pos: tuple[torch.Tensor, ...]
-    masks: tuple[torch.Tensor, ...]
-    n_prev: tuple[int, ...]
-    spans: tuple[tuple[int, int], ...]
+    pos: tuple[Tensor, ...]
+    masks: tuple[Tensor, ...]
+    rows: tuple[Rows, ...]
+    keys: tuple[Rows, ...]
     pads: tuple[int, ...]
+    spans: tuple[tuple[int, int], ...]
+    prefill: int
     slots: int
     num_out: int  # head rows per step (static: the largest group)
 
 
-_PLANS: dict[tuple, StepPlan] = {}
-
-
-def step_plan(group_sizes: Sequence[int], n_context: int, device: torch.device | str, *,
-              fused: bool = True, static: bool = False) -> StepPlan:
-    """The (cached) plan of decoding ``group_sizes`` after ``n_context`` context slots (condition + known tokens);
-    ``fused``: step 0 also feeds the condition row, otherwise the context was prefilled."""
-    key = (tuple(group_sizes), n_context, str(device), fused, static)
-    if key in _PLANS:
-        return _PLANS[key]
-    if fused and n_context != 1:
-        raise ValueError("only the condition alone can be fed with the first step; prefill longer contexts")
-    bounds = np.cumsum([n_context, *group_sizes]).tolist()  # S_0 .. S_K
-    spans = [(bounds[k] - n_context, bounds[k + 1] - n_context) for k in range(len(group_sizes))]
-    starts = [0 if fused else n_context] + bounds[:-2]
-    rows = max(bounds[k + 1] - starts[k] for k in range(len(group_sizes)))
-    scratch = bounds[-1]
-    steps = []
-    for k in range(len(group_sizes)):
-        start, end, prev = starts[k], bounds[k + 1], bounds[k] - starts[k]
-        width, pad = (scratch + 1, rows - (end - start)) if static else (end, 0)
-        p = torch.full((pad + end - start,), scratch, dtype=torch.long)
-        p[pad:] = torch.arange(start, end)
-        m = torch.zeros(pad + end - start, width, dtype=torch.bool)
-        m[:pad, 0] = True  # padding rows see the condition only, so they stay finite
-        m[pad : pad + prev, : bounds[k]] = True  # real tokens: up to the end of their own group
-        m[pad + prev :, :end] = True  # queries: everything before and their own group
-        steps.append((p.to(device), m.to(device), prev, pad))
-    pos, masks, n_prev, pads = zip(*steps)
-    _PLANS[key] = StepPlan(pos, masks, n_prev, tuple(spans), pads, scratch + int(static), max(group_sizes) if static else 0)
-    return _PLANS[key]
+def step_plan(
+    sizes: Sequence[int], n_prefix: int, device: Any, *, n_known: int = 0, static: bool = False
+) -> StepPlan:
+    """The plan of decoding groups of ``sizes`` after ``n_prefix`` prefix rows, the first
+    ``n_known`` groups known. Slots: the prefix, then group after group (+ a scratch slot if
+    ``static``). The context (prefix and known groups) is fed with the first step, or alone before
+    it where a static plan would pad every step to its length."""
+    # group g: slots [bounds[g], bounds[g + 1]); context groups: the prefix 0, group g g + 1
+    K, bounds = len(sizes), np.cumsum([n_prefix, *sizes]).tolist()
+    end, ctx, slot = bounds[-1], bounds[n_known], torch.arange(bounds[-1] + 1)
+    ctx_group = torch.repeat_interleave(torch.arange(K + 2), torch.tensor([n_prefix, *sizes, 1]))
+    prefill = static and ctx > 1
+    starts = [ctx if prefill else 0] + bounds[n_known : K - 1]
+    fwd = [(a, bounds[k + 1], k) for k, a in enumerate(starts, n_known)]  # step k: rows [a, b)
+    height, plan, fwd = max(b - a for a, b, _ in fwd), [], [(0, ctx, n_known)] * prefill + fwd
+    for i, (a, b, k) in enumerate(fwd):
+        pad, width = (height - b + a, end + 1) if static and i >= prefill else (0, b)
+        query = (slot[:width] >= bounds[k]) & (slot[:width] < bounds[k + 1])
+        key = (slot[:width], torch.where(query, k, ctx_group[:width]), query)
+        pos = torch.cat([torch.full((pad,), end), torch.arange(a, b)])
+        row = (pos, torch.where(torch.arange(len(pos)) < pad, -1, key[1][pos]), query[pos])
+        row, key = tuple(t[:, None].to(device) for t in row), tuple(t.to(device) for t in key)
+        plan.append((row[0][:, 0], attends(row, key), row, key, pad))
+    spans = tuple((bounds[k] - ctx, bounds[k + 1] - ctx) for k in range(n_known, K))
+    num_out = max(sizes[n_known:]) if static else 0
+    return StepPlan(*zip(*plan), spans, int(prefill), end + int(static), num_out)
 
 
 def cfg_scales(cfg: float, schedule: str, first: int, last: int, num_tokens: int, device: torch.device) -> torch.Tensor | float:
@@ -186,181 +189,265 @@ def filter_and_sample(logits: torch.Tensor, uniforms: torch.Tensor, temperature:
     return pick.squeeze(-1) if idx is None else idx.gather(-1, pick).squeeze(-1)
 
 
-def _uniforms(generator: Generators, batch: int, n: int, device: torch.device) -> torch.Tensor:
+class DecodeStep(NamedTuple):
+    """After a step: the head outputs ``logits [cB, g, V]`` of the decoded tokens ``first..last-1``
+    and the tokens ``[B, n]`` decoded so far (generation order, filled up to ``last``)."""
+
+    first: int
+    last: int
+    logits: Tensor
+    tokens: Tensor
+
+
+class Decoder:
+    """KV-cached parallel decoding with one model and one :class:`SamplingConfig` (``greedy``:
+    argmax). It owns the step plans (cached on the model), the KV cache, the (compiled) step and
+    the draw; reuse it for repeated calls, one at a time. Guidance (``cfg != 1``) doubles the
+    batch: a prefix is ``[cB, L, D]`` condition rows, the conditional ones first
+    (:meth:`class_prefix`). ``compile``: static-shape steps under ``torch.compile`` (``True``, a
+    mode such as ``"reduce-overhead"`` for CUDA graphs, or a dict of options); a failing compiler
+    falls back to eager with one warning."""
+
+    def __init__(
+        self,
+        model: LPD,
+        sampling: SamplingConfig | None = None,
+        *,
+        greedy: bool = False,
+        compile: bool | str | dict = False,
+        autocast_dtype: torch.dtype | None = None,
+    ):
+        if not isinstance(compile, (bool, str, dict)):
+            msg = "compile must be a bool, a torch.compile mode or a dict of its options"
+            raise ValueError(f"{msg}, got {compile!r}")
+        self.model, self.sampling, self.greedy = model, sampling or SamplingConfig(), greedy
+        self.guided = self.sampling.cfg != 1.0  # the one reading of cfg: doubles the batch
+        self.amp = autocast_dtype or (torch.bfloat16 if self.sampling.bf16 else None)
+        self.compiled, self.compile_failed, self._cache = None, False, None
+        if compile is not False:
+            opts = compile if isinstance(compile, dict) else {}
+            opts = {"mode": compile} if isinstance(compile, str) else opts
+            self.compiled = torch.compile(type(model).decode_step, **{"dynamic": False, **opts})
+            # one graph per architecture, batch and schedule: more than dynamo's default of 8
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
+    @torch.no_grad()
+    def class_prefix(self, labels: Tensor | None, batch: int) -> Tensor:
+        """Condition rows ``[cB, 1, D]`` of class ``labels [B]`` (None: unconditional)."""
+        rows = self.model.embed_condition(labels, batch)
+        null = self.model.embed_condition(None, batch).to(rows.dtype)
+        return torch.cat([rows, null]) if self.guided else rows
+
+    def sample(
+        self, labels: Any, orders: Any, sizes: Sequence[int], generator: Generators = None
+    ) -> Tensor:
+        """``[B, N]`` raster tokens of ``labels [B]`` (None: unconditional) decoded in
+        ``len(sizes)`` steps over ``orders [B, N]`` (raster positions in generation order); one
+        ``generator`` or one per image."""
+        labels, orders, sizes = _inputs(self.model, labels, orders, sizes)
+        if labels is None and self.guided:
+            raise ValueError("guidance needs labels; use cfg=1.0 for unconditional sampling")
+        prefix = self.class_prefix(labels, len(orders))
+        tokens = self.decode(prefix, orders, sizes, generator=generator)
+        return torch.empty_like(tokens).scatter_(1, orders, tokens)
+
+    def logits(
+        self,
+        prefix: Tensor,
+        orders: Tensor,
+        sizes: Sequence[int],
+        tokens: Tensor,
+        n_known: int = 0,
+        **options: Any,
+    ) -> Tensor:
+        """Head outputs ``[cB, N - n_known, V]`` of decoding fed ``tokens [B, N]`` (generation
+        order, the first ``n_known`` known; ``options``: of :meth:`steps`): :meth:`LPD.logits` up
+        to float error."""
+        known, forced = (tokens[:, :n_known] if n_known else None), tokens[:, n_known:]
+        steps = self.steps(prefix, orders, sizes, known=known, forced=forced, **options)
+        return torch.cat([s.logits for s in steps], dim=1)
+
+    def decode(
+        self, prefix: Tensor, orders: Tensor, sizes: Sequence[int], **options: Any
+    ) -> Tensor:
+        """:meth:`steps` to the end: the decoded tokens ``[B, n]`` in generation order."""
+        return collections.deque(self.steps(prefix, orders, sizes, **options), maxlen=1)[0].tokens
+
+    def steps(
+        self,
+        prefix: Tensor,
+        orders: Tensor,
+        sizes: Sequence[int],
+        *,
+        prefix_mask: Tensor | None = None,
+        known: Tensor | None = None,
+        generator: Generators = None,
+        forced: Tensor | None = None,
+    ) -> Iterator[DecodeStep]:
+        """Decode ``orders [B, N]`` in groups of ``sizes`` after the ``prefix`` rows (``prefix_mask
+        [cB, L]``: False = padding) and the ``known [B, M]`` tokens of the first whole groups, fed
+        with the first step; a :class:`DecodeStep` after every step. ``forced [B, N - M]``: fed
+        instead of drawn (teacher forcing). Inputs are trusted (on the model's device); nothing
+        waits on the device."""
+        m, (B, N), device = self.model, orders.shape, orders.device
+        M = 0 if known is None else known.shape[1]
+        c, n, D = 1 + self.guided, N - M, m.config.embed_dim
+        n_known = np.cumsum(sizes).tolist().index(M) + 1 if M else 0  # M: whole groups
+        key = ("plan", tuple(sizes), prefix.shape[1], n_known, str(device), bool(self.compiled))
+        build = functools.partial(step_plan, *key[1:3], device, n_known=n_known, static=key[-1])
+        plan = m.cached(key, build)  # on the model, as its training masks
+        masks = plan.masks
+        if prefix_mask is not None:  # per batch: padded prefix rows are keys for nobody
+            valid = valid_keys(prefix_mask, plan.slots)[:, None, None]
+            masks = [attends(r, k, valid[..., : len(k[0])]) for r, k in zip(plan.rows, plan.keys)]
+        draws = None if forced is not None or self.greedy else _uniforms(generator, B, n, device)
+        was_training = m.training
+        m.eval()
+        warn_if_emulated_bf16(device, self.amp)
+        try:
+            with torch.no_grad(), self._amp():
+                ctx = m.embed_prefix(prefix)
+                if M:
+                    ctx = torch.cat([ctx, m.embed_tokens(known, orders[:, :M]).repeat(c, 1, 1)], 1)
+                queries, cache = m.embed_queries(orders[:, M:]), self._kv_cache(c * B, plan.slots)
+                if plan.prefill:
+                    m.decode_step(ctx, cache, plan.pos[0], masks[0], 1)
+                buffer = queries.new_zeros(c * B * max(len(p) for p in plan.pos) * D)
+                tokens = torch.empty(B, n, dtype=torch.long, device=device)
+            for k, (first, last) in enumerate(plan.spans):
+                i, g = k + plan.prefill, last - first
+                with torch.no_grad(), self._amp():
+                    x = buffer[: c * B * len(plan.pos[i]) * D].view(c * B, -1, D)
+                    a, b, halves = plan.pads[i], x.shape[1] - g, x.view(c, B, -1, D)
+                    if b > a:  # context rows; the guidance halves share the token rows
+                        halves[:, :, a:b] = prev if k else ctx.view(c, B, -1, D)
+                    halves[:, :, b:] = queries[:, first:last]
+                    out = self._step(x, cache, plan.pos[i], masks[i], plan.num_out or g)[:, -g:]
+                    if forced is None:
+                        tokens[:, first:last] = chosen = self._draw(out, first, n, draws)
+                    else:
+                        tokens[:, first:last] = chosen = forced[:, first:last]
+                    if last < n:
+                        prev = m.embed_tokens(chosen, orders[:, M + first : M + last])
+                yield DecodeStep(first, last, out, tokens)
+        finally:
+            m.train(was_training)
+
+    def _draw(self, out: Tensor, first: int, n: int, draws: Tensor | None) -> Tensor:
+        """Tokens ``[B, g]`` of head outputs ``[cB, g, V]``: guided logits, argmax or a draw."""
+        logits, s, last = out.float(), self.sampling, first + out.shape[1]
+        if self.guided:
+            c, u = logits.chunk(2)
+            scale = cfg_scales(s.cfg, s.cfg_schedule, first, last, n, out.device)
+            logits = (c - u).mul_(scale).add_(u)
+        if draws is None:
+            return logits.argmax(-1)
+        u = draws[:, first:last].reshape(-1)
+        picks = filter_and_sample(logits.flatten(0, 1), u, s.temperature, s.top_k, s.top_p)
+        return picks.view(len(logits), -1)
+
+    def _amp(self) -> contextlib.AbstractContextManager:
+        device, amp = self.model.pos_embed.device.type, self.amp
+        return contextlib.nullcontext() if amp is None else torch.autocast(device, dtype=amp)
+
+    def _kv_cache(self, batch: int, slots: int) -> torch.nn.ModuleList:
+        """A zeroed KV cache, kept while its shape holds (CUDA graphs replay on its addresses)."""
+        m, device = self.model, self.model.pos_embed.device.type
+        amp = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        key = (batch, slots, amp, m.pos_embed.dtype)
+        if self._cache is not None and self._cache[0] == key:
+            for t in self._cache[1].buffers():
+                t.zero_()
+            return self._cache[1]
+        self._cache = (key, m.new_cache(batch, slots, amp))
+        for t in self._cache[1].buffers() if self.compiled is not None else ():
+            torch._dynamo.mark_static_address(t)
+        return self._cache[1]
+
+    def _step(
+        self, x: Tensor, cache: torch.nn.ModuleList, pos: Tensor, mask: Tensor, num_out: int
+    ) -> Tensor:
+        if self.compiled is not None and not self.compile_failed:
+            try:
+                return self.compiled(self.model, x, cache, pos, mask, num_out)
+            except Exception as e:  # noqa: BLE001 - any compiler failure falls back to eager
+                self.compile_failed = True
+                warnings.warn(
+                    f"torch.compile of the decoding step {list(x.shape)} failed "
+                    f"({type(e).__name__}: {str(e)[:200]}); decoding eagerly with static shapes "
+                    f"instead (same tokens, no speed-up)",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        return self.model.decode_step(x, cache, pos, mask, num_out)
+
+
+def _uniforms(generator: Generators, batch: int, n: int, device: torch.device) -> Tensor:
     if generator is None or isinstance(generator, torch.Generator):
         dev = generator.device if generator is not None else device
         return torch.rand(batch, n, generator=generator, device=dev).to(device)
-    gens = list(generator)
-    if len(gens) != batch:
-        raise ValueError(f"got {len(gens)} generators for a batch of {batch}; pass one per image or a single one")
+    if len(gens := list(generator)) != batch:
+        raise ValueError(
+            f"got {len(gens)} generators for a batch of {batch}; pass one per image or a single one"
+        )
     return torch.stack([torch.rand(n, generator=g, device=g.device).to(device) for g in gens])
 
 
-Step = Callable[[torch.Tensor, torch.nn.ModuleList, torch.Tensor, torch.Tensor, int], torch.Tensor]
-
-
-def _decode(model: LPD, labels: torch.Tensor | None, orders: torch.Tensor, group_sizes: Sequence[int], cfg: float,
-            choose: Callable[[torch.Tensor, int, int], torch.Tensor], *, context: tuple | None = None,
-            on_step: Callable[[torch.Tensor], None] | None = None, step: Step | None = None) -> torch.Tensor:
-    """Decode ``orders [B, n]`` in ``group_sizes`` steps, ``choose(head_out, first, last)`` giving a step's ``[B, g]``
-    tokens; ``context``: known ``(tokens [B, M], positions [B, M], mask [1 + M, 1 + M])`` to prefill."""
-    device, (B, n) = model.pos_embed.device, orders.shape
-    copies = 1 if cfg == 1.0 else 2  # CFG: [conditional; unconditional] halves of one batch
-    cond = model.embed_condition(labels, B)
-    if copies == 2:
-        cond = torch.cat([cond, model.embed_condition(None, B).to(cond.dtype)])
-    queries = model.embed_queries(orders)
-    tokens, positions, ctx_mask = context if context is not None else (orders[:, :0], orders[:, :0], None)
-    ctx_rows = model.embed_context(cond, tokens.repeat(copies, 1), positions.repeat(copies, 1))
-    n_context = ctx_rows.shape[1]
-    plan = step_plan(group_sizes, n_context, device, fused=context is None, static=step is not None)
-    kv_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-    if step is None:
-        cache = model.new_cache(copies * B, plan.slots, kv_dtype)
-        step, rows = model.decode_step, max(m.shape[0] for m in plan.masks)
-    else:  # the same cache tensors as the last call of this shape: CUDA graphs replay on fixed addresses
-        key = (copies * B, plan.slots, kv_dtype, device, model.config.depth, model.config.num_heads, model.config.embed_dim)
-        if _STATIC_CACHE.get("key") != key:
-            _STATIC_CACHE.clear()
-            _STATIC_CACHE.update(key=key, cache=model.new_cache(*key[:3]))
-            for t in _STATIC_CACHE["cache"].buffers():
-                torch._dynamo.mark_static_address(t)
-        cache, rows = _STATIC_CACHE["cache"], plan.masks[0].shape[0]
-        for t in cache.buffers():
-            t.zero_()
-    if context is not None:
-        model.prefill(ctx_rows, cache, torch.arange(n_context, device=device), ctx_mask.to(device))
-    buffer = torch.zeros(copies * B * rows * queries.shape[-1], dtype=queries.dtype, device=device)
-    tokens_gen = torch.empty(B, n, dtype=torch.long, device=device)
-    prev: torch.Tensor | None = None
-    for k, (first, last) in enumerate(plan.spans):
-        x = buffer[: plan.masks[k].shape[0] * copies * B * queries.shape[-1]].view(copies * B, -1, queries.shape[-1])
-        halves = x.view(copies, B, x.shape[1], -1)  # both CFG halves get the same rows
-        off, n_prev = plan.pads[k], plan.n_prev[k]
-        if k == 0 and context is None:
-            x[:, off : off + 1] = ctx_rows
-        elif n_prev:
-            halves[:, :, off : off + n_prev] = prev
-        halves[:, :, off + n_prev :] = queries[:, first:last]
-        out = step(x, cache, plan.pos[k], plan.masks[k], plan.num_out or last - first)
-        out = out[:, out.shape[1] - (last - first) :]
-        if on_step is not None:
-            on_step(out)
-        tokens_gen[:, first:last] = chosen = choose(out, first, last)
-        if k + 1 < len(plan.spans):
-            prev = model.embed_context(None, chosen, orders[:, first:last])
-    return tokens_gen
-
-
-_COMPILED: dict[str, tuple[Callable[..., torch.Tensor], dict[str, bool]]] = {}
-_STATIC_CACHE: dict[str, Any] = {}  # the compiled path's KV cache, kept for the next call of the same shape
-
-
-def _static_step(model: LPD, x: torch.Tensor, cache: torch.nn.ModuleList, pos: torch.Tensor, mask: torch.Tensor, num_out: int) -> torch.Tensor:
-    return model.decode_step(x, cache, pos, mask, num_out)
-
-
-def compiled_step(model: LPD, compile: bool | str | dict = True) -> Step:
-    """:meth:`LPD.decode_step` under ``torch.compile`` (``True``, a mode such as ``"reduce-overhead"``
-    for CUDA graphs, or a dict of options); falls back to eager with one warning if compiling fails."""
-    if not (compile is True or isinstance(compile, (str, dict))):
-        raise ValueError(f"compile must be False, True, a torch.compile mode or a dict of torch.compile options, got {compile!r}")
-    options: dict[str, Any] = {"mode": compile} if isinstance(compile, str) else dict(compile) if isinstance(compile, dict) else {}
-    options.setdefault("dynamic", False)
-    key = repr(sorted(options.items()))
-    if key not in _COMPILED:  # one compiled function per option set; it holds no model
-        _COMPILED[key] = (torch.compile(_static_step, **options), {"failed": False})
-        # one graph per architecture, batch and schedule: more than dynamo's default of 8
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    fn, state = _COMPILED[key]
-    shape = (tuple(model.pos_embed.shape), model.config.depth)
-
-    def step(x: torch.Tensor, cache: torch.nn.ModuleList, pos: torch.Tensor, mask: torch.Tensor, num_out: int) -> torch.Tensor:
-        if not state.get((shape, tuple(x.shape), x.dtype)):
-            try:
-                return fn(model, x, cache, pos, mask, num_out)
-            except Exception as e:  # noqa: BLE001 - any compiler failure falls back to eager
-                state[(shape, tuple(x.shape), x.dtype)] = state["failed"] = True
-                warnings.warn(f"torch.compile of the decoding step {list(x.shape)} failed ({type(e).__name__}: "
-                              f"{str(e)[:200]}); decoding eagerly with static shapes instead (same tokens, no speed-up)",
-                              RuntimeWarning, stacklevel=3)
-        return model.decode_step(x, cache, pos, mask, num_out)
-    step.fallback = state  # type: ignore[attr-defined]
-    return step
-
-
-def _inputs(model: LPD, labels: Any, orders: Any, group_sizes: Sequence[int], n: int | None = None) -> tuple:
-    """Labels and orders as tensors on the model's device, checked; the group sizes as a list."""
-    device, N = model.pos_embed.device, model.num_tokens
-    # checked where the inputs are (on the host, usually), so that nothing waits on the device
-    orders = torch.as_tensor(np.asarray(orders) if not isinstance(orders, torch.Tensor) else orders).long()
-    n = N if n is None else n
-    if orders.dim() != 2 or orders.shape[1] != n:
-        raise ValueError(f"orders must have shape [B, {n}] for this model's {model.grid_size}x{model.grid_size} grid, got {list(orders.shape)}")
-    if n == N and not torch.equal(orders.sort(dim=1).values, torch.arange(N, device=orders.device).expand_as(orders)):
-        bad = int((orders.sort(dim=1).values != torch.arange(N, device=orders.device)).any(1).nonzero()[0])
-        raise ValueError(f"orders row {bad} is not a permutation of 0..{N - 1}")
+def _inputs(model: LPD, labels: Any, orders: Any, sizes: Sequence[int]) -> tuple:
+    """Labels and orders as tensors on the model's device, checked on the host (nothing waits on the
+    device); the group sizes as a list."""
+    device, N, grid = model.pos_embed.device, model.num_tokens, model.grid_size
+    orders = (orders if isinstance(orders, Tensor) else torch.as_tensor(np.asarray(orders))).long()
+    if orders.dim() != 2 or orders.shape[1] != N:
+        raise ValueError(
+            f"orders must have shape [B, {N}] ({grid}x{grid} grid), got {list(orders.shape)}"
+        )
+    if (bad := (orders.sort(dim=1).values != torch.arange(N, device=orders.device)).any(1)).any():
+        raise ValueError(f"orders row {int(bad.nonzero()[0])} is not a permutation of 0..{N - 1}")
     if labels is not None:
-        labels = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels)
-        if labels.is_floating_point() or labels.shape != (orders.shape[0],):
-            raise ValueError(f"labels must be {orders.shape[0]} integers (one per order), got {labels.dtype} {list(labels.shape)}")
+        labels = labels if isinstance(labels, Tensor) else torch.as_tensor(np.asarray(labels))
+        if labels.is_floating_point() or labels.shape != (len(orders),):
+            raise ValueError(
+                f"labels must be {len(orders)} integers, got {labels.dtype} {list(labels.shape)}"
+            )
         if labels.numel() and (labels.min() < 0 or labels.max() >= model.class_num):
             raise ValueError(f"labels must be in 0..{model.class_num - 1}")
         labels = labels.to(device).long()
-    return labels, orders.to(device), validate_group_sizes(group_sizes, n)
+    return labels, orders.to(device), validate_group_sizes(sizes, N)
 
 
-@contextlib.contextmanager
-def _inference(model: LPD, autocast_dtype: torch.dtype | None):
-    was_training, device = model.training, model.pos_embed.device
-    model.eval()
-    warn_if_emulated_bf16(device, autocast_dtype)
-    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
-    try:
-        with torch.no_grad(), amp:
-            yield
-    finally:
-        model.train(was_training)
-
-
-def _chooser(B: int, N: int, sampling: SamplingConfig, greedy: bool, uniforms: torch.Tensor | None, device: torch.device):
-    """``choose(head_out, first, last)``: guided logits, then argmax or a filtered draw."""
-    def choose(out: torch.Tensor, first: int, last: int) -> torch.Tensor:
-        logits = out.float()
-        if sampling.cfg != 1.0:
-            c, u = logits[:B], logits[B:]
-            logits = (c - u).mul_(cfg_scales(sampling.cfg, sampling.cfg_schedule, first, last, N, device)).add_(u)
-        if greedy:
-            return logits.argmax(-1)
-        return filter_and_sample(logits.flatten(0, 1), uniforms[:, first:last].reshape(-1),
-                                 sampling.temperature, sampling.top_k, sampling.top_p).view(B, -1)
-    return choose
-
-
-def sample_tokens(model: LPD, labels: torch.Tensor | None, orders: torch.Tensor | np.ndarray, group_sizes: Sequence[int],
-                  sampling: SamplingConfig | None = None, *, greedy: bool = False, generator: Generators = None,
-                  compile: bool | str | dict = False, autocast_dtype: torch.dtype | None = None, **settings: Any) -> torch.Tensor:
-    """``[B, N]`` raster tokens of ``labels [B]`` (None: unconditional) in ``len(group_sizes)`` passes over ``orders [B, N]``
-    (raster positions in generation order); one ``generator`` or one per image; ``compile``: static-shape steps."""
+def sample_tokens(
+    model: LPD,
+    labels: torch.Tensor | None,
+    orders: torch.Tensor | np.ndarray,
+    group_sizes: Sequence[int],
+    sampling: SamplingConfig | None = None,
+    *,
+    greedy: bool = False,
+    generator: Generators = None,
+    compile: bool | str | dict = False,
+    autocast_dtype: torch.dtype | None = None,
+    **settings: Any,
+) -> torch.Tensor:
+    """:meth:`Decoder.sample` by a new :class:`Decoder` (``settings``: changes to ``sampling``)."""
     sampling = (sampling or SamplingConfig()).replace(**settings)
+    options = dict(greedy=greedy, compile=compile, autocast_dtype=autocast_dtype)
+    return Decoder(model, sampling, **options).sample(labels, orders, group_sizes, generator)
+
+
+def teacher_forced_logits(
+    model: LPD,
+    tokens: torch.Tensor,
+    labels: torch.Tensor | None,
+    orders: torch.Tensor | np.ndarray,
+    group_sizes: Sequence[int],
+    cfg: float = 1.0,
+) -> torch.Tensor:
+    """Head outputs of cached decoding fed the raster ``tokens``: ``[B, N, V]`` in generation order
+    (``[2B, N, V]``, conditional rows first, when ``cfg != 1``); :meth:`LPD.logits` up to float
+    error."""
     labels, orders, sizes = _inputs(model, labels, orders, group_sizes)
-    if labels is None and sampling.cfg != 1.0:
-        raise ValueError("classifier-free guidance needs labels; use cfg=1.0 for unconditional sampling")
-    (B, N), device = orders.shape, orders.device
-    uniforms = None if greedy else _uniforms(generator, B, N, device)
-    step = compiled_step(model, compile) if compile is not False else None
-    with _inference(model, autocast_dtype or (torch.bfloat16 if sampling.bf16 else None)):
-        tokens_gen = _decode(model, labels, orders, sizes, sampling.cfg, _chooser(B, N, sampling, greedy, uniforms, device), step=step)
-    return torch.empty_like(tokens_gen).scatter_(1, orders, tokens_gen)
-
-
-def teacher_forced_logits(model: LPD, tokens: torch.Tensor, labels: torch.Tensor | None, orders: torch.Tensor | np.ndarray,
-                          group_sizes: Sequence[int], cfg: float = 1.0, context: tuple | None = None) -> torch.Tensor:
-    """Head outputs of cached decoding fed the raster ``tokens``: ``[B, n, V]`` in generation order (``[2B, n,
-    V]``, conditional rows first, when ``cfg != 1``); :meth:`LPD.logits` up to float error."""
-    labels, orders, sizes = _inputs(model, labels, orders, group_sizes, None if context is None else orders.shape[1])
-    tokens_gen = torch.gather(torch.as_tensor(tokens, device=orders.device).long().reshape(orders.shape[0], -1), 1, orders)
-    outs: list[torch.Tensor] = []
-    with _inference(model, None):
-        _decode(model, labels, orders, sizes, cfg, lambda out, a, b: tokens_gen[:, a:b], context=context, on_step=outs.append)
-    return torch.cat(outs, dim=1)
+    tokens = torch.as_tensor(tokens, device=orders.device).long().reshape(len(orders), -1)
+    decoder = Decoder(model, SamplingConfig(cfg=cfg))
+    prefix = decoder.class_prefix(labels, len(orders))
+    return decoder.logits(prefix, orders, sizes, torch.gather(tokens, 1, orders))

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import lpd.devices
 from lpd.models import build_lpd
 from lpd.models.kernels import Dropout, Linear, linear_cross_entropy
-from lpd.sampling import _decode, compiled_step, sample_tokens, step_plan, teacher_forced_logits
+from lpd.sampling import Decoder, SamplingConfig, sample_tokens, step_plan, teacher_forced_logits
 
 
 def tiny_model(img_size: int = 64, seed: int = 0, **kw) -> torch.nn.Module:
@@ -129,19 +129,17 @@ def test_static_plan_is_the_eager_plan_padded(sizes):
         assert pad == rows - T and lay.masks[k].shape == (rows, S)
         assert torch.equal(lay.pos[k][pad:], eager.pos[k])
         assert (lay.pos[k][:pad] == S - 1).all()  # padding rows write the scratch slot
-        assert not lay.masks[k][:, S - 1].any()  # ... that nobody reads
+        assert not lay.masks[k][pad:, S - 1].any()  # ... that no real row reads
         assert torch.equal(lay.masks[k][pad:, :kv_len], eager.masks[k])
         assert not lay.masks[k][pad:, kv_len:].any()
-        assert lay.masks[k][:pad].sum(1).eq(1).all() and lay.masks[k][:pad, 0].all()
+        assert lay.masks[k][:pad].sum(1).eq(1).all() and lay.masks[k][:pad, S - 1].all()  # padding: itself only
 
 
-def _static_outputs(model, tokens, labels, orders, sizes, cfg, step):
-    B, N = orders.shape
-    tokens_gen = torch.gather(tokens, 1, orders)
-    outs = []
-    with torch.no_grad():
-        _decode(model, labels, orders, sizes, cfg, lambda out, a, b: tokens_gen[:, a:b], on_step=outs.append, step=step)
-    return torch.cat(outs, dim=1)
+def _static_outputs(model, tokens, labels, orders, sizes, cfg, compile):
+    decoder = Decoder(model, SamplingConfig(cfg=cfg), compile=compile)
+    logits = decoder.logits(decoder.class_prefix(labels, len(orders)), orders, sizes, torch.gather(tokens, 1, orders))
+    assert not decoder.compile_failed
+    return logits
 
 
 @pytest.mark.parametrize("cfg", [1.0, 3.0])
@@ -149,7 +147,7 @@ def test_static_step_in_eager_equals_cached_decoding(cfg):
     model = tiny_model()
     tokens, labels, orders = inputs(model, 2, seed=5)
     for sizes in SCHEDULES:
-        got = _static_outputs(model, tokens, labels, orders, sizes, cfg, model.decode_step)
+        got = _static_outputs(model, tokens, labels, orders, sizes, cfg, {"backend": "eager"})
         expected = teacher_forced_logits(model, tokens, labels, orders, sizes, cfg=cfg)
         assert (got - expected).abs().max().item() < 1e-5
 
@@ -170,9 +168,8 @@ def test_compiled_sampler_equals_eager():
             a = sample_tokens(model, labels, orders, sizes, cfg=cfg, generator=gen())
             b = sample_tokens(model, labels, orders, sizes, cfg=cfg, generator=gen(), compile=opts)
             assert torch.equal(a, b)
-        logits = _static_outputs(model, tokens, labels, orders, sizes, cfg, compiled_step(model, opts))
+        logits = _static_outputs(model, tokens, labels, orders, sizes, cfg, opts)
         assert (logits - teacher_forced_logits(model, tokens, labels, orders, sizes, cfg=cfg)).abs().max().item() < 1e-5
-    assert not compiled_step(model, opts).fallback["failed"]
 
 
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
@@ -184,9 +181,8 @@ def test_inductor_compiled_sampler_equals_eager():
     for cfg in (1.0, 3.0):
         eager = sample_tokens(model, labels, orders, sizes, cfg=cfg, greedy=True)
         assert torch.equal(sample_tokens(model, labels, orders, sizes, cfg=cfg, greedy=True, compile=True), eager)
-        logits = _static_outputs(model, tokens, labels, orders, sizes, cfg, compiled_step(model, True))
+        logits = _static_outputs(model, tokens, labels, orders, sizes, cfg, True)
         assert (logits - teacher_forced_logits(model, tokens, labels, orders, sizes, cfg=cfg)).abs().max().item() < 1e-4
-    assert not compiled_step(model, True).fallback["failed"]
 
 
 def test_failing_compiler_falls_back_to_eager_with_a_warning():
@@ -197,10 +193,13 @@ def test_failing_compiler_falls_back_to_eager_with_a_warning():
     _, labels, orders = inputs(model, 2, seed=3)
     sizes = [1, 3, 12]
     eager = sample_tokens(model, labels, orders, sizes, cfg=2.0, greedy=True)
+    decoder = Decoder(model, SamplingConfig(cfg=2.0), greedy=True, compile={"backend": broken_backend})
     with pytest.warns(RuntimeWarning, match="decoding eagerly with static shapes"):
-        got = sample_tokens(model, labels, orders, sizes, cfg=2.0, greedy=True, compile={"backend": broken_backend})
-    assert torch.equal(got, eager)
-    assert compiled_step(model, {"backend": broken_backend}).fallback["failed"]
+        got = decoder.sample(labels, orders, sizes)
+    assert torch.equal(got, eager) and decoder.compile_failed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # one warning per decoder
+        assert torch.equal(decoder.sample(labels, orders, sizes), eager)
 
 
 def test_compile_option_is_validated():
@@ -374,7 +373,7 @@ def test_training_step_grads_match_a_full_last_block():
     # Reference: every block on every row, F.cross_entropy.
     targets = torch.gather(tokens, 1, orders)
     n_ctx = model.num_tokens - sizes[-1]
-    x = torch.cat([model.embed_context(model.embed_condition(labels, 2), targets[:, :n_ctx], orders[:, :n_ctx]),
+    x = torch.cat([model.embed_prefix(model.embed_condition(labels, 2)), model.embed_tokens(targets[:, :n_ctx], orders[:, :n_ctx]),
                    model.embed_queries(orders)], dim=1)
     mask = model.group_mask(sizes, x.device)
     for blk in model.blocks:

@@ -7,18 +7,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from lpd.models.kernels import Dropout, Linear, flex_attention, linear_cross_entropy
 from lpd.schedules import validate_group_sizes
 
-__all__ = ["LPDConfig", "PRESETS", "Attention", "Mlp", "Block", "KVCache", "LPD", "group_ids",
-           "group_visible_mask", "group_block_mask", "ATTN_IMPLS"]
+__all__ = ["LPDConfig", "PRESETS", "Attention", "Mlp", "Block", "KVCache", "LPD", "attends",
+           "sequence_rows", "valid_keys", "group_visible_mask", "group_block_mask", "ATTN_IMPLS"]
 
 #: The released architectures (and a tiny one for CPU tests): width, depth, heads.
 PRESETS: dict[str, dict[str, int]] = {
@@ -28,6 +29,7 @@ PRESETS: dict[str, dict[str, int]] = {
     "lpd_xxl": dict(embed_dim=1536, depth=48, num_heads=24),
 }
 ATTN_IMPLS = ("auto", "sdpa", "flex")
+Rows = tuple[Tensor, Tensor, Tensor]  # (slot, group, is_query) of rows or keys
 
 
 @dataclass(frozen=True)
@@ -99,8 +101,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: Any = None, cache: "KVCache | None" = None,
                 pos: torch.Tensor | None = None, last: int | None = None) -> torch.Tensor:
-        """Attention of ``x [B, T, C]`` under ``mask`` (bool ``[T', S]``, True = may attend, or a ``BlockMask``);
-        ``cache``: write slots ``pos``, attend to its first ``S``; ``last``: only the last rows out."""
+        """Attention of ``x [B, T, C]`` under ``mask`` (bool ``[(B, 1,) T', S]``, True = may
+        attend, or a ``BlockMask``); ``cache``: write slots ``pos``, attend to its first ``S``;
+        ``last``: only the last rows out."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if cache is not None:
@@ -109,7 +112,8 @@ class Attention(nn.Module):
         if last is not None and last < T:
             q, T = q[:, :, T - last :], last
         if isinstance(mask, torch.Tensor) or mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[-T:])
+            attn_mask = None if mask is None else mask[..., -T:, :]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         else:
             out = flex_attention(q, k, v, mask)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, T, C)))
@@ -145,37 +149,73 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def group_ids(group_sizes: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group number of every row of the training sequence: ``(context [1 + N - g_{K-1}], queries [N])``."""
-    sizes = torch.tensor(list(group_sizes), dtype=torch.long)
-    ctx = torch.cat([torch.zeros(1, dtype=torch.long), torch.repeat_interleave(torch.arange(1, len(sizes)), sizes[:-1])])
-    return ctx, torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+def attends(row: Rows, key: Rows, key_valid: Tensor | None = None) -> Tensor:
+    """The attention rule of training, decoding and prefill, elementwise over rows and keys given as
+    ``(slot, group, is_query)``. The prefix (condition) rows are context group 0, the tokens of
+    decoding group ``k`` context group ``k + 1``. A context row of group ``a`` sees the context of
+    groups ``<= a``; a query of group ``k`` sees the context of groups ``<= k`` and the queries of
+    group ``k``; keys with ``key_valid`` False (padded prefix rows) are seen by nobody; every row
+    sees its own slot (so a padded row stays finite)."""
+    (r_slot, r_group, r_query), (k_slot, k_group, k_query) = row, key
+    see = torch.where(k_query, r_query & (k_group == r_group), k_group <= r_group)
+    return (see if key_valid is None else see & key_valid) | (k_slot == r_slot)
 
 
-def group_visible_mask(group_sizes: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
-    """Boolean training mask ``[L, L]`` (True = may attend), ``L = 1 + 2N - g_{K-1}``."""
-    ctx, qry = group_ids(group_sizes)
-    n = ctx.numel()
-    mask = torch.zeros(n + qry.numel(), n + qry.numel(), dtype=torch.bool)
-    mask[:n, :n] = ctx[None, :] <= ctx[:, None]
-    mask[n:, :n] = ctx[None, :] <= qry[:, None]
-    mask[n:, n:] = qry[None, :] == qry[:, None]
-    return mask.to(device)
+def sequence_rows(group_sizes: Sequence[int], n_prefix: int = 1) -> Rows:
+    """``(slot, group, is_query)`` of the training sequence: ``n_prefix`` prefix rows, the tokens of
+    every group but the last, then the queries of every group."""
+    ids = torch.arange(len(group_sizes))
+    context = torch.repeat_interleave(ids, torch.tensor([n_prefix, *group_sizes[:-1]]))
+    group = torch.cat([context, torch.repeat_interleave(ids, torch.tensor(list(group_sizes)))])
+    slot = torch.arange(len(group))
+    return slot, group, slot >= len(context)
 
 
-def group_block_mask(group_sizes: Sequence[int], device: torch.device | str, queries_only: bool = False) -> Any:
-    """The training mask as a block-sparse flex-attention ``BlockMask`` (rows: all, or the queries only)."""
+def valid_keys(prefix_mask: Tensor | None, n: int) -> Tensor | None:
+    """Which of ``n`` keys may be seen, ``[B, n]``: ``prefix_mask [B, L]`` (False: padding), then
+    all."""
+    if prefix_mask is not None:
+        return F.pad(prefix_mask.bool(), (0, n - prefix_mask.shape[1]), value=True)
+    return None
+
+
+def group_visible_mask(
+    group_sizes: Sequence[int],
+    device: Any = "cpu",
+    n_prefix: int = 1,
+    prefix_mask: Tensor | None = None,
+) -> Tensor:
+    """Boolean training mask ``[T, T]`` (True = may attend; ``[B, 1, T, T]`` with ``prefix_mask
+    [B, L]``), ``T = L + 2N - g_{K-1}``."""
+    rows = tuple(t.to(device) for t in sequence_rows(group_sizes, n_prefix))
+    valid = valid_keys(prefix_mask, len(rows[0]))
+    valid = None if valid is None else valid[:, None, None]
+    return attends(tuple(t[:, None] for t in rows), rows, valid)
+
+
+def group_block_mask(
+    group_sizes: Sequence[int],
+    device: Any,
+    queries_only: bool = False,
+    n_prefix: int = 1,
+    prefix_mask: Tensor | None = None,
+) -> Any:
+    """The training mask as a block-sparse flex-attention ``BlockMask`` (rows: all, or the
+    queries)."""
     from torch.nn.attention.flex_attention import create_block_mask
-    ctx, qry = group_ids(group_sizes)
-    n = ctx.numel()
-    gid = torch.cat([ctx, qry]).to(device)
-    is_query = (torch.arange(gid.numel()) >= n).to(device)
-    offset = n if queries_only else 0
-    def mask_mod(b: Any, h: Any, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        q_idx = q_idx + offset
-        same_query_group = is_query[q_idx] & (gid[kv_idx] == gid[q_idx])
-        return torch.where(is_query[kv_idx], same_query_group, gid[kv_idx] <= gid[q_idx])
-    return create_block_mask(mask_mod, None, None, gid.numel() - offset, gid.numel(), device=device)
+
+    _, group, query = (t.to(device) for t in sequence_rows(group_sizes, n_prefix))
+    T, valid = len(group), valid_keys(prefix_mask, len(group))
+    offset = T - sum(group_sizes) if queries_only else 0
+
+    def mask_mod(b: Any, h: Any, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        q_idx, ok = q_idx + offset, None if valid is None else valid[b, kv_idx]
+        return attends(
+            (q_idx, group[q_idx], query[q_idx]), (kv_idx, group[kv_idx], query[kv_idx]), ok
+        )
+
+    B = None if valid is None else len(valid)
+    return create_block_mask(mask_mod, B, None, T - offset, T, device=device)
 
 
 class KVCache(nn.Module):
@@ -246,56 +286,104 @@ class LPD(nn.Module):
     def uses_flex(self, device: torch.device | str) -> bool:
         return self.attn_impl == "flex" or (self.attn_impl == "auto" and torch.device(device).type == "cuda")
 
-    def group_mask(self, group_sizes: Sequence[int], device: torch.device, flex: bool = False, queries_only: bool = False) -> Any:
-        """The training mask of a schedule (dense, or flex ``BlockMask``), built once per device and cached."""
-        key = (tuple(group_sizes), str(device), flex, queries_only)
+    def cached(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """``build()``, once per ``key`` (the training masks, the decoding plans)."""
         if key not in self._masks:
-            self._masks[key] = (group_block_mask(group_sizes, device, queries_only) if flex
-                                else group_visible_mask(group_sizes, device))
+            self._masks[key] = build()
         return self._masks[key]
 
-    def embed_condition(self, labels: torch.Tensor | None, batch: int, drop: torch.Tensor | None = None) -> torch.Tensor:
-        """Condition embeddings ``[B, D]``: class embeddings, ``fake_latent`` where labels are None or dropped."""
-        fake = self.fake_latent.expand(batch, -1)
-        if labels is None:
-            return fake
-        cond = self.class_emb(labels)
-        return cond if drop is None else torch.where(drop[:, None], fake.to(cond.dtype), cond)
+    def group_mask(
+        self,
+        group_sizes: Sequence[int],
+        device: Any,
+        flex: bool = False,
+        queries_only: bool = False,
+        n_prefix: int = 1,
+        prefix_mask: Tensor | None = None,
+    ) -> Any:
+        """The training mask of a schedule (dense, or flex ``BlockMask``), cached per device (built
+        per batch with a ``prefix_mask``)."""
 
-    def embed_context(self, cond: torch.Tensor | None, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Context rows ``[B, (1 +) M, D]``: the condition ``[B, D]`` (optional) then ``tokens`` at raster ``positions``."""
-        x = self.token_emb(tokens) + self.pos_embed[0, 1:][positions]
-        if cond is not None:
-            x = torch.cat([(cond + self.pos_embed[0, 0]).unsqueeze(1), x], dim=1)
-        return self.z_proj_ln(x)
+        def build() -> Any:
+            if flex:
+                return group_block_mask(group_sizes, device, queries_only, n_prefix, prefix_mask)
+            return group_visible_mask(group_sizes, device, n_prefix, prefix_mask)
+
+        if prefix_mask is not None:
+            return build()
+        return self.cached((tuple(group_sizes), str(device), flex, queries_only, n_prefix), build)
+
+    def embed_condition(
+        self, labels: Tensor | None, batch: int, drop: Tensor | None = None
+    ) -> Tensor:
+        """Condition rows ``[B, 1, D]`` of class ``labels`` (``fake_latent``: None or dropped)."""
+        cond = self.fake_latent.expand(batch, -1)
+        if labels is not None:
+            emb = self.class_emb(labels)
+            cond = emb if drop is None else torch.where(drop[:, None], cond.to(emb.dtype), emb)
+        return cond[:, None]
+
+    def embed_prefix(self, cond: Tensor) -> Tensor:
+        """Prefix rows ``[B, L, D]`` of condition rows ``cond [B, L, D]`` (at position 0)."""
+        return self.z_proj_ln(cond + self.pos_embed[0, 0])
+
+    def embed_tokens(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """Context rows ``[B, M, D]`` of ``tokens`` at raster ``positions``."""
+        return self.z_proj_ln(self.token_emb(tokens) + self.pos_embed[0, 1:][positions])
 
     def embed_queries(self, positions: torch.Tensor) -> torch.Tensor:
         """Position queries ``[B, M, D]`` at raster ``positions [B, M]``."""
         return self.z_proj_ln(self.mask_token + self.pos_embed[0, 1:][positions])
 
-    def _check(self, tokens: torch.Tensor, labels: torch.Tensor | None, orders: torch.Tensor, group_sizes: Sequence[int]) -> None:
-        B, N = orders.shape[0], self.num_tokens
+    def _check(
+        self,
+        tokens: Tensor,
+        labels: Tensor | None,
+        orders: Tensor,
+        group_sizes: Sequence[int],
+        cond: Tensor | None,
+        cond_mask: Tensor | None,
+    ) -> None:
+        B, N, D, g = orders.shape[0], self.num_tokens, self.config.embed_dim, self.grid_size
         if orders.dim() != 2 or orders.shape[1] != N:
-            raise ValueError(f"orders must have shape [B, {N}] for a {self.grid_size}x{self.grid_size} grid, got {list(orders.shape)}")
+            raise ValueError(f"orders must have shape [B, {N}] ({g}x{g}), got {list(orders.shape)}")
         if tokens.reshape(tokens.shape[0], -1).shape != (B, N):
-            raise ValueError(f"tokens must have shape [{B}, {N}] (raster order), got {list(tokens.shape)}")
+            raise ValueError(f"tokens must have shape [{B}, {N}], got {list(tokens.shape)}")
         if labels is not None and labels.shape != (B,):
             raise ValueError(f"labels must have shape [{B}], got {list(labels.shape)}")
+        if cond is not None and (labels is not None or cond.shape[:1] + cond.shape[2:] != (B, D)):
+            raise ValueError(f"cond must be [{B}, L, {D}] (and no labels), got {list(cond.shape)}")
+        L = 1 if cond is None else cond.shape[1]
+        if cond_mask is not None and (cond_mask.dtype != torch.bool or cond_mask.shape != (B, L)):
+            got = f"{cond_mask.dtype} {list(cond_mask.shape)}"
+            raise ValueError(f"cond_mask must be bool [{B}, {L}] (False: padding), got {got}")
         validate_group_sizes(group_sizes, N)
 
-    def _train_pass(self, tokens: torch.Tensor, labels: torch.Tensor | None, orders: torch.Tensor,
-                    group_sizes: Sequence[int], drop: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final-norm outputs of the ``N`` queries ``[B, N, D]`` and their targets (tokens in generation order)."""
-        self._check(tokens, labels, orders, group_sizes)
+    def _train_pass(
+        self,
+        tokens: Tensor,
+        labels: Tensor | None,
+        orders: Tensor,
+        group_sizes: Sequence[int],
+        drop: Tensor | None,
+        cond: Tensor | None,
+        cond_mask: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        """Final-norm outputs of the ``N`` queries ``[B, N, D]`` and their targets (tokens in
+        generation order)."""
+        self._check(tokens, labels, orders, group_sizes, cond, cond_mask)
         B, N = orders.shape
         targets = torch.gather(tokens.reshape(B, N), 1, orders)
         n_ctx = N - group_sizes[-1]
-        x = torch.cat([self.embed_context(self.embed_condition(labels, B, drop), targets[:, :n_ctx], orders[:, :n_ctx]),
-                       self.embed_queries(orders)], dim=1)
+        cond = self.embed_condition(labels, B, drop) if cond is None else cond
+        x = [self.embed_prefix(cond), self.embed_tokens(targets[:, :n_ctx], orders[:, :n_ctx])]
+        x = torch.cat([*x, self.embed_queries(orders)], dim=1)
         flex = self.uses_flex(x.device)
         if flex and x.device.type == "cpu" and torch.is_grad_enabled():
             raise RuntimeError("attn_impl='flex' has no backward pass on the CPU; train there with 'sdpa' or 'auto'")
-        mask, last_mask = self.group_mask(group_sizes, x.device, flex), self.group_mask(group_sizes, x.device, flex, flex)
+        L, dev = cond.shape[1], x.device
+        mask = self.group_mask(group_sizes, dev, flex, False, L, cond_mask)
+        last_mask = self.group_mask(group_sizes, dev, True, True, L, cond_mask) if flex else mask
         for i, blk in enumerate(self.blocks):
             m, last = (last_mask, N) if i == len(self.blocks) - 1 else (mask, None)  # last block: query rows only
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -304,18 +392,41 @@ class LPD(nn.Module):
                 x = blk(x, m, last=last)
         return self.norm(x), targets
 
-    def logits(self, tokens: torch.Tensor, labels: torch.Tensor | None, orders: torch.Tensor, group_sizes: Sequence[int]) -> torch.Tensor:
-        """Logits ``[B, N, V]`` of ``tokens[b, orders[b, j]]`` at index ``j``; no label dropout (None: unconditional)."""
-        return self.head(self._train_pass(tokens, labels, orders, list(group_sizes))[0])
+    def logits(
+        self,
+        tokens: Tensor,
+        labels: Tensor | None,
+        orders: Tensor,
+        group_sizes: Sequence[int],
+        *,
+        cond: Tensor | None = None,
+        cond_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Logits ``[B, N, V]`` of ``tokens[b, orders[b, j]]`` at index ``j``; no label dropout
+        (None: unconditional); ``cond [B, L, D]``: condition rows instead of labels (``cond_mask
+        [B, L]``: False = padding)."""
+        sizes = list(group_sizes)
+        return self.head(self._train_pass(tokens, labels, orders, sizes, None, cond, cond_mask)[0])
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None, orders: torch.Tensor,
-                group_sizes: Sequence[int], generator: torch.Generator | None = None) -> torch.Tensor:
-        """Mean cross-entropy of predicting every token; label dropout in train mode."""
+    def forward(
+        self,
+        tokens: Tensor,
+        labels: Tensor | None,
+        orders: Tensor,
+        group_sizes: Sequence[int],
+        generator: torch.Generator | None = None,
+        *,
+        cond: Tensor | None = None,
+        cond_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Mean cross-entropy of predicting every token; label dropout in train mode; ``cond``,
+        ``cond_mask``: as :meth:`logits`."""
         drop = None
         if self.training and labels is not None and self.label_drop_prob > 0:
             dev = generator.device if generator is not None else labels.device
             drop = torch.rand(labels.shape[0], generator=generator, device=dev).to(labels.device) < self.label_drop_prob
-        h, targets = self._train_pass(tokens, labels, orders, list(group_sizes), drop)
+        sizes = list(group_sizes)
+        h, targets = self._train_pass(tokens, labels, orders, sizes, drop, cond, cond_mask)
         return linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.head.weight, targets.reshape(-1))
 
     def new_cache(self, batch: int, slots: int, dtype: torch.dtype | None = None) -> nn.ModuleList:
@@ -324,16 +435,9 @@ class LPD(nn.Module):
         return nn.ModuleList(KVCache(batch, c.num_heads, slots, c.embed_dim // c.num_heads, dtype, self.pos_embed.device)
                              for _ in range(c.depth))
 
-    def prefill(self, x: torch.Tensor, cache: nn.ModuleList, pos: torch.Tensor, mask: torch.Tensor) -> None:
-        """Write the keys and values of embedded context rows ``x`` (condition, known tokens) into slots ``pos``."""
-        for blk, c in zip(self.blocks[:-1], cache):
-            x = blk(x, mask, c, pos)
-        blk = self.blocks[-1]
-        _, k, v = blk.attn.qkv(blk.norm1(x)).reshape(*x.shape[:2], 3, blk.attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        cache[-1].update(pos, k, v)  # the last block's outputs feed nothing
-
     def decode_step(self, x: torch.Tensor, cache: nn.ModuleList, pos: torch.Tensor, mask: torch.Tensor, num_out: int) -> torch.Tensor:
-        """Rows ``x [B, T, D]`` write slots ``pos [T]``, attend through ``mask [T, S]``; logits of the last ``num_out``."""
+        """Rows ``x [B, T, D]`` write slots ``pos [T]``, attend through ``mask [(B, 1,) T, S]``;
+        logits of the last ``num_out``."""
         for i, (blk, c) in enumerate(zip(self.blocks, cache)):
             x = blk(x, mask, c, pos, num_out if i == len(self.blocks) - 1 else None)
         return self.head(self.norm(x))
