@@ -4,7 +4,6 @@ preset (``--model lpd_l --img_size 256``) or ``--pretrained_ckpt PATH|REPO``."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
 import signal
@@ -64,17 +63,21 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
-    workdir = tempfile.mkdtemp(prefix="lpd-app-")
-    os.environ["GRADIO_TEMP_DIR"] = os.path.join(workdir, "gradio")  # everything the page serves lies in workdir
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
         _check(args)
         if args.threads:
             torch.set_num_threads(args.threads)
         from lpd.app.model import load_app_model
         app = load_app_model(args.model, args.img_size, args.pretrained_ckpt, args.vqgan_path, args.device)
-        from lpd.app.ui import Studio, build_blocks
+    except (ValueError, OSError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    workdir = tempfile.mkdtemp(prefix="lpd-app-")
+    os.environ["GRADIO_TEMP_DIR"] = os.path.join(workdir, "gradio")  # all the page serves lies in workdir
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        from lpd.app.ui import Studio, build_blocks  # imports gradio, which reads GRADIO_TEMP_DIR
         blocks = build_blocks(Studio(app, workdir), args.max_pixels)
         blocks.queue(max_size=args.queue_size, default_concurrency_limit=1)
         for attempt in range(5):  # port 0: a free port, taken again if another process wins it first
@@ -82,19 +85,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 blocks.launch(server_name=args.host, server_port=port, share=args.share, ssr_mode=False,
                               max_file_size=int(args.max_upload_mb * MB), show_error=False, footer_links=["api"])
-                break
+                return 0
             except OSError as e:
                 if args.port or attempt == 4:
-                    raise ValueError(f"--port {args.port}: cannot serve on {args.host}:{port} ({e}); "
-                                     f"choose another port, or --port 0 for any free one") from None
-    except (ValueError, OSError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+                    print(f"error: --port {args.port}: cannot serve on {args.host}:{port} ({e}); choose another "
+                          f"port, or --port 0 for any free one", file=sys.stderr)
+                    return 2
     except KeyboardInterrupt:
         return 0
     finally:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(workdir)
+        shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 

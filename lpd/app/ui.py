@@ -58,11 +58,11 @@ class BoundedImageEditor(gr.ImageEditor):
         try:
             with Image.open(file.path if hasattr(file, "path") else io.BytesIO(file)) as im:  # reads the header only
                 size = im.size
-            if size[0] * size[1] > self.max_pixels:
-                raise gr.Error(f"the image is {size[0]}x{size[1]} pixels; at most {self.max_pixels:,} are accepted")
-            return super().convert_and_format_image(file, flatten_on_white)
+            if size[0] * size[1] <= self.max_pixels:
+                return super().convert_and_format_image(file, flatten_on_white)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise gr.Error(f"the upload is not a readable image ({type(e).__name__}); upload a PNG or JPEG") from None
+        raise gr.Error(f"the image is {size[0]}x{size[1]} pixels; at most {self.max_pixels:,} are accepted")
 
 
 class Studio:
