@@ -1,5 +1,5 @@
-"""The app without a server: the embedded model and its digest, the step-by-step decode, the handlers'
-checks, the command line and ``python -m lpd.app.embed``."""
+"""The app without a server: the embedded model and its digest, the step-by-step decode, the
+handlers' checks, the command line and ``python -m lpd.app.embed``."""
 
 from __future__ import annotations
 
@@ -60,11 +60,19 @@ def test_decode_steps_streams_what_sample_tokens_draws(app):
     assert [int((t >= 0).sum()) for _, t in steps] == np.cumsum(sizes).tolist()
     for (_, before), (_, after) in zip(steps, steps[1:]):
         assert torch.equal(after[before >= 0], before[before >= 0])  # decoded tokens stay
-    ref = sample_tokens(app.model, [4], order[None], sizes, app.sampling(),
-                        generator=[torch.Generator().manual_seed(image_seed(5, 0))])
+    ref = sample_tokens(
+        app.model,
+        [4],
+        order[None],
+        sizes,
+        app.sampling(),
+        generator=[torch.Generator().manual_seed(image_seed(5, 0))],
+    )
     assert torch.equal(steps[-1][1], ref)
     frame = render_partial(app, steps[0][1])
-    assert frame.shape == (256, 256, 3) and (frame == 128).all(-1).sum() == (256 - sizes[0]) * 16 * 16
+    assert (
+        frame.shape == (256, 256, 3) and (frame == 128).all(-1).sum() == (256 - sizes[0]) * 16 * 16
+    )
 
 
 def test_generate_streams_frames_then_the_image_and_its_files(studio):
@@ -78,14 +86,17 @@ def test_generate_streams_frames_then_the_image_and_its_files(studio):
     assert grey == sorted(grey, reverse=True) and grey[0] > grey[-1]
 
 
-@pytest.mark.parametrize("args, message", [
-    (("2", "", 0, 5.0, 2.0, "lpd", 0), "steps must be a whole number from 1 to 256"),
-    (("2", "", 8.5, 5.0, 2.0, "lpd", 0), "steps must be a whole number"),
-    (("2", "", 8, float("nan"), 2.0, "lpd", 0), "cfg must be a number"),
-    (("2", "", 8, 5.0, 2.0, "lpd", -1), "seed must be a whole number"),
-    (("2", "", 8, 5.0, 2.0, "zigzag", 0), "order must be one of"),
-    (("twelve", "", 8, 5.0, 2.0, "lpd", 0), "pick a class"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("2", "", 0, 5.0, 2.0, "lpd", 0), "steps must be a whole number from 1 to 256"),
+        (("2", "", 8.5, 5.0, 2.0, "lpd", 0), "steps must be a whole number"),
+        (("2", "", 8, float("nan"), 2.0, "lpd", 0), "cfg must be a number"),
+        (("2", "", 8, 5.0, 2.0, "lpd", -1), "seed must be a whole number"),
+        (("2", "", 8, 5.0, 2.0, "zigzag", 0), "order must be one of"),
+        (("twelve", "", 8, 5.0, 2.0, "lpd", 0), "pick a class"),
+    ],
+)
 def test_generate_refuses_bad_settings_with_a_message(studio, args, message):
     with pytest.raises(gr.Error, match=message):
         next(studio.generate(*args))
@@ -104,7 +115,9 @@ def test_edit_checks_the_image_the_region_and_the_steps(studio):
         studio.edit({"background": source, "layers": [layer]}, "3", "", 65, 2, 0)
     src, masked, edits = studio.edit({"background": source, "layers": [layer]}, "3", "", 8, 2, 0)
     assert np.array_equal(src, source) and len(edits) == 2
-    assert all(np.array_equal(e[:, :192], source[:, :192]) for e in edits)  # the unpainted tokens come back
+    assert all(
+        np.array_equal(e[:, :192], source[:, :192]) for e in edits
+    )  # the unpainted tokens come back
     assert (masked[:, 192:] != source[:, 192:]).any()
 
 
@@ -119,9 +132,16 @@ def test_digits_samples_are_written_for_the_editor(studio):
     assert [os.path.basename(p) for p in studio.samples] == [f"digit_{d}.png" for d in range(10)]
 
 
-@pytest.mark.parametrize("argv, flag", [(["--port", "70000"], "--port"), (["--model", "lpd_huge"], "--model"),
-                                        (["--pretrained_ckpt", "/no/such/model"], "--pretrained_ckpt"),
-                                        (["--max_upload_mb", "0"], "--max_upload_mb"), (["--device", "nonsense"], "--device")])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--port", "70000"], "--port"),
+        (["--model", "lpd_huge"], "--model"),
+        (["--pretrained_ckpt", "/no/such/model"], "--pretrained_ckpt"),
+        (["--max_upload_mb", "0"], "--max_upload_mb"),
+        (["--device", "nonsense"], "--device"),
+    ],
+)
 def test_the_command_line_refuses_bad_flags(argv, flag, capsys):
     assert app_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -131,12 +151,20 @@ def test_the_command_line_refuses_bad_flags(argv, flag, capsys):
 def test_embed_exports_a_demo_checkpoint_and_never_overwrites(tmp_path, capsys):
     cfg = LPDConfig(img_size=64, embed_dim=32, depth=1, num_heads=2, vocab_size=4, class_num=10)
     ckpt = tmp_path / "checkpoint-last.pth"
-    save_checkpoint({"model": LPD(cfg).state_dict(), "model_config": cfg.to_dict(),
-                     "args": {"tokenizer": "palette", "vq_config": {"levels": 4}, "cfg": 3.0}}, ckpt)
+    save_checkpoint(
+        {
+            "model": LPD(cfg).state_dict(),
+            "model_config": cfg.to_dict(),
+            "args": {"tokenizer": "palette", "vq_config": {"levels": 4}, "cfg": 3.0},
+        },
+        ckpt,
+    )
     out = tmp_path / "embedded"
     assert embed_main(["--checkpoint", str(ckpt), "--output_dir", str(out)]) == 0
     app = load_app_model(pretrained_ckpt=str(out), device="cpu")
     assert app.cfg == 3.0 and app.grid_size == 4
     before = (out / "model.safetensors").read_bytes()
     assert embed_main(["--checkpoint", str(ckpt), "--output_dir", str(out)]) == 2
-    assert "exists" in capsys.readouterr().err and (out / "model.safetensors").read_bytes() == before
+    assert (
+        "exists" in capsys.readouterr().err and (out / "model.safetensors").read_bytes() == before
+    )

@@ -1,5 +1,6 @@
 """``python -m lpd.app.embed``: train the app's embedded digits model by the CPU demo's recipe
-(``python -m lpd.demo``, ``configs/demo.yaml``) and export it into the package (``lpd/data/app_digits/``)."""
+(``python -m lpd.demo``, ``configs/demo.yaml``) and export it into the package
+(``lpd/data/app_digits/``)."""
 
 from __future__ import annotations
 
@@ -11,18 +12,44 @@ from typing import Sequence
 from lpd.checkpoint import CheckpointError, export
 from lpd.demo.run import main as demo_main
 
-EMBEDDED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "app_digits")
-# the demo's training stage as configured; the short ablation after it only reports the model's digit accuracy
-DEMO_FLAGS = ("--orders", "lpd", "--steps", "20", "--num_images", "200", "--resamples", "100", "--no-editing")
+EMBEDDED_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "app_digits"
+)
+# the demo's training stage as configured; the short ablation after it reports the digit accuracy
+DEMO_FLAGS = (
+    "--orders",
+    "lpd",
+    "--steps",
+    "20",
+    "--num_images",
+    "200",
+    "--resamples",
+    "100",
+    "--no-editing",
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lpd.app.embed", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
-    p.add_argument("--work_dir", default="outputs/app_embed", help="the demo's output folder (a finished run is reused)")
-    p.add_argument("--checkpoint", default=None,
-                   help="a demo training checkpoint to export instead of training (outputs/demo/train/checkpoint-last.pth)")
-    p.add_argument("--output_dir", default=EMBEDDED_DIR, help="the export folder the app loads by default")
+    p = argparse.ArgumentParser(
+        prog="python -m lpd.app.embed",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+    )
+    p.add_argument(
+        "--work_dir",
+        default="outputs/app_embed",
+        help="the demo's output folder (a finished run is reused)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="a demo training checkpoint to export instead of training "
+        "(outputs/demo/train/checkpoint-last.pth)",
+    )
+    p.add_argument(
+        "--output_dir", default=EMBEDDED_DIR, help="the export folder the app loads by default"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir")
     args = p.parse_args(argv)
     ckpt = args.checkpoint or os.path.join(args.work_dir, "train", "checkpoint-last.pth")

@@ -25,7 +25,7 @@ from lpd.orders.visualize import render_order
 from lpd.sampling import ORDERS
 from lpd.schedules import group_sizes
 
-__all__ = ["Studio", "BoundedImageEditor", "build_blocks"]
+__all__ = ["Studio", "bound_uploads", "build_blocks"]
 
 MAX_FRAMES = 32  # streamed frames per generation (every k-th step beyond)
 MAX_VARIANTS = 8
@@ -35,46 +35,67 @@ DEVICE_QUEUE = "device"  # generation and editing share one slot per device
 
 
 def _whole(value: Any, name: str, low: int, high: int) -> int:
-    if value is None or isinstance(value, bool) or not float(value).is_integer() or not low <= value <= high:
+    if (
+        value is None
+        or isinstance(value, bool)
+        or not float(value).is_integer()
+        or not low <= value <= high
+    ):
         raise gr.Error(f"{name} must be a whole number from {low} to {high}, got {value}")
     return int(value)
 
 
 def _number(value: Any, name: str, low: float, high: float) -> float:
-    if value is None or isinstance(value, bool) or not math.isfinite(float(value)) or not low <= value <= high:
+    if (
+        value is None
+        or isinstance(value, bool)
+        or not math.isfinite(float(value))
+        or not low <= value <= high
+    ):
         raise gr.Error(f"{name} must be a number from {low} to {high}, got {value}")
     return float(value)
 
 
-class BoundedImageEditor(gr.ImageEditor):
-    """An image editor whose uploads must decode as images of at most ``max_pixels`` pixels."""
+def bound_uploads(editor: gr.ImageEditor, max_pixels: int) -> gr.ImageEditor:
+    """Make ``editor`` refuse, with a message, uploads that are no image or have more than
+    ``max_pixels`` pixels (before decoding them); on the instance: a subclass writes a stub file."""
+    convert = editor.convert_and_format_image
 
-    is_template = True  # the page draws it as gr.ImageEditor (with the props of gr.ImageEditor's signature)
-    max_pixels = 4096 * 4096
-
-    def convert_and_format_image(self, file: Any, flatten_on_white: bool = False) -> Any:
+    def checked(file: Any, flatten_on_white: bool = False) -> Any:
         if file is None:
             return None
         try:
-            with Image.open(file.path if hasattr(file, "path") else io.BytesIO(file)) as im:  # reads the header only
-                size = im.size
-            if size[0] * size[1] <= self.max_pixels:
-                return super().convert_and_format_image(file, flatten_on_white)
+            with Image.open(file.path if hasattr(file, "path") else io.BytesIO(file)) as im:
+                size = im.size  # the header only
+            if size[0] * size[1] <= max_pixels:
+                return convert(file, flatten_on_white)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            raise gr.Error(f"the upload is not a readable image ({type(e).__name__}); upload a PNG or JPEG") from None
-        raise gr.Error(f"the image is {size[0]}x{size[1]} pixels; at most {self.max_pixels:,} are accepted")
+            raise gr.Error(
+                f"the upload is not a readable image ({type(e).__name__}); upload a PNG or JPEG"
+            ) from None
+        raise gr.Error(
+            f"the image is {size[0]}x{size[1]} pixels; at most {max_pixels:,} are accepted"
+        )
+
+    editor.convert_and_format_image = checked
+    return editor
 
 
 class Studio:
-    """The handlers of the page for one model; files they write go to ``workdir`` (served by the page)."""
+    """The page's handlers for one model; they write files to ``workdir`` (served)."""
 
     def __init__(self, app: AppModel, workdir: str) -> None:
         self.app, self.workdir = app, workdir
         self.samples = self._write_samples()
 
     def _label(self, class_name: Any, prompt: Any) -> int:
-        if self.app.condition != "class":  # text-conditional models plug in here (the prompt box is shown)
-            raise gr.Error(f"{self.app.name} is conditioned on {self.app.condition}; this page samples class labels only")
+        if (
+            self.app.condition != "class"
+        ):  # text-conditional models plug in here (the prompt box is shown)
+            raise gr.Error(
+                f"{self.app.name} is conditioned on {self.app.condition}; "
+                "this page samples class labels only"
+            )
         if class_name not in self.app.class_names:
             raise gr.Error(f"pick a class from the list (got {str(class_name)[:40]!r})")
         return self.app.class_names.index(class_name)
@@ -90,48 +111,97 @@ class Studio:
         os.makedirs(path)
         return path
 
-    def generate(self, class_name: str, prompt: str, steps: float, cfg: float, tau_r: float, order: str,
-                 seed: float) -> Iterator[tuple]:
-        """Frames ``(image, order heat map, files, status, final image)`` while decoding; the last has the files."""
+    def generate(
+        self,
+        class_name: str,
+        prompt: str,
+        steps: float,
+        cfg: float,
+        tau_r: float,
+        order: str,
+        seed: float,
+    ) -> Iterator[tuple]:
+        """Frames ``(image, order heat map, files, status, final image)``; the last with files."""
         app, n = self.app, self.app.grid_size**2
         label = self._label(class_name, prompt)
         steps, seed = _whole(steps, "steps", 1, n), _whole(seed, "seed", 0, MAX_SEED)
         tau_r = _number(tau_r, "τr", 0.0, float(app.grid_size))
         if order not in ORDERS:
             raise gr.Error(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
-        sampling = self._sampling(cfg=_number(cfg, "cfg", 0.0, 50.0), repulsion_threshold=tau_r, order=order)
+        sampling = self._sampling(
+            cfg=_number(cfg, "cfg", 0.0, 50.0), repulsion_threshold=tau_r, order=order
+        )
         sizes = group_sizes(app.img_size, steps)
-        row = OrderSource(order, sizes, app.grid_size, seed=seed, repulsion_threshold=tau_r).rows([0])[0]
-        heat = np.asarray(render_order(row, sizes, app.grid_size, steps_shown=0, title=f"{order} order, {steps} steps"))
+        row = OrderSource(order, sizes, app.grid_size, seed=seed, repulsion_threshold=tau_r).rows(
+            [0]
+        )[0]
+        heat = np.asarray(
+            render_order(
+                row, sizes, app.grid_size, steps_shown=0, title=f"{order} order, {steps} steps"
+            )
+        )
         every, tokens = math.ceil(steps / MAX_FRAMES), None
         for k, tokens in decode_steps(app, label, row, sizes, sampling, seed):
             if k + 1 < steps and k % every == 0:
                 done = int((tokens >= 0).sum())
-                yield render_partial(app, tokens), heat, None, f"step {k + 1} of {steps}: {done} of {n} tokens", None
+                yield (
+                    render_partial(app, tokens),
+                    heat,
+                    None,
+                    f"step {k + 1} of {steps}: {done} of {n} tokens",
+                    None,
+                )
         image = decode_tokens(app.tokenizer, tokens, sampling)[0]
-        settings = {"model": app.name, "class": class_name, "label": label, "steps": steps, "seed": seed,
-                    "group_sizes": sizes, "sampling": sampling.to_dict(), "order": row.tolist()}
+        settings = {
+            "model": app.name,
+            "class": class_name,
+            "label": label,
+            "steps": steps,
+            "seed": seed,
+            "group_sizes": sizes,
+            "sampling": sampling.to_dict(),
+            "order": row.tolist(),
+        }
         folder = self._folder()
-        png, js = os.path.join(folder, f"lpd_{label}_seed{seed}.png"), os.path.join(folder, "settings.json")
+        png, js = (
+            os.path.join(folder, f"lpd_{label}_seed{seed}.png"),
+            os.path.join(folder, "settings.json"),
+        )
         write_png(png, image)
         atomic_write_bytes(js, lambda f: f.write(json.dumps(settings, indent=1).encode()))
         yield image, heat, [png, js], f"done: {steps} steps, {n} tokens", image
 
-    def edit(self, editor: dict | None, class_name: str, prompt: str, steps: float, num: float, seed: float) -> tuple:
-        """``(source, masked source, edits)`` of the editor's image with the painted region regenerated."""
+    def edit(
+        self,
+        editor: dict | None,
+        class_name: str,
+        prompt: str,
+        steps: float,
+        num: float,
+        seed: float,
+    ) -> tuple:
+        """``(source, masked source, edits)``: the painted region regenerated."""
         app = self.app
         if not editor or editor.get("background") is None:
             raise gr.Error("upload an image or pick a sample first")
         label = self._label(class_name, prompt)
         num, seed = _whole(num, "variants", 1, MAX_VARIANTS), _whole(seed, "seed", 0, MAX_SEED)
         background = np.asarray(editor["background"])
-        image = np.ascontiguousarray(background[..., :3] if background.ndim == 3 else np.stack([background] * 3, -1))
+        image = np.ascontiguousarray(
+            background[..., :3] if background.ndim == 3 else np.stack([background] * 3, -1)
+        )
         mask = np.zeros(image.shape[:2], dtype=bool)
         for layer in editor.get("layers") or []:
             layer = np.asarray(layer)
-            painted = layer[..., 3] > 0 if layer.ndim == 3 and layer.shape[2] == 4 else np.asarray(layer).any(-1)
+            painted = (
+                layer[..., 3] > 0
+                if layer.ndim == 3 and layer.shape[2] == 4
+                else np.asarray(layer).any(-1)
+            )
             if painted.shape != mask.shape:
-                painted = np.asarray(Image.fromarray(painted).resize(mask.shape[::-1], Image.NEAREST))
+                painted = np.asarray(
+                    Image.fromarray(painted).resize(mask.shape[::-1], Image.NEAREST)
+                )
             mask |= painted
         if not mask.any():
             raise gr.Error("paint the region to regenerate with the brush first")
@@ -140,13 +210,26 @@ class Studio:
         except (ValueError, ImageFileError) as e:
             raise gr.Error(str(e)) from None
         unknown = int((~keep).sum())
-        steps = _whole(steps, f"steps (at most the {unknown} tokens under the painted region)", 1, unknown)
-        out = edit_images(app.model, app.tokenizer, image, mask, label, num=num, steps=steps, seed=seed,
-                          sampling=app.sampling())
+        steps = _whole(
+            steps, f"steps (at most the {unknown} tokens under the painted region)", 1, unknown
+        )
+        out = edit_images(
+            app.model,
+            app.tokenizer,
+            image,
+            mask,
+            label,
+            num=num,
+            steps=steps,
+            seed=seed,
+            sampling=app.sampling(),
+        )
         return out["source"], out["masked"], list(out["edits"])
 
-    def orders(self, img_size: float, steps: float, tau_r: float, seed: float) -> tuple[np.ndarray, str]:
-        """The locality-aware order of image 0 of a ``seed`` run, drawn step by step, and its statistics."""
+    def orders(
+        self, img_size: float, steps: float, tau_r: float, seed: float
+    ) -> tuple[np.ndarray, str]:
+        """The locality-aware order of image 0 of a ``seed`` run, step by step, with statistics."""
         if img_size not in ORDER_SIZES:
             raise gr.Error(f"resolution must be one of {ORDER_SIZES}, got {img_size}")
         grid = int(img_size) // 16
@@ -156,8 +239,11 @@ class Studio:
         row = OrderSource("lpd", sizes, grid, seed=seed, repulsion_threshold=tau_r).rows([0])[0]
         picture = render_order(row, sizes, grid, steps_shown=min(steps, MAX_FRAMES))
         stats = order_statistics(row[None], sizes, grid, tau_r)
-        text = (f"**{grid}x{grid} tokens in {steps} steps**, group sizes {sizes[:12]}{' ...' if steps > 12 else ''}\n\n"
-                + "\n".join(f"* {k.replace('_', ' ')}: {v:.3f}" for k, v in stats.items()))
+        text = (
+            f"**{grid}x{grid} tokens in {steps} steps**, group sizes {sizes[:12]}"
+            f"{' ...' if steps > 12 else ''}\n\n"
+            + "\n".join(f"* {k.replace('_', ' ')}: {v:.3f}" for k, v in stats.items())
+        )
         return np.asarray(picture), text
 
     def _write_samples(self) -> list[str]:
@@ -165,9 +251,14 @@ class Studio:
         if getattr(self.app.tokenizer, "levels", None) is None or len(self.app.class_names) != 10:
             return []
         from lpd.demo.digits import load_digits_dataset
-        tokens, labels = load_digits_dataset("test", self.app.grid_size, int(self.app.tokenizer.levels))
+
+        tokens, labels = load_digits_dataset(
+            "test", self.app.grid_size, int(self.app.tokenizer.levels)
+        )
         first = [int(np.flatnonzero(labels.numpy() == d)[0]) for d in range(10)]
-        pixels = decode_tokens(self.app.tokenizer, tokens[first].flatten(1).to(self.app.device), self.app.sampling())
+        pixels = decode_tokens(
+            self.app.tokenizer, tokens[first].flatten(1).to(self.app.device), self.app.sampling()
+        )
         paths = [os.path.join(self.workdir, "samples", f"digit_{d}.png") for d in range(10)]
         for path, im in zip(paths, pixels):
             write_png(path, im)
@@ -175,47 +266,89 @@ class Studio:
 
 
 def build_blocks(studio: Studio, max_pixels: int) -> gr.Blocks:
-    """The three tabs; generation and editing queue for the one device slot (the page shows the place)."""
+    """The three tabs; generation and editing queue for one device slot (places shown)."""
     app = studio.app
     n, text = app.grid_size**2, app.condition == "text"
     device = dict(concurrency_id=DEVICE_QUEUE, concurrency_limit=1)
-    with gr.Blocks(title="LPD: locality-aware parallel decoding", delete_cache=(900, 3600)) as blocks:
-        gr.Markdown(f"## Locality-aware parallel decoding\n**{app.name}**: {app.img_size} px, {app.grid_size}x"
-                    f"{app.grid_size} tokens, {len(app.class_names)} classes, on {app.device.type}")
+    with gr.Blocks(
+        title="LPD: locality-aware parallel decoding", delete_cache=(900, 3600)
+    ) as blocks:
+        gr.Markdown(
+            f"## Locality-aware parallel decoding\n**{app.name}**: {app.img_size} px, "
+            f"{app.grid_size}x"
+            f"{app.grid_size} tokens, {len(app.class_names)} classes, on {app.device.type}"
+        )
         last = gr.State(None)
         with gr.Tab("Generate"):
             with gr.Row():
                 with gr.Column(scale=1, min_width=260):
-                    cls = gr.Dropdown(app.class_names, value=app.class_names[0], label="class", visible=not text)
+                    cls = gr.Dropdown(
+                        app.class_names, value=app.class_names[0], label="class", visible=not text
+                    )
                     prompt = gr.Textbox(label="prompt", visible=text)
                     steps = gr.Slider(1, n, value=min(20, n), step=1, label="steps")
-                    cfg = gr.Slider(1.0, 15.0, value=app.cfg, step=0.1, label="cfg (classifier-free guidance)")
-                    tau = gr.Slider(0.0, float(app.grid_size), value=app.repulsion_threshold, step=0.5,
-                                    label="τr (repulsion threshold)")
+                    cfg = gr.Slider(
+                        1.0, 15.0, value=app.cfg, step=0.1, label="cfg (classifier-free guidance)"
+                    )
+                    tau = gr.Slider(
+                        0.0,
+                        float(app.grid_size),
+                        value=app.repulsion_threshold,
+                        step=0.5,
+                        label="τr (repulsion threshold)",
+                    )
                     order = gr.Radio(list(ORDERS), value="lpd", label="order")
                     seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="seed")
                     go = gr.Button("Generate", variant="primary", elem_id="generate-btn")
                 with gr.Column(scale=2):
                     with gr.Row():
-                        image = gr.Image(label="image (grey: not decoded yet)", format="png", interactive=False,
-                                         elem_id="gen-image")
-                        heat = gr.Image(label="order: decoding step of each token", format="png", interactive=False)
+                        image = gr.Image(
+                            label="image (grey: not decoded yet)",
+                            format="png",
+                            interactive=False,
+                            elem_id="gen-image",
+                        )
+                        heat = gr.Image(
+                            label="order: decoding step of each token",
+                            format="png",
+                            interactive=False,
+                        )
                     status = gr.Markdown(elem_id="gen-status")
-                    files = gr.File(label="download: image and settings", file_count="multiple", interactive=False)
-            go.click(studio.generate, [cls, prompt, steps, cfg, tau, order, seed], [image, heat, files, status, last],
-                     api_name="generate", **device)
+                    files = gr.File(
+                        label="download: image and settings",
+                        file_count="multiple",
+                        interactive=False,
+                    )
+            go.click(
+                studio.generate,
+                [cls, prompt, steps, cfg, tau, order, seed],
+                [image, heat, files, status, last],
+                api_name="generate",
+                **device,
+            )
         with gr.Tab("Edit"):
             with gr.Row():
                 with gr.Column(scale=1, min_width=300):
-                    editor = BoundedImageEditor(label="image: paint the region to regenerate", type="numpy",
-                                                sources=("upload", "clipboard"), transforms=(), layers=False,
-                                                brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"),
-                                                elem_id="editor")
-                    editor.max_pixels = max_pixels
+                    editor = gr.ImageEditor(
+                        label="image: paint the region to regenerate",
+                        type="numpy",
+                        sources=("upload", "clipboard"),
+                        transforms=(),
+                        layers=False,
+                        brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"),
+                        elem_id="editor",
+                    )
+                    bound_uploads(editor, max_pixels)
                     if studio.samples:
-                        gr.Examples([[p] for p in studio.samples], [editor], label="samples: held-out digits")
+                        gr.Examples(
+                            [[p] for p in studio.samples],
+                            [editor],
+                            label="samples: held-out digits",
+                        )
                     use = gr.Button("Use the generated image")
-                    e_cls = gr.Dropdown(app.class_names, value=app.class_names[0], label="class", visible=not text)
+                    e_cls = gr.Dropdown(
+                        app.class_names, value=app.class_names[0], label="class", visible=not text
+                    )
                     e_prompt = gr.Textbox(label="prompt", visible=text)
                     e_steps = gr.Slider(1, n, value=min(8, n), step=1, label="steps")
                     e_num = gr.Slider(1, MAX_VARIANTS, value=4, step=1, label="variants")
@@ -227,23 +360,42 @@ def build_blocks(studio: Studio, max_pixels: int) -> gr.Blocks:
                         masked = gr.Image(label="masked source", format="png", interactive=False)
                     edits = gr.Gallery(label="edits", format="png", columns=4, elem_id="edits")
             use.click(_to_editor, last, editor, api_name=False)
-            e_go.click(studio.edit, [editor, e_cls, e_prompt, e_steps, e_num, e_seed], [source, masked, edits],
-                       api_name="edit", **device)
+            e_go.click(
+                studio.edit,
+                [editor, e_cls, e_prompt, e_steps, e_num, e_seed],
+                [source, masked, edits],
+                api_name="edit",
+                **device,
+            )
         with gr.Tab("Orders"):
             with gr.Row():
                 with gr.Column(scale=1, min_width=260):
-                    o_size = gr.Dropdown(list(ORDER_SIZES), value=app.img_size if app.img_size in ORDER_SIZES else 256,
-                                         label="resolution (px; 16 px per token)")
+                    o_size = gr.Dropdown(
+                        list(ORDER_SIZES),
+                        value=app.img_size if app.img_size in ORDER_SIZES else 256,
+                        label="resolution (px; 16 px per token)",
+                    )
                     o_steps = gr.Number(20, precision=0, minimum=1, maximum=4096, label="steps")
-                    o_tau = gr.Slider(0.0, 16.0, value=2.0, step=0.5, label="τr (repulsion threshold)")
+                    o_tau = gr.Slider(
+                        0.0, 16.0, value=2.0, step=0.5, label="τr (repulsion threshold)"
+                    )
                     o_seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="seed")
                     o_go = gr.Button("Draw the order", variant="primary", elem_id="orders-btn")
                 with gr.Column(scale=2):
-                    picture = gr.Image(label="decoding step of each token, then the first steps one by one", format="png",
-                                       interactive=False)
+                    picture = gr.Image(
+                        label="decoding step of each token, then the first steps one by one",
+                        format="png",
+                        interactive=False,
+                    )
                     stats = gr.Markdown()
-            o_go.click(studio.orders, [o_size, o_steps, o_tau, o_seed], [picture, stats], api_name="orders",
-                       concurrency_id="orders", concurrency_limit=2)
+            o_go.click(
+                studio.orders,
+                [o_size, o_steps, o_tau, o_seed],
+                [picture, stats],
+                api_name="orders",
+                concurrency_id="orders",
+                concurrency_limit=2,
+            )
     return blocks
 
 
