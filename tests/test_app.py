@@ -162,7 +162,8 @@ def test_embed_exports_a_demo_checkpoint_and_never_overwrites(tmp_path, capsys):
     out = tmp_path / "embedded"
     assert embed_main(["--checkpoint", str(ckpt), "--output_dir", str(out)]) == 0
     app = load_app_model(pretrained_ckpt=str(out), device="cpu")
-    assert app.cfg == 3.0 and app.grid_size == 4
+    assert json.loads((out / "sampling.json").read_text())["cfg"] == 5.0  # the demo's settings
+    assert app.cfg == 5.0 and app.grid_size == 4
     before = (out / "model.safetensors").read_bytes()
     assert embed_main(["--checkpoint", str(ckpt), "--output_dir", str(out)]) == 2
     assert (

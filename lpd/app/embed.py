@@ -5,28 +5,20 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import Sequence
 
-from lpd.checkpoint import CheckpointError, export
+from lpd.app.model import EMBEDDED_DIR, SAMPLING_FILE
+from lpd.checkpoint import CheckpointError, atomic_write_bytes, export
+from lpd.config import parse_args_with_config
+from lpd.demo.run import build_parser
 from lpd.demo.run import main as demo_main
+from lpd.sampling import sampling_from_args
 
-EMBEDDED_DIR = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "app_digits"
-)
 # the demo's training stage as configured; the short ablation after it reports the digit accuracy
-DEMO_FLAGS = (
-    "--orders",
-    "lpd",
-    "--steps",
-    "20",
-    "--num_images",
-    "200",
-    "--resamples",
-    "100",
-    "--no-editing",
-)
+DEMO_FLAGS = "--orders lpd --steps 20 --num_images 200 --resamples 100 --no-editing".split()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,6 +49,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return rc
     try:
         export(ckpt, args.output_dir, overwrite=args.overwrite)
+        demo = sampling_from_args(parse_args_with_config(build_parser(), []))  # the page's defaults
+        atomic_write_bytes(
+            os.path.join(args.output_dir, SAMPLING_FILE),
+            lambda f: f.write(json.dumps(demo.to_dict(), indent=2).encode()),
+        )
     except (CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ page."""
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import threading
@@ -39,6 +40,7 @@ __all__ = [
 EMBEDDED_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "app_digits"
 )
+SAMPLING_FILE = "sampling.json"  # an export's default sampling settings (the embedded model's)
 STEP_TIMEOUT_S = 600.0  # the longest wait for one decoding step before the page is told
 
 
@@ -98,16 +100,17 @@ def _export(path: str, device: torch.device, vqgan_path: str | None) -> tuple[LP
         raise ValueError(
             f"--pretrained_ckpt {path}: not a checkpoint file, an export folder or a Hub repository"
         )
-    config, pipe = (
-        export_config(folder),
-        LPDPipeline.from_pretrained(folder, vqgan_path=vqgan_path, device=device),
-    )
-    if state_dict_digest(pipe.model) != config.get("weights_sha256"):
+    pipe = LPDPipeline.from_pretrained(folder, vqgan_path=vqgan_path, device=device)
+    if state_dict_digest(pipe.model) != export_config(folder).get("weights_sha256"):
         raise CheckpointError(
             f"the weights in {folder} do not match their recorded SHA-256 (damaged files?); "
             f"reinstall lpd or export them again (embedded: python -m lpd.app.embed --overwrite)"
         )
-    return pipe, config.get("training", {}).get("args") or {}
+    sampling = os.path.join(folder, SAMPLING_FILE)  # the page's defaults, where the export has them
+    if not os.path.isfile(sampling):
+        return pipe, {}
+    with open(sampling, encoding="utf-8") as f:
+        return pipe, json.load(f)
 
 
 def load_app_model(
@@ -125,7 +128,7 @@ def load_app_model(
         raise ValueError(
             f"--model {model!r}: choose one of {sorted(PRESETS)} (or --pretrained_ckpt alone)"
         )
-    path, args = pretrained_ckpt, {}
+    path, defaults = pretrained_ckpt, {}
     if model is not None:
         pipe = LPDPipeline.from_pretrained(
             model, img_size, checkpoint=path, vqgan_path=vqgan_path, device=device
@@ -142,9 +145,9 @@ def load_app_model(
         )
         pipe = LPDPipeline(load_lpd(path, img_size=img_size).to(device), tokenizer)
     else:
-        pipe, args = _export(path or EMBEDDED_DIR, device, vqgan_path)
-    default_tr = args.get("repulsion_threshold") or (2.0 if pipe.grid_size <= 16 else 4.0)
-    tr, cfg = paper_settings(model, pipe.img_size, 20) or (default_tr, args.get("cfg") or 4.0)
+        pipe, defaults = _export(path or EMBEDDED_DIR, device, vqgan_path)
+    default_tr = defaults.get("repulsion_threshold", 2.0 if pipe.grid_size <= 16 else 4.0)
+    tr, cfg = paper_settings(model, pipe.img_size, 20) or (default_tr, defaults.get("cfg", 4.0))
     name = model or (os.path.basename(os.path.normpath(path)) if path else "embedded digits model")
     return AppModel(
         pipe.model,
