@@ -31,10 +31,11 @@ def main() -> int:
         page.screenshot(path=shots["Generate"])
         page.get_by_role("tab", name="Edit").click()
         page.locator("#editor").wait_for()
-        page.locator(".gallery-item, button.example").nth(2).click()  # the held-out 2
+        page.locator(".gallery-item, button.example").nth(0).click()  # the held-out 0, class 0
         paint(page, dy=40)
         page.click("#edit-btn")
         page.locator("#edits img").nth(3).wait_for()
+        page.locator("#masked img").wait_for()
         page.screenshot(path=shots["Edit"], full_page=True)
         page.get_by_role("tab", name="Orders").click()
         page.click("#orders-btn")

@@ -100,7 +100,7 @@ def paint(page: object, dx: float = 60, dy: float = 30) -> None:
     page.locator("#editor").get_by_text("Upload an image").wait_for(state="hidden")
     box = page.locator("#editor canvas").first.bounding_box()
     cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-    page.mouse.move(cx - dx, cy + dy)
+    page.mouse.move(cx - dx, cy + dy, steps=8)  # in small moves: the canvas sees the pointer arrive
     page.mouse.down()
     for i in range(13):
         page.mouse.move(cx - dx + 2 * dx * i / 12, cy + dy, steps=2)

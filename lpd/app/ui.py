@@ -31,6 +31,7 @@ MAX_FRAMES = 32  # streamed frames per generation (every k-th step beyond)
 MAX_VARIANTS = 8
 MAX_SEED = 2**31 - 1
 ORDER_SIZES = (128, 256, 512, 1024)
+IMAGE_HEIGHT = 330  # pixels: a 256 px image below the label
 DEVICE_QUEUE = "device"  # generation and editing share one slot per device
 
 
@@ -306,12 +307,14 @@ def build_blocks(studio: Studio, max_pixels: int) -> gr.Blocks:
                             label="image (grey: not decoded yet)",
                             format="png",
                             interactive=False,
+                            height=IMAGE_HEIGHT,
                             elem_id="gen-image",
                         )
                         heat = gr.Image(
                             label="order: decoding step of each token",
                             format="png",
                             interactive=False,
+                            height=IMAGE_HEIGHT,
                         )
                     status = gr.Markdown(elem_id="gen-status")
                     files = gr.File(
@@ -356,8 +359,16 @@ def build_blocks(studio: Studio, max_pixels: int) -> gr.Blocks:
                     e_go = gr.Button("Edit", variant="primary", elem_id="edit-btn")
                 with gr.Column(scale=2):
                     with gr.Row():
-                        source = gr.Image(label="source", format="png", interactive=False)
-                        masked = gr.Image(label="masked source", format="png", interactive=False)
+                        source = gr.Image(
+                            label="source", format="png", interactive=False, height=IMAGE_HEIGHT
+                        )
+                        masked = gr.Image(
+                            label="masked source",
+                            format="png",
+                            interactive=False,
+                            height=IMAGE_HEIGHT,
+                            elem_id="masked",
+                        )
                     edits = gr.Gallery(label="edits", format="png", columns=4, elem_id="edits")
             use.click(_to_editor, last, editor, api_name=False)
             e_go.click(
@@ -383,7 +394,7 @@ def build_blocks(studio: Studio, max_pixels: int) -> gr.Blocks:
                     o_go = gr.Button("Draw the order", variant="primary", elem_id="orders-btn")
                 with gr.Column(scale=2):
                     picture = gr.Image(
-                        label="decoding step of each token, then the first steps one by one",
+                        show_label=False,
                         format="png",
                         interactive=False,
                     )
