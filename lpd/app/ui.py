@@ -142,16 +142,14 @@ class Studio:
             )
         )
         every, tokens = math.ceil(steps / MAX_FRAMES), None
-        for k, tokens in decode_steps(app, label, row, sizes, sampling, seed):
-            if k + 1 < steps and k % every == 0:
-                done = int((tokens >= 0).sum())
-                yield (
-                    render_partial(app, tokens),
-                    heat,
-                    None,
-                    f"step {k + 1} of {steps}: {done} of {n} tokens",
-                    None,
-                )
+        try:
+            for k, tokens in decode_steps(app, label, row, sizes, sampling, seed):
+                if k + 1 < steps and k % every == 0:
+                    done = int((tokens >= 0).sum())
+                    status = f"step {k + 1} of {steps}: {done} of {n} tokens"
+                    yield render_partial(app, tokens), heat, None, status, None
+        except TimeoutError as e:
+            raise gr.Error(str(e)) from None
         image = decode_tokens(app.tokenizer, tokens, sampling)[0]
         settings = {
             "model": app.name,
@@ -214,17 +212,13 @@ class Studio:
         steps = _whole(
             steps, f"steps (at most the {unknown} tokens under the painted region)", 1, unknown
         )
-        out = edit_images(
-            app.model,
-            app.tokenizer,
-            image,
-            mask,
-            label,
-            num=num,
-            steps=steps,
-            seed=seed,
-            sampling=app.sampling(),
-        )
+        try:
+            out = edit_images(
+                app.model, app.tokenizer, image, mask, label, num=num, steps=steps, seed=seed,
+                sampling=app.sampling(),
+            )  # fmt: skip
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
         return out["source"], out["masked"], list(out["edits"])
 
     def orders(
