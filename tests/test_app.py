@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from lpd.app.__main__ import main as app_main
 from lpd.app.embed import main as embed_main
-from lpd.app.model import EMBEDDED_DIR, decode_steps, load_app_model, render_partial
+from lpd.app.model import EMBEDDED_DIR, class_names, decode_steps, load_app_model, render_partial
 from lpd.app.ui import Studio
 from lpd.checkpoint import CheckpointError, save_checkpoint
 from lpd.evaluate import image_seed
@@ -40,6 +40,11 @@ def test_the_embedded_model_ships_with_its_digest(app):
     assert config["tokenizer"]["kind"] == "palette" and config["parameters"] < 300_000
     assert app.class_names == [str(d) for d in range(10)] and app.condition == "class"
     assert (app.cfg, app.repulsion_threshold, app.img_size, app.patch) == (5.0, 2.0, 256, 16)
+
+
+def test_class_names():
+    assert class_names(10)[7] == "7" and class_names(3) == ["class 0", "class 1", "class 2"]
+    assert class_names(1000)[207] == "207: golden retriever"  # torchvision's list, no download
 
 
 def test_weights_that_do_not_match_their_digest_are_refused(tmp_path):
@@ -163,6 +168,8 @@ def test_embed_exports_a_demo_checkpoint_and_never_overwrites(tmp_path, capsys):
     assert embed_main(["--checkpoint", str(ckpt), "--output_dir", str(out)]) == 0
     app = load_app_model(pretrained_ckpt=str(out), device="cpu")
     assert json.loads((out / "sampling.json").read_text())["cfg"] == 5.0  # the demo's settings
+    trained = load_app_model(pretrained_ckpt=str(ckpt), device="cpu")  # the checkpoint itself
+    assert trained.tokenizer.levels == 4 and trained.cfg == 4.0 and trained.name == ckpt.name
     assert app.cfg == 5.0 and app.grid_size == 4
     before = (out / "model.safetensors").read_bytes()
     assert embed_main(["--checkpoint", str(ckpt), "--output_dir", str(out)]) == 2

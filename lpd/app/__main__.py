@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="a released preset (lpd_l, lpd_xl, lpd_xxl); default: the embedded model",
     )
-    p.add_argument("--img_size", type=int, default=256, help="with --model: 256 or 512")
+    p.add_argument(
+        "--img_size", type=int, default=None, help="256 or 512 (default: 256 for --model)"
+    )
     p.add_argument(
         "--pretrained_ckpt",
         default=None,

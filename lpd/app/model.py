@@ -115,14 +115,14 @@ def _export(path: str, device: torch.device, vqgan_path: str | None) -> tuple[LP
 
 def load_app_model(
     model: str | None = None,
-    img_size: int = 256,
+    img_size: int | None = None,
     pretrained_ckpt: str | None = None,
     vqgan_path: str | None = None,
     device: torch.device | str | None = None,
 ) -> AppModel:
     """The embedded digits model (no ``model`` or ``pretrained_ckpt``), a released ``model`` preset
     (Hub cache), or ``pretrained_ckpt``: an export folder, a Hub repository or a training checkpoint
-    (with ``model``: a preset's file)."""
+    (with ``model``: a preset's file); ``img_size``: a preset's (256) or the checkpoint's own."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if model is not None and model not in PRESETS:
         raise ValueError(
