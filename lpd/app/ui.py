@@ -90,9 +90,8 @@ class Studio:
         self.samples = self._write_samples()
 
     def _label(self, class_name: Any, prompt: Any) -> int:
-        if (
-            self.app.condition != "class"
-        ):  # text-conditional models plug in here (the prompt box is shown)
+        # text-conditional models plug in here: the page shows them the prompt box
+        if self.app.condition != "class":
             raise gr.Error(
                 f"{self.app.name} is conditioned on {self.app.condition}; "
                 "this page samples class labels only"
@@ -269,9 +268,8 @@ def build_blocks(studio: Studio, max_pixels: int) -> gr.Blocks:
         title="LPD: locality-aware parallel decoding", delete_cache=(900, 3600)
     ) as blocks:
         gr.Markdown(
-            f"## Locality-aware parallel decoding\n**{app.name}**: {app.img_size} px, "
-            f"{app.grid_size}x"
-            f"{app.grid_size} tokens, {len(app.class_names)} classes, on {app.device.type}"
+            f"## Locality-aware parallel decoding\n**{app.name}**: {app.img_size} px, {n} tokens, "
+            f"{len(app.class_names)} classes, on {app.device.type}"
         )
         last = gr.State(None)
         with gr.Tab("Generate"):
