@@ -262,13 +262,14 @@ class Studio:
 def build_blocks(studio: Studio, max_pixels: int) -> gr.Blocks:
     """The three tabs; generation and editing queue for one device slot (places shown)."""
     app = studio.app
-    n, text = app.grid_size**2, app.condition == "text"
+    g, text = app.grid_size, app.condition == "text"
+    n = g * g
     device = dict(concurrency_id=DEVICE_QUEUE, concurrency_limit=1)
     with gr.Blocks(
         title="LPD: locality-aware parallel decoding", delete_cache=(900, 3600)
     ) as blocks:
         gr.Markdown(
-            f"## Locality-aware parallel decoding\n**{app.name}**: {app.img_size} px, {n} tokens, "
+            f"## Locality-aware parallel decoding\n**{app.name}**: {app.img_size} px, {g}x{g} tokens, "
             f"{len(app.class_names)} classes, on {app.device.type}"
         )
         last = gr.State(None)
