@@ -269,8 +269,8 @@ def build_blocks(studio: Studio, max_pixels: int) -> gr.Blocks:
         title="LPD: locality-aware parallel decoding", delete_cache=(900, 3600)
     ) as blocks:
         gr.Markdown(
-            f"## Locality-aware parallel decoding\n**{app.name}**: {app.img_size} px, {g}x{g} tokens, "
-            f"{len(app.class_names)} classes, on {app.device.type}"
+            f"## Locality-aware parallel decoding\n**{app.name}**: {app.img_size} px, "
+            f"{g}x{g} tokens, {len(app.class_names)} classes, on {app.device.type}"
         )
         last = gr.State(None)
         with gr.Tab("Generate"):
