@@ -8,7 +8,7 @@
 #   LPD_TORCH_SPEC  pip requirement(s) for PyTorch (default "torch==2.14.1 torchvision==0.29.1";
 #                   set e.g. "torch torchvision --index-url https://download.pytorch.org/whl/cu124"
 #                   to pick another build).  Skipped when a working torch + torchvision is present.
-#   LPD_EXTRAS      extras to install with the package (default "test,t2i").
+#   LPD_EXTRAS      extras to install with the package (default "test,t2i,app": the tests, text-to-image, the web app).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 python_bin="${PYTHON:-python3}"
@@ -37,7 +37,7 @@ if ! "$py" -c "import torch, torchvision" >/dev/null 2>&1; then
   "$py" -m pip install -q $spec
 fi
 
-extras="${LPD_EXTRAS-test,t2i}"
+extras="${LPD_EXTRAS-test,t2i,app}"
 target="$here"
 [ -n "$extras" ] && target="$here[$extras]"
 echo "[lpd] installing lpd and its dependencies into $venv"
