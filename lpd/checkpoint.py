@@ -335,9 +335,10 @@ def _model_card(config: dict[str, Any], measured: dict[str, Any] | None, ref: st
 
 
 def export(ckpt: str, out_dir: str, *, model: str | None = None, use_ema: bool = False, metrics: str | None = None,
-           repo: str | None = None, overwrite: bool = False) -> str:
+           repo: str | None = None, overwrite: bool = False, sampling: Mapping[str, Any] | None = None) -> str:
     """Write the weights of ``ckpt`` (file or sharded folder) as the folder ``out_dir`` (weights, config, a model
-    card with the scores of a ``main_eval.py`` ``metrics.json``); the folder appears whole. Returns its path."""
+    card with the scores of a ``main_eval.py`` ``metrics.json``; ``sampling``: the default sampling settings
+    recorded in the config); the folder appears whole. Returns its path."""
     from safetensors.torch import save
     from lpd.models import LPD, checkpoint_config
     existing = _check_export_dir(ckpt, out_dir, overwrite)
@@ -367,6 +368,8 @@ def export(ckpt: str, out_dir: str, *, model: str | None = None, use_ema: bool =
               "img_size": net.config.img_size, "weights": "ema" if use_ema else "model", "weights_sha256": digest,
               "parameters": sum(v.numel() for v in sd.values()), "tokenizer": tokenizer_ref(args),
               "training": {k: state.get(k) for k in ("epoch", "step", "global_step")} | {"args": args}}
+    if sampling:
+        config["sampling"] = dict(sampling)
     config = json.loads(json.dumps(config, default=str))
     name = os.path.basename(os.path.normpath(out_dir))  # the card names no local path
     files = {EXPORT_WEIGHTS: save(sd, metadata={"format": "pt"}), EXPORT_CONFIG: json.dumps(config, indent=2).encode(),

@@ -128,7 +128,8 @@ class LPDPipeline:
         folder = export_folder(source)
         if folder is not None:
             config = export_config(folder)
-            cfg = (config.get("training", {}).get("args") or {}).get("cfg")
+            trained = (config.get("training", {}).get("args") or {}).get("cfg")
+            cfg = (config.get("sampling") or {}).get("cfg", trained)
             tokenizer = _tokenizer(config.get("tokenizer") or {}, vqgan_path, device, source)
             net = load_lpd(folder, img_size=img_size).to(device)
             return cls(net, tokenizer, config.get("model"), cfg)

@@ -5,13 +5,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Sequence
 
-from lpd.app.model import EMBEDDED_DIR, SAMPLING_FILE
-from lpd.checkpoint import CheckpointError, atomic_write_bytes, export
+from lpd.app.model import EMBEDDED_DIR
+from lpd.checkpoint import CheckpointError, export
 from lpd.config import parse_args_with_config
 from lpd.demo.run import build_parser
 from lpd.demo.run import main as demo_main
@@ -48,12 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.checkpoint is None and (rc := demo_main(["--output_dir", args.work_dir, *DEMO_FLAGS])):
         return rc
     try:
-        export(ckpt, args.output_dir, overwrite=args.overwrite)
         demo = sampling_from_args(parse_args_with_config(build_parser(), []))  # the page's defaults
-        atomic_write_bytes(
-            os.path.join(args.output_dir, SAMPLING_FILE),
-            lambda f: f.write(json.dumps(demo.to_dict(), indent=2).encode()),
-        )
+        export(ckpt, args.output_dir, overwrite=args.overwrite, sampling=demo.to_dict())
     except (CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

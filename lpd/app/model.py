@@ -4,10 +4,7 @@ page."""
 
 from __future__ import annotations
 
-import json
 import os
-import queue
-import threading
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -25,7 +22,7 @@ from lpd.evaluate import image_seed
 from lpd.images import to_uint8
 from lpd.models import PRESETS, load_lpd
 from lpd.pipeline import LPDPipeline, paper_settings
-from lpd.sampling import SamplingConfig
+from lpd.sampling import Decoder, SamplingConfig
 from lpd.tokenizer import make_tokenizer
 
 __all__ = [
@@ -40,8 +37,6 @@ __all__ = [
 EMBEDDED_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "app_digits"
 )
-SAMPLING_FILE = "sampling.json"  # an export's default sampling settings (the embedded model's)
-STEP_TIMEOUT_S = 600.0  # the longest wait for one decoding step before the page is told
 
 
 @dataclass
@@ -106,11 +101,7 @@ def _export(path: str, device: torch.device, vqgan_path: str | None) -> tuple[LP
             f"the weights in {folder} do not match their recorded SHA-256 (damaged files?); "
             f"reinstall lpd or export them again (embedded: python -m lpd.app.embed --overwrite)"
         )
-    sampling = os.path.join(folder, SAMPLING_FILE)  # the page's defaults, where the export has them
-    if not os.path.isfile(sampling):
-        return pipe, {}
-    with open(sampling, encoding="utf-8") as f:
-        return pipe, json.load(f)
+    return pipe, export_config(folder).get("sampling") or {}  # the page's defaults, if recorded
 
 
 def load_app_model(
@@ -172,43 +163,16 @@ def decode_steps(
     """Yield ``(step, tokens [1, N])`` after each step: raster tokens, -1 where not decoded.
 
     The draw is image 0 of a ``seed`` run, so the last step's tokens are ``LPDPipeline``'s (and
-    ``sample_tokens``') for the same settings. The loop runs in a thread that hands each step over.
+    ``sample_tokens``') for the same settings.
     """
-    # Uses lpd.sampling's private decoding loop until the decoder's per-step hook is public.
-    from lpd.sampling import _chooser, _decode, _inference, _uniforms
-
-    model, device, N = app.model, app.device, app.grid_size**2
-    labels = torch.tensor([label], device=device)
-    orders, sizes = torch.as_tensor(order, device=device).long().view(1, N), list(group_sizes)
-    uniforms = _uniforms([torch.Generator().manual_seed(image_seed(seed, 0))], 1, N, device)
-    choose = _chooser(1, N, sampling, False, uniforms, device)
-    steps: queue.Queue = queue.Queue()
+    device, N = app.device, app.grid_size**2
+    decoder = Decoder(app.model, sampling)
+    orders = torch.as_tensor(order, device=device).long().view(1, N)
+    prefix = decoder.class_prefix(torch.tensor([label], device=device), 1)
+    generator = [torch.Generator().manual_seed(image_seed(seed, 0))]
     known = torch.full((1, N), -1, dtype=torch.long, device=device)
-
-    def on_choose(out: torch.Tensor, first: int, last: int) -> torch.Tensor:
-        chosen = choose(out, first, last)
-        steps.put(chosen.clone())
-        return chosen
-
-    def run() -> None:
-        try:
-            with _inference(model, torch.bfloat16 if sampling.bf16 else None):
-                _decode(model, labels, orders, sizes, sampling.cfg, on_choose)
-        except BaseException as e:  # noqa: BLE001 - handed to the page's thread
-            steps.put(e)
-
-    threading.Thread(target=run, daemon=True, name="lpd-app-decode").start()
-    for k, (first, last) in enumerate(zip(np.cumsum([0, *sizes[:-1]]), np.cumsum(sizes))):
-        try:
-            item = steps.get(timeout=STEP_TIMEOUT_S)
-        except queue.Empty:
-            raise TimeoutError(
-                f"decoding step {k + 1} took longer than {STEP_TIMEOUT_S:.0f} s; try fewer steps "
-                f"or a smaller model"
-            ) from None
-        if isinstance(item, BaseException):
-            raise item
-        known[0, orders[0, first:last]] = item[0]
+    for k, step in enumerate(decoder.steps(prefix, orders, list(group_sizes), generator=generator)):
+        known[0, orders[0, step.first : step.last]] = step.tokens[0, step.first : step.last]
         yield k, known.clone()
 
 
