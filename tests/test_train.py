@@ -241,11 +241,12 @@ def test_a_folder_with_another_runs_checkpoints_is_not_trained_into(tmp_path, on
 def test_bad_flags_and_config_values_print_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: lpd_tiny\nbf16: 'false'\n")
+    out = ["--output_dir", str(tmp_path / "out")]  # never the default output_dir/ of the working directory
     for argv, says in ((["--config", str(bad)], "bf16 must be true or false"),
                        (["--model", "lpd_huge", "--data_path", str(tmp_path)], "unknown model 'lpd_huge'"),
                        (["--batch_size", "0", "--data_path", str(tmp_path)], "--batch_size must be a positive integer"),
                        (["--seed", str(2**64), "--data_path", str(tmp_path)], "--seed must be an integer in [0, 2**64)")):
-        assert main_train.main(argv) == 2
+        assert main_train.main(argv + out) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and says in err and "Traceback" not in err
 
