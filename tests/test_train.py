@@ -5,6 +5,7 @@ launcher builds its job without a cluster."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -348,6 +349,9 @@ def test_torchrun_ranks_identical_and_sigterm_resume_bit_identical(tmp_path, npr
     final_a = load_checkpoint(out_a / "checkpoint-last.pth")
     assert (final_a["epoch"], final_a["step"], final_a["global_step"]) == (2, 2, 6)
     assert all(torch.equal(final_a["model"][k], r0[k]) for k in r0)
+    # lr = blr x GLOBAL batch / 256 (blr 1e-4, 4 per process), in the 50-epoch warm-up; logged at each epoch's last step
+    lrs = [json.loads(line)["lr"] for line in open(out_a / "log.txt")]
+    assert lrs == pytest.approx([1e-4 * 4 * nproc / 256 * (e + 0.5) / 50 for e in range(3)], rel=1e-12)
 
     # B: the issue's command, SIGTERM to torchrun once the first checkpoint exists, then --resume.
     out_b = tmp_path / "B"
