@@ -182,3 +182,56 @@ def test_benchmark_scripts_for_orders_and_training_run(tmp_path):
                               env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert json.loads(out.read_text()) and out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_python_m_lpd_schedules_writes_the_shipped_released_tables(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "lpd.schedules", str(tmp_path / "orders")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    written = sorted(os.path.relpath(p, tmp_path / "orders") for p in proc.stdout.split())
+    assert written == ["group_sizes_lookup.json", "group_sizes_training/group_sizes_256.json",
+                       "group_sizes_training/group_sizes_512.json"]
+    for rel in written:
+        assert (tmp_path / "orders" / rel).read_text() == open(os.path.join(ROOT, "orders", rel)).read()
+
+
+def test_the_demo_config_is_the_readme_testbed():
+    """configs/demo.yaml: a 0.22M-parameter LPD on the 16x16 grid of 256 px, trained 10 epochs on the nine released
+    256 px schedules, a 4-level palette; 500 samples per order x steps setting at cfg 5 (linear), 1,000 resamples per
+    interval, 8-step edits of the lower half, the centre box, around the centre box and all but the left third."""
+    from lpd.config import parse_args_with_config
+    from lpd.demo.run import build_parser, edit_keep_masks
+    from lpd.models import LPD, LPDConfig
+
+    a = parse_args_with_config(build_parser(), [])
+    model = LPD(LPDConfig.from_name(a.model, a.img_size, **a.model_config))
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == 0.22 and model.grid_size == 16
+    assert (a.epochs, a.group_sizes_list, a.tokenizer, a.vq_config) == (10, None, "palette", {"levels": 4})
+    assert (a.orders, a.steps, a.num_images, a.resamples) == (["lpd", "random", "raster"], [8, 12, 20, 32, 256], 500, 1000)
+    assert (a.cfg, a.cfg_schedule, a.edit_steps, a.edit_images) == (5.0, "linear", 8, 0)
+    keep = {k: v.reshape(16, 16) for k, v in edit_keep_masks(16).items()}
+    box = np.zeros((16, 16), bool)
+    box[4:12, 4:12] = True
+    assert keep["inpaint_bottom"][:8].all() and not keep["inpaint_bottom"][8:].any()
+    assert np.array_equal(keep["inpaint_center"], ~box) and np.array_equal(keep["outpaint"], box)
+    assert keep["class_edit"][:, :5].all() and not keep["class_edit"][:, 5:].any()
+
+
+def test_the_readme_edit_command_for_a_released_model_is_accepted_and_needs_its_checkpoint(tmp_path, monkeypatch, capsys):
+    """``python -m lpd.edit --model lpd_l ...`` as the README writes it: offline and without the released checkpoint it
+    names the Hub repository and the flag to use, writes nothing and shows no traceback (its success path is the
+    demo-model command's: tests/test_editing.py)."""
+    from PIL import Image
+
+    from lpd.edit import main
+
+    Image.fromarray(np.zeros((256, 256, 3), np.uint8)).save(tmp_path / "in.png")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    argv = "--model lpd_l --img_size 256 --image in.png --region center --label 207 --steps 12 --num 4 --seed 0 --output edited.png"
+    assert main(argv.split()) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "mit-han-lab/lpd_l_256" in err and "--pretrained_ckpt" in err and "Traceback" not in err
+    assert not list(tmp_path.glob("edited*"))

@@ -65,6 +65,16 @@ def test_bf16_sampling_computes_in_bf16(model, bf16):
     assert len(seen.ops) >= 4 * 2 * 2 and seen.dtypes() == {torch.bfloat16 if bf16 else torch.float32}
 
 
+def test_a_bf16_model_decodes_with_bf16_weights_and_caches():
+    net = build_lpd(img_size=64, embed_dim=32, depth=2, num_heads=4, vocab_size=24, class_num=5)
+    net.initialize_weights(torch.Generator().manual_seed(0))
+    net = net.to(torch.bfloat16).eval()
+    orders = torch.stack([torch.randperm(16, generator=torch.Generator().manual_seed(i)) for i in range(2)])
+    with ComputeDtypes() as seen:
+        tokens = sample_tokens(net, [1, 2], orders, [1, 3, 12], cfg=2.0, generator=torch.Generator().manual_seed(0))
+    assert tokens.shape == (2, 16) and seen.dtypes() == {torch.bfloat16}  # no autocast: the weights and the KV cache
+
+
 @pytest.mark.parametrize("decode_fp32", [False, True])
 def test_bf16_evaluation_decodes_the_vq_in_bf16_unless_decode_fp32(model, decode_fp32):
     vq = make_tokenizer("vq", None, SMALL_VQ, seed=0)

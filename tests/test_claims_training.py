@@ -242,3 +242,76 @@ def test_a_preemption_signal_saves_and_exits_75(tmp_path, sig, workers):
     assert f"received {sig.name}" in text and "preempted: saved" in text
     ck = torch.load(out / "checkpoint-last.pth", weights_only=True)
     assert 1 <= ck["global_step"] < 100000 * 2
+
+
+def test_bf16_training_computes_under_bf16_autocast(tmp_path):
+    from test_claims_sampling import ComputeDtypes
+
+    with ComputeDtypes() as seen:
+        train(config(tmp_path, epochs=1, batch_size=4, lr=1e-3, bf16=True), dataset=Marked(4, 16), log=lambda m: None)
+    assert seen.dtypes("addmm") == {torch.bfloat16} and torch.bfloat16 in seen.dtypes("dot_product")
+    with ComputeDtypes() as seen:
+        train(config(tmp_path / "fp32", epochs=1, batch_size=4, lr=1e-3), dataset=Marked(4, 16), log=lambda m: None)
+    assert seen.dtypes() == {torch.float32}
+
+
+def test_evaluation_during_training_logs_fid_and_is_against_eval_ref_stats(tmp_path, monkeypatch):
+    """``--eval_ref_stats``: the FID and IS of the images sampled at cfg 1 and at ``--cfg`` go to log.txt; they are
+    those of the evaluation folders' images against the statistics."""
+    from lpd import metrics as M
+    from lpd.sampling import SamplingConfig
+
+    def extractor(weights=None, device="cpu", **kw):  # a fixed small network in place of Inception-v3
+        w = torch.linspace(-1, 1, 12 * 5).reshape(12, 5)
+        return lambda images: (lambda f: (f, 4 * f @ w))(torch.nn.functional.adaptive_avg_pool2d(images.float() / 255, 2).flatten(1))
+
+    monkeypatch.setattr(M, "inception_extractor", extractor)
+    rng = np.random.default_rng(0)
+    M.save_statistics(tmp_path / "ref.npz", rng.random(12), np.eye(12) * 0.1)
+    vq = dict(ch=32, ch_mult=[1, 1, 1, 1, 1], z_channels=8, codebook_size=8, codebook_embed_dim=8, num_res_blocks=1)
+    cfg = config(tmp_path, epochs=1, batch_size=4, lr=1e-3, eval_freq=1, eval_num_images=10, eval_bsz=10, vq_config=vq,
+                 eval_group_sizes="[1, 3, 5, 7]", sampling=SamplingConfig(cfg=3.0), eval_ref_stats=str(tmp_path / "ref.npz"),
+                 model_config=dict(embed_dim=16, depth=1, num_heads=2, vocab_size=8, class_num=10))
+    train(cfg, dataset=Marked(4, 16), log=lambda m: None)
+    logged = [json.loads(line) for line in open(tmp_path / "out" / "log.txt")]
+    (evaluation,) = [r for r in logged if "eval_cfg1_fid" in r]
+    ref = M.load_statistics(tmp_path / "ref.npz")
+    for scale in ("1", "3"):
+        run = tmp_path / "out" / f"eval-epoch0-cfg{scale}"
+        want = M.compute_metrics(str(run / f"{run.name}.npz"), ref, extractor(), progress=False)
+        assert evaluation[f"eval_cfg{scale}_fid"] == pytest.approx(want["fid"], rel=1e-9)
+        assert evaluation[f"eval_cfg{scale}_inception_score"] == pytest.approx(want["inception_score"], rel=1e-9)
+    assert evaluation["eval_cfg1_fid"] != evaluation["eval_cfg3_fid"]
+
+
+def test_logs_go_to_log_txt_tensorboard_and_wandb(tmp_path, monkeypatch):
+    """With TensorBoard and wandb installed (stand-ins recording their calls) every logged step reaches both; without
+    TensorBoard the run says how to get it and goes on."""
+    import types
+
+    calls: list[tuple] = []
+
+    class SummaryWriter:
+        def __init__(self, log_dir):
+            calls.append(("tb", log_dir))
+
+        def add_scalar(self, tag, value, step):
+            calls.append(("scalar", tag, step))
+
+        def close(self):
+            calls.append(("tb-close",))
+
+    wandb = types.SimpleNamespace(init=lambda **k: calls.append(("wandb", k["project"], k["name"])) or wandb,
+                                  log=lambda values, step: calls.append(("wandb-log", step, "loss" in values)),
+                                  finish=lambda: calls.append(("wandb-finish",)))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=SummaryWriter))
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    train(config(tmp_path, epochs=1, batch_size=2, lr=1e-3, wandb=True, run_name="r"), dataset=Marked(4, 16), log=lambda m: None)
+    assert calls[:2] == [("tb", str(tmp_path / "out")), ("wandb", "lpd", "r")]
+    assert [c for c in calls if c[:2] == ("scalar", "train/loss")] == [("scalar", "train/loss", 1), ("scalar", "train/loss", 2)]
+    assert [c for c in calls if c[0] == "wandb-log"] == [("wandb-log", 1, True), ("wandb-log", 2, True)]
+    assert calls[-2:] == [("tb-close",), ("wandb-finish",)] and len(open(tmp_path / "out" / "log.txt").readlines()) == 2
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed
+    said: list[str] = []
+    train(config(tmp_path / "b", epochs=1, batch_size=2, lr=1e-3), dataset=Marked(4, 16), log=said.append)
+    assert any("pip install tensorboard" in m for m in said)
