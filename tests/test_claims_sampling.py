@@ -88,6 +88,29 @@ def test_bf16_evaluation_decodes_the_vq_in_bf16_unless_decode_fp32(model, decode
     assert seen.dtypes() == {torch.float32}
 
 
+def test_rank_r_of_w_samples_images_i_mod_w_and_the_vq_decodes_chunks_of_8(model, tmp_path):
+    """Rank 1 of 3 writes exactly the images 1, 4, 7 of 9, in batches of at most ``eval_bsz``; every decoder call
+    gets 8 token grids whatever the batch, so its rounding cannot depend on ``eval_bsz``."""
+    from lpd import evaluate as E
+    from lpd.demo.palette import PaletteTokenizer
+
+    class Recording(PaletteTokenizer):
+        def decode(self, tokens):
+            shapes.append(tuple(tokens.shape))
+            return super().decode(tokens)
+
+    shapes: list[tuple] = []
+    sampling = SamplingConfig(cfg=2.0)
+    tok = Recording(levels=24)
+    E.prepare_run_dir(tmp_path, E.run_settings(model, tok, 9, [1, 3, 12], sampling, 0), model.num_tokens)
+    out = generate_images(model, tok, 9, [1, 3, 12], sampling, seed=0, eval_bsz=2, output_dir=tmp_path, shard=(1, 3))
+    assert out.generated == 3 and sorted(os.listdir(tmp_path / "images")) == ["000001.png", "000004.png", "000007.png"]
+    assert shapes == [(8, 4, 4), (8, 4, 4)]  # batches of 2 and 1 images, each padded to a chunk of 8
+    shapes.clear()
+    generate_images(model, tok, 11, [1, 3, 12], sampling, seed=0, eval_bsz=11)
+    assert shapes == [(8, 4, 4), (8, 4, 4)]
+
+
 def test_a_rerun_whose_tokenizer_file_changed_under_the_same_name_is_refused(tmp_path, capsys):
     import main_eval
 

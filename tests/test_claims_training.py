@@ -315,3 +315,36 @@ def test_logs_go_to_log_txt_tensorboard_and_wandb(tmp_path, monkeypatch):
     said: list[str] = []
     train(config(tmp_path / "b", epochs=1, batch_size=2, lr=1e-3), dataset=Marked(4, 16), log=said.append)
     assert any("pip install tensorboard" in m for m in said)
+
+
+def test_an_fsdp_checkpoint_resumes_on_another_world_size(tmp_path):
+    """A sharded checkpoint of one process continues under torchrun with two (resharded), to the end of the run."""
+    cache = _released_cache(tmp_path / "cache", n=8, num_tokens=16)
+    flags = ["--model", "lpd_tiny", "--img_size", "64", "--model_config", "{embed_dim: 64, depth: 2, num_heads: 4}",
+             "--group_sizes_list", "[1, 3, 5, 7]", "--use_cached", "--cached_path", cache, "--batch_size", "2", "--num_workers", "0",
+             "--fsdp", "--lr", "1e-3",
+             "--warmup_epochs", "0", "--save_every_steps", "0", "--seed", "0", "--device", "cpu", "--output_dir", str(tmp_path / "out")]
+    import main_train
+    import torch.distributed as dist
+
+    try:
+        first = train(main_train.parse_config(flags + ["--epochs", "1"]), log=lambda m: None)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    from lpd.checkpoint import load_checkpoint
+
+    assert first.global_step == 4
+    before = load_checkpoint(tmp_path / "out" / "checkpoint-last")["model"]
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", os.path.join(ROOT, "main_train.py"), *flags,
+                           "--epochs", "2", "--resume", str(tmp_path / "out")], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"resumed from {tmp_path / 'out' / 'checkpoint-last'}" in proc.stdout
+    last = load_checkpoint(tmp_path / "out" / "checkpoint-last")
+    assert (last["epoch"], last["global_step"]) == (1, 4 + 2)  # epoch 1 on 2 processes x 2: 2 steps
+    assert set(last["model"]) == set(before) and any(not torch.equal(last["model"][k], v) for k, v in before.items())
+    # two AdamW steps of lr 1e-3 away from the loaded weights (a fresh start would be ~0.1 away)
+    assert max(float((last["model"][k] - v).abs().max()) for k, v in before.items()) < 1e-2
