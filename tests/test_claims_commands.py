@@ -235,3 +235,42 @@ def test_the_readme_edit_command_for_a_released_model_is_accepted_and_needs_its_
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "mit-han-lab/lpd_l_256" in err and "--pretrained_ckpt" in err and "Traceback" not in err
     assert not list(tmp_path.glob("edited*"))
+
+
+def _readme_commands() -> list[list[str]]:
+    import re
+    import shlex
+
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    lines = [line.split("  #")[0].strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+             for line in block.replace("\\\n", " ").splitlines()]
+    return [shlex.split(line) for line in lines if line and not line.startswith("#")]
+
+
+def test_the_readme_command_lines_of_the_entry_points_parse_into_what_they_say():
+    import main_cache
+    from lpd.config import parse_args_with_config
+    from lpd.orders.cli import build_parser as orders_parser
+
+    seen = {}
+    for words in _readme_commands():
+        if "main_eval.py" in words:
+            argv = words[words.index("main_eval.py") + 1 :]
+            args = main_eval.parse_args_with_config(main_eval.build_parser(), argv)
+            main_eval.check_args(args, argv)
+            seen.setdefault("eval", []).append((args.model, args.generation_steps, args.cfg, args.bf16, args.use_ema))
+        elif "main_train.py" in words and "scripts/slurm.py" not in words:
+            c = main_train.parse_config(words[words.index("main_train.py") + 1 :])
+            c.validate()
+            seen.setdefault("train", []).append((c.model, c.fsdp, c.ema_decay, c.use_cached, c.cached_path, c.auto_resume))
+        elif "main_cache.py" in words:
+            args = parse_args_with_config(main_cache.get_args_parser(), words[words.index("main_cache.py") + 1 :],
+                                          also_known=main_train.get_args_parser())
+            seen.setdefault("cache", []).append((args.data_path, args.cached_path, args.img_size))
+        elif words[:3] == ["python", "-m", "lpd.orders"]:
+            args = orders_parser().parse_args(words[3:])
+            seen.setdefault("orders", []).append((args.img_size, args.generation_steps, args.repulsion_threshold, args.visualize))
+    assert seen["eval"] == [("lpd_l", 20, 4.8, True, False), ("lpd_xxl", 20, 5.9, False, True)]
+    assert seen["train"] == [("lpd_tiny", False, 0.0, True, "/tmp/cache", False), ("lpd_xxl", True, 0.9999, True, "CACHE", True)]
+    assert seen["cache"] == [("IMAGES", "/tmp/cache", 256)]
+    assert seen["orders"] == [(256, 20, 2.0, False), (256, 20, 2.0, True)]
