@@ -48,7 +48,7 @@ def test_shortened_demo_run_writes_its_outputs(tmp_path, capsys) -> None:
         assert r["num_images"] == 20 and r["seconds"] > 0
         assert 0.0 <= r["accuracy_ci95"][0] <= r["accuracy"] <= r["accuracy_ci95"][1] <= 1.0
         assert r["frechet"] > 0 and r["frechet_ci95"][0] < r["frechet_ci95"][1]
-    # a row is the judge's score of that setting's samples: the digits 0-9 in turn, cfg 5 (linear), tau_r 2
+    # a row is the judge's score of its setting's samples: digits 0-9 in turn, cfg 5 linear, tau_r 2
     _rescore_first_row(out, rows[0])
     printed = capsys.readouterr().out
     assert "| lpd | 8 | " in printed and "accuracy [95% CI]" in printed and "| outpaint | lpd | schedule | 4 |" in printed
@@ -85,9 +85,10 @@ def _rescore_first_row(out, row) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the demo samples and scores with --decode_threads 1
     try:
-        images = generate_images(model, make_tokenizer("palette", vq_config={"levels": 4}), 20, group_sizes(256, 8),
-                                 SamplingConfig(cfg=5.0, repulsion_threshold=2.0, order="lpd"), labels=labels, seed=0,
-                                 eval_bsz=10).images
+        palette = make_tokenizer("palette", vq_config={"levels": 4})
+        sampling = SamplingConfig(cfg=5.0, repulsion_threshold=2.0, order="lpd")
+        images = generate_images(model, palette, 20, group_sizes(256, 8), sampling, labels=labels,
+                                 seed=0, eval_bsz=10).images
         want = judge.score(images, labels)
     finally:
         torch.set_num_threads(threads)
