@@ -87,7 +87,9 @@ def test_classes_follow_the_paper_rule():
 def test_image_seeds_are_stable_and_distinct():
     seeds = {E.image_seed(0, i) for i in range(1000)} | {E.image_seed(1, i) for i in range(1000)}
     assert len(seeds) == 2000
-    assert E.image_seed(0, 7) == E.image_seed(0, 7) and 0 <= E.image_seed(2**63, 2**40) < 2**63
+    # written down once: a changed derivation would change every released run's images
+    assert (E.image_seed(0, 7), E.image_seed(3, 0)) == (2941620403797343574, 3386346886314495343)
+    assert E.image_seed(2**63, 2**40) == 9017283119339743397
 
 
 @pytest.mark.parametrize("kind", ["lpd", "random", "raster"])

@@ -409,13 +409,26 @@ def test_inception_weights_are_loaded_weights_only(tmp_path, monkeypatch, no_dow
 def test_real_inception_with_random_weights(tmp_path, monkeypatch, no_download):
     weights = tmp_path / "inception.pth"
     _random_inception_weights(weights, monkeypatch)
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    from torch_fidelity.metric_isc import isc_features_to_metric
+
+    images = _images(4, size=32)
     ex = M.inception_extractor(weights, "cpu")
-    stats = M.compute_statistics(_images(3, size=32), ex, batch_size=2, progress=False)
-    assert stats.mu.shape == (2048,) and stats.sigma.shape == (2048, 2048) and stats.logits.shape == (3, 1008)
-    feats, logits = ex(torch.from_numpy(_images(3, size=32)).permute(0, 3, 1, 2))
-    np.testing.assert_allclose(stats.mu, feats.double().mean(0).numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(stats.logits, logits.numpy(), rtol=1e-5, atol=1e-5)
-    assert M.inception_score(stats.logits, splits=1)[0] >= 1.0 - 1e-9  # exp(mean KL), KL >= 0
+    stats = M.compute_statistics(images, ex, batch_size=2, progress=False)
+    assert stats.mu.shape == (2048,) and stats.sigma.shape == (2048, 2048)
+    assert stats.logits.shape == (4, 1008)
+    # torch-fidelity's own extractor on the same weights: pool features, IS from the unbiased logits
+    ref = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased", "logits"],
+                                      feature_extractor_weights_path=str(weights)).eval()
+    with torch.no_grad():
+        pool, unbiased, biased = ref(torch.from_numpy(images).permute(0, 3, 1, 2))
+    np.testing.assert_allclose(stats.mu, pool.double().mean(0).numpy(), rtol=1e-4, atol=1e-5)
+    sigma = np.cov(pool.double().numpy(), rowvar=False)
+    np.testing.assert_allclose(stats.sigma, sigma, rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(stats.logits, unbiased.numpy(), rtol=1e-4, atol=1e-4)
+    assert (biased - unbiased).abs().max() > 1e-2  # the fc bias matters: biased logits would differ
+    want = isc_features_to_metric(unbiased, splits=2)["inception_score_mean"]
+    assert M.inception_score(stats.logits, splits=2)[0] == pytest.approx(want, rel=1e-5)
 
 
 # ------------------------------------------------------------------------------ command line

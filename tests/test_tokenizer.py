@@ -98,10 +98,13 @@ def test_load_vq_released_format_round_trip(tmp_path: Path, parity: dict) -> Non
 def test_load_vq_bare_state_dict_and_training_extras(tmp_path: Path, parity: dict) -> None:
     bare = tmp_path / "bare.pt"
     torch.save(parity["state_dict"], bare)
-    load_vq(bare, **parity["config"])
     full = tmp_path / "full.pt"
     torch.save({"model": parity["state_dict"], "steps": 10, "args": argparse.Namespace(vq_model="VQ-16")}, full)
-    load_vq(full, **parity["config"])
+    for path in (bare, full):
+        vq = load_vq(path, **parity["config"])
+        assert not vq.training and vq.state_dict().keys() == parity["state_dict"].keys()
+        assert all(torch.equal(vq.state_dict()[k], v) for k, v in parity["state_dict"].items())
+        assert torch.equal(vq.encode(parity["image"]).reshape(-1), parity["indices"])
 
 
 def test_load_vq_missing_key_is_named(tmp_path: Path, parity: dict) -> None:

@@ -5,6 +5,7 @@ launcher builds its job without a cluster."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -241,11 +242,12 @@ def test_a_folder_with_another_runs_checkpoints_is_not_trained_into(tmp_path, on
 def test_bad_flags_and_config_values_print_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: lpd_tiny\nbf16: 'false'\n")
+    out = ["--output_dir", str(tmp_path / "out")]  # not the default output_dir/ of the working dir
     for argv, says in ((["--config", str(bad)], "bf16 must be true or false"),
                        (["--model", "lpd_huge", "--data_path", str(tmp_path)], "unknown model 'lpd_huge'"),
                        (["--batch_size", "0", "--data_path", str(tmp_path)], "--batch_size must be a positive integer"),
                        (["--seed", str(2**64), "--data_path", str(tmp_path)], "--seed must be an integer in [0, 2**64)")):
-        assert main_train.main(argv) == 2
+        assert main_train.main(argv + out) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and says in err and "Traceback" not in err
 
@@ -347,6 +349,11 @@ def test_torchrun_ranks_identical_and_sigterm_resume_bit_identical(tmp_path, npr
     final_a = load_checkpoint(out_a / "checkpoint-last.pth")
     assert (final_a["epoch"], final_a["step"], final_a["global_step"]) == (2, 2, 6)
     assert all(torch.equal(final_a["model"][k], r0[k]) for k in r0)
+    # lr = blr x GLOBAL batch / 256 (blr 1e-4, 4 per process), in the 50-epoch warm-up, logged at
+    # each epoch's last step
+    lrs = [json.loads(line)["lr"] for line in (out_a / "log.txt").read_text().splitlines()]
+    want = [1e-4 * 4 * nproc / 256 * (e + 0.5) / 50 for e in range(3)]
+    assert lrs == pytest.approx(want, rel=1e-12)
 
     # B: the issue's command, SIGTERM to torchrun once the first checkpoint exists, then --resume.
     out_b = tmp_path / "B"
