@@ -21,7 +21,7 @@ from typing import Sequence
 
 from lpd.checkpoint import CheckpointError
 from lpd.config import parse_args_with_config, yaml_mapping
-from lpd.distributed import RankError, cleanup, init_distributed
+from lpd.distributed import RankError, cleanup, init_distributed, launch_env, lost_peer, report_error
 from lpd.sampling import SamplingConfig, add_sampling_args, sampling_from_args
 from lpd.train import LR_SCHEDULES, PREEMPTED_EXIT_CODE, NonFiniteLossError, TrainConfig, train
 
@@ -157,7 +157,7 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: 0 done, 75 preempted after saving, 1 non-finite loss, 2 bad input (one ``error:`` line)."""
-    from lpd.datasets import CacheError
+    from lpd.datasets import DataError
     try:
         config = parse_config(argv)
         config.validate()
@@ -167,11 +167,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             cleanup()
     except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
+        return report_error(str(e), 1)
+    except (ValueError, OSError, CheckpointError, DataError, RankError) as e:
+        return report_error(str(e), 2)
+    except RuntimeError as e:
+        if not lost_peer(e):
+            raise
+        print(f"process {launch_env()[0]} stopped: another process of the run ended "
+              f"({str(e).strip().splitlines()[0][:200]}); its error message says why", file=sys.stderr)
         return 1
-    except (ValueError, OSError, CheckpointError, CacheError, RankError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     return PREEMPTED_EXIT_CODE if result.preempted else 0
 
 

@@ -398,5 +398,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the module's own classes: lpd.parallel raises lpd.checkpoint.CheckpointError
+    from lpd.checkpoint import main as module_main
+    sys.exit(module_main())

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from lpd.checkpoint import TMP_PREFIX, atomic_write_bytes, state_dict_digest
 from lpd.images import center_crop_arr, image_to_tensor
 
-__all__ = ["CacheError", "center_crop_arr", "image_folder", "resolve_image_root", "ReleasedTokenCache",
+__all__ = ["DataError", "CacheError", "center_crop_arr", "image_folder", "resolve_image_root", "ReleasedTokenCache",
            "ConsolidatedTokenCache", "open_token_cache", "read_record", "tokenizer_id", "write_token_cache",
            "CacheStats", "released_cache_file", "token_dtype"]  # center_crop_arr: from lpd.images
 
@@ -34,7 +34,18 @@ _IDENTITY = ("format", "tokenizer", "img_size", "crop", "num_tokens", "vocab_siz
 _SHARD_KEYS = ("num_shards", "shard_size", "dtype")
 
 
-class CacheError(RuntimeError):
+class DataError(RuntimeError):
+    """A training file that cannot be read. Raised in a DataLoader worker, it keeps its one-line message
+    (torch re-raises it as ``type(e)("Caught ... in DataLoader worker ...<traceback>...Class: message")``)."""
+
+    def __init__(self, message: str = "") -> None:
+        head = f"{type(self).__module__}.{type(self).__qualname__}: "
+        if message.startswith("Caught ") and head in message:
+            message = message.rsplit(head, 1)[1].strip()
+        super().__init__(message)
+
+
+class CacheError(DataError):
     """A token cache that cannot be read, is incomplete, or does not fit the model or the run."""
 
 
@@ -55,9 +66,33 @@ def resolve_image_root(data_path: str) -> str:
 
 
 def image_folder(data_path: str, img_size: int):
-    """torchvision ``ImageFolder`` of ``data_path`` with the ADM crop: ``(float32 [3, S, S] in [-1, 1], label)``."""
+    """torchvision ``ImageFolder`` of ``data_path`` with the ADM crop: ``(float32 [3, S, S] in [-1, 1], label)``;
+    an image that cannot be decoded raises :class:`DataError` naming it."""
     from torchvision.datasets import ImageFolder
-    return ImageFolder(resolve_image_root(data_path), transform=functools.partial(_crop_to_tensor, image_size=img_size))
+    return _NamedErrors(ImageFolder(resolve_image_root(data_path),
+                                    transform=functools.partial(_crop_to_tensor, image_size=img_size)))
+
+
+class _NamedErrors(torch.utils.data.Dataset):
+    """An ImageFolder (its attributes pass through) whose item errors name the image file."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.inner[index]
+        except Exception as e:  # noqa: BLE001 - re-raised with the file name
+            raise DataError(f"image {self.inner.samples[index][0]!r} cannot be decoded ({type(e).__name__}: {e}); "
+                            f"remove or replace it and rerun") from e
+
+    def __getattr__(self, name: str):
+        if name == "inner":  # not set yet (unpickling)
+            raise AttributeError(name)
+        return getattr(self.inner, name)
 
 
 def tokenizer_id(tokenizer: torch.nn.Module) -> str:

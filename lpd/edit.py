@@ -62,12 +62,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
         if problem := check_output_path(args.output, "--output"):
             raise ConfigError(problem)
-        import torch
         from lpd.images import save_grid, write_png
         from lpd.models import load_lpd
         from lpd.pipeline import LPDPipeline
         from lpd.tokenizer import make_tokenizer
-        device = torch.device(args.device)
+        from lpd.distributed import resolve_device
+        device = resolve_device(args.device)
         if not (args.pretrained_ckpt or args.model):
             raise ConfigError("no model: pass --model (lpd_l, lpd_xl, lpd_xxl) or --pretrained_ckpt FILE")
         model = load_lpd(args.pretrained_ckpt or args.model, model=args.model if not args.pretrained_ckpt else None,

@@ -347,8 +347,8 @@ def _run(args: argparse.Namespace) -> FeatureStatistics | dict[str, Any]:
         _check_output(args.json, "--json", ".json")
     try:
         device = resolve_device(args.device)
-    except RuntimeError as exc:
-        raise MetricsError(f"--device {args.device}: {exc}") from None
+    except ValueError as exc:
+        raise MetricsError(str(exc)) from None
     if args.batch_size < 1:
         raise MetricsError(f"--batch_size must be >= 1, got {args.batch_size}")
     _flagged("--input", image_batches, args.input, args.batch_size)  # opened and counted, not decoded

@@ -50,7 +50,8 @@ class LPDPipeline:
         from lpd.checkpoint import export_config, export_folder
         from lpd.models import PRESETS, load_lpd
         from lpd.tokenizer import make_tokenizer
-        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        from lpd.distributed import resolve_device
+        device = resolve_device(device)
         folder = export_folder(model) if model not in PRESETS and checkpoint is None else None
         if folder is None:
             net = load_lpd(checkpoint if checkpoint is not None else model, model=model, img_size=img_size or 256)
