@@ -48,9 +48,9 @@ class LPDPipeline:
         """The released ``model`` at ``img_size`` (default 256; ``checkpoint`` / ``vqgan_path`` instead of the Hub), or a
         folder / Hub repository of ``python -m lpd.checkpoint export`` with its tokenizer; ``device``: CUDA if available."""
         from lpd.checkpoint import export_config, export_folder
+        from lpd.distributed import resolve_device
         from lpd.models import PRESETS, load_lpd
         from lpd.tokenizer import make_tokenizer
-        from lpd.distributed import resolve_device
         device = resolve_device(device)
         folder = export_folder(model) if model not in PRESETS and checkpoint is None else None
         if folder is None:

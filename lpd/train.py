@@ -129,6 +129,9 @@ class TrainConfig:
         if self.cpu_offload and not self.fsdp:
             raise ValueError("--cpu_offload offloads FSDP shards: add --fsdp")
         check_seed(self.seed)
+        from lpd.models import LPDConfig  # the architecture: unknown preset, key or value
+        overrides = {k: v for k, v in (self.model_config or {}).items() if k != "img_size"}
+        LPDConfig.from_name(self.model, self.img_size, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
         """The flags of this run (sampling settings flat, as ``--config`` takes them)."""
