@@ -21,7 +21,8 @@ from typing import Sequence
 
 from lpd.checkpoint import CheckpointError
 from lpd.config import parse_args_with_config, yaml_mapping
-from lpd.distributed import RankError, cleanup, init_distributed, launch_env, lost_peer, report_error
+from lpd.distributed import RankError, barrier, cleanup, exit_process, init_distributed, launch_env
+from lpd.distributed import lost_peer, report_error
 from lpd.sampling import SamplingConfig, add_sampling_args, sampling_from_args
 from lpd.train import LR_SCHEDULES, PREEMPTED_EXIT_CODE, NonFiniteLossError, TrainConfig, train
 
@@ -164,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         info = init_distributed(config.device)
         try:
             result = train(config, info)
+            barrier()  # every process is done communicating before any tears the group down
         finally:
             cleanup()
     except NonFiniteLossError as e:
@@ -173,11 +175,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as e:
         if not lost_peer(e):
             raise
-        print(f"process {launch_env()[0]} stopped: another process of the run ended "
-              f"({str(e).strip().splitlines()[0][:200]}); its error message says why", file=sys.stderr)
+        cause = str(e).strip().splitlines()[0][:200]
+        print(f"process {launch_env()[0]} stopped: another process of the run ended ({cause}); its "
+              f"error message says why", file=sys.stderr)
         return 1
     return PREEMPTED_EXIT_CODE if result.preempted else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

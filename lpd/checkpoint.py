@@ -398,6 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # the module's own classes: lpd.parallel raises lpd.checkpoint.CheckpointError
+if __name__ == "__main__":
+    # lpd.checkpoint's main(), not __main__'s: it catches the classes lpd.parallel raises
     from lpd.checkpoint import main as module_main
     sys.exit(module_main())

@@ -23,9 +23,10 @@ from tqdm import tqdm
 from lpd.checkpoint import TMP_PREFIX, atomic_write_bytes, state_dict_digest
 from lpd.images import center_crop_arr, image_to_tensor
 
-__all__ = ["DataError", "CacheError", "center_crop_arr", "image_folder", "resolve_image_root", "ReleasedTokenCache",
+__all__ = ["CacheError", "center_crop_arr", "image_folder", "resolve_image_root", "ReleasedTokenCache",
            "ConsolidatedTokenCache", "open_token_cache", "read_record", "tokenizer_id", "write_token_cache",
-           "CacheStats", "released_cache_file", "token_dtype"]  # center_crop_arr: from lpd.images
+           "CacheStats", "released_cache_file", "token_dtype",
+           "DataError"]  # center_crop_arr: from lpd.images
 
 CACHE_FORMATS = ("released", "consolidated")
 META_NAME = "meta.json"
@@ -35,8 +36,8 @@ _SHARD_KEYS = ("num_shards", "shard_size", "dtype")
 
 
 class DataError(RuntimeError):
-    """A training file that cannot be read. Raised in a DataLoader worker, it keeps its one-line message
-    (torch re-raises it as ``type(e)("Caught ... in DataLoader worker ...<traceback>...Class: message")``)."""
+    """A training file that cannot be read. Raised in a DataLoader worker, it keeps its one-line
+    message (torch re-raises it as ``type(e)("Caught ...<traceback>...Class: message")``)."""
 
     def __init__(self, message: str = "") -> None:
         head = f"{type(self).__module__}.{type(self).__qualname__}: "
@@ -66,11 +67,11 @@ def resolve_image_root(data_path: str) -> str:
 
 
 def image_folder(data_path: str, img_size: int):
-    """torchvision ``ImageFolder`` of ``data_path`` with the ADM crop: ``(float32 [3, S, S] in [-1, 1], label)``;
-    an image that cannot be decoded raises :class:`DataError` naming it."""
+    """torchvision ``ImageFolder`` of ``data_path`` with the ADM crop: ``(float32 [3, S, S] in
+    [-1, 1], label)``; an image that cannot be decoded raises :class:`DataError` naming it."""
     from torchvision.datasets import ImageFolder
-    return _NamedErrors(ImageFolder(resolve_image_root(data_path),
-                                    transform=functools.partial(_crop_to_tensor, image_size=img_size)))
+    crop = functools.partial(_crop_to_tensor, image_size=img_size)
+    return _NamedErrors(ImageFolder(resolve_image_root(data_path), transform=crop))
 
 
 class _NamedErrors(torch.utils.data.Dataset):
@@ -86,8 +87,8 @@ class _NamedErrors(torch.utils.data.Dataset):
         try:
             return self.inner[index]
         except Exception as e:  # noqa: BLE001 - re-raised with the file name
-            raise DataError(f"image {self.inner.samples[index][0]!r} cannot be decoded ({type(e).__name__}: {e}); "
-                            f"remove or replace it and rerun") from e
+            raise DataError(f"image {self.inner.samples[index][0]!r} cannot be decoded "
+                            f"({type(e).__name__}: {e}); remove or replace it and rerun") from e
 
     def __getattr__(self, name: str):
         if name == "inner":  # not set yet (unpickling)

@@ -25,8 +25,8 @@ from lpd.checkpoint import CheckpointError, check_finite, check_state_dict, load
     save_checkpoint, temp_dir_for
 from lpd.distributed import DistInfo, broadcast_object, gather_object, on_rank0
 
-__all__ = ["distribute", "settle_ddp_buckets", "EMA", "TrainState", "PreemptionFlag", "RunLock", "full_tensors",
-           "read_sharded", "last_checkpoint", "STATE_FILE", "LOCK_FILE"]
+__all__ = ["distribute", "settle_ddp_buckets", "EMA", "TrainState", "PreemptionFlag", "RunLock",
+           "full_tensors", "read_sharded", "last_checkpoint", "STATE_FILE", "LOCK_FILE"]
 
 STATE_FILE = "state.pth"  # the non-tensor part of a sharded checkpoint
 LOCK_FILE = "train.lock"  # held by the training that writes an output folder
@@ -132,7 +132,8 @@ def _save_sharded(paths: Sequence[str], tensors: dict[str, Any], meta: dict[str,
         try:
             save_checkpoint({**meta, "sharded": sorted(tensors)}, os.path.join(tmp, STATE_FILE))
         except OSError as e:
-            raise CheckpointError(f"writing {paths[0]} failed ({e.strerror or e}); the last good checkpoint is kept") from e
+            raise CheckpointError(f"writing {paths[0]} failed ({e.strerror or e}); the last good "
+                                  f"checkpoint is kept") from e
         for path in paths[1:]:  # more names for the same state: hard links, no second write
             copy = f"{tmp}-{os.path.basename(path)}"
             shutil.copytree(tmp, copy, copy_function=os.link)
@@ -202,8 +203,10 @@ class TrainState:
                 try:
                     save_checkpoint(state, path + ".pth")
                 except OSError as e:  # a full disk, a quota: the previous file is untouched
-                    raise CheckpointError(f"writing {path}.pth failed ({e.strerror or e}); the last good checkpoint "
-                                          f"is kept: free space, then continue with --resume") from e
+                    why = e.strerror or e
+                    raise CheckpointError(f"writing {path}.pth failed ({why}); the last good "
+                                          f"checkpoint is kept: free space, then continue with "
+                                          f"--resume") from e
 
         on_rank0(write, "while saving the checkpoint", broadcast=False)
 
@@ -262,18 +265,22 @@ class TrainState:
             _set_rng_state(rngs[self.info.rank])
         return ckpt
 
-    def _keep_ema(self, saved: bool, ckpt: dict[str, Any], path: str, log: Callable[[str], None]) -> None:
-        """Without ``--ema_decay`` (``None``) the EMA of the checkpoint continues; ``--ema_decay 0`` drops it."""
+    def _keep_ema(self, saved: bool, ckpt: dict[str, Any], path: str,
+                  log: Callable[[str], None]) -> None:
+        """Without ``--ema_decay`` (None) the checkpoint's EMA continues; ``--ema_decay 0`` drops
+        it."""
         decay = self.meta["args"].get("ema_decay")
         if not saved or self.ema is not None or decay is not None:
             if saved and self.ema is None:
-                log(f"warning: --ema_decay 0 drops the EMA weights of {path}; they are not in the next checkpoint")
+                log(f"warning: --ema_decay 0 drops the EMA weights of {path}; the next checkpoint "
+                    f"has none")
             return
         args = ckpt.get("args")
-        decay = (vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})).get("ema_decay")
+        args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+        decay = args.get("ema_decay")
         if not decay:
-            raise CheckpointError(f"{path} holds EMA weights but not their decay: give --ema_decay (e.g. 0.9999) to "
-                                  f"continue them, or --ema_decay 0 to drop them")
+            raise CheckpointError(f"{path} holds EMA weights but not their decay: give --ema_decay "
+                                  f"(e.g. 0.9999) to continue them, or --ema_decay 0 to drop them")
         self.ema, self.meta["args"]["ema_decay"] = EMA(self.model, float(decay)), float(decay)
         log(f"the EMA of {path} continues with decay {decay} (--ema_decay 0 would drop it)")
 
@@ -292,8 +299,9 @@ class TrainState:
 
 
 class RunLock:
-    """``OUTPUT_DIR/train.lock``: a training takes it at start and releases it at exit; the kernel releases it
-    when the process dies (SIGKILL, a lost node), so a requeued job finds it free. It holds who took it."""
+    """``OUTPUT_DIR/train.lock``, taken at start and released at exit. An ``flock``: the kernel
+    releases it when the process dies (SIGKILL, a lost node), so a requeued job finds it free; the
+    file says who holds it."""
 
     def __init__(self, folder: str) -> None:
         self.path, self.fd = os.path.join(folder, LOCK_FILE), None
@@ -307,10 +315,13 @@ class RunLock:
                 holder = os.read(fd, 4096).decode(errors="replace").strip()
                 os.close(fd)
                 if e.errno not in (errno.EAGAIN, errno.EACCES):  # no locks on this file system
-                    warnings.warn(f"cannot lock {self.path} ({e.strerror}): two trainings into {folder} are not prevented")
+                    warnings.warn(f"cannot lock {self.path} ({e.strerror}): two trainings into "
+                                  f"{folder} are not prevented")
                     return
-                raise CheckpointError(f"--output_dir {folder} is in use by another training ({holder or 'starting'}); "
-                                      f"wait for it to end, stop it, or give another --output_dir")
+                holder = holder or "starting"
+                raise CheckpointError(f"--output_dir {folder} is in use by another training "
+                                      f"({holder}); wait for it to end, stop it, or give another "
+                                      f"--output_dir")
             try:
                 same = os.path.samestat(os.fstat(fd), os.stat(self.path))
             except FileNotFoundError:
@@ -319,8 +330,9 @@ class RunLock:
                 self.fd = fd
             else:  # released and deleted while we waited for it: take the new one
                 os.close(fd)
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-                  "command": " ".join(sys.argv), **{k: os.environ[k] for k in ("SLURM_JOB_ID",) if k in os.environ}}
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
+                  "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                  "job": os.environ.get("SLURM_JOB_ID")}
         os.ftruncate(self.fd, 0)
         os.write(self.fd, json.dumps(record).encode())
 
@@ -364,8 +376,8 @@ class PreemptionFlag:
                 return
 
     def iterate(self, loader: torch.utils.data.DataLoader) -> Iterator[Any]:
-        """The batches of ``loader``; its workers are shut down when the iteration ends, however it ends
-        (they ignore SIGTERM, so the interpreter would otherwise wait for them at exit)."""
+        """The batches of ``loader``; its workers are shut down when the iteration ends, however it
+        ends (they ignore SIGTERM, so the interpreter would otherwise wait for them at exit)."""
         if not self.signals or loader.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):
             it = iter(loader)
         else:

@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from lpd.checkpoint import CheckpointError, atomic_write_bytes, check_finite, interpolate_pos_embed, load_into, load_state_dict
 from lpd.distributed import DistInfo, init_distributed, on_rank0
-from lpd.parallel import EMA, STATE_FILE, PreemptionFlag, RunLock, TrainState, distribute, full_tensors, last_checkpoint, \
-    settle_ddp_buckets
+from lpd.parallel import EMA, STATE_FILE, PreemptionFlag, TrainState, distribute, full_tensors, last_checkpoint, settle_ddp_buckets
+from lpd.parallel import RunLock
 from lpd.sampling import SamplingConfig, derive_seed
 from lpd.schedules import parse_group_sizes
 
@@ -412,8 +412,8 @@ def _run(config: TrainConfig, info: DistInfo, dataset: torch.utils.data.Dataset 
     known, classes = getattr(dataset, "labels", None), getattr(dataset, "classes", None)
     n_classes = int(np.max(np.asarray(known))) + 1 if known is not None and len(known) else len(classes) if classes else None
     if known is not None and len(known) and int(np.min(known)) < 0:
-        raise ValueError(f"the training set ({config.cached_path or 'dataset'}) has label {int(np.min(known))}; "
-                         f"labels are class indices 0..{model.class_num - 1}")
+        raise ValueError(f"the training set ({config.cached_path or 'dataset'}) has label "
+                         f"{int(np.min(known))}; labels are class indices 0..{model.class_num - 1}")
     if n_classes is not None and n_classes > model.class_num:
         raise ValueError(f"the training set has {n_classes} classes but the model only {model.class_num} (model_config class_num)")
 
