@@ -81,10 +81,12 @@ def test_sharded_checkpoint_is_pickle_free_and_consolidates_to_the_released_form
     assert C.main(["consolidate", str(tmp_path / "ddp" / "out"), str(tmp_path / "d.pth")]) == 2
     assert "is a folder but not a sharded checkpoint (no state.pth)" in capsys.readouterr().err
     # as `python -m lpd.checkpoint` (its __main__ module): the same one line, no traceback
-    proc = subprocess.run([sys.executable, "-m", "lpd.checkpoint", "consolidate", str(tmp_path / "ddp" / "out"),
-                           str(tmp_path / "d.pth")], cwd=ROOT, capture_output=True, text=True, timeout=600,
+    cmd = [sys.executable, "-m", "lpd.checkpoint", "consolidate", str(tmp_path / "ddp" / "out"),
+           str(tmp_path / "d.pth")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, PYTHONPATH=ROOT))
-    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
     assert "is a folder but not a sharded checkpoint (no state.pth)" in proc.stderr
 
 
@@ -165,20 +167,23 @@ def test_ema_is_the_hand_computed_average_and_resumes_exactly(tmp_path, fsdp_gro
     assert any("holds no EMA weights" in m for m in logs)
 
 
-def test_resuming_without_ema_decay_continues_the_ema_and_ema_decay_0_drops_it(tmp_path, fsdp_group):
+def test_resuming_without_ema_decay_continues_the_ema_and_ema_decay_0_drops_it(tmp_path,
+                                                                               fsdp_group):
     for fsdp in (False, True):
-        a, b = tmp_path / f"a{fsdp}", tmp_path / f"b{fsdp}"
-        full = train(tiny_config(a, ema_decay=0.8, epochs=3, fsdp=fsdp), dataset=Tokens(8, 16), log=quiet)
-        train(tiny_config(b, ema_decay=0.8, epochs=1, fsdp=fsdp), dataset=Tokens(8, 16), log=quiet)
+        a, b, data = tmp_path / f"a{fsdp}", tmp_path / f"b{fsdp}", Tokens(8, 16)
+        full = train(tiny_config(a, ema_decay=0.8, epochs=3, fsdp=fsdp), dataset=data, log=quiet)
+        train(tiny_config(b, ema_decay=0.8, epochs=1, fsdp=fsdp), dataset=data, log=quiet)
         logs = []
-        resumed = train(tiny_config(b, epochs=3, fsdp=fsdp, auto_resume=True), dataset=Tokens(8, 16), log=logs.append)
+        resumed = train(tiny_config(b, epochs=3, fsdp=fsdp, auto_resume=True), dataset=data,
+                        log=logs.append)  # no ema_decay
         assert any("continues with decay 0.8" in m for m in logs), logs
         assert _max_diff(full_tensors(resumed.ema), full_tensors(full.ema)) == 0
         last = load_checkpoint(b / "out" / ("checkpoint-last" if fsdp else "checkpoint-last.pth"))
-        assert last["args"]["ema_decay"] == 0.8 and _max_diff(last["model_ema"], full_tensors(full.ema)) == 0
+        assert last["args"]["ema_decay"] == 0.8
+        assert _max_diff(last["model_ema"], full_tensors(full.ema)) == 0
     logs = []
-    dropped = train(tiny_config(b, epochs=4, fsdp=True, ema_decay=0.0, auto_resume=True), dataset=Tokens(8, 16),
-                    log=logs.append)
+    dropped = train(tiny_config(b, epochs=4, fsdp=True, ema_decay=0.0, auto_resume=True),
+                    dataset=Tokens(8, 16), log=logs.append)
     assert dropped.ema is None and any("--ema_decay 0 drops the EMA weights" in m for m in logs)
     assert "model_ema" not in load_checkpoint(b / "out" / "checkpoint-last")
 
