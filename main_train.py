@@ -9,9 +9,10 @@
 
 Writes to ``--output_dir``: ``checkpoint-last.pth`` (every ``--save_every_steps`` steps, at epoch ends, on
 SIGTERM / SIGUSR1), ``checkpoint-{epoch}.pth`` every ``--save_every_epochs`` epochs (``--fsdp``: folders of
-shards), ``log.txt`` (JSON lines), ``config.yaml``, TensorBoard events, and ``train.lock`` while it runs (a second
-training into the folder is refused). ``--resume DIR`` continues exactly where the run stopped; exit status 75:
-"stopped by a preemption signal after saving; resume me"; 2: a user error (one ``error:`` line).
+shards), ``log.txt`` (JSON lines), ``config.yaml``, TensorBoard events, and ``train.lock`` while
+it runs (a second training into the folder is refused). ``--resume DIR`` continues exactly where
+the run stopped; exit status 75: "stopped by a preemption signal after saving; resume me"; 2: a
+user error (one ``error:`` line).
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "over the processes; checkpoints become folders of shards (python -m lpd.checkpoint consolidate)")
     g.add_argument("--cpu_offload", action="store_true", help="with --fsdp on GPUs: keep the shards and AdamW state in CPU memory")
     g.add_argument("--ema_decay", type=float, default=d.ema_decay,
-                   help="keep an fp32 EMA of the weights (e.g. 0.9999; 0: none; default: a resumed run's, else none)")
+                   help="keep an fp32 EMA of the weights (e.g. 0.9999; 0: none; default: a resumed "
+                        "run's, else none)")
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--output_dir", default=d.output_dir)
     g.add_argument("--log_dir", default=d.log_dir, help="TensorBoard folder (default: --output_dir)")

@@ -201,7 +201,8 @@ def report_error(message: str, status: int = 2) -> int:
 
 def lost_peer(e: BaseException) -> bool:
     """Whether ``e`` says that another process of the run went away (it reports its own error)."""
-    gone = ("/gloo/transport/", "Connection closed by peer", "Connection reset by peer", "Broken pipe")
+    gone = ("/gloo/transport/", "Connection closed by peer", "Connection reset by peer",
+            "Broken pipe")
     return launch_env()[1] > 1 and (isinstance(e, dist.DistError) or any(s in str(e) for s in gone))
 
 

@@ -15,7 +15,7 @@ import socket
 import sys
 import time
 import warnings
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, NoReturn, Sequence
 
 import numpy as np
 import torch
@@ -131,9 +131,8 @@ def _save_sharded(paths: Sequence[str], tensors: dict[str, Any], meta: dict[str,
     def publish() -> None:
         try:
             save_checkpoint({**meta, "sharded": sorted(tensors)}, os.path.join(tmp, STATE_FILE))
-        except OSError as e:
-            raise CheckpointError(f"writing {paths[0]} failed ({e.strerror or e}); the last good "
-                                  f"checkpoint is kept") from e
+        except (OSError, RuntimeError) as e:
+            _write_failed(e, paths[0])
         for path in paths[1:]:  # more names for the same state: hard links, no second write
             copy = f"{tmp}-{os.path.basename(path)}"
             shutil.copytree(tmp, copy, copy_function=os.link)
@@ -150,6 +149,16 @@ def _save_sharded(paths: Sequence[str], tensors: dict[str, Any], meta: dict[str,
     finally:
         if info.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_failed(e: BaseException, path: str) -> NoReturn:
+    """Raise a failed checkpoint write (a full disk, a quota; the previous file is untouched) as a
+    message; torch.save reports the file's OSError as a RuntimeError whose context it is."""
+    cause = e if isinstance(e, OSError) else e.__context__
+    if not isinstance(cause, OSError):
+        raise e
+    raise CheckpointError(f"writing {path} failed ({cause.strerror or cause}); the last good "
+                          f"checkpoint is kept: free space, then continue with --resume") from e
 
 
 def _rng_state() -> dict[str, Any]:
@@ -202,11 +211,8 @@ class TrainState:
             for path in paths:
                 try:
                     save_checkpoint(state, path + ".pth")
-                except OSError as e:  # a full disk, a quota: the previous file is untouched
-                    why = e.strerror or e
-                    raise CheckpointError(f"writing {path}.pth failed ({why}); the last good "
-                                          f"checkpoint is kept: free space, then continue with "
-                                          f"--resume") from e
+                except (OSError, RuntimeError) as e:
+                    _write_failed(e, path + ".pth")
 
         on_rank0(write, "while saving the checkpoint", broadcast=False)
 
