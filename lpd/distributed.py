@@ -109,11 +109,12 @@ def _init_group(backend: str, rank: int, world: int, dev: torch.device, timeout:
     met them already)."""
     addr, port = os.environ["MASTER_ADDR"], int(os.environ.get("MASTER_PORT", "29500"))
     kw: dict[str, Any] = {"device_id": dev} if dev.type == "cuda" else {}
+    torchrun = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    wait = timeout if torchrun else datetime.timedelta(seconds=rendezvous_s)
     try:
-        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        if torchrun:
             dist.init_process_group(backend, timeout=timeout, **kw)
             return
-        wait = datetime.timedelta(seconds=rendezvous_s)
         store = dist.TCPStore(addr, port, world, rank == 0, wait)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout,
                                 **kw)
@@ -121,7 +122,7 @@ def _init_group(backend: str, rank: int, world: int, dev: torch.device, timeout:
     except dist.DistError as e:  # timed out, refused, port in use
         cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise RankError(f"process {rank} of {world} did not meet the others at "
-                        f"MASTER_ADDR:MASTER_PORT {addr}:{port} within {rendezvous_s:g} s "
+                        f"MASTER_ADDR:MASTER_PORT {addr}:{port} within {wait.total_seconds():g} s "
                         f"({cause}); start all {world} processes together (torchrun, srun or "
                         f"scripts/slurm.py) with the same MASTER_ADDR/MASTER_PORT") from None
 
