@@ -9,8 +9,10 @@
 
 Writes to ``--output_dir``: ``checkpoint-last.pth`` (every ``--save_every_steps`` steps, at epoch ends, on
 SIGTERM / SIGUSR1), ``checkpoint-{epoch}.pth`` every ``--save_every_epochs`` epochs (``--fsdp``: folders of
-shards), ``log.txt`` (JSON lines), ``config.yaml``, TensorBoard events. ``--resume DIR`` continues exactly
-where the run stopped; exit status 75: "stopped by a preemption signal after saving; resume me".
+shards), ``log.txt`` (JSON lines), ``config.yaml``, TensorBoard events, and ``train.lock`` while
+it runs (a second training into the folder is refused). ``--resume DIR`` continues exactly where
+the run stopped; exit status 75: "stopped by a preemption signal after saving; resume me"; 2: a
+user error (one ``error:`` line).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from typing import Sequence
 
 from lpd.checkpoint import CheckpointError
 from lpd.config import HelpFormatter, parse_args_with_config, yaml_mapping
-from lpd.distributed import RankError, cleanup, init_distributed
+from lpd.distributed import RankError, barrier, cleanup, exit_process, init_distributed, launch_env
+from lpd.distributed import lost_peer, report_error
 from lpd.sampling import SamplingConfig, add_sampling_args, sampling_from_args
 from lpd.train import LR_SCHEDULES, PREEMPTED_EXIT_CODE, NonFiniteLossError, TrainConfig, train
 
@@ -83,7 +86,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP: weights, gradients and AdamW state sharded "
                    "over the processes; checkpoints become folders of shards (python -m lpd.checkpoint consolidate)")
     g.add_argument("--cpu_offload", action="store_true", help="with --fsdp on GPUs: keep the shards and AdamW state in CPU memory")
-    g.add_argument("--ema_decay", type=float, default=d.ema_decay, help="keep an fp32 EMA of the weights (e.g. 0.9999; 0: none)")
+    g.add_argument("--ema_decay", type=float, default=d.ema_decay,
+                   help="keep an fp32 EMA of the weights (e.g. 0.9999; 0: none; default: a resumed "
+                        "run's, else none)")
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--output_dir", default=d.output_dir)
     g.add_argument("--log_dir", default=d.log_dir, help="TensorBoard folder (default: --output_dir)")
@@ -158,23 +163,29 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: 0 done, 75 preempted after saving, 1 non-finite loss, 2 bad input (one ``error:`` line)."""
-    from lpd.datasets import CacheError
+    from lpd.datasets import DataError
     try:
         config = parse_config(argv)
         config.validate()
         info = init_distributed(config.device)
         try:
             result = train(config, info)
+            barrier()  # every process is done communicating before any tears the group down
         finally:
             cleanup()
     except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
+        return report_error(str(e), 1)
+    except (ValueError, OSError, CheckpointError, DataError, RankError) as e:
+        return report_error(str(e), 2)
+    except RuntimeError as e:
+        if not lost_peer(e):
+            raise
+        cause = str(e).strip().splitlines()[0][:200]
+        print(f"process {launch_env()[0]} stopped: another process of the run ended ({cause}); its "
+              f"error message says why", file=sys.stderr)
         return 1
-    except (ValueError, OSError, CheckpointError, CacheError, RankError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     return PREEMPTED_EXIT_CODE if result.preempted else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -472,4 +472,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # lpd.checkpoint's main(), not __main__'s: it catches the classes lpd.parallel raises
+    from lpd.checkpoint import main as module_main
+    sys.exit(module_main())

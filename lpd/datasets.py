@@ -24,9 +24,9 @@ from tqdm import tqdm
 from lpd.checkpoint import TMP_PREFIX, atomic_write_bytes, state_dict_digest
 from lpd.images import IMAGE_EXTENSIONS, center_crop_arr, image_to_tensor, read_image
 
-__all__ = ["CacheError", "center_crop_arr", "ImageFolder", "image_folder", "class_folders", "resolve_image_root",
-           "ReleasedTokenCache", "ConsolidatedTokenCache", "open_token_cache", "read_record", "tokenizer_id", "write_token_cache",
-           "CacheStats", "token_dtype"]  # center_crop_arr: from lpd.images
+__all__ = ["CacheError", "DataError", "center_crop_arr", "ImageFolder", "image_folder", "class_folders",
+           "resolve_image_root", "ReleasedTokenCache", "ConsolidatedTokenCache", "open_token_cache", "read_record",
+           "tokenizer_id", "write_token_cache", "CacheStats", "token_dtype"]
 
 CACHE_FORMATS = ("released", "consolidated")
 META_NAME = "meta.json"
@@ -35,7 +35,18 @@ _IDENTITY = ("format", "tokenizer", "img_size", "crop", "num_tokens", "vocab_siz
 _SHARD_KEYS = ("num_shards", "shard_size", "dtype")
 
 
-class CacheError(RuntimeError):
+class DataError(RuntimeError):
+    """A training file that cannot be read. Raised in a DataLoader worker, it keeps its one-line
+    message (torch re-raises it as ``type(e)("Caught ...<traceback>...Class: message")``)."""
+
+    def __init__(self, message: str = "") -> None:
+        head = f"{type(self).__module__}.{type(self).__qualname__}: "
+        if message.startswith("Caught ") and head in message:
+            message = message.rsplit(head, 1)[1].strip()
+        super().__init__(message)
+
+
+class CacheError(DataError):
     """A token cache that cannot be read, is incomplete, or does not fit the model or the run."""
 
 
@@ -101,7 +112,12 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
-        return _crop_to_tensor(self.loader(path), self.img_size), label
+        try:
+            image = self.loader(path)
+        except Exception as e:  # noqa: BLE001 - re-raised with the file name
+            raise DataError(f"image {path!r} cannot be decoded ({type(e).__name__}: {e}); remove or replace it "
+                            f"and rerun") from e
+        return _crop_to_tensor(image, self.img_size), label
 
 
 def image_folder(data_path: str, img_size: int) -> ImageFolder:

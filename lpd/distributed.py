@@ -4,15 +4,19 @@ and the few collectives the loops need."""
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import sys
+import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["DistInfo", "init_distributed", "resolve_device", "barrier", "broadcast_object", "gather_object", "on_rank0",
-           "rank0_first", "RankError", "cleanup"]
+           "rank0_first", "RankError", "cleanup", "launch_env", "report_error", "lost_peer",
+           "exit_process"]
 
 
 class RankError(RuntimeError):
@@ -35,39 +39,92 @@ class DistInfo:
 
 
 def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
-    """``None``/``"auto"`` -> ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``; ``"cuda"`` gets the local rank."""
+    """``None``/``"auto"`` -> ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``; ``"cuda"``
+    gets the local rank. A device this machine lacks is a ``ValueError`` naming ``--device``."""
     if device in (None, "", "auto"):
         device = "cpu" if not torch.cuda.is_available() else "cuda"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r}: {e}; give auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {device!r} was asked for but CUDA is not available; pass --device cpu")
+            raise ValueError(f"--device {device}: CUDA is not available on this machine (torch "
+                             f"{torch.__version__}, CUDA build {torch.version.cuda}); use "
+                             f"--device cpu or auto")
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
+        if dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} "
+                             f"GPU(s) (process {local_rank} on this node); start fewer processes "
+                             f"per node")
         torch.cuda.set_device(dev)
     return dev
 
 
-def _env_int(*names: str, default: int | None = None) -> int | None:
-    return next((int(os.environ[name]) for name in names if name in os.environ), default)
+def launch_env(env: Mapping[str, str] | None = None) -> tuple[int, int, int]:
+    """``(rank, world size, local rank)`` as the launcher of this process set them: torchrun or
+    scripts/slurm.py (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), srun (``SLURM_PROCID``,
+    ``SLURM_STEP_NUM_TASKS``, ``SLURM_LOCALID``: set per task of a job step), else one process. A
+    plain ``python`` in an allocation (a batch script, salloc) is one process, whatever
+    ``SLURM_NTASKS`` says (a batch script has ``SLURM_PROCID=0`` too, but no job step)."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    elif "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:
+        names = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID")
+    else:
+        return 0, 1, 0
+    try:
+        rank, world, local = (int(env.get(n, "0")) for n in names)
+    except ValueError:
+        raise ValueError(f"the launcher's {'/'.join(names)} are not integers: "
+                         f"{[env.get(n) for n in names]}") from None
+    if not 0 <= rank < world:
+        raise ValueError(f"the launcher's {names[0]}={rank} is not a process of {names[1]}={world}")
+    return rank, world, local
 
 
-def init_distributed(device: str | None = None, timeout_minutes: int = 60) -> DistInfo:
-    """Initialise the process group from the launcher's environment (no-op for one process)."""
-    rank = _env_int("RANK", "SLURM_PROCID", default=0)
-    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
-    local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+def init_distributed(device: str | None = None, timeout_minutes: int = 60,
+                     rendezvous_s: float = 600) -> DistInfo:
+    """Initialise the process group from the launcher's environment (no-op for one process). The
+    processes meet within ``rendezvous_s`` seconds; a collective waits ``timeout_minutes``."""
+    rank, world, local = launch_env()
     dev = resolve_device(device, local)
     if world > 1 and not (dist.is_available() and dist.is_initialized()):
         if "MASTER_ADDR" not in os.environ:
-            raise RuntimeError("multi-process run without MASTER_ADDR/MASTER_PORT: start it with torchrun, or through "
-                               "scripts/slurm.py (which sets them from Slurm's environment)")
+            raise ValueError("multi-process run without MASTER_ADDR/MASTER_PORT: start it with "
+                             "torchrun, or through scripts/slurm.py (which sets them from Slurm's "
+                             "environment)")
         for name, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local)):
             os.environ.setdefault(name, str(value))
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes),
-                                **({"device_id": dev} if dev.type == "cuda" else {}))
+        _init_group("nccl" if dev.type == "cuda" else "gloo", rank, world, dev,
+                    datetime.timedelta(minutes=timeout_minutes), rendezvous_s)
     return DistInfo(rank=rank, world_size=world, device=dev)
+
+
+def _init_group(backend: str, rank: int, world: int, dev: torch.device, timeout: datetime.timedelta,
+                rendezvous_s: float) -> None:
+    """The process group, once the processes met (within ``rendezvous_s``; under torchrun its agent
+    met them already)."""
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ.get("MASTER_PORT", "29500"))
+    kw: dict[str, Any] = {"device_id": dev} if dev.type == "cuda" else {}
+    torchrun = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    wait = timeout if torchrun else datetime.timedelta(seconds=rendezvous_s)
+    try:
+        if torchrun:
+            dist.init_process_group(backend, timeout=timeout, **kw)
+            return
+        store = dist.TCPStore(addr, port, world, rank == 0, wait)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout,
+                                **kw)
+        store.set_timeout(timeout)
+    except dist.DistError as e:  # timed out, refused, port in use
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RankError(f"process {rank} of {world} did not meet the others at "
+                        f"MASTER_ADDR:MASTER_PORT {addr}:{port} within {wait.total_seconds():g} s "
+                        f"({cause}); start all {world} processes together (torchrun, srun or "
+                        f"scripts/slurm.py) with the same MASTER_ADDR/MASTER_PORT") from None
 
 
 def _active() -> bool:
@@ -125,3 +182,37 @@ def rank0_first(fn: Callable[[], Any]) -> Any:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def report_error(message: str, status: int = 2) -> int:
+    """Print ``error: message`` (one line) and return ``status``; under torchrun the message goes
+    to its error file too, so that its failure summary names it (not a link to its docs)."""
+    line = "error: " + " ".join(message.split())
+    print(line, file=sys.stderr, flush=True)
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path and not os.path.exists(path):
+        info = {"py_callstack": line, "timestamp": str(int(time.time()))}
+        try:
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump({"message": {"message": line, "extraInfo": info}}, f)
+        except OSError:
+            pass
+    return status
+
+
+def lost_peer(e: BaseException) -> bool:
+    """Whether ``e`` says that another process of the run went away (it reports its own error)."""
+    gone = ("/gloo/transport/", "Connection closed by peer", "Connection reset by peer",
+            "Broken pipe")
+    return launch_env()[1] > 1 and (isinstance(e, dist.DistError) or any(s in str(e) for s in gone))
+
+
+def exit_process(status: int) -> None:
+    """End the process after :func:`cleanup` without the interpreter's finalization and the C++
+    static destructors. Native threads outlive the process group (gloo's workers, which
+    ``destroy_process_group`` does not join while anything still references the group; the autograd
+    device threads an FSDP backward starts), and a thread that meets a half torn-down runtime ends
+    the process in ``std::terminate`` (SIGABRT) after a finished run."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -81,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lpd.models import load_lpd
         from lpd.pipeline import LPDPipeline, command_line
         from lpd.tokenizer import make_tokenizer
-        device = torch.device(args.device)
+        from lpd.distributed import resolve_device
+        device = resolve_device(args.device)
         if not (args.pretrained_ckpt or args.model):
             raise ConfigError("no model: pass --model (lpd_l, lpd_xl, lpd_xxl) or --pretrained_ckpt FILE")
         vq = args.tokenizer == "vq" and (args.vqgan_path or args.vq_config is None)

@@ -136,7 +136,7 @@ def _npz_batches(path: str, batch_size: int) -> Iterator[Any]:
 
 def _image_folder_batches(root: str, batch_size: int, img_size: int) -> tuple[int, Iterator]:
     """An ImageFolder (class folders, or a folder with train/) read as by main_cache.py."""
-    from lpd.datasets import image_folder
+    from lpd.datasets import DataError, image_folder
     try:
         data = image_folder(root, img_size)
     except (OSError, ValueError):  # no class folder, or no image in them
@@ -149,9 +149,9 @@ def _image_folder_batches(root: str, batch_size: int, img_size: int) -> tuple[in
             for j in range(i, min(i + batch_size, len(data))):
                 try:
                     crops.append(data[j][0])
-                except (OSError, SyntaxError, ValueError) as exc:
-                    raise MetricsError(f"{data.samples[j][0]} is not a readable image ({exc}); "
-                                       f"re-save or remove it") from None
+                except DataError as exc:  # names the file
+                    raise MetricsError(f"{data.samples[j][0]} is not a readable image "
+                                       f"({exc.__cause__}); re-save or remove it") from None
             yield (torch.stack(crops) + 1.0).mul_(127.5).round_().to(torch.uint8)  # the crops
     return len(data), batches()
 
@@ -390,8 +390,8 @@ def _run(args: argparse.Namespace) -> FeatureStatistics | dict[str, Any]:
         _check_output(args.json, "--json", ".json", inputs, args.overwrite)
     try:
         device = resolve_device(args.device)
-    except RuntimeError as exc:
-        raise MetricsError(f"--device {args.device}: {exc}") from None
+    except ValueError as exc:
+        raise MetricsError(str(exc)) from None
     for flag in ("batch_size", "img_size"):
         if getattr(args, flag) < 1:
             raise MetricsError(f"--{flag} must be >= 1, got {getattr(args, flag)}")

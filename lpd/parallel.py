@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import errno
 import functools
+import json
 import os
 import random
 import shutil
 import signal
+import socket
+import sys
+import time
 import warnings
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, NoReturn, Sequence
 
 import numpy as np
 import torch
@@ -16,12 +23,13 @@ import torch.distributed as dist
 
 from lpd.checkpoint import CheckpointError, check_finite, check_state_dict, load_checkpoint, load_into, replace_dir, \
     save_checkpoint, temp_dir_for
-from lpd.distributed import DistInfo, barrier, broadcast_object, gather_object, on_rank0
+from lpd.distributed import DistInfo, broadcast_object, gather_object, on_rank0
 
-__all__ = ["distribute", "settle_ddp_buckets", "EMA", "TrainState", "PreemptionFlag", "full_tensors", "read_sharded",
-           "last_checkpoint", "STATE_FILE"]
+__all__ = ["distribute", "settle_ddp_buckets", "EMA", "TrainState", "PreemptionFlag", "RunLock",
+           "full_tensors", "read_sharded", "last_checkpoint", "STATE_FILE", "LOCK_FILE"]
 
 STATE_FILE = "state.pth"  # the non-tensor part of a sharded checkpoint
+LOCK_FILE = "train.lock"  # held by the training that writes an output folder
 
 
 def distribute(model: torch.nn.Module, info: DistInfo, fsdp: bool = False, bf16: bool = False,
@@ -121,7 +129,10 @@ def _save_sharded(paths: Sequence[str], tensors: dict[str, Any], meta: dict[str,
     tmp = broadcast_object(temp_dir_for(paths[0]) if info.is_main else None)
 
     def publish() -> None:
-        save_checkpoint({**meta, "sharded": sorted(tensors)}, os.path.join(tmp, STATE_FILE))
+        try:
+            save_checkpoint({**meta, "sharded": sorted(tensors)}, os.path.join(tmp, STATE_FILE))
+        except (OSError, RuntimeError) as e:
+            _write_failed(e, paths[0])
         for path in paths[1:]:  # more names for the same state: hard links, no second write
             copy = f"{tmp}-{os.path.basename(path)}"
             shutil.copytree(tmp, copy, copy_function=os.link)
@@ -138,6 +149,16 @@ def _save_sharded(paths: Sequence[str], tensors: dict[str, Any], meta: dict[str,
     finally:
         if info.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_failed(e: BaseException, path: str) -> NoReturn:
+    """Raise a failed checkpoint write (a full disk, a quota; the previous file is untouched) as a
+    message; torch.save reports the file's OSError as a RuntimeError whose context it is."""
+    cause = e if isinstance(e, OSError) else e.__context__
+    if not isinstance(cause, OSError):
+        raise e
+    raise CheckpointError(f"writing {path} failed ({cause.strerror or cause}); the last good "
+                          f"checkpoint is kept: free space, then continue with --resume") from e
 
 
 def _rng_state() -> dict[str, Any]:
@@ -183,12 +204,17 @@ class TrainState:
         if self.sharded:
             _save_sharded(paths, self._sharded_tensors(self.ema is not None)[0], meta, self.info)
             return
-        if self.info.is_main:
+
+        def write() -> None:
             state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), **meta,
                      **({"model_ema": self.ema.state} if self.ema is not None else {})}
             for path in paths:
-                save_checkpoint(state, path + ".pth")
-        barrier()
+                try:
+                    save_checkpoint(state, path + ".pth")
+                except (OSError, RuntimeError) as e:
+                    _write_failed(e, path + ".pth")
+
+        on_rank0(write, "while saving the checkpoint", broadcast=False)
 
     def resume(self, path: str, log: Callable[[str], None]) -> tuple[int, int, int]:
         """Restore the state saved at ``path``; returns where to continue: ``(epoch, step, global_step)``."""
@@ -219,6 +245,7 @@ class TrainState:
             from torch.distributed.checkpoint import HuggingFaceStorageReader, load
             from torch.distributed.checkpoint.state_dict import set_state_dict
             ckpt = load_checkpoint(os.path.join(path, STATE_FILE))
+            self._keep_ema("model_ema" in ckpt.get("sharded", ()), ckpt, path, log)
             has_ema = "model_ema" in ckpt.get("sharded", ()) and self.ema is not None
             tensors, model_sd, optim_sd = self._sharded_tensors(has_ema)
             load(tensors, storage_reader=HuggingFaceStorageReader(path))
@@ -229,6 +256,7 @@ class TrainState:
             check_finite(ckpt["model"], source)
             load_into(self.model, ckpt["model"], source=source)
             self._load_optimizer(ckpt.get("optimizer"), path, log)
+            self._keep_ema("model_ema" in ckpt, ckpt, path, log)
             has_ema = "model_ema" in ckpt and self.ema is not None
             if has_ema:
                 if check_state_dict(self.ema.state, ckpt["model_ema"]) != ([], [], []):
@@ -243,6 +271,25 @@ class TrainState:
             _set_rng_state(rngs[self.info.rank])
         return ckpt
 
+    def _keep_ema(self, saved: bool, ckpt: dict[str, Any], path: str,
+                  log: Callable[[str], None]) -> None:
+        """Without ``--ema_decay`` (None) the checkpoint's EMA continues; ``--ema_decay 0`` drops
+        it."""
+        decay = self.meta["args"].get("ema_decay")
+        if not saved or self.ema is not None or decay is not None:
+            if saved and self.ema is None:
+                log(f"warning: --ema_decay 0 drops the EMA weights of {path}; the next checkpoint "
+                    f"has none")
+            return
+        args = ckpt.get("args")
+        args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+        decay = args.get("ema_decay")
+        if not decay:
+            raise CheckpointError(f"{path} holds EMA weights but not their decay: give --ema_decay "
+                                  f"(e.g. 0.9999) to continue them, or --ema_decay 0 to drop them")
+        self.ema, self.meta["args"]["ema_decay"] = EMA(self.model, float(decay)), float(decay)
+        log(f"the EMA of {path} continues with decay {decay} (--ema_decay 0 would drop it)")
+
     def _load_optimizer(self, state: dict[str, Any] | None, path: str, log: Callable[[str], None]) -> None:
         """AdamW's state if written for the same parameter groups (not the released order); else a fresh start."""
         groups = self.optimizer.param_groups
@@ -255,6 +302,52 @@ class TrainState:
             return
         log(f"warning: the optimizer state in {path} is missing or does not match this model's parameter groups "
             f"({theirs} vs {ours} parameters); AdamW starts fresh")
+
+
+class RunLock:
+    """``OUTPUT_DIR/train.lock``, taken at start and released at exit. An ``flock``: the kernel
+    releases it when the process dies (SIGKILL, a lost node), so a requeued job finds it free; the
+    file says who holds it."""
+
+    def __init__(self, folder: str) -> None:
+        self.path, self.fd = os.path.join(folder, LOCK_FILE), None
+        import fcntl
+        os.makedirs(folder, exist_ok=True)
+        while self.fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = os.read(fd, 4096).decode(errors="replace").strip()
+                os.close(fd)
+                if e.errno not in (errno.EAGAIN, errno.EACCES):  # no locks on this file system
+                    warnings.warn(f"cannot lock {self.path} ({e.strerror}): two trainings into "
+                                  f"{folder} are not prevented")
+                    return
+                holder = holder or "starting"
+                raise CheckpointError(f"--output_dir {folder} is in use by another training "
+                                      f"({holder}); wait for it to end, stop it, or give another "
+                                      f"--output_dir")
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+            else:  # released and deleted while we waited for it: take the new one
+                os.close(fd)
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
+                  "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                  "job": os.environ.get("SLURM_JOB_ID")}
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, json.dumps(record).encode())
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            os.close(self.fd)
+            self.fd = None
 
 
 def _ignore_signals(signals: tuple[int, ...], worker_id: int) -> None:
@@ -288,14 +381,25 @@ class PreemptionFlag:
                 warnings.warn("train() is not running in the main thread: preemption signals are not handled")
                 return
 
-    def iterate(self, loader: torch.utils.data.DataLoader):
+    def iterate(self, loader: torch.utils.data.DataLoader) -> Iterator[Any]:
+        """The batches of ``loader``; its workers are shut down when the iteration ends, however it
+        ends (they ignore SIGTERM, so the interpreter would otherwise wait for them at exit)."""
         if not self.signals or loader.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):
-            return iter(loader)
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
+            it = iter(loader)
+        else:
+            previous = signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
+            try:
+                it = iter(loader)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         try:
-            return iter(loader)
+            yield from it
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+            getattr(it, "_shutdown_workers", lambda: None)()  # joins them (5 s each at most)
+            for w in getattr(it, "_workers", ()):
+                if w.is_alive():  # busy beyond that: ended for good
+                    w.kill()
+                    w.join()
 
     def restore(self) -> None:
         for sig, prev in self._previous.items():

@@ -114,11 +114,10 @@ class LPDPipeline:
         come from the checkpoint; ``vqgan_path``: the VQ file; ``device``: CUDA if available."""
         from lpd import hub
         from lpd.checkpoint import export_config, export_folder, load_checkpoint, tokenizer_ref
+        from lpd.distributed import resolve_device
         from lpd.models import PRESETS, load_lpd
         from lpd.tokenizer import make_tokenizer
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(device)
+        device = resolve_device(device)
         if checkpoint is None and (model is None or model in PRESETS):  # a released model, by name
             model, size = model or "lpd_l", img_size or 256
             files = hub.resolve_model_files(model, size, vqgan_path=vqgan_path)

@@ -20,8 +20,9 @@ from tqdm import tqdm
 
 from lpd.checkpoint import CheckpointError, atomic_write_bytes, check_finite, interpolate_pos_embed, load_into, load_state_dict
 from lpd.devices import available_cpus
-from lpd.distributed import DistInfo, init_distributed
+from lpd.distributed import DistInfo, init_distributed, on_rank0
 from lpd.parallel import EMA, STATE_FILE, PreemptionFlag, TrainState, distribute, full_tensors, last_checkpoint, settle_ddp_buckets
+from lpd.parallel import RunLock
 from lpd.sampling import SamplingConfig, derive_seed
 from lpd.schedules import parse_group_sizes
 
@@ -80,7 +81,7 @@ class TrainConfig:
     device: str = "auto"
     fsdp: bool = False  # FSDP2 instead of DDP: parameters, gradients and AdamW state sharded over the processes
     cpu_offload: bool = False  # FSDP: keep the shards and AdamW state in CPU memory
-    ema_decay: float = 0.0  # 0: no EMA
+    ema_decay: float | None = None  # None: as the resumed checkpoint (else none); 0: no EMA
     # checkpoints and logging
     output_dir: str = "output_dir"
     log_dir: str | None = None
@@ -122,13 +123,16 @@ class TrainConfig:
                 v = getattr(self, name)
                 if isinstance(v, bool) or not isinstance(v, int) or v < low:
                     raise ValueError(f"--{name} must be {what}, got {v!r}")
-        if not 0.0 <= self.ema_decay < 1.0:
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"--ema_decay must be in [0, 1) (0: no EMA; 0.9999 is usual), got {self.ema_decay}")
         if self.eval_use_ema and not self.ema_decay:
             raise ValueError("--eval_use_ema evaluates the EMA weights: give --ema_decay too (e.g. 0.9999)")
         if self.cpu_offload and not self.fsdp:
             raise ValueError("--cpu_offload offloads FSDP shards: add --fsdp")
         check_seed(self.seed)
+        from lpd.models import LPDConfig  # the architecture: unknown preset, key or value
+        overrides = {k: v for k, v in (self.model_config or {}).items() if k != "img_size"}
+        LPDConfig.from_name(self.model, self.img_size, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
         """The flags of this run (sampling settings flat, as ``--config`` takes them)."""
@@ -379,6 +383,16 @@ def train(config: TrainConfig, info: DistInfo | None = None, dataset: torch.util
     if dataset is None:
         config.validate()
     info = info or init_distributed(config.device)
+    lock = on_rank0(lambda: RunLock(config.output_dir), "taking --output_dir", broadcast=False)
+    try:
+        return _run(config, info, dataset, tokenizer, log)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(config: TrainConfig, info: DistInfo, dataset: torch.utils.data.Dataset | None,
+         tokenizer: torch.nn.Module | None, log: Callable[[str], None]) -> TrainResult:
     device = info.device
     log = log if info.is_main else (lambda msg: None)
     if config.cpu_offload and device.type != "cuda":
@@ -398,6 +412,9 @@ def train(config: TrainConfig, info: DistInfo | None = None, dataset: torch.util
                    else datasets.image_folder(config.data_path, config.img_size))
     known, classes = getattr(dataset, "labels", None), getattr(dataset, "classes", None)
     n_classes = int(np.max(np.asarray(known))) + 1 if known is not None and len(known) else len(classes) if classes else None
+    if known is not None and len(known) and int(np.min(known)) < 0:
+        raise ValueError(f"the training set ({config.cached_path or 'dataset'}) has label "
+                         f"{int(np.min(known))}; labels are class indices 0..{model.class_num - 1}")
     if n_classes is not None and n_classes > model.class_num:
         raise ValueError(f"the training set has {n_classes} classes but the model only {model.class_num} (model_config class_num)")
 
@@ -410,12 +427,13 @@ def train(config: TrainConfig, info: DistInfo | None = None, dataset: torch.util
     global_batch = config.batch_size * info.world_size
     base_lr = float(config.lr) if config.lr is not None else config.blr * global_batch / 256.0
     optimizer = torch.optim.AdamW(model.param_groups(config.weight_decay), lr=base_lr, betas=(0.9, 0.95))
-    ema = EMA(model, config.ema_decay) if config.ema_decay > 0 else None
+    ema = EMA(model, config.ema_decay) if config.ema_decay else None
     steps_per_epoch = EpochBatchSampler(len(dataset), config.batch_size, config.seed, 0, info.rank, info.world_size).steps
     state = TrainState(model, optimizer, ema, info, config.fsdp, {
         "model_config": model.config.to_dict(), "args": config.to_dict(), "steps_per_epoch": steps_per_epoch, "data_state": {
             "world_size": info.world_size, "batch_size": config.batch_size, "num_samples": len(dataset), "seed": config.seed}})
     start_epoch, start_step, global_step = state.resume(resume, log) if resume else (0, 0, 0)
+    ema = state.ema  # a resumed EMA continues without --ema_decay
     model.train()
     if config.bf16:
         from lpd.sampling import warn_if_emulated_bf16
@@ -445,7 +463,7 @@ def train(config: TrainConfig, info: DistInfo | None = None, dataset: torch.util
 
     losses: list[float] = []
     preempted, last_saved = False, global_step if resume else -1
-    epoch, step = start_epoch, start_step
+    epoch, step, batches, bar = start_epoch, start_step, None, None
     try:
         for epoch in range(start_epoch, config.epochs):
             sampler = EpochBatchSampler(len(dataset), config.batch_size, config.seed, epoch, info.rank,
@@ -457,7 +475,8 @@ def train(config: TrainConfig, info: DistInfo | None = None, dataset: torch.util
                        dynamic_ncols=True, mininterval=1.0 if os.isatty(2) else 30.0)
             t_last, steps_since, first = time.perf_counter(), 0, len(losses)
             step = sampler.start_step
-            for x, labels in stop.iterate(loader):
+            batches = stop.iterate(loader)
+            for x, labels in batches:
                 def gen(purpose: int) -> torch.Generator:
                     return iteration_generator(config.seed, purpose, epoch, step, info.rank)
                 tokens = _batch_tokens(x, gen(_FLIP), make_tokenizer_once, device)
@@ -530,6 +549,10 @@ def train(config: TrainConfig, info: DistInfo | None = None, dataset: torch.util
                     log(f"evaluation at epoch {epoch}: {metrics}")
                     logger.scalars({f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, global_step)
     finally:
+        if batches is not None:
+            batches.close()  # ends the DataLoader workers now, also after an error
+        if bar is not None:
+            bar.close()
         stop.restore()
         logger.close()
     return TrainResult(model=model, epoch=epoch, step=step, global_step=global_step, preempted=preempted, losses=losses,

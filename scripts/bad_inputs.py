@@ -7,10 +7,17 @@ A case is ``(argv, what)`` or ``(argv, what, files)``: the files (the user's dat
 the last column says whether they did.
 """
 import hashlib
+import json
 import os
+import resource
+import signal
 import subprocess
 import sys
 import tempfile
+import time
+
+import numpy as np
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -24,9 +31,7 @@ open(f"{T}/orders.json", "w").write("[[0, 0]]")
 os.makedirs(f"{T}/imgs/a", exist_ok=True)
 os.makedirs(f"{T}/noimgs/a", exist_ok=True)
 open(f"{T}/imgs/a/x.png", "wb").write(b"\x89PNG broken")
-import numpy as np  # noqa: E402 - after the path set-up
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import torch  # noqa: E402 - after the path set-up
 
 from lpd.checkpoint import lock_folder  # noqa: E402
 from lpd.models import LPD, LPDConfig  # noqa: E402
@@ -58,6 +63,40 @@ subprocess.run([PY, "main_cache.py", "--config", "configs/tiny.yaml", "--img_siz
                check=True, timeout=600)
 os.makedirs(f"{T}/cache2/.ipynb_checkpoints")  # ignored
 os.makedirs(f"{T}/cache2/backup")  # not in meta.json: refused
+# Training data with one bad file among 8 (the first file is checked on opening; the others in DataLoader workers).
+rng = np.random.default_rng(0)
+for name in ("good", "npz", "token"):
+    for c in ("a", "b"):
+        os.makedirs(f"{T}/{name}/{c}", exist_ok=True)
+        for i in range(4):
+            ids = rng.integers(0, 16384, (2, 256))
+            np.savez(f"{T}/{name}/{c}/{i}.npz", indices=ids[0], indices_flip=ids[1])
+open(f"{T}/npz/b/2.npz", "r+b").truncate(100)
+np.savez(f"{T}/token/b/2.npz", indices=np.full(256, 16384), indices_flip=np.zeros(256, np.int64))
+for c in ("a", "b"):
+    os.makedirs(f"{T}/photos/{c}", exist_ok=True)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(f"{T}/photos/{c}/{i}.png")
+open(f"{T}/photos/b/2.png", "r+b").truncate(60)
+os.makedirs(f"{T}/labels", exist_ok=True)  # a consolidated cache whose labels hold -1
+json.dump({"format": "consolidated", "tokenizer": "x", "img_size": 256, "crop": "adm_center_crop", "num_tokens": 256,
+           "vocab_size": 16384, "num_images": 4, "classes": ["a", "b"], "images": "sha256:0", "state": "complete",
+           "num_shards": 1, "shard_size": 4, "dtype": "int16"}, open(f"{T}/labels/meta.json", "w"))
+np.save(f"{T}/labels/shard-00000.tokens.npy", np.zeros((4, 2, 256), np.int16))
+np.save(f"{T}/labels/shard-00000.labels.npy", np.array([0, 1, -1, 1]))
+np.save(f"{T}/labels/shard-00000.index.npy", np.arange(4))
+TRAIN = ["--config", "configs/tiny.yaml", "--batch_size", "2", "--epochs", "2", "--device", "cpu"]
+
+
+def cache(name: str, out: str) -> list[str]:
+    return TRAIN + ["--use_cached", "--cached_path", f"{T}/{name}", "--output_dir", f"{T}/{out}"]
+
+
+def file_size_limit() -> None:  # a full disk, as far as the checkpoint is concerned: writes past 1 MB fail
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+
+
 TINY = ["--config", "configs/tiny.yaml", "--random_init", "--num_images", "2", "--eval_bsz", "2", "--no_fid",
         "--no_progress", "--output_dir", f"{T}/eval"]
 CASES = {
@@ -101,6 +140,21 @@ CASES = {
         (["--group_size", "[1]*256"], "abbreviated flag"),
         (["--use_cached", "--cached_path", f"{T}/cache2", "--config", "configs/tiny.yaml", "--img_size", "32",
           "--group_sizes_list", "[1]*4", "--output_dir", f"{T}/t2"], "cache with a class folder meta.json does not list"),
+        (cache("npz", "t1"), "truncated cache .npz (4 DataLoader workers)"),
+        (cache("token", "t2"), "token id >= vocabulary (4 workers)"),
+        (TRAIN + ["--data_path", f"{T}/photos", "--output_dir", f"{T}/t3"], "truncated image (4 workers)"),
+        (cache("good", "live"), "a second training into a live --output_dir"),
+        (cache("good", "t4") + ["--save_every_steps", "1"], "full disk while saving (a 1 MB file size limit)",
+         {"preexec_fn": file_size_limit}),
+        (cache("good", "t5") + ["--model_config", "{dpth: 2}"], "unknown model_config key"),
+        (cache("labels", "t6"), "negative label in the cache"),
+        (cache("good", "t7") + ["--device", "cuda:7"], "--device cuda:7 (no such GPU)"),
+    ],
+    "torchrun --nproc_per_node 2 main_train.py": [
+        (cache("npz", "t9"), "truncated cache .npz on one of two processes"),
+    ],
+    "-m lpd.checkpoint": [
+        (["consolidate", T, f"{T}/c.pth"], "consolidate a folder that is not a run"),
     ],
     "main_cache.py": [
         (["--config", "configs/tiny.yaml", "--data_path", f"{T}/imgs", "--cached_path", f"{T}/c", "--img_size", "0"], "img_size 0"),
@@ -202,3 +256,32 @@ for entry, cases in CASES.items():
 os.close(held)
 stray = [d for d in os.listdir(ROOT) if d.startswith("-")]
 print(f"\nFolders made in the repository root: {stray or 'none'}")
+# The training that keeps f"{T}/live" in use while the second one is tried.
+live = subprocess.Popen([PY, "main_train.py", *cache("good", "live"), "--epochs", "100000", "--save_last_freq",
+                         "100000", "--save_every_epochs", "0"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
+while not os.path.exists(f"{T}/live/config.yaml") and live.poll() is None:
+    time.sleep(0.1)
+print("| entry point | bad input | exit | what it prints (first line of stderr) |")
+print("| --- | --- | ---: | --- |")
+try:
+    for entry, cases in CASES.items():
+        for argv, what, *opts in cases:
+            opts = opts[0] if opts else {}
+            if entry.startswith("torchrun"):
+                cmd = [os.path.join(os.path.dirname(PY), "torchrun"), "--standalone", "--nproc_per_node=2",
+                       entry.split()[-1]]
+            else:
+                cmd = [PY, *entry.split()] if entry.startswith("-m") else [PY, entry]
+            p = subprocess.run(cmd + argv, cwd=ROOT, env={**env, **opts.get("env", {})}, capture_output=True,
+                               text=True, timeout=600, preexec_fn=opts.get("preexec_fn"))
+            lines = [l for l in p.stderr.strip().splitlines() if l.strip()]
+            # torchrun's summary is a traceback of torchrun; a process of the run would print "[rankN]: Traceback"
+            tb = any(("]: Traceback" if entry.startswith("torchrun") else "Traceback") in l for l in lines)
+            msg = next((l for l in lines if l.startswith("error") or ": error:" in l),
+                       lines[-1] if lines else "(nothing)")
+            msg = msg.replace("|", "\\|")[:230]
+            print(f"| `{entry}` | {what} | {p.returncode} | {'TRACEBACK: ' if tb else ''}{msg} |")
+finally:
+    live.kill()
+    live.wait()

@@ -226,13 +226,13 @@ def test_demo_script_runs_the_demo_in_the_active_environment(tmp_path):
 
 def test_environment_setup_is_idempotent_and_installs_where_asked(tmp_path):
     """A given path, an active virtual environment, or a new one; PyTorch only when missing
-    (LPD_TORCH_SPEC picks it); the package with its test extras, editable; a second run does the
+    (LPD_TORCH_SPEC picks it); the package with its default extras (test, t2i, app), editable; a second run does the
     same again and creates nothing."""
     venv = tmp_path / "env"
     recorder(venv / "bin", "python")
     pip_upgrade, install = (
         ["-m", "pip", "install", "-q", "--upgrade", "pip"],
-        ["-m", "pip", "install", "-q", "-e", f"{ROOT}[test]"],
+        ["-m", "pip", "install", "-q", "-e", f"{ROOT}[test,t2i,app]"],
     )
     for _ in range(2):
         proc, calls = run_script(tmp_path, "environment_setup.sh", str(venv))
@@ -332,14 +332,15 @@ def test_benchmark_scripts_for_orders_and_training_run(tmp_path):
 def test_python_m_lpd_schedules_writes_the_shipped_released_tables(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
-        [sys.executable, "-m", "lpd.schedules", str(tmp_path / "orders")],
+        [sys.executable, "-m", "lpd.schedules", "write", str(tmp_path / "orders")],
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    written = sorted(os.path.relpath(p, tmp_path / "orders") for p in proc.stdout.split())
+    written = sorted(os.path.relpath(line.removeprefix("wrote "), tmp_path / "orders")
+                     for line in proc.stdout.splitlines())
     assert written == [
         "group_sizes_lookup.json",
         "group_sizes_training/group_sizes_256.json",
@@ -438,9 +439,9 @@ def test_the_readme_command_lines_of_the_entry_points_parse_into_what_they_say()
         if "main_eval.py" in words:
             argv = words[words.index("main_eval.py") + 1 :]
             args = main_eval.parse_args_with_config(main_eval.build_parser(), argv)
-            main_eval.check_args(args, argv)
+            sampling, _ = main_eval.check_args(args, argv)  # cfg not given: the paper's
             seen.setdefault("eval", []).append(
-                (args.model, args.generation_steps, args.cfg, args.bf16, args.use_ema)
+                (args.model, args.generation_steps, sampling.cfg, args.bf16, args.use_ema)
             )
         elif "main_train.py" in words and "scripts/slurm.py" not in words:
             c = main_train.parse_config(words[words.index("main_train.py") + 1 :])
@@ -462,7 +463,7 @@ def test_the_readme_command_lines_of_the_entry_points_parse_into_what_they_say()
             )
     assert seen["eval"] == [("lpd_l", 20, 4.8, True, False), ("lpd_xxl", 20, 5.9, False, True)]
     assert seen["train"] == [
-        ("lpd_tiny", False, 0.0, True, "/tmp/cache", False),
+        ("lpd_tiny", False, None, True, "/tmp/cache", False),  # no EMA (a resumed one is kept)
         ("lpd_xxl", True, 0.9999, True, "CACHE", True),
     ]
     assert seen["cache"] == [("IMAGES", "/tmp/cache", 256)]

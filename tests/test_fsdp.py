@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -79,6 +80,14 @@ def test_sharded_checkpoint_is_pickle_free_and_consolidates_to_the_released_form
     train(tiny_config(tmp_path / "ddp", epochs=1), dataset=Tokens(8, 16), log=quiet)
     assert C.main(["consolidate", str(tmp_path / "ddp" / "out"), str(tmp_path / "d.pth")]) == 2
     assert "is a folder but not a sharded checkpoint (no state.pth)" in capsys.readouterr().err
+    # as `python -m lpd.checkpoint` (its __main__ module): the same one line, no traceback
+    cmd = [sys.executable, "-m", "lpd.checkpoint", "consolidate", str(tmp_path / "ddp" / "out"),
+           str(tmp_path / "d.pth")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "is a folder but not a sharded checkpoint (no state.pth)" in proc.stderr
 
 
 def test_a_save_killed_half_way_keeps_the_last_good_checkpoint(tmp_path, fsdp_group, monkeypatch):
@@ -156,6 +165,27 @@ def test_ema_is_the_hand_computed_average_and_resumes_exactly(tmp_path, fsdp_gro
     train(tiny_config(tmp_path / "c", epochs=1), dataset=Tokens(8, 16), log=quiet)
     train(tiny_config(tmp_path / "c", ema_decay=decay, epochs=2, auto_resume=True), dataset=Tokens(8, 16), log=logs.append)
     assert any("holds no EMA weights" in m for m in logs)
+
+
+def test_resuming_without_ema_decay_continues_the_ema_and_ema_decay_0_drops_it(tmp_path,
+                                                                               fsdp_group):
+    for fsdp in (False, True):
+        a, b, data = tmp_path / f"a{fsdp}", tmp_path / f"b{fsdp}", Tokens(8, 16)
+        full = train(tiny_config(a, ema_decay=0.8, epochs=3, fsdp=fsdp), dataset=data, log=quiet)
+        train(tiny_config(b, ema_decay=0.8, epochs=1, fsdp=fsdp), dataset=data, log=quiet)
+        logs = []
+        resumed = train(tiny_config(b, epochs=3, fsdp=fsdp, auto_resume=True), dataset=data,
+                        log=logs.append)  # no ema_decay
+        assert any("continues with decay 0.8" in m for m in logs), logs
+        assert _max_diff(full_tensors(resumed.ema), full_tensors(full.ema)) == 0
+        last = load_checkpoint(b / "out" / ("checkpoint-last" if fsdp else "checkpoint-last.pth"))
+        assert last["args"]["ema_decay"] == 0.8
+        assert _max_diff(last["model_ema"], full_tensors(full.ema)) == 0
+    logs = []
+    dropped = train(tiny_config(b, epochs=4, fsdp=True, ema_decay=0.0, auto_resume=True),
+                    dataset=Tokens(8, 16), log=logs.append)
+    assert dropped.ema is None and any("--ema_decay 0 drops the EMA weights" in m for m in logs)
+    assert "model_ema" not in load_checkpoint(b / "out" / "checkpoint-last")
 
 
 def test_evaluation_during_training_samples_the_ema_or_the_whole_fsdp_model(tmp_path, fsdp_group):

@@ -5,6 +5,7 @@ launcher builds its job without a cluster."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import main_train
 from lpd.checkpoint import CheckpointError, interpolate_pos_embed, load_checkpoint, save_checkpoint
@@ -242,14 +244,57 @@ def test_a_folder_with_another_runs_checkpoints_is_not_trained_into(tmp_path, on
 def test_bad_flags_and_config_values_print_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: lpd_tiny\nbf16: 'false'\n")
-    out = ["--output_dir", str(tmp_path / "out")]  # not the default output_dir/ of the working dir
+    data = ["--data_path", str(tmp_path), "--output_dir", str(tmp_path / "out")]
+    keys = "model_config: unknown key(s) dpth; the keys are img_size, vqgan_stride, embed_dim"
     for argv, says in ((["--config", str(bad)], "bf16 must be true or false"),
-                       (["--model", "lpd_huge", "--data_path", str(tmp_path)], "unknown model 'lpd_huge'"),
-                       (["--batch_size", "0", "--data_path", str(tmp_path)], "--batch_size must be a positive integer"),
-                       (["--seed", str(2**64), "--data_path", str(tmp_path)], "--seed must be an integer in [0, 2**64)")):
-        assert main_train.main(argv + out) == 2
+                       (["--model", "lpd_huge", *data], "unknown model 'lpd_huge'"),
+                       (["--batch_size", "0", *data], "--batch_size must be a positive integer"),
+                       (["--seed", str(2**64), *data], "--seed must be an integer in [0, 2**64)"),
+                       (["--config", TINY, "--model_config", "{dpth: 2}", *data], keys),
+                       (["--config", TINY, "--device", "cuda:99", *data], "--device cuda:99: ")):
+        assert main_train.main(argv) == 2
         err = capsys.readouterr().err
-        assert err.startswith("error: ") and says in err and "Traceback" not in err
+        assert err.startswith("error: ") and err.count("\n") == 1 and says in err, err
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_a_negative_label_in_the_cache_is_refused_naming_it(tmp_path, capsys):
+    from test_datasets import FakeImages, write
+
+    write(FakeImages(6, 2), tmp_path / "c", "consolidated")
+    labels = np.load(tmp_path / "c" / "shard-00000.labels.npy")
+    labels[2] = -1
+    np.save(tmp_path / "c" / "shard-00000.labels.npy", labels)
+    argv = ["--model", "lpd_tiny", "--img_size", "64", "--group_sizes_list", "[1]*16",
+            "--model_config", "{embed_dim: 64, depth: 2, num_heads: 4}", "--use_cached",
+            "--cached_path", str(tmp_path / "c"), "--batch_size", "2", "--num_workers", "0",
+            "--device", "cpu", "--output_dir", str(tmp_path / "out")]
+    assert main_train.main(argv) == 2
+    assert capsys.readouterr().err == (f"error: the training set ({tmp_path / 'c'}) has label -1; "
+                                       f"labels are class indices 0..999\n")
+
+
+def test_a_device_this_machine_lacks_is_one_line_at_every_entry_point(tmp_path, capsys):
+    import main_cache
+    import main_eval
+    from lpd import edit, metrics, pipeline
+
+    tiny, out = ["--config", TINY], str(tmp_path / "out.png")
+    photo = str(tmp_path / "x.png")
+    Image.new("RGB", (32, 32)).save(photo)  # a readable input: the device is what is wrong
+    for main, argv in (
+            (main_eval.main, [*tiny, "--random_init", "--num_images", "2", "--no_fid",
+                              "--output_dir", str(tmp_path / "e")]),
+            (main_cache.main, [*tiny, "--data_path", str(tmp_path),
+                               "--cached_path", str(tmp_path / "c")]),
+            (metrics.main, ["stats", "--input", str(tmp_path), "--output", f"{tmp_path}/s.npz"]),
+            (edit.main, [*tiny, "--pretrained_ckpt", "x.pth", "--image", photo,
+                         "--region", "center", "--output", out]),
+            (pipeline.main, ["--pretrained_ckpt", "x.pth", "--output", out])):
+        # no CUDA here, or fewer than 100 GPUs
+        assert main([*argv, "--device", "cuda:99"]) == 2, main.__module__
+        err = capsys.readouterr().err
+        assert err.startswith("error: --device cuda:99: ") and err.count("\n") == 1, err
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, one_thread, monkeypatch):
@@ -272,26 +317,118 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, one_thread, m
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
-def test_interrupted_write_never_corrupts_checkpoint_last(tmp_path, one_thread, monkeypatch):
-    cfg = tiny_config(tmp_path, epochs=2, save_every_steps=1)
+def test_a_full_disk_while_saving_keeps_the_last_checkpoint_and_says_so(tmp_path, one_thread,
+                                                                        monkeypatch, capsys):
+    cache, out = _released_cache(tmp_path / "cache", n=8), tmp_path / "out"
     real_save = torch.save
     calls = {"n": 0}
 
-    def flaky_save(obj, f, *a, **k):
+    def full_disk(obj, f, *a, **k):
         calls["n"] += 1
-        if calls["n"] == 2:  # the second checkpoint: write half of it, then die
+        if calls["n"] == 2:  # the second checkpoint: half of it written, then ENOSPC
             real_save(obj, f, *a, **k)
             f.seek(f.tell() // 2)
             f.truncate()
-            raise OSError("disk full / preempted mid-write")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_save(obj, f, *a, **k)
 
-    monkeypatch.setattr(torch, "save", flaky_save)
-    with pytest.raises(OSError, match="mid-write"):
-        train(cfg, dataset=Tokens(8, 16), log=lambda m: None)
-    ck = load_checkpoint(tmp_path / "out" / "checkpoint-last.pth")
+    monkeypatch.setattr(torch, "save", full_disk)
+    argv = ["--config", TINY, "--use_cached", "--cached_path", str(cache), "--epochs", "2",
+            "--batch_size", "4", "--save_every_steps", "1", "--num_workers", "0", "--device", "cpu",
+            "--output_dir", str(out)]
+    assert main_train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err, err
+    assert (f"error: writing {out / 'checkpoint-last'}.pth failed (No space left on device); the "
+            f"last good checkpoint is kept") in err
+    ck = load_checkpoint(out / "checkpoint-last.pth")
     assert (ck["epoch"], ck["step"]) == (0, 1)
-    assert not [f for f in os.listdir(tmp_path / "out") if f.startswith(".tmp")]
+    # no temporary file left, and no lock
+    assert sorted(os.listdir(out)) == ["checkpoint-last.pth", "config.yaml", "log.txt"]
+
+
+# ---------------------------------------------------------------------------------------------- user errors
+
+
+def _bad_data(root, kind: str) -> tuple[list[str], str]:
+    """Flags of a data set of 16 files with one bad file (not the first: that one is checked on
+    opening the data), and that file."""
+    if kind == "image":
+        rng = np.random.default_rng(0)
+        for c in ("a", "b"):
+            os.makedirs(root / c)
+            for i in range(8):
+                pixels = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / c / f"{i}.png")
+        bad = root / "b" / "3.png"
+        bad.write_bytes(bad.read_bytes()[:60])  # truncated
+        return ["--data_path", str(root)], str(bad)
+    _released_cache(root, n=16)
+    bad = root / "n02" / "n02_3.JPEG.npz"
+    if kind == "npz":
+        bad.write_bytes(bad.read_bytes()[:100])
+    else:  # a token id beyond the 16384-entry vocabulary
+        np.savez(bad, indices=np.full(256, 16384), indices_flip=np.zeros(256, np.int64))
+    return ["--use_cached", "--cached_path", str(root)], str(bad)
+
+
+@pytest.mark.parametrize("kind", ["npz", "token", "image"])
+def test_a_bad_file_read_by_a_dataloader_worker_ends_the_run_with_one_message(tmp_path, kind):
+    # The default 4 workers; they ignore SIGTERM, and used to keep the interpreter waiting forever.
+    data, bad = _bad_data(tmp_path / "data", kind)
+    cmd = [PY, os.path.join(ROOT, "main_train.py"), "--config", TINY, *data, "--batch_size", "2",
+           "--epochs", "2", "--device", "cpu", "--output_dir", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and repr(bad) in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "train.lock").exists()
+
+
+def test_a_bad_file_on_one_of_two_processes_ends_the_run_with_its_message(tmp_path):
+    data, bad = _bad_data(tmp_path / "data", "npz")
+    cmd, env = _torchrun([os.path.join(ROOT, "main_train.py"), "--config", TINY, *data,
+                          "--batch_size", "2", "--epochs", "2", "--device", "cpu",
+                          "--output_dir", str(tmp_path / "out")])
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and len(errors) == 1 and repr(bad) in errors[0], out[-4000:]
+    assert "]: Traceback" not in out  # none from a process of the run (torchrun's summary follows)
+    assert "exitcode  : 2" in out and f"traceback : {errors[0]}" in out  # it names the cause
+
+
+def test_a_second_training_into_a_live_output_dir_is_refused_at_once(tmp_path, capsys):
+    import json
+
+    cache, out = _released_cache(tmp_path / "c", n=4), tmp_path / "out"
+    argv = ["--config", TINY, "--use_cached", "--cached_path", str(cache), "--batch_size", "4",
+            "--num_workers", "0", "--device", "cpu", "--output_dir", str(out),
+            "--save_every_steps", "0"]
+    run = [PY, os.path.join(ROOT, "main_train.py"), *argv, "--epochs", "100000",
+           "--save_last_freq", "100000", "--save_every_epochs", "0"]  # saves nothing
+    first = subprocess.Popen(run, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env=dict(os.environ, PYTHONPATH=ROOT))
+    try:
+        while not (out / "config.yaml").exists():  # written after the lock is taken
+            assert first.poll() is None, "the first training ended"
+            time.sleep(0.05)
+        before = (out / "config.yaml").read_bytes()
+        assert json.loads((out / "train.lock").read_text())["pid"] == first.pid
+        assert main_train.main([*argv, "--epochs", "1", "--seed", "7"]) == 2
+        err = capsys.readouterr().err
+        assert f"error: --output_dir {out} is in use by another training" in err
+        assert f'"pid": {first.pid}' in err and first.poll() is None
+        assert (out / "config.yaml").read_bytes() == before  # nothing touched
+        first.send_signal(signal.SIGKILL)  # as a lost node or a requeue: a lock nobody holds
+        first.wait(timeout=300)
+    finally:
+        first.kill()
+        first.wait()
+    assert (out / "train.lock").exists()
+    assert main_train.main([*argv, "--epochs", "1"]) == 0, capsys.readouterr().err
+    assert not (out / "train.lock").exists()
 
 
 # ---------------------------------------------------------------------------------------------- torchrun
@@ -334,7 +471,9 @@ NPROCS = [2, 3] if os.environ.get("LPD_SLOW_TESTS") else [2]
 @pytest.mark.parametrize("nproc", NPROCS)
 def test_torchrun_ranks_identical_and_sigterm_resume_bit_identical(tmp_path, nproc):
     cache = _released_cache(tmp_path / "cache", n=8 * nproc)  # 2 steps per epoch, 6 in all
-    common = ["--config", TINY, "--use_cached", "--cached_path", str(cache), "--epochs", "3", "--batch_size", "4",
+    recipe = tmp_path / "tiny_recipe.yaml"  # tiny.yaml with the released lr recipe (blr, 50-epoch warm-up)
+    recipe.write_text("".join(line for line in open(TINY).readlines() if not line.startswith(("lr:", "warmup_epochs:"))))
+    common = ["--config", str(recipe), "--use_cached", "--cached_path", str(cache), "--epochs", "3", "--batch_size", "4",
               "--save_every_steps", "2", "--seed", "0"]
     # A: uninterrupted, through a wrapper that also dumps every rank's weights; no DataLoader workers
     # here and the default 4 in B: the data order does not depend on them.
@@ -454,3 +593,48 @@ def test_slurm_checkpoint_asks_training_to_save_and_requeues(tmp_path):
     assert launcher._proc.returncode == 75
     assert isinstance(delayed.function, slurm.Launcher) and delayed.function._proc is None
     assert delayed.function.args == launcher.args
+
+
+def test_the_world_size_comes_from_the_launcher_of_the_process(tmp_path, monkeypatch, capsys):
+    from lpd.distributed import launch_env
+
+    torchrun = {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "SLURM_NTASKS": "8",
+                "SLURM_PROCID": "0"}
+    srun = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "8",
+            "SLURM_NTASKS": "8"}
+    batch = {"SLURM_NTASKS": "8", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "7"}
+    assert launch_env(torchrun) == (1, 4, 1) and launch_env(srun) == (5, 8, 1)
+    assert launch_env(batch) == launch_env({"SLURM_NTASKS": "8"}) == launch_env({}) == (0, 1, 0)
+    for env, says in (({"RANK": "4", "WORLD_SIZE": "4"}, "RANK=4 is not a process of WORLD_SIZE=4"),
+                      ({"SLURM_PROCID": "x", "SLURM_STEP_NUM_TASKS": "2"}, "are not integers")):
+        with pytest.raises(ValueError, match=says):
+            launch_env(env)
+    # The issue's case: a plain `python main_train.py` in a 2-task allocation with MASTER_ADDR set.
+    allocation = {**batch, "SLURM_NTASKS": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    for k, v in allocation.items():
+        monkeypatch.setenv(k, v)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(k, raising=False)
+    cache = _released_cache(tmp_path / "c", n=4)
+    argv = ["--config", TINY, "--use_cached", "--cached_path", str(cache), "--epochs", "1",
+            "--batch_size", "4", "--num_workers", "0", "--device", "cpu",
+            "--output_dir", str(tmp_path / "o")]
+    assert main_train.main(argv) == 0, capsys.readouterr().err
+    assert "1 process(es)" in capsys.readouterr().out
+
+
+def test_a_rendezvous_that_never_completes_ends_with_a_message(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a free port: nobody listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = "from lpd.distributed import init_distributed\ninit_distributed('cpu', rendezvous_s=2)"
+    for rank in ("0", "1"):  # rank 0 waits for the others; rank 1 for a rank 0 that is not there
+        env = dict(os.environ, RANK=rank, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), PYTHONPATH=ROOT)
+        proc = subprocess.run([PY, "-c", code], env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode != 0
+        assert (f"RankError: process {rank} of 2 did not meet the others at "
+                f"MASTER_ADDR:MASTER_PORT 127.0.0.1:{port} within 2 s") in proc.stderr, proc.stderr

@@ -67,6 +67,9 @@ class LPDConfig:
     def from_name(cls, name: str | None, img_size: int = 256, **overrides: Any) -> "LPDConfig":
         """A preset (``lpd_l`` ...) at ``img_size`` with ``overrides`` (not of its width, depth or heads);
         ``name=None``: the overrides alone."""
+        if unknown := sorted(set(overrides) - set(cls.__dataclass_fields__)):
+            raise ValueError(f"model_config: unknown key(s) {', '.join(unknown)}; the keys are "
+                             f"{', '.join(cls.__dataclass_fields__)}")
         if name is None:
             return cls(img_size=img_size, **overrides)
         if name not in PRESETS:
