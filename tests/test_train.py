@@ -11,13 +11,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
 import torch
 
 import main_train
+from conftest import background, run_process, wait_for_file
 from lpd.checkpoint import CheckpointError, interpolate_pos_embed, load_checkpoint, save_checkpoint
 from lpd.models import load_lpd
 from lpd.schedules import training_schedules
@@ -319,9 +319,50 @@ DDP_WRAPPER = textwrap.dedent("""
 """)
 
 
+# main_train.py, held at the first step after its first checkpoint until a preemption signal has
+# arrived (it writes the file HELD when it starts waiting): the test's signal cannot race the end of
+# the run, which then stops after exactly one more step.
+HELD_MAIN = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, {root!r})
+    import lpd.train, main_train
+    from lpd.parallel import PreemptionFlag
+
+    out, got = sys.argv[sys.argv.index("--output_dir") + 1], []
+    handler, lr_at = PreemptionFlag._handler, lpd.train.lr_at
+
+    def on_signal(self, *a):
+        got.append(1)
+        handler(self, *a)
+
+    def held_lr_at(*a, **k):
+        if not got and any(os.path.exists(os.path.join(out, n)) for n in ("checkpoint-last.pth", "checkpoint-last")):
+            open({held!r}, "w").close()
+            deadline = time.monotonic() + 300
+            while not got and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return lr_at(*a, **k)
+
+    PreemptionFlag._handler, lpd.train.lr_at = on_signal, held_lr_at
+    sys.exit(main_train.main(sys.argv[1:]))
+""")
+
+
 def _torchrun(args, nproc=2):
+    """torchrun --standalone: its rendezvous binds port 0, so the OS gives it a free port."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *args], env
+
+
+def run_preempted(cmd, env, tmp_path, name):
+    """Run ``cmd`` (a HELD_MAIN run) in the background, SIGTERM torchrun once the run is held, and
+    return its log; the process group never outlives the test."""
+    with open(tmp_path / f"{name}.log", "w") as log, background(cmd, env=env, cwd=ROOT, stdout=log,
+                                                                 stderr=subprocess.STDOUT, text=True) as proc:
+        wait_for_file(tmp_path / f"{name}.held", proc, 300, "the first checkpoint")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=300)
+    return (tmp_path / f"{name}.log").read_text()
 
 
 # 2 processes as in the issue; LPD_SLOW_TESTS=1 adds 3, where the all-reduce summation order depends
@@ -329,6 +370,7 @@ def _torchrun(args, nproc=2):
 NPROCS = [2, 3] if os.environ.get("LPD_SLOW_TESTS") else [2]
 
 
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize("nproc", NPROCS)
 def test_torchrun_ranks_identical_and_sigterm_resume_bit_identical(tmp_path, nproc):
     cache = _released_cache(tmp_path / "cache", n=8 * nproc)  # 2 steps per epoch, 6 in all
@@ -340,7 +382,7 @@ def test_torchrun_ranks_identical_and_sigterm_resume_bit_identical(tmp_path, npr
     wrapper.write_text(DDP_WRAPPER.format(root=ROOT))
     out_a = tmp_path / "A"
     cmd, env = _torchrun([str(wrapper), *common, "--output_dir", str(out_a), "--num_workers", "0"], nproc)
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = run_process(cmd, 600, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, *others = (torch.load(out_a / f"rank{r}.pt", weights_only=True) for r in range(nproc))
     assert all(torch.equal(r0[k], r[k]) for r in others for k in r0), "DDP replicas diverged"
@@ -348,23 +390,17 @@ def test_torchrun_ranks_identical_and_sigterm_resume_bit_identical(tmp_path, npr
     assert (final_a["epoch"], final_a["step"], final_a["global_step"]) == (2, 2, 6)
     assert all(torch.equal(final_a["model"][k], r0[k]) for k in r0)
 
-    # B: the issue's command, SIGTERM to torchrun once the first checkpoint exists, then --resume.
+    # B: main_train.py (held once its first checkpoint exists), SIGTERM to torchrun, then --resume.
     out_b = tmp_path / "B"
-    cmd, env = _torchrun([os.path.join(ROOT, "main_train.py"), *common, "--output_dir", str(out_b)], nproc)
-    log_b = open(tmp_path / "B1.log", "w")
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log_b, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while not (out_b / "checkpoint-last.pth").exists():
-        assert proc.poll() is None and time.time() < deadline, "run B ended before its first checkpoint"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=300)
-    log_b.close()
-    text = (tmp_path / "B1.log").read_text()
+    held = tmp_path / "wrapper_held.py"
+    held.write_text(HELD_MAIN.format(root=ROOT, held=str(tmp_path / "B1.held")))
+    cmd, env = _torchrun([str(held), *common, "--output_dir", str(out_b)], nproc)
+    text = run_preempted(cmd, env, tmp_path, "B1")
     stopped = load_checkpoint(out_b / "checkpoint-last.pth")
     assert "preempted: saved" in text, text[-3000:]
-    assert 2 <= stopped["global_step"] < 6, "the run was not interrupted mid-way"
-    proc = subprocess.run(cmd + ["--resume", str(out_b)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert stopped["global_step"] == 3, "the run was not stopped one step after its first checkpoint"
+    cmd, env = _torchrun([os.path.join(ROOT, "main_train.py"), *common, "--output_dir", str(out_b)], nproc)
+    proc = run_process(cmd + ["--resume", str(out_b)], 600, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"resumed from {out_b / 'checkpoint-last.pth'}" in proc.stdout
     final_b = load_checkpoint(out_b / "checkpoint-last.pth")
@@ -409,6 +445,7 @@ def test_slurm_job_builds_without_a_cluster(tmp_path, capsys):
     assert launcher.command()[-2:] == ["--resume", str(out)]
 
 
+@pytest.mark.timeout(600)
 def test_slurm_local_executor_exports_torch_distributed_env(tmp_path):
     entry = tmp_path / "entry.py"
     entry.write_text(textwrap.dedent("""
@@ -422,7 +459,7 @@ def test_slurm_local_executor_exports_torch_distributed_env(tmp_path):
     os.makedirs(out)
     cmd = [PY, os.path.join(ROOT, "scripts", "slurm.py"), "--cluster", "local", "--gpus_per_node", "0",
            "--tasks_per_node", "2", "--job_dir", str(tmp_path / "jobs" / "%j"), "--", str(entry), "--output_dir", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    proc = run_process(cmd, 300, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     import json
 
@@ -441,9 +478,9 @@ def test_slurm_checkpoint_asks_training_to_save_and_requeues(tmp_path):
         time.sleep(60)
     """))
     launcher = slurm.Launcher(str(child), ["--output_dir", str(tmp_path)], grace_s=30)
-    launcher._proc = subprocess.Popen([PY, str(child)], stdout=subprocess.PIPE, text=True)
-    assert launcher._proc.stdout.readline().strip() == "ready"
-    delayed = launcher.checkpoint()
-    assert launcher._proc.returncode == 75
+    with background([PY, str(child)], stdout=subprocess.PIPE, text=True) as launcher._proc:
+        assert launcher._proc.stdout.readline().strip() == "ready"
+        delayed = launcher.checkpoint()
+        assert launcher._proc.returncode == 75
     assert isinstance(delayed.function, slurm.Launcher) and delayed.function._proc is None
     assert delayed.function.args == launcher.args
