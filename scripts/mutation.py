@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from typing import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,8 +47,8 @@ PYTEST = ["-x", "-q", "-p", "no:cacheprovider", "-o", "addopts="]
 # ---------------------------------------------------------------------------------------------- mutants
 
 
-def mutants(path: str) -> list[tuple[int, str, tuple[int, int]]]:
-    """(index in mutmut's list, mutated source, (first, last) line mutated) of every kept mutant of ``path``."""
+def mutants(path: str) -> list[tuple[int, Callable[[], str], tuple[int, int]]]:
+    """(index in mutmut's list, its mutated source on call, (first, last) line mutated) of every kept mutant."""
     import libcst as cst
     from libcst.metadata import MetadataWrapper, PositionProvider
     from mutmut.mutation.file_mutation import create_mutations, deep_replace
@@ -65,7 +66,7 @@ def mutants(path: str) -> list[tuple[int, str, tuple[int, int]]]:
             if kw(old) - kw(new) == {"help"} and len(new.args) == len(old.args) - 1:
                 continue
         span = where[old]
-        out.append((i, deep_replace(module, old, new).code, (span.start.line, span.end.line)))
+        out.append((i, lambda old=old, new=new: deep_replace(module, old, new).code, (span.start.line, span.end.line)))
     return out
 
 
@@ -77,8 +78,9 @@ def diff(path: str, original: str, mutated: str) -> str:
 # ---------------------------------------------------------------------------------------------- coverage
 
 
-def coverage_pass(tree: str, files: list[str]) -> tuple[dict[str, dict[int, set[str]]], dict[str, float]]:
-    """Run ``files`` once under coverage: the tests covering each line of each module, and every test's seconds."""
+def coverage_pass(tree: str, files: list[str]) -> tuple[dict[str, dict[int, list[str]]], dict[str, float]]:
+    """Run ``files`` once under coverage: the test functions (node ids without parameters) covering each
+    line of each module, and every test function's seconds."""
     work = tempfile.mkdtemp(prefix="cov-", dir=tree)
     rc = os.path.join(work, "coveragerc")
     with open(rc, "w") as f:  # subprocesses read it at start-up: their context is the test that started them
@@ -95,8 +97,13 @@ def coverage_pass(tree: str, files: list[str]) -> tuple[dict[str, dict[int, set[
     cov = coverage.Coverage(data_file=os.path.join(work, "data"), config_file=False)
     cov.combine([work])
     data = cov.get_data()
-    lines = {m: {ln: set(c) for ln, c in data.contexts_by_lineno(os.path.join(tree, m)).items()} for m in MODULE_TESTS}
-    return lines, json.load(open(times))
+    func = lambda test: test.split("[")[0]  # noqa: E731 - some parameter ids do not survive the command line
+    lines = {m: {ln: sorted({func(c) for c in cs if c}) for ln, cs in data.contexts_by_lineno(os.path.join(tree, m)).items()}
+             for m in MODULE_TESTS}
+    seconds: dict[str, float] = {}
+    for test, t in json.load(open(times)).items():
+        seconds[func(test)] = seconds.get(func(test), 0.0) + t
+    return lines, seconds
 
 
 def _measure(rc: str, times_path: str, args: list[str]) -> int:
@@ -135,7 +142,7 @@ def _measure(rc: str, times_path: str, args: list[str]) -> int:
 
 def _run(cmd: list[str], cwd: str, timeout: float | None, capture: bool = True) -> int | None:
     """Exit status of ``cmd`` in its own process group (killed with it); None on timeout."""
-    env = dict(os.environ, PYTHONPATH=cwd, PYTHONDONTWRITEBYTECODE="1")
+    env = dict(os.environ, PYTHONPATH=cwd, PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")  # one thread: no spinning
     out = subprocess.DEVNULL if capture else None
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=out, start_new_session=True)
     try:
@@ -169,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=None, help="comma list of mutant ids (MODULE:INDEX) to run instead of a sample")
     p.add_argument("--timeout_factor", type=float, default=5.0, help="per-mutant limit: 60 s + this x the tests' time")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--coverage_cache", default=None, help="reuse the coverage pass saved here (delete it when tests change)")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))  # the finally blocks restore the copy and remove it
     os.chdir(ROOT)  # mutmut reads its configuration from pyproject.toml here
     modules = [m.strip() for m in args.modules.split(",") if m.strip()]
     if set(modules) - set(MODULE_TESTS):
@@ -178,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     if only:
         modules = sorted({m for m, _ in only}, key=list(MODULE_TESTS).index)
     rng = random.Random(args.seed)
-    chosen = []  # (module, index, source, lines)
+    chosen = []  # (module, index, mutated source on call, lines)
     for m in modules:
         found = mutants(m)
         if only:
@@ -192,12 +201,19 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lpd-mutation-") as tree:
         copy_tree(tree)
         t0 = time.monotonic()
-        covered, times = coverage_pass(tree, files)
-        print(f"coverage pass: {len(times)} tests, {time.monotonic() - t0:.0f} s", flush=True)
-        for n, (m, index, source, (first, last)) in enumerate(chosen):
-            original = open(os.path.join(ROOT, m)).read()
+        if args.coverage_cache and os.path.exists(args.coverage_cache):
+            covered, times = json.load(open(args.coverage_cache))
+            covered = {m: {int(ln): t for ln, t in lines.items()} for m, lines in covered.items()}
+        else:
+            covered, times = coverage_pass(tree, files)
+            if args.coverage_cache:
+                with open(args.coverage_cache, "w") as f:
+                    json.dump([covered, times], f)
+        print(f"coverage: {len(times)} test functions, {time.monotonic() - t0:.0f} s", flush=True)
+        for n, (m, index, render, (first, last)) in enumerate(chosen):
+            original, source = open(os.path.join(ROOT, m)).read(), render()
             mine = {t for t in times if t.split("::")[0] in MODULE_TESTS[m]}
-            tests = set().union(*(covered[m].get(ln, set()) for ln in range(first, last + 1))) & mine
+            tests = {t for ln in range(first, last + 1) for t in covered[m].get(ln, [])} & mine
             tests = sorted(tests or mine, key=lambda t: times[t])
             limit = 60 + args.timeout_factor * sum(times[t] for t in tests)
             path = os.path.join(tree, m)
