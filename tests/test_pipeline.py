@@ -94,3 +94,21 @@ def test_offline_without_a_checkpoint_names_the_file_and_the_flag(tmp_path, monk
     assert main(["--model", "lpd_xl", "--img_size", "512", "--device", "cpu", "--output", str(tmp_path / "s.png")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "mit-han-lab/lpd_xl_512" in err and not (tmp_path / "s.png").exists()
+
+
+def test_inpaint_and_outpaint_edit_with_the_pipeline_settings(pipe):
+    from lpd.editing import edit_images
+    from lpd.sampling import SamplingConfig
+
+    image = (np.arange(64 * 64 * 3) % 251).astype(np.uint8).reshape(64, 64, 3)
+    ours = SamplingConfig(cfg=2.0, top_k=1, repulsion_threshold=2.0)  # as given; τr 2 on a 4 x 4 grid
+    got = pipe.inpaint(image, "bottom", 3, steps=4, num=2, seed=1, cfg=2.0, top_k=1)
+    want = edit_images(pipe.model, pipe.tokenizer, image, "bottom", 3, steps=4, num=2, seed=1, sampling=ours)
+    assert all(np.array_equal(got[k], want[k]) for k in ("source", "masked", "edits"))
+    plain = edit_images(pipe.model, pipe.tokenizer, image, "bottom", 3, steps=4, num=2, seed=1)
+    assert not np.array_equal(got["edits"], plain["edits"])  # the settings matter
+    out = pipe.outpaint(image, 3, steps=4, seed=1, cfg=2.0, top_k=1)  # the default region: a border of a quarter
+    want = edit_images(pipe.model, pipe.tokenizer, image, "border:16", 3, steps=4, seed=1, sampling=ours)
+    assert np.array_equal(out["edits"], want["edits"]) and np.array_equal(out["masked"], want["masked"])
+    with pytest.raises(ValueError, match="pass cfg="):
+        pipe.inpaint(image, "center", 3)
