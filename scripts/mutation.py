@@ -89,9 +89,9 @@ def coverage_pass(tree: str, files: list[str]) -> tuple[dict[str, dict[int, list
     times = os.path.join(work, "times.json")
     code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import mutation; "
             f"sys.exit(mutation._measure({rc!r}, {times!r}, sys.argv[1:]))")
-    proc = _run([sys.executable, "-c", code, *PYTEST[1:], *files], tree, None, capture=False)
-    if proc not in (0, 1):
-        raise SystemExit(f"the coverage pass of {' '.join(files)} ended with status {proc}")
+    status, _ = _run([sys.executable, "-c", code, *PYTEST[1:], *files], tree, None, capture=False)
+    if status not in (0, 1):
+        raise SystemExit(f"the coverage pass of {' '.join(files)} ended with status {status}")
     import coverage
 
     cov = coverage.Coverage(data_file=os.path.join(work, "data"), config_file=False)
@@ -140,21 +140,33 @@ def _measure(rc: str, times_path: str, args: list[str]) -> int:
 # ---------------------------------------------------------------------------------------------- running
 
 
-def _run(cmd: list[str], cwd: str, timeout: float | None, capture: bool = True) -> int | None:
-    """Exit status of ``cmd`` in its own process group (killed with it); None on timeout."""
+def _run(cmd: list[str], cwd: str, timeout: float | None, capture: bool = True) -> tuple[int | None, str]:
+    """Exit status of ``cmd`` in its own process group (killed with it), None on timeout; and its output."""
     env = dict(os.environ, PYTHONPATH=cwd, PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")  # one thread: no spinning
-    out = subprocess.DEVNULL if capture else None
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=out, start_new_session=True)
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return None
-    finally:
+    with tempfile.TemporaryFile("w+") as log:
+        out = log if capture else None
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=out, start_new_session=True)
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+            status = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            status = None
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        log.seek(0)
+        return status, log.read()
+
+
+def verdict(status: int | None, output: str) -> str:
+    """killed (a test failed, or collecting one did: the mutant breaks an import), timeout, survived, or error N."""
+    if status is None:
+        return "timeout"
+    if status in (1, 2, 3) or (status == 4 and ("ERROR collecting" in output or "while loading conftest" in output)):
+        return "killed"
+    return "survived" if status == 0 else f"error {status}"
 
 
 def copy_tree(dest: str) -> None:
@@ -221,14 +233,16 @@ def main(argv: list[str] | None = None) -> int:
                 f.write(source)
             t1 = time.monotonic()
             try:
-                status = _run([sys.executable, "-m", "pytest", *PYTEST, *tests], tree, limit)
+                status, output = _run([sys.executable, "-m", "pytest", *PYTEST, *tests], tree, limit)
             finally:
                 with open(path, "w") as f:
                     f.write(original)
-            verdict = {None: "timeout", 0: "survived", 1: "killed", 2: "killed", 3: "killed"}.get(status, f"error {status}")
-            results.append(dict(id=f"{m}:{index}", module=m, verdict=verdict, tests=len(tests),
+            result = verdict(status, output)
+            results.append(dict(id=f"{m}:{index}", module=m, verdict=result, tests=len(tests),
                                 seconds=round(time.monotonic() - t1, 1), diff=diff(m, original, source)))
-            print(f"[{n + 1}/{len(chosen)}] {m}:{index} {verdict} ({len(tests)} tests, "
+            if result.startswith("error"):
+                results[-1]["output"] = output[-2000:]
+            print(f"[{n + 1}/{len(chosen)}] {m}:{index} {result} ({len(tests)} tests, "
                   f"{time.monotonic() - t1:.0f} s)", flush=True)
     print("\nmodule              sampled  killed  timeout  survived  error  score")
     for m in modules:
