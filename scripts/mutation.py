@@ -8,7 +8,7 @@ less string literals holding whitespace (messages, help text) and dropped ``help
 seeded random sample of ``--per_module`` mutants per module runs, one at a time, in a copy of the
 tree: each mutant against the tests of ITS module's test files that cover the mutated lines (one
 coverage pass, per test, subprocesses included, finds them; every test of those files when no test
-covers the lines), with ``-x`` and a per-mutant timeout. Prints the score per module and every
+covers the lines or they run at import), with ``-x`` and a per-mutant timeout. Prints the score per module and every
 survivor as a diff. A mutant is killed when a test fails (or errors, or times out).
 """
 
@@ -98,8 +98,8 @@ def coverage_pass(tree: str, files: list[str]) -> tuple[dict[str, dict[int, list
     cov.combine([work])
     data = cov.get_data()
     func = lambda test: test.split("[")[0]  # noqa: E731 - some parameter ids do not survive the command line
-    lines = {m: {ln: sorted({func(c) for c in cs if c}) for ln, cs in data.contexts_by_lineno(os.path.join(tree, m)).items()}
-             for m in MODULE_TESTS}
+    lines = {m: {ln: sorted({func(c) for c in cs}) for ln, cs in data.contexts_by_lineno(os.path.join(tree, m)).items()}
+             for m in MODULE_TESTS}  # context "": run outside any test (at import), so by every test
     seconds: dict[str, float] = {}
     for test, t in json.load(open(times)).items():
         seconds[func(test)] = seconds.get(func(test), 0.0) + t
@@ -225,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         for n, (m, index, render, (first, last)) in enumerate(chosen):
             original, source = open(os.path.join(ROOT, m)).read(), render()
             mine = {t for t in times if t.split("::")[0] in MODULE_TESTS[m]}
-            tests = {t for ln in range(first, last + 1) for t in covered[m].get(ln, [])} & mine
-            tests = sorted(tests or mine, key=lambda t: times[t])
+            tests = {t for ln in range(first, last + 1) for t in covered[m].get(ln, [])}
+            tests = sorted(mine if "" in tests or not tests & mine else tests & mine, key=lambda t: times[t])
             limit = 60 + args.timeout_factor * sum(times[t] for t in tests)
             path = os.path.join(tree, m)
             with open(path, "w") as f:
