@@ -22,7 +22,8 @@ from lpd.checkpoint import CheckpointError, interpolate_pos_embed, load_checkpoi
 from lpd.models import load_lpd
 from lpd.schedules import training_schedules
 from lpd.sampling import SamplingConfig
-from lpd.train import NonFiniteLossError, TrainConfig, build_model, lr_at, parse_schedule_list, train
+from lpd.train import (EpochBatchSampler, NonFiniteLossError, TrainConfig, build_model, lr_at, parse_schedule_list,
+                       train)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -77,6 +78,26 @@ def test_lr_schedule_key_epochs():
     assert math.isclose(f(450, "cosine"), 1e-5)
     with pytest.raises(ValueError, match="unknown lr schedule"):
         f(1, "linear")
+
+
+def test_lr_defaults_are_a_cosine_to_zero_from_the_start():
+    assert [lr_at(e, 1.0, epochs=10) for e in (0, 5, 10, 12)] == [1.0, pytest.approx(0.5), pytest.approx(0.0), pytest.approx(0.0)]
+
+
+def test_epoch_batches_deal_one_padded_permutation_round_robin():
+    one = EpochBatchSampler(10, 4, seed=0, epoch=1)  # one process: a permutation, the incomplete batch dropped
+    batches = list(one)
+    assert len(one) == 2 and [len(b) for b in batches] == [4, 4] and len(set(sum(batches, []))) == 8
+    assert sorted(one.indices()) == list(range(10))
+    assert one.indices() == EpochBatchSampler(10, 4, seed=0, epoch=1).indices() != EpochBatchSampler(10, 4, 0, 2).indices()
+    ranks = [EpochBatchSampler(10, 2, seed=0, epoch=1, rank=r, world_size=3) for r in range(3)]
+    dealt = [i for step in zip(*(r.indices() for r in ranks)) for i in step]  # 4 per rank: padded to 12
+    assert sorted(dealt[:10]) == list(range(10)) and dealt[10:] == dealt[:2]
+    assert [list(r) for r in ranks] == [[r.indices()[:2], r.indices()[2:]] for r in ranks]
+    later = EpochBatchSampler(10, 2, seed=0, epoch=1, rank=1, world_size=3, start_step=1)
+    assert len(later) == 1 and list(later) == [ranks[1].indices()[2:]]
+    with pytest.raises(ValueError, match="fewer than one batch of 8"):
+        EpochBatchSampler(10, 8, seed=0, epoch=0, world_size=2)
 
 
 def test_released_flag_names_parse(tmp_path):
