@@ -182,6 +182,7 @@ def test_evaluation_during_training_runs_cfg_1_then_cfg_like_the_released_loop(t
     cfg = tiny_config(tmp_path, epochs=2, eval_freq=2, eval_num_images=4, eval_bsz=2, sampling=SamplingConfig(cfg=2.0),
                       eval_group_sizes="[1, 3, 5, 7]", vq_config=vq)
     train(cfg, dataset=Tokens(8, 16), log=logs.append)
+    assert any(m.startswith("model: ") and m.endswith("schedules, one process") for m in logs), logs[:3]
     out = tmp_path / "out"
     for scale, bsz in (("1", 2), ("2", 1)):  # the guided run with half the batch, as released
         run = out / f"eval-epoch1-cfg{scale}"
