@@ -292,6 +292,24 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, one_thread, m
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
+def test_dropout_masks_change_from_epoch_to_epoch(tmp_path, one_thread, monkeypatch):
+    from lpd.models import kernels
+
+    masks, real = [], kernels.Dropout.forward
+
+    def forward(self, x):
+        out = real(self, x)
+        if self.training:
+            masks.append(((out == 0) & (x != 0)).flatten())
+        return out
+
+    monkeypatch.setattr(kernels.Dropout, "forward", forward)
+    train(tiny_config(tmp_path, epochs=2, group_sizes_list="[1, 3, 5, 7]"), dataset=Tokens(4, 16), log=lambda m: None)
+    first, second = torch.cat(masks[: len(masks) // 2]), torch.cat(masks[len(masks) // 2 :])
+    assert abs(first.float().mean().item() - 0.1) < 0.02  # the model's dropout, 0.1
+    assert first.shape == second.shape and not torch.equal(first, second)
+
+
 def test_interrupted_write_never_corrupts_checkpoint_last(tmp_path, one_thread, monkeypatch):
     cfg = tiny_config(tmp_path, epochs=2, save_every_steps=1)
     real_save = torch.save
