@@ -84,6 +84,18 @@ def test_lr_defaults_are_a_cosine_to_zero_from_the_start():
     assert [lr_at(e, 1.0, epochs=10) for e in (0, 5, 10, 12)] == [1.0, pytest.approx(0.5), pytest.approx(0.0), pytest.approx(0.0)]
 
 
+def test_training_lr_is_blr_scaled_then_warmup_and_cosine_to_min_lr(tmp_path, one_thread):
+    import json
+
+    cfg = tiny_config(tmp_path, epochs=3, lr=None, blr=0.5, min_lr=1e-4, lr_schedule="cosine", warmup_epochs=1, log_freq=1)
+    train(cfg, dataset=Tokens(8, 16), log=lambda m: None)  # 2 steps per epoch, at epochs 0, 0.5, ..., 2.5
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "out" / "log.txt").read_text().splitlines()]
+    base = 0.5 * 4 / 256  # blr x global batch / 256
+    want = [base * e if e < 1 else 1e-4 + (base - 1e-4) * 0.5 * (1 + math.cos(math.pi * (e - 1) / 2))
+            for e in (0, 0.5, 1, 1.5, 2, 2.5)]
+    assert logged == pytest.approx(want, rel=1e-9)
+
+
 def test_epoch_batches_deal_one_padded_permutation_round_robin():
     one = EpochBatchSampler(10, 4, seed=0, epoch=1)  # one process: a permutation, the incomplete batch dropped
     batches = list(one)
