@@ -1,120 +1,149 @@
-"""A plain, one-order-at-a-time transcription of the locality-aware order rules (slow, pure Python).
+"""The locality-aware order rules read independently of lpd (plain Python, one order at a time, slow).
 
-It draws the same random numbers and breaks ties the same way as :func:`lpd.orders.lpd_orders`, so
-the two must agree exactly; the tests and ``benchmarks/bench_orders.py --check`` compare them.
+The rules: step 0 of a blank canvas takes one position at random; every later step (every step when
+some positions are known) scores each free position by its selected 8-neighbours (1 per edge
+neighbour, 1/sqrt(2) per diagonal one), walks those scoring at least the proximity threshold from the
+highest score down, ties in any order, and accepts one unless it lies within Chebyshev distance
+<= the repulsion threshold of a position accepted in this step, until the group is full. The rest of
+the group is filled by farthest-point sampling over the remaining free positions (Euclidean distance
+to the nearest position taken in this step; a random one if there is none yet); equal distances go,
+as in the released generator, to a position below the proximity threshold first, then to the higher
+score.
+
+:func:`check_order` replays an order and asserts that every step is one these rules allow for some
+breaking of ties, and says how each position was picked; :func:`reference_order` draws orders by the
+rules with Python's own random numbers (other ties uniformly at random), for statistical comparisons.
 """
 
 from __future__ import annotations
 
+import math
+import random
 from typing import Sequence
 
-import numpy as np
-
-from lpd.orders.generate import (
-    _CODE_RANK,
-    _CODE_VALUE,
-    _INV_SQRT2,
-    _SALT_FILL,
-    _SALT_START,
-    _TIE_RND_SHIFT,
-    KIND_FARTHEST,
-    KIND_PROXIMITY,
-    KIND_RANDOM_FILL,
-    KIND_REST,
-    KIND_START,
-    _order_keys,
-    _position_random,
-    _splitmix64,
-    _step_keys,
-    _uniform_index,
-)
+# How a position was picked: the codes of lpd.orders.ORDER_KINDS.
+START, PROXIMITY, FARTHEST, RANDOM_FILL, REST = 0, 1, 2, 3, 4
 
 
-def lpd_order_reference(i: int, seed: int, group_sizes: Sequence[int], grid_size: int,
-                        proximity_threshold: float = 1.0, repulsion_threshold: float = 1.0,
-                        known: Sequence[bool] | None = None) -> tuple[list[int], list[int]]:
-    """Order ``i`` of a run (the unknown positions only, with a ``known`` mask [N]) and how each was picked."""
-    g_, n = grid_size, grid_size * grid_size
-    okey = _order_keys(seed, np.array([i]))
-    pos = [(c // g_, c % g_) for c in range(n)]
-    known_set = set() if known is None else {c for c in range(n) if known[c]}
+class _Grid:
+    def __init__(self, grid: int) -> None:
+        self.g, self.n = grid, grid * grid
 
-    def cheb(a: int, b: int) -> int:
-        return max(abs(pos[a][0] - pos[b][0]), abs(pos[a][1] - pos[b][1]))
+    def cheb(self, a: int, b: int) -> int:
+        return max(abs(a // self.g - b // self.g), abs(a % self.g - b % self.g))
 
-    def d2(a: int, b: int) -> int:
-        return (pos[a][0] - pos[b][0]) ** 2 + (pos[a][1] - pos[b][1]) ** 2
+    def d2(self, a: int, b: int) -> int:
+        return (a // self.g - b // self.g) ** 2 + (a % self.g - b % self.g) ** 2
 
-    def fill(step_key, rnd, group: dict, accepted: list[int], rest: list[int], need: int) -> list[tuple[int, int]]:
-        # Farthest-point sampling over the candidate list `rest`.
-        if len(rest) <= need:  # no choice left: all of them, in candidate-list order
-            return [(c, KIND_REST) for c in rest]
-        # Ties between equal distances: candidate-list group (score), then the top bits of the
-        # position's random number, then the smaller raster index.
-        tie_order = sorted(rest, key=lambda c: (group[c], -(int(rnd[c]) >> _TIE_RND_SHIFT), c))
-        tie_rank = {c: j for j, c in enumerate(tie_order)}
-        taken: list[tuple[int, int]] = []
-        pts, rest = list(accepted), list(rest)
-        if not pts:
-            h = _position_random(_step_keys(step_key, 0, _SALT_FILL), n)[0]
-            c = max(rest, key=lambda c: (int(h[c]), -c))
-            taken.append((c, KIND_RANDOM_FILL))
-            pts.append(c)
-            rest.remove(c)
-        while len(taken) < need:
-            c = max(rest, key=lambda c: (min(d2(c, p) for p in pts), -tie_rank[c]))
-            rest.remove(c)
-            taken.append((c, KIND_FARTHEST))
-            pts.append(c)
-        return taken
+    def score(self, c: int, done: set[int]) -> float:
+        r, col = divmod(c, self.g)
+        edge = diag = 0
+        for dr in (-1, 0, 1):
+            for dc in (-1, 0, 1):
+                q = (r + dr) * self.g + col + dc
+                if (dr or dc) and 0 <= r + dr < self.g and 0 <= col + dc < self.g and q in done:
+                    edge, diag = edge + (dr == 0 or dc == 0), diag + (dr != 0 and dc != 0)
+        return edge + diag / math.sqrt(2.0)
 
+
+def _tie_key(c: int, score: dict[int, float], tp: float) -> tuple[bool, float]:
+    """Farthest-point ties: below the proximity threshold first, then the higher score."""
+    return score[c] >= tp, -score[c]
+
+
+def _known_set(known: Sequence[bool] | None, n: int) -> set[int]:
+    return set() if known is None else {c for c in range(n) if known[c]}
+
+
+def check_order(order: Sequence[int], group_sizes: Sequence[int], grid_size: int, proximity_threshold: float = 1.0,
+                repulsion_threshold: float = 1.0, known: Sequence[bool] | None = None) -> list[int]:
+    """Assert that ``order`` (the unknown positions, raster indices) follows the rules; the kind of every pick."""
+    gr, tp, tr = _Grid(grid_size), proximity_threshold, repulsion_threshold
+    done = _known_set(known, gr.n)
+    order = [int(c) for c in order]
+    assert sorted(order) == [c for c in range(gr.n) if c not in done], "not each unknown position once"
+    assert sum(group_sizes) == len(order), "the groups do not cover the order"
+    kinds: list[int] = []
+    s = 0
+    for k, g in enumerate(group_sizes):
+        step, s = order[s : s + g], s + g
+        free = [c for c in range(gr.n) if c not in done]
+        score = {c: gr.score(c, done) for c in free}
+        if not done:  # a blank canvas: any first position, the rest of the step farthest from it
+            accepted, kinds = step[:1], [START]
+        else:
+            accepted = []  # the longest prefix that a walk can accept
+            for c in step:
+                if (score[c] < tp or (accepted and score[c] > score[accepted[-1]])
+                        or any(gr.cheb(c, a) <= tr for a in accepted)):
+                    break
+                accepted.append(c)
+            for c in free:  # a candidate walked before the walk stopped was set aside by an earlier acceptance
+                walked = len(accepted) < g or score[c] > score[accepted[-1]]
+                if score[c] >= tp and c not in accepted and walked:
+                    assert any(gr.cheb(c, a) <= tr and score[a] >= score[c] for a in accepted), (
+                        f"step {k}: candidate {c} (score {score[c]:.3f}) should have been accepted before {step}")
+            kinds += [PROXIMITY] * len(accepted)
+        rest = [c for c in free if c not in accepted]
+        picks = step[len(accepted) :]
+        if len(rest) == len(picks):  # no choice left
+            kinds += [REST] * len(picks)
+        else:
+            far = {c: min((gr.d2(c, a) for a in accepted), default=None) for c in rest}
+            for c in picks:
+                if far[c] is None:
+                    kinds.append(RANDOM_FILL)
+                else:
+                    best = [r for r, v in far.items() if v == max(far.values())]
+                    assert c in best, f"step {k}: fallback pick {c} is not a farthest point"
+                    assert _tie_key(c, score, tp) == min(_tie_key(r, score, tp) for r in best), (
+                        f"step {k}: fallback pick {c} breaks a tie against the candidate list")
+                    kinds.append(FARTHEST)
+                del far[c]
+                far = {r: gr.d2(r, c) if v is None else min(v, gr.d2(r, c)) for r, v in far.items()}
+        done.update(step)
+    return kinds
+
+
+def reference_order(rng: random.Random, group_sizes: Sequence[int], grid_size: int, proximity_threshold: float = 1.0,
+                    repulsion_threshold: float = 1.0, known: Sequence[bool] | None = None) -> tuple[list[int], list[int]]:
+    """One order by the rules, drawing from ``rng``; and the kind of every pick."""
+    gr, tp, tr = _Grid(grid_size), proximity_threshold, repulsion_threshold
+    done = _known_set(known, gr.n)
     order: list[int] = []
     kinds: list[int] = []
-    first_step = 0
-    if not known_set:  # step 0: one uniformly random position, the rest of step 0 by the fallback
-        order = [int(_uniform_index(_splitmix64(okey ^ np.uint64(_SALT_START)), n)[0])]
-        kinds, first_step = [KIND_START], 1
-        if group_sizes[0] > 1:
-            step_key = _step_keys(okey, 0)
-            rnd = _position_random(step_key, n)[0]
-            rest = sorted((c for c in range(n) if c != order[0]), key=lambda c: (-int(rnd[c]), c))
-            g0 = (int(_CODE_VALUE[0] >= proximity_threshold) << 5) | int(_CODE_RANK[0])
-            for c, kd in fill(step_key, rnd, dict.fromkeys(rest, g0), order[:1], rest, group_sizes[0] - 1):
-                order.append(c)
-                kinds.append(kd)
-    for k in range(first_step, len(group_sizes)):
-        g = group_sizes[k]
-        step_key = _step_keys(okey, k)
-        rnd = _position_random(step_key, n)[0]
-        done = known_set | set(order)
-        score, group = {}, {}
-        for c in range(n):
-            if c in done:
-                continue
-            edge = sum(1 for p in done if d2(c, p) == 1)
-            diag = sum(1 for p in done if d2(c, p) == 2)
-            score[c] = edge + diag * _INV_SQRT2
-            # Candidate-list group: score >= τp after the others, higher scores first.
-            group[c] = (int(score[c] >= proximity_threshold) << 5) | int(_CODE_RANK[5 * edge + diag])
-        ranked = sorted(score, key=lambda c: (-score[c], -int(rnd[c]), c))
-        high = [c for c in ranked if score[c] >= proximity_threshold]
-        low = [c for c in ranked if score[c] < proximity_threshold]
-        accepted: list[int] = []
-        set_aside: list[int] = []
-        walked = 0
-        for c in high:
-            if len(accepted) == g:
-                break
-            walked += 1
-            if any(cheb(c, a) <= repulsion_threshold for a in accepted):
-                set_aside.append(c)
+    for g in group_sizes:
+        free = [c for c in range(gr.n) if c not in done]
+        score = {c: gr.score(c, done) for c in free}
+        if not done:
+            accepted = [rng.choice(free)]
+            kinds.append(START)
+        else:
+            walk = sorted((c for c in free if score[c] >= tp), key=lambda c: (-score[c], rng.random()))
+            accepted = []
+            for c in walk:
+                if len(accepted) == g:
+                    break
+                if all(gr.cheb(c, a) > tr for a in accepted):
+                    accepted.append(c)
+            kinds += [PROXIMITY] * len(accepted)
+        step = list(accepted)
+        rest = [c for c in free if c not in accepted]
+        if len(rest) == g - len(step):
+            rng.shuffle(rest)
+            step += rest
+            kinds += [REST] * len(rest)
+        while len(step) < g:
+            if step:
+                far = {c: min(gr.d2(c, a) for a in step) for c in rest}
+                best = [r for r in rest if far[r] == max(far.values())]
+                first = min(_tie_key(r, score, tp) for r in best)
+                c = rng.choice([r for r in best if _tie_key(r, score, tp) == first])
             else:
-                accepted.append(c)
-        order += accepted
-        kinds += [KIND_PROXIMITY] * len(accepted)
-        if len(accepted) < g:
-            rest = low + set_aside + high[walked:]
-            for c, kd in fill(step_key, rnd, group, accepted, rest, g - len(accepted)):
-                order.append(c)
-                kinds.append(kd)
+                c = rng.choice(rest)
+            kinds.append(FARTHEST if step else RANDOM_FILL)
+            step.append(c)
+            rest.remove(c)
+        order += step
+        done.update(step)
     return order, kinds

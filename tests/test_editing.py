@@ -9,9 +9,11 @@ import torch
 from PIL import Image
 
 from lpd.editing import edit_images, edit_tokens, editing_logits, prefill_layout, region_mask, token_keep
+from lpd.evaluate import decode_tokens
+from lpd.images import image_to_tensor
 from lpd.models import build_lpd
 from lpd.orders import lpd_orders
-from lpd.sampling import sample_tokens
+from lpd.sampling import SamplingConfig, sample_tokens
 from lpd.tokenizer import make_tokenizer
 
 N = 16  # a 4x4 token grid (64 px)
@@ -111,6 +113,13 @@ def test_pixels_in_pixels_out_with_a_vq(model, tmp_path):
     Image.fromarray(mask).save(tmp_path / "mask.png")
     by_file = edit_images(model, vq, out["source"], str(tmp_path / "mask.png"), 2, num=2, steps=2, seed=0, cfg=2.0)
     assert np.array_equal(by_file["edits"], out["edits"])
+    # no label: unconditional edit_tokens of the source's tokens, decoded
+    uncond = edit_images(model, vq, out["source"], "left", None, num=2, steps=2, seed=0)
+    with torch.no_grad():
+        tokens = vq.encode(image_to_tensor(out["source"])).reshape(1, -1).expand(2, -1)
+    keep = np.broadcast_to(token_keep(region_mask("left", 64), 16), (2, N)).copy()
+    edited = edit_tokens(model, tokens, keep, None, steps=2, generator=torch.Generator().manual_seed(0))
+    assert np.array_equal(uncond["edits"], decode_tokens(vq, edited, SamplingConfig()))
 
 
 def test_clear_errors_before_any_work(model, tmp_path):
@@ -121,8 +130,9 @@ def test_clear_errors_before_any_work(model, tmp_path):
         edit_tokens(model, tokens, keep[:, :8], [0, 1], steps=2)
     with pytest.raises(ValueError, match="--label"):
         edit_tokens(model, tokens, keep, [0, 7], steps=2)
-    with pytest.raises(ValueError, match="--steps must be an integer between 1 and the 8"):
-        edit_tokens(model, tokens, keep, [0, 1], steps=9)
+    for steps in (9, 0, None, True):
+        with pytest.raises(ValueError, match="--steps must be an integer between 1 and the 8"):
+            edit_tokens(model, tokens, keep, [0, 1], steps=steps)
     vq = make_tokenizer("palette", None, {"levels": 4})
     (tmp_path / "bad.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="bad.png"):

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -23,8 +21,10 @@ from lpd.checkpoint import CheckpointError, load_checkpoint, state_dict_digest
 from lpd.models import load_lpd
 from lpd.parallel import full_tensors
 from lpd.sampling import SamplingConfig
+from conftest import run_process
 from lpd.train import build_model, train
-from test_train import ROOT, TINY, Tokens, _released_cache, _torchrun, one_thread, tiny_config  # noqa: F401 (a fixture)
+from test_train import (HELD_MAIN, ROOT, TINY, Tokens, _released_cache, _torchrun, one_thread,  # noqa: F401 (a fixture)
+                        run_preempted, tiny_config)
 
 
 def quiet(msg: str) -> None:
@@ -225,15 +225,16 @@ def _shards(folder) -> dict[str, torch.Tensor]:
     return {f"{n}:{k}": v for n in sorted(os.listdir(folder)) if n.endswith(".safetensors") for k, v in load_file(folder / n).items()}
 
 
+@pytest.mark.timeout(1200)
 def test_torchrun_fsdp_equals_ddp_and_sigterm_resume_is_bit_identical(tmp_path):
     cache = _released_cache(tmp_path / "cache", n=8)  # 2 processes x batch 2: 2 steps per epoch, 6 in all
-    common = [os.path.join(ROOT, "main_train.py"), "--config", TINY, "--use_cached", "--cached_path", str(cache), "--epochs", "3",
+    common = ["--config", TINY, "--use_cached", "--cached_path", str(cache), "--epochs", "3",
               "--batch_size", "2", "--save_every_steps", "2", "--seed", "0", "--lr", "2e-3", "--warmup_epochs", "0",
               "--ema_decay", "0.9", "--num_workers", "0"]
 
     def run(out, *extra):
-        cmd, env = _torchrun([*common, "--output_dir", str(tmp_path / out), *extra])
-        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        cmd, env = _torchrun([os.path.join(ROOT, "main_train.py"), *common, "--output_dir", str(tmp_path / out), *extra])
+        proc = run_process(cmd, 600, env=env, cwd=ROOT)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc
 
@@ -244,19 +245,15 @@ def test_torchrun_fsdp_equals_ddp_and_sigterm_resume_is_bit_identical(tmp_path):
     assert _max_diff(fsdp["model"], ddp["model"]) < 1e-5 and _max_diff(fsdp["model_ema"], ddp["model_ema"]) < 1e-5
     assert _max_diff(fsdp["model"], fsdp["model_ema"]) > 1e-4  # the EMA lags the weights, which moved
 
-    # SIGTERM to torchrun once the first sharded checkpoint exists, then --resume: the same shards, bit for bit.
-    cmd, env = _torchrun([*common, "--output_dir", str(tmp_path / "b"), "--fsdp"])
-    with open(tmp_path / "b.log", "w") as log:
-        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 300
-        while not (tmp_path / "b" / "checkpoint-last").exists():
-            assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=300)
-    assert "preempted: saved" in (tmp_path / "b.log").read_text(), (tmp_path / "b.log").read_text()[-3000:]
+    # SIGTERM to torchrun once the first sharded checkpoint exists (the run held there), then --resume:
+    # the same shards, bit for bit.
+    held = tmp_path / "held.py"
+    held.write_text(HELD_MAIN.format(root=ROOT, held=str(tmp_path / "b.held")))
+    cmd, env = _torchrun([str(held), *common, "--output_dir", str(tmp_path / "b"), "--fsdp"])
+    text = run_preempted(cmd, env, tmp_path, "b")
+    assert "preempted: saved" in text, text[-3000:]
     stopped = load_checkpoint(tmp_path / "b" / "checkpoint-last")
-    assert 2 <= stopped["global_step"] < 6, "the run was not interrupted mid-way"
+    assert stopped["global_step"] == 3, "the run was not stopped one step after its first checkpoint"
     resumed = run("b", "--fsdp", "--resume", str(tmp_path / "b"))
     assert f"resumed from {tmp_path / 'b' / 'checkpoint-last'}" in resumed.stdout
     a, b = _shards(tmp_path / "fsdp" / "checkpoint-last"), _shards(tmp_path / "b" / "checkpoint-last")

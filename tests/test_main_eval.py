@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -24,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import main_eval  # noqa: E402
+from conftest import run_process  # noqa: E402
 from lpd.checkpoint import CheckpointError  # noqa: E402
 from lpd.evaluate import EvaluationError, read_png  # noqa: E402
 from lpd.models import LPD, LPDConfig  # noqa: E402
@@ -84,12 +84,13 @@ def test_single_process_writes_the_run_folder(single):
     assert m == json.loads(json.dumps(record, default=str))  # metrics.json is the record returned
 
 
+@pytest.mark.timeout(900)
 def test_torchrun_two_processes_write_the_same_bytes(single, tmp_path):
     _, _, pngs = single
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "main_eval.py"), *TINY, "--output_dir", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_process(cmd, 600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = tmp_path / RUN
     assert png_bytes(str(run_dir / "images")) == pngs

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from lpd.evaluate import generate_images
-from lpd.models import LPD, LPDConfig
+from lpd.models import LPD, LPDConfig, build_lpd
 from lpd.pipeline import PAPER_SETTINGS, LPDPipeline, main, paper_settings
 from lpd.tokenizer import make_tokenizer
 
@@ -175,3 +175,98 @@ def test_the_command_line_never_writes_over_a_file_lpd_did_not_write(tmp_path, m
                  "--overwrite"]) == 2
     assert "is also --pretrained_ckpt" in capsys.readouterr().err
     assert (tmp_path / "photo.png").read_bytes() == before
+
+
+def test_inpaint_and_outpaint_edit_with_the_pipeline_settings(pipe):
+    from lpd.editing import edit_images
+    from lpd.sampling import SamplingConfig
+
+    image = (np.arange(64 * 64 * 3) % 251).astype(np.uint8).reshape(64, 64, 3)
+    ours = SamplingConfig(cfg=2.0, top_k=1, repulsion_threshold=2.0)  # as given; τr 2 on a 4 x 4 grid
+    got = pipe.inpaint(image, "bottom", 3, steps=4, num=2, seed=1, cfg=2.0, top_k=1)
+    want = edit_images(pipe.model, pipe.tokenizer, image, "bottom", 3, steps=4, num=2, seed=1, sampling=ours)
+    assert all(np.array_equal(got[k], want[k]) for k in ("source", "masked", "edits"))
+    plain = edit_images(pipe.model, pipe.tokenizer, image, "bottom", 3, steps=4, num=2, seed=1)
+    assert not np.array_equal(got["edits"], plain["edits"])  # the settings matter
+    out = pipe.outpaint(image, 3, steps=4, seed=1, cfg=2.0, top_k=1)  # the default region: a border of a quarter
+    want = edit_images(pipe.model, pipe.tokenizer, image, "border:16", 3, steps=4, seed=1, sampling=ours)
+    assert np.array_equal(out["edits"], want["edits"]) and np.array_equal(out["masked"], want["masked"])
+    with pytest.raises(ValueError, match="pass cfg="):
+        pipe.inpaint(image, "center", 3)
+
+
+def _export(tmp_path, name, **train_args):
+    """An lpd export of a 16-token model trained with the tokenizer ``train_args`` describe."""
+    from lpd.checkpoint import export, save_checkpoint
+    from lpd.train import TrainConfig
+
+    model = build_lpd(img_size=64, embed_dim=32, depth=1, num_heads=2, vocab_size=64, class_num=10)
+    model.initialize_weights(torch.Generator().manual_seed(0))
+    args = TrainConfig(model=None, img_size=64, model_config=model.config.to_dict(), **train_args).to_dict()
+    save_checkpoint({"model": model.state_dict(), "model_config": model.config.to_dict(), "args": args, "epoch": 0, "step": 0,
+                     "global_step": 1},
+                    tmp_path / f"{name}.pth")
+    export(str(tmp_path / f"{name}.pth"), str(tmp_path / name))
+    return model, str(tmp_path / name)
+
+
+def test_from_pretrained_builds_the_tokenizer_the_export_names(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # and an empty cache
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    model, folder = _export(tmp_path, "palette", tokenizer="palette", vq_config={"levels": 64})
+    pipe = LPDPipeline.from_pretrained(folder, device="cpu")
+    ref = LPDPipeline(model, make_tokenizer("palette", None, {"levels": 64}))
+    kw = dict(group_sizes=[1, 3, 5, 7], cfg=2.0, seed=3)
+    assert type(pipe.tokenizer) is type(ref.tokenizer) and np.array_equal(pipe([1, 2], **kw), ref([1, 2], **kw))
+    _, folder = _export(tmp_path, "file", vqgan_path=str(tmp_path / "my_vq.pt"))  # trained with a tokenizer file
+    with pytest.raises(ValueError, match="my_vq.pt; pass its path with vqgan_path="):
+        LPDPipeline.from_pretrained(folder, device="cpu")
+    _, folder = _export(tmp_path, "released")  # the released VQ: from the Hub
+    with pytest.raises(FileNotFoundError, match="vq_ds16_c2i.pt"):
+        LPDPipeline.from_pretrained(folder, device="cpu")
+
+
+def test_inpaint_of_a_released_model_takes_the_paper_20_step_settings(monkeypatch):
+    import lpd.editing
+    from lpd.sampling import SamplingConfig
+
+    seen = []
+    monkeypatch.setattr(lpd.editing, "edit_images", lambda *a, **k: seen.append(k["sampling"]))
+    pipe = LPDPipeline(build_lpd(img_size=256, embed_dim=32, depth=1, num_heads=2), None, name="lpd_l")
+    pipe.inpaint(None, "center", 3, steps=4)
+    pipe.outpaint(None, 3, top_k=5)
+    assert seen == [SamplingConfig(cfg=4.8, repulsion_threshold=2.0), SamplingConfig(cfg=4.8, repulsion_threshold=2.0, top_k=5)]
+
+
+def test_the_command_line_writes_the_grid_of_its_labels(pipe, tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def from_pretrained(cls, model, img_size, **kw):
+        calls.append((model, img_size, kw))
+        return pipe
+
+    monkeypatch.setattr(LPDPipeline, "from_pretrained", classmethod(from_pretrained))
+    common = ["--group_sizes", "[4]*4", "--cfg", "2.0", "--device", "cpu"]
+    assert main(["--model", "lpd_xl", "--img_size", "512", "--labels", "3, 1,4,", "--seed", "5", "--pretrained_ckpt", "ck.pth",
+                 "--vqgan_path", "vq.pt", "--output", str(tmp_path / "a.png"), *common]) == 0
+    assert calls == [("lpd_xl", 512, dict(checkpoint="ck.pth", vqgan_path="vq.pt", device="cpu"))]
+    assert "wrote 3 images (lpd_tiny, 64 px, classes [3, 1, 4], cfg 2" in capsys.readouterr().out
+    pipe.save_grid(pipe([3, 1, 4], group_sizes="[4]*4", cfg=2.0, seed=5), tmp_path / "want_a.png")
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "want_a.png").read_bytes()
+    assert main(["--output", str(tmp_path / "b.png"), *common]) == 0  # the README's eight classes, seed 0
+    pipe.save_grid(pipe([207, 360, 387, 974, 88, 979, 417, 279], group_sizes="[4]*4", cfg=2.0), tmp_path / "want_b.png")
+    assert (tmp_path / "b.png").read_bytes() == (tmp_path / "want_b.png").read_bytes()
+    assert calls[1][:2] == (None, None)  # from_pretrained's defaults: lpd_l at 256 px
+
+
+def test_python_m_lpd_pipeline_runs_the_command_line(tmp_path):
+    import sys
+
+    from conftest import run_process
+
+    env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
+    proc = run_process([sys.executable, "-m", "lpd.pipeline", "--device", "cpu", "--output", str(tmp_path / "s.png")], 300,
+                       env=env, cwd=str(tmp_path))
+    assert proc.returncode == 2 and proc.stderr.startswith("error:") and "mit-han-lab/lpd_l_256" in proc.stderr

@@ -203,3 +203,44 @@ def test_model_mode_is_restored():
     _, labels, orders = random_inputs(model, 1, seed=0)
     sample_tokens(model, labels, orders, [16], greedy=True)
     assert model.training
+
+
+def test_sampling_flags_parse_into_the_config():
+    import argparse
+
+    from lpd.sampling import SamplingConfig, add_sampling_args, sampling_from_args
+
+    p = argparse.ArgumentParser()
+    add_sampling_args(p)
+    assert sampling_from_args(p.parse_args([])) == SamplingConfig()
+    argv = ("--cfg 4.5 --cfg_schedule constant --temperature 0.5 --top_k 7 --top_p 0.9 --order random "
+            "--proximity_threshold 2.5 --repulsion_threshold 3.0 --bf16 --decode_fp32").split()
+    assert sampling_from_args(p.parse_args(argv)) == SamplingConfig(
+        cfg=4.5, cfg_schedule="constant", temperature=0.5, top_k=7, top_p=0.9, order="random",
+        proximity_threshold=2.5, repulsion_threshold=3.0, bf16=True, decode_fp32=True)
+    assert sampling_from_args(p.parse_args(["--order", "raster", "--no-bf16"])).order == "raster"
+    for bad in (["--order", "spiral"], ["--cfg_schedule", "cosine"], ["--top_k", "1.5"], ["--cfg", "x"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(bad)
+    help_text = " ".join(p.format_help().split())
+    for text in ("tau_r: 2 for the released 256 px settings", "linear or constant", "decode the VQ in float32"):
+        assert text in help_text
+    # defaults: a config, or changes to the defaults (None: decided later); excluded flags are absent
+    q = argparse.ArgumentParser()
+    add_sampling_args(q, SamplingConfig(cfg=3.0, order="raster"))
+    assert sampling_from_args(q.parse_args([])) == SamplingConfig(cfg=3.0, order="raster")
+    r = argparse.ArgumentParser()
+    add_sampling_args(r, {"cfg": None}, exclude=("bf16",))
+    args = r.parse_args([])
+    assert args.cfg is None and args.order == "lpd" and not hasattr(args, "bf16")
+    with pytest.raises(SystemExit):
+        r.parse_args(["--bf16"])
+    assert sampling_from_args({"cfg": 2.0, "seed": 5}, top_k=3) == SamplingConfig(cfg=2.0, top_k=3)
+
+
+def test_a_target_at_the_total_mass_takes_the_last_token_with_probability():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 5.0, 1.0, -1.0]])
+    u = torch.ones(2)  # the largest target: rounding can put it at the total
+    assert filter_and_sample(logits, u, 1.0, 2, 1.0).tolist() == [3, 2]  # top-2: the last kept token
+    assert filter_and_sample(logits, u, 1.0, 0, 1.0).tolist() == [3, 3]
+    assert filter_and_sample(logits, u, 1.0, 0, 0.5).tolist() == [3, 1]  # top-p keeps [3] and [1]

@@ -20,13 +20,6 @@ def parity() -> dict:
     return torch.load(FIXTURES / "vq_parity_tiny.pt", weights_only=True)
 
 
-@pytest.fixture(scope="module")
-def tiny_vq(parity: dict) -> VQModel:
-    vq = build_vq(**parity["config"])
-    vq.load_state_dict(parity["state_dict"], strict=True)
-    return vq.eval()
-
-
 # ---------------------------------------------------------------------------------------- parity
 def test_encode_matches_reference_indices(tiny_vq: VQModel, parity: dict) -> None:
     idx = tiny_vq.encode(parity["image"])

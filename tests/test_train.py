@@ -21,11 +21,13 @@ import torch
 from PIL import Image
 
 import main_train
+from conftest import background, run_process, wait_for_file
 from lpd.checkpoint import CheckpointError, interpolate_pos_embed, load_checkpoint, save_checkpoint
 from lpd.models import load_lpd
 from lpd.schedules import training_schedules
 from lpd.sampling import SamplingConfig
-from lpd.train import NonFiniteLossError, TrainConfig, build_model, lr_at, parse_schedule_list, train
+from lpd.train import (EpochBatchSampler, NonFiniteLossError, TrainConfig, build_model, lr_at, parse_schedule_list,
+                       train)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -80,6 +82,38 @@ def test_lr_schedule_key_epochs():
     assert math.isclose(f(450, "cosine"), 1e-5)
     with pytest.raises(ValueError, match="unknown lr schedule"):
         f(1, "linear")
+
+
+def test_lr_defaults_are_a_cosine_to_zero_from_the_start():
+    assert [lr_at(e, 1.0, epochs=10) for e in (0, 5, 10, 12)] == [1.0, pytest.approx(0.5), pytest.approx(0.0), pytest.approx(0.0)]
+
+
+def test_training_lr_is_blr_scaled_then_warmup_and_cosine_to_min_lr(tmp_path, one_thread):
+    import json
+
+    cfg = tiny_config(tmp_path, epochs=3, lr=None, blr=0.5, min_lr=1e-4, lr_schedule="cosine", warmup_epochs=1, log_freq=1)
+    train(cfg, dataset=Tokens(8, 16), log=lambda m: None)  # 2 steps per epoch, at epochs 0, 0.5, ..., 2.5
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "out" / "log.txt").read_text().splitlines()]
+    base = 0.5 * 4 / 256  # blr x global batch / 256
+    want = [base * e if e < 1 else 1e-4 + (base - 1e-4) * 0.5 * (1 + math.cos(math.pi * (e - 1) / 2))
+            for e in (0, 0.5, 1, 1.5, 2, 2.5)]
+    assert logged == pytest.approx(want, rel=1e-9)
+
+
+def test_epoch_batches_deal_one_padded_permutation_round_robin():
+    one = EpochBatchSampler(10, 4, seed=0, epoch=1)  # one process: a permutation, the incomplete batch dropped
+    batches = list(one)
+    assert len(one) == 2 and [len(b) for b in batches] == [4, 4] and len(set(sum(batches, []))) == 8
+    assert sorted(one.indices()) == list(range(10))
+    assert one.indices() == EpochBatchSampler(10, 4, seed=0, epoch=1).indices() != EpochBatchSampler(10, 4, 0, 2).indices()
+    ranks = [EpochBatchSampler(10, 2, seed=0, epoch=1, rank=r, world_size=3) for r in range(3)]
+    dealt = [i for step in zip(*(r.indices() for r in ranks)) for i in step]  # 4 per rank: padded to 12
+    assert sorted(dealt[:10]) == list(range(10)) and dealt[10:] == dealt[:2]
+    assert [list(r) for r in ranks] == [[r.indices()[:2], r.indices()[2:]] for r in ranks]
+    later = EpochBatchSampler(10, 2, seed=0, epoch=1, rank=1, world_size=3, start_step=1)
+    assert len(later) == 1 and list(later) == [ranks[1].indices()[2:]]
+    with pytest.raises(ValueError, match="fewer than one batch of 8"):
+        EpochBatchSampler(10, 8, seed=0, epoch=0, world_size=2)
 
 
 def test_released_flag_names_parse(tmp_path):
@@ -164,6 +198,7 @@ def test_evaluation_during_training_runs_cfg_1_then_cfg_like_the_released_loop(t
     cfg = tiny_config(tmp_path, epochs=2, eval_freq=2, eval_num_images=4, eval_bsz=2, sampling=SamplingConfig(cfg=2.0),
                       eval_group_sizes="[1, 3, 5, 7]", vq_config=vq)
     train(cfg, dataset=Tokens(8, 16), log=logs.append)
+    assert any(m.startswith("model: ") and m.endswith("schedules, one process") for m in logs), logs[:3]
     out = tmp_path / "out"
     for scale, bsz in (("1", 2), ("2", 1)):  # the guided run with half the batch, as released
         run = out / f"eval-epoch1-cfg{scale}"
@@ -317,6 +352,24 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, one_thread, m
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
+def test_dropout_masks_change_from_epoch_to_epoch(tmp_path, one_thread, monkeypatch):
+    from lpd.models import kernels
+
+    masks, real = [], kernels.Dropout.forward
+
+    def forward(self, x):
+        out = real(self, x)
+        if self.training:
+            masks.append(((out == 0) & (x != 0)).flatten())
+        return out
+
+    monkeypatch.setattr(kernels.Dropout, "forward", forward)
+    train(tiny_config(tmp_path, epochs=2, group_sizes_list="[1, 3, 5, 7]"), dataset=Tokens(4, 16), log=lambda m: None)
+    first, second = torch.cat(masks[: len(masks) // 2]), torch.cat(masks[len(masks) // 2 :])
+    assert abs(first.float().mean().item() - 0.1) < 0.02  # the model's dropout, 0.1
+    assert first.shape == second.shape and not torch.equal(first, second)
+
+
 def test_a_full_disk_while_saving_keeps_the_last_checkpoint_and_says_so(tmp_path, one_thread,
                                                                         monkeypatch, capsys):
     cache, out = _released_cache(tmp_path / "cache", n=8), tmp_path / "out"
@@ -458,9 +511,50 @@ DDP_WRAPPER = textwrap.dedent("""
 """)
 
 
+# main_train.py, held at the first step after its first checkpoint until a preemption signal has
+# arrived (it writes the file HELD when it starts waiting): the test's signal cannot race the end of
+# the run, which then stops after exactly one more step.
+HELD_MAIN = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, {root!r})
+    import lpd.train, main_train
+    from lpd.parallel import PreemptionFlag
+
+    out, got = sys.argv[sys.argv.index("--output_dir") + 1], []
+    handler, lr_at = PreemptionFlag._handler, lpd.train.lr_at
+
+    def on_signal(self, *a):
+        got.append(1)
+        handler(self, *a)
+
+    def held_lr_at(*a, **k):
+        if not got and any(os.path.exists(os.path.join(out, n)) for n in ("checkpoint-last.pth", "checkpoint-last")):
+            open({held!r}, "w").close()
+            deadline = time.monotonic() + 300
+            while not got and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return lr_at(*a, **k)
+
+    PreemptionFlag._handler, lpd.train.lr_at = on_signal, held_lr_at
+    sys.exit(main_train.main(sys.argv[1:]))
+""")
+
+
 def _torchrun(args, nproc=2):
+    """torchrun --standalone: its rendezvous binds port 0, so the OS gives it a free port."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *args], env
+
+
+def run_preempted(cmd, env, tmp_path, name):
+    """Run ``cmd`` (a HELD_MAIN run) in the background, SIGTERM torchrun once the run is held, and
+    return its log; the process group never outlives the test."""
+    with open(tmp_path / f"{name}.log", "w") as log, background(cmd, env=env, cwd=ROOT, stdout=log,
+                                                                 stderr=subprocess.STDOUT, text=True) as proc:
+        wait_for_file(tmp_path / f"{name}.held", proc, 300, "the first checkpoint")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=300)
+    return (tmp_path / f"{name}.log").read_text()
 
 
 # 2 processes as in the issue; LPD_SLOW_TESTS=1 adds 3, where the all-reduce summation order depends
@@ -468,6 +562,7 @@ def _torchrun(args, nproc=2):
 NPROCS = [2, 3] if os.environ.get("LPD_SLOW_TESTS") else [2]
 
 
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize("nproc", NPROCS)
 def test_torchrun_ranks_identical_and_sigterm_resume_bit_identical(tmp_path, nproc):
     cache = _released_cache(tmp_path / "cache", n=8 * nproc)  # 2 steps per epoch, 6 in all
@@ -481,7 +576,7 @@ def test_torchrun_ranks_identical_and_sigterm_resume_bit_identical(tmp_path, npr
     wrapper.write_text(DDP_WRAPPER.format(root=ROOT))
     out_a = tmp_path / "A"
     cmd, env = _torchrun([str(wrapper), *common, "--output_dir", str(out_a), "--num_workers", "0"], nproc)
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = run_process(cmd, 600, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, *others = (torch.load(out_a / f"rank{r}.pt", weights_only=True) for r in range(nproc))
     assert all(torch.equal(r0[k], r[k]) for r in others for k in r0), "DDP replicas diverged"
@@ -494,23 +589,17 @@ def test_torchrun_ranks_identical_and_sigterm_resume_bit_identical(tmp_path, npr
     want = [1e-4 * 4 * nproc / 256 * (e + 0.5) / 50 for e in range(3)]
     assert lrs == pytest.approx(want, rel=1e-12)
 
-    # B: the issue's command, SIGTERM to torchrun once the first checkpoint exists, then --resume.
+    # B: main_train.py (held once its first checkpoint exists), SIGTERM to torchrun, then --resume.
     out_b = tmp_path / "B"
-    cmd, env = _torchrun([os.path.join(ROOT, "main_train.py"), *common, "--output_dir", str(out_b)], nproc)
-    log_b = open(tmp_path / "B1.log", "w")
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log_b, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while not (out_b / "checkpoint-last.pth").exists():
-        assert proc.poll() is None and time.time() < deadline, "run B ended before its first checkpoint"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=300)
-    log_b.close()
-    text = (tmp_path / "B1.log").read_text()
+    held = tmp_path / "wrapper_held.py"
+    held.write_text(HELD_MAIN.format(root=ROOT, held=str(tmp_path / "B1.held")))
+    cmd, env = _torchrun([str(held), *common, "--output_dir", str(out_b)], nproc)
+    text = run_preempted(cmd, env, tmp_path, "B1")
     stopped = load_checkpoint(out_b / "checkpoint-last.pth")
     assert "preempted: saved" in text, text[-3000:]
-    assert 2 <= stopped["global_step"] < 6, "the run was not interrupted mid-way"
-    proc = subprocess.run(cmd + ["--resume", str(out_b)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert stopped["global_step"] == 3, "the run was not stopped one step after its first checkpoint"
+    cmd, env = _torchrun([os.path.join(ROOT, "main_train.py"), *common, "--output_dir", str(out_b)], nproc)
+    proc = run_process(cmd + ["--resume", str(out_b)], 600, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"resumed from {out_b / 'checkpoint-last.pth'}" in proc.stdout
     final_b = load_checkpoint(out_b / "checkpoint-last.pth")
@@ -555,6 +644,7 @@ def test_slurm_job_builds_without_a_cluster(tmp_path, capsys):
     assert launcher.command()[-2:] == ["--resume", str(out)]
 
 
+@pytest.mark.timeout(600)
 def test_slurm_local_executor_exports_torch_distributed_env(tmp_path):
     entry = tmp_path / "entry.py"
     entry.write_text(textwrap.dedent("""
@@ -568,7 +658,7 @@ def test_slurm_local_executor_exports_torch_distributed_env(tmp_path):
     os.makedirs(out)
     cmd = [PY, os.path.join(ROOT, "scripts", "slurm.py"), "--cluster", "local", "--gpus_per_node", "0",
            "--tasks_per_node", "2", "--job_dir", str(tmp_path / "jobs" / "%j"), "--", str(entry), "--output_dir", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    proc = run_process(cmd, 300, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     import json
 
@@ -587,10 +677,10 @@ def test_slurm_checkpoint_asks_training_to_save_and_requeues(tmp_path):
         time.sleep(60)
     """))
     launcher = slurm.Launcher(str(child), ["--output_dir", str(tmp_path)], grace_s=30)
-    launcher._proc = subprocess.Popen([PY, str(child)], stdout=subprocess.PIPE, text=True)
-    assert launcher._proc.stdout.readline().strip() == "ready"
-    delayed = launcher.checkpoint()
-    assert launcher._proc.returncode == 75
+    with background([PY, str(child)], stdout=subprocess.PIPE, text=True) as launcher._proc:
+        assert launcher._proc.stdout.readline().strip() == "ready"
+        delayed = launcher.checkpoint()
+        assert launcher._proc.returncode == 75
     assert isinstance(delayed.function, slurm.Launcher) and delayed.function._proc is None
     assert delayed.function.args == launcher.args
 
