@@ -314,6 +314,7 @@ class Decoder:
                     m.decode_step(ctx, cache, plan.pos[0], masks[0], 1)
                 buffer = queries.new_zeros(c * B * max(len(p) for p in plan.pos) * D)
                 tokens = torch.empty(B, n, dtype=torch.long, device=device)
+            prev = None  # the previous step's tokens: context rows of the next
             for k, (first, last) in enumerate(plan.spans):
                 i, g = k + plan.prefill, last - first
                 with torch.no_grad(), self._amp():

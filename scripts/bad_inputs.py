@@ -153,9 +153,6 @@ CASES = {
     "torchrun --nproc_per_node 2 main_train.py": [
         (cache("npz", "t9"), "truncated cache .npz on one of two processes"),
     ],
-    "-m lpd.checkpoint": [
-        (["consolidate", T, f"{T}/c.pth"], "consolidate a folder that is not a run"),
-    ],
     "main_cache.py": [
         (["--config", "configs/tiny.yaml", "--data_path", f"{T}/imgs", "--cached_path", f"{T}/c", "--img_size", "0"], "img_size 0"),
         (["--config", "configs/tiny.yaml", "--data_path", f"{T}/imgs", "--cached_path", f"{T}/c", "--shard_size", "-5"], "shard_size -5"),
@@ -177,6 +174,7 @@ CASES = {
         (["export", f"{T}/run/checkpoint-last.pth", f"{T}/sched", "--overwrite"], "export into a folder of other files",
          [f"{T}/sched/group_sizes_lookup.json"]),
         (["consolidate", f"{T}/nope", f"{T}/x.pth"], "not a run folder"),
+        (["consolidate", T, f"{T}/c.pth"], "consolidate a folder that is not a run"),
     ],
     "-m lpd.schedules": [
         (["--help"], "--help (made a folder '--help/')"),

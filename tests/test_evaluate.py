@@ -321,12 +321,11 @@ def test_a_tokenizer_of_another_stride_or_statistics_of_another_width_fail_befor
 
     monkeypatch.setattr(E, "sample_batch", lambda *a, **k: pytest.fail("an image was sampled"))
 
-    class HalfStride(BlockTokenizer):
-        downsample_factor = PATCH // 2  # decodes the 4x4 grid into 8 px images, not the model's 16
-
-    with pytest.raises(E.EvaluationError, match=r"4x4 tokens into 8 px images, not the model's 16 px.*--vqgan_path"):
-        E.evaluate(model, HalfStride(), 4, SIZES, SAMPLING, output_dir=tmp_path / "run", compute_fid=False, **RUN)
+    monkeypatch.setattr(tokenizer, "downsample_factor", PATCH // 2)  # 4x4 tokens into 32 px images, not 64
+    with pytest.raises(E.EvaluationError, match=r"4x4 tokens into 32 px images, not the model's 64 px.*--vqgan_path"):
+        E.evaluate(model, tokenizer, 4, SIZES, SAMPLING, output_dir=tmp_path / "run", compute_fid=False, **RUN)
     assert not (tmp_path / "run").exists()
+    tokenizer.downsample_factor = PATCH
     M.save_statistics(tmp_path / "ref.npz", np.zeros(2048), np.eye(2048))  # Inception's width; the extractor gives 12
     with pytest.raises(E.EvaluationError, match=r"ref\.npz are of 2048-d features, the feature extractor gives 12-d"):
         E.evaluate(model, tokenizer, 4, SIZES, SAMPLING, output_dir=tmp_path / "run2",

@@ -32,7 +32,7 @@ def quiet(msg: str) -> None:
 
 
 @pytest.fixture()
-def fsdp_group(one_thread):
+def fsdp_group(one_thread):  # noqa: F811 - the imported fixture
     """One thread, and no process group left behind by a one-process FSDP run."""
     yield
     if dist.is_initialized():
