@@ -53,7 +53,10 @@ def run_case(case: str, reps: int) -> dict:
         model.eval()
 
         def call() -> None:
-            sample_tokens(model, labels, orders, sizes, cfg=4.0, generator=torch.Generator().manual_seed(2))
+            sample_tokens(
+                model, labels, orders, sizes, cfg=4.0, generator=torch.Generator().manual_seed(2)
+            )
+
     call()
     times = []
     for _ in range(reps):
@@ -67,7 +70,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--before", required=True, help="root of the first checkout (A)")
     p.add_argument("--after", default=".", help="root of the second checkout (B)")
-    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    p.add_argument(
+        "--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}"
+    )
     p.add_argument("--pairs", type=int, default=5)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--output_json", default=None)
@@ -82,16 +87,32 @@ def main() -> int:
         for _ in range(args.pairs):
             for tag, root in (("before", args.before), ("after", args.after)):
                 env = dict(os.environ, PYTHONPATH=os.path.abspath(root), OMP_NUM_THREADS="1")
-                cmd = [sys.executable, os.path.abspath(__file__), "--before", ".", "--_case", case, "--reps", str(args.reps)]
+                cmd = [
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    "--before",
+                    ".",
+                    "--_case",
+                    case,
+                    "--reps",
+                    str(args.reps),
+                ]
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd="/")
                 if proc.returncode:
                     raise SystemExit(f"{tag} ({root}) failed on {case}: {proc.stderr[-2000:]}")
                 res[tag].append(json.loads(proc.stdout.strip().splitlines()[-1])["median_cpu_s"])
         ratio = statistics.median(b / a for a, b in zip(res["before"], res["after"]))
-        out[case] = {"before_s": statistics.median(res["before"]), "after_s": statistics.median(res["after"]),
-                     "after_over_before": ratio, **res}
-        print(f"{case}: before {out[case]['before_s']:.3f} s, after {out[case]['after_s']:.3f} s, "
-              f"after/before {ratio:.3f} (median of {args.pairs} pairs)", flush=True)
+        out[case] = {
+            "before_s": statistics.median(res["before"]),
+            "after_s": statistics.median(res["after"]),
+            "after_over_before": ratio,
+            **res,
+        }
+        print(
+            f"{case}: before {out[case]['before_s']:.3f} s, after {out[case]['after_s']:.3f} s, "
+            f"after/before {ratio:.3f} (median of {args.pairs} pairs)",
+            flush=True,
+        )
     if args.output_json:
         with open(args.output_json, "w", encoding="utf-8") as f:
             json.dump(out, f, indent=1)

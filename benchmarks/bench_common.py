@@ -21,8 +21,9 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -72,8 +73,13 @@ def parse_switch(text: str) -> list[bool]:
     return out
 
 
-def build_model(name: str, img_size: int, device: torch.device, seed: int = 0,
-                models: dict[str, dict[str, Any]] = MODELS) -> LPD:
+def build_model(
+    name: str,
+    img_size: int,
+    device: torch.device,
+    seed: int = 0,
+    models: dict[str, dict[str, Any]] = MODELS,
+) -> LPD:
     """A benchmark model ``models[name]`` with random weights that depend only on ``seed`` (and
     the device's generator: it is initialised where it runs), in eval mode."""
     if name not in models:
@@ -100,8 +106,13 @@ def time_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, float
     return time.perf_counter() - w0, time.process_time() - c0
 
 
-def event_times(fn: Callable[[], Any], device: torch.device, warmup: int, reps: int,
-                max_seconds: float = math.inf) -> list[float]:
+def event_times(
+    fn: Callable[[], Any],
+    device: torch.device,
+    warmup: int,
+    reps: int,
+    max_seconds: float = math.inf,
+) -> list[float]:
     """Seconds of each call of ``fn`` after ``warmup`` calls, each call on its own: CUDA events
     on CUDA, ``perf_counter`` elsewhere. Stops after ``reps`` calls or, past the first, ``max_seconds``."""
     for _ in range(warmup):
@@ -186,7 +197,7 @@ class PeakMemory:
         self.interval = interval
         self.peak_bytes: int | None = None
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -238,7 +249,9 @@ def host_info(device: torch.device) -> dict[str, Any]:
         pass
     from lpd.devices import cpu_has_native_bf16
 
-    info["native_bf16"] = cpu_has_native_bf16()  # without it oneDNN emulates bf16 (slower than fp32)
+    info["native_bf16"] = (
+        cpu_has_native_bf16()
+    )  # without it oneDNN emulates bf16 (slower than fp32)
     if hasattr(os, "getloadavg"):
         info["load_average"] = [round(v, 2) for v in os.getloadavg()]
     if device.type == "cuda":
@@ -253,8 +266,10 @@ def describe_host(info: dict[str, Any]) -> str:
     bf16 = info.get("native_bf16")
     return (
         f"{info['device']}: {dev}; {info['cpu_count']} CPU cores, {info['threads']} torch threads, "
-        f"{info['cpu_capability']}" + ("" if bf16 is None else f" ({'with' if bf16 else 'without'} native bf16)")
-        + f"; torch {info['torch']}" + (f"; load average {load}" if load else "")
+        f"{info['cpu_capability']}"
+        + ("" if bf16 is None else f" ({'with' if bf16 else 'without'} native bf16)")
+        + f"; torch {info['torch']}"
+        + (f"; load average {load}" if load else "")
     )
 
 

@@ -88,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     k, n = args.in_features, args.out_features
     results = []
     names = ["fp32", "fp32 packed", "bf16", "bf16 autocast"]
-    print(f"{'rows':>5} " + " ".join(f"{m:>14}" for m in names) + f" {'bf16/fp32':>10}   (GFLOP/s, {k} -> {n})")
+    print(
+        f"{'rows':>5} "
+        + " ".join(f"{m:>14}" for m in names)
+        + f" {'bf16/fp32':>10}   (GFLOP/s, {k} -> {n})"
+    )
     with torch.no_grad():
         for m in rows:
             x32 = torch.randn(m, k, device=device)
@@ -107,12 +111,18 @@ def main(argv: list[str] | None = None) -> int:
                 row["bf16 autocast"] = gflops(lambda: layer(x32), flops, device, args.min_seconds)
             row["bf16/fp32"] = row["bf16"] / max(row["fp32"], row["fp32 packed"])
             results.append(row)
-            print(f"{m:>5} " + " ".join(f"{row[name]:>14.1f}" for name in names) + f" {row['bf16/fp32']:>10.2f}")
+            print(
+                f"{m:>5} "
+                + " ".join(f"{row[name]:>14.1f}" for name in names)
+                + f" {row['bf16/fp32']:>10.2f}"
+            )
 
     ratios = sorted(r["bf16/fp32"] for r in results)
     median = ratios[len(ratios) // 2]
-    print(f"bf16 / fastest fp32: median {median:.2f}x over these row counts (range {ratios[0]:.2f}-{ratios[-1]:.2f})"
-          + (" -- bf16 cannot speed up decoding on this device" if median < 1 else ""))
+    print(
+        f"bf16 / fastest fp32: median {median:.2f}x over these row counts (range {ratios[0]:.2f}-{ratios[-1]:.2f})"
+        + (" -- bf16 cannot speed up decoding on this device" if median < 1 else "")
+    )
     if args.output_json:
         out = {"host": info, "in_features": k, "out_features": n, "results": results}
         text = json.dumps(out, indent=2).encode()
@@ -120,10 +130,19 @@ def main(argv: list[str] | None = None) -> int:
         from lpd.plotting import line_chart
 
         png = os.path.splitext(args.output_json)[0] + ".png"
-        line_chart(png, [{"series": {name: [(r["rows"], r[name]) for r in results] for name in names},
-                          "title": f"linear {k} -> {n}: GFLOP/s vs rows", "xlabel": "rows (log)",
-                          "ylabel": "GFLOP/s", "log_x": True}],
-                   title=describe_host(info)[:110])
+        line_chart(
+            png,
+            [
+                {
+                    "series": {name: [(r["rows"], r[name]) for r in results] for name in names},
+                    "title": f"linear {k} -> {n}: GFLOP/s vs rows",
+                    "xlabel": "rows (log)",
+                    "ylabel": "GFLOP/s",
+                    "log_x": True,
+                }
+            ],
+            title=describe_host(info)[:110],
+        )
         print(f"wrote {args.output_json} and {png}")
     return 0
 

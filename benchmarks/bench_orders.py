@@ -35,9 +35,8 @@ import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
-import time  # noqa: E402
-
 import sys  # noqa: E402
+import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -97,7 +96,9 @@ def _half_known(img: int, steps: int) -> tuple[np.ndarray, list[int]]:
 
 def check(num: int) -> None:
     """Check ``num`` orders of each setting against the rules of the plain reference (exit 1 on a break)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    sys.path.insert(
+        0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+    )
     from orders_reference import check_order
 
     for name, img, steps, tr, *_ in SETTINGS:
@@ -110,8 +111,12 @@ def check(num: int) -> None:
                 try:
                     check_order(fast[i], sizes, grid, 1.0, tr, known=known)
                 except AssertionError as e:
-                    raise SystemExit(f"{name}: order {i} breaks the rules (known: {known is not None}): {e}") from None
-    print(f"checked: {num} orders of each setting, without and with the lower half known, follow the rules")
+                    raise SystemExit(
+                        f"{name}: order {i} breaks the rules (known: {known is not None}): {e}"
+                    ) from None
+    print(
+        f"checked: {num} orders of each setting, without and with the lower half known, follow the rules"
+    )
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -132,13 +137,26 @@ def run(args: argparse.Namespace) -> dict:
         box: dict = {}
 
         def gen() -> None:
-            box["orders"] = lpd_orders(num, sizes, grid, 1.0, tr, seed=args.seed, batch_size=args.batch_size)
+            box["orders"] = lpd_orders(
+                num, sizes, grid, 1.0, tr, seed=args.seed, batch_size=args.batch_size
+            )
 
         cpu, wall = _time(gen, args.repeats)
         ms = min(cpu) / num * 1e3
         known, half_sizes = _half_known(img, steps)
-        cpu_known, _ = _time(lambda: lpd_orders(num, half_sizes, grid, 1.0, tr, seed=args.seed,
-                                                batch_size=args.batch_size, known=known), args.repeats)
+        cpu_known, _ = _time(
+            lambda: lpd_orders(
+                num,
+                half_sizes,
+                grid,
+                1.0,
+                tr,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                known=known,
+            ),
+            args.repeats,
+        )
         stats = order_statistics(box["orders"], sizes, grid, tr)
         entry = {
             "setting": name,
@@ -181,12 +199,17 @@ def report(result: dict) -> str:
         lines.append(
             f"{e['setting']:<16}{e['num_orders']:>8}{e['orders_per_second']:>10.0f}"
             f"{e['ms_per_order']:>10.3f}{e['ms_per_order_wall']:>8.3f}{e['goal_ms_per_order']:>7.2f}"
-            + (f"{met:>5}{e['released_ms_per_order']:>8.0f}ms{e['speedup_vs_released']:>9.0f}x"
-               if e["released_ms_per_order"] else f"{met:>5}{'-':>10}{'-':>10}")
+            + (
+                f"{met:>5}{e['released_ms_per_order']:>8.0f}ms{e['speedup_vs_released']:>9.0f}x"
+                if e["released_ms_per_order"]
+                else f"{met:>5}{'-':>10}{'-':>10}"
+            )
         )
     for e in result["settings"]:
-        lines.append(f"{e['setting']:<16} lower half known (zero-shot editing): "
-                     f"{e['ms_per_order_half_known']:.3f} ms/order")
+        lines.append(
+            f"{e['setting']:<16} lower half known (zero-shot editing): "
+            f"{e['ms_per_order_half_known']:.3f} ms/order"
+        )
 
     def goal_x(e: dict) -> float:
         return e["released_ms_per_order"] / e["goal_ms_per_order"]
@@ -199,21 +222,28 @@ def report(result: dict) -> str:
             f"{e['speedup_vs_released_measured']:.0f}x on this machine now (goal "
             f"{goal_x(e):.0f}x: {'met' if e['speedup_vs_released_measured'] >= goal_x(e) else 'not met'})"
         )
-    lines += ["", f"{'statistics':<40}{'context support':>16}{'group spread':>14}{'close pairs':>13}"]
+    lines += [
+        "",
+        f"{'statistics':<40}{'context support':>16}{'group spread':>14}{'close pairs':>13}",
+    ]
     for e in result["settings"]:
         rows = [("this generator", e["statistics"])]
         if e["released_statistics"]:
             rows.append(("released generator", e["released_statistics"]))
         if "random_statistics" in e:
-            rows += [("random orders (this)", e["random_statistics"]),
-                     ("random orders (released)", e["released_random_statistics"])]
+            rows += [
+                ("random orders (this)", e["random_statistics"]),
+                ("random orders (released)", e["released_random_statistics"]),
+            ]
         for label, st in rows:
             lines.append(
                 f"{e['setting'] + ' ' + label:<40}{st['context_support']:>16.3f}"
                 f"{st['group_spread']:>14.3f}{st['close_pairs']:>13.3f}"
             )
     lines.append("")
-    lines.append("ms/order: best CPU time of the repeats / number of orders (one process on one core);")
+    lines.append(
+        "ms/order: best CPU time of the repeats / number of orders (one process on one core);"
+    )
     lines.append("wall: best wall-clock time / orders; met: ms/order <= goal.")
     return "\n".join(lines)
 
@@ -240,15 +270,17 @@ def bar_chart(result: dict, path: str) -> None:
     for e10 in range(int(lo), int(hi) + 1):
         yy = y(10.0**e10)
         d.line((left, yy, w - 20, yy), fill=(225, 225, 225))
-        d.text((8, yy - 7), f"{10.0 ** e10:g} ms", font=small, fill=(90, 90, 90))
+        d.text((8, yy - 7), f"{10.0**e10:g} ms", font=small, fill=(90, 90, 90))
     groups = result["settings"]
     slot = (w - left - 20) / len(groups)
     for gi, e in enumerate(groups):
         x0 = left + gi * slot + 20
         released = e["released_ms_per_order"]
         bars = [("released", released, (160, 160, 160))] if released else []
-        bars += [("goal", e["goal_ms_per_order"], (120, 170, 230)),
-                ("this", e["ms_per_order"], (235, 100, 20))]
+        bars += [
+            ("goal", e["goal_ms_per_order"], (120, 170, 230)),
+            ("this", e["ms_per_order"], (235, 100, 20)),
+        ]
         bw = (slot - 60) / len(bars)
         for bi, (label, ms, col) in enumerate(bars):
             bx = x0 + bi * (bw + 8)
@@ -265,18 +297,36 @@ def main() -> None:
     p.add_argument("--num_512", type=int, default=400, help="orders timed at 512/48")
     p.add_argument("--num_1024", type=int, default=128, help="orders timed at each 1024 px setting")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (the best counts)")
-    p.add_argument("--batch_size", type=int, default=None,
-                   help="orders generated together (default: automatic)")
+    p.add_argument(
+        "--batch_size",
+        type=int,
+        default=None,
+        help="orders generated together (default: automatic)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cpu", type=int, default=None, help="CPU to pin to (default: the first allowed)")
-    p.add_argument("--output_json", type=str, default=None, help="write the numbers here (+ a .png chart)")
-    p.add_argument("--released_generator", type=str, default=None,
-                   help="optional path to the released generator's Python file (defines "
-                        "lpd_order_schedule(group_sizes, grid_size, proximity_threshold, "
-                        "repulsion_threshold)); it is timed here too, for a same-machine speed-up")
-    p.add_argument("--released_orders", type=int, default=5, help="orders timed with --released_generator")
-    p.add_argument("--check", type=int, default=0,
-                   help="first check this many orders of each setting with tests/orders_reference.py")
+    p.add_argument(
+        "--cpu", type=int, default=None, help="CPU to pin to (default: the first allowed)"
+    )
+    p.add_argument(
+        "--output_json", type=str, default=None, help="write the numbers here (+ a .png chart)"
+    )
+    p.add_argument(
+        "--released_generator",
+        type=str,
+        default=None,
+        help="optional path to the released generator's Python file (defines "
+        "lpd_order_schedule(group_sizes, grid_size, proximity_threshold, "
+        "repulsion_threshold)); it is timed here too, for a same-machine speed-up",
+    )
+    p.add_argument(
+        "--released_orders", type=int, default=5, help="orders timed with --released_generator"
+    )
+    p.add_argument(
+        "--check",
+        type=int,
+        default=0,
+        help="first check this many orders of each setting with tests/orders_reference.py",
+    )
     args = p.parse_args()
     if args.check > 0:
         check(args.check)

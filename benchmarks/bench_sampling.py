@@ -26,7 +26,8 @@ import itertools
 import json
 import os
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -42,13 +43,14 @@ from bench_common import (  # noqa: E402
     interleaved_times,
     load_released,
     pair_ratio,
-    ratio_timer,
     parse_list,
     parse_switch,
+    ratio_timer,
     released_block_causal_mask,
     summarize,
     time_call,
 )
+
 from lpd.sampling import sample_tokens  # noqa: E402
 from lpd.schedules import group_sizes  # noqa: E402
 
@@ -61,7 +63,9 @@ QUOTED_RELEASED = {
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def make_inputs(batch: int, num_tokens: int, class_num: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def make_inputs(
+    batch: int, num_tokens: int, class_num: int, device: torch.device, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Labels ``[B]`` and random orders ``[B, N]`` (fixed by ``seed``)."""
     g = torch.Generator().manual_seed(seed)
     orders = torch.stack([torch.randperm(num_tokens, generator=g) for _ in range(batch)]).to(device)
@@ -86,8 +90,17 @@ def ours_fn(
 
     def run() -> torch.Tensor:
         gen = torch.Generator(device=device).manual_seed(0)
-        tokens = sample_tokens(model, labels, orders, sizes, cfg=cfg, greedy=greedy, generator=gen,
-                               compile=compile_step, autocast_dtype=amp)
+        tokens = sample_tokens(
+            model,
+            labels,
+            orders,
+            sizes,
+            cfg=cfg,
+            greedy=greedy,
+            generator=gen,
+            compile=compile_step,
+            autocast_dtype=amp,
+        )
         if vq is not None:
             G = model.grid_size
             with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -97,22 +110,39 @@ def ours_fn(
     return run
 
 
-def released_fn(released: torch.nn.Module, labels: torch.Tensor, orders: torch.Tensor, sizes: list[int],
-                cfg: float, greedy: bool = False) -> Callable[[], torch.Tensor]:
+def released_fn(
+    released: torch.nn.Module,
+    labels: torch.Tensor,
+    orders: torch.Tensor,
+    sizes: list[int],
+    cfg: float,
+    greedy: bool = False,
+) -> Callable[[], torch.Tensor]:
     """One call of the released sampler as its evaluation loop makes it (no_grad, its slot mask);
     greedy = ``top_k=1``, the released code's way to take the argmax."""
     mask = released_block_causal_mask(sizes, orders.device)
 
     def run() -> torch.Tensor:
         with torch.no_grad():
-            return released.sample_tokens(orders.shape[0], cfg=cfg, cfg_schedule="linear", labels=labels,
-                                          temperature=1.0, attn_mask=mask, top_k=1 if greedy else 0,
-                                          top_p=1.0, group_sizes=list(sizes), orders=orders)
+            return released.sample_tokens(
+                orders.shape[0],
+                cfg=cfg,
+                cfg_schedule="linear",
+                labels=labels,
+                temperature=1.0,
+                attn_mask=mask,
+                top_k=1 if greedy else 0,
+                top_p=1.0,
+                group_sizes=list(sizes),
+                orders=orders,
+            )
 
     return run
 
 
-def measure(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int, memory: bool) -> dict[str, Any]:
+def measure(
+    fn: Callable[[], Any], device: torch.device, reps: int, warmup: int, memory: bool
+) -> dict[str, Any]:
     """First-call time (compilation included), then timed repetitions, then peak memory of one call."""
     first_wall, _ = time_call(fn, device)
     times = interleaved_times({"x": fn}, device, reps=reps, warmup=max(0, warmup - 1))["x"]
@@ -138,21 +168,31 @@ def run_grid(args: argparse.Namespace, device: torch.device) -> list[dict[str, A
         model = build_model(name, args.img_size, device, seed=args.seed)
         released = build_released(released_mod, model) if released_mod is not None else None
         N = model.num_tokens
-        grid = itertools.product(parse_list(args.batch, int), parse_list(args.steps, int), parse_switch(args.cfg),
-                                 parse_list(args.dtype), parse_switch(args.compile), parse_switch(args.vq))
+        grid = itertools.product(
+            parse_list(args.batch, int),
+            parse_list(args.steps, int),
+            parse_switch(args.cfg),
+            parse_list(args.dtype),
+            parse_switch(args.compile),
+            parse_switch(args.vq),
+        )
         for batch, steps, use_cfg, dtype, comp, use_vq in grid:
             sizes = group_sizes(args.img_size, steps)
             labels, orders = make_inputs(batch, N, model.class_num, device, seed=args.seed)
             cfg = args.cfg_scale if use_cfg else 1.0
             fn = ours_fn(model, labels, orders, sizes, cfg, dtype, comp, vq if use_vq else None)
-            rec: dict[str, Any] = dict(model=name, batch=batch, steps=steps, cfg=cfg, dtype=dtype, compile=comp, vq=use_vq)
+            rec: dict[str, Any] = dict(
+                model=name, batch=batch, steps=steps, cfg=cfg, dtype=dtype, compile=comp, vq=use_vq
+            )
             rec.update(measure(fn, device, args.reps, args.warmup, memory=not args.no_memory))
             lat = rec["wall_median_s"]
             rec["images_per_s"] = batch / lat
             rec["tokens_per_s"] = batch * N / lat
             if released is not None and not comp and not use_vq and dtype == "fp32":
                 rfn = released_fn(released, labels, orders, sizes, cfg)
-                t = interleaved_times({"ours": fn, "released": rfn}, device, reps=args.reps, warmup=1)
+                t = interleaved_times(
+                    {"ours": fn, "released": rfn}, device, reps=args.reps, warmup=1
+                )
                 key = ratio_timer(device)
                 rec["released"] = summarize(t["released"])
                 rec["speedup_vs_released"] = pair_ratio(t["released"], t["ours"], key)
@@ -196,20 +236,35 @@ def run_goals(args: argparse.Namespace, device: torch.device) -> list[dict[str, 
         if name not in built:
             built.clear()
             model = build_model(name, args.img_size, device, seed=args.seed)
-            built[name] = (model, build_released(released_mod, model) if released_mod is not None else None)
+            built[name] = (
+                model,
+                build_released(released_mod, model) if released_mod is not None else None,
+            )
         model, released = built[name]
         sizes = group_sizes(args.img_size, steps)
-        labels, orders = make_inputs(batch, model.num_tokens, model.class_num, device, seed=args.seed)
+        labels, orders = make_inputs(
+            batch, model.num_tokens, model.class_num, device, seed=args.seed
+        )
         cfg = args.cfg_scale
         fns = {"ours_fp32": ours_fn(model, labels, orders, sizes, cfg, "fp32", False, None)}
         if name == "L" and steps == 20:
             fns["ours_bf16"] = ours_fn(model, labels, orders, sizes, cfg, "bf16", False, None)
         if released is not None:
             fns["released_fp32"] = released_fn(released, labels, orders, sizes, cfg)
-        print(f"goal case: {name} batch {batch} CFG {cfg} {steps} steps, {reps} interleaved reps ...", flush=True)
+        print(
+            f"goal case: {name} batch {batch} CFG {cfg} {steps} steps, {reps} interleaved reps ...",
+            flush=True,
+        )
         t = interleaved_times(fns, device, reps=reps, warmup=1)
-        rec: dict[str, Any] = dict(model=name, batch=batch, steps=steps, cfg=cfg, timer=key, reps=reps,
-                                   times={k: summarize(v) | {"raw": v} for k, v in t.items()})
+        rec: dict[str, Any] = dict(
+            model=name,
+            batch=batch,
+            steps=steps,
+            cfg=cfg,
+            timer=key,
+            reps=reps,
+            times={k: summarize(v) | {"raw": v} for k, v in t.items()},
+        )
         # Greedy tokens: ours vs released (fp32), ours bf16 vs ours fp32.
         greedy = ours_fn(model, labels, orders, sizes, cfg, "fp32", False, None, greedy=True)()
         if released is not None:
@@ -218,7 +273,9 @@ def run_goals(args: argparse.Namespace, device: torch.device) -> list[dict[str, 
             rec["greedy_agreement_with_released"] = (greedy == rel_tokens).float().mean().item()
             rec["speedup_fp32"] = pair_ratio(t["released_fp32"], t["ours_fp32"], key)
             if "ours_bf16" in t:
-                rec["speedup_bf16_vs_released_fp32"] = pair_ratio(t["released_fp32"], t["ours_bf16"], key)
+                rec["speedup_bf16_vs_released_fp32"] = pair_ratio(
+                    t["released_fp32"], t["ours_bf16"], key
+                )
         quoted = QUOTED_RELEASED.get((name, batch, steps))
         if quoted is not None:
             rec["quoted_released_wall_s"] = quoted
@@ -234,12 +291,31 @@ def run_goals(args: argparse.Namespace, device: torch.device) -> list[dict[str, 
 
 def print_goal(r: dict[str, Any]) -> None:
     k = r["timer"]
-    parts = [f"  {name}: wall {v['wall_median_s']:.3f} s, cpu {v['cpu_median_s']:.3f} s (median)" for name, v in r["times"].items()]
+    parts = [
+        f"  {name}: wall {v['wall_median_s']:.3f} s, cpu {v['cpu_median_s']:.3f} s (median)"
+        for name, v in r["times"].items()
+    ]
     print("\n".join(parts))
-    for field in ("speedup_fp32", "speedup_bf16_vs_released_fp32", "bf16_speedup_vs_ours_fp32", "speedup_fp32_vs_quoted_wall"):
+    for field in (
+        "speedup_fp32",
+        "speedup_bf16_vs_released_fp32",
+        "bf16_speedup_vs_ours_fp32",
+        "speedup_fp32_vs_quoted_wall",
+    ):
         if field in r:
-            print(f"  {field}: {r[field]:.3f}x" + (f" ({k} time, interleaved pairs)" if "quoted" not in field else " (our wall time vs the issue's figure; not the same run)"))
-    for field in ("greedy_identical_to_released", "greedy_agreement_with_released", "bf16_greedy_agreement_with_fp32"):
+            print(
+                f"  {field}: {r[field]:.3f}x"
+                + (
+                    f" ({k} time, interleaved pairs)"
+                    if "quoted" not in field
+                    else " (our wall time vs the issue's figure; not the same run)"
+                )
+            )
+    for field in (
+        "greedy_identical_to_released",
+        "greedy_agreement_with_released",
+        "bf16_greedy_agreement_with_fp32",
+    ):
         if field in r:
             print(f"  {field}: {r[field]}")
     sys.stdout.flush()
@@ -255,8 +331,14 @@ def draw_charts(records: list[dict[str, Any]], stem: str) -> list[str]:
     def label(r: dict[str, Any], *skip: str) -> str:
         """Series name from the model and the settings that vary in this run."""
         parts = [r["model"]]
-        short = {"batch": f"b{r['batch']}", "steps": f"s{r['steps']}", "cfg": "cfg" if r["cfg"] != 1.0 else "no-cfg",
-                 "dtype": r["dtype"], "compile": "compiled" if r["compile"] else "eager", "vq": "+vq" if r["vq"] else "tokens"}
+        short = {
+            "batch": f"b{r['batch']}",
+            "steps": f"s{r['steps']}",
+            "cfg": "cfg" if r["cfg"] != 1.0 else "no-cfg",
+            "dtype": r["dtype"],
+            "compile": "compiled" if r["compile"] else "eager",
+            "vq": "+vq" if r["vq"] else "tokens",
+        }
         parts += [short[f] for f in fields if f in varying and f not in skip]
         return " ".join(parts)
 
@@ -268,18 +350,46 @@ def draw_charts(records: list[dict[str, Any]], stem: str) -> list[str]:
         if "released" in r:
             rel = r["released"]["wall_median_s"]
             lat.setdefault(label(r, "steps") + " (released)", []).append((r["steps"], rel))
-            thr.setdefault(label(r, "batch") + " (released)", []).append((r["batch"], r["batch"] / rel))
+            thr.setdefault(label(r, "batch") + " (released)", []).append(
+                (r["batch"], r["batch"] / rel)
+            )
     paths = [f"{stem}_latency.png", f"{stem}_throughput.png"]
-    line_chart(paths[0], [{"series": {k: sorted(v) for k, v in lat.items()}, "title": "latency per batch vs steps",
-                           "xlabel": "steps", "ylabel": "seconds", "log_x": True}], panel_size=(900, 420))
-    line_chart(paths[1], [{"series": {k: sorted(v) for k, v in thr.items()}, "title": "throughput vs batch",
-                           "xlabel": "batch", "ylabel": "images / s", "log_x": True}], panel_size=(900, 420))
+    line_chart(
+        paths[0],
+        [
+            {
+                "series": {k: sorted(v) for k, v in lat.items()},
+                "title": "latency per batch vs steps",
+                "xlabel": "steps",
+                "ylabel": "seconds",
+                "log_x": True,
+            }
+        ],
+        panel_size=(900, 420),
+    )
+    line_chart(
+        paths[1],
+        [
+            {
+                "series": {k: sorted(v) for k, v in thr.items()},
+                "title": "throughput vs batch",
+                "xlabel": "batch",
+                "ylabel": "images / s",
+                "log_x": True,
+            }
+        ],
+        panel_size=(900, 420),
+    )
     return paths
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: cuda if available)")
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (default: cuda if available)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--img_size", type=int, default=256)
     p.add_argument("--models", default="tiny", help=f"comma list of {sorted(MODELS)}")
@@ -288,18 +398,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--cfg", default="on", help="on, off or on,off (CFG as a doubled batch)")
     p.add_argument("--cfg_scale", type=float, default=4.0)
     p.add_argument("--dtype", default="fp32", help="fp32, bf16 (autocast) or both")
-    p.add_argument("--compile", default="off", help="off, on or off,on (torch.compile of the static-shape step)")
-    p.add_argument("--vq", default="off", help="off, on or off,on (decode the tokens with a random VQ-16)")
+    p.add_argument(
+        "--compile",
+        default="off",
+        help="off, on or off,on (torch.compile of the static-shape step)",
+    )
+    p.add_argument(
+        "--vq", default="off", help="off, on or off,on (decode the tokens with a random VQ-16)"
+    )
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per configuration")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls first (the first one compiles)")
+    p.add_argument(
+        "--warmup", type=int, default=1, help="untimed calls first (the first one compiles)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_memory", action="store_true", help="skip the peak-memory run")
-    p.add_argument("--released_repo", default=None, help="released LPD checkout (CPU: prepared copy) to time in the same run")
-    p.add_argument("--goals", action="store_true", help="run the issue-7 comparisons instead of the grid")
-    p.add_argument("--goals_long", action="store_true", help="with --goals: also LPD-L at 256 steps (minutes on a CPU)")
-    p.add_argument("--reps_tiny", type=int, default=7, help="with --goals: repetitions of the tiny case")
-    p.add_argument("--reps_large", type=int, default=3, help="with --goals: repetitions of the LPD-L cases")
-    p.add_argument("--output_json", default=None, help="write the numbers here (+ PNG charts next to it)")
+    p.add_argument(
+        "--released_repo",
+        default=None,
+        help="released LPD checkout (CPU: prepared copy) to time in the same run",
+    )
+    p.add_argument(
+        "--goals", action="store_true", help="run the issue-7 comparisons instead of the grid"
+    )
+    p.add_argument(
+        "--goals_long",
+        action="store_true",
+        help="with --goals: also LPD-L at 256 steps (minutes on a CPU)",
+    )
+    p.add_argument(
+        "--reps_tiny", type=int, default=7, help="with --goals: repetitions of the tiny case"
+    )
+    p.add_argument(
+        "--reps_large", type=int, default=3, help="with --goals: repetitions of the LPD-L cases"
+    )
+    p.add_argument(
+        "--output_json", default=None, help="write the numbers here (+ PNG charts next to it)"
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -307,7 +441,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     info = host_info(device)
     print(describe_host(info))
     if device.type == "cpu":
-        print("CPU run: absolute times say little about GPUs; compare ratios measured in the same run.")
+        print(
+            "CPU run: absolute times say little about GPUs; compare ratios measured in the same run."
+        )
     result: dict[str, Any] = {"host": info, "args": vars(args)}
     if args.goals:
         result["goals"] = run_goals(args, device)

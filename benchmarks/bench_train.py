@@ -24,7 +24,8 @@ import itertools
 import json
 import os
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,11 +42,12 @@ from bench_common import (  # noqa: E402
     interleaved_times,
     load_released,
     pair_ratio,
-    ratio_timer,
     parse_list,
     parse_switch,
+    ratio_timer,
     summarize,
 )
+
 from lpd.schedules import group_sizes, training_schedules  # noqa: E402
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
@@ -74,8 +76,15 @@ def make_optimizer(params: Any, kind: str) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, **kwargs)
 
 
-def ours_step(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor, schedules: list[list[int]],
-              dtype: str, optimizer: str, compiled: bool) -> Callable[[], float]:
+def ours_step(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    labels: torch.Tensor,
+    schedules: list[list[int]],
+    dtype: str,
+    optimizer: str,
+    compiled: bool,
+) -> Callable[[], float]:
     """A closure running one training step of our model."""
     device = tokens.device
     B, N = tokens.shape
@@ -99,13 +108,20 @@ def ours_step(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor
     return step
 
 
-def released_step(released: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor,
-                  schedules: list[list[int]]) -> Callable[[], float]:
+def released_step(
+    released: torch.nn.Module,
+    tokens: torch.Tensor,
+    labels: torch.Tensor,
+    schedules: list[list[int]],
+) -> Callable[[], float]:
     """One training step of the released model as its training loop runs it (fp32 here)."""
     decay, no_decay = [], []
     for name, p in released.named_parameters():
         (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
-    opt = make_optimizer([{"params": decay, "weight_decay": 0.02}, {"params": no_decay, "weight_decay": 0.0}], "adamw")
+    opt = make_optimizer(
+        [{"params": decay, "weight_decay": 0.02}, {"params": no_decay, "weight_decay": 0.0}],
+        "adamw",
+    )
     cycle = Stepper(schedules)
 
     def step() -> float:
@@ -119,8 +135,14 @@ def released_step(released: torch.nn.Module, tokens: torch.Tensor, labels: torch
     return step
 
 
-def same_loss(model: torch.nn.Module, released: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor,
-              schedules: list[list[int]], seed: int = 0) -> float:
+def same_loss(
+    model: torch.nn.Module,
+    released: torch.nn.Module,
+    tokens: torch.Tensor,
+    labels: torch.Tensor,
+    schedules: list[list[int]],
+    seed: int = 0,
+) -> float:
     """Largest |loss difference| over a few schedules, both in eval mode on identical orders
     (the released model draws its orders with ``np.random.shuffle``; the same draws are replayed)."""
     B, N = tokens.shape
@@ -148,7 +170,11 @@ HEADER = f"{'model':>5} {'batch':>5} {'dtype':>5} {'attn':>5} {'optim':>6} {'com
 
 
 def print_row(r: dict[str, Any]) -> None:
-    mem, rel, dl = r.get("peak_mem_mb"), r.get("speedup_vs_released"), r.get("loss_diff_vs_released")
+    mem, rel, dl = (
+        r.get("peak_mem_mb"),
+        r.get("speedup_vs_released"),
+        r.get("loss_diff_vs_released"),
+    )
     print(
         f"{r['model']:>5} {r['batch']:>5} {r['dtype']:>5} {r['attn']:>5} {r['optimizer']:>6} {'on' if r['compile'] else 'off':>4} | "
         f"{r['wall_median_s']:8.3f} {r['cpu_median_s']:8.3f} {r['tokens_per_s']:9.0f} {'-' if mem is None else f'{mem:.0f}':>8} "
@@ -159,7 +185,11 @@ def print_row(r: dict[str, Any]) -> None:
 
 def run(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     released_mod = load_released(args.released_repo) if args.released_repo else None
-    schedules = training_schedules(args.img_size) if args.schedule == "all" else [group_sizes(args.img_size, int(args.schedule))]
+    schedules = (
+        training_schedules(args.img_size)
+        if args.schedule == "all"
+        else [group_sizes(args.img_size, int(args.schedule))]
+    )
     key = ratio_timer(device)
     records = []
     for name in parse_list(args.models):
@@ -170,19 +200,32 @@ def run(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
             tokens = torch.randint(0, base.vocab_size, (batch, N), generator=g).to(device)
             labels = torch.randint(0, base.class_num, (batch,), generator=g).to(device)
             state = {k: v.clone() for k, v in base.state_dict().items()}
-            for dtype, attn, optim, comp in itertools.product(parse_list(args.dtype), parse_list(args.attn),
-                                                              parse_list(args.optimizer), parse_switch(args.compile)):
+            for dtype, attn, optim, comp in itertools.product(
+                parse_list(args.dtype),
+                parse_list(args.attn),
+                parse_list(args.optimizer),
+                parse_switch(args.compile),
+            ):
                 model = base
                 model.load_state_dict(state)
                 model.set_attn_impl(attn)
                 model.train()
                 fns = {"ours": ours_step(model, tokens, labels, schedules, dtype, optim, comp)}
-                rec: dict[str, Any] = dict(model=name, batch=batch, dtype=dtype, attn=attn, optimizer=optim, compile=comp,
-                                           flex=model.uses_flex(device))
+                rec: dict[str, Any] = dict(
+                    model=name,
+                    batch=batch,
+                    dtype=dtype,
+                    attn=attn,
+                    optimizer=optim,
+                    compile=comp,
+                    flex=model.uses_flex(device),
+                )
                 released = None
                 if released_mod is not None and dtype == "fp32":
                     released = build_released(released_mod, base).train()
-                    rec["loss_diff_vs_released"] = same_loss(model, released, tokens, labels, schedules)
+                    rec["loss_diff_vs_released"] = same_loss(
+                        model, released, tokens, labels, schedules
+                    )
                     fns["released"] = released_step(released, tokens, labels, schedules)
                 t = interleaved_times(fns, device, reps=args.reps, warmup=args.warmup)
                 rec.update(summarize(t["ours"]))
@@ -209,17 +252,44 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--img_size", type=int, default=256)
     p.add_argument("--models", default="tiny", help=f"comma list of {sorted(MODELS)}")
     p.add_argument("--batch", default="8", help="comma list of batch sizes")
-    p.add_argument("--schedule", default="all", help="'all' (cycle through the training schedules) or a step count")
+    p.add_argument(
+        "--schedule",
+        default="all",
+        help="'all' (cycle through the training schedules) or a step count",
+    )
     p.add_argument("--dtype", default="fp32", help="fp32, bf16 (autocast) or both")
-    p.add_argument("--attn", default="auto", help="comma list of sdpa, flex, auto (flex: CUDA; CPU runs its slow reference)")
-    p.add_argument("--optimizer", default="adamw,fused", help="adamw (torch default), fused (AdamW(fused=True)) or both")
-    p.add_argument("--compile", default="off", help="off, on or off,on (torch.compile of the model; minutes on a CPU)")
-    p.add_argument("--reps", type=int, default=9, help="timed steps per configuration (interleaved with the released step)")
+    p.add_argument(
+        "--attn",
+        default="auto",
+        help="comma list of sdpa, flex, auto (flex: CUDA; CPU runs its slow reference)",
+    )
+    p.add_argument(
+        "--optimizer",
+        default="adamw,fused",
+        help="adamw (torch default), fused (AdamW(fused=True)) or both",
+    )
+    p.add_argument(
+        "--compile",
+        default="off",
+        help="off, on or off,on (torch.compile of the model; minutes on a CPU)",
+    )
+    p.add_argument(
+        "--reps",
+        type=int,
+        default=9,
+        help="timed steps per configuration (interleaved with the released step)",
+    )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_memory", action="store_true", help="skip the peak-memory step")
-    p.add_argument("--released_repo", default=None, help="released LPD checkout (CPU: prepared copy) to time in the same run")
-    p.add_argument("--output_json", default=None, help="write the numbers here (+ a PNG chart next to it)")
+    p.add_argument(
+        "--released_repo",
+        default=None,
+        help="released LPD checkout (CPU: prepared copy) to time in the same run",
+    )
+    p.add_argument(
+        "--output_json", default=None, help="write the numbers here (+ a PNG chart next to it)"
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -227,7 +297,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     info = host_info(device)
     print(describe_host(info))
     if device.type == "cpu":
-        print("CPU run: absolute times say little about GPUs; compare ratios measured in the same run.")
+        print(
+            "CPU run: absolute times say little about GPUs; compare ratios measured in the same run."
+        )
     print(HEADER)
     records = run(args, device)
     result = {"host": info, "args": vars(args), "records": records}
@@ -239,13 +311,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         series: dict[str, list[tuple[float, float]]] = {}
         for r in records:
-            label = f"{r['model']} {r['dtype']} {r['attn']} {r['optimizer']}" + (" compiled" if r["compile"] else "")
+            label = f"{r['model']} {r['dtype']} {r['attn']} {r['optimizer']}" + (
+                " compiled" if r["compile"] else ""
+            )
             series.setdefault(label, []).append((r["batch"], r["tokens_per_s"]))
             if "released" in r:
-                series.setdefault(f"{r['model']} released", []).append((r["batch"], r["batch"] * (args.img_size // 16) ** 2 / r["released"]["wall_median_s"]))
+                series.setdefault(f"{r['model']} released", []).append(
+                    (
+                        r["batch"],
+                        r["batch"] * (args.img_size // 16) ** 2 / r["released"]["wall_median_s"],
+                    )
+                )
         png = os.path.splitext(args.output_json)[0] + ".png"
-        line_chart(png, [{"series": {k: sorted(set(v)) for k, v in series.items()}, "title": "training tokens/s vs batch",
-                          "xlabel": "batch", "ylabel": "tokens / s", "log_x": True}], panel_size=(640, 400))
+        line_chart(
+            png,
+            [
+                {
+                    "series": {k: sorted(set(v)) for k, v in series.items()},
+                    "title": "training tokens/s vs batch",
+                    "xlabel": "batch",
+                    "ylabel": "tokens / s",
+                    "log_x": True,
+                }
+            ],
+            panel_size=(640, 400),
+        )
         print(f"wrote {args.output_json}, {png}")
     return result
 

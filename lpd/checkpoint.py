@@ -16,15 +16,37 @@ import re
 import shutil
 import sys
 import tempfile
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CheckpointError", "load_checkpoint", "load_state_dict", "check_state_dict", "load_into", "interpolate_pos_embed",
-           "save_checkpoint", "atomic_write_bytes", "TMP_PREFIX", "state_dict_digest", "check_finite", "check_output_path",
-           "same_file", "lock_folder", "LOCK_NAME", "temp_dir_for", "replace_dir", "export_folder", "export_config",
-           "read_export", "tokenizer_ref", "export", "push_to_hub"]
+__all__ = [
+    "CheckpointError",
+    "load_checkpoint",
+    "load_state_dict",
+    "check_state_dict",
+    "load_into",
+    "interpolate_pos_embed",
+    "save_checkpoint",
+    "atomic_write_bytes",
+    "TMP_PREFIX",
+    "state_dict_digest",
+    "check_finite",
+    "check_output_path",
+    "same_file",
+    "lock_folder",
+    "LOCK_NAME",
+    "temp_dir_for",
+    "replace_dir",
+    "export_folder",
+    "export_config",
+    "read_export",
+    "tokenizer_ref",
+    "export",
+    "push_to_hub",
+]
 
 TMP_PREFIX = ".tmp-"  # temporary files of atomic_write_bytes (left only by a killed process)
 LOCK_NAME = ".lock"  # the lock file of lock_folder
@@ -39,6 +61,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     path = os.fspath(path)
     if os.path.isdir(path):
         from lpd.parallel import read_sharded
+
         return read_sharded(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
@@ -47,10 +70,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
             obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file name and the reason (not torch's advice to unpickle)
         found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", str(e), re.S)
-        reason = (found.group(1) if found else (str(e).splitlines() or [type(e).__name__])[0]).strip()
-        raise CheckpointError(f"could not load checkpoint {path!r} with weights_only=True ({reason}). The file is truncated, "
-                              f"not a PyTorch checkpoint, or contains objects other than tensors, containers and "
-                              f"argparse.Namespace (which lpd refuses to unpickle).") from e
+        reason = (
+            found.group(1) if found else (str(e).splitlines() or [type(e).__name__])[0]
+        ).strip()
+        raise CheckpointError(
+            f"could not load checkpoint {path!r} with weights_only=True ({reason}). The file is truncated, "
+            f"not a PyTorch checkpoint, or contains objects other than tensors, containers and "
+            f"argparse.Namespace (which lpd refuses to unpickle)."
+        ) from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path!r} holds a {type(obj).__name__}, expected a dict")
     return obj
@@ -66,45 +93,70 @@ def load_state_dict(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         return dict(obj["model"])
     if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         return obj
-    raise CheckpointError(f"checkpoint {os.fspath(path)!r} has no 'model' entry and is not a bare state dict "
-                          f"(top-level keys: {sorted(map(str, obj))[:10]})")
+    raise CheckpointError(
+        f"checkpoint {os.fspath(path)!r} has no 'model' entry and is not a bare state dict "
+        f"(top-level keys: {sorted(map(str, obj))[:10]})"
+    )
 
 
-def check_state_dict(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str], list[str]]:
+def check_state_dict(
+    expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]
+) -> tuple[list[str], list[str], list[str]]:
     """Missing keys, unexpected keys and shape mismatches (``"key: checkpoint [..] vs model [..]"``)."""
     missing = sorted(k for k in expected if k not in given)
     unexpected = sorted(k for k in given if k not in expected)
-    mismatched = sorted(f"{k}: checkpoint {list(given[k].shape)} vs model {list(expected[k].shape)}"
-                        for k in expected if k in given and tuple(given[k].shape) != tuple(expected[k].shape))
+    mismatched = sorted(
+        f"{k}: checkpoint {list(given[k].shape)} vs model {list(expected[k].shape)}"
+        for k in expected
+        if k in given and tuple(given[k].shape) != tuple(expected[k].shape)
+    )
     return missing, unexpected, mismatched
 
 
 def _format_keys(title: str, keys: list[str], limit: int = 20) -> str:
     if not keys:
         return ""
-    shown = ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+    shown = ", ".join(keys[:limit]) + (
+        f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+    )
     return f"\n  {title} ({len(keys)}): {shown}"
 
 
-def load_into(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint", hint: str = "",
-              assign: bool = False) -> None:
+def load_into(
+    module: torch.nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    source: str = "checkpoint",
+    hint: str = "",
+    assign: bool = False,
+) -> None:
     """Strict load (``assign``: the tensors become the parameters); one error lists every discrepancy."""
     missing, unexpected, mismatched = check_state_dict(module.state_dict(), state_dict)
     if missing or unexpected or mismatched:
-        raise CheckpointError(f"{source} does not match the model {type(module).__name__}:"
-                              + _format_keys("missing keys", missing) + _format_keys("unexpected keys", unexpected)
-                              + _format_keys("shape mismatches", mismatched) + (f"\n  {hint}" if hint else ""))
+        raise CheckpointError(
+            f"{source} does not match the model {type(module).__name__}:"
+            + _format_keys("missing keys", missing)
+            + _format_keys("unexpected keys", unexpected)
+            + _format_keys("shape mismatches", mismatched)
+            + (f"\n  {hint}" if hint else "")
+        )
     module.load_state_dict(state_dict, strict=True, assign=assign)
 
 
 def check_finite(state_dict: Mapping[str, torch.Tensor], source: str) -> None:
     """Refuse weights holding NaN or inf, naming the tensors."""
-    bad = sorted(k for k, v in state_dict.items()
-                 if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    bad = sorted(
+        k
+        for k, v in state_dict.items()
+        if isinstance(v, torch.Tensor)
+        and v.is_floating_point()
+        and not bool(torch.isfinite(v).all())
+    )
     if bad:
-        raise CheckpointError(f"{source} has non-finite weights (NaN or inf) in {', '.join(bad[:10])}"
-                              f"{f' and {len(bad) - 10} more' if len(bad) > 10 else ''}; the file is damaged or the "
-                              f"run diverged: use an earlier checkpoint")
+        raise CheckpointError(
+            f"{source} has non-finite weights (NaN or inf) in {', '.join(bad[:10])}"
+            f"{f' and {len(bad) - 10} more' if len(bad) > 10 else ''}; the file is damaged or the "
+            f"run diverged: use an earlier checkpoint"
+        )
 
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -114,7 +166,9 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, num_tokens: int) -> torch.Ten
     old_n = pos_embed.shape[1] - 1
     old_g, new_g = math.isqrt(old_n), math.isqrt(num_tokens)
     if old_g * old_g != old_n or new_g * new_g != num_tokens:
-        raise ValueError(f"pos_embed interpolation needs square grids, got {old_n} -> {num_tokens} positions")
+        raise ValueError(
+            f"pos_embed interpolation needs square grids, got {old_n} -> {num_tokens} positions"
+        )
     if old_n == num_tokens:
         return pos_embed
     D = pos_embed.shape[2]
@@ -192,8 +246,13 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return False
 
 
-def check_output_path(path: str, flag: str, inputs: Sequence[tuple[str, Any]] = (), overwrite: bool = False,
-                      ours: Any = None) -> str | None:
+def check_output_path(
+    path: str,
+    flag: str,
+    inputs: Sequence[tuple[str, Any]] = (),
+    overwrite: bool = False,
+    ours: Any = None,
+) -> str | None:
     """Why ``path`` cannot be written: a folder, no writable folder to create it in, one of ``inputs``
     (``(flag, path)`` pairs: an output is never an input) or an existing file that ``ours(path)`` does
     not recognise as written by lpd (without ``overwrite``); else None."""
@@ -210,8 +269,10 @@ def check_output_path(path: str, flag: str, inputs: Sequence[tuple[str, Any]] = 
     if not os.access(folder, os.W_OK | os.X_OK):
         return f"{flag} {path}: the folder {folder} is not writable; choose another path"
     if os.path.lexists(path) and not overwrite and not (ours and ours(path)):
-        return (f"{flag} {path} exists{' and was not written by lpd' if ours else ''}; choose another name, or "
-                f"--overwrite to replace it")
+        return (
+            f"{flag} {path} exists{' and was not written by lpd' if ours else ''}; choose another name, or "
+            f"--overwrite to replace it"
+        )
     return None
 
 
@@ -219,6 +280,7 @@ def lock_folder(folder: str) -> int | None:
     """Hold ``folder`` for this process (``flock`` of ``folder/.lock``, released when the process ends, even
     killed): the descriptor to close, None where the file system has no locks; BlockingIOError when held."""
     import fcntl
+
     os.makedirs(folder, exist_ok=True)
     fd = os.open(os.path.join(folder, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
     try:
@@ -259,12 +321,22 @@ def export_folder(path: str) -> str | None:
     ``path`` (``owner/name`` that is no local path); None for anything else."""
     if os.path.isfile(os.path.join(path, EXPORT_CONFIG)):
         return path
-    if os.path.exists(path) or not re.fullmatch(r"[\w.-]+/[\w.-]+", path) or path.endswith((".pth", ".pt", ".bin", ".ckpt")):
+    if (
+        os.path.exists(path)
+        or not re.fullmatch(r"[\w.-]+/[\w.-]+", path)
+        or path.endswith((".pth", ".pt", ".bin", ".ckpt"))
+    ):
         return None
     from lpd import hub
+
     for name in (EXPORT_CONFIG, EXPORT_WEIGHTS):
-        local = hub.hub_file(path, name, what="exported LPD model", flag="--pretrained_ckpt",
-                              hint=f"or, if {path} was meant as a folder on this machine: it does not exist")
+        local = hub.hub_file(
+            path,
+            name,
+            what="exported LPD model",
+            flag="--pretrained_ckpt",
+            hint=f"or, if {path} was meant as a folder on this machine: it does not exist",
+        )
     return os.path.dirname(local)
 
 
@@ -284,6 +356,7 @@ def export_config(folder: str) -> dict[str, Any]:
 def read_export(folder: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``config.json`` and the ``model.safetensors`` weights of an exported model (reading runs no code)."""
     from safetensors.torch import load_file
+
     config = export_config(folder)
     try:
         return config, load_file(os.path.join(folder, EXPORT_WEIGHTS))
@@ -294,6 +367,7 @@ def read_export(folder: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 def tokenizer_ref(args: Mapping[str, Any]) -> dict[str, Any]:
     """The tokenizer of training: the released LlamaGen VQ, a file, or a seeded build."""
     from lpd.hub import VQ_FILENAME, VQ_REPO
+
     kind = args.get("tokenizer", "vq")
     if args.get("vqgan_path"):
         return {"kind": kind, "file": os.path.basename(str(args["vqgan_path"]))}
@@ -306,52 +380,110 @@ def _model_card(config: dict[str, Any], measured: dict[str, Any] | None, ref: st
     """README.md: the model, its scores (a ``main_eval.py`` metrics.json), its sampling settings,
     its use (``ref``: its Hub repository or folder; ImageNet only for 1000-class models)."""
     from lpd.sampling import SamplingConfig
+
     c, train, args = config["model_config"], config["training"], config["training"]["args"]
     if measured:
-        sampling, steps = measured.get("sampling", {}), len(measured.get("settings", {}).get("group_sizes", [])) or None
+        sampling, steps = (
+            measured.get("sampling", {}),
+            len(measured.get("settings", {}).get("group_sizes", [])) or None,
+        )
     else:
-        sampling, steps = {k: args[k] for k in SamplingConfig.__dataclass_fields__ if k in args}, args.get("eval_steps")
-    run = f"--pretrained_ckpt {ref} --generation_steps {steps or 20} --cfg {sampling.get('cfg', 4.0)}"
+        sampling, steps = (
+            {k: args[k] for k in SamplingConfig.__dataclass_fields__ if k in args},
+            args.get("eval_steps"),
+        )
+    run = (
+        f"--pretrained_ckpt {ref} --generation_steps {steps or 20} --cfg {sampling.get('cfg', 4.0)}"
+    )
     imagenet = c["class_num"] == 1000
     labels = [207, 360, 387, 974] if imagenet else list(range(min(4, c["class_num"])))
-    return "\n".join([
-        "---", "library_name: lpd", "tags: [lpd, image-generation, class-conditional, autoregressive]", "---", "",
-        f"# {config.get('model') or 'LPD'} at {c['img_size']} px", "",
-        f"A class-conditional Locality-aware Parallel Decoding (LPD) image generator: {config['parameters'] / 1e6:.1f}M parameters "
-        f"(width {c['embed_dim']}, depth {c['depth']}, {c['num_heads']} heads), {c['class_num']} classes, tokens of a "
-        f"{c['vocab_size']}-entry VQ codebook ({json.dumps(config['tokenizer'])}). Weights: {config['weights']} after epoch "
-        f"{train.get('epoch')} (global step {train.get('global_step')}), sha256 {config['weights_sha256'][:16]}...", "",
-        *(["## Metrics", "", "| FID | IS | images | steps |", "| ---: | ---: | ---: | ---: |",
-           f"| {measured.get('fid')} | {measured.get('inception_score')} | {measured.get('num_images')} | {steps} |", ""]
-          if measured else []),
-        f"## Sampling settings{'' if measured else ' (of the evaluation during training)'}", "",
-        *(f"* {k}: {v}" for k, v in [("steps", steps), *sampling.items()]), "",
-        "## Use", "", "```python", "from lpd.pipeline import LPDPipeline", "",
-        f'pipe = LPDPipeline.from_pretrained("{ref}")   # or lpd.models.load_lpd("{ref}"): the LPD module',
-        f"images = pipe({labels}, steps={steps or 20}, cfg={sampling.get('cfg', 4.0)})"
-        f"   # uint8 [{len(labels)}, H, W, 3]", "```", "",
-        *([f"Evaluation on ImageNet: `python main_eval.py {run} --output_dir out/`.", ""]
-          if imagenet else [])])
+    return "\n".join(
+        [
+            "---",
+            "library_name: lpd",
+            "tags: [lpd, image-generation, class-conditional, autoregressive]",
+            "---",
+            "",
+            f"# {config.get('model') or 'LPD'} at {c['img_size']} px",
+            "",
+            f"A class-conditional Locality-aware Parallel Decoding (LPD) image generator: {config['parameters'] / 1e6:.1f}M parameters "
+            f"(width {c['embed_dim']}, depth {c['depth']}, {c['num_heads']} heads), {c['class_num']} classes, tokens of a "
+            f"{c['vocab_size']}-entry VQ codebook ({json.dumps(config['tokenizer'])}). Weights: {config['weights']} after epoch "
+            f"{train.get('epoch')} (global step {train.get('global_step')}), sha256 {config['weights_sha256'][:16]}...",
+            "",
+            *(
+                [
+                    "## Metrics",
+                    "",
+                    "| FID | IS | images | steps |",
+                    "| ---: | ---: | ---: | ---: |",
+                    f"| {measured.get('fid')} | {measured.get('inception_score')} | {measured.get('num_images')} | {steps} |",
+                    "",
+                ]
+                if measured
+                else []
+            ),
+            f"## Sampling settings{'' if measured else ' (of the evaluation during training)'}",
+            "",
+            *(f"* {k}: {v}" for k, v in [("steps", steps), *sampling.items()]),
+            "",
+            "## Use",
+            "",
+            "```python",
+            "from lpd.pipeline import LPDPipeline",
+            "",
+            f'pipe = LPDPipeline.from_pretrained("{ref}")   # or lpd.models.load_lpd("{ref}"): the LPD module',
+            f"images = pipe({labels}, steps={steps or 20}, cfg={sampling.get('cfg', 4.0)})"
+            f"   # uint8 [{len(labels)}, H, W, 3]",
+            "```",
+            "",
+            *(
+                [f"Evaluation on ImageNet: `python main_eval.py {run} --output_dir out/`.", ""]
+                if imagenet
+                else []
+            ),
+        ]
+    )
 
 
-def export(ckpt: str, out_dir: str, *, model: str | None = None, use_ema: bool = False, metrics: str | None = None,
-           repo: str | None = None, overwrite: bool = False, sampling: Mapping[str, Any] | None = None) -> str:
+def export(
+    ckpt: str,
+    out_dir: str,
+    *,
+    model: str | None = None,
+    use_ema: bool = False,
+    metrics: str | None = None,
+    repo: str | None = None,
+    overwrite: bool = False,
+    sampling: Mapping[str, Any] | None = None,
+) -> str:
     """Write the weights of ``ckpt`` (file or sharded folder) as the folder ``out_dir`` (weights, config, a model
     card with the scores of a ``main_eval.py`` ``metrics.json``; ``sampling``: the default sampling settings
     recorded in the config); the folder appears whole. Returns its path."""
     from safetensors.torch import save
+
     from lpd.models import LPD, checkpoint_config
+
     existing = _check_export_dir(ckpt, out_dir, overwrite)
     state = load_checkpoint(ckpt)
     key = "model_ema" if use_ema else "model"
     if not isinstance(state.get(key), Mapping):
-        raise CheckpointError(f"{ckpt!r} holds no EMA weights (it was trained without --ema_decay); drop --use_ema"
-                              if use_ema else f"{ckpt!r} has no 'model' entry: give a training checkpoint")
+        raise CheckpointError(
+            f"{ckpt!r} holds no EMA weights (it was trained without --ema_decay); drop --use_ema"
+            if use_ema
+            else f"{ckpt!r} has no 'model' entry: give a training checkpoint"
+        )
     sd = {k: v.contiguous() for k, v in state[key].items()}
     check_finite(sd, f"{ckpt!r}")
     with torch.device("meta"):
         net = LPD(checkpoint_config(state, sd, ckpt, model))
-    load_into(net, sd, source=f"{ckpt!r}", hint="pass --model with the architecture it was trained as", assign=True)
+    load_into(
+        net,
+        sd,
+        source=f"{ckpt!r}",
+        hint="pass --model with the architecture it was trained as",
+        assign=True,
+    )
     digest = state_dict_digest(sd)
     measured = None
     if metrics:
@@ -359,21 +491,33 @@ def export(ckpt: str, out_dir: str, *, model: str | None = None, use_ema: bool =
             measured = json.load(f)
         scored = (measured.get("settings") or {}).get("weights_sha256")
         if scored not in (None, digest):
-            raise CheckpointError(f"--metrics {metrics}: these scores were measured on other weights (sha256 {scored[:12]}... "
-                                  f"vs {digest[:12]}...); give the metrics.json of a main_eval.py run of this checkpoint"
-                                  + ("" if use_ema else " (or add --use_ema)"))
+            raise CheckpointError(
+                f"--metrics {metrics}: these scores were measured on other weights (sha256 {scored[:12]}... "
+                f"vs {digest[:12]}...); give the metrics.json of a main_eval.py run of this checkpoint"
+                + ("" if use_ema else " (or add --use_ema)")
+            )
     args = state.get("args")
     args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
-    config = {"library": "lpd", "model": model or args.get("model"), "model_config": net.config.to_dict(),
-              "img_size": net.config.img_size, "weights": "ema" if use_ema else "model", "weights_sha256": digest,
-              "parameters": sum(v.numel() for v in sd.values()), "tokenizer": tokenizer_ref(args),
-              "training": {k: state.get(k) for k in ("epoch", "step", "global_step")} | {"args": args}}
+    config = {
+        "library": "lpd",
+        "model": model or args.get("model"),
+        "model_config": net.config.to_dict(),
+        "img_size": net.config.img_size,
+        "weights": "ema" if use_ema else "model",
+        "weights_sha256": digest,
+        "parameters": sum(v.numel() for v in sd.values()),
+        "tokenizer": tokenizer_ref(args),
+        "training": {k: state.get(k) for k in ("epoch", "step", "global_step")} | {"args": args},
+    }
     if sampling:
         config["sampling"] = dict(sampling)
     config = json.loads(json.dumps(config, default=str))
     name = os.path.basename(os.path.normpath(out_dir))  # the card names no local path
-    files = {EXPORT_WEIGHTS: save(sd, metadata={"format": "pt"}), EXPORT_CONFIG: json.dumps(config, indent=2).encode(),
-             EXPORT_CARD: _model_card(config, measured, repo or f"path/to/{name}").encode()}
+    files = {
+        EXPORT_WEIGHTS: save(sd, metadata={"format": "pt"}),
+        EXPORT_CONFIG: json.dumps(config, indent=2).encode(),
+        EXPORT_CARD: _model_card(config, measured, repo or f"path/to/{name}").encode(),
+    }
     tmp = out_dir if existing else temp_dir_for(out_dir)  # a new folder appears whole
     try:
         for name, data in files.items():
@@ -391,77 +535,135 @@ def _check_export_dir(ckpt: str, out_dir: str, overwrite: bool) -> bool:
     refused: a folder holding the source or other files is never written into."""
     src, out = os.path.realpath(ckpt), os.path.realpath(out_dir)
     if os.path.commonpath([src, out]) in (src, out):
-        raise CheckpointError(f"OUT_DIR {out_dir} holds the checkpoint {ckpt} (or lies inside it); export into a "
-                              f"new folder")
+        raise CheckpointError(
+            f"OUT_DIR {out_dir} holds the checkpoint {ckpt} (or lies inside it); export into a "
+            f"new folder"
+        )
     if not os.path.lexists(out_dir):
         return False
     if not os.path.isdir(out_dir):
         raise CheckpointError(f"OUT_DIR {out_dir} is a file; give a new folder")
-    names = {n for n in os.listdir(out_dir) if not n.startswith(TMP_PREFIX)}  # temporary files of a killed export
+    names = {
+        n for n in os.listdir(out_dir) if not n.startswith(TMP_PREFIX)
+    }  # temporary files of a killed export
     if other := sorted(names - {EXPORT_CONFIG, EXPORT_WEIGHTS, EXPORT_CARD}):
-        raise CheckpointError(f"OUT_DIR {out_dir} holds files that are not an export's ({', '.join(other[:5])}"
-                              f"{', ...' if len(other) > 5 else ''}); export into a new or empty folder")
+        raise CheckpointError(
+            f"OUT_DIR {out_dir} holds files that are not an export's ({', '.join(other[:5])}"
+            f"{', ...' if len(other) > 5 else ''}); export into a new or empty folder"
+        )
     if names and not overwrite:
-        raise CheckpointError(f"OUT_DIR {out_dir!r} exists; choose another folder, or --overwrite to replace it")
+        raise CheckpointError(
+            f"OUT_DIR {out_dir!r} exists; choose another folder, or --overwrite to replace it"
+        )
     try:
         return not names or bool(export_config(out_dir))
     except CheckpointError as e:
-        raise CheckpointError(f"OUT_DIR {out_dir} is not an earlier export ({e}); export into a new folder") from None
+        raise CheckpointError(
+            f"OUT_DIR {out_dir} is not an earlier export ({e}); export into a new folder"
+        ) from None
 
 
 def push_to_hub(folder: str, repo: str, private: bool = False) -> str:
     """Upload an exported folder to the Hub model repository ``repo`` in one commit; returns its URL."""
     import huggingface_hub
+
     from lpd import hub
+
     try:
         huggingface_hub.create_repo(repo, exist_ok=True, private=private)
         huggingface_hub.upload_folder(repo_id=repo, folder_path=folder, commit_message="lpd export")
     except Exception as e:  # noqa: BLE001 - network, authentication, permissions: reported with the cause
-        raise CheckpointError(f"--push_to_hub {repo}: the upload failed ({hub.cause(e)}); nothing was committed. The export "
-                              f"{folder} is complete: upload it later with `hf upload {repo} {folder}`") from e
+        raise CheckpointError(
+            f"--push_to_hub {repo}: the upload failed ({hub.cause(e)}); nothing was committed. The export "
+            f"{folder} is complete: upload it later with `hf upload {repo} {folder}`"
+        ) from e
     return f"https://huggingface.co/{repo}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``consolidate`` and ``export``; errors print one ``error:`` line and return 2."""
-    p = argparse.ArgumentParser(prog="python -m lpd.checkpoint", allow_abbrev=False, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m lpd.checkpoint",
+        allow_abbrev=False,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("consolidate", help="a sharded (--fsdp) checkpoint as one .pth file of the released format")
-    c.add_argument("run_dir", help="an --fsdp run's output folder (its checkpoint-last) or a checkpoint folder")
+    c = sub.add_parser(
+        "consolidate", help="a sharded (--fsdp) checkpoint as one .pth file of the released format"
+    )
+    c.add_argument(
+        "run_dir", help="an --fsdp run's output folder (its checkpoint-last) or a checkpoint folder"
+    )
     c.add_argument("out", help="the .pth file to write")
-    e = sub.add_parser("export", help="model.safetensors + config.json + README.md, optionally uploaded to the Hub")
+    e = sub.add_parser(
+        "export", help="model.safetensors + config.json + README.md, optionally uploaded to the Hub"
+    )
     e.add_argument("ckpt", help="a checkpoint file (.pth) or sharded checkpoint folder")
     e.add_argument("out_dir", help="the folder to write")
-    e.add_argument("--model", default=None, help="preset of a released checkpoint that does not record its architecture")
-    e.add_argument("--use_ema", action="store_true", help="export the EMA weights (runs trained with --ema_decay)")
-    e.add_argument("--metrics", default=None, help="a main_eval.py metrics.json of these weights, shown in the model card")
-    e.add_argument("--push_to_hub", default=None, metavar="REPO", help="upload the folder to this Hub model repository")
-    e.add_argument("--private", action="store_true", help="with --push_to_hub: create the repository private")
+    e.add_argument(
+        "--model",
+        default=None,
+        help="preset of a released checkpoint that does not record its architecture",
+    )
+    e.add_argument(
+        "--use_ema",
+        action="store_true",
+        help="export the EMA weights (runs trained with --ema_decay)",
+    )
+    e.add_argument(
+        "--metrics",
+        default=None,
+        help="a main_eval.py metrics.json of these weights, shown in the model card",
+    )
+    e.add_argument(
+        "--push_to_hub",
+        default=None,
+        metavar="REPO",
+        help="upload the folder to this Hub model repository",
+    )
+    e.add_argument(
+        "--private", action="store_true", help="with --push_to_hub: create the repository private"
+    )
     for q in (c, e):
         q.add_argument("--overwrite", action="store_true", help="replace an existing output")
     args = p.parse_args(argv)
     try:
         if args.command == "consolidate":
             from lpd.parallel import last_checkpoint
+
             problem = check_output_path(args.out, "OUT", overwrite=True) or (
-                f"OUT {args.out} exists; --overwrite replaces it" if os.path.exists(args.out) and not args.overwrite
-                else None)
+                f"OUT {args.out} exists; --overwrite replaces it"
+                if os.path.exists(args.out) and not args.overwrite
+                else None
+            )
             if problem:
                 raise CheckpointError(problem)
             state = load_checkpoint(last_checkpoint(args.run_dir, sharded=True) or args.run_dir)
             state.pop("sharded", None)
             save_checkpoint(state, args.out)
-            print(f"wrote {args.out} (epoch {state.get('epoch')}, step {state.get('step')}, "
-                  f"{'model and model_ema' if 'model_ema' in state else 'model'})")
+            print(
+                f"wrote {args.out} (epoch {state.get('epoch')}, step {state.get('step')}, "
+                f"{'model and model_ema' if 'model_ema' in state else 'model'})"
+            )
             return 0
         if args.push_to_hub:
             from lpd import hub
+
             if hub.offline():
-                raise CheckpointError("--push_to_hub needs the network, but HF_HUB_OFFLINE is set; export without it "
-                                      "and upload the folder later with `hf upload REPO OUT_DIR`")
-        out = export(args.ckpt, args.out_dir, model=args.model, use_ema=args.use_ema, metrics=args.metrics,
-                     repo=args.push_to_hub, overwrite=args.overwrite)
+                raise CheckpointError(
+                    "--push_to_hub needs the network, but HF_HUB_OFFLINE is set; export without it "
+                    "and upload the folder later with `hf upload REPO OUT_DIR`"
+                )
+        out = export(
+            args.ckpt,
+            args.out_dir,
+            model=args.model,
+            use_ema=args.use_ema,
+            metrics=args.metrics,
+            repo=args.push_to_hub,
+            overwrite=args.overwrite,
+        )
         print(f"wrote {out}: {EXPORT_WEIGHTS}, {EXPORT_CONFIG}, {EXPORT_CARD}")
         if args.push_to_hub:
             print(f"uploaded to {push_to_hub(out, args.push_to_hub, args.private)}")
@@ -474,4 +676,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     # lpd.checkpoint's main(), not __main__'s: it catches the classes lpd.parallel raises
     from lpd.checkpoint import main as module_main
+
     sys.exit(module_main())

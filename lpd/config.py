@@ -6,12 +6,20 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-from typing import Any, Collection, Sequence
+from collections.abc import Collection, Sequence
+from typing import Any
 
 import yaml
 
-__all__ = ["ConfigError", "HelpFormatter", "load_config", "parse_args_with_config", "yaml_mapping",
-           "check_seed", "check_run_name"]
+__all__ = [
+    "ConfigError",
+    "HelpFormatter",
+    "load_config",
+    "parse_args_with_config",
+    "yaml_mapping",
+    "check_seed",
+    "check_run_name",
+]
 
 
 class ConfigError(ValueError):
@@ -38,11 +46,15 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except OSError as e:
-        raise ConfigError(f"--config {path!r} cannot be read ({e.strerror}); pass a YAML file such as configs/tiny.yaml") from None
+        raise ConfigError(
+            f"--config {path!r} cannot be read ({e.strerror}); pass a YAML file such as configs/tiny.yaml"
+        ) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"--config {path!r} is not valid YAML: {e}") from None
     if not isinstance(data, dict | None):
-        raise ConfigError(f"--config {path!r} must hold a mapping of flag names to values, got {type(data).__name__}")
+        raise ConfigError(
+            f"--config {path!r} must hold a mapping of flag names to values, got {type(data).__name__}"
+        )
     return data or {}
 
 
@@ -55,7 +67,9 @@ def yaml_mapping(text: str | dict) -> dict[str, Any]:
     except yaml.YAMLError as e:
         raise argparse.ArgumentTypeError(f"not a YAML mapping: {e}") from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a mapping such as '{{embed_dim: 64}}', got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a mapping such as '{{embed_dim: 64}}', got {text!r}"
+        )
     return value
 
 
@@ -64,7 +78,10 @@ def _check_value(action: argparse.Action, value: Any, path: str) -> Any:
     if value is None:
         return value
     where = f"--config {path!r}: {action.dest}"
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
+    if isinstance(
+        action,
+        (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction),
+    ):
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false (unquoted), got {value!r}")
         return value
@@ -75,16 +92,21 @@ def _check_value(action: argparse.Action, value: Any, path: str) -> Any:
     if action.type in (int, float) and not isinstance(value, str):
         ok = isinstance(value, int) if action.type is int else isinstance(value, (int, float))
         if isinstance(value, bool) or not ok:
-            raise ConfigError(f"{where} must be {'an integer' if action.type is int else 'a number'}, got {value!r}")
+            raise ConfigError(
+                f"{where} must be {'an integer' if action.type is int else 'a number'}, got {value!r}"
+            )
         value = action.type(value)
     if action.choices is not None and value not in action.choices:
         raise ConfigError(f"{where} must be one of {list(action.choices)}, got {value!r}")
     return value
 
 
-def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,
-                           also_known: argparse.ArgumentParser | None = None,
-                           take: Collection[str] | None = None) -> argparse.Namespace:
+def parse_args_with_config(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None = None,
+    also_known: argparse.ArgumentParser | None = None,
+    take: Collection[str] | None = None,
+) -> argparse.Namespace:
     """Parse ``argv``; values of ``--config FILE`` become defaults that flags override. Of a config of another entry
     point (``also_known``, its parser) only the keys in ``take`` (default: every flag of ``parser``) are used."""
     if path := getattr(parser.parse_known_args(argv)[0], "config", None):
@@ -94,7 +116,9 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] 
         take = set(actions) if take is None else set(take)
         cfg = {k: v for k, v in cfg.items() if (k in actions and k in take) or k not in foreign}
         if unknown := sorted(k for k in cfg if k not in actions):
-            raise ConfigError(f"--config {path!r} has keys this entry point does not know: {unknown}; see --help for the names")
+            raise ConfigError(
+                f"--config {path!r} has keys this entry point does not know: {unknown}; see --help for the names"
+            )
         parser.set_defaults(**{k: _check_value(actions[k], v, path) for k, v in cfg.items()})
     return parser.parse_args(argv)
 
@@ -109,5 +133,7 @@ def check_seed(seed: Any, flag: str = "--seed") -> int:
 def check_run_name(name: str, flag: str = "--run_name") -> str:
     """A folder name that stays inside the output folder (no separators, not ``.``/``..``)."""
     if not name or name in (".", "..") or "/" in name or "\\" in name or os.sep in name:
-        raise ConfigError(f"{flag} {name!r} must be a plain folder name inside --output_dir (no '/', not '..')")
+        raise ConfigError(
+            f"{flag} {name!r} must be a plain folder name inside --output_dir (no '/', not '..')"
+        )
     return name

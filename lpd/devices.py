@@ -9,8 +9,14 @@ import warnings
 
 import torch
 
-__all__ = ["synchronize", "device_description", "library_versions", "cpu_has_native_bf16",
-           "warn_if_emulated_bf16", "available_cpus"]
+__all__ = [
+    "synchronize",
+    "device_description",
+    "library_versions",
+    "cpu_has_native_bf16",
+    "warn_if_emulated_bf16",
+    "available_cpus",
+]
 
 
 def available_cpus() -> int:
@@ -31,12 +37,20 @@ def device_description(device: torch.device | str) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     name = platform.processor() or platform.machine() or "unknown"
-    return f"cpu ({name}, {torch.get_num_threads()} threads)" if device.type == "cpu" else f"{device.type} ({name})"
+    return (
+        f"cpu ({name}, {torch.get_num_threads()} threads)"
+        if device.type == "cpu"
+        else f"{device.type} ({name})"
+    )
 
 
 def library_versions() -> dict[str, str | None]:
     """Versions of Python and the libraries that shape the numbers."""
-    out: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    out: dict[str, str | None] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+    }
     for pkg in ("lpd", "numpy", "pillow", "torch-fidelity", "torchvision", "scipy"):
         try:
             out[pkg] = importlib.metadata.version(pkg)
@@ -56,8 +70,17 @@ _WARNED = False
 def warn_if_emulated_bf16(device: torch.device | str, dtype: torch.dtype | None) -> None:
     """Warn once per process when bf16 is asked for on a CPU that can only emulate it."""
     global _WARNED
-    if _WARNED or dtype != torch.bfloat16 or torch.device(device).type != "cpu" or cpu_has_native_bf16():
+    if (
+        _WARNED
+        or dtype != torch.bfloat16
+        or torch.device(device).type != "cpu"
+        or cpu_has_native_bf16()
+    ):
         return
     _WARNED = True
-    warnings.warn("bf16 on this CPU is emulated (no AVX512-BF16 or AMX instructions) and is usually slower "
-                  "than fp32; leave bf16 off here (it pays on GPUs and on CPUs with AMX)", RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        "bf16 on this CPU is emulated (no AVX512-BF16 or AMX instructions) and is usually slower "
+        "than fp32; leave bf16 off here (it pays on GPUs and on CPUs with AMX)",
+        RuntimeWarning,
+        stacklevel=3,
+    )

@@ -8,15 +8,29 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "resolve_device", "barrier", "broadcast_object", "gather_object", "on_rank0",
-           "rank0_first", "RankError", "cleanup", "launch_env", "report_error", "lost_peer",
-           "exit_process"]
+__all__ = [
+    "DistInfo",
+    "init_distributed",
+    "resolve_device",
+    "barrier",
+    "broadcast_object",
+    "gather_object",
+    "on_rank0",
+    "rank0_first",
+    "RankError",
+    "cleanup",
+    "launch_env",
+    "report_error",
+    "lost_peer",
+    "exit_process",
+]
 
 
 class RankError(RuntimeError):
@@ -49,15 +63,19 @@ def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
         raise ValueError(f"--device {device!r}: {e}; give auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available on this machine (torch "
-                             f"{torch.__version__}, CUDA build {torch.version.cuda}); use "
-                             f"--device cpu or auto")
+            raise ValueError(
+                f"--device {device}: CUDA is not available on this machine (torch "
+                f"{torch.__version__}, CUDA build {torch.version.cuda}); use "
+                f"--device cpu or auto"
+            )
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
         if dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} "
-                             f"GPU(s) (process {local_rank} on this node); start fewer processes "
-                             f"per node")
+            raise ValueError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} "
+                f"GPU(s) (process {local_rank} on this node); start fewer processes "
+                f"per node"
+            )
         torch.cuda.set_device(dev)
     return dev
 
@@ -78,33 +96,49 @@ def launch_env(env: Mapping[str, str] | None = None) -> tuple[int, int, int]:
     try:
         rank, world, local = (int(env.get(n, "0")) for n in names)
     except ValueError:
-        raise ValueError(f"the launcher's {'/'.join(names)} are not integers: "
-                         f"{[env.get(n) for n in names]}") from None
+        raise ValueError(
+            f"the launcher's {'/'.join(names)} are not integers: {[env.get(n) for n in names]}"
+        ) from None
     if not 0 <= rank < world:
         raise ValueError(f"the launcher's {names[0]}={rank} is not a process of {names[1]}={world}")
     return rank, world, local
 
 
-def init_distributed(device: str | None = None, timeout_minutes: int = 60,
-                     rendezvous_s: float = 600) -> DistInfo:
+def init_distributed(
+    device: str | None = None, timeout_minutes: int = 60, rendezvous_s: float = 600
+) -> DistInfo:
     """Initialise the process group from the launcher's environment (no-op for one process). The
     processes meet within ``rendezvous_s`` seconds; a collective waits ``timeout_minutes``."""
     rank, world, local = launch_env()
     dev = resolve_device(device, local)
     if world > 1 and not (dist.is_available() and dist.is_initialized()):
         if "MASTER_ADDR" not in os.environ:
-            raise ValueError("multi-process run without MASTER_ADDR/MASTER_PORT: start it with "
-                             "torchrun, or through scripts/slurm.py (which sets them from Slurm's "
-                             "environment)")
+            raise ValueError(
+                "multi-process run without MASTER_ADDR/MASTER_PORT: start it with "
+                "torchrun, or through scripts/slurm.py (which sets them from Slurm's "
+                "environment)"
+            )
         for name, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local)):
             os.environ.setdefault(name, str(value))
-        _init_group("nccl" if dev.type == "cuda" else "gloo", rank, world, dev,
-                    datetime.timedelta(minutes=timeout_minutes), rendezvous_s)
+        _init_group(
+            "nccl" if dev.type == "cuda" else "gloo",
+            rank,
+            world,
+            dev,
+            datetime.timedelta(minutes=timeout_minutes),
+            rendezvous_s,
+        )
     return DistInfo(rank=rank, world_size=world, device=dev)
 
 
-def _init_group(backend: str, rank: int, world: int, dev: torch.device, timeout: datetime.timedelta,
-                rendezvous_s: float) -> None:
+def _init_group(
+    backend: str,
+    rank: int,
+    world: int,
+    dev: torch.device,
+    timeout: datetime.timedelta,
+    rendezvous_s: float,
+) -> None:
     """The process group, once the processes met (within ``rendezvous_s``; under torchrun its agent
     met them already)."""
     addr, port = os.environ["MASTER_ADDR"], int(os.environ.get("MASTER_PORT", "29500"))
@@ -116,15 +150,18 @@ def _init_group(backend: str, rank: int, world: int, dev: torch.device, timeout:
             dist.init_process_group(backend, timeout=timeout, **kw)
             return
         store = dist.TCPStore(addr, port, world, rank == 0, wait)
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout,
-                                **kw)
+        dist.init_process_group(
+            backend, store=store, rank=rank, world_size=world, timeout=timeout, **kw
+        )
         store.set_timeout(timeout)
     except dist.DistError as e:  # timed out, refused, port in use
         cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise RankError(f"process {rank} of {world} did not meet the others at "
-                        f"MASTER_ADDR:MASTER_PORT {addr}:{port} within {wait.total_seconds():g} s "
-                        f"({cause}); start all {world} processes together (torchrun, srun or "
-                        f"scripts/slurm.py) with the same MASTER_ADDR/MASTER_PORT") from None
+        raise RankError(
+            f"process {rank} of {world} did not meet the others at "
+            f"MASTER_ADDR:MASTER_PORT {addr}:{port} within {wait.total_seconds():g} s "
+            f"({cause}); start all {world} processes together (torchrun, srun or "
+            f"scripts/slurm.py) with the same MASTER_ADDR/MASTER_PORT"
+        ) from None
 
 
 def _active() -> bool:
@@ -202,8 +239,12 @@ def report_error(message: str, status: int = 2) -> int:
 
 def lost_peer(e: BaseException) -> bool:
     """Whether ``e`` says that another process of the run went away (it reports its own error)."""
-    gone = ("/gloo/transport/", "Connection closed by peer", "Connection reset by peer",
-            "Broken pipe")
+    gone = (
+        "/gloo/transport/",
+        "Connection closed by peer",
+        "Connection reset by peer",
+        "Broken pipe",
+    )
     return launch_env()[1] > 1 and (isinstance(e, dist.DistError) or any(s in str(e) for s in gone))
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from lpd import hub
 from lpd.config import HelpFormatter
@@ -22,36 +22,48 @@ __all__ = ["fetch", "commands", "main"]
 def fetch(model: str, img_size: int) -> dict[str, str]:
     """Every file of a ``main_eval.py`` run of the released ``model`` at ``img_size``, by name."""
     from lpd.metrics import resolve_inception_weights
-    more = {"ADM statistics": lambda: hub.resolve_fid_stats(img_size),
-            "Inception weights": resolve_inception_weights}
+
+    more = {
+        "ADM statistics": lambda: hub.resolve_fid_stats(img_size),
+        "Inception weights": resolve_inception_weights,
+    }
     return hub.resolve_model_files(model, img_size, more=more)
 
 
 def commands(model: str, img_size: int) -> list[str]:
     """Shell commands that put the same files where lpd looks for them."""
     from lpd.metrics import INCEPTION_WEIGHTS_URL, inception_cache
+
     checkpoint = hub.CHECKPOINT_FILENAME.format(model=model, img_size=img_size)
     stats = os.path.join(hub.fid_stats_dir(), hub.FID_STATS_FILENAME.format(img_size=img_size))
     inception = os.path.join(inception_cache(), os.path.basename(INCEPTION_WEIGHTS_URL))
-    return [f"hf download {hub.RELEASED_CHECKPOINTS[model, img_size]} {checkpoint}",
-            f"hf download {hub.VQ_REPO} {hub.VQ_FILENAME}",
-            f"curl -fL --create-dirs -o {stats} {hub.FID_STATS_SOURCES[img_size][0]}",
-            f"curl -fL --create-dirs -o {inception} {INCEPTION_WEIGHTS_URL}"]
+    return [
+        f"hf download {hub.RELEASED_CHECKPOINTS[model, img_size]} {checkpoint}",
+        f"hf download {hub.VQ_REPO} {hub.VQ_FILENAME}",
+        f"curl -fL --create-dirs -o {stats} {hub.FID_STATS_SOURCES[img_size][0]}",
+        f"curl -fL --create-dirs -o {inception} {INCEPTION_WEIGHTS_URL}",
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; missing files print one ``error:`` message naming each of them, and return 2."""
     released = hub.RELEASED_CHECKPOINTS
-    p = argparse.ArgumentParser(prog="python -m lpd.download", allow_abbrev=False,
-                                description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m lpd.download",
+        allow_abbrev=False,
+        description=__doc__,
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("model", choices=sorted({m for m, _ in released}), help="released model")
     p.add_argument("img_size", type=int, choices=sorted({s for _, s in released}), help="pixels")
     p.add_argument("--list", action="store_true", help="print the commands only; fetch nothing")
     args = p.parse_args(argv)
     if (args.model, args.img_size) not in released:
         pairs = ", ".join(f"{m} {s}" for m, s in released)
-        print(f"error: {args.model} was not released at {args.img_size} px; released: {pairs}",
-              file=sys.stderr)
+        print(
+            f"error: {args.model} was not released at {args.img_size} px; released: {pairs}",
+            file=sys.stderr,
+        )
         return 2
     print("The same with the command-line tools (HF_HUB_CACHE / HF_HOME choose the Hub cache):")
     print("\n".join(f"  {c}" for c in commands(args.model, args.img_size)), flush=True)
@@ -63,8 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("\n".join(f"{name}: {path}" for name, path in paths.items()))
-    print(f"ready: `HF_HUB_OFFLINE=1 python main_eval.py --model {args.model} --img_size "
-          f"{args.img_size}` finds every file without network access")
+    print(
+        f"ready: `HF_HUB_OFFLINE=1 python main_eval.py --model {args.model} --img_size "
+        f"{args.img_size}` finds every file without network access"
+    )
     return 0
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -26,51 +26,104 @@ __all__ = ["main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lpd.edit", allow_abbrev=False, description=__doc__,
-                                formatter_class=HelpFormatter)
-    p.add_argument("--config", default=None, help="YAML config (e.g. configs/demo.yaml): its model and tokenizer keys are used")
-    p.add_argument("--model", default=None, help="preset of a released checkpoint: lpd_l, lpd_xl, lpd_xxl")
-    p.add_argument("--img_size", type=int, default=None, help="256 or 512 (default: the checkpoint's)")
-    p.add_argument("--pretrained_ckpt", default=None, help="checkpoint file (default: the released one of --model)")
+    p = argparse.ArgumentParser(
+        prog="python -m lpd.edit",
+        allow_abbrev=False,
+        description=__doc__,
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        help="YAML config (e.g. configs/demo.yaml): its model and tokenizer keys are used",
+    )
+    p.add_argument(
+        "--model", default=None, help="preset of a released checkpoint: lpd_l, lpd_xl, lpd_xxl"
+    )
+    p.add_argument(
+        "--img_size", type=int, default=None, help="256 or 512 (default: the checkpoint's)"
+    )
+    p.add_argument(
+        "--pretrained_ckpt",
+        default=None,
+        help="checkpoint file (default: the released one of --model)",
+    )
     p.add_argument("--model_config", type=yaml_mapping, default=None, help=argparse.SUPPRESS)
     p.add_argument("--tokenizer", choices=["vq", "palette"], default="vq")
     p.add_argument("--vqgan_path", default=None, help="vq_ds16_c2i.pt (default: from the Hub)")
-    p.add_argument("--vq_config", type=yaml_mapping, default=None, help="tokenizer arguments (palette: {levels: 4})")
-    p.add_argument("--image", required=True, help="the image to edit (centre-cropped to the model's size)")
+    p.add_argument(
+        "--vq_config",
+        type=yaml_mapping,
+        default=None,
+        help="tokenizer arguments (palette: {levels: 4})",
+    )
+    p.add_argument(
+        "--image", required=True, help="the image to edit (centre-cropped to the model's size)"
+    )
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--mask", help="mask image: white = regenerate")
-    where.add_argument("--region", help="box:x0,y0,x1,y1 | left | right | top | bottom | center | border:PX")
-    p.add_argument("--label", type=int, default=None, help="class of the edit (default: unconditional, cfg 1)")
-    p.add_argument("--steps", type=int, default=12, help="decoding steps for the regenerated tokens")
+    where.add_argument(
+        "--region", help="box:x0,y0,x1,y1 | left | right | top | bottom | center | border:PX"
+    )
+    p.add_argument(
+        "--label", type=int, default=None, help="class of the edit (default: unconditional, cfg 1)"
+    )
+    p.add_argument(
+        "--steps", type=int, default=12, help="decoding steps for the regenerated tokens"
+    )
     p.add_argument("--num", type=int, default=4, help="how many edits")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prefill", choices=["one", "schedule"], default="one", help="layout of the known tokens")
-    p.add_argument("--paste", action="store_true", help="paste the original pixels back outside the mask")
+    p.add_argument(
+        "--prefill", choices=["one", "schedule"], default="one", help="layout of the known tokens"
+    )
+    p.add_argument(
+        "--paste", action="store_true", help="paste the original pixels back outside the mask"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", default="edited.png", help="grid PNG; the edits go next to it")
-    p.add_argument("--overwrite", action="store_true", help="replace output files that lpd did not write")
-    add_paper_sampling_args(p, {"cfg": "else --config's",
-                                "repulsion_threshold": "else 2 at 16x16 tokens, 4 at 32x32"})
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace output files that lpd did not write"
+    )
+    add_paper_sampling_args(
+        p, {"cfg": "else --config's", "repulsion_threshold": "else 2 at 16x16 tokens, 4 at 32x32"}
+    )
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; user errors print one ``error:`` line and return 2."""
     from lpd.demo.run import build_parser as demo_parser
+
     try:
-        take = ("model", "img_size", "model_config", "tokenizer", "vqgan_path", "vq_config", *SamplingConfig.__dataclass_fields__)
+        take = (
+            "model",
+            "img_size",
+            "model_config",
+            "tokenizer",
+            "vqgan_path",
+            "vq_config",
+            *SamplingConfig.__dataclass_fields__,
+        )
         args = parse_args_with_config(build_parser(), argv, also_known=demo_parser(), take=take)
         for flag, value in (("--steps", args.steps), ("--num", args.num)):
             if value < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
-        import torch
         from lpd import hub
         from lpd.images import load_mask, read_image, save_grid, write_png, written_by_lpd
-        inputs = [(f"--{k}", getattr(args, k)) for k in ("image", "mask", "pretrained_ckpt", "vqgan_path", "config")]
+
+        inputs = [
+            (f"--{k}", getattr(args, k))
+            for k in ("image", "mask", "pretrained_ckpt", "vqgan_path", "config")
+        ]
         stem, _ = os.path.splitext(args.output)
         for path in [args.output, *(f"{stem}_{k}.png" for k in range(args.num))]:
-            if problem := check_output_path(path, "--output" if path == args.output else "the edit", inputs,
-                                            args.overwrite, written_by_lpd):
+            if problem := check_output_path(
+                path,
+                "--output" if path == args.output else "the edit",
+                inputs,
+                args.overwrite,
+                written_by_lpd,
+            ):
                 raise ConfigError(problem)
         read_image(args.image)  # unreadable inputs are refused before the model is loaded
         if args.mask is not None:
@@ -78,16 +131,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                 load_mask(args.mask, None)
             except ValueError as e:
                 raise ConfigError(f"--mask {args.mask}: {e}") from None
+        from lpd.distributed import resolve_device
         from lpd.models import load_lpd
         from lpd.pipeline import LPDPipeline, command_line
         from lpd.tokenizer import make_tokenizer
-        from lpd.distributed import resolve_device
+
         device = resolve_device(args.device)
         if not (args.pretrained_ckpt or args.model):
-            raise ConfigError("no model: pass --model (lpd_l, lpd_xl, lpd_xxl) or --pretrained_ckpt FILE")
+            raise ConfigError(
+                "no model: pass --model (lpd_l, lpd_xl, lpd_xxl) or --pretrained_ckpt FILE"
+            )
         vq = args.tokenizer == "vq" and (args.vqgan_path or args.vq_config is None)
-        files = hub.resolve_model_files(args.model, args.img_size or 256, vq=vq,
-                                        vqgan_path=args.vqgan_path, checkpoint=args.pretrained_ckpt)
+        files = hub.resolve_model_files(
+            args.model,
+            args.img_size or 256,
+            vq=vq,
+            vqgan_path=args.vqgan_path,
+            checkpoint=args.pretrained_ckpt,
+        )
         model = load_lpd(files["checkpoint"], model=args.model, img_size=args.img_size).to(device)
         vq_path = files.get("VQ tokenizer", args.vqgan_path)
         tokenizer = make_tokenizer(args.tokenizer, vq_path, args.vq_config, args.seed, device)
@@ -97,17 +158,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings["cfg"] = 1.0  # unconditional
         with command_line():
             mask = args.region if args.mask is None else args.mask
-            out = pipe.inpaint(args.image, mask, args.label, steps=args.steps, num=args.num,
-                               seed=args.seed, paste=args.paste, prefill=args.prefill, **settings)
+            out = pipe.inpaint(
+                args.image,
+                mask,
+                args.label,
+                steps=args.steps,
+                num=args.num,
+                seed=args.seed,
+                paste=args.paste,
+                prefill=args.prefill,
+                **settings,
+            )
     except (OSError, ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     edits = [f"edit {k}" for k in range(len(out["edits"]))]
-    save_grid(args.output, [out["source"], out["masked"], *out["edits"]], ncol=2 + len(edits),
-              max_tile=out["source"].shape[0], col_labels=["source", "masked", *edits])
+    save_grid(
+        args.output,
+        [out["source"], out["masked"], *out["edits"]],
+        ncol=2 + len(edits),
+        max_tile=out["source"].shape[0],
+        col_labels=["source", "masked", *edits],
+    )
     for k, im in enumerate(out["edits"]):
         write_png(f"{stem}_{k}.png", np.ascontiguousarray(im))
-    print(f"wrote {args.output} (source, masked source, {len(out['edits'])} edits) and {stem}_0..{len(out['edits']) - 1}.png")
+    print(
+        f"wrote {args.output} (source, masked source, {len(out['edits'])} edits) and {stem}_0..{len(out['edits']) - 1}.png"
+    )
     return 0
 
 

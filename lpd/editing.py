@@ -6,7 +6,8 @@ The known tokens are prefilled into the KV cache, then only the unknown ones are
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,9 +16,17 @@ from lpd.evaluate import decode_tokens
 from lpd.images import image_to_tensor, load_image, load_mask
 from lpd.orders import lpd_orders, random_orders
 from lpd.sampling import Decoder, SamplingConfig
-from lpd.schedules import group_sizes as schedule_for, scaled_group_sizes, validate_group_sizes
+from lpd.schedules import group_sizes as schedule_for
+from lpd.schedules import scaled_group_sizes, validate_group_sizes
 
-__all__ = ["edit_tokens", "edit_images", "region_mask", "token_keep", "prefill_layout", "PREFILL_LAYOUTS"]
+__all__ = [
+    "edit_tokens",
+    "edit_images",
+    "region_mask",
+    "token_keep",
+    "prefill_layout",
+    "PREFILL_LAYOUTS",
+]
 
 PREFILL_LAYOUTS = ("one", "schedule")
 
@@ -27,9 +36,13 @@ def region_mask(region: str, img_size: int) -> np.ndarray:
     ``bottom`` (that half), ``center`` (the middle half of each side) or ``border:PX``."""
     s, m = img_size, np.zeros((img_size, img_size), dtype=bool)
     half, q = s // 2, s // 4
-    fixed = {"left": (slice(None), slice(0, half)), "right": (slice(None), slice(half, s)),
-             "top": (slice(0, half), slice(None)), "bottom": (slice(half, s), slice(None)),
-             "center": (slice(q, s - q), slice(q, s - q))}
+    fixed = {
+        "left": (slice(None), slice(0, half)),
+        "right": (slice(None), slice(half, s)),
+        "top": (slice(0, half), slice(None)),
+        "bottom": (slice(half, s), slice(None)),
+        "center": (slice(q, s - q), slice(q, s - q)),
+    }
     if region in fixed:
         m[fixed[region]] = True
         return m
@@ -38,16 +51,22 @@ def region_mask(region: str, img_size: int) -> np.ndarray:
     if box:
         x0, y0, x1, y1 = map(int, box.groups())
         if not (0 <= x0 < x1 <= s and 0 <= y0 < y1 <= s):
-            raise ValueError(f"--region {region}: the box must satisfy 0 <= x0 < x1 <= {s} and 0 <= y0 < y1 <= {s}")
+            raise ValueError(
+                f"--region {region}: the box must satisfy 0 <= x0 < x1 <= {s} and 0 <= y0 < y1 <= {s}"
+            )
         m[y0:y1, x0:x1] = True
     elif border:
         px = int(border.group(1))
         if not 0 < px < s // 2:
-            raise ValueError(f"--region {region}: the border must be between 1 and {s // 2 - 1} pixels")
+            raise ValueError(
+                f"--region {region}: the border must be between 1 and {s // 2 - 1} pixels"
+            )
         m[:] = True
         m[px : s - px, px : s - px] = False
     else:
-        raise ValueError(f"--region {region!r}: use box:x0,y0,x1,y1, left, right, top, bottom, center or border:PX")
+        raise ValueError(
+            f"--region {region!r}: use box:x0,y0,x1,y1, left, right, top, bottom, center or border:PX"
+        )
     return m
 
 
@@ -59,23 +78,37 @@ def token_keep(mask: np.ndarray, patch: int = 16) -> np.ndarray:
     return ~mask.reshape(h // patch, patch, w // patch, patch).any(axis=(1, 3)).reshape(-1)
 
 
-def prefill_layout(layout: str, m: int, img_size: int, generator: torch.Generator | None) -> tuple[torch.Tensor, list[int]]:
+def prefill_layout(
+    layout: str, m: int, img_size: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, list[int]]:
     """Order and group sizes of ``m`` prefilled known tokens: ``one`` group, or ``schedule``: a random order grouped as
     the first ``m`` tokens of the released 20-step schedule (the context a model sees in training)."""
     if layout == "one":
         return torch.arange(m), [m]
     if layout != "schedule":
         raise ValueError(f"prefill layout must be one of {PREFILL_LAYOUTS}, got {layout!r}")
-    sizes = np.diff(np.minimum(np.cumsum(schedule_for(img_size, min(20, (img_size // 16) ** 2))), m), prepend=0)
+    sizes = np.diff(
+        np.minimum(np.cumsum(schedule_for(img_size, min(20, (img_size // 16) ** 2))), m), prepend=0
+    )
     return torch.randperm(m, generator=generator), sizes[sizes > 0].tolist()
 
 
-def _orders(kind: str, keep: np.ndarray, sizes: list[int], grid: int, sampling: SamplingConfig, seed: int) -> np.ndarray:
+def _orders(
+    kind: str, keep: np.ndarray, sizes: list[int], grid: int, sampling: SamplingConfig, seed: int
+) -> np.ndarray:
     """Unknown positions of each row of ``keep [B, N]`` in decoding order."""
     idx = np.arange(len(keep))
     if kind == "lpd":
-        return lpd_orders(len(keep), sizes, grid, sampling.proximity_threshold, sampling.repulsion_threshold, seed=seed,
-                          indices=idx, known=keep)
+        return lpd_orders(
+            len(keep),
+            sizes,
+            grid,
+            sampling.proximity_threshold,
+            sampling.repulsion_threshold,
+            seed=seed,
+            indices=idx,
+            known=keep,
+        )
     if kind == "random":
         return random_orders(len(keep), grid, seed=seed, indices=idx, known=keep)
     if kind == "raster":
@@ -83,20 +116,34 @@ def _orders(kind: str, keep: np.ndarray, sizes: list[int], grid: int, sampling: 
     raise ValueError(f"order must be lpd, random or raster, got {kind!r}")
 
 
-def _prepare(model: torch.nn.Module, tokens: Any, keep: Any, labels: Any) -> tuple[torch.Tensor, np.ndarray, torch.Tensor | None]:
+def _prepare(
+    model: torch.nn.Module, tokens: Any, keep: Any, labels: Any
+) -> tuple[torch.Tensor, np.ndarray, torch.Tensor | None]:
     device, N = model.pos_embed.device, model.num_tokens
-    tokens = torch.as_tensor(np.asarray(tokens) if not isinstance(tokens, torch.Tensor) else tokens).to(device)
+    tokens = torch.as_tensor(
+        np.asarray(tokens) if not isinstance(tokens, torch.Tensor) else tokens
+    ).to(device)
     keep = np.asarray(keep.cpu() if isinstance(keep, torch.Tensor) else keep)
     if tokens.dim() != 2 or tokens.shape[1] != N or tokens.is_floating_point():
-        raise ValueError(f"tokens must be integers [B, {N}] (raster order), got {tokens.dtype} {list(tokens.shape)}")
+        raise ValueError(
+            f"tokens must be integers [B, {N}] (raster order), got {tokens.dtype} {list(tokens.shape)}"
+        )
     if keep.dtype != bool or keep.shape != tuple(tokens.shape):
-        raise ValueError(f"keep must be a bool mask of the tokens' shape {list(tokens.shape)}, got {keep.dtype} {list(keep.shape)}")
+        raise ValueError(
+            f"keep must be a bool mask of the tokens' shape {list(tokens.shape)}, got {keep.dtype} {list(keep.shape)}"
+        )
     if labels is not None:
-        labels = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels).to(device)
+        labels = torch.as_tensor(
+            np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels
+        ).to(device)
         if labels.is_floating_point() or labels.shape != (len(tokens),):
-            raise ValueError(f"labels must be {len(tokens)} integers, got {labels.dtype} {list(labels.shape)}")
+            raise ValueError(
+                f"labels must be {len(tokens)} integers, got {labels.dtype} {list(labels.shape)}"
+            )
         if labels.numel() and (labels.min() < 0 or labels.max() >= model.class_num):
-            raise ValueError(f"labels must be in 0..{model.class_num - 1} (--label), got {labels.tolist()}")
+            raise ValueError(
+                f"labels must be in 0..{model.class_num - 1} (--label), got {labels.tolist()}"
+            )
     return tokens.long(), keep, labels
 
 
@@ -108,31 +155,57 @@ def _known(model: Any, keep: np.ndarray, layout: str, generator: Any) -> tuple[t
     return known[:, perm.to(device)], [s for s in sizes if s]
 
 
-def edit_tokens(model: torch.nn.Module, tokens: Any, keep: Any, labels: Any = None, *, steps: int | None = None,
-                group_sizes: Sequence[int] | None = None, order: str | None = None, generator: torch.Generator | None = None,
-                sampling: SamplingConfig | None = None, prefill: str = "one", greedy: bool = False,
-                **settings: Any) -> torch.Tensor:
+def edit_tokens(
+    model: torch.nn.Module,
+    tokens: Any,
+    keep: Any,
+    labels: Any = None,
+    *,
+    steps: int | None = None,
+    group_sizes: Sequence[int] | None = None,
+    order: str | None = None,
+    generator: torch.Generator | None = None,
+    sampling: SamplingConfig | None = None,
+    prefill: str = "one",
+    greedy: bool = False,
+    **settings: Any,
+) -> torch.Tensor:
     """``[B, N]`` raster ``tokens`` with those not in ``keep [B, N]`` (True = known, kept exactly) regenerated as ``labels``
     (None: unconditional) in ``steps`` (scaled released table) or ``group_sizes``; ``prefill``: :func:`prefill_layout`."""
     sampling = (sampling or SamplingConfig()).replace(**settings)
     tokens, keep, labels = _prepare(model, tokens, keep, labels)
     if labels is None and sampling.cfg != 1.0:
-        raise ValueError("classifier-free guidance needs labels; use cfg=1.0 for unconditional editing")
+        raise ValueError(
+            "classifier-free guidance needs labels; use cfg=1.0 for unconditional editing"
+        )
     if prefill not in PREFILL_LAYOUTS:
         raise ValueError(f"prefill layout must be one of {PREFILL_LAYOUTS}, got {prefill!r}")
     out, decoder = tokens.clone(), Decoder(model, sampling, greedy=greedy)
     n_unknown = (~keep).sum(1)
     seed = int(torch.randint(2**62, (1,), generator=generator))
-    for n in sorted(set(n_unknown.tolist()) - {0}):  # images with as many unknown tokens decode together
+    for n in sorted(
+        set(n_unknown.tolist()) - {0}
+    ):  # images with as many unknown tokens decode together
         rows = np.flatnonzero(n_unknown == n)
         if group_sizes is not None:
             sizes = validate_group_sizes(group_sizes, n)
         else:
             if steps is None or isinstance(steps, bool) or not 1 <= steps <= n:
-                raise ValueError(f"--steps must be an integer between 1 and the {n} tokens to regenerate, got {steps!r}")
+                raise ValueError(
+                    f"--steps must be an integer between 1 and the {n} tokens to regenerate, got {steps!r}"
+                )
             sizes = scaled_group_sizes(n, steps, model.config.img_size)
-        orders = torch.as_tensor(_orders(order or sampling.order, keep[rows], sizes, model.grid_size, sampling, seed + int(rows[0])),
-                                 device=tokens.device)
+        orders = torch.as_tensor(
+            _orders(
+                order or sampling.order,
+                keep[rows],
+                sizes,
+                model.grid_size,
+                sampling,
+                seed + int(rows[0]),
+            ),
+            device=tokens.device,
+        )
         sub, lab = tokens[rows], None if labels is None else labels[rows]
         known, known_sizes = _known(model, keep[rows], prefill, generator)  # they come first
         given = torch.gather(sub, 1, known) if known_sizes else None
@@ -142,32 +215,61 @@ def edit_tokens(model: torch.nn.Module, tokens: Any, keep: Any, labels: Any = No
     return out
 
 
-def edit_images(model: torch.nn.Module, tokenizer: torch.nn.Module, image: Any, mask: Any, label: int | None, *,
-                num: int = 1, steps: int = 12, seed: int = 0, paste: bool = False, **options: Any) -> dict[str, np.ndarray]:
+def edit_images(
+    model: torch.nn.Module,
+    tokenizer: torch.nn.Module,
+    image: Any,
+    mask: Any,
+    label: int | None,
+    *,
+    num: int = 1,
+    steps: int = 12,
+    seed: int = 0,
+    paste: bool = False,
+    **options: Any,
+) -> dict[str, np.ndarray]:
     """``num`` edits of one RGB image (ADM-cropped) under ``mask`` (white = regenerate, or a :func:`region_mask`
     region): uint8 ``source``, ``masked`` (greyed) and ``edits [num, H, W, 3]``; ``paste``: source pixels outside."""
     size = model.config.img_size
     source = load_image(image, size)
-    is_region = isinstance(mask, str) and re.fullmatch(r"(left|right|top|bottom|center|box:.*|border:.*)", mask)
+    is_region = isinstance(mask, str) and re.fullmatch(
+        r"(left|right|top|bottom|center|box:.*|border:.*)", mask
+    )
     pixels = region_mask(mask, size) if is_region else load_mask(mask, size, image=image)
     keep = token_keep(pixels, int(getattr(tokenizer, "downsample_factor", 16)))
     with torch.no_grad():
         tokens = tokenizer.encode(image_to_tensor(source).to(model.pos_embed.device)).reshape(1, -1)
     fields = {k: options.pop(k) for k in list(options) if k in SamplingConfig.__dataclass_fields__}
     sampling = (options.pop("sampling", None) or SamplingConfig()).replace(**fields)
-    edited = edit_tokens(model, tokens.expand(num, -1), np.broadcast_to(keep, (num, keep.size)).copy(),
-                         None if label is None else [label] * num, steps=steps, generator=torch.Generator().manual_seed(seed),
-                         sampling=sampling, **options)
-    edits = decode_tokens(tokenizer, edited, sampling)  # as an evaluation decodes: fixed chunks, bf16 if asked
+    edited = edit_tokens(
+        model,
+        tokens.expand(num, -1),
+        np.broadcast_to(keep, (num, keep.size)).copy(),
+        None if label is None else [label] * num,
+        steps=steps,
+        generator=torch.Generator().manual_seed(seed),
+        sampling=sampling,
+        **options,
+    )
+    edits = decode_tokens(
+        tokenizer, edited, sampling
+    )  # as an evaluation decodes: fixed chunks, bf16 if asked
     if paste:
         edits = np.where(pixels[None, :, :, None], edits, source[None])
     masked = np.where(pixels[:, :, None], (source * 0.3 + 90).astype(np.uint8), source)
     return {"source": source, "masked": masked, "edits": edits}
 
 
-def editing_logits(model: torch.nn.Module, tokens: torch.Tensor, keep: np.ndarray, labels: torch.Tensor | None,
-                   orders: torch.Tensor, group_sizes: Sequence[int], prefill: str = "one",
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+def editing_logits(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    keep: np.ndarray,
+    labels: torch.Tensor | None,
+    orders: torch.Tensor,
+    group_sizes: Sequence[int],
+    prefill: str = "one",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Head outputs of editing fed the true unknown tokens (teacher forcing), ``[B, n, V]`` in decoding order."""
     tokens, keep, labels = _prepare(model, tokens, keep, labels)
     known, known_sizes = _known(model, keep, prefill, generator)

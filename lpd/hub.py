@@ -10,22 +10,32 @@ import contextlib
 import os
 import tempfile
 import warnings
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import huggingface_hub
 import numpy as np
 import torch.hub
 from huggingface_hub import constants, errors
 
-RELEASED_CHECKPOINTS: dict[tuple[str, int], str] = {(m, s): f"mit-han-lab/{m}_{s}" for m, s in (  # Hub repositories
-    ("lpd_l", 256), ("lpd_xl", 256), ("lpd_xxl", 256), ("lpd_l", 512), ("lpd_xl", 512))}
+RELEASED_CHECKPOINTS: dict[tuple[str, int], str] = {
+    (m, s): f"mit-han-lab/{m}_{s}"
+    for m, s in (  # Hub repositories
+        ("lpd_l", 256),
+        ("lpd_xl", 256),
+        ("lpd_xxl", 256),
+        ("lpd_l", 512),
+        ("lpd_xl", 512),
+    )
+}
 CHECKPOINT_FILENAME = "{model}_{img_size}.pth"  # as loaded by the released evaluation scripts
 _CHECKPOINT_EXTS = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 VQ_REPO, VQ_FILENAME = "FoundationVision/LlamaGen", "vq_ds16_c2i.pt"
 FID_STATS_FILENAME = "adm_in{img_size}_stats.npz"
 FID_STATS_SOURCES: dict[int, tuple[str, ...]] = {
-    256: ("https://github.com/LTH14/mar/raw/main/fid_stats/adm_in256_stats.npz",
-          "https://github.com/mit-han-lab/lpd/raw/main/fid_stats/adm_in256_stats.npz"),
+    256: (
+        "https://github.com/LTH14/mar/raw/main/fid_stats/adm_in256_stats.npz",
+        "https://github.com/mit-han-lab/lpd/raw/main/fid_stats/adm_in256_stats.npz",
+    ),
     512: ("https://github.com/mit-han-lab/lpd/raw/main/fid_stats/adm_in512_stats.npz",),
 }
 ADM_REFERENCE_BATCHES: dict[int, str] = {  # OpenAI's ADM reference images (arr_0)
@@ -37,8 +47,10 @@ FID_STATS_HINT = (
     "as fid_stats/adm_in256_stats.npz in https://github.com/LTH14/mar and read from fid_stats/ by the released LPD "
     "code (https://github.com/mit-han-lab/lpd); a third-party mirror of both resolutions is "
     "https://huggingface.co/sinaalemohammad/Neon. They can also be computed from OpenAI's ADM reference batches ("
-    + " and ".join(ADM_REFERENCE_BATCHES.values()) + ") with `python -m lpd.metrics stats --input "
-    "VIRTUAL_imagenet512.npz --output adm_in512_stats.npz` (any reference images work the same way).")
+    + " and ".join(ADM_REFERENCE_BATCHES.values())
+    + ") with `python -m lpd.metrics stats --input "
+    "VIRTUAL_imagenet512.npz --output adm_in512_stats.npz` (any reference images work the same way)."
+)
 
 
 class ResolveError(FileNotFoundError):
@@ -55,8 +67,10 @@ def resolve_all(resolvers: Mapping[str, Callable[[], str]], hint: str = "") -> d
             failed[name] = str(e)
     if len(failed) > 1:
         each = "\n".join(f"({k}) {m}" for k, m in enumerate(failed.values(), 1))
-        raise ResolveError(f"{len(failed)} files are missing ({', '.join(failed)}):\n{each}"
-                           + (f"\n{hint}" if hint else ""))
+        raise ResolveError(
+            f"{len(failed)} files are missing ({', '.join(failed)}):\n{each}"
+            + (f"\n{hint}" if hint else "")
+        )
     if failed:
         raise ResolveError(next(iter(failed.values())) + (f"\n  {hint}" if hint else ""))
     return paths
@@ -66,14 +80,17 @@ def download_hint(model: str | None, img_size: int) -> str:
     """How to fetch every file of a released model at once ("" for others)."""
     if (model, img_size) not in RELEASED_CHECKPOINTS:
         return ""
-    return (f"On a machine with network access, `python -m lpd.download {model} {img_size}` "
-            f"fetches all of them (`--list` prints the commands); HF_HUB_OFFLINE=1 then skips "
-            f"every network call.")
+    return (
+        f"On a machine with network access, `python -m lpd.download {model} {img_size}` "
+        f"fetches all of them (`--list` prints the commands); HF_HUB_OFFLINE=1 then skips "
+        f"every network call."
+    )
 
 
 def resolve_user_checkpoint(path: str | os.PathLike) -> str:
     """What --pretrained_ckpt names: a file, a sharded or exported folder, an export repository."""
     from lpd.checkpoint import export_folder
+
     path = os.fspath(path)
     path = export_folder(path) or path
     if os.path.isdir(path):
@@ -82,8 +99,13 @@ def resolve_user_checkpoint(path: str | os.PathLike) -> str:
 
 
 def resolve_model_files(
-    model: str | None, img_size: int, *, checkpoint: str | os.PathLike | None = None,
-    released: bool = True, vqgan_path: str | os.PathLike | None = None, vq: bool = True,
+    model: str | None,
+    img_size: int,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    released: bool = True,
+    vqgan_path: str | os.PathLike | None = None,
+    vq: bool = True,
     more: Mapping[str, Callable[[], str]] | None = None,
 ) -> dict[str, str]:
     """With :func:`resolve_all`: "checkpoint" (``checkpoint``, else the released one of ``model`` if
@@ -100,13 +122,19 @@ def resolve_model_files(
 
 def fid_stats_dir() -> str:
     """Where downloaded ADM statistics are kept: ``$LPD_CACHE/fid_stats`` (``~/.cache/lpd``)."""
-    return os.path.join(os.path.expanduser(os.environ.get("LPD_CACHE") or "~/.cache/lpd"),
-                        "fid_stats")
+    return os.path.join(
+        os.path.expanduser(os.environ.get("LPD_CACHE") or "~/.cache/lpd"), "fid_stats"
+    )
 
 
 def offline() -> bool:
     """HF_HUB_OFFLINE as huggingface_hub read it at import, or as set now."""
-    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in (
+        "1",
+        "true",
+        "yes",
+        "on",
+    )
 
 
 def cause(exc: BaseException) -> str:
@@ -116,39 +144,70 @@ def cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).strip().partition(chr(10))[0]}".rstrip(": ")
 
 
-def local_file(path: str | os.PathLike, *, what: str = "file", flag: str | None = None, hint: str = "") -> str:
+def local_file(
+    path: str | os.PathLike, *, what: str = "file", flag: str | None = None, hint: str = ""
+) -> str:
     """``path`` if it is an existing file, else a ResolveError naming ``flag``."""
     p = os.path.expanduser(os.fspath(path))
     if os.path.isfile(p):
         return p
     reason = "is a directory, not a file" if os.path.isdir(p) else "does not exist"
-    raise ResolveError(f"The {what} given{f' with {flag}' if flag else ''} ({p}) {reason}." + (f"\n  {hint}" if hint else ""))
+    raise ResolveError(
+        f"The {what} given{f' with {flag}' if flag else ''} ({p}) {reason}."
+        + (f"\n  {hint}" if hint else "")
+    )
 
 
 _HUB_FAILURES = (  # first match wins: GatedRepoError is a RepositoryNotFoundError
-    (errors.GatedRepoError, "the repository is gated; accept its terms on huggingface.co and log in (`hf auth login`)"),
+    (
+        errors.GatedRepoError,
+        "the repository is gated; accept its terms on huggingface.co and log in (`hf auth login`)",
+    ),
     (errors.RepositoryNotFoundError, "the repository does not exist or is private"),
     (errors.RemoteEntryNotFoundError, "the repository has no file {filename}"),
-    (errors.LocalEntryNotFoundError, "the Hub could not be reached and the file is not in the cache {cache}"),
+    (
+        errors.LocalEntryNotFoundError,
+        "the Hub could not be reached and the file is not in the cache {cache}",
+    ),
     (Exception, "the download failed"),
 )
 
 
-def hub_file(repo_id: str, filename: str, *, what: str, flag: str, cache_dir: str | os.PathLike | None = None,
-              hint: str = "", fallback: bool = False) -> str:
+def hub_file(
+    repo_id: str,
+    filename: str,
+    *,
+    what: str,
+    flag: str,
+    cache_dir: str | os.PathLike | None = None,
+    hint: str = "",
+    fallback: bool = False,
+) -> str:
     """Local path of ``filename`` in the Hub model repository ``repo_id``: the cache, else a download."""
     # HF_HUB_CACHE is read now so that a changed environment counts; the default is huggingface_hub's.
-    cache = os.path.expanduser(os.fspath(cache_dir or os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE))
+    cache = os.path.expanduser(
+        os.fspath(cache_dir or os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE)
+    )
 
     def get(name: str, local: bool) -> str:
-        return huggingface_hub.hf_hub_download(repo_id, name, cache_dir=cache, local_files_only=local)
+        return huggingface_hub.hf_hub_download(
+            repo_id, name, cache_dir=cache, local_files_only=local
+        )
 
-    def single_other(names: Sequence[str], where: str) -> str | None:  # the only checkpoint under another name
-        picks = [n for n in names if n.endswith(_CHECKPOINT_EXTS) and n != filename] if fallback else []
+    def single_other(
+        names: Sequence[str], where: str
+    ) -> str | None:  # the only checkpoint under another name
+        picks = (
+            [n for n in names if n.endswith(_CHECKPOINT_EXTS) and n != filename] if fallback else []
+        )
         if len(picks) != 1:
             return None
-        warnings.warn(f"{repo_id} has no {filename}; using its only checkpoint file {picks[0]} ({where})", stacklevel=3)
+        warnings.warn(
+            f"{repo_id} has no {filename}; using its only checkpoint file {picks[0]} ({where})",
+            stacklevel=3,
+        )
         return picks[0]
+
     with contextlib.suppress(OSError, ValueError):
         return get(filename, local=True)
     if offline():
@@ -158,11 +217,17 @@ def hub_file(repo_id: str, filename: str, *, what: str, flag: str, cache_dir: st
     else:
         try:
             return get(filename, local=False)
-        except Exception as exc:  # HTTP, connection (httpx errors are not OSErrors), disk: reported with the cause
+        except (
+            Exception
+        ) as exc:  # HTTP, connection (httpx errors are not OSErrors), disk: reported with the cause
             missing = isinstance(exc, errors.RemoteEntryNotFoundError)
-            if missing and (alt := single_other(_repo_files(repo_id, cache, local=False), "listed on the Hub")):
+            if missing and (
+                alt := single_other(_repo_files(repo_id, cache, local=False), "listed on the Hub")
+            ):
                 return hub_file(repo_id, alt, what=what, flag=flag, cache_dir=cache, hint=hint)
-            reason = next(r for t, r in _HUB_FAILURES if isinstance(exc, t)).format(filename=filename, cache=cache)
+            reason = next(r for t, r in _HUB_FAILURES if isinstance(exc, t)).format(
+                filename=filename, cache=cache
+            )
             reason += f" ({cause(exc)})."
     url = f"https://huggingface.co/{repo_id}/resolve/main/{filename}"
     raise ResolveError(
@@ -170,7 +235,9 @@ def hub_file(repo_id: str, filename: str, *, what: str, flag: str, cache_dir: st
         f"  URL: {url}\n  How to provide it:\n    - download {url} on a machine with network access and pass its "
         f"path: {flag} /path/to/{os.path.basename(filename)}\n    - or fill the Hugging Face cache with `hf download "
         f"{repo_id} {filename}` (this machine's cache: {cache}; HF_HUB_CACHE / HF_HOME choose another) and copy the "
-        f"cache folder here; it is used without network access" + (f"\n    - {hint}" if hint else ""))
+        f"cache folder here; it is used without network access"
+        + (f"\n    - {hint}" if hint else "")
+    )
 
 
 def _repo_files(repo_id: str, cache: str, local: bool) -> list[str]:
@@ -181,36 +248,60 @@ def _repo_files(repo_id: str, cache: str, local: bool) -> list[str]:
         repos = huggingface_hub.scan_cache_dir(cache).repos
     except Exception:  # best effort: the caller then reports the file it expected
         return []
-    return sorted({str(f.file_path.relative_to(rev.snapshot_path)) for repo in repos
-                   if repo.repo_id == repo_id and repo.repo_type == "model"
-                   for rev in repo.revisions for f in rev.files})
+    return sorted(
+        {
+            str(f.file_path.relative_to(rev.snapshot_path))
+            for repo in repos
+            if repo.repo_id == repo_id and repo.repo_type == "model"
+            for rev in repo.revisions
+            for f in rev.files
+        }
+    )
 
 
 def _download_url(url: str, path: str) -> None:
     torch.hub.download_url_to_file(url, path, progress=True)
 
 
-def url_file(urls: str | Sequence[str], *, cache_dir: str | os.PathLike, filename: str | None = None,
-             path: str | os.PathLike | None = None, flag: str | None = None, what: str | None = None,
-             download: bool = True, search_paths: Sequence[str | os.PathLike] = (), hint: str = "",
-             validate: Callable[[str], None] | None = None) -> str:
+def url_file(
+    urls: str | Sequence[str],
+    *,
+    cache_dir: str | os.PathLike,
+    filename: str | None = None,
+    path: str | os.PathLike | None = None,
+    flag: str | None = None,
+    what: str | None = None,
+    download: bool = True,
+    search_paths: Sequence[str | os.PathLike] = (),
+    hint: str = "",
+    validate: Callable[[str], None] | None = None,
+) -> str:
     """Local path of a file published at ``urls``: ``path``, ``search_paths``, ``cache_dir``, else a download."""
     urls = (urls,) if isinstance(urls, str) else tuple(urls)
     filename = filename or os.path.basename(urls[0].split("?")[0])
     what = what or filename
     if path is not None:
-        return local_file(path, what=what, flag=flag, hint=f"It is published at {' or '.join(urls)}. {hint}".strip())
+        return local_file(
+            path,
+            what=what,
+            flag=flag,
+            hint=f"It is published at {' or '.join(urls)}. {hint}".strip(),
+        )
     dst = os.path.join(os.path.expanduser(os.fspath(cache_dir)), filename)
     looked = [os.path.expanduser(os.fspath(p)) for p in search_paths] + [dst]
     if found := next((p for p in looked if os.path.isfile(p)), None):
         return found
     if offline() or not download:
-        reason = ("offline mode (HF_HUB_OFFLINE=1) is on" if offline() else "downloads are disabled") + " and it is not on disk."
+        reason = (
+            "offline mode (HF_HUB_OFFLINE=1) is on" if offline() else "downloads are disabled"
+        ) + " and it is not on disk."
     else:
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         failures = []
         for url in urls:  # each to a temporary file, checked, then renamed: dst is never partial
-            fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=f"-{filename}", dir=os.path.dirname(dst))
+            fd, tmp = tempfile.mkstemp(
+                prefix=".partial-", suffix=f"-{filename}", dir=os.path.dirname(dst)
+            )
             os.close(fd)
             try:
                 _download_url(url, tmp)
@@ -229,31 +320,53 @@ def url_file(urls: str | Sequence[str], *, cache_dir: str | os.PathLike, filenam
     raise ResolveError(
         f"Could not get the {what} ({filename}): {reason}\n  URL: {' or '.join(urls)}\n"
         f"  Looked for it at: {', '.join(looked)}\n  How to provide it: download it on a machine with "
-        f"network access and put it at {dst}" + (f", or pass its path with {flag}." if flag else ".")
-        + (f"\n  {hint}" if hint else ""))
+        f"network access and put it at {dst}"
+        + (f", or pass its path with {flag}." if flag else ".")
+        + (f"\n  {hint}" if hint else "")
+    )
 
 
-def resolve_checkpoint(model: str, img_size: int, path: str | os.PathLike | None = None,
-                       cache_dir: str | os.PathLike | None = None) -> str:
+def resolve_checkpoint(
+    model: str,
+    img_size: int,
+    path: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> str:
     """Local path of an LPD checkpoint: ``path`` (--pretrained_ckpt), else the released one of ``model``."""
     flag = "--pretrained_ckpt"
     if path is not None:
-        return local_file(path, what="LPD checkpoint", flag=flag,
-                          hint="Leave out --pretrained_ckpt to use the released checkpoint of --model/--img_size.")
+        return local_file(
+            path,
+            what="LPD checkpoint",
+            flag=flag,
+            hint="Leave out --pretrained_ckpt to use the released checkpoint of --model/--img_size.",
+        )
     repo = RELEASED_CHECKPOINTS.get((model, int(img_size)))
     if repo is None:
         released = ", ".join(f"{m} at {s}px" for m, s in RELEASED_CHECKPOINTS)
-        raise ResolveError(f"No released checkpoint for model {model!r} at {img_size} px (released: {released}). "
-                           f"Pass your own checkpoint with {flag}, or --random_init for random weights.")
-    return hub_file(repo, CHECKPOINT_FILENAME.format(model=model, img_size=int(img_size)), flag=flag,
-                     what=f"released {model} {img_size}px checkpoint", cache_dir=cache_dir, fallback=True)
+        raise ResolveError(
+            f"No released checkpoint for model {model!r} at {img_size} px (released: {released}). "
+            f"Pass your own checkpoint with {flag}, or --random_init for random weights."
+        )
+    return hub_file(
+        repo,
+        CHECKPOINT_FILENAME.format(model=model, img_size=int(img_size)),
+        flag=flag,
+        what=f"released {model} {img_size}px checkpoint",
+        cache_dir=cache_dir,
+        fallback=True,
+    )
 
 
-def resolve_vq(path: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None) -> str:
+def resolve_vq(
+    path: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None
+) -> str:
     """Local path of the LlamaGen VQ tokenizer: ``path`` (--vqgan_path), else the released one."""
     if path is not None:
         return local_file(path, what="LlamaGen VQ tokenizer", flag="--vqgan_path")
-    return hub_file(VQ_REPO, VQ_FILENAME, what="LlamaGen VQ tokenizer", flag="--vqgan_path", cache_dir=cache_dir)
+    return hub_file(
+        VQ_REPO, VQ_FILENAME, what="LlamaGen VQ tokenizer", flag="--vqgan_path", cache_dir=cache_dir
+    )
 
 
 def _validate_stats(path: str) -> None:
@@ -262,8 +375,12 @@ def _validate_stats(path: str) -> None:
             raise ValueError(f"not FID statistics: holds {data.files}, not mu and sigma")
 
 
-def resolve_fid_stats(img_size: int, path: str | os.PathLike | None = None, *,
-                      cache_dir: str | os.PathLike | None = None) -> str:
+def resolve_fid_stats(
+    img_size: int,
+    path: str | os.PathLike | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+) -> str:
     """Local path of ``adm_in{img_size}_stats.npz``: ``path``, ./fid_stats/, the cache, else a download."""
     filename = FID_STATS_FILENAME.format(img_size=int(img_size))
     what, flag = f"ADM reference statistics for {img_size}px (FID)", "--fid_stats"
@@ -271,8 +388,18 @@ def resolve_fid_stats(img_size: int, path: str | os.PathLike | None = None, *,
         return local_file(path, what=what, flag=flag, hint=FID_STATS_HINT)
     urls = FID_STATS_SOURCES.get(int(img_size))
     if urls is None:
-        raise ResolveError(f"No reference statistics are known for {img_size}px images; pass a statistics file "
-                           f"with {flag}. {FID_STATS_HINT}")
+        raise ResolveError(
+            f"No reference statistics are known for {img_size}px images; pass a statistics file "
+            f"with {flag}. {FID_STATS_HINT}"
+        )
     cache = cache_dir or fid_stats_dir()
-    return url_file(urls, cache_dir=cache, filename=filename, flag=flag, what=what, hint=FID_STATS_HINT,
-                    search_paths=[os.path.join("fid_stats", filename)], validate=_validate_stats)  # released layout
+    return url_file(
+        urls,
+        cache_dir=cache,
+        filename=filename,
+        flag=flag,
+        what=what,
+        hint=FID_STATS_HINT,
+        search_paths=[os.path.join("fid_stats", filename)],
+        validate=_validate_stats,
+    )  # released layout

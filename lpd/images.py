@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 import os
 import zipfile
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,8 +15,23 @@ from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from lpd.checkpoint import atomic_write_bytes
 
-__all__ = ["ImageFileError", "IMAGE_EXTENSIONS", "center_crop_arr", "convert", "read_image", "load_image",
-           "load_mask", "written_by_lpd", "image_to_tensor", "to_uint8", "image_path", "write_png", "read_png", "write_npz", "save_grid"]
+__all__ = [
+    "ImageFileError",
+    "IMAGE_EXTENSIONS",
+    "center_crop_arr",
+    "convert",
+    "read_image",
+    "load_image",
+    "load_mask",
+    "written_by_lpd",
+    "image_to_tensor",
+    "to_uint8",
+    "image_path",
+    "write_png",
+    "read_png",
+    "write_npz",
+    "save_grid",
+]
 
 ImageSource = str | os.PathLike | Image.Image | np.ndarray
 
@@ -24,8 +40,25 @@ class ImageFileError(ValueError):
     """An image file that is missing or cannot be decoded."""
 
 
-_WIDE_GREYS = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # PIL's convert() clips these to 0..255 (white)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
+_WIDE_GREYS = (
+    "I",
+    "I;16",
+    "I;16B",
+    "I;16L",
+    "I;16N",
+    "F",
+)  # PIL's convert() clips these to 0..255 (white)
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".ppm",
+    ".bmp",
+    ".pgm",
+    ".tif",
+    ".tiff",
+    ".webp",
+)  # torchvision's
 SOFTWARE = "lpd"  # the Software text of the PNGs lpd writes
 _PNG_INFO = PngImagePlugin.PngInfo()
 _PNG_INFO.add_text("Software", SOFTWARE)
@@ -38,7 +71,9 @@ def _adm_crop(pil_image: Image.Image, image_size: int) -> np.ndarray:
     scale = image_size / min(*pil_image.size)
     w, h = (round(x * scale) for x in pil_image.size)
     left, top = (w - image_size) // 2, (h - image_size) // 2
-    if w * h > MAX_ASPECT_WORK * image_size**2:  # a long thin image: resample the crop only (within 1-2 levels)
+    if (
+        w * h > MAX_ASPECT_WORK * image_size**2
+    ):  # a long thin image: resample the crop only (within 1-2 levels)
         sx, sy = pil_image.width / w, pil_image.height / h
         box = (left * sx, top * sy, (left + image_size) * sx, (top + image_size) * sy)
         return np.array(pil_image.resize((image_size, image_size), resample=Image.BICUBIC, box=box))
@@ -73,20 +108,26 @@ def _pil(source: ImageSource, what: str, mask: bool = False) -> Image.Image:
         grey = mask and source.ndim == 2 and source.dtype in (np.uint8, np.bool_)
         if not (rgb or grey) or source.size == 0:
             want = "uint8 [H, W, 3]" + (" or bool / uint8 [H, W]" if mask else "")
-            raise ValueError(f"{what} array must be {want}, got {source.dtype} {list(source.shape)}")
+            raise ValueError(
+                f"{what} array must be {want}, got {source.dtype} {list(source.shape)}"
+            )
         return Image.fromarray(np.ascontiguousarray(source))
     if isinstance(source, Image.Image):
         return source
     if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"{what} must be a file path, a PIL image or a numpy array, got {type(source).__name__}")
+        raise TypeError(
+            f"{what} must be a file path, a PIL image or a numpy array, got {type(source).__name__}"
+        )
     path = os.fspath(source)
     try:
         with Image.open(path) as im:
             im.load()  # decodes every pixel: a truncated file fails here
             return im
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ImageFileError(f"{what} file {path!r} cannot be read ({type(e).__name__}: {e}): give an existing, "
-                             f"undamaged PNG or JPEG") from None
+        raise ImageFileError(
+            f"{what} file {path!r} cannot be read ({type(e).__name__}: {e}): give an existing, "
+            f"undamaged PNG or JPEG"
+        ) from None
 
 
 def _mask_image(source: ImageSource) -> Image.Image:
@@ -109,25 +150,34 @@ def load_image(source: ImageSource, img_size: int) -> np.ndarray:
     return _adm_crop(convert(_pil(source, "image"), "RGB"), _check_size(img_size))
 
 
-def load_mask(source: ImageSource, img_size: int | None, image: ImageSource | None = None) -> np.ndarray:
+def load_mask(
+    source: ImageSource, img_size: int | None, image: ImageSource | None = None
+) -> np.ndarray:
     """bool ``[img_size, img_size]``, True where white (grey >= 128, or 1 in a 0/1 mask): as is at that size
     (or any size with ``img_size=None``), else cropped as ``image``. A mask that selects nothing is refused."""
     mask = _mask_image(source)
     if img_size is not None and mask.size != (_check_size(img_size),) * 2:
         got = f"the mask is {mask.height}x{mask.width} (HxW)"
         if image is None:
-            raise ValueError(f"{got}, not {img_size}x{img_size}: give a mask of the cropped image's size, or pass "
-                             f"image= (the image it was drawn on) to crop it like the image")
+            raise ValueError(
+                f"{got}, not {img_size}x{img_size}: give a mask of the cropped image's size, or pass "
+                f"image= (the image it was drawn on) to crop it like the image"
+            )
         w, h = _pil(image, "image").size
         if mask.size != (w, h):
-            raise ValueError(f"{got} but its image is {h}x{w}: a mask must have the image's size or "
-                             f"{img_size}x{img_size} (the cropped image's)")
+            raise ValueError(
+                f"{got} but its image is {h}x{w}: a mask must have the image's size or "
+                f"{img_size}x{img_size} (the cropped image's)"
+            )
         out = _adm_crop(mask, img_size) >= 128
     else:
         out = np.asarray(mask) >= 128
     if not out.any():
-        raise ValueError("the mask selects no pixel" + (" of the cropped image" if out.shape != mask.size[::-1] else "")
-                         + ": white (or 1 in a 0/1 mask) marks what to regenerate")
+        raise ValueError(
+            "the mask selects no pixel"
+            + (" of the cropped image" if out.shape != mask.size[::-1] else "")
+            + ": white (or 1 in a 0/1 mask) marks what to regenerate"
+        )
     return out
 
 
@@ -135,8 +185,17 @@ def image_to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 ``[H, W, 3]`` or ``[B, H, W, 3]`` -> float32 ``[B, 3, H, W]`` in [-1, 1]; the inverse of :func:`to_uint8`."""
     x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images))
     if x.dtype != torch.uint8 or x.dim() not in (3, 4) or x.shape[-1] != 3:
-        raise ValueError(f"images must be uint8 [H, W, 3] or [B, H, W, 3], got {x.dtype} {list(x.shape)}")
-    return (x[None] if x.dim() == 3 else x).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
+        raise ValueError(
+            f"images must be uint8 [H, W, 3] or [B, H, W, 3], got {x.dtype} {list(x.shape)}"
+        )
+    return (
+        (x[None] if x.dim() == 3 else x)
+        .permute(0, 3, 1, 2)
+        .float()
+        .div(127.5)
+        .sub(1.0)
+        .contiguous()
+    )
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -179,7 +238,12 @@ def read_png(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np
 
 def write_npz(path: str | os.PathLike, image_paths: Sequence[str], size: tuple[int, int]) -> None:
     """Pack PNGs into an ADM ``.npz`` (``arr_0``: uint8 ``[N, H, W, 3]``), streamed one image at a time."""
-    header = {"descr": "|u1", "fortran_order": False, "shape": (len(image_paths), int(size[0]), int(size[1]), 3)}
+    header = {
+        "descr": "|u1",
+        "fortran_order": False,
+        "shape": (len(image_paths), int(size[0]), int(size[1]), 3),
+    }
+
     def write(f: Any) -> None:
         with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             with zf.open("arr_0.npy", "w", force_zip64=True) as out:
@@ -187,14 +251,23 @@ def write_npz(path: str | os.PathLike, image_paths: Sequence[str], size: tuple[i
                 for p in image_paths:
                     arr = read_png(p, size)
                     if arr is None:
-                        raise ImageFileError(f"cannot pack {p!r} into {os.fspath(path)!r}: missing or unreadable PNG")
+                        raise ImageFileError(
+                            f"cannot pack {p!r} into {os.fspath(path)!r}: missing or unreadable PNG"
+                        )
                     out.write(arr.tobytes())
+
     atomic_write_bytes(path, write)
 
 
-def save_grid(path: str | os.PathLike, images: Sequence[np.ndarray], ncol: int = 8,
-              max_tile: int = 256, gutter: int = 2, row_labels: Sequence[str] | None = None,
-              col_labels: Sequence[str] | None = None) -> None:
+def save_grid(
+    path: str | os.PathLike,
+    images: Sequence[np.ndarray],
+    ncol: int = 8,
+    max_tile: int = 256,
+    gutter: int = 2,
+    row_labels: Sequence[str] | None = None,
+    col_labels: Sequence[str] | None = None,
+) -> None:
     """Write uint8 ``[H, W, 3]`` images as one PNG grid: tiles shrunk to at most ``max_tile``
     pixels, ``gutter`` white pixels between them, ``row_labels`` left of the rows, ``col_labels``
     above the columns."""

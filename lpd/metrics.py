@@ -1,8 +1,8 @@
 """FID and Inception Score on upstream torch-fidelity's ``inception-v3-compat`` Inception-v3.
 
-    python -m lpd.metrics stats --input REF_IMAGES --output STATS.npz [--inception_weights PATH]
-    python -m lpd.metrics stats --input IMAGENET/val --img_size 256 --output STATS.npz
-    python -m lpd.metrics fid --input SAMPLES --stats STATS.npz [--json OUT.json]
+python -m lpd.metrics stats --input REF_IMAGES --output STATS.npz [--inception_weights PATH]
+python -m lpd.metrics stats --input IMAGENET/val --img_size 256 --output STATS.npz
+python -m lpd.metrics fid --input SAMPLES --stats STATS.npz [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import sys
 import warnings
 import zipfile
 import zlib
-from typing import Any, Callable, Iterator, NamedTuple, Union
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 from unittest import mock
 
 import numpy as np
@@ -26,14 +27,12 @@ from lpd.config import HelpFormatter
 from lpd.distributed import resolve_device
 from lpd.images import IMAGE_EXTENSIONS, ImageFileError, read_image
 
-INCEPTION_WEIGHTS_URL = (
-    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
-)
+INCEPTION_WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_FEATURES = 2048
 ADM_FORMAT = "an ADM .npz (arr_0: uint8 N x H x W x 3)"
 
 #: A folder of images, an ADM ``.npz`` or ``.npy`` path, uint8 numpy N x H x W x 3, uint8 tensor N x 3 x H x W.
-Images = Union[str, os.PathLike, np.ndarray, torch.Tensor]
+Images = str | os.PathLike | np.ndarray | torch.Tensor
 #: uint8 images ``[B, 3, H, W]`` on the device -> ``(features [B, F], logits [B, C] or None)``.
 Extractor = Callable[[torch.Tensor], tuple]
 _DECODE_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
@@ -45,6 +44,7 @@ class MetricsError(ValueError):
 
 class FeatureStatistics(NamedTuple):
     """Float64 feature mean (F,) and covariance (F, F), float32 logits (N, C) in image order or None."""
+
     mu: np.ndarray
     sigma: np.ndarray
     logits: np.ndarray | None
@@ -56,14 +56,26 @@ def inception_cache() -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints")
 
 
-def resolve_inception_weights(path: str | os.PathLike | None = None, *, download: bool = True) -> str:
+def resolve_inception_weights(
+    path: str | os.PathLike | None = None, *, download: bool = True
+) -> str:
     """Local Inception weights: ``path``, else the torch hub cache (downloaded there if missing)."""
-    return hub.url_file(INCEPTION_WEIGHTS_URL, cache_dir=inception_cache(), path=path,
-                        flag="--inception_weights", what="torch-fidelity Inception-v3 weights", download=download)
+    return hub.url_file(
+        INCEPTION_WEIGHTS_URL,
+        cache_dir=inception_cache(),
+        path=path,
+        flag="--inception_weights",
+        what="torch-fidelity Inception-v3 weights",
+        download=download,
+    )
 
 
-def inception_extractor(weights_path: str | os.PathLike | None = None, device: str | torch.device = "cpu", *,
-                        download: bool = True) -> torch.nn.Module:
+def inception_extractor(
+    weights_path: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    download: bool = True,
+) -> torch.nn.Module:
     """torch-fidelity's ``inception-v3-compat`` on ``device``: uint8 images -> (pool 2048, logits_unbiased 1008)."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
@@ -71,13 +83,18 @@ def inception_extractor(weights_path: str | os.PathLike | None = None, device: s
     try:  # torch-fidelity's own torch.load is not weights-only: force it
         with mock.patch.dict(os.environ, {"TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"}):
             os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
-            net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                              feature_extractor_weights_path=path)
+            net = FeatureExtractorInceptionV3(
+                "inception-v3-compat",
+                ["2048", "logits_unbiased"],
+                feature_extractor_weights_path=path,
+            )
     except Exception as exc:  # noqa: BLE001 - any unreadable weights file
         reason = (str(exc).strip().splitlines() or [""])[0]
-        raise MetricsError(f"cannot load the Inception weights {path} ({type(exc).__name__}: {reason}); they must be "
-                           f"a plain state dict (read with weights_only=True): download {INCEPTION_WEIGHTS_URL} and "
-                           f"pass it with --inception_weights") from None
+        raise MetricsError(
+            f"cannot load the Inception weights {path} ({type(exc).__name__}: {reason}); they must be "
+            f"a plain state dict (read with weights_only=True): download {INCEPTION_WEIGHTS_URL} and "
+            f"pass it with --inception_weights"
+        ) from None
     return net.to(device)
 
 
@@ -85,25 +102,37 @@ def _nchw(x: np.ndarray | torch.Tensor, where: str) -> torch.Tensor:
     """uint8 images as a tensor [B, 3, H, W]; numpy input is N x H x W x 3, torch input N x 3 x H x W."""
     if isinstance(x, np.ndarray):
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
-            raise MetricsError(f"{where}: expected uint8 RGB images N x H x W x 3, got {x.dtype} {x.shape}")
+            raise MetricsError(
+                f"{where}: expected uint8 RGB images N x H x W x 3, got {x.dtype} {x.shape}"
+            )
         return torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous()
     if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
-        raise MetricsError(f"{where}: expected uint8 RGB images N x 3 x H x W, got {x.dtype} {tuple(x.shape)}; "
-                           f"convert with (x.clamp(0, 1) * 255).round().to(torch.uint8)")
+        raise MetricsError(
+            f"{where}: expected uint8 RGB images N x 3 x H x W, got {x.dtype} {tuple(x.shape)}; "
+            f"convert with (x.clamp(0, 1) * 255).round().to(torch.uint8)"
+        )
     return x
 
 
 def _file_batches(files: list[str], batch_size: int) -> Iterator[torch.Tensor]:
     for i in range(0, len(files), batch_size):
         arrays = []
-        for path in files[i:i + batch_size]:
+        for path in files[i : i + batch_size]:
             try:
-                arrays.append(np.asarray(read_image(path)))  # by its mode: 16-bit greys are not white
+                arrays.append(
+                    np.asarray(read_image(path))
+                )  # by its mode: 16-bit greys are not white
             except ImageFileError as exc:
-                raise MetricsError(f"{path} is not a readable image ({exc}); re-save or remove it") from None
+                raise MetricsError(
+                    f"{path} is not a readable image ({exc}); re-save or remove it"
+                ) from None
         if len({a.shape for a in arrays}) > 1:
-            sizes = ", ".join(f"{os.path.basename(f)}: {a.shape[:2]}" for f, a in zip(files[i:], arrays[:4]))
-            raise MetricsError(f"images of different sizes in one batch ({sizes}, ...); all must share a size")
+            sizes = ", ".join(
+                f"{os.path.basename(f)}: {a.shape[:2]}" for f, a in zip(files[i:], arrays[:4])
+            )
+            raise MetricsError(
+                f"images of different sizes in one batch ({sizes}, ...); all must share a size"
+            )
         yield _nchw(np.stack(arrays), files[i])
 
 
@@ -112,21 +141,31 @@ def _npz_batches(path: str, batch_size: int) -> Iterator[Any]:
     try:
         with zipfile.ZipFile(path) as zf:
             if "arr_0.npy" not in zf.namelist():
-                raise MetricsError(f"{path} has no arr_0 (expected {ADM_FORMAT}); it holds {zf.namelist()}")
+                raise MetricsError(
+                    f"{path} has no arr_0 (expected {ADM_FORMAT}); it holds {zf.namelist()}"
+                )
             with zf.open("arr_0.npy") as f:
                 major, _ = np.lib.format.read_magic(f)
-                read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                read = (
+                    np.lib.format.read_array_header_1_0
+                    if major == 1
+                    else np.lib.format.read_array_header_2_0
+                )
                 shape, fortran, dtype = read(f)
                 if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
-                    raise MetricsError(f"{path}: arr_0 is {dtype} {shape}{' in Fortran order' if fortran else ''}; "
-                                       f"expected {ADM_FORMAT}, C order")
+                    raise MetricsError(
+                        f"{path}: arr_0 is {dtype} {shape}{' in Fortran order' if fortran else ''}; "
+                        f"expected {ADM_FORMAT}, C order"
+                    )
                 yield shape[0]
                 per_image = int(np.prod(shape[1:]))
                 for i in range(0, shape[0], batch_size):
                     b = min(batch_size, shape[0] - i)
                     buf = f.read(b * per_image)
                     if len(buf) != b * per_image:
-                        raise MetricsError(f"{path}: arr_0 is truncated at image {i + len(buf) // per_image}")
+                        raise MetricsError(
+                            f"{path}: arr_0 is truncated at image {i + len(buf) // per_image}"
+                        )
                     yield _nchw(np.frombuffer(buf, np.uint8).reshape((b, *shape[1:])), path)
     except MetricsError:
         raise
@@ -137,11 +176,14 @@ def _npz_batches(path: str, batch_size: int) -> Iterator[Any]:
 def _image_folder_batches(root: str, batch_size: int, img_size: int) -> tuple[int, Iterator]:
     """An ImageFolder (class folders, or a folder with train/) read as by main_cache.py."""
     from lpd.datasets import DataError, image_folder
+
     try:
         data = image_folder(root, img_size)
     except (OSError, ValueError):  # no class folder, or no image in them
-        raise MetricsError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)}), "
-                           f"nor class folders of them (an ImageFolder)") from None
+        raise MetricsError(
+            f"image folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)}), "
+            f"nor class folders of them (an ImageFolder)"
+        ) from None
 
     def batches() -> Iterator[torch.Tensor]:
         for i in range(0, len(data), batch_size):
@@ -150,32 +192,45 @@ def _image_folder_batches(root: str, batch_size: int, img_size: int) -> tuple[in
                 try:
                     crops.append(data[j][0])
                 except DataError as exc:  # names the file
-                    raise MetricsError(f"{data.samples[j][0]} is not a readable image "
-                                       f"({exc.__cause__}); re-save or remove it") from None
+                    raise MetricsError(
+                        f"{data.samples[j][0]} is not a readable image "
+                        f"({exc.__cause__}); re-save or remove it"
+                    ) from None
             yield (torch.stack(crops) + 1.0).mul_(127.5).round_().to(torch.uint8)  # the crops
+
     return len(data), batches()
 
 
-def image_batches(images: Images, batch_size: int,
-                  img_size: int = 256) -> tuple[int, Iterator[torch.Tensor]]:
+def image_batches(
+    images: Images, batch_size: int, img_size: int = 256
+) -> tuple[int, Iterator[torch.Tensor]]:
     """Check ``images`` and count them without decoding; return (count, uint8 [b, 3, H, W] CPU
     batches). An ImageFolder (class folders) is ADM-cropped to ``img_size``, the rest kept as is."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise MetricsError(f"batch_size must be a positive integer, got {batch_size!r}")
     if isinstance(images, (np.ndarray, torch.Tensor)):
         _nchw(images[:0], "images")
-        return len(images), (_nchw(images[i:i + batch_size], "images") for i in range(0, len(images), batch_size))
+        return len(images), (
+            _nchw(images[i : i + batch_size], "images") for i in range(0, len(images), batch_size)
+        )
     if not isinstance(images, (str, os.PathLike)):
-        raise TypeError(f"images must be a path, a numpy array or a tensor, got {type(images).__name__}")
+        raise TypeError(
+            f"images must be a path, a numpy array or a tensor, got {type(images).__name__}"
+        )
     p = os.fspath(images)
     if os.path.isdir(p):
-        files = [os.path.join(p, f) for f in sorted(os.listdir(p)) if f.lower().endswith(IMAGE_EXTENSIONS)
-                 and not f.startswith(".")]
+        files = [
+            os.path.join(p, f)
+            for f in sorted(os.listdir(p))
+            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+        ]
         if not files:
             return _image_folder_batches(p, batch_size, img_size)
         return len(files), _file_batches(files, batch_size)
     if not os.path.isfile(p):
-        raise MetricsError(f"{p} does not exist (expected a folder of images, {ADM_FORMAT} or an .npy)")
+        raise MetricsError(
+            f"{p} does not exist (expected a folder of images, {ADM_FORMAT} or an .npy)"
+        )
     if p.endswith(".npz"):
         batches = _npz_batches(p, batch_size)
         return next(batches), batches
@@ -183,22 +238,33 @@ def image_batches(images: Images, batch_size: int,
         try:
             arr = np.load(p, mmap_mode="r", allow_pickle=False)
         except _DECODE_ERRORS as exc:
-            raise MetricsError(f"cannot read {p} ({exc}); expected an .npy of uint8 N x H x W x 3") from None
+            raise MetricsError(
+                f"cannot read {p} ({exc}); expected an .npy of uint8 N x H x W x 3"
+            ) from None
         _nchw(arr[:0], p)
-        return len(arr), (_nchw(arr[i:i + batch_size], p) for i in range(0, len(arr), batch_size))
+        return len(arr), (_nchw(arr[i : i + batch_size], p) for i in range(0, len(arr), batch_size))
     raise MetricsError(f"{p} is neither a folder of images nor an .npz/.npy file")
 
 
-def compute_statistics(images: Images, extractor: Extractor, batch_size: int = 50,
-                       device: str | torch.device = "cpu", *, progress: bool = True,
-                       img_size: int = 256) -> FeatureStatistics:
+def compute_statistics(
+    images: Images,
+    extractor: Extractor,
+    batch_size: int = 50,
+    device: str | torch.device = "cpu",
+    *,
+    progress: bool = True,
+    img_size: int = 256,
+) -> FeatureStatistics:
     """One pass of ``extractor`` over ``images``: float64 mean and covariance of the features, and
     the logits (an ImageFolder is cropped to ``img_size``, see :func:`image_batches`)."""
     num, batches = image_batches(images, batch_size, img_size)
     if num < 2:
         raise MetricsError(f"statistics need at least 2 images, got {num}")
     n, shift, s1, s2, logits = 0, None, None, None, []
-    with torch.inference_mode(), tqdm(total=num, unit="img", desc="features", disable=not progress) as bar:
+    with (
+        torch.inference_mode(),
+        tqdm(total=num, unit="img", desc="features", disable=not progress) as bar,
+    ):
         for batch in batches:
             feats, lg = extractor(batch.to(device))
             x = feats.detach().to("cpu", torch.float64).flatten(1).numpy()
@@ -220,6 +286,7 @@ def compute_statistics(images: Images, extractor: Extractor, batch_size: int = 5
 
 def _sqrtm(a: np.ndarray) -> np.ndarray:
     import scipy.linalg
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # singular products are handled by the caller
         return scipy.linalg.sqrtm(a)
@@ -229,24 +296,31 @@ def _large_imaginary(c: np.ndarray) -> bool:
     return np.iscomplexobj(c) and not np.allclose(np.diagonal(c).imag, 0, atol=1e-3)
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
     """``|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))`` with scipy's sqrtm in float64, as ADM."""
     mu1, mu2 = (np.atleast_1d(np.asarray(m, np.float64)) for m in (mu1, mu2))
     sigma1, sigma2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
     if mu1.shape != mu2.shape or mu1.ndim != 1:
         raise MetricsError(f"means have different or bad shapes: {mu1.shape} vs {mu2.shape}")
     if sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
-        raise MetricsError(f"covariances must both be {len(mu1)}x{len(mu1)}, got {sigma1.shape} and {sigma2.shape}")
+        raise MetricsError(
+            f"covariances must both be {len(mu1)}x{len(mu1)}, got {sigma1.shape} and {sigma2.shape}"
+        )
     if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
         raise MetricsError("the means or covariances have non-finite values")
     covmean = _sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all() or _large_imaginary(covmean):  # singular product: regularise once
+    if not np.isfinite(covmean).all() or _large_imaginary(
+        covmean
+    ):  # singular product: regularise once
         offset = np.eye(len(mu1)) * eps
         covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if _large_imaginary(covmean):
-        raise MetricsError(f"the matrix square root has a large imaginary part ({np.abs(covmean.imag).max():.3g}): "
-                           f"the covariances are too ill-conditioned (too few images for the feature size?)")
+        raise MetricsError(
+            f"the matrix square root has a large imaginary part ({np.abs(covmean.imag).max():.3g}): "
+            f"the covariances are too ill-conditioned (too few images for the feature size?)"
+        )
     covmean = covmean.real
     if not np.isfinite(covmean).all():
         raise MetricsError("the matrix square root is not finite even with an eps offset")
@@ -265,14 +339,18 @@ def inception_score(logits: np.ndarray | torch.Tensor, splits: int = 10) -> tupl
     x = x[np.random.RandomState(2020).permutation(n)].double()
     p, log_p = x.softmax(dim=1), x.log_softmax(dim=1)
     cuts = [i * n // splits for i in range(1, splits)]
-    scores = [(pc * (lpc - pc.mean(dim=0, keepdim=True).log())).sum(dim=1).mean().exp().item()
-              for pc, lpc in zip(p.tensor_split(cuts), log_p.tensor_split(cuts))]
+    scores = [
+        (pc * (lpc - pc.mean(dim=0, keepdim=True).log())).sum(dim=1).mean().exp().item()
+        for pc, lpc in zip(p.tensor_split(cuts), log_p.tensor_split(cuts))
+    ]
     return float(np.mean(scores)), float(np.std(scores))
 
 
 def _check_stats(mu: np.ndarray, sigma: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise MetricsError(f"{where}: expected mu (F,) and sigma (F, F), got mu {mu.shape} and sigma {sigma.shape}")
+        raise MetricsError(
+            f"{where}: expected mu (F,) and sigma (F, F), got mu {mu.shape} and sigma {sigma.shape}"
+        )
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise MetricsError(f"{where}: mu/sigma contain non-finite values")
     return mu, sigma
@@ -280,52 +358,85 @@ def _check_stats(mu: np.ndarray, sigma: np.ndarray, where: str) -> tuple[np.ndar
 
 def save_statistics(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) -> None:
     """Write ``mu`` (F,) and ``sigma`` (F, F) to the ``.npz`` ``path`` atomically."""
-    mu, sigma = _check_stats(np.asarray(mu, np.float64), np.asarray(sigma, np.float64), "statistics to save")
+    mu, sigma = _check_stats(
+        np.asarray(mu, np.float64), np.asarray(sigma, np.float64), "statistics to save"
+    )
     checkpoint.atomic_write_bytes(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
 
 
-def load_statistics(path: str | os.PathLike, *, flag: str = "--fid_stats") -> tuple[np.ndarray, np.ndarray]:
+def load_statistics(
+    path: str | os.PathLike, *, flag: str = "--fid_stats"
+) -> tuple[np.ndarray, np.ndarray]:
     """Float64 ``mu`` (F,) and ``sigma`` (F, F) of an ``.npz`` (other entries, as in ADM batches, are ignored)."""
-    p = hub.local_file(path, what="FID reference statistics file", flag=flag, hint=hub.FID_STATS_HINT)
+    p = hub.local_file(
+        path, what="FID reference statistics file", flag=flag, hint=hub.FID_STATS_HINT
+    )
     try:
         data = np.load(p, allow_pickle=False)
         if not isinstance(data, np.lib.npyio.NpzFile):
-            raise MetricsError(f"{p} is an .npy array, not an .npz statistics file. {hub.FID_STATS_HINT}")
+            raise MetricsError(
+                f"{p} is an .npy array, not an .npz statistics file. {hub.FID_STATS_HINT}"
+            )
         with data:
             if "mu" not in data.files or "sigma" not in data.files:
-                raise MetricsError(f"{p} is not a statistics file: it needs entries 'mu' and 'sigma', it has "
-                                   f"{data.files}. {hub.FID_STATS_HINT}")
+                raise MetricsError(
+                    f"{p} is not a statistics file: it needs entries 'mu' and 'sigma', it has "
+                    f"{data.files}. {hub.FID_STATS_HINT}"
+                )
             mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
     except MetricsError:
         raise
     except _DECODE_ERRORS as exc:
-        raise MetricsError(f"cannot read statistics file {p}: {exc}. {hub.FID_STATS_HINT}") from None
+        raise MetricsError(
+            f"cannot read statistics file {p}: {exc}. {hub.FID_STATS_HINT}"
+        ) from None
     return _check_stats(mu, sigma, p)
 
 
-def compute_metrics(images: Images, reference: tuple[np.ndarray, np.ndarray] | None, extractor: Extractor, *,
-                    batch_size: int = 50, device: str | torch.device = "cpu", progress: bool = True,
-                    img_size: int = 256) -> dict[str, Any]:
+def compute_metrics(
+    images: Images,
+    reference: tuple[np.ndarray, np.ndarray] | None,
+    extractor: Extractor,
+    *,
+    batch_size: int = 50,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    img_size: int = 256,
+) -> dict[str, Any]:
     """``fid`` (against ``(mu, sigma)``), ``inception_score(_std)`` (of the logits) and ``num_images``, one pass.
 
     ``fid`` is None without ``reference``, the IS entries when the extractor gives no logits.
     """
     if reference is not None:
-        reference = _check_stats(np.asarray(reference[0], np.float64), np.asarray(reference[1], np.float64),
-                                 "reference statistics")
-    stats = compute_statistics(images, extractor, batch_size, device, progress=progress,
-                               img_size=img_size)
+        reference = _check_stats(
+            np.asarray(reference[0], np.float64),
+            np.asarray(reference[1], np.float64),
+            "reference statistics",
+        )
+    stats = compute_statistics(
+        images, extractor, batch_size, device, progress=progress, img_size=img_size
+    )
     fid = is_mean = is_std = None
     if reference is not None:
         if reference[0].shape != stats.mu.shape:
-            raise MetricsError(f"the reference statistics are of {reference[0].shape[0]}-d features but the extractor "
-                               f"gives {stats.mu.shape[0]}-d ones; they were made with another feature extractor")
+            raise MetricsError(
+                f"the reference statistics are of {reference[0].shape[0]}-d features but the extractor "
+                f"gives {stats.mu.shape[0]}-d ones; they were made with another feature extractor"
+            )
         fid = frechet_distance(stats.mu, stats.sigma, *reference)
     if stats.logits is not None:
         if (splits := min(10, stats.num_images)) < 10:
-            warnings.warn(f"only {splits} images: Inception Score over {splits} splits instead of 10")
+            warnings.warn(
+                f"only {splits} images: Inception Score over {splits} splits instead of 10",
+                stacklevel=2,
+            )
         is_mean, is_std = inception_score(stats.logits, splits)
-    return {"fid": fid, "inception_score": is_mean, "inception_score_std": is_std, "num_images": stats.num_images}
+    return {
+        "fid": fid,
+        "inception_score": is_mean,
+        "inception_score_std": is_std,
+        "num_images": stats.num_images,
+    }
 
 
 def _ours(path: str, kind: str) -> bool:
@@ -340,11 +451,19 @@ def _ours(path: str, kind: str) -> bool:
         return False
 
 
-def _check_output(path: str, flag: str, kind: str, inputs: list[tuple[str, Any]], overwrite: bool) -> None:
+def _check_output(
+    path: str, flag: str, kind: str, inputs: list[tuple[str, Any]], overwrite: bool
+) -> None:
     """Refuse an output that cannot be written, is an input, or would replace a file that is not a ``kind``
     (.npz / .json) of ours."""
-    if problem := checkpoint.check_output_path(path, flag, inputs, overwrite, lambda p: _ours(p, kind)):
-        what = "a statistics file (.npz with mu and sigma)" if kind == ".npz" else "a metrics file of lpd.metrics fid"
+    if problem := checkpoint.check_output_path(
+        path, flag, inputs, overwrite, lambda p: _ours(p, kind)
+    ):
+        what = (
+            "a statistics file (.npz with mu and sigma)"
+            if kind == ".npz"
+            else "a metrics file of lpd.metrics fid"
+        )
         raise MetricsError(problem.replace("was not written by lpd", f"is not {what}"))
 
 
@@ -357,26 +476,56 @@ def _flagged(name: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lpd.metrics", allow_abbrev=False,
-                                description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m lpd.metrics",
+        allow_abbrev=False,
+        description=__doc__,
+        formatter_class=HelpFormatter,
+    )
     sub = p.add_subparsers(dest="command", required=True)
-    for name, text in (("stats", "write the Inception statistics (mu, sigma) of reference images"),
-                       ("fid", "print FID against a statistics file and the Inception Score of images")):
-        s = sub.add_parser(name, allow_abbrev=False, help=text, description=text,
-                           formatter_class=HelpFormatter)
-        s.add_argument("--input", required=True, help=f"folder of PNG/JPEG images, an ImageFolder "
-                       f"(class folders, read as main_cache.py does), {ADM_FORMAT} or an .npy")
+    for name, text in (
+        ("stats", "write the Inception statistics (mu, sigma) of reference images"),
+        ("fid", "print FID against a statistics file and the Inception Score of images"),
+    ):
+        s = sub.add_parser(
+            name, allow_abbrev=False, help=text, description=text, formatter_class=HelpFormatter
+        )
+        s.add_argument(
+            "--input",
+            required=True,
+            help=f"folder of PNG/JPEG images, an ImageFolder "
+            f"(class folders, read as main_cache.py does), {ADM_FORMAT} or an .npy",
+        )
         s.add_argument("--img_size", type=int, default=256, help="ADM crop of an ImageFolder")
-        s.add_argument("--inception_weights", default=None,
-                       help=f"torch-fidelity's Inception weights (default: torch hub cache, else {INCEPTION_WEIGHTS_URL})")
+        s.add_argument(
+            "--inception_weights",
+            default=None,
+            help=f"torch-fidelity's Inception weights (default: torch hub cache, else {INCEPTION_WEIGHTS_URL})",
+        )
         s.add_argument("--batch_size", type=int, default=50)
-        s.add_argument("--device", default=None, help="torch device (default: the accelerator if any, else cpu)")
+        s.add_argument(
+            "--device",
+            default=None,
+            help="torch device (default: the accelerator if any, else cpu)",
+        )
         s.add_argument("--no_progress", action="store_true", help="no progress bar")
-        s.add_argument("--overwrite", action="store_true", help="replace an output file that is not one of ours")
+        s.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace an output file that is not one of ours",
+        )
         if name == "stats":
-            s.add_argument("--output", required=True, help="statistics file to write (.npz with mu, sigma)")
+            s.add_argument(
+                "--output", required=True, help="statistics file to write (.npz with mu, sigma)"
+            )
         else:
-            s.add_argument("--stats", "--fid_stats", dest="stats", required=True, help="reference statistics (.npz)")
+            s.add_argument(
+                "--stats",
+                "--fid_stats",
+                dest="stats",
+                required=True,
+                help="reference statistics (.npz)",
+            )
             s.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     return p
 
@@ -398,15 +547,30 @@ def _run(args: argparse.Namespace) -> FeatureStatistics | dict[str, Any]:
     _flagged("--input", image_batches, args.input, args.batch_size, args.img_size)  # not decoded
     if args.command == "stats":
         extractor = inception_extractor(args.inception_weights, device)
-        return compute_statistics(args.input, extractor, args.batch_size, device,
-                                  progress=not args.no_progress, img_size=args.img_size)
+        return compute_statistics(
+            args.input,
+            extractor,
+            args.batch_size,
+            device,
+            progress=not args.no_progress,
+            img_size=args.img_size,
+        )
     ref = _flagged("--stats", load_statistics, args.stats, flag="--stats")
     if ref[0].shape != (INCEPTION_FEATURES,):
-        raise MetricsError(f"--stats {args.stats} holds statistics of {ref[0].shape[0]}-d features; Inception gives "
-                           f"{INCEPTION_FEATURES}-d ones: make them with `python -m lpd.metrics stats`")
+        raise MetricsError(
+            f"--stats {args.stats} holds statistics of {ref[0].shape[0]}-d features; Inception gives "
+            f"{INCEPTION_FEATURES}-d ones: make them with `python -m lpd.metrics stats`"
+        )
     extractor = inception_extractor(args.inception_weights, device)
-    return compute_metrics(args.input, ref, extractor, batch_size=args.batch_size, device=device,
-                           progress=not args.no_progress, img_size=args.img_size)
+    return compute_metrics(
+        args.input,
+        ref,
+        extractor,
+        batch_size=args.batch_size,
+        device=device,
+        progress=not args.no_progress,
+        img_size=args.img_size,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -419,18 +583,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"error: cannot read {exc.filename or args.input}: {exc.strerror or exc}", file=sys.stderr)
+        print(
+            f"error: cannot read {exc.filename or args.input}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
         return 2
     try:
         if args.command == "stats":
             save_statistics(args.output, result.mu, result.sigma)
-            print(f"wrote {args.output}: mu {result.mu.shape}, sigma {result.sigma.shape} from "
-                  f"{result.num_images} images")
+            print(
+                f"wrote {args.output}: mu {result.mu.shape}, sigma {result.sigma.shape} from "
+                f"{result.num_images} images"
+            )
         else:
-            print(f"FID {result['fid']:.4f}  IS {result['inception_score']:.2f} ± "
-                  f"{result['inception_score_std']:.2f}  ({result['num_images']} images)")
+            print(
+                f"FID {result['fid']:.4f}  IS {result['inception_score']:.2f} ± "
+                f"{result['inception_score_std']:.2f}  ({result['num_images']} images)"
+            )
             if args.json:
-                checkpoint.atomic_write_bytes(args.json, lambda f: f.write(json.dumps(result, indent=2).encode()))
+                checkpoint.atomic_write_bytes(
+                    args.json, lambda f: f.write(json.dumps(result, indent=2).encode())
+                )
     except OSError as exc:
         target = args.output if args.command == "stats" else args.json
         print(f"error: could not write {target}: {exc.strerror or exc}", file=sys.stderr)

@@ -15,40 +15,79 @@ import socket
 import sys
 import time
 import warnings
-from typing import Any, Callable, Iterator, Mapping, NoReturn, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from lpd.checkpoint import CheckpointError, check_finite, check_state_dict, load_checkpoint, load_into, replace_dir, \
-    save_checkpoint, temp_dir_for
+from lpd.checkpoint import (
+    CheckpointError,
+    check_finite,
+    check_state_dict,
+    load_checkpoint,
+    load_into,
+    replace_dir,
+    save_checkpoint,
+    temp_dir_for,
+)
 from lpd.distributed import DistInfo, broadcast_object, gather_object, on_rank0
 
-__all__ = ["distribute", "settle_ddp_buckets", "EMA", "TrainState", "PreemptionFlag", "RunLock",
-           "full_tensors", "read_sharded", "last_checkpoint", "STATE_FILE", "LOCK_FILE"]
+__all__ = [
+    "distribute",
+    "settle_ddp_buckets",
+    "EMA",
+    "TrainState",
+    "PreemptionFlag",
+    "RunLock",
+    "full_tensors",
+    "read_sharded",
+    "last_checkpoint",
+    "STATE_FILE",
+    "LOCK_FILE",
+]
 
 STATE_FILE = "state.pth"  # the non-tensor part of a sharded checkpoint
 LOCK_FILE = "train.lock"  # held by the training that writes an output folder
 
 
-def distribute(model: torch.nn.Module, info: DistInfo, fsdp: bool = False, bf16: bool = False,
-               cpu_offload: bool = False) -> torch.nn.Module:
+def distribute(
+    model: torch.nn.Module,
+    info: DistInfo,
+    fsdp: bool = False,
+    bf16: bool = False,
+    cpu_offload: bool = False,
+) -> torch.nn.Module:
     """The module a training step calls: ``model`` on its device, FSDP2-sharded in place (each block, then
     the root; ``bf16`` on GPUs: bf16 compute, fp32 gradient reduction), under DDP, or itself."""
     device = info.device
     if not fsdp:
         model.to(device)
-        return torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=model.label_drop_prob == 0) if info.distributed else model
+        return (
+            torch.nn.parallel.DistributedDataParallel(
+                model,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=model.label_drop_prob == 0,
+            )
+            if info.distributed
+            else model
+        )
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
     if not dist.is_initialized():  # one process: a group of one
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            store=dist.HashStore(),
+            rank=0,
+            world_size=1,
+        )
     kw: dict[str, Any] = {"mesh": init_device_mesh(device.type, (dist.get_world_size(),))}
     if bf16 and device.type == "cuda":
-        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        kw["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+        )
     if cpu_offload:
         kw["offload_policy"] = CPUOffloadPolicy()
     for block in model.blocks:
@@ -56,14 +95,20 @@ def distribute(model: torch.nn.Module, info: DistInfo, fsdp: bool = False, bf16:
     return fully_shard(model, **kw)
 
 
-def settle_ddp_buckets(ddp_model: torch.nn.Module, batch: int, sizes: Sequence[int], autocast: Any) -> None:
+def settle_ddp_buckets(
+    ddp_model: torch.nn.Module, batch: int, sizes: Sequence[int], autocast: Any
+) -> None:
     """One throw-away forward/backward, so that every (re)started process steps with the gradient buckets DDP
     rebuilds after its first backward (they set the all-reduce's summation order); weights are untouched."""
     model = ddp_model.module
     N, device = model.num_tokens, model.pos_embed.device
     with autocast:
-        loss = ddp_model(torch.zeros(batch, N, dtype=torch.long, device=device), torch.zeros(batch, dtype=torch.long, device=device),
-                         torch.arange(N, device=device).expand(batch, N), sizes)
+        loss = ddp_model(
+            torch.zeros(batch, N, dtype=torch.long, device=device),
+            torch.zeros(batch, dtype=torch.long, device=device),
+            torch.arange(N, device=device).expand(batch, N),
+            sizes,
+        )
     loss.backward()
     model.zero_grad(set_to_none=True)
 
@@ -77,7 +122,9 @@ class EMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        torch._foreach_lerp_(list(self.state.values()), [p.detach() for p in self.params.values()], 1.0 - self.decay)
+        torch._foreach_lerp_(
+            list(self.state.values()), [p.detach() for p in self.params.values()], 1.0 - self.decay
+        )
 
     @torch.no_grad()
     def restart(self) -> None:
@@ -89,7 +136,10 @@ class EMA:
 def full_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Whole tensors of a state dict that may be sharded (then a collective: every rank calls it)."""
     from torch.distributed.tensor import DTensor
-    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach() for k, v in state.items()}
+
+    return {
+        k: (v.full_tensor() if isinstance(v, DTensor) else v).detach() for k, v in state.items()
+    }
 
 
 def last_checkpoint(folder: str, sharded: bool) -> str | None:
@@ -102,15 +152,24 @@ def read_sharded(path: str) -> dict[str, Any]:
     """A sharded checkpoint folder as one checkpoint: whole ``model`` (and ``model_ema``) tensors and its
     ``state.pth``, without AdamW's moments. Needs no process group."""
     from torch.distributed.checkpoint import HuggingFaceStorageReader, load
+
     if not os.path.isfile(os.path.join(path, STATE_FILE)):
-        raise CheckpointError(f"{path!r} is a folder but not a sharded checkpoint (no {STATE_FILE}); give a checkpoint "
-                              f"file, a checkpoint folder written by main_train.py --fsdp, or an exported model folder")
+        raise CheckpointError(
+            f"{path!r} is a folder but not a sharded checkpoint (no {STATE_FILE}); give a checkpoint "
+            f"file, a checkpoint folder written by main_train.py --fsdp, or an exported model folder"
+        )
     meta = load_checkpoint(os.path.join(path, STATE_FILE))
     groups = [g for g in meta.get("sharded", ()) if g in ("model", "model_ema")]
     try:
         index = HuggingFaceStorageReader(path).read_metadata().state_dict_metadata
-        flat = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in index.items() if k.split(".", 1)[0] in groups}
-        with warnings.catch_warnings():  # "no process group: loading in one process" is what is meant
+        flat = {
+            k: torch.empty(m.size, dtype=m.properties.dtype)
+            for k, m in index.items()
+            if k.split(".", 1)[0] in groups
+        }
+        with (
+            warnings.catch_warnings()
+        ):  # "no process group: loading in one process" is what is meant
             warnings.simplefilter("ignore")
             load(flat, storage_reader=HuggingFaceStorageReader(path), no_dist=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the folder and the reason
@@ -122,10 +181,13 @@ def read_sharded(path: str) -> dict[str, Any]:
     return out
 
 
-def _save_sharded(paths: Sequence[str], tensors: dict[str, Any], meta: dict[str, Any], info: DistInfo) -> None:
+def _save_sharded(
+    paths: Sequence[str], tensors: dict[str, Any], meta: dict[str, Any], info: DistInfo
+) -> None:
     """Every rank writes its shards, rank 0 ``state.pth``; each of ``paths`` then appears whole."""
     from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
     from torch.distributed.checkpoint.api import CheckpointException
+
     tmp = broadcast_object(temp_dir_for(paths[0]) if info.is_main else None)
 
     def publish() -> None:
@@ -143,8 +205,10 @@ def _save_sharded(paths: Sequence[str], tensors: dict[str, Any], meta: dict[str,
         try:
             save(tensors, storage_writer=HuggingFaceStorageWriter(tmp, save_distributed=True))
         except CheckpointException as e:  # a BaseException: made an ordinary error naming the cause
-            raise CheckpointError(f"writing {paths[0]} failed ({str(e).strip().splitlines()[-1]}); the last good "
-                                  f"checkpoint is kept") from e
+            raise CheckpointError(
+                f"writing {paths[0]} failed ({str(e).strip().splitlines()[-1]}); the last good "
+                f"checkpoint is kept"
+            ) from e
         on_rank0(publish, "while publishing the checkpoint", broadcast=False)
     finally:
         if info.is_main:
@@ -157,14 +221,25 @@ def _write_failed(e: BaseException, path: str) -> NoReturn:
     cause = e if isinstance(e, OSError) else e.__context__
     if not isinstance(cause, OSError):
         raise e
-    raise CheckpointError(f"writing {path} failed ({cause.strerror or cause}); the last good "
-                          f"checkpoint is kept: free space, then continue with --resume") from e
+    raise CheckpointError(
+        f"writing {path} failed ({cause.strerror or cause}); the last good "
+        f"checkpoint is kept: free space, then continue with --resume"
+    ) from e
 
 
 def _rng_state() -> dict[str, Any]:
     name, key, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": [name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
+    state = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "numpy": [
+            name,
+            torch.from_numpy(key.astype(np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(cached),
+        ],
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -179,7 +254,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     name, key, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+    if (
+        "cuda" in state
+        and torch.cuda.is_available()
+        and len(state["cuda"]) == torch.cuda.device_count()
+    ):
         torch.cuda.set_rng_state_all(list(state["cuda"]))
 
 
@@ -187,27 +266,58 @@ class TrainState:
     """The model being trained (plain, under DDP, or FSDP-sharded), its AdamW and EMA; saves and resumes them.
     ``meta`` is what every checkpoint records besides its position (``model_config``, ``args``, ``data_state``...)."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None, info: DistInfo,
-                 sharded: bool, meta: dict[str, Any]) -> None:
-        self.model, self.optimizer, self.ema, self.info, self.sharded, self.meta = model, optimizer, ema, info, sharded, meta
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        ema: EMA | None,
+        info: DistInfo,
+        sharded: bool,
+        meta: dict[str, Any],
+    ) -> None:
+        self.model, self.optimizer, self.ema, self.info, self.sharded, self.meta = (
+            model,
+            optimizer,
+            ema,
+            info,
+            sharded,
+            meta,
+        )
 
-    def _sharded_tensors(self, with_ema: bool) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    def _sharded_tensors(
+        self, with_ema: bool
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         from torch.distributed.checkpoint.state_dict import get_state_dict
+
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        tensors = {"model": model_sd, "optim": optim_sd["state"], **({"model_ema": self.ema.state} if with_ema else {})}
+        tensors = {
+            "model": model_sd,
+            "optim": optim_sd["state"],
+            **({"model_ema": self.ema.state} if with_ema else {}),
+        }
         return tensors, model_sd, optim_sd
 
     def save(self, paths: Sequence[str], epoch: int, step: int, global_step: int) -> None:
         """Write the state as each of ``paths`` (``.pth`` appended under DDP); every rank calls it."""
-        meta = {**self.meta, "scaler": {}, "epoch": epoch, "step": step, "global_step": global_step,
-                "rng": gather_object(_rng_state())}
+        meta = {
+            **self.meta,
+            "scaler": {},
+            "epoch": epoch,
+            "step": step,
+            "global_step": global_step,
+            "rng": gather_object(_rng_state()),
+        }
         if self.sharded:
             _save_sharded(paths, self._sharded_tensors(self.ema is not None)[0], meta, self.info)
             return
 
         def write() -> None:
-            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), **meta,
-                     **({"model_ema": self.ema.state} if self.ema is not None else {})}
+            state = {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                **meta,
+                **({"model_ema": self.ema.state} if self.ema is not None else {}),
+            }
             for path in paths:
                 try:
                     save_checkpoint(state, path + ".pth")
@@ -221,36 +331,53 @@ class TrainState:
         ckpt = self._load(path, log)
         steps_per_epoch = self.meta["steps_per_epoch"]
         epoch, step = int(ckpt.get("epoch", 0)), int(ckpt.get("step", 0))
-        if "step" not in ckpt and "epoch" in ckpt:  # released checkpoint: 'epoch' is the last finished one
+        if (
+            "step" not in ckpt and "epoch" in ckpt
+        ):  # released checkpoint: 'epoch' is the last finished one
             epoch += 1
         global_step = int(ckpt.get("global_step", epoch * steps_per_epoch + step))
         old, new = ckpt.get("data_state", {}), self.meta["data_state"]
         if old and old != new:
-            step = min(steps_per_epoch, step * int(old.get("batch_size", new["batch_size"])) * int(old.get("world_size", new["world_size"]))
-                       // (new["batch_size"] * new["world_size"]))
-            log(f"warning: resuming with another world size / batch size / data / seed than {path} was written with "
-                f"({old}); continuing at step {step} of epoch {epoch}, but not bit-exactly")
+            step = min(
+                steps_per_epoch,
+                step
+                * int(old.get("batch_size", new["batch_size"]))
+                * int(old.get("world_size", new["world_size"]))
+                // (new["batch_size"] * new["world_size"]),
+            )
+            log(
+                f"warning: resuming with another world size / batch size / data / seed than {path} was written with "
+                f"({old}); continuing at step {step} of epoch {epoch}, but not bit-exactly"
+            )
         if step >= steps_per_epoch:
             epoch, step = epoch + 1, 0
-        log(f"resumed from {path}: epoch {epoch}, step {step} of {steps_per_epoch}, global step {global_step}")
+        log(
+            f"resumed from {path}: epoch {epoch}, step {step} of {steps_per_epoch}, global step {global_step}"
+        )
         return epoch, step, global_step
 
     def _load(self, path: str, log: Callable[[str], None]) -> dict[str, Any]:
         if os.path.isdir(path) != self.sharded:
-            kind, fix = ("a sharded (--fsdp) checkpoint folder", "add --fsdp") if os.path.isdir(path) else \
-                ("a single-file (DDP) checkpoint", "drop --fsdp")
+            kind, fix = (
+                ("a sharded (--fsdp) checkpoint folder", "add --fsdp")
+                if os.path.isdir(path)
+                else ("a single-file (DDP) checkpoint", "drop --fsdp")
+            )
             raise CheckpointError(f"--resume {path!r} is {kind}; {fix} to continue it")
         source = f"--resume {path!r}"
         if self.sharded:
             from torch.distributed.checkpoint import HuggingFaceStorageReader, load
             from torch.distributed.checkpoint.state_dict import set_state_dict
+
             ckpt = load_checkpoint(os.path.join(path, STATE_FILE))
             self._keep_ema("model_ema" in ckpt.get("sharded", ()), ckpt, path, log)
             has_ema = "model_ema" in ckpt.get("sharded", ()) and self.ema is not None
             tensors, model_sd, optim_sd = self._sharded_tensors(has_ema)
             load(tensors, storage_reader=HuggingFaceStorageReader(path))
             check_finite({k: v.to_local() for k, v in model_sd.items()}, source)
-            set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+            set_state_dict(
+                self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd
+            )
         else:
             ckpt = load_checkpoint(path)
             check_finite(ckpt["model"], source)
@@ -260,7 +387,9 @@ class TrainState:
             has_ema = "model_ema" in ckpt and self.ema is not None
             if has_ema:
                 if check_state_dict(self.ema.state, ckpt["model_ema"]) != ([], [], []):
-                    raise CheckpointError(f"{source}: its model_ema does not match the model; the file is damaged")
+                    raise CheckpointError(
+                        f"{source}: its model_ema does not match the model; the file is damaged"
+                    )
                 for k, v in ckpt["model_ema"].items():
                     self.ema.state[k].copy_(v)
         if self.ema is not None and not has_ema:
@@ -271,37 +400,58 @@ class TrainState:
             _set_rng_state(rngs[self.info.rank])
         return ckpt
 
-    def _keep_ema(self, saved: bool, ckpt: dict[str, Any], path: str,
-                  log: Callable[[str], None]) -> None:
+    def _keep_ema(
+        self, saved: bool, ckpt: dict[str, Any], path: str, log: Callable[[str], None]
+    ) -> None:
         """Without ``--ema_decay`` (None) the checkpoint's EMA continues; ``--ema_decay 0`` drops
         it."""
         decay = self.meta["args"].get("ema_decay")
         if not saved or self.ema is not None or decay is not None:
             if saved and self.ema is None:
-                log(f"warning: --ema_decay 0 drops the EMA weights of {path}; the next checkpoint "
-                    f"has none")
+                log(
+                    f"warning: --ema_decay 0 drops the EMA weights of {path}; the next checkpoint "
+                    f"has none"
+                )
             return
         args = ckpt.get("args")
         args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
         decay = args.get("ema_decay")
         if not decay:
-            raise CheckpointError(f"{path} holds EMA weights but not their decay: give --ema_decay "
-                                  f"(e.g. 0.9999) to continue them, or --ema_decay 0 to drop them")
+            raise CheckpointError(
+                f"{path} holds EMA weights but not their decay: give --ema_decay "
+                f"(e.g. 0.9999) to continue them, or --ema_decay 0 to drop them"
+            )
         self.ema, self.meta["args"]["ema_decay"] = EMA(self.model, float(decay)), float(decay)
         log(f"the EMA of {path} continues with decay {decay} (--ema_decay 0 would drop it)")
 
-    def _load_optimizer(self, state: dict[str, Any] | None, path: str, log: Callable[[str], None]) -> None:
+    def _load_optimizer(
+        self, state: dict[str, Any] | None, path: str, log: Callable[[str], None]
+    ) -> None:
         """AdamW's state if written for the same parameter groups (not the released order); else a fresh start."""
         groups = self.optimizer.param_groups
-        ours, theirs = [len(g["params"]) for g in groups], [len(g.get("params", [])) for g in (state or {}).get("param_groups", [])]
+        ours, theirs = (
+            [len(g["params"]) for g in groups],
+            [len(g.get("params", [])) for g in (state or {}).get("param_groups", [])],
+        )
         params = [p for g in groups for p in g["params"]]
-        if state and ours == theirs and all(
-                int(i) < len(params) and all(not torch.is_tensor(v) or v.dim() == 0 or v.shape == params[int(i)].shape
-                                             for v in st.values()) for i, st in state.get("state", {}).items()):
+        if (
+            state
+            and ours == theirs
+            and all(
+                int(i) < len(params)
+                and all(
+                    not torch.is_tensor(v) or v.dim() == 0 or v.shape == params[int(i)].shape
+                    for v in st.values()
+                )
+                for i, st in state.get("state", {}).items()
+            )
+        ):
             self.optimizer.load_state_dict(state)
             return
-        log(f"warning: the optimizer state in {path} is missing or does not match this model's parameter groups "
-            f"({theirs} vs {ours} parameters); AdamW starts fresh")
+        log(
+            f"warning: the optimizer state in {path} is missing or does not match this model's parameter groups "
+            f"({theirs} vs {ours} parameters); AdamW starts fresh"
+        )
 
 
 class RunLock:
@@ -312,6 +462,7 @@ class RunLock:
     def __init__(self, folder: str) -> None:
         self.path, self.fd = os.path.join(folder, LOCK_FILE), None
         import fcntl
+
         os.makedirs(folder, exist_ok=True)
         while self.fd is None:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -321,13 +472,18 @@ class RunLock:
                 holder = os.read(fd, 4096).decode(errors="replace").strip()
                 os.close(fd)
                 if e.errno not in (errno.EAGAIN, errno.EACCES):  # no locks on this file system
-                    warnings.warn(f"cannot lock {self.path} ({e.strerror}): two trainings into "
-                                  f"{folder} are not prevented")
+                    warnings.warn(
+                        f"cannot lock {self.path} ({e.strerror}): two trainings into "
+                        f"{folder} are not prevented",
+                        stacklevel=2,
+                    )
                     return
                 holder = holder or "starting"
-                raise CheckpointError(f"--output_dir {folder} is in use by another training "
-                                      f"({holder}); wait for it to end, stop it, or give another "
-                                      f"--output_dir")
+                raise CheckpointError(
+                    f"--output_dir {folder} is in use by another training "
+                    f"({holder}); wait for it to end, stop it, or give another "
+                    f"--output_dir"
+                ) from None
             try:
                 same = os.path.samestat(os.fstat(fd), os.stat(self.path))
             except FileNotFoundError:
@@ -336,9 +492,13 @@ class RunLock:
                 self.fd = fd
             else:  # released and deleted while we waited for it: take the new one
                 os.close(fd)
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
-                  "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-                  "job": os.environ.get("SLURM_JOB_ID")}
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": " ".join(sys.argv),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "job": os.environ.get("SLURM_JOB_ID"),
+        }
         os.ftruncate(self.fd, 0)
         os.write(self.fd, json.dumps(record).encode())
 
@@ -370,7 +530,10 @@ class PreemptionFlag:
 
     def _handler(self, signum: int, frame: Any) -> None:
         if not self.requested:
-            os.write(2, f"[lpd.train] received {signal.Signals(signum).name}: saving the checkpoint at the next step boundary, then exiting\n".encode())
+            os.write(
+                2,
+                f"[lpd.train] received {signal.Signals(signum).name}: saving the checkpoint at the next step boundary, then exiting\n".encode(),
+            )
         self.requested = True
 
     def install(self) -> None:
@@ -378,7 +541,10 @@ class PreemptionFlag:
             try:
                 self._previous[sig] = signal.signal(sig, self._handler)
             except ValueError:  # not the main thread
-                warnings.warn("train() is not running in the main thread: preemption signals are not handled")
+                warnings.warn(
+                    "train() is not running in the main thread: preemption signals are not handled",
+                    stacklevel=2,
+                )
                 return
 
     def iterate(self, loader: torch.utils.data.DataLoader) -> Iterator[Any]:

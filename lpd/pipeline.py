@@ -12,7 +12,8 @@ import contextvars
 import os
 import re
 import sys
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,15 +24,27 @@ from lpd.evaluate import sample_batch
 from lpd.images import save_grid, written_by_lpd
 from lpd.orders.source import OrderSource
 from lpd.sampling import SamplingConfig, add_sampling_args
-from lpd.schedules import group_sizes as default_group_sizes, parse_group_sizes
+from lpd.schedules import group_sizes as default_group_sizes
+from lpd.schedules import parse_group_sizes
 
-__all__ = ["LPDPipeline", "PAPER_SETTINGS", "paper_settings", "add_paper_sampling_args",
-           "command_line", "build_parser", "main"]
+__all__ = [
+    "LPDPipeline",
+    "PAPER_SETTINGS",
+    "paper_settings",
+    "add_paper_sampling_args",
+    "command_line",
+    "build_parser",
+    "main",
+]
 
 #: (model, img_size, steps) -> (repulsion threshold τr, linear cfg scale) of the released evaluation scripts.
 PAPER_SETTINGS: dict[tuple[str, int, int], tuple[float, float]] = {
-    ("lpd_l", 256, 20): (2.0, 4.8), ("lpd_xl", 256, 20): (2.0, 4.9), ("lpd_xxl", 256, 20): (3.0, 5.9),
-    ("lpd_l", 256, 32): (2.0, 5.4), ("lpd_xl", 256, 32): (2.0, 5.0), ("lpd_l", 512, 48): (4.0, 7.3),
+    ("lpd_l", 256, 20): (2.0, 4.8),
+    ("lpd_xl", 256, 20): (2.0, 4.9),
+    ("lpd_xxl", 256, 20): (3.0, 5.9),
+    ("lpd_l", 256, 32): (2.0, 5.4),
+    ("lpd_xl", 256, 32): (2.0, 5.0),
+    ("lpd_l", 512, 48): (4.0, 7.3),
     ("lpd_xl", 512, 48): (4.0, 6.0),
 }
 
@@ -42,18 +55,37 @@ def paper_settings(model: str | None, img_size: int, steps: int) -> tuple[float,
 
 
 _PYTHON_NAMES = {"pretrained_ckpt": "checkpoint"}  # flag -> Python argument, where they differ
-_ARGUMENTS = frozenset({
-    "checkpoint", "model", "img_size", "vqgan_path", "device", "labels", "steps", "group_sizes",
-    "seed", "start_index", "image", "mask", "label", "num", "prefill", "paste",
-    *SamplingConfig.__dataclass_fields__})
+_ARGUMENTS = frozenset(
+    {
+        "checkpoint",
+        "model",
+        "img_size",
+        "vqgan_path",
+        "device",
+        "labels",
+        "steps",
+        "group_sizes",
+        "seed",
+        "start_index",
+        "image",
+        "mask",
+        "label",
+        "num",
+        "prefill",
+        "paste",
+        *SamplingConfig.__dataclass_fields__,
+    }
+)
 _CLI: contextvars.ContextVar[bool] = contextvars.ContextVar("lpd_cli", default=False)
 
 
 def _python_words(text: str) -> str:
     """``--pretrained_ckpt /x.pth`` -> ``checkpoint="/x.pth"``, ``--cfg`` -> ``cfg=``."""
+
     def word(m: re.Match) -> str:
         name = _PYTHON_NAMES.get(m[1], m[1])
         return f"{name}=" + (f'"{m[2].strip()}"' if m[2] else "") if name in _ARGUMENTS else m[0]
+
     text = text.replace(", or --random_init for random weights", "")  # a main_eval.py flag
     return re.sub(r"(?<![\w-])--(\w+)( /[^\s,;]*[^\s,;.])?", word, text)
 
@@ -79,15 +111,18 @@ def command_line() -> Iterator[None]:
         _CLI.reset(token)
 
 
-def _tokenizer(ref: dict[str, Any], vqgan_path: str | os.PathLike | None, device: torch.device,
-               where: str) -> torch.nn.Module:
+def _tokenizer(
+    ref: dict[str, Any], vqgan_path: str | os.PathLike | None, device: torch.device, where: str
+) -> torch.nn.Module:
     """The tokenizer a checkpoint or export records; ``vqgan_path``: the VQ file."""
     from lpd.hub import VQ_FILENAME
     from lpd.tokenizer import make_tokenizer
+
     kind, file, config = ref.get("kind", "vq"), ref.get("file"), ref.get("vq_config")
     if vqgan_path is None and kind == "vq" and config is None and file not in (None, VQ_FILENAME):
-        raise ValueError(f"{where} was trained with the tokenizer file {file}; "
-                         f"pass its path with --vqgan_path")
+        raise ValueError(
+            f"{where} was trained with the tokenizer file {file}; pass its path with --vqgan_path"
+        )
     config = config if vqgan_path is None else None
     return make_tokenizer(kind, vqgan_path, config, ref.get("seed", 0), device)
 
@@ -97,17 +132,26 @@ class LPDPipeline:
     :data:`PAPER_SETTINGS` are the defaults, ``cfg``: the guidance scale where the paper has none
     (e.g. the one its training evaluated at)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: torch.nn.Module, name: str | None = None,
-                 cfg: float | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: torch.nn.Module,
+        name: str | None = None,
+        cfg: float | None = None,
+    ) -> None:
         self.model, self.tokenizer, self.name, self.cfg = model.eval(), tokenizer, name, cfg
 
     @classmethod
     @_speaks_python()
     def from_pretrained(
-        cls, model: str | None = None, img_size: int | None = None, *,
-        checkpoint: str | os.PathLike | None = None, vqgan_path: str | os.PathLike | None = None,
+        cls,
+        model: str | None = None,
+        img_size: int | None = None,
+        *,
+        checkpoint: str | os.PathLike | None = None,
+        vqgan_path: str | os.PathLike | None = None,
         device: torch.device | str | None = None,
-    ) -> "LPDPipeline":
+    ) -> LPDPipeline:
         """A released preset ``model`` (default ``lpd_l``) at ``img_size`` (default 256) from the
         Hub; a folder or Hub repository of ``python -m lpd.checkpoint export``; or a ``checkpoint``
         file or folder (``model``: the preset of a released file). Size, classes, tokenizer and cfg
@@ -117,6 +161,7 @@ class LPDPipeline:
         from lpd.distributed import resolve_device
         from lpd.models import PRESETS, load_lpd
         from lpd.tokenizer import make_tokenizer
+
         device = resolve_device(device)
         if checkpoint is None and (model is None or model in PRESETS):  # a released model, by name
             model, size = model or "lpd_l", img_size or 256
@@ -153,47 +198,102 @@ class LPDPipeline:
         fallback = (2.0 if self.grid_size <= 16 else 4.0, self.cfg)
         tr, cfg = paper_settings(self.name, self.img_size, steps) or fallback
         if settings.get("cfg") is None and cfg is None:
-            raise ValueError(f"no released cfg for {self.name or 'this model'} at {self.img_size} "
-                             f"px and {steps} steps; pass --cfg (e.g. 4.0, or 1.0 for no guidance)")
+            raise ValueError(
+                f"no released cfg for {self.name or 'this model'} at {self.img_size} "
+                f"px and {steps} steps; pass --cfg (e.g. 4.0, or 1.0 for no guidance)"
+            )
         given = {k: v for k, v in settings.items() if v is not None}
         return SamplingConfig(**{"cfg": cfg, "repulsion_threshold": tr, **given})
 
     @torch.no_grad()
     @_speaks_python()
-    def __call__(self, labels: Sequence[int] | np.ndarray | torch.Tensor, *, steps: int = 20,
-                 group_sizes: Sequence[int] | str | None = None, orders: np.ndarray | None = None, seed: int = 0,
-                 start_index: int = 0, **settings: Any) -> np.ndarray:
+    def __call__(
+        self,
+        labels: Sequence[int] | np.ndarray | torch.Tensor,
+        *,
+        steps: int = 20,
+        group_sizes: Sequence[int] | str | None = None,
+        orders: np.ndarray | None = None,
+        seed: int = 0,
+        start_index: int = 0,
+        **settings: Any,
+    ) -> np.ndarray:
         """uint8 images ``[len(labels), H, W, 3]`` in ``steps`` steps (or ``group_sizes``); ``orders``: a ``[B, N]`` table."""
-        labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).reshape(-1)
+        labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).reshape(
+            -1
+        )
         if labels.size == 0 or labels.dtype.kind not in "iu":
-            raise ValueError(f"--labels must be one or more integer class indices, "
-                             f"got {labels.dtype} {labels.tolist()[:8]}")
+            raise ValueError(
+                f"--labels must be one or more integer class indices, "
+                f"got {labels.dtype} {labels.tolist()[:8]}"
+            )
         if start_index < 0:
             raise ValueError(f"--start_index must be >= 0, got {start_index}")
         n = self.grid_size**2
-        sizes = parse_group_sizes(group_sizes, n) if group_sizes is not None else default_group_sizes(self.img_size, steps)
+        sizes = (
+            parse_group_sizes(group_sizes, n)
+            if group_sizes is not None
+            else default_group_sizes(self.img_size, steps)
+        )
         sampling = self.sampling(len(sizes), **settings)
         indices = np.arange(start_index, start_index + labels.size, dtype=np.int64)
         if orders is not None:
             table = np.asarray(orders, dtype=np.int64)
             if table.ndim != 2 or table.shape[0] != labels.size:
-                raise ValueError(f"orders must have one row per label: shape [{labels.size}, {n}], got {list(table.shape)}")
-            rows = OrderSource("lpd", sizes, self.grid_size, table=table).rows(np.arange(labels.size))
+                raise ValueError(
+                    f"orders must have one row per label: shape [{labels.size}, {n}], got {list(table.shape)}"
+                )
+            rows = OrderSource("lpd", sizes, self.grid_size, table=table).rows(
+                np.arange(labels.size)
+            )
         else:
-            rows = OrderSource(sampling.order, sizes, self.grid_size, seed=seed, proximity_threshold=sampling.proximity_threshold,
-                               repulsion_threshold=sampling.repulsion_threshold).rows(indices)
-        return sample_batch(self.model, self.tokenizer, indices, labels, rows, sizes, sampling, seed)[0]
+            rows = OrderSource(
+                sampling.order,
+                sizes,
+                self.grid_size,
+                seed=seed,
+                proximity_threshold=sampling.proximity_threshold,
+                repulsion_threshold=sampling.repulsion_threshold,
+            ).rows(indices)
+        return sample_batch(
+            self.model, self.tokenizer, indices, labels, rows, sizes, sampling, seed
+        )[0]
 
     @_speaks_python()
-    def inpaint(self, image: Any, mask: Any, label: int | None, *, steps: int = 12, num: int = 1, seed: int = 0,
-                paste: bool = False, prefill: str = "one", **settings: Any) -> dict[str, np.ndarray]:
+    def inpaint(
+        self,
+        image: Any,
+        mask: Any,
+        label: int | None,
+        *,
+        steps: int = 12,
+        num: int = 1,
+        seed: int = 0,
+        paste: bool = False,
+        prefill: str = "one",
+        **settings: Any,
+    ) -> dict[str, np.ndarray]:
         """Regenerate ``image`` under ``mask`` (white, or a region such as ``center``) as class ``label``:
         ``{"source", "masked", "edits [num, H, W, 3]"}``; cfg and τr default to the paper's 20-step values."""
         from lpd.editing import edit_images
-        return edit_images(self.model, self.tokenizer, image, mask, label, num=num, steps=steps, seed=seed, paste=paste,
-                           prefill=prefill, sampling=self.sampling(20, **settings))
 
-    def outpaint(self, image: Any, label: int | None, *, region: str | None = None, **options: Any) -> dict[str, np.ndarray]:
+        return edit_images(
+            self.model,
+            self.tokenizer,
+            image,
+            mask,
+            label,
+            num=num,
+            steps=steps,
+            seed=seed,
+            paste=paste,
+            prefill=prefill,
+            sampling=self.sampling(20, **settings),
+        )
+
+    def outpaint(
+        self, image: Any, label: int | None, *, region: str | None = None, **options: Any
+    ) -> dict[str, np.ndarray]:
         """Keep the centre of ``image`` and regenerate around it (``region`` default: a border of a quarter of the size)."""
         return self.inpaint(image, region or f"border:{self.img_size // 4}", label, **options)
 
@@ -201,6 +301,7 @@ class LPDPipeline:
     def to_pil(images: np.ndarray) -> list:
         """uint8 ``[B, H, W, 3]`` -> a list of ``PIL.Image``."""
         from PIL import Image
+
         return [Image.fromarray(np.ascontiguousarray(im), "RGB") for im in images]
 
     @staticmethod
@@ -225,33 +326,65 @@ def _labels(text: str) -> list[int]:
     try:
         return [int(v) for v in text.replace(" ", "").split(",") if v != ""]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated class indices such as 207,360, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated class indices such as 207,360, got {text!r}"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The flags of ``python -m lpd.pipeline``."""
     p = argparse.ArgumentParser(
-        prog="python -m lpd.pipeline", allow_abbrev=False, formatter_class=HelpFormatter,
-        description="Sample images of given classes with an LPD model into a PNG grid.")
-    p.add_argument("--model", default=None, help="released preset lpd_l, lpd_xl, lpd_xxl (default: "
-                   "lpd_l without --pretrained_ckpt), or an exported folder / Hub repository")
-    p.add_argument("--img_size", type=int, default=None,
-                   help="default: the checkpoint's; 256 for a preset")
+        prog="python -m lpd.pipeline",
+        allow_abbrev=False,
+        formatter_class=HelpFormatter,
+        description="Sample images of given classes with an LPD model into a PNG grid.",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="released preset lpd_l, lpd_xl, lpd_xxl (default: "
+        "lpd_l without --pretrained_ckpt), or an exported folder / Hub repository",
+    )
+    p.add_argument(
+        "--img_size", type=int, default=None, help="default: the checkpoint's; 256 for a preset"
+    )
     labels = ",".join(map(str, IMAGENET_LABELS))
-    p.add_argument("--labels", type=_labels, default=None, help="comma-separated class indices "
-                   f"(default: {labels} of 1000 classes, else the first ten classes)")
-    p.add_argument("--steps", type=int, default=20, help="decoding steps (the released group-size table)")
-    p.add_argument("--group_sizes", default=None, help="an explicit schedule instead of --steps, e.g. '[1, 2, 4]*...'")
+    p.add_argument(
+        "--labels",
+        type=_labels,
+        default=None,
+        help="comma-separated class indices "
+        f"(default: {labels} of 1000 classes, else the first ten classes)",
+    )
+    p.add_argument(
+        "--steps", type=int, default=20, help="decoding steps (the released group-size table)"
+    )
+    p.add_argument(
+        "--group_sizes",
+        default=None,
+        help="an explicit schedule instead of --steps, e.g. '[1, 2, 4]*...'",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pretrained_ckpt", default=None, help="checkpoint file or folder (a training "
-                   "run's, or a released file with --model) instead of the Hub download; its size, "
-                   "classes and tokenizer count")
+    p.add_argument(
+        "--pretrained_ckpt",
+        default=None,
+        help="checkpoint file or folder (a training "
+        "run's, or a released file with --model) instead of the Hub download; its size, "
+        "classes and tokenizer count",
+    )
     p.add_argument("--vqgan_path", default=None, help="vq_ds16_c2i.pt instead of the Hub download")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--output", default="samples.png", help="PNG grid to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an --output file that lpd did not write")
-    add_paper_sampling_args(p, {"cfg": "else the cfg the checkpoint's training evaluated at",
-                                "repulsion_threshold": "else 2 at 16x16 tokens, 4 at 32x32"})
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an --output file that lpd did not write"
+    )
+    add_paper_sampling_args(
+        p,
+        {
+            "cfg": "else the cfg the checkpoint's training evaluated at",
+            "repulsion_threshold": "else 2 at 16x16 tokens, 4 at 32x32",
+        },
+    )
     return p
 
 
@@ -260,12 +393,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         inputs = [("--pretrained_ckpt", args.pretrained_ckpt), ("--vqgan_path", args.vqgan_path)]
-        if problem := check_output_path(args.output, "--output", inputs, args.overwrite, written_by_lpd):
+        if problem := check_output_path(
+            args.output, "--output", inputs, args.overwrite, written_by_lpd
+        ):
             raise ValueError(problem)
         with command_line():
             pipe = LPDPipeline.from_pretrained(
-                args.model, args.img_size, checkpoint=args.pretrained_ckpt,
-                vqgan_path=args.vqgan_path, device=args.device)
+                args.model,
+                args.img_size,
+                checkpoint=args.pretrained_ckpt,
+                vqgan_path=args.vqgan_path,
+                device=args.device,
+            )
             classes = pipe.model.config.class_num
             first = list(range(min(10, classes)))
             labels = args.labels or (IMAGENET_LABELS if classes == 1000 else first)
@@ -273,15 +412,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             given = {k: getattr(args, k) for k in SamplingConfig.__dataclass_fields__}
             steps = len(sizes) if sizes else args.steps
             sampling = pipe.sampling(steps, **given)
-            images = pipe(labels, steps=args.steps, group_sizes=args.group_sizes, seed=args.seed,
-                          **sampling.to_dict())
+            images = pipe(
+                labels,
+                steps=args.steps,
+                group_sizes=args.group_sizes,
+                seed=args.seed,
+                **sampling.to_dict(),
+            )
             pipe.save_grid(images, args.output, ncol=min(len(images), 10))
     except (OSError, ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {len(images)} images ({pipe.name or 'model'}, {pipe.img_size} px, "
-          f"classes {labels}, cfg {sampling.cfg:g}, τr {sampling.repulsion_threshold:g}) "
-          f"to {args.output}")
+    print(
+        f"wrote {len(images)} images ({pipe.name or 'model'}, {pipe.img_size} px, "
+        f"classes {labels}, cfg {sampling.cfg:g}, τr {sampling.repulsion_threshold:g}) "
+        f"to {args.output}"
+    )
     return 0
 
 

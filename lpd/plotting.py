@@ -6,20 +6,31 @@ from __future__ import annotations
 import math
 import os
 import textwrap
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 __all__ = ["line_chart"]
 
 
-def line_chart(path: str | os.PathLike, panels: Sequence[Mapping[str, Any]], title: str = "",
-               panel_size: tuple[int, int] = (420, 300)) -> None:
+def line_chart(
+    path: str | os.PathLike,
+    panels: Sequence[Mapping[str, Any]],
+    title: str = "",
+    panel_size: tuple[int, int] = (420, 300),
+) -> None:
     """Write side-by-side panels (``panel_size`` pixels each) into one PNG, atomically. A panel maps ``series`` to
     ``{name: [(x, y) or (x, y, low, high: an error bar), ...]}`` and may set ``title``, ``xlabel``, ``ylabel``, ``log_x``."""
     import matplotlib
     from matplotlib.figure import Figure
+
     from lpd.checkpoint import atomic_write_bytes
+
     names = list(dict.fromkeys(name for p in panels for name in p["series"]))
-    colors = [f"C{i}" for i in range(10)] if len(names) <= 10 else [matplotlib.colormaps["tab20"](i) for i in range(20)]
+    colors = (
+        [f"C{i}" for i in range(10)]
+        if len(names) <= 10
+        else [matplotlib.colormaps["tab20"](i) for i in range(20)]
+    )
     width = panel_size[0] * len(panels)
     fig = Figure(figsize=(width / 100, panel_size[1] / 100 + 0.6), dpi=100, layout="constrained")
     handles = {}
@@ -28,12 +39,18 @@ def line_chart(path: str | os.PathLike, panels: Sequence[Mapping[str, Any]], tit
         # on a log axis, series with error bars are spread a little sideways so their bars stay apart
         spread = p.get("log_x") and any(len(pt) == 4 for s in series.values() for pt in s)
         for k, (name, points) in enumerate(series.items()):
-            color, shift = colors[names.index(name) % len(colors)], 1.04 ** (k - (len(series) - 1) / 2) if spread else 1.0
+            color, shift = (
+                colors[names.index(name) % len(colors)],
+                1.04 ** (k - (len(series) - 1) / 2) if spread else 1.0,
+            )
             x = [pt[0] * shift for pt in points]
             y = [math.nan if pt[1] is None else pt[1] for pt in points]
             handles[name] = ax.plot(x, y, "o-", ms=4, color=color)[0]
-            bars = [(xi, (pt[2] + pt[3]) / 2, (pt[3] - pt[2]) / 2) for xi, pt in zip(x, points)
-                    if len(pt) == 4 and None not in pt]
+            bars = [
+                (xi, (pt[2] + pt[3]) / 2, (pt[3] - pt[2]) / 2)
+                for xi, pt in zip(x, points)
+                if len(pt) == 4 and None not in pt
+            ]
             if bars:
                 bx, mid, half = zip(*bars)
                 ax.errorbar(bx, mid, yerr=half, fmt="none", ecolor=color, capsize=3, lw=1)
@@ -48,7 +65,13 @@ def line_chart(path: str | os.PathLike, panels: Sequence[Mapping[str, Any]], tit
         ax.grid(alpha=0.3)
     if handles:
         ncols = max(1, min(len(handles), width // (6 * max(map(len, handles)) + 40)))
-        fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=ncols, fontsize=8)
+        fig.legend(
+            list(handles.values()),
+            list(handles),
+            loc="outside lower center",
+            ncols=ncols,
+            fontsize=8,
+        )
     if title:
         fig.suptitle(textwrap.fill(title, width // 8), fontsize=10)
     atomic_write_bytes(path, lambda f: fig.savefig(f, format="png"))

@@ -12,8 +12,9 @@ import dataclasses
 import functools
 import math
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -23,9 +24,21 @@ from lpd.devices import warn_if_emulated_bf16
 from lpd.models.lpd import LPD, Rows, attends, valid_keys
 from lpd.schedules import validate_group_sizes
 
-__all__ = ["SamplingConfig", "ORDERS", "derive_seed", "add_sampling_args", "sampling_from_args",
-           "Decoder", "DecodeStep", "sample_tokens", "teacher_forced_logits", "step_plan",
-           "StepPlan", "cfg_scales", "filter_and_sample"]
+__all__ = [
+    "SamplingConfig",
+    "ORDERS",
+    "derive_seed",
+    "add_sampling_args",
+    "sampling_from_args",
+    "Decoder",
+    "DecodeStep",
+    "sample_tokens",
+    "teacher_forced_logits",
+    "step_plan",
+    "StepPlan",
+    "cfg_scales",
+    "filter_and_sample",
+]
 
 ORDERS = ("lpd", "random", "raster")
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -36,7 +49,9 @@ class SamplingConfig:
     """How images are sampled; every entry point and loop takes one of these."""
 
     cfg: float = 1.0  # classifier-free guidance scale (1: off)
-    cfg_schedule: str = "linear"  # linear: token j in generation order gets 1 + (cfg - 1) j / N; constant: cfg
+    cfg_schedule: str = (
+        "linear"  # linear: token j in generation order gets 1 + (cfg - 1) j / N; constant: cfg
+    )
     temperature: float = 1.0
     top_k: int = 0  # 0: off; keeps every logit equal to the k-th
     top_p: float = 1.0  # 1: off; keeps a token whose preceding mass is <= top_p
@@ -49,53 +64,84 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         for name in ("cfg", "temperature", "top_p", "proximity_threshold", "repulsion_threshold"):
             v, nucleus = getattr(self, name), name == "top_p"  # top_p in (0, 1], the others >= 0
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or nucleus and not 0 < v <= 1:
-                raise ValueError(f"--{name} must be a finite number {'>' if nucleus else '>='} 0.0"
-                                 f"{' and <= 1.0' if nucleus else ''}, got {v!r}")
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float))
+                or not math.isfinite(v)
+                or v < 0
+                or nucleus
+                and not 0 < v <= 1
+            ):
+                raise ValueError(
+                    f"--{name} must be a finite number {'>' if nucleus else '>='} 0.0"
+                    f"{' and <= 1.0' if nucleus else ''}, got {v!r}"
+                )
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"--top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if self.cfg_schedule not in ("linear", "constant"):
-            raise ValueError(f"--cfg_schedule must be 'linear' or 'constant', got {self.cfg_schedule!r}")
+            raise ValueError(
+                f"--cfg_schedule must be 'linear' or 'constant', got {self.cfg_schedule!r}"
+            )
         if self.order not in ORDERS:
             raise ValueError(f"--order must be one of {list(ORDERS)}, got {self.order!r}")
         for name in ("bf16", "decode_fp32"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"--{name} must be true or false, got {getattr(self, name)!r}")
 
-    def replace(self, **changes: Any) -> "SamplingConfig":
+    def replace(self, **changes: Any) -> SamplingConfig:
         """A copy with ``changes`` (unknown names are an error)."""
         if unknown := sorted(set(changes) - {f.name for f in dataclasses.fields(self)}):
-            raise TypeError(f"unknown sampling settings {unknown}; known: {[f.name for f in dataclasses.fields(self)]}")
+            raise TypeError(
+                f"unknown sampling settings {unknown}; known: {[f.name for f in dataclasses.fields(self)]}"
+            )
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-_HELP = {"cfg": "classifier-free guidance scale (1.0: none)", "cfg_schedule": "linear or constant",
-         "temperature": "sampling temperature", "top_k": "keep the k most likely tokens (0: off)",
-         "top_p": "nucleus sampling mass (1.0: off)", "order": "generation order",
-         "proximity_threshold": "tau_p of the locality-aware order",
-         "repulsion_threshold": "tau_r: 2 for the released 256 px settings, 3 for XXL-256, 4 at 512 px",
-         "bf16": "bf16 autocast for the transformer and the VQ decoder (--no-bf16: float32)",
-         "decode_fp32": "with --bf16, decode the VQ in float32 (the released code decodes in bf16)"}
+_HELP = {
+    "cfg": "classifier-free guidance scale (1.0: none)",
+    "cfg_schedule": "linear or constant",
+    "temperature": "sampling temperature",
+    "top_k": "keep the k most likely tokens (0: off)",
+    "top_p": "nucleus sampling mass (1.0: off)",
+    "order": "generation order",
+    "proximity_threshold": "tau_p of the locality-aware order",
+    "repulsion_threshold": "tau_r: 2 for the released 256 px settings, 3 for XXL-256, 4 at 512 px",
+    "bf16": "bf16 autocast for the transformer and the VQ decoder (--no-bf16: float32)",
+    "decode_fp32": "with --bf16, decode the VQ in float32 (the released code decodes in bf16)",
+}
 
 
-def add_sampling_args(parser: argparse.ArgumentParser, defaults: SamplingConfig | dict = SamplingConfig(),
-                      exclude: Sequence[str] = ()) -> None:
+def add_sampling_args(
+    parser: argparse.ArgumentParser,
+    defaults: SamplingConfig | dict = SamplingConfig(),
+    exclude: Sequence[str] = (),
+) -> None:
     """The flags of :class:`SamplingConfig`; ``defaults``: a config, or changes to the defaults (None: decided later)."""
     base = SamplingConfig()
-    values = defaults.to_dict() if isinstance(defaults, SamplingConfig) else {**base.to_dict(), **defaults}
+    values = (
+        defaults.to_dict()
+        if isinstance(defaults, SamplingConfig)
+        else {**base.to_dict(), **defaults}
+    )
     g = parser.add_argument_group("sampling")
     for f in dataclasses.fields(SamplingConfig):
         if f.name in exclude:
             continue
         kind, value, name = type(getattr(base, f.name)), values[f.name], f"--{f.name}"
         if kind is bool:
-            g.add_argument(name, action=argparse.BooleanOptionalAction, default=value, help=_HELP[f.name])
+            g.add_argument(
+                name, action=argparse.BooleanOptionalAction, default=value, help=_HELP[f.name]
+            )
         elif f.name in ("cfg_schedule", "order"):
-            g.add_argument(name, default=value, choices=list(ORDERS) if f.name == "order" else ["linear", "constant"],
-                           help=_HELP[f.name])
+            g.add_argument(
+                name,
+                default=value,
+                choices=list(ORDERS) if f.name == "order" else ["linear", "constant"],
+                help=_HELP[f.name],
+            )
         else:
             g.add_argument(name, type=kind, default=value, help=_HELP[f.name])
 
@@ -103,12 +149,19 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: SamplingConfig 
 def sampling_from_args(args: argparse.Namespace | dict, **changes: Any) -> SamplingConfig:
     """The :class:`SamplingConfig` of parsed flags (names that are not flags keep their defaults)."""
     values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    return SamplingConfig(**{**{k: v for k, v in values.items() if k in SamplingConfig.__dataclass_fields__}, **changes})
+    return SamplingConfig(
+        **{
+            **{k: v for k, v in values.items() if k in SamplingConfig.__dataclass_fields__},
+            **changes,
+        }
+    )
 
 
 def derive_seed(seed: int, *keys: int) -> int:
     """A 63-bit seed that depends only on ``(seed, *keys)`` (non-negative integers)."""
-    words = np.random.SeedSequence([int(seed), *(int(k) for k in keys)]).generate_state(2, np.uint32)
+    words = np.random.SeedSequence([int(seed), *(int(k) for k in keys)]).generate_state(
+        2, np.uint32
+    )
     return (int(words[0]) << 31) ^ int(words[1])
 
 
@@ -158,7 +211,9 @@ def step_plan(
     return StepPlan(*zip(*plan), spans, int(prefill), end + int(static), num_out)
 
 
-def cfg_scales(cfg: float, schedule: str, first: int, last: int, num_tokens: int, device: torch.device) -> torch.Tensor | float:
+def cfg_scales(
+    cfg: float, schedule: str, first: int, last: int, num_tokens: int, device: torch.device
+) -> torch.Tensor | float:
     """Guidance scale of the tokens ``first..last-1`` in generation order: ``[g, 1]`` or a float."""
     if schedule == "constant":
         return cfg
@@ -166,7 +221,9 @@ def cfg_scales(cfg: float, schedule: str, first: int, last: int, num_tokens: int
     return (1.0 + (cfg - 1.0) * j / num_tokens)[:, None]
 
 
-def filter_and_sample(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+def filter_and_sample(
+    logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_k: int, top_p: float
+) -> torch.Tensor:
     """One token per row of ``logits [M, V]`` from the tempered, top-k, top-p distribution (as released):
     the first token whose cumulative probability exceeds ``uniforms [M]`` times the kept mass."""
     logits = logits.float()

@@ -9,8 +9,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,16 +19,44 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
-from lpd.checkpoint import CheckpointError, atomic_write_bytes, check_finite, interpolate_pos_embed, load_into, load_state_dict
+from lpd.checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
+    check_finite,
+    interpolate_pos_embed,
+    load_into,
+    load_state_dict,
+)
 from lpd.devices import available_cpus
 from lpd.distributed import DistInfo, init_distributed, on_rank0
-from lpd.parallel import EMA, STATE_FILE, PreemptionFlag, TrainState, distribute, full_tensors, last_checkpoint, settle_ddp_buckets
-from lpd.parallel import RunLock
+from lpd.parallel import (
+    EMA,
+    STATE_FILE,
+    PreemptionFlag,
+    RunLock,
+    TrainState,
+    distribute,
+    full_tensors,
+    last_checkpoint,
+    settle_ddp_buckets,
+)
 from lpd.sampling import SamplingConfig, derive_seed
 from lpd.schedules import parse_group_sizes
 
-__all__ = ["TrainConfig", "TrainResult", "NonFiniteLossError", "PREEMPTED_EXIT_CODE", "LR_SCHEDULES", "lr_at", "train",
-           "iteration_generator", "EpochBatchSampler", "random_orders", "parse_schedule_list", "build_model"]
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "NonFiniteLossError",
+    "PREEMPTED_EXIT_CODE",
+    "LR_SCHEDULES",
+    "lr_at",
+    "train",
+    "iteration_generator",
+    "EpochBatchSampler",
+    "random_orders",
+    "parse_schedule_list",
+    "build_model",
+]
 
 #: Exit status of ``main_train.py`` after saving on SIGTERM / SIGUSR1 (EX_TEMPFAIL: "try again").
 PREEMPTED_EXIT_CODE = 75
@@ -102,35 +131,65 @@ class TrainConfig:
     eval_num_images: int = 1000
     eval_bsz: int = 64
     eval_steps: int = 20
-    eval_group_sizes: str | None = None  # an explicit schedule (released --group_sizes), overrides eval_steps
+    eval_group_sizes: str | None = (
+        None  # an explicit schedule (released --group_sizes), overrides eval_steps
+    )
     eval_use_ema: bool = False
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(cfg=4.0))  # bf16 follows --bf16
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(cfg=4.0)
+    )  # bf16 follows --bf16
     eval_ref_stats: str | None = None
     overwrite: bool = False  # train into a folder holding another run's checkpoints
 
     def validate(self) -> None:
         from lpd.config import check_seed
+
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"--lr_schedule {self.lr_schedule!r}: choose one of {LR_SCHEDULES}")
         if self.use_cached and not self.cached_path:
             raise ValueError("--use_cached needs --cached_path (a cache written by main_cache.py)")
         if not self.use_cached and not self.data_path:
-            raise ValueError("give --data_path (an ImageFolder) or --use_cached --cached_path CACHE")
-        for names, low, what in ((("epochs", "batch_size", "img_size", "save_last_freq", "eval_num_images", "eval_bsz", "eval_steps",
-                                   "log_freq"), 1, "a positive integer"),
-                                 (("num_workers", "save_every_steps", "save_every_epochs", "eval_freq"), 0, "an integer >= 0")):
+            raise ValueError(
+                "give --data_path (an ImageFolder) or --use_cached --cached_path CACHE"
+            )
+        for names, low, what in (
+            (
+                (
+                    "epochs",
+                    "batch_size",
+                    "img_size",
+                    "save_last_freq",
+                    "eval_num_images",
+                    "eval_bsz",
+                    "eval_steps",
+                    "log_freq",
+                ),
+                1,
+                "a positive integer",
+            ),
+            (
+                ("num_workers", "save_every_steps", "save_every_epochs", "eval_freq"),
+                0,
+                "an integer >= 0",
+            ),
+        ):
             for name in names:
                 v = getattr(self, name)
                 if isinstance(v, bool) or not isinstance(v, int) or v < low:
                     raise ValueError(f"--{name} must be {what}, got {v!r}")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"--ema_decay must be in [0, 1) (0: no EMA; 0.9999 is usual), got {self.ema_decay}")
+            raise ValueError(
+                f"--ema_decay must be in [0, 1) (0: no EMA; 0.9999 is usual), got {self.ema_decay}"
+            )
         if self.eval_use_ema and not self.ema_decay:
-            raise ValueError("--eval_use_ema evaluates the EMA weights: give --ema_decay too (e.g. 0.9999)")
+            raise ValueError(
+                "--eval_use_ema evaluates the EMA weights: give --ema_decay too (e.g. 0.9999)"
+            )
         if self.cpu_offload and not self.fsdp:
             raise ValueError("--cpu_offload offloads FSDP shards: add --fsdp")
         check_seed(self.seed)
         from lpd.models import LPDConfig  # the architecture: unknown preset, key or value
+
         overrides = {k: v for k, v in (self.model_config or {}).items() if k != "img_size"}
         LPDConfig.from_name(self.model, self.img_size, **overrides)
 
@@ -155,23 +214,39 @@ class TrainResult:
     ema: dict[str, torch.Tensor] | None = None
 
 
-def lr_at(epoch: float, base_lr: float, *, epochs: float, warmup_epochs: float = 0.0, schedule: str = "constant+cosine",
-          min_lr: float = 0.0, decay_start_epoch: float | None = None) -> float:
+def lr_at(
+    epoch: float,
+    base_lr: float,
+    *,
+    epochs: float,
+    warmup_epochs: float = 0.0,
+    schedule: str = "constant+cosine",
+    min_lr: float = 0.0,
+    decay_start_epoch: float | None = None,
+) -> float:
     """The learning rate at fractional ``epoch``: linear warm-up to ``base_lr``, then ``constant``, or half a
     cosine to ``min_lr`` at ``epochs`` from the end of warm-up (``cosine``) or ``decay_start_epoch`` (``constant+cosine``)."""
     if schedule not in LR_SCHEDULES:
         raise ValueError(f"unknown lr schedule {schedule!r}; choose one of {LR_SCHEDULES}")
     if warmup_epochs > 0 and epoch < warmup_epochs:
         return base_lr * epoch / warmup_epochs
-    start = warmup_epochs if schedule == "cosine" or decay_start_epoch is None else max(decay_start_epoch, warmup_epochs)
+    start = (
+        warmup_epochs
+        if schedule == "cosine" or decay_start_epoch is None
+        else max(decay_start_epoch, warmup_epochs)
+    )
     if schedule == "constant" or epoch < start:
         return base_lr
     if epochs <= start:
         return min_lr
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (epoch - start) / (epochs - start))))
+    return min_lr + (base_lr - min_lr) * 0.5 * (
+        1.0 + math.cos(math.pi * min(1.0, (epoch - start) / (epochs - start)))
+    )
 
 
-def iteration_generator(seed: int, purpose: int, epoch: int, step: int, rank: int = 0) -> torch.Generator:
+def iteration_generator(
+    seed: int, purpose: int, epoch: int, step: int, rank: int = 0
+) -> torch.Generator:
     """A CPU ``torch.Generator`` for one random stream of one iteration."""
     return torch.Generator().manual_seed(derive_seed(seed, purpose, epoch, step, rank))
 
@@ -185,18 +260,37 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     """This rank's batches of one epoch, a function of ``(seed, epoch, rank, world_size)``: the permutation padded
     by wrapping, dealt round-robin (as ``DistributedSampler``), the last incomplete batch dropped, ``start_step`` skipped."""
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
-                 world_size: int = 1, start_step: int = 0) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start_step: int = 0,
+    ) -> None:
         self.num_samples, self.batch_size = num_samples, batch_size
-        self.seed, self.epoch, self.rank, self.world_size, self.start_step = seed, epoch, rank, world_size, start_step
+        self.seed, self.epoch, self.rank, self.world_size, self.start_step = (
+            seed,
+            epoch,
+            rank,
+            world_size,
+            start_step,
+        )
         self.per_rank = math.ceil(num_samples / world_size)
         self.steps = self.per_rank // batch_size
         if self.steps == 0:
-            raise ValueError(f"{num_samples} samples over {world_size} process(es) give {self.per_rank} per process, fewer "
-                             f"than one batch of {batch_size}; lower --batch_size or add data")
+            raise ValueError(
+                f"{num_samples} samples over {world_size} process(es) give {self.per_rank} per process, fewer "
+                f"than one batch of {batch_size}; lower --batch_size or add data"
+            )
 
     def indices(self) -> list[int]:
-        perm = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(derive_seed(self.seed, _PERM, self.epoch)))
+        perm = torch.randperm(
+            self.num_samples,
+            generator=torch.Generator().manual_seed(derive_seed(self.seed, _PERM, self.epoch)),
+        )
         pad = self.per_rank * self.world_size - self.num_samples
         if pad > 0:
             perm = torch.cat([perm, perm.repeat(math.ceil(pad / self.num_samples))[:pad]])
@@ -216,15 +310,18 @@ def parse_schedule_list(spec: Any, img_size: int, num_tokens: int) -> list[list[
     schedules separated by ``;`` (e.g. ``"[1]*256; [1*41, 2*46, 3*41]"``), a YAML file of a list of them, or such a list."""
     if spec is None or (isinstance(spec, str) and not spec.strip()):
         from lpd import schedules
+
         try:
             return [list(s) for s in schedules.training_schedules(img_size)]
         except ValueError as e:
             raise ValueError(f"{e}; pass --group_sizes_list, e.g. '[1]*{num_tokens}'") from e
     if isinstance(spec, str) and os.path.isfile(spec):
-        with open(spec, "r", encoding="utf-8") as f:
+        with open(spec, encoding="utf-8") as f:
             loaded = yaml.safe_load(f)
         if not isinstance(loaded, list) or not loaded:
-            raise ValueError(f"--group_sizes_list file {spec!r} must hold a non-empty YAML list of schedules")
+            raise ValueError(
+                f"--group_sizes_list file {spec!r} must hold a non-empty YAML list of schedules"
+            )
         spec = loaded
     if isinstance(spec, str):
         items: list[Any] = [s for s in spec.split(";") if s.strip()]
@@ -245,14 +342,21 @@ class _Logger:
             return
         try:
             from torch.utils.tensorboard import SummaryWriter
+
             self.tb = SummaryWriter(log_dir=config.log_dir or config.output_dir)
         except ImportError:
             log("TensorBoard logging skipped: `pip install tensorboard` to enable it")
         if config.wandb:
             try:
                 import wandb
-                self.wandb = wandb.init(project=config.wandb_project, name=config.run_name, config=config.to_dict(),
-                                        dir=config.output_dir, resume="allow")
+
+                self.wandb = wandb.init(
+                    project=config.wandb_project,
+                    name=config.run_name,
+                    config=config.to_dict(),
+                    dir=config.output_dir,
+                    resume="allow",
+                )
             except ImportError:
                 log("wandb logging skipped: wandb is not installed (`pip install wandb`)")
 
@@ -278,8 +382,15 @@ class _Logger:
 def build_model(config: TrainConfig, log: Callable[[str], None] = print) -> torch.nn.Module:
     """The model of ``config``: seeded initialisation, or ``--pretrained_ckpt`` (pos_embed interpolated)."""
     from lpd.models import LPD, LPDConfig
-    overrides = {**(config.model_config or {}), **{k: getattr(config, k) for k in ("label_drop_prob", "attn_dropout", "proj_dropout")
-                                                   if getattr(config, k) is not None}}
+
+    overrides = {
+        **(config.model_config or {}),
+        **{
+            k: getattr(config, k)
+            for k in ("label_drop_prob", "attn_dropout", "proj_dropout")
+            if getattr(config, k) is not None
+        },
+    }
     overrides.pop("img_size", None)
     model = LPD(LPDConfig.from_name(config.model, config.img_size, **overrides))
     model.initialize_weights(torch.Generator().manual_seed(derive_seed(config.seed, _INIT)))
@@ -288,16 +399,27 @@ def build_model(config: TrainConfig, log: Callable[[str], None] = print) -> torc
         sd = load_state_dict(config.pretrained_ckpt)
         check_finite(sd, source)
         if "pos_embed" in sd and sd["pos_embed"].shape != model.pos_embed.shape:
-            log(f"pretrained {config.pretrained_ckpt}: pos_embed interpolated from {sd['pos_embed'].shape[1] - 1} to {model.num_tokens} positions")
+            log(
+                f"pretrained {config.pretrained_ckpt}: pos_embed interpolated from {sd['pos_embed'].shape[1] - 1} to {model.num_tokens} positions"
+            )
             sd = {**sd, "pos_embed": interpolate_pos_embed(sd["pos_embed"], model.num_tokens)}
-        load_into(model, sd, source=source, hint="is --model / model_config the architecture of the pretrained model?")
+        load_into(
+            model,
+            sd,
+            source=source,
+            hint="is --model / model_config the architecture of the pretrained model?",
+        )
         log(f"initialised from {config.pretrained_ckpt}")
     model.set_grad_checkpointing(config.grad_checkpointing)
     return model
 
 
-def _batch_tokens(x: torch.Tensor, flip_gen: torch.Generator, get_tokenizer: Callable[[], torch.nn.Module],
-                  device: torch.device) -> torch.Tensor:
+def _batch_tokens(
+    x: torch.Tensor,
+    flip_gen: torch.Generator,
+    get_tokenizer: Callable[[], torch.nn.Module],
+    device: torch.device,
+) -> torch.Tensor:
     """Raster tokens ``[B, N]`` of a batch: the flipped variant with probability 0.5."""
     B = x.shape[0]
     flip = torch.rand(B, generator=flip_gen) < 0.5
@@ -318,15 +440,25 @@ def eval_cfg_scales(cfg: float) -> list[float]:
     return [1.0] if cfg in (0.0, 1.0) else [1.0, float(cfg)]
 
 
-def _evaluate(config: TrainConfig, model: torch.nn.Module, ema: EMA | None, tokenizer_fn: Callable[[], Any], epoch: int,
-              log: Callable[[str], None]) -> dict[str, float]:
+def _evaluate(
+    config: TrainConfig,
+    model: torch.nn.Module,
+    ema: EMA | None,
+    tokenizer_fn: Callable[[], Any],
+    epoch: int,
+    log: Callable[[str], None],
+) -> dict[str, float]:
     """Sample (and score, with ``eval_ref_stats``) at each :func:`eval_cfg_scales` into ``eval-epoch{E}[-ema]-cfg{s}``,
     guided at half the batch (as released); returns ``{"cfg{s}_{metric}": value}``. A failure is only logged."""
     from lpd.evaluate import evaluate
     from lpd.models import LPD
     from lpd.schedules import group_sizes
-    sizes = (parse_group_sizes(config.eval_group_sizes, model.num_tokens) if config.eval_group_sizes is not None
-             else group_sizes(config.img_size, config.eval_steps))
+
+    sizes = (
+        parse_group_sizes(config.eval_group_sizes, model.num_tokens)
+        if config.eval_group_sizes is not None
+        else group_sizes(config.img_size, config.eval_steps)
+    )
     sampling = config.sampling.replace(bf16=config.bf16)
     net = model
     if config.eval_use_ema or config.fsdp:  # a whole, plain copy (sharded modules do not decode)
@@ -341,15 +473,30 @@ def _evaluate(config: TrainConfig, model: torch.nn.Module, ema: EMA | None, toke
             folder = f"eval-epoch{epoch}{'-ema' if config.eval_use_ema else ''}-cfg{scale:g}"
             try:
                 with torch.no_grad():
-                    out = evaluate(net, tokenizer_fn(), config.eval_num_images, sizes, sampling.replace(cfg=scale),
-                                   output_dir=os.path.join(config.output_dir, folder), compute_fid=config.eval_ref_stats is not None,
-                                   ref_stats=config.eval_ref_stats, seed=config.seed,
-                                   eval_bsz=config.eval_bsz if scale == 1.0 else max(1, config.eval_bsz // 2))
+                    out = evaluate(
+                        net,
+                        tokenizer_fn(),
+                        config.eval_num_images,
+                        sizes,
+                        sampling.replace(cfg=scale),
+                        output_dir=os.path.join(config.output_dir, folder),
+                        compute_fid=config.eval_ref_stats is not None,
+                        ref_stats=config.eval_ref_stats,
+                        seed=config.seed,
+                        eval_bsz=config.eval_bsz if scale == 1.0 else max(1, config.eval_bsz // 2),
+                    )
             except Exception as e:  # noqa: BLE001 - evaluation must not kill a long training run
-                log(f"evaluation at epoch {epoch} (cfg {scale:g}) failed ({type(e).__name__}: {e}); training continues")
+                log(
+                    f"evaluation at epoch {epoch} (cfg {scale:g}) failed ({type(e).__name__}: {e}); training continues"
+                )
                 continue
-            results.update({f"cfg{scale:g}_{k}": float(out[k]) for k in _EVAL_METRICS
-                            if isinstance(out.get(k), (int, float)) and not isinstance(out.get(k), bool)})
+            results.update(
+                {
+                    f"cfg{scale:g}_{k}": float(out[k])
+                    for k in _EVAL_METRICS
+                    if isinstance(out.get(k), (int, float)) and not isinstance(out.get(k), bool)
+                }
+            )
     finally:
         net.train()
     return results
@@ -358,25 +505,39 @@ def _evaluate(config: TrainConfig, model: torch.nn.Module, ema: EMA | None, toke
 def _resume_path(config: TrainConfig) -> str | None:
     """The checkpoint to resume from, or None; refuses a folder holding another run's checkpoints."""
     os.makedirs(config.output_dir, exist_ok=True)
-    resume = config.resume or (config.output_dir if config.auto_resume and last_checkpoint(config.output_dir, config.fsdp) else None)
+    resume = config.resume or (
+        config.output_dir
+        if config.auto_resume and last_checkpoint(config.output_dir, config.fsdp)
+        else None
+    )
     if not resume:
         found = sorted(n for n in os.listdir(config.output_dir) if n.startswith("checkpoint-"))
         if found and not config.overwrite:
             raise CheckpointError(
                 f"--output_dir {config.output_dir!r} holds checkpoints of another run ({', '.join(found[:3])}); continue it "
-                f"with --resume {config.output_dir} (or --auto_resume), replace it with --overwrite, or use another --output_dir")
+                f"with --resume {config.output_dir} (or --auto_resume), replace it with --overwrite, or use another --output_dir"
+            )
         return None
     path = resume
-    if os.path.isdir(resume) and not os.path.isfile(os.path.join(resume, STATE_FILE)):  # a run folder
+    if os.path.isdir(resume) and not os.path.isfile(
+        os.path.join(resume, STATE_FILE)
+    ):  # a run folder
         path = last_checkpoint(resume, config.fsdp) or last_checkpoint(resume, not config.fsdp)
     if path is None or not os.path.exists(path):
-        raise CheckpointError(f"--resume {resume!r}: no checkpoint at {path or os.path.join(resume, 'checkpoint-last.pth')!r}"
-                              f"{' (nor a checkpoint-last folder)' if path is None else ''}")
+        raise CheckpointError(
+            f"--resume {resume!r}: no checkpoint at {path or os.path.join(resume, 'checkpoint-last.pth')!r}"
+            f"{' (nor a checkpoint-last folder)' if path is None else ''}"
+        )
     return path
 
 
-def train(config: TrainConfig, info: DistInfo | None = None, dataset: torch.utils.data.Dataset | None = None,
-          tokenizer: torch.nn.Module | None = None, log: Callable[[str], None] = print) -> TrainResult:
+def train(
+    config: TrainConfig,
+    info: DistInfo | None = None,
+    dataset: torch.utils.data.Dataset | None = None,
+    tokenizer: torch.nn.Module | None = None,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
     """Train (or resume) as ``config`` says; returns when done or after saving on a preemption signal.
     ``dataset`` replaces ``config``'s: items ``(tokens int [2, N] or [N], label)`` or ``(image [3, S, S] in [-1, 1],
     label)``; ``tokenizer`` encodes such images."""
@@ -391,12 +552,19 @@ def train(config: TrainConfig, info: DistInfo | None = None, dataset: torch.util
             lock.release()
 
 
-def _run(config: TrainConfig, info: DistInfo, dataset: torch.utils.data.Dataset | None,
-         tokenizer: torch.nn.Module | None, log: Callable[[str], None]) -> TrainResult:
+def _run(
+    config: TrainConfig,
+    info: DistInfo,
+    dataset: torch.utils.data.Dataset | None,
+    tokenizer: torch.nn.Module | None,
+    log: Callable[[str], None],
+) -> TrainResult:
     device = info.device
     log = log if info.is_main else (lambda msg: None)
     if config.cpu_offload and device.type != "cuda":
-        raise ValueError(f"--cpu_offload keeps FSDP shards in CPU memory while a GPU computes; this run is on {device}: drop it")
+        raise ValueError(
+            f"--cpu_offload keeps FSDP shards in CPU memory while a GPU computes; this run is on {device}: drop it"
+        )
     resume = _resume_path(config)
     model = build_model(config, log)
     N = model.num_tokens
@@ -408,50 +576,100 @@ def _run(config: TrainConfig, info: DistInfo, dataset: torch.utils.data.Dataset 
             raise ValueError(f"--group_sizes (the evaluation schedule): {e}") from e
     if dataset is None:
         from lpd import datasets
-        dataset = (datasets.open_token_cache(config.cached_path, N, model.vocab_size, config.cache_format) if config.use_cached
-                   else datasets.image_folder(config.data_path, config.img_size))
+
+        dataset = (
+            datasets.open_token_cache(config.cached_path, N, model.vocab_size, config.cache_format)
+            if config.use_cached
+            else datasets.image_folder(config.data_path, config.img_size)
+        )
     known, classes = getattr(dataset, "labels", None), getattr(dataset, "classes", None)
-    n_classes = int(np.max(np.asarray(known))) + 1 if known is not None and len(known) else len(classes) if classes else None
+    n_classes = (
+        int(np.max(np.asarray(known))) + 1
+        if known is not None and len(known)
+        else len(classes)
+        if classes
+        else None
+    )
     if known is not None and len(known) and int(np.min(known)) < 0:
-        raise ValueError(f"the training set ({config.cached_path or 'dataset'}) has label "
-                         f"{int(np.min(known))}; labels are class indices 0..{model.class_num - 1}")
+        raise ValueError(
+            f"the training set ({config.cached_path or 'dataset'}) has label "
+            f"{int(np.min(known))}; labels are class indices 0..{model.class_num - 1}"
+        )
     if n_classes is not None and n_classes > model.class_num:
-        raise ValueError(f"the training set has {n_classes} classes but the model only {model.class_num} (model_config class_num)")
+        raise ValueError(
+            f"the training set has {n_classes} classes but the model only {model.class_num} (model_config class_num)"
+        )
 
     @functools.cache
     def make_tokenizer_once() -> torch.nn.Module:
         from lpd.tokenizer import make_tokenizer
-        return tokenizer if tokenizer is not None else make_tokenizer(config.tokenizer, config.vqgan_path, config.vq_config, config.seed, device)
+
+        return (
+            tokenizer
+            if tokenizer is not None
+            else make_tokenizer(
+                config.tokenizer, config.vqgan_path, config.vq_config, config.seed, device
+            )
+        )
 
     train_model = distribute(model, info, config.fsdp, config.bf16, config.cpu_offload)
     global_batch = config.batch_size * info.world_size
     base_lr = float(config.lr) if config.lr is not None else config.blr * global_batch / 256.0
-    optimizer = torch.optim.AdamW(model.param_groups(config.weight_decay), lr=base_lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(
+        model.param_groups(config.weight_decay), lr=base_lr, betas=(0.9, 0.95)
+    )
     ema = EMA(model, config.ema_decay) if config.ema_decay else None
-    steps_per_epoch = EpochBatchSampler(len(dataset), config.batch_size, config.seed, 0, info.rank, info.world_size).steps
-    state = TrainState(model, optimizer, ema, info, config.fsdp, {
-        "model_config": model.config.to_dict(), "args": config.to_dict(), "steps_per_epoch": steps_per_epoch, "data_state": {
-            "world_size": info.world_size, "batch_size": config.batch_size, "num_samples": len(dataset), "seed": config.seed}})
+    steps_per_epoch = EpochBatchSampler(
+        len(dataset), config.batch_size, config.seed, 0, info.rank, info.world_size
+    ).steps
+    state = TrainState(
+        model,
+        optimizer,
+        ema,
+        info,
+        config.fsdp,
+        {
+            "model_config": model.config.to_dict(),
+            "args": config.to_dict(),
+            "steps_per_epoch": steps_per_epoch,
+            "data_state": {
+                "world_size": info.world_size,
+                "batch_size": config.batch_size,
+                "num_samples": len(dataset),
+                "seed": config.seed,
+            },
+        },
+    )
     start_epoch, start_step, global_step = state.resume(resume, log) if resume else (0, 0, 0)
     ema = state.ema  # a resumed EMA continues without --ema_decay
     model.train()
     if config.bf16:
         from lpd.sampling import warn_if_emulated_bf16
+
         warn_if_emulated_bf16(device, torch.bfloat16)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=config.bf16)
-    if isinstance(train_model, torch.nn.parallel.DistributedDataParallel) and not train_model.find_unused_parameters:
+    if (
+        isinstance(train_model, torch.nn.parallel.DistributedDataParallel)
+        and not train_model.find_unused_parameters
+    ):
         settle_ddp_buckets(train_model, config.batch_size, schedules[0], autocast)
     params = [p for p in model.parameters() if p.requires_grad]
-    log(f"model: {sum(p.numel() for p in params) / 1e6:.2f}M parameters, {N} tokens per image, {len(schedules)} group-size "
-        f"schedules, {'FSDP' if config.fsdp else 'DDP' if info.distributed else 'one process'}{', EMA' if ema else ''}")
-    log(f"data: {len(dataset)} samples, {info.world_size} process(es) x batch {config.batch_size} = {global_batch}, "
-        f"{steps_per_epoch} steps per epoch; lr {base_lr:.3g} ({config.lr_schedule}, warm-up {config.warmup_epochs} epochs)")
+    log(
+        f"model: {sum(p.numel() for p in params) / 1e6:.2f}M parameters, {N} tokens per image, {len(schedules)} group-size "
+        f"schedules, {'FSDP' if config.fsdp else 'DDP' if info.distributed else 'one process'}{', EMA' if ema else ''}"
+    )
+    log(
+        f"data: {len(dataset)} samples, {info.world_size} process(es) x batch {config.batch_size} = {global_batch}, "
+        f"{steps_per_epoch} steps per epoch; lr {base_lr:.3g} ({config.lr_schedule}, warm-up {config.warmup_epochs} epochs)"
+    )
     logger = _Logger(config, info, log)
     stop = PreemptionFlag(config.preempt_signals)
     stop.install()
     if info.is_main:
-        atomic_write_bytes(os.path.join(config.output_dir, "config.yaml"),
-                           lambda f: f.write(yaml.safe_dump(config.to_dict(), sort_keys=False).encode()))
+        atomic_write_bytes(
+            os.path.join(config.output_dir, "config.yaml"),
+            lambda f: f.write(yaml.safe_dump(config.to_dict(), sort_keys=False).encode()),
+        )
 
     def save(names: Sequence[str]) -> None:
         nonlocal last_saved
@@ -466,47 +684,87 @@ def _run(config: TrainConfig, info: DistInfo, dataset: torch.utils.data.Dataset 
     epoch, step, batches, bar = start_epoch, start_step, None, None
     try:
         for epoch in range(start_epoch, config.epochs):
-            sampler = EpochBatchSampler(len(dataset), config.batch_size, config.seed, epoch, info.rank,
-                                        info.world_size, start_step if epoch == start_epoch else 0)
-            loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers,
-                                                 pin_memory=config.pin_mem and device.type == "cuda",
-                                                 worker_init_fn=stop.worker_init if config.num_workers > 0 else None)
-            bar = tqdm(total=steps_per_epoch, initial=sampler.start_step, desc=f"epoch {epoch}", disable=not info.is_main,
-                       dynamic_ncols=True, mininterval=1.0 if os.isatty(2) else 30.0)
+            sampler = EpochBatchSampler(
+                len(dataset),
+                config.batch_size,
+                config.seed,
+                epoch,
+                info.rank,
+                info.world_size,
+                start_step if epoch == start_epoch else 0,
+            )
+            loader = torch.utils.data.DataLoader(
+                dataset,
+                batch_sampler=sampler,
+                num_workers=config.num_workers,
+                pin_memory=config.pin_mem and device.type == "cuda",
+                worker_init_fn=stop.worker_init if config.num_workers > 0 else None,
+            )
+            bar = tqdm(
+                total=steps_per_epoch,
+                initial=sampler.start_step,
+                desc=f"epoch {epoch}",
+                disable=not info.is_main,
+                dynamic_ncols=True,
+                mininterval=1.0 if os.isatty(2) else 30.0,
+            )
             t_last, steps_since, first = time.perf_counter(), 0, len(losses)
             step = sampler.start_step
             batches = stop.iterate(loader)
             for x, labels in batches:
+
                 def gen(purpose: int) -> torch.Generator:
                     return iteration_generator(config.seed, purpose, epoch, step, info.rank)
+
                 tokens = _batch_tokens(x, gen(_FLIP), make_tokenizer_once, device)
                 labels = labels.to(device, non_blocking=True).long()
-                orders = random_orders(tokens.shape[0], N, gen(_ORDER)).to(device, non_blocking=True)
-                sizes = schedules[int(torch.randint(len(schedules), (1,), generator=gen(_SCHEDULE)))]  # per rank, as released
-                torch.manual_seed(derive_seed(config.seed, _DROPOUT, epoch, step, info.rank))  # dropout
-                lr = lr_at(epoch + step / steps_per_epoch, base_lr, epochs=config.epochs, warmup_epochs=config.warmup_epochs,
-                           schedule=config.lr_schedule, min_lr=config.min_lr, decay_start_epoch=config.lr_decay_start_epoch)
+                orders = random_orders(tokens.shape[0], N, gen(_ORDER)).to(
+                    device, non_blocking=True
+                )
+                sizes = schedules[
+                    int(torch.randint(len(schedules), (1,), generator=gen(_SCHEDULE)))
+                ]  # per rank, as released
+                torch.manual_seed(
+                    derive_seed(config.seed, _DROPOUT, epoch, step, info.rank)
+                )  # dropout
+                lr = lr_at(
+                    epoch + step / steps_per_epoch,
+                    base_lr,
+                    epochs=config.epochs,
+                    warmup_epochs=config.warmup_epochs,
+                    schedule=config.lr_schedule,
+                    min_lr=config.min_lr,
+                    decay_start_epoch=config.lr_decay_start_epoch,
+                )
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 with autocast:
                     loss = train_model(tokens, labels, orders, sizes, generator=gen(_LABEL_DROP))
                 # One collective per step: the mean loss and whether any rank was asked to stop.
-                stats = torch.stack([loss.detach().float(), torch.tensor(float(stop.requested), device=device)])
+                stats = torch.stack(
+                    [loss.detach().float(), torch.tensor(float(stop.requested), device=device)]
+                )
                 if info.distributed:
                     dist.all_reduce(stats)
                     stats[0] /= info.world_size
                 loss_value, stop_now = float(stats[0]), bool(stats[1] > 0)
                 where = f"at epoch {epoch}, step {step} (global step {global_step}); stopped before the update"
                 if not math.isfinite(loss_value):
-                    raise NonFiniteLossError(f"loss is {loss_value} {where}. The last good checkpoint is "
-                                             f"{last_checkpoint(config.output_dir, config.fsdp) or 'none'}; lower --blr / --lr, "
-                                             f"keep --grad_clip, or check the data")
+                    raise NonFiniteLossError(
+                        f"loss is {loss_value} {where}. The last good checkpoint is "
+                        f"{last_checkpoint(config.output_dir, config.fsdp) or 'none'}; lower --blr / --lr, "
+                        f"keep --grad_clip, or check the data"
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
+                norm = torch.nn.utils.clip_grad_norm_(
+                    params, config.grad_clip if config.grad_clip > 0 else float("inf")
+                )
                 grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
                 if not math.isfinite(grad_norm):
-                    raise NonFiniteLossError(f"gradient norm is {grad_norm} {where}; the last good checkpoint is kept")
+                    raise NonFiniteLossError(
+                        f"gradient norm is {grad_norm} {where}; the last good checkpoint is kept"
+                    )
                 optimizer.step()
                 if ema is not None:
                     ema.update()
@@ -517,37 +775,67 @@ def _run(config: TrainConfig, info: DistInfo, dataset: torch.utils.data.Dataset 
                     now = time.perf_counter()
                     tok_s = steps_since * global_batch * N / max(now - t_last, 1e-9)
                     t_last, steps_since = now, 0
-                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.3g}", gnorm=f"{grad_norm:.3g}", tok_s=f"{tok_s:.3g}")
-                    logger.scalars({"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s,
-                                    "epoch": epoch + step / steps_per_epoch}, global_step)
+                    bar.set_postfix(
+                        loss=f"{loss_value:.4f}",
+                        lr=f"{lr:.3g}",
+                        gnorm=f"{grad_norm:.3g}",
+                        tok_s=f"{tok_s:.3g}",
+                    )
+                    logger.scalars(
+                        {
+                            "loss": loss_value,
+                            "lr": lr,
+                            "grad_norm": grad_norm,
+                            "tokens_per_s": tok_s,
+                            "epoch": epoch + step / steps_per_epoch,
+                        },
+                        global_step,
+                    )
                 if stop_now:
                     preempted = True
                     break
-                if config.save_every_steps > 0 and global_step % config.save_every_steps == 0 and step < steps_per_epoch:
+                if (
+                    config.save_every_steps > 0
+                    and global_step % config.save_every_steps == 0
+                    and step < steps_per_epoch
+                ):
                     save(["checkpoint-last"])
             bar.close()
             hint = f"continue with --resume {config.output_dir}"
             if preempted and step < steps_per_epoch:
                 save(["checkpoint-last"])
-                log(f"preempted: saved {last_checkpoint(config.output_dir, config.fsdp)} at epoch {epoch}, step {step} "
-                    f"(global step {global_step}); {hint}")
+                log(
+                    f"preempted: saved {last_checkpoint(config.output_dir, config.fsdp)} at epoch {epoch}, step {step} "
+                    f"(global step {global_step}); {hint}"
+                )
                 break
-            names = ["checkpoint-last"] if due(config.save_last_freq) and last_saved != global_step else []
+            names = (
+                ["checkpoint-last"]
+                if due(config.save_last_freq) and last_saved != global_step
+                else []
+            )
             if due(config.save_every_epochs):
                 names.append(f"checkpoint-{epoch}")
             if names:
                 save(names)
             done = losses[first:]
-            log(f"epoch {epoch} done: mean loss {np.mean(done) if done else float('nan'):.4f} over "
-                f"{len(done)} steps, global step {global_step}")
+            log(
+                f"epoch {epoch} done: mean loss {np.mean(done) if done else float('nan'):.4f} over "
+                f"{len(done)} steps, global step {global_step}"
+            )
             if preempted:
-                log(f"preempted: saved {last_checkpoint(config.output_dir, config.fsdp)} at the end of epoch {epoch}; {hint}")
+                log(
+                    f"preempted: saved {last_checkpoint(config.output_dir, config.fsdp)} at the end of epoch {epoch}; {hint}"
+                )
                 break
             if due(config.eval_freq):
                 metrics = _evaluate(config, model, ema, make_tokenizer_once, epoch, log)
                 if metrics:
                     log(f"evaluation at epoch {epoch}: {metrics}")
-                    logger.scalars({f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, global_step)
+                    logger.scalars(
+                        {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
+                        global_step,
+                    )
     finally:
         if batches is not None:
             batches.close()  # ends the DataLoader workers now, also after an error
@@ -555,5 +843,12 @@ def _run(config: TrainConfig, info: DistInfo, dataset: torch.utils.data.Dataset 
             bar.close()
         stop.restore()
         logger.close()
-    return TrainResult(model=model, epoch=epoch, step=step, global_step=global_step, preempted=preempted, losses=losses,
-                       ema=ema.state if ema is not None else None)
+    return TrainResult(
+        model=model,
+        epoch=epoch,
+        step=step,
+        global_step=global_step,
+        preempted=preempted,
+        losses=losses,
+        ema=ema.state if ema is not None else None,
+    )

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,12 +35,18 @@ MODULE_TESTS = {
     "lpd/sampling.py": ["tests/test_sampling.py", "tests/test_speed_paths.py"],
     "lpd/editing.py": ["tests/test_editing.py"],
     "lpd/train.py": ["tests/test_train.py", "tests/test_fsdp.py"],
-    "lpd/evaluate.py": ["tests/test_evaluate.py", "tests/test_main_eval.py", "tests/test_pipeline.py"],
+    "lpd/evaluate.py": [
+        "tests/test_evaluate.py",
+        "tests/test_main_eval.py",
+        "tests/test_pipeline.py",
+    ],
     "lpd/metrics.py": ["tests/test_metrics.py", "tests/test_evaluate.py"],
     "lpd/pipeline.py": ["tests/test_pipeline.py"],
     "main_train.py": ["tests/test_train.py", "tests/test_fsdp.py"],
 }
-CONTEXT_ENV = "LPD_MUTATION_TEST"  # the running test's node id, the coverage context of its subprocesses
+CONTEXT_ENV = (
+    "LPD_MUTATION_TEST"  # the running test's node id, the coverage context of its subprocesses
+)
 PYTEST = ["-x", "-q", "-p", "no:cacheprovider", "-o", "addopts="]
 
 
@@ -66,29 +72,46 @@ def mutants(path: str) -> list[tuple[int, Callable[[], str], tuple[int, int]]]:
             if kw(old) - kw(new) == {"help"} and len(new.args) == len(old.args) - 1:
                 continue
         span = where[old]
-        out.append((i, lambda old=old, new=new: deep_replace(module, old, new).code, (span.start.line, span.end.line)))
+        out.append(
+            (
+                i,
+                lambda old=old, new=new: deep_replace(module, old, new).code,
+                (span.start.line, span.end.line),
+            )
+        )
     return out
 
 
 def diff(path: str, original: str, mutated: str) -> str:
-    lines = difflib.unified_diff(original.splitlines(True), mutated.splitlines(True), path, path, n=0)
+    lines = difflib.unified_diff(
+        original.splitlines(True), mutated.splitlines(True), path, path, n=0
+    )
     return "".join(list(lines)[2:])
 
 
 # ---------------------------------------------------------------------------------------------- coverage
 
 
-def coverage_pass(tree: str, files: list[str]) -> tuple[dict[str, dict[int, list[str]]], dict[str, float]]:
+def coverage_pass(
+    tree: str, files: list[str]
+) -> tuple[dict[str, dict[int, list[str]]], dict[str, float]]:
     """Run ``files`` once under coverage: the test functions (node ids without parameters) covering each
     line of each module, and every test function's seconds."""
     work = tempfile.mkdtemp(prefix="cov-", dir=tree)
     rc = os.path.join(work, "coveragerc")
-    with open(rc, "w") as f:  # subprocesses read it at start-up: their context is the test that started them
-        f.write(f"[run]\ndata_file = {work}/data\nparallel = true\ncontext = ${{{CONTEXT_ENV}-}}\ninclude =\n"
-                + "".join(f"    {tree}/{m}\n" for m in MODULE_TESTS) + "\n")
+    with open(
+        rc, "w"
+    ) as f:  # subprocesses read it at start-up: their context is the test that started them
+        f.write(
+            f"[run]\ndata_file = {work}/data\nparallel = true\ncontext = ${{{CONTEXT_ENV}-}}\ninclude =\n"
+            + "".join(f"    {tree}/{m}\n" for m in MODULE_TESTS)
+            + "\n"
+        )
     times = os.path.join(work, "times.json")
-    code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import mutation; "
-            f"sys.exit(mutation._measure({rc!r}, {times!r}, sys.argv[1:]))")
+    code = (
+        f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import mutation; "
+        f"sys.exit(mutation._measure({rc!r}, {times!r}, sys.argv[1:]))"
+    )
     status, _ = _run([sys.executable, "-c", code, *PYTEST[1:], *files], tree, None, capture=False)
     if status not in (0, 1):
         raise SystemExit(f"the coverage pass of {' '.join(files)} ended with status {status}")
@@ -98,8 +121,13 @@ def coverage_pass(tree: str, files: list[str]) -> tuple[dict[str, dict[int, list
     cov.combine([work])
     data = cov.get_data()
     func = lambda test: test.split("[")[0]  # noqa: E731 - some parameter ids do not survive the command line
-    lines = {m: {ln: sorted({func(c) for c in cs}) for ln, cs in data.contexts_by_lineno(os.path.join(tree, m)).items()}
-             for m in MODULE_TESTS}  # context "": run outside any test (at import), so by every test
+    lines = {
+        m: {
+            ln: sorted({func(c) for c in cs})
+            for ln, cs in data.contexts_by_lineno(os.path.join(tree, m)).items()
+        }
+        for m in MODULE_TESTS
+    }  # context "": run outside any test (at import), so by every test
     seconds: dict[str, float] = {}
     for test, t in json.load(open(times)).items():
         seconds[func(test)] = seconds.get(func(test), 0.0) + t
@@ -111,7 +139,9 @@ def _measure(rc: str, times_path: str, args: list[str]) -> int:
     import coverage
     import pytest
 
-    os.environ["COVERAGE_PROCESS_START"] = rc  # subprocesses start coverage from the .pth coverage installs
+    os.environ["COVERAGE_PROCESS_START"] = (
+        rc  # subprocesses start coverage from the .pth coverage installs
+    )
     cov = coverage.Coverage(config_file=rc)
     times: dict[str, float] = {}
 
@@ -140,12 +170,18 @@ def _measure(rc: str, times_path: str, args: list[str]) -> int:
 # ---------------------------------------------------------------------------------------------- running
 
 
-def _run(cmd: list[str], cwd: str, timeout: float | None, capture: bool = True) -> tuple[int | None, str]:
+def _run(
+    cmd: list[str], cwd: str, timeout: float | None, capture: bool = True
+) -> tuple[int | None, str]:
     """Exit status of ``cmd`` in its own process group (killed with it), None on timeout; and its output."""
-    env = dict(os.environ, PYTHONPATH=cwd, PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")  # one thread: no spinning
+    env = dict(
+        os.environ, PYTHONPATH=cwd, PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1"
+    )  # one thread: no spinning
     with tempfile.TemporaryFile("w+") as log:
         out = log if capture else None
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=out, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=out, stderr=out, start_new_session=True
+        )
         try:
             status = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -164,15 +200,25 @@ def verdict(status: int | None, output: str) -> str:
     """killed (a test failed, or collecting one did: the mutant breaks an import), timeout, survived, or error N."""
     if status is None:
         return "timeout"
-    if status in (1, 2, 3) or (status == 4 and ("ERROR collecting" in output or "while loading conftest" in output)):
+    if status in (1, 2, 3) or (
+        status == 4 and ("ERROR collecting" in output or "while loading conftest" in output)
+    ):
         return "killed"
     return "survived" if status == 0 else f"error {status}"
 
 
 def copy_tree(dest: str) -> None:
     """The tracked and the new (not ignored) files of the checkout."""
-    names = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
-                           capture_output=True).stdout.decode().split("\0")
+    names = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, names):
         src = os.path.join(ROOT, name)
         if os.path.isfile(src):
@@ -182,15 +228,32 @@ def copy_tree(dest: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--modules", default=",".join(MODULE_TESTS), help="comma list (default: all seven)")
+    p.add_argument(
+        "--modules", default=",".join(MODULE_TESTS), help="comma list (default: all seven)"
+    )
     p.add_argument("--per_module", type=int, default=25, help="mutants sampled per module")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", default=None, help="comma list of mutant ids (MODULE:INDEX) to run instead of a sample")
-    p.add_argument("--timeout_factor", type=float, default=5.0, help="per-mutant limit: 60 s + this x the tests' time")
+    p.add_argument(
+        "--only",
+        default=None,
+        help="comma list of mutant ids (MODULE:INDEX) to run instead of a sample",
+    )
+    p.add_argument(
+        "--timeout_factor",
+        type=float,
+        default=5.0,
+        help="per-mutant limit: 60 s + this x the tests' time",
+    )
     p.add_argument("--json", default=None, help="also write the results here")
-    p.add_argument("--coverage_cache", default=None, help="reuse the coverage pass saved here (delete it when tests change)")
+    p.add_argument(
+        "--coverage_cache",
+        default=None,
+        help="reuse the coverage pass saved here (delete it when tests change)",
+    )
     args = p.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))  # the finally blocks restore the copy and remove it
+    signal.signal(
+        signal.SIGTERM, lambda *a: sys.exit(143)
+    )  # the finally blocks restore the copy and remove it
     os.chdir(ROOT)  # mutmut reads its configuration from pyproject.toml here
     modules = [m.strip() for m in args.modules.split(",") if m.strip()]
     if set(modules) - set(MODULE_TESTS):
@@ -226,39 +289,61 @@ def main(argv: list[str] | None = None) -> int:
             original, source = open(os.path.join(ROOT, m)).read(), render()
             mine = {t for t in times if t.split("::")[0] in MODULE_TESTS[m]}
             tests = {t for ln in range(first, last + 1) for t in covered[m].get(ln, [])}
-            tests = sorted(mine if "" in tests or not tests & mine else tests & mine, key=lambda t: times[t])
+            tests = sorted(
+                mine if "" in tests or not tests & mine else tests & mine, key=lambda t: times[t]
+            )
             limit = 60 + args.timeout_factor * sum(times[t] for t in tests)
             path = os.path.join(tree, m)
             with open(path, "w") as f:
                 f.write(source)
             t1 = time.monotonic()
             try:
-                status, output = _run([sys.executable, "-m", "pytest", *PYTEST, *tests], tree, limit)
+                status, output = _run(
+                    [sys.executable, "-m", "pytest", *PYTEST, *tests], tree, limit
+                )
             finally:
                 with open(path, "w") as f:
                     f.write(original)
             result = verdict(status, output)
-            results.append(dict(id=f"{m}:{index}", module=m, verdict=result, tests=len(tests),
-                                seconds=round(time.monotonic() - t1, 1), diff=diff(m, original, source)))
+            results.append(
+                dict(
+                    id=f"{m}:{index}",
+                    module=m,
+                    verdict=result,
+                    tests=len(tests),
+                    seconds=round(time.monotonic() - t1, 1),
+                    diff=diff(m, original, source),
+                )
+            )
             if result.startswith("error"):
                 results[-1]["output"] = output[-2000:]
-            print(f"[{n + 1}/{len(chosen)}] {m}:{index} {result} ({len(tests)} tests, "
-                  f"{time.monotonic() - t1:.0f} s)", flush=True)
+            print(
+                f"[{n + 1}/{len(chosen)}] {m}:{index} {result} ({len(tests)} tests, "
+                f"{time.monotonic() - t1:.0f} s)",
+                flush=True,
+            )
     print("\nmodule              sampled  killed  timeout  survived  error  score")
     for m in modules:
-        c = Counter(r["verdict"] if r["verdict"] in ("killed", "timeout", "survived") else "error"
-                    for r in results if r["module"] == m)
+        c = Counter(
+            r["verdict"] if r["verdict"] in ("killed", "timeout", "survived") else "error"
+            for r in results
+            if r["module"] == m
+        )
         done = c["killed"] + c["timeout"] + c["survived"]
         score = (c["killed"] + c["timeout"]) / done if done else float("nan")
-        print(f"{m:<20}{sum(c.values()):>7}{c['killed']:>8}{c['timeout']:>9}{c['survived']:>10}{c['error']:>7}"
-              f"{score:>7.0%}")
+        print(
+            f"{m:<20}{sum(c.values()):>7}{c['killed']:>8}{c['timeout']:>9}{c['survived']:>10}{c['error']:>7}"
+            f"{score:>7.0%}"
+        )
     print("\nsurvivors:")
     for r in results:
         if r["verdict"] != "killed" and r["verdict"] != "timeout":
             print(f"\n{r['id']} ({r['verdict']}, {r['tests']} tests)\n{r['diff']}", end="")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(seed=args.seed, per_module=args.per_module, results=results), f, indent=1)
+            json.dump(
+                dict(seed=args.seed, per_module=args.per_module, results=results), f, indent=1
+            )
     return 0
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
 # How a position was picked: the codes of lpd.orders.ORDER_KINDS.
 START, PROXIMITY, FARTHEST, RANDOM_FILL, REST = 0, 1, 2, 3, 4
@@ -55,13 +55,21 @@ def _known_set(known: Sequence[bool] | None, n: int) -> set[int]:
     return set() if known is None else {c for c in range(n) if known[c]}
 
 
-def check_order(order: Sequence[int], group_sizes: Sequence[int], grid_size: int, proximity_threshold: float = 1.0,
-                repulsion_threshold: float = 1.0, known: Sequence[bool] | None = None) -> list[int]:
+def check_order(
+    order: Sequence[int],
+    group_sizes: Sequence[int],
+    grid_size: int,
+    proximity_threshold: float = 1.0,
+    repulsion_threshold: float = 1.0,
+    known: Sequence[bool] | None = None,
+) -> list[int]:
     """Assert that ``order`` (the unknown positions, raster indices) follows the rules; the kind of every pick."""
     gr, tp, tr = _Grid(grid_size), proximity_threshold, repulsion_threshold
     done = _known_set(known, gr.n)
     order = [int(c) for c in order]
-    assert sorted(order) == [c for c in range(gr.n) if c not in done], "not each unknown position once"
+    assert sorted(order) == [c for c in range(gr.n) if c not in done], (
+        "not each unknown position once"
+    )
     assert sum(group_sizes) == len(order), "the groups do not cover the order"
     kinds: list[int] = []
     s = 0
@@ -74,15 +82,21 @@ def check_order(order: Sequence[int], group_sizes: Sequence[int], grid_size: int
         else:
             accepted = []  # the longest prefix that a walk can accept
             for c in step:
-                if (score[c] < tp or (accepted and score[c] > score[accepted[-1]])
-                        or any(gr.cheb(c, a) <= tr for a in accepted)):
+                if (
+                    score[c] < tp
+                    or (accepted and score[c] > score[accepted[-1]])
+                    or any(gr.cheb(c, a) <= tr for a in accepted)
+                ):
                     break
                 accepted.append(c)
-            for c in free:  # a candidate walked before the walk stopped was set aside by an earlier acceptance
+            for c in (
+                free
+            ):  # a candidate walked before the walk stopped was set aside by an earlier acceptance
                 walked = len(accepted) < g or score[c] > score[accepted[-1]]
                 if score[c] >= tp and c not in accepted and walked:
                     assert any(gr.cheb(c, a) <= tr and score[a] >= score[c] for a in accepted), (
-                        f"step {k}: candidate {c} (score {score[c]:.3f}) should have been accepted before {step}")
+                        f"step {k}: candidate {c} (score {score[c]:.3f}) should have been accepted before {step}"
+                    )
             kinds += [PROXIMITY] * len(accepted)
         rest = [c for c in free if c not in accepted]
         picks = step[len(accepted) :]
@@ -97,7 +111,8 @@ def check_order(order: Sequence[int], group_sizes: Sequence[int], grid_size: int
                     best = [r for r, v in far.items() if v == max(far.values())]
                     assert c in best, f"step {k}: fallback pick {c} is not a farthest point"
                     assert _tie_key(c, score, tp) == min(_tie_key(r, score, tp) for r in best), (
-                        f"step {k}: fallback pick {c} breaks a tie against the candidate list")
+                        f"step {k}: fallback pick {c} breaks a tie against the candidate list"
+                    )
                     kinds.append(FARTHEST)
                 del far[c]
                 far = {r: gr.d2(r, c) if v is None else min(v, gr.d2(r, c)) for r, v in far.items()}
@@ -105,8 +120,14 @@ def check_order(order: Sequence[int], group_sizes: Sequence[int], grid_size: int
     return kinds
 
 
-def reference_order(rng: random.Random, group_sizes: Sequence[int], grid_size: int, proximity_threshold: float = 1.0,
-                    repulsion_threshold: float = 1.0, known: Sequence[bool] | None = None) -> tuple[list[int], list[int]]:
+def reference_order(
+    rng: random.Random,
+    group_sizes: Sequence[int],
+    grid_size: int,
+    proximity_threshold: float = 1.0,
+    repulsion_threshold: float = 1.0,
+    known: Sequence[bool] | None = None,
+) -> tuple[list[int], list[int]]:
     """One order by the rules, drawing from ``rng``; and the kind of every pick."""
     gr, tp, tr = _Grid(grid_size), proximity_threshold, repulsion_threshold
     done = _known_set(known, gr.n)
@@ -119,7 +140,9 @@ def reference_order(rng: random.Random, group_sizes: Sequence[int], grid_size: i
             accepted = [rng.choice(free)]
             kinds.append(START)
         else:
-            walk = sorted((c for c in free if score[c] >= tp), key=lambda c: (-score[c], rng.random()))
+            walk = sorted(
+                (c for c in free if score[c] >= tp), key=lambda c: (-score[c], rng.random())
+            )
             accepted = []
             for c in walk:
                 if len(accepted) == g:

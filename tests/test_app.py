@@ -167,7 +167,9 @@ def test_embed_exports_a_demo_checkpoint_and_never_overwrites(tmp_path, capsys):
     out = tmp_path / "embedded"
     assert embed_main(["--checkpoint", str(ckpt), "--output_dir", str(out)]) == 0
     app = load_app_model(pretrained_ckpt=str(out), device="cpu")
-    assert json.loads((out / "config.json").read_text())["sampling"]["cfg"] == 5.0  # the demo's settings
+    assert (
+        json.loads((out / "config.json").read_text())["sampling"]["cfg"] == 5.0
+    )  # the demo's settings
     trained = load_app_model(pretrained_ckpt=str(ckpt), device="cpu")  # the checkpoint itself
     assert trained.tokenizer.levels == 4 and trained.cfg == 4.0 and trained.name == ckpt.name
     assert app.cfg == 5.0 and app.grid_size == 4

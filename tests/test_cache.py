@@ -30,7 +30,9 @@ def image_folder(tmp_path_factory):
         os.makedirs(root / cls)
         for i in range(3):
             h, w = (int(v) for v in rng.integers(40, 160, 2))
-            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / cls / f"{cls}{i}.png")
+            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
+                root / cls / f"{cls}{i}.png"
+            )
     return root
 
 
@@ -43,8 +45,24 @@ def one_thread():
 
 
 def run(image_folder, out, fmt, capsys):
-    argv = ["--config", TINY, "--img_size", str(IMG), "--data_path", str(image_folder), "--cached_path", str(out),
-            "--cache_format", fmt, "--batch_size", "4", "--num_workers", "0", "--device", "cpu"]
+    argv = [
+        "--config",
+        TINY,
+        "--img_size",
+        str(IMG),
+        "--data_path",
+        str(image_folder),
+        "--cached_path",
+        str(out),
+        "--cache_format",
+        fmt,
+        "--batch_size",
+        "4",
+        "--num_workers",
+        "0",
+        "--device",
+        "cpu",
+    ]
     assert main_cache.main(argv) == 0
     return capsys.readouterr().out
 
@@ -57,7 +75,11 @@ def test_main_cache_both_layouts_identical(image_folder, tmp_path, capsys, one_t
     rel = open_token_cache(str(tmp_path / "released"), n, 16384)
     con = open_token_cache(str(tmp_path / "consolidated"), n, 16384)
     assert len(rel) == len(con) == 6 and rel.classes == con.classes == ["cat", "dog"]
-    assert sorted(os.listdir(tmp_path / "released" / "cat")) == ["cat0.png.npz", "cat1.png.npz", "cat2.png.npz"]
+    assert sorted(os.listdir(tmp_path / "released" / "cat")) == [
+        "cat0.png.npz",
+        "cat1.png.npz",
+        "cat2.png.npz",
+    ]
     for i in range(6):
         assert torch.equal(rel[i][0], con[i][0]) and rel[i][1] == con[i][1]
 
@@ -77,18 +99,43 @@ def test_main_cache_both_layouts_identical(image_folder, tmp_path, capsys, one_t
     assert torch.equal(open_token_cache(str(tmp_path / "released"), n, 16384)[5][0], rel[5][0])
 
 
-def test_training_from_images_equals_training_from_the_cache(image_folder, tmp_path, capsys, one_thread):
+def test_training_from_images_equals_training_from_the_cache(
+    image_folder, tmp_path, capsys, one_thread
+):
     """Same seed: encoding on the fly (flip chosen per sample) gives the updates of the cached tokens."""
     from lpd.train import TrainConfig, train
 
     run(image_folder, tmp_path / "cache", "consolidated", capsys)
     cfg = load_config(TINY)
-    common = dict(model="lpd_tiny", img_size=IMG, model_config=cfg["model_config"], vq_config=cfg["vq_config"],
-                  group_sizes_list="[1]*16; [1, 3, 5, 7]", epochs=2, batch_size=2, num_workers=0, device="cpu",
-                  warmup_epochs=0, lr=1e-3, seed=0, save_every_steps=0, save_every_epochs=0)
-    a = train(TrainConfig(**common, data_path=str(image_folder), output_dir=str(tmp_path / "a")), log=lambda m: None)
-    b = train(TrainConfig(**common, use_cached=True, cached_path=str(tmp_path / "cache"), output_dir=str(tmp_path / "b")),
-              log=lambda m: None)
+    common = dict(
+        model="lpd_tiny",
+        img_size=IMG,
+        model_config=cfg["model_config"],
+        vq_config=cfg["vq_config"],
+        group_sizes_list="[1]*16; [1, 3, 5, 7]",
+        epochs=2,
+        batch_size=2,
+        num_workers=0,
+        device="cpu",
+        warmup_epochs=0,
+        lr=1e-3,
+        seed=0,
+        save_every_steps=0,
+        save_every_epochs=0,
+    )
+    a = train(
+        TrainConfig(**common, data_path=str(image_folder), output_dir=str(tmp_path / "a")),
+        log=lambda m: None,
+    )
+    b = train(
+        TrainConfig(
+            **common,
+            use_cached=True,
+            cached_path=str(tmp_path / "cache"),
+            output_dir=str(tmp_path / "b"),
+        ),
+        log=lambda m: None,
+    )
     assert a.losses == b.losses and len(a.losses) == 6
     sa, sb = a.model.state_dict(), b.model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -108,13 +155,33 @@ def fail(argv, capsys):
 
 
 def args(image_folder, out, *extra, fmt="released"):
-    return ["--config", TINY, "--img_size", str(IMG), "--data_path", str(image_folder), "--cached_path", str(out),
-            "--cache_format", fmt, "--batch_size", "4", "--num_workers", "0", "--device", "cpu", *extra]
+    return [
+        "--config",
+        TINY,
+        "--img_size",
+        str(IMG),
+        "--data_path",
+        str(image_folder),
+        "--cached_path",
+        str(out),
+        "--cache_format",
+        fmt,
+        "--batch_size",
+        "4",
+        "--num_workers",
+        "0",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def snapshot(root):
-    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
-            for d, _, files in os.walk(root) for f in files}
+    return {
+        os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+        for d, _, files in os.walk(root)
+        for f in files
+    }
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +194,9 @@ def done_cache(image_folder, tmp_path_factory):
 
 def test_rerun_with_another_tokenizer_refused(image_folder, done_cache, capsys, one_thread):
     before = snapshot(done_cache)
-    err = fail(args(image_folder, done_cache, "--seed", "1"), capsys)  # same architecture, other weights
+    err = fail(
+        args(image_folder, done_cache, "--seed", "1"), capsys
+    )  # same architecture, other weights
     assert "tokenizer 'VQModel sha256:" in err and "another --cached_path, or delete" in err
     assert "img_size" not in err and snapshot(done_cache) == before
 
@@ -135,7 +204,11 @@ def test_rerun_with_another_tokenizer_refused(image_folder, done_cache, capsys, 
 def test_rerun_with_another_img_size_refused(image_folder, done_cache, capsys, one_thread):
     before = snapshot(done_cache)
     err = fail(args(image_folder, done_cache, "--img_size", "32"), capsys)
-    assert "img_size 64 there, 32 now" in err and "num_tokens 16 there, 4 now" in err and "tokenizer" not in err
+    assert (
+        "img_size 64 there, 32 now" in err
+        and "num_tokens 16 there, 4 now" in err
+        and "tokenizer" not in err
+    )
     assert snapshot(done_cache) == before
 
 
@@ -150,21 +223,32 @@ def test_rerun_after_the_record_was_deleted_refused(image_folder, tmp_path, caps
     assert "no meta.json" in fail(args(image_folder, tmp_path / "c", fmt="consolidated"), capsys)
 
 
-@pytest.mark.parametrize("flag, value, says", [
-    ("--img_size", "0", "--img_size 0: give an integer >= 1"),
-    ("--img_size", "40", "--img_size 40: give a multiple of the tokenizer's stride 16"),
-    ("--batch_size", "0", "--batch_size 0: give an integer >= 1"),
-    ("--num_workers", "-1", "--num_workers -1: give an integer >= 0"),
-    ("--shard_size", "-5", "--shard_size -5: give an integer >= 0"),
-    ("--data_path", "/nonexistent/images", "--data_path /nonexistent/images: give an existing ImageFolder"),
-    ("--config", "/nonexistent/cfg.yaml", "--config '/nonexistent/cfg.yaml' cannot be read"),
-    ("--vqgan_path", "/nonexistent/vq.pt", "VQ checkpoint '/nonexistent/vq.pt' not found"),
-    ("--vq_config", "{chh: 32}", "--vq_config: unknown keys ['chh'] for the vq tokenizer"),
-    ("--seed", "-1", "--seed must be an integer in [0, 2**64)"),
-])
+@pytest.mark.parametrize(
+    "flag, value, says",
+    [
+        ("--img_size", "0", "--img_size 0: give an integer >= 1"),
+        ("--img_size", "40", "--img_size 40: give a multiple of the tokenizer's stride 16"),
+        ("--batch_size", "0", "--batch_size 0: give an integer >= 1"),
+        ("--num_workers", "-1", "--num_workers -1: give an integer >= 0"),
+        ("--shard_size", "-5", "--shard_size -5: give an integer >= 0"),
+        (
+            "--data_path",
+            "/nonexistent/images",
+            "--data_path /nonexistent/images: give an existing ImageFolder",
+        ),
+        ("--config", "/nonexistent/cfg.yaml", "--config '/nonexistent/cfg.yaml' cannot be read"),
+        ("--vqgan_path", "/nonexistent/vq.pt", "VQ checkpoint '/nonexistent/vq.pt' not found"),
+        ("--vq_config", "{chh: 32}", "--vq_config: unknown keys ['chh'] for the vq tokenizer"),
+        ("--seed", "-1", "--seed must be an integer in [0, 2**64)"),
+    ],
+)
 def test_bad_values_refused_before_any_work(image_folder, tmp_path, capsys, flag, value, says):
     argv = args(image_folder, tmp_path / "out")
-    argv = argv[:argv.index(flag) + 1] + [value] + argv[argv.index(flag) + 2:] if flag in argv else argv + [flag, value]
+    argv = (
+        argv[: argv.index(flag) + 1] + [value] + argv[argv.index(flag) + 2 :]
+        if flag in argv
+        else argv + [flag, value]
+    )
     assert says in fail(argv, capsys)
     assert not os.path.exists(tmp_path / "out")
 
@@ -172,7 +256,14 @@ def test_bad_values_refused_before_any_work(image_folder, tmp_path, capsys, flag
 def test_bad_value_in_the_config_file_refused(image_folder, tmp_path, capsys):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(open(TINY).read() + "batch_size: 0\n")
-    argv = ["--config", str(cfg), "--data_path", str(image_folder), "--cached_path", str(tmp_path / "out")]
+    argv = [
+        "--config",
+        str(cfg),
+        "--data_path",
+        str(image_folder),
+        "--cached_path",
+        str(tmp_path / "out"),
+    ]
     assert "--batch_size 0: give an integer >= 1" in fail(argv, capsys)
     cfg.write_text("img_size: [64\n")
     assert "is not valid YAML" in fail(argv, capsys)
@@ -204,16 +295,33 @@ def train_config(tmp_path, cache, img_size=IMG, **kw):
     from lpd.train import TrainConfig
 
     cfg = load_config(TINY)
-    return TrainConfig(model="lpd_tiny", img_size=img_size, model_config=cfg["model_config"],
-                       vq_config=cfg["vq_config"], group_sizes_list=f"[1]*{(img_size // 16) ** 2}", epochs=1,
-                       batch_size=2, num_workers=0, device="cpu", warmup_epochs=0, lr=1e-3, seed=0,
-                       save_every_steps=1, save_every_epochs=0, use_cached=True, cached_path=str(cache),
-                       output_dir=str(tmp_path / "run"), **kw)
+    return TrainConfig(
+        model="lpd_tiny",
+        img_size=img_size,
+        model_config=cfg["model_config"],
+        vq_config=cfg["vq_config"],
+        group_sizes_list=f"[1]*{(img_size // 16) ** 2}",
+        epochs=1,
+        batch_size=2,
+        num_workers=0,
+        device="cpu",
+        warmup_epochs=0,
+        lr=1e-3,
+        seed=0,
+        save_every_steps=1,
+        save_every_epochs=0,
+        use_cached=True,
+        cached_path=str(cache),
+        output_dir=str(tmp_path / "run"),
+        **kw,
+    )
 
 
-def test_released_cache_of_a_killed_writer_refused_at_open_and_training_start(image_folder, tmp_path, capsys,
-                                                                              one_thread):
-    from lpd.datasets import CacheError, image_folder as make_image_folder, write_token_cache, tokenizer_id
+def test_released_cache_of_a_killed_writer_refused_at_open_and_training_start(
+    image_folder, tmp_path, capsys, one_thread
+):
+    from lpd.datasets import CacheError, tokenizer_id, write_token_cache
+    from lpd.datasets import image_folder as make_image_folder
     from lpd.train import train
 
     cfg = load_config(TINY)
@@ -221,9 +329,21 @@ def test_released_cache_of_a_killed_writer_refused_at_open_and_training_start(im
     ds, cache = make_image_folder(str(image_folder), IMG), tmp_path / "cache"
 
     def rank(r):  # rank r of 2: rank 1 not run = killed before it wrote anything
-        return write_token_cache(ds, str(cache), vq.encode, "released", tokenizer=tokenizer_id(vq), img_size=IMG,
-                                 num_tokens=16, vocab_size=16384, rank=r, world_size=2, batch_size=2, num_workers=0,
-                                 progress=False)
+        return write_token_cache(
+            ds,
+            str(cache),
+            vq.encode,
+            "released",
+            tokenizer=tokenizer_id(vq),
+            img_size=IMG,
+            num_tokens=16,
+            vocab_size=16384,
+            rank=r,
+            world_size=2,
+            batch_size=2,
+            num_workers=0,
+            progress=False,
+        )
 
     assert rank(0).written == 3
     with pytest.raises(CacheError, match="incomplete.*rerun main_cache.py with the same command"):
@@ -235,10 +355,14 @@ def test_released_cache_of_a_killed_writer_refused_at_open_and_training_start(im
     assert len(open_token_cache(str(cache), 16, 16384)) == 6
 
 
-def test_cache_of_another_token_count_refused_at_training_start(image_folder, done_cache, tmp_path, one_thread):
+def test_cache_of_another_token_count_refused_at_training_start(
+    image_folder, done_cache, tmp_path, one_thread
+):
     from lpd.datasets import CacheError
     from lpd.train import train
 
-    with pytest.raises(CacheError, match=r"meta\.json.* 16 tokens per image \(img_size 64\).* 64 \(8x8\)"):
+    with pytest.raises(
+        CacheError, match=r"meta\.json.* 16 tokens per image \(img_size 64\).* 64 \(8x8\)"
+    ):
         train(train_config(tmp_path, done_cache, img_size=128), log=lambda m: None)
     assert not [f for f in os.listdir(tmp_path / "run") if f.endswith(".pth")]

@@ -30,7 +30,8 @@ def released_checkpoint(path, model, args=None):
             "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.95)}]},
             "epoch": 449,
             "scaler": {"scale": 65536.0, "growth_factor": 2.0},
-            "args": args or argparse.Namespace(model="lpd_tiny", img_size=256, cfg=4.8, group_sizes="[1]*256"),
+            "args": args
+            or argparse.Namespace(model="lpd_tiny", img_size=256, cfg=4.8, group_sizes="[1]*256"),
         },
         path,
     )
@@ -54,7 +55,9 @@ def test_bare_state_dict_and_project_checkpoint(tmp_path):
     model = build_lpd(img_size=64, embed_dim=32, depth=1, num_heads=2, vocab_size=16, class_num=4)
     torch.save(model.state_dict(), tmp_path / "bare.pth")
     assert set(load_state_dict(tmp_path / "bare.pth")) == set(model.state_dict())
-    save_checkpoint({"model": model.state_dict(), "model_config": model.config.to_dict()}, tmp_path / "ours.pth")
+    save_checkpoint(
+        {"model": model.state_dict(), "model_config": model.config.to_dict()}, tmp_path / "ours.pth"
+    )
     again = load_lpd(tmp_path / "ours.pth")
     assert again.config == model.config
 
@@ -117,7 +120,9 @@ def test_wrong_img_size_and_interpolation_on_request(tmp_path):
 
 def test_interpolate_pos_embed_values():
     grid = torch.arange(16.0).reshape(4, 4)
-    pe = torch.cat([torch.full((1, 1, 2), -7.0), torch.stack([grid, grid], -1).reshape(1, 16, 2)], dim=1)
+    pe = torch.cat(
+        [torch.full((1, 1, 2), -7.0), torch.stack([grid, grid], -1).reshape(1, 16, 2)], dim=1
+    )
     out = interpolate_pos_embed(pe, 64)
     assert out.shape == (1, 65, 2)
     assert torch.equal(out[:, 0], pe[:, 0])
@@ -170,15 +175,30 @@ def _trained_checkpoint(path, seed=0):
     model = build_lpd(img_size=64, embed_dim=32, depth=2, num_heads=2, vocab_size=64, class_num=10)
     model.initialize_weights(torch.Generator().manual_seed(seed))
     ema = {k: v + 0.01 for k, v in model.state_dict().items()}
-    args = TrainConfig(model=None, img_size=64, model_config=model.config.to_dict(), vq_config=TINY_VQ, seed=seed).to_dict()
-    save_checkpoint({"model": model.state_dict(), "model_ema": ema, "model_config": model.config.to_dict(), "args": args,
-                     "epoch": 4, "step": 0, "global_step": 50}, path)
+    args = TrainConfig(
+        model=None, img_size=64, model_config=model.config.to_dict(), vq_config=TINY_VQ, seed=seed
+    ).to_dict()
+    save_checkpoint(
+        {
+            "model": model.state_dict(),
+            "model_ema": ema,
+            "model_config": model.config.to_dict(),
+            "args": args,
+            "epoch": 4,
+            "step": 0,
+            "global_step": 50,
+        },
+        path,
+    )
     return model, ema
 
 
 def _logits(model):
     g = torch.Generator().manual_seed(0)
-    tokens, orders = torch.randint(0, 64, (3, 16), generator=g), torch.rand(3, 16, generator=g).argsort(1)
+    tokens, orders = (
+        torch.randint(0, 64, (3, 16), generator=g),
+        torch.rand(3, 16, generator=g).argsort(1),
+    )
     return model.logits(tokens, torch.tensor([1, 2, 3]), orders, [1, 3, 5, 7])
 
 
@@ -193,8 +213,15 @@ def test_export_loads_back_with_identical_logits_without_pickle(tmp_path, monkey
     assert main(["export", str(tmp_path / "ck.pth"), str(tmp_path / "ema"), "--use_ema"]) == 0
     assert sorted(os.listdir(tmp_path / "raw")) == ["README.md", "config.json", "model.safetensors"]
     config = json.loads((tmp_path / "raw" / "config.json").read_text())
-    assert config["model_config"] == model.config.to_dict() and config["img_size"] == 64 and config["weights"] == "model"
-    assert config["tokenizer"]["vq_config"]["codebook_size"] == 64 and config["training"]["global_step"] == 50
+    assert (
+        config["model_config"] == model.config.to_dict()
+        and config["img_size"] == 64
+        and config["weights"] == "model"
+    )
+    assert (
+        config["tokenizer"]["vq_config"]["codebook_size"] == 64
+        and config["training"]["global_step"] == 50
+    )
     assert config["training"]["args"]["vq_config"]["ch"] == 32
     # reading an export unpickles nothing: torch.load and pickle are off limits
     for name in ("load", "loads", "Unpickler"):
@@ -202,25 +229,44 @@ def test_export_loads_back_with_identical_logits_without_pickle(tmp_path, monkey
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was used"))
     with torch.no_grad():
         assert torch.equal(_logits(load_lpd(tmp_path / "raw")), _logits(model.eval()))
-        assert all(torch.equal(v, ema[k]) for k, v in load_lpd(tmp_path / "ema", ema=True).state_dict().items())
+        assert all(
+            torch.equal(v, ema[k])
+            for k, v in load_lpd(tmp_path / "ema", ema=True).state_dict().items()
+        )
     with pytest.raises(CheckpointError, match="not an EMA; drop --use_ema"):
         load_lpd(tmp_path / "raw", ema=True)
     monkeypatch.undo()
     # a config that does not describe the weights is refused with the differences
-    for change, says in (({"depth": 3}, "missing keys \\(12\\): blocks.2"), ({"embed_dim": 64}, "shape mismatches")):
+    for change, says in (
+        ({"depth": 3}, "missing keys \\(12\\): blocks.2"),
+        ({"embed_dim": 64}, "shape mismatches"),
+    ):
         bad = tmp_path / f"bad{len(says)}"
         shutil.copytree(tmp_path / "raw", bad)
-        (bad / "config.json").write_text(json.dumps({**config, "model_config": {**config["model_config"], **change}}))
-        with pytest.raises(CheckpointError, match=f"does not match the model LPD:(.|\\n)*{says}(.|\\n)*config.json does not describe"):
+        (bad / "config.json").write_text(
+            json.dumps({**config, "model_config": {**config["model_config"], **change}})
+        )
+        with pytest.raises(
+            CheckpointError,
+            match=f"does not match the model LPD:(.|\\n)*{says}(.|\\n)*config.json does not describe",
+        ):
             load_lpd(bad)
     # an existing OUT_DIR is kept unless --overwrite
     capsys.readouterr()
     assert main(["export", str(tmp_path / "ck.pth"), str(tmp_path / "raw"), "--use_ema"]) == 2
     assert "exists; choose another folder, or --overwrite" in capsys.readouterr().err
     assert json.loads((tmp_path / "raw" / "config.json").read_text())["weights"] == "model"
-    assert main(["export", str(tmp_path / "ck.pth"), str(tmp_path / "raw"), "--use_ema", "--overwrite"]) == 0
+    assert (
+        main(
+            ["export", str(tmp_path / "ck.pth"), str(tmp_path / "raw"), "--use_ema", "--overwrite"]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "raw" / "config.json").read_text())["weights"] == "ema"
-    assert main(["export", str(tmp_path / "nope.pth"), str(tmp_path / "x")]) == 2 and not (tmp_path / "x").exists()
+    assert (
+        main(["export", str(tmp_path / "nope.pth"), str(tmp_path / "x")]) == 2
+        and not (tmp_path / "x").exists()
+    )
 
 
 def test_export_deletes_nothing_it_did_not_write(tmp_path, capsys):
@@ -228,7 +274,9 @@ def test_export_deletes_nothing_it_did_not_write(tmp_path, capsys):
 
     from lpd.checkpoint import main
 
-    run = tmp_path / "run"  # a training run: its checkpoint, a log, an earlier run's folder beside it
+    run = (
+        tmp_path / "run"
+    )  # a training run: its checkpoint, a log, an earlier run's folder beside it
     run.mkdir()
     _trained_checkpoint(run / "checkpoint-last.pth")
     (run / "log.txt").write_text("epoch 4")
@@ -239,8 +287,11 @@ def test_export_deletes_nothing_it_did_not_write(tmp_path, capsys):
         return {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
 
     before = snapshot()
-    for out, says in ((run, "holds the checkpoint"), (tmp_path / "exp.old", "not an export's (keep.txt)"),
-                      (run / "checkpoint-last.pth", "holds the checkpoint")):
+    for out, says in (
+        (run, "holds the checkpoint"),
+        (tmp_path / "exp.old", "not an export's (keep.txt)"),
+        (run / "checkpoint-last.pth", "holds the checkpoint"),
+    ):
         assert main(["export", str(run / "checkpoint-last.pth"), str(out), "--overwrite"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: OUT_DIR") and says in err and "Traceback" not in err, err
@@ -251,20 +302,37 @@ def test_export_deletes_nothing_it_did_not_write(tmp_path, capsys):
     assert main(["export", str(run / "checkpoint-last.pth"), str(other), "--overwrite"]) == 2
     assert "not an export's (checkpoint-0.pth)" in capsys.readouterr().err
     (other / "checkpoint-0.pth").unlink()
-    assert main(["export", str(run / "checkpoint-last.pth"), str(other), "--overwrite"]) == 2  # config.json, not ours
-    assert "is not an earlier export" in capsys.readouterr().err and (other / "config.json").read_text() == '{"lr": 1}'
+    assert (
+        main(["export", str(run / "checkpoint-last.pth"), str(other), "--overwrite"]) == 2
+    )  # config.json, not ours
+    assert (
+        "is not an earlier export" in capsys.readouterr().err
+        and (other / "config.json").read_text() == '{"lr": 1}'
+    )
     assert snapshot() == {**before, other / "config.json": b'{"lr": 1}'}
     # an earlier export is replaced file by file with --overwrite; what else is there stays
     exp = tmp_path / "exp"
     assert main(["export", str(run / "checkpoint-last.pth"), str(exp)]) == 0
     (exp / ".tmp-model.safetensors-x").write_bytes(b"left by a killed export")
-    assert main(["export", str(run / "checkpoint-last.pth"), str(exp), "--use_ema", "--overwrite"]) == 0
+    assert (
+        main(["export", str(run / "checkpoint-last.pth"), str(exp), "--use_ema", "--overwrite"])
+        == 0
+    )
     assert json.loads((exp / "config.json").read_text())["weights"] == "ema"
-    assert (exp / ".tmp-model.safetensors-x").exists() and (tmp_path / "exp.old" / "keep.txt").exists()
-    assert {p: b for p, b in snapshot().items() if exp not in p.parents} == {**before, other / "config.json": b'{"lr": 1}'}
+    assert (exp / ".tmp-model.safetensors-x").exists() and (
+        tmp_path / "exp.old" / "keep.txt"
+    ).exists()
+    assert {p: b for p, b in snapshot().items() if exp not in p.parents} == {
+        **before,
+        other / "config.json": b'{"lr": 1}',
+    }
     (tmp_path / "empty").mkdir()  # an empty folder is written into
     assert main(["export", str(run / "checkpoint-last.pth"), str(tmp_path / "empty")]) == 0
-    assert sorted(os.listdir(tmp_path / "empty")) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "empty")) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+    ]
 
 
 def test_model_card_metrics_and_push_to_hub(tmp_path, monkeypatch, capsys):
@@ -275,31 +343,93 @@ def test_model_card_metrics_and_push_to_hub(tmp_path, monkeypatch, capsys):
     from lpd.checkpoint import main, state_dict_digest
 
     model, _ = _trained_checkpoint(tmp_path / "ck.pth")
-    metrics = {"fid": 3.21, "inception_score": 250.5, "num_images": 50000, "sampling": {"cfg": 4.8, "order": "lpd"},
-               "settings": {"weights_sha256": state_dict_digest(model), "group_sizes": [1, 3, 5, 7]}}
+    metrics = {
+        "fid": 3.21,
+        "inception_score": 250.5,
+        "num_images": 50000,
+        "sampling": {"cfg": 4.8, "order": "lpd"},
+        "settings": {"weights_sha256": state_dict_digest(model), "group_sizes": [1, 3, 5, 7]},
+    }
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
-    assert main(["export", str(tmp_path / "ck.pth"), str(tmp_path / "out"), "--metrics", str(tmp_path / "metrics.json")]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(tmp_path / "ck.pth"),
+                str(tmp_path / "out"),
+                "--metrics",
+                str(tmp_path / "metrics.json"),
+            ]
+        )
+        == 0
+    )
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "| 3.21 | 250.5 | 50000 | 4 |" in card and "* cfg: 4.8" in card and "library_name: lpd" in card
-    assert 'LPDPipeline.from_pretrained("path/to/out")' in card and str(tmp_path) not in card  # no local path
+    assert (
+        "| 3.21 | 250.5 | 50000 | 4 |" in card
+        and "* cfg: 4.8" in card
+        and "library_name: lpd" in card
+    )
+    assert (
+        'LPDPipeline.from_pretrained("path/to/out")' in card and str(tmp_path) not in card
+    )  # no local path
     # scores of other weights are refused; nothing is written
-    (tmp_path / "other.json").write_text(json.dumps({**metrics, "settings": {"weights_sha256": "ab" * 32}}))
+    (tmp_path / "other.json").write_text(
+        json.dumps({**metrics, "settings": {"weights_sha256": "ab" * 32}})
+    )
     capsys.readouterr()
-    assert main(["export", str(tmp_path / "ck.pth"), str(tmp_path / "o2"), "--metrics", str(tmp_path / "other.json")]) == 2
+    assert (
+        main(
+            [
+                "export",
+                str(tmp_path / "ck.pth"),
+                str(tmp_path / "o2"),
+                "--metrics",
+                str(tmp_path / "other.json"),
+            ]
+        )
+        == 2
+    )
     assert "measured on other weights" in capsys.readouterr().err and not (tmp_path / "o2").exists()
     # --push_to_hub offline: a clear error before anything is written
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert main(["export", str(tmp_path / "ck.pth"), str(tmp_path / "o3"), "--push_to_hub", "me/tiny"]) == 2
+    assert (
+        main(["export", str(tmp_path / "ck.pth"), str(tmp_path / "o3"), "--push_to_hub", "me/tiny"])
+        == 2
+    )
     assert "HF_HUB_OFFLINE" in capsys.readouterr().err and not (tmp_path / "o3").exists()
     # online: the whole folder goes up in one commit; a failed upload leaves the folder complete
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     sent = []
-    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo, **k: sent.append(("create", repo, k.get("private"))))
-    monkeypatch.setattr(huggingface_hub, "upload_folder",
-                        lambda repo_id, folder_path, **k: sent.append(("upload", repo_id, sorted(os.listdir(folder_path)))))
-    assert main(["export", str(tmp_path / "ck.pth"), str(tmp_path / "o4"), "--push_to_hub", "me/tiny", "--private"]) == 0
-    assert sent == [("create", "me/tiny", True), ("upload", "me/tiny", ["README.md", "config.json", "model.safetensors"])]
+    monkeypatch.setattr(
+        huggingface_hub,
+        "create_repo",
+        lambda repo, **k: sent.append(("create", repo, k.get("private"))),
+    )
+    monkeypatch.setattr(
+        huggingface_hub,
+        "upload_folder",
+        lambda repo_id, folder_path, **k: sent.append(
+            ("upload", repo_id, sorted(os.listdir(folder_path)))
+        ),
+    )
+    assert (
+        main(
+            [
+                "export",
+                str(tmp_path / "ck.pth"),
+                str(tmp_path / "o4"),
+                "--push_to_hub",
+                "me/tiny",
+                "--private",
+            ]
+        )
+        == 0
+    )
+    assert sent == [
+        ("create", "me/tiny", True),
+        ("upload", "me/tiny", ["README.md", "config.json", "model.safetensors"]),
+    ]
     assert 'from_pretrained("me/tiny")' in (tmp_path / "o4" / "README.md").read_text()
 
     def refused(**k):
@@ -307,19 +437,29 @@ def test_model_card_metrics_and_push_to_hub(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(huggingface_hub, "upload_folder", refused)
     capsys.readouterr()
-    assert main(["export", str(tmp_path / "ck.pth"), str(tmp_path / "o5"), "--push_to_hub", "me/tiny"]) == 2
+    assert (
+        main(["export", str(tmp_path / "ck.pth"), str(tmp_path / "o5"), "--push_to_hub", "me/tiny"])
+        == 2
+    )
     err = capsys.readouterr().err
-    assert "403 Forbidden" in err and "nothing was committed" in err and len(os.listdir(tmp_path / "o5")) == 3
+    assert (
+        "403 Forbidden" in err
+        and "nothing was committed" in err
+        and len(os.listdir(tmp_path / "o5")) == 3
+    )
 
 
-def test_export_from_a_hub_repository_through_load_lpd_pipeline_and_main_eval(tmp_path, monkeypatch):
+def test_export_from_a_hub_repository_through_load_lpd_pipeline_and_main_eval(
+    tmp_path, monkeypatch
+):
     import shutil
+
+    from test_hub import fake_cache
 
     import main_eval
     from lpd.checkpoint import main
     from lpd.pipeline import LPDPipeline
     from lpd.tokenizer import make_tokenizer
-    from test_hub import fake_cache
 
     model, ema = _trained_checkpoint(tmp_path / "ck.pth")
     assert main(["export", str(tmp_path / "ck.pth"), str(tmp_path / "out")]) == 0
@@ -328,18 +468,26 @@ def test_export_from_a_hub_repository_through_load_lpd_pipeline_and_main_eval(tm
         shutil.copy(tmp_path / "out" / name, fake_cache(cache, "me/tiny", name))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in load_lpd("me/tiny").state_dict().items())
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in load_state_dict("me/tiny").items())  # --pretrained_ckpt
-    pipe = LPDPipeline.from_pretrained("me/tiny", device="cpu")  # the tokenizer its config.json names
+    assert all(
+        torch.equal(v, model.state_dict()[k]) for k, v in load_lpd("me/tiny").state_dict().items()
+    )
+    assert all(
+        torch.equal(v, model.state_dict()[k]) for k, v in load_state_dict("me/tiny").items()
+    )  # --pretrained_ckpt
+    pipe = LPDPipeline.from_pretrained(
+        "me/tiny", device="cpu"
+    )  # the tokenizer its config.json names
     ref = LPDPipeline(model, make_tokenizer("vq", None, TINY_VQ, seed=0))
     kw = dict(group_sizes=[1, 3, 5, 7], cfg=2.0, seed=3)
     assert np.array_equal(pipe([1, 2], **kw), ref([1, 2], **kw))
     with pytest.raises(FileNotFoundError, match="me/nothing(.|\\n)*it does not exist"):
         load_lpd("me/nothing")
     # main_eval.py --pretrained_ckpt: the folder, the Hub repository, and --use_ema of a checkpoint
-    for ckpt, ema_flag, want, name in ((str(tmp_path / "out"), [], model.state_dict(), "out"),
-                                       ("me/tiny", [], model.state_dict(), "tiny"),
-                                       (str(tmp_path / "ck.pth"), ["--use_ema"], ema, "ck-ema")):
+    for ckpt, ema_flag, want, name in (
+        (str(tmp_path / "out"), [], model.state_dict(), "out"),
+        ("me/tiny", [], model.state_dict(), "tiny"),
+        (str(tmp_path / "ck.pth"), ["--use_ema"], ema, "ck-ema"),
+    ):
         args = main_eval.build_parser().parse_args(["--pretrained_ckpt", ckpt, *ema_flag])
         net, run = main_eval.load_model(args, torch.device("cpu"))
         assert run == name and all(torch.equal(v, want[k]) for k, v in net.state_dict().items())

@@ -339,8 +339,10 @@ def test_python_m_lpd_schedules_writes_the_shipped_released_tables(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    written = sorted(os.path.relpath(line.removeprefix("wrote "), tmp_path / "orders")
-                     for line in proc.stdout.splitlines())
+    written = sorted(
+        os.path.relpath(line.removeprefix("wrote "), tmp_path / "orders")
+        for line in proc.stdout.splitlines()
+    )
     assert written == [
         "group_sizes_lookup.json",
         "group_sizes_training/group_sizes_256.json",

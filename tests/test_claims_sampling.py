@@ -287,7 +287,9 @@ def test_python_m_lpd_pipeline_writes_the_grid_of_the_pipeline(tmp_path):
     with Image.open(tmp_path / "samples.png") as grid:
         assert grid.size == (512 + 2, 256)  # two tiles and a 2-pixel gutter
         grid = np.asarray(grid.convert("RGB"))
-        assert np.array_equal(grid[:, :256], images[0]) and np.array_equal(grid[:, -256:], images[1])
+        assert np.array_equal(grid[:, :256], images[0]) and np.array_equal(
+            grid[:, -256:], images[1]
+        )
 
 
 def run_readme_block(marker: str, scope: dict | None = None) -> dict:

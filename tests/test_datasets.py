@@ -74,8 +74,22 @@ def fake_encode(x: torch.Tensor) -> torch.Tensor:
 
 
 def write(ds, path, fmt, rank=0, world=1, encode=fake_encode, **kw):
-    return D.write_token_cache(ds, str(path), encode, fmt, tokenizer="fake", img_size=64, num_tokens=N, vocab_size=V,
-                               rank=rank, world_size=world, batch_size=3, num_workers=0, progress=False, **kw)
+    return D.write_token_cache(
+        ds,
+        str(path),
+        encode,
+        fmt,
+        tokenizer="fake",
+        img_size=64,
+        num_tokens=N,
+        vocab_size=V,
+        rank=rank,
+        world_size=world,
+        batch_size=3,
+        num_workers=0,
+        progress=False,
+        **kw,
+    )
 
 
 def expected(ds, i):
@@ -96,7 +110,9 @@ def test_write_sharded_and_read_back(tmp_path, fmt):
     assert s0.written + s1.written == len(ds)
     assert D.read_record(str(tmp_path / fmt))["state"] == "complete"
     cache = D.open_token_cache(str(tmp_path / fmt), N, V)
-    assert type(cache).__name__ == ("ReleasedTokenCache" if fmt == "released" else "ConsolidatedTokenCache")
+    assert type(cache).__name__ == (
+        "ReleasedTokenCache" if fmt == "released" else "ConsolidatedTokenCache"
+    )
     assert len(cache) == len(ds)
     for i in range(len(ds)):
         tokens, label = cache[i]
@@ -126,14 +142,24 @@ def test_consolidated_resumes_after_interruption(tmp_path):
             raise KeyboardInterrupt("preempted")
         return fake_encode(x)
 
-    kw = dict(tokenizer="fake", img_size=64, num_tokens=N, vocab_size=V, batch_size=2, num_workers=0, shard_size=3,
-              progress=False)
+    kw = dict(
+        tokenizer="fake",
+        img_size=64,
+        num_tokens=N,
+        vocab_size=V,
+        batch_size=2,
+        num_workers=0,
+        shard_size=3,
+        progress=False,
+    )
     with pytest.raises(KeyboardInterrupt):
         D.write_token_cache(ds, str(tmp_path), flaky, "consolidated", **kw)
     with pytest.raises(D.CacheError, match="incomplete"):
         D.open_token_cache(str(tmp_path), N, V)
     stats = D.write_token_cache(ds, str(tmp_path), fake_encode, "consolidated", **kw)
-    assert stats.skipped == 4 and stats.written == 6  # two batches of two were committed before the stop
+    assert (
+        stats.skipped == 4 and stats.written == 6
+    )  # two batches of two were committed before the stop
     cache = D.open_token_cache(str(tmp_path), N, V)
     assert all(torch.equal(cache[i][0], expected(ds, i)) for i in range(len(ds)))
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".partial")]
@@ -142,7 +168,9 @@ def test_consolidated_resumes_after_interruption(tmp_path):
 def test_layouts_do_not_mix(tmp_path):
     ds = FakeImages(4, 2)
     write(ds, tmp_path, "released")
-    with pytest.raises(D.CacheError, match="other inputs.*format 'released' there, 'consolidated' now"):
+    with pytest.raises(
+        D.CacheError, match="other inputs.*format 'released' there, 'consolidated' now"
+    ):
         write(ds, tmp_path, "consolidated")
 
 
@@ -162,7 +190,9 @@ def test_deleted_or_corrupt_record_refused(tmp_path, fmt):
     meta = tmp_path / "meta.json"
     text = meta.read_text()
     meta.write_text(text[: len(text) // 2])  # a torn record
-    with pytest.raises(D.CacheError, match=r"meta\.json.*cannot be read.*another --cached_path, or delete"):
+    with pytest.raises(
+        D.CacheError, match=r"meta\.json.*cannot be read.*another --cached_path, or delete"
+    ):
         write(ds, tmp_path, fmt)
     with pytest.raises(D.CacheError, match=r"meta\.json.*cannot be read"):
         D.open_token_cache(str(tmp_path), N, V)
@@ -170,7 +200,9 @@ def test_deleted_or_corrupt_record_refused(tmp_path, fmt):
     with pytest.raises(D.CacheError, match=r"meta\.json.*missing or bad.*tokenizer"):
         D.open_token_cache(str(tmp_path), N, V)
     meta.unlink()
-    with pytest.raises(D.CacheError, match=r"holds files but no meta\.json.*another --cached_path, or delete"):
+    with pytest.raises(
+        D.CacheError, match=r"holds files but no meta\.json.*another --cached_path, or delete"
+    ):
         write(ds, tmp_path, fmt)
     if fmt == "consolidated":
         with pytest.raises(D.CacheError, match=r"no meta\.json"):
@@ -188,7 +220,9 @@ def test_undecodable_image_stops_before_anything_is_written(tmp_path):
                 raise OSError("image file is truncated")
             return Image.new("RGB", (16, 16))
 
-    with pytest.raises(D.CacheError, match=r"1 image file\(s\) cannot be decoded.*img003\.JPEG.*truncated"):
+    with pytest.raises(
+        D.CacheError, match=r"1 image file\(s\) cannot be decoded.*img003\.JPEG.*truncated"
+    ):
         write(OneBroken(6, 2), tmp_path, "released")
     assert os.listdir(tmp_path) == []
 
@@ -200,11 +234,16 @@ def test_a_stray_folder_shifts_no_label_and_a_mismatch_is_refused(tmp_path):
     stray.mkdir()
     np.savez(stray / "x.npz", indices=np.zeros(N, np.int64), indices_flip=np.zeros(N, np.int64))
     cache = D.open_token_cache(str(tmp_path), N, V)
-    assert cache.classes == ds.classes and [cache[i][1] for i in range(6)] == [ds[i][1] for i in range(6)]
+    assert cache.classes == ds.classes and [cache[i][1] for i in range(6)] == [
+        ds[i][1] for i in range(6)
+    ]
     (tmp_path / "backup").mkdir()  # a visible folder that meta.json does not list
     (tmp_path / "c2").rename(tmp_path / "c2_old")
-    with pytest.raises(D.CacheError, match=r"differ from its meta\.json \(on disk only: \['backup', 'c2_old'\], "
-                                           r"recorded only: \['c2'\]\)"):
+    with pytest.raises(
+        D.CacheError,
+        match=r"differ from its meta\.json \(on disk only: \['backup', 'c2_old'\], "
+        r"recorded only: \['c2'\]\)",
+    ):
         D.open_token_cache(str(tmp_path), N, V)
 
 
@@ -212,8 +251,18 @@ def _image_tree(tmp_path):
     """Classes a and b: the same file name in two sub-folders, a link loop, a link into another class, hidden
     files and folders; returns the root and the images it holds."""
     root = tmp_path / "imgs"
-    for i, rel in enumerate(["a/img.png", "a/2019/img.png", "a/2020/img.png", "b/x.png", "outside/y.png",
-                             ".ipynb_checkpoints/z.png", "a/.ipynb_checkpoints/z.png", "b/._x.png"]):
+    for i, rel in enumerate(
+        [
+            "a/img.png",
+            "a/2019/img.png",
+            "a/2020/img.png",
+            "b/x.png",
+            "outside/y.png",
+            ".ipynb_checkpoints/z.png",
+            "a/.ipynb_checkpoints/z.png",
+            "b/._x.png",
+        ]
+    ):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(root / rel)
     (root / "outside").rename(tmp_path / "outside")
@@ -227,34 +276,51 @@ def test_image_folder_skips_hidden_entries_and_follows_each_link_once(tmp_path):
     root, want = _image_tree(tmp_path)
     ds = D.image_folder(str(root), 16)
     assert ds.classes == ["a", "b"]
-    assert [(os.path.relpath(p, root), t) for p, t in ds.samples] == [(w, int(w[0] == "b")) for w in want]
+    assert [(os.path.relpath(p, root), t) for p, t in ds.samples] == [
+        (w, int(w[0] == "b")) for w in want
+    ]
     # the released layout names files by their path in the class folder: nothing collides
     write(ds, tmp_path / "cache", "released")
     cache = D.open_token_cache(str(tmp_path / "cache"), N, V)
-    assert sorted(os.path.relpath(f, tmp_path / "cache") for f in cache.files) == sorted(w + ".npz" for w in want)
+    assert sorted(os.path.relpath(f, tmp_path / "cache") for f in cache.files) == sorted(
+        w + ".npz" for w in want
+    )
     got = {os.path.relpath(f, tmp_path / "cache")[:-4]: cache[i] for i, f in enumerate(cache.files)}
     for i, w in enumerate(want):
         assert torch.equal(got[w][0], expected(ds, i)) and got[w][1] == ds.samples[i][1]
-    assert write(ds, tmp_path / "cache", "released").skipped == len(want)  # complete: a rerun does nothing
+    assert write(ds, tmp_path / "cache", "released").skipped == len(
+        want
+    )  # complete: a rerun does nothing
     (root / "a" / "2019" / "img.png").unlink()
     (root / "b" / "x.png").unlink()
     (root / "b" / "ext").unlink()
-    with pytest.raises(FileNotFoundError, match="class folder.*b .*hold no images.*already read through a link"):
+    with pytest.raises(
+        FileNotFoundError, match="class folder.*b .*hold no images.*already read through a link"
+    ):
         D.image_folder(str(root), 16)
 
 
 def test_image_folder_reads_16_bit_pngs_as_their_grey_values(tmp_path):
     grey = (np.arange(256).reshape(16, 16)).astype(np.uint16)
     (tmp_path / "a").mkdir()
-    Image.fromarray(grey * 257).save(tmp_path / "a" / "g16.png")  # I;16: torchvision's loader makes it white
+    Image.fromarray(grey * 257).save(
+        tmp_path / "a" / "g16.png"
+    )  # I;16: torchvision's loader makes it white
     image, label = D.image_folder(str(tmp_path), 16)[0]
-    assert label == 0 and torch.equal(image, ((torch.from_numpy(grey).float() / 127.5) - 1).expand(3, -1, -1))
+    assert label == 0 and torch.equal(
+        image, ((torch.from_numpy(grey).float() / 127.5) - 1).expand(3, -1, -1)
+    )
 
 
 def test_images_that_would_share_a_cache_file_are_refused(tmp_path):
     ds = FakeImages(4, 2)
-    ds.samples[1] = (ds.samples[0][0].replace("/x/", "/y/"), ds.samples[0][1])  # no root: named by file name
-    with pytest.raises(D.CacheError, match=r"two images would share the cache file c0/img000\.JPEG\.npz"):
+    ds.samples[1] = (
+        ds.samples[0][0].replace("/x/", "/y/"),
+        ds.samples[0][1],
+    )  # no root: named by file name
+    with pytest.raises(
+        D.CacheError, match=r"two images would share the cache file c0/img000\.JPEG\.npz"
+    ):
         write(ds, tmp_path, "released")
     assert os.listdir(tmp_path) == []
 
@@ -267,7 +333,11 @@ def _released(tmp_path, n=3):
     rng = np.random.default_rng(0)
     os.makedirs(tmp_path / "a", exist_ok=True)
     for i in range(n):
-        np.savez(tmp_path / "a" / f"{i}.npz", indices=rng.integers(0, V, N), indices_flip=rng.integers(0, V, N))
+        np.savez(
+            tmp_path / "a" / f"{i}.npz",
+            indices=rng.integers(0, V, N),
+            indices_flip=rng.integers(0, V, N),
+        )
     with pytest.warns(UserWarning, match="no meta.json"):
         return D.ReleasedTokenCache(str(tmp_path), N, V)
 
@@ -280,17 +350,29 @@ def test_released_errors_name_the_file(tmp_path):
     bad.write_bytes(data[: len(data) // 2])  # truncated
     with pytest.raises(D.CacheError, match=r"1\.npz.*corrupt or truncated"):
         cache[1]
-    np.savez(tmp_path / "a" / "1.npz", indices=np.zeros(N + 1, np.int64), indices_flip=np.zeros(N + 1, np.int64))
+    np.savez(
+        tmp_path / "a" / "1.npz",
+        indices=np.zeros(N + 1, np.int64),
+        indices_flip=np.zeros(N + 1, np.int64),
+    )
     with pytest.raises(D.CacheError, match=r"1\.npz.*holds 17 tokens.*16"):
         cache[1]
-    np.savez(tmp_path / "a" / "2.npz", indices=np.full(N, V, np.int64), indices_flip=np.zeros(N, np.int64))
+    np.savez(
+        tmp_path / "a" / "2.npz",
+        indices=np.full(N, V, np.int64),
+        indices_flip=np.zeros(N, np.int64),
+    )
     with pytest.raises(D.CacheError, match=r"2\.npz.*outside the vocabulary"):
         cache[2]
     np.savez(tmp_path / "a" / "2.npz", moments=np.zeros(N))
     with pytest.raises(D.CacheError, match=r"2\.npz.*'indices'"):
         cache[2]
     # Other shapes holding N values are accepted ([1, N] and [h, w] in other writers).
-    np.savez(tmp_path / "a" / "0.npz", indices=np.zeros((1, N), np.int64), indices_flip=np.ones((4, 4), np.int64))
+    np.savez(
+        tmp_path / "a" / "0.npz",
+        indices=np.zeros((1, N), np.int64),
+        indices_flip=np.ones((4, 4), np.int64),
+    )
     assert cache[0][0].tolist() == [[0] * N, [1] * N]
 
 
@@ -303,7 +385,9 @@ def test_consolidated_errors_name_the_file(tmp_path):
     np.save(toks, arr)
     cache = D.open_token_cache(str(tmp_path), N, V)
     bad_index = [i for i in range(len(cache)) if cache.shard[i] == 1 and cache.row[i] == 1][0]
-    with pytest.raises(D.CacheError, match=r"shard-00001\.tokens\.npy.*row 1.*outside the vocabulary"):
+    with pytest.raises(
+        D.CacheError, match=r"shard-00001\.tokens\.npy.*row 1.*outside the vocabulary"
+    ):
         cache[bad_index]
     np.save(toks, arr[:, :, :8])
     with pytest.raises(D.CacheError, match=r"shard-00001\.tokens\.npy.*shape"):
@@ -313,9 +397,14 @@ def test_consolidated_errors_name_the_file(tmp_path):
 @pytest.mark.parametrize("fmt", ["released", "consolidated"])
 def test_record_must_fit_the_model(tmp_path, fmt):
     write(FakeImages(4, 2), tmp_path, fmt)
-    with pytest.raises(D.CacheError, match=r"meta\.json.* 16 tokens per image \(img_size 64\).* 64 \(8x8\)"):
+    with pytest.raises(
+        D.CacheError, match=r"meta\.json.* 16 tokens per image \(img_size 64\).* 64 \(8x8\)"
+    ):
         D.open_token_cache(str(tmp_path), 64, V)
-    with pytest.raises(D.CacheError, match=r"meta\.json.*1000-code tokenizer, larger than the model's vocabulary \(512\)"):
+    with pytest.raises(
+        D.CacheError,
+        match=r"meta\.json.*1000-code tokenizer, larger than the model's vocabulary \(512\)",
+    ):
         D.open_token_cache(str(tmp_path), N, 512)
     other = "consolidated" if fmt == "released" else "released"
     with pytest.raises(D.CacheError, match=f"describes a {fmt} cache, not a {other} one"):
@@ -325,7 +414,11 @@ def test_record_must_fit_the_model(tmp_path, fmt):
 @pytest.mark.parametrize("fmt", ["released", "consolidated"])
 def test_open_checks_the_first_item(tmp_path, fmt):
     write(FakeImages(4, 2), tmp_path, fmt)
-    first = tmp_path / ("c0" if fmt == "released" else "") / ("img000.JPEG.npz" if fmt == "released" else "shard-00000.tokens.npy")
+    first = (
+        tmp_path
+        / ("c0" if fmt == "released" else "")
+        / ("img000.JPEG.npz" if fmt == "released" else "shard-00000.tokens.npy")
+    )
     if fmt == "released":
         np.savez(first, indices=np.full(N, V, np.int64), indices_flip=np.zeros(N, np.int64))
     else:
@@ -346,10 +439,16 @@ def test_missing_cache_folder(tmp_path):
 
 def test_epoch_sampler_is_deterministic_sharded_and_skips():
     def batches(rank, world, epoch=0, start=0):
-        return list(EpochBatchSampler(23, 3, seed=5, epoch=epoch, rank=rank, world_size=world, start_step=start))
+        return list(
+            EpochBatchSampler(
+                23, 3, seed=5, epoch=epoch, rank=rank, world_size=world, start_step=start
+            )
+        )
 
     a, b = batches(0, 2), batches(1, 2)
-    assert a == batches(0, 2) and len(a) == len(b) == 12 // 3  # 23 -> 12 per rank (padded), 4 batches
+    assert (
+        a == batches(0, 2) and len(a) == len(b) == 12 // 3
+    )  # 23 -> 12 per rank (padded), 4 batches
     flat = [i for bt in a + b for i in bt]
     assert len(set(flat)) >= 22 and all(0 <= i < 23 for i in flat)
     assert batches(0, 2, start=2) == a[2:]

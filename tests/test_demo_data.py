@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from lpd.demo.classifier import DigitClassifier, Judge, _frechet_to, accuracy, bootstrap_ci, train_classifier
+from lpd.demo.classifier import (
+    DigitClassifier,
+    Judge,
+    _frechet_to,
+    accuracy,
+    bootstrap_ci,
+    train_classifier,
+)
 from lpd.demo.digits import load_digits_dataset, load_raw_digits, split_indices
 from lpd.demo.palette import PaletteTokenizer, images_to_uint8, uint8_to_images
 from lpd.metrics import frechet_distance
@@ -21,14 +28,27 @@ def _images(tokens: torch.Tensor) -> np.ndarray:
 def test_raw_data() -> None:
     images, labels = load_raw_digits()
     assert images.shape == (1797, 8, 8) and images.dtype == np.uint8 and images.max() == 16
-    assert labels.dtype == np.int64 and np.bincount(labels).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+    assert labels.dtype == np.int64 and np.bincount(labels).tolist() == [
+        178,
+        182,
+        177,
+        183,
+        181,
+        182,
+        181,
+        179,
+        174,
+        180,
+    ]
     assert not images.flags.writeable
 
 
 def test_splits_disjoint_stratified_deterministic() -> None:
     train, test, everything = split_indices("train"), split_indices("test"), split_indices("all")
     assert len(train) == 1442 and len(test) == 355 and len(everything) == 1797
-    assert np.intersect1d(train, test).size == 0 and np.array_equal(np.union1d(train, test), everything)
+    assert np.intersect1d(train, test).size == 0 and np.array_equal(
+        np.union1d(train, test), everything
+    )
     per_class = np.bincount(load_raw_digits()[1][test], minlength=10)
     assert per_class.min() >= 34 and per_class.max() <= 37  # ~20% of each digit
     with pytest.raises(ValueError, match="split must be"):
@@ -41,13 +61,18 @@ def test_token_grids() -> None:
     assert tokens.min() == 0 and tokens.max() == 3 and labels.max() == 9
     assert 0.2 < (tokens > 0).float().mean() < 0.7  # ink and background
     assert (tokens[:, :, 0] == 0).float().mean() > 0.9  # the left column is background
-    assert (tokens == 3).flatten(1).any(1).float().mean() > 0.9  # nearly every digit has full-ink cells
+    assert (tokens == 3).flatten(1).any(
+        1
+    ).float().mean() > 0.9  # nearly every digit has full-ink cells
     again, labels2 = load_digits_dataset("test")
     assert torch.equal(tokens, again) and torch.equal(labels, labels2)
     assert load_digits_dataset("test", levels=2)[0].max() == 1
     assert load_digits_dataset("train", grid_size=8, levels=8)[0].shape == (1442, 8, 8)
     images = _images(tokens[:16])  # decoded digits are palette images: exact round trip
-    assert torch.equal(PaletteTokenizer().encode(uint8_to_images(torch.from_numpy(images).permute(0, 3, 1, 2))), tokens[:16])
+    assert torch.equal(
+        PaletteTokenizer().encode(uint8_to_images(torch.from_numpy(images).permute(0, 3, 1, 2))),
+        tokens[:16],
+    )
     with pytest.raises(ValueError, match="grid_size"):
         load_digits_dataset("test", grid_size=1)
 
@@ -62,7 +87,9 @@ def test_classifier_accuracy_and_features(classifier: DigitClassifier) -> None:
     assert accuracy(classifier, tokens, labels) >= 0.9
     images = torch.from_numpy(_images(tokens[:32])).permute(0, 3, 1, 2)
     features, logits = classifier.features(images)
-    assert features.shape == (32, 64) and logits.shape == (32, 10) and (features.std(0) > 0).all()  # no dead units
+    assert (
+        features.shape == (32, 64) and logits.shape == (32, 10) and (features.std(0) > 0).all()
+    )  # no dead units
     # images and their token grids reach the network as identical inputs
     assert torch.equal(classifier.images_to_input(images), classifier.tokens_to_input(tokens[:32]))
     assert torch.equal(logits, classifier.predict_tokens(tokens[:32].flatten(1)))
@@ -75,7 +102,10 @@ def test_classifier_accuracy_and_features(classifier: DigitClassifier) -> None:
 def test_classifier_deterministic_and_leaves_global_state() -> None:
     state, threads = torch.random.get_rng_state(), torch.get_num_threads()
     tokens, labels = load_digits_dataset("train")
-    a, b, c = (train_classifier(seed=s, epochs=1, tokens=tokens[:256], labels=labels[:256]) for s in (3, 3, 4))
+    a, b, c = (
+        train_classifier(seed=s, epochs=1, tokens=tokens[:256], labels=labels[:256])
+        for s in (3, 3, 4)
+    )
     assert torch.equal(torch.random.get_rng_state(), state) and torch.get_num_threads() == threads
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(pa, pb), name
@@ -86,12 +116,21 @@ def test_bootstrap_ci_percentile_and_basic() -> None:
     values = np.random.default_rng(0).normal(size=2000)
     lo, hi = bootstrap_ci(lambda i: values[i].mean(), len(values), resamples=500, seed=1)
     se = values.std() / np.sqrt(len(values))
-    assert lo < values.mean() < hi and abs((hi - lo) / (2 * 1.96 * se) - 1) < 0.15  # the normal-theory width
-    assert bootstrap_ci(lambda i: values[i].mean(), len(values), resamples=500, seed=1) == [lo, hi]  # seeded
+    assert (
+        lo < values.mean() < hi and abs((hi - lo) / (2 * 1.96 * se) - 1) < 0.15
+    )  # the normal-theory width
+    assert bootstrap_ci(lambda i: values[i].mean(), len(values), resamples=500, seed=1) == [
+        lo,
+        hi,
+    ]  # seeded
     assert bootstrap_ci(lambda i: values[i].mean(), len(values), resamples=500, seed=2) != [lo, hi]
     # basic = 2 * estimate - percentiles of the same resamples
-    blo, bhi = bootstrap_ci(lambda i: values[i].mean(), len(values), resamples=500, seed=1, basic=True)
-    assert blo == pytest.approx(2 * values.mean() - hi) and bhi == pytest.approx(2 * values.mean() - lo)
+    blo, bhi = bootstrap_ci(
+        lambda i: values[i].mean(), len(values), resamples=500, seed=1, basic=True
+    )
+    assert blo == pytest.approx(2 * values.mean() - hi) and bhi == pytest.approx(
+        2 * values.mean() - lo
+    )
     # a statistic biased by resampling (the variance of a sample with repeats is smaller):
     # the basic interval moves the other way
     plo, _ = bootstrap_ci(lambda i: len(np.unique(i)), 100, resamples=200)
@@ -104,7 +143,9 @@ def test_fast_frechet_equals_the_metrics_code() -> None:
     ref = rng.normal(size=(300, 16)) @ rng.normal(size=(16, 16))
     mu, sigma = ref.mean(0), np.cov(ref, rowvar=False)
     for x in (rng.normal(size=(200, 16)), ref[:150] + 0.5):
-        assert _frechet_to(mu, sigma)(x) == pytest.approx(frechet_distance(x.mean(0), np.cov(x, rowvar=False), mu, sigma), rel=1e-8)
+        assert _frechet_to(mu, sigma)(x) == pytest.approx(
+            frechet_distance(x.mean(0), np.cov(x, rowvar=False), mu, sigma), rel=1e-8
+        )
 
 
 def test_judge_scores_with_intervals(classifier: DigitClassifier) -> None:
@@ -112,7 +153,14 @@ def test_judge_scores_with_intervals(classifier: DigitClassifier) -> None:
     tokens, labels = load_digits_dataset("train")
     images, labels = _images(tokens[:200]), labels[:200].numpy()
     row = judge.score(images, labels)
-    assert set(row) == {"num_images", "accuracy", "accuracy_ci95", "frechet", "frechet_debiased", "frechet_ci95"}
+    assert set(row) == {
+        "num_images",
+        "accuracy",
+        "accuracy_ci95",
+        "frechet",
+        "frechet_debiased",
+        "frechet_ci95",
+    }
     assert row["num_images"] == 200 and row["accuracy"] >= 0.9
     assert row["frechet_ci95"][0] < row["frechet_ci95"][1]
     # the definitions, written out: plug-in Fréchet distance to the held-out features (scipy's

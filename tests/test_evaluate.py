@@ -21,13 +21,25 @@ from lpd.orders import lpd_orders, random_orders, save_orders
 from lpd.orders.source import OrderSource
 from lpd.sampling import SamplingConfig
 
-GRID, PATCH, VOCAB, CLASSES = 4, 16, 256, 10  # PATCH and VOCAB: the tiny VQ's downsampling and codebook
+GRID, PATCH, VOCAB, CLASSES = (
+    4,
+    16,
+    256,
+    10,
+)  # PATCH and VOCAB: the tiny VQ's downsampling and codebook
 SIZES = [1, 3, 4, 8]
 
 
 def small_model(seed: int = 0) -> torch.nn.Module:
-    model = build_lpd(img_size=GRID * PATCH, vqgan_stride=PATCH, embed_dim=32, depth=1, num_heads=2, vocab_size=VOCAB,
-                      class_num=CLASSES)
+    model = build_lpd(
+        img_size=GRID * PATCH,
+        vqgan_stride=PATCH,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        vocab_size=VOCAB,
+        class_num=CLASSES,
+    )
     model.initialize_weights(torch.Generator().manual_seed(seed))
     return model.eval()
 
@@ -54,7 +66,9 @@ def tokenizer(tiny_vq):
 
 
 def run_folder(path, model, tokenizer, n=10, sampling=SAMPLING, seed=3, **kw):
-    E.prepare_run_dir(path, E.run_settings(model, tokenizer, n, SIZES, sampling, seed, **kw), model.num_tokens)
+    E.prepare_run_dir(
+        path, E.run_settings(model, tokenizer, n, SIZES, sampling, seed, **kw), model.num_tokens
+    )
     return path
 
 
@@ -83,8 +97,11 @@ def test_order_rows_depend_only_on_seed_and_index(kind):
     src = OrderSource(kind, SIZES, GRID, seed=5, repulsion_threshold=1.0)
     whole = src.rows(np.arange(12))
     assert np.array_equal(src.rows(np.array([7, 8, 9, 2, 11, 3])), whole[[7, 8, 9, 2, 11, 3]])
-    expected = {"lpd": lambda: lpd_orders(12, SIZES, GRID, 1.0, 1.0, seed=5), "random": lambda: random_orders(12, GRID, seed=5),
-                "raster": lambda: np.tile(np.arange(GRID * GRID), (12, 1))}[kind]()
+    expected = {
+        "lpd": lambda: lpd_orders(12, SIZES, GRID, 1.0, 1.0, seed=5),
+        "random": lambda: random_orders(12, GRID, seed=5),
+        "raster": lambda: np.tile(np.arange(GRID * GRID), (12, 1)),
+    }[kind]()
     assert np.array_equal(whole, expected)
 
 
@@ -107,7 +124,9 @@ def test_in_memory_generation_is_deterministic(model, tokenizer):
     b = E.generate_images(model, tokenizer, 10, SIZES, SAMPLING, **RUN)
     assert a.images.shape == (10, GRID * PATCH, GRID * PATCH, 3) and a.images.dtype == np.uint8
     assert np.array_equal(a.images, b.images) and a.tokens.shape == (10, 16)
-    assert not np.array_equal(a.tokens, E.generate_images(model, tokenizer, 10, SIZES, SAMPLING, seed=4).tokens)
+    assert not np.array_equal(
+        a.tokens, E.generate_images(model, tokenizer, 10, SIZES, SAMPLING, seed=4).tokens
+    )
     assert a.generated == 10 and a.speed["timed_batches"] == 2  # 3 batches, the first is warm-up
 
 
@@ -119,25 +138,45 @@ def test_tokens_do_not_depend_on_batch_size_threads_or_shards(model, tokenizer, 
             torch.set_num_threads(n_threads)
             got = E.generate_images(model, tokenizer, 9, SIZES, SAMPLING, seed=1, eval_bsz=bsz)
             assert np.array_equal(got.tokens, ref.tokens)
-            if n_threads == threads:  # the VQ's convolutions round differently with another thread count
+            if (
+                n_threads == threads
+            ):  # the VQ's convolutions round differently with another thread count
                 assert np.array_equal(got.images, ref.images)
     finally:
         torch.set_num_threads(threads)
     run_folder(tmp_path, model, tokenizer, n=9, seed=1)
     for rank in (2, 0, 1):  # three independent jobs into one folder
-        part = E.generate_images(model, tokenizer, 9, SIZES, SAMPLING, seed=1, eval_bsz=2, output_dir=tmp_path, shard=(rank, 3))
+        part = E.generate_images(
+            model,
+            tokenizer,
+            9,
+            SIZES,
+            SAMPLING,
+            seed=1,
+            eval_bsz=2,
+            output_dir=tmp_path,
+            shard=(rank, 3),
+        )
         assert part.generated == 3
     tokens = np.load(tmp_path / "tokens.npy")
     assert tokens.dtype == np.int16 and np.array_equal(tokens, ref.tokens)
     for i in range(9):
         assert np.array_equal(read_png(image_path(tmp_path / "images", i)), ref.images[i])
-    assert not [f for f in os.listdir(tmp_path / "images") if not f.endswith(".png")]  # no temporary files
+    assert not [
+        f for f in os.listdir(tmp_path / "images") if not f.endswith(".png")
+    ]  # no temporary files
 
 
 def test_a_huge_eval_bsz_samples_only_the_images_needed(model, tokenizer, monkeypatch):
     rows = []
     real = E.sample_tokens
-    monkeypatch.setattr(E, "sample_tokens", lambda m, labels, orders, *a, **k: rows.append(len(labels)) or real(m, labels, orders, *a, **k))
+    monkeypatch.setattr(
+        E,
+        "sample_tokens",
+        lambda m, labels, orders, *a, **k: (
+            rows.append(len(labels)) or real(m, labels, orders, *a, **k)
+        ),
+    )
     E.generate_images(model, tokenizer, 2, SIZES, SAMPLING, eval_bsz=100000)
     assert rows == [2]
 
@@ -152,7 +191,12 @@ def test_rerun_fills_in_missing_and_damaged_images_with_the_same_bytes(model, to
     assert again.generated == 2 and again.skipped == 8
     for i in range(10):
         assert (tmp_path / "images" / f"{i:06d}.png").read_bytes() == original[i]
-    assert E.generate_images(model, tokenizer, 10, SIZES, SAMPLING, output_dir=tmp_path, **RUN).generated == 0
+    assert (
+        E.generate_images(
+            model, tokenizer, 10, SIZES, SAMPLING, output_dir=tmp_path, **RUN
+        ).generated
+        == 0
+    )
 
 
 def test_explicit_labels_and_order_tables(model, tokenizer):
@@ -160,7 +204,10 @@ def test_explicit_labels_and_order_tables(model, tokenizer):
     a = E.generate_images(model, tokenizer, 6, SIZES, SAMPLING, orders=table, **RUN)
     b = E.generate_images(model, tokenizer, 6, SIZES, SAMPLING, **RUN)
     assert np.array_equal(a.images, b.images)  # the same orders, once generated and once given
-    assert not np.array_equal(b.images, E.generate_images(model, tokenizer, 6, SIZES, SAMPLING, labels=[9] * 6, **RUN).images)
+    assert not np.array_equal(
+        b.images,
+        E.generate_images(model, tokenizer, 6, SIZES, SAMPLING, labels=[9] * 6, **RUN).images,
+    )
     with pytest.raises(E.EvaluationError, match="6 integers"):
         E.generate_images(model, tokenizer, 6, SIZES, SAMPLING, labels=[1, 2], **RUN)
     with pytest.raises(E.EvaluationError, match="integers"):
@@ -176,7 +223,9 @@ def test_a_wrapped_model_is_looked_through(model, tokenizer):
             self.module = inner
 
     a = E.generate_images(Wrapper(model), tokenizer, 4, SIZES, SAMPLING, **RUN)
-    assert np.array_equal(a.images, E.generate_images(model, tokenizer, 4, SIZES, SAMPLING, **RUN).images)
+    assert np.array_equal(
+        a.images, E.generate_images(model, tokenizer, 4, SIZES, SAMPLING, **RUN).images
+    )
 
 
 def test_in_memory_shards_need_a_process_group(model, tokenizer):
@@ -189,18 +238,28 @@ def test_bf16_decodes_the_vq_under_autocast_unless_asked_not_to(model, tokenizer
     hook = tokenizer.decoder.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
     try:
         out = E.generate_images(model, tokenizer, 4, SIZES, SAMPLING.replace(bf16=True), **RUN)
-        assert out.images.shape == (4, GRID * PATCH, GRID * PATCH, 3) and set(seen) == {torch.bfloat16}
+        assert out.images.shape == (4, GRID * PATCH, GRID * PATCH, 3) and set(seen) == {
+            torch.bfloat16
+        }
         seen.clear()
-        E.generate_images(model, tokenizer, 4, SIZES, SAMPLING.replace(bf16=True, decode_fp32=True), **RUN)
+        E.generate_images(
+            model, tokenizer, 4, SIZES, SAMPLING.replace(bf16=True, decode_fp32=True), **RUN
+        )
         assert set(seen) == {torch.float32}
     finally:
         hook.remove()
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(top_p=0.0), "top_p"), (dict(cfg=-1.0), "cfg"), (dict(temperature=float("nan")), "temperature"),
-    (dict(eval_bsz=0), "eval_bsz"), (dict(bf16="false"), "bf16"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(top_p=0.0), "top_p"),
+        (dict(cfg=-1.0), "cfg"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(eval_bsz=0), "eval_bsz"),
+        (dict(bf16="false"), "bf16"),
+    ],
+)
 def test_bad_settings_fail_before_sampling(model, tokenizer, bad, match):
     with pytest.raises(ValueError, match=match):
         E.generate_images(model, tokenizer, 4, SIZES, SAMPLING, **{**RUN, **bad})
@@ -213,7 +272,9 @@ def test_speed_meter_drops_the_warm_up_batch():
         m.add(n, 1.0, 2.0)
     s = m.summary()
     assert s["timed_batches"] == 3 and s["tokens"]["s_per_batch"] == pytest.approx(1.0)
-    assert s["tokens"]["images_per_s"] == pytest.approx(10 / 3) and s["tokens_and_decode"]["s_per_image"] == pytest.approx(0.6)
+    assert s["tokens"]["images_per_s"] == pytest.approx(10 / 3) and s["tokens_and_decode"][
+        "s_per_image"
+    ] == pytest.approx(0.6)
     assert E.SpeedMeter().summary()["tokens"]["images_per_s"] is None
 
 
@@ -227,22 +288,36 @@ def test_npz_holds_exactly_the_png_pixels(tmp_path):
         write_png(p, im)
     write_npz(tmp_path / "all.npz", paths, (8, 12))
     with np.load(tmp_path / "all.npz") as data:
-        assert data.files == ["arr_0"] and data["arr_0"].dtype == np.uint8 and np.array_equal(data["arr_0"], imgs)
+        assert (
+            data.files == ["arr_0"]
+            and data["arr_0"].dtype == np.uint8
+            and np.array_equal(data["arr_0"], imgs)
+        )
     assert read_png(paths[0], (8, 12)) is not None and read_png(paths[0], (8, 8)) is None
     with pytest.raises(ValueError, match="missing or unreadable"):
         write_npz(tmp_path / "bad.npz", paths + [str(tmp_path / "nope.png")], (8, 12))
     assert not (tmp_path / "bad.npz").exists()
     save_grid(tmp_path / "grid.png", list(imgs), ncol=2)
-    assert read_png(tmp_path / "grid.png", (28, 26)) is not None  # 3 x 2 tiles of 8 x 12, 2-pixel gutters
+    assert (
+        read_png(tmp_path / "grid.png", (28, 26)) is not None
+    )  # 3 x 2 tiles of 8 x 12, 2-pixel gutters
 
 
 def test_settings_record_the_inputs_by_content(model, tokenizer, tmp_path):
     s = E.run_settings(model, tokenizer, 10, SIZES, SAMPLING, 3, name="small")
-    assert s["weights_sha256"] == E.run_settings(small_model(), tokenizer, 10, SIZES, SAMPLING, 3)["weights_sha256"]
-    assert s["weights_sha256"] != E.run_settings(small_model(seed=1), tokenizer, 10, SIZES, SAMPLING, 3)["weights_sha256"]
+    assert (
+        s["weights_sha256"]
+        == E.run_settings(small_model(), tokenizer, 10, SIZES, SAMPLING, 3)["weights_sha256"]
+    )
+    assert (
+        s["weights_sha256"]
+        != E.run_settings(small_model(seed=1), tokenizer, 10, SIZES, SAMPLING, 3)["weights_sha256"]
+    )
     assert s["cfg"] == 2.0 and s["labels"] == "rule" and s["repulsion_threshold"] == 1.0
     run_folder(tmp_path, model, tokenizer)
-    (tmp_path / "images" / ".tmp-000001.png-abc").write_bytes(b"partial")  # what a killed run could leave
+    (tmp_path / "images" / ".tmp-000001.png-abc").write_bytes(
+        b"partial"
+    )  # what a killed run could leave
     run_folder(tmp_path, model, tokenizer)  # the same inputs: fine, and the leftover is gone
     assert os.listdir(tmp_path / "images") == []
 
@@ -251,11 +326,15 @@ def test_reruns_with_other_inputs_are_refused(model, tokenizer, tmp_path):
     orders = tmp_path / "orders.json"
     save_orders(orders, lpd_orders(10, SIZES, GRID, seed=0))
     run_folder(tmp_path / "a", model, tokenizer, order_file=orders)
-    save_orders(orders, lpd_orders(10, SIZES, GRID, seed=1))  # another order file under the same name
+    save_orders(
+        orders, lpd_orders(10, SIZES, GRID, seed=1)
+    )  # another order file under the same name
     with pytest.raises(E.EvaluationError, match="order_file_sha256"):
         run_folder(tmp_path / "a", model, tokenizer, order_file=orders)
     run_folder(tmp_path / "b", model, tokenizer)
-    with pytest.raises(E.EvaluationError, match="weights_sha256"):  # other weights, however the file is named
+    with pytest.raises(
+        E.EvaluationError, match="weights_sha256"
+    ):  # other weights, however the file is named
         run_folder(tmp_path / "b", small_model(seed=1), tokenizer)
     with pytest.raises(E.EvaluationError, match="cfg: 2.0 on disk vs 3.0 now"):
         run_folder(tmp_path / "b", model, tokenizer, sampling=SAMPLING.replace(cfg=3.0))
@@ -278,23 +357,63 @@ def test_metrics_path_end_to_end_with_a_stand_in_extractor(model, tokenizer, tmp
     stats = M.compute_statistics(ref, stand_in_extractor, progress=False)
     M.save_statistics(tmp_path / "ref.npz", stats.mu, stats.sigma)
     run = tmp_path / "run"
-    rec = E.evaluate(model, tokenizer, 16, SIZES, SAMPLING, output_dir=run, name="small", ref_stats=str(tmp_path / "ref.npz"),
-                     feature_extractor=stand_in_extractor, info={"note": "test"}, **RUN)
+    rec = E.evaluate(
+        model,
+        tokenizer,
+        16,
+        SIZES,
+        SAMPLING,
+        output_dir=run,
+        name="small",
+        ref_stats=str(tmp_path / "ref.npz"),
+        feature_extractor=stand_in_extractor,
+        info={"note": "test"},
+        **RUN,
+    )
     assert rec["fid"] == pytest.approx(0.0, abs=1e-6)  # the same images as the reference
     assert rec["inception_score"] > 1.0 and rec["num_images"] == 16 and rec["note"] == "test"
     on_disk = json.loads((run / "metrics.json").read_text())
-    assert on_disk["fid"] == rec["fid"] and on_disk["settings"]["cfg"] == 2.0 and on_disk["settings"]["model"] == "small"
+    assert (
+        on_disk["fid"] == rec["fid"]
+        and on_disk["settings"]["cfg"] == 2.0
+        and on_disk["settings"]["model"] == "small"
+    )
     for key in ("speed", "device", "dtype", "versions", "world_size", "sampling"):
         assert key in on_disk
     with np.load(run / "run.npz") as data:
         assert np.array_equal(data["arr_0"], ref)
     assert (run / "samples_grid.png").is_file() and (run / "settings.json").is_file()
     # A rerun without scoring keeps the scores and the speed of the images it did not sample again.
-    again = E.evaluate(model, tokenizer, 16, SIZES, SAMPLING, output_dir=run, name="small", compute_fid=False, **RUN)
-    assert again["generated_this_run"] == 0 and again["fid"] == rec["fid"] and again["speed"] == rec["speed"]
-    assert json.loads((run / "metrics.json").read_text())["inception_score"] == rec["inception_score"]
-    mem = E.evaluate(model, tokenizer, 16, SIZES, SAMPLING, ref_stats=str(tmp_path / "ref.npz"),
-                     feature_extractor=stand_in_extractor, seed=11, eval_bsz=4)
+    again = E.evaluate(
+        model,
+        tokenizer,
+        16,
+        SIZES,
+        SAMPLING,
+        output_dir=run,
+        name="small",
+        compute_fid=False,
+        **RUN,
+    )
+    assert (
+        again["generated_this_run"] == 0
+        and again["fid"] == rec["fid"]
+        and again["speed"] == rec["speed"]
+    )
+    assert (
+        json.loads((run / "metrics.json").read_text())["inception_score"] == rec["inception_score"]
+    )
+    mem = E.evaluate(
+        model,
+        tokenizer,
+        16,
+        SIZES,
+        SAMPLING,
+        ref_stats=str(tmp_path / "ref.npz"),
+        feature_extractor=stand_in_extractor,
+        seed=11,
+        eval_bsz=4,
+    )
     assert mem["fid"] > 0 and mem["files"] == {}
 
 
@@ -302,38 +421,98 @@ def test_missing_statistics_or_weights_fail_before_sampling(model, tokenizer, tm
     from lpd import metrics as M
 
     with pytest.raises(FileNotFoundError, match="--fid_stats"):
-        E.evaluate(model, tokenizer, 4, SIZES, SAMPLING, output_dir=tmp_path / "run", ref_stats=str(tmp_path / "nope.npz"),
-                   feature_extractor=stand_in_extractor, **RUN)
+        E.evaluate(
+            model,
+            tokenizer,
+            4,
+            SIZES,
+            SAMPLING,
+            output_dir=tmp_path / "run",
+            ref_stats=str(tmp_path / "nope.npz"),
+            feature_extractor=stand_in_extractor,
+            **RUN,
+        )
     assert not (tmp_path / "run").exists()
     np.savez(tmp_path / "bad.npz", mean=np.zeros(3))
     with pytest.raises(ValueError, match="'mu' and 'sigma'"):
-        E.evaluate(model, tokenizer, 4, SIZES, SAMPLING, ref_stats=str(tmp_path / "bad.npz"), feature_extractor=stand_in_extractor, **RUN)
-    M.save_statistics(tmp_path / "ref.npz", np.zeros(4), np.eye(4))  # found and valid: the weights are next
+        E.evaluate(
+            model,
+            tokenizer,
+            4,
+            SIZES,
+            SAMPLING,
+            ref_stats=str(tmp_path / "bad.npz"),
+            feature_extractor=stand_in_extractor,
+            **RUN,
+        )
+    M.save_statistics(
+        tmp_path / "ref.npz", np.zeros(4), np.eye(4)
+    )  # found and valid: the weights are next
     with pytest.raises(FileNotFoundError, match="--inception_weights"):
-        E.evaluate(model, tokenizer, 4, SIZES, SAMPLING, output_dir=tmp_path / "run", ref_stats=str(tmp_path / "ref.npz"),
-                   inception_weights=str(tmp_path / "missing.pth"), **RUN)
+        E.evaluate(
+            model,
+            tokenizer,
+            4,
+            SIZES,
+            SAMPLING,
+            output_dir=tmp_path / "run",
+            ref_stats=str(tmp_path / "ref.npz"),
+            inception_weights=str(tmp_path / "missing.pth"),
+            **RUN,
+        )
     assert not (tmp_path / "run").exists()
 
 
-def test_a_tokenizer_of_another_stride_or_statistics_of_another_width_fail_before_sampling(model, tokenizer, tmp_path,
-                                                                                           monkeypatch):
+def test_a_tokenizer_of_another_stride_or_statistics_of_another_width_fail_before_sampling(
+    model, tokenizer, tmp_path, monkeypatch
+):
     from lpd import metrics as M
 
     monkeypatch.setattr(E, "sample_batch", lambda *a, **k: pytest.fail("an image was sampled"))
 
-    monkeypatch.setattr(tokenizer, "downsample_factor", PATCH // 2)  # 4x4 tokens into 32 px images, not 64
-    with pytest.raises(E.EvaluationError, match=r"4x4 tokens into 32 px images, not the model's 64 px.*--vqgan_path"):
-        E.evaluate(model, tokenizer, 4, SIZES, SAMPLING, output_dir=tmp_path / "run", compute_fid=False, **RUN)
+    monkeypatch.setattr(
+        tokenizer, "downsample_factor", PATCH // 2
+    )  # 4x4 tokens into 32 px images, not 64
+    with pytest.raises(
+        E.EvaluationError,
+        match=r"4x4 tokens into 32 px images, not the model's 64 px.*--vqgan_path",
+    ):
+        E.evaluate(
+            model,
+            tokenizer,
+            4,
+            SIZES,
+            SAMPLING,
+            output_dir=tmp_path / "run",
+            compute_fid=False,
+            **RUN,
+        )
     assert not (tmp_path / "run").exists()
     tokenizer.downsample_factor = PATCH
-    M.save_statistics(tmp_path / "ref.npz", np.zeros(2048), np.eye(2048))  # Inception's width; the extractor gives 12
-    with pytest.raises(E.EvaluationError, match=r"ref\.npz are of 2048-d features, the feature extractor gives 12-d"):
-        E.evaluate(model, tokenizer, 4, SIZES, SAMPLING, output_dir=tmp_path / "run2",
-                   ref_stats=str(tmp_path / "ref.npz"), feature_extractor=stand_in_extractor, **RUN)
+    M.save_statistics(
+        tmp_path / "ref.npz", np.zeros(2048), np.eye(2048)
+    )  # Inception's width; the extractor gives 12
+    with pytest.raises(
+        E.EvaluationError,
+        match=r"ref\.npz are of 2048-d features, the feature extractor gives 12-d",
+    ):
+        E.evaluate(
+            model,
+            tokenizer,
+            4,
+            SIZES,
+            SAMPLING,
+            output_dir=tmp_path / "run2",
+            ref_stats=str(tmp_path / "ref.npz"),
+            feature_extractor=stand_in_extractor,
+            **RUN,
+        )
     assert not (tmp_path / "run2").exists()
 
 
-def test_a_second_evaluation_of_a_live_run_folder_is_refused_and_deletes_nothing(model, tokenizer, tmp_path):
+def test_a_second_evaluation_of_a_live_run_folder_is_refused_and_deletes_nothing(
+    model, tokenizer, tmp_path
+):
     from lpd.checkpoint import lock_folder
 
     run = tmp_path / "run"
@@ -341,15 +520,24 @@ def test_a_second_evaluation_of_a_live_run_folder_is_refused_and_deletes_nothing
     in_flight = run / "images" / ".tmp-000004.png-abc"  # a PNG the live evaluation is writing
     in_flight.write_bytes(b"half a png")
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    fd = lock_folder(str(run))  # the live evaluation (a lock is per open file: this process counts as another)
+    fd = lock_folder(
+        str(run)
+    )  # the live evaluation (a lock is per open file: this process counts as another)
     try:
-        with pytest.raises(E.EvaluationError, match=r"run folder .*run is in use by process \d+ on .*another "
-                                                    r"evaluation is writing into it.*--run_name"):
-            E.evaluate(model, tokenizer, 4, SIZES, SAMPLING, output_dir=run, compute_fid=False, **RUN)
+        with pytest.raises(
+            E.EvaluationError,
+            match=r"run folder .*run is in use by process \d+ on .*another "
+            r"evaluation is writing into it.*--run_name",
+        ):
+            E.evaluate(
+                model, tokenizer, 4, SIZES, SAMPLING, output_dir=run, compute_fid=False, **RUN
+            )
         assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     finally:
         os.close(fd)
     # once it has ended (or was killed: the lock goes with the process) its temporary files are a killed run's
     rec = E.evaluate(model, tokenizer, 4, SIZES, SAMPLING, output_dir=run, compute_fid=False, **RUN)
     assert rec["found_on_disk"] == 4 and not in_flight.exists()
-    E.evaluate(model, tokenizer, 4, SIZES, SAMPLING, output_dir=run, compute_fid=False, **RUN)  # released at the end
+    E.evaluate(
+        model, tokenizer, 4, SIZES, SAMPLING, output_dir=run, compute_fid=False, **RUN
+    )  # released at the end

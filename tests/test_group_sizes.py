@@ -69,7 +69,9 @@ def test_validate_rejects_non_integers_and_empty():
         validate_group_sizes(5)
 
 
-@pytest.mark.parametrize("text", ["[1]*99999999999999", "1*70000", "[1*40000, 2*40000]", "[1, 2]*40000", "1*65536 + 1"])
+@pytest.mark.parametrize(
+    "text", ["[1]*99999999999999", "1*70000", "[1*40000, 2*40000]", "[1, 2]*40000", "1*65536 + 1"]
+)
 def test_schedules_longer_than_any_grid_are_refused_before_expanding(text):
     with pytest.raises(GroupSizeError, match="expands to .* groups, more than the 65536"):
         parse_group_sizes(text)

@@ -9,10 +9,9 @@ import os
 import urllib.error
 import warnings
 
+import huggingface_hub
 import numpy as np
 import pytest
-
-import huggingface_hub
 from huggingface_hub import errors as hf_errors
 
 from lpd import hub
@@ -20,7 +19,9 @@ from lpd import hub
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-def fake_cache(root, repo_id: str, filename: str, content: bytes = b"weights", commit: str = COMMIT) -> str:
+def fake_cache(
+    root, repo_id: str, filename: str, content: bytes = b"weights", commit: str = COMMIT
+) -> str:
     """Lay out ``root/models--ORG--NAME/{refs/main, snapshots/<commit>/<filename>}`` like huggingface_hub."""
     repo_dir = os.path.join(os.fspath(root), "models--" + repo_id.replace("/", "--"))
     os.makedirs(os.path.join(repo_dir, "refs"), exist_ok=True)
@@ -46,7 +47,9 @@ def offline(monkeypatch, tmp_path):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", cache_only)
-    monkeypatch.setattr(hub, "_download_url", lambda *a, **k: pytest.fail("a URL download was attempted"))
+    monkeypatch.setattr(
+        hub, "_download_url", lambda *a, **k: pytest.fail("a URL download was attempted")
+    )
 
 
 @pytest.fixture
@@ -75,7 +78,9 @@ def _hub_stub(monkeypatch, remote: dict[str, BaseException | str]):
     def stub(repo_id, filename, **kwargs):
         calls.append((repo_id, filename, bool(kwargs.get("local_files_only"))))
         if kwargs.get("local_files_only"):
-            raise hf_errors.LocalEntryNotFoundError("Cannot find the requested files in the disk cache")
+            raise hf_errors.LocalEntryNotFoundError(
+                "Cannot find the requested files in the disk cache"
+            )
         result = remote[filename]
         if isinstance(result, BaseException):
             raise result
@@ -101,7 +106,9 @@ def test_resolve_from_cache_dir_offline(offline, tmp_path):
 def test_default_cache_is_huggingface_hubs_own(offline, monkeypatch, tmp_path):
     ckpt = fake_cache(tmp_path / "hf-home" / "hub", "mit-han-lab/lpd_l_512", "lpd_l_512.pth")
     monkeypatch.delenv("HF_HUB_CACHE")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
+    monkeypatch.setattr(
+        huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub")
+    )
     assert os.path.samefile(hub.resolve_checkpoint("lpd_l", 512), ckpt)
     # HF_HUB_CACHE set after huggingface_hub was imported counts too
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "elsewhere"))
@@ -163,9 +170,15 @@ def test_offline_and_not_cached_is_clear(offline, tmp_path):
     with pytest.raises(FileNotFoundError) as ei:
         hub.resolve_checkpoint("lpd_xl", 256)
     msg = str(ei.value)
-    for part in ("lpd_xl_256.pth", "mit-han-lab/lpd_xl_256", "HF_HUB_OFFLINE",
-                 "https://huggingface.co/mit-han-lab/lpd_xl_256/resolve/main/lpd_xl_256.pth",
-                 "--pretrained_ckpt", str(tmp_path / "empty-cache"), "hf download mit-han-lab/lpd_xl_256"):
+    for part in (
+        "lpd_xl_256.pth",
+        "mit-han-lab/lpd_xl_256",
+        "HF_HUB_OFFLINE",
+        "https://huggingface.co/mit-han-lab/lpd_xl_256/resolve/main/lpd_xl_256.pth",
+        "--pretrained_ckpt",
+        str(tmp_path / "empty-cache"),
+        "hf download mit-han-lab/lpd_xl_256",
+    ):
         assert part in msg, part
     assert "Traceback" not in msg
     with pytest.raises(hub.ResolveError) as ei:
@@ -185,7 +198,9 @@ def test_offline_read_by_huggingface_hub_at_import_counts(offline, monkeypatch, 
 
 def test_no_network_is_clear(online, monkeypatch):
     cause = ConnectionError("[Errno -2] Name or service not known")
-    err = hf_errors.LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub")
+    err = hf_errors.LocalEntryNotFoundError(
+        "An error happened while trying to locate the file on the Hub"
+    )
     err.__cause__ = cause
     calls = _hub_stub(monkeypatch, {"vq_ds16_c2i.pt": err})
     with pytest.raises(hub.ResolveError) as ei:
@@ -194,14 +209,22 @@ def test_no_network_is_clear(online, monkeypatch):
     assert "could not be reached" in msg and "Name or service not known" in msg
     assert "https://huggingface.co/FoundationVision/LlamaGen/resolve/main/vq_ds16_c2i.pt" in msg
     assert "--vqgan_path" in msg
-    assert calls == [("FoundationVision/LlamaGen", "vq_ds16_c2i.pt", True),
-                     ("FoundationVision/LlamaGen", "vq_ds16_c2i.pt", False)]  # cache first, then network
+    assert calls == [
+        ("FoundationVision/LlamaGen", "vq_ds16_c2i.pt", True),
+        ("FoundationVision/LlamaGen", "vq_ds16_c2i.pt", False),
+    ]  # cache first, then network
 
 
 def test_missing_repository_is_clear(online, monkeypatch):
     url = "https://huggingface.co/mit-han-lab/lpd_l_256/resolve/main/lpd_l_256.pth"
-    _hub_stub(monkeypatch, {"lpd_l_256.pth": _http_error(hf_errors.RepositoryNotFoundError,
-                                                         "404 Client Error. Repository Not Found", url)})
+    _hub_stub(
+        monkeypatch,
+        {
+            "lpd_l_256.pth": _http_error(
+                hf_errors.RepositoryNotFoundError, "404 Client Error. Repository Not Found", url
+            )
+        },
+    )
     with pytest.raises(hub.ResolveError) as ei:
         hub.resolve_checkpoint("lpd_l", 256)
     msg = str(ei.value)
@@ -212,12 +235,20 @@ def test_missing_file_falls_back_to_the_single_checkpoint(online, monkeypatch, t
     url = "https://huggingface.co/mit-han-lab/lpd_xl_512/resolve/main/lpd_xl_512.pth"
     real_file = tmp_path / "checkpoint-last.pth"
     real_file.write_bytes(b"x")
-    _hub_stub(monkeypatch, {
-        "lpd_xl_512.pth": _http_error(hf_errors.RemoteEntryNotFoundError, "404 Entry Not Found", url),
-        "checkpoint-last.pth": str(real_file),
-    })
-    monkeypatch.setattr(huggingface_hub, "list_repo_files",
-                        lambda repo_id, **k: [".gitattributes", "README.md", "checkpoint-last.pth"])
+    _hub_stub(
+        monkeypatch,
+        {
+            "lpd_xl_512.pth": _http_error(
+                hf_errors.RemoteEntryNotFoundError, "404 Entry Not Found", url
+            ),
+            "checkpoint-last.pth": str(real_file),
+        },
+    )
+    monkeypatch.setattr(
+        huggingface_hub,
+        "list_repo_files",
+        lambda repo_id, **k: [".gitattributes", "README.md", "checkpoint-last.pth"],
+    )
     with pytest.warns(UserWarning, match="checkpoint-last.pth"):
         assert hub.resolve_checkpoint("lpd_xl", 512) == str(real_file)
     # two candidates: ambiguous, so the error names the expected file
@@ -242,7 +273,9 @@ def test_fid_stats_found_locally(offline, monkeypatch, tmp_path):
     _stats_file(tmp_path / "fid_stats" / "adm_in256_stats.npz")
     assert hub.resolve_fid_stats(256) == os.path.join("fid_stats", "adm_in256_stats.npz")
     _stats_file(tmp_path / "lpd-cache" / "fid_stats" / "adm_in512_stats.npz")
-    assert hub.resolve_fid_stats(512) == str(tmp_path / "lpd-cache" / "fid_stats" / "adm_in512_stats.npz")
+    assert hub.resolve_fid_stats(512) == str(
+        tmp_path / "lpd-cache" / "fid_stats" / "adm_in512_stats.npz"
+    )
 
 
 def test_fid_stats_missing_offline_is_clear(offline, monkeypatch, tmp_path):
@@ -250,8 +283,14 @@ def test_fid_stats_missing_offline_is_clear(offline, monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError) as ei:
         hub.resolve_fid_stats(256)
     msg = str(ei.value)
-    for part in ("adm_in256_stats.npz", "--fid_stats", "offline", "github.com/LTH14/mar",
-                 str(tmp_path / "lpd-cache" / "fid_stats"), "python -m lpd.metrics stats"):
+    for part in (
+        "adm_in256_stats.npz",
+        "--fid_stats",
+        "offline",
+        "github.com/LTH14/mar",
+        str(tmp_path / "lpd-cache" / "fid_stats"),
+        "python -m lpd.metrics stats",
+    ):
         assert part in msg, part
     with pytest.raises(hub.ResolveError, match="No reference statistics are known for 64px"):
         hub.resolve_fid_stats(64)

@@ -9,7 +9,14 @@ import torch
 from PIL import Image
 
 from lpd import datasets
-from lpd.images import ImageFileError, center_crop_arr, image_to_tensor, load_image, load_mask, to_uint8
+from lpd.images import (
+    ImageFileError,
+    center_crop_arr,
+    image_to_tensor,
+    load_image,
+    load_mask,
+    to_uint8,
+)
 
 S = 32
 
@@ -34,7 +41,9 @@ def test_load_image_from_path_pil_and_array_agree(tmp_path, photo):
 def test_load_image_of_the_target_size_is_unchanged(photo):
     square = photo[:S, :S]
     assert np.array_equal(load_image(square, S), square)
-    assert np.array_equal(load_image(square[:, ::-1], S), square[:, ::-1])  # non-contiguous arrays too
+    assert np.array_equal(
+        load_image(square[:, ::-1], S), square[:, ::-1]
+    )  # non-contiguous arrays too
 
 
 def test_load_image_file_errors_name_the_path(tmp_path, photo):
@@ -49,8 +58,15 @@ def test_load_image_file_errors_name_the_path(tmp_path, photo):
         load_mask(tmp_path / "cut.png", S)
 
 
-@pytest.mark.parametrize("array", [np.zeros((8, 8), np.uint8), np.zeros((8, 8, 4), np.uint8),
-                                   np.zeros((8, 8, 3), np.float32), np.zeros((0, 8, 3), np.uint8)])
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.zeros((8, 8), np.uint8),
+        np.zeros((8, 8, 4), np.uint8),
+        np.zeros((8, 8, 3), np.float32),
+        np.zeros((0, 8, 3), np.uint8),
+    ],
+)
 def test_load_image_refuses_bad_arrays(array):
     with pytest.raises(ValueError, match=r"image array must be uint8 \[H, W, 3\], got"):
         load_image(array, S)
@@ -68,8 +84,13 @@ def test_load_mask_of_the_target_size_is_taken_as_is(tmp_path):
     mask = np.zeros((S, S), bool)
     mask[4:20, 10:30] = True
     Image.fromarray(mask).save(tmp_path / "m.png")
-    for source in (mask, mask.astype(np.uint8) * 255, Image.fromarray(mask), tmp_path / "m.png",
-                   np.repeat(mask[..., None].astype(np.uint8) * 255, 3, axis=2)):
+    for source in (
+        mask,
+        mask.astype(np.uint8) * 255,
+        Image.fromarray(mask),
+        tmp_path / "m.png",
+        np.repeat(mask[..., None].astype(np.uint8) * 255, 3, axis=2),
+    ):
         got = load_mask(source, S)
         assert got.dtype == np.bool_ and got.shape == (S, S) and np.array_equal(got, mask)
 
@@ -80,7 +101,9 @@ def test_load_mask_of_the_image_size_gets_the_image_crop(photo):
     image = np.where(half[..., None], 255, 0).astype(np.uint8).repeat(3, axis=2)
     got = load_mask(half, S, image=photo)
     assert got.shape == (S, S)
-    assert np.array_equal(got, load_image(image, S)[..., 0] >= 128)  # the same pixels as the cropped image
+    assert np.array_equal(
+        got, load_image(image, S)[..., 0] >= 128
+    )  # the same pixels as the cropped image
     assert got[:, 0].all() and not got[:, -1].any()
 
 
@@ -89,14 +112,20 @@ def test_load_mask_refuses_other_sizes_and_masks_that_select_nothing(photo):
         load_mask(np.zeros((75, 50), bool), S)
     with pytest.raises(ValueError, match=r"mask is 40x50 \(HxW\) but its image is 75x50"):
         load_mask(np.zeros((40, 50), bool), S, image=photo)
-    for empty in (np.zeros((S, S), bool), np.zeros((S, S), np.uint8), np.full((S, S), 100, np.uint8)):
+    for empty in (
+        np.zeros((S, S), bool),
+        np.zeros((S, S), np.uint8),
+        np.full((S, S), 100, np.uint8),
+    ):
         with pytest.raises(ValueError, match="selects no pixel: white .* marks what to regenerate"):
             load_mask(empty, S)
     outside = np.zeros((75, 50), bool)
     outside[:5] = True  # white only where the crop cuts the image
     with pytest.raises(ValueError, match="selects no pixel of the cropped image"):
         load_mask(outside, S, image=photo)
-    with pytest.raises(ValueError, match=r"mask array must be uint8 \[H, W, 3\] or bool / uint8 \[H, W\]"):
+    with pytest.raises(
+        ValueError, match=r"mask array must be uint8 \[H, W, 3\] or bool / uint8 \[H, W\]"
+    ):
         load_mask(np.zeros((S, S), np.float32), S)
 
 
@@ -121,7 +150,9 @@ def test_16_bit_pngs_read_as_their_grey_values(tmp_path):
     with Image.open(tmp_path / "g16.png") as im:
         assert im.mode == "I;16"  # PIL's own convert("RGB") makes this white
         assert np.array_equal(center_crop_arr(im, S)[..., 1], grey)
-        assert np.array_equal(np.asarray(convert(im.convert("I"), "L")), grey)  # 32-bit ints hold 16-bit values
+        assert np.array_equal(
+            np.asarray(convert(im.convert("I"), "L")), grey
+        )  # 32-bit ints hold 16-bit values
     assert np.array_equal(load_image(tmp_path / "g16.png", S), np.stack([grey] * 3, -1))
     assert np.array_equal(np.asarray(read_image(tmp_path / "g16.png"))[..., 0], grey)
     floats = Image.fromarray((grey / 255).astype(np.float32), "F")  # float greys in 0..1
@@ -133,8 +164,14 @@ def test_a_long_thin_image_crops_with_work_bounded_by_the_output(tmp_path, monke
 
     Image.new("RGB", (1, 30000), (10, 200, 30)).save(tmp_path / "thin.png")  # a few hundred bytes
     sizes, resize = [], Image.Image.resize
-    monkeypatch.setattr(Image.Image, "resize", lambda im, size, *a, **k: sizes.append(size) or resize(im, size, *a, **k))
-    out = load_image(tmp_path / "thin.png", 256)  # ADM's resize would allocate 256 x 7,680,000 pixels
+    monkeypatch.setattr(
+        Image.Image,
+        "resize",
+        lambda im, size, *a, **k: sizes.append(size) or resize(im, size, *a, **k),
+    )
+    out = load_image(
+        tmp_path / "thin.png", 256
+    )  # ADM's resize would allocate 256 x 7,680,000 pixels
     assert out.shape == (256, 256, 3) and (out == (10, 200, 30)).all()
     assert max(w * h for w, h in sizes) <= images.MAX_ASPECT_WORK * 256**2
     # beyond 16 crops of work the crop alone is resampled: within a level of ADM's pixels on a smooth image
@@ -147,8 +184,12 @@ def test_a_long_thin_image_crops_with_work_bounded_by_the_output(tmp_path, monke
 
 def test_a_decompression_bomb_is_refused_with_the_file_name(tmp_path, monkeypatch):
     Image.new("RGB", (100, 100)).save(tmp_path / "bomb.png")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL's cap: 2x this many pixels is refused
-    with pytest.raises(ImageFileError, match=r"image file .*bomb\.png' cannot be read \(DecompressionBombError"):
+    monkeypatch.setattr(
+        Image, "MAX_IMAGE_PIXELS", 1000
+    )  # PIL's cap: 2x this many pixels is refused
+    with pytest.raises(
+        ImageFileError, match=r"image file .*bomb\.png' cannot be read \(DecompressionBombError"
+    ):
         load_image(tmp_path / "bomb.png", S)
 
 
@@ -163,8 +204,10 @@ def test_image_to_tensor_inverts_to_uint8():
     assert torch.equal(image_to_tensor(batch)[1], image_to_tensor(every[::-1])[0])
 
 
-@pytest.mark.parametrize("bad", [np.zeros((2, 3, 8, 8), np.uint8), np.zeros((8, 8, 3), np.float32),
-                                 np.zeros((8, 8), np.uint8)])
+@pytest.mark.parametrize(
+    "bad",
+    [np.zeros((2, 3, 8, 8), np.uint8), np.zeros((8, 8, 3), np.float32), np.zeros((8, 8), np.uint8)],
+)
 def test_image_to_tensor_refuses_bad_input(bad):
     with pytest.raises(ValueError, match=r"uint8 \[H, W, 3\] or \[B, H, W, 3\]"):
         image_to_tensor(bad)

@@ -24,7 +24,9 @@ class TinyExtractor(torch.nn.Module):
 
     def __init__(self, num_classes: int = 10):
         super().__init__()
-        self.register_buffer("w", torch.randn(48, num_classes, generator=torch.Generator().manual_seed(0)))
+        self.register_buffer(
+            "w", torch.randn(48, num_classes, generator=torch.Generator().manual_seed(0))
+        )
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         assert images.dtype == torch.uint8 and images.dim() == 4 and images.shape[1] == 3
@@ -72,7 +74,9 @@ def test_frechet_distance_closed_form_diagonal():
     mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
     s1, s2 = rng.uniform(0.1, 3.0, size=d), rng.uniform(0.1, 3.0, size=d)
     expected = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
-    assert M.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-10)
+    assert M.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(
+        expected, rel=1e-10
+    )
     assert M.frechet_distance(mu1, np.diag(s1), mu1, np.diag(s1)) == pytest.approx(0.0, abs=1e-10)
 
 
@@ -96,7 +100,9 @@ def test_frechet_distance_matches_torch_fidelity():
     s1 = {"mu": a.mean(0), "sigma": np.cov(a, rowvar=False)}
     s2 = {"mu": b.mean(0), "sigma": np.cov(b, rowvar=False)}
     ref = fid_statistics_to_metric(s1, s2, False)["frechet_inception_distance"]
-    assert M.frechet_distance(s1["mu"], s1["sigma"], s2["mu"], s2["sigma"]) == pytest.approx(ref, rel=1e-8)
+    assert M.frechet_distance(s1["mu"], s1["sigma"], s2["mu"], s2["sigma"]) == pytest.approx(
+        ref, rel=1e-8
+    )
 
 
 def test_frechet_distance_singular_covariances():
@@ -131,7 +137,9 @@ def test_inception_score_equal_logits_is_one():
 
 def test_inception_score_confident_distinct_is_num_classes():
     k = 10
-    logits = 60.0 * np.eye(k)[np.tile(np.arange(k), 10)]  # 100 near one-hot rows, every class 10 times
+    logits = (
+        60.0 * np.eye(k)[np.tile(np.arange(k), 10)]
+    )  # 100 near one-hot rows, every class 10 times
     mean, std = M.inception_score(logits, splits=1)
     assert mean == pytest.approx(k, rel=1e-6) and std == 0.0
 
@@ -202,8 +210,14 @@ def test_load_statistics_wrong_content_is_clear(tmp_path):
 
 def test_load_statistics_accepts_adm_reference_batch_layout(tmp_path):
     # ADM's reference batches hold mu/sigma next to other entries
-    np.savez(tmp_path / "ref.npz", arr_0=np.zeros((1, 2, 2, 3), np.uint8), mu=np.ones(4), sigma=np.eye(4),
-             mu_s=np.zeros(2), sigma_s=np.eye(2))
+    np.savez(
+        tmp_path / "ref.npz",
+        arr_0=np.zeros((1, 2, 2, 3), np.uint8),
+        mu=np.ones(4),
+        sigma=np.eye(4),
+        mu_s=np.zeros(2),
+        sigma_s=np.eye(2),
+    )
     mu, sigma = M.load_statistics(tmp_path / "ref.npz")
     assert mu.shape == (4,) and sigma.shape == (4, 4) and mu.dtype == np.float64
 
@@ -228,8 +242,14 @@ def test_sources_folder_npz_npy_and_arrays_agree(tmp_path):
     np.savez_compressed(tmp_path / "compressed.npz", arr_0=images)
     np.save(tmp_path / "samples.npy", images)
     nchw = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-    sources = [folder, str(tmp_path / "samples.npz"), tmp_path / "compressed.npz", str(tmp_path / "samples.npy"),
-               images, nchw]
+    sources = [
+        folder,
+        str(tmp_path / "samples.npz"),
+        tmp_path / "compressed.npz",
+        str(tmp_path / "samples.npy"),
+        images,
+        nchw,
+    ]
     ref = M.compute_statistics(images, TinyExtractor(), batch_size=5, progress=False)
     for src in sources:
         stats = M.compute_statistics(src, TinyExtractor(), batch_size=5, progress=False)
@@ -277,11 +297,17 @@ def test_16_bit_pngs_read_as_their_grey_values(tmp_path):
     grey = np.arange(64, dtype=np.uint16).reshape(8, 8) * 4
     (tmp_path / "g").mkdir()
     for i in range(2):
-        Image.fromarray((grey + i) * 257).save(tmp_path / "g" / f"{i}.png")  # I;16: PIL's convert makes it white
+        Image.fromarray((grey + i) * 257).save(
+            tmp_path / "g" / f"{i}.png"
+        )  # I;16: PIL's convert makes it white
     num, batches = M.image_batches(str(tmp_path / "g"), 2)
     got = next(batches)
     assert num == 2 and got.shape == (2, 3, 8, 8)
-    assert all(torch.equal(got[i, c], torch.from_numpy((grey + i).astype(np.uint8))) for i in range(2) for c in range(3))
+    assert all(
+        torch.equal(got[i, c], torch.from_numpy((grey + i).astype(np.uint8)))
+        for i in range(2)
+        for c in range(3)
+    )
 
 
 def test_corrupt_files_are_named(tmp_path):
@@ -317,7 +343,9 @@ def test_end_to_end_folder_and_npz_against_own_statistics(tmp_path):
         assert abs(out["fid"]) < 1e-6
         assert out["inception_score"] == pytest.approx(is_mean, rel=1e-5)
         assert out["inception_score_std"] == pytest.approx(is_std, rel=1e-4, abs=1e-6)
-    other = M.compute_metrics(_images(40, seed=9), (stats.mu, stats.sigma), TinyExtractor(), progress=False)
+    other = M.compute_metrics(
+        _images(40, seed=9), (stats.mu, stats.sigma), TinyExtractor(), progress=False
+    )
     assert other["fid"] > 1e-3
 
 
@@ -328,14 +356,20 @@ def test_compute_metrics_without_reference_or_logits_and_with_few_images():
     stats = M.compute_statistics(_images(12), features_only, progress=False)
     assert stats.logits is None
     out = M.compute_metrics(_images(12), (stats.mu, stats.sigma), features_only, progress=False)
-    assert abs(out["fid"]) < 1e-6 and out["inception_score"] is None and out["inception_score_std"] is None
+    assert (
+        abs(out["fid"]) < 1e-6
+        and out["inception_score"] is None
+        and out["inception_score_std"] is None
+    )
     with pytest.warns(UserWarning, match="splits"):
         M.compute_metrics(_images(4), None, TinyExtractor(), progress=False)
 
 
 def test_reference_of_another_extractor_is_refused():
     with pytest.raises(M.MetricsError, match="2048-d"):
-        M.compute_metrics(_images(8), (np.zeros(2048), np.eye(2048)), TinyExtractor(), progress=False)
+        M.compute_metrics(
+            _images(8), (np.zeros(2048), np.eye(2048)), TinyExtractor(), progress=False
+        )
 
 
 # ------------------------------------------------------------------------------ Inception weights
@@ -390,7 +424,9 @@ def _random_inception_weights(path, monkeypatch) -> None:
     """A random state dict with Inception's exact keys and shapes, saved like the released file."""
     import torch_fidelity.feature_extractor_inceptionv3 as fi
 
-    monkeypatch.setattr(fi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+    monkeypatch.setattr(
+        fi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None
+    )
     monkeypatch.setattr(fi, "load_state_dict_from_url", lambda *a, **k: {})
     model = fi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     monkeypatch.undo()
@@ -399,7 +435,9 @@ def _random_inception_weights(path, monkeypatch) -> None:
 
 def test_inception_weights_are_loaded_weights_only(tmp_path, monkeypatch, no_download):
     evil = tmp_path / "evil.pth"
-    torch.save({"w": torch.zeros(2), "args": argparse.Namespace(a=1)}, evil)  # an arbitrary pickled object
+    torch.save(
+        {"w": torch.zeros(2), "args": argparse.Namespace(a=1)}, evil
+    )  # an arbitrary pickled object
     before = dict(os.environ)
     with pytest.raises(M.MetricsError, match="weights_only=True"):
         M.inception_extractor(evil)
@@ -418,8 +456,11 @@ def test_real_inception_with_random_weights(tmp_path, monkeypatch, no_download):
     assert stats.mu.shape == (2048,) and stats.sigma.shape == (2048, 2048)
     assert stats.logits.shape == (4, 1008)
     # torch-fidelity's own extractor on the same weights: pool features, IS from the unbiased logits
-    ref = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased", "logits"],
-                                      feature_extractor_weights_path=str(weights)).eval()
+    ref = FeatureExtractorInceptionV3(
+        "inception-v3-compat",
+        ["2048", "logits_unbiased", "logits"],
+        feature_extractor_weights_path=str(weights),
+    ).eval()
     with torch.no_grad():
         pool, unbiased, biased = ref(torch.from_numpy(images).permute(0, 3, 1, 2))
     np.testing.assert_allclose(stats.mu, pool.double().mean(0).numpy(), rtol=1e-4, atol=1e-5)
@@ -437,7 +478,9 @@ def test_real_inception_with_random_weights(tmp_path, monkeypatch, no_download):
 @pytest.fixture
 def tiny_inception(monkeypatch):
     """The CLI's Inception replaced by TinyExtractor (48 features)."""
-    monkeypatch.setattr(M, "inception_extractor", lambda weights=None, device="cpu", **k: TinyExtractor())
+    monkeypatch.setattr(
+        M, "inception_extractor", lambda weights=None, device="cpu", **k: TinyExtractor()
+    )
     monkeypatch.setattr(M, "INCEPTION_FEATURES", 48)
 
 
@@ -455,7 +498,9 @@ def _refused(capsys, argv: list[str], *names: str) -> str:
     assert M.main(argv) == 2
     captured = capsys.readouterr()
     err = captured.err
-    assert err.startswith("error: ") and "Traceback" not in err and "img/s" not in err  # no progress bar
+    assert (
+        err.startswith("error: ") and "Traceback" not in err and "img/s" not in err
+    )  # no progress bar
     assert captured.out == ""
     for name in names:
         assert name in err, err
@@ -473,26 +518,72 @@ def test_cli_stats_and_fid(tmp_path, capsys, tiny_inception):
     folder = _write_folder(tmp_path / "ref", images)
     np.savez(tmp_path / "samples.npz", arr_0=images)
     out = tmp_path / "new" / "folder" / "ref.npz"  # missing folders are created
-    assert M.main(["stats", "--input", folder, "--output", str(out), "--device", "cpu", "--no_progress"]) == 0
+    assert (
+        M.main(
+            ["stats", "--input", folder, "--output", str(out), "--device", "cpu", "--no_progress"]
+        )
+        == 0
+    )
     assert "wrote" in capsys.readouterr().out
-    assert M.main(["stats", "--input", folder, "--output", str(out), "--no_progress", "--batch_size", "7"]) == 0
+    assert (
+        M.main(
+            ["stats", "--input", folder, "--output", str(out), "--no_progress", "--batch_size", "7"]
+        )
+        == 0
+    )
     capsys.readouterr()  # a statistics file is ours to overwrite
-    assert M.main(["fid", "--input", str(tmp_path / "samples.npz"), "--stats", str(out),
-                   "--device", "cpu", "--no_progress", "--json", str(tmp_path / "m.json")]) == 0
+    assert (
+        M.main(
+            [
+                "fid",
+                "--input",
+                str(tmp_path / "samples.npz"),
+                "--stats",
+                str(out),
+                "--device",
+                "cpu",
+                "--no_progress",
+                "--json",
+                str(tmp_path / "m.json"),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
-    assert text.startswith("FID ") and abs(float(text.split()[1])) < 1e-4 and "IS" in text and "20 images" in text
+    assert (
+        text.startswith("FID ")
+        and abs(float(text.split()[1])) < 1e-4
+        and "IS" in text
+        and "20 images" in text
+    )
     record = json.loads((tmp_path / "m.json").read_text())
     assert abs(record["fid"]) < 1e-6 and record["num_images"] == 20
     # the JSON file is ours to overwrite
-    assert M.main(["fid", "--input", folder, "--stats", str(out), "--no_progress", "--json", str(tmp_path / "m.json")
-                   ]) == 0
+    assert (
+        M.main(
+            [
+                "fid",
+                "--input",
+                folder,
+                "--stats",
+                str(out),
+                "--no_progress",
+                "--json",
+                str(tmp_path / "m.json"),
+            ]
+        )
+        == 0
+    )
 
 
 def test_cli_stats_of_an_image_folder_as_main_cache_reads_it(tmp_path, capsys, tiny_inception):
     from lpd.images import center_crop_arr
 
     rng = np.random.default_rng(1)
-    sizes = {"cat": [(40, 30), (33, 33)], "dog": [(20, 50), (64, 48), (17, 17)]}  # (H, W): any size, cropped to 16
+    sizes = {
+        "cat": [(40, 30), (33, 33)],
+        "dog": [(20, 50), (64, 48), (17, 17)],
+    }  # (H, W): any size, cropped to 16
     crops = []
     for cls, shapes in sizes.items():  # ImageFolder order: classes, then files, sorted
         os.makedirs(tmp_path / "data" / "train" / cls)
@@ -501,15 +592,29 @@ def test_cli_stats_of_an_image_folder_as_main_cache_reads_it(tmp_path, capsys, t
             im.save(tmp_path / "data" / "train" / cls / f"{i}.png")
             crops.append(center_crop_arr(im, 16))
     out = tmp_path / "ref.npz"
-    argv = ["stats", "--input", str(tmp_path / "data"), "--img_size", "16", "--output", str(out), "--no_progress"]
+    argv = [
+        "stats",
+        "--input",
+        str(tmp_path / "data"),
+        "--img_size",
+        "16",
+        "--output",
+        str(out),
+        "--no_progress",
+    ]
     assert M.main(argv + ["--batch_size", "2"]) == 0 and "from 5 images" in capsys.readouterr().out
     want = M.compute_statistics(np.stack(crops), TinyExtractor(), batch_size=5, progress=False)
     mu, sigma = M.load_statistics(out)
     np.testing.assert_allclose(mu, want.mu, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(sigma, want.sigma, rtol=1e-6, atol=1e-9)
     (tmp_path / "empty" / "a").mkdir(parents=True)
-    _refused(capsys, ["stats", "--input", str(tmp_path / "empty"), "--output", str(tmp_path / "o.npz")],
-             "--input", "holds no images", "ImageFolder")
+    _refused(
+        capsys,
+        ["stats", "--input", str(tmp_path / "empty"), "--output", str(tmp_path / "o.npz")],
+        "--input",
+        "holds no images",
+        "ImageFolder",
+    )
     (tmp_path / "data" / "train" / "dog" / "9.png").write_bytes(b"\x89PNG broken")
     _refused(capsys, argv, "9.png", "not a readable image")
 
@@ -517,13 +622,34 @@ def test_cli_stats_of_an_image_folder_as_main_cache_reads_it(tmp_path, capsys, t
 def test_cli_refuses_output_folders_before_reading_images(tmp_path, capsys, no_inception):
     folder = _write_folder(tmp_path / "ref", _images(3))
     _refused(capsys, ["stats", "--input", folder, "--output", folder], "--output", folder, "folder")
-    _refused(capsys, ["fid", "--input", folder, "--stats", _stats_file(tmp_path), "--json", str(tmp_path)],
-             "--json", "folder")
+    _refused(
+        capsys,
+        ["fid", "--input", folder, "--stats", _stats_file(tmp_path), "--json", str(tmp_path)],
+        "--json",
+        "folder",
+    )
     (tmp_path / "plain.txt").write_text("x")
-    _refused(capsys, ["stats", "--input", folder, "--output", str(tmp_path / "plain.txt" / "s.npz")],
-             "--output", "plain.txt", "not a folder")
-    _refused(capsys, ["fid", "--input", folder, "--stats", _stats_file(tmp_path),
-                      "--json", str(tmp_path / "plain.txt" / "sub" / "m.json")], "--json", "not a folder")
+    _refused(
+        capsys,
+        ["stats", "--input", folder, "--output", str(tmp_path / "plain.txt" / "s.npz")],
+        "--output",
+        "plain.txt",
+        "not a folder",
+    )
+    _refused(
+        capsys,
+        [
+            "fid",
+            "--input",
+            folder,
+            "--stats",
+            _stats_file(tmp_path),
+            "--json",
+            str(tmp_path / "plain.txt" / "sub" / "m.json"),
+        ],
+        "--json",
+        "not a folder",
+    )
     assert sorted(os.listdir(tmp_path)) == ["plain.txt", "ref", "ref.npz"]
     assert len(os.listdir(folder)) == 3
 
@@ -533,11 +659,31 @@ def test_cli_refuses_unwritable_output_folder(tmp_path, capsys, no_inception, mo
     locked = tmp_path / "locked"
     locked.mkdir()
     real = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode: False if os.fspath(p) == str(locked) else real(p, mode))
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: False if os.fspath(p) == str(locked) else real(p, mode)
+    )
     folder = _write_folder(tmp_path / "ref", _images(3))
-    _refused(capsys, ["stats", "--input", folder, "--output", str(locked / "s.npz")], "--output", "not writable")
-    _refused(capsys, ["fid", "--input", folder, "--stats", _stats_file(tmp_path),
-                      "--json", str(locked / "new" / "m.json")], "--json", str(locked), "not writable")
+    _refused(
+        capsys,
+        ["stats", "--input", folder, "--output", str(locked / "s.npz")],
+        "--output",
+        "not writable",
+    )
+    _refused(
+        capsys,
+        [
+            "fid",
+            "--input",
+            folder,
+            "--stats",
+            _stats_file(tmp_path),
+            "--json",
+            str(locked / "new" / "m.json"),
+        ],
+        "--json",
+        str(locked),
+        "not writable",
+    )
     assert os.listdir(locked) == []
 
 
@@ -546,50 +692,134 @@ def test_cli_refuses_to_replace_other_files(tmp_path, capsys, no_inception):
     np.savez(tmp_path / "samples.npz", arr_0=images)
     samples = str(tmp_path / "samples.npz")
     before = (tmp_path / "samples.npz").read_bytes()
-    _refused(capsys, ["stats", "--input", samples, "--output", samples], "--output", "is also --input",
-             "an output is never an input")
+    _refused(
+        capsys,
+        ["stats", "--input", samples, "--output", samples],
+        "--output",
+        "is also --input",
+        "an output is never an input",
+    )
     np.savez(tmp_path / "other.npz", arr_0=images)
-    _refused(capsys, ["stats", "--input", samples, "--output", str(tmp_path / "other.npz")], "--output",
-             "not a statistics file")
+    _refused(
+        capsys,
+        ["stats", "--input", samples, "--output", str(tmp_path / "other.npz")],
+        "--output",
+        "not a statistics file",
+    )
     stats = _stats_file(tmp_path)
-    _refused(capsys, ["fid", "--input", samples, "--stats", stats, "--json", stats], "--json", "is also --stats")
+    _refused(
+        capsys,
+        ["fid", "--input", samples, "--stats", stats, "--json", stats],
+        "--json",
+        "is also --stats",
+    )
     (tmp_path / "config.json").write_text('{"model": "lpd_l"}')  # JSON, but not a record of ours
-    _refused(capsys, ["fid", "--input", samples, "--stats", stats, "--json", str(tmp_path / "config.json")], "--json",
-             "not a metrics file of lpd.metrics fid", "--overwrite")
-    assert (tmp_path / "samples.npz").read_bytes() == before and "lpd_l" in (tmp_path / "config.json").read_text()
+    _refused(
+        capsys,
+        ["fid", "--input", samples, "--stats", stats, "--json", str(tmp_path / "config.json")],
+        "--json",
+        "not a metrics file of lpd.metrics fid",
+        "--overwrite",
+    )
+    assert (tmp_path / "samples.npz").read_bytes() == before and "lpd_l" in (
+        tmp_path / "config.json"
+    ).read_text()
     assert M.load_statistics(stats)[0].shape == (48,)
 
 
 def test_cli_refuses_bad_inputs_before_building_inception(tmp_path, capsys, no_inception):
     stats = _stats_file(tmp_path, dim=2048)
-    _refused(capsys, ["fid", "--input", str(tmp_path / "missing"), "--stats", stats], "--input", "missing", "exist")
+    _refused(
+        capsys,
+        ["fid", "--input", str(tmp_path / "missing"), "--stats", stats],
+        "--input",
+        "missing",
+        "exist",
+    )
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    _refused(capsys, ["fid", "--input", str(tmp_path / "junk.npz"), "--stats", stats], "--input", "junk.npz")
+    _refused(
+        capsys,
+        ["fid", "--input", str(tmp_path / "junk.npz"), "--stats", stats],
+        "--input",
+        "junk.npz",
+    )
     np.savez(tmp_path / "noarr.npz", images=_images(2))
-    _refused(capsys, ["stats", "--input", str(tmp_path / "noarr.npz"), "--output", str(tmp_path / "o.npz")],
-             "noarr.npz", "arr_0")
+    _refused(
+        capsys,
+        ["stats", "--input", str(tmp_path / "noarr.npz"), "--output", str(tmp_path / "o.npz")],
+        "noarr.npz",
+        "arr_0",
+    )
     np.savez(tmp_path / "samples.npz", arr_0=_images(3))
     samples = str(tmp_path / "samples.npz")
-    _refused(capsys, ["fid", "--input", samples, "--stats", str(tmp_path / "nope.npz")], "--stats", "nope.npz")
+    _refused(
+        capsys,
+        ["fid", "--input", samples, "--stats", str(tmp_path / "nope.npz")],
+        "--stats",
+        "nope.npz",
+    )
     _refused(capsys, ["fid", "--input", samples, "--stats", samples], "--stats", "'mu' and 'sigma'")
-    _refused(capsys, ["fid", "--input", samples, "--stats", _stats_file(tmp_path, dim=12)], "--stats", "12-d", "2048")
-    _refused(capsys, ["stats", "--input", samples, "--output", str(tmp_path / "o.npz"), "--batch_size", "0"],
-             "--batch_size")
-    _refused(capsys, ["stats", "--input", samples, "--output", str(tmp_path / "o.npz"), "--device", "nodevice"],
-             "--device")
+    _refused(
+        capsys,
+        ["fid", "--input", samples, "--stats", _stats_file(tmp_path, dim=12)],
+        "--stats",
+        "12-d",
+        "2048",
+    )
+    _refused(
+        capsys,
+        ["stats", "--input", samples, "--output", str(tmp_path / "o.npz"), "--batch_size", "0"],
+        "--batch_size",
+    )
+    _refused(
+        capsys,
+        ["stats", "--input", samples, "--output", str(tmp_path / "o.npz"), "--device", "nodevice"],
+        "--device",
+    )
     assert not (tmp_path / "o.npz").exists()
 
 
-def test_cli_errors_of_weights_and_images_are_one_message(tmp_path, capsys, no_download, monkeypatch):
+def test_cli_errors_of_weights_and_images_are_one_message(
+    tmp_path, capsys, no_download, monkeypatch
+):
     folder = _write_folder(tmp_path / "ref", _images(3))
-    _refused(capsys, ["stats", "--input", folder, "--output", str(tmp_path / "o.npz"), "--device", "cpu",
-                      "--inception_weights", str(tmp_path / "nope.pth")], "--inception_weights", "nope.pth")
+    _refused(
+        capsys,
+        [
+            "stats",
+            "--input",
+            folder,
+            "--output",
+            str(tmp_path / "o.npz"),
+            "--device",
+            "cpu",
+            "--inception_weights",
+            str(tmp_path / "nope.pth"),
+        ],
+        "--inception_weights",
+        "nope.pth",
+    )
     torch.save({"args": argparse.Namespace(a=1)}, tmp_path / "evil.pth")
-    _refused(capsys, ["stats", "--input", folder, "--output", str(tmp_path / "o.npz"),
-                      "--inception_weights", str(tmp_path / "evil.pth")], "evil.pth", "weights_only=True")
+    _refused(
+        capsys,
+        [
+            "stats",
+            "--input",
+            folder,
+            "--output",
+            str(tmp_path / "o.npz"),
+            "--inception_weights",
+            str(tmp_path / "evil.pth"),
+        ],
+        "evil.pth",
+        "weights_only=True",
+    )
     monkeypatch.setattr(M, "inception_extractor", lambda *a, **k: TinyExtractor())
     (tmp_path / "ref" / "00001.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    assert M.main(["stats", "--input", folder, "--output", str(tmp_path / "o.npz"), "--no_progress"]) == 2
+    assert (
+        M.main(["stats", "--input", folder, "--output", str(tmp_path / "o.npz"), "--no_progress"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "00001.png" in err and "Traceback" not in err
     assert not (tmp_path / "o.npz").exists()
@@ -603,7 +833,10 @@ def test_cli_write_failure_is_exit_1(tmp_path, capsys, tiny_inception, monkeypat
 
     monkeypatch.setattr(lpd.checkpoint, "atomic_write_bytes", disk_full)
     folder = _write_folder(tmp_path / "ref", _images(3))
-    assert M.main(["stats", "--input", folder, "--output", str(tmp_path / "o.npz"), "--no_progress"]) == 1
+    assert (
+        M.main(["stats", "--input", folder, "--output", str(tmp_path / "o.npz"), "--no_progress"])
+        == 1
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: could not write") and "o.npz" in err and "No space left" in err
 
@@ -611,7 +844,21 @@ def test_cli_write_failure_is_exit_1(tmp_path, capsys, tiny_inception, monkeypat
 def test_cli_as_a_process_exits_2_without_traceback(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "lpd.metrics", "stats", "--input", str(tmp_path),
-                           "--output", str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lpd.metrics",
+            "stats",
+            "--input",
+            str(tmp_path),
+            "--output",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith("error: --output") and "Traceback" not in proc.stderr

@@ -19,7 +19,12 @@ def parity_model(fx) -> torch.nn.Module:
 def test_training_logits_match_released(lpd_parity):
     model = parity_model(lpd_parity)
     with torch.no_grad():
-        logits = model.logits(lpd_parity["tokens"], lpd_parity["labels"], lpd_parity["orders"], lpd_parity["group_sizes"])
+        logits = model.logits(
+            lpd_parity["tokens"],
+            lpd_parity["labels"],
+            lpd_parity["orders"],
+            lpd_parity["group_sizes"],
+        )
     assert logits.shape == lpd_parity["train_logits_in_order"].shape
     assert (logits - lpd_parity["train_logits_in_order"]).abs().max().item() < 1e-5
 
@@ -27,7 +32,12 @@ def test_training_logits_match_released(lpd_parity):
 def test_training_loss_matches_released(lpd_parity):
     model = parity_model(lpd_parity)
     with torch.no_grad():
-        loss = model(lpd_parity["tokens"], lpd_parity["labels"], lpd_parity["orders"], lpd_parity["group_sizes"])
+        loss = model(
+            lpd_parity["tokens"],
+            lpd_parity["labels"],
+            lpd_parity["orders"],
+            lpd_parity["group_sizes"],
+        )
     assert abs(loss.item() - lpd_parity["train_loss"].item()) < 1e-5
 
 
@@ -85,8 +95,16 @@ def small_batch(model, B=3, seed=0):
 
 
 def test_label_dropout_only_in_train_mode():
-    model = build_lpd(img_size=64, embed_dim=32, depth=2, num_heads=2, vocab_size=16, class_num=4,
-                      label_drop_prob=1.0, proj_dropout=0.0)
+    model = build_lpd(
+        img_size=64,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        vocab_size=16,
+        class_num=4,
+        label_drop_prob=1.0,
+        proj_dropout=0.0,
+    )
     tokens, labels, orders = small_batch(model)
     sizes = [1, 3, 12]
     with torch.no_grad():
@@ -95,15 +113,25 @@ def test_label_dropout_only_in_train_mode():
         uncond_logits = model.logits(tokens, None, orders, sizes)
         model.train()
         dropped = model(tokens, labels, orders, sizes)  # every label dropped -> fake_latent
-    expected = torch.nn.functional.cross_entropy(uncond_logits.reshape(-1, 16), torch.gather(tokens, 1, orders).reshape(-1))
+    expected = torch.nn.functional.cross_entropy(
+        uncond_logits.reshape(-1, 16), torch.gather(tokens, 1, orders).reshape(-1)
+    )
     assert torch.allclose(dropped, expected, atol=1e-6)
     assert not torch.allclose(cond, dropped)
 
 
 def test_gradient_checkpointing_same_loss_and_grads():
     torch.manual_seed(0)
-    model = build_lpd(img_size=64, embed_dim=32, depth=2, num_heads=2, vocab_size=16, class_num=4,
-                      label_drop_prob=0.0, proj_dropout=0.0)
+    model = build_lpd(
+        img_size=64,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        vocab_size=16,
+        class_num=4,
+        label_drop_prob=0.0,
+        proj_dropout=0.0,
+    )
     tokens, labels, orders = small_batch(model)
     model.train()
     loss_a = model(tokens, labels, orders, [1, 5, 10])

@@ -9,6 +9,7 @@ import random
 
 import numpy as np
 import pytest
+from orders_reference import check_order, reference_order
 from PIL import Image
 
 from lpd.orders import (
@@ -25,7 +26,6 @@ from lpd.orders import (
 from lpd.orders.cli import main as cli_main
 from lpd.orders.generate import KIND_FARTHEST, KIND_PROXIMITY, KIND_START, _lpd_batch
 from lpd.schedules import GroupSizeError, cosine_group_sizes, scaled_group_sizes
-from orders_reference import check_order, reference_order
 
 G256 = group_sizes(256, 20)
 
@@ -65,7 +65,11 @@ def _d2(grid, a, b):
 )
 def test_rows_are_permutations(sizes, grid, tp, tr):
     n = grid * grid
-    made = (lpd_orders(40, sizes, grid, tp, tr, seed=1), random_orders(40, grid, seed=1), raster_orders(3, grid))
+    made = (
+        lpd_orders(40, sizes, grid, tp, tr, seed=1),
+        random_orders(40, grid, seed=1),
+        raster_orders(3, grid),
+    )
     for o in made:
         assert o.dtype == np.int64 and o.shape[1] == n
         assert (np.sort(o, axis=1) == np.arange(n)).all()
@@ -83,7 +87,7 @@ def test_proximity_picks_respect_repulsion_and_come_first():
     for tr in (1.0, 2.0, 3.0):
         o, kinds = _kinds(25, G256, 16, 1.0, tr, seed=7)
         for b in range(len(o)):
-            for k, s0, s1 in _groups(G256):
+            for _k, s0, s1 in _groups(G256):
                 kd = kinds[b, s0:s1]
                 # Proximity picks first, then fallback picks.
                 assert (np.diff((kd != KIND_PROXIMITY).astype(int)) >= 0).all()
@@ -99,10 +103,12 @@ def test_proximity_picks_have_enough_support():
         o, kinds = _kinds(6, G256, 16, tp, 2.0, seed=3)
         for b in range(len(o)):
             done = set()
-            for k, s0, s1 in _groups(G256):
+            for _k, s0, s1 in _groups(G256):
                 for p, kd in zip(o[b, s0:s1], kinds[b, s0:s1]):
                     if kd == KIND_PROXIMITY:
-                        score = sum(1 / math.sqrt(_d2(16, p, q)) for q in done if _cheb(16, p, q) == 1)
+                        score = sum(
+                            1 / math.sqrt(_d2(16, p, q)) for q in done if _cheb(16, p, q) == 1
+                        )
                         assert score >= tp - 1e-9
                 done.update(o[b, s0:s1].tolist())
 
@@ -117,7 +123,7 @@ def test_close_pairs_only_when_the_fallback_had_to(tr):
     n = grid * grid
     for b in range(len(o)):
         done: set[int] = set()
-        for k, s0, s1 in _groups(sizes):
+        for _k, s0, s1 in _groups(sizes):
             step: list[int] = []
             for p, kd in zip(o[b, s0:s1].tolist(), kinds[b, s0:s1].tolist()):
                 if kd == KIND_FARTHEST:
@@ -156,8 +162,11 @@ def test_large_grid_path_equals_the_small_grid_path(monkeypatch, box_table, shar
     from lpd.orders import generate
 
     known = _masks("hole", 16, 2)
-    cases = [(G256, 1.0, 2.0, None), (cosine_group_sizes(256, 6), 9.0, 1.0, None),
-             (scaled_group_sizes(int((~known[0]).sum()), 12, 256), 1.0, 2.0, known)]
+    cases = [
+        (G256, 1.0, 2.0, None),
+        (cosine_group_sizes(256, 6), 9.0, 1.0, None),
+        (scaled_group_sizes(int((~known[0]).sum()), 12, 256), 1.0, 2.0, known),
+    ]
     small = [lpd_orders(2, sizes, 16, tp, tr, seed=2, known=k) for sizes, tp, tr, k in cases]
     monkeypatch.setattr(generate, "_TABLE_MAX_N", 0)
     monkeypatch.setattr(generate, "_INT32_KEY_MAX_G", 0)
@@ -201,7 +210,9 @@ def _masks(kind, grid, num, seed=0):
 
 
 @pytest.mark.parametrize("kind", ["hole", "single", "half", "border", "scatter"])
-@pytest.mark.parametrize("steps, tp, tr", [(5, 1.0, 1.0), (3, 1.0, 2.0), (4, 0.0, 1.5), (3, 9.0, 1.0), (7, 0.5, 3.0)])
+@pytest.mark.parametrize(
+    "steps, tp, tr", [(5, 1.0, 1.0), (3, 1.0, 2.0), (4, 0.0, 1.5), (3, 9.0, 1.0), (7, 0.5, 3.0)]
+)
 def test_known_positions_follow_the_rules_of_the_plain_reference(kind, steps, tp, tr):
     known = _masks(kind, 8, 3, seed=steps)
     m = int((~known[0]).sum())
@@ -229,10 +240,19 @@ def test_known_rows_depend_only_on_seed_index_and_mask():
     assert full.shape == (10, m) and full.dtype == np.int64
     for row, k in zip(full, known):  # the unknown positions, each once; never a known one
         assert sorted(row.tolist()) == np.flatnonzero(~k).tolist()
-    assert np.array_equal(full[6:], lpd_orders(4, sizes, 16, 1.0, 2.0, seed=4, start=6, known=known[6:]))
-    assert np.array_equal(full, lpd_orders(10, sizes, 16, 1.0, 2.0, seed=4, batch_size=3, known=known))
-    assert np.array_equal(full[[7, 2]], lpd_orders(2, sizes, 16, 1.0, 2.0, seed=4, indices=[7, 2], known=known[[7, 2]]))
-    one = lpd_orders(3, sizes, 16, 1.0, 2.0, seed=4, known=known[0])  # a [N] mask holds for every row
+    assert np.array_equal(
+        full[6:], lpd_orders(4, sizes, 16, 1.0, 2.0, seed=4, start=6, known=known[6:])
+    )
+    assert np.array_equal(
+        full, lpd_orders(10, sizes, 16, 1.0, 2.0, seed=4, batch_size=3, known=known)
+    )
+    assert np.array_equal(
+        full[[7, 2]],
+        lpd_orders(2, sizes, 16, 1.0, 2.0, seed=4, indices=[7, 2], known=known[[7, 2]]),
+    )
+    one = lpd_orders(
+        3, sizes, 16, 1.0, 2.0, seed=4, known=known[0]
+    )  # a [N] mask holds for every row
     assert np.array_equal(one[0], full[0]) and not np.array_equal(one[1], one[0])
     # Random orders of the unknown positions: the run's random orders with the known positions left out.
     r = random_orders(10, 16, seed=4, known=known)
@@ -252,7 +272,10 @@ def test_without_known_the_orders_are_those_made_before_it_existed():
     assert digest(lpd_orders(64, G256, 16, 1.0, 2.0, seed=0)) == "cf921dad1e7e4757"
     assert digest(lpd_orders(8, group_sizes(512, 48), 32, 1.0, 4.0, seed=1)) == "a0877f08eb0d53a4"
     assert digest(lpd_orders(16, [3, 5, 8, 10, 10, 28], 8, 1.0, 2.0, seed=5)) == "ce1327b1cbca2449"
-    assert digest(lpd_orders(16, group_sizes(256, 8), 16, 9.0, 1.0, seed=2**64 - 1, start=1000)) == "64c9415e1e06784b"
+    assert (
+        digest(lpd_orders(16, group_sizes(256, 8), 16, 9.0, 1.0, seed=2**64 - 1, start=1000))
+        == "64c9415e1e06784b"
+    )
     assert digest(random_orders(16, 16, seed=3)) == "f43d62a9fe4ae171"
     nothing = np.zeros((64, 256), dtype=bool)  # nothing known: the same orders
     assert digest(lpd_orders(64, G256, 16, 1.0, 2.0, seed=0, known=nothing)) == "cf921dad1e7e4757"
@@ -276,8 +299,14 @@ def test_64x64_orders_are_those_of_the_plain_large_grid_path():
     assert digest(lpd_orders(8, c40, 48, 1.0, 6.0, seed=1)) == "192edf1f458aa007"
 
 
-@pytest.mark.parametrize("sizes, tr, least", [(scaled_group_sizes(128, 20, 256), 2.0, 0.99),
-                                              ([8] + [10] * 12, 2.0, 0.5), ([8] + [10] * 12, 1.0, 0.8)])
+@pytest.mark.parametrize(
+    "sizes, tr, least",
+    [
+        (scaled_group_sizes(128, 20, 256), 2.0, 0.99),
+        ([8] + [10] * 12, 2.0, 0.5),
+        ([8] + [10] * 12, 1.0, 0.8),
+    ],
+)
 def test_first_step_starts_next_to_the_known_region(sizes, tr, least):
     """16 x 16, lower half known: 16 of the 128 unknown positions (row 7) touch it, so random picks land there
     12.5% of the time. LPD's first step: every pick when it takes one position (measured 100%); 58% of 8 picks
@@ -287,7 +316,9 @@ def test_first_step_starts_next_to_the_known_region(sizes, tr, least):
     touching[112:128] = True
     o = lpd_orders(400, sizes, 16, 1.0, tr, seed=0, known=known)
     r = random_orders(400, 16, seed=0, known=known)
-    assert o.shape == r.shape == (400, 128) and o.max() < 128 and r.max() < 128  # no known position returned
+    assert (
+        o.shape == r.shape == (400, 128) and o.max() < 128 and r.max() < 128
+    )  # no known position returned
     assert touching[o[:, : sizes[0]]].mean() >= least
     assert 0.09 <= touching[r[:, : sizes[0]]].mean() <= 0.16
 
@@ -296,7 +327,12 @@ def test_first_step_starts_next_to_the_known_region(sizes, tr, least):
     "known, sizes, exc, match",
     [
         (np.zeros(256, dtype=np.int64), G256, ValueError, "known must be a bool array"),
-        (np.zeros((3, 256), dtype=bool), G256, ValueError, r"known must be a bool array \[256\] or \[2, 256\]"),
+        (
+            np.zeros((3, 256), dtype=bool),
+            G256,
+            ValueError,
+            r"known must be a bool array \[256\] or \[2, 256\]",
+        ),
         (np.arange(256) >= 128, G256, GroupSizeError, "sum to 256 but 128 positions are not known"),
         (np.ones(256, dtype=bool), [1], ValueError, "nothing is left"),
     ],
@@ -309,8 +345,13 @@ def test_bad_known_masks(known, sizes, exc, match):
 def test_known_rows_with_different_counts_are_refused():
     known = np.zeros((3, 256), dtype=bool)
     known[0, :10], known[1, :10], known[2, :12] = True, True, True
-    for make in (lambda: lpd_orders(3, [1] * 246, 16, known=known), lambda: random_orders(3, 16, known=known)):
-        with pytest.raises(ValueError, match="row 2 leaves 244 positions unknown but row 0 leaves 246"):
+    for make in (
+        lambda: lpd_orders(3, [1] * 246, 16, known=known),
+        lambda: random_orders(3, 16, known=known),
+    ):
+        with pytest.raises(
+            ValueError, match="row 2 leaves 244 positions unknown but row 0 leaves 246"
+        ):
             make()
 
 
@@ -339,11 +380,15 @@ def test_extreme_thresholds():
     for tp, tr in [(1.0, 100.0), (float("inf"), 2.0), (1.0, float("inf"))]:
         o, kinds = _kinds(4, group_sizes(256, 8), 16, tp, tr)
         assert (np.sort(o, axis=1) == np.arange(256)).all()
-        for k, s0, s1 in _groups(group_sizes(256, 8)):
-            assert (kinds[:, s0:s1] == KIND_PROXIMITY).sum(axis=1).max() <= (1 if tr > 15 else s1 - s0)
+        for _k, s0, s1 in _groups(group_sizes(256, 8)):
+            assert (kinds[:, s0:s1] == KIND_PROXIMITY).sum(axis=1).max() <= (
+                1 if tr > 15 else s1 - s0
+            )
         if tp == float("inf"):
             assert not (kinds == KIND_PROXIMITY).any()
-    check_order(lpd_orders(1, group_sizes(256, 8), 16, 1.0, 100.0)[0], group_sizes(256, 8), 16, 1.0, 100.0)
+    check_order(
+        lpd_orders(1, group_sizes(256, 8), 16, 1.0, 100.0)[0], group_sizes(256, 8), 16, 1.0, 100.0
+    )
 
 
 def test_empty_and_single():
@@ -379,7 +424,9 @@ def test_bad_arguments(kwargs, exc, match):
 
 
 def _close(ours, ref):
-    assert abs(ours["context_support"] - ref["context_support"]) <= 0.02 * ref["context_support"], ours
+    assert abs(ours["context_support"] - ref["context_support"]) <= 0.02 * ref["context_support"], (
+        ours
+    )
     assert abs(ours["group_spread"] - ref["group_spread"]) <= 0.04 * ref["group_spread"], ours
     assert abs(ours["close_pairs"] - ref["close_pairs"]) <= 0.01, ours
 
@@ -400,7 +447,9 @@ def test_statistics_of_random_orders():
     _close(order_statistics(o, G256, 16, 2.0), RELEASED_STATISTICS["random 256/20 tau_r=2"])
 
 
-@pytest.mark.parametrize("sizes, tp, tr", [(cosine_group_sizes(64, 8), 1.0, 1.0), (cosine_group_sizes(64, 5), 1.0, 2.0)])
+@pytest.mark.parametrize(
+    "sizes, tp, tr", [(cosine_group_sizes(64, 8), 1.0, 1.0), (cosine_group_sizes(64, 5), 1.0, 2.0)]
+)
 def test_statistics_match_the_plain_reference(sizes, tp, tr):
     """The same rules drawing from Python's random numbers instead of lpd's hash: each statistic's
     mean over 300 orders within 4 standard errors of the reference's."""
@@ -410,8 +459,10 @@ def test_statistics_match_the_plain_reference(sizes, tp, tr):
 
     def per_order(orders, kinds):
         rows = [order_statistics(np.asarray(o)[None], sizes, 8, tr) for o in orders]
-        return {**{key: np.array([r[key] for r in rows]) for key in rows[0]},
-                "proximity picks": (np.asarray(kinds) == KIND_PROXIMITY).mean(axis=1)}
+        return {
+            **{key: np.array([r[key] for r in rows]) for key in rows[0]},
+            "proximity picks": (np.asarray(kinds) == KIND_PROXIMITY).mean(axis=1),
+        }
 
     a, b = per_order([o for o, _ in ref], [k for _, k in ref]), per_order(ours, kinds)
     for key in a:
@@ -427,7 +478,11 @@ def test_ties_between_the_best_candidates_are_broken_at_random():
     moves = list(zip((r1 - r0)[inner].tolist(), (c1 - c0)[inner].tolist()))
     n = len(moves)
     for move in ((-1, 0), (1, 0), (0, -1), (0, 1)):  # binomial(n, 1/4): 6 standard deviations
-        assert abs(moves.count(move) - n / 4) <= 6 * math.sqrt(n * 3 / 16), (move, moves.count(move), n)
+        assert abs(moves.count(move) - n / 4) <= 6 * math.sqrt(n * 3 / 16), (
+            move,
+            moves.count(move),
+            n,
+        )
 
 
 def test_the_rule_check_is_not_vacuous():
@@ -436,7 +491,9 @@ def test_the_rule_check_is_not_vacuous():
     order = o[0].tolist()
     assert check_order(order, sizes, 8, 1.0, 1.0) == kinds[0].tolist()
     late = len(order) - 1
-    for i in np.flatnonzero(kinds[0] == KIND_PROXIMITY)[:5]:  # a proximity pick swapped with the last position
+    for i in np.flatnonzero(kinds[0] == KIND_PROXIMITY)[
+        :5
+    ]:  # a proximity pick swapped with the last position
         bad = list(order)
         bad[i], bad[late] = bad[late], bad[i]
         with pytest.raises(AssertionError):
@@ -548,18 +605,59 @@ def test_missing_file(tmp_path):
 
 def test_cli_writes_the_same_orders_as_the_api(tmp_path):
     out = tmp_path / "o.json"
-    args = ["--img_size", "256", "--generation_steps", "20", "--repulsion_threshold", "2.0",
-            "--num", "12", "--seed", "3", "--output_file", str(out), "--no_progress"]
+    args = [
+        "--img_size",
+        "256",
+        "--generation_steps",
+        "20",
+        "--repulsion_threshold",
+        "2.0",
+        "--num",
+        "12",
+        "--seed",
+        "3",
+        "--output_file",
+        str(out),
+        "--no_progress",
+    ]
     assert cli_main(args + ["--workers", "1", "--chunk_size", "5"]) == 0
     expected = lpd_orders(12, G256, 16, 1.0, 2.0, seed=3)
     assert np.array_equal(load_orders(out, 12, 16), expected)
     out2 = tmp_path / "o2.json"
-    cli_main(["--num", "4", "--start", "8", "--seed", "3", "--repulsion_threshold", "2",
-              "--output_file", str(out2), "--no_progress", "--workers", "1"])
+    cli_main(
+        [
+            "--num",
+            "4",
+            "--start",
+            "8",
+            "--seed",
+            "3",
+            "--repulsion_threshold",
+            "2",
+            "--output_file",
+            str(out2),
+            "--no_progress",
+            "--workers",
+            "1",
+        ]
+    )
     assert np.array_equal(load_orders(out2, 4, 16), expected[8:])
     out3 = tmp_path / "r.json"
-    cli_main(["--order", "random", "--num", "3", "--group_sizes", "[1]*256", "--output_file", str(out3),
-              "--no_progress", "--workers", "1"])
+    cli_main(
+        [
+            "--order",
+            "random",
+            "--num",
+            "3",
+            "--group_sizes",
+            "[1]*256",
+            "--output_file",
+            str(out3),
+            "--no_progress",
+            "--workers",
+            "1",
+        ]
+    )
     assert np.array_equal(load_orders(out3, 3, 16), random_orders(3, 16, seed=0))
 
 
@@ -579,29 +677,59 @@ def nothing_drawn(monkeypatch):
     def never(*a, **k):
         raise AssertionError("an order was made before the arguments were checked")
 
-    for module, name in ((cli, "generate"), (cli, "_lpd_batch"), (cli, "random_orders"), (cli, "load_orders"),
-                         (visualize, "render_order")):
+    for module, name in (
+        (cli, "generate"),
+        (cli, "_lpd_batch"),
+        (cli, "random_orders"),
+        (cli, "load_orders"),
+        (visualize, "render_order"),
+    ):
         monkeypatch.setattr(module, name, never)
 
 
 def _refused(capsys, argv, *names):
     assert cli_main(argv + ["--no_progress"]) == 2
     captured = capsys.readouterr()
-    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1 and "Traceback" not in captured.err
+    assert (
+        captured.err.startswith("error: ")
+        and captured.err.count("\n") == 1
+        and "Traceback" not in captured.err
+    )
     for name in names:
         assert name in captured.err, captured.err
 
 
 def test_cli_refuses_unusable_output_files_before_generating(tmp_path, capsys, nothing_drawn):
     (tmp_path / "plain.txt").write_text("x")
-    _refused(capsys, ["--num", "4", "--output_file", str(tmp_path)], "--output_file", str(tmp_path), "folder")
-    _refused(capsys, ["--num", "4", "--output_file", str(tmp_path / "plain.txt" / "o.json")],
-             "--output_file", "not a folder")
-    _refused(capsys, ["--num", "4", "--output_file", str(tmp_path / "o.png")], "--output_file", ".json")
-    _refused(capsys, ["--visualize", "--output_file", str(tmp_path / "o.json")], "--output_file", ".png")
+    _refused(
+        capsys,
+        ["--num", "4", "--output_file", str(tmp_path)],
+        "--output_file",
+        str(tmp_path),
+        "folder",
+    )
+    _refused(
+        capsys,
+        ["--num", "4", "--output_file", str(tmp_path / "plain.txt" / "o.json")],
+        "--output_file",
+        "not a folder",
+    )
+    _refused(
+        capsys, ["--num", "4", "--output_file", str(tmp_path / "o.png")], "--output_file", ".json"
+    )
+    _refused(
+        capsys, ["--visualize", "--output_file", str(tmp_path / "o.json")], "--output_file", ".png"
+    )
     (tmp_path / "dir.png").mkdir()
-    _refused(capsys, ["--visualize", "--output_file", str(tmp_path / "dir.png")], "--output_file", "folder")
-    assert sorted(os.listdir(tmp_path)) == ["dir.png", "plain.txt"] and not os.listdir(tmp_path / "dir.png")
+    _refused(
+        capsys,
+        ["--visualize", "--output_file", str(tmp_path / "dir.png")],
+        "--output_file",
+        "folder",
+    )
+    assert sorted(os.listdir(tmp_path)) == ["dir.png", "plain.txt"] and not os.listdir(
+        tmp_path / "dir.png"
+    )
 
 
 def test_cli_never_replaces_a_file_it_did_not_write(tmp_path, capsys, nothing_drawn):
@@ -609,55 +737,137 @@ def test_cli_never_replaces_a_file_it_did_not_write(tmp_path, capsys, nothing_dr
     orders.write_text("[[0]]")
     Image.new("RGB", (4, 4)).save(photo)
     before = orders.read_bytes(), photo.read_bytes()
-    _refused(capsys, ["--num", "4", "--output_file", str(orders)], "--output_file", "exists", "--overwrite")
-    _refused(capsys, ["--visualize", "--output_file", str(photo)], "--output_file", "not written by lpd",
-             "--overwrite")
-    _refused(capsys, ["--visualize", "--orders_file", str(photo), "--output_file", str(photo), "--overwrite"],
-             "is also --orders_file", "never an input")
+    _refused(
+        capsys,
+        ["--num", "4", "--output_file", str(orders)],
+        "--output_file",
+        "exists",
+        "--overwrite",
+    )
+    _refused(
+        capsys,
+        ["--visualize", "--output_file", str(photo)],
+        "--output_file",
+        "not written by lpd",
+        "--overwrite",
+    )
+    _refused(
+        capsys,
+        ["--visualize", "--orders_file", str(photo), "--output_file", str(photo), "--overwrite"],
+        "is also --orders_file",
+        "never an input",
+    )
     assert (orders.read_bytes(), photo.read_bytes()) == before
 
 
 def test_cli_replaces_its_own_picture_and_with_overwrite_any_file(tmp_path, capsys):
     out, orders = tmp_path / "order.png", tmp_path / "o.json"
     drawn = ["--visualize", "--generation_steps", "8", "--output_file", str(out), "--no_progress"]
-    assert cli_main(drawn) == 0 and cli_main(drawn + ["--index", "1"]) == 0  # a picture lpd drew is replaced
+    assert (
+        cli_main(drawn) == 0 and cli_main(drawn + ["--index", "1"]) == 0
+    )  # a picture lpd drew is replaced
     orders.write_text("[[0]]")
-    assert cli_main(["--num", "2", "--workers", "1", "--output_file", str(orders), "--no_progress", "--overwrite"]) == 0
+    assert (
+        cli_main(
+            [
+                "--num",
+                "2",
+                "--workers",
+                "1",
+                "--output_file",
+                str(orders),
+                "--no_progress",
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
     assert load_orders(orders, 2, 16).shape == (2, 256)
 
 
 def test_cli_refuses_unwritable_output_folder(tmp_path, capsys, nothing_drawn, monkeypatch):
     # os.access rather than chmod: a test running as root may write anywhere
     real = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode: False if os.fspath(p) == str(tmp_path) else real(p, mode))
-    _refused(capsys, ["--num", "4", "--output_file", str(tmp_path / "new" / "o.json")], "--output_file",
-             "not writable")
-    _refused(capsys, ["--visualize", "--output_file", str(tmp_path / "o.png")], "--output_file", "not writable")
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: False if os.fspath(p) == str(tmp_path) else real(p, mode)
+    )
+    _refused(
+        capsys,
+        ["--num", "4", "--output_file", str(tmp_path / "new" / "o.json")],
+        "--output_file",
+        "not writable",
+    )
+    _refused(
+        capsys,
+        ["--visualize", "--output_file", str(tmp_path / "o.png")],
+        "--output_file",
+        "not writable",
+    )
     assert os.listdir(tmp_path) == []
 
 
 def test_cli_refuses_bad_index_and_orders_files(tmp_path, capsys, monkeypatch):
-    from lpd.orders import cli, visualize
+    from lpd.orders import visualize
 
     def never(*a, **k):
         raise AssertionError("drawn despite a bad --index or --orders_file")
 
     monkeypatch.setattr(visualize, "render_order", never)
     out = str(tmp_path / "o.png")
-    _refused(capsys, ["--visualize", "--index", "5", "--num", "5", "--output_file", out], "--index 5", "--num 5")
+    _refused(
+        capsys,
+        ["--visualize", "--index", "5", "--num", "5", "--output_file", out],
+        "--index 5",
+        "--num 5",
+    )
     _refused(capsys, ["--visualize", "--index", "-1", "--output_file", out], "--index")
     missing = str(tmp_path / "missing.json")
-    _refused(capsys, ["--visualize", "--orders_file", missing, "--output_file", out], "--orders_file", missing)
+    _refused(
+        capsys,
+        ["--visualize", "--orders_file", missing, "--output_file", out],
+        "--orders_file",
+        missing,
+    )
     (tmp_path / "bad.json").write_text("[[0, 1, 2")
-    _refused(capsys, ["--visualize", "--orders_file", str(tmp_path / "bad.json"), "--output_file", out],
-             "--orders_file", "bad.json", "not valid JSON")
+    _refused(
+        capsys,
+        ["--visualize", "--orders_file", str(tmp_path / "bad.json"), "--output_file", out],
+        "--orders_file",
+        "bad.json",
+        "not valid JSON",
+    )
     save_orders(tmp_path / "three.json", lpd_orders(3, G256, 16, 1.0, 2.0))
-    _refused(capsys, ["--visualize", "--orders_file", str(tmp_path / "three.json"), "--index", "3",
-                      "--output_file", out], "--index 3", "three.json", "has 3 orders")
+    _refused(
+        capsys,
+        [
+            "--visualize",
+            "--orders_file",
+            str(tmp_path / "three.json"),
+            "--index",
+            "3",
+            "--output_file",
+            out,
+        ],
+        "--index 3",
+        "three.json",
+        "has 3 orders",
+    )
     assert not os.path.exists(out)
     monkeypatch.undo()
-    assert cli_main(["--visualize", "--orders_file", str(tmp_path / "three.json"), "--index", "2",
-                     "--output_file", str(tmp_path / "new" / "o.png")]) == 0  # missing folders are created
+    assert (
+        cli_main(
+            [
+                "--visualize",
+                "--orders_file",
+                str(tmp_path / "three.json"),
+                "--index",
+                "2",
+                "--output_file",
+                str(tmp_path / "new" / "o.png"),
+            ]
+        )
+        == 0
+    )  # missing folders are created
     assert (tmp_path / "new" / "o.png").is_file()
 
 
@@ -668,7 +878,20 @@ def test_cli_write_failure_is_exit_1(tmp_path, capsys, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(cli, "save_orders", disk_full)
-    assert cli_main(["--num", "2", "--workers", "1", "--no_progress", "--output_file", str(tmp_path / "o.json")]) == 1
+    assert (
+        cli_main(
+            [
+                "--num",
+                "2",
+                "--workers",
+                "1",
+                "--no_progress",
+                "--output_file",
+                str(tmp_path / "o.json"),
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: could not write --output_file") and "No space left" in err
 
@@ -679,15 +902,36 @@ def test_cli_as_a_process_exits_2_without_traceback(tmp_path):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "lpd.orders", "--output_file", str(tmp_path)], capture_output=True,
-                          text=True, env=env, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: --output_file") and "Traceback" not in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "lpd.orders", "--output_file", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert (
+        proc.returncode == 2
+        and proc.stderr.startswith("error: --output_file")
+        and "Traceback" not in proc.stderr
+    )
 
 
 def test_visualize_writes_a_png(tmp_path):
     out = tmp_path / "order.png"
-    assert cli_main(["--visualize", "--generation_steps", "8", "--repulsion_threshold", "2",
-                     "--output_file", str(out)]) == 0
+    assert (
+        cli_main(
+            [
+                "--visualize",
+                "--generation_steps",
+                "8",
+                "--repulsion_threshold",
+                "2",
+                "--output_file",
+                str(out),
+            ]
+        )
+        == 0
+    )
     with Image.open(out) as img:
         assert img.format == "PNG" and img.size[0] > 300 and img.size[1] > 300
 

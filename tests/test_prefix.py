@@ -126,13 +126,11 @@ def test_teacher_forced_decoding_with_a_padded_prefix_equals_the_training_pass(
 def test_sampling_with_a_padded_prefix_ignores_the_padded_rows(model):
     _, orders, cond, mask = prefix_inputs(model, 4, seed=8)
     decoder = Decoder(model, SamplingConfig(temperature=1.5, top_k=10))
-    draw = lambda c: decoder.decode(
-        c,
-        orders,
-        [1, 3, 5, 7],
-        prefix_mask=mask,  # noqa: E731
-        generator=torch.Generator().manual_seed(3),
-    )
+
+    def draw(c):
+        generator = torch.Generator().manual_seed(3)
+        return decoder.decode(c, orders, [1, 3, 5, 7], prefix_mask=mask, generator=generator)
+
     assert torch.equal(draw(cond), draw(repad(cond, mask, 9)))
 
 

@@ -21,12 +21,27 @@ def test_greedy_sampling_reproduces_released_tokens(lpd_parity, case):
     fx = lpd_parity
     ref = fx["greedy_sampling"][case]
     model = parity_model(fx)
-    tokens = sample_tokens(model, fx["labels"], fx["orders"], fx["group_sizes"], cfg=ref["cfg"],
-                           cfg_schedule=ref["cfg_schedule"], greedy=True)
+    tokens = sample_tokens(
+        model,
+        fx["labels"],
+        fx["orders"],
+        fx["group_sizes"],
+        cfg=ref["cfg"],
+        cfg_schedule=ref["cfg_schedule"],
+        greedy=True,
+    )
     assert torch.equal(tokens, ref["tokens"])
     # top-k 1 is greedy too (the released sampler's setting for these vectors).
-    tokens_k1 = sample_tokens(model, fx["labels"], fx["orders"], fx["group_sizes"], cfg=ref["cfg"],
-                              cfg_schedule=ref["cfg_schedule"], top_k=1, generator=torch.Generator().manual_seed(0))
+    tokens_k1 = sample_tokens(
+        model,
+        fx["labels"],
+        fx["orders"],
+        fx["group_sizes"],
+        cfg=ref["cfg"],
+        cfg_schedule=ref["cfg_schedule"],
+        top_k=1,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert torch.equal(tokens_k1, ref["tokens"])
 
 
@@ -34,7 +49,9 @@ def test_step_head_outputs_match_released(lpd_parity):
     fx = lpd_parity
     ref = fx["greedy_sampling"][1]  # cfg 3, linear: doubled batch
     model = parity_model(fx)
-    got = teacher_forced_logits(model, ref["tokens"], fx["labels"], fx["orders"], fx["group_sizes"], cfg=ref["cfg"])
+    got = teacher_forced_logits(
+        model, ref["tokens"], fx["labels"], fx["orders"], fx["group_sizes"], cfg=ref["cfg"]
+    )
     expected = torch.cat(ref["step_head_outputs"], dim=1)
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() < 1e-5
@@ -42,7 +59,9 @@ def test_step_head_outputs_match_released(lpd_parity):
 
 def tiny_model(img_size=64, seed=0, **kw):
     torch.manual_seed(seed)
-    return build_lpd(img_size=img_size, embed_dim=32, depth=2, num_heads=4, vocab_size=24, class_num=5, **kw).eval()
+    return build_lpd(
+        img_size=img_size, embed_dim=32, depth=2, num_heads=4, vocab_size=24, class_num=5, **kw
+    ).eval()
 
 
 def random_inputs(model, B, seed):
@@ -78,10 +97,18 @@ def test_sampling_is_deterministic_and_per_image_generators_are_batch_independen
     b = sample_tokens(model, labels, orders, sizes, cfg=2.0, temperature=1.0, generator=gens())
     assert torch.equal(a, b)
     # Image 2 decoded alone (its own generator) is the same image.
-    alone = sample_tokens(model, labels[2:3], orders[2:3], sizes, cfg=2.0,
-                          generator=[torch.Generator().manual_seed(102)])
+    alone = sample_tokens(
+        model,
+        labels[2:3],
+        orders[2:3],
+        sizes,
+        cfg=2.0,
+        generator=[torch.Generator().manual_seed(102)],
+    )
     assert torch.equal(alone[0], a[2])
-    c = sample_tokens(model, labels, orders, sizes, cfg=2.0, generator=torch.Generator().manual_seed(5))
+    c = sample_tokens(
+        model, labels, orders, sizes, cfg=2.0, generator=torch.Generator().manual_seed(5)
+    )
     assert c.shape == (4, 16) and c.min() >= 0 and c.max() < model.vocab_size
 
 
@@ -213,17 +240,37 @@ def test_sampling_flags_parse_into_the_config():
     p = argparse.ArgumentParser()
     add_sampling_args(p)
     assert sampling_from_args(p.parse_args([])) == SamplingConfig()
-    argv = ("--cfg 4.5 --cfg_schedule constant --temperature 0.5 --top_k 7 --top_p 0.9 --order random "
-            "--proximity_threshold 2.5 --repulsion_threshold 3.0 --bf16 --decode_fp32").split()
+    argv = (
+        "--cfg 4.5 --cfg_schedule constant --temperature 0.5 --top_k 7 --top_p 0.9 --order random "
+        "--proximity_threshold 2.5 --repulsion_threshold 3.0 --bf16 --decode_fp32"
+    ).split()
     assert sampling_from_args(p.parse_args(argv)) == SamplingConfig(
-        cfg=4.5, cfg_schedule="constant", temperature=0.5, top_k=7, top_p=0.9, order="random",
-        proximity_threshold=2.5, repulsion_threshold=3.0, bf16=True, decode_fp32=True)
+        cfg=4.5,
+        cfg_schedule="constant",
+        temperature=0.5,
+        top_k=7,
+        top_p=0.9,
+        order="random",
+        proximity_threshold=2.5,
+        repulsion_threshold=3.0,
+        bf16=True,
+        decode_fp32=True,
+    )
     assert sampling_from_args(p.parse_args(["--order", "raster", "--no-bf16"])).order == "raster"
-    for bad in (["--order", "spiral"], ["--cfg_schedule", "cosine"], ["--top_k", "1.5"], ["--cfg", "x"]):
+    for bad in (
+        ["--order", "spiral"],
+        ["--cfg_schedule", "cosine"],
+        ["--top_k", "1.5"],
+        ["--cfg", "x"],
+    ):
         with pytest.raises(SystemExit):
             p.parse_args(bad)
     help_text = " ".join(p.format_help().split())
-    for text in ("tau_r: 2 for the released 256 px settings", "linear or constant", "decode the VQ in float32"):
+    for text in (
+        "tau_r: 2 for the released 256 px settings",
+        "linear or constant",
+        "decode the VQ in float32",
+    ):
         assert text in help_text
     # defaults: a config, or changes to the defaults (None: decided later); excluded flags are absent
     q = argparse.ArgumentParser()
@@ -241,6 +288,9 @@ def test_sampling_flags_parse_into_the_config():
 def test_a_target_at_the_total_mass_takes_the_last_token_with_probability():
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 5.0, 1.0, -1.0]])
     u = torch.ones(2)  # the largest target: rounding can put it at the total
-    assert filter_and_sample(logits, u, 1.0, 2, 1.0).tolist() == [3, 2]  # top-2: the last kept token
+    assert filter_and_sample(logits, u, 1.0, 2, 1.0).tolist() == [
+        3,
+        2,
+    ]  # top-2: the last kept token
     assert filter_and_sample(logits, u, 1.0, 0, 1.0).tolist() == [3, 3]
     assert filter_and_sample(logits, u, 1.0, 0, 0.5).tolist() == [3, 1]  # top-p keeps [3] and [1]

@@ -35,18 +35,54 @@ def test_every_released_table_sums_to_n_and_has_its_step_count(n):
 def test_released_table_counts():
     assert sorted(RELEASED_GROUP_SIZES[256]) == [8, 12, 16, 20, 24, 32, 64, 128, 256]
     assert sorted(RELEASED_GROUP_SIZES[1024]) == [
-        32, 40, 48, 56, 64, 80, 96, 128, 160, 192, 224, 256, 512, 1024
+        32,
+        40,
+        48,
+        56,
+        64,
+        80,
+        96,
+        128,
+        160,
+        192,
+        224,
+        256,
+        512,
+        1024,
     ]
 
 
 def test_group_sizes_returns_the_released_tables():
-    assert group_sizes(256, 20) == [1, 2, 4, 5, 7, 8, 10, 11, 12, 14, 15, 16, 17, 18, 18, 19, 19, 20, 20, 20]
+    assert group_sizes(256, 20) == [
+        1,
+        2,
+        4,
+        5,
+        7,
+        8,
+        10,
+        11,
+        12,
+        14,
+        15,
+        16,
+        17,
+        18,
+        18,
+        19,
+        19,
+        20,
+        20,
+        20,
+    ]
     assert group_sizes(256, 8) == [1, 15, 24, 32, 40, 45, 49, 50]
     assert group_sizes(256, 128) == [1] * 41 + [2] * 46 + [3] * 41
     assert group_sizes(256, 32)[:8] == [1, 1, 2, 2, 3, 3, 4, 5]
     t48 = group_sizes(512, 48)
     assert t48[:22] == list(range(1, 23))  # "1, 2, 3, ..., 22": each once
-    tail = [23, 23, 24, 25, 26, 26, 27, 28, 28, 29, 29, 30, 30, 31, 31, 32, 32, 32] + [33] * 7 + [34]
+    tail = (
+        [23, 23, 24, 25, 26, 26, 27, 28, 28, 29, 29, 30, 30, 31, 31, 32, 32, 32] + [33] * 7 + [34]
+    )
     assert t48[22:] == tail
     assert group_sizes(512, 192)[-1] == 10
     assert group_sizes(512, 1024) == [1] * 1024
@@ -56,7 +92,17 @@ def test_group_sizes_returns_the_released_tables():
 
 @pytest.mark.parametrize(
     "img, steps",
-    [(256, 10), (256, 1), (256, 2), (256, 255), (256, 100), (512, 20), (512, 47), (384, 30), (64, 7)],
+    [
+        (256, 10),
+        (256, 1),
+        (256, 2),
+        (256, 255),
+        (256, 100),
+        (512, 20),
+        (512, 47),
+        (384, 30),
+        (64, 7),
+    ],
 )
 def test_group_sizes_fallback_is_valid(img, steps):
     n = num_tokens(img)
@@ -108,7 +154,9 @@ def test_scaled_group_sizes_by_hand():
     # (0.5 -> 0 raised to 1, 78.5 -> 78 rounding half to even).
     assert scaled_group_sizes(128, 8, 256) == [1, 7, 12, 16, 20, 22, 25, 25]
     assert scaled_group_sizes(20, 20, 256) == [1] * 20  # as many steps as positions
-    assert scaled_group_sizes(100, 10, 256) == cosine_group_sizes(100, 10)  # no released 10-step table
+    assert scaled_group_sizes(100, 10, 256) == cosine_group_sizes(
+        100, 10
+    )  # no released 10-step table
     assert scaled_group_sizes(5, 1, 512) == [5]
 
 
@@ -121,13 +169,23 @@ def test_scaled_group_sizes_are_valid_and_proportional(img, n):
                 continue
             sizes = scaled_group_sizes(m, steps, img)
             assert len(sizes) == steps and sum(sizes) == m and min(sizes) >= 1, (steps, m)
-            if steps <= 16 and m >= 64:  # large groups: the cumulative shares up to rounding and a raised group
+            if (
+                steps <= 16 and m >= 64
+            ):  # large groups: the cumulative shares up to rounding and a raised group
                 assert np.abs(np.cumsum(sizes) - share * m).max() <= 1.0, (steps, m)
 
 
-@pytest.mark.parametrize("n_unknown, steps, match", [(128, 0, "--steps"), (128, 129, "--steps must be an integer "
-                         "between 1 and 128"), (128, 2.5, "--steps"), (0, 1, "unknown positions"),
-                         (257, 20, "1 to 256"), (True, 1, "unknown positions")])
+@pytest.mark.parametrize(
+    "n_unknown, steps, match",
+    [
+        (128, 0, "--steps"),
+        (128, 129, "--steps must be an integer between 1 and 128"),
+        (128, 2.5, "--steps"),
+        (0, 1, "unknown positions"),
+        (257, 20, "1 to 256"),
+        (True, 1, "unknown positions"),
+    ],
+)
 def test_scaled_group_sizes_refuse_bad_counts(n_unknown, steps, match):
     with pytest.raises(GroupSizeError, match=match):
         scaled_group_sizes(n_unknown, steps, 256)
@@ -170,19 +228,28 @@ def test_shipped_released_json_files_match_the_tables(tmp_path):
 
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "orders")
     files = released_files()
-    assert set(files) == {"group_sizes_lookup.json", "group_sizes_training/group_sizes_256.json",
-                          "group_sizes_training/group_sizes_512.json"}
+    assert set(files) == {
+        "group_sizes_lookup.json",
+        "group_sizes_training/group_sizes_256.json",
+        "group_sizes_training/group_sizes_512.json",
+    }
     for rel, text in files.items():  # the repository copies are current
         with open(os.path.join(root, rel)) as f:
-            assert f.read() == text, f"orders/{rel} is stale: `python -m lpd.schedules write orders --overwrite`"
+            assert f.read() == text, (
+                f"orders/{rel} is stale: `python -m lpd.schedules write orders --overwrite`"
+            )
     lookup = json.loads(files["group_sizes_lookup.json"])
     assert list(lookup) == ["256 resolution", "512 resolution"]
-    assert list(lookup["256 resolution"]) == [f"{s} steps" for s in (256, 128, 64, 32, 24, 20, 16, 12, 8)]
+    assert list(lookup["256 resolution"]) == [
+        f"{s} steps" for s in (256, 128, 64, 32, 24, 20, 16, 12, 8)
+    ]
     for res, n in ((256, 256), (512, 1024)):
         for key, sizes in lookup[f"{res} resolution"].items():
             assert sizes == group_sizes(res, int(key.split()[0]))
             _valid(sizes, n, int(key.split()[0]))
-        assert json.loads(files[f"group_sizes_training/group_sizes_{res}.json"]) == training_schedules(res)
+        assert json.loads(
+            files[f"group_sizes_training/group_sizes_{res}.json"]
+        ) == training_schedules(res)
     # a few values as the released files print them
     assert lookup["256 resolution"]["8 steps"] == [1, 15, 24, 32, 40, 45, 49, 50]
     assert lookup["512 resolution"]["192 steps"][-2:] == [8, 10]
@@ -191,7 +258,9 @@ def test_shipped_released_json_files_match_the_tables(tmp_path):
     assert all(open(p).read() == files[os.path.relpath(p, tmp_path)] for p in written)
 
 
-def test_command_line_writes_only_where_asked_and_only_what_it_would_write(tmp_path, capsys, monkeypatch):
+def test_command_line_writes_only_where_asked_and_only_what_it_would_write(
+    tmp_path, capsys, monkeypatch
+):
     import os
     import subprocess
     import sys
@@ -201,21 +270,46 @@ def test_command_line_writes_only_where_asked_and_only_what_it_would_write(tmp_p
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root}
     for argv in (["--help"], ["write", "--help"]):  # help is printed, nothing is created
-        proc = subprocess.run([sys.executable, "-m", "lpd.schedules", *argv], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0 and "usage: python -m lpd.schedules" in proc.stdout and not os.listdir(tmp_path)
+        proc = subprocess.run(
+            [sys.executable, "-m", "lpd.schedules", *argv],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert (
+            proc.returncode == 0
+            and "usage: python -m lpd.schedules" in proc.stdout
+            and not os.listdir(tmp_path)
+        )
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:  # no command: a usage error, nothing written
         main([])
-    assert e.value.code == 2 and not os.listdir(tmp_path) and "required: command" in capsys.readouterr().err
-    assert main(["show", "--steps", "8"]) == 0 and capsys.readouterr().out == "[1, 15, 24, 32, 40, 45, 49, 50]\n"
-    assert main(["show", "--steps", "0"]) == 2 and capsys.readouterr().err.startswith("error: cannot split 256")
+    assert (
+        e.value.code == 2
+        and not os.listdir(tmp_path)
+        and "required: command" in capsys.readouterr().err
+    )
+    assert (
+        main(["show", "--steps", "8"]) == 0
+        and capsys.readouterr().out == "[1, 15, 24, 32, 40, 45, 49, 50]\n"
+    )
+    assert main(["show", "--steps", "0"]) == 2 and capsys.readouterr().err.startswith(
+        "error: cannot split 256"
+    )
     assert main(["write", "out"]) == 0 and capsys.readouterr().out.count("wrote") == 3
     assert main(["write", "out"]) == 0 and "up to date" in capsys.readouterr().out
     edited = tmp_path / "out" / "group_sizes_lookup.json"
     edited.write_text("{}")
-    assert main(["write", "out"]) == 2 and "differ(s) from the released tables" in capsys.readouterr().err
+    assert (
+        main(["write", "out"]) == 2
+        and "differ(s) from the released tables" in capsys.readouterr().err
+    )
     assert edited.read_text() == "{}"
-    assert main(["write", "out", "--overwrite"]) == 0 and edited.read_text() == released_files()["group_sizes_lookup.json"]
+    assert (
+        main(["write", "out", "--overwrite"]) == 0
+        and edited.read_text() == released_files()["group_sizes_lookup.json"]
+    )
     (tmp_path / "file").write_text("x")
     assert main(["write", "file"]) == 2 and "is a file" in capsys.readouterr().err

@@ -27,7 +27,9 @@ from lpd.sampling import Decoder, SamplingConfig, sample_tokens, step_plan, teac
 
 def tiny_model(img_size: int = 64, seed: int = 0, **kw) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return build_lpd(img_size=img_size, embed_dim=32, depth=2, num_heads=4, vocab_size=24, class_num=5, **kw).eval()
+    return build_lpd(
+        img_size=img_size, embed_dim=32, depth=2, num_heads=4, vocab_size=24, class_num=5, **kw
+    ).eval()
 
 
 def inputs(model, B: int, seed: int):
@@ -73,7 +75,9 @@ def reference_decode(model, labels, orders, sizes, cfg, pick):
         outs.append(out)
         if cfg != 1.0:
             c, u = out[:B], out[B:]
-            logits = u + (1.0 + (cfg - 1.0) * torch.arange(first, last, dtype=torch.float32) / N)[:, None] * (c - u)
+            logits = u + (1.0 + (cfg - 1.0) * torch.arange(first, last, dtype=torch.float32) / N)[
+                :, None
+            ] * (c - u)
         else:
             logits = out
         chosen = pick(logits, first, last)
@@ -90,7 +94,9 @@ def reference_decode(model, labels, orders, sizes, cfg, pick):
 def test_buffered_decoding_matches_the_plain_loop(sizes, cfg):
     model = tiny_model()
     tokens, labels, orders = inputs(model, 3, seed=len(sizes))
-    ref, ref_logits = reference_decode(model, labels, orders, sizes, cfg, lambda lg, a, b: lg.argmax(-1))
+    ref, ref_logits = reference_decode(
+        model, labels, orders, sizes, cfg, lambda lg, a, b: lg.argmax(-1)
+    )
     got = sample_tokens(model, labels, orders, sizes, cfg=cfg, greedy=True)
     assert torch.equal(got, ref)
     # Teacher forcing with the reference's tokens: the trimmed last block gives the same logits.
@@ -106,10 +112,18 @@ def test_sampled_tokens_match_the_plain_loop_with_the_same_uniforms():
     sizes = [1, 3, 5, 7]
     u = torch.rand(4, 16, generator=torch.Generator().manual_seed(3))
     ref, _ = reference_decode(
-        model, labels, orders, sizes, 2.5,
-        lambda lg, a, b: filter_and_sample(lg.reshape(-1, lg.shape[-1]), u[:, a:b].reshape(-1), 1.0, 0, 1.0).view(4, b - a),
+        model,
+        labels,
+        orders,
+        sizes,
+        2.5,
+        lambda lg, a, b: filter_and_sample(
+            lg.reshape(-1, lg.shape[-1]), u[:, a:b].reshape(-1), 1.0, 0, 1.0
+        ).view(4, b - a),
     )
-    got = sample_tokens(model, labels, orders, sizes, cfg=2.5, generator=torch.Generator().manual_seed(3))
+    got = sample_tokens(
+        model, labels, orders, sizes, cfg=2.5, generator=torch.Generator().manual_seed(3)
+    )
     assert torch.equal(got, ref)
 
 
@@ -132,12 +146,16 @@ def test_static_plan_is_the_eager_plan_padded(sizes):
         assert not lay.masks[k][pad:, S - 1].any()  # ... that no real row reads
         assert torch.equal(lay.masks[k][pad:, :kv_len], eager.masks[k])
         assert not lay.masks[k][pad:, kv_len:].any()
-        assert lay.masks[k][:pad].sum(1).eq(1).all() and lay.masks[k][:pad, S - 1].all()  # padding: itself only
+        assert (
+            lay.masks[k][:pad].sum(1).eq(1).all() and lay.masks[k][:pad, S - 1].all()
+        )  # padding: itself only
 
 
 def _static_outputs(model, tokens, labels, orders, sizes, cfg, compile):
     decoder = Decoder(model, SamplingConfig(cfg=cfg), compile=compile)
-    logits = decoder.logits(decoder.class_prefix(labels, len(orders)), orders, sizes, torch.gather(tokens, 1, orders))
+    logits = decoder.logits(
+        decoder.class_prefix(labels, len(orders)), orders, sizes, torch.gather(tokens, 1, orders)
+    )
     assert not decoder.compile_failed
     return logits
 
@@ -162,27 +180,37 @@ def test_compiled_sampler_equals_eager():
         eager = sample_tokens(model, labels, orders, sizes, cfg=cfg, greedy=True)
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)  # a fallback would warn
-            compiled = sample_tokens(model, labels, orders, sizes, cfg=cfg, greedy=True, compile=opts)
+            compiled = sample_tokens(
+                model, labels, orders, sizes, cfg=cfg, greedy=True, compile=opts
+            )
             assert torch.equal(compiled, eager)
             gen = lambda: torch.Generator().manual_seed(4)  # noqa: E731
             a = sample_tokens(model, labels, orders, sizes, cfg=cfg, generator=gen())
             b = sample_tokens(model, labels, orders, sizes, cfg=cfg, generator=gen(), compile=opts)
             assert torch.equal(a, b)
         logits = _static_outputs(model, tokens, labels, orders, sizes, cfg, opts)
-        assert (logits - teacher_forced_logits(model, tokens, labels, orders, sizes, cfg=cfg)).abs().max().item() < 1e-5
+        assert (
+            logits - teacher_forced_logits(model, tokens, labels, orders, sizes, cfg=cfg)
+        ).abs().max().item() < 1e-5
 
 
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
-                    reason="torch.compile's inductor backend needs a C++ compiler on the CPU")
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+    reason="torch.compile's inductor backend needs a C++ compiler on the CPU",
+)
 def test_inductor_compiled_sampler_equals_eager():
     model = tiny_model()
     tokens, labels, orders = inputs(model, 3, seed=11)
     sizes = [1, 2, 3, 10]
     for cfg in (1.0, 3.0):
         eager = sample_tokens(model, labels, orders, sizes, cfg=cfg, greedy=True)
-        assert torch.equal(sample_tokens(model, labels, orders, sizes, cfg=cfg, greedy=True, compile=True), eager)
+        assert torch.equal(
+            sample_tokens(model, labels, orders, sizes, cfg=cfg, greedy=True, compile=True), eager
+        )
         logits = _static_outputs(model, tokens, labels, orders, sizes, cfg, True)
-        assert (logits - teacher_forced_logits(model, tokens, labels, orders, sizes, cfg=cfg)).abs().max().item() < 1e-4
+        assert (
+            logits - teacher_forced_logits(model, tokens, labels, orders, sizes, cfg=cfg)
+        ).abs().max().item() < 1e-4
 
 
 def test_failing_compiler_falls_back_to_eager_with_a_warning():
@@ -193,7 +221,9 @@ def test_failing_compiler_falls_back_to_eager_with_a_warning():
     _, labels, orders = inputs(model, 2, seed=3)
     sizes = [1, 3, 12]
     eager = sample_tokens(model, labels, orders, sizes, cfg=2.0, greedy=True)
-    decoder = Decoder(model, SamplingConfig(cfg=2.0), greedy=True, compile={"backend": broken_backend})
+    decoder = Decoder(
+        model, SamplingConfig(cfg=2.0), greedy=True, compile={"backend": broken_backend}
+    )
     with pytest.warns(RuntimeWarning, match="decoding eagerly with static shapes"):
         got = decoder.sample(labels, orders, sizes)
     assert torch.equal(got, eager) and decoder.compile_failed
@@ -219,11 +249,28 @@ def test_bf16_autocast_decoding_runs(static):
     model = tiny_model()
     _, labels, orders = inputs(model, 2, seed=9)
     opts = {"backend": "eager"} if static else False
-    tok = sample_tokens(model, labels, orders, [1, 3, 12], cfg=3.0, autocast_dtype=torch.bfloat16,
-                        generator=torch.Generator().manual_seed(0), compile=opts)
+    tok = sample_tokens(
+        model,
+        labels,
+        orders,
+        [1, 3, 12],
+        cfg=3.0,
+        autocast_dtype=torch.bfloat16,
+        generator=torch.Generator().manual_seed(0),
+        compile=opts,
+    )
     assert tok.shape == (2, 16) and tok.dtype == torch.long
     assert tok.min() >= 0 and tok.max() < model.vocab_size
-    greedy16 = sample_tokens(model, labels, orders, [1, 3, 12], cfg=3.0, greedy=True, autocast_dtype=torch.bfloat16, compile=opts)
+    greedy16 = sample_tokens(
+        model,
+        labels,
+        orders,
+        [1, 3, 12],
+        cfg=3.0,
+        greedy=True,
+        autocast_dtype=torch.bfloat16,
+        compile=opts,
+    )
     greedy32 = sample_tokens(model, labels, orders, [1, 3, 12], cfg=3.0, greedy=True)
     assert (greedy16 == greedy32).float().mean() > 0.5  # bf16 rounding may flip near-ties only
 
@@ -243,7 +290,9 @@ def test_emulated_bf16_on_cpu_warns_once(monkeypatch, native):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(2):
-            sample_tokens(model, labels, orders, [4, 12], greedy=True, autocast_dtype=torch.bfloat16)
+            sample_tokens(
+                model, labels, orders, [4, 12], greedy=True, autocast_dtype=torch.bfloat16
+            )
         sampling.warn_if_emulated_bf16("cpu", torch.float32)  # fp32: never a warning
     msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len([m for m in msgs if "bf16 on this CPU is emulated" in m]) == (0 if native else 1)
@@ -264,7 +313,9 @@ def test_flex_attention_equals_dense_sdpa(sizes):
         model.set_attn_impl("flex")
         assert model.uses_flex("cpu")
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "flex_attention called without torch.compile"
+            warnings.simplefilter(
+                "ignore", UserWarning
+            )  # "flex_attention called without torch.compile"
             flex = model.logits(tokens, labels, orders, sizes)
     assert (flex - dense).abs().max().item() < 1e-5
 
@@ -359,7 +410,10 @@ def test_linear_cross_entropy_under_bf16_autocast_matches_autocast_linear():
     g_ours = torch.autograd.grad(ours, (x, w))
     g_ref = torch.autograd.grad(ref, (x, w))
     assert abs(ours.item() - ref.item()) < 1e-5
-    assert all(a.dtype == torch.float32 and torch.allclose(a, b, atol=2e-2, rtol=2e-2) for a, b in zip(g_ours, g_ref))
+    assert all(
+        a.dtype == torch.float32 and torch.allclose(a, b, atol=2e-2, rtol=2e-2)
+        for a, b in zip(g_ours, g_ref)
+    )
 
 
 def test_training_step_grads_match_a_full_last_block():
@@ -373,12 +427,18 @@ def test_training_step_grads_match_a_full_last_block():
     # Reference: every block on every row, F.cross_entropy.
     targets = torch.gather(tokens, 1, orders)
     n_ctx = model.num_tokens - sizes[-1]
-    x = torch.cat([model.embed_prefix(model.embed_condition(labels, 2)), model.embed_tokens(targets[:, :n_ctx], orders[:, :n_ctx]),
-                   model.embed_queries(orders)], dim=1)
+    x = torch.cat(
+        [
+            model.embed_prefix(model.embed_condition(labels, 2)),
+            model.embed_tokens(targets[:, :n_ctx], orders[:, :n_ctx]),
+            model.embed_queries(orders),
+        ],
+        dim=1,
+    )
     mask = model.group_mask(sizes, x.device)
     for blk in model.blocks:
         x = blk(x, mask)
-    logits = model.head(model.norm(x[:, -model.num_tokens:]))
+    logits = model.head(model.norm(x[:, -model.num_tokens :]))
     ref_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
     ref_grads = torch.autograd.grad(ref_loss, list(model.parameters()), allow_unused=True)
     assert abs(loss.item() - ref_loss.item()) < 1e-5

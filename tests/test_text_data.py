@@ -138,7 +138,7 @@ def test_the_three_formats_give_the_same_cache(data, tmp_path, capsys):
     from lpd.demo.palette import PaletteTokenizer
 
     pal = PaletteTokenizer(4)
-    for i, (key, caption) in enumerate(CAPTIONS.items()):
+    for i, caption in enumerate(CAPTIONS.values()):
         tokens, ids, mask = ds[i]
         img = image_to_tensor(center_crop_arr(Image.open(io.BytesIO(_png(i))), IMG))
         assert tokens[0].tolist() == pal.encode(img).reshape(-1).tolist()

@@ -47,7 +47,10 @@ def test_decode_matches_reference(tiny_vq: VQModel, parity: dict) -> None:
 def test_attributes(tiny_vq: VQModel) -> None:
     assert tiny_vq.downsample_factor == 16
     assert tiny_vq.codebook_size == 256
-    assert build_vq(ch=32, ch_mult=(1, 2, 2, 4), z_channels=64, codebook_size=64).downsample_factor == 8
+    assert (
+        build_vq(ch=32, ch_mult=(1, 2, 2, 4), z_channels=64, codebook_size=64).downsample_factor
+        == 8
+    )
 
 
 def test_follows_module_dtype(parity: dict) -> None:
@@ -92,7 +95,10 @@ def test_load_vq_bare_state_dict_and_training_extras(tmp_path: Path, parity: dic
     bare = tmp_path / "bare.pt"
     torch.save(parity["state_dict"], bare)
     full = tmp_path / "full.pt"
-    torch.save({"model": parity["state_dict"], "steps": 10, "args": argparse.Namespace(vq_model="VQ-16")}, full)
+    torch.save(
+        {"model": parity["state_dict"], "steps": 10, "args": argparse.Namespace(vq_model="VQ-16")},
+        full,
+    )
     for path in (bare, full):
         vq = load_vq(path, **parity["config"])
         assert not vq.training and vq.state_dict().keys() == parity["state_dict"].keys()
@@ -165,7 +171,9 @@ def test_load_vq_missing_file_points_to_download(tmp_path: Path) -> None:
 
 
 def test_make_tokenizer_names_unknown_config_keys() -> None:
-    with pytest.raises(ValueError, match=r"--vq_config: unknown keys \['chh'\] for the vq tokenizer; use \['ch', "):
+    with pytest.raises(
+        ValueError, match=r"--vq_config: unknown keys \['chh'\] for the vq tokenizer; use \['ch', "
+    ):
         make_tokenizer("vq", None, {"chh": 32})
     with pytest.raises(ValueError, match=r"unknown keys \['lev'\] for the palette tokenizer"):
         make_tokenizer("palette", None, {"lev": 3})

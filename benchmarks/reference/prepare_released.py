@@ -35,7 +35,9 @@ def prepare(src: str, dest: str) -> list[str]:
     src_models = os.path.join(src, "models")
     missing = [f for f in FILES if not os.path.isfile(os.path.join(src_models, f))]
     if missing:
-        raise FileNotFoundError(f"{src!r} is not a released LPD checkout: models/{', models/'.join(missing)} missing")
+        raise FileNotFoundError(
+            f"{src!r} is not a released LPD checkout: models/{', models/'.join(missing)} missing"
+        )
     out_models = os.path.join(dest, "models")
     os.makedirs(out_models, exist_ok=True)
     open(os.path.join(out_models, "__init__.py"), "a").close()
@@ -60,7 +62,9 @@ def main() -> None:
     args = p.parse_args()
     here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if os.path.abspath(args.dest).startswith(here + os.sep):
-        raise SystemExit("write the copy outside this repository: released code is not shipped with lpd")
+        raise SystemExit(
+            "write the copy outside this repository: released code is not shipped with lpd"
+        )
     for line in prepare(args.src, args.dest):
         print(line)
     print(f"prepared {args.dest}; pass --released_repo {args.dest} to the benchmarks")

@@ -11,7 +11,7 @@ import signal
 import socket
 import sys
 import tempfile
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -80,7 +80,7 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError(
                 f"--device {args.device!r} cannot be used here ({str(e).splitlines()[0]}); "
                 "try --device cpu"
-            )
+            ) from None
 
 
 def _free_port(host: str) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from lpd.app.model import EMBEDDED_DIR
 from lpd.checkpoint import CheckpointError, export

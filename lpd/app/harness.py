@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 import threading
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 __all__ = ["CHROMIUM_ARGS", "chromium_path", "serve", "browser", "paint"]
 

@@ -8,7 +8,8 @@ import json
 import math
 import os
 import uuid
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import gradio as gr
 import numpy as np

@@ -7,8 +7,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor, nn
 import torch.nn.functional as F
+from torch import Tensor, nn
 
 __all__ = ["DEFAULT_LEVELS", "PaletteTokenizer", "images_to_uint8", "uint8_to_images"]
 
@@ -34,11 +34,22 @@ class PaletteTokenizer(nn.Module):
     def encode(self, images: Tensor) -> Tensor:
         """Float images ``[B, 3, H, W]`` in ``[-1, 1]`` -> tokens ``[B, H/patch, W/patch]`` (ties go darker)."""
         if not isinstance(images, Tensor) or not images.is_floating_point():
-            raise TypeError("images must be a floating-point tensor in [-1, 1] (convert uint8 with uint8_to_images)")
+            raise TypeError(
+                "images must be a floating-point tensor in [-1, 1] (convert uint8 with uint8_to_images)"
+            )
         h, w = images.shape[-2:] if images.dim() == 4 else (0, 0)
-        if images.dim() != 4 or images.shape[1] != 3 or not h or not w or h % self.patch or w % self.patch:
-            raise ValueError(f"images must have shape [B, 3, H, W] with H, W positive multiples of patch={self.patch}, "
-                             f"got {tuple(images.shape)}")
+        if (
+            images.dim() != 4
+            or images.shape[1] != 3
+            or not h
+            or not w
+            or h % self.patch
+            or w % self.patch
+        ):
+            raise ValueError(
+                f"images must have shape [B, 3, H, W] with H, W positive multiples of patch={self.patch}, "
+                f"got {tuple(images.shape)}"
+            )
         x = images.to(self.palette.device, torch.float32)
         if x.numel() and not (x.isfinite().all() and x.min() >= -1.001 and x.max() <= 1.001):
             raise ValueError("images must be finite and lie in [-1, 1]")
@@ -48,17 +59,30 @@ class PaletteTokenizer(nn.Module):
     @torch.no_grad()
     def decode(self, tokens: Tensor) -> Tensor:
         """Tokens ``[B, h, w]`` (or raster ``[B, N]``, ``N`` square) -> flat grey blocks ``[B, 3, patch*h, patch*w]``."""
-        if not isinstance(tokens, Tensor) or tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
-            raise TypeError(f"tokens must be an integer tensor, got {getattr(tokens, 'dtype', type(tokens).__name__)}")
+        if (
+            not isinstance(tokens, Tensor)
+            or tokens.is_floating_point()
+            or tokens.is_complex()
+            or tokens.dtype == torch.bool
+        ):
+            raise TypeError(
+                f"tokens must be an integer tensor, got {getattr(tokens, 'dtype', type(tokens).__name__)}"
+            )
         if tokens.dim() == 2 and math.isqrt(tokens.shape[1]) ** 2 == tokens.shape[1]:
             tokens = tokens.reshape(len(tokens), math.isqrt(tokens.shape[1]), -1)
         if tokens.dim() != 3 or not tokens.shape[1] or not tokens.shape[2]:
-            raise ValueError(f"tokens must have shape [B, h, w] or [B, N] with N a positive square, got {tuple(tokens.shape)}")
+            raise ValueError(
+                f"tokens must have shape [B, h, w] or [B, N] with N a positive square, got {tuple(tokens.shape)}"
+            )
         tokens = tokens.to(self.palette.device, torch.long)
         if tokens.numel() and not (0 <= tokens.min() and tokens.max() < self.levels):
-            raise ValueError(f"tokens must lie in [0, {self.levels}) for levels={self.levels}, "
-                             f"got values in [{tokens.min()}, {tokens.max()}]")
-        values = self.palette[tokens].repeat_interleave(self.patch, -2).repeat_interleave(self.patch, -1)
+            raise ValueError(
+                f"tokens must lie in [0, {self.levels}) for levels={self.levels}, "
+                f"got values in [{tokens.min()}, {tokens.max()}]"
+            )
+        values = (
+            self.palette[tokens].repeat_interleave(self.patch, -2).repeat_interleave(self.patch, -1)
+        )
         return values.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
 
 

@@ -17,8 +17,9 @@ Accuracies come with 95% bootstrap intervals (``lpd.demo.classifier.bootstrap_ci
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -13,20 +13,31 @@ import torch.nn.functional as F
 __all__ = ["Linear", "Dropout", "linear_cross_entropy", "flex_attention"]
 
 # Packed weights are kept outside the module: oneDNN's opaque tensors cannot be copied or saved.
-_PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, int], torch.Tensor]]" = weakref.WeakKeyDictionary()
+_PACKED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, int], torch.Tensor]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class Linear(nn.Linear):
     """``nn.Linear`` whose float32 CPU inference (<= 256 rows, >= 512 wide, no autograd, autocast or compile) uses a
     prepacked oneDNN weight: ``F.linear`` up to rounding. ``Linear.cpu_prepack = False`` turns it off."""
 
-    cpu_prepack: bool = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    cpu_prepack: bool = torch.backends.mkldnn.is_available() and hasattr(
+        torch.ops.mkldnn, "_linear_pointwise"
+    )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (Linear.cpu_prepack and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and min(w.shape) >= 512
-                and x.numel() <= 256 * x.shape[-1] and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-                and not torch.compiler.is_compiling()):
+        if (
+            Linear.cpu_prepack
+            and x.device.type == "cpu"
+            and x.dtype == w.dtype == torch.float32
+            and min(w.shape) >= 512
+            and x.numel() <= 256 * x.shape[-1]
+            and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling()
+        ):
             key = (w.data_ptr(), w._version)  # re-pack when the weight changes
             hit = _PACKED.get(self)
             if hit is None or hit[0] != key:
@@ -66,7 +77,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of ``x @ weight^T``: log-softmax in place, its gradient in place."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
         logits = F.linear(x, weight)  # the autocast dtype under autocast
         ctx.mm_dtype = logits.dtype
         logp = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
@@ -76,7 +89,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return -logp.gather(1, targets[:, None]).mean()
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+    def backward(
+        ctx: Any, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         x, weight, targets = ctx.saved_tensors
         if ctx.logp is None:
             raise RuntimeError("the LPD loss reuses its logits buffer: backward through it once")
@@ -90,7 +105,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
-def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def linear_cross_entropy(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
     """``F.cross_entropy(F.linear(x, weight).float(), targets)`` for ``x [M, D]``, one logits buffer."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(x, weight, targets)
@@ -101,9 +118,12 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
 _COMPILED_FLEX: Any = None
 
 
-def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any) -> torch.Tensor:
+def flex_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any
+) -> torch.Tensor:
     """Flex attention: the compiled block-sparse kernel on CUDA, torch's eager reference elsewhere."""
     from torch.nn.attention.flex_attention import flex_attention as flex
+
     if q.device.type != "cuda":
         return flex(q, k, v, block_mask=block_mask)
     global _COMPILED_FLEX

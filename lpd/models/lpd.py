@@ -6,8 +6,9 @@ The training sequence and its mask are in docs/design.md; parameter names are th
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -18,8 +19,21 @@ from torch.utils.checkpoint import checkpoint
 from lpd.models.kernels import Dropout, Linear, flex_attention, linear_cross_entropy
 from lpd.schedules import validate_group_sizes
 
-__all__ = ["LPDConfig", "PRESETS", "Attention", "Mlp", "Block", "KVCache", "LPD", "attends",
-           "sequence_rows", "valid_keys", "group_visible_mask", "group_block_mask", "ATTN_IMPLS"]
+__all__ = [
+    "LPDConfig",
+    "PRESETS",
+    "Attention",
+    "Mlp",
+    "Block",
+    "KVCache",
+    "LPD",
+    "attends",
+    "sequence_rows",
+    "valid_keys",
+    "group_visible_mask",
+    "group_block_mask",
+    "ATTN_IMPLS",
+]
 
 #: The released architectures (and a tiny one for CPU tests): width, depth, heads.
 PRESETS: dict[str, dict[str, int]] = {
@@ -45,39 +59,65 @@ class LPDConfig:
     vocab_size: int = 16384
     class_num: int = 1000
     layernorm_eps: float = 1e-6
-    attn_dropout: float = 0.1  # accepted as the released constructor; attention probabilities are not dropped
+    attn_dropout: float = (
+        0.1  # accepted as the released constructor; attention probabilities are not dropped
+    )
     proj_dropout: float = 0.1
     label_drop_prob: float = 0.1
     grad_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("img_size", "vqgan_stride", "embed_dim", "depth", "num_heads", "vocab_size", "class_num"):
+        for name in (
+            "img_size",
+            "vqgan_stride",
+            "embed_dim",
+            "depth",
+            "num_heads",
+            "vocab_size",
+            "class_num",
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"model config: {name} must be a positive integer, got {v!r}")
         if self.img_size % self.vqgan_stride:
-            raise ValueError(f"img_size {self.img_size} must be a multiple of vqgan_stride {self.vqgan_stride} (e.g. 256 or 512)")
+            raise ValueError(
+                f"img_size {self.img_size} must be a multiple of vqgan_stride {self.vqgan_stride} (e.g. 256 or 512)"
+            )
         if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}")
+            raise ValueError(
+                f"embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}"
+            )
         for name in ("attn_dropout", "proj_dropout", "label_drop_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"model config: {name} must be in [0, 1], got {getattr(self, name)}")
+                raise ValueError(
+                    f"model config: {name} must be in [0, 1], got {getattr(self, name)}"
+                )
 
     @classmethod
-    def from_name(cls, name: str | None, img_size: int = 256, **overrides: Any) -> "LPDConfig":
+    def from_name(cls, name: str | None, img_size: int = 256, **overrides: Any) -> LPDConfig:
         """A preset (``lpd_l`` ...) at ``img_size`` with ``overrides`` (not of its width, depth or heads);
         ``name=None``: the overrides alone."""
         if unknown := sorted(set(overrides) - set(cls.__dataclass_fields__)):
-            raise ValueError(f"model_config: unknown key(s) {', '.join(unknown)}; the keys are "
-                             f"{', '.join(cls.__dataclass_fields__)}")
+            raise ValueError(
+                f"model_config: unknown key(s) {', '.join(unknown)}; the keys are "
+                f"{', '.join(cls.__dataclass_fields__)}"
+            )
         if name is None:
             return cls(img_size=img_size, **overrides)
         if name not in PRESETS:
-            raise ValueError(f"unknown model {name!r}; choose one of {sorted(PRESETS)}, or give a model_config without a preset name")
-        clash = [f"{k}={overrides[k]} (the preset has {v})" for k, v in PRESETS[name].items() if k in overrides and overrides[k] != v]
+            raise ValueError(
+                f"unknown model {name!r}; choose one of {sorted(PRESETS)}, or give a model_config without a preset name"
+            )
+        clash = [
+            f"{k}={overrides[k]} (the preset has {v})"
+            for k, v in PRESETS[name].items()
+            if k in overrides and overrides[k] != v
+        ]
         if clash:
-            raise ValueError(f"model_config sets {', '.join(clash)}, which is not the {name} preset; "
-                             f"drop --model (set model: null) to build the model_config alone, or drop those keys")
+            raise ValueError(
+                f"model_config sets {', '.join(clash)}, which is not the {name} preset; "
+                f"drop --model (set model: null) to build the model_config alone, or drop those keys"
+            )
         return cls(img_size=img_size, **{**PRESETS[name], **overrides})
 
     @property
@@ -102,13 +142,24 @@ class Attention(nn.Module):
         self.proj = Linear(dim, dim)
         self.proj_drop = Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, mask: Any = None, cache: "KVCache | None" = None,
-                pos: torch.Tensor | None = None, last: int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: Any = None,
+        cache: KVCache | None = None,
+        pos: torch.Tensor | None = None,
+        last: int | None = None,
+    ) -> torch.Tensor:
         """Attention of ``x [B, T, C]`` under ``mask`` (bool ``[(B, 1,) T', S]``, True = may
         attend, or a ``BlockMask``); ``cache``: write slots ``pos``, attend to its first ``S``;
         ``last``: only the last rows out."""
         B, T, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = (
+            self.qkv(x)
+            .reshape(B, T, 3, self.num_heads, self.head_dim)
+            .permute(2, 0, 3, 1, 4)
+            .unbind(0)
+        )
         if cache is not None:
             k, v = cache.update(pos, k, v)
             k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
@@ -144,8 +195,14 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
 
-    def forward(self, x: torch.Tensor, mask: Any = None, cache: "KVCache | None" = None,
-                pos: torch.Tensor | None = None, last: int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: Any = None,
+        cache: KVCache | None = None,
+        pos: torch.Tensor | None = None,
+        last: int | None = None,
+    ) -> torch.Tensor:
         """As :meth:`Attention.forward`; with ``last`` only the last rows go on past the keys and values."""
         h = self.attn(self.norm1(x), mask, cache, pos, last)
         x = x[:, x.shape[1] - h.shape[1] :] + h
@@ -224,13 +281,23 @@ def group_block_mask(
 class KVCache(nn.Module):
     """Static keys and values of one attention layer, ``[B, heads, slots, head_dim]``, allocated once."""
 
-    def __init__(self, batch: int, heads: int, slots: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        batch: int,
+        heads: int,
+        slots: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
         super().__init__()
         shape = (batch, heads, slots, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``k, v [B, heads, T, head_dim]`` into slots ``pos [T]``; return the whole cache."""
         self.k.index_copy_(2, pos, k.to(self.k.dtype))
         self.v.index_copy_(2, pos, v.to(self.v.dtype))
@@ -246,15 +313,20 @@ class LPD(nn.Module):
         D, N = config.embed_dim, config.num_tokens
         self.num_tokens, self.grid_size = N, config.grid_size
         self.vocab_size, self.class_num = config.vocab_size, config.class_num
-        self.label_drop_prob, self.grad_checkpointing = config.label_drop_prob, config.grad_checkpointing
+        self.label_drop_prob, self.grad_checkpointing = (
+            config.label_drop_prob,
+            config.grad_checkpointing,
+        )
         self.class_emb = nn.Embedding(config.class_num, D)
         self.fake_latent = nn.Parameter(torch.zeros(1, D))
         self.token_emb = nn.Embedding(config.vocab_size, D)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, N + 1, D))
         self.z_proj_ln = nn.LayerNorm(D, eps=config.layernorm_eps)
-        self.blocks = nn.ModuleList(Block(D, config.num_heads, config.mlp_ratio, config.layernorm_eps, config.proj_dropout)
-                                    for _ in range(config.depth))
+        self.blocks = nn.ModuleList(
+            Block(D, config.num_heads, config.mlp_ratio, config.layernorm_eps, config.proj_dropout)
+            for _ in range(config.depth)
+        )
         self.norm = nn.LayerNorm(D, eps=config.layernorm_eps)
         self.head = Linear(D, config.vocab_size, bias=False)
         self._masks: dict[tuple, Any] = {}
@@ -265,12 +337,20 @@ class LPD(nn.Module):
     @torch.no_grad()
     def initialize_weights(self, generator: torch.Generator | None = None) -> None:
         """Clipped normal (std 0.02) embeddings, Xavier-uniform linears; a function of ``generator`` alone."""
-        for t in (self.class_emb.weight, self.fake_latent, self.token_emb.weight, self.mask_token, self.pos_embed):
+        for t in (
+            self.class_emb.weight,
+            self.fake_latent,
+            self.token_emb.weight,
+            self.mask_token,
+            self.pos_embed,
+        ):
             t.copy_(torch.randn(t.shape, generator=generator).mul_(0.02).clamp_(-0.04, 0.04))
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 bound = math.sqrt(6.0 / (m.in_features + m.out_features))
-                m.weight.copy_(torch.rand(m.weight.shape, generator=generator).mul_(2 * bound).sub_(bound))
+                m.weight.copy_(
+                    torch.rand(m.weight.shape, generator=generator).mul_(2 * bound).sub_(bound)
+                )
                 if m.bias is not None:
                     m.bias.zero_()
             elif isinstance(m, nn.LayerNorm):
@@ -287,7 +367,9 @@ class LPD(nn.Module):
         self.attn_impl = attn_impl
 
     def uses_flex(self, device: torch.device | str) -> bool:
-        return self.attn_impl == "flex" or (self.attn_impl == "auto" and torch.device(device).type == "cuda")
+        return self.attn_impl == "flex" or (
+            self.attn_impl == "auto" and torch.device(device).type == "cuda"
+        )
 
     def cached(self, key: tuple, build: Callable[[], Any]) -> Any:
         """``build()``, once per ``key`` (the training masks, the decoding plans)."""
@@ -383,12 +465,16 @@ class LPD(nn.Module):
         x = torch.cat([*x, self.embed_queries(orders)], dim=1)
         flex = self.uses_flex(x.device)
         if flex and x.device.type == "cpu" and torch.is_grad_enabled():
-            raise RuntimeError("attn_impl='flex' has no backward pass on the CPU; train there with 'sdpa' or 'auto'")
+            raise RuntimeError(
+                "attn_impl='flex' has no backward pass on the CPU; train there with 'sdpa' or 'auto'"
+            )
         L, dev = cond.shape[1], x.device
         mask = self.group_mask(group_sizes, dev, flex, False, L, cond_mask)
         last_mask = self.group_mask(group_sizes, dev, True, True, L, cond_mask) if flex else mask
         for i, blk in enumerate(self.blocks):
-            m, last = (last_mask, N) if i == len(self.blocks) - 1 else (mask, None)  # last block: query rows only
+            m, last = (
+                (last_mask, N) if i == len(self.blocks) - 1 else (mask, None)
+            )  # last block: query rows only
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(blk, x, m, None, None, last, use_reentrant=False)
             else:
@@ -427,18 +513,34 @@ class LPD(nn.Module):
         drop = None
         if self.training and labels is not None and self.label_drop_prob > 0:
             dev = generator.device if generator is not None else labels.device
-            drop = torch.rand(labels.shape[0], generator=generator, device=dev).to(labels.device) < self.label_drop_prob
+            drop = (
+                torch.rand(labels.shape[0], generator=generator, device=dev).to(labels.device)
+                < self.label_drop_prob
+            )
         sizes = list(group_sizes)
         h, targets = self._train_pass(tokens, labels, orders, sizes, drop, cond, cond_mask)
-        return linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.head.weight, targets.reshape(-1))
+        return linear_cross_entropy(
+            h.reshape(-1, h.shape[-1]), self.head.weight, targets.reshape(-1)
+        )
 
     def new_cache(self, batch: int, slots: int, dtype: torch.dtype | None = None) -> nn.ModuleList:
         """One static :class:`KVCache` per block (``dtype`` default: the parameters')."""
         c, dtype = self.config, dtype or self.pos_embed.dtype
-        return nn.ModuleList(KVCache(batch, c.num_heads, slots, c.embed_dim // c.num_heads, dtype, self.pos_embed.device)
-                             for _ in range(c.depth))
+        return nn.ModuleList(
+            KVCache(
+                batch, c.num_heads, slots, c.embed_dim // c.num_heads, dtype, self.pos_embed.device
+            )
+            for _ in range(c.depth)
+        )
 
-    def decode_step(self, x: torch.Tensor, cache: nn.ModuleList, pos: torch.Tensor, mask: torch.Tensor, num_out: int) -> torch.Tensor:
+    def decode_step(
+        self,
+        x: torch.Tensor,
+        cache: nn.ModuleList,
+        pos: torch.Tensor,
+        mask: torch.Tensor,
+        num_out: int,
+    ) -> torch.Tensor:
         """Rows ``x [B, T, D]`` write slots ``pos [T]``, attend through ``mask [(B, 1,) T, S]``;
         logits of the last ``num_out``."""
         for i, (blk, c) in enumerate(zip(self.blocks, cache)):
@@ -451,7 +553,10 @@ class LPD(nn.Module):
         for name, p in self.named_parameters():
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
 
 
 def build_lpd(**config: Any) -> LPD:
@@ -462,8 +567,11 @@ def build_lpd(**config: Any) -> LPD:
 def _preset(name: str):
     def make(img_size: int = 256, **overrides: Any) -> LPD:
         return LPD(replace(LPDConfig.from_name(name, img_size), **overrides))
+
     make.__name__ = name
-    make.__doc__ = f"The {name} preset {PRESETS[name]} at ``img_size``; keyword arguments override the config."
+    make.__doc__ = (
+        f"The {name} preset {PRESETS[name]} at ``img_size``; keyword arguments override the config."
+    )
     return make
 
 

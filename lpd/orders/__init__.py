@@ -5,5 +5,16 @@ from lpd.orders.generate import ORDER_KINDS, lpd_orders, random_orders, raster_o
 from lpd.orders.stats import RELEASED_STATISTICS, order_statistics
 from lpd.schedules import group_sizes, training_schedules
 
-__all__ = ["lpd_orders", "random_orders", "raster_orders", "load_orders", "save_orders", "OrderFileError",
-           "order_statistics", "RELEASED_STATISTICS", "ORDER_KINDS", "group_sizes", "training_schedules"]
+__all__ = [
+    "lpd_orders",
+    "random_orders",
+    "raster_orders",
+    "load_orders",
+    "save_orders",
+    "OrderFileError",
+    "order_statistics",
+    "RELEASED_STATISTICS",
+    "ORDER_KINDS",
+    "group_sizes",
+    "training_schedules",
+]

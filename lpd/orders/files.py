@@ -42,11 +42,15 @@ def check_order_rows(rows: object, num: int, grid_size: int, source: str = "orde
     if isinstance(rows, np.ndarray) and rows.ndim != 2:
         raise OrderFileError(f"{source}: expected a 2-D array [num, {n}], got shape {rows.shape}")
     if not isinstance(rows, (list, np.ndarray)):
-        raise OrderFileError(f"{source}: expected a JSON list of orders (one list of {n} raster indices per image), "
-                             f"got {type(rows).__name__}")
+        raise OrderFileError(
+            f"{source}: expected a JSON list of orders (one list of {n} raster indices per image), "
+            f"got {type(rows).__name__}"
+        )
     if len(rows) < num:
-        raise OrderFileError(f"{source}: has {len(rows)} orders but {num} are needed (row {len(rows)} is the first "
-                             f"missing one); generate more with `python -m lpd.orders --num {num} ...`")
+        raise OrderFileError(
+            f"{source}: has {len(rows)} orders but {num} are needed (row {len(rows)} is the first "
+            f"missing one); generate more with `python -m lpd.orders --num {num} ...`"
+        )
     head = rows[:num]
     try:
         arr = np.asarray(head)
@@ -56,11 +60,15 @@ def check_order_rows(rows: object, num: int, grid_size: int, source: str = "orde
         bad = np.flatnonzero((np.sort(arr, axis=1) != np.arange(n)).any(axis=1))
         if bad.size == 0:
             return arr.astype(np.int64, copy=False)
-        raise OrderFileError(f"{source}: row {bad[0]}: {_row_problem(head[int(bad[0])], n, grid_size)}")
+        raise OrderFileError(
+            f"{source}: row {bad[0]}: {_row_problem(head[int(bad[0])], n, grid_size)}"
+        )
     for i, row in enumerate(head):
         if (problem := _row_problem(row, n, grid_size)) is not None:
             raise OrderFileError(f"{source}: row {i}: {problem}")
-    return np.array([list(r) for r in head], dtype=np.int64).reshape(num, n)  # integer scalars of odd types
+    return np.array([list(r) for r in head], dtype=np.int64).reshape(
+        num, n
+    )  # integer scalars of odd types
 
 
 _ALLOWED = b"0123456789, []\n\r\t"  # characters of the usual layout (no '-': negative entries go the slow way)
@@ -70,14 +78,20 @@ _ROW = re.compile(rb"\s*\d+(?:\s*,\s*\d+)*\s*")
 def _fast_rows(data: bytes, num: int, n: int) -> np.ndarray | None:
     """The first ``num`` rows of a file in json.dump's layout without Python lists; None for any other layout."""
     s = data.strip()
-    if num == 0 or data.translate(None, _ALLOWED) or not (s.startswith(b"[[") and s.endswith(b"]]")):
+    if (
+        num == 0
+        or data.translate(None, _ALLOWED)
+        or not (s.startswith(b"[[") and s.endswith(b"]]"))
+    ):
         return None
     parts = s[2:-2].split(b"], [", num)
     if len(parts) < num:
         return None
     out = np.empty((num, n), dtype=np.int64)
     for i, part in enumerate(parts[:num]):
-        if part.count(b",") != n - 1 or not _ROW.fullmatch(part):  # exactly n integers, one comma between each two
+        if part.count(b",") != n - 1 or not _ROW.fullmatch(
+            part
+        ):  # exactly n integers, one comma between each two
             return None
         out[i] = np.fromstring(part.replace(b",", b" "), dtype=np.int64, sep=" ")
     return out
@@ -85,9 +99,13 @@ def _fast_rows(data: bytes, num: int, n: int) -> np.ndarray | None:
 
 def load_orders(path: str | os.PathLike, num: int, grid_size: int) -> np.ndarray:
     """The first ``num`` orders of an order file, validated, int64 ``[num, grid_size ** 2]`` (else OrderFileError)."""
-    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= lo
-               for v, lo in ((num, 0), (grid_size, 1))):
-        raise ValueError(f"num and grid_size must be integers >= 0 and >= 1, got {num!r} and {grid_size!r}")
+    if not all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= lo
+        for v, lo in ((num, 0), (grid_size, 1))
+    ):
+        raise ValueError(
+            f"num and grid_size must be integers >= 0 and >= 1, got {num!r} and {grid_size!r}"
+        )
     num, grid_size = int(num), int(grid_size)
     with open(path, "rb") as f:
         data = f.read()
@@ -95,8 +113,10 @@ def load_orders(path: str | os.PathLike, num: int, grid_size: int) -> np.ndarray
     try:
         rows = json.loads(data) if rows is None else rows
     except json.JSONDecodeError as e:
-        raise OrderFileError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); an order "
-                             f"file is a JSON list of lists of raster indices") from None
+        raise OrderFileError(
+            f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); an order "
+            f"file is a JSON list of lists of raster indices"
+        ) from None
     except UnicodeDecodeError as e:
         raise OrderFileError(f"{path}: not a JSON text file ({e})") from None
     return check_order_rows(rows, num, grid_size, source=str(path))
@@ -108,7 +128,9 @@ def save_orders(path: str | os.PathLike, orders: np.ndarray) -> None:
 
     arr = np.asarray(orders)
     if arr.ndim != 2 or arr.dtype.kind not in "iu":
-        raise OrderFileError(f"orders must be a 2-D integer array [num, N], got {arr.dtype} {arr.shape}")
+        raise OrderFileError(
+            f"orders must be a 2-D integer array [num, N], got {arr.dtype} {arr.shape}"
+        )
 
     def write(f) -> None:  # row by row: no Python list of the whole array
         for i, row in enumerate(arr):

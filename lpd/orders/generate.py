@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from functools import lru_cache
-from typing import Sequence
+from collections.abc import Sequence
+from functools import cache, lru_cache
 
 import numpy as np
 
@@ -17,9 +17,13 @@ from lpd.schedules import GroupSizeError, validate_group_sizes
 __all__ = ["lpd_orders", "random_orders", "raster_orders", "ORDER_KINDS"]
 
 #: How each position was chosen (``_lpd_batch(..., return_kinds=True)``).
-ORDER_KINDS = {0: "step 0 (uniformly random position)", 1: "proximity pick", 2: "farthest-point fallback",
-               3: "fallback start (random: nothing accepted in this step yet)",
-               4: "last remaining positions (fallback with no choice left)"}
+ORDER_KINDS = {
+    0: "step 0 (uniformly random position)",
+    1: "proximity pick",
+    2: "farthest-point fallback",
+    3: "fallback start (random: nothing accepted in this step yet)",
+    4: "last remaining positions (fallback with no choice left)",
+}
 KIND_START, KIND_PROXIMITY, KIND_FARTHEST, KIND_RANDOM_FILL, KIND_REST = 0, 1, 2, 3, 4
 
 _GOLDEN64 = 0x9E3779B97F4A7C15
@@ -54,9 +58,11 @@ def _step_keys(order_keys: np.ndarray, step: int, salt: int = 0) -> np.ndarray:
     return _splitmix64(order_keys ^ np.uint64((step * _GOLDEN64 + salt) & 0xFFFFFFFFFFFFFFFF))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _pos_mult(n: int) -> np.ndarray:
-    return (np.arange(n, dtype=np.uint64) * np.uint64(0x9E3779B9) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    return (np.arange(n, dtype=np.uint64) * np.uint64(0x9E3779B9) & np.uint64(0xFFFFFFFF)).astype(
+        np.uint32
+    )
 
 
 def _key32(step_keys: np.ndarray) -> np.ndarray:
@@ -95,18 +101,29 @@ def _check_threshold(name: str, v: float) -> float:
     raise ValueError(f"{name} must be a number >= 0, got {v!r}")
 
 
-def _check_run(num: int, grid_size: int, seed: int = 0, start: int = 0,
-               indices: Sequence[int] | np.ndarray | None = None) -> tuple[int, int, int, np.ndarray]:
+def _check_run(
+    num: int,
+    grid_size: int,
+    seed: int = 0,
+    start: int = 0,
+    indices: Sequence[int] | np.ndarray | None = None,
+) -> tuple[int, int, int, np.ndarray]:
     """Checked ``num``, ``grid_size``, seed and the order indices: ``start .. start + num - 1``, or ``indices``."""
     grid_size = _check_count("grid_size", grid_size, 1)
     if grid_size > 256:
         raise ValueError(f"grid_size {grid_size} is too large (at most 256 x 256 tokens)")
-    num, seed, start = _check_count("num", num), check_seed(seed, "seed"), _check_count("start", start)
+    num, seed, start = (
+        _check_count("num", num),
+        check_seed(seed, "seed"),
+        _check_count("start", start),
+    )
     if indices is None:
         return num, grid_size, seed, np.arange(start, start + num, dtype=np.int64)
     idx = np.asarray(indices)
     if idx.shape != (num,) or idx.dtype.kind not in "iu" or (idx.size and idx.min() < 0):
-        raise ValueError(f"indices must be {num} non-negative integers, got {idx.dtype} {list(idx.shape)}")
+        raise ValueError(
+            f"indices must be {num} non-negative integers, got {idx.dtype} {list(idx.shape)}"
+        )
     return num, grid_size, seed, idx.astype(np.int64)
 
 
@@ -116,21 +133,27 @@ def _known(known: np.ndarray | None, num: int, n: int) -> tuple[np.ndarray | Non
         return None, n
     k = np.asarray(known)
     if k.dtype != np.bool_ or k.shape not in ((n,), (num, n)):
-        raise ValueError(f"known must be a bool array [{n}] or [{num}, {n}] (True = already decoded), "
-                         f"got {k.dtype} {list(k.shape)}")
+        raise ValueError(
+            f"known must be a bool array [{n}] or [{num}, {n}] (True = already decoded), "
+            f"got {k.dtype} {list(k.shape)}"
+        )
     counts = n - np.broadcast_to(k, (num, n)).sum(axis=1)
     if num == 0:  # no rows: any count (-1) for a 2-D mask
         return None, (n - int(k.sum()) if k.ndim == 1 else -1)
     odd = np.flatnonzero(counts != counts[0])
     if odd.size:
-        raise ValueError(f"known: row {odd[0]} leaves {counts[odd[0]]} positions unknown but row 0 leaves "
-                         f"{counts[0]}; every row must leave the same number")
+        raise ValueError(
+            f"known: row {odd[0]} leaves {counts[odd[0]]} positions unknown but row 0 leaves "
+            f"{counts[0]}; every row must leave the same number"
+        )
     if counts[0] == 0:
         raise ValueError("known marks every position as decoded: nothing is left to order")
     return (None if counts[0] == n else np.broadcast_to(k, (num, n))), int(counts[0])
 
 
-def _batch_size(n: int) -> int:  # orders generated together by default: about half a million grid positions
+def _batch_size(
+    n: int,
+) -> int:  # orders generated together by default: about half a million grid positions
     return max(16, min(4096, (1 << 19) // n))
 
 
@@ -164,10 +187,14 @@ class _Grid:
         self.unpad[self.pidx] = np.arange(n)
         dy, dx = np.meshgrid(np.arange(-radius, radius + 1), np.arange(-radius, radius + 1))
         self.window = (dy * p + dx).ravel()
-        self.key_dtype = np.int32 if g <= _INT32_KEY_MAX_G else np.int64  # fallback keys ``d2 << 20 | priority``
+        self.key_dtype = (
+            np.int32 if g <= _INT32_KEY_MAX_G else np.int64
+        )  # fallback keys ``d2 << 20 | priority``
         assert g > _INT32_KEY_MAX_G or (2 * (g - 1) ** 2 + 1) << _TIE_BITS < 2**31
         self.taken = -(2**31) if self.key_dtype == np.int32 else -(2**62)
-        self.tables = n <= _TABLE_MAX_N  # int16 [n, n] squared distances, and shifted into key position
+        self.tables = (
+            n <= _TABLE_MAX_N
+        )  # int16 [n, n] squared distances, and shifted into key position
         if self.tables:
             d2 = (rows[:, None] - rows[None, :]) ** 2 + (cols[:, None] - cols[None, :]) ** 2
             self._d2, self._d2_key = d2.astype(np.int16), (d2 << _TIE_BITS).astype(self.key_dtype)
@@ -209,8 +236,13 @@ class _Grid:
         r = maxima[0].argmax(axis=1)
         return r * self.g + maxima[1][np.arange(len(r)), r]
 
-    def add_pick(self, key: np.ndarray, prio: np.ndarray, p: np.ndarray,
-                 maxima: tuple[np.ndarray, np.ndarray] | None) -> None:
+    def add_pick(
+        self,
+        key: np.ndarray,
+        prio: np.ndarray,
+        p: np.ndarray,
+        maxima: tuple[np.ndarray, np.ndarray] | None,
+    ) -> None:
         """``key = min(key, d2_key(p) + prio)`` for fallback keys ``[m, n]`` and picks ``p``, and
         their grid-row ``maxima``. Only the box of radius ``sqrt(d2(p))`` around ``p`` can change
         (no position is farther from the step's picks than ``p``, the farthest): large grids
@@ -259,13 +291,22 @@ _grid = lru_cache(maxsize=16)(_Grid)
 def _code_tables(proximity_threshold: float, taken: int) -> np.ndarray:
     """Fallback tie priority of proximity codes 0..255: ``(63 - ((score >= τp) << 5 | walk rank)) << 14``, or taken."""
     tie = np.full(256, taken, dtype=np.int64)
-    tie[:25] = (63 - (((_CODE_VALUE >= proximity_threshold).astype(np.int64) << 5) | _CODE_RANK)) << (_TIE_BITS - 6)
+    tie[:25] = (
+        63 - (((_CODE_VALUE >= proximity_threshold).astype(np.int64) << 5) | _CODE_RANK)
+    ) << (_TIE_BITS - 6)
     return tie
 
 
-def _lpd_batch(idx: np.ndarray, seed: int, group_sizes: Sequence[int], grid_size: int, proximity_threshold: float,
-               repulsion_threshold: float, return_kinds: bool = False,
-               known: np.ndarray | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+def _lpd_batch(
+    idx: np.ndarray,
+    seed: int,
+    group_sizes: Sequence[int],
+    grid_size: int,
+    proximity_threshold: float,
+    repulsion_threshold: float,
+    return_kinds: bool = False,
+    known: np.ndarray | None = None,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """LPD orders of the indices ``idx`` (checked inputs), int64 ``[len(idx), unknown positions]``, and with
     ``return_kinds`` int8 codes of how each position was chosen (:data:`ORDER_KINDS`)."""
     # Chebyshev distances on the grid are integers below grid_size: clamp the window radius.
@@ -311,7 +352,19 @@ def _lpd_batch(idx: np.ndarray, seed: int, group_sizes: Sequence[int], grid_size
         if g > 1:  # no released schedule: the farthest-point rule around the first position
             tie_f[row_base + out[:, 0]] = grid.taken
             one = np.ones(b_num, dtype=np.int64)  # picks made so far
-            _fallback(grid, out, kinds, tie, _step_keys(okeys, 0), rows_b, one, out[:, :1].copy(), g - one, 0, g == n)
+            _fallback(
+                grid,
+                out,
+                kinds,
+                tie,
+                _step_keys(okeys, 0),
+                rows_b,
+                one,
+                out[:, :1].copy(),
+                g - one,
+                0,
+                g == n,
+            )
         commit(out[:, :s])
 
     for k in range(0 if known is not None else 1, len(group_sizes)):
@@ -364,14 +417,37 @@ def _lpd_batch(idx: np.ndarray, seed: int, group_sizes: Sequence[int], grid_size
             acc_pos[acc_b, acc_slot] = acc_c
             fb = fb[np.argsort(-acc_n[fb], kind="stable")]  # similar rows share a chunk
             for c in range(0, fb.size, _CHUNK):
-                _fallback(grid, out, kinds, tie, skeys, fb[c : c + _CHUNK], acc_n, acc_pos, need, s0, s0 + g == m)
+                _fallback(
+                    grid,
+                    out,
+                    kinds,
+                    tie,
+                    skeys,
+                    fb[c : c + _CHUNK],
+                    acc_n,
+                    acc_pos,
+                    need,
+                    s0,
+                    s0 + g == m,
+                )
         s += g
         commit(out[:, s0:s])
     return (out, kinds) if return_kinds else out
 
 
-def _fallback(grid: _Grid, out: np.ndarray, kinds: np.ndarray | None, tie: np.ndarray, skeys: np.ndarray,
-              fb: np.ndarray, acc_n: np.ndarray, acc_pos: np.ndarray, need: np.ndarray, s0: int, last: bool) -> None:
+def _fallback(
+    grid: _Grid,
+    out: np.ndarray,
+    kinds: np.ndarray | None,
+    tie: np.ndarray,
+    skeys: np.ndarray,
+    fb: np.ndarray,
+    acc_n: np.ndarray,
+    acc_pos: np.ndarray,
+    need: np.ndarray,
+    s0: int,
+    last: bool,
+) -> None:
     """Farthest-point fallback of the step at output slot ``s0``: ``need[b]`` picks of the orders ``fb`` after
     their ``acc_n[b]`` proximity picks ``acc_pos[b, :acc_n[b]]``."""
     n, kd = grid.n, grid.key_dtype
@@ -393,7 +469,9 @@ def _fallback(grid: _Grid, out: np.ndarray, kinds: np.ndarray | None, tie: np.nd
         prio |= rnd.view(np.int32) if kd == np.int32 else rnd.astype(kd)
         first = acc_pos[fb, 0]
         iz = np.flatnonzero(made)
-        if iz.size:  # nothing accepted in this step: start from a uniformly random remaining position
+        if (
+            iz.size
+        ):  # nothing accepted in this step: start from a uniformly random remaining position
             fill = _position_random(_step_keys(skeys[fb[iz]], 0, _SALT_FILL), n).astype(np.int64)
             fill[prio[iz] < 0] = -1
             first[iz] = fill.argmax(axis=1)
@@ -428,9 +506,18 @@ def _fallback(grid: _Grid, out: np.ndarray, kinds: np.ndarray | None, tie: np.nd
         kinds[r_idx, c_idx] = pick_kind[took]
 
 
-def lpd_orders(num: int, group_sizes: Sequence[int], grid_size: int, proximity_threshold: float = 1.0,
-               repulsion_threshold: float = 1.0, seed: int = 0, start: int = 0, batch_size: int | None = None,
-               indices: Sequence[int] | np.ndarray | None = None, known: np.ndarray | None = None) -> np.ndarray:
+def lpd_orders(
+    num: int,
+    group_sizes: Sequence[int],
+    grid_size: int,
+    proximity_threshold: float = 1.0,
+    repulsion_threshold: float = 1.0,
+    seed: int = 0,
+    start: int = 0,
+    batch_size: int | None = None,
+    indices: Sequence[int] | np.ndarray | None = None,
+    known: np.ndarray | None = None,
+) -> np.ndarray:
     """Locality-aware orders ``start .. start + num - 1`` (or ``indices``) of a run, int64 ``[num, N]``.
 
     Step 0 takes one random position (a larger first group: the rest by the farthest-point rule); a proximity pick
@@ -447,18 +534,28 @@ def lpd_orders(num: int, group_sizes: Sequence[int], grid_size: int, proximity_t
     sizes = validate_group_sizes(group_sizes, n if m == n else None)
     m = sum(sizes) if m < 0 else m
     if sum(sizes) != m:
-        raise GroupSizeError(f"group sizes sum to {sum(sizes)} but {m} positions are not known; the groups must cover "
-                             f"each unknown position once (lpd.schedules.scaled_group_sizes makes such a schedule)")
+        raise GroupSizeError(
+            f"group sizes sum to {sum(sizes)} but {m} positions are not known; the groups must cover "
+            f"each unknown position once (lpd.schedules.scaled_group_sizes makes such a schedule)"
+        )
     bs = _check_count("batch_size", _batch_size(n) if batch_size is None else batch_size, 1)
     out = np.empty((num, m), dtype=np.int64)
     for b0 in range(0, num, bs):
         part = None if known is None else known[b0 : b0 + bs]
-        out[b0 : b0 + bs] = _lpd_batch(idx_all[b0 : b0 + bs], seed, sizes, grid_size, tp, tr, known=part)
+        out[b0 : b0 + bs] = _lpd_batch(
+            idx_all[b0 : b0 + bs], seed, sizes, grid_size, tp, tr, known=part
+        )
     return out
 
 
-def random_orders(num: int, grid_size: int, seed: int = 0, start: int = 0,
-                  indices: Sequence[int] | np.ndarray | None = None, known: np.ndarray | None = None) -> np.ndarray:
+def random_orders(
+    num: int,
+    grid_size: int,
+    seed: int = 0,
+    start: int = 0,
+    indices: Sequence[int] | np.ndarray | None = None,
+    known: np.ndarray | None = None,
+) -> np.ndarray:
     """Uniformly random orders, int64 ``[num, N]`` (of the unknown positions with ``known``, as in lpd_orders)."""
     num, grid_size, seed, idx = _check_run(num, grid_size, seed, start, indices)
     n = grid_size * grid_size

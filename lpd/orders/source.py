@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -15,23 +15,51 @@ __all__ = ["OrderSource"]
 class OrderSource:
     """Orders of image indices for one run: ``kind`` lpd / random / raster, or rows of ``table``."""
 
-    def __init__(self, kind: str, group_sizes: Sequence[int], grid_size: int, *, seed: int = 0,
-                 proximity_threshold: float = 1.0, repulsion_threshold: float = 1.0, table: np.ndarray | None = None):
+    def __init__(
+        self,
+        kind: str,
+        group_sizes: Sequence[int],
+        grid_size: int,
+        *,
+        seed: int = 0,
+        proximity_threshold: float = 1.0,
+        repulsion_threshold: float = 1.0,
+        table: np.ndarray | None = None,
+    ):
         if kind not in ("lpd", "random", "raster"):
             raise ValueError(f"order must be lpd, random or raster, got {kind!r}")
-        self.kind, self.group_sizes, self.grid_size, self.seed = kind, list(group_sizes), int(grid_size), int(seed)
+        self.kind, self.group_sizes, self.grid_size, self.seed = (
+            kind,
+            list(group_sizes),
+            int(grid_size),
+            int(seed),
+        )
         self.tp, self.tr = float(proximity_threshold), float(repulsion_threshold)
-        self.table = None if table is None else check_order_rows(np.asarray(table), len(table), self.grid_size, "order table")
+        self.table = (
+            None
+            if table is None
+            else check_order_rows(np.asarray(table), len(table), self.grid_size, "order table")
+        )
 
     def rows(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """Orders of the image ``indices``, int64 ``[len(indices), N]``."""
         idx = np.asarray(indices, dtype=np.int64)
         if self.table is not None:
             if idx.size and idx.max() >= len(self.table):
-                raise ValueError(f"the order table has {len(self.table)} rows; image {int(idx.max())} needs more")
+                raise ValueError(
+                    f"the order table has {len(self.table)} rows; image {int(idx.max())} needs more"
+                )
             return self.table[idx]
         if self.kind == "raster":
             return raster_orders(idx.size, self.grid_size)
         if self.kind == "random":
             return random_orders(idx.size, self.grid_size, seed=self.seed, indices=idx)
-        return lpd_orders(idx.size, self.group_sizes, self.grid_size, self.tp, self.tr, seed=self.seed, indices=idx)
+        return lpd_orders(
+            idx.size,
+            self.group_sizes,
+            self.grid_size,
+            self.tp,
+            self.tr,
+            seed=self.seed,
+            indices=idx,
+        )

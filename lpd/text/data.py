@@ -19,8 +19,9 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from PIL import Image

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -206,6 +207,7 @@ class WordLlamaEncoder(TextEncoder):
     ) -> None:
         super().__init__(max_text_tokens)
         from safetensors.torch import load_file
+
         from tokenizers import Tokenizer
 
         tok_file, weights_file = wordllama_files()

@@ -8,13 +8,18 @@ from typing import Any
 
 import torch
 
-from lpd.tokenizer.vq import VQModel, VectorQuantizer, build_vq, load_vq
+from lpd.tokenizer.vq import VectorQuantizer, VQModel, build_vq, load_vq
 
 __all__ = ["VQModel", "VectorQuantizer", "build_vq", "load_vq", "make_tokenizer"]
 
 
-def make_tokenizer(kind: str = "vq", vqgan_path: str | os.PathLike | None = None, vq_config: dict[str, Any] | None = None,
-                   seed: int = 0, device: torch.device | str = "cpu") -> torch.nn.Module:
+def make_tokenizer(
+    kind: str = "vq",
+    vqgan_path: str | os.PathLike | None = None,
+    vq_config: dict[str, Any] | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> torch.nn.Module:
     """The tokenizer ``kind`` (``vq`` or the demo's ``palette``) built with ``vq_config``, in eval mode on ``device``.
 
     ``vq`` without ``vqgan_path``: random weights from ``seed`` if ``vq_config`` is given (``{}``: VQ-16), else
@@ -22,6 +27,7 @@ def make_tokenizer(kind: str = "vq", vqgan_path: str | os.PathLike | None = None
     """
     if kind == "palette":
         from lpd.demo.palette import PaletteTokenizer
+
         return PaletteTokenizer(**_checked(PaletteTokenizer, vq_config, kind)).to(device).eval()
     if kind != "vq":
         raise ValueError(f"--tokenizer: unknown tokenizer {kind!r}; use 'vq' or 'palette'")
@@ -33,6 +39,7 @@ def make_tokenizer(kind: str = "vq", vqgan_path: str | os.PathLike | None = None
     if vqgan_path is None:
         from lpd import hub
         from lpd.distributed import rank0_first
+
         vqgan_path = rank0_first(hub.resolve_vq)
     return load_vq(vqgan_path, **(vq_config or {})).to(device).eval()
 
@@ -40,5 +47,7 @@ def make_tokenizer(kind: str = "vq", vqgan_path: str | os.PathLike | None = None
 def _checked(builder: Any, config: dict[str, Any] | None, kind: str) -> dict[str, Any]:
     known = set(inspect.signature(builder).parameters)
     if unknown := sorted(set(config or {}) - known):
-        raise ValueError(f"--vq_config: unknown keys {unknown} for the {kind} tokenizer; use {sorted(known)}")
+        raise ValueError(
+            f"--vq_config: unknown keys {unknown} for the {kind} tokenizer; use {sorted(known)}"
+        )
     return dict(config or {})
