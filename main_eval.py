@@ -25,21 +25,26 @@ from typing import Any
 
 import torch
 
+from lpd import hub
 from lpd.checkpoint import CheckpointError
 from lpd.config import (
     ConfigError,
     HelpFormatter,
+    check_positive,
     check_run_name,
     check_seed,
     parse_args_with_config,
     yaml_mapping,
 )
 from lpd.distributed import RankError, cleanup, init_distributed, rank0_first
-from lpd.evaluate import evaluate
+from lpd.evaluate import RunSpec, Scoring, evaluate
+from lpd.metrics import resolve_inception_weights
+from lpd.orders import load_orders
 from lpd.pipeline import add_paper_sampling_args, paper_settings
 from lpd.sampling import SamplingConfig, sampling_from_args
 from lpd.schedules import group_sizes as default_group_sizes
 from lpd.schedules import parse_group_sizes
+from lpd.tokenizer import make_tokenizer
 
 USER_ERRORS = (
     ValueError,
@@ -178,9 +183,7 @@ def check_args(
     for name in ("num_images", "eval_bsz", "generation_steps", "metrics_bsz") + (
         ("img_size",) if args.img_size is not None else ()
     ):
-        v = getattr(args, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ConfigError(f"--{name} must be a positive integer, got {v!r}")
+        check_positive(getattr(args, name), f"--{name}")
     check_seed(args.seed)
     if args.run_name is not None:
         check_run_name(args.run_name)
@@ -218,9 +221,6 @@ def check_args(
 def needed_files(args: argparse.Namespace) -> dict[str, str]:
     """Every file the run reads, found or fetched together: one error names all that are missing,
     before any work (the ADM statistics of a checkpoint of unknown size: once it is loaded)."""
-    from lpd import hub
-    from lpd.metrics import resolve_inception_weights
-
     size = args.img_size or (None if args.pretrained_ckpt else 256)
     more = {}
     if args.lpd_order_file:
@@ -323,10 +323,6 @@ def run_name(
 
 def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Evaluate with parsed arguments; returns the metrics record (on every rank)."""
-    from lpd import hub
-    from lpd.orders import load_orders
-    from lpd.tokenizer import make_tokenizer
-
     sampling, sizes = check_args(args, argv)
     dist_info = init_distributed(args.device)
     device = dist_info.device
@@ -378,28 +374,17 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
         )
         if dist_info.is_main:
             print(f"run folder: {run_dir}", flush=True)
+        spec = RunSpec(
+            args.num_images, sizes, orders=table, order_file=args.lpd_order_file,
+            seed=args.seed, eval_bsz=args.eval_bsz,
+        )  # fmt: skip
+        inception = files.get("Inception weights", args.inception_weights)
+        scoring = None if args.no_fid else Scoring(fid_stats, None, inception, args.metrics_bsz)
+        command = ["main_eval.py", *(sys.argv[1:] if argv is None else argv)]
         record = evaluate(
-            model,
-            tokenizer,
-            args.num_images,
-            sizes,
-            sampling,
-            output_dir=run_dir,
-            name=name,
-            order_file=args.lpd_order_file,
-            orders=table,
-            seed=args.seed,
-            eval_bsz=args.eval_bsz,
-            compute_fid=not args.no_fid,
-            ref_stats=fid_stats,
-            inception_weights=files.get("Inception weights", args.inception_weights),
-            metrics_batch_size=args.metrics_bsz,
-            progress=not args.no_progress,
-            info={
-                "command": ["main_eval.py", *(sys.argv[1:] if argv is None else argv)],
-                "args": vars(args),
-            },
-        )
+            model, tokenizer, spec, sampling, output_dir=run_dir, name=name, scoring=scoring,
+            progress=not args.no_progress, info={"command": command, "args": vars(args)},
+        )  # fmt: skip
         if dist_info.is_main:
             print(summary(record), flush=True)
         return record

@@ -9,6 +9,8 @@ import os
 from collections.abc import Collection, Sequence
 from typing import Any
 
+import numpy as np
+import torch
 import yaml
 
 __all__ = [
@@ -19,6 +21,8 @@ __all__ = [
     "yaml_mapping",
     "check_seed",
     "check_run_name",
+    "check_positive",
+    "check_labels",
 ]
 
 
@@ -137,3 +141,28 @@ def check_run_name(name: str, flag: str = "--run_name") -> str:
             f"{flag} {name!r} must be a plain folder name inside --output_dir (no '/', not '..')"
         )
     return name
+
+
+def check_positive(value: Any, flag: str, error: type[Exception] = ConfigError) -> int:
+    """A positive integer (not a bool), else ``error`` naming ``flag``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise error(f"{flag} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_labels(
+    labels: Any,
+    num: int,
+    class_num: int,
+    flag: str = "labels",
+    error: type[Exception] = ConfigError,
+) -> np.ndarray:
+    """``num`` class indices in ``0..class_num-1`` (a sequence, array or tensor) as int64, else
+    ``error`` naming ``flag``."""
+    arr = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
+    if arr.dtype.kind not in "iu" or arr.shape != (num,):
+        got = f"{arr.dtype} {list(arr.shape)}"
+        raise error(f"{flag} must be {num} integers (one per image), got {got}")
+    if arr.size and (arr.min() < 0 or arr.max() >= class_num):
+        raise error(f"{flag} must be in 0..{class_num - 1}, got {arr.tolist()[:8]}")
+    return arr.astype(np.int64)

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lpd.config import check_labels
 from lpd.evaluate import decode_tokens
 from lpd.images import image_to_tensor, load_image, load_mask
 from lpd.orders import lpd_orders, random_orders
@@ -94,10 +95,10 @@ def prefill_layout(
 
 
 def _orders(
-    kind: str, keep: np.ndarray, sizes: list[int], grid: int, sampling: SamplingConfig, seed: int
+    keep: np.ndarray, sizes: list[int], grid: int, sampling: SamplingConfig, seed: int
 ) -> np.ndarray:
     """Unknown positions of each row of ``keep [B, N]`` in decoding order."""
-    idx = np.arange(len(keep))
+    idx, kind = np.arange(len(keep)), sampling.order
     if kind == "lpd":
         return lpd_orders(
             len(keep),
@@ -111,9 +112,7 @@ def _orders(
         )
     if kind == "random":
         return random_orders(len(keep), grid, seed=seed, indices=idx, known=keep)
-    if kind == "raster":
-        return np.stack([np.flatnonzero(~k) for k in keep])
-    raise ValueError(f"order must be lpd, random or raster, got {kind!r}")
+    return np.stack([np.flatnonzero(~k) for k in keep])  # raster
 
 
 def _prepare(
@@ -133,17 +132,8 @@ def _prepare(
             f"keep must be a bool mask of the tokens' shape {list(tokens.shape)}, got {keep.dtype} {list(keep.shape)}"
         )
     if labels is not None:
-        labels = torch.as_tensor(
-            np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels
-        ).to(device)
-        if labels.is_floating_point() or labels.shape != (len(tokens),):
-            raise ValueError(
-                f"labels must be {len(tokens)} integers, got {labels.dtype} {list(labels.shape)}"
-            )
-        if labels.numel() and (labels.min() < 0 or labels.max() >= model.class_num):
-            raise ValueError(
-                f"labels must be in 0..{model.class_num - 1} (--label), got {labels.tolist()}"
-            )
+        labels = check_labels(labels, len(tokens), model.class_num, "labels (--label)")
+        labels = torch.as_tensor(labels, device=device)
     return tokens.long(), keep, labels
 
 
@@ -163,16 +153,15 @@ def edit_tokens(
     *,
     steps: int | None = None,
     group_sizes: Sequence[int] | None = None,
-    order: str | None = None,
     generator: torch.Generator | None = None,
     sampling: SamplingConfig | None = None,
     prefill: str = "one",
     greedy: bool = False,
-    **settings: Any,
 ) -> torch.Tensor:
-    """``[B, N]`` raster ``tokens`` with those not in ``keep [B, N]`` (True = known, kept exactly) regenerated as ``labels``
-    (None: unconditional) in ``steps`` (scaled released table) or ``group_sizes``; ``prefill``: :func:`prefill_layout`."""
-    sampling = (sampling or SamplingConfig()).replace(**settings)
+    """``[B, N]`` raster ``tokens`` with those not in ``keep [B, N]`` (True = known, kept
+    exactly) regenerated as ``labels`` (None: unconditional) in ``steps`` (scaled released table)
+    or ``group_sizes``, in ``sampling.order``; ``prefill``: :func:`prefill_layout`."""
+    sampling = sampling or SamplingConfig()
     tokens, keep, labels = _prepare(model, tokens, keep, labels)
     if labels is None and sampling.cfg != 1.0:
         raise ValueError(
@@ -195,17 +184,8 @@ def edit_tokens(
                     f"--steps must be an integer between 1 and the {n} tokens to regenerate, got {steps!r}"
                 )
             sizes = scaled_group_sizes(n, steps, model.config.img_size)
-        orders = torch.as_tensor(
-            _orders(
-                order or sampling.order,
-                keep[rows],
-                sizes,
-                model.grid_size,
-                sampling,
-                seed + int(rows[0]),
-            ),
-            device=tokens.device,
-        )
+        orders = _orders(keep[rows], sizes, model.grid_size, sampling, seed + int(rows[0]))
+        orders = torch.as_tensor(orders, device=tokens.device)
         sub, lab = tokens[rows], None if labels is None else labels[rows]
         known, known_sizes = _known(model, keep[rows], prefill, generator)  # they come first
         given = torch.gather(sub, 1, known) if known_sizes else None
@@ -228,8 +208,10 @@ def edit_images(
     paste: bool = False,
     **options: Any,
 ) -> dict[str, np.ndarray]:
-    """``num`` edits of one RGB image (ADM-cropped) under ``mask`` (white = regenerate, or a :func:`region_mask`
-    region): uint8 ``source``, ``masked`` (greyed) and ``edits [num, H, W, 3]``; ``paste``: source pixels outside."""
+    """``num`` edits of one RGB image (ADM-cropped) under ``mask`` (white = regenerate, or a
+    :func:`region_mask` region): uint8 ``source``, ``masked`` (greyed) and ``edits [num, H, W,
+    3]``; ``paste``: source pixels outside; ``options``: of :func:`edit_tokens` (``sampling``,
+    ``prefill``, ``greedy``)."""
     size = model.config.img_size
     source = load_image(image, size)
     is_region = isinstance(mask, str) and re.fullmatch(
@@ -239,8 +221,7 @@ def edit_images(
     keep = token_keep(pixels, int(getattr(tokenizer, "downsample_factor", 16)))
     with torch.no_grad():
         tokens = tokenizer.encode(image_to_tensor(source).to(model.pos_embed.device)).reshape(1, -1)
-    fields = {k: options.pop(k) for k in list(options) if k in SamplingConfig.__dataclass_fields__}
-    sampling = (options.pop("sampling", None) or SamplingConfig()).replace(**fields)
+    sampling = options.setdefault("sampling", None) or SamplingConfig()
     edited = edit_tokens(
         model,
         tokens.expand(num, -1),
@@ -248,12 +229,9 @@ def edit_images(
         None if label is None else [label] * num,
         steps=steps,
         generator=torch.Generator().manual_seed(seed),
-        sampling=sampling,
         **options,
     )
-    edits = decode_tokens(
-        tokenizer, edited, sampling
-    )  # as an evaluation decodes: fixed chunks, bf16 if asked
+    edits = decode_tokens(tokenizer, edited, sampling)  # as an evaluation: fixed chunks, bf16
     if paste:
         edits = np.where(pixels[None, :, :, None], edits, source[None])
     masked = np.where(pixels[:, :, None], (source * 0.3 + 90).astype(np.uint8), source)

@@ -1,11 +1,13 @@
 """Sample an evaluation set (deterministic, sharded, resumable) and score it: FID, IS, speed.
 
-Image ``i`` depends only on ``(seed, i)`` and the settings; the run folder is described in docs/design.md.
+Image ``i`` depends only on ``(seed, i)`` and the settings; the run folder is described in
+docs/design.md.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -19,28 +21,18 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from lpd import metrics as M
 from lpd.checkpoint import TMP_PREFIX, atomic_write_bytes, lock_folder, state_dict_digest
+from lpd.config import check_labels, check_positive, check_seed
+from lpd.datasets import tokenizer_id
 from lpd.devices import device_description, library_versions, synchronize
 from lpd.distributed import barrier, gather_object, on_rank0
 from lpd.images import image_path, read_png, save_grid, to_uint8, write_npz, write_png
 from lpd.orders.source import OrderSource
-from lpd.sampling import SamplingConfig, derive_seed, sample_tokens
+from lpd.sampling import Decoder, SamplingConfig, derive_seed
 from lpd.schedules import validate_group_sizes
 
-__all__ = [
-    "EvaluationError",
-    "image_classes",
-    "image_seed",
-    "SpeedMeter",
-    "GenerationResult",
-    "sample_batch",
-    "decode_tokens",
-    "generate_images",
-    "run_settings",
-    "prepare_run_dir",
-    "evaluate",
-    "DECODE_CHUNK",
-]
+__all__ = ["EvaluationError", "RunSpec", "Scoring", "generate_images", "evaluate", "decode_tokens"]
 
 SETTINGS, METRICS, TOKENS, GRID, IMAGES = (
     "settings.json",
@@ -49,26 +41,20 @@ SETTINGS, METRICS, TOKENS, GRID, IMAGES = (
     "samples_grid.png",
     "images",
 )
-DECODE_CHUNK = 8  # the VQ decodes every batch in chunks of this many images (padded): pixels do not depend on eval_bsz
+DECODE_CHUNK = 8  # the VQ decodes in chunks of this many images (padded): pixels ignore eval_bsz
 
 
 class EvaluationError(ValueError):
     """Settings or files that do not allow an evaluation run (raised before any image is sampled)."""
 
 
-def _positive(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise EvaluationError(f"--{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def image_classes(
     indices: Sequence[int] | np.ndarray, num_images: int, class_num: int
 ) -> np.ndarray:
-    """Class of each image index, ``floor(i * class_num / num_images)``: 50 per class for 50,000 of 1,000."""
-    return (np.asarray(indices, dtype=np.int64) * int(class_num)) // _positive(
-        "num_images", num_images
-    )
+    """Class of each image index, ``floor(i * class_num / num_images)``: 50 per class for 50,000
+    of 1,000."""
+    n = check_positive(num_images, "--num_images", EvaluationError)
+    return (np.asarray(indices, dtype=np.int64) * int(class_num)) // n
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -76,13 +62,61 @@ def image_seed(seed: int, index: int) -> int:
     return derive_seed(seed, index)
 
 
+@dataclass(frozen=True)
+class RunSpec:
+    """What a run generates: ``num_images`` images decoded in groups of ``group_sizes``, image
+    ``i`` of class ``labels[i]`` (None: :func:`image_classes`) in order ``orders[i]`` (a table
+    ``[num_images, N]``, an :class:`OrderSource`, or None: drawn as the sampling's ``order``;
+    ``order_file``: the table's file, recorded by digest), drawn from seed ``(seed, i)``,
+    ``eval_bsz`` images a batch. :meth:`checked` is the one check of a run's inputs."""
+
+    num_images: int
+    group_sizes: Sequence[int]
+    labels: Any = None
+    orders: Any = None
+    order_file: str | os.PathLike | None = None
+    seed: int = 0
+    eval_bsz: int = 64
+
+    def checked(self, model: torch.nn.Module) -> RunSpec:
+        """This spec checked against ``model``: group sizes as a list, labels as int64."""
+        n = check_positive(self.num_images, "--num_images", EvaluationError)
+        check_positive(self.eval_bsz, "--eval_bsz", EvaluationError)
+        check_seed(self.seed)
+        labels = self.labels
+        if labels is not None:
+            labels = check_labels(labels, n, int(model.class_num), error=EvaluationError)
+        sizes = validate_group_sizes(self.group_sizes, int(model.num_tokens))
+        return dataclasses.replace(self, group_sizes=sizes, labels=labels)
+
+    def order_source(self, sampling: SamplingConfig, grid: int) -> OrderSource:
+        if isinstance(self.orders, OrderSource):
+            return self.orders
+        s = sampling
+        thresholds = dict(
+            proximity_threshold=s.proximity_threshold, repulsion_threshold=s.repulsion_threshold
+        )
+        return OrderSource(
+            s.order, self.group_sizes, grid, seed=self.seed, table=self.orders, **thresholds
+        )
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How :func:`evaluate` scores: IS and, with ``ref_stats`` (a file or ``(mu, sigma)``), FID on
+    Inception-v3 (``inception_weights``) or ``feature_extractor``, ``batch_size`` images a batch."""
+
+    ref_stats: Any = None
+    feature_extractor: Callable | None = None
+    inception_weights: str | os.PathLike | None = None
+    batch_size: int = 50
+
+
 @dataclass
 class SpeedMeter:
     """Wall time per batch after the first (warm-up) one, for tokens and for tokens + VQ decoding."""
 
-    batches: list[tuple[int, float, float]] = field(
-        default_factory=list
-    )  # (images, token s, total s)
+    batches: list[tuple[int, float, float]] = field(default_factory=list)  # images, token s, all s
     warmup_done: bool = False
 
     def add(self, images: int, token_seconds: float, total_seconds: float) -> None:
@@ -91,7 +125,8 @@ class SpeedMeter:
         self.warmup_done = True
 
     def summary(self) -> dict[str, Any]:
-        """Speed of every process and in all (gathers over the process group: call it on every rank)."""
+        """Speed of every process and in all (gathers over the process group: call it on every
+        rank)."""
         per_rank = gather_object(self.batches)
         timed = [b for r in per_rank for b in r]
 
@@ -99,11 +134,8 @@ class SpeedMeter:
             images, seconds = sum(b[0] for b in timed), sum(b[col] for b in timed)
             if not timed or seconds <= 0:
                 return {"images_per_s": None, "s_per_image": None, "s_per_batch": None}
-            return {
-                "images_per_s": images / seconds,
-                "s_per_image": seconds / images,
-                "s_per_batch": seconds / len(timed),
-            }
+            per = (images / seconds, seconds / images, seconds / len(timed))
+            return dict(zip(("images_per_s", "s_per_image", "s_per_batch"), per))
 
         def total(col: int) -> float | None:
             rates = [sum(b[0] for b in r) / sum(b[col] for b in r) for r in per_rank if r]
@@ -113,7 +145,8 @@ class SpeedMeter:
             "processes": len(per_rank),
             "timed_batches": len(timed),
             "images_per_batch": max((b[0] for b in timed), default=None),
-            "note": "wall time per batch after each process's first (warm-up) batch, with device synchronisation",
+            "note": "wall time per batch after each process's first (warm-up) batch, with device "
+            "synchronisation",
             "tokens": rate(1),
             "tokens_and_decode": rate(2),
             "total_images_per_s": {"tokens": total(1), "tokens_and_decode": total(2)},
@@ -123,24 +156,17 @@ class SpeedMeter:
 def decode_tokens(
     tokenizer: torch.nn.Module, tokens: torch.Tensor, sampling: SamplingConfig
 ) -> np.ndarray:
-    """Raster tokens ``[B, N]`` -> uint8 ``[B, H, W, 3]`` in padded chunks of :data:`DECODE_CHUNK`, bf16 as ``sampling`` says."""
-    B, g = tokens.shape[0], int(round(tokens.shape[1] ** 0.5))
+    """Raster tokens ``[B, N]`` -> uint8 ``[B, H, W, 3]`` in padded chunks of
+    :data:`DECODE_CHUNK`, bf16 as ``sampling`` says."""
+    B, g, C = tokens.shape[0], int(round(tokens.shape[1] ** 0.5)), DECODE_CHUNK
     bf16 = sampling.bf16 and not sampling.decode_fp32
-    amp = (
-        torch.autocast(tokens.device.type, dtype=torch.bfloat16)
-        if bf16
-        else contextlib.nullcontext()
-    )
+    amp = torch.autocast(tokens.device.type, dtype=torch.bfloat16)
     out = []
-    with torch.no_grad(), amp:
-        for c in range(0, B, DECODE_CHUNK):
-            chunk, n = tokens[c : c + DECODE_CHUNK], min(DECODE_CHUNK, B - c)
-            chunk = (
-                torch.cat([chunk, chunk[-1:].expand(DECODE_CHUNK - n, -1)])
-                if n < DECODE_CHUNK
-                else chunk
-            )
-            out.append(to_uint8(tokenizer.decode(chunk.view(DECODE_CHUNK, g, g)))[:n])
+    with torch.no_grad(), amp if bf16 else contextlib.nullcontext():
+        for c in range(0, B, C):
+            chunk, n = tokens[c : c + C], min(C, B - c)
+            chunk = torch.cat([chunk, chunk[-1:].expand(C - n, -1)]) if n < C else chunk
+            out.append(to_uint8(tokenizer.decode(chunk.view(C, g, g)))[:n])
     return np.concatenate(out)
 
 
@@ -155,14 +181,13 @@ def sample_batch(
     sampling: SamplingConfig,
     seed: int,
 ) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """(uint8 images, raster tokens, token seconds, token + decode seconds); row ``r`` draws from image ``indices[r]``'s seed."""
+    """(uint8 images, raster tokens, token seconds, token + decode seconds); row ``r`` draws from
+    image ``indices[r]``'s seed. Inputs are trusted (checked where they enter)."""
     device = model.pos_embed.device
     gens = [torch.Generator().manual_seed(image_seed(seed, int(i))) for i in indices]
     synchronize(device)
     t0 = time.perf_counter()
-    tokens = sample_tokens(
-        model, labels, orders, group_sizes, sampling, generator=gens
-    )  # checked on the host, then moved
+    tokens = Decoder(model, sampling).sample(labels, orders, group_sizes, gens)
     synchronize(device)
     t1 = time.perf_counter()
     pixels = decode_tokens(tokenizer, tokens, sampling)  # copies to the host: synchronises
@@ -171,7 +196,8 @@ def sample_batch(
 
 @dataclass
 class GenerationResult:
-    """What :func:`generate_images` did: images/tokens (no output folder) or PNG paths, counts over all ranks, speed."""
+    """What :func:`generate_images` did: images/tokens (no output folder) or PNG paths, counts over
+    all ranks, speed."""
 
     num_images: int
     image_size: tuple[int, int]
@@ -191,23 +217,11 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _check_labels(labels: Any, num_images: int, class_num: int) -> np.ndarray:
-    arr = np.asarray(labels)
-    if arr.dtype.kind not in "iu" or arr.shape != (num_images,):
-        raise EvaluationError(
-            f"labels must be {num_images} integers (one per image), got {arr.dtype} {list(arr.shape)}"
-        )
-    if arr.size and (arr.min() < 0 or arr.max() >= class_num):
-        raise EvaluationError(f"labels must lie in 0..{class_num - 1}")
-    return arr.astype(np.int64)
-
-
 def _image_size(model: torch.nn.Module, tokenizer: torch.nn.Module) -> tuple[int, int]:
-    """(H, W) of the decoded images: the model's ``img_size``, else EvaluationError (a tokenizer of another stride)."""
-    grid, size = (
-        int(model.grid_size),
-        int(model.grid_size) * int(getattr(tokenizer, "downsample_factor", 16)),
-    )
+    """(H, W) of the decoded images: the model's ``img_size``, else EvaluationError (a tokenizer
+    of another stride)."""
+    grid = int(model.grid_size)
+    size = grid * int(getattr(tokenizer, "downsample_factor", 16))
     if size != int(model.config.img_size):
         raise EvaluationError(
             f"the tokenizer turns the model's {grid}x{grid} tokens into {size} px images, not the "
@@ -220,56 +234,42 @@ def _image_size(model: torch.nn.Module, tokenizer: torch.nn.Module) -> tuple[int
 def generate_images(
     model: torch.nn.Module,
     tokenizer: torch.nn.Module,
-    num_images: int,
-    group_sizes: Sequence[int],
+    spec: RunSpec,
     sampling: SamplingConfig | None = None,
     *,
-    orders: np.ndarray | OrderSource | None = None,
-    labels: Sequence[int] | np.ndarray | None = None,
-    seed: int = 0,
-    eval_bsz: int = 64,
     output_dir: str | os.PathLike | None = None,
     progress: bool = False,
     shard: tuple[int, int] | None = None,
-    **settings: Any,
 ) -> GenerationResult:
-    """Sample ``num_images`` images (image ``i`` on rank ``i % world_size``) into the :func:`prepare_run_dir` folder
-    ``output_dir`` (keeping those there) or, with None, return them; ``shard``: ``(rank, world_size)`` without a group."""
-    sampling = (sampling or SamplingConfig()).replace(**settings)
-    group = (
-        (dist.get_rank(), dist.get_world_size())
-        if dist.is_available() and dist.is_initialized()
-        else (0, 1)
-    )
-    model, (rank, world) = _unwrap(model), shard or group
-    if shard is not None and (not 0 <= rank < world or (output_dir is None and world > 1)):
+    """Sample ``spec``'s images (image ``i`` on rank ``i % world_size``) into the
+    :func:`prepare_run_dir` folder ``output_dir`` (keeping those there) or, with None, return
+    them; ``shard``: ``(rank, world_size)`` without a process group."""
+    model = _unwrap(model)
+    if shard is not None and (
+        not 0 <= shard[0] < shard[1] or (output_dir is None and shard[1] > 1)
+    ):
         raise EvaluationError(
             f"shard {shard}: rank must lie in 0..world_size-1, and shards without a process "
             f"group write to an output folder"
         )
-    num_images, eval_bsz = _positive("num_images", num_images), _positive("eval_bsz", eval_bsz)
-    N, grid = int(model.num_tokens), int(model.grid_size)
-    sizes = validate_group_sizes(group_sizes, N)
-    source = (
-        orders
-        if isinstance(orders, OrderSource)
-        else OrderSource(
-            sampling.order,
-            sizes,
-            grid,
-            seed=seed,
-            proximity_threshold=sampling.proximity_threshold,
-            repulsion_threshold=sampling.repulsion_threshold,
-            table=orders,
-        )
-    )
-    all_labels = (
-        image_classes(np.arange(num_images), num_images, model.class_num)
-        if labels is None
-        else _check_labels(labels, num_images, int(model.class_num))
-    )
     size = _image_size(model, tokenizer)
-    mine = np.arange(rank, num_images, world)
+    spec = spec.checked(model)
+    return _generate(
+        model, tokenizer, spec, sampling or SamplingConfig(), output_dir, progress, shard, size
+    )
+
+
+def _generate(
+    model, tokenizer, spec, sampling, output_dir, progress, shard, size
+) -> GenerationResult:
+    """:func:`generate_images` of checked inputs."""
+    on = dist.is_available() and dist.is_initialized()
+    group = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
+    (rank, world), num, N = shard or group, spec.num_images, int(model.num_tokens)
+    source = spec.order_source(sampling, int(model.grid_size))
+    labels = spec.labels
+    labels = image_classes(np.arange(num), num, model.class_num) if labels is None else labels
+    mine = np.arange(rank, num, world)
     store, todo = None, mine
     if output_dir is not None:
         image_dir, tokens_path = os.path.join(output_dir, IMAGES), os.path.join(output_dir, TOKENS)
@@ -278,37 +278,32 @@ def generate_images(
                 f"{tokens_path!r} does not exist: make the run folder with prepare_run_dir first"
             )
         store = np.load(tokens_path, mmap_mode="r+")
-        if store.shape != (num_images, N):
-            raise EvaluationError(
-                f"{tokens_path!r} holds {list(store.shape)} tokens, not [{num_images}, {N}]"
-            )
-        done = np.array(
-            [
-                store[i, 0] >= 0 and read_png(image_path(image_dir, i), size) is not None
-                for i in mine
-            ],
-            dtype=bool,
-        )
-        todo = mine[~done]
+        if store.shape != (num, N):
+            got = list(store.shape)
+            raise EvaluationError(f"{tokens_path!r} holds {got} tokens, not [{num}, {N}]")
+        done = [
+            store[i, 0] >= 0 and read_png(image_path(image_dir, i), size) is not None for i in mine
+        ]
+        todo = mine[~np.array(done, dtype=bool)]
     meter, kept = SpeedMeter(), {}
+    hide, bar_style = not (progress and rank == 0), dict(unit="img", dynamic_ncols=True)
     bar = tqdm(
         total=len(mine),
         initial=len(mine) - len(todo),
         desc="sampling (rank 0)",
-        unit="img",
-        dynamic_ncols=True,
-        disable=not (progress and rank == 0),
+        disable=hide,
+        **bar_style,
     )
-    for b0 in range(0, len(todo), eval_bsz):
-        batch = todo[b0 : b0 + eval_bsz]
+    for b0 in range(0, len(todo), spec.eval_bsz):
+        batch = todo[b0 : b0 + spec.eval_bsz]
+        rows = source.rows(batch)
         pixels, tokens, t_tok, t_all = sample_batch(
-            model, tokenizer, batch, all_labels[batch], source.rows(batch), sizes, sampling, seed
+            model, tokenizer, batch, labels[batch], rows, spec.group_sizes, sampling, spec.seed
         )
         meter.add(len(batch), t_tok, t_all)
         if tuple(pixels.shape[1:3]) != size:
-            raise EvaluationError(
-                f"the tokenizer decoded {list(pixels.shape[1:3])} images, expected {list(size)}"
-            )
+            got = list(pixels.shape[1:3])
+            raise EvaluationError(f"the tokenizer decoded {got} images, expected {list(size)}")
         if store is None:
             kept.update(zip(batch.tolist(), zip(pixels, tokens)))
         else:
@@ -324,20 +319,12 @@ def generate_images(
     if store is None:
         for part in gather_object(kept):
             kept.update(part)
-        images, tokens_out = (np.stack([kept[i][j] for i in range(num_images)]) for j in (0, 1))
+        images, tokens_out = (np.stack([kept[i][j] for i in range(num)]) for j in (0, 1))
     else:
         barrier()
-        paths = [image_path(image_dir, i) for i in range(num_images)]
-    return GenerationResult(
-        num_images,
-        size,
-        images,
-        tokens_out,
-        paths,
-        sum(c[0] for c in counts),
-        sum(c[1] for c in counts),
-        speed,
-    )
+        paths = [image_path(image_dir, i) for i in range(num)]
+    made, found = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    return GenerationResult(num, size, images, tokens_out, paths, made, found, speed)
 
 
 def _sha256(data: bytes) -> str:
@@ -347,42 +334,31 @@ def _sha256(data: bytes) -> str:
 def run_settings(
     model: torch.nn.Module,
     tokenizer: torch.nn.Module,
-    num_images: int,
-    group_sizes: Sequence[int],
+    spec: RunSpec,
     sampling: SamplingConfig,
-    seed: int,
-    *,
     name: str | None = None,
-    labels: Any = None,
-    orders: Any = None,
-    order_file: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """What the pixels of a run depend on, by content (digests of weights, tokenizer, orders; every setting)."""
-    from lpd.datasets import tokenizer_id
-
-    model = _unwrap(model)
+    """What the pixels of a run depend on, by content (digests of weights, tokenizer, orders;
+    every setting)."""
+    model, labels, orders = _unwrap(model), spec.labels, spec.orders
     out: dict[str, Any] = {
         "model": name,
         "weights_sha256": state_dict_digest(model),
         "tokenizer": tokenizer_id(tokenizer),
         "img_size": int(model.config.img_size),
-        "num_images": int(num_images),
-        "group_sizes": [int(g) for g in group_sizes],
-        "seed": int(seed),
+        "num_images": int(spec.num_images),
+        "group_sizes": [int(g) for g in spec.group_sizes],
+        "seed": int(spec.seed),
         **sampling.to_dict(),
-        "labels": "rule"
-        if labels is None
-        else _sha256(np.asarray(labels, dtype=np.int64).tobytes()),
+        "labels": "rule" if labels is None else _sha256(np.asarray(labels, np.int64).tobytes()),
     }
-    if order_file is not None:
-        with open(order_file, "rb") as f:
-            out["order_file"], out["order_file_sha256"] = (
-                os.path.basename(os.fspath(order_file)),
-                _sha256(f.read()),
-            )
+    if spec.order_file is not None:
+        with open(spec.order_file, "rb") as f:
+            out["order_file_sha256"] = _sha256(f.read())
+        out["order_file"] = os.path.basename(os.fspath(spec.order_file))
     elif orders is not None:
         out["orders_sha256"] = _sha256(np.ascontiguousarray(orders, dtype=np.int64).tobytes())
-    if order_file is not None or orders is not None or sampling.order != "lpd":
+    if spec.order_file is not None or orders is not None or sampling.order != "lpd":
         del out["proximity_threshold"], out["repulsion_threshold"]
     return out
 
@@ -485,100 +461,51 @@ def prepare_run_dir(
 def evaluate(
     model: torch.nn.Module,
     tokenizer: torch.nn.Module,
-    num_images: int,
-    group_sizes: Sequence[int],
+    spec: RunSpec,
     sampling: SamplingConfig | None = None,
     *,
     output_dir: str | os.PathLike | None = None,
     name: str | None = None,
-    order_file: str | os.PathLike | None = None,
-    compute_fid: bool = True,
-    ref_stats: Any = None,
-    feature_extractor: Callable | None = None,
-    inception_weights: str | os.PathLike | None = None,
-    metrics_batch_size: int = 50,
+    scoring: Scoring | None = Scoring(),
     info: Mapping[str, Any] | None = None,
     progress: bool = False,
     grid_images: int = 64,
-    orders: Any = None,
-    labels: Any = None,
-    seed: int = 0,
-    eval_bsz: int = 64,
-    **settings: Any,
 ) -> dict[str, Any]:
-    """Sample (:func:`generate_images`), pack, score (FID against ``ref_stats``, IS; on Inception or
-    ``feature_extractor``, both loaded before sampling) and record one run; returns the record (every rank)."""
-    from lpd import metrics as M
-
-    sampling = (sampling or SamplingConfig()).replace(**settings)
-    model = _unwrap(model)
-    device = model.pos_embed.device
-    _image_size(model, tokenizer)  # before anything is loaded or written
+    """Sample (:func:`generate_images`), pack, score (``scoring``, None: not scored; statistics
+    and feature extractor loaded before sampling) and record one run; returns the record (every
+    rank)."""
+    sampling, model = sampling or SamplingConfig(), _unwrap(model)
+    device, size = model.pos_embed.device, _image_size(model, tokenizer)  # before any loading
+    spec = spec.checked(model)
+    ref_stats = None if scoring is None else scoring.ref_stats
+    ref_file = os.fspath(ref_stats) if isinstance(ref_stats, (str, os.PathLike)) else None
 
     def load_scorer() -> tuple[Any, Any]:
-        ref = (
-            M.load_statistics(ref_stats) if isinstance(ref_stats, (str, os.PathLike)) else ref_stats
-        )
-        extractor = feature_extractor or M.inception_extractor(inception_weights, device)
+        ref = M.load_statistics(ref_file) if ref_file else ref_stats
+        extractor = scoring.feature_extractor
+        extractor = extractor or M.inception_extractor(scoring.inception_weights, device)
         if ref is not None:  # the features' width, of one black image
-            size = int(model.config.img_size)
             with torch.inference_mode():
-                dim = int(
-                    np.prod(
-                        extractor(torch.zeros(1, 3, size, size, dtype=torch.uint8, device=device))[
-                            0
-                        ].shape[1:]
-                    )
-                )
+                black = torch.zeros(1, 3, *size, dtype=torch.uint8, device=device)
+                dim = int(np.prod(extractor(black)[0].shape[1:]))
             if np.shape(ref[0]) != (dim,):
-                where = f" {ref_stats}" if isinstance(ref_stats, (str, os.PathLike)) else ""
                 raise EvaluationError(
-                    f"the reference statistics{where} are of {np.shape(ref[0])[0]}-d features, the "
-                    f"feature extractor gives {dim}-d ones: give statistics of this extractor "
-                    f"(python -m lpd.metrics stats)"
+                    f"the reference statistics{f' {ref_file}' if ref_file else ''} are of "
+                    f"{np.shape(ref[0])[0]}-d features, the feature extractor gives {dim}-d ones: "
+                    f"give statistics of this extractor (python -m lpd.metrics stats)"
                 )
         return ref, extractor
 
-    scorer = (
-        on_rank0(
-            load_scorer, "loading the reference statistics / feature extractor", broadcast=False
-        )
-        if compute_fid
-        else None
-    )
+    what = "loading the reference statistics / feature extractor"
+    scorer = None if scoring is None else on_rank0(load_scorer, what, broadcast=False)
     run_dir = os.fspath(output_dir) if output_dir is not None else None
     try:
         record_settings: dict[str, Any] = {}
         if run_dir is not None:
-            record_settings = on_rank0(
-                lambda: run_settings(
-                    model,
-                    tokenizer,
-                    num_images,
-                    group_sizes,
-                    sampling,
-                    seed,
-                    name=name,
-                    labels=labels,
-                    orders=orders,
-                    order_file=order_file,
-                )
-            )
+            record_settings = on_rank0(lambda: run_settings(model, tokenizer, spec, sampling, name))
             prepare_run_dir(run_dir, record_settings, int(model.num_tokens))
         t0 = time.perf_counter()
-        gen = generate_images(
-            model,
-            tokenizer,
-            num_images,
-            group_sizes,
-            sampling,
-            orders=orders,
-            labels=labels,
-            seed=seed,
-            eval_bsz=eval_bsz,
-            output_dir=run_dir,
-            progress=progress,
-        )
+        gen = _generate(model, tokenizer, spec, sampling, run_dir, progress, None, size)
         sample_seconds = time.perf_counter() - t0
 
         def finish() -> dict[str, Any]:
@@ -586,16 +513,11 @@ def evaluate(
             if run_dir is not None:
                 npz = os.path.join(run_dir, os.path.basename(os.path.normpath(run_dir)) + ".npz")
                 write_npz(npz, gen.image_paths, gen.image_size)
-                save_grid(
-                    os.path.join(run_dir, GRID),
-                    [read_png(p, gen.image_size) for p in gen.image_paths[:grid_images]],
-                )
+                grid = [read_png(p, gen.image_size) for p in gen.image_paths[:grid_images]]
+                save_grid(os.path.join(run_dir, GRID), grid)
+                names = {"images": IMAGES, "tokens": TOKENS, "npz": npz, "grid": GRID}
                 files = {
-                    "images": os.path.join(run_dir, IMAGES),
-                    "tokens": os.path.join(run_dir, TOKENS),
-                    "npz": npz,
-                    "grid": os.path.join(run_dir, GRID),
-                    "metrics": os.path.join(run_dir, METRICS),
+                    k: os.path.join(run_dir, v) for k, v in (names | {"metrics": METRICS}).items()
                 }
                 source = npz  # score exactly the pixels handed to the ADM evaluator
                 with contextlib.suppress(OSError, ValueError):
@@ -603,48 +525,35 @@ def evaluate(
                         old = json.load(f)
             scores = {"fid": None, "inception_score": None, "inception_score_std": None}
             t1 = time.perf_counter()
-            if compute_fid:
-                scores.update(
-                    {
-                        k: v
-                        for k, v in M.compute_metrics(
-                            source,
-                            scorer[0],
-                            scorer[1],
-                            batch_size=metrics_batch_size,
-                            device=device,
-                            progress=progress,
-                        ).items()
-                        if k in scores
-                    }
+            if scorer is not None:
+                got = M.compute_metrics(
+                    source, *scorer, batch_size=scoring.batch_size, device=device, progress=progress
                 )
+                scores.update({k: v for k, v in got.items() if k in scores})
             elif old:  # not scored now: keep the earlier scores of the same images
                 scores = {k: old.get(k) for k in scores}
             timed = gen.speed["timed_batches"] > 0
+            metrics_s = time.perf_counter() - t1 if scorer else old.get("metrics_wall_s")
             record = {
                 **scores,
                 "num_images": gen.num_images,
                 "image_size": list(gen.image_size),
                 "settings": record_settings,
                 "sampling": sampling.to_dict(),
-                "seed": seed,
-                "eval_bsz": eval_bsz,
+                "seed": spec.seed,
+                "eval_bsz": spec.eval_bsz,
                 "speed": gen.speed if timed or "speed" not in old else old["speed"],
                 "generated_this_run": gen.generated,
                 "found_on_disk": gen.skipped,
                 "sampling_wall_s": sample_seconds,
-                "metrics_wall_s": time.perf_counter() - t1
-                if compute_fid
-                else old.get("metrics_wall_s"),
-                "device": device_description(device)
-                if timed or "device" not in old
-                else old["device"],
+                "metrics_wall_s": metrics_s,
+                "device": old["device"]
+                if not timed and "device" in old
+                else device_description(device),
                 "dtype": "bfloat16 autocast" if sampling.bf16 else "float32",
                 "world_size": gen.speed["processes"],
                 "model_params": sum(p.numel() for p in model.parameters()),
-                "ref_stats": os.fspath(ref_stats)
-                if isinstance(ref_stats, (str, os.PathLike))
-                else None,
+                "ref_stats": ref_file,
                 "versions": library_versions(),
                 "files": files,
                 **dict(info or {}),

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from lpd.checkpoint import CheckpointError, check_output_path
-from lpd.config import HelpFormatter
+from lpd.config import HelpFormatter, check_labels
 from lpd.evaluate import sample_batch
 from lpd.images import save_grid, written_by_lpd
 from lpd.orders.source import OrderSource
@@ -227,6 +227,7 @@ class LPDPipeline:
                 f"--labels must be one or more integer class indices, "
                 f"got {labels.dtype} {labels.tolist()[:8]}"
             )
+        labels = check_labels(labels, labels.size, self.model.class_num)
         if start_index < 0:
             raise ValueError(f"--start_index must be >= 0, got {start_index}")
         n = self.grid_size**2

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lpd.config import check_labels
 from lpd.devices import warn_if_emulated_bf16
 from lpd.models.lpd import LPD, Rows, attends, valid_keys
 from lpd.schedules import validate_group_sizes
@@ -300,10 +301,10 @@ class Decoder:
     ) -> Tensor:
         """``[B, N]`` raster tokens of ``labels [B]`` (None: unconditional) decoded in
         ``len(sizes)`` steps over ``orders [B, N]`` (raster positions in generation order); one
-        ``generator`` or one per image."""
-        labels, orders, sizes = _inputs(self.model, labels, orders, sizes)
-        if labels is None and self.guided:
-            raise ValueError("guidance needs labels; use cfg=1.0 for unconditional sampling")
+        ``generator`` or one per image. Inputs are trusted (:func:`sample_tokens` checks them)."""
+        device = self.model.pos_embed.device
+        orders = torch.as_tensor(orders, device=device).long()
+        labels = None if labels is None else torch.as_tensor(labels, device=device).long()
         prefix = self.class_prefix(labels, len(orders))
         tokens = self.decode(prefix, orders, sizes, generator=generator)
         return torch.empty_like(tokens).scatter_(1, orders, tokens)
@@ -463,14 +464,7 @@ def _inputs(model: LPD, labels: Any, orders: Any, sizes: Sequence[int]) -> tuple
     if (bad := (orders.sort(dim=1).values != torch.arange(N, device=orders.device)).any(1)).any():
         raise ValueError(f"orders row {int(bad.nonzero()[0])} is not a permutation of 0..{N - 1}")
     if labels is not None:
-        labels = labels if isinstance(labels, Tensor) else torch.as_tensor(np.asarray(labels))
-        if labels.is_floating_point() or labels.shape != (len(orders),):
-            raise ValueError(
-                f"labels must be {len(orders)} integers, got {labels.dtype} {list(labels.shape)}"
-            )
-        if labels.numel() and (labels.min() < 0 or labels.max() >= model.class_num):
-            raise ValueError(f"labels must be in 0..{model.class_num - 1}")
-        labels = labels.to(device).long()
+        labels = torch.as_tensor(check_labels(labels, len(orders), model.class_num), device=device)
     return labels, orders.to(device), validate_group_sizes(sizes, N)
 
 
@@ -485,12 +479,14 @@ def sample_tokens(
     generator: Generators = None,
     compile: bool | str | dict = False,
     autocast_dtype: torch.dtype | None = None,
-    **settings: Any,
 ) -> torch.Tensor:
-    """:meth:`Decoder.sample` by a new :class:`Decoder` (``settings``: changes to ``sampling``)."""
-    sampling = (sampling or SamplingConfig()).replace(**settings)
+    """:meth:`Decoder.sample` by a new :class:`Decoder`, the inputs checked."""
+    sampling = sampling or SamplingConfig()
+    labels, orders, sizes = _inputs(model, labels, orders, group_sizes)
+    if labels is None and sampling.cfg != 1.0:
+        raise ValueError("guidance needs labels; use cfg=1.0 for unconditional sampling")
     options = dict(greedy=greedy, compile=compile, autocast_dtype=autocast_dtype)
-    return Decoder(model, sampling, **options).sample(labels, orders, group_sizes, generator)
+    return Decoder(model, sampling, **options).sample(labels, orders, sizes, generator)
 
 
 def teacher_forced_logits(

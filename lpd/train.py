@@ -450,7 +450,7 @@ def _evaluate(
 ) -> dict[str, float]:
     """Sample (and score, with ``eval_ref_stats``) at each :func:`eval_cfg_scales` into ``eval-epoch{E}[-ema]-cfg{s}``,
     guided at half the batch (as released); returns ``{"cfg{s}_{metric}": value}``. A failure is only logged."""
-    from lpd.evaluate import evaluate
+    from lpd.evaluate import RunSpec, Scoring, evaluate
     from lpd.models import LPD
     from lpd.schedules import group_sizes
 
@@ -473,17 +473,16 @@ def _evaluate(
             folder = f"eval-epoch{epoch}{'-ema' if config.eval_use_ema else ''}-cfg{scale:g}"
             try:
                 with torch.no_grad():
+                    bsz = config.eval_bsz if scale == 1.0 else max(1, config.eval_bsz // 2)
+                    spec = RunSpec(config.eval_num_images, sizes, seed=config.seed, eval_bsz=bsz)
+                    ref = config.eval_ref_stats
                     out = evaluate(
                         net,
                         tokenizer_fn(),
-                        config.eval_num_images,
-                        sizes,
+                        spec,
                         sampling.replace(cfg=scale),
                         output_dir=os.path.join(config.output_dir, folder),
-                        compute_fid=config.eval_ref_stats is not None,
-                        ref_stats=config.eval_ref_stats,
-                        seed=config.seed,
-                        eval_bsz=config.eval_bsz if scale == 1.0 else max(1, config.eval_bsz // 2),
+                        scoring=None if ref is None else Scoring(ref),
                     )
             except Exception as e:  # noqa: BLE001 - evaluation must not kill a long training run
                 log(

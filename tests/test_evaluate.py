@@ -66,10 +66,27 @@ def tokenizer(tiny_vq):
 
 
 def run_folder(path, model, tokenizer, n=10, sampling=SAMPLING, seed=3, **kw):
-    E.prepare_run_dir(
-        path, E.run_settings(model, tokenizer, n, SIZES, sampling, seed, **kw), model.num_tokens
-    )
+    spec = E.RunSpec(n, SIZES, seed=seed, **kw)
+    E.prepare_run_dir(path, E.run_settings(model, tokenizer, spec, sampling), model.num_tokens)
     return path
+
+
+def gen(model, tokenizer, n, sampling=SAMPLING, output_dir=None, shard=None, **kw):
+    """generate_images of ``n`` images in groups of SIZES (``kw``: the rest of the RunSpec)."""
+    spec = E.RunSpec(n, SIZES, **kw)
+    return E.generate_images(model, tokenizer, spec, sampling, output_dir=output_dir, shard=shard)
+
+
+def run_eval(model, tokenizer, n, sampling=SAMPLING, *, output_dir=None, name=None, info=None,
+             compute_fid=True, ref_stats=None, feature_extractor=None, inception_weights=None,
+             **kw):  # fmt: skip
+    """evaluate of ``n`` images in groups of SIZES, scored unless ``compute_fid`` is False."""
+    scoring = E.Scoring(ref_stats, feature_extractor, inception_weights) if compute_fid else None
+    spec = E.RunSpec(n, SIZES, **kw)
+    return E.evaluate(
+        model, tokenizer, spec, sampling, output_dir=output_dir, name=name, scoring=scoring,
+        info=info,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ image identity
@@ -120,23 +137,21 @@ def test_order_table_is_validated():
 
 
 def test_in_memory_generation_is_deterministic(model, tokenizer):
-    a = E.generate_images(model, tokenizer, 10, SIZES, SAMPLING, **RUN)
-    b = E.generate_images(model, tokenizer, 10, SIZES, SAMPLING, **RUN)
+    a = gen(model, tokenizer, 10, SAMPLING, **RUN)
+    b = gen(model, tokenizer, 10, SAMPLING, **RUN)
     assert a.images.shape == (10, GRID * PATCH, GRID * PATCH, 3) and a.images.dtype == np.uint8
     assert np.array_equal(a.images, b.images) and a.tokens.shape == (10, 16)
-    assert not np.array_equal(
-        a.tokens, E.generate_images(model, tokenizer, 10, SIZES, SAMPLING, seed=4).tokens
-    )
+    assert not np.array_equal(a.tokens, gen(model, tokenizer, 10, SAMPLING, seed=4).tokens)
     assert a.generated == 10 and a.speed["timed_batches"] == 2  # 3 batches, the first is warm-up
 
 
 def test_tokens_do_not_depend_on_batch_size_threads_or_shards(model, tokenizer, tmp_path):
-    ref = E.generate_images(model, tokenizer, 9, SIZES, SAMPLING, seed=1, eval_bsz=9)
+    ref = gen(model, tokenizer, 9, SAMPLING, seed=1, eval_bsz=9)
     threads = torch.get_num_threads()
     try:
         for bsz, n_threads in ((1, 1), (2, 2), (4, 1), (100, 2)):
             torch.set_num_threads(n_threads)
-            got = E.generate_images(model, tokenizer, 9, SIZES, SAMPLING, seed=1, eval_bsz=bsz)
+            got = gen(model, tokenizer, 9, SAMPLING, seed=1, eval_bsz=bsz)
             assert np.array_equal(got.tokens, ref.tokens)
             if (
                 n_threads == threads
@@ -146,11 +161,10 @@ def test_tokens_do_not_depend_on_batch_size_threads_or_shards(model, tokenizer, 
         torch.set_num_threads(threads)
     run_folder(tmp_path, model, tokenizer, n=9, seed=1)
     for rank in (2, 0, 1):  # three independent jobs into one folder
-        part = E.generate_images(
+        part = gen(
             model,
             tokenizer,
             9,
-            SIZES,
             SAMPLING,
             seed=1,
             eval_bsz=2,
@@ -169,51 +183,42 @@ def test_tokens_do_not_depend_on_batch_size_threads_or_shards(model, tokenizer, 
 
 def test_a_huge_eval_bsz_samples_only_the_images_needed(model, tokenizer, monkeypatch):
     rows = []
-    real = E.sample_tokens
+    real = E.sample_batch
     monkeypatch.setattr(
-        E,
-        "sample_tokens",
-        lambda m, labels, orders, *a, **k: (
-            rows.append(len(labels)) or real(m, labels, orders, *a, **k)
-        ),
+        E, "sample_batch", lambda m, tok, idx, *a: rows.append(len(idx)) or real(m, tok, idx, *a)
     )
-    E.generate_images(model, tokenizer, 2, SIZES, SAMPLING, eval_bsz=100000)
+    gen(model, tokenizer, 2, SAMPLING, eval_bsz=100000)
     assert rows == [2]
 
 
 def test_rerun_fills_in_missing_and_damaged_images_with_the_same_bytes(model, tokenizer, tmp_path):
     run_folder(tmp_path, model, tokenizer)
-    E.generate_images(model, tokenizer, 10, SIZES, SAMPLING, output_dir=tmp_path, **RUN)
+    gen(model, tokenizer, 10, SAMPLING, output_dir=tmp_path, **RUN)
     original = {i: (tmp_path / "images" / f"{i:06d}.png").read_bytes() for i in range(10)}
     os.remove(tmp_path / "images" / "000005.png")
     (tmp_path / "images" / "000009.png").write_bytes(original[9][:40])  # truncated
-    again = E.generate_images(model, tokenizer, 10, SIZES, SAMPLING, output_dir=tmp_path, **RUN)
+    again = gen(model, tokenizer, 10, SAMPLING, output_dir=tmp_path, **RUN)
     assert again.generated == 2 and again.skipped == 8
     for i in range(10):
         assert (tmp_path / "images" / f"{i:06d}.png").read_bytes() == original[i]
-    assert (
-        E.generate_images(
-            model, tokenizer, 10, SIZES, SAMPLING, output_dir=tmp_path, **RUN
-        ).generated
-        == 0
-    )
+    assert gen(model, tokenizer, 10, SAMPLING, output_dir=tmp_path, **RUN).generated == 0
 
 
 def test_explicit_labels_and_order_tables(model, tokenizer):
     table = lpd_orders(6, SIZES, GRID, 1.0, 1.0, seed=3)
-    a = E.generate_images(model, tokenizer, 6, SIZES, SAMPLING, orders=table, **RUN)
-    b = E.generate_images(model, tokenizer, 6, SIZES, SAMPLING, **RUN)
+    a = gen(model, tokenizer, 6, SAMPLING, orders=table, **RUN)
+    b = gen(model, tokenizer, 6, SAMPLING, **RUN)
     assert np.array_equal(a.images, b.images)  # the same orders, once generated and once given
     assert not np.array_equal(
         b.images,
-        E.generate_images(model, tokenizer, 6, SIZES, SAMPLING, labels=[9] * 6, **RUN).images,
+        gen(model, tokenizer, 6, SAMPLING, labels=[9] * 6, **RUN).images,
     )
     with pytest.raises(E.EvaluationError, match="6 integers"):
-        E.generate_images(model, tokenizer, 6, SIZES, SAMPLING, labels=[1, 2], **RUN)
+        gen(model, tokenizer, 6, SAMPLING, labels=[1, 2], **RUN)
     with pytest.raises(E.EvaluationError, match="integers"):
-        E.generate_images(model, tokenizer, 6, SIZES, SAMPLING, labels=[1.5] * 6, **RUN)
+        gen(model, tokenizer, 6, SAMPLING, labels=[1.5] * 6, **RUN)
     with pytest.raises(ValueError, match="6 rows; image 7 needs more"):
-        E.generate_images(model, tokenizer, 8, SIZES, SAMPLING, orders=table, **RUN)
+        gen(model, tokenizer, 8, SAMPLING, orders=table, **RUN)
 
 
 def test_a_wrapped_model_is_looked_through(model, tokenizer):
@@ -222,29 +227,25 @@ def test_a_wrapped_model_is_looked_through(model, tokenizer):
             super().__init__()
             self.module = inner
 
-    a = E.generate_images(Wrapper(model), tokenizer, 4, SIZES, SAMPLING, **RUN)
-    assert np.array_equal(
-        a.images, E.generate_images(model, tokenizer, 4, SIZES, SAMPLING, **RUN).images
-    )
+    a = gen(Wrapper(model), tokenizer, 4, SAMPLING, **RUN)
+    assert np.array_equal(a.images, gen(model, tokenizer, 4, SAMPLING, **RUN).images)
 
 
 def test_in_memory_shards_need_a_process_group(model, tokenizer):
     with pytest.raises(E.EvaluationError, match="output folder"):
-        E.generate_images(model, tokenizer, 4, SIZES, SAMPLING, shard=(0, 2), **RUN)
+        gen(model, tokenizer, 4, SAMPLING, shard=(0, 2), **RUN)
 
 
 def test_bf16_decodes_the_vq_under_autocast_unless_asked_not_to(model, tokenizer):
     seen = []  # the dtype of every decoder output
     hook = tokenizer.decoder.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
     try:
-        out = E.generate_images(model, tokenizer, 4, SIZES, SAMPLING.replace(bf16=True), **RUN)
+        out = gen(model, tokenizer, 4, SAMPLING.replace(bf16=True), **RUN)
         assert out.images.shape == (4, GRID * PATCH, GRID * PATCH, 3) and set(seen) == {
             torch.bfloat16
         }
         seen.clear()
-        E.generate_images(
-            model, tokenizer, 4, SIZES, SAMPLING.replace(bf16=True, decode_fp32=True), **RUN
-        )
+        gen(model, tokenizer, 4, SAMPLING.replace(bf16=True, decode_fp32=True), **RUN)
         assert set(seen) == {torch.float32}
     finally:
         hook.remove()
@@ -260,9 +261,12 @@ def test_bf16_decodes_the_vq_under_autocast_unless_asked_not_to(model, tokenizer
         (dict(bf16="false"), "bf16"),
     ],
 )
-def test_bad_settings_fail_before_sampling(model, tokenizer, bad, match):
+def test_bad_settings_fail_before_sampling(model, tokenizer, bad, match, monkeypatch):
+    monkeypatch.setattr(E, "sample_batch", lambda *a, **k: pytest.fail("an image was sampled"))
+    run = {**RUN, **{k: v for k, v in bad.items() if k in RUN}}
     with pytest.raises(ValueError, match=match):
-        E.generate_images(model, tokenizer, 4, SIZES, SAMPLING, **{**RUN, **bad})
+        sampling = SAMPLING.replace(**{k: v for k, v in bad.items() if k not in RUN})
+        gen(model, tokenizer, 4, sampling, **run)
 
 
 def test_speed_meter_drops_the_warm_up_batch():
@@ -304,15 +308,11 @@ def test_npz_holds_exactly_the_png_pixels(tmp_path):
 
 
 def test_settings_record_the_inputs_by_content(model, tokenizer, tmp_path):
-    s = E.run_settings(model, tokenizer, 10, SIZES, SAMPLING, 3, name="small")
-    assert (
-        s["weights_sha256"]
-        == E.run_settings(small_model(), tokenizer, 10, SIZES, SAMPLING, 3)["weights_sha256"]
-    )
-    assert (
-        s["weights_sha256"]
-        != E.run_settings(small_model(seed=1), tokenizer, 10, SIZES, SAMPLING, 3)["weights_sha256"]
-    )
+    spec = E.RunSpec(10, SIZES, seed=3)
+    s = E.run_settings(model, tokenizer, spec, SAMPLING, name="small")
+    digest = s["weights_sha256"]
+    assert digest == E.run_settings(small_model(), tokenizer, spec, SAMPLING)["weights_sha256"]
+    assert digest != E.run_settings(small_model(1), tokenizer, spec, SAMPLING)["weights_sha256"]
     assert s["cfg"] == 2.0 and s["labels"] == "rule" and s["repulsion_threshold"] == 1.0
     run_folder(tmp_path, model, tokenizer)
     (tmp_path / "images" / ".tmp-000001.png-abc").write_bytes(
@@ -338,7 +338,7 @@ def test_reruns_with_other_inputs_are_refused(model, tokenizer, tmp_path):
         run_folder(tmp_path / "b", small_model(seed=1), tokenizer)
     with pytest.raises(E.EvaluationError, match="cfg: 2.0 on disk vs 3.0 now"):
         run_folder(tmp_path / "b", model, tokenizer, sampling=SAMPLING.replace(cfg=3.0))
-    E.generate_images(model, tokenizer, 10, SIZES, SAMPLING, output_dir=tmp_path / "b", **RUN)
+    gen(model, tokenizer, 10, SAMPLING, output_dir=tmp_path / "b", **RUN)
     (tmp_path / "b" / "settings.json").write_text("{not json")
     with pytest.raises(E.EvaluationError, match="cannot be trusted"):
         run_folder(tmp_path / "b", model, tokenizer)
@@ -353,15 +353,14 @@ def test_reruns_with_other_inputs_are_refused(model, tokenizer, tmp_path):
 def test_metrics_path_end_to_end_with_a_stand_in_extractor(model, tokenizer, tmp_path):
     from lpd import metrics as M
 
-    ref = E.generate_images(model, tokenizer, 16, SIZES, SAMPLING, **RUN).images
+    ref = gen(model, tokenizer, 16, SAMPLING, **RUN).images
     stats = M.compute_statistics(ref, stand_in_extractor, progress=False)
     M.save_statistics(tmp_path / "ref.npz", stats.mu, stats.sigma)
     run = tmp_path / "run"
-    rec = E.evaluate(
+    rec = run_eval(
         model,
         tokenizer,
         16,
-        SIZES,
         SAMPLING,
         output_dir=run,
         name="small",
@@ -384,11 +383,10 @@ def test_metrics_path_end_to_end_with_a_stand_in_extractor(model, tokenizer, tmp
         assert np.array_equal(data["arr_0"], ref)
     assert (run / "samples_grid.png").is_file() and (run / "settings.json").is_file()
     # A rerun without scoring keeps the scores and the speed of the images it did not sample again.
-    again = E.evaluate(
+    again = run_eval(
         model,
         tokenizer,
         16,
-        SIZES,
         SAMPLING,
         output_dir=run,
         name="small",
@@ -403,11 +401,10 @@ def test_metrics_path_end_to_end_with_a_stand_in_extractor(model, tokenizer, tmp
     assert (
         json.loads((run / "metrics.json").read_text())["inception_score"] == rec["inception_score"]
     )
-    mem = E.evaluate(
+    mem = run_eval(
         model,
         tokenizer,
         16,
-        SIZES,
         SAMPLING,
         ref_stats=str(tmp_path / "ref.npz"),
         feature_extractor=stand_in_extractor,
@@ -421,11 +418,10 @@ def test_missing_statistics_or_weights_fail_before_sampling(model, tokenizer, tm
     from lpd import metrics as M
 
     with pytest.raises(FileNotFoundError, match="--fid_stats"):
-        E.evaluate(
+        run_eval(
             model,
             tokenizer,
             4,
-            SIZES,
             SAMPLING,
             output_dir=tmp_path / "run",
             ref_stats=str(tmp_path / "nope.npz"),
@@ -435,11 +431,10 @@ def test_missing_statistics_or_weights_fail_before_sampling(model, tokenizer, tm
     assert not (tmp_path / "run").exists()
     np.savez(tmp_path / "bad.npz", mean=np.zeros(3))
     with pytest.raises(ValueError, match="'mu' and 'sigma'"):
-        E.evaluate(
+        run_eval(
             model,
             tokenizer,
             4,
-            SIZES,
             SAMPLING,
             ref_stats=str(tmp_path / "bad.npz"),
             feature_extractor=stand_in_extractor,
@@ -449,11 +444,10 @@ def test_missing_statistics_or_weights_fail_before_sampling(model, tokenizer, tm
         tmp_path / "ref.npz", np.zeros(4), np.eye(4)
     )  # found and valid: the weights are next
     with pytest.raises(FileNotFoundError, match="--inception_weights"):
-        E.evaluate(
+        run_eval(
             model,
             tokenizer,
             4,
-            SIZES,
             SAMPLING,
             output_dir=tmp_path / "run",
             ref_stats=str(tmp_path / "ref.npz"),
@@ -477,11 +471,10 @@ def test_a_tokenizer_of_another_stride_or_statistics_of_another_width_fail_befor
         E.EvaluationError,
         match=r"4x4 tokens into 32 px images, not the model's 64 px.*--vqgan_path",
     ):
-        E.evaluate(
+        run_eval(
             model,
             tokenizer,
             4,
-            SIZES,
             SAMPLING,
             output_dir=tmp_path / "run",
             compute_fid=False,
@@ -496,11 +489,10 @@ def test_a_tokenizer_of_another_stride_or_statistics_of_another_width_fail_befor
         E.EvaluationError,
         match=r"ref\.npz are of 2048-d features, the feature extractor gives 12-d",
     ):
-        E.evaluate(
+        run_eval(
             model,
             tokenizer,
             4,
-            SIZES,
             SAMPLING,
             output_dir=tmp_path / "run2",
             ref_stats=str(tmp_path / "ref.npz"),
@@ -516,7 +508,7 @@ def test_a_second_evaluation_of_a_live_run_folder_is_refused_and_deletes_nothing
     from lpd.checkpoint import lock_folder
 
     run = tmp_path / "run"
-    E.evaluate(model, tokenizer, 4, SIZES, SAMPLING, output_dir=run, compute_fid=False, **RUN)
+    run_eval(model, tokenizer, 4, SAMPLING, output_dir=run, compute_fid=False, **RUN)
     in_flight = run / "images" / ".tmp-000004.png-abc"  # a PNG the live evaluation is writing
     in_flight.write_bytes(b"half a png")
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
@@ -529,15 +521,13 @@ def test_a_second_evaluation_of_a_live_run_folder_is_refused_and_deletes_nothing
             match=r"run folder .*run is in use by process \d+ on .*another "
             r"evaluation is writing into it.*--run_name",
         ):
-            E.evaluate(
-                model, tokenizer, 4, SIZES, SAMPLING, output_dir=run, compute_fid=False, **RUN
-            )
+            run_eval(model, tokenizer, 4, SAMPLING, output_dir=run, compute_fid=False, **RUN)
         assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     finally:
         os.close(fd)
     # once it has ended (or was killed: the lock goes with the process) its temporary files are a killed run's
-    rec = E.evaluate(model, tokenizer, 4, SIZES, SAMPLING, output_dir=run, compute_fid=False, **RUN)
+    rec = run_eval(model, tokenizer, 4, SAMPLING, output_dir=run, compute_fid=False, **RUN)
     assert rec["found_on_disk"] == 4 and not in_flight.exists()
-    E.evaluate(
-        model, tokenizer, 4, SIZES, SAMPLING, output_dir=run, compute_fid=False, **RUN
+    run_eval(
+        model, tokenizer, 4, SAMPLING, output_dir=run, compute_fid=False, **RUN
     )  # released at the end

@@ -245,7 +245,7 @@ def _ablation(
     log,
 ) -> list[dict[str, Any]]:
     """Sample ``num_images`` digits (0-9 in turn) per order x steps setting and score them; one row each."""
-    from lpd.evaluate import generate_images
+    from lpd.evaluate import RunSpec, generate_images
     from lpd.images import save_grid
     from lpd.tokenizer import make_tokenizer
 
@@ -259,16 +259,11 @@ def _ablation(
         for order in args.orders:
             for steps, sizes in zip(args.steps, schedules):
                 t0 = time.perf_counter()
-                images = generate_images(
-                    model,
-                    tokenizer,
-                    args.num_images,
-                    sizes,
-                    sampling_from_args(args, order=order),
-                    labels=labels,
-                    seed=args.seed,
-                    eval_bsz=args.eval_bsz,
-                ).images
+                spec = RunSpec(
+                    args.num_images, sizes, labels, seed=args.seed, eval_bsz=args.eval_bsz
+                )
+                sampling = sampling_from_args(args, order=order)
+                images = generate_images(model, tokenizer, spec, sampling).images
                 seconds = time.perf_counter() - t0
                 rows.append(
                     {
