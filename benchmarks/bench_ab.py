@@ -27,7 +27,7 @@ def run_case(case: str, reps: int) -> dict:
     import torch
 
     from lpd.models import build_lpd
-    from lpd.sampling import sample_tokens
+    from lpd.sampling import SamplingConfig, sample_tokens
     from lpd.schedules import group_sizes
 
     torch.set_num_threads(1)
@@ -53,9 +53,8 @@ def run_case(case: str, reps: int) -> dict:
         model.eval()
 
         def call() -> None:
-            sample_tokens(
-                model, labels, orders, sizes, cfg=4.0, generator=torch.Generator().manual_seed(2)
-            )
+            gen = torch.Generator().manual_seed(2)
+            sample_tokens(model, labels, orders, sizes, SamplingConfig(cfg=4.0), generator=gen)
 
     call()
     times = []

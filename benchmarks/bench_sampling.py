@@ -51,7 +51,7 @@ from bench_common import (  # noqa: E402
     time_call,
 )
 
-from lpd.sampling import sample_tokens  # noqa: E402
+from lpd.sampling import SamplingConfig, sample_tokens  # noqa: E402
 from lpd.schedules import group_sizes  # noqa: E402
 
 #: Released-implementation figures quoted in issue 7 (fp32, 2 cores, random weights, CFG on).
@@ -95,7 +95,7 @@ def ours_fn(
             labels,
             orders,
             sizes,
-            cfg=cfg,
+            SamplingConfig(cfg=cfg),
             greedy=greedy,
             generator=gen,
             compile=compile_step,

@@ -17,6 +17,7 @@ import torch
 
 from lpd.editing import edit_tokens
 from lpd.models import build_lpd
+from lpd.sampling import SamplingConfig
 from lpd.schedules import group_sizes, scaled_group_sizes
 
 GRID, VOCAB, CLASSES = 8, 24, 5
@@ -107,7 +108,14 @@ def test_greedy_edit_is_the_argmax_of_the_training_pass_known_then_unknown():
         keep[b, np.random.RandomState(b).permutation(N)[:m]] = True
     labels, cfg, steps = [0, 3, 4, 1, 2], 4.0, 5
     out = edit_tokens(
-        model, tokens, keep, labels, steps=steps, order="raster", cfg=cfg, greedy=True, generator=g
+        model,
+        tokens,
+        keep,
+        labels,
+        steps=steps,
+        greedy=True,
+        generator=g,
+        sampling=SamplingConfig(order="raster", cfg=cfg),
     )
     assert torch.equal(out[torch.from_numpy(keep)], tokens[torch.from_numpy(keep)])
     assert (out[torch.from_numpy(~keep)] != tokens[torch.from_numpy(~keep)]).any()
@@ -147,11 +155,10 @@ def test_edit_prefills_once_then_decodes_only_the_unknown_tokens_in_scaled_steps
             keep,
             labels,
             steps=steps,
-            order=order,
-            cfg=cfg,
             greedy=True,
             generator=g,
             prefill=prefill,
+            sampling=SamplingConfig(order=order, cfg=cfg),
         )
     assert torch.equal(out[torch.from_numpy(keep)], tokens[torch.from_numpy(keep)])
     assert len(probe.calls) == steps  # the known tokens enter with the first step's queries

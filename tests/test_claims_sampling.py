@@ -18,7 +18,7 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lpd.editing import edit_tokens
-from lpd.evaluate import generate_images
+from lpd.evaluate import RunSpec, generate_images
 from lpd.models import LPD, LPDConfig, build_lpd
 from lpd.sampling import SamplingConfig, sample_tokens
 from lpd.tokenizer import make_tokenizer
@@ -95,7 +95,12 @@ def test_bf16_sampling_computes_in_bf16(model, bf16):
     keep[:, :6] = True
     with ComputeDtypes() as seen:
         edit_tokens(
-            model, torch.zeros(2, 16, dtype=torch.long), keep, [1, 2], steps=3, cfg=2.0, bf16=bf16
+            model,
+            torch.zeros(2, 16, dtype=torch.long),
+            keep,
+            [1, 2],
+            steps=3,
+            sampling=SamplingConfig(cfg=2.0, bf16=bf16),
         )
     assert len(seen.ops) >= 4 * 2 * 2 and seen.dtypes() == {
         torch.bfloat16 if bf16 else torch.float32
@@ -111,7 +116,12 @@ def test_a_bf16_model_decodes_with_bf16_weights_and_caches():
     )
     with ComputeDtypes() as seen:
         tokens = sample_tokens(
-            net, [1, 2], orders, [1, 3, 12], cfg=2.0, generator=torch.Generator().manual_seed(0)
+            net,
+            [1, 2],
+            orders,
+            [1, 3, 12],
+            generator=torch.Generator().manual_seed(0),
+            sampling=SamplingConfig(cfg=2.0),
         )
     assert tokens.shape == (2, 16) and seen.dtypes() == {
         torch.bfloat16
@@ -123,11 +133,13 @@ def test_bf16_evaluation_decodes_the_vq_in_bf16_unless_decode_fp32(model, decode
     vq = make_tokenizer("vq", None, SMALL_VQ, seed=0)
     sampling = SamplingConfig(cfg=2.0, bf16=True, decode_fp32=decode_fp32)
     with ComputeDtypes() as seen:
-        generate_images(model, vq, 2, [1, 3, 12], sampling, seed=0, eval_bsz=2)
+        generate_images(model, vq, RunSpec(2, [1, 3, 12], seed=0, eval_bsz=2), sampling)
     assert seen.dtypes("addmm") == {torch.bfloat16}  # the transformer's linear layers
     assert seen.dtypes("convolution") == {torch.float32 if decode_fp32 else torch.bfloat16}
     with ComputeDtypes() as seen:
-        generate_images(model, vq, 2, [1, 3, 12], sampling.replace(bf16=False), seed=0, eval_bsz=2)
+        generate_images(
+            model, vq, RunSpec(2, [1, 3, 12], seed=0, eval_bsz=2), sampling.replace(bf16=False)
+        )
     assert seen.dtypes() == {torch.float32}
 
 
@@ -147,10 +159,15 @@ def test_rank_r_of_w_samples_images_i_mod_w_and_the_vq_decodes_chunks_of_8(model
     sampling = SamplingConfig(cfg=2.0)
     tok = Recording(levels=24)
     E.prepare_run_dir(
-        tmp_path, E.run_settings(model, tok, 9, [1, 3, 12], sampling, 0), model.num_tokens
+        tmp_path, E.run_settings(model, tok, RunSpec(9, [1, 3, 12]), sampling), model.num_tokens
     )
     out = generate_images(
-        model, tok, 9, [1, 3, 12], sampling, seed=0, eval_bsz=2, output_dir=tmp_path, shard=(1, 3)
+        model,
+        tok,
+        RunSpec(9, [1, 3, 12], seed=0, eval_bsz=2),
+        sampling,
+        output_dir=tmp_path,
+        shard=(1, 3),
     )
     assert out.generated == 3 and sorted(os.listdir(tmp_path / "images")) == [
         "000001.png",
@@ -162,7 +179,7 @@ def test_rank_r_of_w_samples_images_i_mod_w_and_the_vq_decodes_chunks_of_8(model
         (8, 4, 4),
     ]  # batches of 2 and 1 images, each padded to a chunk of 8
     shapes.clear()
-    generate_images(model, tok, 11, [1, 3, 12], sampling, seed=0, eval_bsz=11)
+    generate_images(model, tok, RunSpec(11, [1, 3, 12], seed=0, eval_bsz=11), sampling)
     assert shapes == [(8, 4, 4), (8, 4, 4)]
 
 

@@ -138,7 +138,7 @@ def _rescore_first_row(out, row) -> None:
     import torch
 
     from lpd.demo.classifier import Judge, train_classifier
-    from lpd.evaluate import generate_images
+    from lpd.evaluate import RunSpec, generate_images
     from lpd.models import load_lpd
     from lpd.sampling import SamplingConfig
     from lpd.schedules import group_sizes
@@ -151,7 +151,10 @@ def _rescore_first_row(out, row) -> None:
         palette = make_tokenizer("palette", vq_config={"levels": 4})
         sampling = SamplingConfig(cfg=5.0, repulsion_threshold=2.0, order="lpd")
         images = generate_images(
-            model, palette, 20, group_sizes(256, 8), sampling, labels=labels, seed=0, eval_bsz=10
+            model,
+            palette,
+            RunSpec(20, group_sizes(256, 8), labels=labels, seed=0, eval_bsz=10),
+            sampling,
         ).images
         want = judge.score(images, labels)
     finally:

@@ -55,10 +55,9 @@ def test_known_tokens_come_back_exactly_for_any_mask(model, order, prefill):
         keep,
         [0, 1, 2, 3],
         steps=1,
-        order=order,
         prefill=prefill,
-        cfg=2.0,
         generator=torch.Generator().manual_seed(2),
+        sampling=SamplingConfig(order=order, cfg=2.0),
     )
     assert out.shape == (4, N) and torch.equal(
         out[torch.from_numpy(keep)], tokens[torch.from_numpy(keep)]
@@ -70,10 +69,9 @@ def test_known_tokens_come_back_exactly_for_any_mask(model, order, prefill):
         keep,
         [0, 1, 2, 3],
         steps=1,
-        order=order,
         prefill=prefill,
-        cfg=2.0,
         generator=torch.Generator().manual_seed(2),
+        sampling=SamplingConfig(order=order, cfg=2.0),
     )
     assert torch.equal(out, again)  # seeded
     assert torch.equal(
@@ -84,16 +82,17 @@ def test_known_tokens_come_back_exactly_for_any_mask(model, order, prefill):
 def test_an_empty_mask_is_plain_generation(model):
     labels = torch.tensor([1, 4])
     raster = torch.arange(N).expand(2, N)
-    plain = sample_tokens(model, labels, raster, [1, 3, 12], cfg=2.0, greedy=True)
+    plain = sample_tokens(
+        model, labels, raster, [1, 3, 12], greedy=True, sampling=SamplingConfig(cfg=2.0)
+    )
     got = edit_tokens(
         model,
         torch.zeros(2, N, dtype=torch.long),
         np.zeros((2, N), bool),
         labels,
         group_sizes=[1, 3, 12],
-        order="raster",
-        cfg=2.0,
         greedy=True,
+        sampling=SamplingConfig(order="raster", cfg=2.0),
     )
     assert torch.equal(got, plain)
 
@@ -162,7 +161,15 @@ def test_pixels_in_pixels_out_with_a_vq(model, tmp_path):
     img = (np.random.RandomState(0).rand(80, 96, 3) * 255).astype(np.uint8)
     Image.fromarray(img).save(tmp_path / "in.png")
     out = edit_images(
-        model, vq, str(tmp_path / "in.png"), "left", 2, num=2, steps=2, seed=0, cfg=2.0
+        model,
+        vq,
+        str(tmp_path / "in.png"),
+        "left",
+        2,
+        num=2,
+        steps=2,
+        seed=0,
+        sampling=SamplingConfig(cfg=2.0),
     )
     assert (
         out["source"].shape == (64, 64, 3)
@@ -170,7 +177,16 @@ def test_pixels_in_pixels_out_with_a_vq(model, tmp_path):
         and out["edits"].dtype == np.uint8
     )
     pasted = edit_images(
-        model, vq, out["source"], "left", 2, num=2, steps=2, seed=0, cfg=2.0, paste=True
+        model,
+        vq,
+        out["source"],
+        "left",
+        2,
+        num=2,
+        steps=2,
+        seed=0,
+        paste=True,
+        sampling=SamplingConfig(cfg=2.0),
     )
     assert np.array_equal(
         pasted["edits"][:, :, 32:], np.broadcast_to(out["source"][:, 32:], (2, 64, 32, 3))
@@ -179,7 +195,15 @@ def test_pixels_in_pixels_out_with_a_vq(model, tmp_path):
     mask[:, :32] = 255
     Image.fromarray(mask).save(tmp_path / "mask.png")
     by_file = edit_images(
-        model, vq, out["source"], str(tmp_path / "mask.png"), 2, num=2, steps=2, seed=0, cfg=2.0
+        model,
+        vq,
+        out["source"],
+        str(tmp_path / "mask.png"),
+        2,
+        num=2,
+        steps=2,
+        seed=0,
+        sampling=SamplingConfig(cfg=2.0),
     )
     assert np.array_equal(by_file["edits"], out["edits"])
     # no label: unconditional edit_tokens of the source's tokens, decoded

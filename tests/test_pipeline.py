@@ -10,9 +10,10 @@ import pytest
 import torch
 import yaml
 
-from lpd.evaluate import generate_images
+from lpd.evaluate import RunSpec, generate_images
 from lpd.models import LPD, LPDConfig, build_lpd
 from lpd.pipeline import PAPER_SETTINGS, LPDPipeline, main, paper_settings
+from lpd.sampling import SamplingConfig
 from lpd.tokenizer import make_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,13 +36,8 @@ def test_images_are_those_of_an_evaluation_run_with_the_same_seed(pipe):
     run = generate_images(
         pipe.model,
         pipe.tokenizer,
-        8,
-        sizes,
-        labels=labels,
-        repulsion_threshold=2.0,
-        cfg=2.0,
-        seed=5,
-        eval_bsz=3,
+        RunSpec(8, sizes, labels=labels, seed=5, eval_bsz=3),
+        SamplingConfig(repulsion_threshold=2.0, cfg=2.0),
     )
     got = pipe(
         labels[2:6], group_sizes=sizes, cfg=2.0, repulsion_threshold=2.0, seed=5, start_index=2

@@ -171,7 +171,12 @@ def test_steps_stream_the_tokens_decoded_so_far(model):
     assert torch.equal(
         final,
         sample_tokens(
-            model, labels, orders, sizes, cfg=2.0, generator=torch.Generator().manual_seed(0)
+            model,
+            labels,
+            orders,
+            sizes,
+            generator=torch.Generator().manual_seed(0),
+            sampling=SamplingConfig(cfg=2.0),
         ),
     )
     for _, last, so_far in seen:  # every frame is a prefix of the final tokens

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from lpd.models import build_lpd
-from lpd.sampling import cfg_scales, filter_and_sample, sample_tokens, teacher_forced_logits
+from lpd.sampling import (
+    SamplingConfig,
+    cfg_scales,
+    filter_and_sample,
+    sample_tokens,
+    teacher_forced_logits,
+)
 from lpd.schedules import GroupSizeError
 
 
@@ -26,9 +32,8 @@ def test_greedy_sampling_reproduces_released_tokens(lpd_parity, case):
         fx["labels"],
         fx["orders"],
         fx["group_sizes"],
-        cfg=ref["cfg"],
-        cfg_schedule=ref["cfg_schedule"],
         greedy=True,
+        sampling=SamplingConfig(cfg=ref["cfg"], cfg_schedule=ref["cfg_schedule"]),
     )
     assert torch.equal(tokens, ref["tokens"])
     # top-k 1 is greedy too (the released sampler's setting for these vectors).
@@ -37,10 +42,8 @@ def test_greedy_sampling_reproduces_released_tokens(lpd_parity, case):
         fx["labels"],
         fx["orders"],
         fx["group_sizes"],
-        cfg=ref["cfg"],
-        cfg_schedule=ref["cfg_schedule"],
-        top_k=1,
         generator=torch.Generator().manual_seed(0),
+        sampling=SamplingConfig(cfg=ref["cfg"], cfg_schedule=ref["cfg_schedule"], top_k=1),
     )
     assert torch.equal(tokens_k1, ref["tokens"])
 
@@ -93,8 +96,22 @@ def test_sampling_is_deterministic_and_per_image_generators_are_batch_independen
     _, labels, orders = random_inputs(model, 4, seed=1)
     sizes = [1, 3, 5, 7]
     gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(4)]  # noqa: E731
-    a = sample_tokens(model, labels, orders, sizes, cfg=2.0, temperature=1.0, generator=gens())
-    b = sample_tokens(model, labels, orders, sizes, cfg=2.0, temperature=1.0, generator=gens())
+    a = sample_tokens(
+        model,
+        labels,
+        orders,
+        sizes,
+        generator=gens(),
+        sampling=SamplingConfig(cfg=2.0, temperature=1.0),
+    )
+    b = sample_tokens(
+        model,
+        labels,
+        orders,
+        sizes,
+        generator=gens(),
+        sampling=SamplingConfig(cfg=2.0, temperature=1.0),
+    )
     assert torch.equal(a, b)
     # Image 2 decoded alone (its own generator) is the same image.
     alone = sample_tokens(
@@ -102,12 +119,17 @@ def test_sampling_is_deterministic_and_per_image_generators_are_batch_independen
         labels[2:3],
         orders[2:3],
         sizes,
-        cfg=2.0,
         generator=[torch.Generator().manual_seed(102)],
+        sampling=SamplingConfig(cfg=2.0),
     )
     assert torch.equal(alone[0], a[2])
     c = sample_tokens(
-        model, labels, orders, sizes, cfg=2.0, generator=torch.Generator().manual_seed(5)
+        model,
+        labels,
+        orders,
+        sizes,
+        generator=torch.Generator().manual_seed(5),
+        sampling=SamplingConfig(cfg=2.0),
     )
     assert c.shape == (4, 16) and c.min() >= 0 and c.max() < model.vocab_size
 
@@ -128,7 +150,7 @@ def test_unconditional_sampling():
     tok = sample_tokens(model, None, orders, [1, 15], generator=torch.Generator().manual_seed(0))
     assert tok.shape == (2, 16)
     with pytest.raises(ValueError, match="guidance needs labels"):
-        sample_tokens(model, None, orders, [1, 15], cfg=2.0)
+        sample_tokens(model, None, orders, [1, 15], sampling=SamplingConfig(cfg=2.0))
 
 
 def test_cfg_scales():
@@ -195,7 +217,7 @@ def test_bad_sampling_arguments(kwargs, match):
     model = tiny_model()
     _, labels, orders = random_inputs(model, 1, seed=0)
     with pytest.raises(ValueError, match=match):
-        sample_tokens(model, labels, orders, [1, 15], **kwargs)
+        sample_tokens(model, labels, orders, [1, 15], SamplingConfig(**kwargs))
 
 
 def test_bad_orders_and_group_sizes():
@@ -217,9 +239,11 @@ def test_bf16_autocast_runs_and_mostly_agrees():
     model = tiny_model()
     _, labels, orders = random_inputs(model, 2, seed=4)
     sizes = [1, 3, 12]
-    ref = sample_tokens(model, labels, orders, sizes, greedy=True, cfg=2.0)
+    ref = sample_tokens(model, labels, orders, sizes, greedy=True, sampling=SamplingConfig(cfg=2.0))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = sample_tokens(model, labels, orders, sizes, greedy=True, cfg=2.0)
+        low = sample_tokens(
+            model, labels, orders, sizes, greedy=True, sampling=SamplingConfig(cfg=2.0)
+        )
     assert low.shape == ref.shape
     assert (low == ref).float().mean() > 0.5
 

@@ -97,7 +97,7 @@ def test_buffered_decoding_matches_the_plain_loop(sizes, cfg):
     ref, ref_logits = reference_decode(
         model, labels, orders, sizes, cfg, lambda lg, a, b: lg.argmax(-1)
     )
-    got = sample_tokens(model, labels, orders, sizes, cfg=cfg, greedy=True)
+    got = sample_tokens(model, labels, orders, sizes, greedy=True, sampling=SamplingConfig(cfg=cfg))
     assert torch.equal(got, ref)
     # Teacher forcing with the reference's tokens: the trimmed last block gives the same logits.
     tf = teacher_forced_logits(model, ref, labels, orders, sizes, cfg=cfg)
@@ -122,7 +122,12 @@ def test_sampled_tokens_match_the_plain_loop_with_the_same_uniforms():
         ).view(4, b - a),
     )
     got = sample_tokens(
-        model, labels, orders, sizes, cfg=2.5, generator=torch.Generator().manual_seed(3)
+        model,
+        labels,
+        orders,
+        sizes,
+        generator=torch.Generator().manual_seed(3),
+        sampling=SamplingConfig(cfg=2.5),
     )
     assert torch.equal(got, ref)
 
@@ -177,16 +182,34 @@ def test_compiled_sampler_equals_eager():
     sizes = [1, 2, 3, 10]
     opts = {"backend": "aot_eager"}
     for cfg in (1.0, 3.0):
-        eager = sample_tokens(model, labels, orders, sizes, cfg=cfg, greedy=True)
+        eager = sample_tokens(
+            model, labels, orders, sizes, greedy=True, sampling=SamplingConfig(cfg=cfg)
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)  # a fallback would warn
             compiled = sample_tokens(
-                model, labels, orders, sizes, cfg=cfg, greedy=True, compile=opts
+                model,
+                labels,
+                orders,
+                sizes,
+                greedy=True,
+                compile=opts,
+                sampling=SamplingConfig(cfg=cfg),
             )
             assert torch.equal(compiled, eager)
             gen = lambda: torch.Generator().manual_seed(4)  # noqa: E731
-            a = sample_tokens(model, labels, orders, sizes, cfg=cfg, generator=gen())
-            b = sample_tokens(model, labels, orders, sizes, cfg=cfg, generator=gen(), compile=opts)
+            a = sample_tokens(
+                model, labels, orders, sizes, generator=gen(), sampling=SamplingConfig(cfg=cfg)
+            )
+            b = sample_tokens(
+                model,
+                labels,
+                orders,
+                sizes,
+                generator=gen(),
+                compile=opts,
+                sampling=SamplingConfig(cfg=cfg),
+            )
             assert torch.equal(a, b)
         logits = _static_outputs(model, tokens, labels, orders, sizes, cfg, opts)
         assert (
@@ -203,9 +226,20 @@ def test_inductor_compiled_sampler_equals_eager():
     tokens, labels, orders = inputs(model, 3, seed=11)
     sizes = [1, 2, 3, 10]
     for cfg in (1.0, 3.0):
-        eager = sample_tokens(model, labels, orders, sizes, cfg=cfg, greedy=True)
+        eager = sample_tokens(
+            model, labels, orders, sizes, greedy=True, sampling=SamplingConfig(cfg=cfg)
+        )
         assert torch.equal(
-            sample_tokens(model, labels, orders, sizes, cfg=cfg, greedy=True, compile=True), eager
+            sample_tokens(
+                model,
+                labels,
+                orders,
+                sizes,
+                greedy=True,
+                compile=True,
+                sampling=SamplingConfig(cfg=cfg),
+            ),
+            eager,
         )
         logits = _static_outputs(model, tokens, labels, orders, sizes, cfg, True)
         assert (
@@ -220,7 +254,9 @@ def test_failing_compiler_falls_back_to_eager_with_a_warning():
     model = tiny_model()
     _, labels, orders = inputs(model, 2, seed=3)
     sizes = [1, 3, 12]
-    eager = sample_tokens(model, labels, orders, sizes, cfg=2.0, greedy=True)
+    eager = sample_tokens(
+        model, labels, orders, sizes, greedy=True, sampling=SamplingConfig(cfg=2.0)
+    )
     decoder = Decoder(
         model, SamplingConfig(cfg=2.0), greedy=True, compile={"backend": broken_backend}
     )
@@ -254,10 +290,10 @@ def test_bf16_autocast_decoding_runs(static):
         labels,
         orders,
         [1, 3, 12],
-        cfg=3.0,
         autocast_dtype=torch.bfloat16,
         generator=torch.Generator().manual_seed(0),
         compile=opts,
+        sampling=SamplingConfig(cfg=3.0),
     )
     assert tok.shape == (2, 16) and tok.dtype == torch.long
     assert tok.min() >= 0 and tok.max() < model.vocab_size
@@ -266,12 +302,14 @@ def test_bf16_autocast_decoding_runs(static):
         labels,
         orders,
         [1, 3, 12],
-        cfg=3.0,
         greedy=True,
         autocast_dtype=torch.bfloat16,
         compile=opts,
+        sampling=SamplingConfig(cfg=3.0),
     )
-    greedy32 = sample_tokens(model, labels, orders, [1, 3, 12], cfg=3.0, greedy=True)
+    greedy32 = sample_tokens(
+        model, labels, orders, [1, 3, 12], greedy=True, sampling=SamplingConfig(cfg=3.0)
+    )
     assert (greedy16 == greedy32).float().mean() > 0.5  # bf16 rounding may flip near-ties only
 
 
