@@ -18,7 +18,14 @@ from collections.abc import Sequence
 
 from lpd.checkpoint import CheckpointError
 from lpd.config import ConfigError, HelpFormatter, check_seed, parse_args_with_config, yaml_mapping
-from lpd.datasets import CACHE_FORMATS, CacheError, image_folder, tokenizer_id, write_token_cache
+from lpd.datasets import (
+    CACHE_FORMATS,
+    CacheError,
+    CacheJob,
+    image_folder,
+    tokenizer_id,
+    write_token_cache,
+)
 from lpd.devices import available_cpus
 from lpd.distributed import barrier, cleanup, init_distributed
 from lpd.text.cache import add_caption_args, cache_captions
@@ -135,14 +142,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             img_size=args.img_size,
             num_tokens=(args.img_size // factor) ** 2,
             vocab_size=int(vq.codebook_size),
-            rank=info.rank,
-            world_size=info.world_size,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            device=info.device,
-            shard_size=args.shard_size,
-            barrier=barrier,
-        )
+            job=CacheJob(
+                info.rank, info.world_size, args.batch_size, args.num_workers, info.device,
+                args.shard_size, barrier,
+            ),
+        )  # fmt: skip
         print(f"[rank {info.rank}] encoded {stats.written} images, {stats.skipped} already cached")
     except Exception as e:  # noqa: BLE001 - user errors become one line, the rest is re-raised
         msg = _user_message(e, setting_up)

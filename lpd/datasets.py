@@ -40,6 +40,7 @@ __all__ = [
     "tokenizer_id",
     "write_token_cache",
     "CacheStats",
+    "CacheJob",
     "token_dtype",
 ]
 
@@ -441,6 +442,22 @@ def open_token_cache(
     )
 
 
+@dataclass(frozen=True)
+class CacheJob:
+    """This process's part of a cache: rank ``rank`` of ``world_size``, batches of ``batch_size``
+    (``num_workers`` loaders) encoded on ``device``; ``shard_size``: images per consolidated shard
+    (None: planned); ``barrier``: the process group's."""
+
+    rank: int = 0
+    world_size: int = 1
+    batch_size: int = 64
+    num_workers: int = 4
+    device: torch.device | str = "cpu"
+    shard_size: int | None = None
+    barrier: Callable[[], None] = lambda: None
+    progress: bool = True
+
+
 @dataclass
 class CacheStats:
     """What one rank did: images encoded now, and images found already done."""
@@ -647,22 +664,14 @@ def write_token_cache(
     img_size: int,
     num_tokens: int,
     vocab_size: int,
-    rank: int = 0,
-    world_size: int = 1,
-    batch_size: int = 64,
-    num_workers: int = 4,
-    device: torch.device | str = "cpu",
-    shard_size: int | None = None,
-    barrier: Callable[[], None] = lambda: None,
-    progress: bool = True,
     extra: dict[str, Any] | None = None,
+    job: CacheJob = CacheJob(),
 ) -> CacheStats:
-    """Encode this rank's share of ``dataset`` (ImageFolder API: ``samples``, ``classes``, ``loader``) into ``cached_path``.
-
-    ``encode``: images ``[B, 3, S, S]`` in [-1, 1] -> ids ``[B, h, w]``; ``tokenizer`` is its
-    :func:`tokenizer_id`; ``extra``: more records for ``meta.json`` (JSON values; a rerun must give
-    the same).
-    """
+    """Encode ``job``'s share of ``dataset`` (ImageFolder API: ``samples``, ``classes``,
+    ``loader``) into ``cached_path``. ``encode``: images ``[B, 3, S, S]`` in [-1, 1] -> ids
+    ``[B, h, w]``; ``tokenizer`` is its :func:`tokenizer_id`; ``extra``: more records for
+    ``meta.json`` (JSON values; a rerun must give the same)."""
+    rank, world_size, batch_size, barrier = job.rank, job.world_size, job.batch_size, job.barrier
     if cache_format not in CACHE_FORMATS:
         raise ValueError(f"unknown cache format {cache_format!r}; use one of {CACHE_FORMATS}")
     samples, classes = list(dataset.samples), list(dataset.classes)
@@ -693,7 +702,7 @@ def write_token_cache(
         num_shards, size = (
             (old["num_shards"], old["shard_size"])
             if old
-            else _shard_plan(n, world_size, shard_size)
+            else _shard_plan(n, world_size, job.shard_size)
         )
         want.update(
             num_shards=num_shards, shard_size=size, dtype=token_dtype(vocab_size).name
@@ -701,7 +710,9 @@ def write_token_cache(
         writer = _ConsolidatedWriter(cached_path, want, range(rank, num_shards, world_size))
         mine = [i for s in range(rank, num_shards, world_size) for i in range(*writer.bounds(s))]
         todo = sorted(int(i) for rows in writer.todo.values() for i in rows)
-    _check_decodable(dataset, [samples[i][0] for i in todo], num_workers, progress and rank == 0)
+    _check_decodable(
+        dataset, [samples[i][0] for i in todo], job.num_workers, job.progress and rank == 0
+    )
     barrier()
     if rank == 0:
         _write_record(cached_path, {**want, "state": "incomplete"})
@@ -716,17 +727,17 @@ def write_token_cache(
             torch.utils.data.Subset(dataset, todo),
             batch_size=batch_size,
             shuffle=False,
-            num_workers=num_workers,
-            pin_memory=torch.device(device).type == "cuda",
+            num_workers=job.num_workers,
+            pin_memory=torch.device(job.device).type == "cuda",
         )
         for k, (images, _) in enumerate(
             tqdm(
                 loader,
                 desc=f"caching ({cache_format}, rank 0 of {world_size})",
-                disable=not progress or rank != 0,
+                disable=not job.progress or rank != 0,
             )
         ):
-            images = images.to(device, non_blocking=True)
+            images = images.to(job.device, non_blocking=True)
             with torch.no_grad():
                 toks = encode(torch.cat([images, images.flip(-1)]))
             if toks[0].numel() != num_tokens:

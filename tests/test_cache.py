@@ -320,7 +320,7 @@ def train_config(tmp_path, cache, img_size=IMG, **kw):
 def test_released_cache_of_a_killed_writer_refused_at_open_and_training_start(
     image_folder, tmp_path, capsys, one_thread
 ):
-    from lpd.datasets import CacheError, tokenizer_id, write_token_cache
+    from lpd.datasets import CacheError, CacheJob, tokenizer_id, write_token_cache
     from lpd.datasets import image_folder as make_image_folder
     from lpd.train import train
 
@@ -338,11 +338,7 @@ def test_released_cache_of_a_killed_writer_refused_at_open_and_training_start(
             img_size=IMG,
             num_tokens=16,
             vocab_size=16384,
-            rank=r,
-            world_size=2,
-            batch_size=2,
-            num_workers=0,
-            progress=False,
+            job=CacheJob(r, 2, batch_size=2, num_workers=0, progress=False),
         )
 
     assert rank(0).written == 3

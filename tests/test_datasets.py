@@ -83,12 +83,7 @@ def write(ds, path, fmt, rank=0, world=1, encode=fake_encode, **kw):
         img_size=64,
         num_tokens=N,
         vocab_size=V,
-        rank=rank,
-        world_size=world,
-        batch_size=3,
-        num_workers=0,
-        progress=False,
-        **kw,
+        job=D.CacheJob(rank, world, batch_size=3, num_workers=0, progress=False, **kw),
     )
 
 
@@ -147,10 +142,7 @@ def test_consolidated_resumes_after_interruption(tmp_path):
         img_size=64,
         num_tokens=N,
         vocab_size=V,
-        batch_size=2,
-        num_workers=0,
-        shard_size=3,
-        progress=False,
+        job=D.CacheJob(batch_size=2, num_workers=0, shard_size=3, progress=False),
     )
     with pytest.raises(KeyboardInterrupt):
         D.write_token_cache(ds, str(tmp_path), flaky, "consolidated", **kw)

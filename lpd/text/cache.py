@@ -20,7 +20,13 @@ import torch
 from PIL import Image
 
 from lpd.checkpoint import atomic_write_bytes
-from lpd.datasets import ConsolidatedTokenCache, read_record, tokenizer_id, write_token_cache
+from lpd.datasets import (
+    CacheJob,
+    ConsolidatedTokenCache,
+    read_record,
+    tokenizer_id,
+    write_token_cache,
+)
 from lpd.images import center_crop_arr, image_to_tensor
 from lpd.text.data import (
     CAPTION_FORMATS,
@@ -143,9 +149,8 @@ def write_caption_cache(
         img_size=img_size,
         num_tokens=num_tokens,
         vocab_size=vocab_size,
-        rank=rank,
         extra={"captions": rec},
-        **cache_kwargs,
+        job=CacheJob(rank=rank, **cache_kwargs),
     )
     done = os.path.isfile(os.path.join(cached_path, CAPTIONS_FILE)) and not (
         features and not os.path.isfile(os.path.join(cached_path, FEATURES_FILE))
