@@ -17,10 +17,21 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lpd import hub
 from lpd.checkpoint import CheckpointError, check_output_path
-from lpd.config import ConfigError, HelpFormatter, parse_args_with_config, yaml_mapping
-from lpd.pipeline import add_paper_sampling_args
+from lpd.config import (
+    ConfigError,
+    HelpFormatter,
+    check_positive,
+    parse_args_with_config,
+    yaml_mapping,
+)
+from lpd.distributed import resolve_device
+from lpd.images import load_mask, read_image, save_grid, write_png, written_by_lpd
+from lpd.models import load_lpd
+from lpd.pipeline import LPDPipeline, add_paper_sampling_args, command_line
 from lpd.sampling import SamplingConfig
+from lpd.tokenizer import make_tokenizer
 
 __all__ = ["main"]
 
@@ -106,11 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         args = parse_args_with_config(build_parser(), argv, also_known=demo_parser(), take=take)
         for flag, value in (("--steps", args.steps), ("--num", args.num)):
-            if value < 1:
-                raise ConfigError(f"{flag} must be >= 1, got {value}")
-        from lpd import hub
-        from lpd.images import load_mask, read_image, save_grid, write_png, written_by_lpd
-
+            check_positive(value, flag)
         inputs = [
             (f"--{k}", getattr(args, k))
             for k in ("image", "mask", "pretrained_ckpt", "vqgan_path", "config")
@@ -131,11 +138,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 load_mask(args.mask, None)
             except ValueError as e:
                 raise ConfigError(f"--mask {args.mask}: {e}") from None
-        from lpd.distributed import resolve_device
-        from lpd.models import load_lpd
-        from lpd.pipeline import LPDPipeline, command_line
-        from lpd.tokenizer import make_tokenizer
-
         device = resolve_device(args.device)
         if not (args.pretrained_ckpt or args.model):
             raise ConfigError(

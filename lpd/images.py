@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from lpd.checkpoint import atomic_write_bytes
+from lpd.config import check_positive
 
 __all__ = [
     "ImageFileError",
@@ -139,15 +140,9 @@ def _mask_image(source: ImageSource) -> Image.Image:
     return convert(im, "L")
 
 
-def _check_size(img_size: int) -> int:
-    if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1:
-        raise ValueError(f"img_size must be a positive integer, got {img_size!r}")
-    return img_size
-
-
 def load_image(source: ImageSource, img_size: int) -> np.ndarray:
     """uint8 ``[img_size, img_size, 3]``: a path, PIL image or uint8 ``[H, W, 3]`` array, ADM centre-cropped."""
-    return _adm_crop(convert(_pil(source, "image"), "RGB"), _check_size(img_size))
+    return _adm_crop(convert(_pil(source, "image"), "RGB"), check_positive(img_size, "img_size"))
 
 
 def load_mask(
@@ -156,7 +151,7 @@ def load_mask(
     """bool ``[img_size, img_size]``, True where white (grey >= 128, or 1 in a 0/1 mask): as is at that size
     (or any size with ``img_size=None``), else cropped as ``image``. A mask that selects nothing is refused."""
     mask = _mask_image(source)
-    if img_size is not None and mask.size != (_check_size(img_size),) * 2:
+    if img_size is not None and mask.size != (check_positive(img_size, "img_size"),) * 2:
         got = f"the mask is {mask.height}x{mask.width} (HxW)"
         if image is None:
             raise ValueError(

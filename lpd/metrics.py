@@ -23,7 +23,8 @@ import torch
 from tqdm import tqdm
 
 from lpd import checkpoint, hub
-from lpd.config import HelpFormatter
+from lpd.config import HelpFormatter, check_positive
+from lpd.datasets import DataError, image_folder
 from lpd.distributed import resolve_device
 from lpd.images import IMAGE_EXTENSIONS, ImageFileError, read_image
 
@@ -175,8 +176,6 @@ def _npz_batches(path: str, batch_size: int) -> Iterator[Any]:
 
 def _image_folder_batches(root: str, batch_size: int, img_size: int) -> tuple[int, Iterator]:
     """An ImageFolder (class folders, or a folder with train/) read as by main_cache.py."""
-    from lpd.datasets import DataError, image_folder
-
     try:
         data = image_folder(root, img_size)
     except (OSError, ValueError):  # no class folder, or no image in them
@@ -206,8 +205,7 @@ def image_batches(
 ) -> tuple[int, Iterator[torch.Tensor]]:
     """Check ``images`` and count them without decoding; return (count, uint8 [b, 3, H, W] CPU
     batches). An ImageFolder (class folders) is ADM-cropped to ``img_size``, the rest kept as is."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise MetricsError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_positive(batch_size, "batch_size", MetricsError)
     if isinstance(images, (np.ndarray, torch.Tensor)):
         _nchw(images[:0], "images")
         return len(images), (
