@@ -13,17 +13,7 @@ import numpy as np
 import torch
 import yaml
 
-__all__ = [
-    "ConfigError",
-    "HelpFormatter",
-    "load_config",
-    "parse_args_with_config",
-    "yaml_mapping",
-    "check_seed",
-    "check_run_name",
-    "check_positive",
-    "check_labels",
-]
+__all__ = ["ConfigError", "load_config", "parse_args_with_config"]
 
 
 class ConfigError(ValueError):

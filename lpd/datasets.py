@@ -26,22 +26,12 @@ from lpd.checkpoint import TMP_PREFIX, atomic_write_bytes, state_dict_digest
 from lpd.images import IMAGE_EXTENSIONS, center_crop_arr, image_to_tensor, read_image
 
 __all__ = [
+    "image_folder",
+    "open_token_cache",
+    "write_token_cache",
+    "CacheJob",
     "CacheError",
     "DataError",
-    "center_crop_arr",
-    "ImageFolder",
-    "image_folder",
-    "class_folders",
-    "resolve_image_root",
-    "ReleasedTokenCache",
-    "ConsolidatedTokenCache",
-    "open_token_cache",
-    "read_record",
-    "tokenizer_id",
-    "write_token_cache",
-    "CacheStats",
-    "CacheJob",
-    "token_dtype",
 ]
 
 CACHE_FORMATS = ("released", "consolidated")

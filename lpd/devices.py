@@ -9,14 +9,7 @@ import warnings
 
 import torch
 
-__all__ = [
-    "synchronize",
-    "device_description",
-    "library_versions",
-    "cpu_has_native_bf16",
-    "warn_if_emulated_bf16",
-    "available_cpus",
-]
+__all__ = ["cpu_has_native_bf16", "available_cpus"]
 
 
 def available_cpus() -> int:

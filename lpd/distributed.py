@@ -15,22 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = [
-    "DistInfo",
-    "init_distributed",
-    "resolve_device",
-    "barrier",
-    "broadcast_object",
-    "gather_object",
-    "on_rank0",
-    "rank0_first",
-    "RankError",
-    "cleanup",
-    "launch_env",
-    "report_error",
-    "lost_peer",
-    "exit_process",
-]
+__all__ = ["init_distributed", "resolve_device", "cleanup", "DistInfo"]
 
 
 class RankError(RuntimeError):

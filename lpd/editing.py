@@ -20,14 +20,7 @@ from lpd.sampling import Decoder, SamplingConfig
 from lpd.schedules import group_sizes as schedule_for
 from lpd.schedules import scaled_group_sizes, validate_group_sizes
 
-__all__ = [
-    "edit_tokens",
-    "edit_images",
-    "region_mask",
-    "token_keep",
-    "prefill_layout",
-    "PREFILL_LAYOUTS",
-]
+__all__ = ["edit_tokens", "edit_images", "region_mask", "token_keep"]
 
 PREFILL_LAYOUTS = ("one", "schedule")
 

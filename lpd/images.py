@@ -16,23 +16,7 @@ from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 from lpd.checkpoint import atomic_write_bytes
 from lpd.config import check_positive
 
-__all__ = [
-    "ImageFileError",
-    "IMAGE_EXTENSIONS",
-    "center_crop_arr",
-    "convert",
-    "read_image",
-    "load_image",
-    "load_mask",
-    "written_by_lpd",
-    "image_to_tensor",
-    "to_uint8",
-    "image_path",
-    "write_png",
-    "read_png",
-    "write_npz",
-    "save_grid",
-]
+__all__ = ["load_image", "load_mask", "center_crop_arr", "save_grid"]
 
 ImageSource = str | os.PathLike | Image.Image | np.ndarray
 

@@ -27,18 +27,11 @@ from lpd.schedules import validate_group_sizes
 
 __all__ = [
     "SamplingConfig",
-    "ORDERS",
-    "derive_seed",
-    "add_sampling_args",
-    "sampling_from_args",
     "Decoder",
-    "DecodeStep",
     "sample_tokens",
     "teacher_forced_logits",
-    "step_plan",
-    "StepPlan",
-    "cfg_scales",
-    "filter_and_sample",
+    "add_sampling_args",
+    "sampling_from_args",
 ]
 
 ORDERS = ("lpd", "random", "raster")
