@@ -429,12 +429,8 @@ def compute_metrics(
                 stacklevel=2,
             )
         is_mean, is_std = inception_score(stats.logits, splits)
-    return {
-        "fid": fid,
-        "inception_score": is_mean,
-        "inception_score_std": is_std,
-        "num_images": stats.num_images,
-    }
+    scores = {"fid": fid, "inception_score": is_mean, "inception_score_std": is_std}
+    return {**scores, "num_images": stats.num_images}
 
 
 def _ours(path: str, kind: str) -> bool:
@@ -457,11 +453,8 @@ def _check_output(
     if problem := checkpoint.check_output_path(
         path, flag, inputs, overwrite, lambda p: _ours(p, kind)
     ):
-        what = (
-            "a statistics file (.npz with mu and sigma)"
-            if kind == ".npz"
-            else "a metrics file of lpd.metrics fid"
-        )
+        what = "a metrics file of lpd.metrics fid"
+        what = "a statistics file (.npz with mu and sigma)" if kind == ".npz" else what
         raise MetricsError(problem.replace("was not written by lpd", f"is not {what}"))
 
 
@@ -501,17 +494,11 @@ def _parser() -> argparse.ArgumentParser:
             help=f"torch-fidelity's Inception weights (default: torch hub cache, else {INCEPTION_WEIGHTS_URL})",
         )
         s.add_argument("--batch_size", type=int, default=50)
-        s.add_argument(
-            "--device",
-            default=None,
-            help="torch device (default: the accelerator if any, else cpu)",
-        )
+        device_help = "torch device (default: the accelerator if any, else cpu)"
+        s.add_argument("--device", default=None, help=device_help)
         s.add_argument("--no_progress", action="store_true", help="no progress bar")
-        s.add_argument(
-            "--overwrite",
-            action="store_true",
-            help="replace an output file that is not one of ours",
-        )
+        overwrite_help = "replace an output file that is not one of ours"
+        s.add_argument("--overwrite", action="store_true", help=overwrite_help)
         if name == "stats":
             s.add_argument(
                 "--output", required=True, help="statistics file to write (.npz with mu, sigma)"
@@ -540,19 +527,12 @@ def _run(args: argparse.Namespace) -> FeatureStatistics | dict[str, Any]:
     except ValueError as exc:
         raise MetricsError(str(exc)) from None
     for flag in ("batch_size", "img_size"):
-        if getattr(args, flag) < 1:
-            raise MetricsError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+        check_positive(getattr(args, flag), f"--{flag}", MetricsError)
     _flagged("--input", image_batches, args.input, args.batch_size, args.img_size)  # not decoded
+    run = dict(device=device, progress=not args.no_progress, img_size=args.img_size)
     if args.command == "stats":
         extractor = inception_extractor(args.inception_weights, device)
-        return compute_statistics(
-            args.input,
-            extractor,
-            args.batch_size,
-            device,
-            progress=not args.no_progress,
-            img_size=args.img_size,
-        )
+        return compute_statistics(args.input, extractor, args.batch_size, **run)
     ref = _flagged("--stats", load_statistics, args.stats, flag="--stats")
     if ref[0].shape != (INCEPTION_FEATURES,):
         raise MetricsError(
@@ -560,15 +540,7 @@ def _run(args: argparse.Namespace) -> FeatureStatistics | dict[str, Any]:
             f"{INCEPTION_FEATURES}-d ones: make them with `python -m lpd.metrics stats`"
         )
     extractor = inception_extractor(args.inception_weights, device)
-    return compute_metrics(
-        args.input,
-        ref,
-        extractor,
-        batch_size=args.batch_size,
-        device=device,
-        progress=not args.no_progress,
-        img_size=args.img_size,
-    )
+    return compute_metrics(args.input, ref, extractor, batch_size=args.batch_size, **run)
 
 
 def main(argv: list[str] | None = None) -> int:
