@@ -37,16 +37,8 @@ __all__ = [
 CACHE_FORMATS = ("released", "consolidated")
 META_NAME = "meta.json"
 CROP = "adm_center_crop"  # the crop rule of center_crop_arr, recorded in every cache
-_IDENTITY = (
-    "format",
-    "tokenizer",
-    "img_size",
-    "crop",
-    "num_tokens",
-    "vocab_size",
-    "num_images",
-    "classes",
-    "images",
+_IDENTITY = tuple(
+    "format tokenizer img_size crop num_tokens vocab_size num_images classes images".split()
 )
 _SHARD_KEYS = ("num_shards", "shard_size", "dtype")
 
@@ -85,9 +77,7 @@ def resolve_image_root(data_path: str) -> str:
 
 
 def _visible(name: str) -> bool:
-    return not name.startswith(
-        "."
-    )  # .ipynb_checkpoints, .DS_Store, ._x.jpg: never classes or images
+    return not name.startswith(".")  # .ipynb_checkpoints, .DS_Store, ._x.jpg: never classes/images
 
 
 def _walk_once(top: str, seen: set[str]) -> list[tuple[str, list[str]]]:
@@ -160,11 +150,9 @@ def image_folder(data_path: str, img_size: int) -> ImageFolder:
 def tokenizer_id(tokenizer: torch.nn.Module) -> str:
     """What a tokenizer's ids depend on: ``Class sha256:<weights digest>``, or ``Class(settings)`` without weights."""
     name = type(tokenizer).__name__
-    return (
-        f"{name} sha256:{state_dict_digest(tokenizer)}"
-        if tokenizer.state_dict()
-        else f"{name}({tokenizer.extra_repr()})"
-    )
+    if tokenizer.state_dict():
+        return f"{name} sha256:{state_dict_digest(tokenizer)}"
+    return f"{name}({tokenizer.extra_repr()})"
 
 
 def read_record(root: str) -> dict[str, Any] | None:
@@ -180,12 +168,11 @@ def read_record(root: str) -> dict[str, Any] | None:
             f"cache record {path!r} cannot be read ({e}); the cache files cannot be trusted: "
             f"{_start_over(root)}"
         ) from e
+    ok = isinstance(rec, dict)
     need = (
-        _IDENTITY
-        + ("state",)
-        + (_SHARD_KEYS if isinstance(rec, dict) and rec.get("format") == "consolidated" else ())
+        _IDENTITY + ("state",) + (_SHARD_KEYS if ok and rec.get("format") == "consolidated" else ())
     )
-    missing = [k for k in need if k not in rec] if isinstance(rec, dict) else list(need)
+    missing = [k for k in need if k not in rec] if ok else list(need)
     if (
         missing
         or rec["format"] not in CACHE_FORMATS
@@ -199,9 +186,8 @@ def read_record(root: str) -> dict[str, Any] | None:
 
 
 def _write_record(root: str, rec: dict[str, Any]) -> None:
-    atomic_write_bytes(
-        os.path.join(root, META_NAME), lambda f: f.write(json.dumps(rec, indent=1).encode("utf-8"))
-    )
+    data = json.dumps(rec, indent=1).encode("utf-8")
+    atomic_write_bytes(os.path.join(root, META_NAME), lambda f: f.write(data))
 
 
 def _checked_record(
@@ -300,14 +286,10 @@ class ReleasedTokenCache(_TokenCache):
         self.root, self.num_tokens, self.vocab_size = root, num_tokens, vocab_size
         rec = _checked_record(root, "released", num_tokens, vocab_size)
         recorded = list(rec["classes"]) if rec is not None else []
-        disk = sorted(
-            e.name
-            for e in os.scandir(root)
-            if e.is_dir() and (_visible(e.name) or e.name in recorded)
-        )
-        if rec is not None and set(disk) != set(
-            recorded
-        ):  # labels are the record's: a stray folder shifts none
+        dirs = [e.name for e in os.scandir(root) if e.is_dir()]
+        disk = sorted(d for d in dirs if _visible(d) or d in recorded)
+        # labels are the record's: a stray folder shifts none
+        if rec is not None and set(disk) != set(recorded):
             extra, missing = sorted(set(disk) - set(recorded)), sorted(set(recorded) - set(disk))
             raise CacheError(
                 f"the class folders of cache {root!r} differ from its {META_NAME} (on disk only: "
@@ -317,7 +299,7 @@ class ReleasedTokenCache(_TokenCache):
         self.classes = recorded or disk
         per_class = [_cached_files(root, c) for c in self.classes]
         self.files = [
-            os.path.join(root, c, n) for c, names in zip(self.classes, per_class) for n in names
+            os.path.join(root, c, n) for c, ns in zip(self.classes, per_class) for n in ns
         ]
         if not self.files:
             raise CacheError(
@@ -329,9 +311,8 @@ class ReleasedTokenCache(_TokenCache):
                 f"{rec['num_images']} images; rerun main_cache.py with the same command to rewrite "
                 f"missing files, or {_start_over(root)}"
             )
-        self.labels = np.repeat(
-            np.arange(len(per_class), dtype=np.int64), [len(n) for n in per_class]
-        )
+        counts = [len(n) for n in per_class]
+        self.labels = np.repeat(np.arange(len(per_class), dtype=np.int64), counts)
         self.load(0)
 
     def load(self, index: int) -> np.ndarray:
@@ -354,10 +335,8 @@ class ReleasedTokenCache(_TokenCache):
 def _shard_names(root: str, shard: int) -> dict[str, str]:
     """The shard's files; ``done`` is the per-row done mask of an unfinished shard."""
     base = os.path.join(root, f"shard-{shard:05d}")
-    return {
-        k: f"{base}.{k}.npy" + (".partial" if k == "done" else "")
-        for k in ("tokens", "labels", "index", "done")
-    }
+    names = {k: f"{base}.{k}.npy" for k in ("tokens", "labels", "index", "done")}
+    return names | {"done": names["done"] + ".partial"}
 
 
 class ConsolidatedTokenCache(_TokenCache):
@@ -366,10 +345,8 @@ class ConsolidatedTokenCache(_TokenCache):
     def __init__(self, root: str, num_tokens: int, vocab_size: int | None = None) -> None:
         self.root, self.num_tokens, self.vocab_size = root, num_tokens, vocab_size
         rec = _checked_record(root, "consolidated", num_tokens, vocab_size)
-        self.classes, self.paths = (
-            list(rec["classes"]),
-            [_shard_names(root, s) for s in range(int(rec["num_shards"]))],
-        )
+        self.classes = list(rec["classes"])
+        self.paths = [_shard_names(root, s) for s in range(int(rec["num_shards"]))]
         parts = []
         fix = "delete the shard's files and rerun main_cache.py with the same command"
         for names in self.paths:
@@ -408,9 +385,8 @@ class ConsolidatedTokenCache(_TokenCache):
             self._mm = [np.load(p["tokens"], mmap_mode="r") for p in self.paths]
         s, r = int(self.shard[index]), int(self.row[index])
         where = f"cache shard file {self.paths[s]['tokens']!r} (row {r})"
-        return _check_tokens(
-            np.asarray(self._mm[s][r]), 2 * self.num_tokens, self.vocab_size, where
-        ).reshape(2, -1)
+        row = np.asarray(self._mm[s][r])
+        return _check_tokens(row, 2 * self.num_tokens, self.vocab_size, where).reshape(2, -1)
 
 
 def open_token_cache(
@@ -427,9 +403,8 @@ def open_token_cache(
         raise ValueError(
             f"unknown cache format {cache_format!r}; use auto, released or consolidated"
         )
-    return (ReleasedTokenCache if fmt == "released" else ConsolidatedTokenCache)(
-        root, num_tokens, vocab_size
-    )
+    layout = ReleasedTokenCache if fmt == "released" else ConsolidatedTokenCache
+    return layout(root, num_tokens, vocab_size)
 
 
 @dataclass(frozen=True)
@@ -480,12 +455,8 @@ def _check_rerun(root: str, want: dict[str, Any]) -> dict[str, Any] | None:
             )
         return None
     keys = _IDENTITY + tuple(k for k in want if k not in _IDENTITY)  # and the caller's extras
-    diffs = [
-        f"{k} {_show(rec.get(k))} there, {_show(want[k])} now"
-        for k in keys
-        if rec.get(k) != want[k]
-    ]
-    if diffs:
+    diffs = [f"{k} {_show(rec.get(k))} there, {_show(want[k])} now" for k in keys]
+    if diffs := [d for k, d in zip(keys, diffs) if rec.get(k) != want[k]]:
         raise CacheError(
             f"{root!r} holds a cache of other inputs ({'; '.join(diffs)}); a rerun must use the same "
             f"ones: {_start_over(root)}"
@@ -498,12 +469,8 @@ class _ConsolidatedWriter:
 
     def __init__(self, root: str, rec: dict[str, Any], shards: Sequence[int]) -> None:
         self.root, self.rec, self.size = root, rec, int(rec["shard_size"])
-        self.todo: dict[
-            int, np.ndarray
-        ] = {}  # unfinished shard -> ImageFolder indices not encoded yet
-        self.open: dict[
-            int, tuple[np.ndarray, np.ndarray]
-        ] = {}  # shard -> (tokens, done mask), memory-mapped
+        self.todo: dict[int, np.ndarray] = {}  # unfinished shard -> indices not encoded yet
+        self.open: dict[int, tuple] = {}  # shard -> (tokens, done mask), memory-mapped
         for s in shards:
             names, (lo, hi) = _shard_names(root, s), self.bounds(s)
             tok_p, done_p = names["tokens"] + ".partial", names["done"]
@@ -512,20 +479,16 @@ class _ConsolidatedWriter:
             self.todo[s] = np.arange(lo, hi)
             if not (os.path.isfile(tok_p) and os.path.isfile(done_p)):
                 continue
-            toks, done = (
-                np.lib.format.open_memmap(tok_p, mode="r+"),
-                np.lib.format.open_memmap(done_p, mode="r+"),
+            toks, done = (np.lib.format.open_memmap(p, mode="r+") for p in (tok_p, done_p))
+            shape, dtype = (hi - lo, 2, int(rec["num_tokens"])), np.dtype(rec["dtype"])
+            fits = (
+                (done_p, done.shape == shape[:1]),
+                (tok_p, toks.shape == shape and toks.dtype == dtype),
             )
-            if done.shape != (hi - lo,):
-                raise CacheError(
-                    f"unfinished shard file {done_p!r} does not fit this cache: {_start_over(root)}"
-                )
-            if toks.shape != (hi - lo, 2, int(rec["num_tokens"])) or toks.dtype != np.dtype(
-                rec["dtype"]
-            ):
-                raise CacheError(
-                    f"unfinished shard file {tok_p!r} does not fit this cache: {_start_over(root)}"
-                )
+            for path, ok in fits:
+                if not ok:
+                    msg = f"unfinished shard file {path!r} does not fit this cache"
+                    raise CacheError(f"{msg}: {_start_over(root)}")
             self.open[s], self.todo[s] = (toks, done), np.flatnonzero(done == 0) + lo
 
     def bounds(self, s: int) -> tuple[int, int]:
@@ -544,18 +507,13 @@ class _ConsolidatedWriter:
                     np.lib.format.open_memmap(names["tokens"] + ".partial", "w+", dtype, shape),
                     np.lib.format.open_memmap(names["done"], "w+", np.uint8, (hi - lo,)),
                 )
-            for key, arr in (
-                ("labels", labels[lo:hi]),
-                ("index", np.arange(lo, hi, dtype=np.int64)),
-            ):
+            rows = (("labels", labels[lo:hi]), ("index", np.arange(lo, hi, dtype=np.int64)))
+            for key, arr in rows:
                 atomic_write_bytes(names[key] + ".partial", lambda f, a=arr: np.save(f, a))
 
     def commit(self, indices: Sequence[int], tokens: np.ndarray) -> None:
         """Write and flush the rows of ``indices``, then mark them done; finish the shards that are complete."""
-        for k, values in (
-            (0, tokens),
-            (1, [1] * len(indices)),
-        ):  # tokens flushed before their done marks
+        for k, values in ((0, tokens), (1, [1] * len(indices))):  # tokens flushed, then marked
             for i, v in zip(indices, values):
                 self.open[i // self.size][k][i % self.size] = v
             for s in sorted({i // self.size for i in indices}):
@@ -570,11 +528,7 @@ class _ConsolidatedWriter:
                 os.fsync(f.fileno())
             del toks, done
             names = _shard_names(self.root, s)
-            for key in (
-                "labels",
-                "index",
-                "tokens",
-            ):  # tokens last: its presence marks the shard complete
+            for key in ("labels", "index", "tokens"):  # tokens last: they mark the shard complete
                 os.replace(names[key] + ".partial", names[key])
             os.unlink(names["done"])
 
@@ -592,20 +546,12 @@ def _decode_errors(loader: Callable[[str], Any], paths: list[str]) -> list[str]:
 
 def _check_decodable(dataset, paths: list[str], num_workers: int, progress: bool) -> None:
     """Decode every image of ``paths`` with ``dataset.loader``; one :class:`CacheError` lists those that fail."""
-    batches = torch.utils.data.DataLoader(
-        paths,
-        batch_size=64,
-        num_workers=num_workers,
-        collate_fn=functools.partial(_decode_errors, dataset.loader),
+    check = functools.partial(_decode_errors, dataset.loader)
+    batches = torch.utils.data.DataLoader(paths, 64, num_workers=num_workers, collate_fn=check)
+    batches = tqdm(
+        batches, desc="checking that the images decode", disable=not (progress and paths)
     )
-    bad = [
-        e
-        for b in tqdm(
-            batches, desc="checking that the images decode", disable=not (progress and paths)
-        )
-        for e in b
-    ]
-    if bad:
+    if bad := [e for b in batches for e in b]:
         raise CacheError(
             f"{len(bad)} image file(s) cannot be decoded, nothing was encoded: {'; '.join(bad[:5])}"
             f"{' ...' if len(bad) > 5 else ''}; remove or replace them (a new set of images needs another "
@@ -615,12 +561,10 @@ def _check_decodable(dataset, paths: list[str], num_workers: int, progress: bool
 
 def _complete(root: str, rec: dict[str, Any], names: Sequence[str], classes: Sequence[str]) -> bool:
     if rec["format"] == "consolidated":
-        return all(
-            os.path.isfile(_shard_names(root, s)["tokens"]) for s in range(int(rec["num_shards"]))
-        )
-    have = {
-        os.path.join(c, n) for c in classes for n in _cached_files(root, c)
-    }  # every rank made every class folder
+        shards = range(int(rec["num_shards"]))
+        return all(os.path.isfile(_shard_names(root, s)["tokens"]) for s in shards)
+    # every rank made every class folder
+    have = {os.path.join(c, n) for c in classes for n in _cached_files(root, c)}
     return all(n + ".npz" in have for n in names)
 
 
@@ -628,13 +572,9 @@ def _image_names(dataset, samples: Sequence[tuple[str, int]], classes: Sequence[
     """``class/path in the class folder`` of each image (distinct: the released layout's file names)."""
     root = getattr(dataset, "root", None)
     tops = [os.path.join(root, c, "") if root else None for c in classes]
-    names = [
-        os.path.join(
-            classes[t],
-            p[len(tops[t]) :] if tops[t] and p.startswith(tops[t]) else os.path.basename(p),
-        )
-        for p, t in samples
-    ]
+    inner = [p[len(tops[t]) :] if tops[t] and p.startswith(tops[t]) else os.path.basename(p)
+             for p, t in samples]  # fmt: skip
+    names = [os.path.join(classes[t], i) for (_, t), i in zip(samples, inner)]
     if len(set(names)) != len(names):
         dup = next(n for n, k in collections.Counter(names).items() if k > 1)
         raise CacheError(
@@ -669,18 +609,9 @@ def write_token_cache(
         raise CacheError("the ImageFolder holds no images")
     names = _image_names(dataset, samples, classes)
     listing = "".join(n.replace(os.sep, "/") + "\n" for n in names)
-    want: dict[str, Any] = dict(
-        format=cache_format,
-        tokenizer=tokenizer,
-        img_size=img_size,
-        crop=CROP,
-        num_tokens=num_tokens,
-        vocab_size=vocab_size,
-        num_images=n,
-        classes=classes,
-        images="sha256:" + hashlib.sha256(listing.encode()).hexdigest(),
-        **(extra or {}),
-    )
+    images = "sha256:" + hashlib.sha256(listing.encode()).hexdigest()
+    values = (cache_format, tokenizer, img_size, CROP, num_tokens, vocab_size, n, classes, images)
+    want: dict[str, Any] = {**dict(zip(_IDENTITY, values)), **(extra or {})}
     os.makedirs(cached_path, exist_ok=True)
     old = _check_rerun(cached_path, want)
     writer = None
@@ -689,20 +620,14 @@ def write_token_cache(
         targets = {i: os.path.join(cached_path, names[i] + ".npz") for i in mine}
         todo = [i for i in mine if not os.path.isfile(targets[i])]
     else:
-        num_shards, size = (
-            (old["num_shards"], old["shard_size"])
-            if old
-            else _shard_plan(n, world_size, job.shard_size)
-        )
-        want.update(
-            num_shards=num_shards, shard_size=size, dtype=token_dtype(vocab_size).name
-        )  # the first run's plan
+        plan = (old["num_shards"], old["shard_size"]) if old else None  # the first run's plan
+        num_shards, size = plan or _shard_plan(n, world_size, job.shard_size)
+        want.update(num_shards=num_shards, shard_size=size, dtype=token_dtype(vocab_size).name)
         writer = _ConsolidatedWriter(cached_path, want, range(rank, num_shards, world_size))
         mine = [i for s in range(rank, num_shards, world_size) for i in range(*writer.bounds(s))]
         todo = sorted(int(i) for rows in writer.todo.values() for i in rows)
-    _check_decodable(
-        dataset, [samples[i][0] for i in todo], job.num_workers, job.progress and rank == 0
-    )
+    show = job.progress and rank == 0
+    _check_decodable(dataset, [samples[i][0] for i in todo], job.num_workers, show)
     barrier()
     if rank == 0:
         _write_record(cached_path, {**want, "state": "incomplete"})
@@ -713,20 +638,13 @@ def write_token_cache(
     else:
         writer.start(np.asarray([t for _, t in samples], dtype=np.int64))
     if todo:
+        pin = torch.device(job.device).type == "cuda"
+        subset = torch.utils.data.Subset(dataset, todo)
         loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(dataset, todo),
-            batch_size=batch_size,
-            shuffle=False,
-            num_workers=job.num_workers,
-            pin_memory=torch.device(job.device).type == "cuda",
+            subset, batch_size, shuffle=False, num_workers=job.num_workers, pin_memory=pin
         )
-        for k, (images, _) in enumerate(
-            tqdm(
-                loader,
-                desc=f"caching ({cache_format}, rank 0 of {world_size})",
-                disable=not job.progress or rank != 0,
-            )
-        ):
+        desc = f"caching ({cache_format}, rank 0 of {world_size})"
+        for k, (images, _) in enumerate(tqdm(loader, desc=desc, disable=not show)):
             images = images.to(job.device, non_blocking=True)
             with torch.no_grad():
                 toks = encode(torch.cat([images, images.flip(-1)]))
@@ -734,22 +652,18 @@ def write_token_cache(
                 raise CacheError(
                     f"the tokenizer gives {toks[0].numel()} tokens per image, expected {num_tokens}"
                 )
-            toks = (
-                toks.reshape(2, images.shape[0], -1).transpose(0, 1).cpu().numpy().astype(np.int64)
-            )  # [B, 2, N]
+            toks = toks.reshape(2, len(images), -1).transpose(0, 1).cpu().numpy().astype(np.int64)
             idx = todo[k * batch_size : (k + 1) * batch_size]
             if writer is None:
-                for i, t in zip(idx, toks):
-                    atomic_write_bytes(
-                        targets[i], lambda f, t=t: np.savez(f, indices=t[0], indices_flip=t[1])
-                    )
+                for i, t in zip(idx, toks):  # t: [2, N]
+                    save = lambda f, t=t: np.savez(f, indices=t[0], indices_flip=t[1])  # noqa: E731
+                    atomic_write_bytes(targets[i], save)
             else:
                 writer.commit(idx, toks)
     if writer is not None:
         writer.finish_complete()
     barrier()
-    if read_record(cached_path)["state"] != "complete" and _complete(
-        cached_path, want, names, classes
-    ):
+    done = read_record(cached_path)["state"] == "complete"
+    if not done and _complete(cached_path, want, names, classes):
         _write_record(cached_path, {**want, "state": "complete"})
     return CacheStats(written=len(todo), skipped=len(mine) - len(todo))
