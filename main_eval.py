@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from lpd import hub
+from lpd import hub, metrics
 from lpd.checkpoint import CheckpointError
 from lpd.config import (
     ConfigError,
@@ -38,7 +38,6 @@ from lpd.config import (
 )
 from lpd.distributed import RankError, cleanup, init_distributed, rank0_first
 from lpd.evaluate import RunSpec, Scoring, evaluate
-from lpd.metrics import resolve_inception_weights
 from lpd.orders import load_orders
 from lpd.pipeline import add_paper_sampling_args, paper_settings
 from lpd.sampling import SamplingConfig, sampling_from_args
@@ -234,7 +233,9 @@ def needed_files(args: argparse.Namespace) -> dict[str, str]:
             args.fid_stats, what="FID statistics", flag="--fid_stats"
         )
     if not args.no_fid:
-        more["Inception weights"] = lambda: resolve_inception_weights(args.inception_weights)
+        more["Inception weights"] = lambda: metrics.resolve_inception_weights(
+            args.inception_weights
+        )
     vq = args.tokenizer == "vq" and (args.vqgan_path or args.vq_config is None)
     return hub.resolve_model_files(
         args.model,

@@ -1,4 +1,4 @@
-"""Training data: ImageFolder with the ADM centre crop, and the token caches of ``main_cache.py``.
+"""Training data: the token caches of ``main_cache.py`` (the ImageFolder is in :mod:`lpd.images`).
 
 Layouts and records: docs/design.md. Both layouts read as ``(tokens int64 [2, h*w], label)`` in ImageFolder
 order; consolidated shards hold int16 tokens (int32 for vocabularies over 32768).
@@ -19,11 +19,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from lpd.checkpoint import TMP_PREFIX, atomic_write_bytes, state_dict_digest
-from lpd.images import IMAGE_EXTENSIONS, center_crop_arr, image_to_tensor, read_image
+from lpd.images import DataError, image_folder, visible, walk_once
 
 __all__ = [
     "image_folder",
@@ -43,108 +42,12 @@ _IDENTITY = tuple(
 _SHARD_KEYS = ("num_shards", "shard_size", "dtype")
 
 
-class DataError(RuntimeError):
-    """A training file that cannot be read. Raised in a DataLoader worker, it keeps its one-line
-    message (torch re-raises it as ``type(e)("Caught ...<traceback>...Class: message")``)."""
-
-    def __init__(self, message: str = "") -> None:
-        head = f"{type(self).__module__}.{type(self).__qualname__}: "
-        if message.startswith("Caught ") and head in message:
-            message = message.rsplit(head, 1)[1].strip()
-        super().__init__(message)
-
-
 class CacheError(DataError):
     """A token cache that cannot be read, is incomplete, or does not fit the model or the run."""
 
 
 def _start_over(root: str) -> str:
     return f"use another --cached_path, or delete {root!r} to start over"
-
-
-def _crop_to_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
-    return image_to_tensor(center_crop_arr(img, image_size))[0]
-
-
-def resolve_image_root(data_path: str) -> str:
-    """``data_path/train`` when it exists (the released ``--data_path IMAGENET``), else ``data_path``."""
-    if not os.path.isdir(data_path):
-        raise FileNotFoundError(
-            f"--data_path {data_path!r} is not a folder; give an ImageFolder (class sub-folders of images)"
-        )
-    train = os.path.join(data_path, "train")
-    return train if os.path.isdir(train) else data_path
-
-
-def _visible(name: str) -> bool:
-    return not name.startswith(".")  # .ipynb_checkpoints, .DS_Store, ._x.jpg: never classes/images
-
-
-def _walk_once(top: str, seen: set[str]) -> list[tuple[str, list[str]]]:
-    """``(folder, sorted visible files)`` under ``top`` in sorted order, each real folder once (links followed
-    once: no loops, no images counted twice)."""
-    found = []
-    for root, dirs, files in os.walk(top, followlinks=True):
-        real = os.path.realpath(root)
-        dirs[:] = [] if real in seen else sorted(filter(_visible, dirs))
-        if real not in seen:
-            seen.add(real)
-            found.append((root, sorted(filter(_visible, files))))
-    return sorted(found)
-
-
-def class_folders(root: str) -> list[str]:
-    """The class folders of ``root``, sorted; hidden folders are not classes."""
-    return sorted(e.name for e in os.scandir(root) if e.is_dir() and _visible(e.name))
-
-
-class ImageFolder(torch.utils.data.Dataset):
-    """torchvision's ImageFolder (``root``, ``classes``, ``samples``, ``loader``; sorted classes and files) with
-    the ADM crop: ``(float32 [3, S, S] in [-1, 1], label)``. Hidden folders and files are skipped, a linked
-    folder is read once (no loops), images are read by their mode (16-bit greys too)."""
-
-    def __init__(self, root: str, img_size: int) -> None:
-        self.root, self.img_size, self.loader = root, img_size, read_image
-        if not (classes := class_folders(root)):
-            raise FileNotFoundError(
-                f"--data_path {root!r} holds no class folders (class sub-folders of images)"
-            )
-        seen: set[str] = set()
-        self.classes, self.samples = (
-            classes,
-            [
-                (os.path.join(folder, name), label)
-                for label, c in enumerate(classes)
-                for folder, files in _walk_once(os.path.join(root, c), seen)
-                for name in files
-                if name.lower().endswith(IMAGE_EXTENSIONS)
-            ],
-        )
-        labels = {t for _, t in self.samples}
-        if empty := [c for label, c in enumerate(classes) if label not in labels]:
-            raise FileNotFoundError(
-                f"class folder(s) {', '.join(empty[:5])} of {root!r} hold no images "
-                f"({', '.join(IMAGE_EXTENSIONS)}), or only folders already read through a link"
-            )
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[index]
-        try:
-            image = self.loader(path)
-        except Exception as e:  # noqa: BLE001 - re-raised with the file name
-            raise DataError(
-                f"image {path!r} cannot be decoded ({type(e).__name__}: {e}); remove or replace it "
-                f"and rerun"
-            ) from e
-        return _crop_to_tensor(image, self.img_size), label
-
-
-def image_folder(data_path: str, img_size: int) -> ImageFolder:
-    """The :class:`ImageFolder` of ``data_path`` (or of its ``train/``)."""
-    return ImageFolder(resolve_image_root(data_path), img_size)
 
 
 def tokenizer_id(tokenizer: torch.nn.Module) -> str:
@@ -261,7 +164,7 @@ def _cached_files(root: str, class_name: str) -> list[str]:
     top = os.path.join(root, class_name)
     return [
         os.path.join(folder[len(top) + 1 :], name)
-        for folder, files in _walk_once(top, set())
+        for folder, files in walk_once(top, set())
         for name in files
         if name.endswith(".npz")
     ]
@@ -287,7 +190,7 @@ class ReleasedTokenCache(_TokenCache):
         rec = _checked_record(root, "released", num_tokens, vocab_size)
         recorded = list(rec["classes"]) if rec is not None else []
         dirs = [e.name for e in os.scandir(root) if e.is_dir()]
-        disk = sorted(d for d in dirs if _visible(d) or d in recorded)
+        disk = sorted(d for d in dirs if visible(d) or d in recorded)
         # labels are the record's: a stray folder shifts none
         if rec is not None and set(disk) != set(recorded):
             extra, missing = sorted(set(disk) - set(recorded)), sorted(set(recorded) - set(disk))

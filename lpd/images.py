@@ -1,5 +1,5 @@
 """Images in and out: the ADM centre crop, input images and edit masks, PNGs, the ADM ``.npz`` of a run,
-sample grids, and uint8 pixels <-> tensors in [-1, 1]. Writes are atomic."""
+sample grids, uint8 pixels <-> tensors in [-1, 1], and the training ImageFolder. Writes are atomic."""
 
 from __future__ import annotations
 
@@ -25,25 +25,8 @@ class ImageFileError(ValueError):
     """An image file that is missing or cannot be decoded."""
 
 
-_WIDE_GREYS = (
-    "I",
-    "I;16",
-    "I;16B",
-    "I;16L",
-    "I;16N",
-    "F",
-)  # PIL's convert() clips these to 0..255 (white)
-IMAGE_EXTENSIONS = (
-    ".jpg",
-    ".jpeg",
-    ".png",
-    ".ppm",
-    ".bmp",
-    ".pgm",
-    ".tif",
-    ".tiff",
-    ".webp",
-)  # torchvision's
+_WIDE_GREYS = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # convert() clips these to 0..255
+IMAGE_EXTENSIONS = tuple(".jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp".split())  # torchvision's
 SOFTWARE = "lpd"  # the Software text of the PNGs lpd writes
 _PNG_INFO = PngImagePlugin.PngInfo()
 _PNG_INFO.add_text("Software", SOFTWARE)
@@ -282,3 +265,100 @@ def save_grid(
         x = left + c * (tw + gutter) + (tw - measure((0, 0), text, font=font)[2]) // 2
         draw.text((x, pad), text, fill=(0, 0, 0), font=font)
     atomic_write_bytes(path, lambda f: canvas.save(f, format="PNG", pnginfo=_PNG_INFO))
+
+
+class DataError(RuntimeError):
+    """A training file that cannot be read. Raised in a DataLoader worker, it keeps its one-line
+    message (torch re-raises it as ``type(e)("Caught ...<traceback>...Class: message")``)."""
+
+    def __init__(self, message: str = "") -> None:
+        head = f"{type(self).__module__}.{type(self).__qualname__}: "
+        if message.startswith("Caught ") and head in message:
+            message = message.rsplit(head, 1)[1].strip()
+        super().__init__(message)
+
+
+def _crop_to_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
+    return image_to_tensor(center_crop_arr(img, image_size))[0]
+
+
+def resolve_image_root(data_path: str) -> str:
+    """``data_path/train`` when it exists (the released ``--data_path IMAGENET``), else ``data_path``."""
+    if not os.path.isdir(data_path):
+        raise FileNotFoundError(
+            f"--data_path {data_path!r} is not a folder; give an ImageFolder (class sub-folders of images)"
+        )
+    train = os.path.join(data_path, "train")
+    return train if os.path.isdir(train) else data_path
+
+
+def visible(name: str) -> bool:
+    """Whether a file or folder name counts (hidden ones never do)."""
+    return not name.startswith(".")  # .ipynb_checkpoints, .DS_Store, ._x.jpg: never classes/images
+
+
+def walk_once(top: str, seen: set[str]) -> list[tuple[str, list[str]]]:
+    """``(folder, sorted visible files)`` under ``top`` in sorted order, each real folder once (links followed
+    once: no loops, no images counted twice)."""
+    found = []
+    for root, dirs, files in os.walk(top, followlinks=True):
+        real = os.path.realpath(root)
+        dirs[:] = [] if real in seen else sorted(filter(visible, dirs))
+        if real not in seen:
+            seen.add(real)
+            found.append((root, sorted(filter(visible, files))))
+    return sorted(found)
+
+
+def class_folders(root: str) -> list[str]:
+    """The class folders of ``root``, sorted; hidden folders are not classes."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and visible(e.name))
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """torchvision's ImageFolder (``root``, ``classes``, ``samples``, ``loader``; sorted classes and files) with
+    the ADM crop: ``(float32 [3, S, S] in [-1, 1], label)``. Hidden folders and files are skipped, a linked
+    folder is read once (no loops), images are read by their mode (16-bit greys too)."""
+
+    def __init__(self, root: str, img_size: int) -> None:
+        self.root, self.img_size, self.loader = root, img_size, read_image
+        if not (classes := class_folders(root)):
+            raise FileNotFoundError(
+                f"--data_path {root!r} holds no class folders (class sub-folders of images)"
+            )
+        seen: set[str] = set()
+        self.classes, self.samples = (
+            classes,
+            [
+                (os.path.join(folder, name), label)
+                for label, c in enumerate(classes)
+                for folder, files in walk_once(os.path.join(root, c), seen)
+                for name in files
+                if name.lower().endswith(IMAGE_EXTENSIONS)
+            ],
+        )
+        labels = {t for _, t in self.samples}
+        if empty := [c for label, c in enumerate(classes) if label not in labels]:
+            raise FileNotFoundError(
+                f"class folder(s) {', '.join(empty[:5])} of {root!r} hold no images "
+                f"({', '.join(IMAGE_EXTENSIONS)}), or only folders already read through a link"
+            )
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        try:
+            image = self.loader(path)
+        except Exception as e:  # noqa: BLE001 - re-raised with the file name
+            raise DataError(
+                f"image {path!r} cannot be decoded ({type(e).__name__}: {e}); remove or replace it "
+                f"and rerun"
+            ) from e
+        return _crop_to_tensor(image, self.img_size), label
+
+
+def image_folder(data_path: str, img_size: int) -> ImageFolder:
+    """The :class:`ImageFolder` of ``data_path`` (or of its ``train/``)."""
+    return ImageFolder(resolve_image_root(data_path), img_size)

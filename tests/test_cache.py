@@ -14,7 +14,8 @@ from PIL import Image
 
 import main_cache
 from lpd.config import load_config
-from lpd.datasets import center_crop_arr, open_token_cache
+from lpd.datasets import open_token_cache
+from lpd.images import center_crop_arr
 from lpd.tokenizer import make_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from lpd import datasets as D
+from lpd.images import center_crop_arr, resolve_image_root
 from lpd.train import EpochBatchSampler
 
 N, V = 16, 1000
@@ -23,24 +24,24 @@ def test_center_crop_shapes_and_halving():
     rng = np.random.default_rng(0)
     for h, w in [(300, 700), (64, 64), (30, 50), (1000, 600)]:
         img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
-        out = D.center_crop_arr(img, 64)
+        out = center_crop_arr(img, 64)
         assert out.shape == (64, 64, 3) and out.dtype == np.uint8
     flat = Image.new("RGB", (513, 257), (10, 200, 30))
-    assert (D.center_crop_arr(flat, 128) == np.array([10, 200, 30], dtype=np.uint8)).all()
+    assert (center_crop_arr(flat, 128) == np.array([10, 200, 30], dtype=np.uint8)).all()
     # A left/right split image keeps its split in the centre column after the crop.
     arr = np.zeros((100, 300, 3), dtype=np.uint8)
     arr[:, 150:] = 255
-    out = D.center_crop_arr(Image.fromarray(arr), 50)
+    out = center_crop_arr(Image.fromarray(arr), 50)
     assert out[:, :20].max() == 0 and out[:, -20:].min() == 255
 
 
 def test_resolve_image_root(tmp_path):
     (tmp_path / "a").mkdir()
-    assert D.resolve_image_root(str(tmp_path)) == str(tmp_path)
+    assert resolve_image_root(str(tmp_path)) == str(tmp_path)
     (tmp_path / "train").mkdir()
-    assert D.resolve_image_root(str(tmp_path)) == os.path.join(str(tmp_path), "train")
+    assert resolve_image_root(str(tmp_path)) == os.path.join(str(tmp_path), "train")
     with pytest.raises(FileNotFoundError):
-        D.resolve_image_root(str(tmp_path / "missing"))
+        resolve_image_root(str(tmp_path / "missing"))
 
 
 # ---------------------------------------------------------------------------------------------- writing

@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from lpd import datasets
 from lpd.images import (
     ImageFileError,
     center_crop_arr,
+    image_folder,
     image_to_tensor,
     load_image,
     load_mask,
@@ -35,7 +35,9 @@ def test_load_image_from_path_pil_and_array_agree(tmp_path, photo):
         assert got.dtype == np.uint8 and got.shape == (S, S, 3)
         assert np.array_equal(got, want)
     assert np.array_equal(load_image(Image.fromarray(photo).convert("RGBA"), S), want)
-    assert datasets.center_crop_arr is center_crop_arr  # the cache and the editor crop alike
+    (tmp_path / "cls").mkdir()  # the training ImageFolder (the cache's input) crops alike
+    Image.fromarray(photo).save(tmp_path / "cls" / "a.png")
+    assert torch.equal(image_folder(str(tmp_path), S)[0][0], image_to_tensor(want)[0])
 
 
 def test_load_image_of_the_target_size_is_unchanged(photo):
