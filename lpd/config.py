@@ -16,6 +16,9 @@ import yaml
 __all__ = ["ConfigError", "load_config", "parse_args_with_config"]
 
 
+ORDERS = ("lpd", "random", "raster")  # the generation orders
+
+
 class ConfigError(ValueError):
     """A config file or flag value that cannot be used."""
 
@@ -156,3 +159,10 @@ def check_labels(
     if arr.size and (arr.min() < 0 or arr.max() >= class_num):
         raise error(f"{flag} must be in 0..{class_num - 1}, got {arr.tolist()[:8]}")
     return arr.astype(np.int64)
+
+
+def check_order(order: Any, flag: str = "--order") -> str:
+    """One of :data:`ORDERS`, else ConfigError naming ``flag``."""
+    if order not in ORDERS:
+        raise ConfigError(f"{flag} must be one of {list(ORDERS)}, got {order!r}")
+    return order

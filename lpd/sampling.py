@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lpd.config import check_labels
+from lpd.config import ORDERS, check_labels, check_order
 from lpd.devices import warn_if_emulated_bf16
 from lpd.models.lpd import LPD, Rows, attends, valid_keys
 from lpd.schedules import validate_group_sizes
@@ -34,7 +34,6 @@ __all__ = [
     "sampling_from_args",
 ]
 
-ORDERS = ("lpd", "random", "raster")
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
@@ -76,8 +75,7 @@ class SamplingConfig:
             raise ValueError(
                 f"--cfg_schedule must be 'linear' or 'constant', got {self.cfg_schedule!r}"
             )
-        if self.order not in ORDERS:
-            raise ValueError(f"--order must be one of {list(ORDERS)}, got {self.order!r}")
+        check_order(self.order)
         for name in ("bf16", "decode_fp32"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"--{name} must be true or false, got {getattr(self, name)!r}")

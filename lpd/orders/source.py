@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lpd.config import check_order
 from lpd.orders.files import check_order_rows
 from lpd.orders.generate import lpd_orders, random_orders, raster_orders
 
@@ -26,8 +27,7 @@ class OrderSource:
         repulsion_threshold: float = 1.0,
         table: np.ndarray | None = None,
     ):
-        if kind not in ("lpd", "random", "raster"):
-            raise ValueError(f"order must be lpd, random or raster, got {kind!r}")
+        check_order(kind, "order")
         self.kind, self.group_sizes, self.grid_size, self.seed = (
             kind,
             list(group_sizes),
