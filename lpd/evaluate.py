@@ -90,6 +90,7 @@ class RunSpec:
         return dataclasses.replace(self, group_sizes=sizes, labels=labels)
 
     def order_source(self, sampling: SamplingConfig, grid: int) -> OrderSource:
+        """The orders of the images: ``orders``, else drawn as ``sampling`` says."""
         if isinstance(self.orders, OrderSource):
             return self.orders
         s = sampling
