@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 
-from lpd.checkpoint import CheckpointError
 from lpd.config import (
     ConfigError,
     HelpFormatter,
@@ -36,6 +35,7 @@ from lpd.config import (
 )
 from lpd.distributed import RankError, cleanup, init_distributed, rank0_first
 from lpd.evaluate import evaluate
+from lpd.files import CheckpointError
 from lpd.pipeline import add_paper_sampling_args, paper_settings
 from lpd.sampling import SamplingConfig, sampling_from_args
 from lpd.schedules import group_sizes as default_group_sizes

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from lpd.checkpoint import TMP_PREFIX, atomic_write_bytes, state_dict_digest
+from lpd.files import TMP_PREFIX, atomic_write_bytes, state_dict_digest
 from lpd.images import IMAGE_EXTENSIONS, center_crop_arr, image_to_tensor, read_image
 
 __all__ = [

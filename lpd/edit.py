@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lpd.checkpoint import CheckpointError, check_output_path
 from lpd.config import ConfigError, HelpFormatter, parse_args_with_config, yaml_mapping
+from lpd.files import CheckpointError, check_output_path
 from lpd.pipeline import add_paper_sampling_args
 from lpd.sampling import SamplingConfig
 
@@ -92,8 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; user errors print one ``error:`` line and return 2."""
-    from lpd.demo.run import build_parser as demo_parser
-
     try:
         take = (
             "model",
@@ -104,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "vq_config",
             *SamplingConfig.__dataclass_fields__,
         )
-        args = parse_args_with_config(build_parser(), argv, also_known=demo_parser(), take=take)
+        args = parse_args_with_config(build_parser(), argv, take=take)
         for flag, value in (("--steps", args.steps), ("--num", args.num)):
             if value < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")

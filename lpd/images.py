@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
-from lpd.checkpoint import atomic_write_bytes
+from lpd.files import atomic_write_bytes
 
 __all__ = [
     "ImageFileError",

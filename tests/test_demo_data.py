@@ -16,8 +16,8 @@ from lpd.demo.classifier import (
     train_classifier,
 )
 from lpd.demo.digits import load_digits_dataset, load_raw_digits, split_indices
-from lpd.demo.palette import PaletteTokenizer, images_to_uint8, uint8_to_images
 from lpd.metrics import frechet_distance
+from lpd.tokenizer.palette import PaletteTokenizer, images_to_uint8, uint8_to_images
 
 
 def _images(tokens: torch.Tensor) -> np.ndarray:

@@ -29,7 +29,7 @@ from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
 import lpd.checkpoint as C
 import main_train
-from lpd.checkpoint import CheckpointError, load_checkpoint, state_dict_digest
+from lpd.files import CheckpointError, load_checkpoint, state_dict_digest
 from lpd.models import load_lpd
 from lpd.parallel import full_tensors
 from lpd.sampling import SamplingConfig

@@ -227,8 +227,8 @@ def _demo_checkpoint(tmp_path) -> str:
 def test_the_demo_model_samples_digits_with_its_own_size_classes_and_tokenizer(tmp_path, capsys):
     from PIL import Image
 
-    from lpd.checkpoint import export
-    from lpd.demo.palette import PaletteTokenizer
+    from lpd.export import export
+    from lpd.tokenizer import PaletteTokenizer
 
     ckpt = _demo_checkpoint(tmp_path)
     out = tmp_path / "digits.png"
@@ -240,11 +240,13 @@ def test_the_demo_model_samples_digits_with_its_own_size_classes_and_tokenizer(t
     assert (
         "256 px, classes [0, 1, 2, 3, 4, 5, 6, 7, 8, 9], cfg 4, τr 2" in printed
     )  # cfg: what training evaluated at
-    pipe = LPDPipeline.from_pretrained(checkpoint=ckpt, device="cpu")
+    pipe = LPDPipeline.from_pretrained(ckpt, device="cpu")  # a path as the first argument
     assert isinstance(pipe.tokenizer, PaletteTokenizer) and pipe.tokenizer.levels == 4
     assert (pipe.img_size, pipe.model.config.class_num, pipe.cfg) == (256, 10, 4.0)
     images = pipe(list(range(10)), steps=8)
     assert set(np.unique(images)) <= {0, 85, 170, 255}  # the 4 greys of the palette
+    by_keyword = LPDPipeline.from_pretrained(checkpoint=ckpt, device="cpu")
+    assert np.array_equal(by_keyword(list(range(10)), steps=8), images)
     with Image.open(out) as grid:
         grid = np.asarray(grid)
     assert np.array_equal(grid[:256, :256], images[0]) and np.array_equal(
@@ -353,7 +355,8 @@ def test_inpaint_and_outpaint_edit_with_the_pipeline_settings(pipe):
 
 def _export(tmp_path, name, **train_args):
     """An lpd export of a 16-token model trained with the tokenizer ``train_args`` describe."""
-    from lpd.checkpoint import export, save_checkpoint
+    from lpd.export import export
+    from lpd.files import save_checkpoint
     from lpd.train import TrainConfig
 
     model = build_lpd(img_size=64, embed_dim=32, depth=1, num_heads=2, vocab_size=64, class_num=10)

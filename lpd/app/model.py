@@ -11,14 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lpd.checkpoint import (
-    CheckpointError,
-    export_config,
-    export_folder,
-    load_checkpoint,
-    state_dict_digest,
-)
 from lpd.evaluate import image_seed
+from lpd.files import CheckpointError, export_config, load_checkpoint, state_dict_digest
+from lpd.hub import export_folder
 from lpd.images import to_uint8
 from lpd.models import PRESETS, load_lpd
 from lpd.pipeline import LPDPipeline, paper_settings

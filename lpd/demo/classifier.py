@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lpd.demo.digits import GRID_SIZE, NUM_CLASSES, load_digits_dataset
-from lpd.demo.palette import DEFAULT_LEVELS, images_to_uint8
+from lpd.tokenizer.palette import DEFAULT_LEVELS, images_to_uint8
 
 __all__ = ["DigitClassifier", "train_classifier", "accuracy", "bootstrap_ci", "Judge"]
 

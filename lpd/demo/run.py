@@ -185,9 +185,9 @@ def _check(args: argparse.Namespace) -> list[list[int]]:
 
 def _train(args: argparse.Namespace, device: torch.device, log) -> torch.nn.Module:
     """Train into ``OUTPUT_DIR/train``, reusing a finished run of the same settings or resuming an interrupted one."""
-    from lpd.checkpoint import atomic_write_bytes, load_checkpoint
     from lpd.demo.digits import load_digits_dataset
     from lpd.distributed import DistInfo
+    from lpd.files import atomic_write_bytes, load_checkpoint
     from lpd.models import load_lpd
     from lpd.train import TrainConfig, train
 
@@ -369,8 +369,8 @@ def _editing(
 
 def run_demo(args: argparse.Namespace, log=print) -> dict[str, Any]:
     """Run the whole demo; returns the ``metrics.json`` record."""
-    from lpd.checkpoint import atomic_write_bytes
     from lpd.demo.digits import load_digits_dataset
+    from lpd.files import atomic_write_bytes
 
     schedules = _check(args)
     if args.threads:

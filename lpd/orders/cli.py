@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from lpd.checkpoint import check_output_path
 from lpd.config import ConfigError, HelpFormatter, check_seed
 from lpd.devices import available_cpus
+from lpd.files import check_output_path
 from lpd.images import write_png, written_by_lpd
 from lpd.orders.files import OrderFileError, load_orders, save_orders
 from lpd.orders.generate import _batch_size, _lpd_batch, random_orders, raster_orders
