@@ -89,7 +89,7 @@ _ARGUMENTS = frozenset(
 _CLI: contextvars.ContextVar[bool] = contextvars.ContextVar("lpd_cli", default=False)
 
 
-def _python_words(text: str) -> str:
+def python_words(text: str) -> str:
     """``--pretrained_ckpt /x.pth`` -> ``checkpoint="/x.pth"``, ``--cfg`` -> ``cfg=``."""
 
     def word(m: re.Match) -> str:
@@ -107,7 +107,7 @@ def _speaks_python() -> Iterator[None]:
         yield
     except (ValueError, OSError, CheckpointError) as e:
         if not _CLI.get() and e.args and isinstance(e.args[0], str):
-            e.args = (_python_words(e.args[0]), *e.args[1:])
+            e.args = (python_words(e.args[0]), *e.args[1:])
         raise
 
 

@@ -176,13 +176,13 @@ def test_offline_names_every_missing_file_in_python_words_and_in_flags(
 
 
 def test_python_words_rename_the_pipelines_flags_and_nothing_else():
-    from lpd.pipeline import _python_words
+    from lpd.pipeline import python_words
 
     text = (
         "pass --pretrained_ckpt /p/x.pth, or --random_init for random weights, and --cfg; cache "
         "/h/models--mit-han-lab--lpd_l_256; run `python -m lpd.download lpd_l 256 --list`; --fid_stats"
     )
-    assert _python_words(text) == (
+    assert python_words(text) == (
         'pass checkpoint="/p/x.pth", and cfg=; cache /h/models--mit-han-lab--lpd_l_256; '
         "run `python -m lpd.download lpd_l 256 --list`; --fid_stats"
     )
@@ -197,7 +197,7 @@ def TINY_MODEL() -> LPD:  # noqa: N802
 def _demo_checkpoint(tmp_path) -> str:
     """A checkpoint as ``python -m lpd.demo`` trains it (palette tokenizer, 10 classes), shortened to one epoch."""
     from lpd.config import parse_args_with_config
-    from lpd.demo.run import _train, build_parser
+    from lpd.demo.run import build_parser, train_demo
 
     small = {
         "embed_dim": 32,
@@ -220,7 +220,7 @@ def _demo_checkpoint(tmp_path) -> str:
             json.dumps(small),
         ],
     )
-    _train(args, torch.device("cpu"), log=lambda *_: None)
+    train_demo(args, torch.device("cpu"), log=lambda *_: None)
     return str(tmp_path / "demo" / "train" / "checkpoint-last.pth")
 
 

@@ -183,7 +183,7 @@ def _check(args: argparse.Namespace) -> list[list[int]]:
         raise ValueError(f"--steps {args.steps}: {e}") from None
 
 
-def _train(args: argparse.Namespace, device: torch.device, log) -> torch.nn.Module:
+def train_demo(args: argparse.Namespace, device: torch.device, log) -> torch.nn.Module:
     """Train into ``OUTPUT_DIR/train``, reusing a finished run of the same settings or resuming an interrupted one."""
     from lpd.demo.digits import load_digits_dataset
     from lpd.distributed import DistInfo
@@ -383,7 +383,7 @@ def run_demo(args: argparse.Namespace, log=print) -> dict[str, Any]:
         timings[stage], clock = time.perf_counter() - clock, time.perf_counter()
 
     log("== 1/4 training LPD on the embedded digits (lpd.train)")
-    model = _train(args, device, log)
+    model = train_demo(args, device, log)
     lap("train")
     log("== 2/4 training the digit classifier (the judge)")
     clf = train_classifier(
