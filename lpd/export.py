@@ -237,8 +237,8 @@ def push_to_hub(folder: str, repo: str, private: bool = False) -> str:
     return f"https://huggingface.co/{repo}"
 
 
-def consolidate(run_dir: str, out: str, overwrite: bool = False) -> int:
-    """Write the run's (or folder's) sharded checkpoint as the single file ``out``."""
+def consolidate(run_dir: str, out: str, overwrite: bool = False) -> dict[str, Any]:
+    """Write the run's (or folder's) sharded checkpoint as the single file ``out``; its content."""
     problem = check_output_path(out, "OUT", overwrite=True) or (
         f"OUT {out} exists; --overwrite replaces it"
         if os.path.exists(out) and not overwrite
@@ -249,11 +249,7 @@ def consolidate(run_dir: str, out: str, overwrite: bool = False) -> int:
     state = load_checkpoint(last_checkpoint(run_dir, sharded=True) or run_dir)
     state.pop("sharded", None)
     save_checkpoint(state, out)
-    print(
-        f"wrote {out} (epoch {state.get('epoch')}, step {state.get('step')}, "
-        f"{'model and model_ema' if 'model_ema' in state else 'model'})"
-    )
-    return 0
+    return state
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -306,7 +302,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.command == "consolidate":
-            return consolidate(args.run_dir, args.out, args.overwrite)
+            state = consolidate(args.run_dir, args.out, args.overwrite)
+            print(
+                f"wrote {args.out} (epoch {state.get('epoch')}, step {state.get('step')}, "
+                f"{'model and model_ema' if 'model_ema' in state else 'model'})"
+            )
+            return 0
         if args.push_to_hub and hub.offline():
             raise CheckpointError(
                 "--push_to_hub needs the network, but HF_HUB_OFFLINE is set; export without it "

@@ -12,18 +12,9 @@ import torch
 from lpd import hub
 from lpd.distributed import rank0_first
 from lpd.tokenizer.palette import PaletteTokenizer
-from lpd.tokenizer.vq import VectorQuantizer, VQModel, build_vq, load_vq
+from lpd.tokenizer.vq import VQModel, build_vq, load_vq
 
-__all__ = [
-    "VQModel",
-    "VectorQuantizer",
-    "PaletteTokenizer",
-    "build_vq",
-    "load_vq",
-    "make_tokenizer",
-    "tokenizer_ref",
-    "recorded_tokenizer",
-]
+__all__ = ["VQModel", "PaletteTokenizer", "build_vq", "load_vq", "make_tokenizer"]
 
 
 def make_tokenizer(
