@@ -1,4 +1,4 @@
-"""Files: checkpoints read safely (``weights_only=True``), strict key checks, atomic writes, digests, locks.
+"""Files: checkpoints read safely (``weights_only=True``), strict key checks, atomic writes, locks.
 
 Imports no other lpd module.
 """
@@ -30,7 +30,7 @@ class CheckpointError(RuntimeError):
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """A checkpoint dict read with ``weights_only=True``; a sharded folder gives its whole weights."""
+    """A checkpoint dict read with ``weights_only=True``; a sharded folder: its whole weights."""
     path = os.fspath(path)
     if os.path.isdir(path):
         return read_sharded(path)
@@ -39,15 +39,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the file name and the reason (not torch's advice to unpickle)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file and the reason
         found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", str(e), re.S)
         reason = (
             found.group(1) if found else (str(e).splitlines() or [type(e).__name__])[0]
         ).strip()
         raise CheckpointError(
-            f"could not load checkpoint {path!r} with weights_only=True ({reason}). The file is truncated, "
-            f"not a PyTorch checkpoint, or contains objects other than tensors, containers and "
-            f"argparse.Namespace (which lpd refuses to unpickle)."
+            f"could not load checkpoint {path!r} with weights_only=True ({reason}). The file is "
+            f"truncated, not a PyTorch checkpoint, or contains objects other than tensors, "
+            f"containers and argparse.Namespace (which lpd refuses to unpickle)."
         ) from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path!r} holds a {type(obj).__name__}, expected a dict")
@@ -55,14 +55,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
 
 
 def read_sharded(path: str) -> dict[str, Any]:
-    """A sharded checkpoint folder as one checkpoint: whole ``model`` (and ``model_ema``) tensors and its
-    ``state.pth``, without AdamW's moments. Needs no process group."""
+    """A sharded checkpoint folder as one checkpoint: whole ``model`` (and ``model_ema``) tensors
+    and its ``state.pth``, without AdamW's moments. Needs no process group."""
     from torch.distributed.checkpoint import HuggingFaceStorageReader, load
 
     if not os.path.isfile(os.path.join(path, STATE_FILE)):
         raise CheckpointError(
-            f"{path!r} is a folder but not a sharded checkpoint (no {STATE_FILE}); give a checkpoint "
-            f"file, a checkpoint folder written by main_train.py --fsdp, or an exported model folder"
+            f"{path!r} is a folder but not a sharded checkpoint (no {STATE_FILE}); give a "
+            f"checkpoint file, a checkpoint folder written by main_train.py --fsdp, or an exported "
+            f"model folder"
         )
     meta = load_checkpoint(os.path.join(path, STATE_FILE))
     groups = [g for g in meta.get("sharded", ()) if g in ("model", "model_ema")]
@@ -86,7 +87,7 @@ def read_sharded(path: str) -> dict[str, Any]:
 
 
 def load_state_dict(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, torch.Tensor]:
-    """The model state dict of a checkpoint (its ``'model'``, or a bare state dict) or of an export."""
+    """The state dict of a checkpoint (its ``'model'``, or a bare state dict) or of an export."""
     if os.path.isfile(os.path.join(path, EXPORT_CONFIG)):
         return read_export(os.fspath(path))[1]
     obj = load_checkpoint(path, map_location)
@@ -103,7 +104,7 @@ def load_state_dict(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
 def check_state_dict(
     expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]
 ) -> tuple[list[str], list[str], list[str]]:
-    """Missing keys, unexpected keys and shape mismatches (``"key: checkpoint [..] vs model [..]"``)."""
+    """Missing and unexpected keys, shape mismatches (``"key: checkpoint [..] vs model [..]"``)."""
     missing = sorted(k for k in expected if k not in given)
     unexpected = sorted(k for k in given if k not in expected)
     mismatched = sorted(
@@ -130,7 +131,7 @@ def load_into(
     hint: str = "",
     assign: bool = False,
 ) -> None:
-    """Strict load (``assign``: the tensors become the parameters); one error lists every discrepancy."""
+    """Strict load (``assign``: the tensors become the parameters); one error lists every fault."""
     missing, unexpected, mismatched = check_state_dict(module.state_dict(), state_dict)
     if missing or unexpected or mismatched:
         raise CheckpointError(
@@ -176,7 +177,7 @@ def _umask() -> int:
 
 
 def temp_dir_for(path: str) -> str:
-    """A new temporary folder next to ``path`` (to be renamed to it), with a plain folder's permissions."""
+    """A new temporary folder beside ``path`` (renamed to it later), plain folder permissions."""
     parent, name = os.path.split(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{name}-", dir=parent)
@@ -185,8 +186,8 @@ def temp_dir_for(path: str) -> str:
 
 
 def atomic_write_bytes(path: str | os.PathLike, write_fn, fsync: bool = True) -> None:
-    """Call ``write_fn(fileobj)`` on a temporary file next to ``path``, fsync it, rename it over ``path``.
-    ``fsync=False`` skips the flushes to disk (for many small files a rerun checks anyway)."""
+    """Call ``write_fn(fileobj)`` on a temporary file next to ``path``, fsync it, rename it over
+    ``path``; ``fsync=False`` skips the flushes (for many small files a rerun checks anyway)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -208,7 +209,7 @@ def atomic_write_bytes(path: str | os.PathLike, write_fn, fsync: bool = True) ->
 
 
 def state_dict_digest(state: Mapping[str, torch.Tensor] | torch.nn.Module) -> str:
-    """SHA-256 (hex) of a state dict's names, dtypes, shapes and bytes: equal digests, equal weights."""
+    """SHA-256 (hex) of a state dict's names, dtypes, shapes and bytes: same digest, same data."""
     if isinstance(state, torch.nn.Module):
         state = state.state_dict()
     h = hashlib.sha256()
@@ -235,14 +236,17 @@ def check_output_path(
     overwrite: bool = False,
     ours: Any = None,
 ) -> str | None:
-    """Why ``path`` cannot be written: a folder, no writable folder to create it in, one of ``inputs``
-    (``(flag, path)`` pairs: an output is never an input) or an existing file that ``ours(path)`` does
-    not recognise as written by lpd (without ``overwrite``); else None."""
+    """Why ``path`` cannot be written: a folder, no writable folder to create it in, one of
+    ``inputs`` (``(flag, path)`` pairs: an output is never an input) or an existing file that
+    ``ours(path)`` does not recognise as written by lpd (without ``overwrite``); else None."""
     if os.path.isdir(path):
-        return f"{flag} {path} is a folder; give the path of a file to write (it may lie inside that folder)"
+        return f"{flag} {path} is a folder; give the path of a file to write (it may lie in it)"
     for in_flag, source in inputs:
         if source is not None and same_file(path, source):
-            return f"{flag} {path} is also {in_flag} {source}: an output is never an input; choose another path"
+            return (
+                f"{flag} {path} is also {in_flag} {source}: an output is never an input; "
+                f"choose another path"
+            )
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(folder):  # missing folders are created on writing
         folder = os.path.dirname(folder)
@@ -252,15 +256,15 @@ def check_output_path(
         return f"{flag} {path}: the folder {folder} is not writable; choose another path"
     if os.path.lexists(path) and not overwrite and not (ours and ours(path)):
         return (
-            f"{flag} {path} exists{' and was not written by lpd' if ours else ''}; choose another name, or "
-            f"--overwrite to replace it"
+            f"{flag} {path} exists{' and was not written by lpd' if ours else ''}; choose another "
+            f"name, or --overwrite to replace it"
         )
     return None
 
 
 def lock_folder(folder: str) -> int | None:
-    """Hold ``folder`` for this process (``flock`` of ``folder/.lock``, released when the process ends, even
-    killed): the descriptor to close, None where the file system has no locks; BlockingIOError when held."""
+    """Hold ``folder`` for this process (``flock`` of ``folder/.lock``, released when it ends, even
+    killed): the descriptor to close, None without file locks; BlockingIOError when held."""
     import fcntl
 
     os.makedirs(folder, exist_ok=True)
@@ -285,7 +289,7 @@ def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike) -> None:
 
 
 def replace_dir(tmp: str, path: str) -> None:
-    """Move the finished folder ``tmp`` to ``path``; a folder there is kept as ``path.old`` until then."""
+    """Move the finished folder ``tmp`` to ``path``; one there stays as ``path.old`` until then."""
     old = path + ".old"
     if os.path.isdir(path):
         shutil.rmtree(old, ignore_errors=True)
@@ -309,7 +313,7 @@ def export_config(folder: str) -> dict[str, Any]:
 
 
 def read_export(folder: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``config.json`` and the ``model.safetensors`` weights of an exported model (reading runs no code)."""
+    """``config.json`` and ``model.safetensors`` weights of an export (reading runs no code)."""
     from safetensors.torch import load_file
 
     config = export_config(folder)

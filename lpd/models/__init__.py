@@ -1,6 +1,8 @@
-"""LPD models: the presets, :func:`build_lpd` and :func:`load_lpd` (released or project checkpoints).
+"""LPD models: the presets, :func:`build_lpd`, and loading: :func:`load_lpd` (released or project
+checkpoints, exports), :func:`read_weights` and :func:`fit_weights`.
 
-``load_lpd("lpd_l", img_size=256)``, ``load_lpd("lpd_l_256.pth", model="lpd_l")``, ``load_lpd("run/checkpoint-last.pth")``.
+``load_lpd("lpd_l", img_size=256)``, ``load_lpd("lpd_l_256.pth", model="lpd_l")``,
+``load_lpd("run/checkpoint-last.pth")``.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ __all__ = [
 
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Resize ``pos_embed [1, 1 + n, D]`` to ``[1, 1 + num_tokens, D]`` (square grids), bicubic; slot 0 kept."""
+    """``pos_embed [1, 1 + n, D]`` resized to ``[1, 1 + num_tokens, D]`` (square grids, bicubic)."""
     if pos_embed.dim() != 3 or pos_embed.shape[0] != 1:
         raise ValueError(f"pos_embed must have shape [1, 1 + N, D], got {list(pos_embed.shape)}")
     old_n = pos_embed.shape[1] - 1
@@ -78,8 +80,8 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, num_tokens: int) -> torch.Ten
 def checkpoint_config(
     ckpt: dict[str, Any], sd: dict[str, torch.Tensor], path: str, model: str | None = None
 ) -> LPDConfig:
-    """A checkpoint's architecture: its ``model_config``, else the preset ``model`` or that of its released ``args``
-    (grid, vocabulary and classes from the weights ``sd``)."""
+    """A checkpoint's architecture: its ``model_config``, else the preset ``model`` or that of its
+    released ``args`` (grid, vocabulary and classes from the weights ``sd``)."""
     saved = ckpt.get("model_config") if isinstance(ckpt.get("model_config"), dict) else None
     if saved is not None:
         cfg = LPDConfig(**saved)
@@ -91,8 +93,9 @@ def checkpoint_config(
             }
             if clash or model not in PRESETS:
                 raise CheckpointError(
-                    f"checkpoint {path!r} holds a model with {cfg.embed_dim} width, depth {cfg.depth}, "
-                    f"{cfg.num_heads} heads, not the {model} preset; drop --model or pick the right checkpoint"
+                    f"checkpoint {path!r} holds a model with {cfg.embed_dim} width, depth "
+                    f"{cfg.depth}, {cfg.num_heads} heads, not the {model} preset; drop --model or "
+                    f"pick the right checkpoint"
                 )
         return cfg
     args = ckpt.get("args")
@@ -128,7 +131,8 @@ def read_weights(
     ckpt = load_checkpoint(path, map_location)
     if ema and not isinstance(ckpt.get("model_ema"), dict):
         raise CheckpointError(
-            f"checkpoint {path!r} holds no EMA weights (trained without --ema_decay); drop --use_ema"
+            f"checkpoint {path!r} holds no EMA weights (trained without --ema_decay); drop "
+            f"--use_ema"
         )
     key = "model_ema" if ema else "model"
     sd = ckpt[key] if isinstance(ckpt.get(key), dict) else ckpt
@@ -168,8 +172,9 @@ def load_lpd(
     overrides: dict[str, Any] | None = None,
     ema: bool = False,
 ) -> LPD:
-    """Load a checkpoint file or folder, an export, or a preset's released checkpoint at ``img_size`` (default 256) strictly,
-    in eval mode; a file's ``img_size`` must match unless ``interpolate``; non-finite weights are refused."""
+    """A checkpoint file or folder, an export, or a preset's released checkpoint at ``img_size``
+    (default 256) loaded strictly, in eval mode; a file's ``img_size`` must match unless
+    ``interpolate``."""
     path = os.fspath(path_or_name)
     if path in PRESETS and not os.path.exists(path):
         model, path = path, hub.resolve_checkpoint(path, img_size or 256)
@@ -182,8 +187,9 @@ def load_lpd(
     if img_size is not None and img_size != cfg.img_size:
         if not interpolate:
             raise CheckpointError(
-                f"checkpoint {path!r} was trained at {cfg.img_size} px ({cfg.grid_size}x{cfg.grid_size} tokens), "
-                f"but img_size {img_size} was asked for; use --img_size {cfg.img_size} or the matching checkpoint"
+                f"checkpoint {path!r} was trained at {cfg.img_size} px ({cfg.grid_size}x"
+                f"{cfg.grid_size} tokens), but img_size {img_size} was asked for; use --img_size "
+                f"{cfg.img_size} or the matching checkpoint"
             )
         cfg = replace(cfg, img_size=img_size)
     net = LPD(cfg)
