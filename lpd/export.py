@@ -1,4 +1,4 @@
-"""Sharing a checkpoint: ``export`` (weights, config and model card), the Hub upload, ``consolidate``.
+"""Sharing a checkpoint: ``export`` (weights, config, model card), the Hub upload, ``consolidate``.
 
 ``python -m lpd.checkpoint consolidate RUN_DIR OUT.pth`` writes a sharded (FSDP) checkpoint as one
 file; ``python -m lpd.checkpoint export CKPT OUT_DIR [--push_to_hub REPO]`` a shareable folder.
@@ -71,10 +71,12 @@ def _model_card(config: dict[str, Any], measured: dict[str, Any] | None, ref: st
             "",
             f"# {config.get('model') or 'LPD'} at {c['img_size']} px",
             "",
-            f"A class-conditional Locality-aware Parallel Decoding (LPD) image generator: {config['parameters'] / 1e6:.1f}M parameters "
-            f"(width {c['embed_dim']}, depth {c['depth']}, {c['num_heads']} heads), {c['class_num']} classes, tokens of a "
-            f"{c['vocab_size']}-entry VQ codebook ({json.dumps(config['tokenizer'])}). Weights: {config['weights']} after epoch "
-            f"{train.get('epoch')} (global step {train.get('global_step')}), sha256 {config['weights_sha256'][:16]}...",
+            "A class-conditional Locality-aware Parallel Decoding (LPD) image generator: "
+            f"{config['parameters'] / 1e6:.1f}M parameters (width {c['embed_dim']}, depth "
+            f"{c['depth']}, {c['num_heads']} heads), {c['class_num']} classes, tokens of a "
+            f"{c['vocab_size']}-entry VQ codebook ({json.dumps(config['tokenizer'])}). Weights: "
+            f"{config['weights']} after epoch {train.get('epoch')} (global step "
+            f"{train.get('global_step')}), sha256 {config['weights_sha256'][:16]}...",
             "",
             *(
                 [
@@ -82,7 +84,8 @@ def _model_card(config: dict[str, Any], measured: dict[str, Any] | None, ref: st
                     "",
                     "| FID | IS | images | steps |",
                     "| ---: | ---: | ---: | ---: |",
-                    f"| {measured.get('fid')} | {measured.get('inception_score')} | {measured.get('num_images')} | {steps} |",
+                    f"| {measured.get('fid')} | {measured.get('inception_score')} | "
+                    f"{measured.get('num_images')} | {steps} |",
                     "",
                 ]
                 if measured
@@ -97,7 +100,8 @@ def _model_card(config: dict[str, Any], measured: dict[str, Any] | None, ref: st
             "```python",
             "from lpd.pipeline import LPDPipeline",
             "",
-            f'pipe = LPDPipeline.from_pretrained("{ref}")   # or lpd.models.load_lpd("{ref}"): the LPD module',
+            f'pipe = LPDPipeline.from_pretrained("{ref}")   '
+            f'# or lpd.models.load_lpd("{ref}"): the LPD module',
             f"images = pipe({labels}, steps={steps or 20}, cfg={sampling.get('cfg', 4.0)})"
             f"   # uint8 [{len(labels)}, H, W, 3]",
             "```",
@@ -122,9 +126,9 @@ def export(
     overwrite: bool = False,
     sampling: Mapping[str, Any] | None = None,
 ) -> str:
-    """Write the weights of ``ckpt`` (file or sharded folder) as the folder ``out_dir`` (weights, config, a model
-    card with the scores of a ``main_eval.py`` ``metrics.json``; ``sampling``: the default sampling settings
-    recorded in the config); the folder appears whole. Returns its path."""
+    """Write the weights of ``ckpt`` (file or sharded folder) as the folder ``out_dir`` (weights,
+    config, a model card with the scores of a ``main_eval.py`` ``metrics.json``; ``sampling``: the
+    default sampling settings recorded in the config); the folder appears whole; its path."""
     existing = _check_export_dir(ckpt, out_dir, overwrite)
     state = load_checkpoint(ckpt)
     key = "model_ema" if use_ema else "model"
@@ -153,9 +157,9 @@ def export(
         scored = (measured.get("settings") or {}).get("weights_sha256")
         if scored not in (None, digest):
             raise CheckpointError(
-                f"--metrics {metrics}: these scores were measured on other weights (sha256 {scored[:12]}... "
-                f"vs {digest[:12]}...); give the metrics.json of a main_eval.py run of this checkpoint"
-                + ("" if use_ema else " (or add --use_ema)")
+                f"--metrics {metrics}: these scores were measured on other weights (sha256 "
+                f"{scored[:12]}... vs {digest[:12]}...); give the metrics.json of a main_eval.py "
+                f"run of this checkpoint" + ("" if use_ema else " (or add --use_ema)")
             )
     args = state.get("args")
     args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
@@ -192,8 +196,8 @@ def export(
 
 
 def _check_export_dir(ckpt: str, out_dir: str, overwrite: bool) -> bool:
-    """Whether ``out_dir`` exists (empty, or an earlier export replaced with ``overwrite``); anything else is
-    refused: a folder holding the source or other files is never written into."""
+    """Whether ``out_dir`` exists (empty, or an earlier export, replaced with ``overwrite``);
+    anything else is refused: a folder holding the source or other files is never written into."""
     src, out = os.path.realpath(ckpt), os.path.realpath(out_dir)
     if os.path.commonpath([src, out]) in (src, out):
         raise CheckpointError(
@@ -225,14 +229,14 @@ def _check_export_dir(ckpt: str, out_dir: str, overwrite: bool) -> bool:
 
 
 def push_to_hub(folder: str, repo: str, private: bool = False) -> str:
-    """Upload an exported folder to the Hub model repository ``repo`` in one commit; returns its URL."""
+    """Upload an exported folder to the Hub model repository ``repo`` in one commit; its URL."""
     try:
         huggingface_hub.create_repo(repo, exist_ok=True, private=private)
         huggingface_hub.upload_folder(repo_id=repo, folder_path=folder, commit_message="lpd export")
-    except Exception as e:  # noqa: BLE001 - network, authentication, permissions: reported with the cause
+    except Exception as e:  # noqa: BLE001 - network, authentication, permissions: the cause told
         raise CheckpointError(
-            f"--push_to_hub {repo}: the upload failed ({hub.cause(e)}); nothing was committed. The export "
-            f"{folder} is complete: upload it later with `hf upload {repo} {folder}`"
+            f"--push_to_hub {repo}: the upload failed ({hub.cause(e)}); nothing was committed. The "
+            f"export {folder} is complete: upload it later with `hf upload {repo} {folder}`"
         ) from e
     return f"https://huggingface.co/{repo}"
 
