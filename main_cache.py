@@ -16,7 +16,6 @@ import os
 import sys
 from collections.abc import Sequence
 
-from lpd.checkpoint import CheckpointError
 from lpd.config import ConfigError, HelpFormatter, check_seed, parse_args_with_config, yaml_mapping
 from lpd.datasets import (
     CACHE_FORMATS,
@@ -28,6 +27,7 @@ from lpd.datasets import (
 )
 from lpd.devices import available_cpus
 from lpd.distributed import barrier, cleanup, init_distributed
+from lpd.files import CheckpointError
 from lpd.text.cache import add_caption_args, cache_captions
 from lpd.tokenizer import make_tokenizer
 

@@ -26,7 +26,6 @@ from typing import Any
 import torch
 
 from lpd import hub, metrics
-from lpd.checkpoint import CheckpointError
 from lpd.config import (
     ConfigError,
     HelpFormatter,
@@ -38,6 +37,7 @@ from lpd.config import (
 )
 from lpd.distributed import RankError, cleanup, init_distributed, rank0_first
 from lpd.evaluate import RunSpec, Scoring, evaluate
+from lpd.files import CheckpointError
 from lpd.orders import load_orders
 from lpd.pipeline import add_paper_sampling_args, paper_settings
 from lpd.sampling import SamplingConfig, sampling_from_args

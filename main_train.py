@@ -21,7 +21,6 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from lpd.checkpoint import CheckpointError
 from lpd.config import HelpFormatter, parse_args_with_config, yaml_mapping
 from lpd.distributed import (
     RankError,
@@ -33,6 +32,7 @@ from lpd.distributed import (
     lost_peer,
     report_error,
 )
+from lpd.files import CheckpointError
 from lpd.sampling import SamplingConfig, add_sampling_args, sampling_from_args
 from lpd.train import LR_SCHEDULES, PREEMPTED_EXIT_CODE, NonFiniteLossError, TrainConfig, train
 

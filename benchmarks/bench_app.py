@@ -23,7 +23,7 @@ from bench_common import describe_host, host_info, summarize, time_call  # noqa:
 
 from lpd.app.harness import serve  # noqa: E402
 from lpd.app.model import load_app_model  # noqa: E402
-from lpd.checkpoint import atomic_write_bytes  # noqa: E402
+from lpd.files import atomic_write_bytes  # noqa: E402
 from lpd.pipeline import LPDPipeline  # noqa: E402
 
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import describe_host, host_info, parse_list, sync  # noqa: E402
 
-from lpd.checkpoint import atomic_write_bytes  # noqa: E402
+from lpd.files import atomic_write_bytes  # noqa: E402
 from lpd.models.kernels import Linear  # noqa: E402
 
 

@@ -61,7 +61,7 @@ from bench_common import (  # noqa: E402
 from bench_sampling import make_inputs, released_fn  # noqa: E402
 from bench_train import ours_step  # noqa: E402
 
-from lpd.checkpoint import atomic_write_bytes  # noqa: E402
+from lpd.files import atomic_write_bytes  # noqa: E402
 from lpd.models import build_lpd  # noqa: E402
 from lpd.sampling import Decoder, SamplingConfig, sample_tokens, teacher_forced_logits  # noqa: E402
 from lpd.schedules import group_sizes  # noqa: E402

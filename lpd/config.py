@@ -105,11 +105,12 @@ def parse_args_with_config(
     take: Collection[str] | None = None,
 ) -> argparse.Namespace:
     """Parse ``argv``; values of ``--config FILE`` become defaults that flags override. Of a config of another entry
-    point (``also_known``, its parser) only the keys in ``take`` (default: every flag of ``parser``) are used."""
+    point (``also_known``, its parser; none: any) only the keys in ``take`` (default: every flag of ``parser``) are used."""
     if path := getattr(parser.parse_known_args(argv)[0], "config", None):
         cfg = load_config(path)
         actions = {a.dest: a for a in parser._actions}
-        foreign = {a.dest for a in also_known._actions} if also_known is not None else set()
+        foreign = set(cfg) if also_known is None and take is not None else set()
+        foreign |= {a.dest for a in also_known._actions} if also_known is not None else set()
         take = set(actions) if take is None else set(take)
         cfg = {k: v for k, v in cfg.items() if (k in actions and k in take) or k not in foreign}
         if unknown := sorted(k for k in cfg if k not in actions):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lpd.checkpoint import TMP_PREFIX, atomic_write_bytes, state_dict_digest
+from lpd.files import TMP_PREFIX, atomic_write_bytes, state_dict_digest
 from lpd.images import DataError, image_folder, visible, walk_once
 
 __all__ = [

@@ -18,7 +18,6 @@ from collections.abc import Sequence
 import numpy as np
 
 from lpd import hub
-from lpd.checkpoint import CheckpointError, check_output_path
 from lpd.config import (
     ConfigError,
     HelpFormatter,
@@ -27,6 +26,7 @@ from lpd.config import (
     yaml_mapping,
 )
 from lpd.distributed import resolve_device
+from lpd.files import CheckpointError, check_output_path
 from lpd.images import load_mask, read_image, save_grid, write_png, written_by_lpd
 from lpd.models import load_lpd
 from lpd.pipeline import LPDPipeline, add_paper_sampling_args, command_line
@@ -103,8 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; user errors print one ``error:`` line and return 2."""
-    from lpd.demo.run import build_parser as demo_parser
-
     try:
         take = (
             "model",
@@ -115,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "vq_config",
             *SamplingConfig.__dataclass_fields__,
         )
-        args = parse_args_with_config(build_parser(), argv, also_known=demo_parser(), take=take)
+        args = parse_args_with_config(build_parser(), argv, take=take)
         for flag, value in (("--steps", args.steps), ("--num", args.num)):
             check_positive(value, flag)
         inputs = [

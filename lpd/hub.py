@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -16,6 +17,8 @@ import huggingface_hub
 import numpy as np
 import torch.hub
 from huggingface_hub import constants, errors
+
+from lpd.files import EXPORT_CONFIG, EXPORT_WEIGHTS
 
 RELEASED_CHECKPOINTS: dict[tuple[str, int], str] = {
     (m, s): f"mit-han-lab/{m}_{s}"
@@ -87,10 +90,30 @@ def download_hint(model: str | None, img_size: int) -> str:
     )
 
 
+def export_folder(path: str) -> str | None:
+    """The local folder of an exported model: ``path``, or the cached files of the Hub repository
+    ``path`` (``owner/name`` that is no local path); None for anything else."""
+    if os.path.isfile(os.path.join(path, EXPORT_CONFIG)):
+        return path
+    if (
+        os.path.exists(path)
+        or not re.fullmatch(r"[\w.-]+/[\w.-]+", path)
+        or path.endswith((".pth", ".pt", ".bin", ".ckpt"))
+    ):
+        return None
+    for name in (EXPORT_CONFIG, EXPORT_WEIGHTS):
+        local = hub_file(
+            path,
+            name,
+            what="exported LPD model",
+            flag="--pretrained_ckpt",
+            hint=f"or, if {path} was meant as a folder on this machine: it does not exist",
+        )
+    return os.path.dirname(local)
+
+
 def resolve_user_checkpoint(path: str | os.PathLike) -> str:
     """What --pretrained_ckpt names: a file, a sharded or exported folder, an export repository."""
-    from lpd.checkpoint import export_folder
-
     path = os.fspath(path)
     path = export_folder(path) or path
     if os.path.isdir(path):

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
-from lpd.checkpoint import atomic_write_bytes
 from lpd.config import check_positive
+from lpd.files import atomic_write_bytes
 
 __all__ = ["load_image", "load_mask", "center_crop_arr", "save_grid"]
 

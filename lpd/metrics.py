@@ -22,10 +22,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lpd import checkpoint, hub
+from lpd import hub
 from lpd.config import HelpFormatter, check_positive
 from lpd.datasets import DataError, image_folder
 from lpd.distributed import resolve_device
+from lpd.files import atomic_write_bytes, check_output_path
 from lpd.images import IMAGE_EXTENSIONS, ImageFileError, read_image
 
 INCEPTION_WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -359,7 +360,7 @@ def save_statistics(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) 
     mu, sigma = _check_stats(
         np.asarray(mu, np.float64), np.asarray(sigma, np.float64), "statistics to save"
     )
-    checkpoint.atomic_write_bytes(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
+    atomic_write_bytes(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
 
 
 def load_statistics(
@@ -450,11 +451,12 @@ def _check_output(
 ) -> None:
     """Refuse an output that cannot be written, is an input, or would replace a file that is not a ``kind``
     (.npz / .json) of ours."""
-    if problem := checkpoint.check_output_path(
-        path, flag, inputs, overwrite, lambda p: _ours(p, kind)
-    ):
-        what = "a metrics file of lpd.metrics fid"
-        what = "a statistics file (.npz with mu and sigma)" if kind == ".npz" else what
+    if problem := check_output_path(path, flag, inputs, overwrite, lambda p: _ours(p, kind)):
+        what = (
+            "a statistics file (.npz with mu and sigma)"
+            if kind == ".npz"
+            else "a metrics file of lpd.metrics fid"
+        )
         raise MetricsError(problem.replace("was not written by lpd", f"is not {what}"))
 
 
@@ -571,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{result['inception_score_std']:.2f}  ({result['num_images']} images)"
             )
             if args.json:
-                checkpoint.atomic_write_bytes(
+                atomic_write_bytes(
                     args.json, lambda f: f.write(json.dumps(result, indent=2).encode())
                 )
     except OSError as exc:

@@ -22,7 +22,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lpd.checkpoint import (
+from lpd.distributed import DistInfo, broadcast_object, gather_object, on_rank0
+from lpd.files import (
+    STATE_FILE,
     CheckpointError,
     check_finite,
     check_state_dict,
@@ -32,7 +34,6 @@ from lpd.checkpoint import (
     save_checkpoint,
     temp_dir_for,
 )
-from lpd.distributed import DistInfo, broadcast_object, gather_object, on_rank0
 
 __all__ = [
     "distribute",
@@ -42,13 +43,10 @@ __all__ = [
     "PreemptionFlag",
     "RunLock",
     "full_tensors",
-    "read_sharded",
     "last_checkpoint",
-    "STATE_FILE",
     "LOCK_FILE",
 ]
 
-STATE_FILE = "state.pth"  # the non-tensor part of a sharded checkpoint
 LOCK_FILE = "train.lock"  # held by the training that writes an output folder
 
 
@@ -146,39 +144,6 @@ def last_checkpoint(folder: str, sharded: bool) -> str | None:
     """The run's ``checkpoint-last.pth`` or (FSDP) ``checkpoint-last`` folder (``.old`` during a swap), if any."""
     names = ("checkpoint-last", "checkpoint-last.old") if sharded else ("checkpoint-last.pth",)
     return next((p for p in (os.path.join(folder, n) for n in names) if os.path.exists(p)), None)
-
-
-def read_sharded(path: str) -> dict[str, Any]:
-    """A sharded checkpoint folder as one checkpoint: whole ``model`` (and ``model_ema``) tensors and its
-    ``state.pth``, without AdamW's moments. Needs no process group."""
-    from torch.distributed.checkpoint import HuggingFaceStorageReader, load
-
-    if not os.path.isfile(os.path.join(path, STATE_FILE)):
-        raise CheckpointError(
-            f"{path!r} is a folder but not a sharded checkpoint (no {STATE_FILE}); give a checkpoint "
-            f"file, a checkpoint folder written by main_train.py --fsdp, or an exported model folder"
-        )
-    meta = load_checkpoint(os.path.join(path, STATE_FILE))
-    groups = [g for g in meta.get("sharded", ()) if g in ("model", "model_ema")]
-    try:
-        index = HuggingFaceStorageReader(path).read_metadata().state_dict_metadata
-        flat = {
-            k: torch.empty(m.size, dtype=m.properties.dtype)
-            for k, m in index.items()
-            if k.split(".", 1)[0] in groups
-        }
-        with (
-            warnings.catch_warnings()
-        ):  # "no process group: loading in one process" is what is meant
-            warnings.simplefilter("ignore")
-            load(flat, storage_reader=HuggingFaceStorageReader(path), no_dist=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the folder and the reason
-        raise CheckpointError(f"could not read the sharded checkpoint {path!r}: {e}") from e
-    out: dict[str, Any] = {**meta, **{g: {} for g in groups}}
-    for key, t in flat.items():
-        group, name = key.split(".", 1)
-        out[group][name] = t
-    return out
 
 
 def _save_sharded(

@@ -18,14 +18,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from lpd.checkpoint import CheckpointError, check_output_path
+from lpd import hub
 from lpd.config import HelpFormatter, check_labels
+from lpd.distributed import resolve_device
 from lpd.evaluate import sample_batch
+from lpd.files import (
+    EXPORT_CONFIG,
+    CheckpointError,
+    check_output_path,
+    export_config,
+    load_checkpoint,
+)
 from lpd.images import save_grid, written_by_lpd
+from lpd.models import PRESETS, load_lpd
 from lpd.orders.source import OrderSource
 from lpd.sampling import SamplingConfig, add_sampling_args
 from lpd.schedules import group_sizes as default_group_sizes
 from lpd.schedules import parse_group_sizes
+from lpd.tokenizer import make_tokenizer, recorded_tokenizer, tokenizer_ref
 
 __all__ = [
     "LPDPipeline",
@@ -79,7 +89,7 @@ _ARGUMENTS = frozenset(
 _CLI: contextvars.ContextVar[bool] = contextvars.ContextVar("lpd_cli", default=False)
 
 
-def _python_words(text: str) -> str:
+def python_words(text: str) -> str:
     """``--pretrained_ckpt /x.pth`` -> ``checkpoint="/x.pth"``, ``--cfg`` -> ``cfg=``."""
 
     def word(m: re.Match) -> str:
@@ -97,7 +107,7 @@ def _speaks_python() -> Iterator[None]:
         yield
     except (ValueError, OSError, CheckpointError) as e:
         if not _CLI.get() and e.args and isinstance(e.args[0], str):
-            e.args = (_python_words(e.args[0]), *e.args[1:])
+            e.args = (python_words(e.args[0]), *e.args[1:])
         raise
 
 
@@ -109,22 +119,6 @@ def command_line() -> Iterator[None]:
         yield
     finally:
         _CLI.reset(token)
-
-
-def _tokenizer(
-    ref: dict[str, Any], vqgan_path: str | os.PathLike | None, device: torch.device, where: str
-) -> torch.nn.Module:
-    """The tokenizer a checkpoint or export records; ``vqgan_path``: the VQ file."""
-    from lpd.hub import VQ_FILENAME
-    from lpd.tokenizer import make_tokenizer
-
-    kind, file, config = ref.get("kind", "vq"), ref.get("file"), ref.get("vq_config")
-    if vqgan_path is None and kind == "vq" and config is None and file not in (None, VQ_FILENAME):
-        raise ValueError(
-            f"{where} was trained with the tokenizer file {file}; pass its path with --vqgan_path"
-        )
-    config = config if vqgan_path is None else None
-    return make_tokenizer(kind, vqgan_path, config, ref.get("seed", 0), device)
 
 
 class LPDPipeline:
@@ -145,43 +139,40 @@ class LPDPipeline:
     @_speaks_python()
     def from_pretrained(
         cls,
-        model: str | None = None,
+        model: str | os.PathLike | None = None,
         img_size: int | None = None,
         *,
         checkpoint: str | os.PathLike | None = None,
         vqgan_path: str | os.PathLike | None = None,
         device: torch.device | str | None = None,
     ) -> LPDPipeline:
-        """A released preset ``model`` (default ``lpd_l``) at ``img_size`` (default 256) from the
-        Hub; a folder or Hub repository of ``python -m lpd.checkpoint export``; or a ``checkpoint``
-        file or folder (``model``: the preset of a released file). Size, classes, tokenizer and cfg
-        come from the checkpoint; ``vqgan_path``: the VQ file; ``device``: CUDA if available."""
-        from lpd import hub
-        from lpd.checkpoint import export_config, export_folder, load_checkpoint, tokenizer_ref
-        from lpd.distributed import resolve_device
-        from lpd.models import PRESETS, load_lpd
-        from lpd.tokenizer import make_tokenizer
-
+        """``model``: a released preset (default ``lpd_l``) at ``img_size`` (default 256) from the
+        Hub, a folder or Hub repository of ``python -m lpd.checkpoint export``, or a training
+        checkpoint file or folder; or ``checkpoint`` such a file (``model``: the preset of a
+        released file). Size, classes, tokenizer and cfg come from the checkpoint; ``vqgan_path``:
+        the VQ file; ``device``: CUDA if available."""
         device = resolve_device(device)
         if checkpoint is None and (model is None or model in PRESETS):  # a released model, by name
             model, size = model or "lpd_l", img_size or 256
             files = hub.resolve_model_files(model, size, vqgan_path=vqgan_path)
             net = load_lpd(files["checkpoint"], model=model, img_size=size).to(device)
             return cls(net, make_tokenizer("vq", files["VQ tokenizer"], device=device), name=model)
-        source = os.fspath(checkpoint if checkpoint is not None else model)
-        folder = export_folder(source)
-        if folder is not None:
-            config = export_config(folder)
-            trained = (config.get("training", {}).get("args") or {}).get("cfg")
-            cfg = (config.get("sampling") or {}).get("cfg", trained)
-            tokenizer = _tokenizer(config.get("tokenizer") or {}, vqgan_path, device, source)
-            net = load_lpd(folder, img_size=img_size).to(device)
-            return cls(net, tokenizer, config.get("model"), cfg)
-        net = load_lpd(hub.resolve_user_checkpoint(source), model=model, img_size=img_size)
-        args = load_checkpoint(source).get("args") or {}
-        args = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-        tokenizer = _tokenizer(tokenizer_ref(args), vqgan_path, device, source)
-        return cls(net.to(device), tokenizer, model or args.get("model"), args.get("cfg"))
+        if checkpoint is None:  # a path or repository as the first argument
+            model, checkpoint = None, model
+        source = os.fspath(checkpoint)
+        path = hub.resolve_user_checkpoint(source)
+        if os.path.isfile(os.path.join(path, EXPORT_CONFIG)):
+            meta = export_config(path)
+        else:
+            args = load_checkpoint(path).get("args") or {}
+            args = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+            meta = {"model": args.get("model"), "tokenizer": tokenizer_ref(args)}
+            meta["training"] = {"args": args}
+        trained = (meta.get("training", {}).get("args") or {}).get("cfg")
+        cfg = (meta.get("sampling") or {}).get("cfg", trained)
+        tokenizer = recorded_tokenizer(meta.get("tokenizer") or {}, vqgan_path, device, source)
+        net = load_lpd(path, model=model, img_size=img_size).to(device)
+        return cls(net, tokenizer, model or meta.get("model"), cfg)
 
     @property
     def img_size(self) -> int:

@@ -23,7 +23,7 @@ def line_chart(
     import matplotlib
     from matplotlib.figure import Figure
 
-    from lpd.checkpoint import atomic_write_bytes
+    from lpd.files import atomic_write_bytes
 
     names = list(dict.fromkeys(name for p in panels for name in p["series"]))
     colors = (

@@ -250,7 +250,7 @@ def released_files() -> dict[str, str]:
 def write_released_files(folder: str, overwrite: bool = False) -> list[str]:
     """Write :func:`released_files` under ``folder`` (atomically); returns the paths written. Files that hold
     the same text are left alone; other existing files are replaced only with ``overwrite`` (else ValueError)."""
-    from lpd.checkpoint import atomic_write_bytes
+    from lpd.files import atomic_write_bytes
 
     todo = {}
     for rel, text in released_files().items():

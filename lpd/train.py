@@ -19,19 +19,12 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
-from lpd.checkpoint import (
-    CheckpointError,
-    atomic_write_bytes,
-    check_finite,
-    interpolate_pos_embed,
-    load_into,
-    load_state_dict,
-)
 from lpd.devices import available_cpus
 from lpd.distributed import DistInfo, init_distributed, on_rank0
+from lpd.files import STATE_FILE, CheckpointError, atomic_write_bytes
+from lpd.models import LPD, LPDConfig, fit_weights, read_weights
 from lpd.parallel import (
     EMA,
-    STATE_FILE,
     PreemptionFlag,
     RunLock,
     TrainState,
@@ -381,8 +374,6 @@ class _Logger:
 
 def build_model(config: TrainConfig, log: Callable[[str], None] = print) -> torch.nn.Module:
     """The model of ``config``: seeded initialisation, or ``--pretrained_ckpt`` (pos_embed interpolated)."""
-    from lpd.models import LPD, LPDConfig
-
     overrides = {
         **(config.model_config or {}),
         **{
@@ -396,19 +387,8 @@ def build_model(config: TrainConfig, log: Callable[[str], None] = print) -> torc
     model.initialize_weights(torch.Generator().manual_seed(derive_seed(config.seed, _INIT)))
     if config.pretrained_ckpt:
         source = f"--pretrained_ckpt {config.pretrained_ckpt!r}"
-        sd = load_state_dict(config.pretrained_ckpt)
-        check_finite(sd, source)
-        if "pos_embed" in sd and sd["pos_embed"].shape != model.pos_embed.shape:
-            log(
-                f"pretrained {config.pretrained_ckpt}: pos_embed interpolated from {sd['pos_embed'].shape[1] - 1} to {model.num_tokens} positions"
-            )
-            sd = {**sd, "pos_embed": interpolate_pos_embed(sd["pos_embed"], model.num_tokens)}
-        load_into(
-            model,
-            sd,
-            source=source,
-            hint="is --model / model_config the architecture of the pretrained model?",
-        )
+        hint = "is --model / model_config the architecture of the pretrained model?"
+        fit_weights(model, read_weights(config.pretrained_ckpt)[1], source, hint, log)
         log(f"initialised from {config.pretrained_ckpt}")
     model.set_grad_checkpointing(config.grad_checkpointing)
     return model

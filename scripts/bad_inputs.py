@@ -34,7 +34,7 @@ os.makedirs(f"{T}/noimgs/a", exist_ok=True)
 open(f"{T}/imgs/a/x.png", "wb").write(b"\x89PNG broken")
 import torch  # noqa: E402 - after the path set-up
 
-from lpd.checkpoint import lock_folder  # noqa: E402
+from lpd.files import lock_folder  # noqa: E402
 from lpd.models import LPD, LPDConfig  # noqa: E402
 
 rng = np.random.default_rng(0)

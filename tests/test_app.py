@@ -17,8 +17,8 @@ from lpd.app.__main__ import main as app_main
 from lpd.app.embed import main as embed_main
 from lpd.app.model import EMBEDDED_DIR, class_names, decode_steps, load_app_model, render_partial
 from lpd.app.ui import Studio
-from lpd.checkpoint import CheckpointError, save_checkpoint
 from lpd.evaluate import image_seed
+from lpd.files import CheckpointError, save_checkpoint
 from lpd.models import LPD, LPDConfig
 from lpd.orders import lpd_orders
 from lpd.sampling import sample_tokens

@@ -11,15 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from lpd.checkpoint import (
-    CheckpointError,
-    interpolate_pos_embed,
-    load_checkpoint,
-    load_into,
-    load_state_dict,
-    save_checkpoint,
-)
-from lpd.models import build_lpd, load_lpd, lpd_tiny
+from lpd.files import CheckpointError, load_checkpoint, load_into, load_state_dict, save_checkpoint
+from lpd.models import build_lpd, interpolate_pos_embed, load_lpd, lpd_tiny, read_weights
 
 
 def released_checkpoint(path, model, args=None):
@@ -340,7 +333,8 @@ def test_model_card_metrics_and_push_to_hub(tmp_path, monkeypatch, capsys):
 
     import huggingface_hub
 
-    from lpd.checkpoint import main, state_dict_digest
+    from lpd.checkpoint import main
+    from lpd.files import state_dict_digest
 
     model, _ = _trained_checkpoint(tmp_path / "ck.pth")
     metrics = {
@@ -472,7 +466,7 @@ def test_export_from_a_hub_repository_through_load_lpd_pipeline_and_main_eval(
         torch.equal(v, model.state_dict()[k]) for k, v in load_lpd("me/tiny").state_dict().items()
     )
     assert all(
-        torch.equal(v, model.state_dict()[k]) for k, v in load_state_dict("me/tiny").items()
+        torch.equal(v, model.state_dict()[k]) for k, v in read_weights("me/tiny")[1].items()
     )  # --pretrained_ckpt
     pipe = LPDPipeline.from_pretrained(
         "me/tiny", device="cpu"

@@ -206,8 +206,8 @@ def test_outpaint_keeps_the_centre_exactly_and_regenerates_the_border():
     """``LPDPipeline.outpaint``: with an exact tokenizer the kept centre comes back pixel for pixel,
     the border is regenerated (a quarter of the size by default), and ``border:PX`` regions mean the
     same."""
-    from lpd.demo.palette import PaletteTokenizer
     from lpd.pipeline import LPDPipeline
+    from lpd.tokenizer.palette import PaletteTokenizer
 
     model = build_lpd(
         img_size=128, embed_dim=32, depth=2, num_heads=4, vocab_size=4, class_num=CLASSES

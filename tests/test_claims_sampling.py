@@ -148,7 +148,7 @@ def test_rank_r_of_w_samples_images_i_mod_w_and_the_vq_decodes_chunks_of_8(model
     decoder call gets 8 token grids whatever the batch, so its rounding cannot depend on
     ``eval_bsz``."""
     from lpd import evaluate as E
-    from lpd.demo.palette import PaletteTokenizer
+    from lpd.tokenizer.palette import PaletteTokenizer
 
     class Recording(PaletteTokenizer):
         def decode(self, tokens):
@@ -235,7 +235,7 @@ def _export(tmp_path) -> str:
     """A small model at 256 px with the palette tokenizer (as the demo's), exported by ``python -m
     lpd.checkpoint export``."""
     from lpd.checkpoint import main as checkpoint_main
-    from lpd.checkpoint import save_checkpoint
+    from lpd.files import save_checkpoint
     from lpd.train import TrainConfig
 
     config = dict(embed_dim=32, depth=2, num_heads=4, vocab_size=4, class_num=1000)
@@ -330,8 +330,8 @@ def tiny_release(monkeypatch, tmp_path):
     ``dog.png``."""
     import lpd.models
     import lpd.tokenizer
-    from lpd.demo.palette import PaletteTokenizer
     from lpd.pipeline import LPDPipeline
+    from lpd.tokenizer.palette import PaletteTokenizer
 
     net = LPD(
         LPDConfig(img_size=256, embed_dim=32, depth=2, num_heads=4, vocab_size=16, class_num=1000)

@@ -551,7 +551,7 @@ def test_an_fsdp_checkpoint_resumes_on_another_world_size(tmp_path):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    from lpd.checkpoint import load_checkpoint
+    from lpd.files import load_checkpoint
 
     assert first.global_step == 4
     before = load_checkpoint(tmp_path / "out" / "checkpoint-last")["model"]

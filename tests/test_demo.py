@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from lpd.demo.palette import PaletteTokenizer
 from lpd.tokenizer import make_tokenizer
+from lpd.tokenizer.palette import PaletteTokenizer
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = [

@@ -10,14 +10,14 @@ import torch
 from lpd.demo.classifier import (
     DigitClassifier,
     Judge,
-    _frechet_to,
     accuracy,
     bootstrap_ci,
+    frechet_to,
     train_classifier,
 )
 from lpd.demo.digits import load_digits_dataset, load_raw_digits, split_indices
-from lpd.demo.palette import PaletteTokenizer, images_to_uint8, uint8_to_images
 from lpd.metrics import frechet_distance
+from lpd.tokenizer.palette import PaletteTokenizer, images_to_uint8, uint8_to_images
 
 
 def _images(tokens: torch.Tensor) -> np.ndarray:
@@ -143,7 +143,7 @@ def test_fast_frechet_equals_the_metrics_code() -> None:
     ref = rng.normal(size=(300, 16)) @ rng.normal(size=(16, 16))
     mu, sigma = ref.mean(0), np.cov(ref, rowvar=False)
     for x in (rng.normal(size=(200, 16)), ref[:150] + 0.5):
-        assert _frechet_to(mu, sigma)(x) == pytest.approx(
+        assert frechet_to(mu, sigma)(x) == pytest.approx(
             frechet_distance(x.mean(0), np.cov(x, rowvar=False), mu, sigma), rel=1e-8
         )
 

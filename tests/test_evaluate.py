@@ -505,7 +505,7 @@ def test_a_tokenizer_of_another_stride_or_statistics_of_another_width_fail_befor
 def test_a_second_evaluation_of_a_live_run_folder_is_refused_and_deletes_nothing(
     model, tokenizer, tmp_path
 ):
-    from lpd.checkpoint import lock_folder
+    from lpd.files import lock_folder
 
     run = tmp_path / "run"
     run_eval(model, tokenizer, 4, SAMPLING, output_dir=run, compute_fid=False, **RUN)

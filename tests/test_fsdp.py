@@ -27,9 +27,9 @@ from test_train import (  # noqa: F401 (a fixture)
 )
 from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
-import lpd.checkpoint as C
+import lpd.export as C
 import main_train
-from lpd.checkpoint import CheckpointError, load_checkpoint, state_dict_digest
+from lpd.files import CheckpointError, load_checkpoint, state_dict_digest
 from lpd.models import load_lpd
 from lpd.parallel import full_tensors
 from lpd.sampling import SamplingConfig
@@ -173,12 +173,12 @@ def test_a_save_killed_half_way_keeps_the_last_good_checkpoint(tmp_path, fsdp_gr
             raise OSError("killed while swapping")
         return real_replace(src, dst, *a, **k)
 
-    monkeypatch.setattr(C.os, "replace", dies_between_renames)
+    monkeypatch.setattr(os, "replace", dies_between_renames)
     with pytest.raises(OSError, match="killed while swapping"):
         train(
             tiny_config(tmp_path / "run", resume=str(out), **cfg), dataset=Tokens(8, 16), log=quiet
         )
-    monkeypatch.setattr(C.os, "replace", real_replace)
+    monkeypatch.setattr(os, "replace", real_replace)
     assert (
         not (out / "checkpoint-last").exists()
         and load_checkpoint(out / "checkpoint-last.old")["global_step"] == 1

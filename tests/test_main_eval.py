@@ -25,8 +25,8 @@ sys.path.insert(0, ROOT)
 from conftest import run_process  # noqa: E402
 
 import main_eval  # noqa: E402
-from lpd.checkpoint import CheckpointError  # noqa: E402
 from lpd.evaluate import EvaluationError, read_png  # noqa: E402
+from lpd.files import CheckpointError  # noqa: E402
 from lpd.models import LPD, LPDConfig  # noqa: E402
 
 TINY_CONFIG = os.path.join(ROOT, "configs", "tiny.yaml")

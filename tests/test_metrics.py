@@ -826,12 +826,10 @@ def test_cli_errors_of_weights_and_images_are_one_message(
 
 
 def test_cli_write_failure_is_exit_1(tmp_path, capsys, tiny_inception, monkeypatch):
-    import lpd.checkpoint
-
     def disk_full(path, write_fn, fsync=True):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(lpd.checkpoint, "atomic_write_bytes", disk_full)
+    monkeypatch.setattr(M, "atomic_write_bytes", disk_full)
     folder = _write_folder(tmp_path / "ref", _images(3))
     assert (
         M.main(["stats", "--input", folder, "--output", str(tmp_path / "o.npz"), "--no_progress"])

@@ -24,14 +24,14 @@ from lpd.orders import (
     save_orders,
 )
 from lpd.orders.cli import main as cli_main
-from lpd.orders.generate import KIND_FARTHEST, KIND_PROXIMITY, KIND_START, _lpd_batch
+from lpd.orders.generate import KIND_FARTHEST, KIND_PROXIMITY, KIND_START, lpd_batch
 from lpd.schedules import GroupSizeError, cosine_group_sizes, scaled_group_sizes
 
 G256 = group_sizes(256, 20)
 
 
 def _kinds(num, sizes, grid, tp, tr, seed=0, known=None):
-    return _lpd_batch(np.arange(num), seed, sizes, grid, tp, tr, return_kinds=True, known=known)
+    return lpd_batch(np.arange(num), seed, sizes, grid, tp, tr, return_kinds=True, known=known)
 
 
 def _groups(sizes):
@@ -679,7 +679,7 @@ def nothing_drawn(monkeypatch):
 
     for module, name in (
         (cli, "generate"),
-        (cli, "_lpd_batch"),
+        (cli, "lpd_batch"),
         (cli, "random_orders"),
         (cli, "load_orders"),
         (visualize, "render_order"),

@@ -1,11 +1,11 @@
-"""Tests for lpd.demo.palette: exact round trips, the VQ interface, devices and clear errors."""
+"""Tests for lpd.tokenizer.palette: exact round trips, the VQ interface, devices and clear errors."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lpd.demo.palette import PaletteTokenizer, images_to_uint8, uint8_to_images
+from lpd.tokenizer.palette import PaletteTokenizer, images_to_uint8, uint8_to_images
 
 
 @pytest.mark.parametrize("levels", [2, 4, 8, 16])

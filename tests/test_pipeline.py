@@ -172,13 +172,13 @@ def test_offline_names_every_missing_file_in_python_words_and_in_flags(
 
 
 def test_python_words_rename_the_pipelines_flags_and_nothing_else():
-    from lpd.pipeline import _python_words
+    from lpd.pipeline import python_words
 
     text = (
         "pass --pretrained_ckpt /p/x.pth, or --random_init for random weights, and --cfg; cache "
         "/h/models--mit-han-lab--lpd_l_256; run `python -m lpd.download lpd_l 256 --list`; --fid_stats"
     )
-    assert _python_words(text) == (
+    assert python_words(text) == (
         'pass checkpoint="/p/x.pth", and cfg=; cache /h/models--mit-han-lab--lpd_l_256; '
         "run `python -m lpd.download lpd_l 256 --list`; --fid_stats"
     )
@@ -193,7 +193,7 @@ def TINY_MODEL() -> LPD:  # noqa: N802
 def _demo_checkpoint(tmp_path) -> str:
     """A checkpoint as ``python -m lpd.demo`` trains it (palette tokenizer, 10 classes), shortened to one epoch."""
     from lpd.config import parse_args_with_config
-    from lpd.demo.run import _train, build_parser
+    from lpd.demo.run import build_parser, train_demo
 
     small = {
         "embed_dim": 32,
@@ -216,15 +216,15 @@ def _demo_checkpoint(tmp_path) -> str:
             json.dumps(small),
         ],
     )
-    _train(args, torch.device("cpu"), log=lambda *_: None)
+    train_demo(args, torch.device("cpu"), log=lambda *_: None)
     return str(tmp_path / "demo" / "train" / "checkpoint-last.pth")
 
 
 def test_the_demo_model_samples_digits_with_its_own_size_classes_and_tokenizer(tmp_path, capsys):
     from PIL import Image
 
-    from lpd.checkpoint import export
-    from lpd.demo.palette import PaletteTokenizer
+    from lpd.export import export
+    from lpd.tokenizer import PaletteTokenizer
 
     ckpt = _demo_checkpoint(tmp_path)
     out = tmp_path / "digits.png"
@@ -236,11 +236,13 @@ def test_the_demo_model_samples_digits_with_its_own_size_classes_and_tokenizer(t
     assert (
         "256 px, classes [0, 1, 2, 3, 4, 5, 6, 7, 8, 9], cfg 4, τr 2" in printed
     )  # cfg: what training evaluated at
-    pipe = LPDPipeline.from_pretrained(checkpoint=ckpt, device="cpu")
+    pipe = LPDPipeline.from_pretrained(ckpt, device="cpu")  # a path as the first argument
     assert isinstance(pipe.tokenizer, PaletteTokenizer) and pipe.tokenizer.levels == 4
     assert (pipe.img_size, pipe.model.config.class_num, pipe.cfg) == (256, 10, 4.0)
     images = pipe(list(range(10)), steps=8)
     assert set(np.unique(images)) <= {0, 85, 170, 255}  # the 4 greys of the palette
+    by_keyword = LPDPipeline.from_pretrained(checkpoint=ckpt, device="cpu")
+    assert np.array_equal(by_keyword(list(range(10)), steps=8), images)
     with Image.open(out) as grid:
         grid = np.asarray(grid)
     assert np.array_equal(grid[:256, :256], images[0]) and np.array_equal(
@@ -349,7 +351,8 @@ def test_inpaint_and_outpaint_edit_with_the_pipeline_settings(pipe):
 
 def _export(tmp_path, name, **train_args):
     """An lpd export of a 16-token model trained with the tokenizer ``train_args`` describe."""
-    from lpd.checkpoint import export, save_checkpoint
+    from lpd.export import export
+    from lpd.files import save_checkpoint
     from lpd.train import TrainConfig
 
     model = build_lpd(img_size=64, embed_dim=32, depth=1, num_heads=2, vocab_size=64, class_num=10)

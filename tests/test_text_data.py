@@ -135,7 +135,7 @@ def test_the_three_formats_give_the_same_cache(data, tmp_path, capsys):
     # the cache read back: image tokens (and flips) of the cropped images, the captions' token ids
     ds = CaptionTokenCache(str(tmp_path / "wds"), (IMG // 16) ** 2, 4)
     enc = make_text_encoder("wordllama", max_text_tokens=8)
-    from lpd.demo.palette import PaletteTokenizer
+    from lpd.tokenizer.palette import PaletteTokenizer
 
     pal = PaletteTokenizer(4)
     for i, caption in enumerate(CAPTIONS.values()):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lpd.checkpoint import CheckpointError
+from lpd.files import CheckpointError
 from lpd.tokenizer import VQModel, build_vq, load_vq, make_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"

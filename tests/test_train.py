@@ -22,8 +22,8 @@ from conftest import background, run_process, wait_for_file
 from PIL import Image
 
 import main_train
-from lpd.checkpoint import CheckpointError, interpolate_pos_embed, load_checkpoint, save_checkpoint
-from lpd.models import load_lpd
+from lpd.files import CheckpointError, load_checkpoint, save_checkpoint
+from lpd.models import interpolate_pos_embed, load_lpd
 from lpd.sampling import SamplingConfig
 from lpd.schedules import training_schedules
 from lpd.train import (

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lpd.checkpoint import CheckpointError
+from lpd.files import CheckpointError
 
 MB = 1024 * 1024
 

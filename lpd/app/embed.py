@@ -10,10 +10,11 @@ import sys
 from collections.abc import Sequence
 
 from lpd.app.model import EMBEDDED_DIR
-from lpd.checkpoint import CheckpointError, export
 from lpd.config import parse_args_with_config
 from lpd.demo.run import build_parser
 from lpd.demo.run import main as demo_main
+from lpd.export import export
+from lpd.files import CheckpointError
 from lpd.sampling import sampling_from_args
 
 # the demo's training stage as configured; the short ablation after it reports the digit accuracy

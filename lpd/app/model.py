@@ -11,19 +11,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lpd.checkpoint import (
-    CheckpointError,
-    export_config,
-    export_folder,
-    load_checkpoint,
-    state_dict_digest,
-)
 from lpd.evaluate import image_seed
+from lpd.files import CheckpointError, export_config, state_dict_digest
+from lpd.hub import export_folder
 from lpd.images import to_uint8
-from lpd.models import PRESETS, load_lpd
+from lpd.models import PRESETS
 from lpd.pipeline import LPDPipeline, paper_settings
 from lpd.sampling import Decoder, SamplingConfig
-from lpd.tokenizer import make_tokenizer
 
 __all__ = [
     "EMBEDDED_DIR",
@@ -125,16 +119,7 @@ def load_app_model(
             model, img_size, checkpoint=path, vqgan_path=vqgan_path, device=device
         )
     elif path is not None and os.path.isfile(path):  # a training checkpoint records its tokenizer
-        args = load_checkpoint(path).get("args") or {}
-        args = args if isinstance(args, dict) else vars(args)
-        tokenizer = make_tokenizer(
-            args.get("tokenizer", "vq"),
-            vqgan_path or args.get("vqgan_path"),
-            args.get("vq_config"),
-            args.get("seed", 0),
-            device,
-        )
-        pipe = LPDPipeline(load_lpd(path, img_size=img_size).to(device), tokenizer)
+        pipe = LPDPipeline.from_pretrained(path, img_size, vqgan_path=vqgan_path, device=device)
     else:
         pipe, defaults = _export(path or EMBEDDED_DIR, device, vqgan_path)
     default_tr = defaults.get("repulsion_threshold", 2.0 if pipe.grid_size <= 16 else 4.0)

@@ -16,9 +16,9 @@ import numpy as np
 from PIL import Image
 
 from lpd.app.model import AppModel, decode_steps, render_partial
-from lpd.checkpoint import atomic_write_bytes
 from lpd.editing import edit_images, token_keep
 from lpd.evaluate import decode_tokens
+from lpd.files import atomic_write_bytes
 from lpd.images import ImageFileError, load_mask, write_png
 from lpd.orders.source import OrderSource
 from lpd.orders.stats import order_statistics

@@ -1,1 +1,1 @@
-"""The CPU demo (``python -m lpd.demo``): digits, a palette tokenizer, a judge, the ablation and editing."""
+"""The CPU demo (``python -m lpd.demo``): digits, a judge, the ablation and editing."""

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lpd.demo.digits import GRID_SIZE, NUM_CLASSES, load_digits_dataset
-from lpd.demo.palette import DEFAULT_LEVELS, images_to_uint8
+from lpd.tokenizer.palette import DEFAULT_LEVELS, images_to_uint8
 
 __all__ = ["DigitClassifier", "train_classifier", "accuracy", "bootstrap_ci", "Judge"]
 
@@ -185,7 +185,7 @@ def bootstrap_ci(
     return [float(lo), float(hi)]
 
 
-def _frechet_to(mu: np.ndarray, sigma: np.ndarray) -> Callable[[np.ndarray], float]:
+def frechet_to(mu: np.ndarray, sigma: np.ndarray) -> Callable[[np.ndarray], float]:
     """Features ``[n, F]`` -> Fréchet distance to ``(mu, sigma)``: :func:`lpd.metrics.frechet_distance`, ten times faster
     (a symmetric eigenproblem; the root of the fixed ``sigma`` computed once)."""
     w, v = np.linalg.eigh(sigma)
@@ -227,7 +227,7 @@ class Judge:
         feats, logits = self.classifier.features(images)
         correct = logits.argmax(-1).cpu().numpy() == np.asarray(labels)
         f = feats.cpu().double().numpy()
-        frechet = _frechet_to(*self.reference)
+        frechet = frechet_to(*self.reference)
         ci = dict(n=len(f), resamples=self.resamples, seed=self.seed)
         plug, draws = frechet(f), bootstrap(lambda i: frechet(f[i]), **ci)
         low, high = np.percentile(draws, [2.5, 97.5])

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lpd.demo.palette import DEFAULT_LEVELS, PaletteTokenizer
+from lpd.tokenizer.palette import DEFAULT_LEVELS, PaletteTokenizer
 
 __all__ = ["GRID_SIZE", "NUM_CLASSES", "load_raw_digits", "split_indices", "load_digits_dataset"]
 

@@ -183,11 +183,11 @@ def _check(args: argparse.Namespace) -> list[list[int]]:
         raise ValueError(f"--steps {args.steps}: {e}") from None
 
 
-def _train(args: argparse.Namespace, device: torch.device, log) -> torch.nn.Module:
+def train_demo(args: argparse.Namespace, device: torch.device, log) -> torch.nn.Module:
     """Train into ``OUTPUT_DIR/train``, reusing a finished run of the same settings or resuming an interrupted one."""
-    from lpd.checkpoint import atomic_write_bytes, load_checkpoint
     from lpd.demo.digits import load_digits_dataset
     from lpd.distributed import DistInfo
+    from lpd.files import atomic_write_bytes, load_checkpoint
     from lpd.models import load_lpd
     from lpd.train import TrainConfig, train
 
@@ -364,8 +364,8 @@ def _editing(
 
 def run_demo(args: argparse.Namespace, log=print) -> dict[str, Any]:
     """Run the whole demo; returns the ``metrics.json`` record."""
-    from lpd.checkpoint import atomic_write_bytes
     from lpd.demo.digits import load_digits_dataset
+    from lpd.files import atomic_write_bytes
 
     schedules = _check(args)
     if args.threads:
@@ -378,7 +378,7 @@ def run_demo(args: argparse.Namespace, log=print) -> dict[str, Any]:
         timings[stage], clock = time.perf_counter() - clock, time.perf_counter()
 
     log("== 1/4 training LPD on the embedded digits (lpd.train)")
-    model = _train(args, device, log)
+    model = train_demo(args, device, log)
     lap("train")
     log("== 2/4 training the digit classifier (the judge)")
     clf = train_classifier(

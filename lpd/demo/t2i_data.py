@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lpd.demo.digits import GRID_SIZE, load_raw_digits, split_indices
-from lpd.demo.palette import DEFAULT_LEVELS, PaletteTokenizer
+from lpd.tokenizer.palette import DEFAULT_LEVELS, PaletteTokenizer
 
 __all__ = [
     "Scene",

@@ -28,8 +28,8 @@ from torch import Tensor
 
 from lpd.demo.classifier import DigitClassifier, bootstrap_ci, train_classifier
 from lpd.demo.digits import GRID_SIZE, load_raw_digits, split_indices
-from lpd.demo.palette import DEFAULT_LEVELS
 from lpd.demo.t2i_data import HALF, QUADRANTS, Scene, digit_grey, grey_to_tokens, region_tokens
+from lpd.tokenizer.palette import DEFAULT_LEVELS
 
 __all__ = ["T2IJudge", "ink_mass", "ATTRIBUTES"]
 

@@ -1,24 +1,27 @@
-"""LPD models: the presets, :func:`build_lpd` and :func:`load_lpd` (released or project checkpoints).
+"""LPD models: the presets, :func:`build_lpd`, and loading: :func:`load_lpd` (released or project
+checkpoints, exports), :func:`read_weights` and :func:`fit_weights`.
 
-``load_lpd("lpd_l", img_size=256)``, ``load_lpd("lpd_l_256.pth", model="lpd_l")``, ``load_lpd("run/checkpoint-last.pth")``.
+``load_lpd("lpd_l", img_size=256)``, ``load_lpd("lpd_l_256.pth", model="lpd_l")``,
+``load_lpd("run/checkpoint-last.pth")``.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from lpd.checkpoint import (
+from lpd import hub
+from lpd.files import (
     EXPORT_CONFIG,
     EXPORT_WEIGHTS,
     CheckpointError,
     check_finite,
-    export_folder,
-    interpolate_pos_embed,
     load_checkpoint,
     load_into,
     read_export,
@@ -47,16 +50,38 @@ __all__ = [
     "lpd_xl",
     "lpd_xxl",
     "load_lpd",
+    "read_weights",
+    "fit_weights",
+    "interpolate_pos_embed",
     "checkpoint_config",
     "group_visible_mask",
 ]
 
 
+def interpolate_pos_embed(pos_embed: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """``pos_embed [1, 1 + n, D]`` resized to ``[1, 1 + num_tokens, D]`` (square grids, bicubic)."""
+    if pos_embed.dim() != 3 or pos_embed.shape[0] != 1:
+        raise ValueError(f"pos_embed must have shape [1, 1 + N, D], got {list(pos_embed.shape)}")
+    old_n = pos_embed.shape[1] - 1
+    old_g, new_g = math.isqrt(old_n), math.isqrt(num_tokens)
+    if old_g * old_g != old_n or new_g * new_g != num_tokens:
+        raise ValueError(
+            f"pos_embed interpolation needs square grids, got {old_n} -> {num_tokens} positions"
+        )
+    if old_n == num_tokens:
+        return pos_embed
+    D = pos_embed.shape[2]
+    grid = pos_embed[0, 1:].float().reshape(old_g, old_g, D).permute(2, 0, 1).unsqueeze(0)
+    grid = F.interpolate(grid, size=(new_g, new_g), mode="bicubic", align_corners=False)
+    grid = grid[0].permute(1, 2, 0).reshape(1, new_g * new_g, D).to(pos_embed.dtype)
+    return torch.cat([pos_embed[:, :1], grid], dim=1)
+
+
 def checkpoint_config(
     ckpt: dict[str, Any], sd: dict[str, torch.Tensor], path: str, model: str | None = None
 ) -> LPDConfig:
-    """A checkpoint's architecture: its ``model_config``, else the preset ``model`` or that of its released ``args``
-    (grid, vocabulary and classes from the weights ``sd``)."""
+    """A checkpoint's architecture: its ``model_config``, else the preset ``model`` or that of its
+    released ``args`` (grid, vocabulary and classes from the weights ``sd``)."""
     saved = ckpt.get("model_config") if isinstance(ckpt.get("model_config"), dict) else None
     if saved is not None:
         cfg = LPDConfig(**saved)
@@ -68,8 +93,9 @@ def checkpoint_config(
             }
             if clash or model not in PRESETS:
                 raise CheckpointError(
-                    f"checkpoint {path!r} holds a model with {cfg.embed_dim} width, depth {cfg.depth}, "
-                    f"{cfg.num_heads} heads, not the {model} preset; drop --model or pick the right checkpoint"
+                    f"checkpoint {path!r} holds a model with {cfg.embed_dim} width, depth "
+                    f"{cfg.depth}, {cfg.num_heads} heads, not the {model} preset; drop --model or "
+                    f"pick the right checkpoint"
                 )
         return cfg
     args = ckpt.get("args")
@@ -88,6 +114,55 @@ def checkpoint_config(
     )
 
 
+def read_weights(
+    path: str, ema: bool = False, map_location: Any = "cpu"
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A checkpoint (file, sharded folder, export folder or Hub repository) and its model (or EMA)
+    weights; an export gives ``{"model", "model_config", "export": its config.json}``."""
+    folder = hub.export_folder(path)
+    if folder is not None:
+        config, weights = read_export(folder)
+        if ema and config.get("weights") != "ema":
+            raise CheckpointError(
+                f"{path!r} holds the model's {config.get('weights')!r} weights, not an EMA; "
+                f"drop --use_ema"
+            )
+        return {"model": weights, "model_config": config["model_config"], "export": config}, weights
+    ckpt = load_checkpoint(path, map_location)
+    if ema and not isinstance(ckpt.get("model_ema"), dict):
+        raise CheckpointError(
+            f"checkpoint {path!r} holds no EMA weights (trained without --ema_decay); drop "
+            f"--use_ema"
+        )
+    key = "model_ema" if ema else "model"
+    sd = ckpt[key] if isinstance(ckpt.get(key), dict) else ckpt
+    if "pos_embed" not in sd:
+        raise CheckpointError(
+            f"checkpoint {path!r} has no 'pos_embed': it is not an LPD checkpoint"
+        )
+    return ckpt, sd
+
+
+def fit_weights(
+    net: LPD,
+    sd: dict[str, torch.Tensor],
+    source: str,
+    hint: str = "",
+    log: Callable[[str], None] | None = None,
+) -> None:
+    """Load ``sd`` into ``net`` strictly, ``pos_embed`` resized to its grid (``log`` says so);
+    non-finite weights are refused."""
+    if sd["pos_embed"].shape != net.pos_embed.shape:
+        if log is not None:
+            log(
+                f"{source}: pos_embed interpolated from {sd['pos_embed'].shape[1] - 1} to "
+                f"{net.num_tokens} positions"
+            )
+        sd = {**sd, "pos_embed": interpolate_pos_embed(sd["pos_embed"], net.num_tokens)}
+    check_finite(sd, source)
+    load_into(net, sd, source=source, hint=hint)
+
+
 def load_lpd(
     path_or_name: str | os.PathLike,
     model: str | None = None,
@@ -97,33 +172,13 @@ def load_lpd(
     overrides: dict[str, Any] | None = None,
     ema: bool = False,
 ) -> LPD:
-    """Load a checkpoint file or folder, an export, or a preset's released checkpoint at ``img_size`` (default 256) strictly,
-    in eval mode; a file's ``img_size`` must match unless ``interpolate``; non-finite weights are refused."""
+    """A checkpoint file or folder, an export, or a preset's released checkpoint at ``img_size``
+    (default 256) loaded strictly, in eval mode; a file's ``img_size`` must match unless
+    ``interpolate``."""
     path = os.fspath(path_or_name)
     if path in PRESETS and not os.path.exists(path):
-        from lpd import hub
-
         model, path = path, hub.resolve_checkpoint(path, img_size or 256)
-    folder = export_folder(path)
-    if folder is not None:
-        config, weights = read_export(folder)
-        if ema and config.get("weights") != "ema":
-            raise CheckpointError(
-                f"{path!r} holds the model's {config.get('weights')!r} weights, not an EMA; drop --use_ema"
-            )
-        ckpt, ema = {"model": weights, "model_config": config["model_config"]}, False
-    else:
-        ckpt = load_checkpoint(path, map_location)
-    if ema and not isinstance(ckpt.get("model_ema"), dict):
-        raise CheckpointError(
-            f"checkpoint {path!r} holds no EMA weights (trained without --ema_decay); drop --use_ema"
-        )
-    key = "model_ema" if ema else "model"
-    sd = ckpt[key] if isinstance(ckpt.get(key), dict) else ckpt
-    if "pos_embed" not in sd:
-        raise CheckpointError(
-            f"checkpoint {path!r} has no 'pos_embed': it is not an LPD checkpoint"
-        )
+    ckpt, sd = read_weights(path, ema, map_location)
     try:
         cfg = checkpoint_config(ckpt, sd, path, model)
     except (TypeError, ValueError) as e:
@@ -132,19 +187,16 @@ def load_lpd(
     if img_size is not None and img_size != cfg.img_size:
         if not interpolate:
             raise CheckpointError(
-                f"checkpoint {path!r} was trained at {cfg.img_size} px ({cfg.grid_size}x{cfg.grid_size} tokens), "
-                f"but img_size {img_size} was asked for; use --img_size {cfg.img_size} or the matching checkpoint"
+                f"checkpoint {path!r} was trained at {cfg.img_size} px ({cfg.grid_size}x"
+                f"{cfg.grid_size} tokens), but img_size {img_size} was asked for; use --img_size "
+                f"{cfg.img_size} or the matching checkpoint"
             )
         cfg = replace(cfg, img_size=img_size)
-        sd = {**sd, "pos_embed": interpolate_pos_embed(sd["pos_embed"], cfg.num_tokens)}
-    check_finite(sd, f"checkpoint {path!r}")
     net = LPD(cfg)
-    load_into(
-        net,
-        sd,
-        source=f"checkpoint {path!r}",
-        hint="is --model the architecture this file was trained with?"
-        if folder is None
-        else f"its {EXPORT_CONFIG} does not describe its {EXPORT_WEIGHTS}",
+    hint = (
+        f"its {EXPORT_CONFIG} does not describe its {EXPORT_WEIGHTS}"
+        if ckpt.get("export")
+        else "is --model the architecture this file was trained with?"
     )
+    fit_weights(net, sd, f"checkpoint {path!r}", hint)
     return net.eval()

@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from lpd.checkpoint import check_output_path
 from lpd.config import ConfigError, HelpFormatter, check_seed
 from lpd.devices import available_cpus
+from lpd.files import check_output_path
 from lpd.images import write_png, written_by_lpd
 from lpd.orders.files import OrderFileError, load_orders, save_orders
-from lpd.orders.generate import _batch_size, _lpd_batch, random_orders, raster_orders
+from lpd.orders.generate import default_batch_size, lpd_batch, random_orders, raster_orders
 from lpd.orders.source import OrderSource
 from lpd.schedules import group_sizes, num_tokens, parse_group_sizes
 
@@ -139,7 +139,7 @@ def _check_args(args: argparse.Namespace) -> tuple[list[int], int]:
     for name in ("num", "start", "proximity_threshold", "repulsion_threshold"):
         if not getattr(args, name) >= 0:
             raise ConfigError(f"--{name} must be >= 0")
-    args.chunk_size = _batch_size(n) if args.chunk_size is None else args.chunk_size
+    args.chunk_size = default_batch_size(n) if args.chunk_size is None else args.chunk_size
     if args.workers < 1 or args.chunk_size < 1:
         raise ConfigError("--workers and --chunk_size must be >= 1")
     ours = (
@@ -222,7 +222,7 @@ def _order_to_draw(
             raise ConfigError(f"--orders_file, drawing row --index {args.index}: {e}") from None
         return order, None, f"{os.path.basename(args.orders_file)} row {args.index}"
     if args.order == "lpd":
-        o, k = _lpd_batch(
+        o, k = lpd_batch(
             np.array([i]),
             args.seed,
             list(sizes),

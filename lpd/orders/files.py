@@ -124,7 +124,7 @@ def load_orders(path: str | os.PathLike, num: int, grid_size: int) -> np.ndarray
 
 def save_orders(path: str | os.PathLike, orders: np.ndarray) -> None:
     """Write ``orders`` (``[num, N]`` integers) as a JSON order file, atomically (parent folders created)."""
-    from lpd.checkpoint import atomic_write_bytes
+    from lpd.files import atomic_write_bytes
 
     arr = np.asarray(orders)
     if arr.ndim != 2 or arr.dtype.kind not in "iu":

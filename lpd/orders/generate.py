@@ -16,7 +16,7 @@ from lpd.schedules import GroupSizeError, validate_group_sizes
 
 __all__ = ["lpd_orders", "random_orders", "raster_orders", "ORDER_KINDS"]
 
-#: How each position was chosen (``_lpd_batch(..., return_kinds=True)``).
+#: How each position was chosen (``lpd_batch(..., return_kinds=True)``).
 ORDER_KINDS = {
     0: "step 0 (uniformly random position)",
     1: "proximity pick",
@@ -151,9 +151,8 @@ def _known(known: np.ndarray | None, num: int, n: int) -> tuple[np.ndarray | Non
     return (None if counts[0] == n else np.broadcast_to(k, (num, n))), int(counts[0])
 
 
-def _batch_size(
-    n: int,
-) -> int:  # orders generated together by default: about half a million grid positions
+def default_batch_size(n: int) -> int:
+    """Orders generated together by default: about half a million grid positions."""
     return max(16, min(4096, (1 << 19) // n))
 
 
@@ -297,7 +296,7 @@ def _code_tables(proximity_threshold: float, taken: int) -> np.ndarray:
     return tie
 
 
-def _lpd_batch(
+def lpd_batch(
     idx: np.ndarray,
     seed: int,
     group_sizes: Sequence[int],
@@ -538,11 +537,11 @@ def lpd_orders(
             f"group sizes sum to {sum(sizes)} but {m} positions are not known; the groups must cover "
             f"each unknown position once (lpd.schedules.scaled_group_sizes makes such a schedule)"
         )
-    bs = _check_count("batch_size", _batch_size(n) if batch_size is None else batch_size, 1)
+    bs = _check_count("batch_size", default_batch_size(n) if batch_size is None else batch_size, 1)
     out = np.empty((num, m), dtype=np.int64)
     for b0 in range(0, num, bs):
         part = None if known is None else known[b0 : b0 + bs]
-        out[b0 : b0 + bs] = _lpd_batch(
+        out[b0 : b0 + bs] = lpd_batch(
             idx_all[b0 : b0 + bs], seed, sizes, grid_size, tp, tr, known=part
         )
     return out

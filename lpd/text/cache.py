@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lpd.checkpoint import atomic_write_bytes
 from lpd.datasets import (
     CacheJob,
     ConsolidatedTokenCache,
@@ -27,6 +26,7 @@ from lpd.datasets import (
     tokenizer_id,
     write_token_cache,
 )
+from lpd.files import atomic_write_bytes
 from lpd.images import center_crop_arr, image_to_tensor
 from lpd.text.data import (
     CAPTION_FORMATS,

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lpd.checkpoint import state_dict_digest
+from lpd.files import state_dict_digest
 
 __all__ = [
     "MAX_TEXT_TOKENS",

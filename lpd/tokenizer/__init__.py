@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from lpd.tokenizer.vq import VectorQuantizer, VQModel, build_vq, load_vq
+from lpd import hub
+from lpd.distributed import rank0_first
+from lpd.tokenizer.palette import PaletteTokenizer
+from lpd.tokenizer.vq import VQModel, build_vq, load_vq
 
-__all__ = ["VQModel", "VectorQuantizer", "build_vq", "load_vq", "make_tokenizer"]
+__all__ = ["VQModel", "PaletteTokenizer", "build_vq", "load_vq", "make_tokenizer"]
 
 
 def make_tokenizer(
@@ -26,8 +30,6 @@ def make_tokenizer(
     the released ``vq_ds16_c2i.pt`` (rank 0 downloads it first).
     """
     if kind == "palette":
-        from lpd.demo.palette import PaletteTokenizer
-
         return PaletteTokenizer(**_checked(PaletteTokenizer, vq_config, kind)).to(device).eval()
     if kind != "vq":
         raise ValueError(f"--tokenizer: unknown tokenizer {kind!r}; use 'vq' or 'palette'")
@@ -37,11 +39,39 @@ def make_tokenizer(
             torch.manual_seed(seed)
             return build_vq(**vq_config).to(device).eval()
     if vqgan_path is None:
-        from lpd import hub
-        from lpd.distributed import rank0_first
-
         vqgan_path = rank0_first(hub.resolve_vq)
     return load_vq(vqgan_path, **(vq_config or {})).to(device).eval()
+
+
+def tokenizer_ref(args: Mapping[str, Any]) -> dict[str, Any]:
+    """The tokenizer of training ``args``: the released LlamaGen VQ, a file, or a seeded build."""
+    kind = args.get("tokenizer", "vq")
+    if args.get("vqgan_path"):
+        return {"kind": kind, "file": os.path.basename(str(args["vqgan_path"]))}
+    if args.get("vq_config") is not None or kind != "vq":
+        return {"kind": kind, "vq_config": args.get("vq_config"), "seed": args.get("seed", 0)}
+    return {"kind": "vq", "repo": hub.VQ_REPO, "file": hub.VQ_FILENAME}
+
+
+def recorded_tokenizer(
+    ref: Mapping[str, Any],
+    vqgan_path: str | os.PathLike | None,
+    device: torch.device | str,
+    where: str,
+) -> torch.nn.Module:
+    """The tokenizer a :func:`tokenizer_ref` of ``where`` names; ``vqgan_path``: the VQ file."""
+    kind, file, config = ref.get("kind", "vq"), ref.get("file"), ref.get("vq_config")
+    if (
+        vqgan_path is None
+        and kind == "vq"
+        and config is None
+        and file not in (None, hub.VQ_FILENAME)
+    ):
+        raise ValueError(
+            f"{where} was trained with the tokenizer file {file}; pass its path with --vqgan_path"
+        )
+    config = config if vqgan_path is None else None
+    return make_tokenizer(kind, vqgan_path, config, ref.get("seed", 0), device)
 
 
 def _checked(builder: Any, config: dict[str, Any] | None, kind: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lpd.checkpoint import load_into, load_state_dict
+from lpd.files import load_into, load_state_dict
 
 __all__ = ["VQModel", "VectorQuantizer", "Encoder", "Decoder", "build_vq", "load_vq"]
 

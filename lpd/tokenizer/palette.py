@@ -1,5 +1,5 @@
-"""The demo's exact, training-free tokenizer with the VQ tokenizer's interface: each ``patch x patch`` block becomes
-the index of the nearest of ``levels`` evenly spaced greys (0 = black) to its mean; ``encode(decode(t)) == t``.
+"""The demo's exact, training-free tokenizer with the VQ tokenizer's interface: each ``patch x patch``
+block becomes the index of the nearest of ``levels`` evenly spaced greys (0 = black) to its mean; ``encode(decode(t)) == t``.
 """
 
 from __future__ import annotations
