@@ -4,11 +4,17 @@ null caption or a negative prompt, caption dropout trains the null caption."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from lpd.models import LPDConfig, build_lpd
+import main_cache
+import main_train
+from lpd.models import LPDConfig, build_lpd, load_lpd
 from lpd.sampling import Decoder, SamplingConfig
+from lpd.text.encoders import check_encoder_record, make_text_encoder
+from lpd.tokenizer import make_tokenizer
 
 C, D, L = 12, 32, 6
 SIZES = [[1, 2, 3, 10], [4, 4, 8], [16]]
@@ -178,3 +184,55 @@ def test_bad_inputs_are_refused(model):
         Decoder(model).class_prefix(torch.tensor([0, 1]), 2)
     with pytest.raises(ValueError, match="class-conditional"):
         build_lpd(img_size=64, embed_dim=D, depth=1, num_heads=4).text_prefix(features)
+
+
+def _caption_folder(root, captions):
+    """1024 px images (the palette tokenizer: a 64 x 64 token grid) with same-stem captions."""
+    root.mkdir()
+    for i, text in enumerate(captions):
+        grey = np.kron(np.random.default_rng(i).integers(0, 4, (64, 64)) * 85, np.ones((16, 16)))
+        Image.fromarray(np.repeat(grey[..., None], 3, -1).astype(np.uint8)).save(root / f"{i}.png")
+        (root / f"{i}.txt").write_text(text, encoding="utf-8")
+    return root
+
+
+def test_text_model_on_the_64x64_grid_trains_resumes_and_samples(tmp_path):
+    """main_cache.py --captions, main_train.py (a text model_config, caption dropout, EMA, token
+    ids encoded on the fly), an exact resume, then sampling with the recorded encoder."""
+    data = _caption_folder(tmp_path / "data", ["a small 3 in the top left"])
+    cache = str(tmp_path / "cache")
+    base = ["--tokenizer", "palette", "--img_size", "1024", "--num_workers", "0"]
+    argv = ["--data_path", str(data), "--cached_path", cache, "--captions", "auto"]
+    assert main_cache.main([*base, *argv, "--max_text_tokens", "8", "--device", "cpu"]) == 0
+    arch = "{condition: text, text_dim: 256, max_text_tokens: 8, embed_dim: 16, depth: 1, "
+    arch += "num_heads: 2, vocab_size: 4}"
+    (tmp_path / "t2i.yaml").write_text(f"model: null\nmodel_config: {arch}\n")
+
+    def run(out, epochs, *extra):
+        flags = ["--config", str(tmp_path / "t2i.yaml"), *base, "--use_cached"]
+        flags += ["--cached_path", cache, "--output_dir", str(tmp_path / out), "--batch_size", "1"]
+        flags += ["--epochs", str(epochs), "--lr", "1e-2", "--warmup_epochs", "0", "--seed", "3"]
+        flags += ["--group_sizes_list", "[1024]*4", "--ema_decay", "0.9", "--device", "cpu"]
+        assert main_train.main([*flags, "--save_every_epochs", "0", *extra]) == 0
+        return torch.load(tmp_path / out / "checkpoint-last.pth", weights_only=True)
+
+    whole = run("whole", 2)
+    run("split", 1)
+    resumed = run("split", 2, "--resume", str(tmp_path / "split"))
+    for key in ("model", "model_ema"):
+        assert all(torch.equal(whole[key][k], resumed[key][k]) for k in whole[key])
+    assert whole["model_config"]["text_encoder"] == make_text_encoder("wordllama").record
+    assert {"text.null", "text.pos"} <= set(whole["model"])
+    model = load_lpd(str(tmp_path / "whole" / "checkpoint-last.pth"))
+    encoder = make_text_encoder("wordllama", max_text_tokens=8)
+    check_encoder_record(model.config.text_encoder, encoder)
+    ids, mask, _ = encoder.tokenize(["a bold seven", "a 3"])
+    decoder = Decoder(model, SamplingConfig(cfg=3.0))
+    prefix, prefix_mask = decoder.text_prefix(encoder.encode(ids, mask), mask)
+    orders = torch.stack(
+        [torch.randperm(4096, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    )
+    tokens = decoder.decode(prefix, orders, [1024] * 4, prefix_mask=prefix_mask)
+    assert tokens.shape == (2, 4096) and tokens.min() >= 0 and tokens.max() < 4
+    images = make_tokenizer("palette").decode(tokens.reshape(2, 64, 64))
+    assert images.shape == (2, 3, 1024, 1024)
