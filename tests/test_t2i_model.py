@@ -4,6 +4,8 @@ null caption or a negative prompt, caption dropout trains the null caption."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from lpd.models import LPDConfig, build_lpd, load_lpd
 from lpd.sampling import Decoder, SamplingConfig
 from lpd.text.encoders import check_encoder_record, make_text_encoder
 from lpd.tokenizer import make_tokenizer
+from lpd.train import parse_schedule_list
 
 C, D, L = 12, 32, 6
 SIZES = [[1, 2, 3, 10], [4, 4, 8], [16]]
@@ -236,3 +239,19 @@ def test_text_model_on_the_64x64_grid_trains_resumes_and_samples(tmp_path):
     assert tokens.shape == (2, 4096) and tokens.min() >= 0 and tokens.max() < 4
     images = make_tokenizer("palette").decode(tokens.reshape(2, 64, 64))
     assert images.shape == (2, 3, 1024, 1024)
+
+
+@pytest.mark.parametrize("px", [256, 512, 1024])
+def test_staged_recipes_parse(px):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = main_train.parse_config(["--config", f"{root}/configs/train_t2i_{px}.yaml"])
+    config.validate()
+    arch = LPDConfig.from_name(config.model, px, **config.model_config)
+    assert (arch.condition, arch.text_dim, arch.max_text_tokens, arch.grid_size) == (
+        "text",
+        2048,
+        120,
+        px // 16,
+    )
+    assert parse_schedule_list(config.group_sizes_list, px, arch.num_tokens)
+    assert (config.pretrained_ckpt is None) == (px == 256) and config.eval_freq == 0
