@@ -5,6 +5,7 @@ null caption or a negative prompt, caption dropout trains the null caption."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,8 +14,14 @@ from PIL import Image
 
 import main_cache
 import main_train
+from lpd.checkpoint import save_checkpoint
+from lpd.evaluate import decode_tokens, image_seed
 from lpd.models import LPDConfig, build_lpd, load_lpd
+from lpd.orders.source import OrderSource
+from lpd.pipeline import LPDPipeline
+from lpd.pipeline import main as pipeline_main
 from lpd.sampling import Decoder, SamplingConfig
+from lpd.schedules import group_sizes
 from lpd.text.encoders import check_encoder_record, make_text_encoder
 from lpd.tokenizer import make_tokenizer
 from lpd.train import parse_schedule_list
@@ -255,3 +262,78 @@ def test_staged_recipes_parse(px):
     )
     assert parse_schedule_list(config.group_sizes_list, px, arch.num_tokens)
     assert (config.pretrained_ckpt is None) == (px == 256) and config.eval_freq == 0
+
+
+@pytest.fixture(scope="module")
+def text_checkpoint(tmp_path_factory):
+    """A tiny wordllama text model on the 4 x 4 palette grid, saved as training saves it."""
+    torch.manual_seed(1)
+    net = build_lpd(
+        img_size=64,
+        embed_dim=D,
+        depth=2,
+        num_heads=4,
+        vocab_size=4,
+        condition="text",
+        text_dim=256,
+        max_text_tokens=16,
+    )
+    with torch.no_grad():
+        net.text.null.normal_(0, 1.0)
+    config = {**net.config.to_dict(), "text_encoder": make_text_encoder("wordllama").record}
+    path = str(tmp_path_factory.mktemp("t2i") / "checkpoint-last.pth")
+    args = {"tokenizer": "palette", "cfg": 2.0, "model": None}
+    save_checkpoint({"model": net.state_dict(), "model_config": config, "args": args}, path)
+    return path
+
+
+def test_pipeline_prompts_match_the_decoder(text_checkpoint):
+    pipe = LPDPipeline.from_pretrained(checkpoint=text_checkpoint, device="cpu")
+    prompts = ["a bold seven in the top left", "a 3"]
+    images = pipe(prompts=prompts, steps=4, seed=5, temperature=1.5)
+    assert images.shape == (2, 64, 64, 3) and images.dtype == np.uint8
+    assert np.array_equal(images, pipe(prompts=prompts, steps=4, seed=5, temperature=1.5))
+    negative = pipe(prompts=prompts, negative_prompt="blurry", steps=4, seed=5, temperature=1.5)
+    # the same draw by hand: the recorded encoder, the negative prompt's guidance rows
+    encoder = make_text_encoder("wordllama", max_text_tokens=16)
+    sampling = pipe.sampling(4, temperature=1.5)
+    assert sampling.cfg == 2.0  # the checkpoint's
+    orders = OrderSource("lpd", group_sizes(64, 4), 4, seed=5, repulsion_threshold=2.0)
+    gens = [torch.Generator().manual_seed(image_seed(5, i)) for i in range(2)]
+    ids, mask, _ = encoder.tokenize(prompts)
+    neg_ids, neg_mask, _ = encoder.tokenize(["blurry"])
+    decoder = Decoder(pipe.model, sampling)
+    neg = (encoder.encode(neg_ids, neg_mask), neg_mask)
+    prefix, prefix_mask = decoder.text_prefix(encoder.encode(ids, mask), mask, neg)
+    rows = torch.as_tensor(orders.rows(np.arange(2)))
+    tokens = decoder.decode(
+        prefix, rows, group_sizes(64, 4), prefix_mask=prefix_mask, generator=gens
+    )
+    raster = torch.empty_like(tokens).scatter_(1, rows, tokens)
+    assert np.array_equal(negative, decode_tokens(pipe.tokenizer, raster, sampling))
+    assert not np.array_equal(negative, images)  # the guidance rows changed
+    with pytest.raises(ValueError, match="takes --prompt"):
+        pipe([1, 2], steps=4)
+    with pytest.raises(ValueError, match="takes --prompt"):
+        pipe([1], prompts=["a 3"], steps=4)
+    with pytest.raises(ValueError, match="negative prompt needs guidance"):
+        pipe(prompts=prompts, negative_prompt="x", steps=4, cfg=1.0)
+    with pytest.raises(ValueError, match="give one or more prompts"):
+        pipe(prompts=[], steps=4)
+    pipe.model.config = replace(
+        pipe.model.config, text_encoder={**pipe.model.config.text_encoder, "digest": "0" * 64}
+    )
+    with pytest.raises(ValueError, match="made with the text encoder"):
+        LPDPipeline(pipe.model, pipe.tokenizer)(prompts=prompts, steps=4, cfg=2.0)
+
+
+def test_pipeline_command_line_prompts(text_checkpoint, tmp_path, capsys):
+    out = str(tmp_path / "grid.png")
+    argv = ["--pretrained_ckpt", text_checkpoint, "--steps", "4", "--output", out]
+    argv += ["--device", "cpu", "--negative_prompt", "blurry"]
+    assert pipeline_main([*argv, "--prompt", "a 3", "--prompt", "a bold seven"]) == 0
+    assert "prompts ['a 3', 'a bold seven']" in capsys.readouterr().out
+    width, height = Image.open(out).size
+    assert height == 64 and width >= 128  # two images side by side
+    assert pipeline_main([*argv, "--labels", "1,2", "--overwrite"]) == 2
+    assert "takes --prompt" in capsys.readouterr().err
