@@ -24,6 +24,7 @@ import torch
 from lpd.checkpoint import atomic_write_bytes, load_checkpoint
 from lpd.config import HelpFormatter, yaml_mapping
 from lpd.demo.palette import PaletteTokenizer
+from lpd.demo.run import DemoInterrupted
 from lpd.demo.t2i_data import GROUPS, make_examples, render
 from lpd.demo.t2i_judge import ATTRIBUTES, T2IJudge
 from lpd.distributed import DistInfo
@@ -150,7 +151,10 @@ def _train(args: argparse.Namespace, encoder: Any, device: torch.device, log) ->
     record["max_text_tokens"] = args.max_text_tokens
     tokens = render([e.scene for e in examples]).flatten(1)
     data = CaptionedScenes(tokens, encoder.encode(ids, mask).cpu(), mask, record)
-    return train(config, info=DistInfo(0, 1, device), dataset=data, log=log).model.eval()
+    result = train(config, info=DistInfo(0, 1, device), dataset=data, log=log)
+    if result.preempted:
+        raise DemoInterrupted(f"training was interrupted and saved in {out}; rerun to continue")
+    return result.model.eval()
 
 
 def _sample(args, model, encoder, examples, device) -> torch.Tensor:
@@ -237,6 +241,9 @@ def run_t2i(args: argparse.Namespace, log=print) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         run_t2i(build_parser().parse_args(argv))
+    except DemoInterrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 75
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
