@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     p.add_argument("--model_config", type=yaml_mapping, default=MODEL, help="the architecture")
     for name, kind, default, text in (
-        ("train_examples", int, 7000, "captioned training scenes"),
+        ("train_examples", int, 4000, "captioned training scenes"),
         ("epochs", int, 3, "training epochs"),
         ("batch_size", int, 32, "training batch"),
         ("lr", float, 2e-3, "peak learning rate (cosine to 0)"),
