@@ -30,24 +30,20 @@ C, D, L = 12, 32, 6
 SIZES = [[1, 2, 3, 10], [4, 4, 8], [16]]
 
 
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    m = build_lpd(
-        img_size=64,
-        embed_dim=D,
-        depth=2,
-        num_heads=4,
-        vocab_size=24,
-        condition="text",
-        text_dim=C,
-        max_text_tokens=8,
-        proj_dropout=0.0,
-    )
-    with torch.no_grad():  # non-trivial caption rows: positions and the null caption
+def text_model(seed: int, **arch) -> torch.nn.Module:
+    """A tiny text model on the 4 x 4 grid with non-trivial caption row positions and null
+    caption."""
+    torch.manual_seed(seed)
+    m = build_lpd(img_size=64, embed_dim=D, depth=2, num_heads=4, condition="text", **arch)
+    with torch.no_grad():
         m.text.pos.normal_(0, 0.5)
         m.text.null.normal_(0, 0.5)
     return m.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return text_model(0, vocab_size=24, text_dim=C, max_text_tokens=8, proj_dropout=0.0)
 
 
 def captions(B: int, seed: int, length: int = L):
@@ -267,19 +263,7 @@ def test_staged_recipes_parse(px):
 @pytest.fixture(scope="module")
 def text_checkpoint(tmp_path_factory):
     """A tiny wordllama text model on the 4 x 4 palette grid, saved as training saves it."""
-    torch.manual_seed(1)
-    net = build_lpd(
-        img_size=64,
-        embed_dim=D,
-        depth=2,
-        num_heads=4,
-        vocab_size=4,
-        condition="text",
-        text_dim=256,
-        max_text_tokens=16,
-    )
-    with torch.no_grad():
-        net.text.null.normal_(0, 1.0)
+    net = text_model(1, vocab_size=4, text_dim=256, max_text_tokens=16)
     config = {**net.config.to_dict(), "text_encoder": make_text_encoder("wordllama").record}
     path = str(tmp_path_factory.mktemp("t2i") / "checkpoint-last.pth")
     args = {"tokenizer": "palette", "cfg": 2.0, "model": None}
@@ -299,19 +283,22 @@ def test_pipeline_prompts_match_the_decoder(text_checkpoint):
     sampling = pipe.sampling(4, temperature=1.5)
     assert sampling.cfg == 2.0  # the checkpoint's
     orders = OrderSource("lpd", group_sizes(64, 4), 4, seed=5, repulsion_threshold=2.0)
-    gens = [torch.Generator().manual_seed(image_seed(5, i)) for i in range(2)]
     ids, mask, _ = encoder.tokenize(prompts)
     neg_ids, neg_mask, _ = encoder.tokenize(["blurry"])
     decoder = Decoder(pipe.model, sampling)
-    neg = (encoder.encode(neg_ids, neg_mask), neg_mask)
-    prefix, prefix_mask = decoder.text_prefix(encoder.encode(ids, mask), mask, neg)
     rows = torch.as_tensor(orders.rows(np.arange(2)))
-    tokens = decoder.decode(
-        prefix, rows, group_sizes(64, 4), prefix_mask=prefix_mask, generator=gens
-    )
-    raster = torch.empty_like(tokens).scatter_(1, rows, tokens)
-    assert np.array_equal(negative, decode_tokens(pipe.tokenizer, raster, sampling))
-    assert not np.array_equal(negative, images)  # the guidance rows changed
+
+    def by_hand(neg):
+        gens = [torch.Generator().manual_seed(image_seed(5, i)) for i in range(2)]
+        prefix, prefix_mask = decoder.text_prefix(encoder.encode(ids, mask), mask, neg)
+        tokens = decoder.decode(
+            prefix, rows, group_sizes(64, 4), prefix_mask=prefix_mask, generator=gens
+        )
+        raster = torch.empty_like(tokens).scatter_(1, rows, tokens)
+        return decode_tokens(pipe.tokenizer, raster, sampling)
+
+    assert np.array_equal(images, by_hand(None))  # guided by the null caption
+    assert np.array_equal(negative, by_hand((encoder.encode(neg_ids, neg_mask), neg_mask)))
     with pytest.raises(ValueError, match="takes --prompt"):
         pipe([1, 2], steps=4)
     with pytest.raises(ValueError, match="takes --prompt"):

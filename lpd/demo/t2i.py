@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -21,16 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from lpd.checkpoint import atomic_write_bytes, load_checkpoint
+from lpd.checkpoint import atomic_write_bytes
 from lpd.config import HelpFormatter, yaml_mapping
 from lpd.demo.palette import PaletteTokenizer
-from lpd.demo.run import DemoInterrupted
+from lpd.demo.run import DEMO_RUN, DemoInterrupted, reuse_run, run_main
 from lpd.demo.t2i_data import GROUPS, make_examples, render
 from lpd.demo.t2i_judge import ATTRIBUTES, T2IJudge
 from lpd.distributed import DistInfo
 from lpd.evaluate import decode_tokens, image_seed
 from lpd.images import save_grid
-from lpd.models import load_lpd
 from lpd.orders.source import OrderSource
 from lpd.sampling import SamplingConfig
 from lpd.schedules import group_sizes
@@ -100,7 +98,6 @@ def _train(args: argparse.Namespace, encoder: Any, device: torch.device, log) ->
     """Train into ``OUTPUT_DIR/train``; a finished run of the same settings is reused, an
     interrupted one resumed."""
     out = os.path.join(args.output_dir, "train")
-    last = os.path.join(out, "checkpoint-last.pth")
     arch = {**args.model_config, "condition": "text", "text_dim": encoder.width}
     arch |= {"max_text_tokens": args.max_text_tokens, "vocab_size": 4, "label_drop_prob": 0.1}
     config = TrainConfig(
@@ -118,33 +115,12 @@ def _train(args: argparse.Namespace, encoder: Any, device: torch.device, log) ->
         seed=args.seed,
         output_dir=out,
         device=str(device),
-        num_workers=0,
-        pin_mem=False,
-        save_every_steps=0,
-        save_every_epochs=0,
-        eval_freq=0,
         log_freq=50,
+        **DEMO_RUN,
     )
-    sig_path = os.path.join(out, "demo_signature.json")
     signature = {**config.to_dict(), "train_examples": args.train_examples}
-    signature = json.loads(json.dumps(signature))
-    if os.path.isfile(last):
-        ckpt = load_checkpoint(last)
-        saved = None
-        if os.path.isfile(sig_path):
-            with open(sig_path, encoding="utf-8") as f:
-                saved = json.load(f)
-        if saved != signature:
-            raise ValueError(
-                f"{out} holds a training run of other settings; use another --output_dir or "
-                f"delete {out} to train again"
-            )
-        if ckpt["epoch"] + 1 >= args.epochs and ckpt["step"] >= ckpt["steps_per_epoch"]:
-            log(f"reusing the trained model in {out}")
-            return load_lpd(last).to(device).eval()
-        config.resume = out
-    os.makedirs(out, exist_ok=True)
-    atomic_write_bytes(sig_path, lambda f: f.write(json.dumps(signature).encode()))
+    if (model := reuse_run(config, signature, device, log)) is not None:
+        return model
     examples = make_examples(args.train_examples, "train", seed=args.seed)
     ids, mask, _ = encoder.tokenize([e.caption for e in examples], args.max_text_tokens)
     record = {"text_encoder": encoder.record, "features": True}
@@ -239,12 +215,4 @@ def run_t2i(args: argparse.Namespace, log=print) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        run_t2i(build_parser().parse_args(argv))
-    except DemoInterrupted as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        return 75
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(lambda: run_t2i(build_parser().parse_args(argv)))

@@ -423,18 +423,12 @@ class LPD(nn.Module):
             cond = emb if drop is None else torch.where(drop[:, None], cond.to(emb.dtype), emb)
         return cond[:, None]
 
-    def text_prefix(
-        self,
-        features: Tensor | None,
-        mask: Tensor | None = None,
-        drop: Tensor | None = None,
-        batch: int = 1,
-    ) -> tuple[Tensor, Tensor]:
-        """Caption rows ``[B, L, D]`` and their mask of ``features [B, L, text_dim]`` (None: the
-        null caption, ``[batch, 1, D]``), as :class:`lpd.text.model.TextPrefix`."""
+    def text_prefix(self, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        """Caption rows ``[B, L, D]`` and their mask: :meth:`lpd.text.model.TextPrefix.forward`
+        (``features [B, L, text_dim]`` or None: the null caption, ``mask``, ``drop``, ``batch``)."""
         if self.text is None:
             raise ValueError("this model is class-conditional (condition 'class'); it takes labels")
-        return self.text(features, mask, drop, batch)
+        return self.text(*args, **kwargs)
 
     def embed_prefix(self, cond: Tensor) -> Tensor:
         """Prefix rows ``[B, L, D]`` of condition rows ``cond [B, L, D]`` (at position 0)."""
