@@ -5,11 +5,13 @@ null caption or a negative prompt, caption dropout trains the null caption."""
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_process
 from PIL import Image
 
 import main_cache
@@ -27,6 +29,8 @@ from lpd.tokenizer import make_tokenizer
 from lpd.train import parse_schedule_list
 
 C, D, L = 12, 32, 6
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 SIZES = [[1, 2, 3, 10], [4, 4, 8], [16]]
 
 
@@ -246,8 +250,7 @@ def test_text_model_on_the_64x64_grid_trains_resumes_and_samples(tmp_path):
 
 @pytest.mark.parametrize("px", [256, 512, 1024])
 def test_staged_recipes_parse(px):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    config = main_train.parse_config(["--config", f"{root}/configs/train_t2i_{px}.yaml"])
+    config = main_train.parse_config(["--config", f"{ROOT}/configs/train_t2i_{px}.yaml"])
     config.validate()
     arch = LPDConfig.from_name(config.model, px, **config.model_config)
     assert (arch.condition, arch.text_dim, arch.max_text_tokens, arch.grid_size) == (
@@ -324,3 +327,38 @@ def test_pipeline_command_line_prompts(text_checkpoint, tmp_path, capsys):
     assert height == 64 and width >= 128  # two images side by side
     assert pipeline_main([*argv, "--labels", "1,2", "--overwrite"]) == 2
     assert "takes --prompt" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(1200)
+def test_text_model_trains_under_ddp_and_fsdp_alike(tmp_path):
+    """torchrun, 2 processes: DDP and FSDP2 train the text model (caption dropout, EMA) to the
+    same weights, and both checkpoints record the encoder."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, text in enumerate(["a 3", "a bold seven", "a small 1 in the top left", "eight"]):
+        grey = np.random.default_rng(i).integers(0, 4, (4, 4)) * 85
+        img = np.kron(grey, np.ones((16, 16)))[..., None].repeat(3, -1).astype(np.uint8)
+        Image.fromarray(img).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(text, encoding="utf-8")
+    cache, base = str(tmp_path / "cache"), ["--tokenizer", "palette", "--img_size", "64"]
+    argv = [*base, "--data_path", str(data), "--cached_path", cache, "--captions", "auto"]
+    assert main_cache.main([*argv, "--num_workers", "0", "--device", "cpu"]) == 0
+    arch = "{condition: text, text_dim: 256, embed_dim: 16, depth: 2, num_heads: 2, vocab_size: 4}"
+    (tmp_path / "t2i.yaml").write_text(f"model: null\nmodel_config: {arch}\n")
+    flags = ["--config", str(tmp_path / "t2i.yaml"), *base, "--use_cached", "--cached_path", cache]
+    flags += ["--batch_size", "1", "--epochs", "1", "--lr", "1e-2", "--warmup_epochs", "0"]
+    flags += ["--group_sizes_list", "[1, 3, 12]", "--ema_decay", "0.9", "--num_workers", "0"]
+    flags += ["--device", "cpu", "--save_every_epochs", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    weights = {}
+    for mode in ("ddp", "fsdp"):
+        out = str(tmp_path / mode)
+        cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", f"{ROOT}/main_train.py", *flags]
+        cmd += ["--output_dir", out, *(["--fsdp"] if mode == "fsdp" else [])]
+        result = run_process(cmd, 900, env=env, cwd=ROOT)
+        assert result.returncode == 0, result.stderr[-3000:]
+        model = load_lpd(os.path.join(out, "checkpoint-last" + (".pth" if mode == "ddp" else "")))
+        assert model.config.text_encoder == make_text_encoder("wordllama").record
+        weights[mode] = model.state_dict()
+    for k, v in weights["ddp"].items():
+        assert (v - weights["fsdp"][k]).abs().max().item() < 1e-5, k
