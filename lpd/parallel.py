@@ -102,9 +102,9 @@ def settle_ddp_buckets(
     rebuilds after its first backward (they set the all-reduce's summation order); weights are untouched."""
     model = ddp_model.module
     N, device = model.num_tokens, model.pos_embed.device
-    labels = torch.zeros(batch, dtype=torch.long, device=device)
-    text = {"text": torch.zeros(batch, 1, model.config.text_dim, device=device)}
-    labels, text = (None, text) if model.text is not None else (labels, {})
+    C = model.config.text_dim
+    text = {} if model.text is None else {"text": torch.zeros(batch, 1, C, device=device)}
+    labels = None if text else torch.zeros(batch, dtype=torch.long, device=device)
     with autocast:
         loss = ddp_model(
             torch.zeros(batch, N, dtype=torch.long, device=device),

@@ -688,6 +688,8 @@ def _run(
     epoch, step, batches, bar = start_epoch, start_step, None, None
     try:
         for epoch in range(start_epoch, config.epochs):
+            if hasattr(dataset, "set_epoch"):  # one of an image's captions per epoch
+                dataset.set_epoch(epoch)
             sampler = EpochBatchSampler(
                 len(dataset),
                 config.batch_size,
@@ -715,8 +717,6 @@ def _run(
             t_last, steps_since, first = time.perf_counter(), 0, len(losses)
             step = sampler.start_step
             batches = stop.iterate(loader)
-            if hasattr(dataset, "set_epoch"):  # one of an image's captions per epoch
-                dataset.set_epoch(epoch)
             for x, *cond in batches:
 
                 def gen(purpose: int) -> torch.Generator:
