@@ -467,7 +467,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(
         f"wrote {len(images)} images ({pipe.name or 'model'}, {pipe.img_size} px, "
-        f"{f'prompts {args.prompt}' if args.prompt else f'classes {labels}'}, cfg {sampling.cfg:g}, τr {sampling.repulsion_threshold:g}) "
+        f"{f'prompts {args.prompt}' if args.prompt else f'classes {labels}'}, "
+        f"cfg {sampling.cfg:g}, τr {sampling.repulsion_threshold:g}) "
         f"to {args.output}"
     )
     return 0

@@ -35,11 +35,11 @@ class TextPrefix(nn.Module):
         if features is None:
             null = self.null.expand(batch, -1)[:, None]
             return null, torch.ones(batch, 1, dtype=torch.bool, device=null.device)
-        B, L, C = features.shape
-        if L > self.max_tokens or C != self.proj[0].in_features:
+        (B, L, C), width = features.shape, self.proj[0].in_features
+        if L > self.max_tokens or C != width:
             raise ValueError(
-                f"caption features must be [B, L <= {self.max_tokens}, "
-                f"{self.proj[0].in_features}] (max_text_tokens, text_dim), got {list(features.shape)}"
+                f"caption features must be [B, L <= {self.max_tokens}, {width}] (max_text_tokens, "
+                f"text_dim), got {list(features.shape)}"
             )
         if mask is None:
             mask = torch.ones(B, L, dtype=torch.bool, device=features.device)
