@@ -118,7 +118,7 @@ def _train(args: argparse.Namespace, encoder: Any, device: torch.device, log) ->
         log_freq=50,
         **DEMO_RUN,
     )
-    signature = {**config.to_dict(), "train_examples": args.train_examples}
+    signature = {**config.to_dict(), "train_examples": args.train_examples, "output_dir": None}
     if (model := reuse_run(config, signature, device, log)) is not None:
         return model
     examples = make_examples(args.train_examples, "train", seed=args.seed)
