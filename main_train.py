@@ -73,7 +73,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--label_drop_prob",
         type=float,
         default=None,
-        help="label dropout (default: the model's, 0.1)",
+        help="label (or caption) dropout (default: the model's, 0.1)",
     )
     g.add_argument(
         "--attn_dropout",

@@ -100,12 +100,16 @@ def settle_ddp_buckets(
     rebuilds after its first backward (they set the all-reduce's summation order); weights are untouched."""
     model = ddp_model.module
     N, device = model.num_tokens, model.pos_embed.device
+    C = model.config.text_dim
+    text = {} if model.text is None else {"text": torch.zeros(batch, 1, C, device=device)}
+    labels = None if text else torch.zeros(batch, dtype=torch.long, device=device)
     with autocast:
         loss = ddp_model(
             torch.zeros(batch, N, dtype=torch.long, device=device),
-            torch.zeros(batch, dtype=torch.long, device=device),
+            labels,
             torch.arange(N, device=device).expand(batch, N),
             sizes,
+            **text,
         )
     loss.backward()
     model.zero_grad(set_to_none=True)

@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="YAML file of defaults (flags override it)",
     )
     p.add_argument("--output_dir", default="outputs/demo")
+    p.add_argument(
+        "--task",
+        choices=["class", "t2i"],
+        default="class",
+        help="t2i: the text-to-image testbed (python -m lpd.demo --task t2i --help)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     p.add_argument("--model", default=None, help="a preset name, or none: model_config alone")
@@ -183,31 +189,18 @@ def _check(args: argparse.Namespace) -> list[list[int]]:
         raise ValueError(f"--steps {args.steps}: {e}") from None
 
 
-def train_demo(args: argparse.Namespace, device: torch.device, log) -> torch.nn.Module:
-    """Train into ``OUTPUT_DIR/train``, reusing a finished run of the same settings or resuming an interrupted one."""
-    from lpd.demo.digits import load_digits_dataset
-    from lpd.distributed import DistInfo
+#: TrainConfig fields of the demos' training runs: one process, no checkpoints but the last
+DEMO_RUN = dict(num_workers=0, pin_mem=False, save_every_steps=0, save_every_epochs=0, eval_freq=0)
+
+
+def reuse_run(config: Any, signature: dict[str, Any], device: torch.device, log) -> Any:
+    """The model of a finished run of ``signature`` in ``config.output_dir``, else None (an
+    interrupted one: ``config.resume`` set); a run of other settings is refused."""
     from lpd.files import atomic_write_bytes, load_checkpoint
     from lpd.models import load_lpd
-    from lpd.train import TrainConfig, train
 
-    train_dir = os.path.join(args.output_dir, "train")
-    last, sig_path = (
-        os.path.join(train_dir, "checkpoint-last.pth"),
-        os.path.join(train_dir, "demo_signature.json"),
-    )
-    fields = {k: getattr(args, k) for k in _TRAIN_FIELDS}
-    signature = json.loads(json.dumps({**fields, "max_train_samples": args.max_train_samples}))
-    config = TrainConfig(
-        **fields,
-        output_dir=train_dir,
-        device=str(device),
-        num_workers=0,
-        pin_mem=False,
-        save_every_steps=0,
-        save_every_epochs=0,
-        eval_freq=0,
-    )
+    out, signature = config.output_dir, json.loads(json.dumps(signature))
+    last, sig_path = (os.path.join(out, n) for n in ("checkpoint-last.pth", "demo_signature.json"))
     if os.path.isfile(last):
         saved = None
         if os.path.isfile(sig_path):
@@ -215,16 +208,32 @@ def train_demo(args: argparse.Namespace, device: torch.device, log) -> torch.nn.
                 saved = json.load(f)
         if saved != signature:
             raise ValueError(
-                f"{train_dir} holds a training run of other settings; use another --output_dir "
-                f"or delete {train_dir} to train again"
+                f"{out} holds a training run of other settings; use another --output_dir "
+                f"or delete {out} to train again"
             )
         ckpt = load_checkpoint(last)
-        if ckpt["epoch"] + 1 >= args.epochs and ckpt["step"] >= ckpt["steps_per_epoch"]:
-            log(f"reusing the trained model in {train_dir}")
+        if ckpt["epoch"] + 1 >= config.epochs and ckpt["step"] >= ckpt["steps_per_epoch"]:
+            log(f"reusing the trained model in {out}")
             return load_lpd(last).to(device).eval()
-        log(f"resuming the interrupted training run in {train_dir}")
-        config.resume = train_dir
+        log(f"resuming the interrupted training run in {out}")
+        config.resume = out
+    os.makedirs(out, exist_ok=True)
     atomic_write_bytes(sig_path, lambda f: f.write(json.dumps(signature).encode()))
+    return None
+
+
+def train_demo(args: argparse.Namespace, device: torch.device, log) -> torch.nn.Module:
+    """Train into ``OUTPUT_DIR/train``, reusing a finished run of the same settings or resuming an interrupted one."""
+    from lpd.demo.digits import load_digits_dataset
+    from lpd.distributed import DistInfo
+    from lpd.train import TrainConfig, train
+
+    train_dir = os.path.join(args.output_dir, "train")
+    fields = {k: getattr(args, k) for k in _TRAIN_FIELDS}
+    config = TrainConfig(**fields, output_dir=train_dir, device=str(device), **DEMO_RUN)
+    signature = {**fields, "max_train_samples": args.max_train_samples}
+    if (model := reuse_run(config, signature, device, log)) is not None:
+        return model
     tokens, labels = load_digits_dataset("train", levels=_levels(args))
     n = args.max_train_samples or len(labels)
     dataset = torch.utils.data.TensorDataset(tokens.flatten(1)[:n], labels[:n])
@@ -486,8 +495,13 @@ def format_table(record: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(lambda: run_demo(parse_args_with_config(build_parser(), argv)))
+
+
+def run_main(run: Any) -> int:
+    """Exit status of ``run()``: 0, 75 (interrupted, a rerun resumes) or 2 (one ``error:`` line)."""
     try:
-        run_demo(parse_args_with_config(build_parser(), argv))
+        run()
     except DemoInterrupted as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 75

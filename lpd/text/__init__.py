@@ -1,2 +1,3 @@
-"""Text-to-image parts: frozen text encoders (``lpd.text.encoders``) and caption data
-(``lpd.text.data``)."""
+"""Text-to-image parts: frozen text encoders (``encoders``), caption data and caches (``data``,
+``cache``), the caption prefix of a model (``model``), caption training data (``training``) and
+sampling with prompts (``sampling``)."""
