@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lpd.devices import warn_if_emulated_bf16
@@ -291,9 +292,32 @@ class Decoder:
     @torch.no_grad()
     def class_prefix(self, labels: Tensor | None, batch: int) -> Tensor:
         """Condition rows ``[cB, 1, D]`` of class ``labels [B]`` (None: unconditional)."""
+        if self.model.text is not None:
+            raise ValueError("a text-conditional model decodes captions: use Decoder.text_prefix")
         rows = self.model.embed_condition(labels, batch)
         null = self.model.embed_condition(None, batch).to(rows.dtype)
         return torch.cat([rows, null]) if self.guided else rows
+
+    @torch.no_grad()
+    def text_prefix(
+        self, features: Tensor, mask: Tensor | None = None, negative: Any = None
+    ) -> tuple[Tensor, Tensor]:
+        """Condition rows ``[cB, L, D]`` and ``prefix_mask [cB, L]`` of caption ``features [B, L,
+        text_dim]`` (``mask``: False = padding); with guidance the guidance rows follow: the null
+        caption, or those of a ``negative`` prompt (features ``[B or 1, L', text_dim]``, or a
+        ``(features, mask)`` pair)."""
+        rows, mask = self.model.text_prefix(features, mask)
+        if not self.guided:
+            if negative is not None:
+                raise ValueError("a negative prompt needs guidance: cfg other than 1.0")
+            return rows, mask
+        B = len(rows)
+        negative = negative if isinstance(negative, (tuple, list)) else (negative, None)
+        neg, neg_mask = self.model.text_prefix(*negative, batch=B)
+        L = max(rows.shape[1], neg.shape[1])
+        rows, neg = (F.pad(r, (0, 0, 0, L - r.shape[1])) for r in (rows, neg.expand(B, -1, -1)))
+        masks = (F.pad(k, (0, L - k.shape[1]), value=False) for k in (mask, neg_mask.expand(B, -1)))
+        return torch.cat([rows, neg.to(rows.dtype)]), torch.cat(list(masks))
 
     def sample(
         self, labels: Any, orders: Any, sizes: Sequence[int], generator: Generators = None

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lpd.models.kernels import Dropout, Linear, flex_attention, linear_cross_entropy
 from lpd.schedules import validate_group_sizes
+from lpd.text.model import TextPrefix
 
 __all__ = [
     "LPDConfig",
@@ -63,8 +64,11 @@ class LPDConfig:
         0.1  # accepted as the released constructor; attention probabilities are not dropped
     )
     proj_dropout: float = 0.1
-    label_drop_prob: float = 0.1
+    label_drop_prob: float = 0.1  # condition (class label or caption) dropout in training
     grad_checkpointing: bool = False
+    condition: str = "class"  # "class" (class_num labels) or "text" (caption features)
+    text_dim: int = 2048  # caption feature width (FLAN-T5-XL: 2048); with condition "text"
+    max_text_tokens: int = 120  # caption rows at most; with condition "text"
 
     def __post_init__(self) -> None:
         for name in (
@@ -75,6 +79,8 @@ class LPDConfig:
             "num_heads",
             "vocab_size",
             "class_num",
+            "text_dim",
+            "max_text_tokens",
         ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -82,6 +88,10 @@ class LPDConfig:
         if self.img_size % self.vqgan_stride:
             raise ValueError(
                 f"img_size {self.img_size} must be a multiple of vqgan_stride {self.vqgan_stride} (e.g. 256 or 512)"
+            )
+        if self.condition not in ("class", "text"):
+            raise ValueError(
+                f"model config: condition must be 'class' or 'text', got {self.condition!r}"
             )
         if self.embed_dim % self.num_heads:
             raise ValueError(
@@ -317,8 +327,9 @@ class LPD(nn.Module):
             config.label_drop_prob,
             config.grad_checkpointing,
         )
-        self.class_emb = nn.Embedding(config.class_num, D)
-        self.fake_latent = nn.Parameter(torch.zeros(1, D))
+        if config.condition == "class":
+            self.class_emb = nn.Embedding(config.class_num, D)
+            self.fake_latent = nn.Parameter(torch.zeros(1, D))
         self.token_emb = nn.Embedding(config.vocab_size, D)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, N + 1, D))
@@ -329,6 +340,9 @@ class LPD(nn.Module):
         )
         self.norm = nn.LayerNorm(D, eps=config.layernorm_eps)
         self.head = Linear(D, config.vocab_size, bias=False)
+        self.text = None
+        if config.condition == "text":
+            self.text = TextPrefix(config.text_dim, D, config.max_text_tokens)
         self._masks: dict[tuple, Any] = {}
         self.set_attn_impl(attn_impl)
         if not any(p.is_meta for p in self.parameters()):
@@ -337,9 +351,9 @@ class LPD(nn.Module):
     @torch.no_grad()
     def initialize_weights(self, generator: torch.Generator | None = None) -> None:
         """Clipped normal (std 0.02) embeddings, Xavier-uniform linears; a function of ``generator`` alone."""
+        cond = (self.text.null, self.text.pos) if self.text else (self.class_emb, self.fake_latent)
         for t in (
-            self.class_emb.weight,
-            self.fake_latent,
+            *(getattr(t, "weight", t) for t in cond),
             self.token_emb.weight,
             self.mask_token,
             self.pos_embed,
@@ -407,6 +421,19 @@ class LPD(nn.Module):
             emb = self.class_emb(labels)
             cond = emb if drop is None else torch.where(drop[:, None], cond.to(emb.dtype), emb)
         return cond[:, None]
+
+    def text_prefix(
+        self,
+        features: Tensor | None,
+        mask: Tensor | None = None,
+        drop: Tensor | None = None,
+        batch: int = 1,
+    ) -> tuple[Tensor, Tensor]:
+        """Caption rows ``[B, L, D]`` and their mask of ``features [B, L, text_dim]`` (None: the
+        null caption, ``[batch, 1, D]``), as :class:`lpd.text.model.TextPrefix`."""
+        if self.text is None:
+            raise ValueError("this model is class-conditional (condition 'class'); it takes labels")
+        return self.text(features, mask, drop, batch)
 
     def embed_prefix(self, cond: Tensor) -> Tensor:
         """Prefix rows ``[B, L, D]`` of condition rows ``cond [B, L, D]`` (at position 0)."""
@@ -490,10 +517,14 @@ class LPD(nn.Module):
         *,
         cond: Tensor | None = None,
         cond_mask: Tensor | None = None,
+        text: Tensor | None = None,
     ) -> Tensor:
         """Logits ``[B, N, V]`` of ``tokens[b, orders[b, j]]`` at index ``j``; no label dropout
         (None: unconditional); ``cond [B, L, D]``: condition rows instead of labels (``cond_mask
-        [B, L]``: False = padding)."""
+        [B, L]``: False = padding); ``text [B, L, text_dim]``: caption features (mask
+        ``cond_mask``) instead."""
+        if text is not None:
+            cond, cond_mask = self.text_prefix(text, cond_mask)
         sizes = list(group_sizes)
         return self.head(self._train_pass(tokens, labels, orders, sizes, None, cond, cond_mask)[0])
 
@@ -507,16 +538,19 @@ class LPD(nn.Module):
         *,
         cond: Tensor | None = None,
         cond_mask: Tensor | None = None,
+        text: Tensor | None = None,
     ) -> Tensor:
-        """Mean cross-entropy of predicting every token; label dropout in train mode; ``cond``,
-        ``cond_mask``: as :meth:`logits`."""
-        drop = None
-        if self.training and labels is not None and self.label_drop_prob > 0:
-            dev = generator.device if generator is not None else labels.device
+        """Mean cross-entropy of predicting every token; label (caption) dropout in train mode;
+        ``cond``, ``cond_mask``, ``text``: as :meth:`logits`."""
+        drop, given = None, labels if text is None else text
+        if self.training and given is not None and self.label_drop_prob > 0:
+            dev = generator.device if generator is not None else given.device
             drop = (
-                torch.rand(labels.shape[0], generator=generator, device=dev).to(labels.device)
+                torch.rand(given.shape[0], generator=generator, device=dev).to(given.device)
                 < self.label_drop_prob
             )
+        if text is not None:
+            (cond, cond_mask), drop = self.text_prefix(text, cond_mask, drop), None
         sizes = list(group_sizes)
         h, targets = self._train_pass(tokens, labels, orders, sizes, drop, cond, cond_mask)
         return linear_cross_entropy(
