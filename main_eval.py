@@ -34,12 +34,15 @@ from lpd.config import (
     parse_args_with_config,
     yaml_mapping,
 )
-from lpd.distributed import RankError, cleanup, init_distributed, rank0_first
+from lpd.distributed import RankError, cleanup, init_distributed, on_rank0, rank0_first
 from lpd.evaluate import evaluate
 from lpd.pipeline import add_paper_sampling_args, paper_settings
 from lpd.sampling import SamplingConfig, sampling_from_args
 from lpd.schedules import group_sizes as default_group_sizes
 from lpd.schedules import parse_group_sizes
+from lpd.text.clipscore import CLIPScorer, score_run
+from lpd.text.encoders import check_encoder_record, make_text_encoder
+from lpd.text.prompts import PromptSet, prompt_of
 
 USER_ERRORS = (
     ValueError,
@@ -138,6 +141,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default=None, help="torch device (default: cuda if available, else cpu)"
     )
     g.add_argument("--no_progress", action="store_true")
+    g = p.add_argument_group("text-to-image models")
+    g.add_argument(
+        "--prompts",
+        default=None,
+        help="prompt file: one per line, or .jsonl with a caption per line (image i: prompt i, "
+        "cycled); FID needs --fid_stats of real images",
+    )
+    g.add_argument(
+        "--text_encoder",
+        default=None,
+        help="wordllama or a Hugging Face name or folder (default: the one the checkpoint records)",
+    )
+    g.add_argument(
+        "--clip_model",
+        default=None,
+        help="CLIPScore (100 * max(cos, 0)) with this CLIP: a Hugging Face name or folder, or "
+        "open_clip:ARCH/PRETRAINED",
+    )
     g = p.add_argument_group("released flags accepted for compatibility")
     g.add_argument("--evaluate", action="store_true", help="accepted (this script only evaluates)")
     g.add_argument("--vqgan_stride", type=int, default=None, help="must be 16 (the LlamaGen VQ)")
@@ -199,6 +220,14 @@ def check_args(
     if not (args.random_init or args.pretrained_ckpt or args.model):
         raise ConfigError(
             "no model: pass --model (lpd_l, lpd_xl, lpd_xxl) for a released checkpoint, --pretrained_ckpt FILE, or --random_init"
+        )
+    for flag in ("text_encoder", "clip_model"):
+        if getattr(args, flag) and not args.prompts:
+            raise ConfigError(f"--{flag} is for text-to-image models: give --prompts FILE too")
+    if args.prompts and not (args.no_fid or args.fid_stats):
+        raise ConfigError(
+            "--prompts: FID needs the statistics of real images for these prompts: give "
+            "--fid_stats FILE.npz (python -m lpd.metrics stats FOLDER) or --no_fid"
         )
     sizes = None
     if args.group_sizes:
@@ -281,6 +310,38 @@ def load_model(
     return net.to(device), name + ("-ema" if args.use_ema else "")
 
 
+def text_prompts(
+    args: argparse.Namespace, model: torch.nn.Module, device: torch.device
+) -> PromptSet | None:
+    """The prompts of a text model (None for a class model), with its text encoder."""
+    text = model.config.condition == "text"
+    if text != bool(args.prompts):
+        raise ConfigError(
+            "the model is text-to-image: give --prompts FILE (one prompt per line, or JSONL with "
+            '"caption")'
+            if text
+            else "--prompts is for text-to-image models; this model is class-conditional"
+        )
+    if not text:
+        return None
+    record = getattr(model, "text_encoder_record", None)
+    if not (args.text_encoder or record):
+        raise ConfigError(
+            "--text_encoder: the model records no text encoder (random weights); give "
+            "--text_encoder wordllama or a Hugging Face name or folder"
+        )
+    limit = model.config.max_text_tokens
+    encoder = make_text_encoder(args.text_encoder or record["name"], device, max_text_tokens=limit)
+    if record:
+        check_encoder_record(record, encoder, "the checkpoint")
+    if encoder.width != model.config.text_dim:
+        raise ConfigError(
+            f"--text_encoder: {encoder.name!r} gives {encoder.width}-d features, the model "
+            f"takes {model.config.text_dim}-d ones"
+        )
+    return PromptSet.from_file(args.prompts, encoder)
+
+
 def _fmt(v: float) -> str:
     return f"{v:.1f}" if float(v).is_integer() else f"{v:g}"
 
@@ -336,6 +397,12 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
     try:
         files = rank0_first(lambda: needed_files(args))
         model, name = load_model(args, device, files.get("checkpoint"))
+        prompts = text_prompts(args, model, device)
+        clip = args.clip_model and on_rank0(
+            lambda: CLIPScorer(args.clip_model, device), "loading --clip_model", broadcast=False
+        )
+        if prompts:
+            name += "-" + os.path.splitext(prompts.file)[0]
         img_size, grid = model.config.img_size, model.config.grid_size
         sizes = (
             parse_group_sizes(sizes, grid * grid)
@@ -388,6 +455,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
             name=name,
             order_file=args.lpd_order_file,
             orders=table,
+            labels=prompts,
             seed=args.seed,
             eval_bsz=args.eval_bsz,
             compute_fid=not args.no_fid,
@@ -398,8 +466,12 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
             info={
                 "command": ["main_eval.py", *(sys.argv[1:] if argv is None else argv)],
                 "args": vars(args),
+                **({"prompts_truncated": prompts.truncated} if prompts else {}),
             },
         )
+        if clip:
+            texts = [prompt_of(prompts.texts, i) for i in range(args.num_images)]
+            record = on_rank0(lambda: score_run(record, clip, texts, args.metrics_bsz), "CLIPScore")
         if dist_info.is_main:
             print(summary(record), flush=True)
         return record
@@ -418,6 +490,8 @@ def summary(record: dict[str, Any]) -> str:
         f"images: {record['num_images']} ({record['generated_this_run']} sampled now, {record['found_on_disk']} found on disk)",
         f"FID {num(record.get('fid'), '.4f')}   IS {num(record.get('inception_score'), '.2f')}",
     ]
+    if "clip_score_w100" in record:
+        lines.append(f"CLIPScore (100 * max(cos, 0)) {num(record['clip_score_w100'], '.2f')}")
     for key, label in (("tokens", "tokens only"), ("tokens_and_decode", "tokens + VQ decoding")):
         r = sp[key]
         lines.append(

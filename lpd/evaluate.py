@@ -160,9 +160,10 @@ def sample_batch(
     gens = [torch.Generator().manual_seed(image_seed(seed, int(i))) for i in indices]
     synchronize(device)
     t0 = time.perf_counter()
-    tokens = sample_tokens(
-        model, labels, orders, group_sizes, sampling, generator=gens
-    )  # checked on the host, then moved
+    if hasattr(labels, "sample"):  # the prompts of a text model (lpd.text.prompts.PromptSet)
+        tokens = labels.sample(model, orders, group_sizes, sampling, gens)
+    else:  # checked on the host, then moved
+        tokens = sample_tokens(model, labels, orders, group_sizes, sampling, generator=gens)
     synchronize(device)
     t1 = time.perf_counter()
     pixels = decode_tokens(tokenizer, tokens, sampling)  # copies to the host: synchronises
@@ -266,6 +267,8 @@ def generate_images(
     all_labels = (
         image_classes(np.arange(num_images), num_images, model.class_num)
         if labels is None
+        else labels
+        if hasattr(labels, "settings")  # prompts
         else _check_labels(labels, num_images, int(model.class_num))
     )
     size = _image_size(model, tokenizer)
@@ -372,6 +375,8 @@ def run_settings(
         **sampling.to_dict(),
         "labels": "rule"
         if labels is None
+        else labels.settings()
+        if hasattr(labels, "settings")
         else _sha256(np.asarray(labels, dtype=np.int64).tobytes()),
     }
     if order_file is not None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 
 import numpy as np
@@ -12,6 +14,9 @@ import torch
 from lpd.images import write_png
 from lpd.text.clipscore import CLIPScorer, clip_score
 from lpd.text.prompts import prompt_of, read_prompts
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 PROMPTS = ["a red 7", "seven", "a bold 3 to the left of a 5", "x", "a small 2 in the top left"]
 
@@ -116,3 +121,139 @@ def test_prompt_files(tmp_path):
         read_prompts(tmp_path / "latin.txt")
     with pytest.raises(FileNotFoundError, match="--prompts"):
         read_prompts(tmp_path / "nope.txt")
+
+
+# ------------------------------------------------------------------------------ main_eval --prompts
+
+TEXT_MODEL = "{vocab_size: 16384, condition: text, text_dim: 256, max_text_tokens: 16}"
+
+
+def t2i_argv(out, prompts, *more):
+    return [
+        *("--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--random_init"),
+        *("--img_size", "64", "--model_config", TEXT_MODEL, "--text_encoder", "wordllama"),
+        *("--prompts", str(prompts), "--num_images", "5", "--eval_bsz", "2"),
+        *("--generation_steps", "4", "--cfg", "3.0", "--seed", "1", "--no_progress"),
+        *("--output_dir", str(out), *more),
+    ]
+
+
+def run_eval(argv):
+    import main_eval
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same kernels for every batch composition
+    try:
+        return main_eval.run(main_eval.parse_args(argv), argv)
+    finally:
+        torch.set_num_threads(old)
+
+
+def pngs(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png"))}
+
+
+@pytest.fixture(scope="module")
+def prompt_run(tmp_path_factory, clip_folder):
+    from lpd import metrics as M
+
+    tmp = tmp_path_factory.mktemp("t2i_eval")
+    (tmp / "coco.txt").write_text("a red 7\nseven in the top left\na bold 3 to the left of a 5\n")
+    M.save_statistics(tmp / "ref.npz", np.linspace(0, 1, 12), np.eye(12) * 0.01)
+    extra = ("--fid_stats", str(tmp / "ref.npz"), "--clip_model", clip_folder)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(M, "inception_extractor", lambda *a, **k: _stand_in_extractor)
+    mp.setattr(M, "resolve_inception_weights", lambda *a, **k: str(tmp / "unused.pth"))
+    try:
+        record = run_eval(t2i_argv(tmp / "out", tmp / "coco.txt", *extra))
+    finally:
+        mp.undo()
+    return tmp, record
+
+
+def _stand_in_extractor(images):
+    x = torch.nn.functional.adaptive_avg_pool2d(images.float() / 255.0, 2).flatten(1)
+    return x, 3 * x @ torch.linspace(-1, 1, 12 * 5).reshape(12, 5)
+
+
+@pytest.mark.filterwarnings("ignore:only 5 images")
+def test_main_eval_prompts_writes_fid_and_clip_score(prompt_run, clip_folder):
+    tmp, record = prompt_run
+    run_dir = os.path.dirname(record["files"]["metrics"])
+    assert os.path.basename(run_dir).startswith("lpd_tiny-randinit-coco-res64-steps4-cfg3.0")
+    images = pngs(tmp / "out" / os.path.basename(run_dir) / "images")
+    assert sorted(images) == [f"{i:06d}.png" for i in range(5)]
+    texts = ["a red 7", "seven in the top left", "a bold 3 to the left of a 5"]
+    with open(os.path.join(run_dir, "settings.json")) as f:
+        labels = json.load(f)["labels"]
+    assert labels["prompts_file"] == "coco.txt" and labels["num_prompts"] == 3
+    assert labels["prompts_sha256"] == read_prompts(tmp / "coco.txt")[1]
+    assert labels["text_encoder"]["kind"] == "wordllama"
+    paths = [os.path.join(run_dir, "images", n) for n in sorted(images)]
+    expected = clip_score(CLIPScorer(clip_folder), paths, [texts[i % 3] for i in range(5)])
+    with open(record["files"]["metrics"]) as f:
+        metrics = json.load(f)
+    assert metrics["clip_score_w100"] == pytest.approx(expected["clip_score_w100"], abs=1e-6)
+    assert metrics == json.loads(json.dumps(record, default=str))
+    assert record["fid"] > 0 and record["prompts_truncated"] == 0
+
+
+def test_main_eval_prompts_images_depend_on_seed_and_index_only(prompt_run):
+    """Another batch size gives the same bytes; a rerun samples only the missing images; the same
+    run folder with other prompts is refused."""
+    tmp, record = prompt_run
+    run_dir = os.path.dirname(record["files"]["metrics"])
+    want = pngs(tmp / "out" / os.path.basename(run_dir) / "images")
+    assert len(set(want.values())) == 5  # prompts cycle, images do not
+    other = run_eval(t2i_argv(tmp / "bsz5", tmp / "coco.txt", "--no_fid", "--eval_bsz", "5"))
+    assert pngs(tmp / "bsz5" / os.path.basename(run_dir) / "images") == want
+    os.remove(os.path.join(run_dir, "images", "000003.png"))
+    again = run_eval(t2i_argv(tmp / "out", tmp / "coco.txt", "--no_fid"))
+    assert again["generated_this_run"] == 1 and again["found_on_disk"] == 4
+    assert pngs(tmp / "out" / os.path.basename(run_dir) / "images") == want
+    assert other["generated_this_run"] == 5
+    (tmp / "other.txt").write_text("a thin 8\n")
+    name = ("--run_name", os.path.basename(run_dir))
+    with pytest.raises(ValueError, match="prompts_sha256"):
+        run_eval(t2i_argv(tmp / "out", tmp / "other.txt", "--no_fid", *name))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"--prompts": None, "--text_encoder": None},
+            "the model is text-to-image: give --prompts FILE",
+        ),
+        (
+            {"--model_config": "{vocab_size: 16384}"},
+            "--prompts is for text-to-image models; this model is class-conditional",
+        ),
+        ({"--text_encoder": None}, "--text_encoder: the model records no text encoder"),
+        (
+            {"--model_config": TEXT_MODEL.replace("256", "64")},
+            "--text_encoder: .* gives 256-d features, the model takes 64-d",
+        ),
+        ({"--no_fid": None}, "--prompts: FID needs the statistics of real images"),
+        (
+            {"--prompts": None, "--text_encoder": None, "--clip_model": "x"},
+            "--clip_model is for text-to-image models",
+        ),
+        ({"--prompts": "missing.txt"}, "--prompts .*missing.txt: cannot be read"),
+    ],
+)
+def test_main_eval_prompt_errors(tmp_path, capsys, change, message):
+    import main_eval
+
+    (tmp_path / "p.txt").write_text("a red 7\n")
+    argv = t2i_argv(tmp_path / "out", tmp_path / "p.txt", "--no_fid")
+    for flag, value in change.items():
+        if flag in argv:
+            i = argv.index(flag)
+            del argv[i : i + (1 if flag == "--no_fid" else 2)]
+        if value is not None:
+            argv += [flag, str(tmp_path / value) if value.endswith(".txt") else value]
+    assert main_eval.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.match(f"error: {message}", err[0]), err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.png"))

@@ -8,6 +8,7 @@ by Hub name or folder, or ``open_clip:ARCH/PRETRAINED`` when ``open_clip`` is in
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,10 +16,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lpd.checkpoint import state_dict_digest
-from lpd.images import read_image
+from lpd.checkpoint import atomic_write_bytes, state_dict_digest
+from lpd.images import image_path, read_image
 
-__all__ = ["CLIPScorer", "clip_score"]
+__all__ = ["CLIPScorer", "clip_score", "score_run"]
 
 OPEN_CLIP = "open_clip:"
 
@@ -107,3 +108,15 @@ def clip_score(
         "clip_score_w100_std": std,
         **scorer.record,
     }
+
+
+def score_run(
+    record: dict[str, Any], scorer: CLIPScorer, texts: Sequence[str], batch_size: int = 50
+) -> dict[str, Any]:
+    """The record of an evaluation run folder with the CLIPScore of image ``i`` and ``texts[i]``,
+    written to its ``metrics.json``."""
+    paths = [image_path(record["files"]["images"], i) for i in range(len(texts))]
+    record = {**record, **clip_score(scorer, paths, texts, batch_size)}
+    data = json.dumps(record, indent=2, default=str).encode()
+    atomic_write_bytes(record["files"]["metrics"], lambda f: f.write(data))
+    return record
