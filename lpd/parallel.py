@@ -102,12 +102,16 @@ def settle_ddp_buckets(
     rebuilds after its first backward (they set the all-reduce's summation order); weights are untouched."""
     model = ddp_model.module
     N, device = model.num_tokens, model.pos_embed.device
+    labels = torch.zeros(batch, dtype=torch.long, device=device)
+    text = {"text": torch.zeros(batch, 1, model.config.text_dim, device=device)}
+    labels, text = (None, text) if model.text is not None else (labels, {})
     with autocast:
         loss = ddp_model(
             torch.zeros(batch, N, dtype=torch.long, device=device),
-            torch.zeros(batch, dtype=torch.long, device=device),
+            labels,
             torch.arange(N, device=device).expand(batch, N),
             sizes,
+            **text,
         )
     loss.backward()
     model.zero_grad(set_to_none=True)

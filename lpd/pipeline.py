@@ -20,12 +20,13 @@ import torch
 
 from lpd.checkpoint import CheckpointError, check_output_path
 from lpd.config import HelpFormatter
-from lpd.evaluate import sample_batch
+from lpd.evaluate import decode_tokens, image_seed, sample_batch
 from lpd.images import save_grid, written_by_lpd
 from lpd.orders.source import OrderSource
 from lpd.sampling import SamplingConfig, add_sampling_args
 from lpd.schedules import group_sizes as default_group_sizes
 from lpd.schedules import parse_group_sizes
+from lpd.text.sampling import check_prompts, model_text_encoder, prompt_tokens
 
 __all__ = [
     "LPDPipeline",
@@ -73,6 +74,8 @@ _ARGUMENTS = frozenset(
         "num",
         "prefill",
         "paste",
+        "prompts",
+        "negative_prompt",
         *SamplingConfig.__dataclass_fields__,
     }
 )
@@ -140,6 +143,14 @@ class LPDPipeline:
         cfg: float | None = None,
     ) -> None:
         self.model, self.tokenizer, self.name, self.cfg = model.eval(), tokenizer, name, cfg
+        self._text_encoder = None
+
+    @property
+    def text_encoder(self) -> Any:
+        """The frozen text encoder the model records (a text model), loaded on first use."""
+        if self._text_encoder is None:
+            self._text_encoder = model_text_encoder(self.model, self.model.pos_embed.device)
+        return self._text_encoder
 
     @classmethod
     @_speaks_python()
@@ -209,8 +220,10 @@ class LPDPipeline:
     @_speaks_python()
     def __call__(
         self,
-        labels: Sequence[int] | np.ndarray | torch.Tensor,
+        labels: Sequence[int] | np.ndarray | torch.Tensor | None = None,
         *,
+        prompts: Sequence[str] | str | None = None,
+        negative_prompt: str | None = None,
         steps: int = 20,
         group_sizes: Sequence[int] | str | None = None,
         orders: np.ndarray | None = None,
@@ -218,7 +231,20 @@ class LPDPipeline:
         start_index: int = 0,
         **settings: Any,
     ) -> np.ndarray:
-        """uint8 images ``[len(labels), H, W, 3]`` in ``steps`` steps (or ``group_sizes``); ``orders``: a ``[B, N]`` table."""
+        """uint8 images ``[len(labels or prompts), H, W, 3]`` in ``steps`` steps (or
+        ``group_sizes``); ``orders``: a ``[B, N]`` table; a text model takes ``prompts``, guided
+        against the null caption or ``negative_prompt``."""
+        if (prompts is None) != (self.model.text is None) or (
+            labels is not None if prompts is not None else negative_prompt is not None
+        ):
+            raise ValueError(
+                "a text-conditional model takes --prompt (and no --labels)"
+                if self.model.text is not None
+                else "this model is class-conditional: give --labels, not --prompt"
+            )
+        if prompts is not None:
+            prompts = check_prompts(prompts)
+            labels = np.zeros(len(prompts), dtype=np.int64)  # one row per prompt
         labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).reshape(
             -1
         )
@@ -255,6 +281,11 @@ class LPDPipeline:
                 proximity_threshold=sampling.proximity_threshold,
                 repulsion_threshold=sampling.repulsion_threshold,
             ).rows(indices)
+        if prompts is not None:
+            gens = [torch.Generator().manual_seed(image_seed(seed, int(i))) for i in indices]
+            encoder, args = self.text_encoder, (rows, sizes, sampling, gens, negative_prompt)
+            tokens = prompt_tokens(self.model, encoder, prompts, *args)
+            return decode_tokens(self.tokenizer, tokens, sampling)
         return sample_batch(
             self.model, self.tokenizer, indices, labels, rows, sizes, sampling, seed
         )[0]
@@ -357,6 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: {labels} of 1000 classes, else the first ten classes)",
     )
     p.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        help="a text-conditional model: a prompt (repeat the flag for several)",
+    )
+    p.add_argument("--negative_prompt", default=None, help="prompts: the guidance rows' text")
+    p.add_argument(
         "--steps", type=int, default=20, help="decoding steps (the released group-size table)"
     )
     p.add_argument(
@@ -408,12 +446,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             classes = pipe.model.config.class_num
             first = list(range(min(10, classes)))
             labels = args.labels or (IMAGENET_LABELS if classes == 1000 else first)
+            if args.prompt or pipe.model.text is not None:
+                labels = args.labels  # no default classes: a text model takes prompts
             sizes = args.group_sizes and parse_group_sizes(args.group_sizes, pipe.grid_size**2)
             given = {k: getattr(args, k) for k in SamplingConfig.__dataclass_fields__}
             steps = len(sizes) if sizes else args.steps
             sampling = pipe.sampling(steps, **given)
             images = pipe(
                 labels,
+                prompts=args.prompt,
+                negative_prompt=args.negative_prompt,
                 steps=args.steps,
                 group_sizes=args.group_sizes,
                 seed=args.seed,
@@ -425,7 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(
         f"wrote {len(images)} images ({pipe.name or 'model'}, {pipe.img_size} px, "
-        f"classes {labels}, cfg {sampling.cfg:g}, τr {sampling.repulsion_threshold:g}) "
+        f"{f'prompts {args.prompt}' if args.prompt else f'classes {labels}'}, cfg {sampling.cfg:g}, τr {sampling.repulsion_threshold:g}) "
         f"to {args.output}"
     )
     return 0

@@ -42,6 +42,7 @@ from lpd.parallel import (
 )
 from lpd.sampling import SamplingConfig, derive_seed
 from lpd.schedules import parse_group_sizes
+from lpd.text.training import caption_batch, caption_training
 
 __all__ = [
     "TrainConfig",
@@ -574,6 +575,9 @@ def _run(
             parse_group_sizes(config.eval_group_sizes, N)
         except ValueError as e:
             raise ValueError(f"--group_sizes (the evaluation schedule): {e}") from e
+    encoder = None
+    if model.text is not None:
+        dataset, encoder = caption_training(config, model, dataset, device)
     if dataset is None:
         from lpd import datasets
 
@@ -711,13 +715,19 @@ def _run(
             t_last, steps_since, first = time.perf_counter(), 0, len(losses)
             step = sampler.start_step
             batches = stop.iterate(loader)
-            for x, labels in batches:
+            if hasattr(dataset, "set_epoch"):  # one of an image's captions per epoch
+                dataset.set_epoch(epoch)
+            for x, *cond in batches:
 
                 def gen(purpose: int) -> torch.Generator:
                     return iteration_generator(config.seed, purpose, epoch, step, info.rank)
 
+                text = {}
+                if model.text is not None:  # captions (text, mask); not flipped: words say left
+                    x, text = x[:, 0] if x.dim() == 3 else x, caption_batch(*cond, encoder, device)
+                    text = dict(zip(("text", "cond_mask"), text))
                 tokens = _batch_tokens(x, gen(_FLIP), make_tokenizer_once, device)
-                labels = labels.to(device, non_blocking=True).long()
+                labels = None if text else cond[0].to(device, non_blocking=True).long()
                 orders = random_orders(tokens.shape[0], N, gen(_ORDER)).to(
                     device, non_blocking=True
                 )
@@ -739,7 +749,9 @@ def _run(
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 with autocast:
-                    loss = train_model(tokens, labels, orders, sizes, generator=gen(_LABEL_DROP))
+                    loss = train_model(
+                        tokens, labels, orders, sizes, generator=gen(_LABEL_DROP), **text
+                    )
                 # One collective per step: the mean loss and whether any rank was asked to stop.
                 stats = torch.stack(
                     [loss.detach().float(), torch.tensor(float(stop.requested), device=device)]

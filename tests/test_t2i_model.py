@@ -4,11 +4,27 @@ null caption or a negative prompt, caption dropout trains the null caption."""
 
 from __future__ import annotations
 
+import os
+from dataclasses import replace
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from lpd.models import LPDConfig, build_lpd
+import main_cache
+import main_train
+from lpd.checkpoint import save_checkpoint
+from lpd.evaluate import decode_tokens, image_seed
+from lpd.models import LPDConfig, build_lpd, load_lpd
+from lpd.orders.source import OrderSource
+from lpd.pipeline import LPDPipeline
+from lpd.pipeline import main as pipeline_main
 from lpd.sampling import Decoder, SamplingConfig
+from lpd.schedules import group_sizes
+from lpd.text.encoders import check_encoder_record, make_text_encoder
+from lpd.tokenizer import make_tokenizer
+from lpd.train import parse_schedule_list
 
 C, D, L = 12, 32, 6
 SIZES = [[1, 2, 3, 10], [4, 4, 8], [16]]
@@ -178,3 +194,146 @@ def test_bad_inputs_are_refused(model):
         Decoder(model).class_prefix(torch.tensor([0, 1]), 2)
     with pytest.raises(ValueError, match="class-conditional"):
         build_lpd(img_size=64, embed_dim=D, depth=1, num_heads=4).text_prefix(features)
+
+
+def _caption_folder(root, captions):
+    """1024 px images (the palette tokenizer: a 64 x 64 token grid) with same-stem captions."""
+    root.mkdir()
+    for i, text in enumerate(captions):
+        grey = np.kron(np.random.default_rng(i).integers(0, 4, (64, 64)) * 85, np.ones((16, 16)))
+        Image.fromarray(np.repeat(grey[..., None], 3, -1).astype(np.uint8)).save(root / f"{i}.png")
+        (root / f"{i}.txt").write_text(text, encoding="utf-8")
+    return root
+
+
+def test_text_model_on_the_64x64_grid_trains_resumes_and_samples(tmp_path):
+    """main_cache.py --captions, main_train.py (a text model_config, caption dropout, EMA, token
+    ids encoded on the fly), an exact resume, then sampling with the recorded encoder."""
+    data = _caption_folder(tmp_path / "data", ["a small 3 in the top left"])
+    cache = str(tmp_path / "cache")
+    base = ["--tokenizer", "palette", "--img_size", "1024", "--num_workers", "0"]
+    argv = ["--data_path", str(data), "--cached_path", cache, "--captions", "auto"]
+    assert main_cache.main([*base, *argv, "--max_text_tokens", "8", "--device", "cpu"]) == 0
+    arch = "{condition: text, text_dim: 256, max_text_tokens: 8, embed_dim: 16, depth: 1, "
+    arch += "num_heads: 2, vocab_size: 4}"
+    (tmp_path / "t2i.yaml").write_text(f"model: null\nmodel_config: {arch}\n")
+
+    def run(out, epochs, *extra):
+        flags = ["--config", str(tmp_path / "t2i.yaml"), *base, "--use_cached"]
+        flags += ["--cached_path", cache, "--output_dir", str(tmp_path / out), "--batch_size", "1"]
+        flags += ["--epochs", str(epochs), "--lr", "1e-2", "--warmup_epochs", "0", "--seed", "3"]
+        flags += ["--group_sizes_list", "[1024]*4", "--ema_decay", "0.9", "--device", "cpu"]
+        assert main_train.main([*flags, "--save_every_epochs", "0", *extra]) == 0
+        return torch.load(tmp_path / out / "checkpoint-last.pth", weights_only=True)
+
+    whole = run("whole", 2)
+    run("split", 1)
+    resumed = run("split", 2, "--resume", str(tmp_path / "split"))
+    for key in ("model", "model_ema"):
+        assert all(torch.equal(whole[key][k], resumed[key][k]) for k in whole[key])
+    assert whole["model_config"]["text_encoder"] == make_text_encoder("wordllama").record
+    assert {"text.null", "text.pos"} <= set(whole["model"])
+    model = load_lpd(str(tmp_path / "whole" / "checkpoint-last.pth"))
+    encoder = make_text_encoder("wordllama", max_text_tokens=8)
+    check_encoder_record(model.config.text_encoder, encoder)
+    ids, mask, _ = encoder.tokenize(["a bold seven", "a 3"])
+    decoder = Decoder(model, SamplingConfig(cfg=3.0))
+    prefix, prefix_mask = decoder.text_prefix(encoder.encode(ids, mask), mask)
+    orders = torch.stack(
+        [torch.randperm(4096, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    )
+    tokens = decoder.decode(prefix, orders, [1024] * 4, prefix_mask=prefix_mask)
+    assert tokens.shape == (2, 4096) and tokens.min() >= 0 and tokens.max() < 4
+    images = make_tokenizer("palette").decode(tokens.reshape(2, 64, 64))
+    assert images.shape == (2, 3, 1024, 1024)
+
+
+@pytest.mark.parametrize("px", [256, 512, 1024])
+def test_staged_recipes_parse(px):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = main_train.parse_config(["--config", f"{root}/configs/train_t2i_{px}.yaml"])
+    config.validate()
+    arch = LPDConfig.from_name(config.model, px, **config.model_config)
+    assert (arch.condition, arch.text_dim, arch.max_text_tokens, arch.grid_size) == (
+        "text",
+        2048,
+        120,
+        px // 16,
+    )
+    assert parse_schedule_list(config.group_sizes_list, px, arch.num_tokens)
+    assert (config.pretrained_ckpt is None) == (px == 256) and config.eval_freq == 0
+
+
+@pytest.fixture(scope="module")
+def text_checkpoint(tmp_path_factory):
+    """A tiny wordllama text model on the 4 x 4 palette grid, saved as training saves it."""
+    torch.manual_seed(1)
+    net = build_lpd(
+        img_size=64,
+        embed_dim=D,
+        depth=2,
+        num_heads=4,
+        vocab_size=4,
+        condition="text",
+        text_dim=256,
+        max_text_tokens=16,
+    )
+    with torch.no_grad():
+        net.text.null.normal_(0, 1.0)
+    config = {**net.config.to_dict(), "text_encoder": make_text_encoder("wordllama").record}
+    path = str(tmp_path_factory.mktemp("t2i") / "checkpoint-last.pth")
+    args = {"tokenizer": "palette", "cfg": 2.0, "model": None}
+    save_checkpoint({"model": net.state_dict(), "model_config": config, "args": args}, path)
+    return path
+
+
+def test_pipeline_prompts_match_the_decoder(text_checkpoint):
+    pipe = LPDPipeline.from_pretrained(checkpoint=text_checkpoint, device="cpu")
+    prompts = ["a bold seven in the top left", "a 3"]
+    images = pipe(prompts=prompts, steps=4, seed=5, temperature=1.5)
+    assert images.shape == (2, 64, 64, 3) and images.dtype == np.uint8
+    assert np.array_equal(images, pipe(prompts=prompts, steps=4, seed=5, temperature=1.5))
+    negative = pipe(prompts=prompts, negative_prompt="blurry", steps=4, seed=5, temperature=1.5)
+    # the same draw by hand: the recorded encoder, the negative prompt's guidance rows
+    encoder = make_text_encoder("wordllama", max_text_tokens=16)
+    sampling = pipe.sampling(4, temperature=1.5)
+    assert sampling.cfg == 2.0  # the checkpoint's
+    orders = OrderSource("lpd", group_sizes(64, 4), 4, seed=5, repulsion_threshold=2.0)
+    gens = [torch.Generator().manual_seed(image_seed(5, i)) for i in range(2)]
+    ids, mask, _ = encoder.tokenize(prompts)
+    neg_ids, neg_mask, _ = encoder.tokenize(["blurry"])
+    decoder = Decoder(pipe.model, sampling)
+    neg = (encoder.encode(neg_ids, neg_mask), neg_mask)
+    prefix, prefix_mask = decoder.text_prefix(encoder.encode(ids, mask), mask, neg)
+    rows = torch.as_tensor(orders.rows(np.arange(2)))
+    tokens = decoder.decode(
+        prefix, rows, group_sizes(64, 4), prefix_mask=prefix_mask, generator=gens
+    )
+    raster = torch.empty_like(tokens).scatter_(1, rows, tokens)
+    assert np.array_equal(negative, decode_tokens(pipe.tokenizer, raster, sampling))
+    assert not np.array_equal(negative, images)  # the guidance rows changed
+    with pytest.raises(ValueError, match="takes --prompt"):
+        pipe([1, 2], steps=4)
+    with pytest.raises(ValueError, match="takes --prompt"):
+        pipe([1], prompts=["a 3"], steps=4)
+    with pytest.raises(ValueError, match="negative prompt needs guidance"):
+        pipe(prompts=prompts, negative_prompt="x", steps=4, cfg=1.0)
+    with pytest.raises(ValueError, match="give one or more prompts"):
+        pipe(prompts=[], steps=4)
+    pipe.model.config = replace(
+        pipe.model.config, text_encoder={**pipe.model.config.text_encoder, "digest": "0" * 64}
+    )
+    with pytest.raises(ValueError, match="made with the text encoder"):
+        LPDPipeline(pipe.model, pipe.tokenizer)(prompts=prompts, steps=4, cfg=2.0)
+
+
+def test_pipeline_command_line_prompts(text_checkpoint, tmp_path, capsys):
+    out = str(tmp_path / "grid.png")
+    argv = ["--pretrained_ckpt", text_checkpoint, "--steps", "4", "--output", out]
+    argv += ["--device", "cpu", "--negative_prompt", "blurry"]
+    assert pipeline_main([*argv, "--prompt", "a 3", "--prompt", "a bold seven"]) == 0
+    assert "prompts ['a 3', 'a bold seven']" in capsys.readouterr().out
+    width, height = Image.open(out).size
+    assert height == 64 and width >= 128  # two images side by side
+    assert pipeline_main([*argv, "--labels", "1,2", "--overwrite"]) == 2
+    assert "takes --prompt" in capsys.readouterr().err

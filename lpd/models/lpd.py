@@ -69,6 +69,7 @@ class LPDConfig:
     condition: str = "class"  # "class" (class_num labels) or "text" (caption features)
     text_dim: int = 2048  # caption feature width (FLAN-T5-XL: 2048); with condition "text"
     max_text_tokens: int = 120  # caption rows at most; with condition "text"
+    text_encoder: dict | None = None  # the record of the text encoder it was trained with
 
     def __post_init__(self) -> None:
         for name in (
