@@ -43,6 +43,7 @@ from lpd.schedules import parse_group_sizes
 from lpd.text.clipscore import CLIPScorer, score_run
 from lpd.text.encoders import check_encoder_record, make_text_encoder
 from lpd.text.prompts import PromptSet, prompt_of
+from lpd.text.sampling import model_text_encoder
 
 USER_ERRORS = (
     ValueError,
@@ -324,14 +325,16 @@ def text_prompts(
         )
     if not text:
         return None
-    record = getattr(model, "text_encoder_record", None)
+    record = model.config.text_encoder
     if not (args.text_encoder or record):
         raise ConfigError(
             "--text_encoder: the model records no text encoder (random weights); give "
             "--text_encoder wordllama or a Hugging Face name or folder"
         )
+    if not args.text_encoder:
+        return PromptSet.from_file(args.prompts, model_text_encoder(model, device))
     limit = model.config.max_text_tokens
-    encoder = make_text_encoder(args.text_encoder or record["name"], device, max_text_tokens=limit)
+    encoder = make_text_encoder(args.text_encoder, device, max_text_tokens=limit)
     if record:
         check_encoder_record(record, encoder, "the checkpoint")
     if encoder.width != model.config.text_dim:

@@ -132,6 +132,10 @@ def _prepare(
         raise ValueError(
             f"keep must be a bool mask of the tokens' shape {list(tokens.shape)}, got {keep.dtype} {list(keep.shape)}"
         )
+    if isinstance(labels, tuple):  # caption features [B, L, C] and mask [B, L] of a text model
+        if len(labels) != 2 or any(len(t) != len(tokens) for t in labels):
+            raise ValueError(f"a text condition is (features, mask) of {len(tokens)} captions")
+        return tokens.long(), keep, tuple(t.to(device) for t in labels)
     if labels is not None:
         labels = torch.as_tensor(
             np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels
@@ -171,7 +175,8 @@ def edit_tokens(
     **settings: Any,
 ) -> torch.Tensor:
     """``[B, N]`` raster ``tokens`` with those not in ``keep [B, N]`` (True = known, kept exactly) regenerated as ``labels``
-    (None: unconditional) in ``steps`` (scaled released table) or ``group_sizes``; ``prefill``: :func:`prefill_layout`."""
+    (None: unconditional; a text model: caption ``(features [B, L, C], mask [B, L])``) in ``steps`` (scaled released
+    table) or ``group_sizes``; ``prefill``: :func:`prefill_layout`."""
     sampling = (sampling or SamplingConfig()).replace(**settings)
     tokens, keep, labels = _prepare(model, tokens, keep, labels)
     if labels is None and sampling.cfg != 1.0:
@@ -206,13 +211,25 @@ def edit_tokens(
             ),
             device=tokens.device,
         )
-        sub, lab = tokens[rows], None if labels is None else labels[rows]
+        sub = tokens[rows]
         known, known_sizes = _known(model, keep[rows], prefill, generator)  # they come first
         given = torch.gather(sub, 1, known) if known_sizes else None
-        prefix, full = decoder.class_prefix(lab, len(rows)), torch.cat([known, orders], 1)
-        gen = decoder.decode(prefix, full, known_sizes + sizes, known=given, generator=generator)
+        if isinstance(labels, tuple):
+            prefix, prefix_mask = decoder.text_prefix(*(t[rows] for t in labels))
+        else:
+            lab = None if labels is None else labels[rows]
+            prefix, prefix_mask = decoder.class_prefix(lab, len(rows)), None
+        full, options = torch.cat([known, orders], 1), dict(known=given, generator=generator)
+        gen = decoder.decode(prefix, full, known_sizes + sizes, prefix_mask=prefix_mask, **options)
         out[rows] = sub.scatter(1, orders, gen)
     return out
+
+
+def _repeat(label: Any, num: int) -> Any:
+    """``num`` copies of a class label or of a caption ``(features [1, L, C], mask [1, L])``."""
+    if isinstance(label, tuple):
+        return tuple(t.expand(num, *t.shape[1:]) for t in label)
+    return [label] * num
 
 
 def edit_images(
@@ -220,7 +237,7 @@ def edit_images(
     tokenizer: torch.nn.Module,
     image: Any,
     mask: Any,
-    label: int | None,
+    label: int | tuple | None,
     *,
     num: int = 1,
     steps: int = 12,
@@ -245,7 +262,7 @@ def edit_images(
         model,
         tokens.expand(num, -1),
         np.broadcast_to(keep, (num, keep.size)).copy(),
-        None if label is None else [label] * num,
+        None if label is None else _repeat(label, num),
         steps=steps,
         generator=torch.Generator().manual_seed(seed),
         sampling=sampling,

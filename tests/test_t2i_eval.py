@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lpd.images import write_png
 from lpd.text.clipscore import CLIPScorer, clip_score
@@ -257,3 +258,160 @@ def test_main_eval_prompt_errors(tmp_path, capsys, change, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.match(f"error: {message}", err[0]), err
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.png"))
+
+
+# ------------------------------------------------------------------------------ editing with a caption
+
+
+@pytest.fixture(scope="module")
+def text_model():
+    from lpd.models import build_lpd
+
+    torch.manual_seed(0)
+    m = build_lpd(
+        img_size=64,
+        embed_dim=32,
+        depth=2,
+        num_heads=4,
+        vocab_size=24,
+        condition="text",
+        text_dim=12,
+        max_text_tokens=8,
+        proj_dropout=0.0,
+    )
+    with torch.no_grad():
+        m.text.pos.normal_(0, 0.5)
+        m.text.null.normal_(0, 0.5)
+    return m.eval()
+
+
+def test_text_editing_keeps_known_tokens_and_decodes_as_the_training_pass(text_model):
+    """Greedy editing: the kept tokens come back exactly, every regenerated token is the argmax of
+    the training pass (text prefix, known tokens first) fed the result, padded caption rows change
+    nothing and the caption matters."""
+    from lpd.editing import edit_tokens
+    from lpd.schedules import scaled_group_sizes
+
+    g = torch.Generator().manual_seed(3)
+    B, N, L = 3, 16, 5
+    tokens = torch.randint(0, 24, (B, N), generator=g)
+    keep = np.zeros((B, N), bool)
+    keep[:, [0, 1, 4, 5, 10]] = True
+    features = torch.randn(B, L, 12, generator=g)
+    mask = torch.arange(L)[None] < torch.tensor([[5], [2], [3]])
+    opts = dict(steps=4, order="raster", greedy=True)
+    out = edit_tokens(text_model, tokens, keep, (features, mask), **opts)
+    assert torch.equal(out[torch.as_tensor(keep)], tokens[torch.as_tensor(keep)])
+    known, unknown = np.flatnonzero(keep[0]), np.flatnonzero(~keep[0])
+    orders = torch.as_tensor(np.concatenate([known, unknown])).repeat(B, 1)
+    sizes = [len(known), *scaled_group_sizes(len(unknown), 4, 64)]
+    with torch.no_grad():
+        logits = text_model.logits(out, None, orders, sizes, text=features, cond_mask=mask)
+    assert torch.equal(logits[:, len(known) :].argmax(-1), out[:, unknown])
+    noise = 50 * torch.randn(B, L + 2, 12, generator=g)
+    padded = torch.where(F.pad(mask, (0, 2))[..., None], F.pad(features, (0, 0, 0, 2)), noise)
+    same = edit_tokens(text_model, tokens, keep, (padded, F.pad(mask, (0, 2))), **opts)
+    assert torch.equal(same, out)
+    other = edit_tokens(text_model, tokens, keep, (features.flip(0), mask.flip(0)), **opts)
+    assert not torch.equal(other, out)
+    guided = edit_tokens(
+        text_model,
+        tokens,
+        keep,
+        (features, mask),
+        steps=3,
+        cfg=3.0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert torch.equal(guided[torch.as_tensor(keep)], tokens[torch.as_tensor(keep)])
+    with pytest.raises(ValueError, match=r"\(features, mask\) of 3 captions"):
+        edit_tokens(text_model, tokens, keep, (features[:2], mask[:2]), **opts)
+
+
+def _text_checkpoint(path, record):
+    from lpd.models import LPD, LPDConfig
+
+    config = LPDConfig(
+        img_size=256,
+        embed_dim=32,
+        depth=2,
+        num_heads=4,
+        vocab_size=4,
+        condition="text",
+        text_dim=256,
+        max_text_tokens=16,
+        text_encoder=record,
+    )
+    torch.save({"model": LPD(config).state_dict(), "model_config": config.to_dict()}, path)
+
+
+def test_the_edit_command_line_takes_a_prompt(tmp_path, capsys):
+    from PIL import Image
+
+    from lpd.edit import main
+    from lpd.text.encoders import WordLlamaEncoder
+
+    record = WordLlamaEncoder().record
+    _text_checkpoint(tmp_path / "t2i.pth", record)
+    digit = np.zeros((256, 256, 3), np.uint8)
+    digit[64:192, 96:160] = 255
+    Image.fromarray(digit).save(tmp_path / "digit.png")
+    base = [
+        *(
+            "--config",
+            os.path.join(ROOT, "configs", "demo.yaml"),
+            "--image",
+            str(tmp_path / "digit.png"),
+        ),
+        *("--region", "bottom", "--steps", "4", "--num", "2", "--cfg", "3.0"),
+    ]
+    ckpt = ("--pretrained_ckpt", str(tmp_path / "t2i.pth"))
+    out = str(tmp_path / "out" / "e.png")
+    assert main([*base, *ckpt, "--prompt", "a bold seven", "--output", out]) == 0
+    for k in (0, 1):
+        with Image.open(tmp_path / "out" / f"e_{k}.png") as im:
+            assert np.array_equal(np.asarray(im)[:128], digit[:128])  # the known half, exactly
+    capsys.readouterr()
+
+    def refused(argv, message):
+        assert main([*base, *argv, "--output", str(tmp_path / "x.png")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+
+    refused([*ckpt, "--label", "3"], "the model is text-to-image: give --prompt TEXT")
+    _text_checkpoint(tmp_path / "other.pth", {**record, "digest": "0" * 64})
+    other = ("--pretrained_ckpt", str(tmp_path / "other.pth"))
+    refused([*other, "--prompt", "a 7"], "was made with the text encoder")
+    from lpd.models import LPD, LPDConfig
+
+    config = LPDConfig(img_size=256, embed_dim=32, depth=2, num_heads=4, vocab_size=4)
+    torch.save(
+        {"model": LPD(config).state_dict(), "model_config": config.to_dict()}, tmp_path / "c.pth"
+    )
+    refused(
+        ["--pretrained_ckpt", str(tmp_path / "c.pth"), "--prompt", "a 7"], "--prompt is for text"
+    )
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_main_eval_uses_the_text_encoder_the_checkpoint_records(tmp_path):
+    from lpd.text.encoders import WordLlamaEncoder
+
+    record = WordLlamaEncoder().record
+    _text_checkpoint(tmp_path / "t2i.pth", record)
+    _text_checkpoint(tmp_path / "other.pth", {**record, "digest": "0" * 64})
+    (tmp_path / "p.jsonl").write_text('{"caption": "a thin 1"}\n{"caption": "two"}\n')
+    argv = [
+        *("--tokenizer", "palette", "--vq_config", "{levels: 4}", "--prompts"),
+        *(str(tmp_path / "p.jsonl"), "--num_images", "2", "--eval_bsz", "2"),
+        *("--generation_steps", "4", "--no_fid", "--no_progress", "--output_dir"),
+        str(tmp_path / "out"),
+    ]
+    got = run_eval([*argv, "--pretrained_ckpt", str(tmp_path / "t2i.pth")])
+    assert got["settings"]["labels"]["text_encoder"] == record and got["generated_this_run"] == 2
+    with pytest.raises(ValueError, match="was made with the text encoder"):
+        run_eval([*argv, "--pretrained_ckpt", str(tmp_path / "other.pth")])
+    with pytest.raises(ValueError, match="was made with the text encoder"):
+        run_eval(
+            [*argv, "--pretrained_ckpt", str(tmp_path / "other.pth"), "--text_encoder", "wordllama"]
+        )

@@ -17,7 +17,7 @@ from torch import Tensor
 from lpd.sampling import Decoder
 from lpd.text.encoders import TextEncoder
 
-__all__ = ["read_prompts", "prompt_of", "PromptSet"]
+__all__ = ["read_prompts", "prompt_of", "PromptSet", "encode_ids"]
 
 
 def read_prompts(path: str | os.PathLike) -> tuple[list[str], str]:
@@ -61,6 +61,12 @@ def prompt_of(prompts: list[str], index: int) -> str:
     return prompts[index % len(prompts)]
 
 
+def encode_ids(encoder: TextEncoder, ids: Tensor, mask: Tensor, *_: Any) -> tuple[Tensor, Tensor]:
+    """Caption ``(features [B, L, C], mask [B, L])`` on the encoder's device of padded ``ids``;
+    ``encode_ids(encoder, *encoder.tokenize(prompts))`` encodes prompts."""
+    return encoder.encode(ids, mask), mask.to(encoder.device)
+
+
 class PromptSet:
     """The prompts of an evaluation run and the text encoder of the model, passed as ``labels`` to
     :func:`lpd.evaluate.evaluate`: ``prompts[indices]`` is the condition of those images, and
@@ -90,8 +96,8 @@ class PromptSet:
 
     def features(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
         """Caption features ``[B, L, C]`` and mask ``[B, L]`` of images ``indices``."""
-        ids, mask = self.encoder.pad([self.ids[i % len(self.ids)] for i in indices], self.length)
-        return self.encoder.encode(ids, mask), mask.to(self.encoder.device)
+        ids = [self.ids[i % len(self.ids)] for i in indices]
+        return encode_ids(self.encoder, *self.encoder.pad(ids, self.length))
 
 
 class PromptBatch(NamedTuple):
