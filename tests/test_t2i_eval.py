@@ -262,23 +262,15 @@ def test_main_eval_prompt_errors(tmp_path, capsys, change, message):
 
 # ------------------------------------------------------------------------------ editing with a caption
 
+TEXT = dict(embed_dim=32, depth=2, num_heads=4, condition="text", proj_dropout=0.0)
+
 
 @pytest.fixture(scope="module")
 def text_model():
     from lpd.models import build_lpd
 
     torch.manual_seed(0)
-    m = build_lpd(
-        img_size=64,
-        embed_dim=32,
-        depth=2,
-        num_heads=4,
-        vocab_size=24,
-        condition="text",
-        text_dim=12,
-        max_text_tokens=8,
-        proj_dropout=0.0,
-    )
+    m = build_lpd(img_size=64, vocab_size=24, text_dim=12, max_text_tokens=8, **TEXT)
     with torch.no_grad():
         m.text.pos.normal_(0, 0.5)
         m.text.null.normal_(0, 0.5)
@@ -331,17 +323,7 @@ def test_text_editing_keeps_known_tokens_and_decodes_as_the_training_pass(text_m
 def _text_checkpoint(path, record):
     from lpd.models import LPD, LPDConfig
 
-    config = LPDConfig(
-        img_size=256,
-        embed_dim=32,
-        depth=2,
-        num_heads=4,
-        vocab_size=4,
-        condition="text",
-        text_dim=256,
-        max_text_tokens=16,
-        text_encoder=record,
-    )
+    config = LPDConfig(img_size=256, vocab_size=4, text_dim=256, text_encoder=record, **TEXT)
     torch.save({"model": LPD(config).state_dict(), "model_config": config.to_dict()}, path)
 
 
