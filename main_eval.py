@@ -4,13 +4,17 @@
     torchrun --nproc_per_node=8 main_eval.py --model lpd_l --img_size 256 --generation_steps 20 \\
         --cfg 4.8 --order lpd --repulsion_threshold 2.0 --output_dir out/
     python main_eval.py --config configs/tiny.yaml --random_init --num_images 20 --eval_bsz 5 --no_fid --output_dir /tmp/eval
+    python main_eval.py --pretrained_ckpt t2i/checkpoint-last.pth --prompts prompts.txt \\
+        --fid_stats coco_stats.npz --clip_model openai/clip-vit-large-patch14 --num_images 30000
 
 The checkpoint (``mit-han-lab/lpd_l_256`` ...), the tokenizer (``vq_ds16_c2i.pt``) and the ADM
 statistics are resolved through the Hugging Face cache unless ``--pretrained_ckpt`` /
 ``--vqgan_path`` / ``--fid_stats`` name files. Writes ``OUTPUT_DIR/<run name>/`` with
 ``images/*.png``, ``tokens.npy``, ``<run name>.npz`` (ADM), ``samples_grid.png``,
 ``settings.json`` and ``metrics.json``; a rerun samples only what is missing and refuses a folder
-of other inputs. ``--config FILE.yaml`` sets defaults that flags override.
+of other inputs. A text-to-image model samples image ``i`` from prompt ``i`` of ``--prompts``
+(cycled); ``--clip_model`` adds its CLIPScore. ``--config FILE.yaml`` sets defaults that flags
+override.
 """
 
 from __future__ import annotations
@@ -472,7 +476,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
                 **({"prompts_truncated": prompts.truncated} if prompts else {}),
             },
         )
-        if clip:
+        if args.clip_model:  # every rank: on_rank0 is collective
             texts = [prompt_of(prompts.texts, i) for i in range(args.num_images)]
             record = on_rank0(lambda: score_run(record, clip, texts, args.metrics_bsz), "CLIPScore")
         if dist_info.is_main:

@@ -397,3 +397,51 @@ def test_main_eval_uses_the_text_encoder_the_checkpoint_records(tmp_path):
         run_eval(
             [*argv, "--pretrained_ckpt", str(tmp_path / "other.pth"), "--text_encoder", "wordllama"]
         )
+
+
+def test_prompt_tokens_depend_on_seed_index_and_prompt_only(tmp_path):
+    """lpd.evaluate with a PromptSet: the same tokens for any batch size and from two shards into
+    one run folder; image i takes prompt i mod P (cycling = the prompts written out)."""
+    from lpd import evaluate as E
+    from lpd.demo.palette import PaletteTokenizer
+    from lpd.models import build_lpd
+    from lpd.sampling import SamplingConfig
+    from lpd.text.encoders import WordLlamaEncoder
+    from lpd.text.prompts import PromptSet
+
+    torch.manual_seed(2)
+    model = build_lpd(img_size=64, vocab_size=256, text_dim=256, max_text_tokens=16, **TEXT)
+    palette = PaletteTokenizer(256)
+    texts, encoder = ["a red 7", "seven in the top left corner, bold", "x"], WordLlamaEncoder()
+    prompts = PromptSet(texts, "0" * 64, "p.txt", encoder)
+    sampling, sizes, seed = SamplingConfig(cfg=3.0), [1, 3, 4, 8], 1
+    ref = E.generate_images(model.eval(), palette, 7, sizes, sampling, labels=prompts, seed=seed)
+    for bsz in (1, 3):
+        run = dict(labels=prompts, seed=seed, eval_bsz=bsz)
+        assert np.array_equal(
+            E.generate_images(model, palette, 7, sizes, sampling, **run).tokens, ref.tokens
+        )
+    written = PromptSet([texts[i % 3] for i in range(7)], "1" * 64, "q.txt", encoder)
+    got = E.generate_images(model, palette, 7, sizes, sampling, labels=written, seed=seed)
+    assert np.array_equal(got.tokens, ref.tokens)
+    other = PromptSet(["a blue 2 on the right"], "2" * 64, "r.txt", encoder)
+    got = E.generate_images(model, palette, 7, sizes, sampling, labels=other, seed=seed)
+    assert not np.array_equal(got.tokens, ref.tokens)
+    run = tmp_path / "run"
+    E.prepare_run_dir(
+        run, E.run_settings(model, palette, 7, sizes, sampling, seed, labels=prompts), 16
+    )
+    for rank in (1, 0):
+        E.generate_images(
+            model,
+            palette,
+            7,
+            sizes,
+            sampling,
+            labels=prompts,
+            seed=seed,
+            eval_bsz=2,
+            output_dir=run,
+            shard=(rank, 2),
+        )
+    assert np.array_equal(np.load(run / "tokens.npy"), ref.tokens)
