@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import json
 import random
 import re
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from lpd.demo.digits import load_digits_dataset, split_indices
 from lpd.demo.t2i_data import (
@@ -22,7 +24,7 @@ from lpd.demo.t2i_data import (
     make_examples,
     render,
 )
-from lpd.demo.t2i_judge import T2IJudge
+from lpd.demo.t2i_judge import ATTRIBUTES, T2IJudge
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +157,38 @@ def test_judge_per_attribute_verdicts(judge):
     assert np.isclose(
         judge.score(pair, [Scene((5, 3), (0, 0), layout="stacked")])["relation"]["accuracy"], 0.0
     )
+
+
+def test_testbed_command_end_to_end(tmp_path, capsys):
+    """``python -m lpd.demo --task t2i``, shortened: a table per group (and for the real scenes),
+    the grid, and a rerun that reuses the trained model and scores the same."""
+    from lpd.demo.t2i import main
+
+    out = str(tmp_path / "t2i")
+    argv = ["--output_dir", out, "--train_examples", "48", "--epochs", "1", "--num_images", "12"]
+    argv += ["--classifier_epochs", "2", "--resamples", "50", "--grid_images", "3", "--steps", "4"]
+    assert main(argv) == 0
+    first = json.loads(open(f"{out}/metrics.json").read())
+    assert list(first["scores"]) == [
+        f"{g}{s}"
+        for g in ("seen", "heldout_phrasing", "heldout_combination")
+        for s in ("", " (real scenes)")
+    ]
+    for name, scores in first["scores"].items():
+        assert scores["num_images"] == 12 and ("digit" in scores or "digits" in scores), name
+        for attr in set(scores) & set(ATTRIBUTES):
+            lo, hi = scores[attr]["ci95"]
+            assert lo <= scores[attr]["accuracy"] <= hi
+    table = open(f"{out}/table.md").read()
+    assert table.count("\n| ") == 7 and table.count(": ") >= 9  # header, 6 rows; 9 captions
+    assert Image.open(f"{out}/samples.png").size[1] > 0
+    ckpt = torch.load(f"{out}/train/checkpoint-last.pth", weights_only=True)
+    assert ckpt["model_config"]["condition"] == "text" and ckpt["model_config"]["text_encoder"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "reusing the trained model" in capsys.readouterr().out
+    assert json.loads(open(f"{out}/metrics.json").read())["scores"] == first["scores"]
+    assert main([*argv[:2], "--epochs", "2"]) == 2  # other settings: refused, nothing lost
+    assert "other settings" in capsys.readouterr().err
+    assert main(["--output_dir", out, "--steps", "0"]) == 2
+    assert "--steps must be a positive integer" in capsys.readouterr().err

@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="YAML file of defaults (flags override it)",
     )
     p.add_argument("--output_dir", default="outputs/demo")
+    p.add_argument(
+        "--task",
+        choices=["class", "t2i"],
+        default="class",
+        help="t2i: the text-to-image testbed (python -m lpd.demo --task t2i --help)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     p.add_argument("--model", default=None, help="a preset name, or none: model_config alone")
