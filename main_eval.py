@@ -232,7 +232,8 @@ def check_args(
     if args.prompts and not (args.no_fid or args.fid_stats):
         raise ConfigError(
             "--prompts: FID needs the statistics of real images for these prompts: give "
-            "--fid_stats FILE.npz (python -m lpd.metrics stats FOLDER) or --no_fid"
+            "--fid_stats FILE.npz (python -m lpd.metrics stats --input FOLDER --output FILE.npz) "
+            "or --no_fid"
         )
     sizes = None
     if args.group_sizes:
