@@ -46,7 +46,7 @@ from lpd.schedules import group_sizes as default_group_sizes
 from lpd.schedules import parse_group_sizes
 from lpd.text.clipscore import CLIPScorer, score_run
 from lpd.text.encoders import check_encoder_record, make_text_encoder
-from lpd.text.prompts import PromptSet, prompt_of
+from lpd.text.prompts import PromptSet, prompt_of, read_prompts
 from lpd.text.sampling import model_text_encoder
 
 USER_ERRORS = (
@@ -317,9 +317,10 @@ def load_model(
 
 
 def text_prompts(
-    args: argparse.Namespace, model: torch.nn.Module, device: torch.device
+    args: argparse.Namespace, model: torch.nn.Module, device: torch.device, read: tuple | None
 ) -> PromptSet | None:
-    """The prompts of a text model (None for a class model), with its text encoder."""
+    """The prompts of a text model (``read``: :func:`read_prompts` of ``--prompts``; None for a
+    class model), with its text encoder."""
     text = model.config.condition == "text"
     if text != bool(args.prompts):
         raise ConfigError(
@@ -336,8 +337,9 @@ def text_prompts(
             "--text_encoder: the model records no text encoder (random weights); give "
             "--text_encoder wordllama or a Hugging Face name or folder"
         )
+    file = os.path.basename(args.prompts)
     if not args.text_encoder:
-        return PromptSet.from_file(args.prompts, model_text_encoder(model, device))
+        return PromptSet(*read, file, model_text_encoder(model, device))
     limit = model.config.max_text_tokens
     encoder = make_text_encoder(args.text_encoder, device, max_text_tokens=limit)
     if record:
@@ -347,7 +349,7 @@ def text_prompts(
             f"--text_encoder: {encoder.name!r} gives {encoder.width}-d features, the model "
             f"takes {model.config.text_dim}-d ones"
         )
-    return PromptSet.from_file(args.prompts, encoder)
+    return PromptSet(*read, file, encoder)
 
 
 def _fmt(v: float) -> str:
@@ -397,6 +399,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
     from lpd.tokenizer import make_tokenizer
 
     sampling, sizes = check_args(args, argv)
+    read = read_prompts(args.prompts) if args.prompts else None  # before anything is loaded
     dist_info = init_distributed(args.device)
     device = dist_info.device
     if device.type == "cuda":  # the same kernels for every run of a setting
@@ -405,7 +408,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
     try:
         files = rank0_first(lambda: needed_files(args))
         model, name = load_model(args, device, files.get("checkpoint"))
-        prompts = text_prompts(args, model, device)
+        prompts = text_prompts(args, model, device, read)
         clip = args.clip_model and on_rank0(
             lambda: CLIPScorer(args.clip_model, device), "loading --clip_model", broadcast=False
         )

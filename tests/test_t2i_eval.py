@@ -260,7 +260,7 @@ def test_main_eval_prompt_errors(tmp_path, capsys, change, message):
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.png"))
 
 
-# ------------------------------------------------------------------------------ editing with a caption
+# ------------------------------------------------------------------------ editing with a caption
 
 TEXT = dict(embed_dim=32, depth=2, num_heads=4, condition="text", proj_dropout=0.0)
 

@@ -25,7 +25,7 @@ OPEN_CLIP = "open_clip:"
 
 
 def _pooled(out: Any) -> Tensor:
-    """Features of ``get_*_features``: a tensor, or (transformers 5) an output's ``pooler_output``."""
+    """Features of ``get_*_features``: a tensor, or (transformers 5) its ``pooler_output``."""
     return out if isinstance(out, Tensor) else out.pooler_output
 
 

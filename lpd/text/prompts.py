@@ -78,10 +78,6 @@ class PromptSet:
         self.ids, self.truncated = encoder.token_ids(texts)
         self.length = max(len(x) for x in self.ids)
 
-    @classmethod
-    def from_file(cls, path: str | os.PathLike, encoder: TextEncoder) -> PromptSet:
-        return cls(*read_prompts(path), os.path.basename(os.fspath(path)), encoder)
-
     def settings(self) -> dict[str, Any]:
         return {
             "prompts_file": self.file,
