@@ -4,13 +4,17 @@
     torchrun --nproc_per_node=8 main_eval.py --model lpd_l --img_size 256 --generation_steps 20 \\
         --cfg 4.8 --order lpd --repulsion_threshold 2.0 --output_dir out/
     python main_eval.py --config configs/tiny.yaml --random_init --num_images 20 --eval_bsz 5 --no_fid --output_dir /tmp/eval
+    python main_eval.py --pretrained_ckpt t2i/checkpoint-last.pth --prompts prompts.txt \\
+        --fid_stats coco_stats.npz --clip_model openai/clip-vit-large-patch14 --num_images 30000
 
 The checkpoint (``mit-han-lab/lpd_l_256`` ...), the tokenizer (``vq_ds16_c2i.pt``) and the ADM
 statistics are resolved through the Hugging Face cache unless ``--pretrained_ckpt`` /
 ``--vqgan_path`` / ``--fid_stats`` name files. Writes ``OUTPUT_DIR/<run name>/`` with
 ``images/*.png``, ``tokens.npy``, ``<run name>.npz`` (ADM), ``samples_grid.png``,
 ``settings.json`` and ``metrics.json``; a rerun samples only what is missing and refuses a folder
-of other inputs. ``--config FILE.yaml`` sets defaults that flags override.
+of other inputs. A text-to-image model samples image ``i`` from prompt ``i`` of ``--prompts``
+(cycled); ``--clip_model`` adds its CLIPScore. ``--config FILE.yaml`` sets defaults that flags
+override.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from lpd.config import (
     parse_args_with_config,
     yaml_mapping,
 )
-from lpd.distributed import RankError, cleanup, init_distributed, rank0_first
+from lpd.distributed import RankError, cleanup, init_distributed, on_rank0, rank0_first
 from lpd.evaluate import RunSpec, Scoring, evaluate
 from lpd.files import CheckpointError
 from lpd.orders import load_orders
@@ -43,6 +47,10 @@ from lpd.pipeline import add_paper_sampling_args, paper_settings
 from lpd.sampling import SamplingConfig, sampling_from_args
 from lpd.schedules import group_sizes as default_group_sizes
 from lpd.schedules import parse_group_sizes
+from lpd.text.clipscore import CLIPScorer, score_run
+from lpd.text.encoders import check_encoder_record, make_text_encoder
+from lpd.text.prompts import PromptSet, prompt_of, read_prompts
+from lpd.text.sampling import model_text_encoder
 from lpd.tokenizer import make_tokenizer
 
 USER_ERRORS = (
@@ -142,6 +150,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default=None, help="torch device (default: cuda if available, else cpu)"
     )
     g.add_argument("--no_progress", action="store_true")
+    g = p.add_argument_group("text-to-image models")
+    g.add_argument(
+        "--prompts",
+        default=None,
+        help="prompt file: one per line, or .jsonl with a caption per line (image i: prompt i, "
+        "cycled); FID needs --fid_stats of real images",
+    )
+    g.add_argument(
+        "--text_encoder",
+        default=None,
+        help="wordllama or a Hugging Face name or folder (default: the one the checkpoint records)",
+    )
+    g.add_argument(
+        "--clip_model",
+        default=None,
+        help="CLIPScore (100 * max(cos, 0)) with this CLIP: a Hugging Face name or folder, or "
+        "open_clip:ARCH/PRETRAINED",
+    )
     g = p.add_argument_group("released flags accepted for compatibility")
     g.add_argument("--evaluate", action="store_true", help="accepted (this script only evaluates)")
     g.add_argument("--vqgan_stride", type=int, default=None, help="must be 16 (the LlamaGen VQ)")
@@ -201,6 +227,15 @@ def check_args(
     if not (args.random_init or args.pretrained_ckpt or args.model):
         raise ConfigError(
             "no model: pass --model (lpd_l, lpd_xl, lpd_xxl) for a released checkpoint, --pretrained_ckpt FILE, or --random_init"
+        )
+    for flag in ("text_encoder", "clip_model"):
+        if getattr(args, flag) and not args.prompts:
+            raise ConfigError(f"--{flag} is for text-to-image models: give --prompts FILE too")
+    if args.prompts and not (args.no_fid or args.fid_stats):
+        raise ConfigError(
+            "--prompts: FID needs the statistics of real images for these prompts: give "
+            "--fid_stats FILE.npz (python -m lpd.metrics stats --input FOLDER --output FILE.npz) "
+            "or --no_fid"
         )
     sizes = None
     if args.group_sizes:
@@ -282,6 +317,42 @@ def load_model(
     return net.to(device), name + ("-ema" if args.use_ema else "")
 
 
+def text_prompts(
+    args: argparse.Namespace, model: torch.nn.Module, device: torch.device, read: tuple | None
+) -> PromptSet | None:
+    """The prompts of a text model (``read``: :func:`read_prompts` of ``--prompts``; None for a
+    class model), with its text encoder."""
+    text = model.config.condition == "text"
+    if text != bool(args.prompts):
+        raise ConfigError(
+            "the model is text-to-image: give --prompts FILE (one prompt per line, or JSONL with "
+            '"caption")'
+            if text
+            else "--prompts is for text-to-image models; this model is class-conditional"
+        )
+    if not text:
+        return None
+    record = model.config.text_encoder
+    if not (args.text_encoder or record):
+        raise ConfigError(
+            "--text_encoder: the model records no text encoder (random weights); give "
+            "--text_encoder wordllama or a Hugging Face name or folder"
+        )
+    file = os.path.basename(args.prompts)
+    if not args.text_encoder:
+        return PromptSet(*read, file, model_text_encoder(model, device))
+    limit = model.config.max_text_tokens
+    encoder = make_text_encoder(args.text_encoder, device, max_text_tokens=limit)
+    if record:
+        check_encoder_record(record, encoder, "the checkpoint")
+    if encoder.width != model.config.text_dim:
+        raise ConfigError(
+            f"--text_encoder: {encoder.name!r} gives {encoder.width}-d features, the model "
+            f"takes {model.config.text_dim}-d ones"
+        )
+    return PromptSet(*read, file, encoder)
+
+
 def _fmt(v: float) -> str:
     return f"{v:.1f}" if float(v).is_integer() else f"{v:g}"
 
@@ -325,6 +396,7 @@ def run_name(
 def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Evaluate with parsed arguments; returns the metrics record (on every rank)."""
     sampling, sizes = check_args(args, argv)
+    read = read_prompts(args.prompts) if args.prompts else None  # before anything is loaded
     dist_info = init_distributed(args.device)
     device = dist_info.device
     if device.type == "cuda":  # the same kernels for every run of a setting
@@ -333,6 +405,12 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
     try:
         files = rank0_first(lambda: needed_files(args))
         model, name = load_model(args, device, files.get("checkpoint"))
+        prompts = text_prompts(args, model, device, read)
+        clip = args.clip_model and on_rank0(
+            lambda: CLIPScorer(args.clip_model, device), "loading --clip_model", broadcast=False
+        )
+        if prompts:
+            name += "-" + os.path.splitext(prompts.file)[0]
         img_size, grid = model.config.img_size, model.config.grid_size
         sizes = (
             parse_group_sizes(sizes, grid * grid)
@@ -376,7 +454,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
         if dist_info.is_main:
             print(f"run folder: {run_dir}", flush=True)
         spec = RunSpec(
-            args.num_images, sizes, orders=table, order_file=args.lpd_order_file,
+            args.num_images, sizes, labels=prompts, orders=table, order_file=args.lpd_order_file,
             seed=args.seed, eval_bsz=args.eval_bsz,
         )  # fmt: skip
         inception = files.get("Inception weights", args.inception_weights)
@@ -384,8 +462,14 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
         command = ["main_eval.py", *(sys.argv[1:] if argv is None else argv)]
         record = evaluate(
             model, tokenizer, spec, sampling, output_dir=run_dir, name=name, scoring=scoring,
-            progress=not args.no_progress, info={"command": command, "args": vars(args)},
+            progress=not args.no_progress, info={
+                "command": command, "args": vars(args),
+                **({"prompts_truncated": prompts.truncated} if prompts else {}),
+            },
         )  # fmt: skip
+        if args.clip_model:  # every rank: on_rank0 is collective
+            texts = [prompt_of(prompts.texts, i) for i in range(args.num_images)]
+            record = on_rank0(lambda: score_run(record, clip, texts, args.metrics_bsz), "CLIPScore")
         if dist_info.is_main:
             print(summary(record), flush=True)
         return record
@@ -404,6 +488,8 @@ def summary(record: dict[str, Any]) -> str:
         f"images: {record['num_images']} ({record['generated_this_run']} sampled now, {record['found_on_disk']} found on disk)",
         f"FID {num(record.get('fid'), '.4f')}   IS {num(record.get('inception_score'), '.2f')}",
     ]
+    if "clip_score_w100" in record:
+        lines.append(f"CLIPScore (100 * max(cos, 0)) {num(record['clip_score_w100'], '.2f')}")
     for key, label in (("tokens", "tokens only"), ("tokens_and_decode", "tokens + VQ decoding")):
         r = sp[key]
         lines.append(

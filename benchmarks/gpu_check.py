@@ -10,6 +10,7 @@ longer fits is recorded as skipped, one still running at the deadline is stopped
   with VQ decoding, peak memory, for the modes ``eager``, ``graph`` (the whole decode as one CUDA
   graph), ``compiled`` (``compile="reduce-overhead"``: each step a compiled CUDA graph) and
   ``compiled_graph`` (compiled steps inside one whole-decode CUDA graph); the VQ decoder alone;
+  text-to-image at 1024 px (LPD-L width, a 120-token prompt, 4,096 tokens in 64 steps);
 * ``train``: a bf16 training step of LPD-L-256 at batch 64, flex attention vs SDPA with the dense
   mask, with and without gradient checkpointing;
 * ``released`` (with ``--released_repo``): the released sampler with the same weights.
@@ -103,9 +104,13 @@ class Scale:
     budget_s: float
 
 
+T2I = dict(condition="text", max_text_tokens=120)  # the text-to-image row: a 120-token prompt
 FULL = Scale(
-    models={k: MODELS[k] for k in ("L", "XL", "XXL")},
-    img={256: 256, 512: 512},
+    models={
+        **{k: MODELS[k] for k in ("L", "XL", "XXL")},
+        "T2I-L": {**MODELS["L"], **T2I, "text_dim": 2048},  # FLAN-T5-XL features
+    },
+    img={256: 256, 512: 512, 1024: 1024},
     batch={1: 1, 64: 64},
     warmup={1: 10, 64: 3},
     reps={1: 100, 64: 20},
@@ -124,8 +129,9 @@ DRY = Scale(
         "L": dict(embed_dim=32, depth=2, num_heads=4, **_TINY),
         "XL": dict(embed_dim=48, depth=2, num_heads=4, **_TINY),
         "XXL": dict(embed_dim=64, depth=3, num_heads=4, **_TINY),
+        "T2I-L": dict(embed_dim=32, depth=2, num_heads=4, **_TINY, **T2I, text_dim=16),
     },
-    img={256: 80, 512: 96},
+    img={256: 80, 512: 96, 1024: 128},
     batch={1: 1, 64: 3},
     warmup={1: 1, 64: 1},
     reps={1: 2, 64: 2},
@@ -273,13 +279,15 @@ def sampler(
     amp: torch.dtype | None = None,
     sampling: SamplingConfig = SAMPLING,
     images: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    text: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[Callable[[], torch.Tensor], str]:
     """One call decoding the batch in ``mode`` (and its images with ``images``), and a note; one
-    :class:`Decoder` serves every call (its plans and static KV cache are reused)."""
+    :class:`Decoder` serves every call (its plans and static KV cache are reused). ``text``:
+    caption features and mask of a text model, instead of ``labels``."""
     device = orders.device
     comp = scale.compile[mode] if mode.startswith("compiled") else False
     decoder = Decoder(model, sampling, greedy=greedy, compile=comp, autocast_dtype=amp)
-    if mode in ("eager", "compiled"):
+    if mode in ("eager", "compiled") and text is None:
 
         def run() -> torch.Tensor:
             tokens = decoder.sample(labels, orders, sizes)
@@ -293,13 +301,19 @@ def sampler(
     labels_in, orders_in = labels.clone(), orders.clone()
 
     def body() -> torch.Tensor:  # no input checks (as in Decoder.sample): they wait on the device
-        gen = decoder.decode(decoder.class_prefix(labels_in, B), orders_in, sizes)
+        if text is None:
+            prefix, mask = decoder.class_prefix(labels_in, B), None
+        else:
+            prefix, mask = decoder.text_prefix(*text)
+        gen = decoder.decode(prefix, orders_in, sizes, prefix_mask=mask)
         tokens = torch.empty_like(gen).scatter_(1, orders_in, gen)
         if images is None:
             return tokens
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             return images(tokens)
 
+    if mode in ("eager", "compiled"):
+        return body, ""
     if device.type != "cuda":
         return body, "not captured (no CUDA)"
     side = torch.cuda.Stream(device)
@@ -596,6 +610,12 @@ def decode_items(ctx: Context) -> list[Item]:
             sizes = group_sizes(scale.img[img], min(steps, N))
             labels, orders = make_inputs(B, N, model.class_num, device, ctx.args.seed)
             amp = torch.bfloat16 if dtype == "autocast" else None
+            text = None
+            if model.text is not None:  # a prompt of max_text_tokens rows of random features
+                c, g = model.config, torch.Generator().manual_seed(ctx.args.seed)
+                features = torch.randn(B, c.max_text_tokens, c.text_dim, generator=g)
+                mask = torch.ones(B, c.max_text_tokens, dtype=torch.bool, device=device)
+                text = (features.to(device), mask)
             rows = []
             for with_vq in (False, True) if vq else (False,):
                 images = None
@@ -611,7 +631,7 @@ def decode_items(ctx: Context) -> list[Item]:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     fn, note = sampler(
-                        model, labels, orders, sizes, mode, scale, amp=amp, images=images
+                        model, labels, orders, sizes, mode, scale, amp=amp, images=images, text=text
                     )
                     row = timing(fn, device, scale, batch)
                 fell_back = [
@@ -635,6 +655,8 @@ def decode_items(ctx: Context) -> list[Item]:
                 )
                 if with_vq:
                     row["vq_variant"] = variant
+                if text is not None:
+                    row.update(tokens=N, prompt_rows=text[1].shape[1])
                 rows.append(row)
             if (
                 agree
@@ -688,7 +710,7 @@ def decode_items(ctx: Context) -> list[Item]:
         )
         return Item(
             "decode",
-            f"{name}-{img} {steps} steps b{batch}",
+            f"{name}-{img} {steps} steps b{batch}" + (" 120-token prompt" if "T2I" in name else ""),
             fields,
             decode_row(name, img, steps, batch, mode, dtype, vq, agree),
             est,
@@ -711,6 +733,7 @@ def decode_items(ctx: Context) -> list[Item]:
     items += [item("L", 256, 20, b, m, vq=True, agree=b == 1) for b in (1, 64) for m in fast]
     items += [item("L", 256, 256, 1, m) for m in fast]
     items += [item("L", 256, 20, 1, "compiled_graph", vq=True, agree=True)]
+    items += [item("T2I-L", 1024, 64, 1, m, vq=True) for m in fast]  # 4,096 tokens, a prompt
     items += [
         item(n, i, s, b, "graph", vq=(n, i) == ("L", 512)) for n, i, s in others for b in (1, 64)
     ]

@@ -1,4 +1,5 @@
-"""Edit an image with an LPD model from the command line: inpainting, outpainting, class change.
+"""Edit an image with an LPD model from the command line: inpainting, outpainting, class change, or
+a caption (``--prompt``) for a text-to-image model.
 
     python -m lpd.edit --model lpd_l --img_size 256 --image in.png --region center --label 207 \\
         --steps 12 --num 4 --seed 0 --output edited.png
@@ -76,9 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument(
         "--region", help="box:x0,y0,x1,y1 | left | right | top | bottom | center | border:PX"
     )
-    p.add_argument(
+    cond = p.add_mutually_exclusive_group()
+    cond.add_argument(
         "--label", type=int, default=None, help="class of the edit (default: unconditional, cfg 1)"
     )
+    cond.add_argument("--prompt", default=None, help="caption of the edit (text-to-image models)")
     p.add_argument(
         "--steps", type=int, default=12, help="decoding steps for the regenerated tokens"
     )
@@ -136,6 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 load_mask(args.mask, None)
             except ValueError as e:
                 raise ConfigError(f"--mask {args.mask}: {e}") from None
+        from lpd.text.prompts import encode_ids
+        from lpd.text.sampling import model_text_encoder
+
         device = resolve_device(args.device)
         if not (args.pretrained_ckpt or args.model):
             raise ConfigError(
@@ -150,18 +156,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             checkpoint=args.pretrained_ckpt,
         )
         model = load_lpd(files["checkpoint"], model=args.model, img_size=args.img_size).to(device)
+        label = args.label
+        if (model.config.condition == "text") != (args.prompt is not None):
+            raise ConfigError(
+                "--prompt is for text-to-image models; this model takes --label"
+                if args.prompt is not None
+                else "the model is text-to-image: give --prompt TEXT"
+            )
+        if args.prompt is not None:
+            encoder = model_text_encoder(model, device)
+            label = encode_ids(encoder, *encoder.tokenize([args.prompt]))
         vq_path = files.get("VQ tokenizer", args.vqgan_path)
         tokenizer = make_tokenizer(args.tokenizer, vq_path, args.vq_config, args.seed, device)
         pipe = LPDPipeline(model, tokenizer, name=args.model)
         settings = {k: getattr(args, k) for k in SamplingConfig.__dataclass_fields__}
-        if args.label is None:
+        if label is None:
             settings["cfg"] = 1.0  # unconditional
         with command_line():
             mask = args.region if args.mask is None else args.mask
             out = pipe.inpaint(
                 args.image,
                 mask,
-                args.label,
+                label,
                 steps=args.steps,
                 num=args.num,
                 seed=args.seed,

@@ -124,6 +124,10 @@ def _prepare(
         raise ValueError(
             f"keep must be a bool mask of the tokens' shape {list(tokens.shape)}, got {keep.dtype} {list(keep.shape)}"
         )
+    if isinstance(labels, tuple):  # caption features [B, L, C] and mask [B, L] of a text model
+        if len(labels) != 2 or any(len(t) != len(tokens) for t in labels):
+            raise ValueError(f"a text condition is (features, mask) of {len(tokens)} captions")
+        return tokens.long(), keep, tuple(t.to(device) for t in labels)
     if labels is not None:
         labels = check_labels(labels, len(tokens), model.class_num, "labels (--label)")
         labels = torch.as_tensor(labels, device=device)
@@ -152,8 +156,9 @@ def edit_tokens(
     greedy: bool = False,
 ) -> torch.Tensor:
     """``[B, N]`` raster ``tokens`` with those not in ``keep [B, N]`` (True = known, kept
-    exactly) regenerated as ``labels`` (None: unconditional) in ``steps`` (scaled released table)
-    or ``group_sizes``, in ``sampling.order``; ``prefill``: :func:`prefill_layout`."""
+    exactly) regenerated as ``labels`` (None: unconditional; a text model: the caption
+    ``(features [B, L, C], mask [B, L])``) in ``steps`` (scaled released table) or
+    ``group_sizes``, in ``sampling.order``; ``prefill``: :func:`prefill_layout`."""
     sampling = sampling or SamplingConfig()
     tokens, keep, labels = _prepare(model, tokens, keep, labels)
     if labels is None and sampling.cfg != 1.0:
@@ -179,13 +184,25 @@ def edit_tokens(
             sizes = scaled_group_sizes(n, steps, model.config.img_size)
         orders = _orders(keep[rows], sizes, model.grid_size, sampling, seed + int(rows[0]))
         orders = torch.as_tensor(orders, device=tokens.device)
-        sub, lab = tokens[rows], None if labels is None else labels[rows]
+        sub = tokens[rows]
         known, known_sizes = _known(model, keep[rows], prefill, generator)  # they come first
         given = torch.gather(sub, 1, known) if known_sizes else None
-        prefix, full = decoder.class_prefix(lab, len(rows)), torch.cat([known, orders], 1)
-        gen = decoder.decode(prefix, full, known_sizes + sizes, known=given, generator=generator)
+        if isinstance(labels, tuple):
+            prefix, prefix_mask = decoder.text_prefix(*(t[rows] for t in labels))
+        else:
+            lab = None if labels is None else labels[rows]
+            prefix, prefix_mask = decoder.class_prefix(lab, len(rows)), None
+        full, options = torch.cat([known, orders], 1), dict(known=given, generator=generator)
+        gen = decoder.decode(prefix, full, known_sizes + sizes, prefix_mask=prefix_mask, **options)
         out[rows] = sub.scatter(1, orders, gen)
     return out
+
+
+def _repeat(label: Any, num: int) -> Any:
+    """``num`` copies of a class label or of a caption ``(features [1, L, C], mask [1, L])``."""
+    if isinstance(label, tuple):
+        return tuple(t.expand(num, *t.shape[1:]) for t in label)
+    return [label] * num
 
 
 def edit_images(
@@ -193,7 +210,7 @@ def edit_images(
     tokenizer: torch.nn.Module,
     image: Any,
     mask: Any,
-    label: int | None,
+    label: int | tuple | None,
     *,
     num: int = 1,
     steps: int = 12,
@@ -219,7 +236,7 @@ def edit_images(
         model,
         tokens.expand(num, -1),
         np.broadcast_to(keep, (num, keep.size)).copy(),
-        None if label is None else [label] * num,
+        None if label is None else _repeat(label, num),
         steps=steps,
         generator=torch.Generator().manual_seed(seed),
         **options,

@@ -84,7 +84,7 @@ class RunSpec:
         check_positive(self.eval_bsz, "--eval_bsz", EvaluationError)
         check_seed(self.seed)
         labels = self.labels
-        if labels is not None:
+        if labels is not None and not hasattr(labels, "settings"):  # prompts: checked when read
             labels = check_labels(labels, n, int(model.class_num), error=EvaluationError)
         sizes = validate_group_sizes(self.group_sizes, int(model.num_tokens))
         return dataclasses.replace(self, group_sizes=sizes, labels=labels)
@@ -188,7 +188,10 @@ def sample_batch(
     gens = [torch.Generator().manual_seed(image_seed(seed, int(i))) for i in indices]
     synchronize(device)
     t0 = time.perf_counter()
-    tokens = Decoder(model, sampling).sample(labels, orders, group_sizes, gens)
+    if hasattr(labels, "sample"):  # the prompts of a text model (lpd.text.prompts.PromptSet)
+        tokens = labels.sample(model, orders, group_sizes, sampling, gens)
+    else:
+        tokens = Decoder(model, sampling).sample(labels, orders, group_sizes, gens)
     synchronize(device)
     t1 = time.perf_counter()
     pixels = decode_tokens(tokenizer, tokens, sampling)  # copies to the host: synchronises
@@ -351,7 +354,11 @@ def run_settings(
         "group_sizes": [int(g) for g in spec.group_sizes],
         "seed": int(spec.seed),
         **sampling.to_dict(),
-        "labels": "rule" if labels is None else _sha256(np.asarray(labels, np.int64).tobytes()),
+        "labels": "rule"
+        if labels is None
+        else labels.settings()
+        if hasattr(labels, "settings")  # prompts
+        else _sha256(np.asarray(labels, np.int64).tobytes()),
     }
     if spec.order_file is not None:
         with open(spec.order_file, "rb") as f:

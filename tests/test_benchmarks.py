@@ -123,6 +123,13 @@ def test_gpu_check_dry_run_writes_table_json_and_plot(tmp_path):
             0 <= r["agreement_with"]["eager bf16"] <= 1
             and 0 <= r["agreement_with"]["eager fp32"] <= 1
         )
+    # text-to-image: LPD-L width, a 120-token prompt, 1024 px (4,096 tokens in 64 steps)
+    for mode in ("eager", "graph"):
+        for vq in (False, True):
+            (r,) = rows_where(rows, section="decode", model="T2I-L", img=1024, mode=mode, vq=vq)
+            assert r["status"] == "ok" and r["ms"] > 0 and r["steps"] == 64 and r["batch"] == 1
+            assert r["case"] == "T2I-L-1024 64 steps b1 120-token prompt"
+            assert r["prompt_rows"] == 120 and r["tokens"] == 64  # 4,096 on the GPU (1024 px)
     # train: SDPA steps are timed; flex has no backward on a CPU, which is an error row that says so
     for r in rows_where(rows, section="train", attn="sdpa"):
         assert r["status"] == "ok" and r["ms"] > 0 and r["eval_loss"] > 0
