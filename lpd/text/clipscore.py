@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lpd.checkpoint import atomic_write_bytes, state_dict_digest
+from lpd.files import atomic_write_bytes, state_dict_digest
 from lpd.images import image_path, read_image
 
 __all__ = ["CLIPScorer", "clip_score", "score_run"]
