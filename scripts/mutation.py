@@ -32,17 +32,35 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: The modules mutated and the test files that check each of them.
 MODULE_TESTS = {
-    "lpd/sampling.py": ["tests/test_sampling.py", "tests/test_speed_paths.py"],
-    "lpd/editing.py": ["tests/test_editing.py"],
-    "lpd/train.py": ["tests/test_train.py", "tests/test_fsdp.py"],
+    "lpd/sampling.py": [
+        "tests/test_sampling.py",
+        "tests/test_speed_paths.py",
+        "tests/test_claims_sampling.py",
+    ],
+    "lpd/editing.py": ["tests/test_editing.py", "tests/test_claims_editing.py"],
+    "lpd/train.py": ["tests/test_train.py", "tests/test_fsdp.py", "tests/test_claims_training.py"],
     "lpd/evaluate.py": [
         "tests/test_evaluate.py",
         "tests/test_main_eval.py",
         "tests/test_pipeline.py",
+        "tests/test_claims_sampling.py",
     ],
-    "lpd/metrics.py": ["tests/test_metrics.py", "tests/test_evaluate.py"],
-    "lpd/pipeline.py": ["tests/test_pipeline.py"],
-    "main_train.py": ["tests/test_train.py", "tests/test_fsdp.py"],
+    "lpd/metrics.py": [
+        "tests/test_metrics.py",
+        "tests/test_evaluate.py",
+        "tests/test_claims_training.py",
+    ],
+    "lpd/pipeline.py": [
+        "tests/test_pipeline.py",
+        "tests/test_claims_sampling.py",
+        "tests/test_claims_editing.py",
+    ],
+    "main_train.py": [
+        "tests/test_train.py",
+        "tests/test_fsdp.py",
+        "tests/test_claims_training.py",
+        "tests/test_claims_commands.py",
+    ],
 }
 CONTEXT_ENV = (
     "LPD_MUTATION_TEST"  # the running test's node id, the coverage context of its subprocesses
