@@ -427,3 +427,10 @@ def test_the_command_line_never_writes_over_an_input_or_a_file_it_did_not_write(
         == 0
     )
     assert (tmp_path / "x.png").read_bytes() == original
+
+
+def test_every_public_name_is_defined():
+    """``from lpd.editing import *`` imports every name of ``__all__``."""
+    import lpd.editing
+
+    assert all(hasattr(lpd.editing, name) for name in lpd.editing.__all__)

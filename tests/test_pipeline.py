@@ -491,3 +491,10 @@ def test_python_m_lpd_pipeline_runs_the_command_line(tmp_path):
         and proc.stderr.startswith("error:")
         and "mit-han-lab/lpd_l_256" in proc.stderr
     )
+
+
+def test_every_public_name_is_defined():
+    """``from lpd.pipeline import *`` imports every name of ``__all__``."""
+    import lpd.pipeline
+
+    assert all(hasattr(lpd.pipeline, name) for name in lpd.pipeline.__all__)
