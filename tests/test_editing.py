@@ -182,6 +182,18 @@ def test_pixels_in_pixels_out_with_a_vq(model, tmp_path):
         model, vq, out["source"], str(tmp_path / "mask.png"), 2, num=2, steps=2, seed=0, cfg=2.0
     )
     assert np.array_equal(by_file["edits"], out["edits"])
+    grey, src = out["masked"].astype(int), out["source"].astype(int)  # greyed inside the mask only
+    assert np.array_equal(grey[:, 32:], src[:, 32:]) and grey[:, :32].min() >= 90
+    assert (
+        grey[:, :32].max() <= 90 + 0.3 * 255
+        and np.corrcoef(grey[:, :32].ravel(), src[:, :32].ravel())[0, 1] > 0.99
+    )
+
+    class Bare:  # a tokenizer that does not name its patch: 16 px per token, as the VQ
+        encode, decode = vq.encode, vq.decode
+
+    bare = edit_images(model, Bare(), out["source"], "left", 2, num=2, steps=2, seed=0, cfg=2.0)
+    assert np.array_equal(bare["edits"], out["edits"])
     # no label: unconditional edit_tokens of the source's tokens, decoded
     uncond = edit_images(model, vq, out["source"], "left", None, num=2, steps=2, seed=0)
     with torch.no_grad():
