@@ -349,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{time.monotonic() - t1:.0f} s)",
                 flush=True,
             )
+            save(args.json, args, results)
     print("\nmodule              sampled  killed  timeout  survived  error  score")
     for m in modules:
         c = Counter(
@@ -366,12 +367,17 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         if r["verdict"] != "killed" and r["verdict"] != "timeout":
             print(f"\n{r['id']} ({r['verdict']}, {r['tests']} tests)\n{r['diff']}", end="")
-    if args.json:
-        with open(args.json, "w") as f:
+    return 0
+
+
+def save(path: str | None, args: argparse.Namespace, results: list[dict]) -> None:
+    """The results so far (after every mutant: a stopped run keeps them)."""
+    if path:
+        with open(path + ".tmp", "w") as f:
             json.dump(
                 dict(seed=args.seed, per_module=args.per_module, results=results), f, indent=1
             )
-    return 0
+        os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":
