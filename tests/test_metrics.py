@@ -451,7 +451,7 @@ def test_real_inception_with_random_weights(tmp_path, monkeypatch, no_download):
     from torch_fidelity.metric_isc import isc_features_to_metric
 
     images = _images(4, size=32)
-    ex = M.inception_extractor(weights, "cpu")
+    ex = M.inception_extractor(weights)  # the CPU by default
     stats = M.compute_statistics(images, ex, batch_size=2, progress=False)
     assert stats.mu.shape == (2048,) and stats.sigma.shape == (2048, 2048)
     assert stats.logits.shape == (4, 1008)
