@@ -116,6 +116,12 @@ def test_frechet_distance_singular_covariances():
     assert np.isfinite(fid) and fid > 0
     zero = np.zeros((40, 40))
     assert M.frechet_distance(mu, zero, mu + 1.0, zero) == pytest.approx(40.0, abs=1e-3)
+    # a product with a zero Jordan block has no square root: the small regularisation gives the
+    # closed form |dmu|^2 + tr s1 + tr s2 - 2 sum sqrt(eig(s1 s2)) = 3 + 13 + 9 - 2 * 3
+    a, b = np.array([[2.0, -2], [2, 0], [0, -1]]), np.array([[-1.0, -1], [1, 1], [-1, 2]])
+    s1, s2 = a @ a.T, b @ b.T
+    assert np.sort(np.linalg.eigvals(s1 @ s2).real) == pytest.approx([0, 0, 9], abs=1e-9)
+    assert M.frechet_distance(np.zeros(3), s1, np.ones(3), s2) == pytest.approx(19.0, abs=0.02)
 
 
 def test_frechet_distance_rejects_bad_shapes():
