@@ -31,6 +31,7 @@ from lpd.train import (
     NonFiniteLossError,
     TrainConfig,
     build_model,
+    iteration_generator,
     lr_at,
     parse_schedule_list,
     train,
@@ -1280,3 +1281,17 @@ def test_wandb_gets_the_project_run_name_flags_and_every_logged_step(
     logged = [(c[1], c[2]) for c in calls if c[0] == "log"]
     assert logged == [(r["global_step"], r["loss"]) for r in lines] and len(logged) == 2
     assert calls[-1] == ("finish",)
+
+
+def test_each_seed_purpose_epoch_step_and_rank_has_its_own_reproducible_stream():
+    keys = [
+        (s, p, e, t, r)
+        for s in (0, 1)
+        for p in (0, 1)
+        for e in (0, 1)
+        for t in (0, 1)
+        for r in (0, 1)
+    ]
+    draw = lambda k: tuple(torch.randint(2**31, (4,), generator=iteration_generator(*k)).tolist())  # noqa: E731
+    draws = [draw(k) for k in keys]
+    assert len(set(draws)) == len(keys) and draws == [draw(k) for k in keys]
