@@ -613,6 +613,9 @@ def test_cli_stats_of_an_image_folder_as_main_cache_reads_it(tmp_path, capsys, t
     mu, sigma = M.load_statistics(out)
     np.testing.assert_allclose(mu, want.mu, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(sigma, want.sigma, rtol=1e-6, atol=1e-9)
+    ref, kw = (mu, sigma), dict(batch_size=2, progress=False)  # the fid path crops the same way
+    got = M.compute_metrics(str(tmp_path / "data"), ref, TinyExtractor(), img_size=16, **kw)
+    assert got == pytest.approx(M.compute_metrics(np.stack(crops), ref, TinyExtractor(), **kw))
     (tmp_path / "empty" / "a").mkdir(parents=True)
     _refused(
         capsys,
