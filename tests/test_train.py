@@ -495,13 +495,17 @@ def test_schedule_lists(tmp_path):
 def test_pretrained_256_to_512_interpolates_pos_embed(tmp_path):
     src = build_model(tiny_config(tmp_path, img_size=64, seed=1))
     save_checkpoint({"model": src.state_dict()}, tmp_path / "src.pth")
-    dst = build_model(
-        tiny_config(tmp_path, img_size=128, pretrained_ckpt=str(tmp_path / "src.pth"))
-    )
-    assert dst.pos_embed.shape == (1, 65, 64)
+    logs: list[str] = []
+    cfg = tiny_config(tmp_path, img_size=128, pretrained_ckpt=str(tmp_path / "src.pth"))
+    dst = build_model(cfg, log=logs.append)
+    assert dst.pos_embed.shape == (1, 65, 64) and "from 16 to 64 positions" in " ".join(logs)
     assert torch.equal(dst.pos_embed, interpolate_pos_embed(src.pos_embed.detach(), 64))
     assert torch.equal(dst.pos_embed[0, 0], src.pos_embed[0, 0])
     assert torch.equal(dst.token_emb.weight, src.token_emb.weight)
+    bad = {**src.state_dict(), "token_emb.weight": src.token_emb.weight.detach() * math.nan}
+    save_checkpoint({"model": bad}, tmp_path / "nan.pth")
+    with pytest.raises(CheckpointError, match=r"--pretrained_ckpt .*nan\.pth.*token_emb\.weight"):
+        build_model(tiny_config(tmp_path, pretrained_ckpt=str(tmp_path / "nan.pth")))
 
 
 # ---------------------------------------------------------------------------------------------- in-process runs
