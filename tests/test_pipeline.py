@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from lpd.checkpoint import CheckpointError
 from lpd.evaluate import generate_images
 from lpd.models import LPD, LPDConfig, build_lpd
 from lpd.pipeline import PAPER_SETTINGS, LPDPipeline, main, paper_settings
@@ -243,6 +244,9 @@ def test_the_demo_model_samples_digits_with_its_own_size_classes_and_tokenizer(t
     pipe = LPDPipeline.from_pretrained(checkpoint=ckpt, device="cpu")
     assert isinstance(pipe.tokenizer, PaletteTokenizer) and pipe.tokenizer.levels == 4
     assert (pipe.img_size, pipe.model.config.class_num, pipe.cfg) == (256, 10, 4.0)
+    with pytest.raises(CheckpointError, match="use img_size=") as e:  # Python names, not flags
+        LPDPipeline.from_pretrained(checkpoint=ckpt, img_size=128, device="cpu")
+    assert "--img_size" not in str(e.value)
     images = pipe(list(range(10)), steps=8)
     assert set(np.unique(images)) <= {0, 85, 170, 255}  # the 4 greys of the palette
     with Image.open(out) as grid:
