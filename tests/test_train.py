@@ -1255,38 +1255,6 @@ def test_a_rendezvous_that_never_completes_ends_with_a_message(tmp_path):
         ) in proc.stderr, proc.stderr
 
 
-@pytest.mark.parametrize("run_name", [None, "lpd-l-256"])
-def test_wandb_gets_the_project_run_name_flags_and_every_logged_step(
-    tmp_path, one_thread, monkeypatch, run_name
-):
-    """``--wandb``: one run (named by --run_name, else by wandb), the flags, each log line, closed."""
-    calls = []
-
-    class Run:
-        def log(self, values, step):
-            calls.append(("log", step, values["loss"]))
-
-        def finish(self):
-            calls.append(("finish",))
-
-    def init(**kw):
-        calls.append(("init", kw))
-        return Run()
-
-    monkeypatch.setitem(sys.modules, "wandb", type(sys)("wandb"))
-    sys.modules["wandb"].init = init
-    named = {"run_name": run_name} if run_name else {}  # the default: wandb names the run
-    cfg = tiny_config(tmp_path, epochs=1, wandb=True, log_freq=1, **named)
-    train(cfg, dataset=Tokens(8, 16), log=lambda m: None)
-    kw = calls[0][1]
-    assert calls[0][0] == "init" and kw["name"] == run_name and kw["project"] == "lpd"
-    assert kw["config"] == cfg.to_dict() and kw["dir"] == cfg.output_dir
-    lines = [json.loads(s) for s in open(os.path.join(cfg.output_dir, "log.txt"))]
-    logged = [(c[1], c[2]) for c in calls if c[0] == "log"]
-    assert logged == [(r["global_step"], r["loss"]) for r in lines] and len(logged) == 2
-    assert calls[-1] == ("finish",)
-
-
 def test_each_seed_purpose_epoch_step_and_rank_has_its_own_reproducible_stream():
     keys = [
         (s, p, e, t, r)
