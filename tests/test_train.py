@@ -383,7 +383,11 @@ def test_released_only_flags_are_mapped_or_refused(capsys):
     assert main_train.parse_config([]).eval_freq == 0
     main_train.parse_config(["--resume_epoch", "7"])
     assert "--resume_epoch is ignored" in capsys.readouterr().err
-    for argv, msg in ((["--evaluate"], "main_eval.py"), (["--vqgan_stride", "8"], "only the 16x")):
+    for argv, msg in (
+        (["--evaluate"], "main_eval.py"),
+        (["--vqgan_stride", "8"], "only the 16x"),
+        (["--pin_mem", "maybe"], "--pin_mem: expected true/false, got 'maybe'"),
+    ):
         with pytest.raises(SystemExit) as e:
             main_train.parse_config(argv)
         assert e.value.code == 2 and msg in capsys.readouterr().err
