@@ -1271,3 +1271,11 @@ def test_each_seed_purpose_epoch_step_and_rank_has_its_own_reproducible_stream()
     draw = lambda k: tuple(torch.randint(2**31, (4,), generator=iteration_generator(*k)).tolist())  # noqa: E731
     draws = [draw(k) for k in keys]
     assert len(set(draws)) == len(keys) and draws == [draw(k) for k in keys]
+
+
+def test_dropout_is_seeded_anew_at_every_step(tmp_path, one_thread, monkeypatch):
+    seeds, seed = [], torch.manual_seed
+    monkeypatch.setattr(torch, "manual_seed", lambda s: seeds.append(s) or seed(s))
+    cfg = tiny_config(tmp_path, epochs=2, attn_dropout=0.1, proj_dropout=0.1)
+    train(cfg, dataset=Tokens(8, 16), log=lambda m: None)
+    assert len(seeds) >= 4 and len(set(seeds)) == len(seeds)  # 2 epochs of 2 steps
