@@ -381,6 +381,7 @@ def test_released_only_flags_are_mapped_or_refused(capsys):
     )
     assert main_train.parse_config(["--online_eval"]).eval_freq == main_train.ONLINE_EVAL_FREQ == 50
     assert main_train.parse_config([]).eval_freq == 0
+    assert main_train.parse_config(["--tokenizer", "palette"]).tokenizer == "palette"
     main_train.parse_config(["--resume_epoch", "7"])
     assert "--resume_epoch is ignored" in capsys.readouterr().err
     for argv, msg in (
