@@ -1280,3 +1280,21 @@ def test_dropout_is_seeded_anew_at_every_step(tmp_path, one_thread, monkeypatch)
     cfg = tiny_config(tmp_path, epochs=2, attn_dropout=0.1, proj_dropout=0.1)
     train(cfg, dataset=Tokens(8, 16), log=lambda m: None)
     assert len(seeds) >= 4 and len(set(seeds)) == len(seeds)  # 2 epochs of 2 steps
+
+
+def test_a_process_whose_peer_ended_exits_1_naming_the_cause(tmp_path, monkeypatch, capsys):
+    cause = "[gloo/transport/tcp/pair.cc:598] Connection closed by peer [127.0.0.1]:29500"
+
+    def lost(config, info):
+        raise RuntimeError(cause)
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(main_train, "init_distributed", lambda device: None)
+    monkeypatch.setattr(main_train, "cleanup", lambda: None)
+    monkeypatch.setattr(main_train, "train", lost)
+    argv = ["--config", TINY, "--use_cached", "--cached_path", str(tmp_path), "--device", "cpu"]
+    assert main_train.main([*argv, "--output_dir", str(tmp_path / "out")]) == 1
+    assert (
+        f"process 1 stopped: another process of the run ended ({cause})" in capsys.readouterr().err
+    )
