@@ -139,7 +139,9 @@ class SpeedMeter:
             return dict(zip(("images_per_s", "s_per_image", "s_per_batch"), per))
 
         def total(col: int) -> float | None:
-            rates = [sum(b[0] for b in r) / sum(b[col] for b in r) for r in per_rank if r]
+            rates = [
+                sum(b[0] for b in r) / t for r in per_rank if (t := sum(b[col] for b in r)) > 0
+            ]
             return float(sum(rates)) if rates and len(rates) == len(per_rank) else None
 
         return {

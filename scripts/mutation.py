@@ -2,6 +2,7 @@
 
     python scripts/mutation.py [--per_module 25] [--seed 0] [--modules lpd/train.py,...] [--json out.json]
     python scripts/mutation.py --only lpd/train.py:412,main_train.py:77   # rerun given mutants
+    python scripts/mutation.py --only lpd/train.py:412 --tests tests/test_train.py::test_x  # against these
 
 Mutants are mutmut's (its operators on the files, configured in pyproject.toml [tool.mutmut]),
 less string literals holding whitespace (messages, help text) and dropped ``help=`` arguments. A
@@ -32,17 +33,35 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: The modules mutated and the test files that check each of them.
 MODULE_TESTS = {
-    "lpd/sampling.py": ["tests/test_sampling.py", "tests/test_speed_paths.py"],
-    "lpd/editing.py": ["tests/test_editing.py"],
-    "lpd/train.py": ["tests/test_train.py", "tests/test_fsdp.py"],
+    "lpd/sampling.py": [
+        "tests/test_sampling.py",
+        "tests/test_speed_paths.py",
+        "tests/test_claims_sampling.py",
+    ],
+    "lpd/editing.py": ["tests/test_editing.py", "tests/test_claims_editing.py"],
+    "lpd/train.py": ["tests/test_train.py", "tests/test_fsdp.py", "tests/test_claims_training.py"],
     "lpd/evaluate.py": [
         "tests/test_evaluate.py",
         "tests/test_main_eval.py",
         "tests/test_pipeline.py",
+        "tests/test_claims_sampling.py",
     ],
-    "lpd/metrics.py": ["tests/test_metrics.py", "tests/test_evaluate.py"],
-    "lpd/pipeline.py": ["tests/test_pipeline.py"],
-    "main_train.py": ["tests/test_train.py", "tests/test_fsdp.py"],
+    "lpd/metrics.py": [
+        "tests/test_metrics.py",
+        "tests/test_evaluate.py",
+        "tests/test_claims_training.py",
+    ],
+    "lpd/pipeline.py": [
+        "tests/test_pipeline.py",
+        "tests/test_claims_sampling.py",
+        "tests/test_claims_editing.py",
+    ],
+    "main_train.py": [
+        "tests/test_train.py",
+        "tests/test_fsdp.py",
+        "tests/test_claims_training.py",
+        "tests/test_claims_commands.py",
+    ],
 }
 CONTEXT_ENV = (
     "LPD_MUTATION_TEST"  # the running test's node id, the coverage context of its subprocesses
@@ -250,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="reuse the coverage pass saved here (delete it when tests change)",
     )
+    p.add_argument(
+        "--tests",
+        default=None,
+        help="comma list of test node ids run against every mutant instead (no coverage pass)",
+    )
     args = p.parse_args(argv)
     signal.signal(
         signal.SIGTERM, lambda *a: sys.exit(143)
@@ -276,7 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lpd-mutation-") as tree:
         copy_tree(tree)
         t0 = time.monotonic()
-        if args.coverage_cache and os.path.exists(args.coverage_cache):
+        if args.tests:
+            given = [t.strip() for t in args.tests.split(",") if t.strip()]
+            covered, times = {m: {} for m in MODULE_TESTS}, {t: 60.0 for t in given}  # unmeasured
+        elif args.coverage_cache and os.path.exists(args.coverage_cache):
             covered, times = json.load(open(args.coverage_cache))
             covered = {m: {int(ln): t for ln, t in lines.items()} for m, lines in covered.items()}
         else:
@@ -287,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"coverage: {len(times)} test functions, {time.monotonic() - t0:.0f} s", flush=True)
         for n, (m, index, render, (first, last)) in enumerate(chosen):
             original, source = open(os.path.join(ROOT, m)).read(), render()
-            mine = {t for t in times if t.split("::")[0] in MODULE_TESTS[m]}
+            mine = {t for t in times if args.tests or t.split("::")[0] in MODULE_TESTS[m]}
             tests = {t for ln in range(first, last + 1) for t in covered[m].get(ln, [])}
             tests = sorted(
                 mine if "" in tests or not tests & mine else tests & mine, key=lambda t: times[t]
@@ -322,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{time.monotonic() - t1:.0f} s)",
                 flush=True,
             )
+            save(args.json, args, results)
     print("\nmodule              sampled  killed  timeout  survived  error  score")
     for m in modules:
         c = Counter(
@@ -339,12 +367,17 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         if r["verdict"] != "killed" and r["verdict"] != "timeout":
             print(f"\n{r['id']} ({r['verdict']}, {r['tests']} tests)\n{r['diff']}", end="")
-    if args.json:
-        with open(args.json, "w") as f:
+    return 0
+
+
+def save(path: str | None, args: argparse.Namespace, results: list[dict]) -> None:
+    """The results so far (after every mutant: a stopped run keeps them)."""
+    if path:
+        with open(path + ".tmp", "w") as f:
             json.dump(
                 dict(seed=args.seed, per_module=args.per_module, results=results), f, indent=1
             )
-    return 0
+        os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

@@ -501,11 +501,12 @@ def test_logs_go_to_log_txt_tensorboard_and_wandb(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed
     said: list[str] = []
     train(
-        config(tmp_path / "b", epochs=1, batch_size=2, lr=1e-3),
+        config(tmp_path / "b", epochs=1, batch_size=2, lr=1e-3, wandb=True),
         dataset=Marked(4, 16),
         log=said.append,
     )
     assert any("pip install tensorboard" in m for m in said)
+    assert ("wandb", "lpd", None) in calls  # no --run_name: wandb names the run
 
 
 def test_an_fsdp_checkpoint_resumes_on_another_world_size(tmp_path):

@@ -206,6 +206,18 @@ def test_pixels_in_pixels_out_with_a_vq(model, tmp_path):
         sampling=SamplingConfig(cfg=2.0),
     )
     assert np.array_equal(by_file["edits"], out["edits"])
+    grey, src = out["masked"].astype(int), out["source"].astype(int)  # greyed inside the mask only
+    assert np.array_equal(grey[:, 32:], src[:, 32:]) and grey[:, :32].min() >= 90
+    assert (
+        grey[:, :32].max() <= 90 + 0.3 * 255
+        and np.corrcoef(grey[:, :32].ravel(), src[:, :32].ravel())[0, 1] > 0.99
+    )
+
+    class Bare:  # a tokenizer that does not name its patch: 16 px per token, as the VQ
+        encode, decode = vq.encode, vq.decode
+
+    bare = edit_images(model, Bare(), out["source"], "left", 2, num=2, steps=2, seed=0, cfg=2.0)
+    assert np.array_equal(bare["edits"], out["edits"])
     # no label: unconditional edit_tokens of the source's tokens, decoded
     uncond = edit_images(model, vq, out["source"], "left", None, num=2, steps=2, seed=0)
     with torch.no_grad():
@@ -451,3 +463,10 @@ def test_the_command_line_never_writes_over_an_input_or_a_file_it_did_not_write(
         == 0
     )
     assert (tmp_path / "x.png").read_bytes() == original
+
+
+def test_every_public_name_is_defined():
+    """``from lpd.editing import *`` imports every name of ``__all__``."""
+    import lpd.editing
+
+    assert all(hasattr(lpd.editing, name) for name in lpd.editing.__all__)

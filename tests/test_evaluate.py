@@ -280,6 +280,12 @@ def test_speed_meter_drops_the_warm_up_batch():
         "s_per_image"
     ] == pytest.approx(0.6)
     assert E.SpeedMeter().summary()["tokens"]["images_per_s"] is None
+    m = E.SpeedMeter()
+    m.add(1, 1.0, 1.0)
+    m.add(2, 0.0, 0.0)  # a clock too coarse for the batch: no rate rather than a division by 0
+    s = m.summary()
+    assert s["tokens"] == dict.fromkeys(("images_per_s", "s_per_image", "s_per_batch"))
+    assert s["total_images_per_s"] == {"tokens": None, "tokens_and_decode": None}
 
 
 # ------------------------------------------------------------------------------ files and run folders

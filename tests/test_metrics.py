@@ -116,6 +116,12 @@ def test_frechet_distance_singular_covariances():
     assert np.isfinite(fid) and fid > 0
     zero = np.zeros((40, 40))
     assert M.frechet_distance(mu, zero, mu + 1.0, zero) == pytest.approx(40.0, abs=1e-3)
+    # a product with a zero Jordan block has no square root: the small regularisation gives the
+    # closed form |dmu|^2 + tr s1 + tr s2 - 2 sum sqrt(eig(s1 s2)) = 3 + 13 + 9 - 2 * 3
+    a, b = np.array([[2.0, -2], [2, 0], [0, -1]]), np.array([[-1.0, -1], [1, 1], [-1, 2]])
+    s1, s2 = a @ a.T, b @ b.T
+    assert np.sort(np.linalg.eigvals(s1 @ s2).real) == pytest.approx([0, 0, 9], abs=1e-9)
+    assert M.frechet_distance(np.zeros(3), s1, np.ones(3), s2) == pytest.approx(19.0, abs=0.02)
 
 
 def test_frechet_distance_rejects_bad_shapes():
@@ -451,7 +457,7 @@ def test_real_inception_with_random_weights(tmp_path, monkeypatch, no_download):
     from torch_fidelity.metric_isc import isc_features_to_metric
 
     images = _images(4, size=32)
-    ex = M.inception_extractor(weights, "cpu")
+    ex = M.inception_extractor(weights)  # the CPU by default
     stats = M.compute_statistics(images, ex, batch_size=2, progress=False)
     assert stats.mu.shape == (2048,) and stats.sigma.shape == (2048, 2048)
     assert stats.logits.shape == (4, 1008)
@@ -607,6 +613,9 @@ def test_cli_stats_of_an_image_folder_as_main_cache_reads_it(tmp_path, capsys, t
     mu, sigma = M.load_statistics(out)
     np.testing.assert_allclose(mu, want.mu, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(sigma, want.sigma, rtol=1e-6, atol=1e-9)
+    ref, kw = (mu, sigma), dict(batch_size=2, progress=False)  # the fid path crops the same way
+    got = M.compute_metrics(str(tmp_path / "data"), ref, TinyExtractor(), img_size=16, **kw)
+    assert got == pytest.approx(M.compute_metrics(np.stack(crops), ref, TinyExtractor(), **kw))
     (tmp_path / "empty" / "a").mkdir(parents=True)
     _refused(
         capsys,

@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from lpd.evaluate import RunSpec, generate_images
+from lpd.files import CheckpointError
 from lpd.models import LPD, LPDConfig, build_lpd
 from lpd.pipeline import PAPER_SETTINGS, LPDPipeline, main, paper_settings
 from lpd.sampling import SamplingConfig
@@ -239,6 +240,9 @@ def test_the_demo_model_samples_digits_with_its_own_size_classes_and_tokenizer(t
     pipe = LPDPipeline.from_pretrained(ckpt, device="cpu")  # a path as the first argument
     assert isinstance(pipe.tokenizer, PaletteTokenizer) and pipe.tokenizer.levels == 4
     assert (pipe.img_size, pipe.model.config.class_num, pipe.cfg) == (256, 10, 4.0)
+    with pytest.raises(CheckpointError, match="use img_size=") as e:  # Python names, not flags
+        LPDPipeline.from_pretrained(checkpoint=ckpt, img_size=128, device="cpu")
+    assert "--img_size" not in str(e.value)
     images = pipe(list(range(10)), steps=8)
     assert set(np.unique(images)) <= {0, 85, 170, 255}  # the 4 greys of the palette
     by_keyword = LPDPipeline.from_pretrained(checkpoint=ckpt, device="cpu")
@@ -490,3 +494,10 @@ def test_python_m_lpd_pipeline_runs_the_command_line(tmp_path):
         and proc.stderr.startswith("error:")
         and "mit-han-lab/lpd_l_256" in proc.stderr
     )
+
+
+def test_every_public_name_is_defined():
+    """``from lpd.pipeline import *`` imports every name of ``__all__``."""
+    import lpd.pipeline
+
+    assert all(hasattr(lpd.pipeline, name) for name in lpd.pipeline.__all__)

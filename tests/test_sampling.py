@@ -318,3 +318,11 @@ def test_a_target_at_the_total_mass_takes_the_last_token_with_probability():
     ]  # top-2: the last kept token
     assert filter_and_sample(logits, u, 1.0, 0, 1.0).tolist() == [3, 3]
     assert filter_and_sample(logits, u, 1.0, 0, 0.5).tolist() == [3, 1]  # top-p keeps [3] and [1]
+
+
+def test_a_zero_target_never_takes_a_token_without_probability():
+    """torch.rand can draw 0: the first token whose cumulative mass exceeds it, not one cut away."""
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0], [3.0, 2.0, 1.0, 0.0]])
+    u = torch.zeros(2)
+    assert filter_and_sample(logits, u, 1.0, 2, 1.0).tolist() == [2, 0]  # top-2 cuts 0, 1 / 2, 3
+    assert filter_and_sample(logits, u, 1.0, 0, 0.5).tolist() == [3, 0]  # the most likely token

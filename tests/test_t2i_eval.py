@@ -403,11 +403,11 @@ def test_prompt_tokens_depend_on_seed_index_and_prompt_only(tmp_path):
     """lpd.evaluate with a PromptSet: the same tokens for any batch size and from two shards into
     one run folder; image i takes prompt i mod P (cycling = the prompts written out)."""
     from lpd import evaluate as E
-    from lpd.demo.palette import PaletteTokenizer
     from lpd.models import build_lpd
     from lpd.sampling import SamplingConfig
     from lpd.text.encoders import WordLlamaEncoder
     from lpd.text.prompts import PromptSet
+    from lpd.tokenizer import PaletteTokenizer
 
     torch.manual_seed(2)
     model = build_lpd(img_size=64, vocab_size=256, text_dim=256, max_text_tokens=16, **TEXT)
@@ -415,33 +415,24 @@ def test_prompt_tokens_depend_on_seed_index_and_prompt_only(tmp_path):
     texts, encoder = ["a red 7", "seven in the top left corner, bold", "x"], WordLlamaEncoder()
     prompts = PromptSet(texts, "0" * 64, "p.txt", encoder)
     sampling, sizes, seed = SamplingConfig(cfg=3.0), [1, 3, 4, 8], 1
-    ref = E.generate_images(model.eval(), palette, 7, sizes, sampling, labels=prompts, seed=seed)
+
+    def spec(labels, eval_bsz=64):
+        return E.RunSpec(7, sizes, labels=labels, seed=seed, eval_bsz=eval_bsz)
+
+    ref = E.generate_images(model.eval(), palette, spec(prompts), sampling)
     for bsz in (1, 3):
-        run = dict(labels=prompts, seed=seed, eval_bsz=bsz)
-        assert np.array_equal(
-            E.generate_images(model, palette, 7, sizes, sampling, **run).tokens, ref.tokens
-        )
+        got = E.generate_images(model, palette, spec(prompts, bsz), sampling)
+        assert np.array_equal(got.tokens, ref.tokens)
     written = PromptSet([texts[i % 3] for i in range(7)], "1" * 64, "q.txt", encoder)
-    got = E.generate_images(model, palette, 7, sizes, sampling, labels=written, seed=seed)
+    got = E.generate_images(model, palette, spec(written), sampling)
     assert np.array_equal(got.tokens, ref.tokens)
     other = PromptSet(["a blue 2 on the right"], "2" * 64, "r.txt", encoder)
-    got = E.generate_images(model, palette, 7, sizes, sampling, labels=other, seed=seed)
+    got = E.generate_images(model, palette, spec(other), sampling)
     assert not np.array_equal(got.tokens, ref.tokens)
     run = tmp_path / "run"
-    E.prepare_run_dir(
-        run, E.run_settings(model, palette, 7, sizes, sampling, seed, labels=prompts), 16
-    )
+    E.prepare_run_dir(run, E.run_settings(model, palette, spec(prompts), sampling), 16)
     for rank in (1, 0):
         E.generate_images(
-            model,
-            palette,
-            7,
-            sizes,
-            sampling,
-            labels=prompts,
-            seed=seed,
-            eval_bsz=2,
-            output_dir=run,
-            shard=(rank, 2),
+            model, palette, spec(prompts, 2), sampling, output_dir=run, shard=(rank, 2)
         )
     assert np.array_equal(np.load(run / "tokens.npy"), ref.tokens)

@@ -31,6 +31,7 @@ from lpd.train import (
     NonFiniteLossError,
     TrainConfig,
     build_model,
+    iteration_generator,
     lr_at,
     parse_schedule_list,
     train,
@@ -380,9 +381,14 @@ def test_released_only_flags_are_mapped_or_refused(capsys):
     )
     assert main_train.parse_config(["--online_eval"]).eval_freq == main_train.ONLINE_EVAL_FREQ == 50
     assert main_train.parse_config([]).eval_freq == 0
+    assert main_train.parse_config(["--tokenizer", "palette"]).tokenizer == "palette"
     main_train.parse_config(["--resume_epoch", "7"])
     assert "--resume_epoch is ignored" in capsys.readouterr().err
-    for argv, msg in ((["--evaluate"], "main_eval.py"), (["--vqgan_stride", "8"], "only the 16x")):
+    for argv, msg in (
+        (["--evaluate"], "main_eval.py"),
+        (["--vqgan_stride", "8"], "only the 16x"),
+        (["--pin_mem", "maybe"], "--pin_mem: expected true/false, got 'maybe'"),
+    ):
         with pytest.raises(SystemExit) as e:
             main_train.parse_config(argv)
         assert e.value.code == 2 and msg in capsys.readouterr().err
@@ -494,13 +500,17 @@ def test_schedule_lists(tmp_path):
 def test_pretrained_256_to_512_interpolates_pos_embed(tmp_path):
     src = build_model(tiny_config(tmp_path, img_size=64, seed=1))
     save_checkpoint({"model": src.state_dict()}, tmp_path / "src.pth")
-    dst = build_model(
-        tiny_config(tmp_path, img_size=128, pretrained_ckpt=str(tmp_path / "src.pth"))
-    )
-    assert dst.pos_embed.shape == (1, 65, 64)
+    logs: list[str] = []
+    cfg = tiny_config(tmp_path, img_size=128, pretrained_ckpt=str(tmp_path / "src.pth"))
+    dst = build_model(cfg, log=logs.append)
+    assert dst.pos_embed.shape == (1, 65, 64) and "from 16 to 64 positions" in " ".join(logs)
     assert torch.equal(dst.pos_embed, interpolate_pos_embed(src.pos_embed.detach(), 64))
     assert torch.equal(dst.pos_embed[0, 0], src.pos_embed[0, 0])
     assert torch.equal(dst.token_emb.weight, src.token_emb.weight)
+    bad = {**src.state_dict(), "token_emb.weight": src.token_emb.weight.detach() * math.nan}
+    save_checkpoint({"model": bad}, tmp_path / "nan.pth")
+    with pytest.raises(CheckpointError, match=r"--pretrained_ckpt .*nan\.pth.*token_emb\.weight"):
+        build_model(tiny_config(tmp_path, pretrained_ckpt=str(tmp_path / "nan.pth")))
 
 
 # ---------------------------------------------------------------------------------------------- in-process runs
@@ -1248,3 +1258,43 @@ def test_a_rendezvous_that_never_completes_ends_with_a_message(tmp_path):
             f"RankError: process {rank} of 2 did not meet the others at "
             f"MASTER_ADDR:MASTER_PORT 127.0.0.1:{port} within 2 s"
         ) in proc.stderr, proc.stderr
+
+
+def test_each_seed_purpose_epoch_step_and_rank_has_its_own_reproducible_stream():
+    keys = [
+        (s, p, e, t, r)
+        for s in (0, 1)
+        for p in (0, 1)
+        for e in (0, 1)
+        for t in (0, 1)
+        for r in (0, 1)
+    ]
+    draw = lambda k: tuple(torch.randint(2**31, (4,), generator=iteration_generator(*k)).tolist())  # noqa: E731
+    draws = [draw(k) for k in keys]
+    assert len(set(draws)) == len(keys) and draws == [draw(k) for k in keys]
+
+
+def test_dropout_is_seeded_anew_at_every_step(tmp_path, one_thread, monkeypatch):
+    seeds, seed = [], torch.manual_seed
+    monkeypatch.setattr(torch, "manual_seed", lambda s: seeds.append(s) or seed(s))
+    cfg = tiny_config(tmp_path, epochs=2, attn_dropout=0.1, proj_dropout=0.1)
+    train(cfg, dataset=Tokens(8, 16), log=lambda m: None)
+    assert len(seeds) >= 4 and len(set(seeds)) == len(seeds)  # 2 epochs of 2 steps
+
+
+def test_a_process_whose_peer_ended_exits_1_naming_the_cause(tmp_path, monkeypatch, capsys):
+    cause = "[gloo/transport/tcp/pair.cc:598] Connection closed by peer [127.0.0.1]:29500"
+
+    def lost(config, info):
+        raise RuntimeError(cause)
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(main_train, "init_distributed", lambda device: None)
+    monkeypatch.setattr(main_train, "cleanup", lambda: None)
+    monkeypatch.setattr(main_train, "train", lost)
+    argv = ["--config", TINY, "--use_cached", "--cached_path", str(tmp_path), "--device", "cpu"]
+    assert main_train.main([*argv, "--output_dir", str(tmp_path / "out")]) == 1
+    assert (
+        f"process 1 stopped: another process of the run ended ({cause})" in capsys.readouterr().err
+    )
