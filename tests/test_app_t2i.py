@@ -13,6 +13,8 @@ import torch
 from gradio_client import Client, handle_file
 from PIL import Image
 
+from lpd.app.__main__ import main as app_main
+from lpd.app.embed import main as embed_main
 from lpd.app.harness import serve
 from lpd.app.model import load_app_model
 from lpd.app.ui import Studio
@@ -92,6 +94,22 @@ def test_generate_and_edit_take_a_prompt(ckpt, reference, tmp_path):
     assert all(np.array_equal(e[:32], source[:32]) for e in edits)  # the kept tokens, exactly
     again = studio.edit({"background": source, "layers": [layer]}, None, "x", 4, 2, 0)[2]
     assert not all(np.array_equal(a, b) for a, b in zip(again, edits))  # the caption matters
+
+
+def test_an_export_takes_prompts_and_another_encoder_is_refused(ckpt, reference, tmp_path, capsys):
+    out = tmp_path / "export"
+    assert embed_main(["--checkpoint", ckpt, "--output_dir", str(out)]) == 0
+    studio = Studio(load_app_model(pretrained_ckpt=str(out), device="cpu"), str(tmp_path))
+    s = SETTINGS
+    args = (s["steps"], s["cfg"], s["repulsion_threshold"], "lpd", s["seed"])
+    assert np.array_equal(list(studio.generate(None, PROMPT, *args))[-1][0], reference)
+    state = torch.load(ckpt, weights_only=True)
+    state["model_config"]["text_encoder"]["digest"] = "0" * 64
+    torch.save(state, tmp_path / "other.pth")
+    capsys.readouterr()
+    assert app_main(["--pretrained_ckpt", str(tmp_path / "other.pth"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "text encoder" in err[0], err
 
 
 def _png(path: str) -> np.ndarray:
