@@ -25,6 +25,7 @@ from lpd.text.encoders import WordLlamaEncoder
 
 PROMPT = "a bold seven in the top left corner"
 SETTINGS = dict(steps=6, cfg=3.0, repulsion_threshold=1.0, seed=4)
+ARGS = (6, 3.0, 1.0, "lpd", 4)  # SETTINGS as the page's steps, cfg, τr, order, seed
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +69,12 @@ def test_generate_and_edit_take_a_prompt(ckpt, reference, tmp_path):
     app = load_app_model(pretrained_ckpt=ckpt, device="cpu")
     assert app.condition == "text" and app.text_encoder.record == WordLlamaEncoder().record
     studio = Studio(app, str(tmp_path))
-    s = SETTINGS
-    args = (s["steps"], s["cfg"], s["repulsion_threshold"], "lpd", s["seed"])
-    frames = list(studio.generate(None, PROMPT, *args))
+    frames = list(studio.generate(None, PROMPT, *ARGS))
     image, _, files, status, _ = frames[-1]
     assert np.array_equal(image, reference) and "done" in status
     settings = json.loads(open(files[1], encoding="utf-8").read())
     assert settings["prompt"] == PROMPT and "label" not in settings
-    other = list(studio.generate(None, "two thin strokes", *args))[-1][0]
+    other = list(studio.generate(None, "two thin strokes", *ARGS))[-1][0]
     assert not np.array_equal(other, reference)  # the prompt matters
     for prompt, message in [
         ("", "type a prompt"),
@@ -83,7 +82,7 @@ def test_generate_and_edit_take_a_prompt(ckpt, reference, tmp_path):
         (" ".join(["seven"] * 40), "longer than the 16 text tokens"),
     ]:
         with pytest.raises(gr.Error, match=message):
-            next(studio.generate("0", prompt, *args))
+            next(studio.generate("0", prompt, *ARGS))
         with pytest.raises(gr.Error, match=message):
             studio.edit(
                 {"background": _source()[0], "layers": [_source()[1]]}, "0", prompt, 4, 2, 0
@@ -100,9 +99,7 @@ def test_an_export_takes_prompts_and_another_encoder_is_refused(ckpt, reference,
     out = tmp_path / "export"
     assert embed_main(["--checkpoint", ckpt, "--output_dir", str(out)]) == 0
     studio = Studio(load_app_model(pretrained_ckpt=str(out), device="cpu"), str(tmp_path))
-    s = SETTINGS
-    args = (s["steps"], s["cfg"], s["repulsion_threshold"], "lpd", s["seed"])
-    assert np.array_equal(list(studio.generate(None, PROMPT, *args))[-1][0], reference)
+    assert np.array_equal(list(studio.generate(None, PROMPT, *ARGS))[-1][0], reference)
     state = torch.load(ckpt, weights_only=True)
     state["model_config"]["text_encoder"]["digest"] = "0" * 64
     torch.save(state, tmp_path / "other.pth")
@@ -120,12 +117,10 @@ def _png(path: str) -> np.ndarray:
 def test_the_served_page_takes_a_prompt(ckpt, reference, tmp_path):
     with serve(["--pretrained_ckpt", ckpt, "--device", "cpu"]) as url:
         client = Client(url, verbose=False, download_files=str(tmp_path / "dl"))
-        s = SETTINGS
-        args = (s["steps"], s["cfg"], s["repulsion_threshold"], "lpd", s["seed"])
-        image, _, _, status = client.predict(None, PROMPT, *args, api_name="/generate")
+        image, _, _, status = client.predict(None, PROMPT, *ARGS, api_name="/generate")
         assert np.array_equal(_png(image), reference) and "done" in status
         with pytest.raises(Exception, match="type a prompt"):
-            client.predict(None, "", *args, api_name="/generate")
+            client.predict(None, "", *ARGS, api_name="/generate")
         source, layer = _source()
         Image.fromarray(source).save(tmp_path / "s.png")
         Image.fromarray(layer).save(tmp_path / "l.png")
@@ -139,5 +134,5 @@ def test_the_served_page_takes_a_prompt(ckpt, reference, tmp_path):
         assert all(np.array_equal(_png(e["image"])[:32], source[:32]) for e in edits)
         with pytest.raises(Exception, match="longer than the 16 text tokens"):
             client.predict(editor, None, " ".join(["seven"] * 40), 4, 2, 0, api_name="/edit")
-        image, *_ = client.predict(None, PROMPT, *args, api_name="/generate")  # still serving
+        image, *_ = client.predict(None, PROMPT, *ARGS, api_name="/generate")  # still serving
         assert np.array_equal(_png(image), reference)
