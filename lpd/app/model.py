@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,6 +46,7 @@ class AppModel:
     cfg: float = 4.0  # defaults of the page; steps 20
     repulsion_threshold: float = 2.0
     bf16: bool = False
+    text_encoder: Any = None  # a text model's recorded encoder
 
     @property
     def device(self) -> torch.device:
@@ -125,27 +127,30 @@ def load_app_model(
     default_tr = defaults.get("repulsion_threshold", 2.0 if pipe.grid_size <= 16 else 4.0)
     tr, cfg = paper_settings(model, pipe.img_size, 20) or (default_tr, defaults.get("cfg", 4.0))
     name = model or (os.path.basename(os.path.normpath(path)) if path else "embedded digits model")
+    text = pipe.model.config.condition == "text"
     return AppModel(
         pipe.model,
         pipe.tokenizer,
         name,
-        class_names(pipe.model.config.class_num),
-        getattr(pipe.model.config, "condition", "class"),
+        [] if text else class_names(pipe.model.config.class_num),
+        pipe.model.config.condition,
         float(cfg),
         float(tr),
         device.type == "cuda",
+        pipe.text_encoder if text else None,
     )
 
 
 def decode_steps(
     app: AppModel,
-    label: int,
+    label: int | tuple[torch.Tensor, torch.Tensor],
     order: np.ndarray,
     group_sizes: Sequence[int],
     sampling: SamplingConfig,
     seed: int,
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield ``(step, tokens [1, N])`` after each step: raster tokens, -1 where not decoded.
+    """Yield ``(step, tokens [1, N])`` after each step: raster tokens, -1 where not decoded;
+    ``label``: a class or a caption ``(features [1, L, C], mask [1, L])``.
 
     The draw is image 0 of a ``seed`` run, so the last step's tokens are ``LPDPipeline``'s (and
     ``sample_tokens``') for the same settings.
@@ -153,10 +158,14 @@ def decode_steps(
     device, N = app.device, app.grid_size**2
     decoder = Decoder(app.model, sampling)
     orders = torch.as_tensor(order, device=device).long().view(1, N)
-    prefix = decoder.class_prefix(torch.tensor([label], device=device), 1)
-    generator = [torch.Generator().manual_seed(image_seed(seed, 0))]
+    if isinstance(label, tuple):
+        prefix, mask = decoder.text_prefix(*(t.to(device) for t in label))
+    else:
+        prefix, mask = decoder.class_prefix(torch.tensor([label], device=device), 1), None
+    gen = [torch.Generator().manual_seed(image_seed(seed, 0))]
     known = torch.full((1, N), -1, dtype=torch.long, device=device)
-    for k, step in enumerate(decoder.steps(prefix, orders, list(group_sizes), generator=generator)):
+    steps = decoder.steps(prefix, orders, list(group_sizes), prefix_mask=mask, generator=gen)
+    for k, step in enumerate(steps):
         known[0, orders[0, step.first : step.last]] = step.tokens[0, step.first : step.last]
         yield k, known.clone()
 

@@ -25,6 +25,7 @@ from lpd.orders.stats import order_statistics
 from lpd.orders.visualize import render_order
 from lpd.sampling import ORDERS
 from lpd.schedules import group_sizes
+from lpd.text.prompts import encode_ids
 
 __all__ = ["Studio", "bound_uploads", "build_blocks"]
 
@@ -90,16 +91,22 @@ class Studio:
         self.app, self.workdir = app, workdir
         self.samples = self._write_samples()
 
-    def _label(self, class_name: Any, prompt: Any) -> int:
-        # text-conditional models plug in here: the page shows them the prompt box
-        if self.app.condition != "class":
+    def _label(self, class_name: Any, prompt: Any) -> int | tuple:
+        """The class index, or a text model's caption ``(features, mask)`` of ``prompt``."""
+        encoder = self.app.text_encoder
+        if encoder is None:
+            if class_name not in self.app.class_names:
+                raise gr.Error(f"pick a class from the list (got {str(class_name)[:40]!r})")
+            return self.app.class_names.index(class_name)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise gr.Error("type a prompt: this model draws what a text describes")
+        ids, too_long = encoder.token_ids([prompt])
+        if too_long:
             raise gr.Error(
-                f"{self.app.name} is conditioned on {self.app.condition}; "
-                "this page samples class labels only"
+                f"the prompt is longer than the {encoder.max_text_tokens} text tokens the model "
+                "reads; shorten it"
             )
-        if class_name not in self.app.class_names:
-            raise gr.Error(f"pick a class from the list (got {str(class_name)[:40]!r})")
-        return self.app.class_names.index(class_name)
+        return encode_ids(encoder, *encoder.pad(ids))
 
     def _sampling(self, **settings: Any):
         try:
@@ -151,10 +158,11 @@ class Studio:
         except TimeoutError as e:
             raise gr.Error(str(e)) from None
         image = decode_tokens(app.tokenizer, tokens, sampling)[0]
+        text = isinstance(label, tuple)
+        condition = {"prompt": prompt} if text else {"class": class_name, "label": label}
         settings = {
             "model": app.name,
-            "class": class_name,
-            "label": label,
+            **condition,
             "steps": steps,
             "seed": seed,
             "group_sizes": sizes,
@@ -163,7 +171,7 @@ class Studio:
         }
         folder = self._folder()
         png, js = (
-            os.path.join(folder, f"lpd_{label}_seed{seed}.png"),
+            os.path.join(folder, f"lpd_{'prompt' if text else label}_seed{seed}.png"),
             os.path.join(folder, "settings.json"),
         )
         write_png(png, image)
@@ -264,6 +272,7 @@ def build_blocks(studio: Studio, max_pixels: int) -> gr.Blocks:
     """The three tabs; generation and editing queue for one device slot (places shown)."""
     app = studio.app
     g, text = app.grid_size, app.condition == "text"
+    first = app.class_names[0] if app.class_names else None
     n = g * g
     device = dict(concurrency_id=DEVICE_QUEUE, concurrency_limit=1)
     with gr.Blocks(
@@ -271,15 +280,14 @@ def build_blocks(studio: Studio, max_pixels: int) -> gr.Blocks:
     ) as blocks:
         gr.Markdown(
             f"## Locality-aware parallel decoding\n**{app.name}**: {app.img_size} px, "
-            f"{g}x{g} tokens, {len(app.class_names)} classes, on {app.device.type}"
+            f"{g}x{g} tokens, {'text prompts' if text else f'{len(app.class_names)} classes'}, "
+            f"on {app.device.type}"
         )
         last = gr.State(None)
         with gr.Tab("Generate"):
             with gr.Row():
                 with gr.Column(scale=1, min_width=260):
-                    cls = gr.Dropdown(
-                        app.class_names, value=app.class_names[0], label="class", visible=not text
-                    )
+                    cls = gr.Dropdown(app.class_names, value=first, label="class", visible=not text)
                     prompt = gr.Textbox(label="prompt", visible=text)
                     steps = gr.Slider(1, n, value=min(20, n), step=1, label="steps")
                     cfg = gr.Slider(
@@ -344,7 +352,7 @@ def build_blocks(studio: Studio, max_pixels: int) -> gr.Blocks:
                         )
                     use = gr.Button("Use the generated image")
                     e_cls = gr.Dropdown(
-                        app.class_names, value=app.class_names[0], label="class", visible=not text
+                        app.class_names, value=first, label="class", visible=not text
                     )
                     e_prompt = gr.Textbox(label="prompt", visible=text)
                     e_steps = gr.Slider(1, n, value=min(8, n), step=1, label="steps")
