@@ -167,3 +167,11 @@ def check_order(order: Any, flag: str = "--order") -> str:
     if order not in ORDERS:
         raise ConfigError(f"{flag} must be one of {list(ORDERS)}, got {order!r}")
     return order
+
+
+def derive_seed(seed: int, *keys: int) -> int:
+    """A 63-bit seed that depends only on ``(seed, *keys)`` (non-negative integers)."""
+    words = np.random.SeedSequence([int(seed), *(int(k) for k in keys)]).generate_state(
+        2, np.uint32
+    )
+    return (int(words[0]) << 31) ^ int(words[1])

@@ -22,14 +22,14 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from lpd import metrics as M
-from lpd.config import check_labels, check_positive, check_seed
+from lpd.config import check_labels, check_positive, check_seed, derive_seed
 from lpd.datasets import tokenizer_id
 from lpd.devices import device_description, library_versions, synchronize
 from lpd.distributed import barrier, gather_object, on_rank0
 from lpd.files import TMP_PREFIX, atomic_write_bytes, lock_folder, state_dict_digest
 from lpd.images import image_path, read_png, save_grid, to_uint8, write_npz, write_png
 from lpd.orders.source import OrderSource
-from lpd.sampling import Decoder, SamplingConfig, derive_seed
+from lpd.sampling import Decoder, SamplingConfig
 from lpd.schedules import validate_group_sizes
 
 __all__ = ["EvaluationError", "RunSpec", "Scoring", "generate_images", "evaluate", "decode_tokens"]

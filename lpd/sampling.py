@@ -150,14 +150,6 @@ def sampling_from_args(args: argparse.Namespace | dict, **changes: Any) -> Sampl
     )
 
 
-def derive_seed(seed: int, *keys: int) -> int:
-    """A 63-bit seed that depends only on ``(seed, *keys)`` (non-negative integers)."""
-    words = np.random.SeedSequence([int(seed), *(int(k) for k in keys)]).generate_state(
-        2, np.uint32
-    )
-    return (int(words[0]) << 31) ^ int(words[1])
-
-
 @dataclass(frozen=True)
 class StepPlan:
     """The forward passes of a decode: a prefill if ``prefill`` (first), then one per step. Each

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
+from lpd.config import derive_seed
 from lpd.devices import available_cpus
 from lpd.distributed import DistInfo, init_distributed, on_rank0
 from lpd.files import STATE_FILE, CheckpointError, atomic_write_bytes
@@ -33,7 +34,7 @@ from lpd.parallel import (
     last_checkpoint,
     settle_ddp_buckets,
 )
-from lpd.sampling import SamplingConfig, derive_seed
+from lpd.sampling import SamplingConfig
 from lpd.schedules import parse_group_sizes
 from lpd.text.training import caption_batch, caption_training
 

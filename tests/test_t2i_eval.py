@@ -282,6 +282,7 @@ def test_text_editing_keeps_known_tokens_and_decodes_as_the_training_pass(text_m
     the training pass (text prefix, known tokens first) fed the result, padded caption rows change
     nothing and the caption matters."""
     from lpd.editing import edit_tokens
+    from lpd.sampling import SamplingConfig
     from lpd.schedules import scaled_group_sizes
 
     g = torch.Generator().manual_seed(3)
@@ -291,7 +292,7 @@ def test_text_editing_keeps_known_tokens_and_decodes_as_the_training_pass(text_m
     keep[:, [0, 1, 4, 5, 10]] = True
     features = torch.randn(B, L, 12, generator=g)
     mask = torch.arange(L)[None] < torch.tensor([[5], [2], [3]])
-    opts = dict(steps=4, order="raster", greedy=True)
+    opts = dict(steps=4, sampling=SamplingConfig(order="raster"), greedy=True)
     out = edit_tokens(text_model, tokens, keep, (features, mask), **opts)
     assert torch.equal(out[torch.as_tensor(keep)], tokens[torch.as_tensor(keep)])
     known, unknown = np.flatnonzero(keep[0]), np.flatnonzero(~keep[0])
@@ -312,7 +313,7 @@ def test_text_editing_keeps_known_tokens_and_decodes_as_the_training_pass(text_m
         keep,
         (features, mask),
         steps=3,
-        cfg=3.0,
+        sampling=SamplingConfig(cfg=3.0),
         generator=torch.Generator().manual_seed(0),
     )
     assert torch.equal(guided[torch.as_tensor(keep)], tokens[torch.as_tensor(keep)])

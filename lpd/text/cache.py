@@ -118,16 +118,14 @@ def write_caption_cache(
     *,
     fmt: str = "auto",
     features: bool = False,
-    img_size: int,
-    tokenizer: str,
-    num_tokens: int,
-    vocab_size: int,
-    rank: int = 0,
-    **cache_kwargs: Any,
+    identity: dict[str, Any],
+    job: CacheJob | None = None,
 ):
     """Scan the caption data at ``path``, encode its images into the consolidated cache
-    ``cached_path`` (``lpd.datasets.write_token_cache``, ``cache_kwargs`` passed on) and write its
-    captions (rank 0). Returns ``(CacheStats, CaptionReport)``; the same command resumes."""
+    ``cached_path`` (``lpd.datasets.write_token_cache`` with ``identity``: ``tokenizer``,
+    ``img_size``, ``num_tokens``, ``vocab_size``; this process's ``job``) and write its captions
+    (rank 0). Returns ``(CacheStats, CaptionReport)``; the same command resumes."""
+    job = job or CacheJob()
     items, report, members = scan_captions(path, fmt)
     if not items:
         raise CaptionDataError(
@@ -141,28 +139,25 @@ def write_caption_cache(
         "features": bool(features),
     }
     stats = write_token_cache(
-        CaptionImages(items, img_size, members),
+        CaptionImages(items, identity["img_size"], members),
         cached_path,
         encode,
         "consolidated",
-        tokenizer=tokenizer,
-        img_size=img_size,
-        num_tokens=num_tokens,
-        vocab_size=vocab_size,
+        **identity,
         extra={"captions": rec},
-        job=CacheJob(rank=rank, **cache_kwargs),
+        job=job,
     )
     done = os.path.isfile(os.path.join(cached_path, CAPTIONS_FILE)) and not (
         features and not os.path.isfile(os.path.join(cached_path, FEATURES_FILE))
     )  # a rerun: the same texts
-    if rank == 0 and not done:
+    if job.rank == 0 and not done:
         report.truncated = _write_caption_files(
-            cached_path, items, encoder, features, cache_kwargs.get("batch_size", 64)
+            cached_path, items, encoder, features, job.batch_size
         )
     elif done:
         with np.load(os.path.join(cached_path, CAPTIONS_FILE), allow_pickle=False) as z:
             report.truncated = int(z["truncated"])
-    cache_kwargs.get("barrier", lambda: None)()
+    job.barrier()
     return stats, report
 
 
@@ -281,17 +276,21 @@ def cache_captions(
         encoder,
         fmt=args.captions,
         features=args.caption_features,
-        img_size=args.img_size,
-        tokenizer=tokenizer_id(vq),
-        num_tokens=(args.img_size // factor) ** 2,
-        vocab_size=int(vq.codebook_size),
-        rank=info.rank,
-        world_size=info.world_size,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        device=info.device,
-        shard_size=args.shard_size,
-        barrier=barrier,
+        identity=dict(
+            img_size=args.img_size,
+            tokenizer=tokenizer_id(vq),
+            num_tokens=(args.img_size // factor) ** 2,
+            vocab_size=int(vq.codebook_size),
+        ),
+        job=CacheJob(
+            info.rank,
+            info.world_size,
+            args.batch_size,
+            args.num_workers,
+            info.device,
+            args.shard_size,
+            barrier,
+        ),  # fmt: skip
     )
     if info.is_main:
         print(f"captions of {args.data_path}: {report.summary()}")

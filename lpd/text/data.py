@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from PIL import Image
 
+from lpd.config import derive_seed
 from lpd.datasets import CacheError
 from lpd.images import ImageFileError, center_crop_arr, image_to_tensor
-from lpd.sampling import derive_seed
 from lpd.text.encoders import TextEncoder
 
 __all__ = [
