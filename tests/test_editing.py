@@ -216,7 +216,10 @@ def test_pixels_in_pixels_out_with_a_vq(model, tmp_path):
     class Bare:  # a tokenizer that does not name its patch: 16 px per token, as the VQ
         encode, decode = vq.encode, vq.decode
 
-    bare = edit_images(model, Bare(), out["source"], "left", 2, num=2, steps=2, seed=0, cfg=2.0)
+    bare = edit_images(
+        model, Bare(), out["source"], "left", 2, num=2, steps=2, seed=0,
+        sampling=SamplingConfig(cfg=2.0),
+    )  # fmt: skip
     assert np.array_equal(bare["edits"], out["edits"])
     # no label: unconditional edit_tokens of the source's tokens, decoded
     uncond = edit_images(model, vq, out["source"], "left", None, num=2, steps=2, seed=0)
