@@ -642,92 +642,54 @@ def digests(paths):
     }
 
 
+# The training that keeps f"{T}/live" in use while the second one is tried.
+live = subprocess.Popen(
+    [PY, "main_train.py", *cache("good", "live"), "--epochs", "100000", "--save_last_freq", "100000",
+     "--save_every_epochs", "0"],
+    cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+)  # fmt: skip
+while not os.path.exists(f"{T}/live/config.yaml") and live.poll() is None:
+    time.sleep(0.1)
 print(
     "| entry point | bad input | exit | what it prints (first line of stderr; stdout when it succeeds) | data |"
 )
 print("| --- | --- | ---: | --- | --- |")
 only = sys.argv[1:]
-for entry, cases in CASES.items():
-    for argv, what, *keep in cases:
-        if only and not any(w in entry or w in what for w in only):
-            continue
-        keep = keep[0] if keep else []
-        before = digests(keep)
-        cmd = [PY, *entry.split()] + argv if entry.startswith("-m") else [PY, entry] + argv
-        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        lines = [l for l in p.stderr.strip().splitlines() if l.strip()]
-        tb = any("Traceback" in l for l in lines)
-        out = [l for l in p.stdout.strip().splitlines() if l.strip()]
-        msg = next(
-            (l for l in lines if l.startswith("error") or ": error:" in l),
-            lines[-1] if lines else "(nothing)",
-        )
-        msg = (out[-1] if p.returncode == 0 and out else msg).replace("|", "\\|")[:230]
-        lost = [os.path.relpath(k, T) for k, v in digests(keep).items() if v != before[k]]
-        data = "" if not keep else f"LOST: {', '.join(lost)}" if lost else "kept"
-        print(
-            f"| `{entry}` | {what} | {p.returncode} | {'TRACEBACK: ' if tb else ''}{msg} | {data} |",
-            flush=True,
-        )
-os.close(held)
-stray = [d for d in os.listdir(ROOT) if d.startswith("-")]
-print(f"\nFolders made in the repository root: {stray or 'none'}")
-# The training that keeps f"{T}/live" in use while the second one is tried.
-live = subprocess.Popen(
-    [
-        PY,
-        "main_train.py",
-        *cache("good", "live"),
-        "--epochs",
-        "100000",
-        "--save_last_freq",
-        "100000",
-        "--save_every_epochs",
-        "0",
-    ],
-    cwd=ROOT,
-    env=env,
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.DEVNULL,
-)
-while not os.path.exists(f"{T}/live/config.yaml") and live.poll() is None:
-    time.sleep(0.1)
-print("| entry point | bad input | exit | what it prints (first line of stderr) |")
-print("| --- | --- | ---: | --- |")
 try:
     for entry, cases in CASES.items():
-        for argv, what, *opts in cases:
-            opts = opts[0] if opts else {}
+        for argv, what, *extra in cases:
+            if only and not any(w in entry or w in what for w in only):
+                continue
+            # a third element: the user's files that must stay unchanged, or run options
+            keep = extra[0] if extra and isinstance(extra[0], list) else []
+            opts = extra[0] if extra and isinstance(extra[0], dict) else {}
+            before = digests(keep)
             if entry.startswith("torchrun"):
-                cmd = [
-                    os.path.join(os.path.dirname(PY), "torchrun"),
-                    "--standalone",
-                    "--nproc_per_node=2",
-                    entry.split()[-1],
-                ]
+                torchrun = os.path.join(os.path.dirname(PY), "torchrun")
+                cmd = [torchrun, "--standalone", "--nproc_per_node=2", entry.split()[-1]]
             else:
                 cmd = [PY, *entry.split()] if entry.startswith("-m") else [PY, entry]
             p = subprocess.run(
-                cmd + argv,
-                cwd=ROOT,
-                env={**env, **opts.get("env", {})},
-                capture_output=True,
-                text=True,
-                timeout=600,
-                preexec_fn=opts.get("preexec_fn"),
-            )
+                cmd + argv, cwd=ROOT, env={**env, **opts.get("env", {})}, capture_output=True,
+                text=True, timeout=600, preexec_fn=opts.get("preexec_fn"),
+            )  # fmt: skip
             lines = [l for l in p.stderr.strip().splitlines() if l.strip()]
-            # torchrun's summary is a traceback of torchrun; a process of the run would print "[rankN]: Traceback"
-            tb = any(
-                ("]: Traceback" if entry.startswith("torchrun") else "Traceback") in l
-                for l in lines
-            )
+            # torchrun's own summary is a traceback of torchrun; a process of the run prints "[rankN]: Traceback"
+            mark = "]: Traceback" if entry.startswith("torchrun") else "Traceback"
+            tb = any(mark in l for l in lines)
+            out = [l for l in p.stdout.strip().splitlines() if l.strip()]
             msg = next(
                 (l for l in lines if l.startswith("error") or ": error:" in l),
                 lines[-1] if lines else "(nothing)",
             )
-            msg = msg.replace("|", "\\|")[:230]
-            print(f"| `{entry}` | {what} | {p.returncode} | {'TRACEBACK: ' if tb else ''}{msg} |")
+            msg = (out[-1] if p.returncode == 0 and out else msg).replace("|", "\\|")[:230]
+            lost = [os.path.relpath(k, T) for k, v in digests(keep).items() if v != before[k]]
+            data = "" if not keep else f"LOST: {', '.join(lost)}" if lost else "kept"
+            tag = "TRACEBACK: " if tb else ""
+            print(f"| `{entry}` | {what} | {p.returncode} | {tag}{msg} | {data} |", flush=True)
 finally:
     live.kill()
     live.wait()
+    os.close(held)
+stray = [d for d in os.listdir(ROOT) if d.startswith("-")]
+print(f"\nFolders made in the repository root: {stray or 'none'}")
