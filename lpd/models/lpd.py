@@ -17,8 +17,8 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from lpd.models.kernels import Dropout, Linear, flex_attention, linear_cross_entropy
+from lpd.models.text import TextPrefix
 from lpd.schedules import validate_group_sizes
-from lpd.text.model import TextPrefix
 
 __all__ = [
     "LPDConfig",
@@ -424,7 +424,7 @@ class LPD(nn.Module):
         return cond[:, None]
 
     def text_prefix(self, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        """Caption rows ``[B, L, D]`` and their mask: :meth:`lpd.text.model.TextPrefix.forward`
+        """Caption rows ``[B, L, D]`` and their mask: :meth:`lpd.models.text.TextPrefix.forward`
         (``features [B, L, text_dim]`` or None: the null caption, ``mask``, ``drop``, ``batch``)."""
         if self.text is None:
             raise ValueError("this model is class-conditional (condition 'class'); it takes labels")
