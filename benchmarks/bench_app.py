@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import describe_host, host_info, summarize, time_call  # noqa: E402
 
 from lpd.app.harness import serve  # noqa: E402
-from lpd.app.model import load_app_model  # noqa: E402
+from lpd.app.load import load_app_model  # noqa: E402
 from lpd.files import atomic_write_bytes  # noqa: E402
 from lpd.pipeline import LPDPipeline  # noqa: E402
 

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from lpd.files import TMP_PREFIX, atomic_write_bytes, state_dict_digest
-from lpd.images import DataError, image_folder, visible, walk_once
+from lpd.images import CacheError, DataError, image_folder, visible, walk_once
 
 __all__ = [
     "image_folder",
@@ -40,10 +40,6 @@ _IDENTITY = tuple(
     "format tokenizer img_size crop num_tokens vocab_size num_images classes images".split()
 )
 _SHARD_KEYS = ("num_shards", "shard_size", "dtype")
-
-
-class CacheError(DataError):
-    """A token cache that cannot be read, is incomplete, or does not fit the model or the run."""
 
 
 def _start_over(root: str) -> str:

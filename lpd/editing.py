@@ -13,10 +13,9 @@ import numpy as np
 import torch
 
 from lpd.config import check_labels
-from lpd.evaluate import decode_tokens
 from lpd.images import image_to_tensor, load_image, load_mask
-from lpd.orders import lpd_orders, random_orders
-from lpd.sampling import Decoder, SamplingConfig
+from lpd.orders.generate import lpd_orders, random_orders
+from lpd.sampling import Decoder, SamplingConfig, decode_tokens
 from lpd.schedules import group_sizes as schedule_for
 from lpd.schedules import scaled_group_sizes, validate_group_sizes
 

@@ -27,9 +27,9 @@ from lpd.datasets import tokenizer_id
 from lpd.devices import device_description, library_versions, synchronize
 from lpd.distributed import barrier, gather_object, on_rank0
 from lpd.files import TMP_PREFIX, atomic_write_bytes, lock_folder, state_dict_digest
-from lpd.images import image_path, read_png, save_grid, to_uint8, write_npz, write_png
+from lpd.images import image_path, read_png, save_grid, write_npz, write_png
 from lpd.orders.source import OrderSource
-from lpd.sampling import Decoder, SamplingConfig
+from lpd.sampling import Decoder, SamplingConfig, decode_tokens
 from lpd.schedules import validate_group_sizes
 
 __all__ = ["EvaluationError", "RunSpec", "Scoring", "generate_images", "evaluate", "decode_tokens"]
@@ -41,7 +41,6 @@ SETTINGS, METRICS, TOKENS, GRID, IMAGES = (
     "samples_grid.png",
     "images",
 )
-DECODE_CHUNK = 8  # the VQ decodes in chunks of this many images (padded): pixels ignore eval_bsz
 
 
 class EvaluationError(ValueError):
@@ -154,23 +153,6 @@ class SpeedMeter:
             "tokens_and_decode": rate(2),
             "total_images_per_s": {"tokens": total(1), "tokens_and_decode": total(2)},
         }
-
-
-def decode_tokens(
-    tokenizer: torch.nn.Module, tokens: torch.Tensor, sampling: SamplingConfig
-) -> np.ndarray:
-    """Raster tokens ``[B, N]`` -> uint8 ``[B, H, W, 3]`` in padded chunks of
-    :data:`DECODE_CHUNK`, bf16 as ``sampling`` says."""
-    B, g, C = tokens.shape[0], int(round(tokens.shape[1] ** 0.5)), DECODE_CHUNK
-    bf16 = sampling.bf16 and not sampling.decode_fp32
-    amp = torch.autocast(tokens.device.type, dtype=torch.bfloat16)
-    out = []
-    with torch.no_grad(), amp if bf16 else contextlib.nullcontext():
-        for c in range(0, B, C):
-            chunk, n = tokens[c : c + C], min(C, B - c)
-            chunk = torch.cat([chunk, chunk[-1:].expand(C - n, -1)]) if n < C else chunk
-            out.append(to_uint8(tokenizer.decode(chunk.view(C, g, g)))[:n])
-    return np.concatenate(out)
 
 
 @torch.no_grad()

@@ -278,6 +278,10 @@ class DataError(RuntimeError):
         super().__init__(message)
 
 
+class CacheError(DataError):
+    """A token cache that cannot be read, is incomplete, or does not fit the model or the run."""
+
+
 def _crop_to_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
     return image_to_tensor(center_crop_arr(img, image_size))[0]
 

@@ -24,10 +24,9 @@ from tqdm import tqdm
 
 from lpd import hub
 from lpd.config import HelpFormatter, check_positive
-from lpd.datasets import DataError, image_folder
 from lpd.distributed import resolve_device
 from lpd.files import atomic_write_bytes, check_output_path
-from lpd.images import IMAGE_EXTENSIONS, ImageFileError, read_image
+from lpd.images import IMAGE_EXTENSIONS, DataError, ImageFileError, image_folder, read_image
 
 INCEPTION_WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_FEATURES = 2048

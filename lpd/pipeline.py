@@ -21,7 +21,7 @@ import torch
 from lpd import hub
 from lpd.config import HelpFormatter, check_labels
 from lpd.distributed import resolve_device
-from lpd.evaluate import decode_tokens, image_seed, sample_batch
+from lpd.evaluate import image_seed, sample_batch
 from lpd.files import (
     EXPORT_CONFIG,
     CheckpointError,
@@ -32,7 +32,7 @@ from lpd.files import (
 from lpd.images import save_grid, written_by_lpd
 from lpd.models import PRESETS, load_lpd
 from lpd.orders.source import OrderSource
-from lpd.sampling import SamplingConfig, add_sampling_args
+from lpd.sampling import SamplingConfig, add_sampling_args, decode_tokens
 from lpd.schedules import group_sizes as default_group_sizes
 from lpd.schedules import parse_group_sizes
 from lpd.text.sampling import check_prompts, model_text_encoder, prompt_tokens

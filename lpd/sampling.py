@@ -23,6 +23,7 @@ from torch import Tensor
 
 from lpd.config import ORDERS, check_labels, check_order
 from lpd.devices import warn_if_emulated_bf16
+from lpd.images import to_uint8
 from lpd.models.lpd import LPD, Rows, attends, valid_keys
 from lpd.schedules import validate_group_sizes
 
@@ -512,3 +513,23 @@ def teacher_forced_logits(
     decoder = Decoder(model, SamplingConfig(cfg=cfg))
     prefix = decoder.class_prefix(labels, len(orders))
     return decoder.logits(prefix, orders, sizes, torch.gather(tokens, 1, orders))
+
+
+DECODE_CHUNK = 8  # the VQ decodes in chunks of this many images (padded): pixels ignore eval_bsz
+
+
+def decode_tokens(
+    tokenizer: torch.nn.Module, tokens: torch.Tensor, sampling: SamplingConfig
+) -> np.ndarray:
+    """Raster tokens ``[B, N]`` -> uint8 ``[B, H, W, 3]`` in padded chunks of
+    :data:`DECODE_CHUNK`, bf16 as ``sampling`` says."""
+    B, g, C = tokens.shape[0], int(round(tokens.shape[1] ** 0.5)), DECODE_CHUNK
+    bf16 = sampling.bf16 and not sampling.decode_fp32
+    amp = torch.autocast(tokens.device.type, dtype=torch.bfloat16)
+    out = []
+    with torch.no_grad(), amp if bf16 else contextlib.nullcontext():
+        for c in range(0, B, C):
+            chunk, n = tokens[c : c + C], min(C, B - c)
+            chunk = torch.cat([chunk, chunk[-1:].expand(C - n, -1)]) if n < C else chunk
+            out.append(to_uint8(tokenizer.decode(chunk.view(C, g, g)))[:n])
+    return np.concatenate(out)

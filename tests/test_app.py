@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from lpd.app.__main__ import main as app_main
 from lpd.app.embed import main as embed_main
-from lpd.app.model import EMBEDDED_DIR, class_names, decode_steps, load_app_model, render_partial
+from lpd.app.load import EMBEDDED_DIR, load_app_model
+from lpd.app.model import class_names, decode_steps, render_partial
 from lpd.app.ui import Studio
 from lpd.evaluate import image_seed
 from lpd.files import CheckpointError, save_checkpoint

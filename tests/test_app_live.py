@@ -16,7 +16,7 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 from lpd.app.harness import browser, paint, serve
-from lpd.app.model import EMBEDDED_DIR
+from lpd.app.load import EMBEDDED_DIR
 from lpd.pipeline import LPDPipeline
 
 MAX_PIXELS = 1_000_000

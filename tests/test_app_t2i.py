@@ -16,7 +16,7 @@ from PIL import Image
 from lpd.app.__main__ import main as app_main
 from lpd.app.embed import main as embed_main
 from lpd.app.harness import serve
-from lpd.app.model import load_app_model
+from lpd.app.load import load_app_model
 from lpd.app.ui import Studio
 from lpd.files import save_checkpoint
 from lpd.models import LPD, LPDConfig

@@ -16,11 +16,10 @@ from lpd.editing import (
     region_mask,
     token_keep,
 )
-from lpd.evaluate import decode_tokens
 from lpd.images import image_to_tensor
 from lpd.models import build_lpd
 from lpd.orders import lpd_orders
-from lpd.sampling import SamplingConfig, sample_tokens
+from lpd.sampling import SamplingConfig, decode_tokens, sample_tokens
 from lpd.tokenizer import make_tokenizer
 
 N = 16  # a 4x4 token grid (64 px)

@@ -224,7 +224,8 @@ def test_shipped_released_json_files_match_the_tables(tmp_path):
     import json
     import os
 
-    from lpd.schedules import released_files, write_released_files
+    from lpd.schedules import released_files
+    from lpd.schedules.__main__ import write_released_files
 
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "orders")
     files = released_files()
@@ -265,7 +266,8 @@ def test_command_line_writes_only_where_asked_and_only_what_it_would_write(
     import subprocess
     import sys
 
-    from lpd.schedules import main, released_files
+    from lpd.schedules import released_files
+    from lpd.schedules.__main__ import main
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root}

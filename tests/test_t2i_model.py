@@ -16,13 +16,13 @@ from PIL import Image
 
 import main_cache
 import main_train
-from lpd.evaluate import decode_tokens, image_seed
+from lpd.evaluate import image_seed
 from lpd.files import save_checkpoint
 from lpd.models import LPDConfig, build_lpd, load_lpd
 from lpd.orders.source import OrderSource
 from lpd.pipeline import LPDPipeline
 from lpd.pipeline import main as pipeline_main
-from lpd.sampling import Decoder, SamplingConfig
+from lpd.sampling import Decoder, SamplingConfig, decode_tokens
 from lpd.schedules import group_sizes
 from lpd.text.encoders import check_encoder_record, make_text_encoder
 from lpd.tokenizer import make_tokenizer

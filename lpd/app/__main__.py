@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check(args)
         if args.threads:
             torch.set_num_threads(args.threads)
-        from lpd.app.model import load_app_model
+        from lpd.app.load import load_app_model
 
         app = load_app_model(
             args.model, args.img_size, args.pretrained_ckpt, args.vqgan_path, args.device

@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from lpd.app.model import EMBEDDED_DIR
+from lpd.app.load import EMBEDDED_DIR
 from lpd.config import parse_args_with_config
 from lpd.demo.run import build_parser
 from lpd.demo.run import main as demo_main

@@ -17,13 +17,12 @@ from PIL import Image
 
 from lpd.app.model import AppModel, decode_steps, render_partial
 from lpd.editing import edit_images, token_keep
-from lpd.evaluate import decode_tokens
 from lpd.files import atomic_write_bytes
 from lpd.images import ImageFileError, load_mask, write_png
 from lpd.orders.source import OrderSource
 from lpd.orders.stats import order_statistics
 from lpd.orders.visualize import render_order
-from lpd.sampling import ORDERS
+from lpd.sampling import ORDERS, decode_tokens
 from lpd.schedules import group_sizes
 from lpd.text.prompts import encode_ids
 

@@ -314,8 +314,8 @@ def _editing(
     """Edit every held-out digit (as itself, or ``(digit + 5) % 10`` for ``class_edit``): a row per setting, a grid per task."""
     from lpd.demo.digits import load_digits_dataset
     from lpd.editing import edit_tokens
-    from lpd.evaluate import decode_tokens
     from lpd.images import save_grid
+    from lpd.sampling import decode_tokens
     from lpd.tokenizer import make_tokenizer
 
     tokenizer = make_tokenizer(args.tokenizer, None, args.vq_config, args.seed, device)

@@ -25,11 +25,11 @@ from lpd.demo.run import DEMO_RUN, DemoInterrupted, reuse_run, run_main
 from lpd.demo.t2i_data import GROUPS, make_examples, render
 from lpd.demo.t2i_judge import ATTRIBUTES, T2IJudge
 from lpd.distributed import DistInfo
-from lpd.evaluate import decode_tokens, image_seed
+from lpd.evaluate import image_seed
 from lpd.files import atomic_write_bytes
 from lpd.images import save_grid
 from lpd.orders.source import OrderSource
-from lpd.sampling import SamplingConfig
+from lpd.sampling import SamplingConfig, decode_tokens
 from lpd.schedules import group_sizes
 from lpd.text.encoders import make_text_encoder
 from lpd.text.sampling import prompt_tokens

@@ -27,8 +27,7 @@ import torch
 from PIL import Image
 
 from lpd.config import derive_seed
-from lpd.datasets import CacheError
-from lpd.images import ImageFileError, center_crop_arr, image_to_tensor
+from lpd.images import CacheError, ImageFileError, center_crop_arr, image_to_tensor
 from lpd.text.encoders import TextEncoder
 
 __all__ = [

@@ -4,18 +4,21 @@ on its token ids (none where it holds encoder features)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from lpd.datasets import read_record
-from lpd.text.cache import CaptionTokenCache
-from lpd.text.data import CaptionDataError
+from lpd.datasets import ConsolidatedTokenCache, read_record
+from lpd.text.data import CaptionDataError, caption_choice
 from lpd.text.encoders import TextEncoder, check_encoder_record, make_text_encoder
 
-__all__ = ["caption_training", "caption_batch"]
+__all__ = ["CaptionTokenCache", "caption_training", "caption_batch"]
+
+CAPTIONS_FILE, FEATURES_FILE = "captions.npz", "captions.features.npy"
 
 
 def caption_training(
@@ -67,3 +70,74 @@ def caption_batch(
     L = int(valid[-1]) + 1 if len(valid) else 1
     text, mask = text[:, :L].to(device), mask[:, :L].to(device)
     return (text.float() if encoder is None else encoder.encode(text, mask)), mask
+
+
+class CaptionTokenCache(torch.utils.data.Dataset):
+    """A caption cache: items ``(tokens int64 [2, N], text [L] int64 ids or [L, C] float32
+    features, mask bool [L])`` with one of the image's captions per epoch (:meth:`set_epoch`)."""
+
+    def __init__(
+        self,
+        root: str,
+        num_tokens: int,
+        vocab_size: int | None = None,
+        *,
+        seed: int = 0,
+        features: bool = False,
+        text_encoder: dict[str, Any] | None = None,
+    ) -> None:
+        self.images = ConsolidatedTokenCache(root, num_tokens, vocab_size)
+        rec = read_record(root).get("captions")
+        fix = "rerun main_cache.py with the same command to write them"
+        if not isinstance(rec, dict):
+            raise CaptionDataError(
+                f"{root!r} is an image token cache without captions; write a caption cache "
+                f"with main_cache.py --captions"
+            )
+        if text_encoder is not None and text_encoder.get("digest") != rec["text_encoder"].get(
+            "digest"
+        ):
+            raise CaptionDataError(
+                f"{root!r} holds captions of the text encoder {rec['text_encoder'].get('name')!r}, "
+                f"not {text_encoder.get('name')!r}; cache them with the model's encoder"
+            )
+        if features and not rec["features"]:
+            raise CaptionDataError(
+                f"{root!r} holds caption token ids, not encoder features; rerun main_cache.py "
+                f"with --caption_features into another --cached_path"
+            )
+        try:
+            with np.load(os.path.join(root, CAPTIONS_FILE), allow_pickle=False) as z:
+                self.ids, self.lengths, self.offsets = z["ids"], z["lengths"], z["offsets"]
+            self.features = (
+                np.load(os.path.join(root, FEATURES_FILE), mmap_mode="r") if features else None
+            )
+        except (OSError, ValueError, KeyError) as e:
+            raise CaptionDataError(
+                f"the caption files of {root!r} are missing or cannot be read ({e}); {fix}"
+            ) from e
+        n, c = len(self.images), int(rec["num_captions"])
+        if (
+            self.offsets.shape != (n + 1,)
+            or self.offsets[-1] != c
+            or self.ids.shape != (c, rec["max_text_tokens"])
+        ):
+            raise CaptionDataError(f"the caption files of {root!r} do not fit its record; {fix}")
+        self.record, self.seed, self.epoch = rec, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        lo, hi = int(self.offsets[index]), int(self.offsets[index + 1])
+        row = lo + caption_choice(self.seed, self.epoch, index, hi - lo)
+        mask = torch.arange(self.ids.shape[1]) < int(self.lengths[row])
+        text = (
+            torch.from_numpy(self.ids[row].astype(np.int64))
+            if self.features is None
+            else torch.from_numpy(np.asarray(self.features[row], dtype=np.float32))
+        )
+        return self.images[index][0], text, mask
