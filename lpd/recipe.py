@@ -1,5 +1,5 @@
-"""The released training recipe: the lr schedule, the epoch batches, the group-size schedules and the
-random draws of one iteration (each a function of seed, epoch, step and rank)."""
+"""The released training recipe: the lr schedule, the epoch batches, the group-size schedules and
+the random draws of one iteration (each a function of seed, epoch, step and rank)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 import torch
 import yaml
+from torch import Generator, Tensor
 
 from lpd.config import derive_seed
 from lpd.schedules import parse_group_sizes, training_schedules
@@ -35,7 +36,7 @@ def lr_at(
     decay_start_epoch: float | None = None,
 ) -> float:
     """The learning rate at fractional ``epoch``: linear warm-up to ``base_lr``, then ``constant``,
-    or half a cosine to ``min_lr`` at ``epochs`` from the end of warm-up (``cosine``) or
+    or half a cosine to ``min_lr`` at ``epochs`` from warm-up's end (``cosine``) or
     ``decay_start_epoch`` (``constant+cosine``)."""
     if schedule not in LR_SCHEDULES:
         raise ValueError(f"unknown lr schedule {schedule!r}; choose one of {LR_SCHEDULES}")
@@ -52,9 +53,7 @@ def lr_at(
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * done))
 
 
-def iteration_generator(
-    seed: int, purpose: int, epoch: int, step: int, rank: int
-) -> torch.Generator:
+def iteration_generator(seed: int, purpose: int, epoch: int, step: int, rank: int) -> Generator:
     """A CPU ``torch.Generator`` for one random stream of one iteration of one rank."""
     return torch.Generator().manual_seed(derive_seed(seed, purpose, epoch, step, rank))
 
@@ -62,19 +61,19 @@ def iteration_generator(
 class Draws(NamedTuple):
     """The random choices of one iteration of one rank."""
 
-    flip: torch.Tensor  # [B] bool: take the horizontally flipped image
-    orders: torch.Tensor  # [B, N] random permutations (argsort of float64 uniforms)
+    flip: Tensor  # [B] bool: take the horizontally flipped image
+    orders: Tensor  # [B, N] random permutations (argsort of float64 uniforms)
     sizes: list[int]  # the group-size schedule (per rank, as released)
-    label_drop: torch.Generator  # the classifier-free guidance label dropping
+    label_drop: Generator  # the classifier-free guidance label dropping
     dropout_seed: int  # torch.manual_seed of the step (dropout)
 
 
 def iteration_draws(
     seed: int, epoch: int, step: int, rank: int, batch: int, num_tokens: int, choices: list
 ) -> Draws:
-    """The :class:`Draws` of iteration ``(epoch, step)`` of ``rank``, one of ``choices`` its sizes."""
+    """The :class:`Draws` of iteration ``(epoch, step)`` of ``rank``; sizes one of ``choices``."""
 
-    def gen(purpose: Stream) -> torch.Generator:
+    def gen(purpose: Stream) -> Generator:
         return iteration_generator(seed, purpose, epoch, step, rank)
 
     return Draws(
@@ -86,12 +85,7 @@ def iteration_draws(
     )
 
 
-def batch_tokens(
-    x: torch.Tensor,
-    flip: torch.Tensor,
-    get_tokenizer: Callable[[], torch.nn.Module],
-    device: torch.device,
-) -> torch.Tensor:
+def batch_tokens(x: Tensor, flip: Tensor, get_tokenizer: Callable, device: torch.device) -> Tensor:
     """Raster tokens ``[B, N]`` of a batch, the flipped variant where ``flip``: token cache rows
     ``[B, 2, N]`` (original, flipped) or ``[B, N]``, or images encoded by ``get_tokenizer()``."""
     B = x.shape[0]
@@ -177,6 +171,5 @@ def parse_schedule_list(spec: Any, img_size: int, num_tokens: int) -> list[list[
 
 
 def eval_cfg_scales(cfg: float) -> list[float]:
-    """The guidance scales of an evaluation during training: 1.0, then ``cfg`` unless it is 0 or 1
-    (as released)."""
+    """The guidance scales of evaluations in training: 1.0, then ``cfg`` unless 0 or 1."""
     return [1.0] if cfg in (0.0, 1.0) else [1.0, float(cfg)]

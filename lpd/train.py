@@ -17,8 +17,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from torch.nn import Module
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from lpd import recipe
 from lpd.config import check_positive, check_seed, derive_seed
 from lpd.datasets import open_token_cache
 from lpd.devices import available_cpus
@@ -37,16 +40,6 @@ from lpd.parallel import (
     last_checkpoint,
     settle_ddp_buckets,
 )
-from lpd.recipe import (
-    LR_SCHEDULES,
-    EpochBatchSampler,
-    Stream,
-    batch_tokens,
-    eval_cfg_scales,
-    iteration_draws,
-    lr_at,
-    parse_schedule_list,
-)
 from lpd.sampling import SamplingConfig, warn_if_emulated_bf16
 from lpd.schedules import group_sizes, parse_group_sizes
 from lpd.text.training import caption_batch, caption_training
@@ -54,6 +47,7 @@ from lpd.tokenizer import make_tokenizer
 
 #: Exit status of ``main_train.py`` after saving on SIGTERM / SIGUSR1 (EX_TEMPFAIL: "try again").
 PREEMPTED_EXIT_CODE = 75
+Log = Callable[[str], None]
 _EVAL_METRICS = ("fid", "inception_score", "inception_score_std", "sampling_wall_s")
 
 
@@ -131,17 +125,16 @@ class TrainConfig:
     overwrite: bool = False  # train into a folder holding another run's checkpoints
 
     def validate(self) -> None:
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"--lr_schedule {self.lr_schedule!r}: choose one of {LR_SCHEDULES}")
+        if (schedule := self.lr_schedule) not in recipe.LR_SCHEDULES:
+            raise ValueError(f"--lr_schedule {schedule!r}: choose one of {recipe.LR_SCHEDULES}")
         if self.use_cached and not self.cached_path:
             raise ValueError("--use_cached needs --cached_path (a cache written by main_cache.py)")
         if not self.use_cached and not self.data_path:
             raise ValueError(
                 "give --data_path (an ImageFolder) or --use_cached --cached_path CACHE"
             )
-        for name in ("epochs", "batch_size", "img_size", "save_last_freq", "log_freq"):
-            check_positive(getattr(self, name), f"--{name}")
-        for name in ("eval_num_images", "eval_bsz", "eval_steps"):
+        positive = ("epochs", "batch_size", "img_size", "save_last_freq", "log_freq", "eval_bsz")
+        for name in (*positive, "eval_num_images", "eval_steps"):
             check_positive(getattr(self, name), f"--{name}")
         for name in ("num_workers", "save_every_steps", "save_every_epochs", "eval_freq"):
             if isinstance(v := getattr(self, name), bool) or not isinstance(v, int) or v < 0:
@@ -163,15 +156,14 @@ class TrainConfig:
         """The flags of this run (sampling settings flat, as ``--config`` takes them)."""
         d = dataclasses.asdict(self)
         sampling = d.pop("sampling")
-        sampling.pop("bf16")  # evaluation follows training's --bf16
-        return {**d, **sampling}
+        return {**d, **sampling, "bf16": d["bf16"]}  # evaluation follows training's --bf16
 
 
 @dataclass
 class TrainResult:
     """What :func:`train` ended with (``model`` is FSDP-sharded under ``fsdp``)."""
 
-    model: torch.nn.Module
+    model: Module
     epoch: int
     step: int
     global_step: int
@@ -183,7 +175,7 @@ class TrainResult:
 class _Logger:
     """``log.txt`` (JSON lines), TensorBoard and wandb, on rank 0 only."""
 
-    def __init__(self, config: TrainConfig, info: DistInfo, log: Callable[[str], None]) -> None:
+    def __init__(self, config: TrainConfig, info: DistInfo, log: Log) -> None:
         self.enabled, self.tb, self.wandb = info.is_main, None, None
         self.path = os.path.join(config.output_dir, "log.txt")
         if not self.enabled:
@@ -210,8 +202,7 @@ class _Logger:
             f.write(json.dumps({"global_step": global_step, **values}) + "\n")
         if self.tb is not None:
             for k, v in values.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"train/{k}", v, global_step)
+                self.tb.add_scalar(f"train/{k}", v, global_step)
         if self.wandb is not None:
             self.wandb.log(values, step=global_step)
 
@@ -233,11 +224,11 @@ def _architecture(config: TrainConfig) -> LPDConfig:
     return LPDConfig.from_name(config.model, config.img_size, **overrides)
 
 
-def build_model(config: TrainConfig, log: Callable[[str], None] = print) -> torch.nn.Module:
-    """The model of ``config``: seeded initialisation, or ``--pretrained_ckpt`` (pos_embed
-    interpolated)."""
+def build_model(config: TrainConfig, log: Log = print) -> LPD:
+    """The model of ``config``, seeded or from ``--pretrained_ckpt`` (pos_embed interpolated)."""
     model = LPD(_architecture(config))
-    model.initialize_weights(torch.Generator().manual_seed(derive_seed(config.seed, Stream.INIT)))
+    seed = derive_seed(config.seed, recipe.Stream.INIT)
+    model.initialize_weights(torch.Generator().manual_seed(seed))
     if config.pretrained_ckpt:
         source = f"--pretrained_ckpt {config.pretrained_ckpt!r}"
         hint = "is --model / model_config the architecture of the pretrained model?"
@@ -248,21 +239,15 @@ def build_model(config: TrainConfig, log: Callable[[str], None] = print) -> torc
 
 
 def _evaluate(
-    config: TrainConfig,
-    model: torch.nn.Module,
-    ema: EMA | None,
-    tokenizer_fn: Callable[[], Any],
-    epoch: int,
-    log: Callable[[str], None],
+    config: TrainConfig, model: LPD, ema: EMA | None, tokenizer_fn: Callable, epoch: int, log: Log
 ) -> dict[str, float]:
     """Sample (and score, with ``eval_ref_stats``) at each :func:`eval_cfg_scales` into
     ``eval-epoch{E}[-ema]-cfg{s}``, guided at half the batch (as released); returns
     ``{"cfg{s}_{metric}": value}``. A failure is only logged."""
-    sizes = (
-        parse_group_sizes(config.eval_group_sizes, model.num_tokens)
-        if config.eval_group_sizes is not None
-        else group_sizes(config.img_size, config.eval_steps)
-    )
+    if config.eval_group_sizes is None:
+        sizes = group_sizes(config.img_size, config.eval_steps)
+    else:
+        sizes = parse_group_sizes(config.eval_group_sizes, model.num_tokens)
     sampling = config.sampling.replace(bf16=config.bf16)
     net = model
     if config.eval_use_ema or config.fsdp:  # a whole, plain copy (sharded modules do not decode)
@@ -274,7 +259,7 @@ def _evaluate(
     scoring = None if ref is None else Scoring(ref)
     net.eval()
     try:
-        for scale in eval_cfg_scales(sampling.cfg):
+        for scale in recipe.eval_cfg_scales(sampling.cfg):
             folder = f"eval-epoch{epoch}{'-ema' if config.eval_use_ema else ''}-cfg{scale:g}"
             bsz = config.eval_bsz if scale == 1.0 else max(1, config.eval_bsz // 2)
             spec = RunSpec(config.eval_num_images, sizes, seed=config.seed, eval_bsz=bsz)
@@ -295,12 +280,10 @@ def _evaluate(
 
 
 def _resume_path(config: TrainConfig) -> str | None:
-    """The checkpoint to resume from, or None; refuses a folder holding another run's checkpoints."""
-    out = config.output_dir
+    """The checkpoint to resume from, or None; refuses a folder of another run's checkpoints."""
+    out, fsdp = config.output_dir, config.fsdp
     os.makedirs(out, exist_ok=True)
-    resume = config.resume or (
-        out if config.auto_resume and last_checkpoint(out, config.fsdp) else None
-    )
+    resume = config.resume or (out if config.auto_resume and last_checkpoint(out, fsdp) else None)
     if not resume:
         found = sorted(n for n in os.listdir(out) if n.startswith("checkpoint-"))
         if found and not config.overwrite:
@@ -312,28 +295,24 @@ def _resume_path(config: TrainConfig) -> str | None:
         return None
     path = resume
     if os.path.isdir(resume) and not os.path.isfile(os.path.join(resume, STATE_FILE)):  # run folder
-        path = last_checkpoint(resume, config.fsdp) or last_checkpoint(resume, not config.fsdp)
+        path = last_checkpoint(resume, fsdp) or last_checkpoint(resume, not fsdp)
     if path is None or not os.path.exists(path):
-        raise CheckpointError(
-            f"--resume {resume!r}: no checkpoint at "
-            f"{path or os.path.join(resume, 'checkpoint-last.pth')!r}"
-            f"{' (nor a checkpoint-last folder)' if path is None else ''}"
-        )
+        nor = " (nor a checkpoint-last folder)" if path is None else ""
+        where = path or os.path.join(resume, "checkpoint-last.pth")
+        raise CheckpointError(f"--resume {resume!r}: no checkpoint at {where!r}{nor}")
     return path
 
 
 def _check_classes(dataset: Any, config: TrainConfig, class_num: int) -> None:
     """Refuses labels outside ``0..class_num-1`` (the dataset's ``labels`` or ``classes``)."""
-    known, classes = getattr(dataset, "labels", None), getattr(dataset, "classes", None)
-    if known is not None and len(known):
-        if int(np.min(known)) < 0:
-            raise ValueError(
-                f"the training set ({config.cached_path or 'dataset'}) has label "
-                f"{int(np.min(known))}; labels are class indices 0..{class_num - 1}"
-            )
-        n = int(np.max(np.asarray(known))) + 1
-    else:
-        n = len(classes) if classes else 0
+    known = getattr(dataset, "labels", None)
+    known = np.asarray(known if known is not None else [])
+    if known.size and int(known.min()) < 0:
+        raise ValueError(
+            f"the training set ({config.cached_path or 'dataset'}) has label "
+            f"{int(known.min())}; labels are class indices 0..{class_num - 1}"
+        )
+    n = int(known.max()) + 1 if known.size else len(getattr(dataset, "classes", None) or ())
     if n > class_num:
         raise ValueError(
             f"the training set has {n} classes but the model only {class_num} "
@@ -344,9 +323,9 @@ def _check_classes(dataset: Any, config: TrainConfig, class_num: int) -> None:
 def train(
     config: TrainConfig,
     info: DistInfo | None = None,
-    dataset: torch.utils.data.Dataset | None = None,
-    tokenizer: torch.nn.Module | None = None,
-    log: Callable[[str], None] = print,
+    dataset: Dataset | None = None,
+    tokenizer: Module | None = None,
+    log: Log = print,
 ) -> TrainResult:
     """Train (or resume) as ``config`` says; returns when done or after saving on a preemption
     signal. ``dataset`` replaces ``config``'s: items ``(tokens int [2, N] or [N], label)`` or
@@ -363,11 +342,7 @@ def train(
 
 
 def _run(
-    config: TrainConfig,
-    info: DistInfo,
-    dataset: torch.utils.data.Dataset | None,
-    tokenizer: torch.nn.Module | None,
-    log: Callable[[str], None],
+    config: TrainConfig, info: DistInfo, dataset: Dataset | None, tokenizer: Module | None, log: Log
 ) -> TrainResult:
     device = info.device
     log = log if info.is_main else (lambda msg: None)
@@ -379,14 +354,14 @@ def _run(
     resume = _resume_path(config)
     model = build_model(config, log)
     N = model.num_tokens
-    schedules = parse_schedule_list(config.group_sizes_list, config.img_size, N)
+    schedules = recipe.parse_schedule_list(config.group_sizes_list, config.img_size, N)
     if config.eval_group_sizes is not None:  # checked now, not at the first evaluation hours later
         try:
             parse_group_sizes(config.eval_group_sizes, N)
         except ValueError as e:
             raise ValueError(f"--group_sizes (the evaluation schedule): {e}") from e
-    encoder = None
-    if model.text is not None:
+    captioned, encoder = model.text is not None, None
+    if captioned:
         dataset, encoder = caption_training(config, model, dataset, device)
     if dataset is None and config.use_cached:
         dataset = open_token_cache(config.cached_path, N, model.vocab_size, config.cache_format)
@@ -395,26 +370,22 @@ def _run(
     _check_classes(dataset, config, model.class_num)
 
     @functools.cache
-    def make_tokenizer_once() -> torch.nn.Module:
+    def make_tokenizer_once() -> Module:
         vq = (config.tokenizer, config.vqgan_path, config.vq_config, config.seed, device)
         return tokenizer if tokenizer is not None else make_tokenizer(*vq)
 
     train_model = distribute(model, info, config.fsdp, config.bf16, config.cpu_offload)
     global_batch = config.batch_size * info.world_size
     base_lr = float(config.lr) if config.lr is not None else config.blr * global_batch / 256.0
-    optimizer = torch.optim.AdamW(
-        model.param_groups(config.weight_decay), lr=base_lr, betas=(0.9, 0.95)
-    )
+    groups = model.param_groups(config.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=(0.9, 0.95))
     ema = EMA(model, config.ema_decay) if config.ema_decay else None
-    rank, world, n_samples = info.rank, info.world_size, len(dataset)
-    steps_per_epoch = EpochBatchSampler(n_samples, config.batch_size, 0, 0, rank, world).steps
-    data_state = dict(world_size=world, batch_size=config.batch_size, num_samples=n_samples)
-    meta = {
-        "model_config": model.config.to_dict(),
-        "args": config.to_dict(),
-        "steps_per_epoch": steps_per_epoch,
-        "data_state": {**data_state, "seed": config.seed},
-    }
+    rank, world, n_samples, batch = info.rank, info.world_size, len(dataset), config.batch_size
+    epoch_batches = functools.partial(recipe.EpochBatchSampler, n_samples, batch, config.seed)
+    steps_per_epoch = epoch_batches(0, rank, world).steps
+    data_state = dict(world_size=world, batch_size=batch, num_samples=n_samples, seed=config.seed)
+    meta = {"model_config": model.config.to_dict(), "args": config.to_dict()}
+    meta.update(steps_per_epoch=steps_per_epoch, data_state=data_state)
     state = TrainState(model, optimizer, ema, info, config.fsdp, meta)
     start_epoch, start_step, global_step = state.resume(resume, log) if resume else (0, 0, 0)
     ema = state.ema  # a resumed EMA continues without --ema_decay
@@ -447,6 +418,12 @@ def _run(
             lambda f: f.write(yaml.safe_dump(config.to_dict(), sort_keys=False).encode()),
         )
 
+    workers = config.num_workers
+    loading = dict(num_workers=workers, pin_memory=config.pin_mem and device.type == "cuda")
+    loading.update(worker_init_fn=stop.worker_init if workers > 0 else None)
+    bar_style = dict(disable=not info.is_main, dynamic_ncols=True)
+    bar_style.update(mininterval=1.0 if os.isatty(2) else 30.0)
+
     def save(names: list[str]) -> None:
         nonlocal last_saved
         state.save([os.path.join(config.output_dir, n) for n in names], epoch, step, global_step)
@@ -463,37 +440,22 @@ def _run(
             if hasattr(dataset, "set_epoch"):  # one of an image's captions per epoch
                 dataset.set_epoch(epoch)
             step = start_step if epoch == start_epoch else 0
-            sampler = EpochBatchSampler(
-                n_samples, config.batch_size, config.seed, epoch, rank, world, step
-            )
-            loader = torch.utils.data.DataLoader(
-                dataset,
-                batch_sampler=sampler,
-                num_workers=config.num_workers,
-                pin_memory=config.pin_mem and device.type == "cuda",
-                worker_init_fn=stop.worker_init if config.num_workers > 0 else None,
-            )
-            bar = tqdm(
-                total=steps_per_epoch,
-                initial=step,
-                desc=f"epoch {epoch}",
-                disable=not info.is_main,
-                dynamic_ncols=True,
-                mininterval=1.0 if os.isatty(2) else 30.0,
-            )
+            sampler = epoch_batches(epoch, rank, world, step)
+            loader = DataLoader(dataset, batch_sampler=sampler, **loading)
+            bar = tqdm(total=steps_per_epoch, initial=step, desc=f"epoch {epoch}", **bar_style)
             t_last, steps_since, first = time.perf_counter(), 0, len(losses)
             batches = stop.iterate(loader)
             for x, *cond in batches:
-                draws = iteration_draws(config.seed, epoch, step, rank, len(x), N, schedules)
+                draws = recipe.iteration_draws(config.seed, epoch, step, rank, len(x), N, schedules)
                 text = {}
-                if model.text is not None:  # captions (text, mask); not flipped: words say left
-                    x, text = x[:, 0] if x.dim() == 3 else x, caption_batch(*cond, encoder, device)
-                    text = dict(zip(("text", "cond_mask"), text))
-                tokens = batch_tokens(x, draws.flip, make_tokenizer_once, device)
+                if captioned:  # captions (text, mask); not flipped: words say left
+                    x = x[:, 0] if x.dim() == 3 else x
+                    text = dict(zip(("text", "cond_mask"), caption_batch(*cond, encoder, device)))
+                tokens = recipe.batch_tokens(x, draws.flip, make_tokenizer_once, device)
                 labels = None if text else cond[0].to(device, non_blocking=True).long()
                 orders = draws.orders.to(device, non_blocking=True)
                 torch.manual_seed(draws.dropout_seed)
-                lr = lr_at(epoch + step / steps_per_epoch, base_lr, **lr_recipe)
+                lr = recipe.lr_at(epoch + step / steps_per_epoch, base_lr, **lr_recipe)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 with autocast:
@@ -501,17 +463,14 @@ def _run(
                         tokens, labels, orders, draws.sizes, generator=draws.label_drop, **text
                     )
                 # One collective per step: the mean loss and whether any rank was asked to stop.
-                stats = torch.stack(
-                    [loss.detach().float(), torch.tensor(float(stop.requested), device=device)]
-                )
+                asked = torch.tensor(float(stop.requested), device=device)
+                stats = torch.stack([loss.detach().float(), asked])
                 if info.distributed:
                     dist.all_reduce(stats)
                     stats[0] /= world
                 loss_value, stop_now = float(stats[0]), bool(stats[1] > 0)
-                where = (
-                    f"at epoch {epoch}, step {step} (global step {global_step}); "
-                    "stopped before the update"
-                )
+                where = f"at epoch {epoch}, step {step} (global step {global_step})"
+                where += "; stopped before the update"
                 if not math.isfinite(loss_value):
                     raise NonFiniteLossError(
                         f"loss is {loss_value} {where}. The last good checkpoint is "
@@ -548,30 +507,24 @@ def _run(
                 if every > 0 and global_step % every == 0 and step < steps_per_epoch:
                     save(["checkpoint-last"])
             bar.close()
-            hint = f"continue with --resume {config.output_dir}"
-            if preempted and step < steps_per_epoch:
-                save(["checkpoint-last"])
-                log(
-                    f"preempted: saved {last_checkpoint(config.output_dir, config.fsdp)} at epoch "
-                    f"{epoch}, step {step} (global step {global_step}); {hint}"
-                )
-                break
-            last = due(config.save_last_freq) and last_saved != global_step
+            within = preempted and step < steps_per_epoch
+            last = within or due(config.save_last_freq) and last_saved != global_step
             names = ["checkpoint-last"] if last else []
-            if due(config.save_every_epochs):
+            if due(config.save_every_epochs) and not within:
                 names.append(f"checkpoint-{epoch}")
             if names:
                 save(names)
             done = losses[first:]
-            log(
-                f"epoch {epoch} done: mean loss {np.mean(done) if done else float('nan'):.4f} over "
-                f"{len(done)} steps, global step {global_step}"
-            )
-            if preempted:
+            if not within:
                 log(
-                    f"preempted: saved {last_checkpoint(config.output_dir, config.fsdp)} at the "
-                    f"end of epoch {epoch}; {hint}"
+                    f"epoch {epoch} done: mean loss {np.mean(done) if done else float('nan'):.4f} "
+                    f"over {len(done)} steps, global step {global_step}"
                 )
+            if preempted:
+                at = f"epoch {epoch}, step {step} (global step {global_step})"
+                at = at if within else f"the end of epoch {epoch}"
+                saved = last_checkpoint(config.output_dir, config.fsdp)
+                log(f"preempted: saved {saved} at {at}; continue with --resume {config.output_dir}")
                 break
             metrics = due(config.eval_freq) and _evaluate(
                 config, model, ema, make_tokenizer_once, epoch, log
@@ -586,5 +539,4 @@ def _run(
             bar.close()
         stop.restore()
         logger.close()
-    ema_state = ema.state if ema is not None else None
-    return TrainResult(model, epoch, step, global_step, preempted, losses, ema_state)
+    return TrainResult(model, epoch, step, global_step, preempted, losses, ema and ema.state)

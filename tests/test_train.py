@@ -935,11 +935,11 @@ DDP_WRAPPER = textwrap.dedent("""
 HELD_MAIN = textwrap.dedent("""
     import os, sys, time
     sys.path.insert(0, {root!r})
-    import lpd.train, main_train
+    import lpd.recipe, main_train
     from lpd.parallel import PreemptionFlag
 
     out, got = sys.argv[sys.argv.index("--output_dir") + 1], []
-    handler, lr_at = PreemptionFlag._handler, lpd.train.lr_at
+    handler, lr_at = PreemptionFlag._handler, lpd.recipe.lr_at
 
     def on_signal(self, *a):
         got.append(1)
@@ -953,7 +953,7 @@ HELD_MAIN = textwrap.dedent("""
                 time.sleep(0.01)
         return lr_at(*a, **k)
 
-    PreemptionFlag._handler, lpd.train.lr_at = on_signal, held_lr_at
+    PreemptionFlag._handler, lpd.recipe.lr_at = on_signal, held_lr_at
     sys.exit(main_train.main(sys.argv[1:]))
 """)
 
