@@ -33,8 +33,9 @@ from lpd.distributed import (
     report_error,
 )
 from lpd.files import CheckpointError
+from lpd.recipe import LR_SCHEDULES
 from lpd.sampling import SamplingConfig, add_sampling_args, sampling_from_args
-from lpd.train import LR_SCHEDULES, PREEMPTED_EXIT_CODE, NonFiniteLossError, TrainConfig, train
+from lpd.train import PREEMPTED_EXIT_CODE, NonFiniteLossError, TrainConfig, train
 
 ONLINE_EVAL_FREQ = 50  # the released --eval_freq default, for --online_eval without --eval_freq
 

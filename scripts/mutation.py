@@ -40,6 +40,7 @@ MODULE_TESTS = {
     ],
     "lpd/editing.py": ["tests/test_editing.py", "tests/test_claims_editing.py"],
     "lpd/train.py": ["tests/test_train.py", "tests/test_fsdp.py", "tests/test_claims_training.py"],
+    "lpd/recipe.py": ["tests/test_train.py", "tests/test_datasets.py"],
     "lpd/evaluate.py": [
         "tests/test_evaluate.py",
         "tests/test_main_eval.py",

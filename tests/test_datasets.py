@@ -12,7 +12,7 @@ from PIL import Image
 
 from lpd import datasets as D
 from lpd.images import center_crop_arr, resolve_image_root
-from lpd.train import EpochBatchSampler
+from lpd.recipe import EpochBatchSampler
 
 N, V = 16, 1000
 

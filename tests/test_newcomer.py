@@ -138,7 +138,8 @@ class _Tokens(torch.utils.data.Dataset):
 
 def test_the_smoke_test_config_trains_visibly(tmp_path):
     from lpd.distributed import DistInfo
-    from lpd.train import lr_at, train
+    from lpd.recipe import lr_at
+    from lpd.train import train
 
     # the README's CPU smoke test: configs/tiny.yaml, 3 epochs of batch 4 (here 2 steps each, one process)
     config = main_train.parse_config(

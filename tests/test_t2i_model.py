@@ -22,11 +22,11 @@ from lpd.models import LPDConfig, build_lpd, load_lpd
 from lpd.orders.source import OrderSource
 from lpd.pipeline import LPDPipeline
 from lpd.pipeline import main as pipeline_main
+from lpd.recipe import parse_schedule_list
 from lpd.sampling import Decoder, SamplingConfig, decode_tokens
 from lpd.schedules import group_sizes
 from lpd.text.encoders import check_encoder_record, make_text_encoder
 from lpd.tokenizer import make_tokenizer
-from lpd.train import parse_schedule_list
 
 C, D, L = 12, 32, 6
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -24,18 +24,16 @@ from PIL import Image
 import main_train
 from lpd.files import CheckpointError, load_checkpoint, save_checkpoint
 from lpd.models import interpolate_pos_embed, load_lpd
-from lpd.sampling import SamplingConfig
-from lpd.schedules import training_schedules
-from lpd.train import (
+from lpd.recipe import (
     EpochBatchSampler,
-    NonFiniteLossError,
-    TrainConfig,
-    build_model,
+    iteration_draws,
     iteration_generator,
     lr_at,
     parse_schedule_list,
-    train,
 )
+from lpd.sampling import SamplingConfig
+from lpd.schedules import training_schedules
+from lpd.train import NonFiniteLossError, TrainConfig, build_model, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -401,7 +399,7 @@ def test_evaluation_during_training_runs_cfg_1_then_cfg_like_the_released_loop(
 ):
     import json
 
-    from lpd.train import eval_cfg_scales
+    from lpd.recipe import eval_cfg_scales
 
     assert (
         eval_cfg_scales(4.0) == [1.0, 4.0]
@@ -937,11 +935,11 @@ DDP_WRAPPER = textwrap.dedent("""
 HELD_MAIN = textwrap.dedent("""
     import os, sys, time
     sys.path.insert(0, {root!r})
-    import lpd.train, main_train
+    import lpd.recipe, main_train
     from lpd.parallel import PreemptionFlag
 
     out, got = sys.argv[sys.argv.index("--output_dir") + 1], []
-    handler, lr_at = PreemptionFlag._handler, lpd.train.lr_at
+    handler, lr_at = PreemptionFlag._handler, lpd.recipe.lr_at
 
     def on_signal(self, *a):
         got.append(1)
@@ -955,7 +953,7 @@ HELD_MAIN = textwrap.dedent("""
                 time.sleep(0.01)
         return lr_at(*a, **k)
 
-    PreemptionFlag._handler, lpd.train.lr_at = on_signal, held_lr_at
+    PreemptionFlag._handler, lpd.recipe.lr_at = on_signal, held_lr_at
     sys.exit(main_train.main(sys.argv[1:]))
 """)
 
@@ -1272,6 +1270,19 @@ def test_each_seed_purpose_epoch_step_and_rank_has_its_own_reproducible_stream()
     draw = lambda k: tuple(torch.randint(2**31, (4,), generator=iteration_generator(*k)).tolist())  # noqa: E731
     draws = [draw(k) for k in keys]
     assert len(set(draws)) == len(keys) and draws == [draw(k) for k in keys]
+
+
+def test_two_ranks_draw_differently_at_a_step_and_one_rank_the_same_twice():
+    def draws(rank, step=3):
+        d = iteration_draws(7, 2, step, rank, 8, 16, [[1] * 16, [4] * 4, [8, 8], [2] * 8])
+        label_drop = torch.rand(8, generator=d.label_drop)
+        return d.flip.tolist(), d.orders.tolist(), d.sizes, label_drop.tolist(), d.dropout_seed
+
+    assert draws(0) == draws(0) and draws(1) == draws(1)
+    (flip0, orders0, _, drop0, seed0), (flip1, orders1, _, drop1, seed1) = draws(0), draws(1)
+    assert flip0 != flip1 and orders0 != orders1 and drop0 != drop1 and seed0 != seed1
+    assert draws(0, step=4)[1] != orders0 and draws(0, step=4)[4] != seed0
+    assert sorted(orders0[0]) == list(range(16))  # permutations
 
 
 def test_dropout_is_seeded_anew_at_every_step(tmp_path, one_thread, monkeypatch):
