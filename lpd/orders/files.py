@@ -9,6 +9,8 @@ import re
 
 import numpy as np
 
+from lpd.files import atomic_write_bytes
+
 __all__ = ["load_orders", "save_orders", "OrderFileError", "check_order_rows"]
 
 
@@ -66,9 +68,8 @@ def check_order_rows(rows: object, num: int, grid_size: int, source: str = "orde
     for i, row in enumerate(head):
         if (problem := _row_problem(row, n, grid_size)) is not None:
             raise OrderFileError(f"{source}: row {i}: {problem}")
-    return np.array([list(r) for r in head], dtype=np.int64).reshape(
-        num, n
-    )  # integer scalars of odd types
+    # integer scalars of odd types
+    return np.array([list(r) for r in head], dtype=np.int64).reshape(num, n)
 
 
 _ALLOWED = b"0123456789, []\n\r\t"  # characters of the usual layout (no '-': negative entries go the slow way)
@@ -78,20 +79,15 @@ _ROW = re.compile(rb"\s*\d+(?:\s*,\s*\d+)*\s*")
 def _fast_rows(data: bytes, num: int, n: int) -> np.ndarray | None:
     """The first ``num`` rows of a file in json.dump's layout without Python lists; None for any other layout."""
     s = data.strip()
-    if (
-        num == 0
-        or data.translate(None, _ALLOWED)
-        or not (s.startswith(b"[[") and s.endswith(b"]]"))
-    ):
+    if num == 0 or data.translate(None, _ALLOWED) or s[:2] != b"[[" or s[-2:] != b"]]":
         return None
     parts = s[2:-2].split(b"], [", num)
     if len(parts) < num:
         return None
     out = np.empty((num, n), dtype=np.int64)
     for i, part in enumerate(parts[:num]):
-        if part.count(b",") != n - 1 or not _ROW.fullmatch(
-            part
-        ):  # exactly n integers, one comma between each two
+        # exactly n integers, one comma between each two
+        if part.count(b",") != n - 1 or not _ROW.fullmatch(part):
             return None
         out[i] = np.fromstring(part.replace(b",", b" "), dtype=np.int64, sep=" ")
     return out
@@ -124,8 +120,6 @@ def load_orders(path: str | os.PathLike, num: int, grid_size: int) -> np.ndarray
 
 def save_orders(path: str | os.PathLike, orders: np.ndarray) -> None:
     """Write ``orders`` (``[num, N]`` integers) as a JSON order file, atomically (parent folders created)."""
-    from lpd.files import atomic_write_bytes
-
     arr = np.asarray(orders)
     if arr.ndim != 2 or arr.dtype.kind not in "iu":
         raise OrderFileError(

@@ -31,9 +31,8 @@ def order_statistics(
     # Step at which each raster position is decoded, on a grid padded with "never".
     step_grid = np.full((num, g + 2, g + 2), len(sizes), dtype=np.int64)
     centre = step_grid[:, 1:-1, 1:-1]
-    centre[...] = np.repeat(np.arange(len(sizes)), sizes)[np.argsort(orders, axis=1)].reshape(
-        num, g, g
-    )
+    steps = np.repeat(np.arange(len(sizes)), sizes)[np.argsort(orders, axis=1)]
+    centre[...] = steps.reshape(num, g, g)
     support = sum(
         step_grid[:, 1 + dy : 1 + dy + g, 1 + dx : 1 + dx + g] < centre
         for dy in (-1, 0, 1)
@@ -47,17 +46,12 @@ def order_statistics(
     for s0, k in zip(np.cumsum([0] + sizes).tolist(), sizes):
         if k >= 2:
             r, c = rows[:, s0 : s0 + k], cols[:, s0 : s0 + k]
-            d = np.maximum(
-                np.abs(r[:, :, None] - r[:, None, :]), np.abs(c[:, :, None] - c[:, None, :])
-            )
+            d = np.maximum(abs(r[:, :, None] - r[:, None, :]), abs(c[:, :, None] - c[:, None, :]))
             iu, ju = np.triu_indices(k, 1)
             du = d[:, iu, ju]
             spreads.append(du.min(axis=1))
             close += int((du <= repulsion_threshold).sum())
             pairs += du.size
     spread = float(np.concatenate(spreads).mean()) if spreads else float("nan")
-    return {
-        "context_support": context,
-        "group_spread": spread,
-        "close_pairs": close / pairs if pairs else float("nan"),
-    }
+    close = close / pairs if pairs else float("nan")
+    return {"context_support": context, "group_spread": spread, "close_pairs": close}

@@ -12,28 +12,11 @@ from lpd.schedules import validate_group_sizes
 
 __all__ = ["render_order", "step_colours"]
 
-# Anchor colours of a dark-blue -> teal -> green -> yellow ramp (perceptually ordered).
-_RAMP = np.array(
-    [
-        (48, 18, 59),
-        (65, 69, 171),
-        (57, 120, 220),
-        (29, 170, 190),
-        (40, 204, 130),
-        (140, 220, 60),
-        (220, 210, 45),
-        (250, 170, 40),
-    ],
-    dtype=np.float64,
-)
-_BACKGROUND, _EARLIER, _CURRENT, _FUTURE, _LINE, _TEXT = (
-    (255, 255, 255),
-    (170, 170, 170),
-    (235, 100, 20),
-    (246, 246, 246),
-    (215, 215, 215),
-    (30, 30, 30),
-)
+# Anchor colours (hex RGB) of a dark-blue -> teal -> green -> yellow ramp (perceptually ordered).
+_HEX = "30123b 4145ab 3978dc 1daabe 28cc82 8cdc3c dcd22d faaa28"
+_RAMP = np.array([list(bytes.fromhex(h)) for h in _HEX.split()], np.float64)
+_BACKGROUND, _EARLIER, _CURRENT = (255, 255, 255), (170, 170, 170), (235, 100, 20)
+_FUTURE, _LINE, _TEXT = (246, 246, 246), (215, 215, 215), (30, 30, 30)
 
 
 def step_colours(num_steps: int) -> list[tuple[int, int, int]]:
@@ -89,10 +72,8 @@ def render_order(
     img = Image.new("RGB", (pad + grid_px + pad + legend_w + pad, height), _BACKGROUND)
     draw = ImageDraw.Draw(img)
     f_title, f_cell, f_small = _font(16), _font(max(8, int(cell * 0.45))), _font(12)
-    caption = (
-        title or f"{grid_size}x{grid_size} tokens, {k_steps} steps: decoding step per position"
-    )
-    draw.text((pad, pad), caption, font=f_title, fill=_TEXT)
+    caption = f"{grid_size}x{grid_size} tokens, {k_steps} steps: decoding step per position"
+    draw.text((pad, pad), title or caption, font=f_title, fill=_TEXT)
     x0, y0 = pad, pad + head
     for p, box in _cells(x0, y0, cell, grid_size):
         s = int(step_at[p])
