@@ -6,15 +6,12 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import yaml
-
-__all__ = ["ConfigError", "load_config", "parse_args_with_config"]
-
 
 ORDERS = ("lpd", "random", "raster")  # the generation orders
 
@@ -31,8 +28,7 @@ def new_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """``--help`` keeps the description's lines and shows each option's default (unless None, off
-    or already said)."""
+    """``--help`` keeps the description's lines; options show a default unless None, off, said."""
 
     def _format_action(self, action: argparse.Action) -> str:
         d, text = action.default, action.help or ""
@@ -104,10 +100,7 @@ def _check_value(action: argparse.Action, value: Any, path: str) -> Any:
 
 
 def parse_args_with_config(
-    parser: argparse.ArgumentParser,
-    argv: Sequence[str] | None = None,
-    also_known: argparse.ArgumentParser | None = None,
-    take: Collection[str] | None = None,
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None = None, also_known=None, take=None
 ) -> argparse.Namespace:
     """Parse ``argv``; values of ``--config FILE`` become defaults that flags override. Of a config of another entry
     point (``also_known``, its parser; none: any) only the keys in ``take`` (default: every flag of ``parser``) are used."""

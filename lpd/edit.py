@@ -30,8 +30,6 @@ from lpd.text.prompts import encode_ids
 from lpd.text.sampling import model_text_encoder
 from lpd.tokenizer import make_tokenizer
 
-__all__ = ["main"]
-
 SAMPLING = tuple(SamplingConfig.__dataclass_fields__)
 
 
@@ -96,10 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "no model: pass --model (lpd_l, lpd_xl, lpd_xxl) or --pretrained_ckpt FILE"
             )
         vq = args.tokenizer == "vq" and (args.vqgan_path or args.vq_config is None)
-        ckpt, size = args.pretrained_ckpt, args.img_size or 256
-        files = hub.resolve_model_files(
-            args.model, size, vq=vq, vqgan_path=args.vqgan_path, checkpoint=ckpt
-        )
+        where = dict(vqgan_path=args.vqgan_path, checkpoint=args.pretrained_ckpt)
+        files = hub.resolve_model_files(args.model, args.img_size or 256, vq=vq, **where)
         model = load_lpd(files["checkpoint"], model=args.model, img_size=args.img_size).to(device)
         label = args.label
         if (model.config.condition == "text") != (args.prompt is not None):
@@ -128,9 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     save_grid(args.output, shown + list(out["edits"]), 2 + len(edits), tile, col_labels=labels)
     for k, im in enumerate(out["edits"]):
         write_png(f"{stem}_{k}.png", np.ascontiguousarray(im))
-    print(
-        f"wrote {args.output} (source, masked source, {len(out['edits'])} edits) and {stem}_0..{len(out['edits']) - 1}.png"
-    )
+    n = len(out["edits"])
+    print(f"wrote {args.output} (source, masked source, {n} edits) and {stem}_0..{n - 1}.png")
     return 0
 
 

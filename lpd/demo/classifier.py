@@ -17,8 +17,6 @@ from torch import Tensor, nn
 from lpd.demo.digits import GRID_SIZE, NUM_CLASSES, load_digits_dataset
 from lpd.tokenizer.palette import DEFAULT_LEVELS, images_to_uint8
 
-__all__ = ["DigitClassifier", "train_classifier", "accuracy", "bootstrap_ci", "Judge"]
-
 
 class DigitClassifier(nn.Module):
     """Three 3x3 convolutions (two of stride 2) and two linear layers over a ``grid_size``-square grid."""
@@ -134,17 +132,13 @@ def accuracy(model: DigitClassifier, tokens: Tensor, labels: Tensor) -> float:
     return float((model.predict_tokens(tokens).argmax(-1).cpu() == labels.cpu()).float().mean())
 
 
-def bootstrap(
-    statistic: Callable[[np.ndarray], float], n: int, resamples: int = 1000, seed: int = 0
-) -> np.ndarray:
+def bootstrap(statistic: Callable, n: int, resamples: int = 1000, seed: int = 0) -> np.ndarray:
     """``statistic(indices)`` of ``resamples`` draws of ``n`` of ``range(n)`` with replacement (seeded)."""
     rng = np.random.default_rng(seed)
     return np.array([statistic(rng.integers(0, n, n)) for _ in range(resamples)])
 
 
-def bootstrap_ci(
-    statistic: Callable, n: int, resamples=1000, seed=0, *, basic=False
-) -> list[float]:
+def bootstrap_ci(statistic: Callable, n: int, resamples=1000, seed=0, *, basic=False) -> list:
     """95% interval: the percentiles 2.5 and 97.5 of :func:`bootstrap`, or with ``basic`` ``2 * statistic(all) -
     percentiles``, for a statistic that resampling biases (the Fréchet distance)."""
     lo, hi = np.percentile(bootstrap(statistic, n, resamples, seed), [2.5, 97.5])
@@ -191,8 +185,7 @@ class Judge:
         images = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2)
         feats, logits = self.classifier.features(images)
         correct = logits.argmax(-1).cpu().numpy() == np.asarray(labels)
-        f = feats.cpu().double().numpy()
-        frechet = frechet_to(*self.reference)
+        f, frechet = feats.cpu().double().numpy(), frechet_to(*self.reference)
         ci = dict(n=len(f), resamples=self.resamples, seed=self.seed)
         plug, draws = frechet(f), bootstrap(lambda i: frechet(f[i]), **ci)
         low, high = np.percentile(draws, [2.5, 97.5])

@@ -35,8 +35,6 @@ from lpd.schedules import group_sizes
 from lpd.tokenizer import make_tokenizer
 from lpd.train import TrainConfig, train
 
-__all__ = ["main", "build_parser", "run_demo", "format_table", "DemoInterrupted"]
-
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo.yaml")
 EDIT_SETTINGS = (("lpd", "one"), ("lpd", "schedule"), ("random", "one"))  # (order, prefill)
 # lpd.train.TrainConfig fields that the demo's flags set directly
@@ -72,20 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     a("--model_config", type=yaml_mapping, default=None)
     a("--tokenizer", default="palette")
     a("--vq_config", type=yaml_mapping, default=None)
-    for name, kind, default in (
-        ("epochs", int, 10),
-        ("batch_size", int, 32),
-        ("blr", float, 1e-4),
-        ("lr", float, None),
-        ("min_lr", float, 0.0),
-        ("warmup_epochs", float, 0.3),
-        ("lr_decay_start_epoch", float, 0.0),
-        ("weight_decay", float, 0.02),
-        ("grad_clip", float, 3.0),
-        ("seed", int, 0),
-        ("log_freq", int, 10),
-    ):
-        a(f"--{name}", type=kind, default=default)
+    a("--epochs", type=int, default=10)
+    a("--batch_size", type=int, default=32)
+    a("--blr", type=float, default=1e-4)
+    a("--lr", type=float, default=None)
+    a("--min_lr", type=float, default=0.0)
+    a("--warmup_epochs", type=float, default=0.3)
+    a("--lr_decay_start_epoch", type=float, default=0.0)
+    a("--weight_decay", type=float, default=0.02)
+    a("--grad_clip", type=float, default=3.0)
+    a("--seed", type=int, default=0)
+    a("--log_freq", type=int, default=10)
     a("--lr_schedule", default="cosine")
     a("--grad_checkpointing", action="store_true")
     a("--group_sizes_list", default=None)
@@ -131,8 +126,7 @@ def _check(args: argparse.Namespace) -> list[list[int]]:
 
 
 def train_demo(args: argparse.Namespace, device: torch.device, log) -> torch.nn.Module:
-    """Train into ``OUTPUT_DIR/train``, reusing a finished run of the same settings or resuming an
-    interrupted one."""
+    """Train into ``OUTPUT_DIR/train``; reuse a finished run of these settings, resume a cut one."""
     train_dir = os.path.join(args.output_dir, "train")
     fields = {k: getattr(args, k) for k in _TRAIN_FIELDS}
     config = TrainConfig(**fields, output_dir=train_dir, device=str(device), **DEMO_RUN)
@@ -156,8 +150,7 @@ def _save_grid(args: argparse.Namespace, name: str, images: list, ncol: int, **l
 
 
 def _ablation(args, model, judge: Judge, schedules: list[list[int]], device, log) -> list[dict]:
-    """Sample ``num_images`` digits (0-9 in turn) per order x steps setting and score them; one row
-    each."""
+    """Sample ``num_images`` digits (0-9 in turn) per order x steps setting; a score row each."""
     tokenizer = make_tokenizer(args.tokenizer, None, args.vq_config, args.seed, device)
     labels, rows, threads = np.arange(args.num_images) % 10, [], torch.get_num_threads()
     if args.decode_threads and device.type == "cpu":
@@ -181,23 +174,17 @@ def _ablation(args, model, judge: Judge, schedules: list[list[int]], device, log
 
 
 def edit_keep_masks(grid: int) -> dict[str, np.ndarray]:
-    """Known tokens ``[grid * grid]`` of each editing task: the top half, all but the centre box, the
-    box, the left third."""
+    """Known tokens ``[grid**2]`` per task: top half, all but a centre box, the box, left third."""
     box = np.zeros((grid, grid), bool)
     box[grid // 4 : grid - grid // 4, grid // 4 : grid - grid // 4] = True
     top, left = np.zeros((grid, grid), bool), np.zeros((grid, grid), bool)
     top[: grid // 2], left[:, : grid // 3] = True, True
-    return {
-        "inpaint_bottom": top.ravel(),
-        "inpaint_center": ~box.ravel(),
-        "outpaint": box.ravel(),
-        "class_edit": left.ravel(),
-    }
+    top, box, left = top.ravel(), box.ravel(), left.ravel()
+    return dict(inpaint_bottom=top, inpaint_center=~box, outpaint=box, class_edit=left)
 
 
 def _editing(args, model, judge: Judge, device: torch.device, log) -> list[dict[str, Any]]:
-    """Edit every held-out digit (as itself, or ``(digit + 5) % 10`` for ``class_edit``): a row per
-    setting, a grid per task."""
+    """Edit held-out digits (class_edit: to (digit + 5) % 10): a row per setting, a grid per task"""
     tokenizer = make_tokenizer(args.tokenizer, None, args.vq_config, args.seed, device)
     tokens, digits = load_digits_dataset("test", levels=_levels(args))
     n, bsz = args.edit_images or len(digits), args.eval_bsz
@@ -244,9 +231,7 @@ def run_demo(args: argparse.Namespace, log=print) -> dict[str, Any]:
     model = train_demo(args, device, log)
     lap("train")
     log("== 2/4 training the digit classifier (the judge)")
-    clf = train_classifier(
-        seed=args.seed, epochs=args.classifier_epochs, device=device, levels=levels
-    )
+    clf = train_classifier(args.seed, args.classifier_epochs, device, levels=levels)
     clf_acc = accuracy(clf, *load_digits_dataset("test", levels=levels))
     judge = Judge.held_out(clf, levels, resamples=args.resamples, seed=args.seed)
     log(f"classifier held-out accuracy: {clf_acc:.3f}")
@@ -256,9 +241,8 @@ def run_demo(args: argparse.Namespace, log=print) -> dict[str, Any]:
     lap("ablation")
     edits = []
     if args.editing:
-        log(
-            f"== 4/4 zero-shot editing of the held-out digits (lpd.editing), {args.edit_steps} steps"
-        )
+        stage = "== 4/4 zero-shot editing of the held-out digits (lpd.editing)"
+        log(f"{stage}, {args.edit_steps} steps")
         edits = _editing(args, model, judge, device, log)
         lap("editing")
     _plot(rows, os.path.join(out, "ablation.png"), args)
@@ -296,12 +280,9 @@ def _plot(rows: list[dict[str, Any]], path: str, args: argparse.Namespace) -> No
         panel("frechet", frechet, "frechet_debiased"),
         panel("seconds", f"seconds for {args.num_images} samples"),
     ]
-    line_chart(
-        path,
-        panels,
-        title=f"LPD digits demo: {args.num_images} samples per point, 95% bootstrap intervals; "
-        f"cfg {args.cfg}, temperature {args.temperature}, seed {args.seed}",
-    )
+    title = f"LPD digits demo: {args.num_images} samples per point, 95% bootstrap intervals; "
+    title += f"cfg {args.cfg}, temperature {args.temperature}, seed {args.seed}"
+    line_chart(path, panels, title=title)
 
 
 def _row(r: dict[str, Any]) -> str:

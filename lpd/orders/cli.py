@@ -27,14 +27,11 @@ from lpd.orders.generate import default_batch_size, lpd_batch, random_orders, ra
 from lpd.orders.source import OrderSource
 from lpd.schedules import group_sizes, num_tokens, parse_group_sizes
 
-__all__ = ["main", "build_parser"]
-
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m lpd.orders``."""
-    p = new_parser(
-        "python -m lpd.orders", "Write LPD generation orders (a JSON order file) or draw one (PNG)."
-    )
+    what = "Write LPD generation orders (a JSON order file) or draw one (PNG)."
+    p = new_parser("python -m lpd.orders", what)
     a = p.add_argument
     a("--img_size", type=int, default=256, help="image side in pixels (256 or 512 released)")
     a("--vqgan_stride", type=int, default=16, help="tokenizer down-sampling factor")

@@ -11,8 +11,6 @@ import numpy as np
 
 from lpd.files import atomic_write_bytes
 
-__all__ = ["load_orders", "save_orders", "OrderFileError", "check_order_rows"]
-
 
 class OrderFileError(ValueError):
     """An order file (or array) that is not a list of permutations of ``0..N-1``."""
@@ -62,14 +60,12 @@ def check_order_rows(rows: object, num: int, grid_size: int, source: str = "orde
         bad = np.flatnonzero((np.sort(arr, axis=1) != np.arange(n)).any(axis=1))
         if bad.size == 0:
             return arr.astype(np.int64, copy=False)
-        raise OrderFileError(
-            f"{source}: row {bad[0]}: {_row_problem(head[int(bad[0])], n, grid_size)}"
-        )
+        i = int(bad[0])
+        raise OrderFileError(f"{source}: row {i}: {_row_problem(head[i], n, grid_size)}")
     for i, row in enumerate(head):
         if (problem := _row_problem(row, n, grid_size)) is not None:
             raise OrderFileError(f"{source}: row {i}: {problem}")
-    # integer scalars of odd types
-    return np.array([list(r) for r in head], dtype=np.int64).reshape(num, n)
+    return np.array([list(r) for r in head], dtype=np.int64).reshape(num, n)  # odd int types
 
 
 _ALLOWED = b"0123456789, []\n\r\t"  # characters of the usual layout (no '-': negative entries go the slow way)
@@ -86,8 +82,7 @@ def _fast_rows(data: bytes, num: int, n: int) -> np.ndarray | None:
         return None
     out = np.empty((num, n), dtype=np.int64)
     for i, part in enumerate(parts[:num]):
-        # exactly n integers, one comma between each two
-        if part.count(b",") != n - 1 or not _ROW.fullmatch(part):
+        if part.count(b",") != n - 1 or not _ROW.fullmatch(part):  # n integers, n - 1 commas
             return None
         out[i] = np.fromstring(part.replace(b",", b" "), dtype=np.int64, sep=" ")
     return out
@@ -95,10 +90,8 @@ def _fast_rows(data: bytes, num: int, n: int) -> np.ndarray | None:
 
 def load_orders(path: str | os.PathLike, num: int, grid_size: int) -> np.ndarray:
     """The first ``num`` orders of an order file, validated, int64 ``[num, grid_size ** 2]`` (else OrderFileError)."""
-    if not all(
-        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= lo
-        for v, lo in ((num, 0), (grid_size, 1))
-    ):
+    ints = [isinstance(v, int | np.integer) and not isinstance(v, bool) for v in (num, grid_size)]
+    if not all(ints) or num < 0 or grid_size < 1:
         raise ValueError(
             f"num and grid_size must be integers >= 0 and >= 1, got {num!r} and {grid_size!r}"
         )

@@ -14,8 +14,6 @@ import numpy as np
 from lpd.config import check_seed
 from lpd.schedules import GroupSizeError, validate_group_sizes
 
-__all__ = ["lpd_orders", "random_orders", "raster_orders", "ORDER_KINDS"]
-
 #: How each position was chosen (``lpd_batch(..., return_kinds=True)``).
 ORDER_KINDS = {
     0: "step 0 (uniformly random position)",
@@ -60,9 +58,8 @@ def _step_keys(order_keys: np.ndarray, step: int, salt: int = 0) -> np.ndarray:
 
 @cache
 def _pos_mult(n: int) -> np.ndarray:
-    return (np.arange(n, dtype=np.uint64) * np.uint64(0x9E3779B9) & np.uint64(0xFFFFFFFF)).astype(
-        np.uint32
-    )
+    mult = np.arange(n, dtype=np.uint64) * np.uint64(0x9E3779B9) & np.uint64(0xFFFFFFFF)
+    return mult.astype(np.uint32)
 
 
 def _key32(step_keys: np.ndarray) -> np.ndarray:
@@ -177,12 +174,10 @@ class _Grid:
         self.unpad[self.pidx] = np.arange(n)
         dy, dx = np.meshgrid(np.arange(-radius, radius + 1), np.arange(-radius, radius + 1))
         self.window = (dy * p + dx).ravel()
-        # fallback keys ``d2 << 20 | priority``
-        self.key_dtype = np.int32 if g <= _INT32_KEY_MAX_G else np.int64
+        self.key_dtype = np.int32 if g <= _INT32_KEY_MAX_G else np.int64  # d2 << 20 | priority
         assert g > _INT32_KEY_MAX_G or (2 * (g - 1) ** 2 + 1) << _TIE_BITS < 2**31
         self.taken = -(2**31) if self.key_dtype == np.int32 else -(2**62)
-        # int16 [n, n] squared distances, and shifted into key position
-        self.tables = n <= _TABLE_MAX_N
+        self.tables = n <= _TABLE_MAX_N  # int16 [n, n] d2 tables and their keys
         if self.tables:
             d2 = (rows[:, None] - rows[None, :]) ** 2 + (cols[:, None] - cols[None, :]) ** 2
             self._d2, self._d2_key = d2.astype(np.int16), (d2 << _TIE_BITS).astype(self.key_dtype)
@@ -273,9 +268,8 @@ _grid = lru_cache(maxsize=16)(_Grid)
 def _code_tables(proximity_threshold: float, taken: int) -> np.ndarray:
     """Fallback tie priority of proximity codes 0..255: ``(63 - ((score >= τp) << 5 | walk rank)) << 14``, or taken."""
     tie = np.full(256, taken, dtype=np.int64)
-    tie[:25] = (
-        63 - (((_CODE_VALUE >= proximity_threshold).astype(np.int64) << 5) | _CODE_RANK)
-    ) << (_TIE_BITS - 6)
+    group = ((_CODE_VALUE >= proximity_threshold).astype(np.int64) << 5) | _CODE_RANK
+    tie[:25] = (63 - group) << (_TIE_BITS - 6)
     return tie
 
 
@@ -481,11 +475,9 @@ def lpd_orders(
         )
     bs = _check_count("batch_size", default_batch_size(n) if batch_size is None else batch_size, 1)
     out = np.empty((num, m), dtype=np.int64)
-    for b0 in range(0, num, bs):
-        part = None if known is None else known[b0 : b0 + bs]
-        out[b0 : b0 + bs] = lpd_batch(
-            idx_all[b0 : b0 + bs], seed, sizes, grid_size, tp, tr, known=part
-        )
+    for b in (slice(b0, b0 + bs) for b0 in range(0, num, bs)):
+        part = None if known is None else known[b]
+        out[b] = lpd_batch(idx_all[b], seed, sizes, grid_size, tp, tr, known=part)
     return out
 
 

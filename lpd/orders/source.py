@@ -10,8 +10,6 @@ from lpd.config import check_order
 from lpd.orders.files import check_order_rows
 from lpd.orders.generate import lpd_orders, random_orders, raster_orders
 
-__all__ = ["OrderSource"]
-
 
 class OrderSource:
     """Orders of image indices for one run: ``kind`` lpd / random / raster, or rows of ``table``."""

@@ -11,8 +11,6 @@ import numpy as np
 from lpd.orders.files import check_order_rows
 from lpd.schedules import validate_group_sizes
 
-__all__ = ["order_statistics", "RELEASED_STATISTICS"]
-
 #: The released generator (300 orders at 256 px / 20 steps, 40 at 512 px / 48) and random orders.
 RELEASED_STATISTICS = {
     "256/20 tau_r=2": {"context_support": 3.570, "group_spread": 3.667, "close_pairs": 0.041},
@@ -33,12 +31,8 @@ def order_statistics(
     centre = step_grid[:, 1:-1, 1:-1]
     steps = np.repeat(np.arange(len(sizes)), sizes)[np.argsort(orders, axis=1)]
     centre[...] = steps.reshape(num, g, g)
-    support = sum(
-        step_grid[:, 1 + dy : 1 + dy + g, 1 + dx : 1 + dx + g] < centre
-        for dy in (-1, 0, 1)
-        for dx in (-1, 0, 1)
-        if dy or dx
-    )
+    shifts = [(y, x) for y in (-1, 0, 1) for x in (-1, 0, 1) if y or x]
+    support = sum(step_grid[:, 1 + y : 1 + y + g, 1 + x : 1 + x + g] < centre for y, x in shifts)
     later = centre >= 1
     context = float(support[later].mean()) if later.any() else float("nan")
     rows, cols = np.divmod(orders, g)

@@ -10,8 +10,6 @@ from PIL import Image, ImageDraw, ImageFont
 from lpd.orders.files import check_order_rows
 from lpd.schedules import validate_group_sizes
 
-__all__ = ["render_order", "step_colours"]
-
 # Anchor colours (hex RGB) of a dark-blue -> teal -> green -> yellow ramp (perceptually ordered).
 _HEX = "30123b 4145ab 3978dc 1daabe 28cc82 8cdc3c dcd22d faaa28"
 _RAMP = np.array([list(bytes.fromhex(h)) for h in _HEX.split()], np.float64)
@@ -57,8 +55,7 @@ def render_order(
     n = grid_size * grid_size
     order = check_order_rows(np.asarray(order)[None], 1, grid_size, "order")[0]
     sizes = validate_group_sizes(group_sizes, n)
-    k_steps = len(sizes)
-    slot = np.argsort(order)  # position -> index in the order
+    k_steps, slot = len(sizes), np.argsort(order)  # slot: position -> index in the order
     step_at = np.repeat(np.arange(k_steps), sizes)[slot]
     fallback = np.zeros(n, dtype=bool) if kinds is None else (np.asarray(kinds) >= 2)[slot]
     cell = cell or max(8, min(40, 512 // grid_size))
@@ -81,12 +78,9 @@ def render_order(
         if cell >= 14:
             lum = 0.299 * colours[s][0] + 0.587 * colours[s][1] + 0.114 * colours[s][2]
             l, t, r, b = draw.textbbox((0, 0), str(s), font=f_cell)  # centred in the cell
-            draw.text(
-                ((box[0] + box[2] + 1 - r - l) / 2, (box[1] + box[3] + 1 - b - t) / 2),
-                str(s),
-                font=f_cell,
-                fill=(0, 0, 0) if lum > 140 else (255, 255, 255),
-            )
+            at = ((box[0] + box[2] + 1 - r - l) / 2, (box[1] + box[3] + 1 - b - t) / 2)
+            ink = (0, 0, 0) if lum > 140 else (255, 255, 255)
+            draw.text(at, str(s), font=f_cell, fill=ink)
         if fallback[p] and cell < 14:
             q = max(1, cell // 6)
             cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
