@@ -21,9 +21,7 @@ from lpd.tokenizer.palette import DEFAULT_LEVELS, images_to_uint8
 class DigitClassifier(nn.Module):
     """Three 3x3 convolutions (two of stride 2) and two linear layers over a ``grid_size``-square grid."""
 
-    def __init__(
-        self, levels=DEFAULT_LEVELS, grid_size=GRID_SIZE, feature_dim=64, width=16
-    ) -> None:
+    def __init__(self, levels=DEFAULT_LEVELS, grid_size=GRID_SIZE, feature_dim=64, width=16):
         super().__init__()
         self.grid_size, self.feature_dim = grid_size, feature_dim
         # the grey of each token as the decoded uint8 image has it, in [0, 1]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -39,13 +37,7 @@ def _cells(x: int, y: int, size: int, grid_size: int):  # (position, box) of eve
 
 
 def render_order(
-    order: Sequence[int],
-    group_sizes: Sequence[int],
-    grid_size: int,
-    steps_shown: int = 6,
-    cell: int | None = None,
-    kinds: Sequence[int] | None = None,
-    title: str | None = None,
+    order, group_sizes, grid_size: int, steps_shown=6, cell=None, kinds=None, title=None
 ) -> Image.Image:
     """An RGB image of ``order`` (raster indices in generation order) split by ``group_sizes``.
 
