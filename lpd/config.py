@@ -6,15 +6,12 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import yaml
-
-__all__ = ["ConfigError", "load_config", "parse_args_with_config"]
-
 
 ORDERS = ("lpd", "random", "raster")  # the generation orders
 
@@ -23,9 +20,15 @@ class ConfigError(ValueError):
     """A config file or flag value that cannot be used."""
 
 
+def new_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The parser of an entry point: no abbreviated flags, :class:`HelpFormatter`."""
+    return argparse.ArgumentParser(
+        prog=prog, description=description, allow_abbrev=False, formatter_class=HelpFormatter
+    )
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """``--help`` keeps the description's lines and shows each option's default (unless None, off
-    or already said)."""
+    """``--help`` keeps the description's lines; options show a default unless None, off, said."""
 
     def _format_action(self, action: argparse.Action) -> str:
         d, text = action.default, action.help or ""
@@ -70,15 +73,15 @@ def yaml_mapping(text: str | dict) -> dict[str, Any]:
     return value
 
 
+_SWITCHES = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)
+
+
 def _check_value(action: argparse.Action, value: Any, path: str) -> Any:
     """A config value as the flag would give it; wrong types are a :class:`ConfigError`."""
     if value is None:
         return value
     where = f"--config {path!r}: {action.dest}"
-    if isinstance(
-        action,
-        (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction),
-    ):
+    if isinstance(action, _SWITCHES):
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false (unquoted), got {value!r}")
         return value
@@ -87,11 +90,9 @@ def _check_value(action: argparse.Action, value: Any, path: str) -> Any:
             raise ConfigError(f"{where} must be a mapping, got {value!r}")
         return value
     if action.type in (int, float) and not isinstance(value, str):
-        ok = isinstance(value, int) if action.type is int else isinstance(value, (int, float))
-        if isinstance(value, bool) or not ok:
-            raise ConfigError(
-                f"{where} must be {'an integer' if action.type is int else 'a number'}, got {value!r}"
-            )
+        kind, what = ((int,), "an integer") if action.type is int else ((int, float), "a number")
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ConfigError(f"{where} must be {what}, got {value!r}")
         value = action.type(value)
     if action.choices is not None and value not in action.choices:
         raise ConfigError(f"{where} must be one of {list(action.choices)}, got {value!r}")
@@ -99,10 +100,7 @@ def _check_value(action: argparse.Action, value: Any, path: str) -> Any:
 
 
 def parse_args_with_config(
-    parser: argparse.ArgumentParser,
-    argv: Sequence[str] | None = None,
-    also_known: argparse.ArgumentParser | None = None,
-    take: Collection[str] | None = None,
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None = None, also_known=None, take=None
 ) -> argparse.Namespace:
     """Parse ``argv``; values of ``--config FILE`` become defaults that flags override. Of a config of another entry
     point (``also_known``, its parser; none: any) only the keys in ``take`` (default: every flag of ``parser``) are used."""
@@ -144,13 +142,7 @@ def check_positive(value: Any, flag: str, error: type[Exception] = ConfigError) 
     return int(value)
 
 
-def check_labels(
-    labels: Any,
-    num: int,
-    class_num: int,
-    flag: str = "labels",
-    error: type[Exception] = ConfigError,
-) -> np.ndarray:
+def check_labels(labels, num: int, class_num: int, flag="labels", error=ConfigError) -> np.ndarray:
     """``num`` class indices in ``0..class_num-1`` (a sequence, array or tensor) as int64, else
     ``error`` naming ``flag``."""
     arr = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
@@ -171,7 +163,6 @@ def check_order(order: Any, flag: str = "--order") -> str:
 
 def derive_seed(seed: int, *keys: int) -> int:
     """A 63-bit seed that depends only on ``(seed, *keys)`` (non-negative integers)."""
-    words = np.random.SeedSequence([int(seed), *(int(k) for k in keys)]).generate_state(
-        2, np.uint32
-    )
+    sequence = np.random.SeedSequence([int(seed), *(int(k) for k in keys)])
+    words = sequence.generate_state(2, np.uint32)
     return (int(words[0]) << 31) ^ int(words[1])

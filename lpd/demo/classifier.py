@@ -17,27 +17,16 @@ from torch import Tensor, nn
 from lpd.demo.digits import GRID_SIZE, NUM_CLASSES, load_digits_dataset
 from lpd.tokenizer.palette import DEFAULT_LEVELS, images_to_uint8
 
-__all__ = ["DigitClassifier", "train_classifier", "accuracy", "bootstrap_ci", "Judge"]
-
 
 class DigitClassifier(nn.Module):
     """Three 3x3 convolutions (two of stride 2) and two linear layers over a ``grid_size``-square grid."""
 
-    def __init__(
-        self,
-        levels: int = DEFAULT_LEVELS,
-        grid_size: int = GRID_SIZE,
-        feature_dim: int = 64,
-        width: int = 16,
-    ) -> None:
+    def __init__(self, levels=DEFAULT_LEVELS, grid_size=GRID_SIZE, feature_dim=64, width=16):
         super().__init__()
         self.grid_size, self.feature_dim = grid_size, feature_dim
         # the grey of each token as the decoded uint8 image has it, in [0, 1]
-        self.register_buffer(
-            "grey",
-            images_to_uint8(torch.linspace(-1.0, 1.0, levels)).float() / 255,
-            persistent=False,
-        )
+        grey = images_to_uint8(torch.linspace(-1.0, 1.0, levels)).float() / 255
+        self.register_buffer("grey", grey, persistent=False)
         self.conv1 = nn.Conv2d(1, width, 3, stride=2, padding=1)
         self.conv2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
         self.conv3 = nn.Conv2d(2 * width, 2 * width, 3, padding=1)
@@ -46,38 +35,23 @@ class DigitClassifier(nn.Module):
 
     def tokens_to_input(self, tokens: Tensor) -> Tensor:
         """Token grids ``[B, G, G]`` or raster ``[B, G*G]`` -> network input ``[B, 1, G, G]`` in ``[0, 1]``."""
-        return self.grey[
-            tokens.to(self.grey.device).reshape(len(tokens), 1, self.grid_size, self.grid_size)
-        ]
+        g = self.grid_size
+        return self.grey[tokens.to(self.grey.device).reshape(len(tokens), 1, g, g)]
 
     def images_to_input(self, images: Tensor) -> Tensor:
         """uint8 images ``[B, 3, H, W]`` -> network input ``[B, 1, G, G]``: each cell's mean over pixels and channels."""
         if not isinstance(images, Tensor) or images.dtype != torch.uint8:
             raise TypeError("images must be a torch.uint8 tensor [B, 3, H, W]")
-        h, w = images.shape[-2:]
-        if (
-            images.dim() != 4
-            or images.shape[1] != 3
-            or not h
-            or h % self.grid_size
-            or not w
-            or w % self.grid_size
-        ):
+        (h, w), g = images.shape[-2:], self.grid_size
+        if images.dim() != 4 or images.shape[1] != 3 or not h or h % g or not w or w % g:
             raise ValueError(
-                f"images must be [B, 3, H, W] with H, W multiples of {self.grid_size}, got {tuple(images.shape)}"
+                f"images must be [B, 3, H, W] with H, W multiples of {g}, got {tuple(images.shape)}"
             )
-        kernel = (h // self.grid_size, w // self.grid_size)
-        chunks = [
-            F.avg_pool2d(
-                images[i : i + 64].to(self.grey.device).float().mean(1, keepdim=True), kernel
-            )
-            for i in range(0, len(images), 64)
-        ]  # bounds the float copy
-        return (
-            torch.cat(chunks).div_(255.0)
-            if chunks
-            else images.new_empty((0, 1, self.grid_size, self.grid_size), dtype=torch.float32)
-        )
+        if not len(images):
+            return images.new_empty((0, 1, g, g), dtype=torch.float32)
+        grey = lambda x: x.to(self.grey.device).float().mean(1, keepdim=True)  # noqa: E731
+        # 64 at a time: bounds the float copy
+        return torch.cat([F.avg_pool2d(grey(x), (h // g, w // g)) for x in images.split(64)]) / 255
 
     def embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Network input -> ``(features [B, feature_dim], logits [B, 10])``; features before the ReLU (full-rank)."""
@@ -130,22 +104,18 @@ def train_classifier(
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = DigitClassifier(
-                levels, tokens.shape[-1] if tokens.dim() == 3 else math.isqrt(tokens.shape[-1])
-            )
+            side = tokens.shape[-1] if tokens.dim() == 3 else math.isqrt(tokens.shape[-1])
+            model = DigitClassifier(levels, side)
         model.to(device).train()
         generator = torch.Generator().manual_seed(seed)
         inputs, targets = model.tokens_to_input(tokens).cpu(), labels.long().cpu()
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, epochs * math.ceil(len(inputs) / batch_size)
-        )
+        total = epochs * math.ceil(len(inputs) / batch_size)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
         for _ in range(epochs):
-            order = torch.randperm(len(inputs), generator=generator)
-            for idx in order.split(batch_size):
-                loss = F.cross_entropy(
-                    model(_shift(inputs[idx], generator).to(device)), targets[idx].to(device)
-                )
+            for idx in torch.randperm(len(inputs), generator=generator).split(batch_size):
+                logits = model(_shift(inputs[idx], generator).to(device))
+                loss = F.cross_entropy(logits, targets[idx].to(device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -160,22 +130,13 @@ def accuracy(model: DigitClassifier, tokens: Tensor, labels: Tensor) -> float:
     return float((model.predict_tokens(tokens).argmax(-1).cpu() == labels.cpu()).float().mean())
 
 
-def bootstrap(
-    statistic: Callable[[np.ndarray], float], n: int, resamples: int = 1000, seed: int = 0
-) -> np.ndarray:
+def bootstrap(statistic: Callable, n: int, resamples: int = 1000, seed: int = 0) -> np.ndarray:
     """``statistic(indices)`` of ``resamples`` draws of ``n`` of ``range(n)`` with replacement (seeded)."""
     rng = np.random.default_rng(seed)
     return np.array([statistic(rng.integers(0, n, n)) for _ in range(resamples)])
 
 
-def bootstrap_ci(
-    statistic: Callable[[np.ndarray], float],
-    n: int,
-    resamples: int = 1000,
-    seed: int = 0,
-    *,
-    basic: bool = False,
-) -> list[float]:
+def bootstrap_ci(statistic: Callable, n: int, resamples=1000, seed=0, *, basic=False) -> list:
     """95% interval: the percentiles 2.5 and 97.5 of :func:`bootstrap`, or with ``basic`` ``2 * statistic(all) -
     percentiles``, for a statistic that resampling biases (the Fréchet distance)."""
     lo, hi = np.percentile(bootstrap(statistic, n, resamples, seed), [2.5, 97.5])
@@ -209,25 +170,20 @@ class Judge:
     seed: int = 0
 
     @classmethod
-    def held_out(
-        cls, classifier: DigitClassifier, levels: int = DEFAULT_LEVELS, **kwargs: Any
-    ) -> Judge:
+    def held_out(cls, classifier: DigitClassifier, levels=DEFAULT_LEVELS, **kwargs: Any) -> Judge:
         """A judge whose reference is the held-out digits (their token grids: identical network inputs)."""
         tokens, _ = load_digits_dataset("test", classifier.grid_size, levels)
         with torch.no_grad():
             f = classifier.embed(classifier.tokens_to_input(tokens))[0].cpu().double().numpy()
         return cls(classifier, (f.mean(0), np.cov(f, rowvar=False)), **kwargs)
 
-    def score(
-        self, images: np.ndarray | Tensor, labels: np.ndarray | Sequence[int]
-    ) -> dict[str, Any]:
+    def score(self, images: np.ndarray | Tensor, labels: np.ndarray | Sequence[int]) -> dict:
         """uint8 images ``[n, H, W, 3]`` meant to show digits ``labels`` -> ``{"num_images", "accuracy",
         "accuracy_ci95", "frechet" (plug-in), "frechet_debiased", "frechet_ci95"}`` (intervals ``[low, high]``)."""
         images = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2)
         feats, logits = self.classifier.features(images)
         correct = logits.argmax(-1).cpu().numpy() == np.asarray(labels)
-        f = feats.cpu().double().numpy()
-        frechet = frechet_to(*self.reference)
+        f, frechet = feats.cpu().double().numpy(), frechet_to(*self.reference)
         ci = dict(n=len(f), resamples=self.resamples, seed=self.seed)
         plug, draws = frechet(f), bootstrap(lambda i: frechet(f[i]), **ci)
         low, high = np.percentile(draws, [2.5, 97.5])

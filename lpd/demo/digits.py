@@ -11,11 +11,8 @@ from importlib import resources
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 
 from lpd.tokenizer.palette import DEFAULT_LEVELS, PaletteTokenizer
-
-__all__ = ["GRID_SIZE", "NUM_CLASSES", "load_raw_digits", "split_indices", "load_digits_dataset"]
 
 NUM_CLASSES = 10
 GRID_SIZE = 16
@@ -31,8 +28,8 @@ def load_raw_digits() -> tuple[np.ndarray, np.ndarray]:
         raise RuntimeError(
             f"corrupt {path}: images {images.shape}, labels {labels.shape}; reinstall lpd"
         )
-    images.setflags(write=False)
-    labels.setflags(write=False)
+    for array in (images, labels):
+        array.setflags(write=False)
     return images, labels
 
 
@@ -44,22 +41,18 @@ def split_indices(split: str = "train") -> np.ndarray:
     held_out = np.zeros(len(labels), dtype=bool)
     for digit in range(NUM_CLASSES):
         held_out[np.flatnonzero(labels == digit)[4::5]] = True
-    return np.flatnonzero(
-        {"train": ~held_out, "test": held_out, "all": np.ones_like(held_out)}[split]
-    )
+    chosen = {"train": ~held_out, "test": held_out, "all": np.ones_like(held_out)}[split]
+    return np.flatnonzero(chosen)
 
 
-def load_digits_dataset(
-    split: str = "train", grid_size: int = GRID_SIZE, levels: int = DEFAULT_LEVELS
-) -> tuple[Tensor, Tensor]:
+def load_digits_dataset(split="train", grid_size=GRID_SIZE, levels=DEFAULT_LEVELS) -> tuple:
     """``(tokens int64 [M, grid_size, grid_size] in [0, levels), labels int64 [M])`` of a split."""
     if isinstance(grid_size, bool) or not isinstance(grid_size, int) or grid_size < 2:
         raise ValueError(f"grid_size must be an integer >= 2, got {grid_size!r}")
     images, labels = load_raw_digits()
     idx = split_indices(split)
     x = torch.from_numpy(images[idx]).float().div_(16.0).unsqueeze(1)
-    x = F.interpolate(
-        x, size=(grid_size, grid_size), mode="bicubic", antialias=grid_size < 8
-    ).clamp_(0.0, 1.0)
+    size = (grid_size, grid_size)
+    x = F.interpolate(x, size=size, mode="bicubic", antialias=grid_size < 8).clamp_(0.0, 1.0)
     tokens = PaletteTokenizer(levels, patch=1).encode(x.mul_(2.0).sub_(1.0).expand(-1, 3, -1, -1))
     return tokens, torch.from_numpy(labels[idx].copy())

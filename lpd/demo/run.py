@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import os
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -20,49 +20,41 @@ from typing import Any
 import numpy as np
 import torch
 
-from lpd.config import HelpFormatter, parse_args_with_config, yaml_mapping
+from lpd.config import new_parser, parse_args_with_config, yaml_mapping
 from lpd.demo.classifier import Judge, accuracy, train_classifier
-from lpd.sampling import ORDERS, SamplingConfig, add_sampling_args, sampling_from_args
-
-__all__ = ["main", "build_parser", "run_demo", "format_table", "DemoInterrupted"]
+from lpd.demo.common import DEMO_RUN, DemoInterrupted, reuse_run, run_main
+from lpd.demo.digits import load_digits_dataset
+from lpd.distributed import DistInfo
+from lpd.editing import edit_tokens
+from lpd.evaluate import RunSpec, generate_images
+from lpd.files import atomic_write_bytes
+from lpd.images import save_grid
+from lpd.plotting import line_chart
+from lpd.sampling import (
+    ORDERS,
+    SamplingConfig,
+    add_sampling_args,
+    decode_tokens,
+    sampling_from_args,
+)
+from lpd.schedules import group_sizes
+from lpd.tokenizer import make_tokenizer
+from lpd.train import TrainConfig, train
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo.yaml")
-EDIT_SETTINGS = (
-    ("lpd", "one"),
-    ("lpd", "schedule"),
-    ("random", "one"),
-)  # (order of the unknown part, prefill)
+EDIT_SETTINGS = (("lpd", "one"), ("lpd", "schedule"), ("random", "one"))  # (order, prefill)
 # lpd.train.TrainConfig fields that the demo's flags set directly
-_TRAIN_FIELDS = (
-    "model",
-    "img_size",
-    "model_config",
-    "tokenizer",
-    "vq_config",
-    "epochs",
-    "batch_size",
-    "blr",
-    "lr",
-    "min_lr",
-    "lr_schedule",
-    "warmup_epochs",
-    "lr_decay_start_epoch",
-    "weight_decay",
-    "grad_clip",
-    "seed",
-    "bf16",
-    "grad_checkpointing",
-    "group_sizes_list",
-    "log_freq",
+_TRAIN_FIELDS = tuple(
+    "model img_size model_config tokenizer vq_config epochs batch_size blr lr min_lr lr_schedule "
+    "warmup_epochs lr_decay_start_epoch weight_decay grad_clip seed bf16 grad_checkpointing "
+    "group_sizes_list log_freq".split()
 )
+# flags checked to be at least 1 (num_images: 2) before any work
+_AT_LEAST_ONE = "epochs classifier_epochs num_images resamples eval_bsz grid_images edit_steps"
 
 
 def _levels(args: argparse.Namespace) -> int:
     return int((args.vq_config or {}).get("levels", 4))
-
-
-class DemoInterrupted(RuntimeError):
-    """Training stopped on a signal after saving; rerunning the demo resumes it."""
 
 
 def _list(kind: type):
@@ -70,115 +62,65 @@ def _list(kind: type):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        allow_abbrev=False,
-        prog="python -m lpd.demo",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=HelpFormatter,
-    )
-    p.add_argument(
-        "--config",
-        default=os.path.normpath(DEFAULT_CONFIG),
-        help="YAML file of defaults (flags override it)",
-    )
-    p.add_argument("--output_dir", default="outputs/demo")
-    p.add_argument(
-        "--task",
-        choices=["class", "t2i"],
-        default="class",
-        help="t2i: the text-to-image testbed (python -m lpd.demo --task t2i --help)",
-    )
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
-    p.add_argument("--model", default=None, help="a preset name, or none: model_config alone")
-    p.add_argument("--img_size", type=int, default=256)
-    p.add_argument("--model_config", type=yaml_mapping, default=None)
-    p.add_argument("--tokenizer", default="palette")
-    p.add_argument("--vq_config", type=yaml_mapping, default=None)
-    for name, kind, default in (
-        ("epochs", int, 10),
-        ("batch_size", int, 32),
-        ("blr", float, 1e-4),
-        ("lr", float, None),
-        ("min_lr", float, 0.0),
-        ("warmup_epochs", float, 0.3),
-        ("lr_decay_start_epoch", float, 0.0),
-        ("weight_decay", float, 0.02),
-        ("grad_clip", float, 3.0),
-        ("seed", int, 0),
-        ("log_freq", int, 10),
-    ):
-        p.add_argument(f"--{name}", type=kind, default=default)
-    p.add_argument("--lr_schedule", default="cosine")
-    p.add_argument("--grad_checkpointing", action="store_true")
-    p.add_argument("--group_sizes_list", default=None)
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument(
-        "--max_train_samples",
-        type=int,
-        default=0,
-        help="use only the first N training digits (0: all)",
-    )
-    p.add_argument("--classifier_epochs", type=int, default=10)
-    p.add_argument("--orders", type=_list(str), default=list(ORDERS))
-    p.add_argument("--steps", type=_list(int), default=[8, 12, 20, 32, 256])
-    p.add_argument(
-        "--num_images", type=int, default=500, help="samples per setting (the digits 0-9 in turn)"
-    )
-    p.add_argument(
-        "--resamples", type=int, default=1000, help="bootstrap resamples per 95%% interval"
-    )
-    p.add_argument("--eval_bsz", type=int, default=100)
-    add_sampling_args(
-        p, SamplingConfig(cfg=5.0, repulsion_threshold=2.0), exclude=("order", "bf16")
-    )
-    p.add_argument(
-        "--grid_images", type=int, default=40, help="samples shown in each setting's grid PNG"
-    )
-    p.add_argument(
-        "--editing",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="the zero-shot editing stage",
-    )
-    p.add_argument(
-        "--edit_steps",
-        type=int,
-        default=8,
-        help="decoding steps for the regenerated tokens of an edit",
-    )
-    p.add_argument(
-        "--edit_images", type=int, default=0, help="held-out digits edited per task (0: all 355)"
-    )
-    p.add_argument(
-        "--decode_threads",
-        type=int,
-        default=1,
-        help="torch CPU threads while sampling (0: leave as is); one is fastest on a busy machine",
-    )
+    p = new_parser("python -m lpd.demo", __doc__.split("\n\n")[0])
+    a = p.add_argument
+    config = os.path.normpath(DEFAULT_CONFIG)
+    a("--config", default=config, help="YAML file of defaults (flags override it)")
+    a("--output_dir", default="outputs/demo")
+    t2i = "t2i: the text-to-image testbed (python -m lpd.demo --task t2i --help)"
+    a("--task", choices=["class", "t2i"], default="class", help=t2i)
+    a("--device", default="cpu")
+    a("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    a("--model", default=None, help="a preset name, or none: model_config alone")
+    a("--img_size", type=int, default=256)
+    a("--model_config", type=yaml_mapping, default=None)
+    a("--tokenizer", default="palette")
+    a("--vq_config", type=yaml_mapping, default=None)
+    a("--epochs", type=int, default=10)
+    a("--batch_size", type=int, default=32)
+    a("--blr", type=float, default=1e-4)
+    a("--lr", type=float, default=None)
+    a("--min_lr", type=float, default=0.0)
+    a("--warmup_epochs", type=float, default=0.3)
+    a("--lr_decay_start_epoch", type=float, default=0.0)
+    a("--weight_decay", type=float, default=0.02)
+    a("--grad_clip", type=float, default=3.0)
+    a("--seed", type=int, default=0)
+    a("--log_freq", type=int, default=10)
+    a("--lr_schedule", default="cosine")
+    a("--grad_checkpointing", action="store_true")
+    a("--group_sizes_list", default=None)
+    a("--bf16", action="store_true")
+    first = "use only the first N training digits (0: all)"
+    a("--max_train_samples", type=int, default=0, help=first)
+    a("--classifier_epochs", type=int, default=10)
+    a("--orders", type=_list(str), default=list(ORDERS))
+    a("--steps", type=_list(int), default=[8, 12, 20, 32, 256])
+    a("--num_images", type=int, default=500, help="samples per setting (the digits 0-9 in turn)")
+    a("--resamples", type=int, default=1000, help="bootstrap resamples per 95%% interval")
+    a("--eval_bsz", type=int, default=100)
+    paper = SamplingConfig(cfg=5.0, repulsion_threshold=2.0)
+    add_sampling_args(p, paper, exclude=("order", "bf16"))
+    a("--grid_images", type=int, default=40, help="samples shown in each setting's grid PNG")
+    on = argparse.BooleanOptionalAction
+    a("--editing", action=on, default=True, help="the zero-shot editing stage")
+    steps = "decoding steps for the regenerated tokens of an edit"
+    a("--edit_steps", type=int, default=8, help=steps)
+    a("--edit_images", type=int, default=0, help="held-out digits edited per task (0: all 355)")
+    threads = "torch CPU threads while sampling (0: leave as is); one is fastest on a busy machine"
+    a("--decode_threads", type=int, default=1, help=threads)
     return p
 
 
 def _check(args: argparse.Namespace) -> list[list[int]]:
     """Validate the flags before any work; returns the group sizes of each ``--steps`` value."""
-    from lpd.schedules import group_sizes
-
     bad = [o for o in args.orders if o not in ORDERS]
     if bad or not args.orders:
         raise ValueError(f"--orders: unknown or no orders {bad}; choose from {', '.join(ORDERS)}")
-    for flag in (
-        "epochs",
-        "classifier_epochs",
-        "num_images",
-        "resamples",
-        "eval_bsz",
-        "grid_images",
-        "edit_steps",
-    ):
-        if getattr(args, flag) < (2 if flag == "num_images" else 1):
-            raise ValueError(
-                f"--{flag} must be at least {2 if flag == 'num_images' else 1}, got {getattr(args, flag)}"
-            )
+    for flag in _AT_LEAST_ONE.split():
+        least = 2 if flag == "num_images" else 1
+        if getattr(args, flag) < least:
+            raise ValueError(f"--{flag} must be at least {least}, got {getattr(args, flag)}")
     if importlib.util.find_spec("matplotlib") is None:
         raise ValueError(
             "the demo draws its chart with matplotlib, which is missing: pip install matplotlib"
@@ -189,45 +131,8 @@ def _check(args: argparse.Namespace) -> list[list[int]]:
         raise ValueError(f"--steps {args.steps}: {e}") from None
 
 
-#: TrainConfig fields of the demos' training runs: one process, no checkpoints but the last
-DEMO_RUN = dict(num_workers=0, pin_mem=False, save_every_steps=0, save_every_epochs=0, eval_freq=0)
-
-
-def reuse_run(config: Any, signature: dict[str, Any], device: torch.device, log) -> Any:
-    """The model of a finished run of ``signature`` in ``config.output_dir``, else None (an
-    interrupted one: ``config.resume`` set); a run of other settings is refused."""
-    from lpd.files import atomic_write_bytes, load_checkpoint
-    from lpd.models import load_lpd
-
-    out, signature = config.output_dir, json.loads(json.dumps(signature))
-    last, sig_path = (os.path.join(out, n) for n in ("checkpoint-last.pth", "demo_signature.json"))
-    if os.path.isfile(last):
-        saved = None
-        if os.path.isfile(sig_path):
-            with open(sig_path, encoding="utf-8") as f:
-                saved = json.load(f)
-        if saved != signature:
-            raise ValueError(
-                f"{out} holds a training run of other settings; use another --output_dir "
-                f"or delete {out} to train again"
-            )
-        ckpt = load_checkpoint(last)
-        if ckpt["epoch"] + 1 >= config.epochs and ckpt["step"] >= ckpt["steps_per_epoch"]:
-            log(f"reusing the trained model in {out}")
-            return load_lpd(last).to(device).eval()
-        log(f"resuming the interrupted training run in {out}")
-        config.resume = out
-    os.makedirs(out, exist_ok=True)
-    atomic_write_bytes(sig_path, lambda f: f.write(json.dumps(signature).encode()))
-    return None
-
-
 def train_demo(args: argparse.Namespace, device: torch.device, log) -> torch.nn.Module:
-    """Train into ``OUTPUT_DIR/train``, reusing a finished run of the same settings or resuming an interrupted one."""
-    from lpd.demo.digits import load_digits_dataset
-    from lpd.distributed import DistInfo
-    from lpd.train import TrainConfig, train
-
+    """Train into ``OUTPUT_DIR/train``; reuse a finished run of these settings, resume a cut one."""
     train_dir = os.path.join(args.output_dir, "train")
     fields = {k: getattr(args, k) for k in _TRAIN_FIELDS}
     config = TrainConfig(**fields, output_dir=train_dir, device=str(device), **DEMO_RUN)
@@ -245,137 +150,79 @@ def train_demo(args: argparse.Namespace, device: torch.device, log) -> torch.nn.
     return result.model.eval()
 
 
-def _ablation(
-    args: argparse.Namespace,
-    model: torch.nn.Module,
-    judge: Judge,
-    schedules: list[list[int]],
-    device: torch.device,
-    log,
-) -> list[dict[str, Any]]:
-    """Sample ``num_images`` digits (0-9 in turn) per order x steps setting and score them; one row each."""
-    from lpd.evaluate import RunSpec, generate_images
-    from lpd.images import save_grid
-    from lpd.tokenizer import make_tokenizer
+def _save_grid(args: argparse.Namespace, name: str, images: list, ncol: int, **labels) -> None:
+    path = os.path.join(args.output_dir, "samples", f"{name}.png")
+    save_grid(path, images, ncol=ncol, max_tile=64, **labels)
 
+
+def _ablation(args, model, judge: Judge, schedules: list[list[int]], device, log) -> list[dict]:
+    """Sample ``num_images`` digits (0-9 in turn) per order x steps setting; a score row each."""
     tokenizer = make_tokenizer(args.tokenizer, None, args.vq_config, args.seed, device)
-    labels = np.arange(args.num_images) % 10
-    rows: list[dict[str, Any]] = []
-    threads = torch.get_num_threads()
+    labels, rows, threads = np.arange(args.num_images) % 10, [], torch.get_num_threads()
     if args.decode_threads and device.type == "cpu":
         torch.set_num_threads(args.decode_threads)
     try:
-        for order in args.orders:
-            for steps, sizes in zip(args.steps, schedules):
-                t0 = time.perf_counter()
-                spec = RunSpec(
-                    args.num_images, sizes, labels, seed=args.seed, eval_bsz=args.eval_bsz
-                )
-                sampling = sampling_from_args(args, order=order)
-                images = generate_images(model, tokenizer, spec, sampling).images
-                seconds = time.perf_counter() - t0
-                rows.append(
-                    {
-                        "order": order,
-                        "steps": steps,
-                        **judge.score(images, labels),
-                        "seconds": seconds,
-                    }
-                )
-                save_grid(
-                    os.path.join(args.output_dir, "samples", f"{order}_steps{steps}.png"),
-                    list(images[: args.grid_images]),
-                    ncol=10,
-                    max_tile=64,
-                )  # a row shows the digits 0-9
-                log(_row(rows[-1]))
+        for order, (steps, sizes) in itertools.product(args.orders, zip(args.steps, schedules)):
+            t0 = time.perf_counter()
+            spec = RunSpec(args.num_images, sizes, labels, seed=args.seed, eval_bsz=args.eval_bsz)
+            sampling = sampling_from_args(args, order=order)
+            images = generate_images(model, tokenizer, spec, sampling).images
+            seconds = time.perf_counter() - t0
+            rows.append(
+                dict(order=order, steps=steps, **judge.score(images, labels), seconds=seconds)
+            )
+            # a row shows the digits 0-9
+            _save_grid(args, f"{order}_steps{steps}", list(images[: args.grid_images]), 10)
+            log(_row(rows[-1]))
     finally:
         torch.set_num_threads(threads)
     return rows
 
 
 def edit_keep_masks(grid: int) -> dict[str, np.ndarray]:
-    """Known tokens ``[grid * grid]`` of each editing task: the top half, all but the centre box, the box, the left third."""
+    """Known tokens ``[grid**2]`` per task: top half, all but a centre box, the box, left third."""
     box = np.zeros((grid, grid), bool)
     box[grid // 4 : grid - grid // 4, grid // 4 : grid - grid // 4] = True
     top, left = np.zeros((grid, grid), bool), np.zeros((grid, grid), bool)
     top[: grid // 2], left[:, : grid // 3] = True, True
-    return {
-        "inpaint_bottom": top.ravel(),
-        "inpaint_center": ~box.ravel(),
-        "outpaint": box.ravel(),
-        "class_edit": left.ravel(),
-    }
+    top, box, left = top.ravel(), box.ravel(), left.ravel()
+    return dict(inpaint_bottom=top, inpaint_center=~box, outpaint=box, class_edit=left)
 
 
-def _editing(
-    args: argparse.Namespace, model: torch.nn.Module, judge: Judge, device: torch.device, log
-) -> list[dict[str, Any]]:
-    """Edit every held-out digit (as itself, or ``(digit + 5) % 10`` for ``class_edit``): a row per setting, a grid per task."""
-    from lpd.demo.digits import load_digits_dataset
-    from lpd.editing import edit_tokens
-    from lpd.images import save_grid
-    from lpd.sampling import decode_tokens
-    from lpd.tokenizer import make_tokenizer
-
+def _editing(args, model, judge: Judge, device: torch.device, log) -> list[dict[str, Any]]:
+    """Edit held-out digits (class_edit: to (digit + 5) % 10): a row per setting, a grid per task"""
     tokenizer = make_tokenizer(args.tokenizer, None, args.vq_config, args.seed, device)
     tokens, digits = load_digits_dataset("test", levels=_levels(args))
-    n = args.edit_images or len(digits)
+    n, bsz = args.edit_images or len(digits), args.eval_bsz
     tokens, digits = tokens.flatten(1)[:n].to(device), digits[:n].numpy()
     decode = lambda t: decode_tokens(tokenizer, t, sampling_from_args(args))  # noqa: E731
     rows: list[dict[str, Any]] = []
     for task, keep in edit_keep_masks(model.grid_size).items():
         target = (digits + 5) % 10 if task == "class_edit" else digits
-        shown = [
-            decode(tokens[:10]),
-            decode(torch.where(torch.from_numpy(keep).to(device), tokens[:10], 1)),
-        ]  # source, masked
+        masked = torch.where(torch.from_numpy(keep).to(device), tokens[:10], 1)
+        shown = [decode(tokens[:10]), decode(masked)]  # source, masked
         for order, prefill in EDIT_SETTINGS:
             t0, g = time.perf_counter(), torch.Generator().manual_seed(args.seed)
-            edited = torch.cat(
-                [
-                    edit_tokens(
-                        model,
-                        tokens[i : i + args.eval_bsz],
-                        np.tile(keep, (len(tokens[i : i + args.eval_bsz]), 1)),
-                        target[i : i + args.eval_bsz],
-                        steps=args.edit_steps,
-                        generator=g,
-                        prefill=prefill,
-                        sampling=sampling_from_args(args, order=order),
-                    )
-                    for i in range(0, n, args.eval_bsz)
-                ]
-            )
-            images = decode(edited)
-            rows.append(
-                {
-                    "task": task,
-                    "order": order,
-                    "prefill": prefill,
-                    "steps": args.edit_steps,
-                    **judge.score(images, target),
-                    "seconds": time.perf_counter() - t0,
-                }
-            )
+            kw = dict(steps=args.edit_steps, generator=g, prefill=prefill)
+            kw["sampling"] = sampling_from_args(args, order=order)
+            edited = [
+                edit_tokens(model, t, np.tile(keep, (len(t), 1)), target[i : i + bsz], **kw)
+                for i, t in zip(range(0, n, bsz), tokens.split(bsz))
+            ]
+            images = decode(torch.cat(edited))
+            row = dict(task=task, order=order, prefill=prefill, steps=args.edit_steps)
+            row.update(judge.score(images, target), seconds=time.perf_counter() - t0)
+            rows.append(row)
             shown.append(images[:10])
             log(_row(rows[-1]))
         names = ["source", "masked", *(f"{o} order, prefill {p}" for o, p in EDIT_SETTINGS)]
-        save_grid(
-            os.path.join(args.output_dir, "samples", f"edit_{task}.png"),
-            [im for row in shown for im in row],
-            ncol=len(shown[0]),
-            max_tile=64,
-            row_labels=names,
-        )
+        grid = [im for row in shown for im in row]
+        _save_grid(args, f"edit_{task}", grid, len(shown[0]), row_labels=names)
     return rows
 
 
 def run_demo(args: argparse.Namespace, log=print) -> dict[str, Any]:
     """Run the whole demo; returns the ``metrics.json`` record."""
-    from lpd.demo.digits import load_digits_dataset
-    from lpd.files import atomic_write_bytes
-
     schedules = _check(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -390,9 +237,7 @@ def run_demo(args: argparse.Namespace, log=print) -> dict[str, Any]:
     model = train_demo(args, device, log)
     lap("train")
     log("== 2/4 training the digit classifier (the judge)")
-    clf = train_classifier(
-        seed=args.seed, epochs=args.classifier_epochs, device=device, levels=levels
-    )
+    clf = train_classifier(args.seed, args.classifier_epochs, device, levels=levels)
     clf_acc = accuracy(clf, *load_digits_dataset("test", levels=levels))
     judge = Judge.held_out(clf, levels, resamples=args.resamples, seed=args.seed)
     log(f"classifier held-out accuracy: {clf_acc:.3f}")
@@ -402,67 +247,48 @@ def run_demo(args: argparse.Namespace, log=print) -> dict[str, Any]:
     lap("ablation")
     edits = []
     if args.editing:
-        log(
-            f"== 4/4 zero-shot editing of the held-out digits (lpd.editing), {args.edit_steps} steps"
-        )
+        stage = "== 4/4 zero-shot editing of the held-out digits (lpd.editing)"
+        log(f"{stage}, {args.edit_steps} steps")
         edits = _editing(args, model, judge, device, log)
         lap("editing")
     _plot(rows, os.path.join(out, "ablation.png"), args)
     lap("plot")
     timings["total"] = sum(timings.values())
-    settings = {
-        k: v if isinstance(v, (int, float, str, bool, list, dict, type(None))) else str(v)
-        for k, v in vars(args).items()
-    }
+    plain = (int, float, str, bool, list, dict, type(None))
     record = {
         "classifier_accuracy": clf_acc,
         "ablation": rows,
         "editing": edits,
         "timings": timings,
-        "settings": settings,
+        "settings": {k: v if isinstance(v, plain) else str(v) for k, v in vars(args).items()},
         "model_parameters": sum(p.numel() for p in model.parameters()),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    atomic_write_bytes(
-        os.path.join(out, "metrics.json"), lambda f: f.write(json.dumps(record, indent=2).encode())
-    )
+    text = json.dumps(record, indent=2).encode()
+    atomic_write_bytes(os.path.join(out, "metrics.json"), lambda f: f.write(text))
     log(format_table(record))
     log(f"wrote {out}/metrics.json, ablation.png and samples/")
     return record
 
 
 def _plot(rows: list[dict[str, Any]], path: str, args: argparse.Namespace) -> None:
-    from lpd.plotting import line_chart
-
     def panel(key: str, title: str, value: str | None = None) -> dict[str, Any]:
         series: dict[str, list[tuple]] = {}
         for r in rows:
-            series.setdefault(r["order"], []).append(
-                (r["steps"], r[value or key], *r.get(f"{key}_ci95", ()))
-            )
-        return {
-            "series": series,
-            "title": title,
-            "xlabel": "decoding steps",
-            "ylabel": key,
-            "log_x": True,
-        }
+            point = (r["steps"], r[value or key], *r.get(f"{key}_ci95", ()))
+            series.setdefault(r["order"], []).append(point)
+        return dict(series=series, title=title, xlabel="decoding steps", ylabel=key, log_x=True)
 
-    line_chart(
-        path,
-        [
-            panel("accuracy", "class accuracy (higher is better)"),
-            panel(
-                "frechet",
-                "Fréchet distance to held-out digits, debiased (lower is better)",
-                "frechet_debiased",
-            ),
-            panel("seconds", f"seconds for {args.num_images} samples"),
-        ],
-        title=f"LPD digits demo: {args.num_images} samples per point, 95% bootstrap intervals; "
-        f"cfg {args.cfg}, temperature {args.temperature}, seed {args.seed}",
-    )
+    frechet = "Fréchet distance to held-out digits, debiased (lower is better)"
+    panels = [
+        panel("accuracy", "class accuracy (higher is better)"),
+        panel("frechet", frechet, "frechet_debiased"),
+        panel("seconds", f"seconds for {args.num_images} samples"),
+    ]
+    title = f"LPD digits demo: {args.num_images} samples per point, 95% bootstrap intervals; "
+    title += f"cfg {args.cfg}, temperature {args.temperature}, seed {args.seed}"
+    line_chart(path, panels, title=title)
 
 
 def _row(r: dict[str, Any]) -> str:
@@ -485,27 +311,11 @@ def format_table(record: dict[str, Any]) -> str:
         *map(_row, record["ablation"]),
     ]
     if record.get("editing"):
-        lines += [
-            "",
-            f"| task | order | prefill | steps {scores}",
-            "| --- | --- | --- | ---: | ---: | ---: | ---: |",
-            *map(_row, record["editing"]),
-        ]
+        head = f"| task | order | prefill | steps {scores}"
+        lines += ["", head, "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+        lines += map(_row, record["editing"])
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     return run_main(lambda: run_demo(parse_args_with_config(build_parser(), argv)))
-
-
-def run_main(run: Any) -> int:
-    """Exit status of ``run()``: 0, 75 (interrupted, a rerun resumes) or 2 (one ``error:`` line)."""
-    try:
-        run()
-    except DemoInterrupted as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        return 75
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0

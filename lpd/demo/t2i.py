@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from lpd.config import HelpFormatter, yaml_mapping
-from lpd.demo.run import DEMO_RUN, DemoInterrupted, reuse_run, run_main
+from lpd.demo.common import DEMO_RUN, DemoInterrupted, reuse_run, run_main
 from lpd.demo.t2i_data import GROUPS, make_examples, render
 from lpd.demo.t2i_judge import ATTRIBUTES, T2IJudge
 from lpd.distributed import DistInfo

@@ -3,7 +3,7 @@
 from lpd.orders.files import OrderFileError, load_orders, save_orders
 from lpd.orders.generate import ORDER_KINDS, lpd_orders, random_orders, raster_orders
 from lpd.orders.stats import RELEASED_STATISTICS, order_statistics
-from lpd.schedules import group_sizes, training_schedules
+from lpd.schedules import group_sizes
 
 __all__ = [
     "lpd_orders",
@@ -16,5 +16,4 @@ __all__ = [
     "RELEASED_STATISTICS",
     "ORDER_KINDS",
     "group_sizes",
-    "training_schedules",
 ]

@@ -1,8 +1,6 @@
 """``python -m lpd.orders``: write order files or draw an order (see :mod:`lpd.orders.cli`)."""
 
-import sys
-
 from lpd.orders.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

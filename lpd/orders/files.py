@@ -9,7 +9,7 @@ import re
 
 import numpy as np
 
-__all__ = ["load_orders", "save_orders", "OrderFileError", "check_order_rows"]
+from lpd.files import atomic_write_bytes
 
 
 class OrderFileError(ValueError):
@@ -60,15 +60,12 @@ def check_order_rows(rows: object, num: int, grid_size: int, source: str = "orde
         bad = np.flatnonzero((np.sort(arr, axis=1) != np.arange(n)).any(axis=1))
         if bad.size == 0:
             return arr.astype(np.int64, copy=False)
-        raise OrderFileError(
-            f"{source}: row {bad[0]}: {_row_problem(head[int(bad[0])], n, grid_size)}"
-        )
+        i = int(bad[0])
+        raise OrderFileError(f"{source}: row {i}: {_row_problem(head[i], n, grid_size)}")
     for i, row in enumerate(head):
         if (problem := _row_problem(row, n, grid_size)) is not None:
             raise OrderFileError(f"{source}: row {i}: {problem}")
-    return np.array([list(r) for r in head], dtype=np.int64).reshape(
-        num, n
-    )  # integer scalars of odd types
+    return np.array([list(r) for r in head], dtype=np.int64).reshape(num, n)  # odd int types
 
 
 _ALLOWED = b"0123456789, []\n\r\t"  # characters of the usual layout (no '-': negative entries go the slow way)
@@ -78,20 +75,14 @@ _ROW = re.compile(rb"\s*\d+(?:\s*,\s*\d+)*\s*")
 def _fast_rows(data: bytes, num: int, n: int) -> np.ndarray | None:
     """The first ``num`` rows of a file in json.dump's layout without Python lists; None for any other layout."""
     s = data.strip()
-    if (
-        num == 0
-        or data.translate(None, _ALLOWED)
-        or not (s.startswith(b"[[") and s.endswith(b"]]"))
-    ):
+    if num == 0 or data.translate(None, _ALLOWED) or s[:2] != b"[[" or s[-2:] != b"]]":
         return None
     parts = s[2:-2].split(b"], [", num)
     if len(parts) < num:
         return None
     out = np.empty((num, n), dtype=np.int64)
     for i, part in enumerate(parts[:num]):
-        if part.count(b",") != n - 1 or not _ROW.fullmatch(
-            part
-        ):  # exactly n integers, one comma between each two
+        if part.count(b",") != n - 1 or not _ROW.fullmatch(part):  # n integers, n - 1 commas
             return None
         out[i] = np.fromstring(part.replace(b",", b" "), dtype=np.int64, sep=" ")
     return out
@@ -99,10 +90,8 @@ def _fast_rows(data: bytes, num: int, n: int) -> np.ndarray | None:
 
 def load_orders(path: str | os.PathLike, num: int, grid_size: int) -> np.ndarray:
     """The first ``num`` orders of an order file, validated, int64 ``[num, grid_size ** 2]`` (else OrderFileError)."""
-    if not all(
-        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= lo
-        for v, lo in ((num, 0), (grid_size, 1))
-    ):
+    ints = [isinstance(v, int | np.integer) and not isinstance(v, bool) for v in (num, grid_size)]
+    if not all(ints) or num < 0 or grid_size < 1:
         raise ValueError(
             f"num and grid_size must be integers >= 0 and >= 1, got {num!r} and {grid_size!r}"
         )
@@ -124,8 +113,6 @@ def load_orders(path: str | os.PathLike, num: int, grid_size: int) -> np.ndarray
 
 def save_orders(path: str | os.PathLike, orders: np.ndarray) -> None:
     """Write ``orders`` (``[num, N]`` integers) as a JSON order file, atomically (parent folders created)."""
-    from lpd.files import atomic_write_bytes
-
     arr = np.asarray(orders)
     if arr.ndim != 2 or arr.dtype.kind not in "iu":
         raise OrderFileError(

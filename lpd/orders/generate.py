@@ -7,14 +7,12 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
-from functools import cache, lru_cache
+from functools import cache, lru_cache, partial
 
 import numpy as np
 
 from lpd.config import check_seed
 from lpd.schedules import GroupSizeError, validate_group_sizes
-
-__all__ = ["lpd_orders", "random_orders", "raster_orders", "ORDER_KINDS"]
 
 #: How each position was chosen (``lpd_batch(..., return_kinds=True)``).
 ORDER_KINDS = {
@@ -60,9 +58,8 @@ def _step_keys(order_keys: np.ndarray, step: int, salt: int = 0) -> np.ndarray:
 
 @cache
 def _pos_mult(n: int) -> np.ndarray:
-    return (np.arange(n, dtype=np.uint64) * np.uint64(0x9E3779B9) & np.uint64(0xFFFFFFFF)).astype(
-        np.uint32
-    )
+    mult = np.arange(n, dtype=np.uint64) * np.uint64(0x9E3779B9) & np.uint64(0xFFFFFFFF)
+    return mult.astype(np.uint32)
 
 
 def _key32(step_keys: np.ndarray) -> np.ndarray:
@@ -101,22 +98,13 @@ def _check_threshold(name: str, v: float) -> float:
     raise ValueError(f"{name} must be a number >= 0, got {v!r}")
 
 
-def _check_run(
-    num: int,
-    grid_size: int,
-    seed: int = 0,
-    start: int = 0,
-    indices: Sequence[int] | np.ndarray | None = None,
-) -> tuple[int, int, int, np.ndarray]:
+def _check_run(num: int, grid_size: int, seed=0, start=0, indices=None) -> tuple:
     """Checked ``num``, ``grid_size``, seed and the order indices: ``start .. start + num - 1``, or ``indices``."""
     grid_size = _check_count("grid_size", grid_size, 1)
     if grid_size > 256:
         raise ValueError(f"grid_size {grid_size} is too large (at most 256 x 256 tokens)")
-    num, seed, start = (
-        _check_count("num", num),
-        check_seed(seed, "seed"),
-        _check_count("start", start),
-    )
+    num, seed = _check_count("num", num), check_seed(seed, "seed")
+    start = _check_count("start", start)
     if indices is None:
         return num, grid_size, seed, np.arange(start, start + num, dtype=np.int64)
     idx = np.asarray(indices)
@@ -186,14 +174,10 @@ class _Grid:
         self.unpad[self.pidx] = np.arange(n)
         dy, dx = np.meshgrid(np.arange(-radius, radius + 1), np.arange(-radius, radius + 1))
         self.window = (dy * p + dx).ravel()
-        self.key_dtype = (
-            np.int32 if g <= _INT32_KEY_MAX_G else np.int64
-        )  # fallback keys ``d2 << 20 | priority``
+        self.key_dtype = np.int32 if g <= _INT32_KEY_MAX_G else np.int64  # d2 << 20 | priority
         assert g > _INT32_KEY_MAX_G or (2 * (g - 1) ** 2 + 1) << _TIE_BITS < 2**31
         self.taken = -(2**31) if self.key_dtype == np.int32 else -(2**62)
-        self.tables = (
-            n <= _TABLE_MAX_N
-        )  # int16 [n, n] squared distances, and shifted into key position
+        self.tables = n <= _TABLE_MAX_N  # int16 [n, n] d2 tables and their keys
         if self.tables:
             d2 = (rows[:, None] - rows[None, :]) ** 2 + (cols[:, None] - cols[None, :]) ** 2
             self._d2, self._d2_key = d2.astype(np.int16), (d2 << _TIE_BITS).astype(self.key_dtype)
@@ -235,13 +219,7 @@ class _Grid:
         r = maxima[0].argmax(axis=1)
         return r * self.g + maxima[1][np.arange(len(r)), r]
 
-    def add_pick(
-        self,
-        key: np.ndarray,
-        prio: np.ndarray,
-        p: np.ndarray,
-        maxima: tuple[np.ndarray, np.ndarray] | None,
-    ) -> None:
+    def add_pick(self, key: np.ndarray, prio: np.ndarray, p: np.ndarray, maxima) -> None:
         """``key = min(key, d2_key(p) + prio)`` for fallback keys ``[m, n]`` and picks ``p``, and
         their grid-row ``maxima``. Only the box of radius ``sqrt(d2(p))`` around ``p`` can change
         (no position is farther from the step's picks than ``p``, the farthest): large grids
@@ -290,9 +268,8 @@ _grid = lru_cache(maxsize=16)(_Grid)
 def _code_tables(proximity_threshold: float, taken: int) -> np.ndarray:
     """Fallback tie priority of proximity codes 0..255: ``(63 - ((score >= τp) << 5 | walk rank)) << 14``, or taken."""
     tie = np.full(256, taken, dtype=np.int64)
-    tie[:25] = (
-        63 - (((_CODE_VALUE >= proximity_threshold).astype(np.int64) << 5) | _CODE_RANK)
-    ) << (_TIE_BITS - 6)
+    group = ((_CODE_VALUE >= proximity_threshold).astype(np.int64) << 5) | _CODE_RANK
+    tie[:25] = (63 - group) << (_TIE_BITS - 6)
     return tie
 
 
@@ -315,9 +292,8 @@ def lpd_batch(
     tie_t = _code_tables(proximity_threshold, grid.taken).astype(grid.key_dtype)
     out = np.empty((b_num, m), dtype=np.int64)
     kinds = np.empty((b_num, m), dtype=np.int8) if return_kinds else None
-    rows_b = np.arange(b_num)
+    rows_b, okeys = np.arange(b_num), _order_keys(seed, idx)
     row_base = rows_b * (n + 1)
-    okeys = _order_keys(seed, idx)
     # Per order and position (+ column n, outside the grid): proximity code (_SEL once selected) and fallback tie
     # priority (grid.taken once selected); the proximity candidates (score >= τp) have 0 <= tie <= _HIGH_TOP.
     code_f = np.zeros(b_num * (n + 1), dtype=np.uint8)
@@ -340,7 +316,7 @@ def lpd_batch(
         tie[:, n] = grid.taken
         tie_f[new] = grid.taken
 
-    s = 0
+    s, fallback = 0, partial(_fallback, grid, out, kinds, tie)
     if known is not None:  # every step follows the proximity rule, around the known positions
         commit(np.nonzero(known)[1].reshape(b_num, n - m))
     else:  # step 0: one uniformly random position
@@ -351,25 +327,11 @@ def lpd_batch(
         if g > 1:  # no released schedule: the farthest-point rule around the first position
             tie_f[row_base + out[:, 0]] = grid.taken
             one = np.ones(b_num, dtype=np.int64)  # picks made so far
-            _fallback(
-                grid,
-                out,
-                kinds,
-                tie,
-                _step_keys(okeys, 0),
-                rows_b,
-                one,
-                out[:, :1].copy(),
-                g - one,
-                0,
-                g == n,
-            )
+            fallback(_step_keys(okeys, 0), rows_b, one, out[:, :1].copy(), g - one, 0, g == n)
         commit(out[:, :s])
 
     for k in range(0 if known is not None else 1, len(group_sizes)):
-        g, s0 = group_sizes[k], s
-        skeys = _step_keys(okeys, k)
-        stamp = k % 255 + 1
+        g, s0, skeys, stamp = group_sizes[k], s, _step_keys(okeys, k), k % 255 + 1
         if stamp == 1 and k:
             blocked.fill(0)
         # Proximity candidates; sort key: walk rank (from the tie priority), random number (larger first), cell.
@@ -416,37 +378,13 @@ def lpd_batch(
             acc_pos[acc_b, acc_slot] = acc_c
             fb = fb[np.argsort(-acc_n[fb], kind="stable")]  # similar rows share a chunk
             for c in range(0, fb.size, _CHUNK):
-                _fallback(
-                    grid,
-                    out,
-                    kinds,
-                    tie,
-                    skeys,
-                    fb[c : c + _CHUNK],
-                    acc_n,
-                    acc_pos,
-                    need,
-                    s0,
-                    s0 + g == m,
-                )
+                fallback(skeys, fb[c : c + _CHUNK], acc_n, acc_pos, need, s0, s0 + g == m)
         s += g
         commit(out[:, s0:s])
     return (out, kinds) if return_kinds else out
 
 
-def _fallback(
-    grid: _Grid,
-    out: np.ndarray,
-    kinds: np.ndarray | None,
-    tie: np.ndarray,
-    skeys: np.ndarray,
-    fb: np.ndarray,
-    acc_n: np.ndarray,
-    acc_pos: np.ndarray,
-    need: np.ndarray,
-    s0: int,
-    last: bool,
-) -> None:
+def _fallback(grid: _Grid, out, kinds, tie, skeys, fb, acc_n, acc_pos, need, s0: int, last: bool):
     """Farthest-point fallback of the step at output slot ``s0``: ``need[b]`` picks of the orders ``fb`` after
     their ``acc_n[b]`` proximity picks ``acc_pos[b, :acc_n[b]]``."""
     n, kd = grid.n, grid.key_dtype
@@ -468,9 +406,7 @@ def _fallback(
         prio |= rnd.view(np.int32) if kd == np.int32 else rnd.astype(kd)
         first = acc_pos[fb, 0]
         iz = np.flatnonzero(made)
-        if (
-            iz.size
-        ):  # nothing accepted in this step: start from a uniformly random remaining position
+        if iz.size:  # nothing accepted in this step: start from a random remaining position
             fill = _position_random(_step_keys(skeys[fb[iz]], 0, _SALT_FILL), n).astype(np.int64)
             fill[prio[iz] < 0] = -1
             first[iz] = fill.argmax(axis=1)
@@ -539,21 +475,14 @@ def lpd_orders(
         )
     bs = _check_count("batch_size", default_batch_size(n) if batch_size is None else batch_size, 1)
     out = np.empty((num, m), dtype=np.int64)
-    for b0 in range(0, num, bs):
-        part = None if known is None else known[b0 : b0 + bs]
-        out[b0 : b0 + bs] = lpd_batch(
-            idx_all[b0 : b0 + bs], seed, sizes, grid_size, tp, tr, known=part
-        )
+    for b in (slice(b0, b0 + bs) for b0 in range(0, num, bs)):
+        part = None if known is None else known[b]
+        out[b] = lpd_batch(idx_all[b], seed, sizes, grid_size, tp, tr, known=part)
     return out
 
 
 def random_orders(
-    num: int,
-    grid_size: int,
-    seed: int = 0,
-    start: int = 0,
-    indices: Sequence[int] | np.ndarray | None = None,
-    known: np.ndarray | None = None,
+    num: int, grid_size: int, seed: int = 0, start: int = 0, indices=None, known=None
 ) -> np.ndarray:
     """Uniformly random orders, int64 ``[num, N]`` (of the unknown positions with ``known``, as in lpd_orders)."""
     num, grid_size, seed, idx = _check_run(num, grid_size, seed, start, indices)

@@ -10,8 +10,6 @@ from lpd.config import check_order
 from lpd.orders.files import check_order_rows
 from lpd.orders.generate import lpd_orders, random_orders, raster_orders
 
-__all__ = ["OrderSource"]
-
 
 class OrderSource:
     """Orders of image indices for one run: ``kind`` lpd / random / raster, or rows of ``table``."""
@@ -27,19 +25,12 @@ class OrderSource:
         repulsion_threshold: float = 1.0,
         table: np.ndarray | None = None,
     ):
-        check_order(kind, "order")
-        self.kind, self.group_sizes, self.grid_size, self.seed = (
-            kind,
-            list(group_sizes),
-            int(grid_size),
-            int(seed),
-        )
+        self.kind, self.grid_size, self.seed = check_order(kind, "order"), int(grid_size), int(seed)
+        self.group_sizes = list(group_sizes)
         self.tp, self.tr = float(proximity_threshold), float(repulsion_threshold)
-        self.table = (
-            None
-            if table is None
-            else check_order_rows(np.asarray(table), len(table), self.grid_size, "order table")
-        )
+        if table is not None:
+            table = check_order_rows(np.asarray(table), len(table), self.grid_size, "order table")
+        self.table = table
 
     def rows(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """Orders of the image ``indices``, int64 ``[len(indices), N]``."""
@@ -54,12 +45,5 @@ class OrderSource:
             return raster_orders(idx.size, self.grid_size)
         if self.kind == "random":
             return random_orders(idx.size, self.grid_size, seed=self.seed, indices=idx)
-        return lpd_orders(
-            idx.size,
-            self.group_sizes,
-            self.grid_size,
-            self.tp,
-            self.tr,
-            seed=self.seed,
-            indices=idx,
-        )
+        sizes, grid, seed = self.group_sizes, self.grid_size, self.seed
+        return lpd_orders(idx.size, sizes, grid, self.tp, self.tr, seed=seed, indices=idx)

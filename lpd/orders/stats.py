@@ -4,14 +4,10 @@ group) and close pairs (share of same-group token pairs, pooled, at Chebyshev di
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 
 from lpd.orders.files import check_order_rows
 from lpd.schedules import validate_group_sizes
-
-__all__ = ["order_statistics", "RELEASED_STATISTICS"]
 
 #: The released generator (300 orders at 256 px / 20 steps, 40 at 512 px / 48) and random orders.
 RELEASED_STATISTICS = {
@@ -21,9 +17,7 @@ RELEASED_STATISTICS = {
 }
 
 
-def order_statistics(
-    orders: np.ndarray, group_sizes: Sequence[int], grid_size: int, repulsion_threshold: float
-) -> dict[str, float]:
+def order_statistics(orders, group_sizes, grid_size: int, repulsion_threshold: float) -> dict:
     """Statistics of ``orders`` ``[num, grid_size**2]`` split by ``group_sizes``; ``nan`` where undefined."""
     orders = check_order_rows(np.asarray(orders), len(orders), grid_size, "orders")
     n, g, num = grid_size * grid_size, grid_size, len(orders)
@@ -31,15 +25,10 @@ def order_statistics(
     # Step at which each raster position is decoded, on a grid padded with "never".
     step_grid = np.full((num, g + 2, g + 2), len(sizes), dtype=np.int64)
     centre = step_grid[:, 1:-1, 1:-1]
-    centre[...] = np.repeat(np.arange(len(sizes)), sizes)[np.argsort(orders, axis=1)].reshape(
-        num, g, g
-    )
-    support = sum(
-        step_grid[:, 1 + dy : 1 + dy + g, 1 + dx : 1 + dx + g] < centre
-        for dy in (-1, 0, 1)
-        for dx in (-1, 0, 1)
-        if dy or dx
-    )
+    steps = np.repeat(np.arange(len(sizes)), sizes)[np.argsort(orders, axis=1)]
+    centre[...] = steps.reshape(num, g, g)
+    shifts = [(y, x) for y in (-1, 0, 1) for x in (-1, 0, 1) if y or x]
+    support = sum(step_grid[:, 1 + y : 1 + y + g, 1 + x : 1 + x + g] < centre for y, x in shifts)
     later = centre >= 1
     context = float(support[later].mean()) if later.any() else float("nan")
     rows, cols = np.divmod(orders, g)
@@ -47,17 +36,12 @@ def order_statistics(
     for s0, k in zip(np.cumsum([0] + sizes).tolist(), sizes):
         if k >= 2:
             r, c = rows[:, s0 : s0 + k], cols[:, s0 : s0 + k]
-            d = np.maximum(
-                np.abs(r[:, :, None] - r[:, None, :]), np.abs(c[:, :, None] - c[:, None, :])
-            )
+            d = np.maximum(abs(r[:, :, None] - r[:, None, :]), abs(c[:, :, None] - c[:, None, :]))
             iu, ju = np.triu_indices(k, 1)
             du = d[:, iu, ju]
             spreads.append(du.min(axis=1))
             close += int((du <= repulsion_threshold).sum())
             pairs += du.size
     spread = float(np.concatenate(spreads).mean()) if spreads else float("nan")
-    return {
-        "context_support": context,
-        "group_spread": spread,
-        "close_pairs": close / pairs if pairs else float("nan"),
-    }
+    close = close / pairs if pairs else float("nan")
+    return {"context_support": context, "group_spread": spread, "close_pairs": close}

@@ -2,38 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from lpd.orders.files import check_order_rows
 from lpd.schedules import validate_group_sizes
 
-__all__ = ["render_order", "step_colours"]
-
-# Anchor colours of a dark-blue -> teal -> green -> yellow ramp (perceptually ordered).
-_RAMP = np.array(
-    [
-        (48, 18, 59),
-        (65, 69, 171),
-        (57, 120, 220),
-        (29, 170, 190),
-        (40, 204, 130),
-        (140, 220, 60),
-        (220, 210, 45),
-        (250, 170, 40),
-    ],
-    dtype=np.float64,
-)
-_BACKGROUND, _EARLIER, _CURRENT, _FUTURE, _LINE, _TEXT = (
-    (255, 255, 255),
-    (170, 170, 170),
-    (235, 100, 20),
-    (246, 246, 246),
-    (215, 215, 215),
-    (30, 30, 30),
-)
+# Anchor colours (hex RGB) of a dark-blue -> teal -> green -> yellow ramp (perceptually ordered).
+_HEX = "30123b 4145ab 3978dc 1daabe 28cc82 8cdc3c dcd22d faaa28"
+_RAMP = np.array([list(bytes.fromhex(h)) for h in _HEX.split()], np.float64)
+_BACKGROUND, _EARLIER, _CURRENT = (255, 255, 255), (170, 170, 170), (235, 100, 20)
+_FUTURE, _LINE, _TEXT = (246, 246, 246), (215, 215, 215), (30, 30, 30)
 
 
 def step_colours(num_steps: int) -> list[tuple[int, int, int]]:
@@ -58,13 +37,7 @@ def _cells(x: int, y: int, size: int, grid_size: int):  # (position, box) of eve
 
 
 def render_order(
-    order: Sequence[int],
-    group_sizes: Sequence[int],
-    grid_size: int,
-    steps_shown: int = 6,
-    cell: int | None = None,
-    kinds: Sequence[int] | None = None,
-    title: str | None = None,
+    order, group_sizes, grid_size: int, steps_shown=6, cell=None, kinds=None, title=None
 ) -> Image.Image:
     """An RGB image of ``order`` (raster indices in generation order) split by ``group_sizes``.
 
@@ -74,8 +47,7 @@ def render_order(
     n = grid_size * grid_size
     order = check_order_rows(np.asarray(order)[None], 1, grid_size, "order")[0]
     sizes = validate_group_sizes(group_sizes, n)
-    k_steps = len(sizes)
-    slot = np.argsort(order)  # position -> index in the order
+    k_steps, slot = len(sizes), np.argsort(order)  # slot: position -> index in the order
     step_at = np.repeat(np.arange(k_steps), sizes)[slot]
     fallback = np.zeros(n, dtype=bool) if kinds is None else (np.asarray(kinds) >= 2)[slot]
     cell = cell or max(8, min(40, 512 // grid_size))
@@ -89,10 +61,8 @@ def render_order(
     img = Image.new("RGB", (pad + grid_px + pad + legend_w + pad, height), _BACKGROUND)
     draw = ImageDraw.Draw(img)
     f_title, f_cell, f_small = _font(16), _font(max(8, int(cell * 0.45))), _font(12)
-    caption = (
-        title or f"{grid_size}x{grid_size} tokens, {k_steps} steps: decoding step per position"
-    )
-    draw.text((pad, pad), caption, font=f_title, fill=_TEXT)
+    caption = f"{grid_size}x{grid_size} tokens, {k_steps} steps: decoding step per position"
+    draw.text((pad, pad), title or caption, font=f_title, fill=_TEXT)
     x0, y0 = pad, pad + head
     for p, box in _cells(x0, y0, cell, grid_size):
         s = int(step_at[p])
@@ -100,12 +70,9 @@ def render_order(
         if cell >= 14:
             lum = 0.299 * colours[s][0] + 0.587 * colours[s][1] + 0.114 * colours[s][2]
             l, t, r, b = draw.textbbox((0, 0), str(s), font=f_cell)  # centred in the cell
-            draw.text(
-                ((box[0] + box[2] + 1 - r - l) / 2, (box[1] + box[3] + 1 - b - t) / 2),
-                str(s),
-                font=f_cell,
-                fill=(0, 0, 0) if lum > 140 else (255, 255, 255),
-            )
+            at = ((box[0] + box[2] + 1 - r - l) / 2, (box[1] + box[3] + 1 - b - t) / 2)
+            ink = (0, 0, 0) if lum > 140 else (255, 255, 255)
+            draw.text(at, str(s), font=f_cell, fill=ink)
         if fallback[p] and cell < 14:
             q = max(1, cell // 6)
             cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
