@@ -86,6 +86,7 @@ class TrainConfig:
     cached_path: str | None = None
     cache_format: str = "auto"
     data_path: str | None = None
+    text_encoder: str = "wordllama"  # a text model streaming tar shards (a cache records its own)
     num_workers: int = field(default_factory=lambda: min(4, available_cpus()))  # loader processes
     pin_mem: bool = True
     # optimisation
@@ -679,12 +680,14 @@ def _run(
                 info.world_size,
                 start_step if epoch == start_epoch else 0,
             )
-            loader = torch.utils.data.DataLoader(
-                dataset,
-                batch_sampler=sampler,
-                num_workers=config.num_workers,
-                pin_memory=config.pin_mem and device.type == "cuda",
-                worker_init_fn=stop.worker_init if config.num_workers > 0 else None,
+            kw = dict(pin_memory=config.pin_mem and device.type == "cuda")
+            kw["worker_init_fn"] = stop.worker_init if config.num_workers > 0 else None
+            loader = (
+                dataset.loader(sampler, config.num_workers, **kw)  # a stream (lpd.text.data)
+                if isinstance(dataset, torch.utils.data.IterableDataset)
+                else torch.utils.data.DataLoader(
+                    dataset, batch_sampler=sampler, num_workers=config.num_workers, **kw
+                )
             )
             bar = tqdm(
                 total=steps_per_epoch,
