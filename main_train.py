@@ -125,7 +125,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--data_path",
         default=d.data_path,
-        help="ImageFolder (or a folder with train/) when not cached",
+        help="ImageFolder (or a folder with train/) when not cached; a text model: webdataset "
+        ".tar shards (a .tar, a folder of them or a pattern like a-{000..009}.tar), streamed",
+    )
+    g.add_argument(
+        "--text_encoder",
+        default=d.text_encoder,
+        help="streamed captions: 'wordllama' or a Hugging Face encoder name or folder "
+        "(a caption cache records its own)",
     )
     g.add_argument("--num_workers", type=int, default=d.num_workers)
     g.add_argument(

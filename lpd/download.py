@@ -2,6 +2,7 @@
 
     python -m lpd.download lpd_l 256         # checkpoint, LlamaGen VQ, ADM statistics, Inception
     python -m lpd.download lpd_l 256 --list  # only print the same as commands (for another machine)
+    python -m lpd.download vq_ds16_t2i.pt    # one LlamaGen VQ alone (for text-to-image training)
 
 Then `HF_HUB_OFFLINE=1 python main_eval.py --model lpd_l --img_size 256 ...` needs no network.
 """
@@ -54,10 +55,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__,
         formatter_class=HelpFormatter,
     )
-    p.add_argument("model", choices=sorted({m for m, _ in released}), help="released model")
-    p.add_argument("img_size", type=int, choices=sorted({s for _, s in released}), help="pixels")
+    models = sorted({m for m, _ in released})
+    p.add_argument("model", choices=models + list(hub.VQ_FILENAMES), help="model or a VQ alone")
+    sizes = sorted({s for _, s in released})
+    p.add_argument("img_size", type=int, nargs="?", choices=sizes, help="pixels (of a model)")
     p.add_argument("--list", action="store_true", help="print the commands only; fetch nothing")
     args = p.parse_args(argv)
+    if args.model in hub.VQ_FILENAMES:  # into the Hub cache, where --vqgan_path NAME finds it
+        print(f"The same with the command-line tools: hf download {hub.VQ_REPO} {args.model}")
+        if args.list:
+            return 0
+        try:
+            path = hub.hub_file(hub.VQ_REPO, args.model, what="VQ tokenizer", flag="--vqgan_path")
+        except hub.ResolveError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"VQ tokenizer: {path}")
+        return 0
+    if args.img_size is None:
+        p.error(f"give the image size of {args.model}: one of {sizes}")
     if (args.model, args.img_size) not in released:
         pairs = ", ".join(f"{m} {s}" for m, s in released)
         print(

@@ -33,6 +33,7 @@ RELEASED_CHECKPOINTS: dict[tuple[str, int], str] = {
 CHECKPOINT_FILENAME = "{model}_{img_size}.pth"  # as loaded by the released evaluation scripts
 _CHECKPOINT_EXTS = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 VQ_REPO, VQ_FILENAME = "FoundationVision/LlamaGen", "vq_ds16_c2i.pt"
+VQ_FILENAMES = (VQ_FILENAME, "vq_ds16_t2i.pt")  # its VQ-16 for class / text models (one design)
 FID_STATS_FILENAME = "adm_in{img_size}_stats.npz"
 FID_STATS_SOURCES: dict[int, tuple[str, ...]] = {
     256: (
@@ -384,12 +385,12 @@ def resolve_checkpoint(
 def resolve_vq(
     path: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None
 ) -> str:
-    """Local path of the LlamaGen VQ tokenizer: ``path`` (--vqgan_path), else the released one."""
-    if path is not None:
-        return local_file(path, what="LlamaGen VQ tokenizer", flag="--vqgan_path")
-    return hub_file(
-        VQ_REPO, VQ_FILENAME, what="LlamaGen VQ tokenizer", flag="--vqgan_path", cache_dir=cache_dir
-    )
+    """Local path of the LlamaGen VQ tokenizer: ``path`` (--vqgan_path), else the released one; the
+    name of a released file (``vq_ds16_t2i.pt``) that is no local file comes from the Hub too."""
+    name, what = os.fspath(path or VQ_FILENAME), "LlamaGen VQ tokenizer"
+    if path is not None and (name not in VQ_FILENAMES or os.path.exists(name)):
+        return local_file(path, what=what, flag="--vqgan_path")
+    return hub_file(VQ_REPO, name, what=what, flag="--vqgan_path", cache_dir=cache_dir)
 
 
 def _validate_stats(path: str) -> None:

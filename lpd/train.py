@@ -76,6 +76,7 @@ class TrainConfig:
     cached_path: str | None = None
     cache_format: str = "auto"
     data_path: str | None = None
+    text_encoder: str = "wordllama"  # a text model streaming tar shards (a cache records its own)
     num_workers: int = field(default_factory=lambda: min(4, available_cpus()))
     pin_mem: bool = True
     # optimisation
@@ -441,7 +442,10 @@ def _run(
                 dataset.set_epoch(epoch)
             step = start_step if epoch == start_epoch else 0
             sampler = epoch_batches(epoch, rank, world, step)
-            loader = DataLoader(dataset, batch_sampler=sampler, **loading)
+            if isinstance(dataset, torch.utils.data.IterableDataset):  # a stream of tar shards
+                loader = dataset.loader(sampler, **loading)
+            else:
+                loader = DataLoader(dataset, batch_sampler=sampler, **loading)
             bar = tqdm(total=steps_per_epoch, initial=step, desc=f"epoch {epoch}", **bar_style)
             t_last, steps_since, first = time.perf_counter(), 0, len(losses)
             batches = stop.iterate(loader)

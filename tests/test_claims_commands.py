@@ -468,6 +468,7 @@ def test_the_readme_command_lines_of_the_entry_points_parse_into_what_they_say()
         ("lpd_tiny", False, None, True, "/tmp/cache", False),  # no EMA (a resumed one is kept)
         ("lpd_xxl", True, 0.9999, True, "CACHE", True),
         ("lpd_l", False, 0.9999, True, "CACHE", True),  # text-to-image, configs/train_t2i_256.yaml
+        ("lpd_l", False, 0.9999, False, "data/t2i_tokens_256", True),  # ... from tar shards
     ]
     assert seen["cache"] == [("IMAGES", "/tmp/cache", 256), ("DATA", "CACHE", 256)]
     assert seen["orders"] == [(256, 20, 2.0, False), (256, 20, 2.0, True)]

@@ -16,8 +16,10 @@ from __future__ import annotations
 import glob
 import hashlib
 import io
+import itertools
 import json
 import os
+import sys
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -368,9 +370,14 @@ def caption_choice(seed: int, epoch: int, index: int, count: int) -> int:
 
 class CaptionStream(torch.utils.data.IterableDataset):
     """Training without a cache: ``(image float32 [3, S, S] in [-1, 1], ids int64
-    [max_text_tokens], mask)`` from tar shards read with webdataset, split by shard over
-    ``world_size`` ranks and the DataLoader workers; the caption of a key is chosen from (seed,
-    epoch, key). Skipped inputs are counted in ``report`` (per process)."""
+    [max_text_tokens], mask)`` streamed from tar shards with webdataset. Process ``rank`` reads the
+    shards ``rank::world_size`` that hold a captioned image, scanned once (headers and captions) for
+    :attr:`report` and the count; an epoch is ``len(self)`` samples over all processes, as a
+    cache's: a process cycles through its shards (in an order drawn from (seed, epoch, rank)) when
+    they hold fewer. Its readers (DataLoader workers) read disjoint shards and step ``s`` is reader
+    ``s % readers``'s batch, so a resumed epoch skips the consumed samples and goes on with the same
+    batches. A key's caption is chosen from (seed, epoch, key); undecodable images are skipped and
+    reported on stderr."""
 
     def __init__(
         self,
@@ -381,34 +388,83 @@ class CaptionStream(torch.utils.data.IterableDataset):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        device: torch.device | None = None,
     ) -> None:
-        self.shards, self.img_size, self.encoder = shard_list(path), img_size, encoder
-        self.seed, self.rank, self.world_size, self.epoch, self.report = (
-            seed,
-            rank,
-            world_size,
-            0,
-            CaptionReport(),
-        )
+        shards = shard_list(path)
+        if len(shards) < world_size:
+            raise CaptionDataError(
+                f"--data_path {path!r} holds {len(shards)} tar shard(s) for {world_size} "
+                f"processes, which read their own shards: split the data into more shards"
+            )
+        self.report, counts = CaptionReport(), {}
+        for shard in shards[rank::world_size]:
+            items = _scan_tar(shard, self.report, {})
+            counts[shard] = len(items)
+            self.report.truncated += encoder.token_ids([c for it in items for c in it.captions])[1]
+        self.report.images = sum(counts.values())
+        own = torch.zeros(world_size, dtype=torch.int64, device=device)
+        own[rank] = self.report.images
+        if world_size > 1:  # every process learns every count (and refuses alike)
+            torch.distributed.all_reduce(own)
+        if not own.all():
+            raise CaptionDataError(
+                f"--data_path {path!r}: the shards of process {int(own.argmin())} of "
+                f"{world_size} hold no image with a caption (per process: {own.tolist()}); give "
+                f"each process shards with captioned images"
+            )
+        self.shards, self.total = [s for s, n in counts.items() if n], int(own.sum())
+        self.img_size, self.encoder, self.seed, self.rank = img_size, encoder, seed, rank
+        self.epoch = self.start = 0
+        self.steps, self.batch, self.readers = -(-self.total // world_size), 1, 1
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def __len__(self) -> int:
+        return self.total
+
+    def loader(self, sampler: Any, num_workers: int, **kw: Any) -> torch.utils.data.DataLoader:
+        """The DataLoader of the epoch, start step, steps and batch size of ``sampler`` (an
+        ``EpochBatchSampler``), with at most one worker per shard."""
+        self.epoch, self.start, self.steps = sampler.epoch, sampler.start_step, sampler.steps
+        self.batch, self.readers = sampler.batch_size, max(1, min(num_workers, len(self.shards)))
+        workers = min(num_workers, self.readers)
+        return torch.utils.data.DataLoader(self, self.batch, num_workers=workers, **kw)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         info = torch.utils.data.get_worker_info()
-        workers, wid = (1, 0) if info is None else (info.num_workers, info.id)
-        mine = self.shards[self.rank * workers + wid :: self.world_size * workers]
-        for key, data, caps in _wds_items(_wds_samples(mine, self.report), self.report):
-            try:
-                image = image_to_tensor(center_crop_arr(_decode(data), self.img_size))[0]
-            except Exception as e:  # noqa: BLE001 - counted with the key
-                self.report.bad_images.append(f"{key}: {type(e).__name__}")
-                continue
-            index = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:7], "little")
-            ids, truncated = self.encoder.token_ids(
-                [caps[caption_choice(self.seed, self.epoch, index, len(caps))]]
-            )
-            self.report.truncated += truncated
-            self.report.images += 1
-            padded, mask = self.encoder.pad(ids, self.encoder.max_text_tokens)
-            yield image, padded[0], mask[0]
+        reader = (self.start + (0 if info is None else info.id)) % self.readers
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, self.rank, 0))
+        order = torch.randperm(len(self.shards), generator=gen)[reader :: self.readers]
+        done, stop = (
+            len(range(reader, n, self.readers)) * self.batch for n in (self.start, self.steps)
+        )
+        yield from itertools.islice(self._cycle([self.shards[i] for i in order]), done, stop)
+
+    def _cycle(
+        self, shards: list[str]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The samples of ``shards``, over and over."""
+        while True:
+            kept = 0
+            for key, data, caps in _wds_items(_wds_samples(shards, self.report), self.report):
+                try:
+                    image = image_to_tensor(center_crop_arr(_decode(data), self.img_size))[0]
+                except ImageFileError as e:
+                    self.report.bad_images.append(key)
+                    print(
+                        f"warning: epoch {self.epoch}: skipped {key} ({e}); "
+                        f"{len(self.report.bad_images)} so far in {shards[0]} and its "
+                        f"{len(shards) - 1} other shard(s)",
+                        file=sys.stderr,
+                    )
+                    continue
+                index = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:7], "little")
+                caption = caps[caption_choice(self.seed, self.epoch, index, len(caps))]
+                ids, mask = self.encoder.pad(
+                    self.encoder.token_ids([caption])[0], self.encoder.max_text_tokens
+                )
+                kept += 1
+                yield image, ids[0], mask[0]
+            if not kept:
+                raise CaptionDataError(
+                    f"no readable image with a caption in the tar shards {shards[:3]}: "
+                    f"{self.report.summary()}"
+                )

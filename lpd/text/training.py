@@ -10,10 +10,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from lpd.datasets import ConsolidatedTokenCache, read_record
-from lpd.text.data import CaptionDataError, caption_choice
+from lpd.text.data import CaptionDataError, CaptionStream, caption_choice, detect_format
 from lpd.text.encoders import TextEncoder, check_encoder_record, make_text_encoder
 
 __all__ = ["CaptionTokenCache", "caption_training", "caption_batch"]
@@ -24,17 +25,31 @@ CAPTIONS_FILE, FEATURES_FILE = "captions.npz", "captions.features.npy"
 def caption_training(
     config: Any, model: Any, dataset: Any, device: torch.device
 ) -> tuple[Any, TextEncoder | None]:
-    """The caption ``dataset`` (None: the caption cache ``config.cached_path``) of a text model and
-    the encoder of its token ids (None: it holds features); ``model.config`` records the encoder."""
-    where = "the dataset" if dataset is not None else f"--cached_path {config.cached_path!r}"
+    """The caption ``dataset`` (None: the caption cache ``config.cached_path``, or the tar shards
+    ``config.data_path`` streamed with ``config.text_encoder``) of a text model and the encoder of
+    its token ids (None: it holds features); ``model.config`` records the encoder."""
     if config.eval_freq:
         raise ValueError("evaluation during training is class-conditional: set --eval_freq 0")
-    if dataset is None:
-        if not config.use_cached:
-            raise ValueError(
-                "a text-conditional model trains on a caption cache: write one with "
-                "main_cache.py --captions and give --use_cached --cached_path CACHE"
+    where = "the dataset" if dataset is not None else f"--cached_path {config.cached_path!r}"
+    if dataset is None and not config.use_cached:
+        if detect_format(config.data_path) != "wds":
+            raise CaptionDataError(
+                f"--data_path {config.data_path!r}: training streams webdataset .tar shards; "
+                f"cache a folder or a JSONL manifest with main_cache.py --captions and give "
+                f"--use_cached --cached_path CACHE"
             )
+        where = f"--text_encoder {config.text_encoder!r}"
+        enc = make_text_encoder(
+            config.text_encoder, device, max_text_tokens=model.config.max_text_tokens
+        )
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        dataset = CaptionStream(
+            config.data_path, config.img_size, enc, seed=config.seed, rank=rank,
+            world_size=world, device=device,
+        )  # fmt: skip
+        print(f"[rank {rank}] {len(dataset.shards)} tar shard(s): {dataset.report.summary()}")
+        dataset.record = {"text_encoder": enc.record, "max_text_tokens": enc.max_text_tokens}
+    elif dataset is None:
         rec = (read_record(config.cached_path) or {}).get("captions") or {}
         dataset = CaptionTokenCache(
             config.cached_path,
@@ -52,8 +67,8 @@ def caption_training(
             f"{where} holds captions of {enc['name']!r} ({enc['width']} wide) but model_config "
             f"text_dim is {model.config.text_dim}: set model_config text_dim: {enc['width']}"
         )
-    encoder = None
-    if not rec.get("features"):
+    encoder = getattr(dataset, "encoder", None)
+    if encoder is None and not rec.get("features"):
         name = enc["name"] if enc["kind"] == "transformers" else enc["kind"]
         encoder = make_text_encoder(name, device, max_text_tokens=rec["max_text_tokens"])
         check_encoder_record(enc, encoder, where)

@@ -27,7 +27,8 @@ def make_tokenizer(
     """The tokenizer ``kind`` (``vq`` or the demo's ``palette``) built with ``vq_config``, in eval mode on ``device``.
 
     ``vq`` without ``vqgan_path``: random weights from ``seed`` if ``vq_config`` is given (``{}``: VQ-16), else
-    the released ``vq_ds16_c2i.pt`` (rank 0 downloads it first).
+    the released ``vq_ds16_c2i.pt`` (rank 0 downloads it first); ``vqgan_path`` may name a released
+    file (``vq_ds16_t2i.pt``) that is no local file.
     """
     if kind == "palette":
         return PaletteTokenizer(**_checked(PaletteTokenizer, vq_config, kind)).to(device).eval()
@@ -38,8 +39,10 @@ def make_tokenizer(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return build_vq(**vq_config).to(device).eval()
-    if vqgan_path is None:
-        vqgan_path = rank0_first(hub.resolve_vq)
+    if vqgan_path is None or (
+        os.fspath(vqgan_path) in hub.VQ_FILENAMES and not os.path.exists(vqgan_path)
+    ):  # a released file, by name
+        vqgan_path = rank0_first(lambda: hub.resolve_vq(vqgan_path))
     return load_vq(vqgan_path, **(vq_config or {})).to(device).eval()
 
 
@@ -67,9 +70,11 @@ def recorded_tokenizer(
         and config is None
         and file not in (None, hub.VQ_FILENAME)
     ):
-        raise ValueError(
-            f"{where} was trained with the tokenizer file {file}; pass its path with --vqgan_path"
-        )
+        if file not in hub.VQ_FILENAMES:
+            raise ValueError(
+                f"{where} was trained with the tokenizer file {file}; pass its path with --vqgan_path"
+            )
+        vqgan_path = file  # the released file of that name, from the Hub cache
     config = config if vqgan_path is None else None
     return make_tokenizer(kind, vqgan_path, config, ref.get("seed", 0), device)
 
