@@ -16,8 +16,6 @@ from collections.abc import Sequence
 from lpd import hub
 from lpd.config import HelpFormatter
 
-__all__ = ["fetch", "commands", "main"]
-
 
 def fetch(model: str, img_size: int) -> dict[str, str]:
     """Every file of a ``main_eval.py`` run of the released ``model`` at ``img_size``, by name."""
@@ -48,22 +46,16 @@ def commands(model: str, img_size: int) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; missing files print one ``error:`` message naming each of them, and return 2."""
     released = hub.RELEASED_CHECKPOINTS
-    p = argparse.ArgumentParser(
-        prog="python -m lpd.download",
-        allow_abbrev=False,
-        description=__doc__,
-        formatter_class=HelpFormatter,
-    )
+    kw = {"allow_abbrev": False, "description": __doc__, "formatter_class": HelpFormatter}
+    p = argparse.ArgumentParser(prog="python -m lpd.download", **kw)
     p.add_argument("model", choices=sorted({m for m, _ in released}), help="released model")
     p.add_argument("img_size", type=int, choices=sorted({s for _, s in released}), help="pixels")
     p.add_argument("--list", action="store_true", help="print the commands only; fetch nothing")
     args = p.parse_args(argv)
     if (args.model, args.img_size) not in released:
         pairs = ", ".join(f"{m} {s}" for m, s in released)
-        print(
-            f"error: {args.model} was not released at {args.img_size} px; released: {pairs}",
-            file=sys.stderr,
-        )
+        msg = f"{args.model} was not released at {args.img_size} px; released: {pairs}"
+        print(f"error: {msg}", file=sys.stderr)
         return 2
     print("The same with the command-line tools (HF_HUB_CACHE / HF_HOME choose the Hub cache):")
     print("\n".join(f"  {c}" for c in commands(args.model, args.img_size)), flush=True)
@@ -72,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         paths = fetch(args.model, args.img_size)
     except hub.ResolveError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)  # several lines: one per missing file
         return 2
     print("\n".join(f"{name}: {path}" for name, path in paths.items()))
     print(

@@ -41,9 +41,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
             obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file and the reason
         found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", str(e), re.S)
-        reason = (
-            found.group(1) if found else (str(e).splitlines() or [type(e).__name__])[0]
-        ).strip()
+        reason = (found.group(1) if found else first_line(e)).strip()
         raise CheckpointError(
             f"could not load checkpoint {path!r} with weights_only=True ({reason}). The file is "
             f"truncated, not a PyTorch checkpoint, or contains objects other than tensors, "
@@ -52,6 +50,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path!r} holds a {type(obj).__name__}, expected a dict")
     return obj
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name for none)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def checkpoint_args(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's training ``args`` (a Namespace or a dict) as a dict."""
+    args = ckpt.get("args")
+    return vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
 
 
 def read_sharded(path: str) -> dict[str, Any]:
@@ -69,11 +78,8 @@ def read_sharded(path: str) -> dict[str, Any]:
     groups = [g for g in meta.get("sharded", ()) if g in ("model", "model_ema")]
     try:
         index = HuggingFaceStorageReader(path).read_metadata().state_dict_metadata
-        flat = {
-            k: torch.empty(m.size, dtype=m.properties.dtype)
-            for k, m in index.items()
-            if k.split(".", 1)[0] in groups
-        }
+        flat = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in index.items()}
+        flat = {k: t for k, t in flat.items() if k.split(".", 1)[0] in groups}
         with warnings.catch_warnings():  # "no process group: loading in one process" is meant
             warnings.simplefilter("ignore")
             load(flat, storage_reader=HuggingFaceStorageReader(path), no_dist=True)
@@ -115,49 +121,35 @@ def check_state_dict(
     return missing, unexpected, mismatched
 
 
-def _format_keys(title: str, keys: list[str], limit: int = 20) -> str:
-    if not keys:
-        return ""
-    shown = ", ".join(keys[:limit]) + (
-        f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
-    )
-    return f"\n  {title} ({len(keys)}): {shown}"
-
-
 def load_into(
-    module: torch.nn.Module,
-    state_dict: Mapping[str, torch.Tensor],
-    source: str = "checkpoint",
-    hint: str = "",
-    assign: bool = False,
+    module: torch.nn.Module, state_dict: Mapping, source="checkpoint", hint="", assign=False
 ) -> None:
     """Strict load (``assign``: the tensors become the parameters); one error lists every fault."""
-    missing, unexpected, mismatched = check_state_dict(module.state_dict(), state_dict)
-    if missing or unexpected or mismatched:
-        raise CheckpointError(
-            f"{source} does not match the model {type(module).__name__}:"
-            + _format_keys("missing keys", missing)
-            + _format_keys("unexpected keys", unexpected)
-            + _format_keys("shape mismatches", mismatched)
-            + (f"\n  {hint}" if hint else "")
-        )
+    titles = ("missing keys", "unexpected keys", "shape mismatches")
+    faults = zip(titles, check_state_dict(module.state_dict(), state_dict))
+    if listed := "".join(
+        f"\n  {t} ({len(k)}): {_some(k, 20, ', ... ({} more)')}" for t, k in faults if k
+    ):
+        name, hint = type(module).__name__, f"\n  {hint}" if hint else ""
+        raise CheckpointError(f"{source} does not match the model {name}:{listed}{hint}")
     module.load_state_dict(state_dict, strict=True, assign=assign)
+
+
+def _some(items: Sequence[str], limit: int, more: str) -> str:
+    """The first ``limit`` of ``items``, joined, then ``more`` with the count of the rest."""
+    rest = more.format(len(items) - limit) if len(items) > limit else ""
+    return ", ".join(items[:limit]) + rest
 
 
 def check_finite(state_dict: Mapping[str, torch.Tensor], source: str) -> None:
     """Refuse weights holding NaN or inf, naming the tensors."""
-    bad = sorted(
-        k
-        for k, v in state_dict.items()
-        if isinstance(v, torch.Tensor)
-        and v.is_floating_point()
-        and not bool(torch.isfinite(v).all())
-    )
-    if bad:
+    floats = {
+        k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+    }
+    if bad := sorted(k for k, v in floats.items() if not bool(torch.isfinite(v).all())):
         raise CheckpointError(
-            f"{source} has non-finite weights (NaN or inf) in {', '.join(bad[:10])}"
-            f"{f' and {len(bad) - 10} more' if len(bad) > 10 else ''}; the file is damaged or the "
-            f"run diverged: use an earlier checkpoint"
+            f"{source} has non-finite weights (NaN or inf) in {_some(bad, 10, ' and {} more')}; the "
+            f"file is damaged or the run diverged: use an earlier checkpoint"
         )
 
 
@@ -171,8 +163,7 @@ def _fsync_dir(path: str) -> None:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
+    os.umask(mask := os.umask(0))
     return mask
 
 
@@ -188,10 +179,9 @@ def temp_dir_for(path: str) -> str:
 def atomic_write_bytes(path: str | os.PathLike, write_fn, fsync: bool = True) -> None:
     """Call ``write_fn(fileobj)`` on a temporary file next to ``path``, fsync it, rename it over
     ``path``; ``fsync=False`` skips the flushes (for many small files a rerun checks anyway)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
+    folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + os.path.basename(path) + "-", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{name}-", dir=folder)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give what a plain open() would
         with os.fdopen(fd, "wb") as f:
@@ -199,7 +189,7 @@ def atomic_write_bytes(path: str | os.PathLike, write_fn, fsync: bool = True) ->
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, os.fspath(path))
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -210,11 +200,9 @@ def atomic_write_bytes(path: str | os.PathLike, write_fn, fsync: bool = True) ->
 
 def state_dict_digest(state: Mapping[str, torch.Tensor] | torch.nn.Module) -> str:
     """SHA-256 (hex) of a state dict's names, dtypes, shapes and bytes: same digest, same data."""
-    if isinstance(state, torch.nn.Module):
-        state = state.state_dict()
+    state = state.state_dict() if isinstance(state, torch.nn.Module) else state
     h = hashlib.sha256()
-    for key in sorted(state):
-        t = state[key]
+    for key, t in sorted(state.items()):
         if isinstance(t, torch.Tensor):
             h.update(f"{key}|{t.dtype}|{tuple(t.shape)};".encode())
             h.update(t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
@@ -230,23 +218,16 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 
 def check_output_path(
-    path: str,
-    flag: str,
-    inputs: Sequence[tuple[str, Any]] = (),
-    overwrite: bool = False,
-    ours: Any = None,
+    path: str, flag: str, inputs: Sequence[tuple[str, Any]] = (), overwrite=False, ours: Any = None
 ) -> str | None:
     """Why ``path`` cannot be written: a folder, no writable folder to create it in, one of
     ``inputs`` (``(flag, path)`` pairs: an output is never an input) or an existing file that
     ``ours(path)`` does not recognise as written by lpd (without ``overwrite``); else None."""
     if os.path.isdir(path):
         return f"{flag} {path} is a folder; give the path of a file to write (it may lie in it)"
-    for in_flag, source in inputs:
-        if source is not None and same_file(path, source):
-            return (
-                f"{flag} {path} is also {in_flag} {source}: an output is never an input; "
-                f"choose another path"
-            )
+    for in_flag, src in inputs:
+        if src is not None and same_file(path, src):
+            return f"{flag} {path} is also {in_flag} {src}: an output is never an input; choose another path"
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(folder):  # missing folders are created on writing
         folder = os.path.dirname(folder)
@@ -255,10 +236,8 @@ def check_output_path(
     if not os.access(folder, os.W_OK | os.X_OK):
         return f"{flag} {path}: the folder {folder} is not writable; choose another path"
     if os.path.lexists(path) and not overwrite and not (ours and ours(path)):
-        return (
-            f"{flag} {path} exists{' and was not written by lpd' if ours else ''}; choose another "
-            f"name, or --overwrite to replace it"
-        )
+        by = " and was not written by lpd" if ours else ""
+        return f"{flag} {path} exists{by}; choose another name, or --overwrite to replace it"
     return None
 
 

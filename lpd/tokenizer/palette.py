@@ -10,8 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DEFAULT_LEVELS", "PaletteTokenizer", "images_to_uint8", "uint8_to_images"]
-
 DEFAULT_LEVELS = 4
 
 
@@ -59,15 +57,10 @@ class PaletteTokenizer(nn.Module):
     @torch.no_grad()
     def decode(self, tokens: Tensor) -> Tensor:
         """Tokens ``[B, h, w]`` (or raster ``[B, N]``, ``N`` square) -> flat grey blocks ``[B, 3, patch*h, patch*w]``."""
-        if (
-            not isinstance(tokens, Tensor)
-            or tokens.is_floating_point()
-            or tokens.is_complex()
-            or tokens.dtype == torch.bool
-        ):
-            raise TypeError(
-                f"tokens must be an integer tensor, got {getattr(tokens, 'dtype', type(tokens).__name__)}"
-            )
+        dtype = getattr(tokens, "dtype", type(tokens).__name__)
+        bad = not isinstance(tokens, Tensor) or tokens.is_floating_point() or tokens.is_complex()
+        if bad or dtype == torch.bool:
+            raise TypeError(f"tokens must be an integer tensor, got {dtype}")
         if tokens.dim() == 2 and math.isqrt(tokens.shape[1]) ** 2 == tokens.shape[1]:
             tokens = tokens.reshape(len(tokens), math.isqrt(tokens.shape[1]), -1)
         if tokens.dim() != 3 or not tokens.shape[1] or not tokens.shape[2]:
@@ -80,10 +73,10 @@ class PaletteTokenizer(nn.Module):
                 f"tokens must lie in [0, {self.levels}) for levels={self.levels}, "
                 f"got values in [{tokens.min()}, {tokens.max()}]"
             )
-        values = (
-            self.palette[tokens].repeat_interleave(self.patch, -2).repeat_interleave(self.patch, -1)
+        values = self.palette[tokens].repeat_interleave(self.patch, -2)
+        return (
+            values.repeat_interleave(self.patch, -1).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
         )
-        return values.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
 
 
 def images_to_uint8(images: Tensor) -> Tensor:

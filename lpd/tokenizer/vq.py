@@ -16,8 +16,6 @@ import torch.nn.functional as F
 
 from lpd.files import load_into, load_state_dict
 
-__all__ = ["VQModel", "VectorQuantizer", "Encoder", "Decoder", "build_vq", "load_vq"]
-
 
 def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
@@ -47,15 +45,13 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.norm = _norm(channels)
-        self.q, self.k, self.v, self.proj_out = (
-            nn.Conv2d(channels, channels, kernel_size=1) for _ in range(4)
-        )
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         hn = self.norm(x)
         q, k, v = (
-            conv(hn).reshape(b, 1, c, h * w).transpose(-1, -2) for conv in (self.q, self.k, self.v)
+            f(hn).reshape(b, 1, c, h * w).transpose(-1, -2) for f in (self.q, self.k, self.v)
         )
         out = F.scaled_dot_product_attention(q, k, v, scale=c**-0.5)
         return x + self.proj_out(out.transpose(-1, -2).reshape(b, c, h, w))
@@ -67,29 +63,20 @@ class _Resample(nn.Module):
     def __init__(self, channels: int, up: bool) -> None:
         super().__init__()
         self.up = up
-        self.conv = (
-            _conv3(channels, channels)
-            if up
-            else nn.Conv2d(channels, channels, kernel_size=3, stride=2)
-        )
+        self.conv = _conv3(channels, channels) if up else nn.Conv2d(channels, channels, 3, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(
-            F.interpolate(x, scale_factor=2.0, mode="nearest")
-            if self.up
-            else F.pad(x, (0, 1, 0, 1))
-        )
+        up = self.up
+        return self.conv(F.interpolate(x, scale_factor=2.0) if up else F.pad(x, (0, 1, 0, 1)))
 
 
 class _Level(nn.Module):
     """One resolution: ``res`` blocks, each followed by an ``attn`` block when ``with_attn``, then ``resample``."""
 
-    def __init__(
-        self, c_in: int, c_out: int, num_blocks: int, with_attn: bool, resample: str | None
-    ) -> None:
+    def __init__(self, c_in: int, c_out: int, blocks: int, with_attn: bool, resample: str | None):
         super().__init__()
         self.res, self.attn = nn.ModuleList(), nn.ModuleList()
-        for i in range(num_blocks):
+        for i in range(blocks):
             self.res.append(ResnetBlock(c_in if i == 0 else c_out, c_out))
             if with_attn:
                 self.attn.append(AttnBlock(c_out))
@@ -103,64 +90,38 @@ class _Level(nn.Module):
         return getattr(self, self.resample)(h) if self.resample else h
 
 
-def _mid(channels: int) -> nn.Sequential:
-    return nn.Sequential(
-        ResnetBlock(channels, channels), AttnBlock(channels), ResnetBlock(channels, channels)
-    )
+def _mid(c: int) -> nn.Sequential:
+    return nn.Sequential(ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c))
 
 
-class Encoder(nn.Module):
-    """Image ``[B, 3, H, W]`` -> latent ``[B, z_channels, H/f, W/f]``, ``f = 2 ** (len(ch_mult) - 1)``."""
+class _Coder(nn.Module):
+    """The encoder: image ``[B, 3, H, W]`` -> latent ``[B, z_channels, H/f, W/f]``, ``f = 2 **
+    (len(ch_mult) - 1)``, highest resolution first; ``up``: the decoder, its mirror image."""
 
-    def __init__(
-        self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int
-    ) -> None:
+    def __init__(self, ch: int, ch_mult: Sequence[int], blocks: int, z_channels: int, up: bool):
         super().__init__()
-        self.conv_in = _conv3(3, ch)
+        self.up, n, widths = up, len(ch_mult), [ch * m for m in ch_mult]
+        widths = [widths[-1], *reversed(widths)] if up else [ch, *widths]
+        self.conv_in = _conv3(z_channels if up else 3, widths[0])
+        if up:
+            self.mid = _mid(widths[0])
         self.conv_blocks = nn.Sequential()
-        widths, last = [ch] + [ch * m for m in ch_mult], len(ch_mult) - 1
-        for level in range(len(ch_mult)):  # highest resolution first
+        for i, level in enumerate(reversed(range(n)) if up else range(n)):
+            resample = None if level == (0 if up else n - 1) else "upsample" if up else "downsample"
             self.conv_blocks.append(
-                _Level(
-                    widths[level],
-                    widths[level + 1],
-                    num_res_blocks,
-                    level == last,
-                    None if level == last else "downsample",
-                )
+                _Level(widths[i], widths[i + 1], blocks + up, level == n - 1, resample)
             )
-        self.mid = _mid(widths[-1])
-        self.norm_out, self.conv_out = _norm(widths[-1]), _conv3(widths[-1], z_channels)
+        if not up:
+            self.mid = _mid(widths[-1])
+        self.norm_out, self.conv_out = (
+            _norm(widths[-1]),
+            _conv3(widths[-1], 3 if up else z_channels),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv_out(F.silu(self.norm_out(self.mid(self.conv_blocks(self.conv_in(x))))))
-
-
-class Decoder(nn.Module):
-    """Latent ``[B, z_channels, h, w]`` -> image ``[B, 3, f*h, f*w]``, the encoder's mirror image."""
-
-    def __init__(
-        self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int
-    ) -> None:
-        super().__init__()
-        widths, last = [ch * ch_mult[-1]] + [ch * m for m in reversed(ch_mult)], len(ch_mult) - 1
-        self.conv_in = _conv3(z_channels, widths[0])
-        self.mid = _mid(widths[0])
-        self.conv_blocks = nn.Sequential()
-        for i, level in enumerate(reversed(range(len(ch_mult)))):  # lowest resolution first
-            self.conv_blocks.append(
-                _Level(
-                    widths[i],
-                    widths[i + 1],
-                    num_res_blocks + 1,
-                    level == last,
-                    "upsample" if level else None,
-                )
-            )
-        self.norm_out, self.conv_out = _norm(widths[-1]), _conv3(widths[-1], 3)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.conv_out(F.silu(self.norm_out(self.conv_blocks(self.mid(self.conv_in(z))))))
+        x = self.conv_in(x)
+        x = self.conv_blocks(self.mid(x)) if self.up else self.mid(self.conv_blocks(x))
+        return self.conv_out(F.silu(self.norm_out(x)))
 
 
 class VectorQuantizer(nn.Module):
@@ -174,9 +135,8 @@ class VectorQuantizer(nn.Module):
             self.embedding.weight.uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
             if l2_norm:
                 self.embedding.weight.copy_(F.normalize(self.embedding.weight, dim=-1))
-        self.register_buffer(
-            "codebook_used", torch.zeros(65536)
-        )  # the original's usage log, for strict loading
+        # the original's usage log, for strict loading
+        self.register_buffer("codebook_used", torch.zeros(65536))
 
     def codebook(self) -> torch.Tensor:
         return F.normalize(self.embedding.weight, dim=-1) if self.l2_norm else self.embedding.weight
@@ -201,17 +161,18 @@ class VectorQuantizer(nn.Module):
 
 
 class VQModel(nn.Module):
-    """Images ``[B, 3, H, W]`` in [-1, 1] <-> ids ``[B, H/f, W/f]``; inputs move to the module's device."""
+    """Images ``[B, 3, H, W]`` in [-1, 1] <-> ids ``[B, H/f, W/f]``; inputs move to the module's device.
+    Randomly initialised; the defaults are the VQ-16 of ``vq_ds16_c2i.pt``."""
 
     def __init__(
         self,
-        ch: int,
-        ch_mult: Sequence[int],
-        z_channels: int,
-        codebook_size: int,
-        codebook_embed_dim: int,
-        codebook_l2_norm: bool,
-        num_res_blocks: int,
+        ch: int = 128,
+        ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
+        z_channels: int = 256,
+        codebook_size: int = 16384,
+        codebook_embed_dim: int = 8,
+        codebook_l2_norm: bool = True,
+        num_res_blocks: int = 2,
     ) -> None:
         super().__init__()
         ch_mult = tuple(int(m) for m in ch_mult)
@@ -219,12 +180,9 @@ class VQModel(nn.Module):
             raise ValueError(
                 f"ch_mult must be a non-empty sequence of positive integers, got {ch_mult}"
             )
-        for name, val in (
-            ("ch", ch),
-            ("z_channels", z_channels),
-            ("codebook_size", codebook_size),
-            ("codebook_embed_dim", codebook_embed_dim),
-            ("num_res_blocks", num_res_blocks),
+        names = ("ch", "z_channels", "codebook_size", "codebook_embed_dim", "num_res_blocks")
+        for name, val in zip(
+            names, (ch, z_channels, codebook_size, codebook_embed_dim, num_res_blocks)
         ):
             if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {val!r}")
@@ -235,8 +193,8 @@ class VQModel(nn.Module):
             )
         self.codebook_size = codebook_size
         self.downsample_factor = 2 ** (len(ch_mult) - 1)
-        self.encoder = Encoder(ch, ch_mult, num_res_blocks, z_channels)
-        self.decoder = Decoder(ch, ch_mult, num_res_blocks, z_channels)
+        self.encoder = _Coder(ch, ch_mult, num_res_blocks, z_channels, up=False)
+        self.decoder = _Coder(ch, ch_mult, num_res_blocks, z_channels, up=True)
         self.quantize = VectorQuantizer(
             codebook_size, codebook_embed_dim, l2_norm=bool(codebook_l2_norm)
         )
@@ -308,19 +266,7 @@ class VQModel(nn.Module):
         return self.decode_quant(self.encode_to_quant(images)[0])
 
 
-def build_vq(
-    ch: int = 128,
-    ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
-    z_channels: int = 256,
-    codebook_size: int = 16384,
-    codebook_embed_dim: int = 8,
-    codebook_l2_norm: bool = True,
-    num_res_blocks: int = 2,
-) -> VQModel:
-    """A randomly initialised VQ tokenizer; the defaults are the VQ-16 of ``vq_ds16_c2i.pt``."""
-    return VQModel(
-        ch, ch_mult, z_channels, codebook_size, codebook_embed_dim, codebook_l2_norm, num_res_blocks
-    )
+build_vq = VQModel  # a randomly initialised VQ tokenizer
 
 
 def load_vq(path: str | os.PathLike, map_location: str | torch.device = "cpu", **config) -> VQModel:
@@ -331,11 +277,7 @@ def load_vq(path: str | os.PathLike, map_location: str | torch.device = "cpu", *
             f"VQ checkpoint {os.fspath(path)!r} not found; download vq_ds16_c2i.pt from the "
             f"Hugging Face repo FoundationVision/LlamaGen (see tokenizers/README.md)"
         )
-    model = build_vq(**config)
-    load_into(
-        model,
-        load_state_dict(path, map_location),
-        source=f"VQ checkpoint {os.fspath(path)!r}",
-        hint="pass the tokenizer's architecture with --vq_config",
-    )
+    model, source = build_vq(**config), f"VQ checkpoint {os.fspath(path)!r}"
+    hint = "pass the tokenizer's architecture with --vq_config"
+    load_into(model, load_state_dict(path, map_location), source=source, hint=hint)
     return model.to(map_location).eval()
