@@ -78,8 +78,8 @@ def read_sharded(path: str) -> dict[str, Any]:
     groups = [g for g in meta.get("sharded", ()) if g in ("model", "model_ema")]
     try:
         index = HuggingFaceStorageReader(path).read_metadata().state_dict_metadata
+        index = {k: m for k, m in index.items() if k.split(".", 1)[0] in groups}
         flat = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in index.items()}
-        flat = {k: t for k, t in flat.items() if k.split(".", 1)[0] in groups}
         with warnings.catch_warnings():  # "no process group: loading in one process" is meant
             warnings.simplefilter("ignore")
             load(flat, storage_reader=HuggingFaceStorageReader(path), no_dist=True)

@@ -95,11 +95,9 @@ def export_folder(path: str) -> str | None:
     ``path`` (``owner/name`` that is no local path); None for anything else."""
     if os.path.isfile(os.path.join(path, EXPORT_CONFIG)):
         return path
-    if (
-        os.path.exists(path)
-        or not re.fullmatch(r"[\w.-]+/[\w.-]+", path)
-        or path.endswith((".pth", ".pt", ".bin", ".ckpt"))
-    ):
+    if os.path.exists(path) or path.endswith(_CHECKPOINT_EXTS[:-1]):  # not .safetensors
+        return None
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
         return None
     hint = f"or, if {path} was meant as a folder on this machine: it does not exist"
     for name in (EXPORT_CONFIG, EXPORT_WEIGHTS):
@@ -250,15 +248,10 @@ def _repo_files(repo_id: str, cache: str, local: bool) -> list[str]:
         repos = huggingface_hub.scan_cache_dir(cache).repos
     except Exception:  # best effort: the caller then reports the file it expected
         return []
-    return sorted(
-        {
-            str(f.file_path.relative_to(rev.snapshot_path))
-            for repo in repos
-            if repo.repo_id == repo_id and repo.repo_type == "model"
-            for rev in repo.revisions
-            for f in rev.files
-        }
-    )
+    revs = [
+        v for r in repos if r.repo_id == repo_id and r.repo_type == "model" for v in r.revisions
+    ]
+    return sorted({str(f.file_path.relative_to(v.snapshot_path)) for v in revs for f in v.files})
 
 
 def _download_url(url: str, path: str) -> None:
@@ -290,16 +283,13 @@ def url_file(
     if found := next((p for p in looked if os.path.isfile(p)), None):
         return found
     if offline() or not download:
-        reason = (
-            "offline mode (HF_HUB_OFFLINE=1) is on" if offline() else "downloads are disabled"
-        ) + " and it is not on disk."
+        why = "offline mode (HF_HUB_OFFLINE=1) is on" if offline() else "downloads are disabled"
+        reason = why + " and it is not on disk."
     else:
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        failures = []
+        folder, failures = os.path.dirname(dst), []
+        os.makedirs(folder, exist_ok=True)
         for url in urls:  # each to a temporary file, checked, then renamed: dst is never partial
-            fd, tmp = tempfile.mkstemp(
-                prefix=".partial-", suffix=f"-{filename}", dir=os.path.dirname(dst)
-            )
+            fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=f"-{filename}", dir=folder)
             os.close(fd)
             try:
                 _download_url(url, tmp)

@@ -40,13 +40,7 @@ LOCK_FILE = "train.lock"  # held by the training that writes an output folder
 Log = Callable[[str], None]
 
 
-def distribute(
-    model: torch.nn.Module,
-    info: DistInfo,
-    fsdp: bool = False,
-    bf16: bool = False,
-    cpu_offload=False,
-) -> torch.nn.Module:
+def distribute(model, info: DistInfo, fsdp=False, bf16=False, cpu_offload=False) -> torch.nn.Module:
     """The module a training step calls: ``model`` on its device, FSDP2-sharded in place (each block, then
     the root; ``bf16`` on GPUs: bf16 compute, fp32 gradient reduction), under DDP, or itself."""
     device = info.device
@@ -73,7 +67,7 @@ def distribute(
     return fully_shard(model, **kw)
 
 
-def settle_ddp_buckets(ddp_model: torch.nn.Module, batch: int, sizes: Sequence[int], autocast: Any):
+def settle_ddp_buckets(ddp_model: torch.nn.Module, batch: int, sizes: Sequence[int], autocast):
     """One throw-away forward/backward, so that every (re)started process steps with the gradient buckets DDP
     rebuilds after its first backward (they set the all-reduce's summation order); weights are untouched."""
     model = ddp_model.module
@@ -84,7 +78,7 @@ def settle_ddp_buckets(ddp_model: torch.nn.Module, batch: int, sizes: Sequence[i
     tokens = torch.zeros(batch, N, dtype=torch.long, device=device)
     with autocast:
         loss = ddp_model(
-            tokens, labels, torch.arange(N, device=device).expand(batch, N), sizes, **text
+            tokens, labels, torch.arange(N, device=device).expand_as(tokens), sizes, **text
         )
     loss.backward()
     model.zero_grad(set_to_none=True)
@@ -124,9 +118,7 @@ def last_checkpoint(folder: str, sharded: bool) -> str | None:
     return next((p for p in (os.path.join(folder, n) for n in names) if os.path.exists(p)), None)
 
 
-def _save_sharded(
-    paths: Sequence[str], tensors: dict, meta: dict[str, Any], info: DistInfo
-) -> None:
+def _save_sharded(paths: Sequence[str], tensors: dict, meta: dict, info: DistInfo) -> None:
     """Every rank writes its shards, rank 0 ``state.pth``; each of ``paths`` then appears whole."""
     from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
     from torch.distributed.checkpoint.api import CheckpointException
@@ -134,12 +126,7 @@ def _save_sharded(
     tmp = broadcast_object(temp_dir_for(paths[0]) if info.is_main else None)
 
     def publish() -> None:
-        _save(
-            lambda: save_checkpoint(
-                {**meta, "sharded": sorted(tensors)}, os.path.join(tmp, STATE_FILE)
-            ),
-            paths[0],
-        )
+        _save({**meta, "sharded": sorted(tensors)}, os.path.join(tmp, STATE_FILE), paths[0])
         for path in paths[1:]:  # more names for the same state: hard links, no second write
             copy = f"{tmp}-{os.path.basename(path)}"
             shutil.copytree(tmp, copy, copy_function=os.link)
@@ -160,17 +147,17 @@ def _save_sharded(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _save(write: Callable[[], None], path: str) -> None:
-    """``write()``; a full disk or a quota (the previous file untouched) raised as a message.
-    torch.save reports the file's OSError as a RuntimeError whose context it is."""
+def _save(state: dict, path: str, shown: str | None = None) -> None:
+    """:func:`save_checkpoint`; a full disk or a quota (the previous file untouched) raised as a
+    message naming ``shown`` (torch.save reports an OSError as a RuntimeError of that context)."""
     try:
-        write()
+        save_checkpoint(state, path)
     except (OSError, RuntimeError) as e:
         cause = e if isinstance(e, OSError) else e.__context__
         if not isinstance(cause, OSError):
             raise
         raise CheckpointError(
-            f"writing {path} failed ({cause.strerror or cause}); the last good "
+            f"writing {shown or path} failed ({cause.strerror or cause}); the last good "
             f"checkpoint is kept: free space, then continue with --resume"
         ) from e
 
@@ -223,20 +210,14 @@ class TrainState:
         meta = {**self.meta, "scaler": {}, "epoch": epoch, "step": step, "global_step": global_step}
         meta["rng"] = gather_object(_rng_state())
         if self.sharded:
-            return _save_sharded(
-                paths, self._sharded_tensors(self.ema is not None)[0], meta, self.info
-            )
+            tensors = self._sharded_tensors(self.ema is not None)[0]
+            return _save_sharded(paths, tensors, meta, self.info)
 
         def write() -> None:
-            state = {
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                **meta,
-            }
-            if self.ema is not None:
-                state["model_ema"] = self.ema.state
+            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+            state |= meta | ({} if self.ema is None else {"model_ema": self.ema.state})
             for path in paths:
-                _save(lambda: save_checkpoint(state, path + ".pth"), path + ".pth")
+                _save(state, path + ".pth")
 
         on_rank0(write, "while saving the checkpoint", broadcast=False)
 
@@ -245,17 +226,14 @@ class TrainState:
         ckpt = self._load(path, log)
         steps_per_epoch = self.meta["steps_per_epoch"]
         epoch, step = int(ckpt.get("epoch", 0)), int(ckpt.get("step", 0))
-        if (
-            "step" not in ckpt and "epoch" in ckpt
-        ):  # released checkpoint: 'epoch' is the last finished one
+        if "step" not in ckpt and "epoch" in ckpt:  # released: 'epoch' is the last finished one
             epoch += 1
         global_step = int(ckpt.get("global_step", epoch * steps_per_epoch + step))
         old, new = ckpt.get("data_state", {}), self.meta["data_state"]
         if old and old != new:
-            was = int(old.get("batch_size", new["batch_size"])) * int(
-                old.get("world_size", new["world_size"])
-            )
-            step = min(steps_per_epoch, step * was // (new["batch_size"] * new["world_size"]))
+            was = {**new, **old}  # what the checkpoint does not record: as now
+            moved = step * int(was["batch_size"]) * int(was["world_size"])
+            step = min(steps_per_epoch, moved // (new["batch_size"] * new["world_size"]))
             log(
                 f"warning: resuming with another world size / batch size / data / seed than {path} was written with "
                 f"({old}); continuing at step {step} of epoch {epoch}, but not bit-exactly"
@@ -335,19 +313,12 @@ class TrainState:
         theirs = [len(g.get("params", [])) for g in (state or {}).get("param_groups", [])]
         params = [p for g in groups for p in g["params"]]
 
-        def fits(i: Any, st: Mapping[str, Any]) -> bool:
-            shapes = (
-                v.shape == params[int(i)].shape
-                for v in st.values()
-                if torch.is_tensor(v) and v.dim()
-            )
-            return int(i) < len(params) and all(shapes)
+        def fits(i: Any, st: Mapping[str, Any]) -> bool:  # the moments have the parameter's shape
+            big = [v for v in st.values() if torch.is_tensor(v) and v.dim()]
+            return int(i) < len(params) and all(v.shape == params[int(i)].shape for v in big)
 
-        if (
-            state
-            and ours == theirs
-            and all(fits(i, st) for i, st in state.get("state", {}).items())
-        ):
+        saved = (state or {}).get("state", {})
+        if state and ours == theirs and all(fits(i, st) for i, st in saved.items()):
             return self.optimizer.load_state_dict(state)
         log(
             f"warning: the optimizer state in {path} is missing or does not match this model's parameter groups "

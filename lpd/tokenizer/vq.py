@@ -6,7 +6,6 @@ nearest-code quantizer between; module and buffer names are the released file's,
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 
@@ -15,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lpd.files import load_into, load_state_dict
+from lpd.tokenizer.palette import check_images, check_tokens
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -201,51 +201,10 @@ class VQModel(nn.Module):
         self.quant_conv = nn.Conv2d(z_channels, codebook_embed_dim, kernel_size=1)
         self.post_quant_conv = nn.Conv2d(codebook_embed_dim, z_channels, kernel_size=1)
 
-    def _check_images(self, images: torch.Tensor) -> torch.Tensor:
-        if images.dim() != 4:
-            raise ValueError(f"images must have shape [B, 3, H, W], got {tuple(images.shape)}")
-        (_, c, h, w), f = images.shape, self.downsample_factor
-        if c != 3:
-            raise ValueError(
-                f"images must have 3 (RGB) channels in dim 1, got shape {tuple(images.shape)}"
-            )
-        if h % f or w % f or not h or not w:
-            raise ValueError(
-                f"image height and width must be positive multiples of the downsampling factor {f}, "
-                f"got {h}x{w}"
-            )
-        if not images.is_floating_point():
-            raise TypeError(
-                f"images must be a floating-point tensor in [-1, 1], got dtype {images.dtype}"
-            )
-        return images.to(self.quant_conv.weight)
-
-    def _check_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
-            raise TypeError(
-                f"tokens must be an integer tensor of codebook indices, got dtype {tokens.dtype}"
-            )
-        if tokens.dim() == 2:
-            side = math.isqrt(tokens.shape[1])
-            if not side or side * side != tokens.shape[1]:
-                raise ValueError(
-                    f"flat tokens [B, N] need a square grid, got N = {tokens.shape[1]}; pass [B, h, w]"
-                )
-            tokens = tokens.reshape(-1, side, side)
-        elif tokens.dim() != 3:
-            raise ValueError(
-                f"tokens must have shape [B, h, w] or [B, h*w], got {tuple(tokens.shape)}"
-            )
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.codebook_size):
-            raise ValueError(
-                f"token indices must lie in [0, {self.codebook_size - 1}], got values in "
-                f"[{int(tokens.min())}, {int(tokens.max())}]"
-            )
-        return tokens.to(device=self.quant_conv.weight.device, dtype=torch.long)
-
     def encode_to_quant(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images -> (quantized latent: the codes themselves, no straight-through gradient; ids)."""
-        indices = self.quantize.nearest(self.quant_conv(self.encoder(self._check_images(images))))
+        images = check_images(images, self.downsample_factor).to(self.quant_conv.weight)
+        indices = self.quantize.nearest(self.quant_conv(self.encoder(images)))
         return self.quantize.lookup(indices), indices
 
     def decode_quant(self, quant: torch.Tensor) -> torch.Tensor:
@@ -259,7 +218,8 @@ class VQModel(nn.Module):
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Ids ``[B, h, w]`` (or ``[B, h*w]``, square, raster) -> images ``[B, 3, f*h, f*w]``, not clamped."""
-        return self.decode_quant(self.quantize.lookup(self._check_tokens(tokens)))
+        tokens = check_tokens(tokens, self.codebook_size, self.quant_conv.weight.device)
+        return self.decode_quant(self.quantize.lookup(tokens))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Reconstruction through the nearest codes."""
