@@ -34,11 +34,8 @@ def device_description(device: torch.device | str) -> str:
 
 def library_versions() -> dict[str, str | None]:
     """Versions of Python and the libraries that shape the numbers."""
-    out = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-    }
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    out["cuda"] = torch.version.cuda
     for pkg in ("lpd", "numpy", "pillow", "torch-fidelity", "torchvision", "scipy"):
         try:
             out[pkg] = importlib.metadata.version(pkg)

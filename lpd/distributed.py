@@ -63,11 +63,10 @@ def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
 
 
 def launch_env(env: Mapping[str, str] | None = None) -> tuple[int, int, int]:
-    """``(rank, world size, local rank)`` as the launcher of this process set them: torchrun or
-    scripts/slurm.py (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), srun (``SLURM_PROCID``,
-    ``SLURM_STEP_NUM_TASKS``, ``SLURM_LOCALID``: set per task of a job step), else one process. A
-    plain ``python`` in an allocation (a batch script, salloc) is one process, whatever
-    ``SLURM_NTASKS`` says (a batch script has ``SLURM_PROCID=0`` too, but no job step)."""
+    """``(rank, world size, local rank)`` as the launcher set them: torchrun or scripts/slurm.py
+    (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), srun (``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS``,
+    ``SLURM_LOCALID``, set per task of a job step), else one process (a plain ``python`` in an
+    allocation, whatever ``SLURM_NTASKS`` says: a batch script has no job step)."""
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
         names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -197,23 +196,20 @@ def report_error(message: str, status: int = 2) -> int:
     return status
 
 
+_GONE = ("/gloo/transport/", "Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
 def lost_peer(e: BaseException) -> bool:
     """Whether ``e`` says that another process of the run went away (it reports its own error)."""
-    gone = (
-        "/gloo/transport/",
-        "Connection closed by peer",
-        "Connection reset by peer",
-        "Broken pipe",
+    return launch_env()[1] > 1 and (
+        isinstance(e, dist.DistError) or any(s in str(e) for s in _GONE)
     )
-    return launch_env()[1] > 1 and (isinstance(e, dist.DistError) or any(s in str(e) for s in gone))
 
 
 def exit_process(status: int) -> None:
     """End the process after :func:`cleanup` without the interpreter's finalization and the C++
-    static destructors. Native threads outlive the process group (gloo's workers, which
-    ``destroy_process_group`` does not join while anything still references the group; the autograd
-    device threads an FSDP backward starts), and a thread that meets a half torn-down runtime ends
-    the process in ``std::terminate`` (SIGABRT) after a finished run."""
+    static destructors: native threads that outlive the process group (gloo's workers, the autograd
+    threads of an FSDP backward) would meet a half torn-down runtime and abort a finished run."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)

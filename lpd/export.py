@@ -225,53 +225,43 @@ def consolidate(run_dir: str, out: str, overwrite: bool = False) -> dict[str, An
     return state
 
 
-_ARGS = {  # the command line: sub-command -> (flag, help, add_argument's other settings)
-    "consolidate": [
-        (
-            "run_dir",
-            "an --fsdp run's output folder (its checkpoint-last) or a checkpoint folder",
-            {},
-        ),
-        ("out", "the .pth file to write", {}),
-    ],
-    "export": [
-        ("ckpt", "a checkpoint file (.pth) or sharded checkpoint folder", {}),
-        ("out_dir", "the folder to write", {}),
-        ("--model", "preset of a released checkpoint that does not record its architecture", {}),
-        (
-            "--use_ema",
-            "export the EMA weights (runs trained with --ema_decay)",
-            {"action": "store_true"},
-        ),
-        ("--metrics", "a main_eval.py metrics.json of these weights, shown in the model card", {}),
-        ("--push_to_hub", "upload the folder to this Hub model repository", {"metavar": "REPO"}),
-        (
-            "--private",
-            "with --push_to_hub: create the repository private",
-            {"action": "store_true"},
-        ),
-    ],
+_OVERWRITE = "replace an existing output"
+_COMMANDS = {  # sub-command: (its help, {argument: help})
+    "consolidate": (
+        "a sharded (--fsdp) checkpoint as one .pth file of the released format",
+        {
+            "run_dir": "an --fsdp run's output folder (its checkpoint-last) or a checkpoint folder",
+            "out": "the .pth file to write",
+            "--overwrite": _OVERWRITE,
+        },
+    ),
+    "export": (
+        "model.safetensors + config.json + README.md, optionally uploaded to the Hub",
+        {
+            "ckpt": "a checkpoint file (.pth) or sharded checkpoint folder",
+            "out_dir": "the folder to write",
+            "--model": "preset of a released checkpoint that does not record its architecture",
+            "--use_ema": "export the EMA weights (runs trained with --ema_decay)",
+            "--metrics": "a main_eval.py metrics.json of these weights, shown in the model card",
+            "--push_to_hub": "upload the folder to this Hub model repository",
+            "--private": "with --push_to_hub: create the repository private",
+            "--overwrite": _OVERWRITE,
+        },
+    ),
 }
-_HELP = {
-    "consolidate": "a sharded (--fsdp) checkpoint as one .pth file of the released format",
-    "export": "model.safetensors + config.json + README.md, optionally uploaded to the Hub",
-}
+_SETTINGS = dict.fromkeys(["--use_ema", "--private", "--overwrite"], {"action": "store_true"})
+_SETTINGS["--push_to_hub"] = {"metavar": "REPO"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``consolidate`` and ``export``; errors print one ``error:`` line and return 2."""
-    p = argparse.ArgumentParser(
-        prog="python -m lpd.checkpoint",
-        allow_abbrev=False,
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    fmt, prog = argparse.RawDescriptionHelpFormatter, "python -m lpd.checkpoint"
+    p = argparse.ArgumentParser(prog, description=__doc__, formatter_class=fmt, allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True)
-    for command, flags in _ARGS.items():
-        q = sub.add_parser(command, help=_HELP[command])
-        for flag, help, kw in flags:
-            q.add_argument(flag, help=help, **kw)
-        q.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    for command, (text, flags) in _COMMANDS.items():
+        q = sub.add_parser(command, help=text)
+        for flag, text in flags.items():
+            q.add_argument(flag, help=text, **_SETTINGS.get(flag, {}))
     args = p.parse_args(argv)
     try:
         if args.command == "consolidate":

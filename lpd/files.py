@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -41,7 +42,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
             obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file and the reason
         found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", str(e), re.S)
-        reason = (found.group(1) if found else first_line(e)).strip()
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = (found.group(1) if found else first).strip()
         raise CheckpointError(
             f"could not load checkpoint {path!r} with weights_only=True ({reason}). The file is "
             f"truncated, not a PyTorch checkpoint, or contains objects other than tensors, "
@@ -50,11 +52,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path!r} holds a {type(obj).__name__}, expected a dict")
     return obj
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (its type's name for none)."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def checkpoint_args(ckpt: Mapping[str, Any]) -> dict[str, Any]:
@@ -127,9 +124,10 @@ def load_into(
     """Strict load (``assign``: the tensors become the parameters); one error lists every fault."""
     titles = ("missing keys", "unexpected keys", "shape mismatches")
     faults = zip(titles, check_state_dict(module.state_dict(), state_dict))
-    if listed := "".join(
+    listed = "".join(
         f"\n  {t} ({len(k)}): {_some(k, 20, ', ... ({} more)')}" for t, k in faults if k
-    ):
+    )
+    if listed:
         name, hint = type(module).__name__, f"\n  {hint}" if hint else ""
         raise CheckpointError(f"{source} does not match the model {name}:{listed}{hint}")
     module.load_state_dict(state_dict, strict=True, assign=assign)
@@ -143,10 +141,8 @@ def _some(items: Sequence[str], limit: int, more: str) -> str:
 
 def check_finite(state_dict: Mapping[str, torch.Tensor], source: str) -> None:
     """Refuse weights holding NaN or inf, naming the tensors."""
-    floats = {
-        k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
-    }
-    if bad := sorted(k for k, v in floats.items() if not bool(torch.isfinite(v).all())):
+    bad = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point()]
+    if bad := sorted(k for k in bad if not bool(torch.isfinite(state_dict[k]).all())):
         raise CheckpointError(
             f"{source} has non-finite weights (NaN or inf) in {_some(bad, 10, ' and {} more')}; the "
             f"file is damaged or the run diverged: use an earlier checkpoint"
@@ -227,7 +223,10 @@ def check_output_path(
         return f"{flag} {path} is a folder; give the path of a file to write (it may lie in it)"
     for in_flag, src in inputs:
         if src is not None and same_file(path, src):
-            return f"{flag} {path} is also {in_flag} {src}: an output is never an input; choose another path"
+            return (
+                f"{flag} {path} is also {in_flag} {src}: an output is never an input; "
+                f"choose another path"
+            )
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(folder):  # missing folders are created on writing
         folder = os.path.dirname(folder)
@@ -241,25 +240,40 @@ def check_output_path(
     return None
 
 
-def lock_folder(folder: str) -> int | None:
-    """Hold ``folder`` for this process (``flock`` of ``folder/.lock``, released when it ends, even
-    killed): the descriptor to close, None without file locks; BlockingIOError when held."""
+def lock_file(path: str, record: str, warn: str = "") -> int | None:
+    """Hold ``path`` for this process (an ``flock``: released when it ends, even killed) and write
+    ``record`` into it: the descriptor to close; None without file locks (warning, if ``warn``
+    says what is then not prevented); BlockingIOError(the holder's record) while another holds it."""
     import fcntl
 
-    os.makedirs(folder, exist_ok=True)
-    fd = os.open(os.path.join(folder, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 64).decode(errors="replace").strip()
-        os.close(fd)
-        raise BlockingIOError(f"{folder} is in use by process {holder or '(unknown)'}") from None
-    except OSError:  # no locks on this file system
-        os.close(fd)
-        return None
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.read(fd, 4096).decode(errors="replace").strip()
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise BlockingIOError(holder) from None
+            if warn:  # no locks on this file system
+                warnings.warn(f"cannot lock {path} ({e.strerror}): {warn}", stacklevel=3)
+            return None
+        with contextlib.suppress(FileNotFoundError):  # deleted by its holder while we waited
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        os.close(fd)  # then take the new one
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()} on {os.uname().nodename}".encode(), 0)
+    os.pwrite(fd, record.encode(), 0)
     return fd
+
+
+def lock_folder(folder: str) -> int | None:
+    """:func:`lock_file` of ``folder/.lock``, recording this process; BlockingIOError when held."""
+    try:
+        return lock_file(os.path.join(folder, LOCK_NAME), f"{os.getpid()} on {os.uname().nodename}")
+    except BlockingIOError as e:
+        raise BlockingIOError(f"{folder} is in use by process {str(e) or '(unknown)'}") from None
 
 
 def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike) -> None:

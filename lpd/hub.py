@@ -7,6 +7,7 @@ URL files from $LPD_CACHE (default ~/.cache/lpd); HF_HUB_OFFLINE=1 forbids downl
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import tempfile
@@ -60,36 +61,6 @@ class ResolveError(FileNotFoundError):
     """A file could not be found or fetched; str() is the message, which says how to provide it."""
 
 
-def resolve_all(resolvers: Mapping[str, Callable[[], str]], hint: str = "") -> dict[str, str]:
-    """Each resolver's path, by name; the failures of all of them in one ResolveError."""
-    paths, failed = {}, {}
-    for name, resolve in resolvers.items():
-        try:
-            paths[name] = resolve()
-        except ResolveError as e:
-            failed[name] = str(e)
-    if len(failed) > 1:
-        each = "\n".join(f"({k}) {m}" for k, m in enumerate(failed.values(), 1))
-        raise ResolveError(
-            f"{len(failed)} files are missing ({', '.join(failed)}):\n{each}"
-            + (f"\n{hint}" if hint else "")
-        )
-    if failed:
-        raise ResolveError(next(iter(failed.values())) + (f"\n  {hint}" if hint else ""))
-    return paths
-
-
-def download_hint(model: str | None, img_size: int) -> str:
-    """How to fetch every file of a released model at once ("" for others)."""
-    if (model, img_size) not in RELEASED_CHECKPOINTS:
-        return ""
-    return (
-        f"On a machine with network access, `python -m lpd.download {model} {img_size}` "
-        f"fetches all of them (`--list` prints the commands); HF_HUB_OFFLINE=1 then skips "
-        f"every network call."
-    )
-
-
 def export_folder(path: str) -> str | None:
     """The local folder of an exported model: ``path``, or the cached files of the Hub repository
     ``path`` (``owner/name`` that is no local path); None for anything else."""
@@ -121,8 +92,9 @@ def resolve_model_files(
     vq: bool = True,
     more: Mapping[str, Callable[[], str]] | None = None,
 ) -> dict[str, str]:
-    """With :func:`resolve_all`: "checkpoint" (``checkpoint``, else the released one of ``model`` if
-    ``released``), "VQ tokenizer" (``vqgan_path`` or the released one, if ``vq``) and ``more``."""
+    """The paths, by name, of "checkpoint" (``checkpoint``, else the released one of ``model`` if
+    ``released``), "VQ tokenizer" (``vqgan_path`` or the released one, if ``vq``) and ``more``
+    (name -> resolver); the failures of all of them in one ResolveError, with a download hint."""
     need: dict[str, Callable[[], str]] = {}
     if checkpoint is not None:
         need["checkpoint"] = lambda: resolve_user_checkpoint(checkpoint)
@@ -130,7 +102,26 @@ def resolve_model_files(
         need["checkpoint"] = lambda: resolve_checkpoint(model, img_size)
     if vq:
         need["VQ tokenizer"] = lambda: resolve_vq(vqgan_path)
-    return resolve_all({**need, **(more or {})}, hint=download_hint(model, img_size))
+    paths, failed = {}, {}
+    for name, resolve in {**need, **(more or {})}.items():
+        try:
+            paths[name] = resolve()
+        except ResolveError as e:
+            failed[name] = str(e)
+    hint = (
+        f"On a machine with network access, `python -m lpd.download {model} {img_size}` "
+        f"fetches all of them (`--list` prints the commands); HF_HUB_OFFLINE=1 then skips "
+        f"every network call."
+    )
+    if (model, img_size) not in RELEASED_CHECKPOINTS:
+        hint = ""
+    if len(failed) > 1:
+        each = "\n".join(f"({k}) {m}" for k, m in enumerate(failed.values(), 1))
+        missing = f"{len(failed)} files are missing ({', '.join(failed)}):\n{each}"
+        raise ResolveError(missing + (f"\n{hint}" if hint else ""))
+    if failed:
+        raise ResolveError(next(iter(failed.values())) + (f"\n  {hint}" if hint else ""))
+    return paths
 
 
 def fid_stats_dir() -> str:
@@ -192,14 +183,10 @@ def hub_file(
     """Local path of ``filename`` in the Hub model repository ``repo_id``: the cache, else a
     download; ``fallback``: the repository's only checkpoint file under another name will do."""
     # HF_HUB_CACHE is read now so that a changed environment counts; the default is huggingface_hub's.
-    cache = os.path.expanduser(
-        os.fspath(cache_dir or os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE)
-    )
+    cache = cache_dir or os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
+    cache = os.path.expanduser(os.fspath(cache))
 
-    def get(name: str, local: bool) -> str:
-        return huggingface_hub.hf_hub_download(
-            repo_id, name, cache_dir=cache, local_files_only=local
-        )
+    get = functools.partial(huggingface_hub.hf_hub_download, repo_id, cache_dir=cache)
 
     def single_other(local: bool) -> str | None:
         names = _repo_files(repo_id, cache, local) if fallback else []
@@ -207,21 +194,19 @@ def hub_file(
         if len(picks) != 1:
             return None
         where = "found in the cache" if local else "listed on the Hub"
-        warnings.warn(
-            f"{repo_id} has no {filename}; using its only checkpoint file {picks[0]} ({where})",
-            stacklevel=3,
-        )
+        msg = f"{repo_id} has no {filename}; using its only checkpoint file {picks[0]} ({where})"
+        warnings.warn(msg, stacklevel=3)
         return picks[0]
 
     with contextlib.suppress(OSError, ValueError):
-        return get(filename, local=True)
+        return get(filename, local_files_only=True)
     if offline():
         if alt := single_other(local=True):
-            return get(alt, local=True)
+            return get(alt, local_files_only=True)
         reason = f"offline mode (HF_HUB_OFFLINE=1) is on and the file is not in the cache {cache}."
     else:
         try:
-            return get(filename, local=False)
+            return get(filename, local_files_only=False)
         # HTTP, connection (httpx errors are not OSErrors), disk: reported with the cause
         except Exception as exc:
             missing = isinstance(exc, errors.RemoteEntryNotFoundError)
@@ -315,10 +300,7 @@ def url_file(
 
 
 def resolve_checkpoint(
-    model: str,
-    img_size: int,
-    path: _Path | None = None,
-    cache_dir: _Path | None = None,
+    model: str, img_size: int, path: _Path | None = None, cache_dir: _Path | None = None
 ) -> str:
     """Local path of an LPD checkpoint: ``path`` (--pretrained_ckpt), else the released one of ``model``."""
     flag, what = _CKPT, f"released {model} {img_size}px checkpoint"
@@ -350,10 +332,7 @@ def _validate_stats(path: str) -> None:
 
 
 def resolve_fid_stats(
-    img_size: int,
-    path: _Path | None = None,
-    *,
-    cache_dir: _Path | None = None,
+    img_size: int, path: _Path | None = None, *, cache_dir: _Path | None = None
 ) -> str:
     """Local path of ``adm_in{img_size}_stats.npz``: ``path``, ./fid_stats/ (the released layout), the
     cache, else a download."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import json
 import os
@@ -31,6 +30,7 @@ from lpd.files import (
     checkpoint_args,
     load_checkpoint,
     load_into,
+    lock_file,
     replace_dir,
     save_checkpoint,
     temp_dir_for,
@@ -259,9 +259,7 @@ class TrainState:
             from torch.distributed.checkpoint.state_dict import set_state_dict
 
             ckpt = load_checkpoint(os.path.join(path, STATE_FILE))
-            saved = "model_ema" in ckpt.get("sharded", ())
-            self._keep_ema(saved, ckpt, path, log)
-            has_ema = saved and self.ema is not None
+            has_ema = self._keep_ema("model_ema" in ckpt.get("sharded", ()), ckpt, path, log)
             tensors, model_sd, optim_sd = self._sharded_tensors(has_ema)
             load(tensors, storage_reader=HuggingFaceStorageReader(path))
             check_finite({k: v.to_local() for k, v in model_sd.items()}, source)
@@ -273,9 +271,7 @@ class TrainState:
             check_finite(ckpt["model"], source)
             load_into(self.model, ckpt["model"], source=source)
             self._load_optimizer(ckpt.get("optimizer"), path, log)
-            self._keep_ema("model_ema" in ckpt, ckpt, path, log)
-            has_ema = "model_ema" in ckpt and self.ema is not None
-            if has_ema:
+            if has_ema := self._keep_ema("model_ema" in ckpt, ckpt, path, log):
                 if check_state_dict(self.ema.state, ckpt["model_ema"]) != ([], [], []):
                     raise CheckpointError(
                         f"{source}: its model_ema does not match the model; the file is damaged"
@@ -290,14 +286,16 @@ class TrainState:
             _set_rng_state(rngs[self.info.rank])
         return ckpt
 
-    def _keep_ema(self, saved: bool, ckpt: dict[str, Any], path: str, log: Log) -> None:
-        """Without ``--ema_decay`` (None) the checkpoint's EMA continues; ``--ema_decay 0`` drops it."""
+    def _keep_ema(self, saved: bool, ckpt: dict[str, Any], path: str, log: Log) -> bool:
+        """Whether the EMA continues from the checkpoint's (``saved``): without ``--ema_decay``
+        (None) it does, ``--ema_decay 0`` drops it."""
         if not saved or self.ema is not None:
-            return
+            return saved and self.ema is not None
         if self.meta["args"].get("ema_decay") is not None:
-            return log(
+            log(
                 f"warning: --ema_decay 0 drops the EMA weights of {path}; the next checkpoint has none"
             )
+            return False
         if not (decay := checkpoint_args(ckpt).get("ema_decay")):
             raise CheckpointError(
                 f"{path} holds EMA weights but not their decay: give --ema_decay "
@@ -305,6 +303,7 @@ class TrainState:
             )
         self.ema, self.meta["args"]["ema_decay"] = EMA(self.model, float(decay)), float(decay)
         log(f"the EMA of {path} continues with decay {decay} (--ema_decay 0 would drop it)")
+        return True
 
     def _load_optimizer(self, state: dict[str, Any] | None, path: str, log: Log) -> None:
         """AdamW's state if written for the same parameter groups (not the released order); else a fresh start."""
@@ -332,37 +331,17 @@ class RunLock:
     file says who holds it."""
 
     def __init__(self, folder: str) -> None:
-        import fcntl
-
-        self.path, self.fd = os.path.join(folder, LOCK_FILE), None
-        os.makedirs(folder, exist_ok=True)
-        while self.fd is None:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                holder = os.read(fd, 4096).decode(errors="replace").strip() or "starting"
-                os.close(fd)
-                if e.errno not in (errno.EAGAIN, errno.EACCES):  # no locks on this file system
-                    msg = f"cannot lock {self.path} ({e.strerror}): two trainings into {folder} are not prevented"
-                    return warnings.warn(msg, stacklevel=2)
-                raise CheckpointError(
-                    f"--output_dir {folder} is in use by another training ({holder}); wait for it to "
-                    f"end, stop it, or give another --output_dir"
-                ) from None
-            try:  # released and deleted while we waited for it: take the new one
-                self.fd = fd if os.path.samestat(os.fstat(fd), os.stat(self.path)) else None
-            except FileNotFoundError:
-                pass
-            if self.fd is None:
-                os.close(fd)
+        self.path, since = os.path.join(folder, LOCK_FILE), time.strftime("%Y-%m-%d %H:%M:%S")
         record = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)}
-        record |= {
-            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "job": os.environ.get("SLURM_JOB_ID"),
-        }
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, json.dumps(record).encode())
+        record |= {"since": since, "job": os.environ.get("SLURM_JOB_ID")}
+        warn = f"two trainings into {folder} are not prevented"
+        try:
+            self.fd = lock_file(self.path, json.dumps(record), warn)
+        except BlockingIOError as e:
+            raise CheckpointError(
+                f"--output_dir {folder} is in use by another training ({str(e) or 'starting'}); wait "
+                f"for it to end, stop it, or give another --output_dir"
+            ) from None
 
     def release(self) -> None:
         if self.fd is not None:

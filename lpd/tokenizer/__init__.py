@@ -62,12 +62,8 @@ def recorded_tokenizer(
 ) -> torch.nn.Module:
     """The tokenizer a :func:`tokenizer_ref` of ``where`` names; ``vqgan_path``: the VQ file."""
     kind, file, config = ref.get("kind", "vq"), ref.get("file"), ref.get("vq_config")
-    if (
-        vqgan_path is None
-        and kind == "vq"
-        and config is None
-        and file not in (None, hub.VQ_FILENAME)
-    ):
+    named = file not in (None, hub.VQ_FILENAME)
+    if vqgan_path is None and kind == "vq" and config is None and named:
         raise ValueError(
             f"{where} was trained with the tokenizer file {file}; pass its path with --vqgan_path"
         )

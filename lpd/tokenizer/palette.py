@@ -44,12 +44,8 @@ def check_tokens(tokens: Tensor, vocab: int, device: torch.device) -> Tensor:
     """Integer ids ``[B, h, w]`` (or ``[B, h*w]``, square, raster) in ``[0, vocab)`` as long
     ``[B, h, w]`` on ``device``, else the error."""
     dtype = getattr(tokens, "dtype", type(tokens).__name__)
-    if (
-        not isinstance(tokens, Tensor)
-        or tokens.is_floating_point()
-        or tokens.is_complex()
-        or dtype == torch.bool
-    ):
+    bad = not isinstance(tokens, Tensor) or tokens.is_floating_point() or tokens.is_complex()
+    if bad or dtype == torch.bool:
         raise TypeError(f"tokens must be an integer tensor of codebook indices, got dtype {dtype}")
     if tokens.dim() == 2:
         side = math.isqrt(tokens.shape[1])

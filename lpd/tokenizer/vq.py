@@ -113,10 +113,8 @@ class _Coder(nn.Module):
             )
         if not up:
             self.mid = _mid(widths[-1])
-        self.norm_out, self.conv_out = (
-            _norm(widths[-1]),
-            _conv3(widths[-1], 3 if up else z_channels),
-        )
+        c, c_out = widths[-1], 3 if up else z_channels
+        self.norm_out, self.conv_out = _norm(c), _conv3(c, c_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(x)
@@ -148,11 +146,7 @@ class VectorQuantizer(nn.Module):
         if self.l2_norm:
             flat = F.normalize(flat, dim=-1)
         # |z|^2 + |e|^2 - 2 z.e, the released formula, so that near-ties resolve the same way.
-        d = (
-            flat.pow(2).sum(dim=1, keepdim=True)
-            + codes.pow(2).sum(dim=1)
-            - 2.0 * (flat @ codes.t())
-        )
+        d = flat.pow(2).sum(1, keepdim=True) + codes.pow(2).sum(1) - 2.0 * (flat @ codes.t())
         return d.argmin(dim=1).reshape(b, h, w)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
