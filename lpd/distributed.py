@@ -201,9 +201,8 @@ _GONE = ("/gloo/transport/", "Connection closed by peer", "Connection reset by p
 
 def lost_peer(e: BaseException) -> bool:
     """Whether ``e`` says that another process of the run went away (it reports its own error)."""
-    return launch_env()[1] > 1 and (
-        isinstance(e, dist.DistError) or any(s in str(e) for s in _GONE)
-    )
+    gone = isinstance(e, dist.DistError) or any(s in str(e) for s in _GONE)
+    return launch_env()[1] > 1 and gone
 
 
 def exit_process(status: int) -> None:

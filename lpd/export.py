@@ -267,9 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "consolidate":
             state = consolidate(args.run_dir, args.out, args.overwrite)
             kept = "model and model_ema" if "model_ema" in state else "model"
-            print(
-                f"wrote {args.out} (epoch {state.get('epoch')}, step {state.get('step')}, {kept})"
-            )
+            where = f"epoch {state.get('epoch')}, step {state.get('step')}"
+            print(f"wrote {args.out} ({where}, {kept})")
             return 0
         if args.push_to_hub and hub.offline():
             raise CheckpointError(

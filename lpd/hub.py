@@ -33,12 +33,10 @@ _CKPT = "--pretrained_ckpt"
 _CHECKPOINT_EXTS = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 VQ_REPO, VQ_FILENAME = "FoundationVision/LlamaGen", "vq_ds16_c2i.pt"
 FID_STATS_FILENAME = "adm_in{img_size}_stats.npz"
+_MAR_RAW = "https://github.com/LTH14/mar/raw/main/fid_stats"
 _LPD_RAW = "https://github.com/mit-han-lab/lpd/raw/main/fid_stats"
 FID_STATS_SOURCES: dict[int, tuple[str, ...]] = {
-    256: (
-        "https://github.com/LTH14/mar/raw/main/fid_stats/adm_in256_stats.npz",
-        f"{_LPD_RAW}/adm_in256_stats.npz",
-    ),
+    256: (f"{_MAR_RAW}/adm_in256_stats.npz", f"{_LPD_RAW}/adm_in256_stats.npz"),
     512: (f"{_LPD_RAW}/adm_in512_stats.npz",),
 }
 _ADM = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet"
@@ -233,9 +231,8 @@ def _repo_files(repo_id: str, cache: str, local: bool) -> list[str]:
         repos = huggingface_hub.scan_cache_dir(cache).repos
     except Exception:  # best effort: the caller then reports the file it expected
         return []
-    revs = [
-        v for r in repos if r.repo_id == repo_id and r.repo_type == "model" for v in r.revisions
-    ]
+    repos = [r for r in repos if r.repo_id == repo_id and r.repo_type == "model"]
+    revs = [v for r in repos for v in r.revisions]
     return sorted({str(f.file_path.relative_to(v.snapshot_path)) for v in revs for f in v.files})
 
 

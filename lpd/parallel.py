@@ -76,10 +76,9 @@ def settle_ddp_buckets(ddp_model: torch.nn.Module, batch: int, sizes: Sequence[i
     text = {} if model.text is None else {"text": torch.zeros(batch, 1, C, device=device)}
     labels = None if text else torch.zeros(batch, dtype=torch.long, device=device)
     tokens = torch.zeros(batch, N, dtype=torch.long, device=device)
+    order = torch.arange(N, device=device).expand_as(tokens)
     with autocast:
-        loss = ddp_model(
-            tokens, labels, torch.arange(N, device=device).expand_as(tokens), sizes, **text
-        )
+        loss = ddp_model(tokens, labels, order, sizes, **text)
     loss.backward()
     model.zero_grad(set_to_none=True)
 
@@ -103,13 +102,11 @@ class EMA:
             self.state[k].copy_(p.detach())
 
 
-def full_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def full_tensors(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Whole tensors of a state dict that may be sharded (then a collective: every rank calls it)."""
     from torch.distributed.tensor import DTensor
 
-    return {
-        k: (v.full_tensor() if isinstance(v, DTensor) else v).detach() for k, v in state.items()
-    }
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach() for k, v in sd.items()}
 
 
 def last_checkpoint(folder: str, sharded: bool) -> str | None:
@@ -260,12 +257,10 @@ class TrainState:
 
             ckpt = load_checkpoint(os.path.join(path, STATE_FILE))
             has_ema = self._keep_ema("model_ema" in ckpt.get("sharded", ()), ckpt, path, log)
-            tensors, model_sd, optim_sd = self._sharded_tensors(has_ema)
+            tensors, msd, osd = self._sharded_tensors(has_ema)
             load(tensors, storage_reader=HuggingFaceStorageReader(path))
-            check_finite({k: v.to_local() for k, v in model_sd.items()}, source)
-            set_state_dict(
-                self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd
-            )
+            check_finite({k: v.to_local() for k, v in msd.items()}, source)
+            set_state_dict(self.model, self.optimizer, model_state_dict=msd, optim_state_dict=osd)
         else:
             ckpt = load_checkpoint(path)
             check_finite(ckpt["model"], source)

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lpd.config import check_positive
+
 DEFAULT_LEVELS = 4
 
 
@@ -73,8 +75,7 @@ class PaletteTokenizer(nn.Module):
         super().__init__()
         if isinstance(levels, bool) or not isinstance(levels, int) or not 2 <= levels <= 65536:
             raise ValueError(f"levels must be an integer in [2, 65536], got {levels!r}")
-        if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
-            raise ValueError(f"patch must be a positive integer, got {patch!r}")
+        check_positive(patch, "patch", ValueError)
         self.levels = self.codebook_size = levels
         self.patch = self.downsample_factor = patch
         self.register_buffer("palette", torch.linspace(-1.0, 1.0, levels), persistent=False)
@@ -92,10 +93,10 @@ class PaletteTokenizer(nn.Module):
     def decode(self, tokens: Tensor) -> Tensor:
         """Tokens ``[B, h, w]`` (or raster ``[B, N]``, ``N`` square) -> flat grey blocks ``[B, 3, patch*h, patch*w]``."""
         tokens = check_tokens(tokens, self.levels, self.palette.device)
-        values = self.palette[tokens].repeat_interleave(self.patch, -2)
-        return (
-            values.repeat_interleave(self.patch, -1).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+        grey = (
+            self.palette[tokens].repeat_interleave(self.patch, -2).repeat_interleave(self.patch, -1)
         )
+        return grey.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
 
 
 def images_to_uint8(images: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lpd.config import check_positive
 from lpd.files import load_into, load_state_dict
 from lpd.tokenizer.palette import check_images, check_tokens
 
@@ -50,11 +51,9 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         hn = self.norm(x)
-        q, k, v = (
-            f(hn).reshape(b, 1, c, h * w).transpose(-1, -2) for f in (self.q, self.k, self.v)
-        )
+        q, k, v = (f(hn).reshape(b, 1, c, h * w).mT for f in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v, scale=c**-0.5)
-        return x + self.proj_out(out.transpose(-1, -2).reshape(b, c, h, w))
+        return x + self.proj_out(out.mT.reshape(b, c, h, w))
 
 
 class _Resample(nn.Module):
@@ -108,9 +107,8 @@ class _Coder(nn.Module):
         self.conv_blocks = nn.Sequential()
         for i, level in enumerate(reversed(range(n)) if up else range(n)):
             resample = None if level == (0 if up else n - 1) else "upsample" if up else "downsample"
-            self.conv_blocks.append(
-                _Level(widths[i], widths[i + 1], blocks + up, level == n - 1, resample)
-            )
+            block = _Level(widths[i], widths[i + 1], blocks + up, level == n - 1, resample)
+            self.conv_blocks.append(block)
         if not up:
             self.mid = _mid(widths[-1])
         c, c_out = widths[-1], 3 if up else z_channels
@@ -178,8 +176,7 @@ class VQModel(nn.Module):
         for name, val in zip(
             names, (ch, z_channels, codebook_size, codebook_embed_dim, num_res_blocks)
         ):
-            if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {val!r}")
+            check_positive(val, name, ValueError)
         if any(ch * m % 32 for m in ch_mult):
             raise ValueError(
                 f"every level width ch * mult must be a multiple of 32 (GroupNorm groups); "
@@ -189,9 +186,7 @@ class VQModel(nn.Module):
         self.downsample_factor = 2 ** (len(ch_mult) - 1)
         self.encoder = _Coder(ch, ch_mult, num_res_blocks, z_channels, up=False)
         self.decoder = _Coder(ch, ch_mult, num_res_blocks, z_channels, up=True)
-        self.quantize = VectorQuantizer(
-            codebook_size, codebook_embed_dim, l2_norm=bool(codebook_l2_norm)
-        )
+        self.quantize = VectorQuantizer(codebook_size, codebook_embed_dim, bool(codebook_l2_norm))
         self.quant_conv = nn.Conv2d(z_channels, codebook_embed_dim, kernel_size=1)
         self.post_quant_conv = nn.Conv2d(codebook_embed_dim, z_channels, kernel_size=1)
 
