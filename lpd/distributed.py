@@ -104,8 +104,7 @@ def init_distributed(
 
 
 def _init_group(rank: int, world: int, dev: torch.device, timeout: Any, rendezvous_s: float):
-    """The process group (nccl on CUDA, else gloo), once the processes met (within
-    ``rendezvous_s``; under torchrun its agent met them already)."""
+    """The process group, once the processes met (within ``rendezvous_s``; torchrun: already)."""
     backend = "nccl" if dev.type == "cuda" else "gloo"
     addr, port = os.environ["MASTER_ADDR"], int(os.environ.get("MASTER_PORT", "29500"))
     kw: dict[str, Any] = {"timeout": timeout} | ({"device_id": dev} if dev.type == "cuda" else {})

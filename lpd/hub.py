@@ -60,8 +60,7 @@ class ResolveError(FileNotFoundError):
 
 
 def export_folder(path: str) -> str | None:
-    """The local folder of an exported model: ``path``, or the cached files of the Hub repository
-    ``path`` (``owner/name`` that is no local path); None for anything else."""
+    """The folder of an export: ``path``, or the cached files of the Hub repository ``path``; else None."""
     if os.path.isfile(os.path.join(path, EXPORT_CONFIG)):
         return path
     if os.path.exists(path) or path.endswith(_CHECKPOINT_EXTS[:-1]):  # not .safetensors

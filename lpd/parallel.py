@@ -237,9 +237,8 @@ class TrainState:
             )
         if step >= steps_per_epoch:
             epoch, step = epoch + 1, 0
-        log(
-            f"resumed from {path}: epoch {epoch}, step {step} of {steps_per_epoch}, global step {global_step}"
-        )
+        where = f"epoch {epoch}, step {step} of {steps_per_epoch}, global step {global_step}"
+        log(f"resumed from {path}: {where}")
         return epoch, step, global_step
 
     def _load(self, path: str, log: Log) -> dict[str, Any]:
@@ -282,8 +281,7 @@ class TrainState:
         return ckpt
 
     def _keep_ema(self, saved: bool, ckpt: dict[str, Any], path: str, log: Log) -> bool:
-        """Whether the EMA continues from the checkpoint's (``saved``): without ``--ema_decay``
-        (None) it does, ``--ema_decay 0`` drops it."""
+        """Whether the checkpoint's EMA (``saved``) continues: without ``--ema_decay`` it does."""
         if not saved or self.ema is not None:
             return saved and self.ema is not None
         if self.meta["args"].get("ema_decay") is not None:
@@ -321,9 +319,8 @@ class TrainState:
 
 
 class RunLock:
-    """``OUTPUT_DIR/train.lock``, taken at start and released at exit. An ``flock``: the kernel
-    releases it when the process dies (SIGKILL, a lost node), so a requeued job finds it free; the
-    file says who holds it."""
+    """``OUTPUT_DIR/train.lock``, saying who holds it, from start to exit; an ``flock``: the kernel
+    releases it when the process dies (SIGKILL, a lost node), so a requeued job finds it free."""
 
     def __init__(self, folder: str) -> None:
         self.path, since = os.path.join(folder, LOCK_FILE), time.strftime("%Y-%m-%d %H:%M:%S")

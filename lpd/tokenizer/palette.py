@@ -43,8 +43,7 @@ def check_images(images: Tensor, f: int) -> Tensor:
 
 
 def check_tokens(tokens: Tensor, vocab: int, device: torch.device) -> Tensor:
-    """Integer ids ``[B, h, w]`` (or ``[B, h*w]``, square, raster) in ``[0, vocab)`` as long
-    ``[B, h, w]`` on ``device``, else the error."""
+    """Integer ids ``[B, h, w]`` (or raster ``[B, h*w]``) in ``[0, vocab)`` as long on ``device``."""
     dtype = getattr(tokens, "dtype", type(tokens).__name__)
     bad = not isinstance(tokens, Tensor) or tokens.is_floating_point() or tokens.is_complex()
     if bad or dtype == torch.bool:
