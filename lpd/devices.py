@@ -55,9 +55,8 @@ _WARNED = False
 def warn_if_emulated_bf16(device: torch.device | str, dtype: torch.dtype | None) -> None:
     """Warn once per process when bf16 is asked for on a CPU that can only emulate it."""
     global _WARNED
-    if _WARNED or dtype != torch.bfloat16 or torch.device(device).type != "cpu":
-        return
-    if cpu_has_native_bf16():
+    bf16_on_cpu = dtype == torch.bfloat16 and torch.device(device).type == "cpu"
+    if _WARNED or not bf16_on_cpu or cpu_has_native_bf16():
         return
     _WARNED = True
     warnings.warn(

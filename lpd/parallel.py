@@ -40,7 +40,9 @@ LOCK_FILE = "train.lock"  # held by the training that writes an output folder
 Log = Callable[[str], None]
 
 
-def distribute(model, info: DistInfo, fsdp=False, bf16=False, cpu_offload=False) -> torch.nn.Module:
+def distribute(
+    model: torch.nn.Module, info: DistInfo, fsdp=False, bf16=False, cpu_offload=False
+) -> torch.nn.Module:
     """The module a training step calls: ``model`` on its device, FSDP2-sharded in place (each block, then
     the root; ``bf16`` on GPUs: bf16 compute, fp32 gradient reduction), under DDP, or itself."""
     device = info.device

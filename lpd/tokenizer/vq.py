@@ -173,9 +173,8 @@ class VQModel(nn.Module):
                 f"ch_mult must be a non-empty sequence of positive integers, got {ch_mult}"
             )
         names = ("ch", "z_channels", "codebook_size", "codebook_embed_dim", "num_res_blocks")
-        for name, val in zip(
-            names, (ch, z_channels, codebook_size, codebook_embed_dim, num_res_blocks)
-        ):
+        sizes = (ch, z_channels, codebook_size, codebook_embed_dim, num_res_blocks)
+        for name, val in zip(names, sizes):
             check_positive(val, name, ValueError)
         if any(ch * m % 32 for m in ch_mult):
             raise ValueError(
