@@ -55,7 +55,7 @@ def check_tokens(tokens: Tensor, vocab: int, device: torch.device) -> Tensor:
                 f"flat tokens [B, N] need a square grid, got N = {tokens.shape[1]}; pass [B, h, w]"
             )
         tokens = tokens.reshape(-1, side, side)
-    elif tokens.dim() != 3:
+    elif tokens.dim() != 3 or 0 in tokens.shape[1:]:
         raise ValueError(f"tokens must have shape [B, h, w] or [B, h*w], got {tuple(tokens.shape)}")
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
         raise ValueError(
