@@ -9,8 +9,6 @@ import warnings
 
 import torch
 
-__all__ = ["cpu_has_native_bf16", "available_cpus"]
-
 
 def available_cpus() -> int:
     """The CPU cores this process may run on (its affinity: a Slurm task's or container's share)."""
@@ -30,20 +28,14 @@ def device_description(device: torch.device | str) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     name = platform.processor() or platform.machine() or "unknown"
-    return (
-        f"cpu ({name}, {torch.get_num_threads()} threads)"
-        if device.type == "cpu"
-        else f"{device.type} ({name})"
-    )
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    return f"{device.type} ({name}{threads})"
 
 
 def library_versions() -> dict[str, str | None]:
     """Versions of Python and the libraries that shape the numbers."""
-    out: dict[str, str | None] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-    }
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    out["cuda"] = torch.version.cuda
     for pkg in ("lpd", "numpy", "pillow", "torch-fidelity", "torchvision", "scipy"):
         try:
             out[pkg] = importlib.metadata.version(pkg)
@@ -63,12 +55,8 @@ _WARNED = False
 def warn_if_emulated_bf16(device: torch.device | str, dtype: torch.dtype | None) -> None:
     """Warn once per process when bf16 is asked for on a CPU that can only emulate it."""
     global _WARNED
-    if (
-        _WARNED
-        or dtype != torch.bfloat16
-        or torch.device(device).type != "cpu"
-        or cpu_has_native_bf16()
-    ):
+    bf16_on_cpu = dtype == torch.bfloat16 and torch.device(device).type == "cpu"
+    if _WARNED or not bf16_on_cpu or cpu_has_native_bf16():
         return
     _WARNED = True
     warnings.warn(

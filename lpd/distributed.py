@@ -3,6 +3,7 @@ and the few collectives the loops need."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -14,8 +15,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
-__all__ = ["init_distributed", "resolve_device", "cleanup", "DistInfo"]
 
 
 class RankError(RuntimeError):
@@ -46,31 +45,28 @@ def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
         dev = torch.device(device)
     except RuntimeError as e:
         raise ValueError(f"--device {device!r}: {e}; give auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(
-                f"--device {device}: CUDA is not available on this machine (torch "
-                f"{torch.__version__}, CUDA build {torch.version.cuda}); use "
-                f"--device cpu or auto"
-            )
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank)
-        if dev.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"--device {device}: this machine has {torch.cuda.device_count()} "
-                f"GPU(s) (process {local_rank} on this node); start fewer processes "
-                f"per node"
-            )
-        torch.cuda.set_device(dev)
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}, "
+            f"CUDA build {torch.version.cuda}); use --device cpu or auto"
+        )
+    dev = torch.device("cuda", local_rank) if dev.index is None else dev
+    if dev.index >= (count := torch.cuda.device_count()):
+        raise ValueError(
+            f"--device {device}: this machine has {count} GPU(s) (process {local_rank} on this "
+            f"node); start fewer processes per node"
+        )
+    torch.cuda.set_device(dev)
     return dev
 
 
 def launch_env(env: Mapping[str, str] | None = None) -> tuple[int, int, int]:
-    """``(rank, world size, local rank)`` as the launcher of this process set them: torchrun or
-    scripts/slurm.py (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), srun (``SLURM_PROCID``,
-    ``SLURM_STEP_NUM_TASKS``, ``SLURM_LOCALID``: set per task of a job step), else one process. A
-    plain ``python`` in an allocation (a batch script, salloc) is one process, whatever
-    ``SLURM_NTASKS`` says (a batch script has ``SLURM_PROCID=0`` too, but no job step)."""
+    """``(rank, world size, local rank)`` as the launcher set them: torchrun or scripts/slurm.py
+    (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), srun (``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS``,
+    ``SLURM_LOCALID``, set per task of a job step), else one process (a plain ``python`` in an
+    allocation, whatever ``SLURM_NTASKS`` says: a batch script has no job step)."""
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
         names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -81,9 +77,8 @@ def launch_env(env: Mapping[str, str] | None = None) -> tuple[int, int, int]:
     try:
         rank, world, local = (int(env.get(n, "0")) for n in names)
     except ValueError:
-        raise ValueError(
-            f"the launcher's {'/'.join(names)} are not integers: {[env.get(n) for n in names]}"
-        ) from None
+        values = [env.get(n) for n in names]
+        raise ValueError(f"the launcher's {'/'.join(names)} are not integers: {values}") from None
     if not 0 <= rank < world:
         raise ValueError(f"the launcher's {names[0]}={rank} is not a process of {names[1]}={world}")
     return rank, world, local
@@ -99,45 +94,27 @@ def init_distributed(
     if world > 1 and not (dist.is_available() and dist.is_initialized()):
         if "MASTER_ADDR" not in os.environ:
             raise ValueError(
-                "multi-process run without MASTER_ADDR/MASTER_PORT: start it with "
-                "torchrun, or through scripts/slurm.py (which sets them from Slurm's "
-                "environment)"
+                "multi-process run without MASTER_ADDR/MASTER_PORT: start it with torchrun, or "
+                "through scripts/slurm.py (which sets them from Slurm's environment)"
             )
         for name, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local)):
             os.environ.setdefault(name, str(value))
-        _init_group(
-            "nccl" if dev.type == "cuda" else "gloo",
-            rank,
-            world,
-            dev,
-            datetime.timedelta(minutes=timeout_minutes),
-            rendezvous_s,
-        )
+        _init_group(rank, world, dev, datetime.timedelta(minutes=timeout_minutes), rendezvous_s)
     return DistInfo(rank=rank, world_size=world, device=dev)
 
 
-def _init_group(
-    backend: str,
-    rank: int,
-    world: int,
-    dev: torch.device,
-    timeout: datetime.timedelta,
-    rendezvous_s: float,
-) -> None:
-    """The process group, once the processes met (within ``rendezvous_s``; under torchrun its agent
-    met them already)."""
+def _init_group(rank: int, world: int, dev: torch.device, timeout: Any, rendezvous_s: float):
+    """The process group, once the processes met (within ``rendezvous_s``; torchrun: already)."""
+    backend = "nccl" if dev.type == "cuda" else "gloo"
     addr, port = os.environ["MASTER_ADDR"], int(os.environ.get("MASTER_PORT", "29500"))
-    kw: dict[str, Any] = {"device_id": dev} if dev.type == "cuda" else {}
+    kw: dict[str, Any] = {"timeout": timeout} | ({"device_id": dev} if dev.type == "cuda" else {})
     torchrun = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     wait = timeout if torchrun else datetime.timedelta(seconds=rendezvous_s)
     try:
         if torchrun:
-            dist.init_process_group(backend, timeout=timeout, **kw)
-            return
+            return dist.init_process_group(backend, **kw)
         store = dist.TCPStore(addr, port, world, rank == 0, wait)
-        dist.init_process_group(
-            backend, store=store, rank=rank, world_size=world, timeout=timeout, **kw
-        )
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, **kw)
         store.set_timeout(timeout)
     except dist.DistError as e:  # timed out, refused, port in use
         cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -159,10 +136,9 @@ def barrier() -> None:
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
-    if not _active():
-        return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    if _active():
+        dist.broadcast_object_list(box, src=src)
     return box[0]
 
 
@@ -214,31 +190,24 @@ def report_error(message: str, status: int = 2) -> int:
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if path and not os.path.exists(path):
         info = {"py_callstack": line, "timestamp": str(int(time.time()))}
-        try:
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump({"message": {"message": line, "extraInfo": info}}, f)
-        except OSError:
-            pass
+        with contextlib.suppress(OSError), open(path, "w", encoding="utf-8") as f:
+            json.dump({"message": {"message": line, "extraInfo": info}}, f)
     return status
+
+
+_GONE = ("/gloo/transport/", "Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
 def lost_peer(e: BaseException) -> bool:
     """Whether ``e`` says that another process of the run went away (it reports its own error)."""
-    gone = (
-        "/gloo/transport/",
-        "Connection closed by peer",
-        "Connection reset by peer",
-        "Broken pipe",
-    )
-    return launch_env()[1] > 1 and (isinstance(e, dist.DistError) or any(s in str(e) for s in gone))
+    gone = isinstance(e, dist.DistError) or any(s in str(e) for s in _GONE)
+    return launch_env()[1] > 1 and gone
 
 
 def exit_process(status: int) -> None:
     """End the process after :func:`cleanup` without the interpreter's finalization and the C++
-    static destructors. Native threads outlive the process group (gloo's workers, which
-    ``destroy_process_group`` does not join while anything still references the group; the autograd
-    device threads an FSDP backward starts), and a thread that meets a half torn-down runtime ends
-    the process in ``std::terminate`` (SIGABRT) after a finished run."""
+    static destructors: native threads that outlive the process group (gloo's workers, the autograd
+    threads of an FSDP backward) would meet a half torn-down runtime and abort a finished run."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)

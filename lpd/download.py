@@ -17,8 +17,6 @@ from collections.abc import Sequence
 from lpd import hub
 from lpd.config import HelpFormatter
 
-__all__ = ["fetch", "commands", "main"]
-
 
 def fetch(model: str, img_size: int) -> dict[str, str]:
     """Every file of a ``main_eval.py`` run of the released ``model`` at ``img_size``, by name."""
@@ -49,15 +47,10 @@ def commands(model: str, img_size: int) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; missing files print one ``error:`` message naming each of them, and return 2."""
     released = hub.RELEASED_CHECKPOINTS
-    p = argparse.ArgumentParser(
-        prog="python -m lpd.download",
-        allow_abbrev=False,
-        description=__doc__,
-        formatter_class=HelpFormatter,
-    )
-    models = sorted({m for m, _ in released})
+    kw = {"allow_abbrev": False, "description": __doc__, "formatter_class": HelpFormatter}
+    p = argparse.ArgumentParser(prog="python -m lpd.download", **kw)
+    models, sizes = sorted({m for m, _ in released}), sorted({s for _, s in released})
     p.add_argument("model", choices=models + list(hub.VQ_FILENAMES), help="model or a VQ alone")
-    sizes = sorted({s for _, s in released})
     p.add_argument("img_size", type=int, nargs="?", choices=sizes, help="pixels (of a model)")
     p.add_argument("--list", action="store_true", help="print the commands only; fetch nothing")
     args = p.parse_args(argv)
@@ -76,10 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"give the image size of {args.model}: one of {sizes}")
     if (args.model, args.img_size) not in released:
         pairs = ", ".join(f"{m} {s}" for m, s in released)
-        print(
-            f"error: {args.model} was not released at {args.img_size} px; released: {pairs}",
-            file=sys.stderr,
-        )
+        msg = f"{args.model} was not released at {args.img_size} px; released: {pairs}"
+        print(f"error: {msg}", file=sys.stderr)
         return 2
     print("The same with the command-line tools (HF_HUB_CACHE / HF_HOME choose the Hub cache):")
     print("\n".join(f"  {c}" for c in commands(args.model, args.img_size)), flush=True)
@@ -88,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         paths = fetch(args.model, args.img_size)
     except hub.ResolveError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)  # several lines: one per missing file
         return 2
     print("\n".join(f"{name}: {path}" for name, path in paths.items()))
     print(

@@ -28,6 +28,7 @@ from lpd.files import (
     atomic_write_bytes,
     check_finite,
     check_output_path,
+    checkpoint_args,
     export_config,
     load_checkpoint,
     load_into,
@@ -40,7 +41,31 @@ from lpd.parallel import last_checkpoint
 from lpd.sampling import SamplingConfig
 from lpd.tokenizer import tokenizer_ref
 
-__all__ = ["export", "push_to_hub", "consolidate", "main"]
+_CARD = """---
+library_name: lpd
+tags: [lpd, image-generation, class-conditional, autoregressive]
+---
+
+# {name} at {c[img_size]} px
+
+A class-conditional Locality-aware Parallel Decoding (LPD) image generator: {millions:.1f}M \
+parameters (width {c[embed_dim]}, depth {c[depth]}, {c[num_heads]} heads), {c[class_num]} \
+classes, tokens of a {c[vocab_size]}-entry VQ codebook ({tokenizer}). Weights: {weights} after \
+epoch {t[epoch]} (global step {t[global_step]}), sha256 {sha}...
+
+{metrics}## Sampling settings{during}
+
+{settings}
+
+## Use
+
+```python
+from lpd.pipeline import LPDPipeline
+
+pipe = LPDPipeline.from_pretrained("{ref}")   # or lpd.models.load_lpd("{ref}"): the LPD module
+images = pipe({labels}, steps={run_steps}, cfg={cfg})   # uint8 [{n}, H, W, 3]
+```
+{evaluation}"""
 
 
 def _model_card(config: dict[str, Any], measured: dict[str, Any] | None, ref: str) -> str:
@@ -48,71 +73,27 @@ def _model_card(config: dict[str, Any], measured: dict[str, Any] | None, ref: st
     its use (``ref``: its Hub repository or folder; ImageNet only for 1000-class models)."""
     c, train, args = config["model_config"], config["training"], config["training"]["args"]
     if measured:
-        sampling, steps = (
-            measured.get("sampling", {}),
-            len(measured.get("settings", {}).get("group_sizes", [])) or None,
-        )
+        sampling = measured.get("sampling", {})
+        steps = len(measured.get("settings", {}).get("group_sizes", [])) or None
+        scores = [measured.get(k) for k in ("fid", "inception_score", "num_images")]
+        metrics = "## Metrics\n\n| FID | IS | images | steps |\n| ---: | ---: | ---: | ---: |\n"
+        metrics += "| {} | {} | {} | {} |\n\n".format(*scores, steps)
     else:
-        sampling, steps = (
-            {k: args[k] for k in SamplingConfig.__dataclass_fields__ if k in args},
-            args.get("eval_steps"),
-        )
-    run = (
-        f"--pretrained_ckpt {ref} --generation_steps {steps or 20} --cfg {sampling.get('cfg', 4.0)}"
-    )
-    imagenet = c["class_num"] == 1000
+        sampling = {k: args[k] for k in SamplingConfig.__dataclass_fields__ if k in args}
+        steps, metrics = args.get("eval_steps"), ""
+    cfg, imagenet = sampling.get("cfg", 4.0), c["class_num"] == 1000
     labels = [207, 360, 387, 974] if imagenet else list(range(min(4, c["class_num"])))
-    return "\n".join(
-        [
-            "---",
-            "library_name: lpd",
-            "tags: [lpd, image-generation, class-conditional, autoregressive]",
-            "---",
-            "",
-            f"# {config.get('model') or 'LPD'} at {c['img_size']} px",
-            "",
-            "A class-conditional Locality-aware Parallel Decoding (LPD) image generator: "
-            f"{config['parameters'] / 1e6:.1f}M parameters (width {c['embed_dim']}, depth "
-            f"{c['depth']}, {c['num_heads']} heads), {c['class_num']} classes, tokens of a "
-            f"{c['vocab_size']}-entry VQ codebook ({json.dumps(config['tokenizer'])}). Weights: "
-            f"{config['weights']} after epoch {train.get('epoch')} (global step "
-            f"{train.get('global_step')}), sha256 {config['weights_sha256'][:16]}...",
-            "",
-            *(
-                [
-                    "## Metrics",
-                    "",
-                    "| FID | IS | images | steps |",
-                    "| ---: | ---: | ---: | ---: |",
-                    f"| {measured.get('fid')} | {measured.get('inception_score')} | "
-                    f"{measured.get('num_images')} | {steps} |",
-                    "",
-                ]
-                if measured
-                else []
-            ),
-            f"## Sampling settings{'' if measured else ' (of the evaluation during training)'}",
-            "",
-            *(f"* {k}: {v}" for k, v in [("steps", steps), *sampling.items()]),
-            "",
-            "## Use",
-            "",
-            "```python",
-            "from lpd.pipeline import LPDPipeline",
-            "",
-            f'pipe = LPDPipeline.from_pretrained("{ref}")   '
-            f'# or lpd.models.load_lpd("{ref}"): the LPD module',
-            f"images = pipe({labels}, steps={steps or 20}, cfg={sampling.get('cfg', 4.0)})"
-            f"   # uint8 [{len(labels)}, H, W, 3]",
-            "```",
-            "",
-            *(
-                [f"Evaluation on ImageNet: `python main_eval.py {run} --output_dir out/`.", ""]
-                if imagenet
-                else []
-            ),
-        ]
-    )
+    run = f"--pretrained_ckpt {ref} --generation_steps {steps or 20} --cfg {cfg}"
+    return _CARD.format(
+        name=config.get("model") or "LPD", c=c, t={"epoch": None, "global_step": None} | train,
+        millions=config["parameters"] / 1e6, tokenizer=json.dumps(config["tokenizer"]),
+        weights=config["weights"], sha=config["weights_sha256"][:16], metrics=metrics,
+        during="" if measured else " (of the evaluation during training)",
+        settings="\n".join(f"* {k}: {v}" for k, v in [("steps", steps), *sampling.items()]),
+        ref=ref, labels=labels, run_steps=steps or 20, cfg=cfg, n=len(labels),
+        evaluation=f"\nEvaluation on ImageNet: `python main_eval.py {run} --output_dir out/`.\n"
+        if imagenet else "",
+    )  # fmt: skip
 
 
 def export(
@@ -142,15 +123,9 @@ def export(
     check_finite(sd, f"{ckpt!r}")
     with torch.device("meta"):
         net = LPD(checkpoint_config(state, sd, ckpt, model))
-    load_into(
-        net,
-        sd,
-        source=f"{ckpt!r}",
-        hint="pass --model with the architecture it was trained as",
-        assign=True,
-    )
-    digest = state_dict_digest(sd)
-    measured = None
+    hint = "pass --model with the architecture it was trained as"
+    load_into(net, sd, source=f"{ckpt!r}", hint=hint, assign=True)
+    digest, measured = state_dict_digest(sd), None
     if metrics:
         with open(metrics, encoding="utf-8") as f:
             measured = json.load(f)
@@ -161,8 +136,7 @@ def export(
                 f"{scored[:12]}... vs {digest[:12]}...); give the metrics.json of a main_eval.py "
                 f"run of this checkpoint" + ("" if use_ema else " (or add --use_ema)")
             )
-    args = state.get("args")
-    args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    args = checkpoint_args(state)
     config = {
         "library": "lpd",
         "model": model or args.get("model"),
@@ -201,16 +175,14 @@ def _check_export_dir(ckpt: str, out_dir: str, overwrite: bool) -> bool:
     src, out = os.path.realpath(ckpt), os.path.realpath(out_dir)
     if os.path.commonpath([src, out]) in (src, out):
         raise CheckpointError(
-            f"OUT_DIR {out_dir} holds the checkpoint {ckpt} (or lies inside it); export into a "
-            f"new folder"
+            f"OUT_DIR {out_dir} holds the checkpoint {ckpt} (or lies inside it); export into a new folder"
         )
     if not os.path.lexists(out_dir):
         return False
     if not os.path.isdir(out_dir):
         raise CheckpointError(f"OUT_DIR {out_dir} is a file; give a new folder")
-    names = {
-        n for n in os.listdir(out_dir) if not n.startswith(TMP_PREFIX)
-    }  # temporary files of a killed export
+    # temporary files of a killed export do not count
+    names = {n for n in os.listdir(out_dir) if not n.startswith(TMP_PREFIX)}
     if other := sorted(names - {EXPORT_CONFIG, EXPORT_WEIGHTS, EXPORT_CARD}):
         raise CheckpointError(
             f"OUT_DIR {out_dir} holds files that are not an export's ({', '.join(other[:5])}"
@@ -243,89 +215,68 @@ def push_to_hub(folder: str, repo: str, private: bool = False) -> str:
 
 def consolidate(run_dir: str, out: str, overwrite: bool = False) -> dict[str, Any]:
     """Write the run's (or folder's) sharded checkpoint as the single file ``out``; its content."""
-    problem = check_output_path(out, "OUT", overwrite=True) or (
-        f"OUT {out} exists; --overwrite replaces it"
-        if os.path.exists(out) and not overwrite
-        else None
-    )
-    if problem:
+    if problem := check_output_path(out, "OUT", overwrite=True):
         raise CheckpointError(problem)
+    if os.path.exists(out) and not overwrite:
+        raise CheckpointError(f"OUT {out} exists; --overwrite replaces it")
     state = load_checkpoint(last_checkpoint(run_dir, sharded=True) or run_dir)
     state.pop("sharded", None)
     save_checkpoint(state, out)
     return state
 
 
+_OVERWRITE = "replace an existing output"
+_COMMANDS = {  # sub-command: (its help, {argument: help})
+    "consolidate": (
+        "a sharded (--fsdp) checkpoint as one .pth file of the released format",
+        {
+            "run_dir": "an --fsdp run's output folder (its checkpoint-last) or a checkpoint folder",
+            "out": "the .pth file to write",
+            "--overwrite": _OVERWRITE,
+        },
+    ),
+    "export": (
+        "model.safetensors + config.json + README.md, optionally uploaded to the Hub",
+        {
+            "ckpt": "a checkpoint file (.pth) or sharded checkpoint folder",
+            "out_dir": "the folder to write",
+            "--model": "preset of a released checkpoint that does not record its architecture",
+            "--use_ema": "export the EMA weights (runs trained with --ema_decay)",
+            "--metrics": "a main_eval.py metrics.json of these weights, shown in the model card",
+            "--push_to_hub": "upload the folder to this Hub model repository",
+            "--private": "with --push_to_hub: create the repository private",
+            "--overwrite": _OVERWRITE,
+        },
+    ),
+}
+_SETTINGS = dict.fromkeys(["--use_ema", "--private", "--overwrite"], {"action": "store_true"})
+_SETTINGS["--push_to_hub"] = {"metavar": "REPO"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``consolidate`` and ``export``; errors print one ``error:`` line and return 2."""
-    p = argparse.ArgumentParser(
-        prog="python -m lpd.checkpoint",
-        allow_abbrev=False,
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    fmt, prog = argparse.RawDescriptionHelpFormatter, "python -m lpd.checkpoint"
+    p = argparse.ArgumentParser(prog, description=__doc__, formatter_class=fmt, allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser(
-        "consolidate", help="a sharded (--fsdp) checkpoint as one .pth file of the released format"
-    )
-    c.add_argument(
-        "run_dir", help="an --fsdp run's output folder (its checkpoint-last) or a checkpoint folder"
-    )
-    c.add_argument("out", help="the .pth file to write")
-    e = sub.add_parser(
-        "export", help="model.safetensors + config.json + README.md, optionally uploaded to the Hub"
-    )
-    e.add_argument("ckpt", help="a checkpoint file (.pth) or sharded checkpoint folder")
-    e.add_argument("out_dir", help="the folder to write")
-    e.add_argument(
-        "--model",
-        default=None,
-        help="preset of a released checkpoint that does not record its architecture",
-    )
-    e.add_argument(
-        "--use_ema",
-        action="store_true",
-        help="export the EMA weights (runs trained with --ema_decay)",
-    )
-    e.add_argument(
-        "--metrics",
-        default=None,
-        help="a main_eval.py metrics.json of these weights, shown in the model card",
-    )
-    e.add_argument(
-        "--push_to_hub",
-        default=None,
-        metavar="REPO",
-        help="upload the folder to this Hub model repository",
-    )
-    e.add_argument(
-        "--private", action="store_true", help="with --push_to_hub: create the repository private"
-    )
-    for q in (c, e):
-        q.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    for command, (text, flags) in _COMMANDS.items():
+        q = sub.add_parser(command, help=text)
+        for flag, text in flags.items():
+            q.add_argument(flag, help=text, **_SETTINGS.get(flag, {}))
     args = p.parse_args(argv)
     try:
         if args.command == "consolidate":
             state = consolidate(args.run_dir, args.out, args.overwrite)
-            print(
-                f"wrote {args.out} (epoch {state.get('epoch')}, step {state.get('step')}, "
-                f"{'model and model_ema' if 'model_ema' in state else 'model'})"
-            )
+            kept = "model and model_ema" if "model_ema" in state else "model"
+            where = f"epoch {state.get('epoch')}, step {state.get('step')}"
+            print(f"wrote {args.out} ({where}, {kept})")
             return 0
         if args.push_to_hub and hub.offline():
             raise CheckpointError(
                 "--push_to_hub needs the network, but HF_HUB_OFFLINE is set; export without it "
                 "and upload the folder later with `hf upload REPO OUT_DIR`"
             )
-        out = export(
-            args.ckpt,
-            args.out_dir,
-            model=args.model,
-            use_ema=args.use_ema,
-            metrics=args.metrics,
-            repo=args.push_to_hub,
-            overwrite=args.overwrite,
-        )
+        kw = {k: getattr(args, k) for k in ("model", "use_ema", "metrics", "overwrite")}
+        out = export(args.ckpt, args.out_dir, repo=args.push_to_hub, **kw)
         print(f"wrote {out}: {EXPORT_WEIGHTS}, {EXPORT_CONFIG}, {EXPORT_CARD}")
         if args.push_to_hub:
             print(f"uploaded to {push_to_hub(out, args.push_to_hub, args.private)}")

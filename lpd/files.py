@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -41,9 +42,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
             obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file and the reason
         found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", str(e), re.S)
-        reason = (
-            found.group(1) if found else (str(e).splitlines() or [type(e).__name__])[0]
-        ).strip()
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = (found.group(1) if found else first).strip()
         raise CheckpointError(
             f"could not load checkpoint {path!r} with weights_only=True ({reason}). The file is "
             f"truncated, not a PyTorch checkpoint, or contains objects other than tensors, "
@@ -52,6 +52,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path!r} holds a {type(obj).__name__}, expected a dict")
     return obj
+
+
+def checkpoint_args(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's training ``args`` (a Namespace or a dict) as a dict."""
+    args = ckpt.get("args")
+    return vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
 
 
 def read_sharded(path: str) -> dict[str, Any]:
@@ -69,11 +75,8 @@ def read_sharded(path: str) -> dict[str, Any]:
     groups = [g for g in meta.get("sharded", ()) if g in ("model", "model_ema")]
     try:
         index = HuggingFaceStorageReader(path).read_metadata().state_dict_metadata
-        flat = {
-            k: torch.empty(m.size, dtype=m.properties.dtype)
-            for k, m in index.items()
-            if k.split(".", 1)[0] in groups
-        }
+        index = {k: m for k, m in index.items() if k.split(".", 1)[0] in groups}
+        flat = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in index.items()}
         with warnings.catch_warnings():  # "no process group: loading in one process" is meant
             warnings.simplefilter("ignore")
             load(flat, storage_reader=HuggingFaceStorageReader(path), no_dist=True)
@@ -115,49 +118,34 @@ def check_state_dict(
     return missing, unexpected, mismatched
 
 
-def _format_keys(title: str, keys: list[str], limit: int = 20) -> str:
-    if not keys:
-        return ""
-    shown = ", ".join(keys[:limit]) + (
-        f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
-    )
-    return f"\n  {title} ({len(keys)}): {shown}"
-
-
 def load_into(
-    module: torch.nn.Module,
-    state_dict: Mapping[str, torch.Tensor],
-    source: str = "checkpoint",
-    hint: str = "",
-    assign: bool = False,
+    module: torch.nn.Module, state_dict: Mapping, source="checkpoint", hint="", assign=False
 ) -> None:
     """Strict load (``assign``: the tensors become the parameters); one error lists every fault."""
-    missing, unexpected, mismatched = check_state_dict(module.state_dict(), state_dict)
-    if missing or unexpected or mismatched:
-        raise CheckpointError(
-            f"{source} does not match the model {type(module).__name__}:"
-            + _format_keys("missing keys", missing)
-            + _format_keys("unexpected keys", unexpected)
-            + _format_keys("shape mismatches", mismatched)
-            + (f"\n  {hint}" if hint else "")
-        )
+    titles = ("missing keys", "unexpected keys", "shape mismatches")
+    faults = zip(titles, check_state_dict(module.state_dict(), state_dict))
+    listed = "".join(
+        f"\n  {t} ({len(k)}): {_some(k, 20, ', ... ({} more)')}" for t, k in faults if k
+    )
+    if listed:
+        name, hint = type(module).__name__, f"\n  {hint}" if hint else ""
+        raise CheckpointError(f"{source} does not match the model {name}:{listed}{hint}")
     module.load_state_dict(state_dict, strict=True, assign=assign)
+
+
+def _some(items: Sequence[str], limit: int, more: str) -> str:
+    """The first ``limit`` of ``items``, joined, then ``more`` with the count of the rest."""
+    rest = more.format(len(items) - limit) if len(items) > limit else ""
+    return ", ".join(items[:limit]) + rest
 
 
 def check_finite(state_dict: Mapping[str, torch.Tensor], source: str) -> None:
     """Refuse weights holding NaN or inf, naming the tensors."""
-    bad = sorted(
-        k
-        for k, v in state_dict.items()
-        if isinstance(v, torch.Tensor)
-        and v.is_floating_point()
-        and not bool(torch.isfinite(v).all())
-    )
-    if bad:
+    bad = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point()]
+    if bad := sorted(k for k in bad if not bool(torch.isfinite(state_dict[k]).all())):
         raise CheckpointError(
-            f"{source} has non-finite weights (NaN or inf) in {', '.join(bad[:10])}"
-            f"{f' and {len(bad) - 10} more' if len(bad) > 10 else ''}; the file is damaged or the "
-            f"run diverged: use an earlier checkpoint"
+            f"{source} has non-finite weights (NaN or inf) in {_some(bad, 10, ' and {} more')}; the "
+            f"file is damaged or the run diverged: use an earlier checkpoint"
         )
 
 
@@ -171,8 +159,7 @@ def _fsync_dir(path: str) -> None:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
+    os.umask(mask := os.umask(0))
     return mask
 
 
@@ -188,10 +175,9 @@ def temp_dir_for(path: str) -> str:
 def atomic_write_bytes(path: str | os.PathLike, write_fn, fsync: bool = True) -> None:
     """Call ``write_fn(fileobj)`` on a temporary file next to ``path``, fsync it, rename it over
     ``path``; ``fsync=False`` skips the flushes (for many small files a rerun checks anyway)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
+    folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + os.path.basename(path) + "-", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{name}-", dir=folder)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give what a plain open() would
         with os.fdopen(fd, "wb") as f:
@@ -199,7 +185,7 @@ def atomic_write_bytes(path: str | os.PathLike, write_fn, fsync: bool = True) ->
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, os.fspath(path))
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -210,11 +196,9 @@ def atomic_write_bytes(path: str | os.PathLike, write_fn, fsync: bool = True) ->
 
 def state_dict_digest(state: Mapping[str, torch.Tensor] | torch.nn.Module) -> str:
     """SHA-256 (hex) of a state dict's names, dtypes, shapes and bytes: same digest, same data."""
-    if isinstance(state, torch.nn.Module):
-        state = state.state_dict()
+    state = state.state_dict() if isinstance(state, torch.nn.Module) else state
     h = hashlib.sha256()
-    for key in sorted(state):
-        t = state[key]
+    for key, t in sorted(state.items()):
         if isinstance(t, torch.Tensor):
             h.update(f"{key}|{t.dtype}|{tuple(t.shape)};".encode())
             h.update(t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
@@ -230,21 +214,17 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 
 def check_output_path(
-    path: str,
-    flag: str,
-    inputs: Sequence[tuple[str, Any]] = (),
-    overwrite: bool = False,
-    ours: Any = None,
+    path: str, flag: str, inputs: Sequence[tuple[str, Any]] = (), overwrite=False, ours: Any = None
 ) -> str | None:
     """Why ``path`` cannot be written: a folder, no writable folder to create it in, one of
     ``inputs`` (``(flag, path)`` pairs: an output is never an input) or an existing file that
     ``ours(path)`` does not recognise as written by lpd (without ``overwrite``); else None."""
     if os.path.isdir(path):
         return f"{flag} {path} is a folder; give the path of a file to write (it may lie in it)"
-    for in_flag, source in inputs:
-        if source is not None and same_file(path, source):
+    for in_flag, src in inputs:
+        if src is not None and same_file(path, src):
             return (
-                f"{flag} {path} is also {in_flag} {source}: an output is never an input; "
+                f"{flag} {path} is also {in_flag} {src}: an output is never an input; "
                 f"choose another path"
             )
     folder = os.path.dirname(os.path.abspath(path))
@@ -255,32 +235,45 @@ def check_output_path(
     if not os.access(folder, os.W_OK | os.X_OK):
         return f"{flag} {path}: the folder {folder} is not writable; choose another path"
     if os.path.lexists(path) and not overwrite and not (ours and ours(path)):
-        return (
-            f"{flag} {path} exists{' and was not written by lpd' if ours else ''}; choose another "
-            f"name, or --overwrite to replace it"
-        )
+        by = " and was not written by lpd" if ours else ""
+        return f"{flag} {path} exists{by}; choose another name, or --overwrite to replace it"
     return None
 
 
-def lock_folder(folder: str) -> int | None:
-    """Hold ``folder`` for this process (``flock`` of ``folder/.lock``, released when it ends, even
-    killed): the descriptor to close, None without file locks; BlockingIOError when held."""
+def lock_file(path: str, record: str, warn: str = "") -> int | None:
+    """Hold ``path`` for this process (an ``flock``: released when it ends, even killed) and write
+    ``record`` into it: the descriptor to close; None without file locks (warning, if ``warn``
+    says what is then not prevented); BlockingIOError(the holder's record) while another holds it."""
     import fcntl
 
-    os.makedirs(folder, exist_ok=True)
-    fd = os.open(os.path.join(folder, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 64).decode(errors="replace").strip()
-        os.close(fd)
-        raise BlockingIOError(f"{folder} is in use by process {holder or '(unknown)'}") from None
-    except OSError:  # no locks on this file system
-        os.close(fd)
-        return None
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.read(fd, 4096).decode(errors="replace").strip()
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise BlockingIOError(holder) from None
+            if warn:  # no locks on this file system
+                warnings.warn(f"cannot lock {path} ({e.strerror}): {warn}", stacklevel=3)
+            return None
+        with contextlib.suppress(FileNotFoundError):  # deleted by its holder while we waited
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        os.close(fd)  # then take the new one
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()} on {os.uname().nodename}".encode(), 0)
+    os.pwrite(fd, record.encode(), 0)
     return fd
+
+
+def lock_folder(folder: str) -> int | None:
+    """:func:`lock_file` of ``folder/.lock``, recording this process; BlockingIOError when held."""
+    try:
+        return lock_file(os.path.join(folder, LOCK_NAME), f"{os.getpid()} on {os.uname().nodename}")
+    except BlockingIOError as e:
+        raise BlockingIOError(f"{folder} is in use by process {str(e) or '(unknown)'}") from None
 
 
 def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike) -> None:

@@ -7,6 +7,7 @@ URL files from $LPD_CACHE (default ~/.cache/lpd); HF_HUB_OFFLINE=1 forbids downl
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import tempfile
@@ -20,31 +21,29 @@ from huggingface_hub import constants, errors
 
 from lpd.files import EXPORT_CONFIG, EXPORT_WEIGHTS
 
-RELEASED_CHECKPOINTS: dict[tuple[str, int], str] = {
+_Path = str | os.PathLike
+
+RELEASED_CHECKPOINTS: dict[tuple[str, int], str] = {  # Hub repositories
     (m, s): f"mit-han-lab/{m}_{s}"
-    for m, s in (  # Hub repositories
-        ("lpd_l", 256),
-        ("lpd_xl", 256),
-        ("lpd_xxl", 256),
-        ("lpd_l", 512),
-        ("lpd_xl", 512),
-    )
+    for s, models in ((256, ("lpd_l", "lpd_xl", "lpd_xxl")), (512, ("lpd_l", "lpd_xl")))
+    for m in models
 }
 CHECKPOINT_FILENAME = "{model}_{img_size}.pth"  # as loaded by the released evaluation scripts
+_CKPT = "--pretrained_ckpt"
 _CHECKPOINT_EXTS = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 VQ_REPO, VQ_FILENAME = "FoundationVision/LlamaGen", "vq_ds16_c2i.pt"
 VQ_FILENAMES = (VQ_FILENAME, "vq_ds16_t2i.pt")  # its VQ-16 for class / text models (one design)
 FID_STATS_FILENAME = "adm_in{img_size}_stats.npz"
+_MAR_RAW = "https://github.com/LTH14/mar/raw/main/fid_stats"
+_LPD_RAW = "https://github.com/mit-han-lab/lpd/raw/main/fid_stats"
 FID_STATS_SOURCES: dict[int, tuple[str, ...]] = {
-    256: (
-        "https://github.com/LTH14/mar/raw/main/fid_stats/adm_in256_stats.npz",
-        "https://github.com/mit-han-lab/lpd/raw/main/fid_stats/adm_in256_stats.npz",
-    ),
-    512: ("https://github.com/mit-han-lab/lpd/raw/main/fid_stats/adm_in512_stats.npz",),
+    256: (f"{_MAR_RAW}/adm_in256_stats.npz", f"{_LPD_RAW}/adm_in256_stats.npz"),
+    512: (f"{_LPD_RAW}/adm_in512_stats.npz",),
 }
-ADM_REFERENCE_BATCHES: dict[int, str] = {  # OpenAI's ADM reference images (arr_0)
-    256: "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz",
-    512: "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/512/VIRTUAL_imagenet512.npz",
+_ADM = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet"
+ADM_REFERENCE_BATCHES = {  # OpenAI's ADM reference images (arr_0)
+    256: f"{_ADM}/256/VIRTUAL_imagenet256_labeled.npz",
+    512: f"{_ADM}/512/VIRTUAL_imagenet512.npz",
 }
 FID_STATS_HINT = (
     "The ADM ImageNet reference statistics (mu (2048,), sigma (2048, 2048) of Inception pool features) are kept "
@@ -61,79 +60,39 @@ class ResolveError(FileNotFoundError):
     """A file could not be found or fetched; str() is the message, which says how to provide it."""
 
 
-def resolve_all(resolvers: Mapping[str, Callable[[], str]], hint: str = "") -> dict[str, str]:
-    """Each resolver's path, by name; the failures of all of them in one ResolveError."""
-    paths, failed = {}, {}
-    for name, resolve in resolvers.items():
-        try:
-            paths[name] = resolve()
-        except ResolveError as e:
-            failed[name] = str(e)
-    if len(failed) > 1:
-        each = "\n".join(f"({k}) {m}" for k, m in enumerate(failed.values(), 1))
-        raise ResolveError(
-            f"{len(failed)} files are missing ({', '.join(failed)}):\n{each}"
-            + (f"\n{hint}" if hint else "")
-        )
-    if failed:
-        raise ResolveError(next(iter(failed.values())) + (f"\n  {hint}" if hint else ""))
-    return paths
-
-
-def download_hint(model: str | None, img_size: int) -> str:
-    """How to fetch every file of a released model at once ("" for others)."""
-    if (model, img_size) not in RELEASED_CHECKPOINTS:
-        return ""
-    return (
-        f"On a machine with network access, `python -m lpd.download {model} {img_size}` "
-        f"fetches all of them (`--list` prints the commands); HF_HUB_OFFLINE=1 then skips "
-        f"every network call."
-    )
-
-
 def export_folder(path: str) -> str | None:
-    """The local folder of an exported model: ``path``, or the cached files of the Hub repository
-    ``path`` (``owner/name`` that is no local path); None for anything else."""
+    """The folder of an export: ``path``, or the cached files of the Hub repository ``path``; else None."""
     if os.path.isfile(os.path.join(path, EXPORT_CONFIG)):
         return path
-    if (
-        os.path.exists(path)
-        or not re.fullmatch(r"[\w.-]+/[\w.-]+", path)
-        or path.endswith((".pth", ".pt", ".bin", ".ckpt"))
-    ):
+    if os.path.exists(path) or path.endswith(_CHECKPOINT_EXTS[:-1]):  # not .safetensors
         return None
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        return None
+    hint = f"or, if {path} was meant as a folder on this machine: it does not exist"
     for name in (EXPORT_CONFIG, EXPORT_WEIGHTS):
-        local = hub_file(
-            path,
-            name,
-            what="exported LPD model",
-            flag="--pretrained_ckpt",
-            hint=f"or, if {path} was meant as a folder on this machine: it does not exist",
-        )
+        local = hub_file(path, name, what="exported LPD model", flag=_CKPT, hint=hint)
     return os.path.dirname(local)
 
 
-def resolve_user_checkpoint(path: str | os.PathLike) -> str:
+def resolve_user_checkpoint(path: _Path) -> str:
     """What --pretrained_ckpt names: a file, a sharded or exported folder, an export repository."""
-    path = os.fspath(path)
-    path = export_folder(path) or path
-    if os.path.isdir(path):
-        return path
-    return local_file(path, what="LPD checkpoint", flag="--pretrained_ckpt")
+    path = export_folder(os.fspath(path)) or os.fspath(path)
+    return path if os.path.isdir(path) else local_file(path, what="LPD checkpoint", flag=_CKPT)
 
 
 def resolve_model_files(
     model: str | None,
     img_size: int,
     *,
-    checkpoint: str | os.PathLike | None = None,
+    checkpoint: _Path | None = None,
     released: bool = True,
-    vqgan_path: str | os.PathLike | None = None,
+    vqgan_path: _Path | None = None,
     vq: bool = True,
     more: Mapping[str, Callable[[], str]] | None = None,
 ) -> dict[str, str]:
-    """With :func:`resolve_all`: "checkpoint" (``checkpoint``, else the released one of ``model`` if
-    ``released``), "VQ tokenizer" (``vqgan_path`` or the released one, if ``vq``) and ``more``."""
+    """The paths, by name, of "checkpoint" (``checkpoint``, else the released one of ``model`` if
+    ``released``), "VQ tokenizer" (``vqgan_path`` or the released one, if ``vq``) and ``more``
+    (name -> resolver); the failures of all of them in one ResolveError, with a download hint."""
     need: dict[str, Callable[[], str]] = {}
     if checkpoint is not None:
         need["checkpoint"] = lambda: resolve_user_checkpoint(checkpoint)
@@ -141,24 +100,38 @@ def resolve_model_files(
         need["checkpoint"] = lambda: resolve_checkpoint(model, img_size)
     if vq:
         need["VQ tokenizer"] = lambda: resolve_vq(vqgan_path)
-    return resolve_all({**need, **(more or {})}, hint=download_hint(model, img_size))
+    paths, failed = {}, {}
+    for name, resolve in {**need, **(more or {})}.items():
+        try:
+            paths[name] = resolve()
+        except ResolveError as e:
+            failed[name] = str(e)
+    hint = (
+        f"On a machine with network access, `python -m lpd.download {model} {img_size}` "
+        f"fetches all of them (`--list` prints the commands); HF_HUB_OFFLINE=1 then skips "
+        f"every network call."
+    )
+    if (model, img_size) not in RELEASED_CHECKPOINTS:
+        hint = ""
+    if len(failed) > 1:
+        each = "\n".join(f"({k}) {m}" for k, m in enumerate(failed.values(), 1))
+        missing = f"{len(failed)} files are missing ({', '.join(failed)}):\n{each}"
+        raise ResolveError(missing + (f"\n{hint}" if hint else ""))
+    if failed:
+        raise ResolveError(next(iter(failed.values())) + (f"\n  {hint}" if hint else ""))
+    return paths
 
 
 def fid_stats_dir() -> str:
     """Where downloaded ADM statistics are kept: ``$LPD_CACHE/fid_stats`` (``~/.cache/lpd``)."""
-    return os.path.join(
-        os.path.expanduser(os.environ.get("LPD_CACHE") or "~/.cache/lpd"), "fid_stats"
-    )
+    cache = os.environ.get("LPD_CACHE") or "~/.cache/lpd"
+    return os.path.join(os.path.expanduser(cache), "fid_stats")
 
 
 def offline() -> bool:
     """HF_HUB_OFFLINE as huggingface_hub read it at import, or as set now."""
-    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in (
-        "1",
-        "true",
-        "yes",
-        "on",
-    )
+    flag = os.environ.get("HF_HUB_OFFLINE", "").lower()
+    return constants.HF_HUB_OFFLINE or flag in ("1", "true", "yes", "on")
 
 
 def cause(exc: BaseException) -> str:
@@ -168,9 +141,7 @@ def cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).strip().partition(chr(10))[0]}".rstrip(": ")
 
 
-def local_file(
-    path: str | os.PathLike, *, what: str = "file", flag: str | None = None, hint: str = ""
-) -> str:
+def local_file(path: _Path, *, what: str = "file", flag: str | None = None, hint: str = "") -> str:
     """``path`` if it is an existing file, else a ResolveError naming ``flag``."""
     p = os.path.expanduser(os.fspath(path))
     if os.path.isfile(p):
@@ -203,56 +174,44 @@ def hub_file(
     *,
     what: str,
     flag: str,
-    cache_dir: str | os.PathLike | None = None,
+    cache_dir: _Path | None = None,
     hint: str = "",
     fallback: bool = False,
 ) -> str:
-    """Local path of ``filename`` in the Hub model repository ``repo_id``: the cache, else a download."""
+    """Local path of ``filename`` in the Hub model repository ``repo_id``: the cache, else a
+    download; ``fallback``: the repository's only checkpoint file under another name will do."""
     # HF_HUB_CACHE is read now so that a changed environment counts; the default is huggingface_hub's.
-    cache = os.path.expanduser(
-        os.fspath(cache_dir or os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE)
-    )
+    cache = cache_dir or os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
+    cache = os.path.expanduser(os.fspath(cache))
 
-    def get(name: str, local: bool) -> str:
-        return huggingface_hub.hf_hub_download(
-            repo_id, name, cache_dir=cache, local_files_only=local
-        )
+    get = functools.partial(huggingface_hub.hf_hub_download, repo_id, cache_dir=cache)
 
-    def single_other(
-        names: Sequence[str], where: str
-    ) -> str | None:  # the only checkpoint under another name
-        picks = (
-            [n for n in names if n.endswith(_CHECKPOINT_EXTS) and n != filename] if fallback else []
-        )
+    def single_other(local: bool) -> str | None:
+        names = _repo_files(repo_id, cache, local) if fallback else []
+        picks = [n for n in names if n.endswith(_CHECKPOINT_EXTS) and n != filename]
         if len(picks) != 1:
             return None
-        warnings.warn(
-            f"{repo_id} has no {filename}; using its only checkpoint file {picks[0]} ({where})",
-            stacklevel=3,
-        )
+        where = "found in the cache" if local else "listed on the Hub"
+        msg = f"{repo_id} has no {filename}; using its only checkpoint file {picks[0]} ({where})"
+        warnings.warn(msg, stacklevel=3)
         return picks[0]
 
     with contextlib.suppress(OSError, ValueError):
-        return get(filename, local=True)
+        return get(filename, local_files_only=True)
     if offline():
-        if alt := single_other(_repo_files(repo_id, cache, local=True), "found in the cache"):
-            return get(alt, local=True)
+        if alt := single_other(local=True):
+            return get(alt, local_files_only=True)
         reason = f"offline mode (HF_HUB_OFFLINE=1) is on and the file is not in the cache {cache}."
     else:
         try:
-            return get(filename, local=False)
-        except (
-            Exception
-        ) as exc:  # HTTP, connection (httpx errors are not OSErrors), disk: reported with the cause
+            return get(filename, local_files_only=False)
+        # HTTP, connection (httpx errors are not OSErrors), disk: reported with the cause
+        except Exception as exc:
             missing = isinstance(exc, errors.RemoteEntryNotFoundError)
-            if missing and (
-                alt := single_other(_repo_files(repo_id, cache, local=False), "listed on the Hub")
-            ):
+            if missing and (alt := single_other(local=False)):
                 return hub_file(repo_id, alt, what=what, flag=flag, cache_dir=cache, hint=hint)
-            reason = next(r for t, r in _HUB_FAILURES if isinstance(exc, t)).format(
-                filename=filename, cache=cache
-            )
-            reason += f" ({cause(exc)})."
+            reason = next(r for t, r in _HUB_FAILURES if isinstance(exc, t))
+            reason = reason.format(filename=filename, cache=cache) + f" ({cause(exc)})."
     url = f"https://huggingface.co/{repo_id}/resolve/main/{filename}"
     raise ResolveError(
         f"Could not get the {what} ({filename}) from the Hugging Face Hub repository {repo_id}: {reason}\n"
@@ -272,15 +231,9 @@ def _repo_files(repo_id: str, cache: str, local: bool) -> list[str]:
         repos = huggingface_hub.scan_cache_dir(cache).repos
     except Exception:  # best effort: the caller then reports the file it expected
         return []
-    return sorted(
-        {
-            str(f.file_path.relative_to(rev.snapshot_path))
-            for repo in repos
-            if repo.repo_id == repo_id and repo.repo_type == "model"
-            for rev in repo.revisions
-            for f in rev.files
-        }
-    )
+    repos = [r for r in repos if r.repo_id == repo_id and r.repo_type == "model"]
+    revs = [v for r in repos for v in r.revisions]
+    return sorted({str(f.file_path.relative_to(v.snapshot_path)) for v in revs for f in v.files})
 
 
 def _download_url(url: str, path: str) -> None:
@@ -290,13 +243,13 @@ def _download_url(url: str, path: str) -> None:
 def url_file(
     urls: str | Sequence[str],
     *,
-    cache_dir: str | os.PathLike,
+    cache_dir: _Path,
     filename: str | None = None,
-    path: str | os.PathLike | None = None,
+    path: _Path | None = None,
     flag: str | None = None,
     what: str | None = None,
     download: bool = True,
-    search_paths: Sequence[str | os.PathLike] = (),
+    search_paths: Sequence[_Path] = (),
     hint: str = "",
     validate: Callable[[str], None] | None = None,
 ) -> str:
@@ -305,27 +258,20 @@ def url_file(
     filename = filename or os.path.basename(urls[0].split("?")[0])
     what = what or filename
     if path is not None:
-        return local_file(
-            path,
-            what=what,
-            flag=flag,
-            hint=f"It is published at {' or '.join(urls)}. {hint}".strip(),
-        )
+        hint = f"It is published at {' or '.join(urls)}. {hint}".strip()
+        return local_file(path, what=what, flag=flag, hint=hint)
     dst = os.path.join(os.path.expanduser(os.fspath(cache_dir)), filename)
     looked = [os.path.expanduser(os.fspath(p)) for p in search_paths] + [dst]
     if found := next((p for p in looked if os.path.isfile(p)), None):
         return found
     if offline() or not download:
-        reason = (
-            "offline mode (HF_HUB_OFFLINE=1) is on" if offline() else "downloads are disabled"
-        ) + " and it is not on disk."
+        why = "offline mode (HF_HUB_OFFLINE=1) is on" if offline() else "downloads are disabled"
+        reason = why + " and it is not on disk."
     else:
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        failures = []
+        folder, failures = os.path.dirname(dst), []
+        os.makedirs(folder, exist_ok=True)
         for url in urls:  # each to a temporary file, checked, then renamed: dst is never partial
-            fd, tmp = tempfile.mkstemp(
-                prefix=".partial-", suffix=f"-{filename}", dir=os.path.dirname(dst)
-            )
+            fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=f"-{filename}", dir=folder)
             os.close(fd)
             try:
                 _download_url(url, tmp)
@@ -351,46 +297,30 @@ def url_file(
 
 
 def resolve_checkpoint(
-    model: str,
-    img_size: int,
-    path: str | os.PathLike | None = None,
-    cache_dir: str | os.PathLike | None = None,
+    model: str, img_size: int, path: _Path | None = None, cache_dir: _Path | None = None
 ) -> str:
     """Local path of an LPD checkpoint: ``path`` (--pretrained_ckpt), else the released one of ``model``."""
-    flag = "--pretrained_ckpt"
+    flag, what = _CKPT, f"released {model} {img_size}px checkpoint"
     if path is not None:
-        return local_file(
-            path,
-            what="LPD checkpoint",
-            flag=flag,
-            hint="Leave out --pretrained_ckpt to use the released checkpoint of --model/--img_size.",
-        )
-    repo = RELEASED_CHECKPOINTS.get((model, int(img_size)))
-    if repo is None:
+        hint = "Leave out --pretrained_ckpt to use the released checkpoint of --model/--img_size."
+        return local_file(path, what="LPD checkpoint", flag=flag, hint=hint)
+    if (repo := RELEASED_CHECKPOINTS.get((model, int(img_size)))) is None:
         released = ", ".join(f"{m} at {s}px" for m, s in RELEASED_CHECKPOINTS)
         raise ResolveError(
             f"No released checkpoint for model {model!r} at {img_size} px (released: {released}). "
             f"Pass your own checkpoint with {flag}, or --random_init for random weights."
         )
-    return hub_file(
-        repo,
-        CHECKPOINT_FILENAME.format(model=model, img_size=int(img_size)),
-        flag=flag,
-        what=f"released {model} {img_size}px checkpoint",
-        cache_dir=cache_dir,
-        fallback=True,
-    )
+    name = CHECKPOINT_FILENAME.format(model=model, img_size=int(img_size))
+    return hub_file(repo, name, flag=flag, what=what, cache_dir=cache_dir, fallback=True)
 
 
-def resolve_vq(
-    path: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None
-) -> str:
+def resolve_vq(path: _Path | None = None, cache_dir: _Path | None = None) -> str:
     """Local path of the LlamaGen VQ tokenizer: ``path`` (--vqgan_path), else the released one; the
     name of a released file (``vq_ds16_t2i.pt``) that is no local file comes from the Hub too."""
-    name, what = os.fspath(path or VQ_FILENAME), "LlamaGen VQ tokenizer"
+    name, what, flag = os.fspath(path or VQ_FILENAME), "LlamaGen VQ tokenizer", "--vqgan_path"
     if path is not None and (name not in VQ_FILENAMES or os.path.exists(name)):
-        return local_file(path, what=what, flag="--vqgan_path")
-    return hub_file(VQ_REPO, name, what=what, flag="--vqgan_path", cache_dir=cache_dir)
+        return local_file(path, what=what, flag=flag)
+    return hub_file(VQ_REPO, name, what=what, flag=flag, cache_dir=cache_dir)
 
 
 def _validate_stats(path: str) -> None:
@@ -400,30 +330,19 @@ def _validate_stats(path: str) -> None:
 
 
 def resolve_fid_stats(
-    img_size: int,
-    path: str | os.PathLike | None = None,
-    *,
-    cache_dir: str | os.PathLike | None = None,
+    img_size: int, path: _Path | None = None, *, cache_dir: _Path | None = None
 ) -> str:
-    """Local path of ``adm_in{img_size}_stats.npz``: ``path``, ./fid_stats/, the cache, else a download."""
+    """Local path of ``adm_in{img_size}_stats.npz``: ``path``, ./fid_stats/ (the released layout), the
+    cache, else a download."""
     filename = FID_STATS_FILENAME.format(img_size=int(img_size))
     what, flag = f"ADM reference statistics for {img_size}px (FID)", "--fid_stats"
     if path is not None:
         return local_file(path, what=what, flag=flag, hint=FID_STATS_HINT)
-    urls = FID_STATS_SOURCES.get(int(img_size))
-    if urls is None:
+    if (urls := FID_STATS_SOURCES.get(int(img_size))) is None:
         raise ResolveError(
             f"No reference statistics are known for {img_size}px images; pass a statistics file "
             f"with {flag}. {FID_STATS_HINT}"
         )
-    cache = cache_dir or fid_stats_dir()
-    return url_file(
-        urls,
-        cache_dir=cache,
-        filename=filename,
-        flag=flag,
-        what=what,
-        hint=FID_STATS_HINT,
-        search_paths=[os.path.join("fid_stats", filename)],
-        validate=_validate_stats,
-    )  # released layout
+    cache, search = cache_dir or fid_stats_dir(), [os.path.join("fid_stats", filename)]
+    kw = {"flag": flag, "what": what, "hint": FID_STATS_HINT, "validate": _validate_stats}
+    return url_file(urls, cache_dir=cache, filename=filename, search_paths=search, **kw)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import errno
 import functools
 import json
 import os
@@ -16,7 +14,8 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, NoReturn
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,64 +27,41 @@ from lpd.files import (
     CheckpointError,
     check_finite,
     check_state_dict,
+    checkpoint_args,
     load_checkpoint,
     load_into,
+    lock_file,
     replace_dir,
     save_checkpoint,
     temp_dir_for,
 )
 
-__all__ = [
-    "distribute",
-    "settle_ddp_buckets",
-    "EMA",
-    "TrainState",
-    "PreemptionFlag",
-    "RunLock",
-    "full_tensors",
-    "last_checkpoint",
-    "LOCK_FILE",
-]
-
 LOCK_FILE = "train.lock"  # held by the training that writes an output folder
+Log = Callable[[str], None]
 
 
 def distribute(
-    model: torch.nn.Module,
-    info: DistInfo,
-    fsdp: bool = False,
-    bf16: bool = False,
-    cpu_offload: bool = False,
+    model: torch.nn.Module, info: DistInfo, fsdp=False, bf16=False, cpu_offload=False
 ) -> torch.nn.Module:
     """The module a training step calls: ``model`` on its device, FSDP2-sharded in place (each block, then
     the root; ``bf16`` on GPUs: bf16 compute, fp32 gradient reduction), under DDP, or itself."""
     device = info.device
     if not fsdp:
         model.to(device)
-        return (
-            torch.nn.parallel.DistributedDataParallel(
-                model,
-                device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=model.label_drop_prob == 0,
-            )
-            if info.distributed
-            else model
-        )
+        if not info.distributed:
+            return model
+        ids = [device.index] if device.type == "cuda" else None
+        unused = model.label_drop_prob == 0
+        return torch.nn.parallel.DistributedDataParallel(model, ids, find_unused_parameters=unused)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     if not dist.is_initialized():  # one process: a group of one
-        dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo",
-            store=dist.HashStore(),
-            rank=0,
-            world_size=1,
-        )
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     kw: dict[str, Any] = {"mesh": init_device_mesh(device.type, (dist.get_world_size(),))}
     if bf16 and device.type == "cuda":
-        kw["mp_policy"] = MixedPrecisionPolicy(
-            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
-        )
+        kw["mp_policy"] = MixedPrecisionPolicy(torch.bfloat16, reduce_dtype=torch.float32)
     if cpu_offload:
         kw["offload_policy"] = CPUOffloadPolicy()
     for block in model.blocks:
@@ -93,9 +69,7 @@ def distribute(
     return fully_shard(model, **kw)
 
 
-def settle_ddp_buckets(
-    ddp_model: torch.nn.Module, batch: int, sizes: Sequence[int], autocast: Any
-) -> None:
+def settle_ddp_buckets(ddp_model: torch.nn.Module, batch: int, sizes: Sequence[int], autocast):
     """One throw-away forward/backward, so that every (re)started process steps with the gradient buckets DDP
     rebuilds after its first backward (they set the all-reduce's summation order); weights are untouched."""
     model = ddp_model.module
@@ -103,14 +77,10 @@ def settle_ddp_buckets(
     C = model.config.text_dim
     text = {} if model.text is None else {"text": torch.zeros(batch, 1, C, device=device)}
     labels = None if text else torch.zeros(batch, dtype=torch.long, device=device)
+    tokens = torch.zeros(batch, N, dtype=torch.long, device=device)
+    order = torch.arange(N, device=device).expand_as(tokens)
     with autocast:
-        loss = ddp_model(
-            torch.zeros(batch, N, dtype=torch.long, device=device),
-            labels,
-            torch.arange(N, device=device).expand(batch, N),
-            sizes,
-            **text,
-        )
+        loss = ddp_model(tokens, labels, order, sizes, **text)
     loss.backward()
     model.zero_grad(set_to_none=True)
 
@@ -124,9 +94,8 @@ class EMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        torch._foreach_lerp_(
-            list(self.state.values()), [p.detach() for p in self.params.values()], 1.0 - self.decay
-        )
+        weights = [p.detach() for p in self.params.values()]
+        torch._foreach_lerp_(list(self.state.values()), weights, 1.0 - self.decay)
 
     @torch.no_grad()
     def restart(self) -> None:
@@ -135,13 +104,11 @@ class EMA:
             self.state[k].copy_(p.detach())
 
 
-def full_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def full_tensors(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Whole tensors of a state dict that may be sharded (then a collective: every rank calls it)."""
     from torch.distributed.tensor import DTensor
 
-    return {
-        k: (v.full_tensor() if isinstance(v, DTensor) else v).detach() for k, v in state.items()
-    }
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach() for k, v in sd.items()}
 
 
 def last_checkpoint(folder: str, sharded: bool) -> str | None:
@@ -150,9 +117,7 @@ def last_checkpoint(folder: str, sharded: bool) -> str | None:
     return next((p for p in (os.path.join(folder, n) for n in names) if os.path.exists(p)), None)
 
 
-def _save_sharded(
-    paths: Sequence[str], tensors: dict[str, Any], meta: dict[str, Any], info: DistInfo
-) -> None:
+def _save_sharded(paths: Sequence[str], tensors: dict, meta: dict, info: DistInfo) -> None:
     """Every rank writes its shards, rank 0 ``state.pth``; each of ``paths`` then appears whole."""
     from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
     from torch.distributed.checkpoint.api import CheckpointException
@@ -160,10 +125,7 @@ def _save_sharded(
     tmp = broadcast_object(temp_dir_for(paths[0]) if info.is_main else None)
 
     def publish() -> None:
-        try:
-            save_checkpoint({**meta, "sharded": sorted(tensors)}, os.path.join(tmp, STATE_FILE))
-        except (OSError, RuntimeError) as e:
-            _write_failed(e, paths[0])
+        _save({**meta, "sharded": sorted(tensors)}, os.path.join(tmp, STATE_FILE), paths[0])
         for path in paths[1:]:  # more names for the same state: hard links, no second write
             copy = f"{tmp}-{os.path.basename(path)}"
             shutil.copytree(tmp, copy, copy_function=os.link)
@@ -174,9 +136,9 @@ def _save_sharded(
         try:
             save(tensors, storage_writer=HuggingFaceStorageWriter(tmp, save_distributed=True))
         except CheckpointException as e:  # a BaseException: made an ordinary error naming the cause
+            last = str(e).strip().splitlines()[-1]
             raise CheckpointError(
-                f"writing {paths[0]} failed ({str(e).strip().splitlines()[-1]}); the last good "
-                f"checkpoint is kept"
+                f"writing {paths[0]} failed ({last}); the last good checkpoint is kept"
             ) from e
         on_rank0(publish, "while publishing the checkpoint", broadcast=False)
     finally:
@@ -184,31 +146,26 @@ def _save_sharded(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_failed(e: BaseException, path: str) -> NoReturn:
-    """Raise a failed checkpoint write (a full disk, a quota; the previous file is untouched) as a
-    message; torch.save reports the file's OSError as a RuntimeError whose context it is."""
-    cause = e if isinstance(e, OSError) else e.__context__
-    if not isinstance(cause, OSError):
-        raise e
-    raise CheckpointError(
-        f"writing {path} failed ({cause.strerror or cause}); the last good "
-        f"checkpoint is kept: free space, then continue with --resume"
-    ) from e
+def _save(state: dict, path: str, shown: str | None = None) -> None:
+    """:func:`save_checkpoint`; a full disk or a quota (the previous file untouched) raised as a
+    message naming ``shown`` (torch.save reports an OSError as a RuntimeError of that context)."""
+    try:
+        save_checkpoint(state, path)
+    except (OSError, RuntimeError) as e:
+        cause = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(cause, OSError):
+            raise
+        raise CheckpointError(
+            f"writing {shown or path} failed ({cause.strerror or cause}); the last good "
+            f"checkpoint is kept: free space, then continue with --resume"
+        ) from e
 
 
 def _rng_state() -> dict[str, Any]:
     name, key, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "torch": torch.get_rng_state(),
-        "numpy": [
-            name,
-            torch.from_numpy(key.astype(np.int64)),
-            int(pos),
-            int(has_gauss),
-            float(cached),
-        ],
-    }
+    key = torch.from_numpy(key.astype(np.int64))
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    state["numpy"] = [name, key, int(pos), int(has_gauss), float(cached)]
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -223,109 +180,70 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     name, key, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if (
-        "cuda" in state
-        and torch.cuda.is_available()
-        and len(state["cuda"]) == torch.cuda.device_count()
-    ):
-        torch.cuda.set_rng_state_all(list(state["cuda"]))
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(list(cuda))
 
 
+@dataclass
 class TrainState:
     """The model being trained (plain, under DDP, or FSDP-sharded), its AdamW and EMA; saves and resumes them.
     ``meta`` is what every checkpoint records besides its position (``model_config``, ``args``, ``data_state``...)."""
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        ema: EMA | None,
-        info: DistInfo,
-        sharded: bool,
-        meta: dict[str, Any],
-    ) -> None:
-        self.model, self.optimizer, self.ema, self.info, self.sharded, self.meta = (
-            model,
-            optimizer,
-            ema,
-            info,
-            sharded,
-            meta,
-        )
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: EMA | None
+    info: DistInfo
+    sharded: bool
+    meta: dict[str, Any]
 
-    def _sharded_tensors(
-        self, with_ema: bool
-    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    def _sharded_tensors(self, with_ema: bool) -> tuple[dict[str, Any], dict, dict]:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        tensors = {
-            "model": model_sd,
-            "optim": optim_sd["state"],
-            **({"model_ema": self.ema.state} if with_ema else {}),
-        }
-        return tensors, model_sd, optim_sd
+        tensors = {"model": model_sd, "optim": optim_sd["state"]}
+        return tensors | ({"model_ema": self.ema.state} if with_ema else {}), model_sd, optim_sd
 
     def save(self, paths: Sequence[str], epoch: int, step: int, global_step: int) -> None:
         """Write the state as each of ``paths`` (``.pth`` appended under DDP); every rank calls it."""
-        meta = {
-            **self.meta,
-            "scaler": {},
-            "epoch": epoch,
-            "step": step,
-            "global_step": global_step,
-            "rng": gather_object(_rng_state()),
-        }
+        meta = {**self.meta, "scaler": {}, "epoch": epoch, "step": step, "global_step": global_step}
+        meta["rng"] = gather_object(_rng_state())
         if self.sharded:
-            _save_sharded(paths, self._sharded_tensors(self.ema is not None)[0], meta, self.info)
-            return
+            tensors = self._sharded_tensors(self.ema is not None)[0]
+            return _save_sharded(paths, tensors, meta, self.info)
 
         def write() -> None:
-            state = {
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                **meta,
-                **({"model_ema": self.ema.state} if self.ema is not None else {}),
-            }
+            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+            state |= meta | ({} if self.ema is None else {"model_ema": self.ema.state})
             for path in paths:
-                try:
-                    save_checkpoint(state, path + ".pth")
-                except (OSError, RuntimeError) as e:
-                    _write_failed(e, path + ".pth")
+                _save(state, path + ".pth")
 
         on_rank0(write, "while saving the checkpoint", broadcast=False)
 
-    def resume(self, path: str, log: Callable[[str], None]) -> tuple[int, int, int]:
+    def resume(self, path: str, log: Log) -> tuple[int, int, int]:
         """Restore the state saved at ``path``; returns where to continue: ``(epoch, step, global_step)``."""
         ckpt = self._load(path, log)
         steps_per_epoch = self.meta["steps_per_epoch"]
         epoch, step = int(ckpt.get("epoch", 0)), int(ckpt.get("step", 0))
-        if (
-            "step" not in ckpt and "epoch" in ckpt
-        ):  # released checkpoint: 'epoch' is the last finished one
+        if "step" not in ckpt and "epoch" in ckpt:  # released: 'epoch' is the last finished one
             epoch += 1
         global_step = int(ckpt.get("global_step", epoch * steps_per_epoch + step))
         old, new = ckpt.get("data_state", {}), self.meta["data_state"]
         if old and old != new:
-            step = min(
-                steps_per_epoch,
-                step
-                * int(old.get("batch_size", new["batch_size"]))
-                * int(old.get("world_size", new["world_size"]))
-                // (new["batch_size"] * new["world_size"]),
-            )
+            was = {**new, **old}  # what the checkpoint does not record: as now
+            moved = step * int(was["batch_size"]) * int(was["world_size"])
+            step = min(steps_per_epoch, moved // (new["batch_size"] * new["world_size"]))
             log(
                 f"warning: resuming with another world size / batch size / data / seed than {path} was written with "
                 f"({old}); continuing at step {step} of epoch {epoch}, but not bit-exactly"
             )
         if step >= steps_per_epoch:
             epoch, step = epoch + 1, 0
-        log(
-            f"resumed from {path}: epoch {epoch}, step {step} of {steps_per_epoch}, global step {global_step}"
-        )
+        where = f"epoch {epoch}, step {step} of {steps_per_epoch}, global step {global_step}"
+        log(f"resumed from {path}: {where}")
         return epoch, step, global_step
 
-    def _load(self, path: str, log: Callable[[str], None]) -> dict[str, Any]:
+    def _load(self, path: str, log: Log) -> dict[str, Any]:
         if os.path.isdir(path) != self.sharded:
             kind, fix = (
                 ("a sharded (--fsdp) checkpoint folder", "add --fsdp")
@@ -339,22 +257,17 @@ class TrainState:
             from torch.distributed.checkpoint.state_dict import set_state_dict
 
             ckpt = load_checkpoint(os.path.join(path, STATE_FILE))
-            self._keep_ema("model_ema" in ckpt.get("sharded", ()), ckpt, path, log)
-            has_ema = "model_ema" in ckpt.get("sharded", ()) and self.ema is not None
-            tensors, model_sd, optim_sd = self._sharded_tensors(has_ema)
+            has_ema = self._keep_ema("model_ema" in ckpt.get("sharded", ()), ckpt, path, log)
+            tensors, msd, osd = self._sharded_tensors(has_ema)
             load(tensors, storage_reader=HuggingFaceStorageReader(path))
-            check_finite({k: v.to_local() for k, v in model_sd.items()}, source)
-            set_state_dict(
-                self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd
-            )
+            check_finite({k: v.to_local() for k, v in msd.items()}, source)
+            set_state_dict(self.model, self.optimizer, model_state_dict=msd, optim_state_dict=osd)
         else:
             ckpt = load_checkpoint(path)
             check_finite(ckpt["model"], source)
             load_into(self.model, ckpt["model"], source=source)
             self._load_optimizer(ckpt.get("optimizer"), path, log)
-            self._keep_ema("model_ema" in ckpt, ckpt, path, log)
-            has_ema = "model_ema" in ckpt and self.ema is not None
-            if has_ema:
+            if has_ema := self._keep_ema("model_ema" in ckpt, ckpt, path, log):
                 if check_state_dict(self.ema.state, ckpt["model_ema"]) != ([], [], []):
                     raise CheckpointError(
                         f"{source}: its model_ema does not match the model; the file is damaged"
@@ -369,54 +282,38 @@ class TrainState:
             _set_rng_state(rngs[self.info.rank])
         return ckpt
 
-    def _keep_ema(
-        self, saved: bool, ckpt: dict[str, Any], path: str, log: Callable[[str], None]
-    ) -> None:
-        """Without ``--ema_decay`` (None) the checkpoint's EMA continues; ``--ema_decay 0`` drops
-        it."""
-        decay = self.meta["args"].get("ema_decay")
-        if not saved or self.ema is not None or decay is not None:
-            if saved and self.ema is None:
-                log(
-                    f"warning: --ema_decay 0 drops the EMA weights of {path}; the next checkpoint "
-                    f"has none"
-                )
-            return
-        args = ckpt.get("args")
-        args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
-        decay = args.get("ema_decay")
-        if not decay:
+    def _keep_ema(self, saved: bool, ckpt: dict[str, Any], path: str, log: Log) -> bool:
+        """Whether the checkpoint's EMA (``saved``) continues: without ``--ema_decay`` it does."""
+        if not saved or self.ema is not None:
+            return saved and self.ema is not None
+        if self.meta["args"].get("ema_decay") is not None:
+            log(
+                f"warning: --ema_decay 0 drops the EMA weights of {path}; the next checkpoint has none"
+            )
+            return False
+        if not (decay := checkpoint_args(ckpt).get("ema_decay")):
             raise CheckpointError(
                 f"{path} holds EMA weights but not their decay: give --ema_decay "
                 f"(e.g. 0.9999) to continue them, or --ema_decay 0 to drop them"
             )
         self.ema, self.meta["args"]["ema_decay"] = EMA(self.model, float(decay)), float(decay)
         log(f"the EMA of {path} continues with decay {decay} (--ema_decay 0 would drop it)")
+        return True
 
-    def _load_optimizer(
-        self, state: dict[str, Any] | None, path: str, log: Callable[[str], None]
-    ) -> None:
+    def _load_optimizer(self, state: dict[str, Any] | None, path: str, log: Log) -> None:
         """AdamW's state if written for the same parameter groups (not the released order); else a fresh start."""
         groups = self.optimizer.param_groups
-        ours, theirs = (
-            [len(g["params"]) for g in groups],
-            [len(g.get("params", [])) for g in (state or {}).get("param_groups", [])],
-        )
+        ours = [len(g["params"]) for g in groups]
+        theirs = [len(g.get("params", [])) for g in (state or {}).get("param_groups", [])]
         params = [p for g in groups for p in g["params"]]
-        if (
-            state
-            and ours == theirs
-            and all(
-                int(i) < len(params)
-                and all(
-                    not torch.is_tensor(v) or v.dim() == 0 or v.shape == params[int(i)].shape
-                    for v in st.values()
-                )
-                for i, st in state.get("state", {}).items()
-            )
-        ):
-            self.optimizer.load_state_dict(state)
-            return
+
+        def fits(i: Any, st: Mapping[str, Any]) -> bool:  # the moments have the parameter's shape
+            big = [v for v in st.values() if torch.is_tensor(v) and v.dim()]
+            return int(i) < len(params) and all(v.shape == params[int(i)].shape for v in big)
+
+        saved = (state or {}).get("state", {})
+        if state and ours == theirs and all(fits(i, st) for i, st in saved.items()):
+            return self.optimizer.load_state_dict(state)
         log(
             f"warning: the optimizer state in {path} is missing or does not match this model's parameter groups "
             f"({theirs} vs {ours} parameters); AdamW starts fresh"
@@ -424,52 +321,21 @@ class TrainState:
 
 
 class RunLock:
-    """``OUTPUT_DIR/train.lock``, taken at start and released at exit. An ``flock``: the kernel
-    releases it when the process dies (SIGKILL, a lost node), so a requeued job finds it free; the
-    file says who holds it."""
+    """``OUTPUT_DIR/train.lock``, saying who holds it, from start to exit; an ``flock``: the kernel
+    releases it when the process dies (SIGKILL, a lost node), so a requeued job finds it free."""
 
     def __init__(self, folder: str) -> None:
-        self.path, self.fd = os.path.join(folder, LOCK_FILE), None
-        import fcntl
-
-        os.makedirs(folder, exist_ok=True)
-        while self.fd is None:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                holder = os.read(fd, 4096).decode(errors="replace").strip()
-                os.close(fd)
-                if e.errno not in (errno.EAGAIN, errno.EACCES):  # no locks on this file system
-                    warnings.warn(
-                        f"cannot lock {self.path} ({e.strerror}): two trainings into "
-                        f"{folder} are not prevented",
-                        stacklevel=2,
-                    )
-                    return
-                holder = holder or "starting"
-                raise CheckpointError(
-                    f"--output_dir {folder} is in use by another training "
-                    f"({holder}); wait for it to end, stop it, or give another "
-                    f"--output_dir"
-                ) from None
-            try:
-                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
-            except FileNotFoundError:
-                same = False
-            if same:
-                self.fd = fd
-            else:  # released and deleted while we waited for it: take the new one
-                os.close(fd)
-        record = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "command": " ".join(sys.argv),
-            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "job": os.environ.get("SLURM_JOB_ID"),
-        }
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, json.dumps(record).encode())
+        self.path, since = os.path.join(folder, LOCK_FILE), time.strftime("%Y-%m-%d %H:%M:%S")
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)}
+        record |= {"since": since, "job": os.environ.get("SLURM_JOB_ID")}
+        warn = f"two trainings into {folder} are not prevented"
+        try:
+            self.fd = lock_file(self.path, json.dumps(record), warn)
+        except BlockingIOError as e:
+            raise CheckpointError(
+                f"--output_dir {folder} is in use by another training ({str(e) or 'starting'}); wait "
+                f"for it to end, stop it, or give another --output_dir"
+            ) from None
 
     def release(self) -> None:
         if self.fd is not None:
@@ -499,10 +365,9 @@ class PreemptionFlag:
 
     def _handler(self, signum: int, frame: Any) -> None:
         if not self.requested:
-            os.write(
-                2,
-                f"[lpd.train] received {signal.Signals(signum).name}: saving the checkpoint at the next step boundary, then exiting\n".encode(),
-            )
+            name = signal.Signals(signum).name
+            msg = f"[lpd.train] received {name}: saving the checkpoint at the next step boundary, then exiting\n"
+            os.write(2, msg.encode())
         self.requested = True
 
     def install(self) -> None:
@@ -510,22 +375,20 @@ class PreemptionFlag:
             try:
                 self._previous[sig] = signal.signal(sig, self._handler)
             except ValueError:  # not the main thread
-                warnings.warn(
-                    "train() is not running in the main thread: preemption signals are not handled",
-                    stacklevel=2,
+                msg = (
+                    "train() is not running in the main thread: preemption signals are not handled"
                 )
-                return
+                return warnings.warn(msg, stacklevel=2)
 
     def iterate(self, loader: torch.utils.data.DataLoader) -> Iterator[Any]:
         """The batches of ``loader``; its workers are shut down when the iteration ends, however it
         ends (they ignore SIGTERM, so the interpreter would otherwise wait for them at exit)."""
-        if not self.signals or loader.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):
+        block = self.signals and loader.num_workers > 0 and hasattr(signal, "pthread_sigmask")
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, self.signals) if block else None
+        try:
             it = iter(loader)
-        else:
-            previous = signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
-            try:
-                it = iter(loader)
-            finally:
+        finally:
+            if block:
                 signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         try:
             yield from it

@@ -9,8 +9,6 @@ import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["line_chart"]
-
 
 def line_chart(
     path: str | os.PathLike,
@@ -26,11 +24,8 @@ def line_chart(
     from lpd.files import atomic_write_bytes
 
     names = list(dict.fromkeys(name for p in panels for name in p["series"]))
-    colors = (
-        [f"C{i}" for i in range(10)]
-        if len(names) <= 10
-        else [matplotlib.colormaps["tab20"](i) for i in range(20)]
-    )
+    tab20 = matplotlib.colormaps["tab20"]
+    colors = [f"C{i}" for i in range(10)] if len(names) <= 10 else [tab20(i) for i in range(20)]
     width = panel_size[0] * len(panels)
     fig = Figure(figsize=(width / 100, panel_size[1] / 100 + 0.6), dpi=100, layout="constrained")
     handles = {}
@@ -39,10 +34,8 @@ def line_chart(
         # on a log axis, series with error bars are spread a little sideways so their bars stay apart
         spread = p.get("log_x") and any(len(pt) == 4 for s in series.values() for pt in s)
         for k, (name, points) in enumerate(series.items()):
-            color, shift = (
-                colors[names.index(name) % len(colors)],
-                1.04 ** (k - (len(series) - 1) / 2) if spread else 1.0,
-            )
+            color = colors[names.index(name) % len(colors)]
+            shift = 1.04 ** (k - (len(series) - 1) / 2) if spread else 1.0
             x = [pt[0] * shift for pt in points]
             y = [math.nan if pt[1] is None else pt[1] for pt in points]
             handles[name] = ax.plot(x, y, "o-", ms=4, color=color)[0]
@@ -65,13 +58,8 @@ def line_chart(
         ax.grid(alpha=0.3)
     if handles:
         ncols = max(1, min(len(handles), width // (6 * max(map(len, handles)) + 40)))
-        fig.legend(
-            list(handles.values()),
-            list(handles),
-            loc="outside lower center",
-            ncols=ncols,
-            fontsize=8,
-        )
+        lines, loc = list(handles.values()), "outside lower center"
+        fig.legend(lines, list(handles), loc=loc, ncols=ncols, fontsize=8)
     if title:
         fig.suptitle(textwrap.fill(title, width // 8), fontsize=10)
     atomic_write_bytes(path, lambda f: fig.savefig(f, format="png"))

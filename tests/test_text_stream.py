@@ -19,9 +19,9 @@ from PIL import Image
 
 import lpd.text.training
 import main_train
+from lpd.recipe import EpochBatchSampler
 from lpd.text.data import CaptionStream
 from lpd.text.encoders import make_text_encoder
-from lpd.train import EpochBatchSampler
 
 IMG = 64  # the palette tokenizer: 4 x 4 tokens of 4 colours
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -24,24 +24,26 @@ def make_tokenizer(
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> torch.nn.Module:
-    """The tokenizer ``kind`` (``vq`` or the demo's ``palette``) built with ``vq_config``, in eval mode on ``device``.
-
-    ``vq`` without ``vqgan_path``: random weights from ``seed`` if ``vq_config`` is given (``{}``: VQ-16), else
-    the released ``vq_ds16_c2i.pt`` (rank 0 downloads it first); ``vqgan_path`` may name a released
-    file (``vq_ds16_t2i.pt``) that is no local file.
-    """
-    if kind == "palette":
-        return PaletteTokenizer(**_checked(PaletteTokenizer, vq_config, kind)).to(device).eval()
-    if kind != "vq":
+    """The tokenizer ``kind`` (``vq`` or the demo's ``palette``) built with ``vq_config``, in eval
+    mode on ``device``. ``vq`` without ``vqgan_path``: random weights from ``seed`` if ``vq_config``
+    is given (``{}``: VQ-16), else the released ``vq_ds16_c2i.pt`` (rank 0 downloads it first);
+    ``vqgan_path`` may name a released file (``vq_ds16_t2i.pt``) that is no local file."""
+    if kind not in ("vq", "palette"):
         raise ValueError(f"--tokenizer: unknown tokenizer {kind!r}; use 'vq' or 'palette'")
-    _checked(build_vq, vq_config, kind)
+    known = set(inspect.signature(PaletteTokenizer if kind == "palette" else build_vq).parameters)
+    if unknown := sorted(set(vq_config or {}) - known):
+        raise ValueError(
+            f"--vq_config: unknown keys {unknown} for the {kind} tokenizer; use {sorted(known)}"
+        )
+    if kind == "palette":
+        return PaletteTokenizer(**(vq_config or {})).to(device).eval()
     if vqgan_path is None and vq_config is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return build_vq(**vq_config).to(device).eval()
     if vqgan_path is None or (
         os.fspath(vqgan_path) in hub.VQ_FILENAMES and not os.path.exists(vqgan_path)
-    ):  # a released file, by name
+    ):  # the released file, or one named
         vqgan_path = rank0_first(lambda: hub.resolve_vq(vqgan_path))
     return load_vq(vqgan_path, **(vq_config or {})).to(device).eval()
 
@@ -64,12 +66,8 @@ def recorded_tokenizer(
 ) -> torch.nn.Module:
     """The tokenizer a :func:`tokenizer_ref` of ``where`` names; ``vqgan_path``: the VQ file."""
     kind, file, config = ref.get("kind", "vq"), ref.get("file"), ref.get("vq_config")
-    if (
-        vqgan_path is None
-        and kind == "vq"
-        and config is None
-        and file not in (None, hub.VQ_FILENAME)
-    ):
+    named = file not in (None, hub.VQ_FILENAME)
+    if vqgan_path is None and kind == "vq" and config is None and named:
         if file not in hub.VQ_FILENAMES:
             raise ValueError(
                 f"{where} was trained with the tokenizer file {file}; pass its path with --vqgan_path"
@@ -77,12 +75,3 @@ def recorded_tokenizer(
         vqgan_path = file  # the released file of that name, from the Hub cache
     config = config if vqgan_path is None else None
     return make_tokenizer(kind, vqgan_path, config, ref.get("seed", 0), device)
-
-
-def _checked(builder: Any, config: dict[str, Any] | None, kind: str) -> dict[str, Any]:
-    known = set(inspect.signature(builder).parameters)
-    if unknown := sorted(set(config or {}) - known):
-        raise ValueError(
-            f"--vq_config: unknown keys {unknown} for the {kind} tokenizer; use {sorted(known)}"
-        )
-    return dict(config or {})

@@ -6,7 +6,6 @@ nearest-code quantizer between; module and buffer names are the released file's,
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 
@@ -14,9 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lpd.config import check_positive
 from lpd.files import load_into, load_state_dict
-
-__all__ = ["VQModel", "VectorQuantizer", "Encoder", "Decoder", "build_vq", "load_vq"]
+from lpd.tokenizer.palette import check_images, check_tokens
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -47,18 +46,14 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.norm = _norm(channels)
-        self.q, self.k, self.v, self.proj_out = (
-            nn.Conv2d(channels, channels, kernel_size=1) for _ in range(4)
-        )
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         hn = self.norm(x)
-        q, k, v = (
-            conv(hn).reshape(b, 1, c, h * w).transpose(-1, -2) for conv in (self.q, self.k, self.v)
-        )
+        q, k, v = (f(hn).reshape(b, 1, c, h * w).mT for f in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v, scale=c**-0.5)
-        return x + self.proj_out(out.transpose(-1, -2).reshape(b, c, h, w))
+        return x + self.proj_out(out.mT.reshape(b, c, h, w))
 
 
 class _Resample(nn.Module):
@@ -67,29 +62,20 @@ class _Resample(nn.Module):
     def __init__(self, channels: int, up: bool) -> None:
         super().__init__()
         self.up = up
-        self.conv = (
-            _conv3(channels, channels)
-            if up
-            else nn.Conv2d(channels, channels, kernel_size=3, stride=2)
-        )
+        self.conv = _conv3(channels, channels) if up else nn.Conv2d(channels, channels, 3, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(
-            F.interpolate(x, scale_factor=2.0, mode="nearest")
-            if self.up
-            else F.pad(x, (0, 1, 0, 1))
-        )
+        up = self.up
+        return self.conv(F.interpolate(x, scale_factor=2.0) if up else F.pad(x, (0, 1, 0, 1)))
 
 
 class _Level(nn.Module):
     """One resolution: ``res`` blocks, each followed by an ``attn`` block when ``with_attn``, then ``resample``."""
 
-    def __init__(
-        self, c_in: int, c_out: int, num_blocks: int, with_attn: bool, resample: str | None
-    ) -> None:
+    def __init__(self, c_in: int, c_out: int, blocks: int, with_attn: bool, resample: str | None):
         super().__init__()
         self.res, self.attn = nn.ModuleList(), nn.ModuleList()
-        for i in range(num_blocks):
+        for i in range(blocks):
             self.res.append(ResnetBlock(c_in if i == 0 else c_out, c_out))
             if with_attn:
                 self.attn.append(AttnBlock(c_out))
@@ -103,64 +89,35 @@ class _Level(nn.Module):
         return getattr(self, self.resample)(h) if self.resample else h
 
 
-def _mid(channels: int) -> nn.Sequential:
-    return nn.Sequential(
-        ResnetBlock(channels, channels), AttnBlock(channels), ResnetBlock(channels, channels)
-    )
+def _mid(c: int) -> nn.Sequential:
+    return nn.Sequential(ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c))
 
 
-class Encoder(nn.Module):
-    """Image ``[B, 3, H, W]`` -> latent ``[B, z_channels, H/f, W/f]``, ``f = 2 ** (len(ch_mult) - 1)``."""
+class _Coder(nn.Module):
+    """The encoder: image ``[B, 3, H, W]`` -> latent ``[B, z_channels, H/f, W/f]``, ``f = 2 **
+    (len(ch_mult) - 1)``, highest resolution first; ``up``: the decoder, its mirror image."""
 
-    def __init__(
-        self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int
-    ) -> None:
+    def __init__(self, ch: int, ch_mult: Sequence[int], blocks: int, z_channels: int, up: bool):
         super().__init__()
-        self.conv_in = _conv3(3, ch)
+        self.up, n, widths = up, len(ch_mult), [ch * m for m in ch_mult]
+        widths = [widths[-1], *reversed(widths)] if up else [ch, *widths]
+        self.conv_in = _conv3(z_channels if up else 3, widths[0])
+        if up:
+            self.mid = _mid(widths[0])
         self.conv_blocks = nn.Sequential()
-        widths, last = [ch] + [ch * m for m in ch_mult], len(ch_mult) - 1
-        for level in range(len(ch_mult)):  # highest resolution first
-            self.conv_blocks.append(
-                _Level(
-                    widths[level],
-                    widths[level + 1],
-                    num_res_blocks,
-                    level == last,
-                    None if level == last else "downsample",
-                )
-            )
-        self.mid = _mid(widths[-1])
-        self.norm_out, self.conv_out = _norm(widths[-1]), _conv3(widths[-1], z_channels)
+        for i, level in enumerate(reversed(range(n)) if up else range(n)):
+            resample = None if level == (0 if up else n - 1) else "upsample" if up else "downsample"
+            block = _Level(widths[i], widths[i + 1], blocks + up, level == n - 1, resample)
+            self.conv_blocks.append(block)
+        if not up:
+            self.mid = _mid(widths[-1])
+        c, c_out = widths[-1], 3 if up else z_channels
+        self.norm_out, self.conv_out = _norm(c), _conv3(c, c_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv_out(F.silu(self.norm_out(self.mid(self.conv_blocks(self.conv_in(x))))))
-
-
-class Decoder(nn.Module):
-    """Latent ``[B, z_channels, h, w]`` -> image ``[B, 3, f*h, f*w]``, the encoder's mirror image."""
-
-    def __init__(
-        self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int
-    ) -> None:
-        super().__init__()
-        widths, last = [ch * ch_mult[-1]] + [ch * m for m in reversed(ch_mult)], len(ch_mult) - 1
-        self.conv_in = _conv3(z_channels, widths[0])
-        self.mid = _mid(widths[0])
-        self.conv_blocks = nn.Sequential()
-        for i, level in enumerate(reversed(range(len(ch_mult)))):  # lowest resolution first
-            self.conv_blocks.append(
-                _Level(
-                    widths[i],
-                    widths[i + 1],
-                    num_res_blocks + 1,
-                    level == last,
-                    "upsample" if level else None,
-                )
-            )
-        self.norm_out, self.conv_out = _norm(widths[-1]), _conv3(widths[-1], 3)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.conv_out(F.silu(self.norm_out(self.conv_blocks(self.mid(self.conv_in(z))))))
+        x = self.conv_in(x)
+        x = self.conv_blocks(self.mid(x)) if self.up else self.mid(self.conv_blocks(x))
+        return self.conv_out(F.silu(self.norm_out(x)))
 
 
 class VectorQuantizer(nn.Module):
@@ -174,9 +131,8 @@ class VectorQuantizer(nn.Module):
             self.embedding.weight.uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
             if l2_norm:
                 self.embedding.weight.copy_(F.normalize(self.embedding.weight, dim=-1))
-        self.register_buffer(
-            "codebook_used", torch.zeros(65536)
-        )  # the original's usage log, for strict loading
+        # the original's usage log, for strict loading
+        self.register_buffer("codebook_used", torch.zeros(65536))
 
     def codebook(self) -> torch.Tensor:
         return F.normalize(self.embedding.weight, dim=-1) if self.l2_norm else self.embedding.weight
@@ -188,11 +144,7 @@ class VectorQuantizer(nn.Module):
         if self.l2_norm:
             flat = F.normalize(flat, dim=-1)
         # |z|^2 + |e|^2 - 2 z.e, the released formula, so that near-ties resolve the same way.
-        d = (
-            flat.pow(2).sum(dim=1, keepdim=True)
-            + codes.pow(2).sum(dim=1)
-            - 2.0 * (flat @ codes.t())
-        )
+        d = flat.pow(2).sum(1, keepdim=True) + codes.pow(2).sum(1) - 2.0 * (flat @ codes.t())
         return d.argmin(dim=1).reshape(b, h, w)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
@@ -201,17 +153,18 @@ class VectorQuantizer(nn.Module):
 
 
 class VQModel(nn.Module):
-    """Images ``[B, 3, H, W]`` in [-1, 1] <-> ids ``[B, H/f, W/f]``; inputs move to the module's device."""
+    """Images ``[B, 3, H, W]`` in [-1, 1] <-> ids ``[B, H/f, W/f]``; inputs move to the module's device.
+    Randomly initialised; the defaults are the VQ-16 of ``vq_ds16_c2i.pt``."""
 
     def __init__(
         self,
-        ch: int,
-        ch_mult: Sequence[int],
-        z_channels: int,
-        codebook_size: int,
-        codebook_embed_dim: int,
-        codebook_l2_norm: bool,
-        num_res_blocks: int,
+        ch: int = 128,
+        ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
+        z_channels: int = 256,
+        codebook_size: int = 16384,
+        codebook_embed_dim: int = 8,
+        codebook_l2_norm: bool = True,
+        num_res_blocks: int = 2,
     ) -> None:
         super().__init__()
         ch_mult = tuple(int(m) for m in ch_mult)
@@ -219,15 +172,10 @@ class VQModel(nn.Module):
             raise ValueError(
                 f"ch_mult must be a non-empty sequence of positive integers, got {ch_mult}"
             )
-        for name, val in (
-            ("ch", ch),
-            ("z_channels", z_channels),
-            ("codebook_size", codebook_size),
-            ("codebook_embed_dim", codebook_embed_dim),
-            ("num_res_blocks", num_res_blocks),
-        ):
-            if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {val!r}")
+        names = ("ch", "z_channels", "codebook_size", "codebook_embed_dim", "num_res_blocks")
+        sizes = (ch, z_channels, codebook_size, codebook_embed_dim, num_res_blocks)
+        for name, val in zip(names, sizes):
+            check_positive(val, name, ValueError)
         if any(ch * m % 32 for m in ch_mult):
             raise ValueError(
                 f"every level width ch * mult must be a multiple of 32 (GroupNorm groups); "
@@ -235,59 +183,16 @@ class VQModel(nn.Module):
             )
         self.codebook_size = codebook_size
         self.downsample_factor = 2 ** (len(ch_mult) - 1)
-        self.encoder = Encoder(ch, ch_mult, num_res_blocks, z_channels)
-        self.decoder = Decoder(ch, ch_mult, num_res_blocks, z_channels)
-        self.quantize = VectorQuantizer(
-            codebook_size, codebook_embed_dim, l2_norm=bool(codebook_l2_norm)
-        )
+        self.encoder = _Coder(ch, ch_mult, num_res_blocks, z_channels, up=False)
+        self.decoder = _Coder(ch, ch_mult, num_res_blocks, z_channels, up=True)
+        self.quantize = VectorQuantizer(codebook_size, codebook_embed_dim, bool(codebook_l2_norm))
         self.quant_conv = nn.Conv2d(z_channels, codebook_embed_dim, kernel_size=1)
         self.post_quant_conv = nn.Conv2d(codebook_embed_dim, z_channels, kernel_size=1)
 
-    def _check_images(self, images: torch.Tensor) -> torch.Tensor:
-        if images.dim() != 4:
-            raise ValueError(f"images must have shape [B, 3, H, W], got {tuple(images.shape)}")
-        (_, c, h, w), f = images.shape, self.downsample_factor
-        if c != 3:
-            raise ValueError(
-                f"images must have 3 (RGB) channels in dim 1, got shape {tuple(images.shape)}"
-            )
-        if h % f or w % f or not h or not w:
-            raise ValueError(
-                f"image height and width must be positive multiples of the downsampling factor {f}, "
-                f"got {h}x{w}"
-            )
-        if not images.is_floating_point():
-            raise TypeError(
-                f"images must be a floating-point tensor in [-1, 1], got dtype {images.dtype}"
-            )
-        return images.to(self.quant_conv.weight)
-
-    def _check_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
-            raise TypeError(
-                f"tokens must be an integer tensor of codebook indices, got dtype {tokens.dtype}"
-            )
-        if tokens.dim() == 2:
-            side = math.isqrt(tokens.shape[1])
-            if not side or side * side != tokens.shape[1]:
-                raise ValueError(
-                    f"flat tokens [B, N] need a square grid, got N = {tokens.shape[1]}; pass [B, h, w]"
-                )
-            tokens = tokens.reshape(-1, side, side)
-        elif tokens.dim() != 3:
-            raise ValueError(
-                f"tokens must have shape [B, h, w] or [B, h*w], got {tuple(tokens.shape)}"
-            )
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.codebook_size):
-            raise ValueError(
-                f"token indices must lie in [0, {self.codebook_size - 1}], got values in "
-                f"[{int(tokens.min())}, {int(tokens.max())}]"
-            )
-        return tokens.to(device=self.quant_conv.weight.device, dtype=torch.long)
-
     def encode_to_quant(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images -> (quantized latent: the codes themselves, no straight-through gradient; ids)."""
-        indices = self.quantize.nearest(self.quant_conv(self.encoder(self._check_images(images))))
+        images = check_images(images, self.downsample_factor).to(self.quant_conv.weight)
+        indices = self.quantize.nearest(self.quant_conv(self.encoder(images)))
         return self.quantize.lookup(indices), indices
 
     def decode_quant(self, quant: torch.Tensor) -> torch.Tensor:
@@ -301,26 +206,15 @@ class VQModel(nn.Module):
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Ids ``[B, h, w]`` (or ``[B, h*w]``, square, raster) -> images ``[B, 3, f*h, f*w]``, not clamped."""
-        return self.decode_quant(self.quantize.lookup(self._check_tokens(tokens)))
+        tokens = check_tokens(tokens, self.codebook_size, self.quant_conv.weight.device)
+        return self.decode_quant(self.quantize.lookup(tokens))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Reconstruction through the nearest codes."""
         return self.decode_quant(self.encode_to_quant(images)[0])
 
 
-def build_vq(
-    ch: int = 128,
-    ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
-    z_channels: int = 256,
-    codebook_size: int = 16384,
-    codebook_embed_dim: int = 8,
-    codebook_l2_norm: bool = True,
-    num_res_blocks: int = 2,
-) -> VQModel:
-    """A randomly initialised VQ tokenizer; the defaults are the VQ-16 of ``vq_ds16_c2i.pt``."""
-    return VQModel(
-        ch, ch_mult, z_channels, codebook_size, codebook_embed_dim, codebook_l2_norm, num_res_blocks
-    )
+build_vq = VQModel  # a randomly initialised VQ tokenizer
 
 
 def load_vq(path: str | os.PathLike, map_location: str | torch.device = "cpu", **config) -> VQModel:
@@ -331,11 +225,7 @@ def load_vq(path: str | os.PathLike, map_location: str | torch.device = "cpu", *
             f"VQ checkpoint {os.fspath(path)!r} not found; download vq_ds16_c2i.pt from the "
             f"Hugging Face repo FoundationVision/LlamaGen (see tokenizers/README.md)"
         )
-    model = build_vq(**config)
-    load_into(
-        model,
-        load_state_dict(path, map_location),
-        source=f"VQ checkpoint {os.fspath(path)!r}",
-        hint="pass the tokenizer's architecture with --vq_config",
-    )
+    model, source = build_vq(**config), f"VQ checkpoint {os.fspath(path)!r}"
+    hint = "pass the tokenizer's architecture with --vq_config"
+    load_into(model, load_state_dict(path, map_location), source=source, hint=hint)
     return model.to(map_location).eval()
