@@ -1,8 +1,5 @@
-"""Training data: the token caches of ``main_cache.py`` (the ImageFolder is in :mod:`lpd.images`).
-
-Layouts and records: docs/design.md. Both layouts read as ``(tokens int64 [2, h*w], label)`` in ImageFolder
-order; consolidated shards hold int16 tokens (int32 for vocabularies over 32768).
-"""
+"""The token caches of ``main_cache.py``: both layouts read as ``(tokens int64 [2, h*w], label)`` in
+ImageFolder order; consolidated shards hold int16 tokens (int32 for vocabularies over 32768)."""
 
 from __future__ import annotations
 
@@ -19,19 +16,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
 from lpd.files import TMP_PREFIX, atomic_write_bytes, state_dict_digest
 from lpd.images import CacheError, DataError, image_folder, visible, walk_once
 
-__all__ = [
-    "image_folder",
-    "open_token_cache",
-    "write_token_cache",
-    "CacheJob",
-    "CacheError",
-    "DataError",
-]
+__all__ = ["open_token_cache", "write_token_cache", "CacheJob", "CacheError", "DataError"]
+__all__ += ["image_folder"]
 
 CACHE_FORMATS = ("released", "consolidated")
 META_NAME = "meta.json"
@@ -39,7 +31,7 @@ CROP = "adm_center_crop"  # the crop rule of center_crop_arr, recorded in every 
 _IDENTITY = tuple(
     "format tokenizer img_size crop num_tokens vocab_size num_images classes images".split()
 )
-_SHARD_KEYS = ("num_shards", "shard_size", "dtype")
+_SHARD_KEYS, _STATES = ("num_shards", "shard_size", "dtype"), ("incomplete", "complete")
 
 
 def _start_over(root: str) -> str:
@@ -47,7 +39,8 @@ def _start_over(root: str) -> str:
 
 
 def tokenizer_id(tokenizer: torch.nn.Module) -> str:
-    """What a tokenizer's ids depend on: ``Class sha256:<weights digest>``, or ``Class(settings)`` without weights."""
+    """What a tokenizer's ids depend on: ``Class sha256:<weights digest>``, or ``Class(settings)``
+    without weights."""
     name = type(tokenizer).__name__
     if tokenizer.state_dict():
         return f"{name} sha256:{state_dict_digest(tokenizer)}"
@@ -55,7 +48,7 @@ def tokenizer_id(tokenizer: torch.nn.Module) -> str:
 
 
 def read_record(root: str) -> dict[str, Any] | None:
-    """``root/meta.json`` (``None`` when absent); :class:`CacheError` when it cannot be read or trusted."""
+    """``root/meta.json`` (None when absent); CacheError when it cannot be read or trusted."""
     path = os.path.join(root, META_NAME)
     if not os.path.lexists(path):
         return None
@@ -68,15 +61,9 @@ def read_record(root: str) -> dict[str, Any] | None:
             f"{_start_over(root)}"
         ) from e
     ok = isinstance(rec, dict)
-    need = (
-        _IDENTITY + ("state",) + (_SHARD_KEYS if ok and rec.get("format") == "consolidated" else ())
-    )
-    missing = [k for k in need if k not in rec] if ok else list(need)
-    if (
-        missing
-        or rec["format"] not in CACHE_FORMATS
-        or rec["state"] not in ("incomplete", "complete")
-    ):
+    shards = _SHARD_KEYS if ok and rec.get("format") == "consolidated" else ()
+    missing = [k for k in (*_IDENTITY, "state", *shards) if not ok or k not in rec]
+    if missing or rec["format"] not in CACHE_FORMATS or rec["state"] not in _STATES:
         raise CacheError(
             f"cache record {path!r} is damaged or not main_cache.py's (missing or bad: "
             f"{missing or ['format', 'state']}); the cache files cannot be trusted: {_start_over(root)}"
@@ -84,15 +71,16 @@ def read_record(root: str) -> dict[str, Any] | None:
     return rec
 
 
-def _write_record(root: str, rec: dict[str, Any]) -> None:
-    data = json.dumps(rec, indent=1).encode("utf-8")
+def _write_record(root: str, rec: dict[str, Any], state: str) -> None:
+    data = json.dumps({**rec, "state": state}, indent=1).encode("utf-8")
     atomic_write_bytes(os.path.join(root, META_NAME), lambda f: f.write(data))
 
 
 def _checked_record(
     root: str, fmt: str, num_tokens: int, vocab_size: int | None
 ) -> dict[str, Any] | None:
-    """The record of the ``fmt`` cache in ``root``, checked against the model (``None``: a released cache without one)."""
+    """The record of the ``fmt`` cache in ``root``, checked against the model (None: a released cache
+    without one)."""
     path, rec = os.path.join(root, META_NAME), read_record(root)
     if rec is None:
         if fmt == "consolidated" or any(e.name.startswith("shard-") for e in os.scandir(root)):
@@ -167,7 +155,12 @@ def _cached_files(root: str, class_name: str) -> list[str]:
 
 
 class _TokenCache(torch.utils.data.Dataset):
-    """Items ``(tokens int64 [2, num_tokens], label)``, the tokens checked by ``self.load(index)``; row 1: flipped."""
+    """Items ``(tokens int64 [2, num_tokens], label)``, the tokens checked by ``self.load(index)``;
+    row 1: flipped."""
+
+    def __init__(self, root: str, num_tokens: int, vocab_size: int | None, fmt: str) -> None:
+        self.root, self.num_tokens, self.vocab_size = root, num_tokens, vocab_size
+        self.record = _checked_record(root, fmt, num_tokens, vocab_size)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -182,8 +175,8 @@ class ReleasedTokenCache(_TokenCache):
     def __init__(self, root: str, num_tokens: int, vocab_size: int | None = None) -> None:
         if not os.path.isdir(root):
             raise CacheError(f"cache folder {root!r} does not exist; write it with main_cache.py")
-        self.root, self.num_tokens, self.vocab_size = root, num_tokens, vocab_size
-        rec = _checked_record(root, "released", num_tokens, vocab_size)
+        super().__init__(root, num_tokens, vocab_size, "released")
+        rec = self.record
         recorded = list(rec["classes"]) if rec is not None else []
         dirs = [e.name for e in os.scandir(root) if e.is_dir()]
         disk = sorted(d for d in dirs if visible(d) or d in recorded)
@@ -242,8 +235,8 @@ class ConsolidatedTokenCache(_TokenCache):
     """The consolidated layout, in ImageFolder order; shards are memory-mapped lazily in each process."""
 
     def __init__(self, root: str, num_tokens: int, vocab_size: int | None = None) -> None:
-        self.root, self.num_tokens, self.vocab_size = root, num_tokens, vocab_size
-        rec = _checked_record(root, "consolidated", num_tokens, vocab_size)
+        super().__init__(root, num_tokens, vocab_size, "consolidated")
+        rec = self.record
         self.classes = list(rec["classes"])
         self.paths = [_shard_names(root, s) for s in range(int(rec["num_shards"]))]
         parts = []
@@ -378,40 +371,37 @@ class _ConsolidatedWriter:
             self.todo[s] = np.arange(lo, hi)
             if not (os.path.isfile(tok_p) and os.path.isfile(done_p)):
                 continue
-            toks, done = (np.lib.format.open_memmap(p, mode="r+") for p in (tok_p, done_p))
-            shape, dtype = (hi - lo, 2, int(rec["num_tokens"])), np.dtype(rec["dtype"])
-            fits = (
-                (done_p, done.shape == shape[:1]),
-                (tok_p, toks.shape == shape and toks.dtype == dtype),
-            )
-            for path, ok in fits:
-                if not ok:
-                    msg = f"unfinished shard file {path!r} does not fit this cache"
-                    raise CacheError(f"{msg}: {_start_over(root)}")
+            toks, done = (open_memmap(p, mode="r+") for p in (tok_p, done_p))
+            shape, dtype = self.layout(s)
+            bad = tok_p if toks.shape != shape or toks.dtype != dtype else None
+            if bad := done_p if done.shape != shape[:1] else bad:
+                msg = f"unfinished shard file {bad!r} does not fit this cache"
+                raise CacheError(f"{msg}: {_start_over(root)}")
             self.open[s], self.todo[s] = (toks, done), np.flatnonzero(done == 0) + lo
 
     def bounds(self, s: int) -> tuple[int, int]:
         return s * self.size, min(int(self.rec["num_images"]), (s + 1) * self.size)
 
+    def layout(self, s: int) -> tuple[tuple[int, ...], np.dtype]:
+        """Shape and dtype of shard ``s``'s tokens."""
+        lo, hi = self.bounds(s)
+        return (hi - lo, 2, int(self.rec["num_tokens"])), np.dtype(self.rec["dtype"])
+
     def start(self, labels: np.ndarray) -> None:
-        """Create the ``*.partial`` files of the shards not begun yet; write every unfinished shard's labels and index."""
+        """Create the ``*.partial`` files of the shards not begun yet; write every unfinished
+        shard's labels and index."""
         for s in self.todo:
             names, (lo, hi) = _shard_names(self.root, s), self.bounds(s)
             if s not in self.open:
-                shape, dtype = (
-                    (hi - lo, 2, int(self.rec["num_tokens"])),
-                    np.dtype(self.rec["dtype"]),
-                )
-                self.open[s] = (
-                    np.lib.format.open_memmap(names["tokens"] + ".partial", "w+", dtype, shape),
-                    np.lib.format.open_memmap(names["done"], "w+", np.uint8, (hi - lo,)),
-                )
+                shape, dtype = self.layout(s)
+                toks = open_memmap(names["tokens"] + ".partial", "w+", dtype, shape)
+                self.open[s] = toks, open_memmap(names["done"], "w+", np.uint8, shape[:1])
             rows = (("labels", labels[lo:hi]), ("index", np.arange(lo, hi, dtype=np.int64)))
             for key, arr in rows:
                 atomic_write_bytes(names[key] + ".partial", lambda f, a=arr: np.save(f, a))
 
     def commit(self, indices: Sequence[int], tokens: np.ndarray) -> None:
-        """Write and flush the rows of ``indices``, then mark them done; finish the shards that are complete."""
+        """Write and flush the rows of ``indices``, then mark them done; finish complete shards."""
         for k, values in ((0, tokens), (1, [1] * len(indices))):  # tokens flushed, then marked
             for i, v in zip(indices, values):
                 self.open[i // self.size][k][i % self.size] = v
@@ -447,9 +437,8 @@ def _check_decodable(dataset, paths: list[str], num_workers: int, progress: bool
     """Decode every image of ``paths`` with ``dataset.loader``; one :class:`CacheError` lists those that fail."""
     check = functools.partial(_decode_errors, dataset.loader)
     batches = torch.utils.data.DataLoader(paths, 64, num_workers=num_workers, collate_fn=check)
-    batches = tqdm(
-        batches, desc="checking that the images decode", disable=not (progress and paths)
-    )
+    desc = "checking that the images decode"
+    batches = tqdm(batches, desc=desc, disable=not (progress and paths))
     if bad := [e for b in batches for e in b]:
         raise CacheError(
             f"{len(bad)} image file(s) cannot be decoded, nothing was encoded: {'; '.join(bad[:5])}"
@@ -529,7 +518,7 @@ def write_token_cache(
     _check_decodable(dataset, [samples[i][0] for i in todo], job.num_workers, show)
     barrier()
     if rank == 0:
-        _write_record(cached_path, {**want, "state": "incomplete"})
+        _write_record(cached_path, want, "incomplete")
     barrier()
     if writer is None:
         for cls in classes:
@@ -537,11 +526,12 @@ def write_token_cache(
     else:
         writer.start(np.asarray([t for _, t in samples], dtype=np.int64))
     if todo:
-        pin = torch.device(job.device).type == "cuda"
-        subset = torch.utils.data.Subset(dataset, todo)
-        loader = torch.utils.data.DataLoader(
-            subset, batch_size, shuffle=False, num_workers=job.num_workers, pin_memory=pin
+        pin, subset = (
+            torch.device(job.device).type == "cuda",
+            torch.utils.data.Subset(dataset, todo),
         )
+        kw = dict(shuffle=False, num_workers=job.num_workers, pin_memory=pin)
+        loader = torch.utils.data.DataLoader(subset, batch_size, **kw)
         desc = f"caching ({cache_format}, rank 0 of {world_size})"
         for k, (images, _) in enumerate(tqdm(loader, desc=desc, disable=not show)):
             images = images.to(job.device, non_blocking=True)
@@ -564,5 +554,5 @@ def write_token_cache(
     barrier()
     done = read_record(cached_path)["state"] == "complete"
     if not done and _complete(cached_path, want, names, classes):
-        _write_record(cached_path, {**want, "state": "complete"})
+        _write_record(cached_path, want, "complete")
     return CacheStats(written=len(todo), skipped=len(mine) - len(todo))

@@ -1,7 +1,5 @@
 """Zero-shot editing with any LPD checkpoint: inpainting, outpainting and class-conditional editing.
-
-The known tokens are prefilled into the KV cache, then only the unknown ones are decoded (docs/design.md).
-"""
+The known tokens are prefilled into the KV cache, then only the unknown ones are decoded."""
 
 from __future__ import annotations
 
@@ -25,8 +23,8 @@ PREFILL_LAYOUTS = ("one", "schedule")
 
 
 def region_mask(region: str, img_size: int) -> np.ndarray:
-    """Pixel mask (True = regenerate) of a region: ``box:x0,y0,x1,y1``, ``left``, ``right``, ``top``,
-    ``bottom`` (that half), ``center`` (the middle half of each side) or ``border:PX``."""
+    """Pixel mask (True = regenerate) of a region: ``box:x0,y0,x1,y1``, ``left``, ``right``,
+    ``top``, ``bottom`` (that half), ``center`` (the middle half of each side) or ``border:PX``."""
     s, m = img_size, np.zeros((img_size, img_size), dtype=bool)
     half, q = s // 2, s // 4
     fixed = {
@@ -92,16 +90,8 @@ def _orders(
     """Unknown positions of each row of ``keep [B, N]`` in decoding order."""
     idx, kind = np.arange(len(keep)), sampling.order
     if kind == "lpd":
-        return lpd_orders(
-            len(keep),
-            sizes,
-            grid,
-            sampling.proximity_threshold,
-            sampling.repulsion_threshold,
-            seed=seed,
-            indices=idx,
-            known=keep,
-        )
+        tp, tr = sampling.proximity_threshold, sampling.repulsion_threshold
+        return lpd_orders(len(keep), sizes, grid, tp, tr, seed=seed, indices=idx, known=keep)
     if kind == "random":
         return random_orders(len(keep), grid, seed=seed, indices=idx, known=keep)
     return np.stack([np.flatnonzero(~k) for k in keep])  # raster
@@ -111,17 +101,16 @@ def _prepare(
     model: torch.nn.Module, tokens: Any, keep: Any, labels: Any
 ) -> tuple[torch.Tensor, np.ndarray, torch.Tensor | None]:
     device, N = model.pos_embed.device, model.num_tokens
-    tokens = torch.as_tensor(
-        np.asarray(tokens) if not isinstance(tokens, torch.Tensor) else tokens
-    ).to(device)
-    keep = np.asarray(keep.cpu() if isinstance(keep, torch.Tensor) else keep)
+    tokens = torch.as_tensor(tokens if torch.is_tensor(tokens) else np.asarray(tokens)).to(device)
+    keep = np.asarray(keep.cpu() if torch.is_tensor(keep) else keep)
     if tokens.dim() != 2 or tokens.shape[1] != N or tokens.is_floating_point():
         raise ValueError(
             f"tokens must be integers [B, {N}] (raster order), got {tokens.dtype} {list(tokens.shape)}"
         )
     if keep.dtype != bool or keep.shape != tuple(tokens.shape):
         raise ValueError(
-            f"keep must be a bool mask of the tokens' shape {list(tokens.shape)}, got {keep.dtype} {list(keep.shape)}"
+            f"keep must be a bool mask of the tokens' shape {list(tokens.shape)}, got {keep.dtype} "
+            f"{list(keep.shape)}"
         )
     if isinstance(labels, tuple):  # caption features [B, L, C] and mask [B, L] of a text model
         if len(labels) != 2 or any(len(t) != len(tokens) for t in labels):
@@ -169,16 +158,15 @@ def edit_tokens(
     out, decoder = tokens.clone(), Decoder(model, sampling, greedy=greedy)
     n_unknown = (~keep).sum(1)
     seed = int(torch.randint(2**62, (1,), generator=generator))
-    for n in sorted(
-        set(n_unknown.tolist()) - {0}
-    ):  # images with as many unknown tokens decode together
+    for n in sorted(set(n_unknown.tolist()) - {0}):  # images of as many unknown tokens together
         rows = np.flatnonzero(n_unknown == n)
         if group_sizes is not None:
             sizes = validate_group_sizes(group_sizes, n)
         else:
             if steps is None or isinstance(steps, bool) or not 1 <= steps <= n:
                 raise ValueError(
-                    f"--steps must be an integer between 1 and the {n} tokens to regenerate, got {steps!r}"
+                    f"--steps must be an integer between 1 and the {n} tokens to regenerate, "
+                    f"got {steps!r}"
                 )
             sizes = scaled_group_sizes(n, steps, model.config.img_size)
         orders = _orders(keep[rows], sizes, model.grid_size, sampling, seed + int(rows[0]))
@@ -199,6 +187,8 @@ def edit_tokens(
 
 def _repeat(label: Any, num: int) -> Any:
     """``num`` copies of a class label or of a caption ``(features [1, L, C], mask [1, L])``."""
+    if label is None:
+        return None
     if isinstance(label, tuple):
         return tuple(t.expand(num, *t.shape[1:]) for t in label)
     return [label] * num
@@ -231,15 +221,9 @@ def edit_images(
     with torch.no_grad():
         tokens = tokenizer.encode(image_to_tensor(source).to(model.pos_embed.device)).reshape(1, -1)
     sampling = options.setdefault("sampling", None) or SamplingConfig()
-    edited = edit_tokens(
-        model,
-        tokens.expand(num, -1),
-        np.broadcast_to(keep, (num, keep.size)).copy(),
-        None if label is None else _repeat(label, num),
-        steps=steps,
-        generator=torch.Generator().manual_seed(seed),
-        **options,
-    )
+    keep, labels = np.broadcast_to(keep, (num, keep.size)).copy(), _repeat(label, num)
+    options.update(steps=steps, generator=torch.Generator().manual_seed(seed))
+    edited = edit_tokens(model, tokens.expand(num, -1), keep, labels, **options)
     edits = decode_tokens(tokenizer, edited, sampling)  # as an evaluation: fixed chunks, bf16
     if paste:
         edits = np.where(pixels[None, :, :, None], edits, source[None])

@@ -41,7 +41,7 @@ def _adm_crop(pil_image: Image.Image, image_size: int) -> np.ndarray:
     left, top = (w - image_size) // 2, (h - image_size) // 2
     if (
         w * h > MAX_ASPECT_WORK * image_size**2
-    ):  # a long thin image: resample the crop only (within 1-2 levels)
+    ):  # long and thin: resample the crop only (1-2 levels)
         sx, sy = pil_image.width / w, pil_image.height / h
         box = (left * sx, top * sy, (left + image_size) * sx, (top + image_size) * sy)
         return np.array(pil_image.resize((image_size, image_size), resample=Image.BICUBIC, box=box))
@@ -59,8 +59,8 @@ def convert(im: Image.Image, mode: str) -> Image.Image:
 
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
-    """ADM's centre crop: halve (BOX) while the short side is >= 2 * size, resize (BICUBIC), crop; uint8 HWC.
-    The work is bounded by the output: an image longer than 16 crops resamples the crop alone."""
+    """ADM's centre crop: halve (BOX) while the short side is >= 2 * size, resize (BICUBIC), crop;
+    uint8 HWC. An image longer than 16 crops resamples the crop alone (work bounded by the output)."""
     return _adm_crop(convert(pil_image, "RGB"), image_size)
 
 
@@ -150,14 +150,8 @@ def image_to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"images must be uint8 [H, W, 3] or [B, H, W, 3], got {x.dtype} {list(x.shape)}"
         )
-    return (
-        (x[None] if x.dim() == 3 else x)
-        .permute(0, 3, 1, 2)
-        .float()
-        .div(127.5)
-        .sub(1.0)
-        .contiguous()
-    )
+    x = x[None] if x.dim() == 3 else x
+    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -200,11 +194,8 @@ def read_png(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np
 
 def write_npz(path: str | os.PathLike, image_paths: Sequence[str], size: tuple[int, int]) -> None:
     """Pack PNGs into an ADM ``.npz`` (``arr_0``: uint8 ``[N, H, W, 3]``), streamed one image at a time."""
-    header = {
-        "descr": "|u1",
-        "fortran_order": False,
-        "shape": (len(image_paths), int(size[0]), int(size[1]), 3),
-    }
+    shape = (len(image_paths), int(size[0]), int(size[1]), 3)
+    header = {"descr": "|u1", "fortran_order": False, "shape": shape}
 
     def write(f: Any) -> None:
         with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
@@ -282,10 +273,6 @@ class CacheError(DataError):
     """A token cache that cannot be read, is incomplete, or does not fit the model or the run."""
 
 
-def _crop_to_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
-    return image_to_tensor(center_crop_arr(img, image_size))[0]
-
-
 def resolve_image_root(data_path: str) -> str:
     """``data_path/train`` when it exists (the released ``--data_path IMAGENET``), else ``data_path``."""
     if not os.path.isdir(data_path):
@@ -342,7 +329,7 @@ class ImageFolder(torch.utils.data.Dataset):
             ],
         )
         labels = {t for _, t in self.samples}
-        if empty := [c for label, c in enumerate(classes) if label not in labels]:
+        if empty := [c for t, c in enumerate(classes) if t not in labels]:
             raise FileNotFoundError(
                 f"class folder(s) {', '.join(empty[:5])} of {root!r} hold no images "
                 f"({', '.join(IMAGE_EXTENSIONS)}), or only folders already read through a link"
@@ -360,7 +347,7 @@ class ImageFolder(torch.utils.data.Dataset):
                 f"image {path!r} cannot be decoded ({type(e).__name__}: {e}); remove or replace it "
                 f"and rerun"
             ) from e
-        return _crop_to_tensor(image, self.img_size), label
+        return image_to_tensor(center_crop_arr(image, self.img_size))[0], label
 
 
 def image_folder(data_path: str, img_size: int) -> ImageFolder:
