@@ -40,9 +40,7 @@ class EvaluationError(ValueError):
     """Settings or files that do not allow an evaluation run (raised before any image is sampled)."""
 
 
-def image_classes(
-    indices: Sequence[int] | np.ndarray, num_images: int, class_num: int
-) -> np.ndarray:
+def image_classes(indices: Sequence[int], num_images: int, class_num: int) -> np.ndarray:
     """Class of image ``i``: ``floor(i * class_num / num_images)`` (50 a class for 50,000 of 1,000)."""
     n = check_positive(num_images, "--num_images", EvaluationError)
     return (np.asarray(indices, dtype=np.int64) * int(class_num)) // n
@@ -61,10 +59,9 @@ def sampling_orders(
 
 @dataclass(frozen=True)
 class RunSpec:
-    """What a run generates: ``num_images`` images decoded in groups of ``group_sizes``, image ``i``
-    of class ``labels[i]`` (None: :func:`image_classes`) in order ``orders[i]`` (a ``[num_images, N]``
-    table, an :class:`OrderSource`, or None: the sampling's ``order``; ``order_file``: the table's
-    file, recorded by digest), seed ``(seed, i)``, ``eval_bsz`` images a batch."""
+    """What a run generates: ``num_images`` images in groups of ``group_sizes``; image ``i`` of
+    class ``labels[i]`` (None: :func:`image_classes`), order ``orders[i]`` (a table, OrderSource,
+    or None: the sampling's; ``order_file``: recorded by digest), seed ``(seed, i)``."""
 
     num_images: int
     group_sizes: Sequence[int]
@@ -146,8 +143,7 @@ def sample_batch(
     sampling: SamplingConfig,
     seed: int,
 ) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """(uint8 images, raster tokens, token seconds, token + decode seconds); row ``r`` draws from
-    image ``indices[r]``'s seed. Inputs are trusted (checked where they enter)."""
+    """(uint8 images, raster tokens, token s, token + decode s); row ``r``: image ``indices[r]``."""
     device = model.pos_embed.device
     gens = [torch.Generator().manual_seed(image_seed(seed, int(i))) for i in indices]
     synchronize(device)
@@ -164,8 +160,7 @@ def sample_batch(
 
 @dataclass
 class GenerationResult:
-    """What :func:`generate_images` did: images/tokens (no output folder) or PNG paths, counts over
-    all ranks, speed."""
+    """Images/tokens (no output folder) or PNG paths, counts over all ranks, speed."""
 
     num_images: int
     image_size: tuple[int, int]
@@ -212,21 +207,17 @@ def generate_images(
     """Sample ``spec``'s images (image ``i`` on rank ``i % world_size``) into the
     :func:`prepare_run_dir` folder ``output_dir`` (keeping those there) or, with None, return
     them; ``shard``: ``(rank, world_size)`` without a process group."""
-    model = _unwrap(model)
+    model, sampling = _unwrap(model), sampling or SamplingConfig()
     if shard and not (0 <= shard[0] < shard[1] and (output_dir is not None or shard[1] == 1)):
         raise EvaluationError(
             f"shard {shard}: rank must lie in 0..world_size-1, and shards without a process "
             f"group write to an output folder"
         )
     size, spec = _image_size(model, tokenizer), spec.checked(model)
-    return _generate(
-        model, tokenizer, spec, sampling or SamplingConfig(), output_dir, progress, shard, size
-    )
+    return _generate(model, tokenizer, spec, sampling, output_dir, progress, shard, size)
 
 
-def _generate(
-    model, tokenizer, spec, sampling, output_dir, progress, shard, size
-) -> GenerationResult:
+def _generate(model, tokenizer, spec, sampling, folder, progress, shard, size) -> GenerationResult:
     """:func:`generate_images` of checked inputs."""
     on = dist.is_available() and dist.is_initialized()
     group = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
@@ -235,20 +226,15 @@ def _generate(
     labels = spec.labels
     labels = image_classes(np.arange(num), num, model.class_num) if labels is None else labels
     store, todo = None, (mine := np.arange(rank, num, world))
-    if output_dir is not None:
-        image_dir, tokens_path = os.path.join(output_dir, IMAGES), os.path.join(output_dir, TOKENS)
-        if not os.path.isfile(tokens_path):
+    if folder is not None:
+        pngs, toks = os.path.join(folder, IMAGES), os.path.join(folder, TOKENS)
+        if not os.path.isfile(toks):
             raise EvaluationError(
-                f"{tokens_path!r} does not exist: make the run folder with prepare_run_dir first"
+                f"{toks!r} does not exist: make the run folder with prepare_run_dir first"
             )
-        store = np.load(tokens_path, mmap_mode="r+")
-        if store.shape != (num, N):
-            raise EvaluationError(
-                f"{tokens_path!r} holds {list(store.shape)} tokens, not [{num}, {N}]"
-            )
-        done = [
-            store[i, 0] >= 0 and read_png(image_path(image_dir, i), size) is not None for i in mine
-        ]
+        if (store := np.load(toks, mmap_mode="r+")).shape != (num, N):
+            raise EvaluationError(f"{toks!r} holds {list(store.shape)} tokens, not [{num}, {N}]")
+        done = [store[i, 0] >= 0 and read_png(image_path(pngs, i), size) is not None for i in mine]
         todo = mine[~np.array(done, dtype=bool)]
     meter, kept, style = SpeedMeter(), {}, dict(unit="img", dynamic_ncols=True)
     hide, skipped = not (progress and rank == 0), len(mine) - len(todo)
@@ -267,7 +253,7 @@ def _generate(
             store[batch] = tokens  # tokens first: an image counts as done once its PNG exists
             store.flush()
             for i, im in zip(batch.tolist(), pixels):
-                write_png(image_path(image_dir, i), im)
+                write_png(image_path(pngs, i), im)
         bar.update(len(batch))
     bar.close()
     speed = meter.summary()
@@ -279,7 +265,7 @@ def _generate(
         images, tokens_out = (np.stack([kept[i][j] for i in range(num)]) for j in (0, 1))
     else:
         barrier()
-        paths = [image_path(image_dir, i) for i in range(num)]
+        paths = [image_path(pngs, i) for i in range(num)]
     made, found = sum(c[0] for c in counts), sum(c[1] for c in counts)
     return GenerationResult(num, size, images, tokens_out, paths, made, found, speed)
 
@@ -299,8 +285,7 @@ def run_settings(
     sampling: SamplingConfig,
     name: str | None = None,
 ) -> dict[str, Any]:
-    """What the pixels of a run depend on, by content (digests of weights, tokenizer, orders;
-    every setting)."""
+    """What the pixels of a run depend on: digests of weights, tokenizer, orders; every setting."""
     model, labels, orders = _unwrap(model), spec.labels, spec.orders
     if labels is not None:  # a digest, or the settings of prompts
         labels = labels.settings() if hasattr(labels, "settings") else _digest(labels)
@@ -330,21 +315,18 @@ _HELD: dict[str, int] = {}  # run folders this process holds: real path -> descr
 
 
 def _hold(run_dir: str) -> bool:
-    """Hold ``run_dir`` until :func:`evaluate` ends (False where the file system has no locks); a
-    folder another process holds is refused at once."""
+    """Hold ``run_dir`` until :func:`evaluate` ends (False: no file locks); refuse a held folder."""
     key = os.path.realpath(run_dir)
-    if key not in _HELD:
-        try:
-            fd = lock_folder(run_dir)
-        except BlockingIOError as e:
-            raise EvaluationError(
-                f"run folder {e}: another evaluation is writing into it. Wait until it ends (a rerun "
-                f"then samples only what is missing), or use another --output_dir / --run_name."
-            ) from None
-        if fd is None:
-            return False
+    try:
+        fd = _HELD.get(key) or lock_folder(run_dir)
+    except BlockingIOError as e:
+        raise EvaluationError(
+            f"run folder {e}: another evaluation is writing into it. Wait until it ends (a rerun "
+            f"then samples only what is missing), or use another --output_dir / --run_name."
+        ) from None
+    if fd is not None:
         _HELD[key] = fd
-    return True
+    return fd is not None
 
 
 def _read_json(path: str) -> Any:
@@ -357,21 +339,15 @@ def _write_json(path: str, data: Any, **options: Any) -> None:
     atomic_write_bytes(path, lambda f: f.write(text))
 
 
-def prepare_run_dir(
-    run_dir: str | os.PathLike, settings: Mapping[str, Any], num_tokens: int
-) -> str:
-    """Create the run folder with ``settings.json`` and ``tokens.npy``, or check one of the same
-    run; a folder of another run, of lost settings, or that another process holds, is refused. This
-    process holds the folder (rank 0, until :func:`evaluate` ends) and removes a killed run's
-    temporary files. Call it on every rank."""
+def prepare_run_dir(run_dir: str | os.PathLike, settings: Mapping, num_tokens: int) -> str:
+    """Create the run folder (``settings.json``, ``tokens.npy``) or check one of the same run, on
+    every rank; rank 0 holds it until :func:`evaluate` ends, removes a killed run's temp files."""
     run_dir = os.fspath(run_dir)
 
     def prepare() -> None:
         image_dir, path, tokens = (os.path.join(run_dir, n) for n in (IMAGES, SETTINGS, TOKENS))
         os.makedirs(image_dir, exist_ok=True)
-        held = _hold(
-            run_dir
-        )  # no other process writes here: its temporary files are a killed run's
+        held = _hold(run_dir)  # no other writer: its temporary files are a killed run's
         new = json.loads(json.dumps(dict(settings)))
         start_over = f"Use another --output_dir / --run_name, or delete {run_dir!r} to start over."
         if os.path.isfile(path):
@@ -403,13 +379,8 @@ def prepare_run_dir(
                 ok = False
             if not ok:
                 raise EvaluationError(f"{tokens!r} is damaged or of another run. {start_over}")
-        else:
-            tmp = os.path.join(run_dir, TMP_PREFIX + TOKENS)
-            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int16, shape=(n, num_tokens))
-            arr[:] = -1  # -1: not sampled yet
-            arr.flush()
-            del arr
-            os.replace(tmp, tokens)
+        else:  # -1: not sampled yet
+            atomic_write_bytes(tokens, lambda f: np.save(f, np.full((n, num_tokens), -1, np.int16)))
         for name in os.listdir(image_dir) if held else ():
             if name.startswith(TMP_PREFIX):
                 with contextlib.suppress(OSError):
@@ -433,9 +404,8 @@ def evaluate(
     progress: bool = False,
     grid_images: int = 64,
 ) -> dict[str, Any]:
-    """Sample (:func:`generate_images`), pack, score (``scoring``, None: not scored; statistics
-    and feature extractor loaded before sampling) and record one run; returns the record (every
-    rank)."""
+    """Sample (:func:`generate_images`), pack, score (``scoring``; None: not scored; loaded before
+    sampling) and record one run; returns the record (every rank)."""
     sampling, model = sampling or SamplingConfig(), _unwrap(model)
     device, size = model.pos_embed.device, _image_size(model, tokenizer)  # before any loading
     spec = spec.checked(model)

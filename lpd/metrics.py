@@ -72,8 +72,7 @@ def inception_extractor(
     *,
     download: bool = True,
 ) -> torch.nn.Module:
-    """torch-fidelity's ``inception-v3-compat`` on ``device``: uint8 images -> (pool 2048,
-    logits_unbiased 1008)."""
+    """torch-fidelity's ``inception-v3-compat``: uint8 images -> (pool 2048, logits 1008)."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     path = resolve_inception_weights(weights_path, download=download)
@@ -85,9 +84,9 @@ def inception_extractor(
     except Exception as exc:  # noqa: BLE001 - any unreadable weights file
         reason = (str(exc).strip().splitlines() or [""])[0]
         raise MetricsError(
-            f"cannot load the Inception weights {path} ({type(exc).__name__}: {reason}); they must be "
-            f"a plain state dict (read with weights_only=True): download {INCEPTION_WEIGHTS_URL} and "
-            f"pass it with --inception_weights"
+            f"cannot load the Inception weights {path} ({type(exc).__name__}: {reason}); they must "
+            f"be a plain state dict (read with weights_only=True): download "
+            f"{INCEPTION_WEIGHTS_URL} and pass it with --inception_weights"
         ) from None
     return net.to(device)
 
@@ -183,9 +182,7 @@ def _image_folder_batches(root: str, batch_size: int, img_size: int) -> tuple[in
 
     n, to_uint8 = len(data), lambda x: (x + 1.0).mul_(127.5).round_().to(torch.uint8)
     steps = range(0, n, batch_size)
-    return n, (
-        to_uint8(torch.stack([crop(j) for j in range(i, min(i + batch_size, n))])) for i in steps
-    )
+    return n, (to_uint8(torch.stack([crop(j) for j in range(i, n)[:batch_size]])) for i in steps)
 
 
 def _array_batches(arr: Any, batch_size: int, where: str) -> tuple[int, Iterator[torch.Tensor]]:
@@ -193,11 +190,9 @@ def _array_batches(arr: Any, batch_size: int, where: str) -> tuple[int, Iterator
     return len(arr), (_nchw(arr[i : i + batch_size], where) for i in range(0, len(arr), batch_size))
 
 
-def image_batches(
-    images: Images, batch_size: int, img_size: int = 256
-) -> tuple[int, Iterator[torch.Tensor]]:
-    """Check ``images`` and count them without decoding; return (count, uint8 [b, 3, H, W] CPU
-    batches). An ImageFolder (class folders) is ADM-cropped to ``img_size``, the rest kept as is."""
+def image_batches(images: Images, batch_size: int, img_size: int = 256) -> tuple[int, Iterator]:
+    """(count, uint8 [b, 3, H, W] CPU batches) of checked ``images``, counted without decoding; an
+    ImageFolder (class folders) is ADM-cropped to ``img_size``, the rest kept as is."""
     check_positive(batch_size, "batch_size", MetricsError)
     if isinstance(images, (np.ndarray, torch.Tensor)):
         return _array_batches(images, batch_size, "images")
@@ -242,8 +237,7 @@ def compute_statistics(
     progress: bool = True,
     img_size: int = 256,
 ) -> FeatureStatistics:
-    """One pass of ``extractor`` over ``images``: float64 mean and covariance of the features, and
-    the logits (an ImageFolder is cropped to ``img_size``, see :func:`image_batches`)."""
+    """Float64 mean and covariance of the features and the logits, in one pass over ``images``."""
     num, batches = image_batches(images, batch_size, img_size)
     if num < 2:
         raise MetricsError(f"statistics need at least 2 images, got {num}")
@@ -381,8 +375,7 @@ def compute_metrics(
     progress: bool = True,
     img_size: int = 256,
 ) -> dict[str, Any]:
-    """``fid`` (against ``(mu, sigma)``; None without), ``inception_score(_std)`` (of the logits;
-    None without) and ``num_images``, in one pass."""
+    """``fid`` (None without ``reference``), ``inception_score(_std)``, ``num_images``."""
     if reference is not None:
         reference = _check_stats(reference[0], reference[1], "reference statistics")
     run = dict(progress=progress, img_size=img_size)
@@ -404,25 +397,24 @@ def compute_metrics(
     return {**scores, "num_images": stats.num_images}
 
 
-def _ours(path: str, kind: str) -> bool:
-    """Whether ``path`` is a statistics file (``.npz``) or metrics record (``.json``) of ours."""
-    try:
-        with open(path, "rb") as f:
-            if kind == ".npz":
-                return {"mu.npy", "sigma.npy"} <= set(zipfile.ZipFile(f).namelist())
-            record = json.load(f)
-            return isinstance(record, dict) and {"fid", "num_images"} <= set(record)
-    except (OSError, ValueError, zipfile.BadZipFile):
-        return False
+def _check_output(args: argparse.Namespace) -> None:
+    """Refuse an unwritable ``--output`` / ``--json``, an input, or a file of others."""
+    npz = args.command == "stats"
+    flag, path = ("--output", args.output) if npz else ("--json", args.json)
+    inputs = [("--input", args.input), ("--stats", getattr(args, "stats", None))]
 
+    def ours(p: str) -> bool:  # a statistics file (.npz) or a metrics record (.json) of ours
+        try:
+            with open(p, "rb") as f:
+                if npz:
+                    return {"mu.npy", "sigma.npy"} <= set(zipfile.ZipFile(f).namelist())
+                record = json.load(f)
+                return isinstance(record, dict) and {"fid", "num_images"} <= set(record)
+        except (OSError, ValueError, zipfile.BadZipFile):
+            return False
 
-def _check_output(
-    path: str, flag: str, kind: str, inputs: list[tuple[str, Any]], overwrite: bool
-) -> None:
-    """Refuse an output that cannot be written, is an input, or would replace a file that is not
-    a ``kind`` (.npz / .json) of ours."""
-    if problem := check_output_path(path, flag, inputs, overwrite, lambda p: _ours(p, kind)):
-        what = "a statistics file (.npz with mu and sigma)" if kind == ".npz" else ""
+    if path and (problem := check_output_path(path, flag, inputs, args.overwrite, ours)):
+        what = "a statistics file (.npz with mu and sigma)" if npz else ""
         what = what or "a metrics file of lpd.metrics fid"
         raise MetricsError(problem.replace("was not written by lpd", f"is not {what}"))
 
@@ -463,11 +455,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> FeatureStatistics | dict[str, Any]:
     """Check the outputs, then every other flag and file, then compute."""
-    inputs = [("--input", args.input), ("--stats", getattr(args, "stats", None))]
-    if args.command == "stats":
-        _check_output(args.output, "--output", ".npz", inputs, args.overwrite)
-    elif args.json:
-        _check_output(args.json, "--json", ".json", inputs, args.overwrite)
+    _check_output(args)
     try:
         device = resolve_device(args.device)
     except ValueError as exc:
@@ -482,16 +470,16 @@ def _run(args: argparse.Namespace) -> FeatureStatistics | dict[str, Any]:
     ref = _flagged("--stats", load_statistics, args.stats, flag="--stats")
     if ref[0].shape != (INCEPTION_FEATURES,):
         raise MetricsError(
-            f"--stats {args.stats} holds statistics of {ref[0].shape[0]}-d features; Inception gives "
-            f"{INCEPTION_FEATURES}-d ones: make them with `python -m lpd.metrics stats`"
+            f"--stats {args.stats} holds statistics of {ref[0].shape[0]}-d features; Inception "
+            f"gives {INCEPTION_FEATURES}-d ones: make them with `python -m lpd.metrics stats`"
         )
     extractor = inception_extractor(args.inception_weights, device)
     return compute_metrics(args.input, ref, extractor, batch_size=args.batch_size, **run)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m lpd.metrics``; exit 0, 2 for a usage error (found before any image is decoded
-    where a file check can tell), 1 when writing the finished result failed."""
+    """``python -m lpd.metrics``: 0, 2 for a usage error (found before decoding where a file check
+    can tell), 1 when writing the finished result failed."""
     args = _parser().parse_args(argv)
     try:
         result = _run(args)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import contextvars
+import functools
 import os
 import re
 import sys
@@ -96,9 +97,8 @@ def command_line() -> Iterator[None]:
 
 
 class LPDPipeline:
-    """An LPD model and its tokenizer; ``name``: the preset (``lpd_l`` ...) whose
-    :data:`PAPER_SETTINGS` are the defaults, ``cfg``: the guidance scale where the paper has none
-    (e.g. the one its training evaluated at)."""
+    """A model and its tokenizer; ``name``: the preset whose :data:`PAPER_SETTINGS` are the
+    defaults, ``cfg``: the guidance scale where the paper has none."""
 
     def __init__(
         self,
@@ -108,14 +108,11 @@ class LPDPipeline:
         cfg: float | None = None,
     ) -> None:
         self.model, self.tokenizer, self.name, self.cfg = model.eval(), tokenizer, name, cfg
-        self._text_encoder = None
 
-    @property
+    @functools.cached_property
     def text_encoder(self) -> Any:
         """The frozen text encoder the model records (a text model), loaded on first use."""
-        if self._text_encoder is None:
-            self._text_encoder = model_text_encoder(self.model, self.model.pos_embed.device)
-        return self._text_encoder
+        return model_text_encoder(self.model, self.model.pos_embed.device)
 
     @classmethod
     @_speaks_python()
@@ -166,8 +163,8 @@ class LPDPipeline:
 
     @_speaks_python()
     def sampling(self, steps: int, **settings: Any) -> SamplingConfig:
-        """The paper's cfg and τr for ``steps``, else ``self.cfg`` and τr 2 at 16x16, 4 at 32x32;
-        then ``settings``."""
+        """The paper's cfg and τr for ``steps``, else ``self.cfg`` and τr 2 (16x16) or 4; then
+        ``settings``."""
         fallback = (2.0 if self.grid_size <= 16 else 4.0, self.cfg)
         tr, cfg = paper_settings(self.name, self.img_size, steps) or fallback
         if settings.get("cfg") is None and cfg is None:
@@ -193,9 +190,8 @@ class LPDPipeline:
         start_index: int = 0,
         **settings: Any,
     ) -> np.ndarray:
-        """uint8 images ``[len(labels or prompts), H, W, 3]`` in ``steps`` steps (or
-        ``group_sizes``); ``orders``: a ``[B, N]`` table; a text model takes ``prompts``, guided
-        against the null caption or ``negative_prompt``."""
+        """uint8 images ``[B, H, W, 3]`` of ``labels`` (a text model: ``prompts``, guided against
+        ``negative_prompt``) in ``steps`` steps or ``group_sizes``; ``orders``: ``[B, N]``."""
         if (prompts is None) != (self.model.text is None) or (
             labels is not None if prompts is not None else negative_prompt is not None
         ):
@@ -217,10 +213,8 @@ class LPDPipeline:
         if start_index < 0:
             raise ValueError(f"--start_index must be >= 0, got {start_index}")
         n, b = self.grid_size**2, labels.size
-        if group_sizes is None:
-            sizes = default_group_sizes(self.img_size, steps)
-        else:
-            sizes = parse_group_sizes(group_sizes, n)
+        sizes = None if group_sizes is None else parse_group_sizes(group_sizes, n)
+        sizes = sizes or default_group_sizes(self.img_size, steps)
         sampling = self.sampling(len(sizes), **settings)
         indices = np.arange(start_index, start_index + b, dtype=np.int64)
         table = None if orders is None else np.asarray(orders, dtype=np.int64)
@@ -252,9 +246,8 @@ class LPDPipeline:
         prefill: str = "one",
         **settings: Any,
     ) -> dict[str, np.ndarray]:
-        """Regenerate ``image`` under ``mask`` (white, or a region such as ``center``) as class
-        ``label``: ``{"source", "masked", "edits [num, H, W, 3]"}``; cfg and τr default to the
-        paper's 20-step values."""
+        """``{"source", "masked", "edits"}``: ``image`` regenerated under ``mask`` (white, a region)
+        as class ``label``; cfg and τr default to the paper's 20-step values."""
         from lpd.editing import edit_images
 
         options = dict(num=num, steps=steps, seed=seed, paste=paste, prefill=prefill)
@@ -281,8 +274,7 @@ class LPDPipeline:
 
 
 def add_paper_sampling_args(parser: argparse.ArgumentParser, otherwise: dict[str, str]) -> None:
-    """The sampling flags; cfg and τr default to :data:`PAPER_SETTINGS` (``otherwise``: what
-    else, per flag)."""
+    """The sampling flags; cfg and τr default to :data:`PAPER_SETTINGS`, else ``otherwise``."""
     add_sampling_args(parser, {"cfg": None, "repulsion_threshold": None})  # None: set later
     for a in parser._actions:
         if a.dest in otherwise:
@@ -335,18 +327,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         inputs = [("--pretrained_ckpt", args.pretrained_ckpt), ("--vqgan_path", args.vqgan_path)]
-        if problem := check_output_path(
-            args.output, "--output", inputs, args.overwrite, written_by_lpd
-        ):
+        checks = (args.output, "--output", inputs, args.overwrite, written_by_lpd)
+        if problem := check_output_path(*checks):
             raise ValueError(problem)
         with command_line():
-            files = dict(checkpoint=args.pretrained_ckpt, vqgan_path=args.vqgan_path)
-            pipe = LPDPipeline.from_pretrained(
-                args.model, args.img_size, device=args.device, **files
+            kw = dict(
+                checkpoint=args.pretrained_ckpt, vqgan_path=args.vqgan_path, device=args.device
             )
+            pipe = LPDPipeline.from_pretrained(args.model, args.img_size, **kw)
             classes = pipe.model.config.class_num
-            first = list(range(min(10, classes)))
-            labels = args.labels or (IMAGENET_LABELS if classes == 1000 else first)
+            first = IMAGENET_LABELS if classes == 1000 else list(range(min(10, classes)))
+            labels = args.labels or first
             if args.prompt or pipe.model.text is not None:
                 labels = args.labels  # no default classes: a text model takes prompts
             sizes = args.group_sizes and parse_group_sizes(args.group_sizes, pipe.grid_size**2)
@@ -362,9 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(
         f"wrote {len(images)} images ({pipe.name or 'model'}, {pipe.img_size} px, "
-        f"{f'prompts {args.prompt}' if args.prompt else f'classes {labels}'}, "
-        f"cfg {sampling.cfg:g}, τr {sampling.repulsion_threshold:g}) "
-        f"to {args.output}"
+        f"{f'prompts {args.prompt}' if args.prompt else f'classes {labels}'}, cfg "
+        f"{sampling.cfg:g}, τr {sampling.repulsion_threshold:g}) to {args.output}"
     )
     return 0
 

@@ -27,8 +27,8 @@ MAX_GROUPS = 65536  # a 256 x 256 token grid decoded one token per step
 def _check_length(n: int, original: str) -> None:
     if n > MAX_GROUPS:
         raise GroupSizeError(
-            f"group sizes {original[:60]!r}: expands to {n} groups, more than the {MAX_GROUPS} of any "
-            f"token grid; check the repeat counts"
+            f"group sizes {original[:60]!r}: expands to {n} groups, more than the {MAX_GROUPS} of "
+            f"any token grid; check the repeat counts"
         )
 
 
@@ -49,8 +49,7 @@ def _parse_items(text: str, original: str, before: int) -> list[int]:
 
 
 def parse_group_sizes(spec: str | Sequence[int], num_tokens: int | None = None) -> list[int]:
-    """A schedule from a string (the forms above) or a sequence, validated (summing to
-    ``num_tokens`` if given)."""
+    """A validated schedule from a string (the forms above) or a sequence."""
     if not isinstance(spec, str):
         return validate_group_sizes(spec, num_tokens)
     if not spec.strip():
@@ -85,8 +84,8 @@ def validate_group_sizes(group_sizes: Iterable[int], num_tokens: int | None = No
     out = [int(g.__index__()) for g in sizes]
     if num_tokens is not None and sum(out) != num_tokens:
         raise GroupSizeError(
-            f"group sizes sum to {sum(out)} but the token grid has {num_tokens} positions; the groups "
-            f"must cover every position exactly once (e.g. '[1]*{num_tokens}')"
+            f"group sizes sum to {sum(out)} but the token grid has {num_tokens} positions; the "
+            f"groups must cover every position exactly once (e.g. '[1]*{num_tokens}')"
         )
     return out
 
@@ -151,14 +150,13 @@ def num_tokens(img_size: int, vqgan_stride: int = 16) -> int:
 def _check_steps(steps: int, n: int, what: str, flag: str = "the step count") -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= n:
         raise GroupSizeError(
-            f"cannot split {n} {what} into {steps!r} steps: {flag} must be an integer between 1 and "
-            f"{n} (every step decodes at least one token)"
+            f"cannot split {n} {what} into {steps!r} steps: {flag} must be an integer between 1 "
+            f"and {n} (every step decodes at least one token)"
         )
 
 
 def cosine_group_sizes(n_tokens: int, steps: int) -> list[int]:
-    """The cosine schedule: about ``N (1 - cos(pi/2 (j+1)/K))`` positions decoded after step ``j``;
-    step 0 takes one (all when ``steps == 1``), and the sizes never decrease."""
+    """About ``N (1 - cos(pi/2 (j+1)/K))`` decoded after step ``j``; step 0 takes one."""
     if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens <= 0:
         raise GroupSizeError(f"the token count must be a positive integer, got {n_tokens!r}")
     _check_steps(steps, n_tokens, "positions")
@@ -196,9 +194,8 @@ def scaled_group_sizes(
     if table is None:
         return cosine_group_sizes(n_unknown, steps)
     j = np.arange(steps)
-    cum = np.clip(
-        np.rint(np.cumsum(table) * n_unknown / n).astype(np.int64), j + 1, n_unknown - steps + 1 + j
-    )
+    cum = np.rint(np.cumsum(table) * n_unknown / n).astype(np.int64)
+    cum = np.clip(cum, j + 1, n_unknown - steps + 1 + j)
     cum = np.maximum.accumulate(cum - j) + j  # strictly increasing: every group >= 1
     return validate_group_sizes(np.diff(cum, prepend=0).tolist(), n_unknown)
 
@@ -217,8 +214,7 @@ def training_schedules(img_size: int, vqgan_stride: int = 16) -> list[list[int]]
 
 
 def released_files() -> dict[str, str]:
-    """The text of the released schedule files under ``orders/``, by path:
-    ``group_sizes_lookup.json`` and ``group_sizes_training/*.json`` (``--group_sizes_list``)."""
+    """The released ``orders/`` schedule files' text by path (lookup and training tables)."""
     files, parts = {}, []
     for n, tables in sorted(RELEASED_GROUP_SIZES.items()):
         res = int(round(n**0.5)) * 16
