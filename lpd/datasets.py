@@ -291,9 +291,8 @@ def open_token_cache(
 
 @dataclass(frozen=True)
 class CacheJob:
-    """This process's part of a cache: rank ``rank`` of ``world_size``, batches of ``batch_size``
-    (``num_workers`` loaders) encoded on ``device``; ``shard_size``: images per consolidated shard
-    (None: planned); ``barrier``: the process group's."""
+    """This rank's part of a cache: batches of ``batch_size`` on ``device``; ``shard_size``: images
+    a consolidated shard (None: planned); ``barrier``: the process group's."""
 
     rank: int = 0
     world_size: int = 1
@@ -453,10 +452,10 @@ def write_token_cache(
     extra: dict[str, Any] | None = None,
     job: CacheJob = CacheJob(),
 ) -> CacheStats:
-    """Encode ``job``'s share of ``dataset`` (ImageFolder API: ``samples``, ``classes``,
-    ``loader``) into ``cached_path``. ``encode``: images ``[B, 3, S, S]`` in [-1, 1] -> ids
-    ``[B, h, w]``; ``tokenizer`` is its :func:`tokenizer_id`; ``extra``: more records for
-    ``meta.json`` (JSON values; a rerun must give the same)."""
+    """Encode ``job``'s share of ``dataset`` (``samples``, ``classes``, ``loader``) into
+    ``cached_path`` with ``encode`` (images in [-1, 1] -> ids ``[B, h, w]``; ``tokenizer``: its
+    :func:`tokenizer_id`); ``extra``: more JSON records for ``meta.json`` (a rerun gives the
+    same)."""
     rank, world_size, batch_size, barrier = job.rank, job.world_size, job.batch_size, job.barrier
     if cache_format not in CACHE_FORMATS:
         raise ValueError(f"unknown cache format {cache_format!r}; use one of {CACHE_FORMATS}")

@@ -135,9 +135,9 @@ def edit_tokens(
     prefill: str = "one",
     greedy: bool = False,
 ) -> torch.Tensor:
-    """Raster ``tokens [B, N]`` with those not in ``keep`` (True: known, kept) regenerated as
-    ``labels`` (None: unconditional; text: ``(features, mask)``) in ``steps`` (the scaled released
-    table) or ``group_sizes``, in ``sampling.order``; ``prefill``: :func:`prefill_layout`."""
+    """Raster ``tokens [B, N]`` with those not in ``keep`` (True: kept) regenerated as ``labels``
+    (None: unconditional; text: ``(features, mask)``) in ``steps`` (scaled released table) or
+    ``group_sizes``, in ``sampling.order``; ``prefill``: :func:`prefill_layout`."""
     sampling = sampling or SamplingConfig()
     tokens, keep, labels = _prepare(model, tokens, keep, labels)
     if labels is None and sampling.cfg != 1.0:
@@ -199,10 +199,8 @@ def edit_images(
     with torch.no_grad():
         tokens = tokenizer.encode(image_to_tensor(source).to(model.pos_embed.device)).reshape(1, -1)
     sampling = options.setdefault("sampling", None) or SamplingConfig()
-    keep, labels = (
-        np.broadcast_to(keep, (num, keep.size)).copy(),
-        None if label is None else [label] * num,
-    )
+    keep = np.broadcast_to(keep, (num, keep.size)).copy()
+    labels = None if label is None else [label] * num
     if isinstance(label, tuple):  # a caption (features [1, L, C], mask [1, L])
         labels = tuple(t.expand(num, *t.shape[1:]) for t in label)
     options.update(steps=steps, generator=torch.Generator().manual_seed(seed))

@@ -204,9 +204,9 @@ def generate_images(
     progress: bool = False,
     shard: tuple[int, int] | None = None,
 ) -> GenerationResult:
-    """Sample ``spec``'s images (image ``i`` on rank ``i % world_size``) into the
-    :func:`prepare_run_dir` folder ``output_dir`` (keeping those there) or, with None, return
-    them; ``shard``: ``(rank, world_size)`` without a process group."""
+    """Sample ``spec``'s images (image ``i`` on rank ``i % world_size``) into the run folder
+    ``output_dir``, keeping those there, or return them; ``shard``: (rank, world) without a
+    group."""
     model, sampling = _unwrap(model), sampling or SamplingConfig()
     if shard and not (0 <= shard[0] < shard[1] and (output_dir is not None or shard[1] == 1)):
         raise EvaluationError(

@@ -125,11 +125,9 @@ class LPDPipeline:
         vqgan_path: str | os.PathLike | None = None,
         device: torch.device | str | None = None,
     ) -> LPDPipeline:
-        """``model``: a released preset (default ``lpd_l``) at ``img_size`` (default 256) from the
-        Hub, a folder or Hub repository of ``python -m lpd.checkpoint export``, or a training
-        checkpoint file or folder; or ``checkpoint`` such a file (``model``: the preset of a
-        released file). Size, classes, tokenizer and cfg come from the checkpoint; ``vqgan_path``:
-        the VQ file; ``device``: CUDA if available."""
+        """``model``: a released preset (default ``lpd_l`` at 256 px) from the Hub, an export folder
+        or Hub repository, or a training checkpoint (or ``checkpoint``: such a file, ``model`` its
+        preset); size, classes, tokenizer and cfg come from it; ``vqgan_path``: the VQ file."""
         device = resolve_device(device)
         if checkpoint is None and (model is None or model in PRESETS):  # a released model, by name
             model, size = model or "lpd_l", img_size or 256
