@@ -452,15 +452,11 @@ def evaluate(
                 save_grid(files["grid"], grid)
                 with contextlib.suppress(OSError, ValueError):
                     old = _read_json(files["metrics"])
-            scores = {"fid": None, "inception_score": None, "inception_score_std": None}
-            t1 = time.perf_counter()
+            t1, got = time.perf_counter(), old  # not scored now: the earlier scores of these images
             if scorer is not None:
-                got = M.compute_metrics(
-                    source, *scorer, batch_size=scoring.batch_size, device=device, progress=progress
-                )
-                scores.update({k: v for k, v in got.items() if k in scores})
-            elif old:  # not scored now: keep the earlier scores of the same images
-                scores = {k: old.get(k) for k in scores}
+                kw = dict(batch_size=scoring.batch_size, device=device, progress=progress)
+                got = M.compute_metrics(source, *scorer, **kw)
+            scores = {k: got.get(k) for k in ("fid", "inception_score", "inception_score_std")}
             timed = gen.speed["timed_batches"] > 0
             kept = {} if timed else {k: old[k] for k in ("speed", "device") if k in old}
             record = {
