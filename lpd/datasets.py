@@ -1,8 +1,5 @@
-"""Training data: the token caches of ``main_cache.py`` (the ImageFolder is in :mod:`lpd.images`).
-
-Layouts and records: docs/design.md. Both layouts read as ``(tokens int64 [2, h*w], label)`` in ImageFolder
-order; consolidated shards hold int16 tokens (int32 for vocabularies over 32768).
-"""
+"""The token caches of ``main_cache.py``: both layouts read as ``(tokens int64 [2, h*w], label)`` in
+ImageFolder order; consolidated shards hold int16 tokens (int32 for vocabularies over 32768)."""
 
 from __future__ import annotations
 
@@ -19,19 +16,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from numpy.lib.format import open_memmap
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from lpd.files import TMP_PREFIX, atomic_write_bytes, state_dict_digest
 from lpd.images import CacheError, DataError, image_folder, visible, walk_once
 
-__all__ = [
-    "image_folder",
-    "open_token_cache",
-    "write_token_cache",
-    "CacheJob",
-    "CacheError",
-    "DataError",
-]
+__all__ = ["open_token_cache", "write_token_cache", "CacheJob", "CacheError", "DataError"]
+__all__ += ["image_folder"]
 
 CACHE_FORMATS = ("released", "consolidated")
 META_NAME = "meta.json"
@@ -39,7 +32,7 @@ CROP = "adm_center_crop"  # the crop rule of center_crop_arr, recorded in every 
 _IDENTITY = tuple(
     "format tokenizer img_size crop num_tokens vocab_size num_images classes images".split()
 )
-_SHARD_KEYS = ("num_shards", "shard_size", "dtype")
+_SHARD_KEYS, _STATES = ("num_shards", "shard_size", "dtype"), ("incomplete", "complete")
 
 
 def _start_over(root: str) -> str:
@@ -47,7 +40,7 @@ def _start_over(root: str) -> str:
 
 
 def tokenizer_id(tokenizer: torch.nn.Module) -> str:
-    """What a tokenizer's ids depend on: ``Class sha256:<weights digest>``, or ``Class(settings)`` without weights."""
+    """``Class sha256:<weights digest>``, or ``Class(settings)`` without weights."""
     name = type(tokenizer).__name__
     if tokenizer.state_dict():
         return f"{name} sha256:{state_dict_digest(tokenizer)}"
@@ -55,7 +48,7 @@ def tokenizer_id(tokenizer: torch.nn.Module) -> str:
 
 
 def read_record(root: str) -> dict[str, Any] | None:
-    """``root/meta.json`` (``None`` when absent); :class:`CacheError` when it cannot be read or trusted."""
+    """``root/meta.json`` (None when absent); CacheError when it cannot be read or trusted."""
     path = os.path.join(root, META_NAME)
     if not os.path.lexists(path):
         return None
@@ -68,15 +61,9 @@ def read_record(root: str) -> dict[str, Any] | None:
             f"{_start_over(root)}"
         ) from e
     ok = isinstance(rec, dict)
-    need = (
-        _IDENTITY + ("state",) + (_SHARD_KEYS if ok and rec.get("format") == "consolidated" else ())
-    )
-    missing = [k for k in need if k not in rec] if ok else list(need)
-    if (
-        missing
-        or rec["format"] not in CACHE_FORMATS
-        or rec["state"] not in ("incomplete", "complete")
-    ):
+    shards = _SHARD_KEYS if ok and rec.get("format") == "consolidated" else ()
+    missing = [k for k in (*_IDENTITY, "state", *shards) if not ok or k not in rec]
+    if missing or rec["format"] not in CACHE_FORMATS or rec["state"] not in _STATES:
         raise CacheError(
             f"cache record {path!r} is damaged or not main_cache.py's (missing or bad: "
             f"{missing or ['format', 'state']}); the cache files cannot be trusted: {_start_over(root)}"
@@ -84,49 +71,9 @@ def read_record(root: str) -> dict[str, Any] | None:
     return rec
 
 
-def _write_record(root: str, rec: dict[str, Any]) -> None:
-    data = json.dumps(rec, indent=1).encode("utf-8")
+def _write_record(root: str, rec: dict[str, Any], state: str) -> None:
+    data = json.dumps({**rec, "state": state}, indent=1).encode("utf-8")
     atomic_write_bytes(os.path.join(root, META_NAME), lambda f: f.write(data))
-
-
-def _checked_record(
-    root: str, fmt: str, num_tokens: int, vocab_size: int | None
-) -> dict[str, Any] | None:
-    """The record of the ``fmt`` cache in ``root``, checked against the model (``None``: a released cache without one)."""
-    path, rec = os.path.join(root, META_NAME), read_record(root)
-    if rec is None:
-        if fmt == "consolidated" or any(e.name.startswith("shard-") for e in os.scandir(root)):
-            raise CacheError(
-                f"{root!r} has no {META_NAME}, so its cache files cannot be checked: write the cache "
-                f"with main_cache.py ({_start_over(root)})"
-            )
-        warnings.warn(
-            f"token cache {root!r} has no {META_NAME} (written by the released code?): its completeness "
-            f"and tokenizer cannot be checked",
-            stacklevel=3,
-        )
-        return None
-    if rec["format"] != fmt:
-        raise CacheError(
-            f"{path!r} describes a {rec['format']} cache, not a {fmt} one; pass --cache_format auto"
-        )
-    if rec["state"] != "complete":
-        raise CacheError(
-            f"cache {root!r} is incomplete ({path!r}: its writer stopped, or is still running, before "
-            f"every image was encoded); rerun main_cache.py with the same command to finish it"
-        )
-    if int(rec["num_tokens"]) != num_tokens:
-        g = math.isqrt(num_tokens)
-        raise CacheError(
-            f"cache {path!r} holds {rec['num_tokens']} tokens per image (img_size {rec['img_size']}), but "
-            f"the model's token grid has {num_tokens} ({g}x{g}); check --img_size and --cached_path"
-        )
-    if vocab_size is not None and int(rec["vocab_size"]) > vocab_size:
-        raise CacheError(
-            f"cache {path!r} was written with a {rec['vocab_size']}-code tokenizer, larger than the "
-            f"model's vocabulary ({vocab_size}); check --cached_path and the model's vocab_size"
-        )
-    return rec
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -134,23 +81,21 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.int16) if vocab_size <= np.iinfo(np.int16).max + 1 else np.dtype(np.int32)
 
 
-def _check_tokens(
-    arr: np.ndarray, num_tokens: int, vocab_size: int | None, where: str
-) -> np.ndarray:
+def _check_tokens(arr: np.ndarray, num_tokens: int, vocab: int | None, where: str) -> np.ndarray:
     if not np.issubdtype(arr.dtype, np.integer):
         raise CacheError(f"{where}: tokens have dtype {arr.dtype}, expected integers (VQ code ids)")
     if arr.size != num_tokens:
         g = math.isqrt(num_tokens)
         raise CacheError(
-            f"{where}: holds {arr.size} tokens per image, but the model's token grid has {num_tokens} "
-            f"({g}x{g}); the cache was written at another resolution or with another tokenizer "
-            f"(check --img_size and --cached_path)"
+            f"{where}: holds {arr.size} tokens per image, but the model's token grid has "
+            f"{num_tokens} ({g}x{g}); the cache was written at another resolution or with another "
+            f"tokenizer (check --img_size and --cached_path)"
         )
     flat = arr.reshape(-1).astype(np.int64, copy=False)
-    if vocab_size is not None and flat.size and (flat.min() < 0 or flat.max() >= vocab_size):
+    if vocab is not None and flat.size and (flat.min() < 0 or flat.max() >= vocab):
         raise CacheError(
             f"{where}: token ids range over [{int(flat.min())}, {int(flat.max())}], outside the "
-            f"vocabulary [0, {vocab_size}); the cache was written with another tokenizer"
+            f"vocabulary [0, {vocab}); the cache was written with another tokenizer"
         )
     return flat
 
@@ -166,8 +111,47 @@ def _cached_files(root: str, class_name: str) -> list[str]:
     ]
 
 
-class _TokenCache(torch.utils.data.Dataset):
-    """Items ``(tokens int64 [2, num_tokens], label)``, the tokens checked by ``self.load(index)``; row 1: flipped."""
+class _TokenCache(Dataset):
+    """Items ``(tokens int64 [2, num_tokens], label)`` checked by ``load``; row 1: flipped."""
+
+    def __init__(self, root: str, num_tokens: int, vocab_size: int | None, fmt: str) -> None:
+        """Check the ``fmt`` cache's record against the model (None: a released cache lacks one)."""
+        self.root, self.num_tokens, self.vocab_size = root, num_tokens, vocab_size
+        path, rec = os.path.join(root, META_NAME), read_record(root)
+        if rec is None:
+            if fmt == "consolidated" or any(e.name.startswith("shard-") for e in os.scandir(root)):
+                raise CacheError(
+                    f"{root!r} has no {META_NAME}, so its cache files cannot be checked: write the "
+                    f"cache with main_cache.py ({_start_over(root)})"
+                )
+            warnings.warn(
+                f"token cache {root!r} has no {META_NAME} (written by the released code?): its completeness "
+                f"and tokenizer cannot be checked",
+                stacklevel=3,
+            )
+            self.record = None
+            return
+        if rec["format"] != fmt:
+            raise CacheError(
+                f"{path!r} describes a {rec['format']} cache, not a {fmt} one; pass --cache_format auto"
+            )
+        if rec["state"] != "complete":
+            raise CacheError(
+                f"cache {root!r} is incomplete ({path!r}: its writer stopped, or is still running, before "
+                f"every image was encoded); rerun main_cache.py with the same command to finish it"
+            )
+        if int(rec["num_tokens"]) != num_tokens:
+            g = math.isqrt(num_tokens)
+            raise CacheError(
+                f"cache {path!r} holds {rec['num_tokens']} tokens per image (img_size {rec['img_size']}), but "
+                f"the model's token grid has {num_tokens} ({g}x{g}); check --img_size and --cached_path"
+            )
+        if vocab_size is not None and int(rec["vocab_size"]) > vocab_size:
+            raise CacheError(
+                f"cache {path!r} was written with a {rec['vocab_size']}-code tokenizer, larger than the "
+                f"model's vocabulary ({vocab_size}); check --cached_path and the model's vocab_size"
+            )
+        self.record = rec
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -182,8 +166,8 @@ class ReleasedTokenCache(_TokenCache):
     def __init__(self, root: str, num_tokens: int, vocab_size: int | None = None) -> None:
         if not os.path.isdir(root):
             raise CacheError(f"cache folder {root!r} does not exist; write it with main_cache.py")
-        self.root, self.num_tokens, self.vocab_size = root, num_tokens, vocab_size
-        rec = _checked_record(root, "released", num_tokens, vocab_size)
+        super().__init__(root, num_tokens, vocab_size, "released")
+        rec = self.record
         recorded = list(rec["classes"]) if rec is not None else []
         dirs = [e.name for e in os.scandir(root) if e.is_dir()]
         disk = sorted(d for d in dirs if visible(d) or d in recorded)
@@ -196,10 +180,8 @@ class ReleasedTokenCache(_TokenCache):
                 f"{_start_over(root)}"
             )
         self.classes = recorded or disk
-        per_class = [_cached_files(root, c) for c in self.classes]
-        self.files = [
-            os.path.join(root, c, n) for c, ns in zip(self.classes, per_class) for n in ns
-        ]
+        per_class = {c: _cached_files(root, c) for c in self.classes}
+        self.files = [os.path.join(root, c, n) for c, ns in per_class.items() for n in ns]
         if not self.files:
             raise CacheError(
                 f"cache folder {root!r} holds no class folders of .npz files; write it with main_cache.py"
@@ -210,7 +192,7 @@ class ReleasedTokenCache(_TokenCache):
                 f"{rec['num_images']} images; rerun main_cache.py with the same command to rewrite "
                 f"missing files, or {_start_over(root)}"
             )
-        counts = [len(n) for n in per_class]
+        counts = [len(n) for n in per_class.values()]
         self.labels = np.repeat(np.arange(len(per_class), dtype=np.int64), counts)
         self.load(0)
 
@@ -242,8 +224,8 @@ class ConsolidatedTokenCache(_TokenCache):
     """The consolidated layout, in ImageFolder order; shards are memory-mapped lazily in each process."""
 
     def __init__(self, root: str, num_tokens: int, vocab_size: int | None = None) -> None:
-        self.root, self.num_tokens, self.vocab_size = root, num_tokens, vocab_size
-        rec = _checked_record(root, "consolidated", num_tokens, vocab_size)
+        super().__init__(root, num_tokens, vocab_size, "consolidated")
+        rec = self.record
         self.classes = list(rec["classes"])
         self.paths = [_shard_names(root, s) for s in range(int(rec["num_shards"]))]
         parts = []
@@ -267,11 +249,12 @@ class ConsolidatedTokenCache(_TokenCache):
         perm = np.argsort(index_all, kind="stable")
         if not np.array_equal(index_all[perm], np.arange(int(rec["num_images"]))):
             raise CacheError(
-                f"the shards of {root!r} do not hold images 0..{int(rec['num_images']) - 1} once each; "
-                f"the cache is damaged: {_start_over(root)}"
+                f"the shards of {root!r} do not hold images 0..{int(rec['num_images']) - 1} once "
+                f"each; the cache is damaged: {_start_over(root)}"
             )
-        self.shard = np.repeat(np.arange(len(order), dtype=np.int64), [len(o) for o in order])[perm]
-        self.row = np.concatenate([np.arange(len(o), dtype=np.int64) for o in order])[perm]
+        sizes = [len(o) for o in order]
+        self.shard = np.repeat(np.arange(len(order), dtype=np.int64), sizes)[perm]
+        self.row = np.concatenate([np.arange(k, dtype=np.int64) for k in sizes])[perm]
         self.labels = np.concatenate(labels)[perm]
         self._mm: list[np.ndarray] | None = None
         self.load(0)
@@ -308,9 +291,8 @@ def open_token_cache(
 
 @dataclass(frozen=True)
 class CacheJob:
-    """This process's part of a cache: rank ``rank`` of ``world_size``, batches of ``batch_size``
-    (``num_workers`` loaders) encoded on ``device``; ``shard_size``: images per consolidated shard
-    (None: planned); ``barrier``: the process group's."""
+    """This rank's part of a cache: batches of ``batch_size`` on ``device``; ``shard_size``: images
+    a consolidated shard (None: planned); ``barrier``: the process group's."""
 
     rank: int = 0
     world_size: int = 1
@@ -330,35 +312,23 @@ class CacheStats:
     skipped: int = 0
 
 
-def _shard_plan(num_images: int, world_size: int, shard_size: int | None) -> tuple[int, int]:
-    """``(num_shards, shard_size)``; by default a multiple of the world size, at most 2**18 images each."""
-    if not shard_size or shard_size <= 0:
-        per = world_size * max(1, math.ceil(num_images / (world_size * 262144)))
-        shard_size = max(1, math.ceil(num_images / per))
-    return max(1, math.ceil(num_images / shard_size)), shard_size
-
-
-def _show(value: Any) -> str:
-    r = repr(value)
-    return r if len(r) <= 48 else r[:45] + "..."
-
-
 def _check_rerun(root: str, want: dict[str, Any]) -> dict[str, Any] | None:
     """The record of an earlier run into ``root`` with the inputs of ``want``; anything else is refused."""
     rec = read_record(root)
     if rec is None:
         if any(not e.name.startswith(TMP_PREFIX) for e in os.scandir(root)):
             raise CacheError(
-                f"{root!r} holds files but no {META_NAME}, so they cannot be checked (not main_cache.py's, "
-                f"or its record was deleted): {_start_over(root)}"
+                f"{root!r} holds files but no {META_NAME}, so they cannot be checked (not "
+                f"main_cache.py's, or its record was deleted): {_start_over(root)}"
             )
         return None
     keys = _IDENTITY + tuple(k for k in want if k not in _IDENTITY)  # and the caller's extras
-    diffs = [f"{k} {_show(rec.get(k))} there, {_show(want[k])} now" for k in keys]
+    show = lambda v: r if len(r := repr(v)) <= 48 else r[:45] + "..."  # noqa: E731
+    diffs = [f"{k} {show(rec.get(k))} there, {show(want[k])} now" for k in keys]
     if diffs := [d for k, d in zip(keys, diffs) if rec.get(k) != want[k]]:
         raise CacheError(
-            f"{root!r} holds a cache of other inputs ({'; '.join(diffs)}); a rerun must use the same "
-            f"ones: {_start_over(root)}"
+            f"{root!r} holds a cache of other inputs ({'; '.join(diffs)}); a rerun must use the "
+            f"same ones: {_start_over(root)}"
         )
     return rec
 
@@ -378,40 +348,36 @@ class _ConsolidatedWriter:
             self.todo[s] = np.arange(lo, hi)
             if not (os.path.isfile(tok_p) and os.path.isfile(done_p)):
                 continue
-            toks, done = (np.lib.format.open_memmap(p, mode="r+") for p in (tok_p, done_p))
-            shape, dtype = (hi - lo, 2, int(rec["num_tokens"])), np.dtype(rec["dtype"])
-            fits = (
-                (done_p, done.shape == shape[:1]),
-                (tok_p, toks.shape == shape and toks.dtype == dtype),
-            )
-            for path, ok in fits:
-                if not ok:
-                    msg = f"unfinished shard file {path!r} does not fit this cache"
-                    raise CacheError(f"{msg}: {_start_over(root)}")
+            toks, done = (open_memmap(p, mode="r+") for p in (tok_p, done_p))
+            shape, dtype = self.layout(s)
+            bad = tok_p if toks.shape != shape or toks.dtype != dtype else None
+            if bad := done_p if done.shape != shape[:1] else bad:
+                msg = f"unfinished shard file {bad!r} does not fit this cache"
+                raise CacheError(f"{msg}: {_start_over(root)}")
             self.open[s], self.todo[s] = (toks, done), np.flatnonzero(done == 0) + lo
 
     def bounds(self, s: int) -> tuple[int, int]:
         return s * self.size, min(int(self.rec["num_images"]), (s + 1) * self.size)
 
+    def layout(self, s: int) -> tuple[tuple[int, ...], np.dtype]:
+        """Shape and dtype of shard ``s``'s tokens."""
+        lo, hi = self.bounds(s)
+        return (hi - lo, 2, int(self.rec["num_tokens"])), np.dtype(self.rec["dtype"])
+
     def start(self, labels: np.ndarray) -> None:
-        """Create the ``*.partial`` files of the shards not begun yet; write every unfinished shard's labels and index."""
+        """Create new shards' ``*.partial`` files; write unfinished shards' labels and index."""
         for s in self.todo:
             names, (lo, hi) = _shard_names(self.root, s), self.bounds(s)
             if s not in self.open:
-                shape, dtype = (
-                    (hi - lo, 2, int(self.rec["num_tokens"])),
-                    np.dtype(self.rec["dtype"]),
-                )
-                self.open[s] = (
-                    np.lib.format.open_memmap(names["tokens"] + ".partial", "w+", dtype, shape),
-                    np.lib.format.open_memmap(names["done"], "w+", np.uint8, (hi - lo,)),
-                )
+                shape, dtype = self.layout(s)
+                toks = open_memmap(names["tokens"] + ".partial", "w+", dtype, shape)
+                self.open[s] = toks, open_memmap(names["done"], "w+", np.uint8, shape[:1])
             rows = (("labels", labels[lo:hi]), ("index", np.arange(lo, hi, dtype=np.int64)))
             for key, arr in rows:
                 atomic_write_bytes(names[key] + ".partial", lambda f, a=arr: np.save(f, a))
 
     def commit(self, indices: Sequence[int], tokens: np.ndarray) -> None:
-        """Write and flush the rows of ``indices``, then mark them done; finish the shards that are complete."""
+        """Write and flush the rows of ``indices``, then mark them done; finish complete shards."""
         for k, values in ((0, tokens), (1, [1] * len(indices))):  # tokens flushed, then marked
             for i, v in zip(indices, values):
                 self.open[i // self.size][k][i % self.size] = v
@@ -446,25 +412,15 @@ def _decode_errors(loader: Callable[[str], Any], paths: list[str]) -> list[str]:
 def _check_decodable(dataset, paths: list[str], num_workers: int, progress: bool) -> None:
     """Decode every image of ``paths`` with ``dataset.loader``; one :class:`CacheError` lists those that fail."""
     check = functools.partial(_decode_errors, dataset.loader)
-    batches = torch.utils.data.DataLoader(paths, 64, num_workers=num_workers, collate_fn=check)
-    batches = tqdm(
-        batches, desc="checking that the images decode", disable=not (progress and paths)
-    )
+    batches = DataLoader(paths, 64, num_workers=num_workers, collate_fn=check)
+    desc = "checking that the images decode"
+    batches = tqdm(batches, desc=desc, disable=not (progress and paths))
     if bad := [e for b in batches for e in b]:
         raise CacheError(
-            f"{len(bad)} image file(s) cannot be decoded, nothing was encoded: {'; '.join(bad[:5])}"
-            f"{' ...' if len(bad) > 5 else ''}; remove or replace them (a new set of images needs another "
-            f"--cached_path) and rerun"
+            f"{len(bad)} image file(s) cannot be decoded, nothing was encoded: "
+            f"{'; '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; remove or replace them (a new "
+            f"set of images needs another --cached_path) and rerun"
         )
-
-
-def _complete(root: str, rec: dict[str, Any], names: Sequence[str], classes: Sequence[str]) -> bool:
-    if rec["format"] == "consolidated":
-        shards = range(int(rec["num_shards"]))
-        return all(os.path.isfile(_shard_names(root, s)["tokens"]) for s in shards)
-    # every rank made every class folder
-    have = {os.path.join(c, n) for c in classes for n in _cached_files(root, c)}
-    return all(n + ".npz" in have for n in names)
 
 
 def _image_names(dataset, samples: Sequence[tuple[str, int]], classes: Sequence[str]) -> list[str]:
@@ -496,10 +452,10 @@ def write_token_cache(
     extra: dict[str, Any] | None = None,
     job: CacheJob = CacheJob(),
 ) -> CacheStats:
-    """Encode ``job``'s share of ``dataset`` (ImageFolder API: ``samples``, ``classes``,
-    ``loader``) into ``cached_path``. ``encode``: images ``[B, 3, S, S]`` in [-1, 1] -> ids
-    ``[B, h, w]``; ``tokenizer`` is its :func:`tokenizer_id`; ``extra``: more records for
-    ``meta.json`` (JSON values; a rerun must give the same)."""
+    """Encode ``job``'s share of ``dataset`` (``samples``, ``classes``, ``loader``) into
+    ``cached_path`` with ``encode`` (images in [-1, 1] -> ids ``[B, h, w]``; ``tokenizer``: its
+    :func:`tokenizer_id`); ``extra``: more JSON records for ``meta.json`` (a rerun gives the
+    same)."""
     rank, world_size, batch_size, barrier = job.rank, job.world_size, job.batch_size, job.barrier
     if cache_format not in CACHE_FORMATS:
         raise ValueError(f"unknown cache format {cache_format!r}; use one of {CACHE_FORMATS}")
@@ -519,8 +475,12 @@ def write_token_cache(
         targets = {i: os.path.join(cached_path, names[i] + ".npz") for i in mine}
         todo = [i for i in mine if not os.path.isfile(targets[i])]
     else:
-        plan = (old["num_shards"], old["shard_size"]) if old else None  # the first run's plan
-        num_shards, size = plan or _shard_plan(n, world_size, job.shard_size)
+        # the first run's plan, else shards of job.shard_size or of at most 2**18 images, as many
+        # as a multiple of the world size
+        per = world_size * max(1, math.ceil(n / (world_size * 262144)))
+        given = job.shard_size if job.shard_size and job.shard_size > 0 else None
+        size = old["shard_size"] if old else given or max(1, math.ceil(n / per))
+        num_shards = old["num_shards"] if old else max(1, math.ceil(n / size))
         want.update(num_shards=num_shards, shard_size=size, dtype=token_dtype(vocab_size).name)
         writer = _ConsolidatedWriter(cached_path, want, range(rank, num_shards, world_size))
         mine = [i for s in range(rank, num_shards, world_size) for i in range(*writer.bounds(s))]
@@ -529,7 +489,7 @@ def write_token_cache(
     _check_decodable(dataset, [samples[i][0] for i in todo], job.num_workers, show)
     barrier()
     if rank == 0:
-        _write_record(cached_path, {**want, "state": "incomplete"})
+        _write_record(cached_path, want, "incomplete")
     barrier()
     if writer is None:
         for cls in classes:
@@ -538,10 +498,8 @@ def write_token_cache(
         writer.start(np.asarray([t for _, t in samples], dtype=np.int64))
     if todo:
         pin = torch.device(job.device).type == "cuda"
-        subset = torch.utils.data.Subset(dataset, todo)
-        loader = torch.utils.data.DataLoader(
-            subset, batch_size, shuffle=False, num_workers=job.num_workers, pin_memory=pin
-        )
+        kw = dict(shuffle=False, num_workers=job.num_workers, pin_memory=pin)
+        loader = DataLoader(Subset(dataset, todo), batch_size, **kw)
         desc = f"caching ({cache_format}, rank 0 of {world_size})"
         for k, (images, _) in enumerate(tqdm(loader, desc=desc, disable=not show)):
             images = images.to(job.device, non_blocking=True)
@@ -562,7 +520,13 @@ def write_token_cache(
     if writer is not None:
         writer.finish_complete()
     barrier()
-    done = read_record(cached_path)["state"] == "complete"
-    if not done and _complete(cached_path, want, names, classes):
-        _write_record(cached_path, {**want, "state": "complete"})
+    if read_record(cached_path)["state"] != "complete":
+        if writer is not None:
+            files = [_shard_names(cached_path, s)["tokens"] for s in range(num_shards)]
+            done = all(map(os.path.isfile, files))
+        else:  # every rank made every class folder
+            have = {os.path.join(c, k) for c in classes for k in _cached_files(cached_path, c)}
+            done = all(k + ".npz" in have for k in names)
+        if done:
+            _write_record(cached_path, want, "complete")
     return CacheStats(written=len(todo), skipped=len(mine) - len(todo))

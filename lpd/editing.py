@@ -1,7 +1,5 @@
 """Zero-shot editing with any LPD checkpoint: inpainting, outpainting and class-conditional editing.
-
-The known tokens are prefilled into the KV cache, then only the unknown ones are decoded (docs/design.md).
-"""
+The known tokens are prefilled into the KV cache, then only the unknown ones are decoded."""
 
 from __future__ import annotations
 
@@ -22,20 +20,16 @@ from lpd.schedules import scaled_group_sizes, validate_group_sizes
 __all__ = ["edit_tokens", "edit_images", "region_mask", "token_keep"]
 
 PREFILL_LAYOUTS = ("one", "schedule")
+_REGION = re.compile(r"(left|right|top|bottom|center|box:.*|border:.*)")
 
 
 def region_mask(region: str, img_size: int) -> np.ndarray:
-    """Pixel mask (True = regenerate) of a region: ``box:x0,y0,x1,y1``, ``left``, ``right``, ``top``,
-    ``bottom`` (that half), ``center`` (the middle half of each side) or ``border:PX``."""
+    """Pixel mask (True: regenerate) of ``box:x0,y0,x1,y1``, a half (``left`` ...), ``center``
+    (the middle half of each side) or ``border:PX``."""
     s, m = img_size, np.zeros((img_size, img_size), dtype=bool)
-    half, q = s // 2, s // 4
-    fixed = {
-        "left": (slice(None), slice(0, half)),
-        "right": (slice(None), slice(half, s)),
-        "top": (slice(0, half), slice(None)),
-        "bottom": (slice(half, s), slice(None)),
-        "center": (slice(q, s - q), slice(q, s - q)),
-    }
+    h, q, whole = s // 2, s // 4, slice(None)
+    fixed = dict(left=(whole, slice(0, h)), right=(whole, slice(h, s)), top=(slice(0, h), whole))
+    fixed |= dict(bottom=(slice(h, s), whole), center=(slice(q, s - q),) * 2)
     if region in fixed:
         m[fixed[region]] = True
         return m
@@ -64,7 +58,7 @@ def region_mask(region: str, img_size: int) -> np.ndarray:
 
 
 def token_keep(mask: np.ndarray, patch: int = 16) -> np.ndarray:
-    """Known tokens ``[N]`` (raster) of a pixel mask: a token is regenerated when its patch touches the mask."""
+    """Known tokens ``[N]`` (raster) of a pixel mask: a patch touching the mask is regenerated."""
     h, w = mask.shape
     if h % patch or w % patch:
         raise ValueError(f"mask of {h}x{w} pixels is not a whole number of {patch}x{patch} patches")
@@ -74,54 +68,41 @@ def token_keep(mask: np.ndarray, patch: int = 16) -> np.ndarray:
 def prefill_layout(
     layout: str, m: int, img_size: int, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, list[int]]:
-    """Order and group sizes of ``m`` prefilled known tokens: ``one`` group, or ``schedule``: a random order grouped as
-    the first ``m`` tokens of the released 20-step schedule (the context a model sees in training)."""
+    """Order and group sizes of ``m`` known tokens: ``one`` group, or ``schedule``: a random order
+    in the first ``m`` tokens of the released 20-step schedule (as in training)."""
     if layout == "one":
         return torch.arange(m), [m]
     if layout != "schedule":
         raise ValueError(f"prefill layout must be one of {PREFILL_LAYOUTS}, got {layout!r}")
-    sizes = np.diff(
-        np.minimum(np.cumsum(schedule_for(img_size, min(20, (img_size // 16) ** 2))), m), prepend=0
-    )
+    table = schedule_for(img_size, min(20, (img_size // 16) ** 2))
+    sizes = np.diff(np.minimum(np.cumsum(table), m), prepend=0)
     return torch.randperm(m, generator=generator), sizes[sizes > 0].tolist()
 
 
-def _orders(
-    keep: np.ndarray, sizes: list[int], grid: int, sampling: SamplingConfig, seed: int
-) -> np.ndarray:
+def _orders(keep: np.ndarray, sizes: list[int], grid: int, sampling, seed: int) -> np.ndarray:
     """Unknown positions of each row of ``keep [B, N]`` in decoding order."""
     idx, kind = np.arange(len(keep)), sampling.order
     if kind == "lpd":
-        return lpd_orders(
-            len(keep),
-            sizes,
-            grid,
-            sampling.proximity_threshold,
-            sampling.repulsion_threshold,
-            seed=seed,
-            indices=idx,
-            known=keep,
-        )
+        tp, tr = sampling.proximity_threshold, sampling.repulsion_threshold
+        return lpd_orders(len(keep), sizes, grid, tp, tr, seed=seed, indices=idx, known=keep)
     if kind == "random":
         return random_orders(len(keep), grid, seed=seed, indices=idx, known=keep)
     return np.stack([np.flatnonzero(~k) for k in keep])  # raster
 
 
-def _prepare(
-    model: torch.nn.Module, tokens: Any, keep: Any, labels: Any
-) -> tuple[torch.Tensor, np.ndarray, torch.Tensor | None]:
+def _prepare(model: torch.nn.Module, tokens: Any, keep: Any, labels: Any) -> tuple:
+    """``tokens`` (int64 on the model's device), ``keep`` and ``labels``, checked."""
     device, N = model.pos_embed.device, model.num_tokens
-    tokens = torch.as_tensor(
-        np.asarray(tokens) if not isinstance(tokens, torch.Tensor) else tokens
-    ).to(device)
-    keep = np.asarray(keep.cpu() if isinstance(keep, torch.Tensor) else keep)
+    tokens = torch.as_tensor(tokens if torch.is_tensor(tokens) else np.asarray(tokens)).to(device)
+    keep = np.asarray(keep.cpu() if torch.is_tensor(keep) else keep)
     if tokens.dim() != 2 or tokens.shape[1] != N or tokens.is_floating_point():
         raise ValueError(
             f"tokens must be integers [B, {N}] (raster order), got {tokens.dtype} {list(tokens.shape)}"
         )
     if keep.dtype != bool or keep.shape != tuple(tokens.shape):
         raise ValueError(
-            f"keep must be a bool mask of the tokens' shape {list(tokens.shape)}, got {keep.dtype} {list(keep.shape)}"
+            f"keep must be a bool mask of the tokens' shape {list(tokens.shape)}, got {keep.dtype} "
+            f"{list(keep.shape)}"
         )
     if isinstance(labels, tuple):  # caption features [B, L, C] and mask [B, L] of a text model
         if len(labels) != 2 or any(len(t) != len(tokens) for t in labels):
@@ -154,9 +135,8 @@ def edit_tokens(
     prefill: str = "one",
     greedy: bool = False,
 ) -> torch.Tensor:
-    """``[B, N]`` raster ``tokens`` with those not in ``keep [B, N]`` (True = known, kept
-    exactly) regenerated as ``labels`` (None: unconditional; a text model: the caption
-    ``(features [B, L, C], mask [B, L])``) in ``steps`` (scaled released table) or
+    """Raster ``tokens [B, N]`` with those not in ``keep`` (True: kept) regenerated as ``labels``
+    (None: unconditional; text: ``(features, mask)``) in ``steps`` (scaled released table) or
     ``group_sizes``, in ``sampling.order``; ``prefill``: :func:`prefill_layout`."""
     sampling = sampling or SamplingConfig()
     tokens, keep, labels = _prepare(model, tokens, keep, labels)
@@ -169,16 +149,15 @@ def edit_tokens(
     out, decoder = tokens.clone(), Decoder(model, sampling, greedy=greedy)
     n_unknown = (~keep).sum(1)
     seed = int(torch.randint(2**62, (1,), generator=generator))
-    for n in sorted(
-        set(n_unknown.tolist()) - {0}
-    ):  # images with as many unknown tokens decode together
+    for n in sorted(set(n_unknown.tolist()) - {0}):  # images of as many unknown tokens together
         rows = np.flatnonzero(n_unknown == n)
         if group_sizes is not None:
             sizes = validate_group_sizes(group_sizes, n)
         else:
             if steps is None or isinstance(steps, bool) or not 1 <= steps <= n:
                 raise ValueError(
-                    f"--steps must be an integer between 1 and the {n} tokens to regenerate, got {steps!r}"
+                    f"--steps must be an integer between 1 and the {n} tokens to regenerate, "
+                    f"got {steps!r}"
                 )
             sizes = scaled_group_sizes(n, steps, model.config.img_size)
         orders = _orders(keep[rows], sizes, model.grid_size, sampling, seed + int(rows[0]))
@@ -197,13 +176,6 @@ def edit_tokens(
     return out
 
 
-def _repeat(label: Any, num: int) -> Any:
-    """``num`` copies of a class label or of a caption ``(features [1, L, C], mask [1, L])``."""
-    if isinstance(label, tuple):
-        return tuple(t.expand(num, *t.shape[1:]) for t in label)
-    return [label] * num
-
-
 def edit_images(
     model: torch.nn.Module,
     tokenizer: torch.nn.Module,
@@ -217,29 +189,22 @@ def edit_images(
     paste: bool = False,
     **options: Any,
 ) -> dict[str, np.ndarray]:
-    """``num`` edits of one RGB image (ADM-cropped) under ``mask`` (white = regenerate, or a
-    :func:`region_mask` region): uint8 ``source``, ``masked`` (greyed) and ``edits [num, H, W,
-    3]``; ``paste``: source pixels outside; ``options``: of :func:`edit_tokens` (``sampling``,
-    ``prefill``, ``greedy``)."""
+    """uint8 ``source``, ``masked`` and ``edits [num, H, W, 3]`` of one image under ``mask`` (white,
+    or a :func:`region_mask`); ``paste``: source pixels outside; ``options``: of edit_tokens."""
     size = model.config.img_size
     source = load_image(image, size)
-    is_region = isinstance(mask, str) and re.fullmatch(
-        r"(left|right|top|bottom|center|box:.*|border:.*)", mask
-    )
+    is_region = isinstance(mask, str) and _REGION.fullmatch(mask)
     pixels = region_mask(mask, size) if is_region else load_mask(mask, size, image=image)
     keep = token_keep(pixels, int(getattr(tokenizer, "downsample_factor", 16)))
     with torch.no_grad():
         tokens = tokenizer.encode(image_to_tensor(source).to(model.pos_embed.device)).reshape(1, -1)
     sampling = options.setdefault("sampling", None) or SamplingConfig()
-    edited = edit_tokens(
-        model,
-        tokens.expand(num, -1),
-        np.broadcast_to(keep, (num, keep.size)).copy(),
-        None if label is None else _repeat(label, num),
-        steps=steps,
-        generator=torch.Generator().manual_seed(seed),
-        **options,
-    )
+    keep = np.broadcast_to(keep, (num, keep.size)).copy()
+    labels = None if label is None else [label] * num
+    if isinstance(label, tuple):  # a caption (features [1, L, C], mask [1, L])
+        labels = tuple(t.expand(num, *t.shape[1:]) for t in label)
+    options.update(steps=steps, generator=torch.Generator().manual_seed(seed))
+    edited = edit_tokens(model, tokens.expand(num, -1), keep, labels, **options)
     edits = decode_tokens(tokenizer, edited, sampling)  # as an evaluation: fixed chunks, bf16
     if paste:
         edits = np.where(pixels[None, :, :, None], edits, source[None])

@@ -1,8 +1,5 @@
 """Sample an evaluation set (deterministic, sharded, resumable) and score it: FID, IS, speed.
-
-Image ``i`` depends only on ``(seed, i)`` and the settings; the run folder is described in
-docs/design.md.
-"""
+Image ``i`` depends only on ``(seed, i)`` and the settings."""
 
 from __future__ import annotations
 
@@ -34,40 +31,37 @@ from lpd.schedules import validate_group_sizes
 
 __all__ = ["EvaluationError", "RunSpec", "Scoring", "generate_images", "evaluate", "decode_tokens"]
 
-SETTINGS, METRICS, TOKENS, GRID, IMAGES = (
-    "settings.json",
-    "metrics.json",
-    "tokens.npy",
-    "samples_grid.png",
-    "images",
-)
+SETTINGS, METRICS, TOKENS = "settings.json", "metrics.json", "tokens.npy"
+GRID, IMAGES = "samples_grid.png", "images"
+image_seed = derive_seed  # the seed of image ``index``'s sampling generator: (seed, index)
 
 
 class EvaluationError(ValueError):
     """Settings or files that do not allow an evaluation run (raised before any image is sampled)."""
 
 
-def image_classes(
-    indices: Sequence[int] | np.ndarray, num_images: int, class_num: int
-) -> np.ndarray:
-    """Class of each image index, ``floor(i * class_num / num_images)``: 50 per class for 50,000
-    of 1,000."""
+def image_classes(indices: Sequence[int], num_images: int, class_num: int) -> np.ndarray:
+    """Class of image ``i``: ``floor(i * class_num / num_images)`` (50 a class for 50,000 of 1,000)."""
     n = check_positive(num_images, "--num_images", EvaluationError)
     return (np.asarray(indices, dtype=np.int64) * int(class_num)) // n
 
 
-def image_seed(seed: int, index: int) -> int:
-    """Seed of image ``index``'s sampling generator."""
-    return derive_seed(seed, index)
+def sampling_orders(
+    sampling: SamplingConfig, sizes: Sequence[int], grid: int, seed: int, table: Any = None
+) -> OrderSource:
+    """``table`` if an :class:`OrderSource`, else that of its rows or of ``sampling``'s order."""
+    if isinstance(table, OrderSource):
+        return table
+    tp, tr = sampling.proximity_threshold, sampling.repulsion_threshold
+    kw = dict(seed=seed, table=table, proximity_threshold=tp, repulsion_threshold=tr)
+    return OrderSource(sampling.order, sizes, grid, **kw)
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """What a run generates: ``num_images`` images decoded in groups of ``group_sizes``, image
-    ``i`` of class ``labels[i]`` (None: :func:`image_classes`) in order ``orders[i]`` (a table
-    ``[num_images, N]``, an :class:`OrderSource`, or None: drawn as the sampling's ``order``;
-    ``order_file``: the table's file, recorded by digest), drawn from seed ``(seed, i)``,
-    ``eval_bsz`` images a batch. :meth:`checked` is the one check of a run's inputs."""
+    """What a run generates: ``num_images`` images in groups of ``group_sizes``; image ``i`` of
+    class ``labels[i]`` (None: :func:`image_classes`), order ``orders[i]`` (a table, OrderSource,
+    or None: the sampling's; ``order_file``: recorded by digest), seed ``(seed, i)``."""
 
     num_images: int
     group_sizes: Sequence[int]
@@ -78,7 +72,7 @@ class RunSpec:
     eval_bsz: int = 64
 
     def checked(self, model: torch.nn.Module) -> RunSpec:
-        """This spec checked against ``model``: group sizes as a list, labels as int64."""
+        """This spec checked against ``model`` (the one check): sizes as a list, labels int64."""
         n = check_positive(self.num_images, "--num_images", EvaluationError)
         check_positive(self.eval_bsz, "--eval_bsz", EvaluationError)
         check_seed(self.seed)
@@ -87,18 +81,6 @@ class RunSpec:
             labels = check_labels(labels, n, int(model.class_num), error=EvaluationError)
         sizes = validate_group_sizes(self.group_sizes, int(model.num_tokens))
         return dataclasses.replace(self, group_sizes=sizes, labels=labels)
-
-    def order_source(self, sampling: SamplingConfig, grid: int) -> OrderSource:
-        """The orders of the images: ``orders``, else drawn as ``sampling`` says."""
-        if isinstance(self.orders, OrderSource):
-            return self.orders
-        s = sampling
-        thresholds = dict(
-            proximity_threshold=s.proximity_threshold, repulsion_threshold=s.repulsion_threshold
-        )
-        return OrderSource(
-            s.order, self.group_sizes, grid, seed=self.seed, table=self.orders, **thresholds
-        )
 
 
 @dataclass(frozen=True)
@@ -125,22 +107,17 @@ class SpeedMeter:
         self.warmup_done = True
 
     def summary(self) -> dict[str, Any]:
-        """Speed of every process and in all (gathers over the process group: call it on every
-        rank)."""
-        per_rank = gather_object(self.batches)
+        """Speed of every process and in all (gathers over the process group: call on every rank)."""
+        per_rank, keys = gather_object(self.batches), ("images_per_s", "s_per_image", "s_per_batch")
         timed = [b for r in per_rank for b in r]
 
         def rate(col: int) -> dict[str, float | None]:
             images, seconds = sum(b[0] for b in timed), sum(b[col] for b in timed)
-            if not timed or seconds <= 0:
-                return {"images_per_s": None, "s_per_image": None, "s_per_batch": None}
-            per = (images / seconds, seconds / images, seconds / len(timed))
-            return dict(zip(("images_per_s", "s_per_image", "s_per_batch"), per))
+            per = (images / seconds, seconds / images, seconds / len(timed)) if seconds > 0 else ()
+            return dict.fromkeys(keys) | dict(zip(keys, per))
 
         def total(col: int) -> float | None:
-            rates = [
-                sum(b[0] for b in r) / t for r in per_rank if (t := sum(b[col] for b in r)) > 0
-            ]
+            rates = [sum(b[0] for b in r) / t for r in per_rank if (t := sum(b[col] for b in r))]
             return float(sum(rates)) if rates and len(rates) == len(per_rank) else None
 
         return {
@@ -166,8 +143,7 @@ def sample_batch(
     sampling: SamplingConfig,
     seed: int,
 ) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """(uint8 images, raster tokens, token seconds, token + decode seconds); row ``r`` draws from
-    image ``indices[r]``'s seed. Inputs are trusted (checked where they enter)."""
+    """(uint8 images, raster tokens, token s, token + decode s); row ``r``: image ``indices[r]``."""
     device = model.pos_embed.device
     gens = [torch.Generator().manual_seed(image_seed(seed, int(i))) for i in indices]
     synchronize(device)
@@ -184,8 +160,7 @@ def sample_batch(
 
 @dataclass
 class GenerationResult:
-    """What :func:`generate_images` did: images/tokens (no output folder) or PNG paths, counts over
-    all ranks, speed."""
+    """Images/tokens (no output folder) or PNG paths, counts over all ranks, speed."""
 
     num_images: int
     image_size: tuple[int, int]
@@ -198,16 +173,16 @@ class GenerationResult:
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DistributedDataParallel and similar wrappers."""
     while not hasattr(model, "pos_embed") and isinstance(
         getattr(model, "module", None), torch.nn.Module
     ):
-        model = model.module  # DistributedDataParallel and similar wrappers
+        model = model.module
     return model
 
 
 def _image_size(model: torch.nn.Module, tokenizer: torch.nn.Module) -> tuple[int, int]:
-    """(H, W) of the decoded images: the model's ``img_size``, else EvaluationError (a tokenizer
-    of another stride)."""
+    """(H, W) of the decoded images: the model's ``img_size``, else EvaluationError."""
     grid = int(model.grid_size)
     size = grid * int(getattr(tokenizer, "downsample_factor", 16))
     if size != int(model.config.img_size):
@@ -229,65 +204,45 @@ def generate_images(
     progress: bool = False,
     shard: tuple[int, int] | None = None,
 ) -> GenerationResult:
-    """Sample ``spec``'s images (image ``i`` on rank ``i % world_size``) into the
-    :func:`prepare_run_dir` folder ``output_dir`` (keeping those there) or, with None, return
-    them; ``shard``: ``(rank, world_size)`` without a process group."""
-    model = _unwrap(model)
-    if shard is not None and (
-        not 0 <= shard[0] < shard[1] or (output_dir is None and shard[1] > 1)
-    ):
+    """Sample ``spec``'s images (image ``i`` on rank ``i % world_size``) into the run folder
+    ``output_dir``, keeping those there, or return them; ``shard``: (rank, world) without a
+    group."""
+    model, sampling = _unwrap(model), sampling or SamplingConfig()
+    if shard and not (0 <= shard[0] < shard[1] and (output_dir is not None or shard[1] == 1)):
         raise EvaluationError(
             f"shard {shard}: rank must lie in 0..world_size-1, and shards without a process "
             f"group write to an output folder"
         )
-    size = _image_size(model, tokenizer)
-    spec = spec.checked(model)
-    return _generate(
-        model, tokenizer, spec, sampling or SamplingConfig(), output_dir, progress, shard, size
-    )
+    size, spec = _image_size(model, tokenizer), spec.checked(model)
+    return _generate(model, tokenizer, spec, sampling, output_dir, progress, shard, size)
 
 
-def _generate(
-    model, tokenizer, spec, sampling, output_dir, progress, shard, size
-) -> GenerationResult:
+def _generate(model, tokenizer, spec, sampling, folder, progress, shard, size) -> GenerationResult:
     """:func:`generate_images` of checked inputs."""
     on = dist.is_available() and dist.is_initialized()
     group = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
     (rank, world), num, N = shard or group, spec.num_images, int(model.num_tokens)
-    source = spec.order_source(sampling, int(model.grid_size))
+    source = sampling_orders(sampling, spec.group_sizes, model.grid_size, spec.seed, spec.orders)
     labels = spec.labels
     labels = image_classes(np.arange(num), num, model.class_num) if labels is None else labels
-    mine = np.arange(rank, num, world)
-    store, todo = None, mine
-    if output_dir is not None:
-        image_dir, tokens_path = os.path.join(output_dir, IMAGES), os.path.join(output_dir, TOKENS)
-        if not os.path.isfile(tokens_path):
+    store, todo = None, (mine := np.arange(rank, num, world))
+    if folder is not None:
+        pngs, toks = os.path.join(folder, IMAGES), os.path.join(folder, TOKENS)
+        if not os.path.isfile(toks):
             raise EvaluationError(
-                f"{tokens_path!r} does not exist: make the run folder with prepare_run_dir first"
+                f"{toks!r} does not exist: make the run folder with prepare_run_dir first"
             )
-        store = np.load(tokens_path, mmap_mode="r+")
-        if store.shape != (num, N):
-            got = list(store.shape)
-            raise EvaluationError(f"{tokens_path!r} holds {got} tokens, not [{num}, {N}]")
-        done = [
-            store[i, 0] >= 0 and read_png(image_path(image_dir, i), size) is not None for i in mine
-        ]
+        if (store := np.load(toks, mmap_mode="r+")).shape != (num, N):
+            raise EvaluationError(f"{toks!r} holds {list(store.shape)} tokens, not [{num}, {N}]")
+        done = [store[i, 0] >= 0 and read_png(image_path(pngs, i), size) is not None for i in mine]
         todo = mine[~np.array(done, dtype=bool)]
-    meter, kept = SpeedMeter(), {}
-    hide, bar_style = not (progress and rank == 0), dict(unit="img", dynamic_ncols=True)
-    bar = tqdm(
-        total=len(mine),
-        initial=len(mine) - len(todo),
-        desc="sampling (rank 0)",
-        disable=hide,
-        **bar_style,
-    )
+    meter, kept, style = SpeedMeter(), {}, dict(unit="img", dynamic_ncols=True)
+    hide, skipped = not (progress and rank == 0), len(mine) - len(todo)
+    bar = tqdm(total=len(mine), initial=skipped, desc="sampling (rank 0)", disable=hide, **style)
     for b0 in range(0, len(todo), spec.eval_bsz):
         batch = todo[b0 : b0 + spec.eval_bsz]
-        rows = source.rows(batch)
-        pixels, tokens, t_tok, t_all = sample_batch(
-            model, tokenizer, batch, labels[batch], rows, spec.group_sizes, sampling, spec.seed
-        )
+        args = (batch, labels[batch], source.rows(batch), spec.group_sizes, sampling, spec.seed)
+        pixels, tokens, t_tok, t_all = sample_batch(model, tokenizer, *args)
         meter.add(len(batch), t_tok, t_all)
         if tuple(pixels.shape[1:3]) != size:
             got = list(pixels.shape[1:3])
@@ -298,11 +253,11 @@ def _generate(
             store[batch] = tokens  # tokens first: an image counts as done once its PNG exists
             store.flush()
             for i, im in zip(batch.tolist(), pixels):
-                write_png(image_path(image_dir, i), im)
+                write_png(image_path(pngs, i), im)
         bar.update(len(batch))
     bar.close()
     speed = meter.summary()
-    counts = gather_object((len(todo), len(mine) - len(todo)))
+    counts = gather_object((len(todo), skipped))
     images = tokens_out = paths = None
     if store is None:
         for part in gather_object(kept):
@@ -310,13 +265,17 @@ def _generate(
         images, tokens_out = (np.stack([kept[i][j] for i in range(num)]) for j in (0, 1))
     else:
         barrier()
-        paths = [image_path(image_dir, i) for i in range(num)]
+        paths = [image_path(pngs, i) for i in range(num)]
     made, found = sum(c[0] for c in counts), sum(c[1] for c in counts)
     return GenerationResult(num, size, images, tokens_out, paths, made, found, speed)
 
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _digest(table: Any) -> str:
+    return _sha256(np.ascontiguousarray(table, dtype=np.int64).tobytes())
 
 
 def run_settings(
@@ -326,9 +285,10 @@ def run_settings(
     sampling: SamplingConfig,
     name: str | None = None,
 ) -> dict[str, Any]:
-    """What the pixels of a run depend on, by content (digests of weights, tokenizer, orders;
-    every setting)."""
+    """What the pixels of a run depend on: digests of weights, tokenizer, orders; every setting."""
     model, labels, orders = _unwrap(model), spec.labels, spec.orders
+    if labels is not None:  # a digest, or the settings of prompts
+        labels = labels.settings() if hasattr(labels, "settings") else _digest(labels)
     out: dict[str, Any] = {
         "model": name,
         "weights_sha256": state_dict_digest(model),
@@ -338,18 +298,14 @@ def run_settings(
         "group_sizes": [int(g) for g in spec.group_sizes],
         "seed": int(spec.seed),
         **sampling.to_dict(),
-        "labels": "rule"
-        if labels is None
-        else labels.settings()
-        if hasattr(labels, "settings")  # prompts
-        else _sha256(np.asarray(labels, np.int64).tobytes()),
+        "labels": "rule" if labels is None else labels,
     }
     if spec.order_file is not None:
         with open(spec.order_file, "rb") as f:
             out["order_file_sha256"] = _sha256(f.read())
         out["order_file"] = os.path.basename(os.fspath(spec.order_file))
     elif orders is not None:
-        out["orders_sha256"] = _sha256(np.ascontiguousarray(orders, dtype=np.int64).tobytes())
+        out["orders_sha256"] = _digest(orders)
     if spec.order_file is not None or orders is not None or sampling.order != "lpd":
         del out["proximity_threshold"], out["repulsion_threshold"]
     return out
@@ -359,72 +315,62 @@ _HELD: dict[str, int] = {}  # run folders this process holds: real path -> descr
 
 
 def _hold(run_dir: str) -> bool:
-    """Hold ``run_dir`` until :func:`evaluate` ends (False where the file system has no locks); a folder
-    another process holds is refused at once."""
+    """Hold ``run_dir`` until :func:`evaluate` ends (False: no file locks); refuse a held folder."""
     key = os.path.realpath(run_dir)
-    if key not in _HELD:
-        try:
-            fd = lock_folder(run_dir)
-        except BlockingIOError as e:
-            raise EvaluationError(
-                f"run folder {e}: another evaluation is writing into it. Wait until it ends (a rerun "
-                f"then samples only what is missing), or use another --output_dir / --run_name."
-            ) from None
-        if fd is None:
-            return False
-        _HELD[key] = fd
-    return True
-
-
-def _release(run_dir: str) -> None:
-    fd = _HELD.pop(os.path.realpath(run_dir), None)
+    try:
+        fd = _HELD.get(key) or lock_folder(run_dir)
+    except BlockingIOError as e:
+        raise EvaluationError(
+            f"run folder {e}: another evaluation is writing into it. Wait until it ends (a rerun "
+            f"then samples only what is missing), or use another --output_dir / --run_name."
+        ) from None
     if fd is not None:
-        os.close(fd)
+        _HELD[key] = fd
+    return fd is not None
 
 
-def prepare_run_dir(
-    run_dir: str | os.PathLike, settings: Mapping[str, Any], num_tokens: int
-) -> str:
-    """Create the run folder with ``settings.json`` and ``tokens.npy``, or check one of the same run; a folder of
-    another run, of lost settings, or that another process holds, is refused. This process holds the folder
-    (rank 0, until :func:`evaluate` ends) and removes a killed run's temporary files. Call it on every rank."""
+def _read_json(path: str) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _write_json(path: str, data: Any, **options: Any) -> None:
+    text = json.dumps(data, indent=2, **options).encode()
+    atomic_write_bytes(path, lambda f: f.write(text))
+
+
+def prepare_run_dir(run_dir: str | os.PathLike, settings: Mapping, num_tokens: int) -> str:
+    """Create the run folder (``settings.json``, ``tokens.npy``) or check one of the same run, on
+    every rank; rank 0 holds it until :func:`evaluate` ends, removes a killed run's temp files."""
     run_dir = os.fspath(run_dir)
 
     def prepare() -> None:
         image_dir, path, tokens = (os.path.join(run_dir, n) for n in (IMAGES, SETTINGS, TOKENS))
         os.makedirs(image_dir, exist_ok=True)
-        held = _hold(
-            run_dir
-        )  # no other process writes here: its temporary files are a killed run's
+        held = _hold(run_dir)  # no other writer: its temporary files are a killed run's
         new = json.loads(json.dumps(dict(settings)))
         start_over = f"Use another --output_dir / --run_name, or delete {run_dir!r} to start over."
         if os.path.isfile(path):
             try:
-                with open(path, encoding="utf-8") as f:
-                    old = json.load(f)
+                old = _read_json(path)
             except (OSError, ValueError) as e:
                 raise EvaluationError(
-                    f"{path!r} cannot be read ({e}): the images in {run_dir!r} cannot be trusted. {start_over}"
+                    f"{path!r} cannot be read ({e}): the images in {run_dir!r} cannot be trusted. "
+                    f"{start_over}"
                 ) from None
-            diff = [
-                f"{k}: {old.get(k)!r} on disk vs {new.get(k)!r} now"
-                for k in sorted(set(old) | set(new))
-                if old.get(k) != new.get(k)
-            ]
-            if diff:
-                raise EvaluationError(
-                    f"run folder {run_dir!r} holds images sampled with other inputs:\n  "
-                    + "\n  ".join(diff)
-                    + f"\n{start_over}"
+            if keys := [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]:
+                diff = "".join(
+                    f"\n  {k}: {old.get(k)!r} on disk vs {new.get(k)!r} now" for k in keys
                 )
+                msg = f"run folder {run_dir!r} holds images sampled with other inputs:{diff}\n"
+                raise EvaluationError(msg + start_over)
+        elif os.path.exists(tokens) or any(n.endswith(".png") for n in os.listdir(image_dir)):
+            raise EvaluationError(
+                f"run folder {run_dir!r} holds images but no {SETTINGS}: what they were sampled "
+                f"with is unknown, so they cannot be reused. {start_over}"
+            )
         else:
-            if os.path.exists(tokens) or any(n.endswith(".png") for n in os.listdir(image_dir)):
-                raise EvaluationError(
-                    f"run folder {run_dir!r} holds images but no {SETTINGS}: what they were sampled "
-                    f"with is unknown, so they cannot be reused. {start_over}"
-                )
-            data = json.dumps(new, indent=2, sort_keys=True).encode()
-            atomic_write_bytes(path, lambda f: f.write(data))
+            _write_json(path, new, sort_keys=True)
         n = int(settings["num_images"])
         if os.path.isfile(tokens):
             try:
@@ -433,13 +379,8 @@ def prepare_run_dir(
                 ok = False
             if not ok:
                 raise EvaluationError(f"{tokens!r} is damaged or of another run. {start_over}")
-        else:
-            tmp = os.path.join(run_dir, TMP_PREFIX + TOKENS)
-            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int16, shape=(n, num_tokens))
-            arr[:] = -1  # -1: not sampled yet
-            arr.flush()
-            del arr
-            os.replace(tmp, tokens)
+        else:  # -1: not sampled yet
+            atomic_write_bytes(tokens, lambda f: np.save(f, np.full((n, num_tokens), -1, np.int16)))
         for name in os.listdir(image_dir) if held else ():
             if name.startswith(TMP_PREFIX):
                 with contextlib.suppress(OSError):
@@ -463,9 +404,8 @@ def evaluate(
     progress: bool = False,
     grid_images: int = 64,
 ) -> dict[str, Any]:
-    """Sample (:func:`generate_images`), pack, score (``scoring``, None: not scored; statistics
-    and feature extractor loaded before sampling) and record one run; returns the record (every
-    rank)."""
+    """Sample (:func:`generate_images`), pack, score (``scoring``; None: not scored; loaded before
+    sampling) and record one run; returns the record (every rank)."""
     sampling, model = sampling or SamplingConfig(), _unwrap(model)
     device, size = model.pos_embed.device, _image_size(model, tokenizer)  # before any loading
     spec = spec.checked(model)
@@ -503,29 +443,22 @@ def evaluate(
         def finish() -> dict[str, Any]:
             files, source, old = {}, gen.images, {}
             if run_dir is not None:
-                npz = os.path.join(run_dir, os.path.basename(os.path.normpath(run_dir)) + ".npz")
-                write_npz(npz, gen.image_paths, gen.image_size)
+                npz = os.path.basename(os.path.normpath(run_dir)) + ".npz"
+                keys, names = ("images", "tokens", "npz", "grid", "metrics"), (IMAGES, TOKENS, npz)
+                files = {k: os.path.join(run_dir, v) for k, v in zip(keys, names + (GRID, METRICS))}
+                source = files["npz"]  # score exactly the pixels handed to the ADM evaluator
+                write_npz(source, gen.image_paths, gen.image_size)
                 grid = [read_png(p, gen.image_size) for p in gen.image_paths[:grid_images]]
-                save_grid(os.path.join(run_dir, GRID), grid)
-                names = {"images": IMAGES, "tokens": TOKENS, "npz": npz, "grid": GRID}
-                files = {
-                    k: os.path.join(run_dir, v) for k, v in (names | {"metrics": METRICS}).items()
-                }
-                source = npz  # score exactly the pixels handed to the ADM evaluator
+                save_grid(files["grid"], grid)
                 with contextlib.suppress(OSError, ValueError):
-                    with open(files["metrics"], encoding="utf-8") as f:
-                        old = json.load(f)
-            scores = {"fid": None, "inception_score": None, "inception_score_std": None}
-            t1 = time.perf_counter()
+                    old = _read_json(files["metrics"])
+            t1, got = time.perf_counter(), old  # not scored now: the earlier scores of these images
             if scorer is not None:
-                got = M.compute_metrics(
-                    source, *scorer, batch_size=scoring.batch_size, device=device, progress=progress
-                )
-                scores.update({k: v for k, v in got.items() if k in scores})
-            elif old:  # not scored now: keep the earlier scores of the same images
-                scores = {k: old.get(k) for k in scores}
+                kw = dict(batch_size=scoring.batch_size, device=device, progress=progress)
+                got = M.compute_metrics(source, *scorer, **kw)
+            scores = {k: got.get(k) for k in ("fid", "inception_score", "inception_score_std")}
             timed = gen.speed["timed_batches"] > 0
-            metrics_s = time.perf_counter() - t1 if scorer else old.get("metrics_wall_s")
+            kept = {} if timed else {k: old[k] for k in ("speed", "device") if k in old}
             record = {
                 **scores,
                 "num_images": gen.num_images,
@@ -534,14 +467,12 @@ def evaluate(
                 "sampling": sampling.to_dict(),
                 "seed": spec.seed,
                 "eval_bsz": spec.eval_bsz,
-                "speed": gen.speed if timed or "speed" not in old else old["speed"],
+                "speed": kept.get("speed", gen.speed),
                 "generated_this_run": gen.generated,
                 "found_on_disk": gen.skipped,
                 "sampling_wall_s": sample_seconds,
-                "metrics_wall_s": metrics_s,
-                "device": old["device"]
-                if not timed and "device" in old
-                else device_description(device),
+                "metrics_wall_s": time.perf_counter() - t1 if scorer else old.get("metrics_wall_s"),
+                "device": kept["device"] if "device" in kept else device_description(device),
                 "dtype": "bfloat16 autocast" if sampling.bf16 else "float32",
                 "world_size": gen.speed["processes"],
                 "model_params": sum(p.numel() for p in model.parameters()),
@@ -551,11 +482,10 @@ def evaluate(
                 **dict(info or {}),
             }
             if run_dir is not None:
-                data = json.dumps(record, indent=2, default=str).encode()
-                atomic_write_bytes(files["metrics"], lambda f: f.write(data))
+                _write_json(files["metrics"], record, default=str)
             return record
 
         return on_rank0(finish, "after sampling (packing or scoring the images)")
     finally:
-        if run_dir is not None:
-            _release(run_dir)
+        if run_dir is not None and (fd := _HELD.pop(os.path.realpath(run_dir), None)) is not None:
+            os.close(fd)

@@ -39,9 +39,7 @@ def _adm_crop(pil_image: Image.Image, image_size: int) -> np.ndarray:
     scale = image_size / min(*pil_image.size)
     w, h = (round(x * scale) for x in pil_image.size)
     left, top = (w - image_size) // 2, (h - image_size) // 2
-    if (
-        w * h > MAX_ASPECT_WORK * image_size**2
-    ):  # a long thin image: resample the crop only (within 1-2 levels)
+    if w * h > MAX_ASPECT_WORK * image_size**2:  # long and thin: resample the crop only
         sx, sy = pil_image.width / w, pil_image.height / h
         box = (left * sx, top * sy, (left + image_size) * sx, (top + image_size) * sy)
         return np.array(pil_image.resize((image_size, image_size), resample=Image.BICUBIC, box=box))
@@ -59,8 +57,8 @@ def convert(im: Image.Image, mode: str) -> Image.Image:
 
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
-    """ADM's centre crop: halve (BOX) while the short side is >= 2 * size, resize (BICUBIC), crop; uint8 HWC.
-    The work is bounded by the output: an image longer than 16 crops resamples the crop alone."""
+    """ADM's centre crop: halve (BOX) while the short side is >= 2 * size, resize (BICUBIC), crop;
+    uint8 HWC. An image longer than 16 crops resamples the crop alone (work bounded by the output)."""
     return _adm_crop(convert(pil_image, "RGB"), image_size)
 
 
@@ -98,15 +96,6 @@ def _pil(source: ImageSource, what: str, mask: bool = False) -> Image.Image:
         ) from None
 
 
-def _mask_image(source: ImageSource) -> Image.Image:
-    """A mask as 'L' 0..255; a 0/1 mask (largest value 1, of any depth) as 0/255."""
-    im = _pil(source, "mask", mask=True)
-    raw = np.asarray(im if im.mode in _WIDE_GREYS else im.convert("L"))
-    if raw.size and raw.max() == 1:
-        return Image.fromarray((raw >= 1).astype(np.uint8) * 255, "L")
-    return convert(im, "L")
-
-
 def load_image(source: ImageSource, img_size: int) -> np.ndarray:
     """uint8 ``[img_size, img_size, 3]``: a path, PIL image or uint8 ``[H, W, 3]`` array, ADM centre-cropped."""
     return _adm_crop(convert(_pil(source, "image"), "RGB"), check_positive(img_size, "img_size"))
@@ -115,15 +104,18 @@ def load_image(source: ImageSource, img_size: int) -> np.ndarray:
 def load_mask(
     source: ImageSource, img_size: int | None, image: ImageSource | None = None
 ) -> np.ndarray:
-    """bool ``[img_size, img_size]``, True where white (grey >= 128, or 1 in a 0/1 mask): as is at that size
-    (or any size with ``img_size=None``), else cropped as ``image``. A mask that selects nothing is refused."""
-    mask = _mask_image(source)
+    """bool ``[img_size, img_size]``, True where white (grey >= 128, or 1 in a 0/1 mask), cropped as
+    ``image`` when of its size (any size with ``img_size=None``); an empty mask is refused."""
+    im = _pil(source, "mask", mask=True)  # 'L' 0..255; a 0/1 mask (of any depth) as 0/255
+    raw = np.asarray(im if im.mode in _WIDE_GREYS else im.convert("L"))
+    one = raw.size and raw.max() == 1
+    mask = Image.fromarray((raw >= 1).astype(np.uint8) * 255, "L") if one else convert(im, "L")
     if img_size is not None and mask.size != (check_positive(img_size, "img_size"),) * 2:
         got = f"the mask is {mask.height}x{mask.width} (HxW)"
         if image is None:
             raise ValueError(
-                f"{got}, not {img_size}x{img_size}: give a mask of the cropped image's size, or pass "
-                f"image= (the image it was drawn on) to crop it like the image"
+                f"{got}, not {img_size}x{img_size}: give a mask of the cropped image's size, or "
+                f"pass image= (the image it was drawn on) to crop it like the image"
             )
         w, h = _pil(image, "image").size
         if mask.size != (w, h):
@@ -144,20 +136,14 @@ def load_mask(
 
 
 def image_to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 ``[H, W, 3]`` or ``[B, H, W, 3]`` -> float32 ``[B, 3, H, W]`` in [-1, 1]; the inverse of :func:`to_uint8`."""
+    """uint8 ``[H, W, 3]`` or ``[B, H, W, 3]`` -> float32 ``[B, 3, H, W]`` in [-1, 1]."""
     x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images))
     if x.dtype != torch.uint8 or x.dim() not in (3, 4) or x.shape[-1] != 3:
         raise ValueError(
             f"images must be uint8 [H, W, 3] or [B, H, W, 3], got {x.dtype} {list(x.shape)}"
         )
-    return (
-        (x[None] if x.dim() == 3 else x)
-        .permute(0, 3, 1, 2)
-        .float()
-        .div(127.5)
-        .sub(1.0)
-        .contiguous()
-    )
+    x = x[None] if x.dim() == 3 else x
+    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -200,11 +186,8 @@ def read_png(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np
 
 def write_npz(path: str | os.PathLike, image_paths: Sequence[str], size: tuple[int, int]) -> None:
     """Pack PNGs into an ADM ``.npz`` (``arr_0``: uint8 ``[N, H, W, 3]``), streamed one image at a time."""
-    header = {
-        "descr": "|u1",
-        "fortran_order": False,
-        "shape": (len(image_paths), int(size[0]), int(size[1]), 3),
-    }
+    shape = (len(image_paths), int(size[0]), int(size[1]), 3)
+    header = {"descr": "|u1", "fortran_order": False, "shape": shape}
 
     def write(f: Any) -> None:
         with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
@@ -230,9 +213,7 @@ def save_grid(
     row_labels: Sequence[str] | None = None,
     col_labels: Sequence[str] | None = None,
 ) -> None:
-    """Write uint8 ``[H, W, 3]`` images as one PNG grid: tiles shrunk to at most ``max_tile``
-    pixels, ``gutter`` white pixels between them, ``row_labels`` left of the rows, ``col_labels``
-    above the columns."""
+    """One PNG grid: tiles of at most ``max_tile`` px, ``gutter`` px apart, labelled."""
     if len(images) == 0:
         raise ValueError("save_grid needs at least one image")
     (h, w), ncol = images[0].shape[:2], min(ncol, len(images))
@@ -282,10 +263,6 @@ class CacheError(DataError):
     """A token cache that cannot be read, is incomplete, or does not fit the model or the run."""
 
 
-def _crop_to_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
-    return image_to_tensor(center_crop_arr(img, image_size))[0]
-
-
 def resolve_image_root(data_path: str) -> str:
     """``data_path/train`` when it exists (the released ``--data_path IMAGENET``), else ``data_path``."""
     if not os.path.isdir(data_path):
@@ -302,8 +279,7 @@ def visible(name: str) -> bool:
 
 
 def walk_once(top: str, seen: set[str]) -> list[tuple[str, list[str]]]:
-    """``(folder, sorted visible files)`` under ``top`` in sorted order, each real folder once (links followed
-    once: no loops, no images counted twice)."""
+    """``(folder, sorted visible files)`` under ``top``, sorted; each real folder once."""
     found = []
     for root, dirs, files in os.walk(top, followlinks=True):
         real = os.path.realpath(root)
@@ -314,35 +290,27 @@ def walk_once(top: str, seen: set[str]) -> list[tuple[str, list[str]]]:
     return sorted(found)
 
 
-def class_folders(root: str) -> list[str]:
-    """The class folders of ``root``, sorted; hidden folders are not classes."""
-    return sorted(e.name for e in os.scandir(root) if e.is_dir() and visible(e.name))
-
-
 class ImageFolder(torch.utils.data.Dataset):
-    """torchvision's ImageFolder (``root``, ``classes``, ``samples``, ``loader``; sorted classes and files) with
-    the ADM crop: ``(float32 [3, S, S] in [-1, 1], label)``. Hidden folders and files are skipped, a linked
-    folder is read once (no loops), images are read by their mode (16-bit greys too)."""
+    """torchvision's ImageFolder with the ADM crop, ``(float32 [3, S, S] in [-1, 1], label)``;
+    hidden names skipped, linked folders read once, images read by their mode."""
 
     def __init__(self, root: str, img_size: int) -> None:
         self.root, self.img_size, self.loader = root, img_size, read_image
-        if not (classes := class_folders(root)):
+        classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and visible(e.name))
+        if not classes:
             raise FileNotFoundError(
                 f"--data_path {root!r} holds no class folders (class sub-folders of images)"
             )
-        seen: set[str] = set()
-        self.classes, self.samples = (
-            classes,
-            [
-                (os.path.join(folder, name), label)
-                for label, c in enumerate(classes)
-                for folder, files in walk_once(os.path.join(root, c), seen)
-                for name in files
-                if name.lower().endswith(IMAGE_EXTENSIONS)
-            ],
-        )
+        self.classes, seen = classes, set()
+        self.samples = [
+            (os.path.join(folder, name), label)
+            for label, c in enumerate(classes)
+            for folder, files in walk_once(os.path.join(root, c), seen)
+            for name in files
+            if name.lower().endswith(IMAGE_EXTENSIONS)
+        ]
         labels = {t for _, t in self.samples}
-        if empty := [c for label, c in enumerate(classes) if label not in labels]:
+        if empty := [c for t, c in enumerate(classes) if t not in labels]:
             raise FileNotFoundError(
                 f"class folder(s) {', '.join(empty[:5])} of {root!r} hold no images "
                 f"({', '.join(IMAGE_EXTENSIONS)}), or only folders already read through a link"
@@ -360,7 +328,7 @@ class ImageFolder(torch.utils.data.Dataset):
                 f"image {path!r} cannot be decoded ({type(e).__name__}: {e}); remove or replace it "
                 f"and rerun"
             ) from e
-        return _crop_to_tensor(image, self.img_size), label
+        return image_to_tensor(center_crop_arr(image, self.img_size))[0], label
 
 
 def image_folder(data_path: str, img_size: int) -> ImageFolder:

@@ -61,14 +61,9 @@ def resolve_inception_weights(
     path: str | os.PathLike | None = None, *, download: bool = True
 ) -> str:
     """Local Inception weights: ``path``, else the torch hub cache (downloaded there if missing)."""
-    return hub.url_file(
-        INCEPTION_WEIGHTS_URL,
-        cache_dir=inception_cache(),
-        path=path,
-        flag="--inception_weights",
-        what="torch-fidelity Inception-v3 weights",
-        download=download,
-    )
+    what, cache = "torch-fidelity Inception-v3 weights", inception_cache()
+    kw = dict(path=path, flag="--inception_weights", what=what, download=download)
+    return hub.url_file(INCEPTION_WEIGHTS_URL, cache_dir=cache, **kw)
 
 
 def inception_extractor(
@@ -77,24 +72,21 @@ def inception_extractor(
     *,
     download: bool = True,
 ) -> torch.nn.Module:
-    """torch-fidelity's ``inception-v3-compat`` on ``device``: uint8 images -> (pool 2048, logits_unbiased 1008)."""
+    """torch-fidelity's ``inception-v3-compat``: uint8 images -> (pool 2048, logits 1008)."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     path = resolve_inception_weights(weights_path, download=download)
     try:  # torch-fidelity's own torch.load is not weights-only: force it
         with mock.patch.dict(os.environ, {"TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"}):
             os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
-            net = FeatureExtractorInceptionV3(
-                "inception-v3-compat",
-                ["2048", "logits_unbiased"],
-                feature_extractor_weights_path=path,
-            )
+            features = ["2048", "logits_unbiased"]
+            net = FeatureExtractorInceptionV3("inception-v3-compat", features, path)
     except Exception as exc:  # noqa: BLE001 - any unreadable weights file
         reason = (str(exc).strip().splitlines() or [""])[0]
         raise MetricsError(
-            f"cannot load the Inception weights {path} ({type(exc).__name__}: {reason}); they must be "
-            f"a plain state dict (read with weights_only=True): download {INCEPTION_WEIGHTS_URL} and "
-            f"pass it with --inception_weights"
+            f"cannot load the Inception weights {path} ({type(exc).__name__}: {reason}); they must "
+            f"be a plain state dict (read with weights_only=True): download "
+            f"{INCEPTION_WEIGHTS_URL} and pass it with --inception_weights"
         ) from None
     return net.to(device)
 
@@ -115,18 +107,18 @@ def _nchw(x: np.ndarray | torch.Tensor, where: str) -> torch.Tensor:
     return x
 
 
+def _read(path: str) -> np.ndarray:
+    try:
+        return np.asarray(read_image(path))  # by its mode: 16-bit greys are not white
+    except ImageFileError as exc:
+        raise MetricsError(
+            f"{path} is not a readable image ({exc}); re-save or remove it"
+        ) from None
+
+
 def _file_batches(files: list[str], batch_size: int) -> Iterator[torch.Tensor]:
     for i in range(0, len(files), batch_size):
-        arrays = []
-        for path in files[i : i + batch_size]:
-            try:
-                arrays.append(
-                    np.asarray(read_image(path))
-                )  # by its mode: 16-bit greys are not white
-            except ImageFileError as exc:
-                raise MetricsError(
-                    f"{path} is not a readable image ({exc}); re-save or remove it"
-                ) from None
+        arrays = [_read(path) for path in files[i : i + batch_size]]
         if len({a.shape for a in arrays}) > 1:
             sizes = ", ".join(
                 f"{os.path.basename(f)}: {a.shape[:2]}" for f, a in zip(files[i:], arrays[:4])
@@ -146,13 +138,9 @@ def _npz_batches(path: str, batch_size: int) -> Iterator[Any]:
                     f"{path} has no arr_0 (expected {ADM_FORMAT}); it holds {zf.namelist()}"
                 )
             with zf.open("arr_0.npy") as f:
-                major, _ = np.lib.format.read_magic(f)
-                read = (
-                    np.lib.format.read_array_header_1_0
-                    if major == 1
-                    else np.lib.format.read_array_header_2_0
-                )
-                shape, fortran, dtype = read(f)
+                fmt = np.lib.format
+                read = fmt.read_array_header_1_0 if fmt.read_magic(f)[0] == 1 else None
+                shape, fortran, dtype = (read or fmt.read_array_header_2_0)(f)
                 if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
                     raise MetricsError(
                         f"{path}: arr_0 is {dtype} {shape}{' in Fortran order' if fortran else ''}; "
@@ -168,9 +156,9 @@ def _npz_batches(path: str, batch_size: int) -> Iterator[Any]:
                             f"{path}: arr_0 is truncated at image {i + len(buf) // per_image}"
                         )
                     yield _nchw(np.frombuffer(buf, np.uint8).reshape((b, *shape[1:])), path)
-    except MetricsError:
-        raise
     except _DECODE_ERRORS as exc:
+        if isinstance(exc, MetricsError):
+            raise
         raise MetricsError(f"cannot read {path} ({exc}); expected {ADM_FORMAT}") from None
 
 
@@ -184,33 +172,30 @@ def _image_folder_batches(root: str, batch_size: int, img_size: int) -> tuple[in
             f"nor class folders of them (an ImageFolder)"
         ) from None
 
-    def batches() -> Iterator[torch.Tensor]:
-        for i in range(0, len(data), batch_size):
-            crops = []
-            for j in range(i, min(i + batch_size, len(data))):
-                try:
-                    crops.append(data[j][0])
-                except DataError as exc:  # names the file
-                    raise MetricsError(
-                        f"{data.samples[j][0]} is not a readable image "
-                        f"({exc.__cause__}); re-save or remove it"
-                    ) from None
-            yield (torch.stack(crops) + 1.0).mul_(127.5).round_().to(torch.uint8)  # the crops
+    def crop(j: int) -> torch.Tensor:
+        try:
+            return data[j][0]
+        except DataError as exc:  # names the file
+            raise MetricsError(
+                f"{data.samples[j][0]} is not a readable image ({exc.__cause__}); re-save or remove it"
+            ) from None
 
-    return len(data), batches()
+    n, to_uint8 = len(data), lambda x: (x + 1.0).mul_(127.5).round_().to(torch.uint8)
+    steps = range(0, n, batch_size)
+    return n, (to_uint8(torch.stack([crop(j) for j in range(i, n)[:batch_size]])) for i in steps)
 
 
-def image_batches(
-    images: Images, batch_size: int, img_size: int = 256
-) -> tuple[int, Iterator[torch.Tensor]]:
-    """Check ``images`` and count them without decoding; return (count, uint8 [b, 3, H, W] CPU
-    batches). An ImageFolder (class folders) is ADM-cropped to ``img_size``, the rest kept as is."""
+def _array_batches(arr: Any, batch_size: int, where: str) -> tuple[int, Iterator[torch.Tensor]]:
+    _nchw(arr[:0], where)
+    return len(arr), (_nchw(arr[i : i + batch_size], where) for i in range(0, len(arr), batch_size))
+
+
+def image_batches(images: Images, batch_size: int, img_size: int = 256) -> tuple[int, Iterator]:
+    """(count, uint8 [b, 3, H, W] CPU batches) of checked ``images``, counted without decoding; an
+    ImageFolder (class folders) is ADM-cropped to ``img_size``, the rest kept as is."""
     check_positive(batch_size, "batch_size", MetricsError)
     if isinstance(images, (np.ndarray, torch.Tensor)):
-        _nchw(images[:0], "images")
-        return len(images), (
-            _nchw(images[i : i + batch_size], "images") for i in range(0, len(images), batch_size)
-        )
+        return _array_batches(images, batch_size, "images")
     if not isinstance(images, (str, os.PathLike)):
         raise TypeError(
             f"images must be a path, a numpy array or a tensor, got {type(images).__name__}"
@@ -239,8 +224,7 @@ def image_batches(
             raise MetricsError(
                 f"cannot read {p} ({exc}); expected an .npy of uint8 N x H x W x 3"
             ) from None
-        _nchw(arr[:0], p)
-        return len(arr), (_nchw(arr[i : i + batch_size], p) for i in range(0, len(arr), batch_size))
+        return _array_batches(arr, batch_size, p)
     raise MetricsError(f"{p} is neither a folder of images nor an .npz/.npy file")
 
 
@@ -253,16 +237,13 @@ def compute_statistics(
     progress: bool = True,
     img_size: int = 256,
 ) -> FeatureStatistics:
-    """One pass of ``extractor`` over ``images``: float64 mean and covariance of the features, and
-    the logits (an ImageFolder is cropped to ``img_size``, see :func:`image_batches`)."""
+    """Float64 mean and covariance of the features and the logits, in one pass over ``images``."""
     num, batches = image_batches(images, batch_size, img_size)
     if num < 2:
         raise MetricsError(f"statistics need at least 2 images, got {num}")
     n, shift, s1, s2, logits = 0, None, None, None, []
-    with (
-        torch.inference_mode(),
-        tqdm(total=num, unit="img", desc="features", disable=not progress) as bar,
-    ):
+    bar = tqdm(total=num, unit="img", desc="features", disable=not progress)
+    with torch.inference_mode(), bar:
         for batch in batches:
             feats, lg = extractor(batch.to(device))
             x = feats.detach().to("cpu", torch.float64).flatten(1).numpy()
@@ -309,9 +290,7 @@ def frechet_distance(
     if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
         raise MetricsError("the means or covariances have non-finite values")
     covmean = _sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all() or _large_imaginary(
-        covmean
-    ):  # singular product: regularise once
+    if not np.isfinite(covmean).all() or _large_imaginary(covmean):  # singular: regularise once
         offset = np.eye(len(mu1)) * eps
         covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if _large_imaginary(covmean):
@@ -344,7 +323,9 @@ def inception_score(logits: np.ndarray | torch.Tensor, splits: int = 10) -> tupl
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def _check_stats(mu: np.ndarray, sigma: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
+def _check_stats(mu: Any, sigma: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 ``mu`` (F,) and ``sigma`` (F, F), checked."""
+    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise MetricsError(
             f"{where}: expected mu (F,) and sigma (F, F), got mu {mu.shape} and sigma {sigma.shape}"
@@ -356,9 +337,7 @@ def _check_stats(mu: np.ndarray, sigma: np.ndarray, where: str) -> tuple[np.ndar
 
 def save_statistics(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) -> None:
     """Write ``mu`` (F,) and ``sigma`` (F, F) to the ``.npz`` ``path`` atomically."""
-    mu, sigma = _check_stats(
-        np.asarray(mu, np.float64), np.asarray(sigma, np.float64), "statistics to save"
-    )
+    mu, sigma = _check_stats(mu, sigma, "statistics to save")
     atomic_write_bytes(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
 
 
@@ -366,28 +345,23 @@ def load_statistics(
     path: str | os.PathLike, *, flag: str = "--fid_stats"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Float64 ``mu`` (F,) and ``sigma`` (F, F) of an ``.npz`` (other entries, as in ADM batches, are ignored)."""
-    p = hub.local_file(
-        path, what="FID reference statistics file", flag=flag, hint=hub.FID_STATS_HINT
-    )
+    what, hint = "FID reference statistics file", hub.FID_STATS_HINT
+    p = hub.local_file(path, what=what, flag=flag, hint=hint)
     try:
         data = np.load(p, allow_pickle=False)
         if not isinstance(data, np.lib.npyio.NpzFile):
-            raise MetricsError(
-                f"{p} is an .npy array, not an .npz statistics file. {hub.FID_STATS_HINT}"
-            )
+            raise MetricsError(f"{p} is an .npy array, not an .npz statistics file. {hint}")
         with data:
             if "mu" not in data.files or "sigma" not in data.files:
                 raise MetricsError(
                     f"{p} is not a statistics file: it needs entries 'mu' and 'sigma', it has "
-                    f"{data.files}. {hub.FID_STATS_HINT}"
+                    f"{data.files}. {hint}"
                 )
-            mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
-    except MetricsError:
-        raise
+            mu, sigma = (np.asarray(data[k], np.float64) for k in ("mu", "sigma"))
     except _DECODE_ERRORS as exc:
-        raise MetricsError(
-            f"cannot read statistics file {p}: {exc}. {hub.FID_STATS_HINT}"
-        ) from None
+        if isinstance(exc, MetricsError):
+            raise
+        raise MetricsError(f"cannot read statistics file {p}: {exc}. {hint}") from None
     return _check_stats(mu, sigma, p)
 
 
@@ -401,19 +375,11 @@ def compute_metrics(
     progress: bool = True,
     img_size: int = 256,
 ) -> dict[str, Any]:
-    """``fid`` (against ``(mu, sigma)``), ``inception_score(_std)`` (of the logits) and ``num_images``, one pass.
-
-    ``fid`` is None without ``reference``, the IS entries when the extractor gives no logits.
-    """
+    """``fid`` (None without ``reference``), ``inception_score(_std)``, ``num_images``."""
     if reference is not None:
-        reference = _check_stats(
-            np.asarray(reference[0], np.float64),
-            np.asarray(reference[1], np.float64),
-            "reference statistics",
-        )
-    stats = compute_statistics(
-        images, extractor, batch_size, device, progress=progress, img_size=img_size
-    )
+        reference = _check_stats(reference[0], reference[1], "reference statistics")
+    run = dict(progress=progress, img_size=img_size)
+    stats = compute_statistics(images, extractor, batch_size, device, **run)
     fid = is_mean = is_std = None
     if reference is not None:
         if reference[0].shape != stats.mu.shape:
@@ -424,38 +390,32 @@ def compute_metrics(
         fid = frechet_distance(stats.mu, stats.sigma, *reference)
     if stats.logits is not None:
         if (splits := min(10, stats.num_images)) < 10:
-            warnings.warn(
-                f"only {splits} images: Inception Score over {splits} splits instead of 10",
-                stacklevel=2,
-            )
+            msg = f"only {splits} images: Inception Score over {splits} splits instead of 10"
+            warnings.warn(msg, stacklevel=2)
         is_mean, is_std = inception_score(stats.logits, splits)
     scores = {"fid": fid, "inception_score": is_mean, "inception_score_std": is_std}
     return {**scores, "num_images": stats.num_images}
 
 
-def _ours(path: str, kind: str) -> bool:
-    """Whether ``path`` is a statistics file (``.npz``) or a metrics record (``.json``) this command wrote."""
-    try:
-        with open(path, "rb") as f:
-            if kind == ".npz":
-                return {"mu.npy", "sigma.npy"} <= set(zipfile.ZipFile(f).namelist())
-            record = json.load(f)
-            return isinstance(record, dict) and {"fid", "num_images"} <= set(record)
-    except (OSError, ValueError, zipfile.BadZipFile):
-        return False
+def _check_output(args: argparse.Namespace) -> None:
+    """Refuse an unwritable ``--output`` / ``--json``, an input, or a file of others."""
+    npz = args.command == "stats"
+    flag, path = ("--output", args.output) if npz else ("--json", args.json)
+    inputs = [("--input", args.input), ("--stats", getattr(args, "stats", None))]
 
+    def ours(p: str) -> bool:  # a statistics file (.npz) or a metrics record (.json) of ours
+        try:
+            with open(p, "rb") as f:
+                if npz:
+                    return {"mu.npy", "sigma.npy"} <= set(zipfile.ZipFile(f).namelist())
+                record = json.load(f)
+                return isinstance(record, dict) and {"fid", "num_images"} <= set(record)
+        except (OSError, ValueError, zipfile.BadZipFile):
+            return False
 
-def _check_output(
-    path: str, flag: str, kind: str, inputs: list[tuple[str, Any]], overwrite: bool
-) -> None:
-    """Refuse an output that cannot be written, is an input, or would replace a file that is not a ``kind``
-    (.npz / .json) of ours."""
-    if problem := check_output_path(path, flag, inputs, overwrite, lambda p: _ours(p, kind)):
-        what = (
-            "a statistics file (.npz with mu and sigma)"
-            if kind == ".npz"
-            else "a metrics file of lpd.metrics fid"
-        )
+    if path and (problem := check_output_path(path, flag, inputs, args.overwrite, ours)):
+        what = "a statistics file (.npz with mu and sigma)" if npz else ""
+        what = what or "a metrics file of lpd.metrics fid"
         raise MetricsError(problem.replace("was not written by lpd", f"is not {what}"))
 
 
@@ -468,61 +428,34 @@ def _flagged(name: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m lpd.metrics",
-        allow_abbrev=False,
-        description=__doc__,
-        formatter_class=HelpFormatter,
-    )
+    kw = dict(allow_abbrev=False, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser("python -m lpd.metrics", description=__doc__, **kw)
     sub = p.add_subparsers(dest="command", required=True)
     for name, text in (
         ("stats", "write the Inception statistics (mu, sigma) of reference images"),
         ("fid", "print FID against a statistics file and the Inception Score of images"),
     ):
-        s = sub.add_parser(
-            name, allow_abbrev=False, help=text, description=text, formatter_class=HelpFormatter
-        )
-        s.add_argument(
-            "--input",
-            required=True,
-            help=f"folder of PNG/JPEG images, an ImageFolder "
-            f"(class folders, read as main_cache.py does), {ADM_FORMAT} or an .npy",
-        )
-        s.add_argument("--img_size", type=int, default=256, help="ADM crop of an ImageFolder")
-        s.add_argument(
-            "--inception_weights",
-            default=None,
-            help=f"torch-fidelity's Inception weights (default: torch hub cache, else {INCEPTION_WEIGHTS_URL})",
-        )
-        s.add_argument("--batch_size", type=int, default=50)
-        device_help = "torch device (default: the accelerator if any, else cpu)"
-        s.add_argument("--device", default=None, help=device_help)
-        s.add_argument("--no_progress", action="store_true", help="no progress bar")
-        overwrite_help = "replace an output file that is not one of ours"
-        s.add_argument("--overwrite", action="store_true", help=overwrite_help)
+        add = sub.add_parser(name, help=text, description=text, **kw).add_argument
+        add("--input", required=True, help="folder of PNG/JPEG images, an ImageFolder (class "
+            f"folders, read as main_cache.py does), {ADM_FORMAT} or an .npy")  # fmt: skip
+        add("--img_size", type=int, default=256, help="ADM crop of an ImageFolder")
+        add("--inception_weights", help="torch-fidelity's Inception weights (default: torch hub "
+            f"cache, else {INCEPTION_WEIGHTS_URL})")  # fmt: skip
+        add("--batch_size", type=int, default=50)
+        add("--device", help="torch device (default: the accelerator if any, else cpu)")
+        add("--no_progress", action="store_true", help="no progress bar")
+        add("--overwrite", action="store_true", help="replace an output file not one of ours")
         if name == "stats":
-            s.add_argument(
-                "--output", required=True, help="statistics file to write (.npz with mu, sigma)"
-            )
+            add("--output", required=True, help="statistics file to write (.npz with mu, sigma)")
         else:
-            s.add_argument(
-                "--stats",
-                "--fid_stats",
-                dest="stats",
-                required=True,
-                help="reference statistics (.npz)",
-            )
-            s.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+            add("--stats", "--fid_stats", required=True, help="reference statistics (.npz)")
+            add("--json", help="also write the metrics to this JSON file")
     return p
 
 
 def _run(args: argparse.Namespace) -> FeatureStatistics | dict[str, Any]:
     """Check the outputs, then every other flag and file, then compute."""
-    inputs = [("--input", args.input), ("--stats", getattr(args, "stats", None))]
-    if args.command == "stats":
-        _check_output(args.output, "--output", ".npz", inputs, args.overwrite)
-    elif args.json:
-        _check_output(args.json, "--json", ".json", inputs, args.overwrite)
+    _check_output(args)
     try:
         device = resolve_device(args.device)
     except ValueError as exc:
@@ -537,44 +470,37 @@ def _run(args: argparse.Namespace) -> FeatureStatistics | dict[str, Any]:
     ref = _flagged("--stats", load_statistics, args.stats, flag="--stats")
     if ref[0].shape != (INCEPTION_FEATURES,):
         raise MetricsError(
-            f"--stats {args.stats} holds statistics of {ref[0].shape[0]}-d features; Inception gives "
-            f"{INCEPTION_FEATURES}-d ones: make them with `python -m lpd.metrics stats`"
+            f"--stats {args.stats} holds statistics of {ref[0].shape[0]}-d features; Inception "
+            f"gives {INCEPTION_FEATURES}-d ones: make them with `python -m lpd.metrics stats`"
         )
     extractor = inception_extractor(args.inception_weights, device)
     return compute_metrics(args.input, ref, extractor, batch_size=args.batch_size, **run)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m lpd.metrics``; exit 0, 2 for a usage error (found before any image is decoded where a file check
+    """``python -m lpd.metrics``: 0, 2 for a usage error (found before decoding where a file check
     can tell), 1 when writing the finished result failed."""
     args = _parser().parse_args(argv)
     try:
         result = _run(args)
-    except (MetricsError, hub.ResolveError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(
-            f"error: cannot read {exc.filename or args.input}: {exc.strerror or exc}",
-            file=sys.stderr,
-        )
+    except (MetricsError, OSError) as exc:  # a ResolveError is an OSError of a clear message
+        plain = isinstance(exc, (MetricsError, hub.ResolveError))
+        why = exc if plain else f"cannot read {exc.filename or args.input}: {exc.strerror or exc}"
+        print(f"error: {why}", file=sys.stderr)
         return 2
     try:
         if args.command == "stats":
             save_statistics(args.output, result.mu, result.sigma)
-            print(
-                f"wrote {args.output}: mu {result.mu.shape}, sigma {result.sigma.shape} from "
-                f"{result.num_images} images"
-            )
+            shapes = f"mu {result.mu.shape}, sigma {result.sigma.shape}"
+            print(f"wrote {args.output}: {shapes} from {result.num_images} images")
         else:
             print(
                 f"FID {result['fid']:.4f}  IS {result['inception_score']:.2f} ± "
                 f"{result['inception_score_std']:.2f}  ({result['num_images']} images)"
             )
             if args.json:
-                atomic_write_bytes(
-                    args.json, lambda f: f.write(json.dumps(result, indent=2).encode())
-                )
+                data = json.dumps(result, indent=2).encode()
+                atomic_write_bytes(args.json, lambda f: f.write(data))
     except OSError as exc:
         target = args.output if args.command == "stats" else args.json
         print(f"error: could not write {target}: {exc.strerror or exc}", file=sys.stderr)

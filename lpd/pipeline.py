@@ -1,14 +1,14 @@
 """Images from class labels, and edits of images, in one call: a released model with its tokenizer.
-
-``LPDPipeline.from_pretrained("lpd_l", 256)([207, 360], steps=20)`` samples at :data:`PAPER_SETTINGS`; image ``k`` is image
-``start_index + k`` of a ``main_eval.py`` run of the same seed. ``pipe.inpaint(image, "center", label=207)`` edits.
-"""
+``LPDPipeline.from_pretrained("lpd_l", 256)([207, 360], steps=20)`` samples at :data:`PAPER_SETTINGS`
+(image ``k`` is image ``start_index + k`` of a ``main_eval.py`` run of the same seed);
+``pipe.inpaint(image, "center", label=207)`` edits."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import contextvars
+import functools
 import os
 import re
 import sys
@@ -21,7 +21,7 @@ import torch
 from lpd import hub
 from lpd.config import HelpFormatter, check_labels
 from lpd.distributed import resolve_device
-from lpd.evaluate import image_seed, sample_batch
+from lpd.evaluate import image_seed, sample_batch, sampling_orders
 from lpd.files import (
     EXPORT_CONFIG,
     CheckpointError,
@@ -31,24 +31,15 @@ from lpd.files import (
 )
 from lpd.images import save_grid, written_by_lpd
 from lpd.models import PRESETS, load_lpd
-from lpd.orders.source import OrderSource
 from lpd.sampling import SamplingConfig, add_sampling_args, decode_tokens
 from lpd.schedules import group_sizes as default_group_sizes
 from lpd.schedules import parse_group_sizes
 from lpd.text.sampling import check_prompts, model_text_encoder, prompt_tokens
 from lpd.tokenizer import make_tokenizer, recorded_tokenizer, tokenizer_ref
 
-__all__ = [
-    "LPDPipeline",
-    "PAPER_SETTINGS",
-    "paper_settings",
-    "add_paper_sampling_args",
-    "command_line",
-    "build_parser",
-    "main",
-]
+__all__ = ["LPDPipeline", "PAPER_SETTINGS", "paper_settings", "add_paper_sampling_args", "main"]
 
-#: (model, img_size, steps) -> (repulsion threshold τr, linear cfg scale) of the released evaluation scripts.
+#: (model, img_size, steps) -> (repulsion threshold τr, linear cfg) of the released evaluation.
 PAPER_SETTINGS: dict[tuple[str, int, int], tuple[float, float]] = {
     ("lpd_l", 256, 20): (2.0, 4.8),
     ("lpd_xl", 256, 20): (2.0, 4.9),
@@ -67,28 +58,9 @@ def paper_settings(model: str | None, img_size: int, steps: int) -> tuple[float,
 
 _PYTHON_NAMES = {"pretrained_ckpt": "checkpoint"}  # flag -> Python argument, where they differ
 _ARGUMENTS = frozenset(
-    {
-        "checkpoint",
-        "model",
-        "img_size",
-        "vqgan_path",
-        "device",
-        "labels",
-        "steps",
-        "group_sizes",
-        "seed",
-        "start_index",
-        "image",
-        "mask",
-        "label",
-        "num",
-        "prefill",
-        "paste",
-        "prompts",
-        "negative_prompt",
-        *SamplingConfig.__dataclass_fields__,
-    }
-)
+    "checkpoint model img_size vqgan_path device labels steps group_sizes seed start_index image "
+    "mask label num prefill paste prompts negative_prompt".split()
+) | set(SamplingConfig.__dataclass_fields__)
 _CLI: contextvars.ContextVar[bool] = contextvars.ContextVar("lpd_cli", default=False)
 
 
@@ -125,9 +97,8 @@ def command_line() -> Iterator[None]:
 
 
 class LPDPipeline:
-    """An LPD model and its tokenizer; ``name``: the preset (``lpd_l`` ...) whose
-    :data:`PAPER_SETTINGS` are the defaults, ``cfg``: the guidance scale where the paper has none
-    (e.g. the one its training evaluated at)."""
+    """A model and its tokenizer; ``name``: the preset whose :data:`PAPER_SETTINGS` are the
+    defaults, ``cfg``: the guidance scale where the paper has none."""
 
     def __init__(
         self,
@@ -137,14 +108,11 @@ class LPDPipeline:
         cfg: float | None = None,
     ) -> None:
         self.model, self.tokenizer, self.name, self.cfg = model.eval(), tokenizer, name, cfg
-        self._text_encoder = None
 
-    @property
+    @functools.cached_property
     def text_encoder(self) -> Any:
         """The frozen text encoder the model records (a text model), loaded on first use."""
-        if self._text_encoder is None:
-            self._text_encoder = model_text_encoder(self.model, self.model.pos_embed.device)
-        return self._text_encoder
+        return model_text_encoder(self.model, self.model.pos_embed.device)
 
     @classmethod
     @_speaks_python()
@@ -157,11 +125,9 @@ class LPDPipeline:
         vqgan_path: str | os.PathLike | None = None,
         device: torch.device | str | None = None,
     ) -> LPDPipeline:
-        """``model``: a released preset (default ``lpd_l``) at ``img_size`` (default 256) from the
-        Hub, a folder or Hub repository of ``python -m lpd.checkpoint export``, or a training
-        checkpoint file or folder; or ``checkpoint`` such a file (``model``: the preset of a
-        released file). Size, classes, tokenizer and cfg come from the checkpoint; ``vqgan_path``:
-        the VQ file; ``device``: CUDA if available."""
+        """``model``: a released preset (default ``lpd_l`` at 256 px) from the Hub, an export folder
+        or Hub repository, or a training checkpoint (or ``checkpoint``: such a file, ``model`` its
+        preset); size, classes, tokenizer and cfg come from it; ``vqgan_path``: the VQ file."""
         device = resolve_device(device)
         if checkpoint is None and (model is None or model in PRESETS):  # a released model, by name
             model, size = model or "lpd_l", img_size or 256
@@ -195,8 +161,8 @@ class LPDPipeline:
 
     @_speaks_python()
     def sampling(self, steps: int, **settings: Any) -> SamplingConfig:
-        """The paper's cfg and τr for ``steps``, else ``self.cfg`` and τr 2 at 16x16, 4 at 32x32;
-        then ``settings``."""
+        """The paper's cfg and τr for ``steps``, else ``self.cfg`` and τr 2 (16x16) or 4; then
+        ``settings``."""
         fallback = (2.0 if self.grid_size <= 16 else 4.0, self.cfg)
         tr, cfg = paper_settings(self.name, self.img_size, steps) or fallback
         if settings.get("cfg") is None and cfg is None:
@@ -222,9 +188,8 @@ class LPDPipeline:
         start_index: int = 0,
         **settings: Any,
     ) -> np.ndarray:
-        """uint8 images ``[len(labels or prompts), H, W, 3]`` in ``steps`` steps (or
-        ``group_sizes``); ``orders``: a ``[B, N]`` table; a text model takes ``prompts``, guided
-        against the null caption or ``negative_prompt``."""
+        """uint8 images ``[B, H, W, 3]`` of ``labels`` (a text model: ``prompts``, guided against
+        ``negative_prompt``) in ``steps`` steps or ``group_sizes``; ``orders``: ``[B, N]``."""
         if (prompts is None) != (self.model.text is None) or (
             labels is not None if prompts is not None else negative_prompt is not None
         ):
@@ -236,9 +201,7 @@ class LPDPipeline:
         if prompts is not None:
             prompts = check_prompts(prompts)
             labels = np.zeros(len(prompts), dtype=np.int64)  # one row per prompt
-        labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).reshape(
-            -1
-        )
+        labels = np.asarray(labels.cpu() if torch.is_tensor(labels) else labels).reshape(-1)
         if labels.size == 0 or labels.dtype.kind not in "iu":
             raise ValueError(
                 f"--labels must be one or more integer class indices, "
@@ -247,40 +210,25 @@ class LPDPipeline:
         labels = check_labels(labels, labels.size, self.model.class_num)
         if start_index < 0:
             raise ValueError(f"--start_index must be >= 0, got {start_index}")
-        n = self.grid_size**2
-        sizes = (
-            parse_group_sizes(group_sizes, n)
-            if group_sizes is not None
-            else default_group_sizes(self.img_size, steps)
-        )
+        n, b = self.grid_size**2, labels.size
+        sizes = None if group_sizes is None else parse_group_sizes(group_sizes, n)
+        sizes = sizes or default_group_sizes(self.img_size, steps)
         sampling = self.sampling(len(sizes), **settings)
-        indices = np.arange(start_index, start_index + labels.size, dtype=np.int64)
-        if orders is not None:
-            table = np.asarray(orders, dtype=np.int64)
-            if table.ndim != 2 or table.shape[0] != labels.size:
-                raise ValueError(
-                    f"orders must have one row per label: shape [{labels.size}, {n}], got {list(table.shape)}"
-                )
-            rows = OrderSource("lpd", sizes, self.grid_size, table=table).rows(
-                np.arange(labels.size)
+        indices = np.arange(start_index, start_index + b, dtype=np.int64)
+        table = None if orders is None else np.asarray(orders, dtype=np.int64)
+        if table is not None and (table.ndim != 2 or table.shape[0] != b):
+            raise ValueError(
+                f"orders must have one row per label: shape [{b}, {n}], got {list(table.shape)}"
             )
-        else:
-            rows = OrderSource(
-                sampling.order,
-                sizes,
-                self.grid_size,
-                seed=seed,
-                proximity_threshold=sampling.proximity_threshold,
-                repulsion_threshold=sampling.repulsion_threshold,
-            ).rows(indices)
+        source = sampling_orders(sampling, sizes, self.grid_size, seed, table)
+        rows = source.rows(indices if table is None else np.arange(b))
         if prompts is not None:
             gens = [torch.Generator().manual_seed(image_seed(seed, int(i))) for i in indices]
             encoder, args = self.text_encoder, (rows, sizes, sampling, gens, negative_prompt)
             tokens = prompt_tokens(self.model, encoder, prompts, *args)
             return decode_tokens(self.tokenizer, tokens, sampling)
-        return sample_batch(
-            self.model, self.tokenizer, indices, labels, rows, sizes, sampling, seed
-        )[0]
+        args = (indices, labels, rows, sizes, sampling, seed)
+        return sample_batch(self.model, self.tokenizer, *args)[0]
 
     @_speaks_python()
     def inpaint(
@@ -296,28 +244,18 @@ class LPDPipeline:
         prefill: str = "one",
         **settings: Any,
     ) -> dict[str, np.ndarray]:
-        """Regenerate ``image`` under ``mask`` (white, or a region such as ``center``) as class ``label``:
-        ``{"source", "masked", "edits [num, H, W, 3]"}``; cfg and τr default to the paper's 20-step values."""
+        """``{"source", "masked", "edits"}``: ``image`` regenerated under ``mask`` (white, a region)
+        as class ``label``; cfg and τr default to the paper's 20-step values."""
         from lpd.editing import edit_images
 
-        return edit_images(
-            self.model,
-            self.tokenizer,
-            image,
-            mask,
-            label,
-            num=num,
-            steps=steps,
-            seed=seed,
-            paste=paste,
-            prefill=prefill,
-            sampling=self.sampling(20, **settings),
-        )
+        options = dict(num=num, steps=steps, seed=seed, paste=paste, prefill=prefill)
+        options["sampling"] = self.sampling(20, **settings)
+        return edit_images(self.model, self.tokenizer, image, mask, label, **options)
 
     def outpaint(
         self, image: Any, label: int | None, *, region: str | None = None, **options: Any
     ) -> dict[str, np.ndarray]:
-        """Keep the centre of ``image`` and regenerate around it (``region`` default: a border of a quarter of the size)."""
+        """Keep the centre of ``image`` and regenerate around it (default: a quarter-size border)."""
         return self.inpaint(image, region or f"border:{self.img_size // 4}", label, **options)
 
     @staticmethod
@@ -334,8 +272,7 @@ class LPDPipeline:
 
 
 def add_paper_sampling_args(parser: argparse.ArgumentParser, otherwise: dict[str, str]) -> None:
-    """The sampling flags; cfg and τr default to :data:`PAPER_SETTINGS` (``otherwise``: what
-    else, per flag)."""
+    """The sampling flags; cfg and τr default to :data:`PAPER_SETTINGS`, else ``otherwise``."""
     add_sampling_args(parser, {"cfg": None, "repulsion_threshold": None})  # None: set later
     for a in parser._actions:
         if a.dest in otherwise:
@@ -356,65 +293,30 @@ def _labels(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The flags of ``python -m lpd.pipeline``."""
-    p = argparse.ArgumentParser(
-        prog="python -m lpd.pipeline",
-        allow_abbrev=False,
-        formatter_class=HelpFormatter,
-        description="Sample images of given classes with an LPD model into a PNG grid.",
-    )
-    p.add_argument(
-        "--model",
-        default=None,
-        help="released preset lpd_l, lpd_xl, lpd_xxl (default: "
-        "lpd_l without --pretrained_ckpt), or an exported folder / Hub repository",
-    )
-    p.add_argument(
-        "--img_size", type=int, default=None, help="default: the checkpoint's; 256 for a preset"
-    )
-    labels = ",".join(map(str, IMAGENET_LABELS))
-    p.add_argument(
-        "--labels",
-        type=_labels,
-        default=None,
-        help="comma-separated class indices "
-        f"(default: {labels} of 1000 classes, else the first ten classes)",
-    )
-    p.add_argument(
-        "--prompt",
-        action="append",
-        default=None,
-        help="a text-conditional model: a prompt (repeat the flag for several)",
-    )
-    p.add_argument("--negative_prompt", default=None, help="prompts: the guidance rows' text")
-    p.add_argument(
-        "--steps", type=int, default=20, help="decoding steps (the released group-size table)"
-    )
-    p.add_argument(
-        "--group_sizes",
-        default=None,
-        help="an explicit schedule instead of --steps, e.g. '[1, 2, 4]*...'",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--pretrained_ckpt",
-        default=None,
-        help="checkpoint file or folder (a training "
-        "run's, or a released file with --model) instead of the Hub download; its size, "
-        "classes and tokenizer count",
-    )
-    p.add_argument("--vqgan_path", default=None, help="vq_ds16_c2i.pt instead of the Hub download")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--output", default="samples.png", help="PNG grid to write")
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace an --output file that lpd did not write"
-    )
-    add_paper_sampling_args(
-        p,
-        {
-            "cfg": "else the cfg the checkpoint's training evaluated at",
-            "repulsion_threshold": "else 2 at 16x16 tokens, 4 at 32x32",
-        },
-    )
+    text = "Sample images of given classes with an LPD model into a PNG grid."
+    kw = dict(allow_abbrev=False, formatter_class=HelpFormatter, description=text)
+    p = argparse.ArgumentParser("python -m lpd.pipeline", **kw)
+    add, labels = p.add_argument, ",".join(map(str, IMAGENET_LABELS))
+    add("--model", help="released preset lpd_l, lpd_xl, lpd_xxl (default: lpd_l without "
+        "--pretrained_ckpt), or an exported folder / Hub repository")  # fmt: skip
+    add("--img_size", type=int, help="default: the checkpoint's; 256 for a preset")
+    add("--labels", type=_labels, help="comma-separated class indices "
+        f"(default: {labels} of 1000 classes, else the first ten classes)")  # fmt: skip
+    add("--prompt", action="append",
+        help="a text-conditional model: a prompt (repeat the flag for several)")  # fmt: skip
+    add("--negative_prompt", help="prompts: the guidance rows' text")
+    add("--steps", type=int, default=20, help="decoding steps (the released group-size table)")
+    add("--group_sizes", help="an explicit schedule instead of --steps, e.g. '[1, 2, 4]*...'")
+    add("--seed", type=int, default=0)
+    add("--pretrained_ckpt", help="checkpoint file or folder (a training run's, or a released file "
+        "with --model) instead of the Hub download; its size, classes and tokenizer count")  # fmt: skip
+    add("--vqgan_path", help="vq_ds16_c2i.pt instead of the Hub download")
+    add("--device", help="default: cuda if available, else cpu")
+    add("--output", default="samples.png", help="PNG grid to write")
+    add("--overwrite", action="store_true", help="replace an --output file that lpd did not write")
+    cfg = "else the cfg the checkpoint's training evaluated at"
+    tr = "else 2 at 16x16 tokens, 4 at 32x32"
+    add_paper_sampling_args(p, {"cfg": cfg, "repulsion_threshold": tr})
     return p
 
 
@@ -423,45 +325,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         inputs = [("--pretrained_ckpt", args.pretrained_ckpt), ("--vqgan_path", args.vqgan_path)]
-        if problem := check_output_path(
-            args.output, "--output", inputs, args.overwrite, written_by_lpd
-        ):
+        checks = (args.output, "--output", inputs, args.overwrite, written_by_lpd)
+        if problem := check_output_path(*checks):
             raise ValueError(problem)
         with command_line():
-            pipe = LPDPipeline.from_pretrained(
-                args.model,
-                args.img_size,
-                checkpoint=args.pretrained_ckpt,
-                vqgan_path=args.vqgan_path,
-                device=args.device,
+            kw = dict(
+                checkpoint=args.pretrained_ckpt, vqgan_path=args.vqgan_path, device=args.device
             )
+            pipe = LPDPipeline.from_pretrained(args.model, args.img_size, **kw)
             classes = pipe.model.config.class_num
-            first = list(range(min(10, classes)))
-            labels = args.labels or (IMAGENET_LABELS if classes == 1000 else first)
+            first = IMAGENET_LABELS if classes == 1000 else list(range(min(10, classes)))
+            labels = args.labels or first
             if args.prompt or pipe.model.text is not None:
                 labels = args.labels  # no default classes: a text model takes prompts
             sizes = args.group_sizes and parse_group_sizes(args.group_sizes, pipe.grid_size**2)
             given = {k: getattr(args, k) for k in SamplingConfig.__dataclass_fields__}
             steps = len(sizes) if sizes else args.steps
             sampling = pipe.sampling(steps, **given)
-            images = pipe(
-                labels,
-                prompts=args.prompt,
-                negative_prompt=args.negative_prompt,
-                steps=args.steps,
-                group_sizes=args.group_sizes,
-                seed=args.seed,
-                **sampling.to_dict(),
-            )
+            run = dict(steps=args.steps, group_sizes=args.group_sizes, seed=args.seed)
+            prompts = dict(prompts=args.prompt, negative_prompt=args.negative_prompt)
+            images = pipe(labels, **prompts, **run, **sampling.to_dict())
             pipe.save_grid(images, args.output, ncol=min(len(images), 10))
     except (OSError, ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(
         f"wrote {len(images)} images ({pipe.name or 'model'}, {pipe.img_size} px, "
-        f"{f'prompts {args.prompt}' if args.prompt else f'classes {labels}'}, "
-        f"cfg {sampling.cfg:g}, τr {sampling.repulsion_threshold:g}) "
-        f"to {args.output}"
+        f"{f'prompts {args.prompt}' if args.prompt else f'classes {labels}'}, cfg "
+        f"{sampling.cfg:g}, τr {sampling.repulsion_threshold:g}) to {args.output}"
     )
     return 0
 

@@ -1,6 +1,6 @@
-"""Group-size schedules ``g_0 .. g_{K-1}`` (tokens per decoding step, each >= 1): the released tables, the cosine
-fallback, and a parser (no ``eval``) of the forms users type: ``"1,2,4"``, ``"[1, 2, 4]"``, ``"[1]*256"``,
-``"[1]*2 + [2]*3"``, ``"[1*41, 2*46, 3*41]"``."""
+"""Group-size schedules ``g_0 .. g_{K-1}`` (tokens per decoding step, each >= 1): the released
+tables, the cosine fallback, and a parser (no ``eval``) of ``"1,2,4"``, ``"[1, 2, 4]"``,
+``"[1]*256"``, ``"[1]*2 + [2]*3"``, ``"[1*41, 2*46, 3*41]"``."""
 
 from __future__ import annotations
 
@@ -10,17 +10,9 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-__all__ = [
-    "parse_group_sizes",
-    "validate_group_sizes",
-    "GroupSizeError",
-    "RELEASED_GROUP_SIZES",
-    "num_tokens",
-    "cosine_group_sizes",
-    "group_sizes",
-    "scaled_group_sizes",
-    "training_schedules",
-]
+__all__ = ["parse_group_sizes", "validate_group_sizes", "GroupSizeError", "RELEASED_GROUP_SIZES"]
+__all__ += ["num_tokens", "cosine_group_sizes", "group_sizes", "scaled_group_sizes"]
+__all__ += ["training_schedules"]
 
 
 class GroupSizeError(ValueError):
@@ -35,33 +27,29 @@ MAX_GROUPS = 65536  # a 256 x 256 token grid decoded one token per step
 def _check_length(n: int, original: str) -> None:
     if n > MAX_GROUPS:
         raise GroupSizeError(
-            f"group sizes {original[:60]!r}: expands to {n} groups, more than the {MAX_GROUPS} of any "
-            f"token grid; check the repeat counts"
+            f"group sizes {original[:60]!r}: expands to {n} groups, more than the {MAX_GROUPS} of "
+            f"any token grid; check the repeat counts"
         )
 
 
 def _parse_items(text: str, original: str, before: int) -> list[int]:
-    """Comma-separated ``a`` or ``a*n`` items (``before`` groups already parsed, for the length check)."""
+    """Comma-separated ``a`` or ``a*n`` items (``before`` groups already parsed)."""
     out: list[int] = []
-    for raw in text.split(","):
-        item = raw.strip()
-        if not item:
+    for item in (raw.strip() for raw in text.split(",")):
+        if (m := _ITEM.fullmatch(item)) is None:
             raise GroupSizeError(
                 f"group sizes {original!r}: empty entry; write e.g. '1,2,4', '[1, 2, 4]' or '[1]*256'"
+                if not item
+                else f"group sizes {original!r}: cannot read {item!r}; entries are integers, "
+                f"optionally 'a*n' for a repeated n times (e.g. '[1*41, 2*46, 3*41]')"
             )
-        m = _ITEM.fullmatch(item)
-        if m is None:
-            raise GroupSizeError(
-                f"group sizes {original!r}: cannot read {item!r}; entries are integers, optionally "
-                f"'a*n' for a repeated n times (e.g. '[1*41, 2*46, 3*41]')"
-            )
-        _check_length(before + len(out) + int(m.group(2) or 1), original)
-        out.extend([int(m.group(1))] * int(m.group(2) or 1))
+        _check_length(before + len(out) + int(m[2] or 1), original)
+        out += [int(m[1])] * int(m[2] or 1)
     return out
 
 
 def parse_group_sizes(spec: str | Sequence[int], num_tokens: int | None = None) -> list[int]:
-    """A schedule from a string (the forms above) or a sequence, validated (summing to ``num_tokens`` if given)."""
+    """A validated schedule from a string (the forms above) or a sequence."""
     if not isinstance(spec, str):
         return validate_group_sizes(spec, num_tokens)
     if not spec.strip():
@@ -77,7 +65,7 @@ def parse_group_sizes(spec: str | Sequence[int], num_tokens: int | None = None) 
 
 
 def validate_group_sizes(group_sizes: Iterable[int], num_tokens: int | None = None) -> list[int]:
-    """``group_sizes`` as a list of Python ints (each >= 1, summing to ``num_tokens`` if given), or GroupSizeError."""
+    """``group_sizes`` as a list of Python ints (each >= 1, summing to ``num_tokens`` if given)."""
     try:
         sizes = list(group_sizes)
     except TypeError:
@@ -96,8 +84,8 @@ def validate_group_sizes(group_sizes: Iterable[int], num_tokens: int | None = No
     out = [int(g.__index__()) for g in sizes]
     if num_tokens is not None and sum(out) != num_tokens:
         raise GroupSizeError(
-            f"group sizes sum to {sum(out)} but the token grid has {num_tokens} positions; the groups "
-            f"must cover every position exactly once (e.g. '[1]*{num_tokens}')"
+            f"group sizes sum to {sum(out)} but the token grid has {num_tokens} positions; the "
+            f"groups must cover every position exactly once (e.g. '[1]*{num_tokens}')"
         )
     return out
 
@@ -147,7 +135,7 @@ RELEASED_GROUP_SIZES: dict[int, dict[int, tuple[int, ...]]] = {
 
 
 def num_tokens(img_size: int, vqgan_stride: int = 16) -> int:
-    """``N = (img_size / vqgan_stride) ** 2``, the positions of the token grid (ValueError if not whole)."""
+    """``N = (img_size / vqgan_stride) ** 2``, the positions of the token grid."""
     for name, v in (("img_size", img_size), ("vqgan_stride", vqgan_stride)):
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -162,14 +150,13 @@ def num_tokens(img_size: int, vqgan_stride: int = 16) -> int:
 def _check_steps(steps: int, n: int, what: str, flag: str = "the step count") -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= n:
         raise GroupSizeError(
-            f"cannot split {n} {what} into {steps!r} steps: {flag} must be an integer between 1 and "
-            f"{n} (every step decodes at least one token)"
+            f"cannot split {n} {what} into {steps!r} steps: {flag} must be an integer between 1 "
+            f"and {n} (every step decodes at least one token)"
         )
 
 
 def cosine_group_sizes(n_tokens: int, steps: int) -> list[int]:
-    """The cosine schedule: about ``N (1 - cos(pi/2 (j+1)/K))`` positions decoded after step ``j``; step 0 takes
-    one (all when ``steps == 1``), and the sizes never decrease."""
+    """About ``N (1 - cos(pi/2 (j+1)/K))`` decoded after step ``j``; step 0 takes one."""
     if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens <= 0:
         raise GroupSizeError(f"the token count must be a positive integer, got {n_tokens!r}")
     _check_steps(steps, n_tokens, "positions")
@@ -178,16 +165,15 @@ def cosine_group_sizes(n_tokens: int, steps: int) -> list[int]:
     extra = n_tokens - steps  # tokens beyond one per group
     # Share of the extra tokens decoded once step j (1..K-1) is done, from the end of step 0.
     c0 = np.cos(0.5 * np.pi / steps)
-    cum = np.rint((c0 - np.cos(0.5 * np.pi * np.arange(2, steps + 1) / steps)) / c0 * extra).astype(
-        np.int64
-    )
+    cum = np.rint((c0 - np.cos(0.5 * np.pi * np.arange(2, steps + 1) / steps)) / c0 * extra)
+    cum = cum.astype(np.int64)
     cum[-1] = extra
     # Rounding can leave a one-token dent; sorting keeps the sum and makes the sizes monotone.
     return validate_group_sizes([1] + sorted(int(v) + 1 for v in np.diff(cum, prepend=0)), n_tokens)
 
 
 def group_sizes(img_size: int, steps: int, vqgan_stride: int = 16) -> list[int]:
-    """``steps`` group sizes at ``img_size`` px: the released table of that token grid and step count, else cosine."""
+    """``steps`` group sizes at ``img_size`` px: the released table, else cosine."""
     n = num_tokens(img_size, vqgan_stride)
     released = RELEASED_GROUP_SIZES.get(n, {}).get(steps)
     return list(released) if released is not None else cosine_group_sizes(n, steps)
@@ -196,8 +182,8 @@ def group_sizes(img_size: int, steps: int, vqgan_stride: int = 16) -> list[int]:
 def scaled_group_sizes(
     n_unknown: int, steps: int, img_size: int, vqgan_stride: int = 16
 ) -> list[int]:
-    """Group sizes for ``n_unknown`` positions of an ``img_size`` px grid in ``steps`` steps: the released table,
-    scaled (cumulative shares rounded, every group >= 1), or the cosine schedule where there is none."""
+    """Group sizes for ``n_unknown`` positions of an ``img_size`` px grid in ``steps`` steps: the
+    released table scaled (cumulative shares rounded, every group >= 1), else cosine."""
     n = num_tokens(img_size, vqgan_stride)
     if isinstance(n_unknown, bool) or not isinstance(n_unknown, int) or not 1 <= n_unknown <= n:
         raise GroupSizeError(
@@ -208,15 +194,14 @@ def scaled_group_sizes(
     if table is None:
         return cosine_group_sizes(n_unknown, steps)
     j = np.arange(steps)
-    cum = np.clip(
-        np.rint(np.cumsum(table) * n_unknown / n).astype(np.int64), j + 1, n_unknown - steps + 1 + j
-    )
+    cum = np.rint(np.cumsum(table) * n_unknown / n).astype(np.int64)
+    cum = np.clip(cum, j + 1, n_unknown - steps + 1 + j)
     cum = np.maximum.accumulate(cum - j) + j  # strictly increasing: every group >= 1
     return validate_group_sizes(np.diff(cum, prepend=0).tolist(), n_unknown)
 
 
 def training_schedules(img_size: int, vqgan_stride: int = 16) -> list[list[int]]:
-    """The released tables of this resolution, longest first: a training iteration draws one uniformly."""
+    """The released tables of this resolution, longest first (training draws one uniformly)."""
     n = num_tokens(img_size, vqgan_stride)
     if n not in RELEASED_GROUP_SIZES:
         g = int(round(n**0.5))
@@ -229,8 +214,7 @@ def training_schedules(img_size: int, vqgan_stride: int = 16) -> list[list[int]]
 
 
 def released_files() -> dict[str, str]:
-    """The text of the released schedule files under ``orders/``, by path: ``group_sizes_lookup.json`` (steps
-    descending) and ``group_sizes_training/*.json`` (the lists ``--group_sizes_list`` names in the released scripts)."""
+    """The released ``orders/`` schedule files' text by path (lookup and training tables)."""
     files, parts = {}, []
     for n, tables in sorted(RELEASED_GROUP_SIZES.items()):
         res = int(round(n**0.5)) * 16

@@ -14,8 +14,8 @@ from lpd.schedules import group_sizes, released_files
 
 
 def write_released_files(folder: str, overwrite: bool = False) -> list[str]:
-    """Write :func:`released_files` under ``folder`` (atomically); returns the paths written. Files that hold
-    the same text are left alone; other existing files are replaced only with ``overwrite`` (else ValueError)."""
+    """Write :func:`released_files` under ``folder`` (atomically); returns the paths written. Files
+    of the same text are left alone, others replaced only with ``overwrite`` (else ValueError)."""
     todo = {}
     for rel, text in released_files().items():
         path = os.path.join(folder, rel)
@@ -25,8 +25,8 @@ def write_released_files(folder: str, overwrite: bool = False) -> list[str]:
         todo[path] = text.encode()
     if (refused := [p for p in todo if os.path.lexists(p)]) and not overwrite:
         raise ValueError(
-            f"{', '.join(refused)} exist(s) and differ(s) from the released tables; nothing was written: "
-            f"choose another folder, or --overwrite to replace them"
+            f"{', '.join(refused)} exist(s) and differ(s) from the released tables; nothing was "
+            f"written: choose another folder, or --overwrite to replace them"
         )
     for path, data in todo.items():
         atomic_write_bytes(path, lambda f, data=data: f.write(data))
@@ -34,31 +34,21 @@ def write_released_files(folder: str, overwrite: bool = False) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m lpd.schedules``: ``show`` a schedule, or ``write`` the released JSON tables; user errors
-    print one ``error:`` line and return 2."""
-    p = argparse.ArgumentParser(
-        prog="python -m lpd.schedules",
-        allow_abbrev=False,
-        description="Group-size schedules: print one, or write the released JSON tables.",
-    )
+    """``python -m lpd.schedules``: ``show`` a schedule, or ``write`` the released JSON tables;
+    user errors print one ``error:`` line and return 2."""
+    text = "Group-size schedules: print one, or write the released JSON tables."
+    p = argparse.ArgumentParser("python -m lpd.schedules", allow_abbrev=False, description=text)
     sub = p.add_subparsers(dest="command", required=True)
-    show = sub.add_parser(
-        "show", help="print the group sizes of a resolution and step count (released, else cosine)"
-    )
-    show.add_argument("--img_size", type=int, default=256)
-    show.add_argument("--steps", type=int, default=20, help="decoding steps")
-    show.add_argument("--vqgan_stride", type=int, default=16, help="tokenizer down-sampling factor")
-    write = sub.add_parser(
-        "write",
-        help="write group_sizes_lookup.json and group_sizes_training/*.json into FOLDER "
-        "(the repository keeps them in orders/)",
-    )
-    write.add_argument("folder", help="the folder to write into")
-    write.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace files that differ from the released tables",
-    )
+    text = "print the group sizes of a resolution and step count (released, else cosine)"
+    add = sub.add_parser("show", help=text).add_argument
+    add("--img_size", type=int, default=256)
+    add("--steps", type=int, default=20, help="decoding steps")
+    add("--vqgan_stride", type=int, default=16, help="tokenizer down-sampling factor")
+    text = "write group_sizes_lookup.json and group_sizes_training/*.json into FOLDER (the "
+    add = sub.add_parser("write", help=text + "repository keeps them in orders/)").add_argument
+    add("folder", help="the folder to write into")
+    text = "replace files that differ from the released tables"
+    add("--overwrite", action="store_true", help=text)
     args = p.parse_args(argv)
     try:
         if args.command == "show":
@@ -70,10 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(
-        "\n".join(f"wrote {w}" for w in written)
-        or f"{args.folder}: the released tables are up to date"
-    )
+    up_to_date = f"{args.folder}: the released tables are up to date"
+    print("\n".join(f"wrote {w}" for w in written) or up_to_date)
     return 0
 
 
