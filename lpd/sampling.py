@@ -55,10 +55,8 @@ class SamplingConfig:
                 raise ValueError(f"--{name} must be a finite number {bound}, got {v!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"--top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if self.cfg_schedule not in CFG_SCHEDULES:
-            raise ValueError(
-                f"--cfg_schedule must be 'linear' or 'constant', got {self.cfg_schedule!r}"
-            )
+        if (schedule := self.cfg_schedule) not in CFG_SCHEDULES:
+            raise ValueError(f"--cfg_schedule must be 'linear' or 'constant', got {schedule!r}")
         check_order(self.order)
         for name in ("bf16", "decode_fp32"):
             if not isinstance(getattr(self, name), bool):
@@ -89,9 +87,7 @@ _HELP = {
 
 
 def add_sampling_args(
-    parser: argparse.ArgumentParser,
-    defaults: SamplingConfig | dict = SamplingConfig(),
-    exclude: Sequence[str] = (),
+    parser: argparse.ArgumentParser, defaults: SamplingConfig | dict = SamplingConfig(), exclude=()
 ) -> None:
     """The flags of :class:`SamplingConfig`; ``defaults``: a config, or changes to the defaults
     (None: decided later)."""
@@ -187,16 +183,14 @@ def filter_and_sample(
         probs = probs * ((probs.cumsum(-1) - probs) <= top_p)
     cdf = probs.cumsum(-1)
     pick = torch.searchsorted(cdf, uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:], right=True)
-    # Rounding can give pick == V: take the last token of positive probability (on the CPU only
-    # when a row needs it; elsewhere always, so that nothing waits on the device).
+    # pick == V by rounding: the last token of positive probability (CPU: if needed, else no sync)
     if pick.device.type != "cpu" or bool((pick >= probs.shape[-1]).any()):
         pick = torch.minimum(pick, (probs > 0).cumsum(-1).argmax(-1, keepdim=True))
     return pick.squeeze(-1) if idx is None else idx.gather(-1, pick).squeeze(-1)
 
 
 class DecodeStep(NamedTuple):
-    """After a step: the head outputs ``logits [cB, g, V]`` of the decoded tokens ``first..last-1``
-    and the tokens ``[B, n]`` decoded so far (generation order, filled up to ``last``)."""
+    """After a step: ``logits [cB, g, V]`` of tokens ``first..last-1``, ``tokens [B, n]`` so far."""
 
     first: int
     last: int

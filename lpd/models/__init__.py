@@ -1,5 +1,4 @@
-"""LPD models: the presets, :func:`build_lpd` and :func:`load_lpd` (a preset's released checkpoint,
-a project checkpoint or an export), e.g. ``load_lpd("lpd_l", img_size=256)``."""
+"""LPD models: the presets, :func:`build_lpd` and :func:`load_lpd` (released, trained, exported)."""
 
 from __future__ import annotations
 
@@ -17,8 +16,7 @@ from lpd.files import CheckpointError
 from lpd.models.lpd import LPD, PRESETS, LPDConfig, build_lpd, group_visible_mask
 
 __all__ = ["LPD", "LPDConfig", "PRESETS", "build_lpd", "load_lpd", "read_weights", "fit_weights"]
-__all__ += ["interpolate_pos_embed", "checkpoint_config", "group_visible_mask"]
-__all__ += ["lpd_tiny", "lpd_l", "lpd_xl", "lpd_xxl"]
+__all__ += ["interpolate_pos_embed", "checkpoint_config", "group_visible_mask", *PRESETS]
 
 
 def _preset(name: str) -> Callable[..., LPD]:
@@ -39,9 +37,8 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, num_tokens: int) -> torch.Ten
     old_n, D = pos_embed.shape[1] - 1, pos_embed.shape[2]
     old_g, new_g = math.isqrt(old_n), math.isqrt(num_tokens)
     if old_g * old_g != old_n or new_g * new_g != num_tokens:
-        raise ValueError(
-            f"pos_embed interpolation needs square grids, got {old_n} -> {num_tokens} positions"
-        )
+        got = f"{old_n} -> {num_tokens} positions"
+        raise ValueError(f"pos_embed interpolation needs square grids, got {got}")
     if old_n == num_tokens:
         return pos_embed
     grid = pos_embed[0, 1:].float().reshape(old_g, old_g, D).permute(2, 0, 1).unsqueeze(0)
@@ -80,32 +77,26 @@ def read_weights(path: str, ema: bool = False, map_location: Any = "cpu") -> tup
     weights; an export gives ``{"model", "model_config", "export": its config.json}``."""
     if (folder := hub.export_folder(path)) is not None:
         config, weights = files.read_export(folder)
-        if ema and config.get("weights") != "ema":
+        if ema and (kind := config.get("weights")) != "ema":
             raise CheckpointError(
-                f"{path!r} holds the model's {config.get('weights')!r} weights, not an EMA; "
-                f"drop --use_ema"
+                f"{path!r} holds the model's {kind!r} weights, not an EMA; drop --use_ema"
             )
         return {"model": weights, "model_config": config["model_config"], "export": config}, weights
     ckpt = files.load_checkpoint(path, map_location)
     if ema and not isinstance(ckpt.get("model_ema"), dict):
-        raise CheckpointError(
-            f"checkpoint {path!r} holds no EMA weights (trained without --ema_decay); drop "
-            f"--use_ema"
-        )
+        msg = f"checkpoint {path!r} holds no EMA weights (trained without --ema_decay)"
+        raise CheckpointError(f"{msg}; drop --use_ema")
     key = "model_ema" if ema else "model"
     sd = ckpt[key] if isinstance(ckpt.get(key), dict) else ckpt
     if "pos_embed" not in sd:
-        raise CheckpointError(
-            f"checkpoint {path!r} has no 'pos_embed': it is not an LPD checkpoint"
-        )
+        raise CheckpointError(f"checkpoint {path!r} has no 'pos_embed': not an LPD checkpoint")
     return ckpt, sd
 
 
 def fit_weights(
     net: LPD, sd: dict, source: str, hint: str = "", log: Callable[[str], None] | None = None
 ) -> None:
-    """Load ``sd`` into ``net`` strictly, ``pos_embed`` resized to its grid (``log`` says so);
-    non-finite weights are refused."""
+    """``sd`` loaded into ``net`` strictly (finite weights only), ``pos_embed`` resized (logged)."""
     if (pe := sd["pos_embed"]).shape != net.pos_embed.shape:
         if log is not None:
             n = f"from {pe.shape[1] - 1} to {net.num_tokens} positions"
@@ -125,8 +116,7 @@ def load_lpd(
     ema: bool = False,
 ) -> LPD:
     """A checkpoint file or folder, an export, or a preset's released checkpoint at ``img_size``
-    (default 256) loaded strictly, in eval mode; a file's ``img_size`` must match unless
-    ``interpolate``."""
+    (default 256), loaded strictly in eval mode; ``interpolate``: to another ``img_size``."""
     path = os.fspath(path_or_name)
     if path in PRESETS and not os.path.exists(path):
         model, path = path, hub.resolve_checkpoint(path, img_size or 256)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Any
 
@@ -102,16 +103,15 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits if logits.dtype == torch.float64 else logits.float(), targets)
 
 
-_COMPILED_FLEX: Any = None
+@functools.cache
+def _compiled_flex() -> Any:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
 
 
 def flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: Any) -> Tensor:
     """Flex attention: the compiled block-sparse kernel on CUDA, the eager reference elsewhere."""
     from torch.nn.attention.flex_attention import flex_attention as flex
 
-    if q.device.type != "cuda":
-        return flex(q, k, v, block_mask=block_mask)
-    global _COMPILED_FLEX
-    if _COMPILED_FLEX is None:
-        _COMPILED_FLEX = torch.compile(flex)
-    return _COMPILED_FLEX(q, k, v, block_mask=block_mask)
+    return (_compiled_flex() if q.device.type == "cuda" else flex)(q, k, v, block_mask=block_mask)

@@ -62,28 +62,21 @@ class LPDConfig:
                 f"img_size {self.img_size} must be a multiple of vqgan_stride {self.vqgan_stride} "
                 f"(e.g. 256 or 512)"
             )
-        if self.condition not in ("class", "text"):
-            raise ValueError(
-                f"model config: condition must be 'class' or 'text', got {self.condition!r}"
-            )
-        if self.embed_dim % self.num_heads:
-            raise ValueError(
-                f"embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}"
-            )
+        if (cond := self.condition) not in ("class", "text"):
+            raise ValueError(f"model config: condition must be 'class' or 'text', got {cond!r}")
+        if (dim := self.embed_dim) % (heads := self.num_heads):
+            raise ValueError(f"embed_dim {dim} must be divisible by num_heads {heads}")
         for name in ("attn_dropout", "proj_dropout", "label_drop_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(
-                    f"model config: {name} must be in [0, 1], got {getattr(self, name)}"
-                )
+            if not 0.0 <= (v := getattr(self, name)) <= 1.0:
+                raise ValueError(f"model config: {name} must be in [0, 1], got {v}")
 
     @classmethod
     def from_name(cls, name: str | None, img_size: int = 256, **overrides: Any) -> LPDConfig:
         """A preset at ``img_size`` with ``overrides`` (not of its width, depth or heads); ``name``
         None: the overrides alone."""
-        if unknown := sorted(set(overrides) - set(cls.__dataclass_fields__)):
+        if unknown := ", ".join(sorted(set(overrides) - set(keys := cls.__dataclass_fields__))):
             raise ValueError(
-                f"model_config: unknown key(s) {', '.join(unknown)}; the keys are "
-                f"{', '.join(cls.__dataclass_fields__)}"
+                f"model_config: unknown key(s) {unknown}; the keys are {', '.join(keys)}"
             )
         if name is None:
             return cls(img_size=img_size, **overrides)
@@ -93,13 +86,10 @@ class LPDConfig:
                 f"without a preset name"
             )
         preset = PRESETS[name]
-        if clash := [
-            f"{k}={overrides[k]} (the preset has {v})"
-            for k, v in preset.items()
-            if overrides.get(k, v) != v
-        ]:
+        if clash := {k: v for k, v in preset.items() if overrides.get(k, v) != v}:
+            sets = ", ".join(f"{k}={overrides[k]} (the preset has {v})" for k, v in clash.items())
             raise ValueError(
-                f"model_config sets {', '.join(clash)}, which is not the {name} preset; drop "
+                f"model_config sets {sets}, which is not the {name} preset; drop "
                 f"--model (set model: null) to build the model_config alone, or drop those keys"
             )
         return cls(img_size=img_size, **{**preset, **overrides})
@@ -125,17 +115,14 @@ class Attention(nn.Module):
         self.qkv, self.proj = Linear(dim, dim * 3, bias=True), Linear(dim, dim)
         self.proj_drop = Dropout(proj_drop)
 
-    def forward(
-        self, x: Tensor, mask: Any = None, cache: Any = None, pos: Any = None, last: Any = None
-    ) -> Tensor:
-        """Attention of ``x [B, T, C]`` under ``mask`` (bool ``[(B, 1,) T', S]``, True = may attend,
-        or a ``BlockMask``); ``cache``: write slots ``pos``, attend to its first ``S``; ``last``:
-        only the last rows out."""
+    def forward(self, x: Tensor, mask=None, cache=None, pos=None, last=None) -> Tensor:
+        """Attention of ``x [B, T, C]`` under ``mask`` (bool ``[(B, 1,) T', S]`` or ``BlockMask``);
+        ``cache``: write slots ``pos``, read the first ``S``; ``last``: only the last rows out."""
         B, T, C = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if cache is not None:
-            k, v = (t[:, :, : mask.shape[-1]] for t in cache.update(pos, k, v))
+            k, v = [t[:, :, : mask.shape[-1]] for t in cache.update(pos, k, v)]
         if last is not None and last < T:
             q, T = q[:, :, T - last :], last
         if isinstance(mask, Tensor) or mask is None:
@@ -163,14 +150,10 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, eps: float, proj_drop: float):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, num_heads, proj_drop=proj_drop)
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=eps), Attention(dim, num_heads, proj_drop)
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=eps), Mlp(dim, int(dim * mlp_ratio), proj_drop)
 
-    def forward(
-        self, x: Tensor, mask: Any = None, cache: Any = None, pos: Any = None, last: Any = None
-    ) -> Tensor:
+    def forward(self, x: Tensor, mask=None, cache=None, pos=None, last=None) -> Tensor:
         """As :meth:`Attention.forward`; with ``last`` only the last rows go on."""
         h = self.attn(self.norm1(x), mask, cache, pos, last)
         x = x[:, x.shape[1] - h.shape[1] :] + h
@@ -217,9 +200,7 @@ def group_visible_mask(
     )
 
 
-def group_block_mask(
-    sizes: Sequence[int], device: Any, queries_only: bool, n_prefix: int, prefix_mask: Any
-) -> Any:
+def group_block_mask(sizes: Sequence[int], device, queries_only: bool, n_prefix: int, prefix_mask):
     """The training mask as a flex-attention ``BlockMask`` (rows: all, or the queries)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -336,9 +317,7 @@ class LPD(nn.Module):
             return build()
         return self.cached((tuple(group_sizes), str(device), flex, queries_only, n_prefix), build)
 
-    def embed_condition(
-        self, labels: Tensor | None, batch: int, drop: Tensor | None = None
-    ) -> Tensor:
+    def embed_condition(self, labels: Tensor | None, batch: int, drop=None) -> Tensor:
         """Condition rows ``[B, 1, D]`` of class ``labels`` (``fake_latent``: None or dropped)."""
         cond = self.fake_latent.expand(batch, -1)
         if labels is not None:
@@ -381,9 +360,7 @@ class LPD(nn.Module):
             raise ValueError(f"cond_mask must be bool [{B}, {L}] (False: padding), got {got}")
         return validate_group_sizes(sizes, N)
 
-    def _train_pass(
-        self, tokens, labels, orders, sizes, drop, cond, cond_mask, text
-    ) -> tuple[Tensor, Tensor]:
+    def _train_pass(self, tokens, labels, orders, sizes, drop, cond, cond_mask, text) -> tuple:
         """Final-norm outputs of the ``N`` queries ``[B, N, D]`` and their targets (tokens in
         generation order); ``text``: caption features, dropped by ``drop``."""
         if text is not None:
@@ -420,10 +397,9 @@ class LPD(nn.Module):
         cond_mask: Tensor | None = None,
         text: Tensor | None = None,
     ) -> Tensor:
-        """Logits ``[B, N, V]`` of ``tokens[b, orders[b, j]]`` at index ``j``, no dropout (labels
-        None: unconditional); ``cond [B, L, D]``: condition rows instead of labels (``cond_mask
-        [B, L]``: False = padding); ``text [B, L, text_dim]``: caption features (mask
-        ``cond_mask``)."""
+        """Logits ``[B, N, V]`` of ``tokens[b, orders[b, j]]`` at index ``j``, no dropout; instead
+        of ``labels`` (None: unconditional) condition rows ``cond [B, L, D]`` (``cond_mask [B, L]``:
+        False = padding) or caption features ``text [B, L, text_dim]`` (mask ``cond_mask``)."""
         args = (tokens, labels, orders, group_sizes, None, cond, cond_mask, text)
         return self.head(self._train_pass(*args)[0])
 
@@ -471,10 +447,8 @@ class LPD(nn.Module):
         for name, p in self.named_parameters():
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
-        return [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+        groups = ((decay, weight_decay), (no_decay, 0.0))
+        return [{"params": params, "weight_decay": wd} for params, wd in groups]
 
 
 def build_lpd(**config: Any) -> LPD:
