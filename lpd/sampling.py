@@ -1,7 +1,4 @@
-"""KV-cached parallel decoding (one forward pass per group of tokens) and the sampling settings.
-
-The cache layout and the draw are in docs/design.md; nothing in the loop waits on the device.
-"""
+"""KV-cached parallel decoding (one forward pass per group of tokens) and the sampling settings."""
 
 from __future__ import annotations
 
@@ -27,16 +24,12 @@ from lpd.images import to_uint8
 from lpd.models.lpd import LPD, Rows, attends, valid_keys
 from lpd.schedules import validate_group_sizes
 
-__all__ = [
-    "SamplingConfig",
-    "Decoder",
-    "sample_tokens",
-    "teacher_forced_logits",
-    "add_sampling_args",
-    "sampling_from_args",
-]
+__all__ = ["SamplingConfig", "Decoder", "sample_tokens", "teacher_forced_logits"]
+__all__ += ["add_sampling_args", "sampling_from_args"]
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
+Sizes = Sequence[int]  # group sizes
+CFG_SCHEDULES = ("linear", "constant")  # guidance: token j of N gets 1 + (cfg - 1) j / N, or cfg
 
 
 @dataclass(frozen=True)
@@ -44,9 +37,7 @@ class SamplingConfig:
     """How images are sampled; every entry point and loop takes one of these."""
 
     cfg: float = 1.0  # classifier-free guidance scale (1: off)
-    cfg_schedule: str = (
-        "linear"  # linear: token j in generation order gets 1 + (cfg - 1) j / N; constant: cfg
-    )
+    cfg_schedule: str = "linear"  # one of CFG_SCHEDULES
     temperature: float = 1.0
     top_k: int = 0  # 0: off; keeps every logit equal to the k-th
     top_p: float = 1.0  # 1: off; keeps a token whose preceding mass is <= top_p
@@ -59,24 +50,14 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         for name in ("cfg", "temperature", "top_p", "proximity_threshold", "repulsion_threshold"):
             v, nucleus = getattr(self, name), name == "top_p"  # top_p in (0, 1], the others >= 0
-            if (
-                isinstance(v, bool)
-                or not isinstance(v, (int, float))
-                or not math.isfinite(v)
-                or v < 0
-                or nucleus
-                and not 0 < v <= 1
-            ):
-                raise ValueError(
-                    f"--{name} must be a finite number {'>' if nucleus else '>='} 0.0"
-                    f"{' and <= 1.0' if nucleus else ''}, got {v!r}"
-                )
+            number = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+            if not number or v < 0 or nucleus and not 0 < v <= 1:
+                bound = "> 0.0 and <= 1.0" if nucleus else ">= 0.0"
+                raise ValueError(f"--{name} must be a finite number {bound}, got {v!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"--top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if self.cfg_schedule not in ("linear", "constant"):
-            raise ValueError(
-                f"--cfg_schedule must be 'linear' or 'constant', got {self.cfg_schedule!r}"
-            )
+        if (schedule := self.cfg_schedule) not in CFG_SCHEDULES:
+            raise ValueError(f"--cfg_schedule must be 'linear' or 'constant', got {schedule!r}")
         check_order(self.order)
         for name in ("bf16", "decode_fp32"):
             if not isinstance(getattr(self, name), bool):
@@ -84,10 +65,8 @@ class SamplingConfig:
 
     def replace(self, **changes: Any) -> SamplingConfig:
         """A copy with ``changes`` (unknown names are an error)."""
-        if unknown := sorted(set(changes) - {f.name for f in dataclasses.fields(self)}):
-            raise TypeError(
-                f"unknown sampling settings {unknown}; known: {[f.name for f in dataclasses.fields(self)]}"
-            )
+        if unknown := sorted(set(changes) - set(known := list(self.__dataclass_fields__))):
+            raise TypeError(f"unknown sampling settings {unknown}; known: {known}")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,54 +88,36 @@ _HELP = {
 
 
 def add_sampling_args(
-    parser: argparse.ArgumentParser,
-    defaults: SamplingConfig | dict = SamplingConfig(),
-    exclude: Sequence[str] = (),
+    parser: argparse.ArgumentParser, defaults: SamplingConfig | dict = SamplingConfig(), exclude=()
 ) -> None:
-    """The flags of :class:`SamplingConfig`; ``defaults``: a config, or changes to the defaults (None: decided later)."""
-    base = SamplingConfig()
-    values = (
-        defaults.to_dict()
-        if isinstance(defaults, SamplingConfig)
-        else {**base.to_dict(), **defaults}
-    )
+    """The flags of :class:`SamplingConfig`; ``defaults``: a config, or changes to the defaults
+    (None: decided later)."""
+    base = SamplingConfig().to_dict()
+    values = defaults.to_dict() if isinstance(defaults, SamplingConfig) else {**base, **defaults}
+    choices = {"order": list(ORDERS), "cfg_schedule": list(CFG_SCHEDULES)}
     g = parser.add_argument_group("sampling")
-    for f in dataclasses.fields(SamplingConfig):
-        if f.name in exclude:
-            continue
-        kind, value, name = type(getattr(base, f.name)), values[f.name], f"--{f.name}"
-        if kind is bool:
-            g.add_argument(
-                name, action=argparse.BooleanOptionalAction, default=value, help=_HELP[f.name]
-            )
-        elif f.name in ("cfg_schedule", "order"):
-            g.add_argument(
-                name,
-                default=value,
-                choices=list(ORDERS) if f.name == "order" else ["linear", "constant"],
-                help=_HELP[f.name],
-            )
+    for name in (n for n in base if n not in exclude):
+        flag, kw = f"--{name}", dict(default=values[name], help=_HELP[name])
+        if type(base[name]) is bool:
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif name in choices:
+            g.add_argument(flag, choices=choices[name], **kw)
         else:
-            g.add_argument(name, type=kind, default=value, help=_HELP[f.name])
+            g.add_argument(flag, type=type(base[name]), **kw)
 
 
 def sampling_from_args(args: argparse.Namespace | dict, **changes: Any) -> SamplingConfig:
-    """The :class:`SamplingConfig` of parsed flags (names that are not flags keep their defaults)."""
+    """The :class:`SamplingConfig` of parsed flags; settings not among them keep their defaults."""
     values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    return SamplingConfig(
-        **{
-            **{k: v for k, v in values.items() if k in SamplingConfig.__dataclass_fields__},
-            **changes,
-        }
-    )
+    fields = SamplingConfig.__dataclass_fields__
+    return SamplingConfig(**{**{k: v for k, v in values.items() if k in fields}, **changes})
 
 
 @dataclass(frozen=True)
 class StepPlan:
-    """The forward passes of a decode: a prefill if ``prefill`` (first), then one per step. Each
-    writes slots ``pos`` and attends through ``masks`` ``[rows, slots]`` (``rows``, ``keys``: their
-    :func:`attends` descriptors); its rows: ``pads`` padding rows (static plans: they write a
-    scratch slot), the context rows, then the queries of the decoded tokens ``spans``."""
+    """The forward passes of a decode (a prefill if ``prefill``, then one per step): each writes
+    slots ``pos``, attends through ``masks [rows, slots]`` (:func:`attends` of ``rows``, ``keys``)
+    and has ``pads`` rows writing a scratch slot, context rows, then the queries of ``spans``."""
 
     pos: tuple[Tensor, ...]
     masks: tuple[Tensor, ...]
@@ -170,12 +131,12 @@ class StepPlan:
 
 
 def step_plan(
-    sizes: Sequence[int], n_prefix: int, device: Any, *, n_known: int = 0, static: bool = False
+    sizes: Sizes, n_prefix: int, device: Any, *, n_known: int = 0, static: bool = False
 ) -> StepPlan:
     """The plan of decoding groups of ``sizes`` after ``n_prefix`` prefix rows, the first
     ``n_known`` groups known. Slots: the prefix, then group after group (+ a scratch slot if
-    ``static``). The context (prefix and known groups) is fed with the first step, or alone before
-    it where a static plan would pad every step to its length."""
+    ``static``). The context is fed with the first step, or alone before it where a static plan
+    would pad every step to its length."""
     # group g: slots [bounds[g], bounds[g + 1]); context groups: the prefix 0, group g g + 1
     K, bounds = len(sizes), np.cumsum([n_prefix, *sizes]).tolist()
     end, ctx, slot = bounds[-1], bounds[n_known], torch.arange(bounds[-1] + 1)
@@ -197,21 +158,19 @@ def step_plan(
     return StepPlan(*zip(*plan), spans, int(prefill), end + int(static), num_out)
 
 
-def cfg_scales(
-    cfg: float, schedule: str, first: int, last: int, num_tokens: int, device: torch.device
-) -> torch.Tensor | float:
+def cfg_scales(cfg: float, schedule: str, first: int, last: int, n: int, device: Any) -> Any:
     """Guidance scale of the tokens ``first..last-1`` in generation order: ``[g, 1]`` or a float."""
     if schedule == "constant":
         return cfg
     j = torch.arange(first, last, device=device, dtype=torch.float32)
-    return (1.0 + (cfg - 1.0) * j / num_tokens)[:, None]
+    return (1.0 + (cfg - 1.0) * j / n)[:, None]
 
 
 def filter_and_sample(
     logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_k: int, top_p: float
 ) -> torch.Tensor:
-    """One token per row of ``logits [M, V]`` from the tempered, top-k, top-p distribution (as released):
-    the first token whose cumulative probability exceeds ``uniforms [M]`` times the kept mass."""
+    """One token per row of ``logits [M, V]`` from the tempered, top-k, top-p distribution: the
+    first token whose cumulative probability exceeds ``uniforms [M]`` times the kept mass."""
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / max(temperature, 1e-5)
@@ -225,16 +184,14 @@ def filter_and_sample(
         probs = probs * ((probs.cumsum(-1) - probs) <= top_p)
     cdf = probs.cumsum(-1)
     pick = torch.searchsorted(cdf, uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:], right=True)
-    # Rounding can put the target at the total (pick == V): take the last token with positive probability.
-    # On the CPU only the rare rows that need it pay for the guard; elsewhere every row does, so nothing waits.
+    # pick == V by rounding: the last token of positive probability (CPU: if needed, else no sync)
     if pick.device.type != "cpu" or bool((pick >= probs.shape[-1]).any()):
         pick = torch.minimum(pick, (probs > 0).cumsum(-1).argmax(-1, keepdim=True))
     return pick.squeeze(-1) if idx is None else idx.gather(-1, pick).squeeze(-1)
 
 
 class DecodeStep(NamedTuple):
-    """After a step: the head outputs ``logits [cB, g, V]`` of the decoded tokens ``first..last-1``
-    and the tokens ``[B, n]`` decoded so far (generation order, filled up to ``last``)."""
+    """After a step: ``logits [cB, g, V]`` of tokens ``first..last-1``, ``tokens [B, n]`` so far."""
 
     first: int
     last: int
@@ -243,13 +200,10 @@ class DecodeStep(NamedTuple):
 
 
 class Decoder:
-    """KV-cached parallel decoding with one model and one :class:`SamplingConfig` (``greedy``:
-    argmax). It owns the step plans (cached on the model), the KV cache, the (compiled) step and
-    the draw; reuse it for repeated calls, one at a time. Guidance (``cfg != 1``) doubles the
-    batch: a prefix is ``[cB, L, D]`` condition rows, the conditional ones first
-    (:meth:`class_prefix`). ``compile``: static-shape steps under ``torch.compile`` (``True``, a
-    mode such as ``"reduce-overhead"`` for CUDA graphs, or a dict of options); a failing compiler
-    falls back to eager with one warning."""
+    """KV-cached parallel decoding of a model with a :class:`SamplingConfig` (``greedy``: argmax),
+    one call at a time. Guidance (``cfg != 1``) doubles the batch: a prefix is ``[cB, L, D]`` rows,
+    the conditional ones first. ``compile`` (``True``, a mode or a dict of options): static-shape
+    steps under ``torch.compile``, eager with one warning where it fails."""
 
     def __init__(
         self,
@@ -287,10 +241,9 @@ class Decoder:
     def text_prefix(
         self, features: Tensor, mask: Tensor | None = None, negative: Any = None
     ) -> tuple[Tensor, Tensor]:
-        """Condition rows ``[cB, L, D]`` and ``prefix_mask [cB, L]`` of caption ``features [B, L,
-        text_dim]`` (``mask``: False = padding); with guidance the guidance rows follow: the null
-        caption, or those of a ``negative`` prompt (features ``[B or 1, L', text_dim]``, or a
-        ``(features, mask)`` pair)."""
+        """Condition rows ``[cB, L, D]`` and ``prefix_mask [cB, L]`` of caption ``features``
+        (``mask``: False = padding); with guidance the rows of the null caption follow, or those
+        of a ``negative`` prompt (features ``[B or 1, L', text_dim]``, or ``(features, mask)``)."""
         rows, mask = self.model.text_prefix(features, mask)
         if not self.guided:
             if negative is not None:
@@ -305,11 +258,10 @@ class Decoder:
         return torch.cat([rows, neg.to(rows.dtype)]), torch.cat(list(masks))
 
     def sample(
-        self, labels: Any, orders: Any, sizes: Sequence[int], generator: Generators = None
+        self, labels: Any, orders: Any, sizes: Sizes, generator: Generators = None
     ) -> Tensor:
-        """``[B, N]`` raster tokens of ``labels [B]`` (None: unconditional) decoded in
-        ``len(sizes)`` steps over ``orders [B, N]`` (raster positions in generation order); one
-        ``generator`` or one per image. Inputs are trusted (:func:`sample_tokens` checks them)."""
+        """``[B, N]`` raster tokens of ``labels [B]`` (None: unconditional) decoded in groups of
+        ``sizes`` over ``orders [B, N]``; one ``generator`` or one per image. Inputs are trusted."""
         device = self.model.pos_embed.device
         orders = torch.as_tensor(orders, device=device).long()
         labels = None if labels is None else torch.as_tensor(labels, device=device).long()
@@ -321,21 +273,18 @@ class Decoder:
         self,
         prefix: Tensor,
         orders: Tensor,
-        sizes: Sequence[int],
+        sizes: Sizes,
         tokens: Tensor,
         n_known: int = 0,
         **options: Any,
     ) -> Tensor:
         """Head outputs ``[cB, N - n_known, V]`` of decoding fed ``tokens [B, N]`` (generation
-        order, the first ``n_known`` known; ``options``: of :meth:`steps`): :meth:`LPD.logits` up
-        to float error."""
+        order, the first ``n_known`` known; ``options``: of :meth:`steps`)."""
         known, forced = (tokens[:, :n_known] if n_known else None), tokens[:, n_known:]
         steps = self.steps(prefix, orders, sizes, known=known, forced=forced, **options)
         return torch.cat([s.logits for s in steps], dim=1)
 
-    def decode(
-        self, prefix: Tensor, orders: Tensor, sizes: Sequence[int], **options: Any
-    ) -> Tensor:
+    def decode(self, prefix: Tensor, orders: Tensor, sizes: Sizes, **options: Any) -> Tensor:
         """:meth:`steps` to the end: the decoded tokens ``[B, n]`` in generation order."""
         return collections.deque(self.steps(prefix, orders, sizes, **options), maxlen=1)[0].tokens
 
@@ -343,7 +292,7 @@ class Decoder:
         self,
         prefix: Tensor,
         orders: Tensor,
-        sizes: Sequence[int],
+        sizes: Sizes,
         *,
         prefix_mask: Tensor | None = None,
         known: Tensor | None = None,
@@ -351,10 +300,8 @@ class Decoder:
         forced: Tensor | None = None,
     ) -> Iterator[DecodeStep]:
         """Decode ``orders [B, N]`` in groups of ``sizes`` after the ``prefix`` rows (``prefix_mask
-        [cB, L]``: False = padding) and the ``known [B, M]`` tokens of the first whole groups, fed
-        with the first step; a :class:`DecodeStep` after every step. ``forced [B, N - M]``: fed
-        instead of drawn (teacher forcing). Inputs are trusted (on the model's device); nothing
-        waits on the device."""
+        [cB, L]``: False = padding) and the ``known [B, M]`` tokens of the first groups; yields a
+        :class:`DecodeStep` per step. ``forced [B, N - M]``: fed, not drawn. Inputs are trusted."""
         m, (B, N), device = self.model, orders.shape, orders.device
         M = 0 if known is None else known.shape[1]
         c, n, D = 1 + self.guided, N - M, m.config.embed_dim
@@ -423,17 +370,14 @@ class Decoder:
         amp = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         key = (batch, slots, amp, m.pos_embed.dtype)
         if self._cache is not None and self._cache[0] == key:
-            for t in self._cache[1].buffers():
-                t.zero_()
+            torch._foreach_zero_(list(self._cache[1].buffers()))
             return self._cache[1]
         self._cache = (key, m.new_cache(batch, slots, amp))
         for t in self._cache[1].buffers() if self.compiled is not None else ():
             torch._dynamo.mark_static_address(t)
         return self._cache[1]
 
-    def _step(
-        self, x: Tensor, cache: torch.nn.ModuleList, pos: Tensor, mask: Tensor, num_out: int
-    ) -> Tensor:
+    def _step(self, x: Tensor, cache: Any, pos: Tensor, mask: Tensor, num_out: int) -> Tensor:
         if self.compiled is not None and not self.compile_failed:
             try:
                 return self.compiled(self.model, x, cache, pos, mask, num_out)
@@ -454,21 +398,18 @@ def _uniforms(generator: Generators, batch: int, n: int, device: torch.device) -
         dev = generator.device if generator is not None else device
         return torch.rand(batch, n, generator=generator, device=dev).to(device)
     if len(gens := list(generator)) != batch:
-        raise ValueError(
-            f"got {len(gens)} generators for a batch of {batch}; pass one per image or a single one"
-        )
+        msg = f"got {len(gens)} generators for a batch of {batch}"
+        raise ValueError(f"{msg}; pass one per image or a single one")
     return torch.stack([torch.rand(n, generator=g, device=g.device).to(device) for g in gens])
 
 
-def _inputs(model: LPD, labels: Any, orders: Any, sizes: Sequence[int]) -> tuple:
-    """Labels and orders as tensors on the model's device, checked on the host (nothing waits on the
-    device); the group sizes as a list."""
+def _inputs(model: LPD, labels: Any, orders: Any, sizes: Sizes) -> tuple:
+    """Labels and orders checked on the host, as tensors on the model's device; the sizes a list."""
     device, N, grid = model.pos_embed.device, model.num_tokens, model.grid_size
     orders = (orders if isinstance(orders, Tensor) else torch.as_tensor(np.asarray(orders))).long()
     if orders.dim() != 2 or orders.shape[1] != N:
-        raise ValueError(
-            f"orders must have shape [B, {N}] ({grid}x{grid} grid), got {list(orders.shape)}"
-        )
+        got = list(orders.shape)
+        raise ValueError(f"orders must have shape [B, {N}] ({grid}x{grid} grid), got {got}")
     if (bad := (orders.sort(dim=1).values != torch.arange(N, device=orders.device)).any(1)).any():
         raise ValueError(f"orders row {int(bad.nonzero()[0])} is not a permutation of 0..{N - 1}")
     if labels is not None:
@@ -480,7 +421,7 @@ def sample_tokens(
     model: LPD,
     labels: torch.Tensor | None,
     orders: torch.Tensor | np.ndarray,
-    group_sizes: Sequence[int],
+    group_sizes: Sizes,
     sampling: SamplingConfig | None = None,
     *,
     greedy: bool = False,
@@ -498,16 +439,10 @@ def sample_tokens(
 
 
 def teacher_forced_logits(
-    model: LPD,
-    tokens: torch.Tensor,
-    labels: torch.Tensor | None,
-    orders: torch.Tensor | np.ndarray,
-    group_sizes: Sequence[int],
-    cfg: float = 1.0,
-) -> torch.Tensor:
+    model: LPD, tokens: Tensor, labels: Any, orders: Any, group_sizes: Sizes, cfg: float = 1.0
+) -> Tensor:
     """Head outputs of cached decoding fed the raster ``tokens``: ``[B, N, V]`` in generation order
-    (``[2B, N, V]``, conditional rows first, when ``cfg != 1``); :meth:`LPD.logits` up to float
-    error."""
+    (``[2B, N, V]``, conditional rows first, when ``cfg != 1``)."""
     labels, orders, sizes = _inputs(model, labels, orders, group_sizes)
     tokens = torch.as_tensor(tokens, device=orders.device).long().reshape(len(orders), -1)
     decoder = Decoder(model, SamplingConfig(cfg=cfg))

@@ -1,13 +1,10 @@
-"""The LPD transformer: a class-conditional decoder over VQ tokens with position-query tokens.
-
-The training sequence and its mask are in docs/design.md; parameter names are the released checkpoints'.
-"""
+"""The LPD transformer: a class-conditional decoder over VQ tokens with position-query tokens."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -16,25 +13,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from lpd.config import check_positive
 from lpd.models.kernels import Dropout, Linear, flex_attention, linear_cross_entropy
 from lpd.models.text import TextPrefix
 from lpd.schedules import validate_group_sizes
 
-__all__ = [
-    "LPDConfig",
-    "PRESETS",
-    "Attention",
-    "Mlp",
-    "Block",
-    "KVCache",
-    "LPD",
-    "attends",
-    "sequence_rows",
-    "valid_keys",
-    "group_visible_mask",
-    "group_block_mask",
-    "ATTN_IMPLS",
-]
+__all__ = ["LPDConfig", "PRESETS", "LPD", "KVCache", "attends", "group_visible_mask", "build_lpd"]
 
 #: The released architectures (and a tiny one for CPU tests): width, depth, heads.
 PRESETS: dict[str, dict[str, int]] = {
@@ -45,11 +29,12 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 ATTN_IMPLS = ("auto", "sdpa", "flex")
 Rows = tuple[Tensor, Tensor, Tensor]  # (slot, group, is_query) of rows or keys
+_POSITIVE = "img_size vqgan_stride embed_dim depth num_heads vocab_size class_num text_dim"
 
 
 @dataclass(frozen=True)
 class LPDConfig:
-    """Architecture of an LPD model (the keyword arguments of :func:`lpd.models.build_lpd`)."""
+    """Architecture of an LPD model (the keyword arguments of :func:`build_lpd`)."""
 
     img_size: int = 256
     vqgan_stride: int = 16
@@ -60,9 +45,7 @@ class LPDConfig:
     vocab_size: int = 16384
     class_num: int = 1000
     layernorm_eps: float = 1e-6
-    attn_dropout: float = (
-        0.1  # accepted as the released constructor; attention probabilities are not dropped
-    )
+    attn_dropout: float = 0.1  # accepted as released; attention probabilities are not dropped
     proj_dropout: float = 0.1
     label_drop_prob: float = 0.1  # condition (class label or caption) dropout in training
     grad_checkpointing: bool = False
@@ -72,64 +55,44 @@ class LPDConfig:
     text_encoder: dict | None = None  # the record of the text encoder it was trained with
 
     def __post_init__(self) -> None:
-        for name in (
-            "img_size",
-            "vqgan_stride",
-            "embed_dim",
-            "depth",
-            "num_heads",
-            "vocab_size",
-            "class_num",
-            "text_dim",
-            "max_text_tokens",
-        ):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"model config: {name} must be a positive integer, got {v!r}")
+        for name in [*_POSITIVE.split(), "max_text_tokens"]:
+            check_positive(getattr(self, name), f"model config: {name}", ValueError)
         if self.img_size % self.vqgan_stride:
             raise ValueError(
-                f"img_size {self.img_size} must be a multiple of vqgan_stride {self.vqgan_stride} (e.g. 256 or 512)"
+                f"img_size {self.img_size} must be a multiple of vqgan_stride {self.vqgan_stride} "
+                f"(e.g. 256 or 512)"
             )
-        if self.condition not in ("class", "text"):
-            raise ValueError(
-                f"model config: condition must be 'class' or 'text', got {self.condition!r}"
-            )
-        if self.embed_dim % self.num_heads:
-            raise ValueError(
-                f"embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}"
-            )
+        if (cond := self.condition) not in ("class", "text"):
+            raise ValueError(f"model config: condition must be 'class' or 'text', got {cond!r}")
+        if (dim := self.embed_dim) % (heads := self.num_heads):
+            raise ValueError(f"embed_dim {dim} must be divisible by num_heads {heads}")
         for name in ("attn_dropout", "proj_dropout", "label_drop_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(
-                    f"model config: {name} must be in [0, 1], got {getattr(self, name)}"
-                )
+            if not 0.0 <= (v := getattr(self, name)) <= 1.0:
+                raise ValueError(f"model config: {name} must be in [0, 1], got {v}")
 
     @classmethod
     def from_name(cls, name: str | None, img_size: int = 256, **overrides: Any) -> LPDConfig:
-        """A preset (``lpd_l`` ...) at ``img_size`` with ``overrides`` (not of its width, depth or heads);
-        ``name=None``: the overrides alone."""
-        if unknown := sorted(set(overrides) - set(cls.__dataclass_fields__)):
+        """A preset at ``img_size`` with ``overrides`` (not of its width, depth or heads); ``name``
+        None: the overrides alone."""
+        if unknown := ", ".join(sorted(set(overrides) - set(keys := cls.__dataclass_fields__))):
             raise ValueError(
-                f"model_config: unknown key(s) {', '.join(unknown)}; the keys are "
-                f"{', '.join(cls.__dataclass_fields__)}"
+                f"model_config: unknown key(s) {unknown}; the keys are {', '.join(keys)}"
             )
         if name is None:
             return cls(img_size=img_size, **overrides)
         if name not in PRESETS:
             raise ValueError(
-                f"unknown model {name!r}; choose one of {sorted(PRESETS)}, or give a model_config without a preset name"
+                f"unknown model {name!r}; choose one of {sorted(PRESETS)}, or give a model_config "
+                f"without a preset name"
             )
-        clash = [
-            f"{k}={overrides[k]} (the preset has {v})"
-            for k, v in PRESETS[name].items()
-            if k in overrides and overrides[k] != v
-        ]
-        if clash:
+        preset = PRESETS[name]
+        if clash := {k: v for k, v in preset.items() if overrides.get(k, v) != v}:
+            sets = ", ".join(f"{k}={overrides[k]} (the preset has {v})" for k, v in clash.items())
             raise ValueError(
-                f"model_config sets {', '.join(clash)}, which is not the {name} preset; "
-                f"drop --model (set model: null) to build the model_config alone, or drop those keys"
+                f"model_config sets {sets}, which is not the {name} preset; drop "
+                f"--model (set model: null) to build the model_config alone, or drop those keys"
             )
-        return cls(img_size=img_size, **{**PRESETS[name], **overrides})
+        return cls(img_size=img_size, **{**preset, **overrides})
 
     @property
     def grid_size(self) -> int:
@@ -149,34 +112,20 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, proj_drop: float = 0.0):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.qkv = Linear(dim, dim * 3, bias=True)
-        self.proj = Linear(dim, dim)
+        self.qkv, self.proj = Linear(dim, dim * 3, bias=True), Linear(dim, dim)
         self.proj_drop = Dropout(proj_drop)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        mask: Any = None,
-        cache: KVCache | None = None,
-        pos: torch.Tensor | None = None,
-        last: int | None = None,
-    ) -> torch.Tensor:
-        """Attention of ``x [B, T, C]`` under ``mask`` (bool ``[(B, 1,) T', S]``, True = may
-        attend, or a ``BlockMask``); ``cache``: write slots ``pos``, attend to its first ``S``;
-        ``last``: only the last rows out."""
+    def forward(self, x: Tensor, mask=None, cache=None, pos=None, last=None) -> Tensor:
+        """Attention of ``x [B, T, C]`` under ``mask`` (bool ``[(B, 1,) T', S]`` or ``BlockMask``);
+        ``cache``: write slots ``pos``, read the first ``S``; ``last``: only the last rows out."""
         B, T, C = x.shape
-        q, k, v = (
-            self.qkv(x)
-            .reshape(B, T, 3, self.num_heads, self.head_dim)
-            .permute(2, 0, 3, 1, 4)
-            .unbind(0)
-        )
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if cache is not None:
-            k, v = cache.update(pos, k, v)
-            k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
+            k, v = [t[:, :, : mask.shape[-1]] for t in cache.update(pos, k, v)]
         if last is not None and last < T:
             q, T = q[:, :, T - last :], last
-        if isinstance(mask, torch.Tensor) or mask is None:
+        if isinstance(mask, Tensor) or mask is None:
             attn_mask = None if mask is None else mask[..., -T:, :]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         else:
@@ -192,7 +141,7 @@ class Mlp(nn.Module):
         self.fc1, self.act, self.drop1 = Linear(dim, hidden), nn.GELU(), Dropout(drop)
         self.fc2, self.drop2 = Linear(hidden, dim), Dropout(drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
@@ -201,83 +150,63 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, eps: float, proj_drop: float):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, num_heads, proj_drop=proj_drop)
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=eps), Attention(dim, num_heads, proj_drop)
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=eps), Mlp(dim, int(dim * mlp_ratio), proj_drop)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        mask: Any = None,
-        cache: KVCache | None = None,
-        pos: torch.Tensor | None = None,
-        last: int | None = None,
-    ) -> torch.Tensor:
-        """As :meth:`Attention.forward`; with ``last`` only the last rows go on past the keys and values."""
+    def forward(self, x: Tensor, mask=None, cache=None, pos=None, last=None) -> Tensor:
+        """As :meth:`Attention.forward`; with ``last`` only the last rows go on."""
         h = self.attn(self.norm1(x), mask, cache, pos, last)
         x = x[:, x.shape[1] - h.shape[1] :] + h
         return x + self.mlp(self.norm2(x))
 
 
 def attends(row: Rows, key: Rows, key_valid: Tensor | None = None) -> Tensor:
-    """The attention rule of training, decoding and prefill, elementwise over rows and keys given as
-    ``(slot, group, is_query)``. The prefix (condition) rows are context group 0, the tokens of
-    decoding group ``k`` context group ``k + 1``. A context row of group ``a`` sees the context of
-    groups ``<= a``; a query of group ``k`` sees the context of groups ``<= k`` and the queries of
-    group ``k``; keys with ``key_valid`` False (padded prefix rows) are seen by nobody; every row
-    sees its own slot (so a padded row stays finite)."""
+    """The attention rule of training, decoding and prefill, elementwise over ``(slot, group,
+    is_query)`` of rows and keys. The prefix rows are context group 0, the tokens of decoding group
+    ``k`` context group ``k + 1``. A context row of group ``a`` sees the context of groups ``<= a``;
+    a query of group ``k`` the context of groups ``<= k`` and the queries of group ``k``; keys with
+    ``key_valid`` False (padding) nobody; every row its own slot (a padded row stays finite)."""
     (r_slot, r_group, r_query), (k_slot, k_group, k_query) = row, key
     see = torch.where(k_query, r_query & (k_group == r_group), k_group <= r_group)
     return (see if key_valid is None else see & key_valid) | (k_slot == r_slot)
 
 
-def sequence_rows(group_sizes: Sequence[int], n_prefix: int = 1) -> Rows:
+def sequence_rows(group_sizes: Sequence[int], n_prefix: int = 1, device: Any = "cpu") -> Rows:
     """``(slot, group, is_query)`` of the training sequence: ``n_prefix`` prefix rows, the tokens of
     every group but the last, then the queries of every group."""
     ids = torch.arange(len(group_sizes))
     context = torch.repeat_interleave(ids, torch.tensor([n_prefix, *group_sizes[:-1]]))
     group = torch.cat([context, torch.repeat_interleave(ids, torch.tensor(list(group_sizes)))])
     slot = torch.arange(len(group))
-    return slot, group, slot >= len(context)
+    return tuple(t.to(device) for t in (slot, group, slot >= len(context)))
 
 
 def valid_keys(prefix_mask: Tensor | None, n: int) -> Tensor | None:
-    """Which of ``n`` keys may be seen, ``[B, n]``: ``prefix_mask [B, L]`` (False: padding), then
-    all."""
+    """``[B, n]``: which keys may be seen: ``prefix_mask [B, L]`` (False: padding), then all."""
     if prefix_mask is not None:
         return F.pad(prefix_mask.bool(), (0, n - prefix_mask.shape[1]), value=True)
     return None
 
 
 def group_visible_mask(
-    group_sizes: Sequence[int],
-    device: Any = "cpu",
-    n_prefix: int = 1,
-    prefix_mask: Tensor | None = None,
+    sizes: Sequence[int], device: Any = "cpu", n_prefix: int = 1, prefix_mask: Tensor | None = None
 ) -> Tensor:
     """Boolean training mask ``[T, T]`` (True = may attend; ``[B, 1, T, T]`` with ``prefix_mask
     [B, L]``), ``T = L + 2N - g_{K-1}``."""
-    rows = tuple(t.to(device) for t in sequence_rows(group_sizes, n_prefix))
+    rows = sequence_rows(sizes, n_prefix, device)
     valid = valid_keys(prefix_mask, len(rows[0]))
-    valid = None if valid is None else valid[:, None, None]
-    return attends(tuple(t[:, None] for t in rows), rows, valid)
+    return attends(
+        tuple(t[:, None] for t in rows), rows, None if valid is None else valid[:, None, None]
+    )
 
 
-def group_block_mask(
-    group_sizes: Sequence[int],
-    device: Any,
-    queries_only: bool = False,
-    n_prefix: int = 1,
-    prefix_mask: Tensor | None = None,
-) -> Any:
-    """The training mask as a block-sparse flex-attention ``BlockMask`` (rows: all, or the
-    queries)."""
+def group_block_mask(sizes: Sequence[int], device, queries_only: bool, n_prefix: int, prefix_mask):
+    """The training mask as a flex-attention ``BlockMask`` (rows: all, or the queries)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    _, group, query = (t.to(device) for t in sequence_rows(group_sizes, n_prefix))
+    _, group, query = sequence_rows(sizes, n_prefix, device)
     T, valid = len(group), valid_keys(prefix_mask, len(group))
-    offset = T - sum(group_sizes) if queries_only else 0
+    offset = T - sum(sizes) if queries_only else 0
 
     def mask_mod(b: Any, h: Any, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         q_idx, ok = q_idx + offset, None if valid is None else valid[b, kv_idx]
@@ -290,25 +219,14 @@ def group_block_mask(
 
 
 class KVCache(nn.Module):
-    """Static keys and values of one attention layer, ``[B, heads, slots, head_dim]``, allocated once."""
+    """Static keys and values of one attention layer, ``shape [B, heads, slots, head_dim]``."""
 
-    def __init__(
-        self,
-        batch: int,
-        heads: int,
-        slots: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ):
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
         super().__init__()
-        shape = (batch, heads, slots, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros_like(self.k), persistent=False)
 
-    def update(
-        self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write ``k, v [B, heads, T, head_dim]`` into slots ``pos [T]``; return the whole cache."""
         self.k.index_copy_(2, pos, k.to(self.k.dtype))
         self.v.index_copy_(2, pos, v.to(self.v.dtype))
@@ -320,30 +238,24 @@ class LPD(nn.Module):
 
     def __init__(self, config: LPDConfig, attn_impl: str = "auto"):
         super().__init__()
-        self.config = config
-        D, N = config.embed_dim, config.num_tokens
-        self.num_tokens, self.grid_size = N, config.grid_size
-        self.vocab_size, self.class_num = config.vocab_size, config.class_num
-        self.label_drop_prob, self.grad_checkpointing = (
-            config.label_drop_prob,
-            config.grad_checkpointing,
-        )
-        if config.condition == "class":
-            self.class_emb = nn.Embedding(config.class_num, D)
+        c, D, N = config, config.embed_dim, config.num_tokens
+        self.config, self.num_tokens, self.grid_size = c, N, c.grid_size
+        self.vocab_size, self.class_num = c.vocab_size, c.class_num
+        self.label_drop_prob, self.grad_checkpointing = c.label_drop_prob, c.grad_checkpointing
+        if c.condition == "class":
+            self.class_emb = nn.Embedding(c.class_num, D)
             self.fake_latent = nn.Parameter(torch.zeros(1, D))
-        self.token_emb = nn.Embedding(config.vocab_size, D)
+        self.token_emb = nn.Embedding(c.vocab_size, D)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, N + 1, D))
-        self.z_proj_ln = nn.LayerNorm(D, eps=config.layernorm_eps)
+        self.z_proj_ln = nn.LayerNorm(D, eps=c.layernorm_eps)
         self.blocks = nn.ModuleList(
-            Block(D, config.num_heads, config.mlp_ratio, config.layernorm_eps, config.proj_dropout)
-            for _ in range(config.depth)
+            Block(D, c.num_heads, c.mlp_ratio, c.layernorm_eps, c.proj_dropout)
+            for _ in range(c.depth)
         )
-        self.norm = nn.LayerNorm(D, eps=config.layernorm_eps)
-        self.head = Linear(D, config.vocab_size, bias=False)
-        self.text = None
-        if config.condition == "text":
-            self.text = TextPrefix(config.text_dim, D, config.max_text_tokens)
+        self.norm = nn.LayerNorm(D, eps=c.layernorm_eps)
+        self.head = Linear(D, c.vocab_size, bias=False)
+        self.text = TextPrefix(c.text_dim, D, c.max_text_tokens) if c.condition == "text" else None
         self._masks: dict[tuple, Any] = {}
         self.set_attn_impl(attn_impl)
         if not any(p.is_meta for p in self.parameters()):
@@ -351,21 +263,15 @@ class LPD(nn.Module):
 
     @torch.no_grad()
     def initialize_weights(self, generator: torch.Generator | None = None) -> None:
-        """Clipped normal (std 0.02) embeddings, Xavier-uniform linears; a function of ``generator`` alone."""
+        """Clipped normal (std 0.02) embeddings, Xavier-uniform linears; from ``generator``."""
         cond = (self.text.null, self.text.pos) if self.text else (self.class_emb, self.fake_latent)
-        for t in (
-            *(getattr(t, "weight", t) for t in cond),
-            self.token_emb.weight,
-            self.mask_token,
-            self.pos_embed,
-        ):
+        for t in (*cond, self.token_emb, self.mask_token, self.pos_embed):
+            t = getattr(t, "weight", t)
             t.copy_(torch.randn(t.shape, generator=generator).mul_(0.02).clamp_(-0.04, 0.04))
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                bound = math.sqrt(6.0 / (m.in_features + m.out_features))
-                m.weight.copy_(
-                    torch.rand(m.weight.shape, generator=generator).mul_(2 * bound).sub_(bound)
-                )
+                b = math.sqrt(6.0 / (m.in_features + m.out_features))
+                m.weight.copy_(torch.rand(m.weight.shape, generator=generator).mul_(2 * b).sub_(b))
                 if m.bias is not None:
                     m.bias.zero_()
             elif isinstance(m, nn.LayerNorm):
@@ -376,17 +282,16 @@ class LPD(nn.Module):
         self.grad_checkpointing = enable
 
     def set_attn_impl(self, attn_impl: str) -> None:
-        """Training attention: ``sdpa``, ``flex`` (on a CPU forward only) or ``auto`` (flex on CUDA); decoding uses SDPA."""
+        """Training attention: ``sdpa``, ``flex`` (on the CPU: no backward) or ``auto``."""
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
         self.attn_impl = attn_impl
 
     def uses_flex(self, device: torch.device | str) -> bool:
-        return self.attn_impl == "flex" or (
-            self.attn_impl == "auto" and torch.device(device).type == "cuda"
-        )
+        impl = self.attn_impl
+        return impl == "flex" or impl == "auto" and torch.device(device).type == "cuda"
 
-    def cached(self, key: tuple, build: Callable[[], Any]) -> Any:
+    def cached(self, key: tuple, build: Any) -> Any:
         """``build()``, once per ``key`` (the training masks, the decoding plans)."""
         if key not in self._masks:
             self._masks[key] = build()
@@ -401,8 +306,7 @@ class LPD(nn.Module):
         n_prefix: int = 1,
         prefix_mask: Tensor | None = None,
     ) -> Any:
-        """The training mask of a schedule (dense, or flex ``BlockMask``), cached per device (built
-        per batch with a ``prefix_mask``)."""
+        """The training mask (dense or flex); cached per device when there is no ``prefix_mask``."""
 
         def build() -> Any:
             if flex:
@@ -413,9 +317,7 @@ class LPD(nn.Module):
             return build()
         return self.cached((tuple(group_sizes), str(device), flex, queries_only, n_prefix), build)
 
-    def embed_condition(
-        self, labels: Tensor | None, batch: int, drop: Tensor | None = None
-    ) -> Tensor:
+    def embed_condition(self, labels: Tensor | None, batch: int, drop=None) -> Tensor:
         """Condition rows ``[B, 1, D]`` of class ``labels`` (``fake_latent``: None or dropped)."""
         cond = self.fake_latent.expand(batch, -1)
         if labels is not None:
@@ -424,8 +326,7 @@ class LPD(nn.Module):
         return cond[:, None]
 
     def text_prefix(self, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        """Caption rows ``[B, L, D]`` and their mask: :meth:`lpd.models.text.TextPrefix.forward`
-        (``features [B, L, text_dim]`` or None: the null caption, ``mask``, ``drop``, ``batch``)."""
+        """Caption rows ``[B, L, D]`` and their mask: :meth:`lpd.models.text.TextPrefix.forward`."""
         if self.text is None:
             raise ValueError("this model is class-conditional (condition 'class'); it takes labels")
         return self.text(*args, **kwargs)
@@ -438,19 +339,12 @@ class LPD(nn.Module):
         """Context rows ``[B, M, D]`` of ``tokens`` at raster ``positions``."""
         return self.z_proj_ln(self.token_emb(tokens) + self.pos_embed[0, 1:][positions])
 
-    def embed_queries(self, positions: torch.Tensor) -> torch.Tensor:
+    def embed_queries(self, positions: Tensor) -> Tensor:
         """Position queries ``[B, M, D]`` at raster ``positions [B, M]``."""
         return self.z_proj_ln(self.mask_token + self.pos_embed[0, 1:][positions])
 
-    def _check(
-        self,
-        tokens: Tensor,
-        labels: Tensor | None,
-        orders: Tensor,
-        group_sizes: Sequence[int],
-        cond: Tensor | None,
-        cond_mask: Tensor | None,
-    ) -> None:
+    def _check(self, tokens, labels, orders, sizes, cond, cond_mask) -> list[int]:
+        """The inputs of a training pass checked; the group sizes as a list."""
         B, N, D, g = orders.shape[0], self.num_tokens, self.config.embed_dim, self.grid_size
         if orders.dim() != 2 or orders.shape[1] != N:
             raise ValueError(f"orders must have shape [B, {N}] ({g}x{g}), got {list(orders.shape)}")
@@ -464,39 +358,28 @@ class LPD(nn.Module):
         if cond_mask is not None and (cond_mask.dtype != torch.bool or cond_mask.shape != (B, L)):
             got = f"{cond_mask.dtype} {list(cond_mask.shape)}"
             raise ValueError(f"cond_mask must be bool [{B}, {L}] (False: padding), got {got}")
-        validate_group_sizes(group_sizes, N)
+        return validate_group_sizes(sizes, N)
 
-    def _train_pass(
-        self,
-        tokens: Tensor,
-        labels: Tensor | None,
-        orders: Tensor,
-        group_sizes: Sequence[int],
-        drop: Tensor | None,
-        cond: Tensor | None,
-        cond_mask: Tensor | None,
-    ) -> tuple[Tensor, Tensor]:
+    def _train_pass(self, tokens, labels, orders, sizes, drop, cond, cond_mask, text) -> tuple:
         """Final-norm outputs of the ``N`` queries ``[B, N, D]`` and their targets (tokens in
-        generation order)."""
-        self._check(tokens, labels, orders, group_sizes, cond, cond_mask)
+        generation order); ``text``: caption features, dropped by ``drop``."""
+        if text is not None:
+            (cond, cond_mask), drop = self.text_prefix(text, cond_mask, drop), None
+        sizes = self._check(tokens, labels, orders, sizes, cond, cond_mask)
         B, N = orders.shape
         targets = torch.gather(tokens.reshape(B, N), 1, orders)
-        n_ctx = N - group_sizes[-1]
+        n_ctx = N - sizes[-1]
         cond = self.embed_condition(labels, B, drop) if cond is None else cond
         x = [self.embed_prefix(cond), self.embed_tokens(targets[:, :n_ctx], orders[:, :n_ctx])]
         x = torch.cat([*x, self.embed_queries(orders)], dim=1)
-        flex = self.uses_flex(x.device)
-        if flex and x.device.type == "cpu" and torch.is_grad_enabled():
-            raise RuntimeError(
-                "attn_impl='flex' has no backward pass on the CPU; train there with 'sdpa' or 'auto'"
-            )
-        L, dev = cond.shape[1], x.device
-        mask = self.group_mask(group_sizes, dev, flex, False, L, cond_mask)
-        last_mask = self.group_mask(group_sizes, dev, True, True, L, cond_mask) if flex else mask
+        flex, L, dev = self.uses_flex(x.device), cond.shape[1], x.device
+        if flex and dev.type == "cpu" and torch.is_grad_enabled():
+            msg = "attn_impl='flex' has no backward pass on the CPU"
+            raise RuntimeError(f"{msg}; train there with 'sdpa' or 'auto'")
+        mask = self.group_mask(sizes, dev, flex, False, L, cond_mask)
+        last_mask = self.group_mask(sizes, dev, True, True, L, cond_mask) if flex else mask
         for i, blk in enumerate(self.blocks):
-            m, last = (
-                (last_mask, N) if i == len(self.blocks) - 1 else (mask, None)
-            )  # last block: query rows only
+            m, last = (last_mask, N) if i == len(self.blocks) - 1 else (mask, None)  # last: queries
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(blk, x, m, None, None, last, use_reentrant=False)
             else:
@@ -514,14 +397,11 @@ class LPD(nn.Module):
         cond_mask: Tensor | None = None,
         text: Tensor | None = None,
     ) -> Tensor:
-        """Logits ``[B, N, V]`` of ``tokens[b, orders[b, j]]`` at index ``j``; no label dropout
-        (None: unconditional); ``cond [B, L, D]``: condition rows instead of labels (``cond_mask
-        [B, L]``: False = padding); ``text [B, L, text_dim]``: caption features (mask
-        ``cond_mask``) instead."""
-        if text is not None:
-            cond, cond_mask = self.text_prefix(text, cond_mask)
-        sizes = list(group_sizes)
-        return self.head(self._train_pass(tokens, labels, orders, sizes, None, cond, cond_mask)[0])
+        """Logits ``[B, N, V]`` of ``tokens[b, orders[b, j]]`` at index ``j``, no dropout; instead
+        of ``labels`` (None: unconditional) condition rows ``cond [B, L, D]`` (``cond_mask [B, L]``:
+        False = padding) or caption features ``text [B, L, text_dim]`` (mask ``cond_mask``)."""
+        args = (tokens, labels, orders, group_sizes, None, cond, cond_mask, text)
+        return self.head(self._train_pass(*args)[0])
 
     def forward(
         self,
@@ -540,36 +420,21 @@ class LPD(nn.Module):
         drop, given = None, labels if text is None else text
         if self.training and given is not None and self.label_drop_prob > 0:
             dev = generator.device if generator is not None else given.device
-            drop = (
-                torch.rand(given.shape[0], generator=generator, device=dev).to(given.device)
-                < self.label_drop_prob
-            )
-        if text is not None:
-            (cond, cond_mask), drop = self.text_prefix(text, cond_mask, drop), None
-        sizes = list(group_sizes)
-        h, targets = self._train_pass(tokens, labels, orders, sizes, drop, cond, cond_mask)
-        return linear_cross_entropy(
-            h.reshape(-1, h.shape[-1]), self.head.weight, targets.reshape(-1)
-        )
+            u = torch.rand(given.shape[0], generator=generator, device=dev)
+            drop = u.to(given.device) < self.label_drop_prob
+        args = (tokens, labels, orders, group_sizes, drop, cond, cond_mask, text)
+        h, targets = self._train_pass(*args)
+        return linear_cross_entropy(h.flatten(0, 1), self.head.weight, targets.flatten())
 
     def new_cache(self, batch: int, slots: int, dtype: torch.dtype | None = None) -> nn.ModuleList:
         """One static :class:`KVCache` per block (``dtype`` default: the parameters')."""
-        c, dtype = self.config, dtype or self.pos_embed.dtype
-        return nn.ModuleList(
-            KVCache(
-                batch, c.num_heads, slots, c.embed_dim // c.num_heads, dtype, self.pos_embed.device
-            )
-            for _ in range(c.depth)
-        )
+        c, p = self.config, self.pos_embed
+        shape = (batch, c.num_heads, slots, c.embed_dim // c.num_heads)
+        return nn.ModuleList(KVCache(shape, dtype or p.dtype, p.device) for _ in range(c.depth))
 
     def decode_step(
-        self,
-        x: torch.Tensor,
-        cache: nn.ModuleList,
-        pos: torch.Tensor,
-        mask: torch.Tensor,
-        num_out: int,
-    ) -> torch.Tensor:
+        self, x: Tensor, cache: nn.ModuleList, pos: Tensor, mask: Tensor, num_out: int
+    ) -> Tensor:
         """Rows ``x [B, T, D]`` write slots ``pos [T]``, attend through ``mask [(B, 1,) T, S]``;
         logits of the last ``num_out``."""
         for i, (blk, c) in enumerate(zip(self.blocks, cache)):
@@ -577,31 +442,15 @@ class LPD(nn.Module):
         return self.head(self.norm(x))
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """AdamW groups of the released recipe: no weight decay on biases, norms and other 1-D parameters."""
+        """AdamW groups: no weight decay on biases, norms and other 1-D parameters."""
         decay, no_decay = [], []
         for name, p in self.named_parameters():
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
-        return [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+        groups = ((decay, weight_decay), (no_decay, 0.0))
+        return [{"params": params, "weight_decay": wd} for params, wd in groups]
 
 
 def build_lpd(**config: Any) -> LPD:
     """An LPD model of any size: the keyword arguments of :class:`LPDConfig`."""
     return LPD(LPDConfig(**config))
-
-
-def _preset(name: str):
-    def make(img_size: int = 256, **overrides: Any) -> LPD:
-        return LPD(replace(LPDConfig.from_name(name, img_size), **overrides))
-
-    make.__name__ = name
-    make.__doc__ = (
-        f"The {name} preset {PRESETS[name]} at ``img_size``; keyword arguments override the config."
-    )
-    return make
-
-
-lpd_tiny, lpd_l, lpd_xl, lpd_xxl = (_preset(n) for n in PRESETS)
