@@ -16,10 +16,10 @@ from PIL import Image
 import main_cache
 from lpd.datasets import CacheError, read_record
 from lpd.images import center_crop_arr, image_to_tensor
+from lpd.recipe import EpochBatchSampler
 from lpd.text.data import CaptionStream, caption_choice, detect_format, iter_captions, scan_captions
 from lpd.text.encoders import make_text_encoder
 from lpd.text.training import CaptionTokenCache
-from lpd.train import EpochBatchSampler
 
 IMG = 64  # palette tokenizer: 4 x 4 tokens
 CAPTIONS = {
