@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -100,7 +100,10 @@ def _check_value(action: argparse.Action, value: Any, path: str) -> Any:
 
 
 def parse_args_with_config(
-    parser: argparse.ArgumentParser, argv: Sequence[str] | None = None, also_known=None, take=None
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None = None,
+    also_known: argparse.ArgumentParser | None = None,
+    take: Collection[str] | None = None,
 ) -> argparse.Namespace:
     """Parse ``argv``; values of ``--config FILE`` become defaults that flags override. Of a config of another entry
     point (``also_known``, its parser; none: any) only the keys in ``take`` (default: every flag of ``parser``) are used."""
@@ -142,7 +145,13 @@ def check_positive(value: Any, flag: str, error: type[Exception] = ConfigError) 
     return int(value)
 
 
-def check_labels(labels, num: int, class_num: int, flag="labels", error=ConfigError) -> np.ndarray:
+def check_labels(
+    labels: Any,
+    num: int,
+    class_num: int,
+    flag: str = "labels",
+    error: type[Exception] = ConfigError,
+) -> np.ndarray:
     """``num`` class indices in ``0..class_num-1`` (a sequence, array or tensor) as int64, else
     ``error`` naming ``flag``."""
     arr = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)

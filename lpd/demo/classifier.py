@@ -21,7 +21,13 @@ from lpd.tokenizer.palette import DEFAULT_LEVELS, images_to_uint8
 class DigitClassifier(nn.Module):
     """Three 3x3 convolutions (two of stride 2) and two linear layers over a ``grid_size``-square grid."""
 
-    def __init__(self, levels=DEFAULT_LEVELS, grid_size=GRID_SIZE, feature_dim=64, width=16):
+    def __init__(
+        self,
+        levels: int = DEFAULT_LEVELS,
+        grid_size: int = GRID_SIZE,
+        feature_dim: int = 64,
+        width: int = 16,
+    ) -> None:
         super().__init__()
         self.grid_size, self.feature_dim = grid_size, feature_dim
         # the grey of each token as the decoded uint8 image has it, in [0, 1]
@@ -130,13 +136,22 @@ def accuracy(model: DigitClassifier, tokens: Tensor, labels: Tensor) -> float:
     return float((model.predict_tokens(tokens).argmax(-1).cpu() == labels.cpu()).float().mean())
 
 
-def bootstrap(statistic: Callable, n: int, resamples: int = 1000, seed: int = 0) -> np.ndarray:
+def bootstrap(
+    statistic: Callable[[np.ndarray], float], n: int, resamples: int = 1000, seed: int = 0
+) -> np.ndarray:
     """``statistic(indices)`` of ``resamples`` draws of ``n`` of ``range(n)`` with replacement (seeded)."""
     rng = np.random.default_rng(seed)
     return np.array([statistic(rng.integers(0, n, n)) for _ in range(resamples)])
 
 
-def bootstrap_ci(statistic: Callable, n: int, resamples=1000, seed=0, *, basic=False) -> list:
+def bootstrap_ci(
+    statistic: Callable[[np.ndarray], float],
+    n: int,
+    resamples: int = 1000,
+    seed: int = 0,
+    *,
+    basic: bool = False,
+) -> list[float]:
     """95% interval: the percentiles 2.5 and 97.5 of :func:`bootstrap`, or with ``basic`` ``2 * statistic(all) -
     percentiles``, for a statistic that resampling biases (the Fréchet distance)."""
     lo, hi = np.percentile(bootstrap(statistic, n, resamples, seed), [2.5, 97.5])
@@ -170,14 +185,18 @@ class Judge:
     seed: int = 0
 
     @classmethod
-    def held_out(cls, classifier: DigitClassifier, levels=DEFAULT_LEVELS, **kwargs: Any) -> Judge:
+    def held_out(
+        cls, classifier: DigitClassifier, levels: int = DEFAULT_LEVELS, **kwargs: Any
+    ) -> Judge:
         """A judge whose reference is the held-out digits (their token grids: identical network inputs)."""
         tokens, _ = load_digits_dataset("test", classifier.grid_size, levels)
         with torch.no_grad():
             f = classifier.embed(classifier.tokens_to_input(tokens))[0].cpu().double().numpy()
         return cls(classifier, (f.mean(0), np.cov(f, rowvar=False)), **kwargs)
 
-    def score(self, images: np.ndarray | Tensor, labels: np.ndarray | Sequence[int]) -> dict:
+    def score(
+        self, images: np.ndarray | Tensor, labels: np.ndarray | Sequence[int]
+    ) -> dict[str, Any]:
         """uint8 images ``[n, H, W, 3]`` meant to show digits ``labels`` -> ``{"num_images", "accuracy",
         "accuracy_ci95", "frechet" (plug-in), "frechet_debiased", "frechet_ci95"}`` (intervals ``[low, high]``)."""
         images = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2)

@@ -11,6 +11,7 @@ from importlib import resources
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from lpd.tokenizer.palette import DEFAULT_LEVELS, PaletteTokenizer
 
@@ -45,7 +46,9 @@ def split_indices(split: str = "train") -> np.ndarray:
     return np.flatnonzero(chosen)
 
 
-def load_digits_dataset(split="train", grid_size=GRID_SIZE, levels=DEFAULT_LEVELS) -> tuple:
+def load_digits_dataset(
+    split: str = "train", grid_size: int = GRID_SIZE, levels: int = DEFAULT_LEVELS
+) -> tuple[Tensor, Tensor]:
     """``(tokens int64 [M, grid_size, grid_size] in [0, levels), labels int64 [M])`` of a split."""
     if isinstance(grid_size, bool) or not isinstance(grid_size, int) or grid_size < 2:
         raise ValueError(f"grid_size must be an integer >= 2, got {grid_size!r}")

@@ -482,7 +482,12 @@ def lpd_orders(
 
 
 def random_orders(
-    num: int, grid_size: int, seed: int = 0, start: int = 0, indices=None, known=None
+    num: int,
+    grid_size: int,
+    seed: int = 0,
+    start: int = 0,
+    indices: Sequence[int] | np.ndarray | None = None,
+    known: np.ndarray | None = None,
 ) -> np.ndarray:
     """Uniformly random orders, int64 ``[num, N]`` (of the unknown positions with ``known``, as in lpd_orders)."""
     num, grid_size, seed, idx = _check_run(num, grid_size, seed, start, indices)

@@ -4,6 +4,8 @@ group) and close pairs (share of same-group token pairs, pooled, at Chebyshev di
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from lpd.orders.files import check_order_rows
@@ -17,7 +19,9 @@ RELEASED_STATISTICS = {
 }
 
 
-def order_statistics(orders, group_sizes, grid_size: int, repulsion_threshold: float) -> dict:
+def order_statistics(
+    orders: np.ndarray, group_sizes: Sequence[int], grid_size: int, repulsion_threshold: float
+) -> dict[str, float]:
     """Statistics of ``orders`` ``[num, grid_size**2]`` split by ``group_sizes``; ``nan`` where undefined."""
     orders = check_order_rows(np.asarray(orders), len(orders), grid_size, "orders")
     n, g, num = grid_size * grid_size, grid_size, len(orders)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -37,7 +39,13 @@ def _cells(x: int, y: int, size: int, grid_size: int):  # (position, box) of eve
 
 
 def render_order(
-    order, group_sizes, grid_size: int, steps_shown=6, cell=None, kinds=None, title=None
+    order: Sequence[int],
+    group_sizes: Sequence[int],
+    grid_size: int,
+    steps_shown: int = 6,
+    cell: int | None = None,
+    kinds: Sequence[int] | None = None,
+    title: str | None = None,
 ) -> Image.Image:
     """An RGB image of ``order`` (raster indices in generation order) split by ``group_sizes``.
 
