@@ -62,16 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     p.add_argument("--model_config", type=yaml_mapping, default=MODEL, help="the architecture")
     for name, kind, default, text in (
-        ("train_examples", int, 4000, "captioned training scenes"),
-        ("pairs", float, 1 / 3, "share of two-digit training scenes (evaluation: 1/3)"),
-        ("epochs", int, 3, "training epochs"),
-        ("batch_size", int, 32, "training batch"),
+        ("train_examples", int, 5600, "captioned training scenes"),
+        ("pairs", float, 0.15, "share of two-digit training scenes (evaluation: 1/3)"),
+        ("epochs", int, 4, "training epochs"),
+        ("batch_size", int, 16, "training batch"),
         ("lr", float, 2e-3, "peak learning rate (cosine to 0)"),
         ("max_text_tokens", int, 24, "caption tokens at most"),
         ("seed", int, 0, "seed of the data, training and sampling"),
         ("num_images", int, 300, "prompts sampled per evaluation group"),
-        ("steps", int, 8, "decoding steps"),
-        ("cfg", float, 3.0, "guidance scale against the null caption"),
+        ("steps", int, 16, "decoding steps"),
+        ("cfg", float, 5.0, "guidance scale against the null caption"),
         ("temperature", float, 1.0, "sampling temperature"),
         ("classifier_epochs", int, 10, "epochs of the judge's digit classifier"),
         ("resamples", int, 1000, "bootstrap resamples per 95%% interval"),
