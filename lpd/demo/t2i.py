@@ -62,15 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     p.add_argument("--model_config", type=yaml_mapping, default=MODEL, help="the architecture")
     for name, kind, default, text in (
-        ("train_examples", int, 4000, "captioned training scenes"),
-        ("epochs", int, 3, "training epochs"),
-        ("batch_size", int, 32, "training batch"),
+        ("train_examples", int, 5600, "captioned training scenes"),
+        ("pairs", float, 0.15, "share of two-digit training scenes (evaluation: 1/3)"),
+        ("epochs", int, 4, "training epochs"),
+        ("batch_size", int, 16, "training batch"),
         ("lr", float, 2e-3, "peak learning rate (cosine to 0)"),
         ("max_text_tokens", int, 24, "caption tokens at most"),
         ("seed", int, 0, "seed of the data, training and sampling"),
         ("num_images", int, 300, "prompts sampled per evaluation group"),
-        ("steps", int, 8, "decoding steps"),
-        ("cfg", float, 3.0, "guidance scale against the null caption"),
+        ("steps", int, 16, "decoding steps"),
+        ("cfg", float, 5.0, "guidance scale against the null caption"),
         ("temperature", float, 1.0, "sampling temperature"),
         ("classifier_epochs", int, 10, "epochs of the judge's digit classifier"),
         ("resamples", int, 1000, "bootstrap resamples per 95%% interval"),
@@ -88,6 +89,8 @@ def _check(args: argparse.Namespace) -> None:
     for name in ("classifier_epochs", "resamples", "grid_images"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if not 0 <= args.pairs <= 1:
+        raise ValueError(f"--pairs must be between 0 and 1, got {args.pairs}")
     if args.max_text_tokens < 2:
         raise ValueError(f"--max_text_tokens must be at least 2, got {args.max_text_tokens}")
     SamplingConfig(cfg=args.cfg, temperature=args.temperature)  # their checks
@@ -118,10 +121,11 @@ def _train(args: argparse.Namespace, encoder: Any, device: torch.device, log) ->
         log_freq=50,
         **DEMO_RUN,
     )
-    signature = {**config.to_dict(), "train_examples": args.train_examples, "output_dir": None}
+    signature = {**config.to_dict(), "output_dir": None}
+    signature |= {"train_examples": args.train_examples, "pairs": args.pairs}
     if (model := reuse_run(config, signature, device, log)) is not None:
         return model
-    examples = make_examples(args.train_examples, "train", seed=args.seed)
+    examples = make_examples(args.train_examples, "train", seed=args.seed, pairs=args.pairs)
     ids, mask, _ = encoder.tokenize([e.caption for e in examples], args.max_text_tokens)
     record = {"text_encoder": encoder.record, "features": True}
     record["max_text_tokens"] = args.max_text_tokens

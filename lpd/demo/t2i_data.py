@@ -235,12 +235,12 @@ def _combination(scene: Scene) -> tuple[str, tuple] | None:
 
 
 def make_examples(
-    n: int, group: str = "train", seed: int = 0, split_seed: int = 0
+    n: int, group: str = "train", seed: int = 0, split_seed: int = 0, pairs: float = 1 / 3
 ) -> list[Example]:
-    """``n`` captioned scenes of ``group`` (:data:`GROUPS`), a function of ``(n, group, seed,
-    split_seed)``: kinds drawn 2:1:1:2 (full, full with a stroke, small, two digits), a small digit
-    thin or bold one time in three, numerals and words even; ``split_seed`` picks the held-out
-    combinations."""
+    """``n`` captioned scenes of ``group`` (:data:`GROUPS`), a function of its arguments: two
+    digits with probability ``pairs``, else one digit 2:1:1 (full, full with a stroke, small), a
+    small digit thin or bold one time in three, numerals and words even; ``split_seed`` picks the
+    held-out combinations."""
     if group not in GROUPS:
         raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
     held = heldout_combinations(split_seed)
@@ -250,7 +250,11 @@ def make_examples(
     by_digit = [pool[labels[pool] == d] for d in range(10)]
     out: list[Example] = []
     while len(out) < n:
-        kind = ("full", "full_stroke", "small", "pair", "pair", "full")[rng.integers(6)]
+        kind = (
+            "pair"
+            if rng.random() < pairs
+            else ("full", "full_stroke", "small", "full")[rng.integers(4)]
+        )
         digits = tuple(
             int(v)
             for v in (
