@@ -12,7 +12,7 @@
 # (environment_setup.sh), then runs `python -m lpd.demo`.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-task=(--task class) extras="" need="import lpd, torch, matplotlib" out="outputs/demo"
+task=() extras="" need="import lpd, torch, matplotlib" out="outputs/demo"
 if [ "${1:-}" = "--t2i" ]; then
   shift
   task=(--task t2i --threads 2) extras="t2i" need="$need, wordllama, tokenizers" out="outputs/demo_t2i"

@@ -213,6 +213,12 @@ def test_demo_script_runs_the_demo_in_the_active_environment(tmp_path):
     ]
     proc, calls = run_script(tmp_path, "scripts/demo.sh", VIRTUAL_ENV=str(venv))
     assert calls == [["python", "-m", "lpd.demo", "--output_dir", "outputs/demo"]]
+    t2i = ["python", "-m", "lpd.demo", "--task", "t2i", "--threads", "2", "--output_dir"]
+    _, got = run_script(tmp_path, "scripts/demo.sh", "--t2i", VIRTUAL_ENV=str(venv))
+    _, flags = run_script(tmp_path, "scripts/demo.sh", "--t2i", "--cfg", "3", VIRTUAL_ENV=str(venv))
+    assert got == [[*t2i, "outputs/demo_t2i"]] and flags == [
+        [*t2i, "outputs/demo_t2i", "--cfg", "3"]
+    ]
     from lpd.config import parse_args_with_config
     from lpd.demo.run import build_parser
 
