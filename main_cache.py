@@ -143,10 +143,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_tokens=(args.img_size // factor) ** 2,
             vocab_size=int(vq.codebook_size),
             job=CacheJob(
-                info.rank, info.world_size, args.batch_size, args.num_workers, info.device,
-                args.shard_size, barrier,
+                info.rank,
+                info.world_size,
+                args.batch_size,
+                args.num_workers,
+                info.device,
+                args.shard_size,
+                barrier,
             ),
-        )  # fmt: skip
+        )
         print(f"[rank {info.rank}] encoded {stats.written} images, {stats.skipped} already cached")
     except Exception as e:  # noqa: BLE001 - user errors become one line, the rest is re-raised
         msg = _user_message(e, setting_up)

@@ -454,19 +454,32 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
         if dist_info.is_main:
             print(f"run folder: {run_dir}", flush=True)
         spec = RunSpec(
-            args.num_images, sizes, labels=prompts, orders=table, order_file=args.lpd_order_file,
-            seed=args.seed, eval_bsz=args.eval_bsz,
-        )  # fmt: skip
+            args.num_images,
+            sizes,
+            labels=prompts,
+            orders=table,
+            order_file=args.lpd_order_file,
+            seed=args.seed,
+            eval_bsz=args.eval_bsz,
+        )
         inception = files.get("Inception weights", args.inception_weights)
         scoring = None if args.no_fid else Scoring(fid_stats, None, inception, args.metrics_bsz)
         command = ["main_eval.py", *(sys.argv[1:] if argv is None else argv)]
         record = evaluate(
-            model, tokenizer, spec, sampling, output_dir=run_dir, name=name, scoring=scoring,
-            progress=not args.no_progress, info={
-                "command": command, "args": vars(args),
+            model,
+            tokenizer,
+            spec,
+            sampling,
+            output_dir=run_dir,
+            name=name,
+            scoring=scoring,
+            progress=not args.no_progress,
+            info={
+                "command": command,
+                "args": vars(args),
                 **({"prompts_truncated": prompts.truncated} if prompts else {}),
             },
-        )  # fmt: skip
+        )
         if args.clip_model:  # every rank: on_rank0 is collective
             texts = [prompt_of(prompts.texts, i) for i in range(args.num_images)]
             record = on_rank0(lambda: score_run(record, clip, texts, args.metrics_bsz), "CLIPScore")

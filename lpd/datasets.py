@@ -427,8 +427,10 @@ def _image_names(dataset, samples: Sequence[tuple[str, int]], classes: Sequence[
     """``class/path in the class folder`` of each image (distinct: the released layout's file names)."""
     root = getattr(dataset, "root", None)
     tops = [os.path.join(root, c, "") if root else None for c in classes]
-    inner = [p[len(tops[t]) :] if tops[t] and p.startswith(tops[t]) else os.path.basename(p)
-             for p, t in samples]  # fmt: skip
+    inner = [
+        p[len(tops[t]) :] if tops[t] and p.startswith(tops[t]) else os.path.basename(p)
+        for p, t in samples
+    ]
     names = [os.path.join(classes[t], i) for (_, t), i in zip(samples, inner)]
     if len(set(names)) != len(names):
         dup = next(n for n, k in collections.Counter(names).items() if k > 1)

@@ -85,15 +85,25 @@ def _model_card(config: dict[str, Any], measured: dict[str, Any] | None, ref: st
     labels = [207, 360, 387, 974] if imagenet else list(range(min(4, c["class_num"])))
     run = f"--pretrained_ckpt {ref} --generation_steps {steps or 20} --cfg {cfg}"
     return _CARD.format(
-        name=config.get("model") or "LPD", c=c, t={"epoch": None, "global_step": None} | train,
-        millions=config["parameters"] / 1e6, tokenizer=json.dumps(config["tokenizer"]),
-        weights=config["weights"], sha=config["weights_sha256"][:16], metrics=metrics,
+        name=config.get("model") or "LPD",
+        c=c,
+        t={"epoch": None, "global_step": None} | train,
+        millions=config["parameters"] / 1e6,
+        tokenizer=json.dumps(config["tokenizer"]),
+        weights=config["weights"],
+        sha=config["weights_sha256"][:16],
+        metrics=metrics,
         during="" if measured else " (of the evaluation during training)",
         settings="\n".join(f"* {k}: {v}" for k, v in [("steps", steps), *sampling.items()]),
-        ref=ref, labels=labels, run_steps=steps or 20, cfg=cfg, n=len(labels),
+        ref=ref,
+        labels=labels,
+        run_steps=steps or 20,
+        cfg=cfg,
+        n=len(labels),
         evaluation=f"\nEvaluation on ImageNet: `python main_eval.py {run} --output_dir out/`.\n"
-        if imagenet else "",
-    )  # fmt: skip
+        if imagenet
+        else "",
+    )
 
 
 def export(

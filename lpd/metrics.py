@@ -436,11 +436,18 @@ def _parser() -> argparse.ArgumentParser:
         ("fid", "print FID against a statistics file and the Inception Score of images"),
     ):
         add = sub.add_parser(name, help=text, description=text, **kw).add_argument
-        add("--input", required=True, help="folder of PNG/JPEG images, an ImageFolder (class "
-            f"folders, read as main_cache.py does), {ADM_FORMAT} or an .npy")  # fmt: skip
+        add(
+            "--input",
+            required=True,
+            help="folder of PNG/JPEG images, an ImageFolder (class "
+            f"folders, read as main_cache.py does), {ADM_FORMAT} or an .npy",
+        )
         add("--img_size", type=int, default=256, help="ADM crop of an ImageFolder")
-        add("--inception_weights", help="torch-fidelity's Inception weights (default: torch hub "
-            f"cache, else {INCEPTION_WEIGHTS_URL})")  # fmt: skip
+        add(
+            "--inception_weights",
+            help="torch-fidelity's Inception weights (default: torch hub "
+            f"cache, else {INCEPTION_WEIGHTS_URL})",
+        )
         add("--batch_size", type=int, default=50)
         add("--device", help="torch device (default: the accelerator if any, else cpu)")
         add("--no_progress", action="store_true", help="no progress bar")

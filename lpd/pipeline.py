@@ -297,19 +297,32 @@ def build_parser() -> argparse.ArgumentParser:
     kw = dict(allow_abbrev=False, formatter_class=HelpFormatter, description=text)
     p = argparse.ArgumentParser("python -m lpd.pipeline", **kw)
     add, labels = p.add_argument, ",".join(map(str, IMAGENET_LABELS))
-    add("--model", help="released preset lpd_l, lpd_xl, lpd_xxl (default: lpd_l without "
-        "--pretrained_ckpt), or an exported folder / Hub repository")  # fmt: skip
+    add(
+        "--model",
+        help="released preset lpd_l, lpd_xl, lpd_xxl (default: lpd_l without "
+        "--pretrained_ckpt), or an exported folder / Hub repository",
+    )
     add("--img_size", type=int, help="default: the checkpoint's; 256 for a preset")
-    add("--labels", type=_labels, help="comma-separated class indices "
-        f"(default: {labels} of 1000 classes, else the first ten classes)")  # fmt: skip
-    add("--prompt", action="append",
-        help="a text-conditional model: a prompt (repeat the flag for several)")  # fmt: skip
+    add(
+        "--labels",
+        type=_labels,
+        help="comma-separated class indices "
+        f"(default: {labels} of 1000 classes, else the first ten classes)",
+    )
+    add(
+        "--prompt",
+        action="append",
+        help="a text-conditional model: a prompt (repeat the flag for several)",
+    )
     add("--negative_prompt", help="prompts: the guidance rows' text")
     add("--steps", type=int, default=20, help="decoding steps (the released group-size table)")
     add("--group_sizes", help="an explicit schedule instead of --steps, e.g. '[1, 2, 4]*...'")
     add("--seed", type=int, default=0)
-    add("--pretrained_ckpt", help="checkpoint file or folder (a training run's, or a released file "
-        "with --model) instead of the Hub download; its size, classes and tokenizer count")  # fmt: skip
+    add(
+        "--pretrained_ckpt",
+        help="checkpoint file or folder (a training run's, or a released file "
+        "with --model) instead of the Hub download; its size, classes and tokenizer count",
+    )
     add("--vqgan_path", help="vq_ds16_c2i.pt instead of the Hub download")
     add("--device", help="default: cuda if available, else cpu")
     add("--output", default="samples.png", help="PNG grid to write")

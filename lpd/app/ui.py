@@ -221,9 +221,16 @@ class Studio:
         )
         try:
             out = edit_images(
-                app.model, app.tokenizer, image, mask, label, num=num, steps=steps, seed=seed,
+                app.model,
+                app.tokenizer,
+                image,
+                mask,
+                label,
+                num=num,
+                steps=steps,
+                seed=seed,
                 sampling=app.sampling(),
-            )  # fmt: skip
+            )
         except ValueError as e:
             raise gr.Error(str(e)) from None
         return out["source"], out["masked"], list(out["edits"])

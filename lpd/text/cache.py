@@ -214,7 +214,7 @@ def cache_captions(
             info.device,
             args.shard_size,
             barrier,
-        ),  # fmt: skip
+        ),
     )
     if info.is_main:
         print(f"captions of {args.data_path}: {report.summary()}")

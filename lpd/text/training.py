@@ -44,9 +44,14 @@ def caption_training(
         )
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         dataset = CaptionStream(
-            config.data_path, config.img_size, enc, seed=config.seed, rank=rank,
-            world_size=world, device=device,
-        )  # fmt: skip
+            config.data_path,
+            config.img_size,
+            enc,
+            seed=config.seed,
+            rank=rank,
+            world_size=world,
+            device=device,
+        )
         print(f"[rank {rank}] {len(dataset.shards)} tar shard(s): {dataset.report.summary()}")
         dataset.record = {"text_encoder": enc.record, "max_text_tokens": enc.max_text_tokens}
     elif dataset is None:
