@@ -142,15 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             img_size=args.img_size,
             num_tokens=(args.img_size // factor) ** 2,
             vocab_size=int(vq.codebook_size),
-            job=CacheJob(
-                info.rank,
-                info.world_size,
-                args.batch_size,
-                args.num_workers,
-                info.device,
-                args.shard_size,
-                barrier,
-            ),
+            job=CacheJob.from_args(args, info, barrier),
         )
         print(f"[rank {info.rank}] encoded {stats.written} images, {stats.skipped} already cached")
     except Exception as e:  # noqa: BLE001 - user errors become one line, the rest is re-raised

@@ -303,6 +303,19 @@ class CacheJob:
     barrier: Callable[[], None] = lambda: None
     progress: bool = True
 
+    @classmethod
+    def from_args(cls, args: Any, info: Any, barrier: Callable[[], None]) -> CacheJob:
+        """The job of ``main_cache.py``'s flags for the process ``info`` (rank, world, device)."""
+        return cls(
+            info.rank,
+            info.world_size,
+            args.batch_size,
+            args.num_workers,
+            info.device,
+            args.shard_size,
+            barrier,
+        )
+
 
 @dataclass
 class CacheStats:

@@ -206,15 +206,7 @@ def cache_captions(
             num_tokens=(args.img_size // factor) ** 2,
             vocab_size=int(vq.codebook_size),
         ),
-        job=CacheJob(
-            info.rank,
-            info.world_size,
-            args.batch_size,
-            args.num_workers,
-            info.device,
-            args.shard_size,
-            barrier,
-        ),
+        job=CacheJob.from_args(args, info, barrier),
     )
     if info.is_main:
         print(f"captions of {args.data_path}: {report.summary()}")
