@@ -153,7 +153,7 @@ class LPDPipeline:
 
     @property
     def img_size(self) -> int:
-        return int(self.model.config.img_size)
+        return self.model.img_size
 
     @property
     def grid_size(self) -> int:

@@ -40,7 +40,7 @@ def test_the_embedded_model_ships_with_its_digest(app):
     config = json.load(open(os.path.join(EMBEDDED_DIR, "config.json"), encoding="utf-8"))
     assert config["tokenizer"]["kind"] == "palette" and config["parameters"] < 300_000
     assert app.class_names == [str(d) for d in range(10)] and app.condition == "class"
-    assert (app.cfg, app.repulsion_threshold, app.img_size, app.patch) == (5.0, 2.0, 256, 16)
+    assert (app.cfg, app.repulsion_threshold, app.model.img_size, app.patch) == (5.0, 2.0, 256, 16)
 
 
 def test_class_names():
@@ -173,7 +173,7 @@ def test_embed_exports_a_demo_checkpoint_and_never_overwrites(tmp_path, capsys):
     )  # the demo's settings
     trained = load_app_model(pretrained_ckpt=str(ckpt), device="cpu")  # the checkpoint itself
     assert trained.tokenizer.levels == 4 and trained.cfg == 4.0 and trained.name == ckpt.name
-    assert app.cfg == 5.0 and app.grid_size == 4
+    assert app.cfg == 5.0 and app.model.grid_size == 4
     before = (out / "model.safetensors").read_bytes()
     assert embed_main(["--checkpoint", str(ckpt), "--output_dir", str(out)]) == 2
     assert (

@@ -41,14 +41,6 @@ class AppModel:
         return self.model.pos_embed.device
 
     @property
-    def img_size(self) -> int:
-        return int(self.model.config.img_size)
-
-    @property
-    def grid_size(self) -> int:
-        return int(self.model.grid_size)
-
-    @property
     def patch(self) -> int:
         return int(getattr(self.tokenizer, "downsample_factor", 16))
 
@@ -86,7 +78,7 @@ def decode_steps(
     The draw is image 0 of a ``seed`` run, so the last step's tokens are ``LPDPipeline``'s (and
     ``sample_tokens``') for the same settings.
     """
-    device, N = app.device, app.grid_size**2
+    device, N = app.device, app.model.grid_size**2
     decoder = Decoder(app.model, sampling)
     orders = torch.as_tensor(order, device=device).long().view(1, N)
     if isinstance(label, tuple):
@@ -103,11 +95,13 @@ def decode_steps(
 
 def render_partial(app: AppModel, tokens: torch.Tensor, grey: int = 128) -> np.ndarray:
     """uint8 ``[H, W, 3]`` preview of raster ``tokens [1, N]``, tokens -1 painted grey."""
-    unknown = (tokens[0] < 0).cpu().numpy().reshape(app.grid_size, app.grid_size)
+    unknown = (tokens[0] < 0).cpu().numpy().reshape(app.model.grid_size, app.model.grid_size)
     amp = torch.autocast(app.device.type, dtype=torch.bfloat16, enabled=app.bf16)
     with torch.no_grad(), amp:
         pixels = to_uint8(
-            app.tokenizer.decode(tokens.clamp(min=0).view(1, app.grid_size, app.grid_size))
+            app.tokenizer.decode(
+                tokens.clamp(min=0).view(1, app.model.grid_size, app.model.grid_size)
+            )
         )[0]
     cover = np.kron(unknown, np.ones((app.patch, app.patch), dtype=bool))
     return np.where(cover[:, :, None], np.uint8(grey), pixels)

@@ -129,22 +129,26 @@ class Studio:
         seed: float,
     ) -> Iterator[tuple]:
         """Frames ``(image, order heat map, files, status, final image)``; the last with files."""
-        app, n = self.app, self.app.grid_size**2
+        app, n = self.app, self.app.model.grid_size**2
         label = self._label(class_name, prompt)
         steps, seed = _whole(steps, "steps", 1, n), _whole(seed, "seed", 0, MAX_SEED)
-        tau_r = _number(tau_r, "τr", 0.0, float(app.grid_size))
+        tau_r = _number(tau_r, "τr", 0.0, float(app.model.grid_size))
         if order not in ORDERS:
             raise gr.Error(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
         sampling = self._sampling(
             cfg=_number(cfg, "cfg", 0.0, 50.0), repulsion_threshold=tau_r, order=order
         )
-        sizes = group_sizes(app.img_size, steps)
-        row = OrderSource(order, sizes, app.grid_size, seed=seed, repulsion_threshold=tau_r).rows(
-            [0]
-        )[0]
+        sizes = group_sizes(app.model.img_size, steps)
+        row = OrderSource(
+            order, sizes, app.model.grid_size, seed=seed, repulsion_threshold=tau_r
+        ).rows([0])[0]
         heat = np.asarray(
             render_order(
-                row, sizes, app.grid_size, steps_shown=0, title=f"{order} order, {steps} steps"
+                row,
+                sizes,
+                app.model.grid_size,
+                steps_shown=0,
+                title=f"{order} order, {steps} steps",
             )
         )
         every, tokens = math.ceil(steps / MAX_FRAMES), None
@@ -212,7 +216,7 @@ class Studio:
         if not mask.any():
             raise gr.Error("paint the region to regenerate with the brush first")
         try:
-            keep = token_keep(load_mask(mask, app.img_size, image=image), app.patch)
+            keep = token_keep(load_mask(mask, app.model.img_size, image=image), app.patch)
         except (ValueError, ImageFileError) as e:
             raise gr.Error(str(e)) from None
         unknown = int((~keep).sum())
@@ -262,7 +266,7 @@ class Studio:
         from lpd.demo.digits import load_digits_dataset
 
         tokens, labels = load_digits_dataset(
-            "test", self.app.grid_size, int(self.app.tokenizer.levels)
+            "test", self.app.model.grid_size, int(self.app.tokenizer.levels)
         )
         first = [int(np.flatnonzero(labels.numpy() == d)[0]) for d in range(10)]
         pixels = decode_tokens(
@@ -274,10 +278,17 @@ class Studio:
         return paths
 
 
+def _shown(label: str, elem_id: str | None = None) -> gr.Image:
+    """An output image of the page (PNG, not editable)."""
+    return gr.Image(
+        label=label, format="png", interactive=False, height=IMAGE_HEIGHT, elem_id=elem_id
+    )
+
+
 def build_blocks(studio: Studio, max_pixels: int) -> gr.Blocks:
     """The three tabs; generation and editing queue for one device slot (places shown)."""
     app = studio.app
-    g, text = app.grid_size, app.condition == "text"
+    g, text = app.model.grid_size, app.condition == "text"
     first = app.class_names[0] if app.class_names else None
     n = g * g
     device = dict(concurrency_id=DEVICE_QUEUE, concurrency_limit=1)
@@ -285,7 +296,7 @@ def build_blocks(studio: Studio, max_pixels: int) -> gr.Blocks:
         title="LPD: locality-aware parallel decoding", delete_cache=(900, 3600)
     ) as blocks:
         gr.Markdown(
-            f"## Locality-aware parallel decoding\n**{app.name}**: {app.img_size} px, "
+            f"## Locality-aware parallel decoding\n**{app.name}**: {app.model.img_size} px, "
             f"{g}x{g} tokens, {'text prompts' if text else f'{len(app.class_names)} classes'}, "
             f"on {app.device.type}"
         )
@@ -301,7 +312,7 @@ def build_blocks(studio: Studio, max_pixels: int) -> gr.Blocks:
                     )
                     tau = gr.Slider(
                         0.0,
-                        float(app.grid_size),
+                        float(app.model.grid_size),
                         value=app.repulsion_threshold,
                         step=0.5,
                         label="τr (repulsion threshold)",
@@ -311,19 +322,8 @@ def build_blocks(studio: Studio, max_pixels: int) -> gr.Blocks:
                     go = gr.Button("Generate", variant="primary", elem_id="generate-btn")
                 with gr.Column(scale=2):
                     with gr.Row():
-                        image = gr.Image(
-                            label="image (grey: not decoded yet)",
-                            format="png",
-                            interactive=False,
-                            height=IMAGE_HEIGHT,
-                            elem_id="gen-image",
-                        )
-                        heat = gr.Image(
-                            label="order: decoding step of each token",
-                            format="png",
-                            interactive=False,
-                            height=IMAGE_HEIGHT,
-                        )
+                        image = _shown("image (grey: not decoded yet)", "gen-image")
+                        heat = _shown("order: decoding step of each token")
                     status = gr.Markdown(elem_id="gen-status")
                     files = gr.File(
                         label="download: image and settings",
@@ -367,16 +367,8 @@ def build_blocks(studio: Studio, max_pixels: int) -> gr.Blocks:
                     e_go = gr.Button("Edit", variant="primary", elem_id="edit-btn")
                 with gr.Column(scale=2):
                     with gr.Row():
-                        source = gr.Image(
-                            label="source", format="png", interactive=False, height=IMAGE_HEIGHT
-                        )
-                        masked = gr.Image(
-                            label="masked source",
-                            format="png",
-                            interactive=False,
-                            height=IMAGE_HEIGHT,
-                            elem_id="masked",
-                        )
+                        source = _shown("source")
+                        masked = _shown("masked source", "masked")
                     edits = gr.Gallery(label="edits", format="png", columns=4, elem_id="edits")
             use.click(_to_editor, last, editor, api_name=False)
             e_go.click(
@@ -391,7 +383,7 @@ def build_blocks(studio: Studio, max_pixels: int) -> gr.Blocks:
                 with gr.Column(scale=1, min_width=260):
                     o_size = gr.Dropdown(
                         list(ORDER_SIZES),
-                        value=app.img_size if app.img_size in ORDER_SIZES else 256,
+                        value=app.model.img_size if app.model.img_size in ORDER_SIZES else 256,
                         label="resolution (px; 16 px per token)",
                     )
                     o_steps = gr.Number(20, precision=0, minimum=1, maximum=4096, label="steps")

@@ -278,6 +278,10 @@ class LPD(nn.Module):
                 m.weight.fill_(1.0)
                 m.bias.zero_()
 
+    @property
+    def img_size(self) -> int:
+        return int(self.config.img_size)
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
