@@ -108,7 +108,7 @@ def test_judge_scores_real_scenes_near_one(judge, group):
     scenes = [e.scene for e in make_examples(300, group, seed=7)]
     result = judge.score(render(scenes), scenes)
     assert result["num_images"] == 300
-    for attr in ("digit", "size", "position", "stroke", "digits", "relation"):
+    for attr in ATTRIBUTES:
         r = result[attr]
         assert r["accuracy"] >= 0.9, (attr, r)
         assert r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] and r["n"] > 10
@@ -141,10 +141,12 @@ def _source(digit):
 def test_judge_per_attribute_verdicts(judge):
     s_small = Scene((4,), (_source(4),), place="bottom right")
     img = render([s_small])
-    v = judge.judge(img, [Scene((4,), (0,), place="top left")])[0]
-    assert v["position"] is False and v["size"] is True
+    v = judge.judge(img, [Scene((4,), (0,), place="bottom right")])[0]
+    assert v["digit"] is v["small digit"] is True and "full digit" not in v
+    v = judge.judge(img, [Scene((7,), (0,), place="top left")])[0]
+    assert v["position"] is False and v["size"] is True and v["small digit"] is False
     v = judge.judge(img, [Scene((4,), (0,))])[0]  # asked for a full-size 4: wrong size
-    assert v["size"] is False
+    assert v["size"] is False and v["full digit"] is v["digit"] and "small digit" not in v
     pair = render([Scene((3, 5), (_source(3), _source(5)), layout="stacked")])
     assert judge.judge(pair, [Scene((3, 5), (0, 0), layout="stacked")])[0] == {
         "digits": True,

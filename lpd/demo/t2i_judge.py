@@ -33,7 +33,17 @@ from lpd.tokenizer.palette import DEFAULT_LEVELS
 
 __all__ = ["T2IJudge", "ink_mass", "ATTRIBUTES"]
 
-ATTRIBUTES = ("digit", "size", "position", "stroke", "digits", "relation")
+#: ``digit``: every one-digit prompt; ``full digit`` / ``small digit``: the same verdicts by size
+ATTRIBUTES = (
+    "digit",
+    "full digit",
+    "small digit",
+    "size",
+    "position",
+    "stroke",
+    "digits",
+    "relation",
+)
 FULL_MIN_HEIGHT, SMALL_MAX_HEIGHT = 12, 10
 
 
@@ -146,6 +156,7 @@ class T2IJudge:
                 continue
             small = s.kind == "small"
             out[i]["digit"] = (small_pred if small else full_pred)[i] == s.digits[0]
+            out[i][f"{'small' if small else 'full'} digit"] = out[i]["digit"]
             out[i]["size"] = (
                 height[i] <= SMALL_MAX_HEIGHT if small else height[i] >= FULL_MIN_HEIGHT
             )
