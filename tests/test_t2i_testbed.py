@@ -66,6 +66,17 @@ def test_examples_are_deterministic_and_respect_the_split():
         assert kinds == ({"small", "pair", "full"}), kinds
 
 
+def test_the_small_share_sets_the_mix_of_one_digit_scenes():
+    def small_share(**kw):
+        ex = make_examples(400, "train", seed=0, **kw)
+        return np.mean([e.scene.kind == "small" for e in ex if e.scene.kind != "pair"])
+
+    assert small_share(pairs=0, small=1.0) == 1.0 and small_share(small=0.0) == 0.0
+    assert 0.18 < small_share() < 0.32 and 0.42 < small_share(small=0.5) < 0.58
+    ex = make_examples(400, "train", seed=0, pairs=0, small=0.0)
+    assert {e.scene.kind for e in ex} == {"full"} and any(e.scene.stroke for e in ex)
+
+
 def test_captions_state_the_attributes():
     for e in make_examples(400, "train", seed=0) + make_examples(100, "heldout_phrasing", seed=0):
         s, text = e.scene, e.caption

@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kind, default, text in (
         ("train_examples", int, 5600, "captioned training scenes"),
         ("pairs", float, 0.15, "share of two-digit training scenes (evaluation: 1/3)"),
+        ("small", float, None, "share of small digits in one-digit training scenes (default 1/4)"),
         ("epochs", int, 4, "training epochs"),
         ("batch_size", int, 16, "training batch"),
         ("lr", float, 2e-3, "peak learning rate (cosine to 0)"),
@@ -89,8 +90,9 @@ def _check(args: argparse.Namespace) -> None:
     for name in ("classifier_epochs", "resamples", "grid_images"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    if not 0 <= args.pairs <= 1:
-        raise ValueError(f"--pairs must be between 0 and 1, got {args.pairs}")
+    for name in ("pairs", "small"):
+        if (v := getattr(args, name)) is not None and not 0 <= v <= 1:
+            raise ValueError(f"--{name} must be between 0 and 1, got {v}")
     if args.max_text_tokens < 2:
         raise ValueError(f"--max_text_tokens must be at least 2, got {args.max_text_tokens}")
     SamplingConfig(cfg=args.cfg, temperature=args.temperature)  # their checks
@@ -123,9 +125,17 @@ def _train(args: argparse.Namespace, encoder: Any, device: torch.device, log) ->
     )
     signature = {**config.to_dict(), "output_dir": None}
     signature |= {"train_examples": args.train_examples, "pairs": args.pairs}
+    if args.small is not None:
+        signature["small"] = args.small
     if (model := reuse_run(config, signature, device, log)) is not None:
         return model
-    examples = make_examples(args.train_examples, "train", seed=args.seed, pairs=args.pairs)
+    examples = make_examples(
+        args.train_examples,
+        "train",
+        seed=args.seed,
+        pairs=args.pairs,
+        small=args.small,
+    )
     ids, mask, _ = encoder.tokenize([e.caption for e in examples], args.max_text_tokens)
     record = {"text_encoder": encoder.record, "features": True}
     record["max_text_tokens"] = args.max_text_tokens

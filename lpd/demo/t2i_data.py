@@ -235,12 +235,18 @@ def _combination(scene: Scene) -> tuple[str, tuple] | None:
 
 
 def make_examples(
-    n: int, group: str = "train", seed: int = 0, split_seed: int = 0, pairs: float = 1 / 3
+    n: int,
+    group: str = "train",
+    seed: int = 0,
+    split_seed: int = 0,
+    pairs: float = 1 / 3,
+    small: float | None = None,
 ) -> list[Example]:
     """``n`` captioned scenes of ``group`` (:data:`GROUPS`), a function of its arguments: two
     digits with probability ``pairs``, else one digit 2:1:1 (full, full with a stroke, small), a
     small digit thin or bold one time in three, numerals and words even; ``split_seed`` picks the
-    held-out combinations."""
+    held-out combinations; ``small``: the share of small digits among one-digit scenes instead
+    (the rest full 2:1 plain or with a stroke)."""
     if group not in GROUPS:
         raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
     held = heldout_combinations(split_seed)
@@ -250,11 +256,16 @@ def make_examples(
     by_digit = [pool[labels[pool] == d] for d in range(10)]
     out: list[Example] = []
     while len(out) < n:
-        kind = (
-            "pair"
-            if rng.random() < pairs
-            else ("full", "full_stroke", "small", "full")[rng.integers(4)]
-        )
+        if rng.random() < pairs:
+            kind = "pair"
+        elif small is None:
+            kind = ("full", "full_stroke", "small", "full")[rng.integers(4)]
+        else:
+            kind = (
+                "small"
+                if rng.random() < small
+                else ("full", "full_stroke", "full")[rng.integers(3)]
+            )
         digits = tuple(
             int(v)
             for v in (
