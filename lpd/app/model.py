@@ -95,13 +95,10 @@ def decode_steps(
 
 def render_partial(app: AppModel, tokens: torch.Tensor, grey: int = 128) -> np.ndarray:
     """uint8 ``[H, W, 3]`` preview of raster ``tokens [1, N]``, tokens -1 painted grey."""
-    unknown = (tokens[0] < 0).cpu().numpy().reshape(app.model.grid_size, app.model.grid_size)
+    g = app.model.grid_size
+    unknown = (tokens[0] < 0).cpu().numpy().reshape(g, g)
     amp = torch.autocast(app.device.type, dtype=torch.bfloat16, enabled=app.bf16)
     with torch.no_grad(), amp:
-        pixels = to_uint8(
-            app.tokenizer.decode(
-                tokens.clamp(min=0).view(1, app.model.grid_size, app.model.grid_size)
-            )
-        )[0]
+        pixels = to_uint8(app.tokenizer.decode(tokens.clamp(min=0).view(1, g, g)))[0]
     cover = np.kron(unknown, np.ones((app.patch, app.patch), dtype=bool))
     return np.where(cover[:, :, None], np.uint8(grey), pixels)

@@ -129,27 +129,20 @@ class Studio:
         seed: float,
     ) -> Iterator[tuple]:
         """Frames ``(image, order heat map, files, status, final image)``; the last with files."""
-        app, n = self.app, self.app.model.grid_size**2
+        app, g = self.app, self.app.model.grid_size
+        n = g * g
         label = self._label(class_name, prompt)
         steps, seed = _whole(steps, "steps", 1, n), _whole(seed, "seed", 0, MAX_SEED)
-        tau_r = _number(tau_r, "τr", 0.0, float(app.model.grid_size))
+        tau_r = _number(tau_r, "τr", 0.0, float(g))
         if order not in ORDERS:
             raise gr.Error(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
         sampling = self._sampling(
             cfg=_number(cfg, "cfg", 0.0, 50.0), repulsion_threshold=tau_r, order=order
         )
         sizes = group_sizes(app.model.img_size, steps)
-        row = OrderSource(
-            order, sizes, app.model.grid_size, seed=seed, repulsion_threshold=tau_r
-        ).rows([0])[0]
+        row = OrderSource(order, sizes, g, seed=seed, repulsion_threshold=tau_r).rows([0])[0]
         heat = np.asarray(
-            render_order(
-                row,
-                sizes,
-                app.model.grid_size,
-                steps_shown=0,
-                title=f"{order} order, {steps} steps",
-            )
+            render_order(row, sizes, g, steps_shown=0, title=f"{order} order, {steps} steps")
         )
         every, tokens = math.ceil(steps / MAX_FRAMES), None
         try:
@@ -312,7 +305,7 @@ def build_blocks(studio: Studio, max_pixels: int) -> gr.Blocks:
                     )
                     tau = gr.Slider(
                         0.0,
-                        float(app.model.grid_size),
+                        float(g),
                         value=app.repulsion_threshold,
                         step=0.5,
                         label="τr (repulsion threshold)",
