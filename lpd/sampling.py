@@ -323,26 +323,35 @@ class Decoder:
                 if M:
                     ctx = torch.cat([ctx, m.embed_tokens(known, orders[:, :M]).repeat(c, 1, 1)], 1)
                 queries, cache = m.embed_queries(orders[:, M:]), self._kv_cache(c * B, plan.slots)
+                ctx_at = F.pad(orders[:, :M], (prefix.shape[1], 0), value=-1)  # raster positions
                 if plan.prefill:
-                    m.decode_step(ctx, cache, plan.pos[0], masks[0], 1)
+                    at = ctx_at.repeat(c, 1) if m.config.rope else None
+                    m.decode_step(ctx, cache, plan.pos[0], masks[0], 1, at)
                 buffer = queries.new_zeros(c * B * max(len(p) for p in plan.pos) * D)
                 tokens = torch.empty(B, n, dtype=torch.long, device=device)
-            prev = None  # the previous step's tokens: context rows of the next
+            prev = prev_at = None  # the previous step's tokens: context rows of the next
             for k, (first, last) in enumerate(plan.spans):
                 i, g = k + plan.prefill, last - first
                 with torch.no_grad(), self._amp():
                     x = buffer[: c * B * len(plan.pos[i]) * D].view(c * B, -1, D)
                     a, b, halves = plan.pads[i], x.shape[1] - g, x.view(c, B, -1, D)
+                    at = torch.full(x.shape[:2], -1, device=device) if m.config.rope else None
                     if b > a:  # context rows; the guidance halves share the token rows
                         halves[:, :, a:b] = prev if k else ctx.view(c, B, -1, D)
+                        if at is not None:
+                            at.view(c, B, -1)[:, :, a:b] = prev_at if k else ctx_at
                     halves[:, :, b:] = queries[:, first:last]
-                    out = self._step(x, cache, plan.pos[i], masks[i], plan.num_out or g)[:, -g:]
+                    if at is not None:
+                        at.view(c, B, -1)[:, :, b:] = orders[:, M + first : M + last]
+                    num_out = plan.num_out or g
+                    out = self._step(x, cache, plan.pos[i], masks[i], num_out, at)[:, -g:]
                     if forced is None:
                         tokens[:, first:last] = chosen = self._draw(out, first, n, draws)
                     else:
                         tokens[:, first:last] = chosen = forced[:, first:last]
                     if last < n:
-                        prev = m.embed_tokens(chosen, orders[:, M + first : M + last])
+                        prev_at = orders[:, M + first : M + last]
+                        prev = m.embed_tokens(chosen, prev_at)
                 yield DecodeStep(first, last, out, tokens)
         finally:
             m.train(was_training)
@@ -377,10 +386,10 @@ class Decoder:
             torch._dynamo.mark_static_address(t)
         return self._cache[1]
 
-    def _step(self, x: Tensor, cache: Any, pos: Tensor, mask: Tensor, num_out: int) -> Tensor:
+    def _step(self, x: Tensor, cache: Any, pos: Tensor, mask: Tensor, num_out: int, at) -> Tensor:
         if self.compiled is not None and not self.compile_failed:
             try:
-                return self.compiled(self.model, x, cache, pos, mask, num_out)
+                return self.compiled(self.model, x, cache, pos, mask, num_out, at)
             except Exception as e:  # noqa: BLE001 - any compiler failure falls back to eager
                 self.compile_failed = True
                 warnings.warn(
@@ -390,7 +399,7 @@ class Decoder:
                     RuntimeWarning,
                     stacklevel=4,
                 )
-        return self.model.decode_step(x, cache, pos, mask, num_out)
+        return self.model.decode_step(x, cache, pos, mask, num_out, at)
 
 
 def _uniforms(generator: Generators, batch: int, n: int, device: torch.device) -> Tensor:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import lpd.models
-from lpd.models import build_lpd, group_visible_mask, lpd_tiny
+from lpd.models import LPDConfig, build_lpd, group_visible_mask, lpd_tiny
+from lpd.models.lpd import rotary_angles, rotate
 from lpd.schedules import GroupSizeError
 
 
@@ -120,7 +121,8 @@ def test_label_dropout_only_in_train_mode():
     assert not torch.allclose(cond, dropped)
 
 
-def test_gradient_checkpointing_same_loss_and_grads():
+@pytest.mark.parametrize("rope", [0.0, 1.0])
+def test_gradient_checkpointing_same_loss_and_grads(rope):
     torch.manual_seed(0)
     model = build_lpd(
         img_size=64,
@@ -131,6 +133,7 @@ def test_gradient_checkpointing_same_loss_and_grads():
         class_num=4,
         label_drop_prob=0.0,
         proj_dropout=0.0,
+        rope=rope,
     )
     tokens, labels, orders = small_batch(model)
     model.train()
@@ -147,6 +150,38 @@ def test_gradient_checkpointing_same_loss_and_grads():
             assert p.grad is None
         else:
             assert torch.allclose(ga, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_rope_scores_depend_on_grid_offsets_only():
+    """Rotated query-key products are the same for pairs of raster positions one grid shift apart;
+    a prefix row (-1) is not turned, nor the channels past the rope share; the option adds no
+    parameter and changes the logits."""
+    g, d = 8, 16
+    q, k = torch.randn(2, 1, 1, 1, d, dtype=torch.float64).unbind(0)
+
+    def score(a: int, b: int) -> float:
+        qa = rotate(q, rotary_angles(torch.tensor([[a]]), g, d))
+        return float((qa * rotate(k, rotary_angles(torch.tensor([[b]]), g, d))).sum())
+
+    at = lambda r, c: r * g + c  # noqa: E731
+    base = score(at(1, 2), at(3, 1))
+    assert abs(score(at(4, 6), at(6, 5)) - base) < 1e-5  # both moved 3 down, 4 right (float32)
+    assert abs(score(at(1, 2), at(3, 2)) - base) > 1e-3 < abs(score(at(1, 3), at(3, 1)) - base)
+    assert torch.equal(rotate(q, rotary_angles(torch.tensor([[-1]]), g, d)), q)
+    part = rotate(q, rotary_angles(torch.tensor([[at(2, 3)]]), g, d // 2))
+    assert torch.equal(part[..., d // 2 :], q[..., d // 2 :]) and not torch.equal(part, q)
+    for bad in (1.0, 0.3, 1.5, "half"):  # heads of 6 channels: 1.0 turns 6, 0.3 1.8
+        with pytest.raises(ValueError, match="rope must be in"):
+            LPDConfig(embed_dim=24, num_heads=4, rope=bad)
+    assert LPDConfig(embed_dim=24, num_heads=4, rope=2 / 3).rope
+    torch.manual_seed(0)
+    plain = build_lpd(img_size=64, embed_dim=32, depth=1, num_heads=2, vocab_size=16, class_num=4)
+    rope = build_lpd(**{**plain.config.to_dict(), "rope": 0.5})
+    rope.load_state_dict(plain.state_dict(), strict=True)
+    tokens, labels, orders = small_batch(plain)
+    with torch.no_grad():
+        a, b = (m.eval().logits(tokens, labels, orders, [4, 12]) for m in (plain, rope))
+    assert (a - b).abs().max() > 1e-3
 
 
 def test_bad_training_inputs_have_clear_errors():

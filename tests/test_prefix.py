@@ -15,12 +15,11 @@ from lpd.sampling import Decoder, SamplingConfig, sample_tokens
 L, D = 5, 32
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=[0.0, 0.5], ids=["absolute", "rope"])
+def model(request):
     torch.manual_seed(0)
-    return build_lpd(
-        img_size=64, embed_dim=D, depth=2, num_heads=4, vocab_size=24, class_num=5
-    ).eval()
+    arch = dict(img_size=64, embed_dim=D, depth=2, num_heads=4, vocab_size=24, class_num=5)
+    return build_lpd(**arch, rope=request.param).eval()
 
 
 def prefix_inputs(model, B: int, seed: int):

@@ -182,6 +182,31 @@ def test_caption_dropout_trains_the_null_caption(model):
         model.eval()
 
 
+def test_caption_feature_noise_is_seeded_scaled_and_only_in_training():
+    """``text_noise`` a: training sees features + N(0, (a x row RMS)^2), drawn from the training
+    generator after the dropout draws; padding rows stay zero; evaluation is untouched."""
+    features, mask, tokens, orders = captions(3, seed=7)
+    features = features * mask[..., None]  # padding rows are zero, as encoders give them
+    noisy = text_model(0, vocab_size=24, text_dim=C, max_text_tokens=8, text_noise=0.5)
+    seen = []
+    noisy.text.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    args = (tokens, None, orders, [4, 12])
+    with torch.no_grad():
+        noisy.logits(*args, text=features, cond_mask=mask)
+        noisy.train()
+        for seed in (1, 1, 2):
+            noisy(*args, torch.Generator().manual_seed(seed), text=features, cond_mask=mask)
+    noisy.eval()
+    assert torch.equal(seen[0], features)  # evaluation
+    a, b, c = seen[1:]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a[~mask], features[~mask])
+    ratio = (a - features)[mask].std() / features[mask].pow(2).mean().sqrt()
+    assert 0.4 < ratio < 0.6
+    with pytest.raises(ValueError, match="text_noise must be a number >= 0"):
+        LPDConfig(condition="text", text_noise=-1.0)
+
+
 def test_bad_inputs_are_refused(model):
     features, mask, tokens, orders = captions(2, seed=7)
     with pytest.raises(ValueError, match="caption features must be"):

@@ -77,6 +77,32 @@ def test_the_small_share_sets_the_mix_of_one_digit_scenes():
     assert {e.scene.kind for e in ex} == {"full"} and any(e.scene.stroke for e in ex)
 
 
+def test_fillers_put_random_words_between_the_words_of_a_share_of_captions():
+    from lpd.demo.t2i import with_fillers
+    from lpd.text.encoders import make_text_encoder
+
+    enc = make_text_encoder("wordllama", "cpu", max_text_tokens=12)
+    captions = [e.caption for e in make_examples(400, "train", seed=0)]
+    ids = enc.token_ids(captions)[0]
+    out = with_fillers(ids, enc, 0.5, seed=0)
+    assert out == with_fillers(ids, enc, 0.5, seed=0) != with_fillers(ids, enc, 0.5, seed=1)
+    assert with_fillers(ids, enc, 0.0, seed=0) == [x[:12] for x in ids]
+    tok, changed = enc.tokenizer.id_to_token, 0
+    for x, y in zip(ids, out):
+        matched, extra = 0, []  # the caption's tokens in order, the others between them
+        for i, t in enumerate(y):
+            if matched < len(x) and t == x[matched]:
+                matched += 1
+                continue
+            extra.append(t)
+            assert tok(t)[0] == "\u2581" and tok(t)[1:].isalpha(), tok(t)
+            assert i == len(y) - 1 or tok(y[i + 1])[0] == "\u2581", [tok(u) for u in y]
+        assert len(extra) <= 2 and y[0] == x[0] and len(y) <= 12
+        assert matched == len(x) or len(y) == 12
+        changed += bool(extra)
+    assert 150 < changed < 250
+
+
 def test_captions_state_the_attributes():
     for e in make_examples(400, "train", seed=0) + make_examples(100, "heldout_phrasing", seed=0):
         s, text = e.scene, e.caption

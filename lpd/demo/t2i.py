@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("train_examples", int, 5600, "captioned training scenes"),
         ("pairs", float, 0.15, "share of two-digit training scenes (evaluation: 1/3)"),
         ("small", float, None, "share of small digits in one-digit training scenes (default 1/4)"),
+        ("filler", float, None, "share of training captions with 1-2 random words put in (off)"),
         ("epochs", int, 4, "training epochs"),
         ("batch_size", int, 16, "training batch"),
         ("lr", float, 2e-3, "peak learning rate (cosine to 0)"),
@@ -90,7 +91,7 @@ def _check(args: argparse.Namespace) -> None:
     for name in ("classifier_epochs", "resamples", "grid_images"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    for name in ("pairs", "small"):
+    for name in ("pairs", "small", "filler"):
         if (v := getattr(args, name)) is not None and not 0 <= v <= 1:
             raise ValueError(f"--{name} must be between 0 and 1, got {v}")
     if args.max_text_tokens < 2:
@@ -125,8 +126,7 @@ def _train(args: argparse.Namespace, encoder: Any, device: torch.device, log) ->
     )
     signature = {**config.to_dict(), "output_dir": None}
     signature |= {"train_examples": args.train_examples, "pairs": args.pairs}
-    if args.small is not None:
-        signature["small"] = args.small
+    signature |= {k: getattr(args, k) for k in ("small", "filler") if getattr(args, k) is not None}
     if (model := reuse_run(config, signature, device, log)) is not None:
         return model
     examples = make_examples(
@@ -136,7 +136,10 @@ def _train(args: argparse.Namespace, encoder: Any, device: torch.device, log) ->
         pairs=args.pairs,
         small=args.small,
     )
-    ids, mask, _ = encoder.tokenize([e.caption for e in examples], args.max_text_tokens)
+    ids = encoder.token_ids([e.caption for e in examples])[0]
+    if args.filler:
+        ids = with_fillers(ids, encoder, args.filler, args.seed)
+    ids, mask = encoder.pad(ids, args.max_text_tokens)
     record = {"text_encoder": encoder.record, "features": True}
     record["max_text_tokens"] = args.max_text_tokens
     tokens = render([e.scene for e in examples]).flatten(1)
@@ -145,6 +148,23 @@ def _train(args: argparse.Namespace, encoder: Any, device: torch.device, log) ->
     if result.preempted:
         raise DemoInterrupted(f"training was interrupted and saved in {out}; rerun to continue")
     return result.model.eval()
+
+
+def with_fillers(ids: list[list[int]], encoder: Any, share: float, seed: int) -> list[list[int]]:
+    """``ids`` with one or two random word-start tokens of the encoder's vocabulary (letters
+    only) put before a word or at the end of a seeded ``share`` of the captions."""
+    tok = encoder.tokenizer
+    starts = {i for t, i in tok.get_vocab().items() if t[:1] == "\u2581"}
+    words = sorted(i for i in starts if (t := tok.id_to_token(i)[1:]).isascii() and t.isalpha())
+    rng, out = np.random.default_rng([seed, 7]), []
+    for x in ids:
+        x = list(x)
+        if rng.random() < share:
+            for _ in range(rng.integers(1, 3)):
+                places = [j for j in range(1, len(x) + 1) if j == len(x) or x[j] in starts]
+                x.insert(places[rng.integers(len(places))], words[rng.integers(len(words))])
+        out.append(x[: encoder.max_text_tokens])
+    return out
 
 
 def _sample(args, model, encoder, examples, device) -> torch.Tensor:

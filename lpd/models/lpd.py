@@ -29,6 +29,7 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 ATTN_IMPLS = ("auto", "sdpa", "flex")
 Rows = tuple[Tensor, Tensor, Tensor]  # (slot, group, is_query) of rows or keys
+ROPE_BASE = 100.0  # rotary frequencies base ** (-i / (head_dim / 4)) per grid axis
 _POSITIVE = "img_size vqgan_stride embed_dim depth num_heads vocab_size class_num text_dim"
 
 
@@ -53,6 +54,8 @@ class LPDConfig:
     text_dim: int = 2048  # caption feature width (FLAN-T5-XL: 2048); with condition "text"
     max_text_tokens: int = 120  # caption rows at most; with condition "text"
     text_encoder: dict | None = None  # the record of the text encoder it was trained with
+    rope: float = 0.0  # share of each head's width also turned by 2-D rotary positions (0: none)
+    text_noise: float = 0.0  # training: caption features + N(0, (this x each row's RMS)^2)
 
     def __post_init__(self) -> None:
         for name in [*_POSITIVE.split(), "max_text_tokens"]:
@@ -66,6 +69,14 @@ class LPDConfig:
             raise ValueError(f"model config: condition must be 'class' or 'text', got {cond!r}")
         if (dim := self.embed_dim) % (heads := self.num_heads):
             raise ValueError(f"embed_dim {dim} must be divisible by num_heads {heads}")
+        rope = self.rope if isinstance(self.rope, (int, float)) else -1
+        if not (0.0 <= rope <= 1.0 and dim // heads * rope % 4 == 0):
+            raise ValueError(
+                f"model config: rope must be in [0, 1] and turn a multiple of 4 of the "
+                f"{dim // heads} channels of a head, got {self.rope!r}"
+            )
+        if not (isinstance(v := self.text_noise, (int, float)) and 0 <= v < math.inf):
+            raise ValueError(f"model config: text_noise must be a number >= 0, got {v!r}")
         for name in ("attn_dropout", "proj_dropout", "label_drop_prob"):
             if not 0.0 <= (v := getattr(self, name)) <= 1.0:
                 raise ValueError(f"model config: {name} must be in [0, 1], got {v}")
@@ -106,6 +117,24 @@ class LPDConfig:
         return asdict(self)
 
 
+def rotary_angles(positions: Tensor, grid: int, width: int) -> tuple[Tensor, Tensor]:
+    """``(cos, sin) [B, 1, T, width / 2]`` of raster ``positions [B, T]`` on a ``grid``-wide
+    grid: the first half of the angles by row, the second by column; position -1: angle 0."""
+    n = width // 4
+    freqs = ROPE_BASE ** -(torch.arange(n, device=positions.device, dtype=torch.float32) / n)
+    p = positions.clamp(min=0)[..., None]
+    angles = torch.cat([(p // grid) * freqs, (p % grid) * freqs], -1) * (positions >= 0)[..., None]
+    return angles.cos()[:, None], angles.sin()[:, None]
+
+
+def rotate(x: Tensor, rot: tuple[Tensor, Tensor]) -> Tensor:
+    """``x [B, H, T, d]`` with each pair ``(x[i], x[i + w/2])`` of its first ``w`` channels turned
+    by the angle of ``rot`` (``w / 2`` angles)."""
+    (cos, sin), w = (t.to(x.dtype) for t in rot), 2 * rot[0].shape[-1]
+    a, b = x[..., :w].chunk(2, -1)
+    return torch.cat([a * cos - b * sin, a * sin + b * cos, x[..., w:]], -1)
+
+
 class Attention(nn.Module):
     """Multi-head softmax attention (scale ``head_dim**-0.5``, qkv bias, no qk-norm)."""
 
@@ -115,12 +144,15 @@ class Attention(nn.Module):
         self.qkv, self.proj = Linear(dim, dim * 3, bias=True), Linear(dim, dim)
         self.proj_drop = Dropout(proj_drop)
 
-    def forward(self, x: Tensor, mask=None, cache=None, pos=None, last=None) -> Tensor:
+    def forward(self, x: Tensor, mask=None, cache=None, pos=None, last=None, rot=None) -> Tensor:
         """Attention of ``x [B, T, C]`` under ``mask`` (bool ``[(B, 1,) T', S]`` or ``BlockMask``);
-        ``cache``: write slots ``pos``, read the first ``S``; ``last``: only the last rows out."""
+        ``cache``: write slots ``pos``, read the first ``S``; ``last``: only the last rows out;
+        ``rot``: :func:`rotary_angles` of the rows, turning queries and keys."""
         B, T, C = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if rot is not None:
+            q, k = rotate(q, rot), rotate(k, rot)
         if cache is not None:
             k, v = [t[:, :, : mask.shape[-1]] for t in cache.update(pos, k, v)]
         if last is not None and last < T:
@@ -153,9 +185,9 @@ class Block(nn.Module):
         self.norm1, self.attn = nn.LayerNorm(dim, eps=eps), Attention(dim, num_heads, proj_drop)
         self.norm2, self.mlp = nn.LayerNorm(dim, eps=eps), Mlp(dim, int(dim * mlp_ratio), proj_drop)
 
-    def forward(self, x: Tensor, mask=None, cache=None, pos=None, last=None) -> Tensor:
+    def forward(self, x: Tensor, mask=None, cache=None, pos=None, last=None, rot=None) -> Tensor:
         """As :meth:`Attention.forward`; with ``last`` only the last rows go on."""
-        h = self.attn(self.norm1(x), mask, cache, pos, last)
+        h = self.attn(self.norm1(x), mask, cache, pos, last, rot)
         x = x[:, x.shape[1] - h.shape[1] :] + h
         return x + self.mlp(self.norm2(x))
 
@@ -347,6 +379,15 @@ class LPD(nn.Module):
         """Position queries ``[B, M, D]`` at raster ``positions [B, M]``."""
         return self.z_proj_ln(self.mask_token + self.pos_embed[0, 1:][positions])
 
+    def rotary(self, positions: Tensor) -> tuple[Tensor, Tensor] | None:
+        """:func:`rotary_angles` of rows at raster ``positions [B, T]`` (-1: a prefix or padding
+        row) on the model's ``rope`` share of each head's channels; None without ``rope``."""
+        if not self.config.rope:
+            return None
+        c = self.config
+        width = round(c.embed_dim // c.num_heads * c.rope)
+        return rotary_angles(positions, self.grid_size, width)
+
     def _check(self, tokens, labels, orders, sizes, cond, cond_mask) -> list[int]:
         """The inputs of a training pass checked; the group sizes as a list."""
         B, N, D, g = orders.shape[0], self.num_tokens, self.config.embed_dim, self.grid_size
@@ -382,12 +423,15 @@ class LPD(nn.Module):
             raise RuntimeError(f"{msg}; train there with 'sdpa' or 'auto'")
         mask = self.group_mask(sizes, dev, flex, False, L, cond_mask)
         last_mask = self.group_mask(sizes, dev, True, True, L, cond_mask) if flex else mask
+        rot = None
+        if self.config.rope:  # prefix rows: -1
+            rot = self.rotary(F.pad(torch.cat([orders[:, :n_ctx], orders], 1), (L, 0), value=-1))
         for i, blk in enumerate(self.blocks):
             m, last = (last_mask, N) if i == len(self.blocks) - 1 else (mask, None)  # last: queries
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(blk, x, m, None, None, last, use_reentrant=False)
+                x = checkpoint(blk, x, m, None, None, last, rot, use_reentrant=False)
             else:
-                x = blk(x, m, last=last)
+                x = blk(x, m, last=last, rot=rot)
         return self.norm(x), targets
 
     def logits(
@@ -419,13 +463,17 @@ class LPD(nn.Module):
         cond_mask: Tensor | None = None,
         text: Tensor | None = None,
     ) -> Tensor:
-        """Mean cross-entropy of predicting every token; label (caption) dropout in train mode;
-        ``cond``, ``cond_mask``, ``text``: as :meth:`logits`."""
+        """Mean cross-entropy of predicting every token; label (caption) dropout and caption
+        feature noise (``text_noise``) in train mode; ``cond``, ``cond_mask``, ``text``: as
+        :meth:`logits`."""
         drop, given = None, labels if text is None else text
+        dev = generator.device if generator is not None else getattr(given, "device", None)
         if self.training and given is not None and self.label_drop_prob > 0:
-            dev = generator.device if generator is not None else given.device
             u = torch.rand(given.shape[0], generator=generator, device=dev)
             drop = u.to(given.device) < self.label_drop_prob
+        if self.training and text is not None and (a := self.config.text_noise) > 0:
+            noise = torch.randn(text.shape, generator=generator, device=dev).to(text)
+            text = text + noise * text.pow(2).mean(-1, keepdim=True).sqrt() * a
         args = (tokens, labels, orders, group_sizes, drop, cond, cond_mask, text)
         h, targets = self._train_pass(*args)
         return linear_cross_entropy(h.flatten(0, 1), self.head.weight, targets.flatten())
@@ -437,12 +485,19 @@ class LPD(nn.Module):
         return nn.ModuleList(KVCache(shape, dtype or p.dtype, p.device) for _ in range(c.depth))
 
     def decode_step(
-        self, x: Tensor, cache: nn.ModuleList, pos: Tensor, mask: Tensor, num_out: int
+        self,
+        x: Tensor,
+        cache: nn.ModuleList,
+        pos: Tensor,
+        mask: Tensor,
+        num_out: int,
+        positions: Tensor | None = None,
     ) -> Tensor:
-        """Rows ``x [B, T, D]`` write slots ``pos [T]``, attend through ``mask [(B, 1,) T, S]``;
-        logits of the last ``num_out``."""
+        """Rows ``x [B, T, D]`` at raster ``positions [B, T]`` (for ``rope``) write slots ``pos
+        [T]``, attend through ``mask [(B, 1,) T, S]``; logits of the last ``num_out``."""
+        rot = None if positions is None else self.rotary(positions)
         for i, (blk, c) in enumerate(zip(self.blocks, cache)):
-            x = blk(x, mask, c, pos, num_out if i == len(self.blocks) - 1 else None)
+            x = blk(x, mask, c, pos, num_out if i == len(self.blocks) - 1 else None, rot)
         return self.head(self.norm(x))
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
