@@ -1,8 +1,9 @@
 """The compositional text-to-image testbed (``python -m lpd.demo --task t2i``): train a small
 text-conditional LPD (``lpd.train``) on captioned digit scenes of the seen phrasings and
-combinations (``lpd.demo.t2i_data``; captions by the offline ``wordllama`` encoder), sample the
-seen, held-out-phrasing and held-out-combination prompts, and score every attribute a caption
-states with ``T2IJudge`` (accuracy with a 95% bootstrap interval).
+combinations (``lpd.demo.t2i_data``; captions by the offline ``wordllama`` encoder, half of them
+with random words put in: :func:`with_fillers`), sample the seen, held-out-phrasing and
+held-out-combination prompts, and score every attribute a caption states with ``T2IJudge``
+(accuracy with a 95% bootstrap interval).
 
 Writes ``OUTPUT_DIR/metrics.json``, ``table.md``, ``samples.png`` (with its captions in
 ``table.md``) and the training run ``train/`` (reused by a rerun of the same settings).
@@ -36,7 +37,7 @@ from lpd.text.sampling import prompt_tokens
 from lpd.tokenizer import PaletteTokenizer
 from lpd.train import TrainConfig, train
 
-__all__ = ["build_parser", "run_t2i", "format_table", "main"]
+__all__ = ["build_parser", "run_t2i", "format_table", "with_fillers", "main"]
 
 EVAL_GROUPS = GROUPS[1:]  # seen, heldout_phrasing, heldout_combination
 MODEL = dict(embed_dim=64, depth=4, num_heads=4, proj_dropout=0.0)
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("train_examples", int, 5600, "captioned training scenes"),
         ("pairs", float, 0.15, "share of two-digit training scenes (evaluation: 1/3)"),
         ("small", float, None, "share of small digits in one-digit training scenes (default 1/4)"),
-        ("filler", float, None, "share of training captions with 1-2 random words put in (off)"),
+        ("filler", float, 0.5, "share of training captions with 1-2 random words put in (0: off)"),
         ("epochs", int, 4, "training epochs"),
         ("batch_size", int, 16, "training batch"),
         ("lr", float, 2e-3, "peak learning rate (cosine to 0)"),
