@@ -205,6 +205,8 @@ def test_caption_feature_noise_is_seeded_scaled_and_only_in_training():
     assert 0.4 < ratio < 0.6
     with pytest.raises(ValueError, match="text_noise must be a number >= 0"):
         LPDConfig(condition="text", text_noise=-1.0)
+    with pytest.raises(ValueError, match="text_noise needs condition 'text'"):
+        LPDConfig(text_noise=0.5)
 
 
 def test_bad_inputs_are_refused(model):

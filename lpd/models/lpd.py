@@ -77,6 +77,8 @@ class LPDConfig:
             )
         if not (isinstance(v := self.text_noise, (int, float)) and 0 <= v < math.inf):
             raise ValueError(f"model config: text_noise must be a number >= 0, got {v!r}")
+        if self.text_noise and self.condition != "text":
+            raise ValueError("model config: text_noise needs condition 'text' (caption features)")
         for name in ("attn_dropout", "proj_dropout", "label_drop_prob"):
             if not 0.0 <= (v := getattr(self, name)) <= 1.0:
                 raise ValueError(f"model config: {name} must be in [0, 1], got {v}")
@@ -382,9 +384,8 @@ class LPD(nn.Module):
     def rotary(self, positions: Tensor) -> tuple[Tensor, Tensor] | None:
         """:func:`rotary_angles` of rows at raster ``positions [B, T]`` (-1: a prefix or padding
         row) on the model's ``rope`` share of each head's channels; None without ``rope``."""
-        if not self.config.rope:
+        if not (c := self.config).rope:
             return None
-        c = self.config
         width = round(c.embed_dim // c.num_heads * c.rope)
         return rotary_angles(positions, self.grid_size, width)
 
