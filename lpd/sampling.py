@@ -323,9 +323,11 @@ class Decoder:
                 if M:
                     ctx = torch.cat([ctx, m.embed_tokens(known, orders[:, :M]).repeat(c, 1, 1)], 1)
                 queries, cache = m.embed_queries(orders[:, M:]), self._kv_cache(c * B, plan.slots)
-                ctx_at = F.pad(orders[:, :M], (prefix.shape[1], 0), value=-1)  # raster positions
+                ctx_at = None  # with rope: the rows' raster positions (-1: prefix)
+                if m.config.rope:
+                    ctx_at = F.pad(orders[:, :M], (prefix.shape[1], 0), value=-1)
                 if plan.prefill:
-                    at = ctx_at.repeat(c, 1) if m.config.rope else None
+                    at = None if ctx_at is None else ctx_at.repeat(c, 1)
                     m.decode_step(ctx, cache, plan.pos[0], masks[0], 1, at)
                 buffer = queries.new_zeros(c * B * max(len(p) for p in plan.pos) * D)
                 tokens = torch.empty(B, n, dtype=torch.long, device=device)
@@ -335,7 +337,7 @@ class Decoder:
                 with torch.no_grad(), self._amp():
                     x = buffer[: c * B * len(plan.pos[i]) * D].view(c * B, -1, D)
                     a, b, halves = plan.pads[i], x.shape[1] - g, x.view(c, B, -1, D)
-                    at = torch.full(x.shape[:2], -1, device=device) if m.config.rope else None
+                    at = None if ctx_at is None else torch.full(x.shape[:2], -1, device=device)
                     if b > a:  # context rows; the guidance halves share the token rows
                         halves[:, :, a:b] = prev if k else ctx.view(c, B, -1, D)
                         if at is not None:
