@@ -16,12 +16,11 @@ from collections.abc import Sequence
 
 from lpd import hub
 from lpd.config import HelpFormatter
+from lpd.metrics import INCEPTION_WEIGHTS_URL, inception_cache, resolve_inception_weights
 
 
 def fetch(model: str, img_size: int) -> dict[str, str]:
     """Every file of a ``main_eval.py`` run of the released ``model`` at ``img_size``, by name."""
-    from lpd.metrics import resolve_inception_weights
-
     more = {
         "ADM statistics": lambda: hub.resolve_fid_stats(img_size),
         "Inception weights": resolve_inception_weights,
@@ -31,8 +30,6 @@ def fetch(model: str, img_size: int) -> dict[str, str]:
 
 def commands(model: str, img_size: int) -> list[str]:
     """Shell commands that put the same files where lpd looks for them."""
-    from lpd.metrics import INCEPTION_WEIGHTS_URL, inception_cache
-
     checkpoint = hub.CHECKPOINT_FILENAME.format(model=model, img_size=img_size)
     stats = os.path.join(hub.fid_stats_dir(), hub.FID_STATS_FILENAME.format(img_size=img_size))
     inception = os.path.join(inception_cache(), os.path.basename(INCEPTION_WEIGHTS_URL))

@@ -21,6 +21,7 @@ import torch
 from lpd import hub
 from lpd.config import HelpFormatter, check_labels
 from lpd.distributed import resolve_device
+from lpd.editing import edit_images
 from lpd.evaluate import image_seed, sample_batch, sampling_orders
 from lpd.files import (
     EXPORT_CONFIG,
@@ -246,8 +247,6 @@ class LPDPipeline:
     ) -> dict[str, np.ndarray]:
         """``{"source", "masked", "edits"}``: ``image`` regenerated under ``mask`` (white, a region)
         as class ``label``; cfg and τr default to the paper's 20-step values."""
-        from lpd.editing import edit_images
-
         options = dict(num=num, steps=steps, seed=seed, paste=paste, prefill=prefill)
         options["sampling"] = self.sampling(20, **settings)
         return edit_images(self.model, self.tokenizer, image, mask, label, **options)

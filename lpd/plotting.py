@@ -9,6 +9,8 @@ import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from lpd.files import atomic_write_bytes
+
 
 def line_chart(
     path: str | os.PathLike,
@@ -20,8 +22,6 @@ def line_chart(
     ``{name: [(x, y) or (x, y, low, high: an error bar), ...]}`` and may set ``title``, ``xlabel``, ``ylabel``, ``log_x``."""
     import matplotlib
     from matplotlib.figure import Figure
-
-    from lpd.files import atomic_write_bytes
 
     names = list(dict.fromkeys(name for p in panels for name in p["series"]))
     tab20 = matplotlib.colormaps["tab20"]

@@ -401,11 +401,10 @@ def test_from_pretrained_builds_the_tokenizer_the_export_names(tmp_path, monkeyp
 
 
 def test_inpaint_of_a_released_model_takes_the_paper_20_step_settings(monkeypatch):
-    import lpd.editing
-    from lpd.sampling import SamplingConfig
+    import lpd.pipeline
 
     seen = []
-    monkeypatch.setattr(lpd.editing, "edit_images", lambda *a, **k: seen.append(k["sampling"]))
+    monkeypatch.setattr(lpd.pipeline, "edit_images", lambda *a, **k: seen.append(k["sampling"]))
     pipe = LPDPipeline(
         build_lpd(img_size=256, embed_dim=32, depth=1, num_heads=2), None, name="lpd_l"
     )
