@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -101,6 +102,24 @@ def test_fillers_put_random_words_between_the_words_of_a_share_of_captions():
         assert matched == len(x) or len(y) == 12
         changed += bool(extra)
     assert 150 < changed < 250
+
+
+def test_function_word_fillers_are_drawn_from_their_list_at_their_share():
+    from lpd.demo.t2i import FUNCTION_WORDS, with_fillers
+    from lpd.text.encoders import make_text_encoder
+
+    enc = make_text_encoder("wordllama", "cpu", max_text_tokens=24)
+    ids = enc.token_ids([e.caption for e in make_examples(400, "train", seed=0)])[0]
+    common = {enc.tokenizer.token_to_id("\u2581" + w) for w in FUNCTION_WORDS}
+
+    def fillers(share):  # the tokens put in: each caption's tokens less the original ones
+        out = with_fillers(ids, enc, 1.0, 0, share)
+        return [t for x, y in zip(ids, out) for t in (Counter(y) - Counter(x)).elements()]
+
+    assert set(fillers(1.0)) <= common and 400 < len(fillers(1.0)) < 800
+    mixed = fillers(0.5)
+    assert 0.35 < sum(t in common for t in mixed) / len(mixed) < 0.65
+    assert with_fillers(ids, enc, 0.5, 0) == with_fillers(ids, enc, 0.5, 0, 0.0)
 
 
 def test_captions_state_the_attributes():
@@ -231,3 +250,7 @@ def test_testbed_command_end_to_end(tmp_path, capsys):
     assert "other settings" in capsys.readouterr().err
     assert main(["--output_dir", out, "--steps", "0"]) == 2
     assert "--steps must be a positive integer" in capsys.readouterr().err
+    assert main([*argv, "--function_words", "0.5"]) == 2  # another recipe: refused
+    assert "other settings" in capsys.readouterr().err
+    assert main(["--output_dir", out, "--filler", "0", "--function_words", "0.5"]) == 2
+    assert "give --filler above 0" in capsys.readouterr().err

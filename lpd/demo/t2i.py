@@ -41,6 +41,9 @@ __all__ = ["build_parser", "run_t2i", "format_table", "with_fillers", "main"]
 
 EVAL_GROUPS = GROUPS[1:]  # seen, heldout_phrasing, heldout_combination
 MODEL = dict(embed_dim=64, depth=4, num_heads=4, proj_dropout=0.0)
+#: Common English function words, one token each in LLaMA-2's vocabulary (``--function_words``).
+FUNCTION_WORDS = tuple("a an the at in on of to and with by for from over under near".split())
+FUNCTION_WORDS += tuple("as is it this that or into onto".split())
 
 
 class CaptionedScenes(torch.utils.data.TensorDataset):
@@ -67,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("pairs", float, 0.15, "share of two-digit training scenes (evaluation: 1/3)"),
         ("small", float, None, "share of small digits in one-digit training scenes (default 1/4)"),
         ("filler", float, 0.5, "share of training captions with 1-2 random words put in (0: off)"),
+        ("function_words", float, 0.0, "share of those words drawn from FUNCTION_WORDS"),
         ("epochs", int, 4, "training epochs"),
         ("batch_size", int, 16, "training batch"),
         ("lr", float, 2e-3, "peak learning rate (cosine to 0)"),
@@ -92,9 +96,11 @@ def _check(args: argparse.Namespace) -> None:
     for name in ("classifier_epochs", "resamples", "grid_images"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    for name in ("pairs", "small", "filler"):
+    for name in ("pairs", "small", "filler", "function_words"):
         if (v := getattr(args, name)) is not None and not 0 <= v <= 1:
             raise ValueError(f"--{name} must be between 0 and 1, got {v}")
+    if args.function_words and not args.filler:
+        raise ValueError("--function_words picks among the fillers: give --filler above 0 too")
     if args.max_text_tokens < 2:
         raise ValueError(f"--max_text_tokens must be at least 2, got {args.max_text_tokens}")
     SamplingConfig(cfg=args.cfg, temperature=args.temperature)  # their checks
@@ -128,6 +134,7 @@ def _train(args: argparse.Namespace, encoder: Any, device: torch.device, log) ->
     signature = {**config.to_dict(), "output_dir": None}
     signature |= {"train_examples": args.train_examples, "pairs": args.pairs}
     signature |= {k: getattr(args, k) for k in ("small", "filler") if getattr(args, k) is not None}
+    signature |= {"function_words": args.function_words} if args.function_words else {}
     if (model := reuse_run(config, signature, device, log)) is not None:
         return model
     examples = make_examples(
@@ -139,7 +146,7 @@ def _train(args: argparse.Namespace, encoder: Any, device: torch.device, log) ->
     )
     ids = encoder.token_ids([e.caption for e in examples])[0]
     if args.filler:
-        ids = with_fillers(ids, encoder, args.filler, args.seed)
+        ids = with_fillers(ids, encoder, args.filler, args.seed, args.function_words)
     ids, mask = encoder.pad(ids, args.max_text_tokens)
     record = {"text_encoder": encoder.record, "features": True}
     record["max_text_tokens"] = args.max_text_tokens
@@ -151,19 +158,26 @@ def _train(args: argparse.Namespace, encoder: Any, device: torch.device, log) ->
     return result.model.eval()
 
 
-def with_fillers(ids: list[list[int]], encoder: Any, share: float, seed: int) -> list[list[int]]:
+def with_fillers(
+    ids: list[list[int]], encoder: Any, share: float, seed: int, function_words: float = 0.0
+) -> list[list[int]]:
     """``ids`` with one or two random word-start tokens of the encoder's vocabulary (letters
-    only) put before a word or at the end of a seeded ``share`` of the captions."""
+    only; with probability ``function_words`` one of :data:`FUNCTION_WORDS`) put before a word or
+    at the end of a seeded ``share`` of the captions."""
     tok = encoder.tokenizer
     starts = {i for t, i in tok.get_vocab().items() if t[:1] == "\u2581"}
     words = sorted(i for i in starts if (t := tok.id_to_token(i)[1:]).isascii() and t.isalpha())
+    common = [tok.token_to_id("\u2581" + w) for w in FUNCTION_WORDS] if function_words else []
+    if None in common:
+        raise ValueError("the encoder's vocabulary lacks a function word as one token")
     rng, out = np.random.default_rng([seed, 7]), []
     for x in ids:
         x = list(x)
         if rng.random() < share:
             for _ in range(rng.integers(1, 3)):
                 places = [j for j in range(1, len(x) + 1) if j == len(x) or x[j] in starts]
-                x.insert(places[rng.integers(len(places))], words[rng.integers(len(words))])
+                pool = common if function_words and rng.random() < function_words else words
+                x.insert(places[rng.integers(len(places))], pool[rng.integers(len(pool))])
         out.append(x[: encoder.max_text_tokens])
     return out
 
