@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("pairs", float, 0.15, "share of two-digit training scenes (evaluation: 1/3)"),
         ("small", float, None, "share of small digits in one-digit training scenes (default 1/4)"),
         ("filler", float, 0.5, "share of training captions with 1-2 random words put in (0: off)"),
-        ("function_words", float, 0.0, "share of those words drawn from FUNCTION_WORDS"),
+        ("function_words", float, 0.0, "share of fillers from 24 function words (a, the, at, ...)"),
         ("epochs", int, 4, "training epochs"),
         ("batch_size", int, 16, "training batch"),
         ("lr", float, 2e-3, "peak learning rate (cosine to 0)"),
